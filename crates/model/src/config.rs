@@ -58,10 +58,9 @@ impl ModelConfig {
         let arch = match arch_name.as_str() {
             "llama" | "mistral" | "qwen2" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
-            other => bail!(
-                "{}: unsupported architecture '{other}' (supported: llama, mistral, qwen2, gpt2)",
-                file.display()
-            ),
+            other => {
+                bail!("{}: unsupported architecture '{other}' (supported: llama, mistral, qwen2, gpt2)", file.display())
+            }
         };
         let p = |k: &str| format!("{arch_name}.{k}");
         let need = |k: &str| {
@@ -71,7 +70,9 @@ impl ModelConfig {
         let n_heads = need("attention.head_count")?;
         let vocab_size = match ct.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()) {
             Some(t) => t.len(),
-            None => meta_u(ct, &p("vocab_size")).ok_or_else(|| anyhow!("{}: cannot tell vocab size", file.display()))?,
+            None => {
+                meta_u(ct, &p("vocab_size")).ok_or_else(|| anyhow!("{}: cannot tell vocab size", file.display()))?
+            }
         };
         let name = ct
             .metadata
@@ -79,7 +80,8 @@ impl ModelConfig {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        let eps_key = if arch == Arch::Gpt2 { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };
+        let eps_key =
+            if arch == Arch::Gpt2 { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };
         let cfg = Self {
             arch,
             name,
@@ -103,15 +105,15 @@ impl ModelConfig {
 
     pub fn from_hf_config(path: &Path) -> Result<Self> {
         let s = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&s).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&s).with_context(|| format!("{}: invalid JSON", path.display()))?;
         let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
         let arch = match model_type {
             "llama" | "mistral" | "qwen2" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
-            other => bail!(
-                "{}: unsupported model_type '{other}' (supported: llama, mistral, qwen2, gpt2)",
-                path.display()
-            ),
+            other => {
+                bail!("{}: unsupported model_type '{other}' (supported: llama, mistral, qwen2, gpt2)", path.display())
+            }
         };
         let u = |keys: &[&str]| keys.iter().find_map(|k| v.get(*k).and_then(|x| x.as_u64()).map(|x| x as usize));
         let need = |keys: &[&str]| u(keys).ok_or_else(|| anyhow!("{}: config has no '{}'", path.display(), keys[0]));
@@ -149,10 +151,10 @@ impl ModelConfig {
         if self.n_layers == 0 || self.d_model == 0 || self.n_heads == 0 || self.vocab_size == 0 {
             return bad("zero layers, width, heads or vocabulary".into());
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} heads cannot share {} key/value heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} is odd", self.head_dim));
         }
         Ok(())

@@ -11,7 +11,10 @@ use crate::{Hooks, Logits, Model};
 pub enum Sampling {
     Greedy,
     /// Softmax at `temperature`, restricted to the smallest set of tokens whose mass reaches `top_p`.
-    TopP { temperature: f32, top_p: f32 },
+    TopP {
+        temperature: f32,
+        top_p: f32,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -44,7 +47,7 @@ impl Model {
             bail!("generate: the prompt is empty");
         }
         if let Sampling::TopP { temperature, top_p } = opts.sampling {
-            if !(temperature > 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) {
+            if !(temperature > 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 bail!("sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})");
             }
         }
@@ -91,11 +94,8 @@ pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut impl Rng) -> Result<
         Sampling::Greedy => Ok(argmax()),
         Sampling::TopP { temperature, top_p } => {
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut probs: Vec<(u32, f64)> = logits
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| (i as u32, (((v - max) / temperature) as f64).exp()))
-                .collect();
+            let mut probs: Vec<(u32, f64)> =
+                logits.iter().enumerate().map(|(i, &v)| (i as u32, (((v - max) / temperature) as f64).exp())).collect();
             let z: f64 = probs.iter().map(|p| p.1).sum();
             // Stable order (probability, then id) so a seed always gives the same tokens.
             probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -53,7 +53,10 @@ impl Gpt2 {
             let h = |s: &str| format!("h.{l}.{s}");
             let b = |s: &str| format!("blk.{l}.{s}");
             blocks.push(Block {
-                ln1: (vec(&h("ln_1.weight"), &b("attn_norm.weight"), d)?, vec(&h("ln_1.bias"), &b("attn_norm.bias"), d)?),
+                ln1: (
+                    vec(&h("ln_1.weight"), &b("attn_norm.weight"), d)?,
+                    vec(&h("ln_1.bias"), &b("attn_norm.bias"), d)?,
+                ),
                 wqkv: lin(&h("attn.c_attn"), &b("attn_qkv"), d, 3 * d)?,
                 bqkv: vec(&h("attn.c_attn.bias"), &b("attn_qkv.bias"), 3 * d)?,
                 wo: lin(&h("attn.c_proj"), &b("attn_output"), d, d)?,
@@ -110,14 +113,8 @@ impl Gpt2 {
         let mut attn = vec![0f32; rows * d];
         let mut delta = vec![0f32; rows * d];
         let mut fc = vec![0f32; rows * c.d_ff];
-        let shape = AttnShape {
-            batch,
-            seq,
-            pos_offset,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_heads,
-            head_dim: c.head_dim,
-        };
+        let shape =
+            AttnShape { batch, seq, pos_offset, n_heads: c.n_heads, n_kv_heads: c.n_heads, head_dim: c.head_dim };
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             layer_norm(&x, &blk.ln1.0, &blk.ln1.1, c.norm_eps, &mut h);

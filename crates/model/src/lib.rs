@@ -17,6 +17,9 @@ mod llama;
 pub mod tokenizer;
 mod weights;
 
+#[cfg(test)]
+mod hf_roundtrip_test;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -153,7 +156,7 @@ impl Model {
         hooks: &mut Hooks,
         logits: Logits,
     ) -> Result<Vec<f32>> {
-        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
+        if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
             bail!("forward: {} tokens cannot be split into {batch} equal sequences", tokens.len());
         }
         if cache.batch() != batch {

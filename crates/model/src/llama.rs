@@ -40,13 +40,25 @@ struct Names {
 
 impl Names {
     fn embed(&self) -> &'static str {
-        if self.gguf { "token_embd.weight" } else { "model.embed_tokens.weight" }
+        if self.gguf {
+            "token_embd.weight"
+        } else {
+            "model.embed_tokens.weight"
+        }
     }
     fn final_norm(&self) -> &'static str {
-        if self.gguf { "output_norm.weight" } else { "model.norm.weight" }
+        if self.gguf {
+            "output_norm.weight"
+        } else {
+            "model.norm.weight"
+        }
     }
     fn head(&self) -> &'static str {
-        if self.gguf { "output.weight" } else { "lm_head.weight" }
+        if self.gguf {
+            "output.weight"
+        } else {
+            "lm_head.weight"
+        }
     }
     fn block(&self, l: usize, part: &str) -> String {
         if self.gguf {
@@ -161,14 +173,7 @@ impl Llama {
         let mut delta = vec![0f32; rows * d];
         let mut gu = vec![0f32; rows * 2 * c.d_ff];
         let mut act = vec![0f32; rows * c.d_ff];
-        let shape = AttnShape {
-            batch,
-            seq,
-            pos_offset,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-        };
+        let shape = AttnShape { batch, seq, pos_offset, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd };
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             rms_norm(&x, &blk.attn_norm, c.norm_eps, &mut h);

@@ -49,10 +49,7 @@ impl Tokenizer {
     /// Encode text. With `add_special_tokens`, the BOS token is prepended when the model expects one.
     /// Special tokens written in the text (`<|im_start|>`) are always recognised as such.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))?;
+        let enc = self.inner.encode_fast(text, false).map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special_tokens && self.add_bos {
             if let Some(bos) = self.bos_token_id {
@@ -64,9 +61,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| anyhow!("tokenizer failed to decode ids: {e}"))
+        self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer failed to decode ids: {e}"))
     }
 
     /// The text of one token as it appears in decoded output (a leading space stays a space).
@@ -137,6 +132,23 @@ impl Tokenizer {
         .context("rendering the chat template failed")
     }
 
+    /// Write `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template) into `dir`, the
+    /// layout [`Tokenizer::from_hf_file`] and transformers read.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let tok_path = dir.join("tokenizer.json");
+        self.inner.save(&tok_path, false).map_err(|e| anyhow!("{}: cannot write: {e}", tok_path.display()))?;
+        let name = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let cfg = serde_json::json!({
+            "bos_token": name(self.bos_token_id),
+            "eos_token": name(Some(self.eos_token_id)),
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template,
+        });
+        let cfg_path = dir.join("tokenizer_config.json");
+        std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg)?)
+            .with_context(|| format!("{}: cannot write", cfg_path.display()))
+    }
+
     /// Build from a Hugging Face `tokenizer.json`, reading special ids and the chat template from the
     /// `tokenizer_config.json` beside it when present.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
@@ -153,12 +165,8 @@ impl Tokenizer {
             let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
             inner.token_to_id(s)
         };
-        let special_ids: HashSet<u32> = inner
-            .get_added_tokens_decoder()
-            .iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| *id)
-            .collect();
+        let special_ids: HashSet<u32> =
+            inner.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let end_of_text_id = inner.token_to_id("<|endoftext|>");
         let eos_token_id = token_field("eos_token")
             .or(end_of_text_id)
@@ -217,10 +225,7 @@ impl Tokenizer {
             .build()
             .map_err(|e| err(&format!("cannot build BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = meta("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| "gpt2".into());
+        let pre = meta("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "gpt2".into());
         inner.with_pre_tokenizer(Some(pre_tokenizer_for(&pre)?));
         inner.with_decoder(Some(ByteLevel::default()));
 
@@ -238,9 +243,7 @@ impl Tokenizer {
                     }
                 }
             }
-            inner
-                .add_special_tokens(specials)
-                .map_err(|e| err(&format!("cannot register special tokens: {e}")))?;
+            inner.add_special_tokens(specials).map_err(|e| err(&format!("cannot register special tokens: {e}")))?;
         }
         let eos_token_id = id_of("tokenizer.ggml.eos_token_id").ok_or_else(|| err("missing eos_token_id"))?;
         let end_of_text_id = tokens.iter().position(|t| t == "<|endoftext|>").map(|i| i as u32);

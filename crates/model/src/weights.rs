@@ -11,6 +11,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
+/// candle attaches a multi-line backtrace to its errors when RUST_BACKTRACE is set; users need one line.
+pub(crate) fn candle_msg(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_msg(*inner),
+        e => e.to_string().lines().next().unwrap_or_default().to_string(),
+    }
+}
+
 pub enum WeightSource {
     Gguf { file: PathBuf, content: gguf_file::Content },
     Safetensors { files: Vec<PathBuf>, tensors: candle_core::safetensors::MmapedSafetensors },
@@ -21,7 +29,7 @@ impl WeightSource {
         let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let mut r = BufReader::new(f);
         let content = gguf_file::Content::read(&mut r)
-            .map_err(|e| anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+            .map_err(|e| anyhow!("{}: not a valid GGUF file: {}", path.display(), candle_msg(e)))?;
         Ok(Self::Gguf { file: path.to_path_buf(), content })
     }
 
@@ -60,7 +68,7 @@ impl WeightSource {
         }
         // SAFETY: the files are mapped read-only; modifying them while saekit runs is not supported.
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-            anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", files[0].display())
+            anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {}", files[0].display(), candle_msg(e))
         })?;
         Ok(Self::Safetensors { files, tensors })
     }
@@ -68,11 +76,9 @@ impl WeightSource {
     pub fn describe(&self) -> String {
         match self {
             WeightSource::Gguf { file, .. } => file.display().to_string(),
-            WeightSource::Safetensors { files, .. } => files
-                .first()
-                .and_then(|f| f.parent())
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+            WeightSource::Safetensors { files, .. } => {
+                files.first().and_then(|f| f.parent()).map(|p| p.display().to_string()).unwrap_or_default()
+            }
         }
     }
 
@@ -93,14 +99,9 @@ impl WeightSource {
 
     /// Load a tensor as f32, checking that its shape is `expected` (PyTorch order).
     pub fn get(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let shape = self
-            .shape(name)
-            .ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.describe()))?;
+        let shape = self.shape(name).ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.describe()))?;
         if shape != expected {
-            bail!(
-                "{}: tensor '{name}' has shape {shape:?} but the model config implies {expected:?}",
-                self.describe()
-            );
+            bail!("{}: tensor '{name}' has shape {shape:?} but the model config implies {expected:?}", self.describe());
         }
         let t = match self {
             WeightSource::Gguf { file, content } => {
@@ -108,19 +109,18 @@ impl WeightSource {
                 let mut r = BufReader::new(f);
                 let q = content
                     .tensor(&mut r, name, &Device::Cpu)
-                    .map_err(|e| anyhow!("{}: tensor '{name}': {e}", file.display()))?;
+                    .map_err(|e| anyhow!("{}: tensor '{name}': {}", file.display(), candle_msg(e)))?;
                 q.dequantize(&Device::Cpu)
-                    .map_err(|e| anyhow!("{}: cannot dequantize '{name}': {e}", file.display()))?
+                    .map_err(|e| anyhow!("{}: cannot dequantize '{name}': {}", file.display(), candle_msg(e)))?
             }
             WeightSource::Safetensors { tensors, .. } => tensors
                 .load(name, &Device::Cpu)
-                .map_err(|e| anyhow!("{}: tensor '{name}': {e}", self.describe()))?,
+                .map_err(|e| anyhow!("{}: tensor '{name}': {}", self.describe(), candle_msg(e)))?,
         };
-        let t = t
-            .to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| anyhow!("{}: tensor '{name}' cannot be read as f32: {e}", self.describe()))?;
+        let t =
+            t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(|e| {
+                anyhow!("{}: tensor '{name}' cannot be read as f32: {}", self.describe(), candle_msg(e))
+            })?;
         if let Some(bad) = t.iter().position(|v| !v.is_finite()) {
             bail!("{}: tensor '{name}' holds a non-finite value at element {bad}", self.describe());
         }

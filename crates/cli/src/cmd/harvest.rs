@@ -1,0 +1,127 @@
+//! `saekit harvest`: run the model over tokenized contexts and store hook activations (resumable).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use saekit_model::HookPoint;
+use saekit_store::harvest::{harvest, HarvestOptions};
+use saekit_store::{remove_store, Dtype, TokenDataset};
+
+use super::model_arg::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct HarvestArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Comma-separated TransformerLens hook names; one forward pass serves them all and stops after the
+    /// deepest block.
+    #[arg(long, default_value = "blocks.15.hook_resid_post", value_delimiter = ',')]
+    pub hooks: Vec<String>,
+    /// Tokens to store (10M, 500k, 1e6 ...), rounded up to whole contexts.
+    #[arg(long, default_value = "1M", value_parser = parse_count)]
+    pub tokens: u64,
+    /// Tokenized dataset from `saekit tokenize`.
+    #[arg(long)]
+    pub contexts: PathBuf,
+    /// Split of the dataset to read.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// First context of the split to use (harvest disjoint stores from one dataset).
+    #[arg(long, default_value_t = 0)]
+    pub first_context: u64,
+    /// Contexts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Storage type: bf16 (default, half the disk of f32), f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: Dtype,
+    /// Contexts per shard file (the unit of resumption).
+    #[arg(long, default_value_t = 256)]
+    pub contexts_per_shard: usize,
+    /// Delete an existing store in OUT instead of resuming it.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Output directory (created; resumed when it holds the same harvest).
+    pub out: PathBuf,
+}
+
+/// `10M`, `2.5k`, `1e6`, `1_000_000` -> a count.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    let (num, mul) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1e6),
+        Some('g' | 'G' | 'b' | 'B') => (&t[..t.len() - 1], 1e9),
+        _ => (&t[..], 1.0),
+    };
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a count (examples: 10M, 500k, 1e6)"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!("'{s}' is not a count"));
+    }
+    Ok((v * mul).round() as u64)
+}
+
+pub fn run(a: HarvestArgs) -> Result<()> {
+    let hooks: Vec<HookPoint> = a
+        .hooks
+        .iter()
+        .map(|h| h.trim().parse::<HookPoint>().with_context(|| format!("bad hook name {h:?}")))
+        .collect::<Result<_>>()?;
+    if hooks.is_empty() {
+        bail!("--hooks is empty");
+    }
+    let data = TokenDataset::open(&a.contexts)?;
+    if a.overwrite {
+        remove_store(&a.out)?;
+    }
+    let path = a.model.path()?;
+    let model = a.model.load()?;
+    let opts = HarvestOptions {
+        hooks,
+        tokens: a.tokens,
+        split: a.split,
+        first_context: a.first_context,
+        batch: a.batch,
+        dtype: a.dtype,
+        contexts_per_shard: a.contexts_per_shard,
+        progress: true,
+    };
+    let m = harvest(&model, &path, &data, &a.out, &opts)?;
+    eprintln!(
+        "{}: {} tokens ({} contexts, {} marked rows) x {} hook(s), {} shards, dtype {}",
+        a.out.display(),
+        m.n_tokens,
+        m.n_contexts,
+        m.n_marked,
+        m.config.hooks.len(),
+        m.shards.len(),
+        m.config.dtype
+    );
+    for (h, s) in &m.stats {
+        eprintln!(
+            "  {h}: mean norm {:.1} (marked rows {:.1}), total variance {:.1}, norm scale {:.4}",
+            s.mean_norm,
+            s.marked_mean_norm,
+            s.total_variance,
+            s.norm_scale()
+        );
+    }
+    if let Some(r) = m.extra.get("last_run") {
+        eprintln!("  this run: {r}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_count;
+
+    #[test]
+    fn counts() {
+        assert_eq!(parse_count("10M"), Ok(10_000_000));
+        assert_eq!(parse_count("2.5k"), Ok(2500));
+        assert_eq!(parse_count("1e6"), Ok(1_000_000));
+        assert_eq!(parse_count("1_000"), Ok(1000));
+        assert!(parse_count("ten").is_err());
+    }
+}

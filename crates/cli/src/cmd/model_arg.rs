@@ -1,0 +1,51 @@
+//! The `--model` flag every model-running subcommand shares, and how a name resolves to files.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use saekit_model::{LoadOptions, Model};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file, a Hugging Face folder (config.json + *.safetensors + tokenizer.json), or a hub name
+    /// `org/name` already fetched with `saekit fetch-model --hub org/name`.
+    /// Default: SmolLM2-135M-Instruct from the cache (`saekit fetch-model`).
+    #[arg(long, short = 'm', env = "SAEKIT_MODEL")]
+    pub model: Option<String>,
+    /// A tokenizer.json to use instead of the one in the model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn path(&self) -> Result<PathBuf> {
+        resolve_model(self.model.as_deref())
+    }
+
+    pub fn load(&self) -> Result<Model> {
+        let path = self.path()?;
+        Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone() })
+    }
+}
+
+/// A path if it exists; else a hub name looked up in the cache; else the default model.
+pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
+    let Some(spec) = spec else { return Ok(saekit_model::default_model_path()) };
+    let p = PathBuf::from(spec);
+    if p.exists() {
+        return Ok(p);
+    }
+    if is_hub_name(spec) {
+        let cached = super::fetch_model::hub_dir(spec);
+        if cached.join("config.json").exists() {
+            return Ok(cached);
+        }
+        bail!("model '{spec}' is not in the cache; fetch it with `saekit fetch-model --hub {spec}`");
+    }
+    bail!("{spec}: no such model file or folder");
+}
+
+fn is_hub_name(s: &str) -> bool {
+    let mut parts = s.split('/');
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() && !s.starts_with('.'))
+}

@@ -1,0 +1,192 @@
+//! `saekit train`: train a sparse autoencoder from a TOML config and/or flags.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use saekit_sae::config::parse_count;
+use saekit_sae::{Arch, NpySource, RunOptions, TrainConfig};
+
+/// Train a sparse autoencoder (TopK by default) on stored activations.
+///
+/// Every field has a default (`--print-config` shows them all, with the recipe values for the
+/// chosen architecture); a `--config` TOML sets any of them and flags override the file.
+/// Writes a SAELens v6 folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus
+/// metrics.jsonl and checkpoints/ (the last two kept; `--resume DIR` continues bit-identically).
+///
+/// Inputs: a float32 .npy [N, d_in]. By default rows whose L2 norm exceeds 10x the median norm of
+/// the first 65,536 rows are excluded (SmolLM2's attention sinks: position 0 and <|endoftext|>
+/// carry ~100x the median norm and 93% of the raw variance); the count is reported. Set
+/// `--outlier-norm-factor 0` to keep every row. Inputs are scaled by one scalar so that
+/// E||x||^2 = d_in while training; the scale is folded into the saved weights.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// TOML file with any TrainConfig fields.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Activations: a float32 .npy file [N, d_in].
+    #[arg(long)]
+    pub acts: Option<String>,
+    /// topk | batchtopk | jumprelu | relu
+    #[arg(long)]
+    pub arch: Option<String>,
+    #[arg(long)]
+    pub d_sae: Option<usize>,
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Training tokens, e.g. 2M, 500k, 409600.
+    #[arg(long)]
+    pub tokens: Option<String>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate (default: the architecture's recipe; topk 2e-4/sqrt(d_sae/2^14)).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Continue the run in DIR from its newest checkpoint (same config, same data order).
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<String>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Exclude rows with norm above this multiple of the median norm (0 = keep all).
+    #[arg(long)]
+    pub outlier_norm_factor: Option<f32>,
+    /// Train on raw activations (no dataset-wide scalar normalisation).
+    #[arg(long)]
+    pub no_normalize: bool,
+    /// Multi-TopK: extra loss at 4k latents, weight 1/8.
+    #[arg(long)]
+    pub multi_topk: bool,
+    /// AuxK coefficient (default 1/32 for topk).
+    #[arg(long)]
+    pub auxk_alpha: Option<f32>,
+    /// Tokens without firing after which a latent counts as dead (e.g. 10M).
+    #[arg(long)]
+    pub dead_tokens: Option<String>,
+    #[arg(long)]
+    pub log_every: Option<u64>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    /// TransformerLens hook name written to cfg.json metadata.
+    #[arg(long)]
+    pub hook_name: Option<String>,
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(v) = &a.acts {
+        c.acts = Some(v.clone());
+    }
+    if let Some(v) = &a.arch {
+        c.arch = Arch::parse(v)?;
+    }
+    if let Some(v) = a.d_sae {
+        c.d_sae = v;
+    }
+    if let Some(v) = a.k {
+        c.k = v;
+    }
+    if let Some(v) = &a.tokens {
+        c.tokens = parse_count(v)?;
+    }
+    if let Some(v) = a.batch_size {
+        c.batch_size = v;
+    }
+    if a.lr.is_some() {
+        c.lr = a.lr;
+    }
+    if let Some(v) = a.seed {
+        c.seed = v;
+    }
+    if let Some(v) = &a.out {
+        c.out = v.clone();
+    }
+    if let Some(v) = a.outlier_norm_factor {
+        c.outlier_norm_factor = v;
+    }
+    if a.no_normalize {
+        c.normalize_inputs = false;
+    }
+    if a.multi_topk {
+        c.multi_topk = true;
+    }
+    if a.auxk_alpha.is_some() {
+        c.auxk_alpha = a.auxk_alpha;
+    }
+    if let Some(v) = &a.dead_tokens {
+        c.dead_tokens = parse_count(v)?;
+    }
+    if let Some(v) = a.log_every {
+        c.log_every = v;
+    }
+    if let Some(v) = a.checkpoint_every {
+        c.checkpoint_every = v;
+    }
+    if let Some(v) = &a.hook_name {
+        c.hook_name = v.clone();
+    }
+    if let Some(v) = &a.model_name {
+        c.model_name = v.clone();
+    }
+    Ok(c)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let mut c = effective_config(&a)?;
+    if a.print_config {
+        print!("{}", c.to_toml());
+        let r = c.resolved();
+        println!("\n# recipe values resolved for arch = {:?}:", c.arch.name());
+        for line in toml::to_string_pretty(&r).unwrap_or_default().lines() {
+            println!("# {line}");
+        }
+        return Ok(());
+    }
+    let resume = a.resume.is_some();
+    if let Some(dir) = &a.resume {
+        c.out = dir.clone();
+        // the data file and seed come from the checkpoint's config
+        let cks = saekit_sae::train::list_checkpoints(std::path::Path::new(dir))?;
+        let last = cks.last().with_context(|| format!("--resume {dir}: no checkpoint in {dir}/checkpoints"))?;
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(last.join("state.json"))?)
+            .with_context(|| format!("parsing {}/state.json", last.display()))?;
+        let saved: TrainConfig = serde_json::from_value(meta["config"].clone())
+            .with_context(|| format!("{}/state.json: bad config", last.display()))?;
+        if a.acts.is_none() {
+            c.acts = saved.acts.clone();
+        }
+        c.seed = saved.seed;
+    }
+    let Some(acts) = c.acts.clone() else {
+        bail!("no activations: pass --acts FILE.npy (or `acts = \"...\"` in --config)");
+    };
+    if !acts.ends_with(".npy") {
+        bail!("{acts}: only float32 .npy files are supported as --acts for now");
+    }
+    let mut src = NpySource::open(&acts, c.seed, true)?;
+    let o = saekit_sae::train(&c, &mut src, &RunOptions { resume, progress: !a.quiet, stop_after_steps: None })?;
+    eprintln!(
+        "trained {} steps ({} tokens, {:.0} tokens/s); excluded {} outlier rows (norm > {:.1}); last batch FVU {:.4}, L0 {:.1}, dead {:.2}%",
+        o.steps,
+        o.tokens,
+        o.tokens_per_s,
+        o.excluded_rows,
+        o.max_norm,
+        o.last.fvu,
+        o.last.l0,
+        100.0 * o.dead_frac
+    );
+    println!("{}", o.out_dir.display());
+    Ok(())
+}
