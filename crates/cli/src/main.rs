@@ -44,6 +44,18 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Reconstruction and sparsity metrics of an SAE on activations (table or --json).
     Eval(cmd::eval::EvalArgs),
+    /// Splice the SAE into the model: CE / KL with the SAE and with zero-ablation, plus reconstruction metrics.
+    EvalModel(cmd::eval_model::EvalModelArgs),
+    /// Describe every feature (top and quantile contexts, histogram, logit effects, neighbours, map) into SQLite.
+    Analyze(cmd::analyze::AnalyzeArgs),
+    /// Print a feature's dashboard from a feature database (or --list features).
+    Feature(cmd::feature::FeatureArgs),
+    /// Features that fire on a text, or that separate two sets of texts (--pos/--neg).
+    Search(cmd::search::SearchArgs),
+    /// Best single feature per label of a labelled JSONL set (sparse probing: AUROC, accuracy).
+    Probe(cmd::probe::ProbeArgs),
+    /// The feature browser: feature pages, search, feature map, live text, steering, and a JSON API.
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn main() {
@@ -60,7 +72,22 @@ fn main() {
             eprintln!("warning: cannot set {n} threads: {e}");
         }
     }
-    let result = match cli.command {
+    if let Err(e) = dispatch(cli.command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Run one subcommand from its arguments as a user would type them (`["harvest", "--tokens", ...]`):
+/// how `saekit demo` chains the stages, so each behaves exactly as on the command line.
+pub(crate) fn run_subcommand<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> anyhow::Result<()> {
+    let argv = std::iter::once(std::ffi::OsStr::new("saekit")).chain(args.iter().map(|a| a.as_ref()));
+    let cli = Cli::try_parse_from(argv).map_err(|e| anyhow::anyhow!("internal: bad stage arguments: {e}"))?;
+    dispatch(cli.command)
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::FetchModel(a) => cmd::fetch_model::run(a),
         Command::Activations(a) => cmd::activations::run(a),
@@ -71,9 +98,11 @@ fn main() {
         Command::Harvest(a) => cmd::harvest::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        Command::EvalModel(a) => cmd::eval_model::run(a),
+        Command::Analyze(a) => cmd::analyze::run(a),
+        Command::Feature(a) => cmd::feature::run(a),
+        Command::Search(a) => cmd::search::run(a),
+        Command::Probe(a) => cmd::probe::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
     }
 }

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{dot, softmax};
+use crate::linalg::softmax;
 
 /// Keys and values of every layer for the tokens seen so far, one growing buffer per (sequence, kv head).
 #[derive(Debug, Clone)]
@@ -10,6 +10,8 @@ pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
     batch: usize,
+    /// False once a pass stopped before the last block: the deeper layers then miss those positions.
+    complete: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -21,7 +23,7 @@ struct LayerKv {
 impl KvCache {
     pub fn new(n_layers: usize, batch: usize, n_kv_heads: usize) -> Self {
         let layer = LayerKv { k: vec![Vec::new(); batch * n_kv_heads], v: vec![Vec::new(); batch * n_kv_heads] };
-        Self { layers: vec![layer; n_layers], len: 0, batch }
+        Self { layers: vec![layer; n_layers], len: 0, batch, complete: true }
     }
 
     /// Tokens already cached per sequence (the position of the next token).
@@ -37,8 +39,14 @@ impl KvCache {
         self.batch
     }
 
-    pub(crate) fn advance(&mut self, seq: usize) {
+    /// Whether every layer holds every cached position, so a later pass may continue from it.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    pub(crate) fn advance(&mut self, seq: usize, all_layers: bool) {
         self.len += seq;
+        self.complete &= all_layers;
     }
 }
 
@@ -74,26 +82,80 @@ pub(crate) fn attend(cache: &mut KvCache, layer: usize, qkv: &[f32], s: &AttnSha
     let lkv = &cache.layers[layer];
     let group = s.n_heads / s.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(q_dim).enumerate().for_each(|(r, o)| {
-        let (b, t) = (r / s.seq, r % s.seq);
-        let n_ctx = s.pos_offset + t + 1;
-        let qrow = &qkv[r * width..][..q_dim];
-        let mut scores = vec![0f32; n_ctx];
-        for h in 0..s.n_heads {
+    let n_ctx = s.pos_offset + s.seq;
+    // One (sequence, head) pair per task: scores = Q·Kᵀ and out = P·V as two small GEMMs. Rows past the
+    // causal limit are masked after the GEMM; computing them costs less than a hand loop over the rest.
+    let heads: Vec<(usize, Vec<f32>)> = (0..s.batch * s.n_heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / s.n_heads, bh % s.n_heads);
             let kvh = b * s.n_kv_heads + h / group;
             let (k, v) = (&lkv.k[kvh], &lkv.v[kvh]);
-            let q = &qrow[h * hd..][..hd];
-            for (j, sc) in scores.iter_mut().enumerate() {
-                *sc = dot(q, &k[j * hd..][..hd]) * scale;
+            let mut q = vec![0f32; s.seq * hd];
+            for t in 0..s.seq {
+                q[t * hd..][..hd].copy_from_slice(&qkv[(b * s.seq + t) * width + h * hd..][..hd]);
             }
-            softmax(&mut scores);
-            let oh = &mut o[h * hd..][..hd];
-            oh.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                for (acc, x) in oh.iter_mut().zip(&v[j * hd..][..hd]) {
-                    *acc += p * x;
-                }
+            let mut scores = vec![0f32; s.seq * n_ctx];
+            small_gemm(s.seq, n_ctx, hd, &q, 1, hd, k, hd, 1, &mut scores, scale);
+            for (t, row) in scores.chunks_mut(n_ctx).enumerate() {
+                let visible = s.pos_offset + t + 1;
+                softmax(&mut row[..visible]);
+                row[visible..].fill(0.0);
             }
+            let mut o = vec![0f32; s.seq * hd];
+            small_gemm(s.seq, hd, n_ctx, &scores, 1, n_ctx, v, 1, hd, &mut o, 1.0);
+            (bh, o)
+        })
+        .collect();
+    for (bh, o) in heads {
+        let (b, h) = (bh / s.n_heads, bh % s.n_heads);
+        for t in 0..s.seq {
+            out[(b * s.seq + t) * q_dim + h * hd..][..hd].copy_from_slice(&o[t * hd..][..hd]);
         }
-    });
+    }
+}
+
+/// `c[m, n] = scale * a[m, k] · b[k, n]` on one thread (callers parallelise over heads); `a` and `b` are
+/// addressed through (column, row) strides so Kᵀ needs no copy.
+#[allow(clippy::too_many_arguments)]
+fn small_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_cs: usize,
+    a_rs: usize,
+    b: &[f32],
+    b_cs: usize,
+    b_rs: usize,
+    c: &mut [f32],
+    scale: f32,
+) {
+    assert!(c.len() >= m * n);
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(n == 0 || k == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the asserts bound every element gemm reads or writes through these strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }

@@ -133,7 +133,7 @@ impl Gpt2 {
             add_assign(&mut x, &delta, d);
             hooks.run(&ctx(HookPoint::ResidPost(l)), &mut x)?;
         }
-        cache.advance(seq);
+        cache.advance(seq, n_blocks == c.n_layers);
         if n_blocks < c.n_layers {
             return Ok(Vec::new());
         }

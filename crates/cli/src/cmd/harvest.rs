@@ -38,6 +38,10 @@ pub struct HarvestArgs {
     /// Contexts per shard file (the unit of resumption).
     #[arg(long, default_value_t = 256)]
     pub contexts_per_shard: usize,
+    /// Mark rows whose norm exceeds this multiple of the shard's median norm (attention sinks away from
+    /// position 0); readers skip them by default. 0 disables.
+    #[arg(long, default_value_t = 10.0)]
+    pub outlier_factor: f32,
     /// Delete an existing store in OUT instead of resuming it.
     #[arg(long)]
     pub overwrite: bool,
@@ -84,6 +88,7 @@ pub fn run(a: HarvestArgs) -> Result<()> {
         batch: a.batch,
         dtype: a.dtype,
         contexts_per_shard: a.contexts_per_shard,
+        outlier_factor: (a.outlier_factor > 0.0).then_some(a.outlier_factor),
         progress: true,
     };
     let m = harvest(&model, &path, &data, &a.out, &opts)?;

@@ -1,13 +1,19 @@
 //! One module per subcommand.
 
 pub mod activations;
+pub mod analyze;
 pub mod bench;
 pub mod corpus;
 pub mod demo;
 pub mod eval;
+pub mod eval_model;
+pub mod feature;
 pub mod fetch_model;
 pub mod generate;
 pub mod harvest;
 pub mod model_arg;
+pub mod probe;
+pub mod search;
+pub mod serve;
 pub mod tokenize;
 pub mod train;

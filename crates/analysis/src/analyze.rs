@@ -1,0 +1,428 @@
+//! `saekit analyze`: one streaming pass of model + SAE over held-out contexts into a feature database.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use rayon::prelude::*;
+use saekit_model::{HookPoint, Model};
+use saekit_sae::Sae;
+use saekit_store::TokenDataset;
+
+use crate::db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
+use crate::geometry;
+use crate::stats::{hist_edges, BatchCodes, FeatureStats, Sample, StatsOptions, HIST_BINS};
+
+#[derive(Debug, Clone)]
+pub struct AnalyzeOptions {
+    /// Tokens to analyse (rounded up to whole contexts; capped by the split).
+    pub n_tokens: u64,
+    /// Split of the tokenized dataset to read (held-out: "validation").
+    pub split: String,
+    /// Contexts per forward pass.
+    pub batch_contexts: usize,
+    pub stats: StatsOptions,
+    /// Checkpoint the running state at most this often.
+    pub checkpoint_every: Duration,
+    /// Ignore an existing checkpoint.
+    pub restart: bool,
+    /// Skip attention-sink rows (position 0, special tokens such as `<|endoftext|>`, and rows above
+    /// `sink_norm_factor` x the median norm).
+    pub skip_sinks: bool,
+    pub sink_norm_factor: f32,
+    /// Hook to read (default: the SAE's `metadata.hook_name`).
+    pub hook: Option<HookPoint>,
+    pub n_logits: usize,
+    pub n_neighbours: usize,
+    pub progress: bool,
+    /// Stop after this many contexts in this invocation (tests of resume); the checkpoint is kept.
+    pub stop_after_contexts: Option<u64>,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        AnalyzeOptions {
+            n_tokens: 10_000_000,
+            split: "validation".into(),
+            batch_contexts: 8,
+            stats: StatsOptions::default(),
+            checkpoint_every: Duration::from_secs(120),
+            restart: false,
+            skip_sinks: true,
+            sink_norm_factor: SINK_NORM_FACTOR,
+            hook: None,
+            n_logits: 10,
+            n_neighbours: 10,
+            progress: true,
+            stop_after_contexts: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AnalyzeReport {
+    pub db: Option<PathBuf>,
+    pub n_tokens: u64,
+    pub n_contexts: u64,
+    /// Seconds in the streaming pass of this invocation (model + SAE + statistics).
+    pub pass_secs: f64,
+    /// Seconds in the model forward and the SAE encoder alone, within `pass_secs`.
+    pub forward_encode_secs: f64,
+    /// Seconds writing the database (logit effects, neighbours, map, rows).
+    pub write_secs: f64,
+    pub tokens_per_sec: f64,
+    pub resumed_from: u64,
+    pub finished: bool,
+}
+
+/// The SAE's hook point, or the one asked for.
+pub fn sae_hook(sae: &Sae, hook: Option<HookPoint>) -> Result<HookPoint> {
+    match hook {
+        Some(h) => Ok(h),
+        None => {
+            if sae.metadata.hook_name.is_empty() {
+                bail!("the SAE has no metadata.hook_name; pass --hook");
+            }
+            sae.metadata.hook_name.parse().with_context(|| format!("SAE hook {:?}", sae.metadata.hook_name))
+        }
+    }
+}
+
+/// Rows to skip in a `[batch, seq]` block of tokens: position 0 and special tokens (the attention
+/// sinks whose residual norm is ~100x the median in SmolLM2).
+pub fn sink_rows(model: &Model, tokens: &[u32], seq: usize) -> Vec<bool> {
+    let tok = model.tokenizer();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            i % seq == 0 || tok.is_special(t) || Some(t) == tok.end_of_text_id() || Some(t) == tok.bos_token_id()
+        })
+        .collect()
+}
+
+/// Rows whose L2 norm exceeds this multiple of the block's median norm are treated as sinks too
+/// (mid-document contexts without BOS get their sink on the first one or two tokens; the trainer
+/// and `saekit eval` use the same 10x rule).
+pub const SINK_NORM_FACTOR: f32 = 10.0;
+
+/// Mark rows of `x` ([rows, d]) with norm above `factor` x the median row norm (`factor` 0: none).
+pub fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
+    if factor <= 0.0 || x.is_empty() {
+        return;
+    }
+    let med = saekit_sae::metrics::median_norm(x, d);
+    let lim2 = (factor * med) * (factor * med);
+    for (m, row) in mask.iter_mut().zip(x.chunks(d)) {
+        if row.iter().map(|v| v * v).sum::<f32>() > lim2 {
+            *m = true;
+        }
+    }
+}
+
+fn checkpoint_path(out: &Path) -> PathBuf {
+    let name = out.file_name().and_then(|s| s.to_str()).unwrap_or("features.sqlite");
+    out.with_file_name(format!("{name}.ckpt"))
+}
+
+/// Run the analysis and write `out`. Resumes from `out.ckpt` when it exists (same SAE, dataset and
+/// options); the checkpoint is removed once the database is in place.
+pub fn analyze(
+    model: &Model,
+    sae: &Sae,
+    sae_path: &str,
+    dataset: &TokenDataset,
+    out: &Path,
+    opts: &AnalyzeOptions,
+) -> Result<AnalyzeReport> {
+    let hook = sae_hook(sae, opts.hook)?;
+    if model.config().d_model != sae.d_in {
+        bail!("{sae_path}: SAE d_in {} does not match the model's d_model {}", sae.d_in, model.config().d_model);
+    }
+    let split = dataset.split(&opts.split)?;
+    let seq = split.context_len();
+    let want = opts.n_tokens.div_ceil(seq as u64).max(1);
+    let total = want.min(split.n_contexts());
+    if total == 0 {
+        bail!("{}: split {:?} has no contexts", dataset.dir().display(), opts.split);
+    }
+    if total < want {
+        tracing::warn!(
+            have = total * seq as u64,
+            asked = opts.n_tokens,
+            "the split is smaller than --tokens; analysing all of it"
+        );
+    }
+    let fingerprint = format!(
+        "sae={sae_path} d_sae={} dataset={} split={} contexts={total} hook={hook} sinks={} norm={} opts={}",
+        sae.d_sae,
+        dataset.dir().display(),
+        opts.split,
+        opts.skip_sinks,
+        opts.sink_norm_factor,
+        serde_json::to_string(&opts.stats)?
+    );
+    let ckpt = checkpoint_path(out);
+    let mut stats = if ckpt.exists() && !opts.restart {
+        let bytes = std::fs::read(&ckpt).with_context(|| format!("reading {}", ckpt.display()))?;
+        let s = FeatureStats::from_bytes(&bytes, &fingerprint).with_context(|| format!("{}", ckpt.display()))?;
+        tracing::info!(contexts = s.n_contexts, "resuming analysis from {}", ckpt.display());
+        s
+    } else {
+        FeatureStats::new(sae.d_sae, opts.stats)
+    };
+    let resumed_from = stats.n_contexts;
+    let pb = progress_bar(opts.progress, total, stats.n_contexts);
+    let t_pass = Instant::now();
+    let mut fwd = Duration::ZERO;
+    let mut last_ckpt = Instant::now();
+    let mut done_here = 0u64;
+    let b = opts.batch_contexts.max(1) as u64;
+    while stats.n_contexts < total {
+        if opts.stop_after_contexts.is_some_and(|s| done_here >= s) {
+            break;
+        }
+        let c0 = stats.n_contexts;
+        let n = b.min(total - c0);
+        let mut tokens = Vec::with_capacity(n as usize * seq);
+        for c in c0..c0 + n {
+            tokens.extend_from_slice(split.context(c));
+        }
+        let t = Instant::now();
+        let mut cache = model.run_with_cache(&tokens, n as usize, &[hook])?;
+        let x = cache.take(&hook).context("internal: hook not captured")?;
+        let codes = sae.encode(&x);
+        fwd += t.elapsed();
+        let skip = if opts.skip_sinks {
+            let mut s = sink_rows(model, &tokens, seq);
+            mark_norm_outliers(&mut s, &x, sae.d_in, opts.sink_norm_factor);
+            s
+        } else {
+            Vec::new()
+        };
+        stats.update(&BatchCodes {
+            indptr: &codes.indptr,
+            idx: &codes.idx,
+            val: &codes.val,
+            seq,
+            first_ctx: c0,
+            skip: &skip,
+        })?;
+        done_here += n;
+        pb.set_position(stats.n_contexts);
+        if last_ckpt.elapsed() >= opts.checkpoint_every && stats.n_contexts < total {
+            save_checkpoint(&stats, &fingerprint, &ckpt)?;
+            last_ckpt = Instant::now();
+        }
+    }
+    pb.finish_and_clear();
+    let pass_secs = t_pass.elapsed().as_secs_f64();
+    let tokens_here = (stats.n_contexts - resumed_from) * seq as u64;
+    let mut report = AnalyzeReport {
+        db: None,
+        n_tokens: stats.n_tokens,
+        n_contexts: stats.n_contexts,
+        pass_secs,
+        forward_encode_secs: fwd.as_secs_f64(),
+        write_secs: 0.0,
+        tokens_per_sec: tokens_here as f64 / pass_secs.max(1e-9),
+        resumed_from,
+        finished: false,
+    };
+    if stats.n_contexts < total {
+        save_checkpoint(&stats, &fingerprint, &ckpt)?;
+        return Ok(report);
+    }
+    let t_write = Instant::now();
+    let info = DbInfo {
+        model: model.config().name.clone(),
+        hook: hook.to_string(),
+        sae_path: sae_path.to_string(),
+        d_sae: sae.d_sae as u32,
+        n_tokens: stats.n_tokens,
+        n_contexts: stats.n_contexts,
+        context_len: seq as u32,
+        dataset: format!("{} ({})", dataset.dir().display(), opts.split),
+        ..Default::default()
+    };
+    let vocab: Vec<String> = (0..model.config().vocab_size as u32).map(|t| model.tokenizer().token_text(t)).collect();
+    let weights = WeightInputs {
+        unembed: model.unembedding(),
+        vocab: model.config().vocab_size,
+        gain: model.final_norm_gain(),
+        n_logits: opts.n_logits,
+        n_neighbours: opts.n_neighbours,
+    };
+    let path = write_db(&stats, sae, &weights, info, &vocab, |c| split.context(c).to_vec(), out)?;
+    if ckpt.exists() {
+        std::fs::remove_file(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
+    }
+    report.write_secs = t_write.elapsed().as_secs_f64();
+    report.db = Some(path);
+    report.finished = true;
+    Ok(report)
+}
+
+fn save_checkpoint(stats: &FeatureStats, fingerprint: &str, path: &Path) -> Result<()> {
+    let t = Instant::now();
+    saekit_sae::format::atomic_write(path, &stats.to_bytes(fingerprint))?;
+    tracing::debug!(secs = t.elapsed().as_secs_f32(), "checkpoint written to {}", path.display());
+    Ok(())
+}
+
+fn progress_bar(on: bool, total: u64, pos: u64) -> indicatif::ProgressBar {
+    if !on {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("analyze {bar:40} {pos}/{len} contexts {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(pos);
+    pb
+}
+
+/// The model weights the database needs besides the statistics.
+pub struct WeightInputs<'a> {
+    pub unembed: &'a [f32],
+    pub vocab: usize,
+    pub gain: Option<&'a [f32]>,
+    pub n_logits: usize,
+    pub n_neighbours: usize,
+}
+
+/// Turn finished statistics into a database at `out`. `context_tokens(c)` returns the token ids of
+/// source context `c`.
+pub fn write_db(
+    stats: &FeatureStats,
+    sae: &Sae,
+    w: &WeightInputs<'_>,
+    mut info: DbInfo,
+    vocab: &[String],
+    context_tokens: impl Fn(u64) -> Vec<u32> + Sync,
+    out: &Path,
+) -> Result<PathBuf> {
+    let d = sae.d_in;
+    let t = Instant::now();
+    let logits = geometry::direct_logit_effects(&sae.w_dec, d, w.unembed, w.vocab, w.gain, w.n_logits);
+    tracing::info!(secs = t.elapsed().as_secs_f32(), "direct logit effects");
+    let t = Instant::now();
+    let (neighbours, nn_method) = geometry::nearest_neighbours(&sae.w_dec, d, w.n_neighbours);
+    tracing::info!(secs = t.elapsed().as_secs_f32(), method = %nn_method, "neighbours");
+    let map = geometry::pca_map(&sae.w_dec, d);
+    info.created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    info.map_method = "pca(unit decoder directions), scaled to [-1, 1]".into();
+    info.neighbour_method = nn_method;
+    let edges = hist_edges();
+    if let Some(parent) = out.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+    }
+    let mut writer = FeatureDbWriter::create(out, &info, &edges, vocab)?;
+    let tok = |t: u32| vocab.get(t as usize).cloned().unwrap_or_else(|| format!("<{t}>"));
+    let n_tokens = stats.n_tokens.max(1) as f64;
+    // rows are built in parallel blocks and inserted in id order
+    let block = 4096usize;
+    for j0 in (0..sae.d_sae).step_by(block) {
+        let rows: Vec<FeatureRow> = (j0..(j0 + block).min(sae.d_sae))
+            .into_par_iter()
+            .map(|j| {
+                let (st, hist) = stats.feature(j);
+                let stored = |s: &Sample| stored_context(s, stats.opts.before, stats.opts.after, &context_tokens);
+                let top: Vec<StoredContext> = st.top.iter().map(stored).collect();
+                let nq = st.bins.len();
+                let quantiles: Vec<StoredGroup> = st
+                    .bins
+                    .iter()
+                    .enumerate()
+                    .map(|(b, bin)| StoredGroup {
+                        lo: st.bin_max * b as f32 / nq as f32,
+                        hi: st.bin_max * (b + 1) as f32 / nq as f32,
+                        count: bin.seen,
+                        contexts: bin.samples.iter().map(stored).collect(),
+                    })
+                    .collect();
+                let first = hist.iter().position(|&c| c > 0).unwrap_or(HIST_BINS);
+                let last = hist.iter().rposition(|&c| c > 0).map_or(first, |l| l + 1);
+                let (promoted, suppressed) = logits[j].clone();
+                let top_tokens = top_peak_tokens(&top, 5, &tok);
+                let promoted_text: Vec<String> = promoted.iter().take(5).map(|&(t, _)| tok(t)).collect();
+                let explanation = if st.n == 0 {
+                    None
+                } else {
+                    Some(format!(
+                        "fires on: {}; promotes: {}",
+                        top_tokens.iter().map(|t| format!("{:?}", t)).collect::<Vec<_>>().join(", "),
+                        promoted_text.iter().map(|t| format!("{:?}", t)).collect::<Vec<_>>().join(", ")
+                    ))
+                };
+                let mut search_text = String::new();
+                for c in top.iter().take(10) {
+                    let p = c.peak as usize;
+                    for t in c.ids.iter().skip(p.saturating_sub(2)).take(4) {
+                        search_text.push_str(&tok(*t));
+                        search_text.push(' ');
+                    }
+                }
+                FeatureRow {
+                    id: j as u32,
+                    density: st.n as f64 / n_tokens,
+                    max_act: st.max,
+                    mean_act: if st.n > 0 { (st.sum / st.n as f64) as f32 } else { 0.0 },
+                    n_fired: st.n,
+                    top_tokens,
+                    explanation,
+                    explanation_auto: true,
+                    x: map[j].0,
+                    y: map[j].1,
+                    search_text,
+                    detail: StoredDetail {
+                        top,
+                        quantiles,
+                        hist_first: first as u32,
+                        hist: hist[first..last].iter().map(|&c| c as u64).collect(),
+                        promoted,
+                        suppressed,
+                        neighbours: neighbours[j].clone(),
+                    },
+                }
+            })
+            .collect();
+        for r in &rows {
+            writer.insert(r)?;
+        }
+    }
+    writer.finish()
+}
+
+fn stored_context(s: &Sample, before: usize, after: usize, tokens: &impl Fn(u64) -> Vec<u32>) -> StoredContext {
+    let all = tokens(s.ctx);
+    let start = s.start as usize;
+    let end = (s.pos as usize + after + 1).min(all.len()).max(start);
+    let _ = before;
+    StoredContext {
+        ctx: s.ctx,
+        start: s.start,
+        ids: all.get(start..end).map(|x| x.to_vec()).unwrap_or_default(),
+        acts: s.window.clone(),
+        peak: (s.pos - s.start) as u16,
+        max_act: s.act,
+    }
+}
+
+/// The most frequent peak tokens among the top contexts, most frequent first (ties: first seen).
+fn top_peak_tokens(top: &[StoredContext], n: usize, tok: &impl Fn(u32) -> String) -> Vec<String> {
+    let mut counts: Vec<(u32, usize, usize)> = Vec::new();
+    for (i, c) in top.iter().enumerate() {
+        if let Some(&t) = c.ids.get(c.peak as usize) {
+            match counts.iter_mut().find(|x| x.0 == t) {
+                Some(x) => x.1 += 1,
+                None => counts.push((t, 1, i)),
+            }
+        }
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.2.cmp(&b.2)));
+    counts.into_iter().take(n).map(|(t, _, _)| tok(t)).collect()
+}

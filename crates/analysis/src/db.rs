@@ -1,0 +1,586 @@
+//! The feature database: one SQLite file per analysed SAE (schema in `docs/feature-db.md`).
+//!
+//! Writers go through [`FeatureDbWriter`] (a `*.tmp` file renamed into place when complete, so a
+//! reader never sees half a database); readers (the CLI, the web browser) through [`FeatureDb`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+/// `meta.format` of every feature database.
+pub const DB_FORMAT: &str = "saekit-feature-db";
+/// Bumped when the schema or the detail blob changes incompatibly.
+pub const DB_VERSION: u32 = 1;
+
+/// One context window around a token where the feature fired.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Context {
+    /// Token texts of the window, as the tokenizer decodes them (a leading space stays).
+    pub tokens: Vec<String>,
+    /// The feature's activation on each token of the window (0 where it did not fire or the row
+    /// was an attention sink that analysis skips).
+    pub acts: Vec<f32>,
+    /// Index of the peak token in `tokens`.
+    pub peak: usize,
+    pub max_act: f32,
+}
+
+/// Contexts whose peak activation lies in `[lo, hi)` of the feature's range (sae_vis / Anthropic
+/// "subsample intervals"); `count` is how many contexts fell in the interval during analysis.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuantileGroup {
+    pub lo: f32,
+    pub hi: f32,
+    pub count: u64,
+    pub contexts: Vec<Context>,
+}
+
+/// Activation histogram over log-spaced bins: `counts[i]` activations fell in `[edges[i], edges[i+1])`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Histogram {
+    pub edges: Vec<f32>,
+    pub counts: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenLogit {
+    pub token: String,
+    pub id: u32,
+    pub logit: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Neighbour {
+    pub id: u32,
+    pub cosine: f32,
+}
+
+/// Everything a feature page shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FeatureRecord {
+    pub id: u32,
+    /// Fraction of analysed tokens on which the feature is non-zero.
+    pub density: f64,
+    pub max_act: f32,
+    /// Mean activation over the tokens where it fires.
+    pub mean_act: f32,
+    /// Number of analysed tokens on which it fired.
+    pub n_fired: u64,
+    pub explanation: Option<String>,
+    /// True when `explanation` was generated from the statistics (not written by a person or an LLM).
+    pub explanation_auto: bool,
+    pub top_contexts: Vec<Context>,
+    pub quantiles: Vec<QuantileGroup>,
+    pub histogram: Histogram,
+    pub promoted: Vec<TokenLogit>,
+    pub suppressed: Vec<TokenLogit>,
+    pub neighbours: Vec<Neighbour>,
+    /// Coordinates on the 2-D feature map.
+    pub x: f32,
+    pub y: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FeatureSummary {
+    pub id: u32,
+    pub density: f64,
+    pub max_act: f32,
+    /// The most frequent peak tokens of the top contexts.
+    pub top_tokens: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MapPoint {
+    pub id: u32,
+    pub x: f32,
+    pub y: f32,
+    pub density: f64,
+    pub max_act: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct DbInfo {
+    pub format: String,
+    pub version: u32,
+    pub model: String,
+    pub hook: String,
+    pub sae_path: String,
+    pub d_sae: u32,
+    /// Tokens the statistics were computed over (attention-sink rows excluded).
+    pub n_tokens: u64,
+    pub n_contexts: u64,
+    pub context_len: u32,
+    pub dataset: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// How the 2-D map was made (e.g. "pca(decoder)").
+    pub map_method: String,
+    /// How neighbours were found ("exact" or "ivf(...)").
+    pub neighbour_method: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortBy {
+    Density,
+    MaxAct,
+    Id,
+}
+
+impl std::str::FromStr for SortBy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "density" => Ok(SortBy::Density),
+            "max_act" | "maxact" | "max" => Ok(SortBy::MaxAct),
+            "id" => Ok(SortBy::Id),
+            _ => bail!("unknown sort key {s:?} (density, max_act or id)"),
+        }
+    }
+}
+
+/// A context as stored: token ids, sparse activations (offset in window, value).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredContext {
+    /// Index of the source context in the dataset split.
+    pub ctx: u64,
+    /// Position of the window's first token in the source context.
+    pub start: u32,
+    pub ids: Vec<u32>,
+    pub acts: Vec<(u16, f32)>,
+    pub peak: u16,
+    pub max_act: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredGroup {
+    pub lo: f32,
+    pub hi: f32,
+    pub count: u64,
+    pub contexts: Vec<StoredContext>,
+}
+
+/// The per-feature blob in `feature_detail.data` (zstd-compressed JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct StoredDetail {
+    pub top: Vec<StoredContext>,
+    pub quantiles: Vec<StoredGroup>,
+    /// Index of the first histogram bin in `hist`; bins before it and after its end are zero.
+    pub hist_first: u32,
+    pub hist: Vec<u64>,
+    pub promoted: Vec<(u32, f32)>,
+    pub suppressed: Vec<(u32, f32)>,
+    pub neighbours: Vec<(u32, f32)>,
+}
+
+/// One row for the writer.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureRow {
+    pub id: u32,
+    pub density: f64,
+    pub max_act: f32,
+    pub mean_act: f32,
+    pub n_fired: u64,
+    pub top_tokens: Vec<String>,
+    pub explanation: Option<String>,
+    pub explanation_auto: bool,
+    pub x: f32,
+    pub y: f32,
+    /// Free text indexed for search (peak tokens and their neighbourhood, promoted tokens).
+    pub search_text: String,
+    pub detail: StoredDetail,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE vocab (id INTEGER PRIMARY KEY, text TEXT NOT NULL);
+CREATE TABLE features (
+    id INTEGER PRIMARY KEY,
+    density REAL NOT NULL,
+    max_act REAL NOT NULL,
+    mean_act REAL NOT NULL,
+    n_fired INTEGER NOT NULL,
+    top_tokens TEXT NOT NULL,
+    explanation TEXT,
+    explanation_auto INTEGER NOT NULL,
+    x REAL NOT NULL,
+    y REAL NOT NULL
+);
+CREATE TABLE feature_detail (id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE VIRTUAL TABLE feature_text USING fts5(body, content='', tokenize='unicode61 remove_diacritics 2');
+";
+
+const INDEXES: &str = "
+CREATE INDEX features_density ON features(density);
+CREATE INDEX features_max_act ON features(max_act);
+";
+
+/// Builds a feature database at `path` through `path.tmp`; nothing appears at `path` until
+/// [`FeatureDbWriter::finish`].
+pub struct FeatureDbWriter {
+    conn: Connection,
+    tmp: PathBuf,
+    path: PathBuf,
+    pending: usize,
+}
+
+impl FeatureDbWriter {
+    pub fn create(path: &Path, info: &DbInfo, hist_edges: &[f32], vocab: &[String]) -> Result<Self> {
+        let tmp = tmp_path(path);
+        if tmp.exists() {
+            std::fs::remove_file(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+        }
+        let conn = Connection::open(&tmp).with_context(|| format!("creating feature database {}", tmp.display()))?;
+        // A crash loses the tmp file anyway (it is rebuilt from the analysis checkpoint), so the
+        // journal only costs time here.
+        conn.execute_batch("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA page_size=8192;")?;
+        conn.execute_batch(SCHEMA).with_context(|| format!("{}: creating schema", tmp.display()))?;
+        let mut w = FeatureDbWriter { conn, tmp, path: path.to_path_buf(), pending: 0 };
+        w.conn.execute_batch("BEGIN")?;
+        let mut info = info.clone();
+        info.format = DB_FORMAT.into();
+        info.version = DB_VERSION;
+        w.set_meta("format", DB_FORMAT)?;
+        w.set_meta("info", &serde_json::to_string(&info)?)?;
+        w.set_meta("hist_edges", &serde_json::to_string(hist_edges)?)?;
+        {
+            let mut st = w.conn.prepare("INSERT INTO vocab (id, text) VALUES (?1, ?2)")?;
+            for (i, t) in vocab.iter().enumerate() {
+                st.execute(params![i as i64, t])?;
+            }
+        }
+        Ok(w)
+    }
+
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])?;
+        Ok(())
+    }
+
+    pub fn insert(&mut self, row: &FeatureRow) -> Result<()> {
+        let json = serde_json::to_vec(&row.detail)?;
+        let blob = zstd::bulk::compress(&json, 3).context("compressing a feature record")?;
+        self.insert_raw(row, &blob)
+    }
+
+    /// Insert with an already-compressed detail blob (the synthetic benchmark fill reuses one).
+    pub fn insert_raw(&mut self, row: &FeatureRow, blob: &[u8]) -> Result<()> {
+        let id = row.id as i64;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO features (id, density, max_act, mean_act, n_fired, top_tokens, explanation, \
+                 explanation_auto, x, y) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                id,
+                row.density,
+                row.max_act as f64,
+                row.mean_act as f64,
+                row.n_fired as i64,
+                serde_json::to_string(&row.top_tokens)?,
+                row.explanation,
+                row.explanation_auto as i64,
+                row.x as f64,
+                row.y as f64
+            ])?;
+        self.conn
+            .prepare_cached("INSERT INTO feature_detail (id, data) VALUES (?1, ?2)")?
+            .execute(params![id, blob])?;
+        if !row.search_text.is_empty() || row.explanation.is_some() {
+            let body = format!("{} {}", row.search_text, row.explanation.as_deref().unwrap_or(""));
+            self.conn
+                .prepare_cached("INSERT INTO feature_text (rowid, body) VALUES (?1, ?2)")?
+                .execute(params![id, body])?;
+        }
+        self.pending += 1;
+        if self.pending >= 20_000 {
+            self.conn.execute_batch("COMMIT; BEGIN")?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    /// Build the indexes, fsync and move the file into place.
+    pub fn finish(self) -> Result<PathBuf> {
+        self.conn.execute_batch("COMMIT")?;
+        self.conn.execute_batch(INDEXES)?;
+        self.conn.execute_batch("INSERT INTO feature_text(feature_text) VALUES('optimize'); ANALYZE;")?;
+        self.conn.close().map_err(|(_, e)| anyhow!("{}: closing: {e}", self.tmp.display()))?;
+        std::fs::File::open(&self.tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("moving {} to {}", self.tmp.display(), self.path.display()))?;
+        Ok(self.path)
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|s| s.to_str()).unwrap_or("features.sqlite");
+    path.with_file_name(format!("{name}.tmp"))
+}
+
+/// Read-only access to a feature database. `Send + Sync`: one connection behind a mutex (reads are
+/// sub-millisecond, so a server can share one).
+pub struct FeatureDb {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    info: DbInfo,
+    hist_edges: Vec<f32>,
+    vocab: OnceLock<Vec<String>>,
+}
+
+impl FeatureDb {
+    /// Open read-only; a clear error if `path` is not a saekit feature database.
+    pub fn open(path: &Path) -> Result<FeatureDb> {
+        if !path.exists() {
+            bail!("{}: no such feature database (run `saekit analyze` first)", path.display());
+        }
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .with_context(|| format!("{}: cannot open as SQLite", path.display()))?;
+        let format: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| r.get(0))
+            .optional()
+            .map_err(|_| anyhow!("{}: not a saekit feature database (no meta table)", path.display()))?;
+        if format.as_deref() != Some(DB_FORMAT) {
+            bail!("{}: not a saekit feature database (meta.format is {:?})", path.display(), format);
+        }
+        let get = |k: &str| -> Result<String> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
+                .with_context(|| format!("{}: meta.{k} is missing", path.display()))
+        };
+        let info: DbInfo = serde_json::from_str(&get("info")?)
+            .with_context(|| format!("{}: meta.info is not valid", path.display()))?;
+        if info.version > DB_VERSION {
+            bail!(
+                "{}: feature database version {} is newer than this saekit ({DB_VERSION})",
+                path.display(),
+                info.version
+            );
+        }
+        let hist_edges: Vec<f32> = serde_json::from_str(&get("hist_edges")?)
+            .with_context(|| format!("{}: meta.hist_edges is not valid", path.display()))?;
+        Ok(FeatureDb { conn: Mutex::new(conn), path: path.to_path_buf(), info, hist_edges, vocab: OnceLock::new() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn info(&self) -> Result<DbInfo> {
+        Ok(self.info.clone())
+    }
+
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn.lock().map_err(|_| anyhow!("feature database lock poisoned"))
+    }
+
+    fn vocab(&self) -> Result<&[String]> {
+        if let Some(v) = self.vocab.get() {
+            return Ok(v);
+        }
+        let conn = self.conn()?;
+        let mut st = conn.prepare("SELECT id, text FROM vocab ORDER BY id")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut v = Vec::new();
+        for row in rows {
+            let (id, t) = row?;
+            if id as usize != v.len() {
+                bail!("{}: vocab table has a gap at id {id}", self.path.display());
+            }
+            v.push(t);
+        }
+        drop(st);
+        drop(conn);
+        Ok(self.vocab.get_or_init(|| v))
+    }
+
+    /// The text of token `id` (`<id>` when outside the stored vocabulary).
+    pub fn token_text(&self, id: u32) -> Result<String> {
+        Ok(self.vocab()?.get(id as usize).cloned().unwrap_or_else(|| format!("<{id}>")))
+    }
+
+    /// The raw stored detail of a feature (for tools that want ids rather than strings).
+    pub fn detail(&self, id: u32) -> Result<Option<StoredDetail>> {
+        let blob: Option<Vec<u8>> = self
+            .conn()?
+            .prepare_cached("SELECT data FROM feature_detail WHERE id = ?1")?
+            .query_row([id as i64], |r| r.get(0))
+            .optional()?;
+        let Some(blob) = blob else { return Ok(None) };
+        let json = zstd::stream::decode_all(&blob[..])
+            .with_context(|| format!("{}: feature {id}: corrupt detail blob", self.path.display()))?;
+        Ok(Some(
+            serde_json::from_slice(&json)
+                .with_context(|| format!("{}: feature {id}: bad detail record", self.path.display()))?,
+        ))
+    }
+
+    pub fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
+        type Row = (f64, f64, f64, i64, Option<String>, i64, f64, f64);
+        let row: Option<Row> = self
+            .conn()?
+            .prepare_cached(
+                "SELECT density, max_act, mean_act, n_fired, explanation, explanation_auto, x, y \
+                 FROM features WHERE id = ?1",
+            )?
+            .query_row([id as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+            })
+            .optional()?;
+        let Some((density, max_act, mean_act, n_fired, explanation, auto, x, y)) = row else { return Ok(None) };
+        let d = self.detail(id)?.unwrap_or_default();
+        let vocab = self.vocab()?;
+        let text = |t: u32| vocab.get(t as usize).cloned().unwrap_or_else(|| format!("<{t}>"));
+        let ctx = |c: &StoredContext| {
+            let mut acts = vec![0f32; c.ids.len()];
+            for &(o, a) in &c.acts {
+                if let Some(slot) = acts.get_mut(o as usize) {
+                    *slot = a;
+                }
+            }
+            Context {
+                tokens: c.ids.iter().map(|&t| text(t)).collect(),
+                acts,
+                peak: c.peak as usize,
+                max_act: c.max_act,
+            }
+        };
+        let logits =
+            |v: &[(u32, f32)]| v.iter().map(|&(t, l)| TokenLogit { token: text(t), id: t, logit: l }).collect();
+        let first = d.hist_first as usize;
+        let nb = self.hist_edges.len().saturating_sub(1);
+        let mut counts = vec![0u64; nb];
+        for (i, &c) in d.hist.iter().enumerate() {
+            if let Some(slot) = counts.get_mut(first + i) {
+                *slot = c;
+            }
+        }
+        Ok(Some(FeatureRecord {
+            id,
+            density,
+            max_act: max_act as f32,
+            mean_act: mean_act as f32,
+            n_fired: n_fired as u64,
+            explanation,
+            explanation_auto: auto != 0,
+            top_contexts: d.top.iter().map(ctx).collect(),
+            quantiles: d
+                .quantiles
+                .iter()
+                .map(|g| QuantileGroup {
+                    lo: g.lo,
+                    hi: g.hi,
+                    count: g.count,
+                    contexts: g.contexts.iter().map(ctx).collect(),
+                })
+                .collect(),
+            histogram: Histogram { edges: self.hist_edges.clone(), counts },
+            promoted: logits(&d.promoted),
+            suppressed: logits(&d.suppressed),
+            neighbours: d.neighbours.iter().map(|&(i, c)| Neighbour { id: i, cosine: c }).collect(),
+            x: x as f32,
+            y: y as f32,
+        }))
+    }
+
+    pub fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
+        let col = match sort {
+            SortBy::Density => "density",
+            SortBy::MaxAct => "max_act",
+            SortBy::Id => "id",
+        };
+        let dir = if descending { "DESC" } else { "ASC" };
+        // ties broken by id so pages are stable
+        let sql = format!(
+            "SELECT id, density, max_act, top_tokens FROM features ORDER BY {col} {dir}, id {dir} LIMIT ?1 OFFSET ?2"
+        );
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(&sql)?;
+        let rows = st.query_map(params![limit as i64, offset as i64], summary_row)?;
+        rows.map(|r| r.map_err(Into::into).and_then(|r| r)).collect()
+    }
+
+    /// A feature id, or words matched (all of them, prefix-free) against each feature's peak tokens,
+    /// their surrounding context, promoted tokens and explanation; best matches first (bm25).
+    pub fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
+        let q = query.trim();
+        if let Ok(id) = q.trim_start_matches('#').parse::<u32>() {
+            return Ok(self.summary(id)?.into_iter().collect());
+        }
+        let words: Vec<String> = q
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(|w| format!("\"{}\"", w.replace('"', "")))
+            .collect();
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fts = words.join(" ");
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached(
+            "SELECT f.id, f.density, f.max_act, f.top_tokens FROM \
+             (SELECT rowid AS id, rank FROM feature_text WHERE feature_text MATCH ?1 ORDER BY rank LIMIT ?2) m \
+             JOIN features f ON f.id = m.id ORDER BY m.rank",
+        )?;
+        let rows = st.query_map(params![fts, limit as i64], summary_row)?;
+        rows.map(|r| r.map_err(Into::into).and_then(|r| r)).collect()
+    }
+
+    pub fn summary(&self, id: u32) -> Result<Option<FeatureSummary>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached("SELECT id, density, max_act, top_tokens FROM features WHERE id = ?1")?;
+        st.query_row([id as i64], summary_row).optional()?.transpose()
+    }
+
+    /// Summaries of many features in one call (ids that are missing are skipped).
+    pub fn summaries(&self, ids: &[u32]) -> Result<HashMap<u32, FeatureSummary>> {
+        let mut out = HashMap::new();
+        for &id in ids {
+            if let Some(s) = self.summary(id)? {
+                out.insert(id, s);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn map(&self) -> Result<Vec<MapPoint>> {
+        let conn = self.conn()?;
+        let mut st = conn.prepare_cached("SELECT id, x, y, density, max_act FROM features ORDER BY id")?;
+        let rows = st.query_map([], |r| {
+            Ok(MapPoint {
+                id: r.get::<_, i64>(0)? as u32,
+                x: r.get::<_, f64>(1)? as f32,
+                y: r.get::<_, f64>(2)? as f32,
+                density: r.get(3)?,
+                max_act: r.get::<_, f64>(4)? as f32,
+            })
+        })?;
+        rows.map(|r| r.map_err(Into::into)).collect()
+    }
+
+    pub fn len(&self) -> Result<u64> {
+        Ok(self.conn()?.query_row("SELECT COUNT(*) FROM features", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+}
+
+fn summary_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<FeatureSummary>> {
+    let id = r.get::<_, i64>(0)? as u32;
+    let tt: String = r.get(3)?;
+    Ok(serde_json::from_str(&tt).with_context(|| format!("feature {id}: bad top_tokens")).map(|top_tokens| {
+        FeatureSummary {
+            id,
+            density: r.get(1).unwrap_or(0.0),
+            max_act: r.get::<_, f64>(2).unwrap_or(0.0) as f32,
+            top_tokens,
+        }
+    }))
+}

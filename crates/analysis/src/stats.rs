@@ -1,0 +1,473 @@
+//! Streaming per-feature statistics: the running state of `saekit analyze`.
+//!
+//! Memory is bounded by the number of features, never by the number of tokens: per feature a
+//! counter, a sum, a max, a fixed log-spaced histogram, the top-K contexts and `n_quantiles`
+//! reservoirs of `per_quantile` contexts, each context stored as (source context, window start,
+//! sparse window activations). Token ids are looked up in the dataset only when the database is
+//! written.
+//!
+//! Every context offers each feature one candidate: its peak token in that context (so the 20 top
+//! contexts are 20 different contexts, as on Neuronpedia). Quantile intervals are equal-width
+//! slices of `[0, running max]` (sae_vis' "quantile groups", Anthropic's "subsample intervals");
+//! when the running max grows the stored samples are re-binned, so the intervals are exact and the
+//! sampling within an interval is reservoir sampling up to that re-binning (documented
+//! approximation). All randomness is a hash of (seed, feature, count): results do not depend on
+//! the number of threads, and resuming from a checkpoint gives the same database.
+
+use anyhow::{bail, Context as _, Result};
+use rayon::prelude::*;
+
+/// Log-spaced histogram: bins per decade and range (absolute activation units).
+pub const HIST_PER_DECADE: usize = 8;
+pub const HIST_LOG10_MIN: i32 = -3;
+pub const HIST_LOG10_MAX: i32 = 4;
+pub const HIST_BINS: usize = HIST_PER_DECADE * (HIST_LOG10_MAX - HIST_LOG10_MIN) as usize;
+
+/// Bin edges; activations below the first edge count in bin 0, above the last in the last bin.
+pub fn hist_edges() -> Vec<f32> {
+    (0..=HIST_BINS).map(|i| 10f64.powf(HIST_LOG10_MIN as f64 + i as f64 / HIST_PER_DECADE as f64) as f32).collect()
+}
+
+#[inline]
+fn hist_bin(a: f32) -> usize {
+    let l = (a.max(1e-30).log10() - HIST_LOG10_MIN as f32) * HIST_PER_DECADE as f32;
+    (l.max(0.0) as usize).min(HIST_BINS - 1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatsOptions {
+    pub top_k: usize,
+    pub n_quantiles: usize,
+    pub per_quantile: usize,
+    /// Tokens kept before / after the peak in a stored window.
+    pub before: usize,
+    pub after: usize,
+    pub seed: u64,
+}
+
+impl Default for StatsOptions {
+    fn default() -> Self {
+        StatsOptions { top_k: 20, n_quantiles: 10, per_quantile: 5, before: 16, after: 8, seed: 0 }
+    }
+}
+
+/// A stored context: where it is and the feature's activations in its window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub act: f32,
+    pub ctx: u64,
+    /// Peak position in the source context.
+    pub pos: u32,
+    /// First position of the window in the source context.
+    pub start: u32,
+    /// (offset from `start`, activation), non-zero entries only.
+    pub window: Vec<(u16, f32)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bin {
+    pub seen: u64,
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FeatureState {
+    pub n: u64,
+    pub sum: f64,
+    pub max: f32,
+    /// Max used to define the intervals (the running max when the last sample was binned).
+    pub bin_max: f32,
+    pub top: Vec<Sample>,
+    pub bins: Vec<Bin>,
+}
+
+/// One batch of sparse codes, row-major over `n_ctx` contexts of `seq` tokens.
+pub struct BatchCodes<'a> {
+    pub indptr: &'a [usize],
+    pub idx: &'a [u32],
+    pub val: &'a [f32],
+    pub seq: usize,
+    /// Global index of the batch's first context.
+    pub first_ctx: u64,
+    /// Rows to skip (attention sinks); empty = keep all.
+    pub skip: &'a [bool],
+}
+
+/// Features handled by one worker: contiguous ids `lo..lo + feats.len()`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    pub lo: u32,
+    pub feats: Vec<FeatureState>,
+    /// `[feats.len(), HIST_BINS]`
+    pub hist: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureStats {
+    pub d_sae: usize,
+    pub opts: StatsOptions,
+    /// Tokens counted (skipped rows excluded).
+    pub n_tokens: u64,
+    /// Contexts consumed; the resume point.
+    pub n_contexts: u64,
+    pub shards: Vec<Shard>,
+}
+
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl FeatureStats {
+    pub fn new(d_sae: usize, opts: StatsOptions) -> FeatureStats {
+        let shard_size = 256usize.max(d_sae.div_ceil(4096));
+        let shards = (0..d_sae)
+            .step_by(shard_size)
+            .map(|lo| {
+                let n = shard_size.min(d_sae - lo);
+                Shard { lo: lo as u32, feats: vec![FeatureState::default(); n], hist: vec![0; n * HIST_BINS] }
+            })
+            .collect();
+        FeatureStats { d_sae, opts, n_tokens: 0, n_contexts: 0, shards }
+    }
+
+    pub fn feature(&self, j: usize) -> (&FeatureState, &[u32]) {
+        let s = &self.shards[self.shard_of(j)];
+        let k = j - s.lo as usize;
+        (&s.feats[k], &s.hist[k * HIST_BINS..(k + 1) * HIST_BINS])
+    }
+
+    fn shard_of(&self, j: usize) -> usize {
+        let size = self.shards.first().map_or(1, |s| s.feats.len().max(1));
+        j / size
+    }
+
+    /// Fold one batch in. Rows `b*seq..(b+1)*seq` are context `first_ctx + b`.
+    pub fn update(&mut self, batch: &BatchCodes<'_>) -> Result<()> {
+        let rows = batch.indptr.len().saturating_sub(1);
+        if batch.seq == 0 || !rows.is_multiple_of(batch.seq) {
+            bail!("analysis batch of {rows} rows is not a whole number of {}-token contexts", batch.seq);
+        }
+        let keep = |r: usize| batch.skip.get(r).is_none_or(|s| !s);
+        // feature-major view of the batch (counting sort): per feature, its (row, act) in row order
+        let mut ptr = vec![0usize; self.d_sae + 1];
+        for r in 0..rows {
+            if !keep(r) {
+                continue;
+            }
+            for (&j, &v) in batch.idx[batch.indptr[r]..batch.indptr[r + 1]].iter().zip(&batch.val[batch.indptr[r]..]) {
+                if v > 0.0 {
+                    if j as usize >= self.d_sae {
+                        bail!("feature index {j} out of range (d_sae {})", self.d_sae);
+                    }
+                    ptr[j as usize + 1] += 1;
+                }
+            }
+        }
+        for j in 0..self.d_sae {
+            ptr[j + 1] += ptr[j];
+        }
+        let nnz = ptr[self.d_sae];
+        let mut fill = ptr.clone();
+        let mut ev_row = vec![0u32; nnz];
+        let mut ev_val = vec![0f32; nnz];
+        for r in 0..rows {
+            if !keep(r) {
+                continue;
+            }
+            let (a, b) = (batch.indptr[r], batch.indptr[r + 1]);
+            for (&j, &v) in batch.idx[a..b].iter().zip(&batch.val[a..b]) {
+                if v > 0.0 {
+                    let p = &mut fill[j as usize];
+                    ev_row[*p] = r as u32;
+                    ev_val[*p] = v;
+                    *p += 1;
+                }
+            }
+        }
+        let opts = self.opts;
+        let (seq, first_ctx) = (batch.seq, batch.first_ctx);
+        self.shards.par_iter_mut().for_each(|shard| {
+            for (k, st) in shard.feats.iter_mut().enumerate() {
+                let j = shard.lo as usize + k;
+                let (a, b) = (ptr[j], ptr[j + 1]);
+                if a == b {
+                    continue;
+                }
+                let hist = &mut shard.hist[k * HIST_BINS..(k + 1) * HIST_BINS];
+                let (rws, vals) = (&ev_row[a..b], &ev_val[a..b]);
+                let mut g0 = 0;
+                while g0 < rws.len() {
+                    let c = rws[g0] as usize / seq;
+                    let mut g1 = g0;
+                    let mut peak = g0;
+                    while g1 < rws.len() && rws[g1] as usize / seq == c {
+                        let v = vals[g1];
+                        st.n += 1;
+                        st.sum += v as f64;
+                        hist[hist_bin(v)] = hist[hist_bin(v)].saturating_add(1);
+                        if v > vals[peak] {
+                            peak = g1;
+                        }
+                        g1 += 1;
+                    }
+                    let pos = rws[peak] as usize - c * seq;
+                    let grp = (&rws[g0..g1], &vals[g0..g1], c * seq);
+                    offer(st, j as u64, &opts, first_ctx + c as u64, pos, vals[peak], grp, seq);
+                    g0 = g1;
+                }
+            }
+        });
+        self.n_tokens += (0..rows).filter(|&r| keep(r)).count() as u64;
+        self.n_contexts += (rows / batch.seq) as u64;
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn offer(
+    st: &mut FeatureState,
+    j: u64,
+    o: &StatsOptions,
+    ctx: u64,
+    pos: usize,
+    act: f32,
+    grp: (&[u32], &[f32], usize),
+    seq: usize,
+) {
+    let window = || {
+        let start = pos.saturating_sub(o.before);
+        let end = (pos + o.after + 1).min(seq);
+        let w: Vec<(u16, f32)> = grp
+            .0
+            .iter()
+            .zip(grp.1)
+            .filter_map(|(&r, &v)| {
+                let p = r as usize - grp.2;
+                (p >= start && p < end).then(|| ((p - start) as u16, v))
+            })
+            .collect();
+        Sample { act, ctx, pos: pos as u32, start: start as u32, window: w }
+    };
+    if act > st.max {
+        st.max = act;
+    }
+    if st.top.len() < o.top_k || st.top.last().is_some_and(|l| act > l.act) {
+        let at = st.top.partition_point(|s| s.act >= act);
+        st.top.insert(at, window());
+        st.top.truncate(o.top_k);
+    }
+    if o.n_quantiles == 0 || o.per_quantile == 0 {
+        return;
+    }
+    if st.bins.is_empty() {
+        st.bins = vec![Bin::default(); o.n_quantiles];
+    }
+    if act > st.bin_max {
+        rebin(st, j, o, act);
+    }
+    let b = (((act / st.bin_max) * o.n_quantiles as f32) as usize).min(o.n_quantiles - 1);
+    let bin = &mut st.bins[b];
+    bin.seen += 1;
+    if bin.samples.len() < o.per_quantile {
+        bin.samples.push(window());
+    } else {
+        let r = mix(o.seed ^ j.wrapping_mul(0xA24B_AED4_963E_E407) ^ bin.seen.wrapping_mul(0x9FB2_1C65_1E98_DF25))
+            % bin.seen;
+        if (r as usize) < o.per_quantile {
+            bin.samples[r as usize] = window();
+        }
+    }
+}
+
+/// The intervals widen to `[0, new_max]`: move each stored sample to its new interval, move each
+/// old interval's count to the interval holding its midpoint, and thin over-full reservoirs.
+fn rebin(st: &mut FeatureState, j: u64, o: &StatsOptions, new_max: f32) {
+    let nq = o.n_quantiles;
+    let old_max = st.bin_max;
+    let mut bins = vec![Bin::default(); nq];
+    let slot = |a: f32| (((a / new_max) * nq as f32) as usize).min(nq - 1);
+    for (b, old) in std::mem::take(&mut st.bins).into_iter().enumerate() {
+        let mid = old_max * (b as f32 + 0.5) / nq as f32;
+        bins[slot(mid)].seen += old.seen;
+        for s in old.samples {
+            bins[slot(s.act)].samples.push(s);
+        }
+    }
+    for (b, bin) in bins.iter_mut().enumerate() {
+        bin.seen = bin.seen.max(bin.samples.len() as u64);
+        while bin.samples.len() > o.per_quantile {
+            let r = mix(o.seed ^ j ^ ((b as u64) << 40) ^ bin.samples.len() as u64) as usize % bin.samples.len();
+            bin.samples.swap_remove(r);
+        }
+        // keep a deterministic order independent of the history
+        bin.samples.sort_by(|a, b| b.act.total_cmp(&a.act).then(a.ctx.cmp(&b.ctx)));
+    }
+    st.bins = bins;
+    st.bin_max = new_max;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoint encoding (little-endian, versioned; written atomically by the caller).
+
+const CKPT_MAGIC: &[u8; 8] = b"SKANCKP1";
+
+struct W(Vec<u8>);
+impl W {
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32(&mut self, v: f32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    fn sample(&mut self, s: &Sample) {
+        self.f32(s.act);
+        self.u64(s.ctx);
+        self.u32(s.pos);
+        self.u32(s.start);
+        self.u32(s.window.len() as u32);
+        for &(o, a) in &s.window {
+            self.u32(o as u32);
+            self.f32(a);
+        }
+    }
+}
+
+struct R<'a>(&'a [u8]);
+impl R<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        if self.0.len() < n {
+            bail!("checkpoint is truncated");
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into()?))
+    }
+    fn f32(&mut self) -> Result<f32> {
+        Ok(f32::from_le_bytes(self.take(4)?.try_into()?))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_le_bytes(self.take(8)?.try_into()?))
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>> {
+        let n = self.u64()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn sample(&mut self) -> Result<Sample> {
+        let act = self.f32()?;
+        let ctx = self.u64()?;
+        let pos = self.u32()?;
+        let start = self.u32()?;
+        let n = self.u32()? as usize;
+        let mut window = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            window.push((self.u32()? as u16, self.f32()?));
+        }
+        Ok(Sample { act, ctx, pos, start, window })
+    }
+}
+
+impl FeatureStats {
+    /// Serialize the whole state; `fingerprint` identifies the run (SAE, dataset, options) so a
+    /// checkpoint from another run is refused on resume.
+    pub fn to_bytes(&self, fingerprint: &str) -> Vec<u8> {
+        let mut w = W(Vec::with_capacity(64 + self.d_sae * 64));
+        w.0.extend_from_slice(CKPT_MAGIC);
+        w.bytes(fingerprint.as_bytes());
+        w.bytes(&serde_json::to_vec(&self.opts).unwrap_or_default());
+        w.u64(self.d_sae as u64);
+        w.u64(self.n_tokens);
+        w.u64(self.n_contexts);
+        w.u64(self.shards.len() as u64);
+        for s in &self.shards {
+            w.u32(s.lo);
+            w.u64(s.feats.len() as u64);
+            for &h in &s.hist {
+                w.u32(h);
+            }
+            for f in &s.feats {
+                w.u64(f.n);
+                w.f64(f.sum);
+                w.f32(f.max);
+                w.f32(f.bin_max);
+                w.u32(f.top.len() as u32);
+                f.top.iter().for_each(|s| w.sample(s));
+                w.u32(f.bins.len() as u32);
+                for b in &f.bins {
+                    w.u64(b.seen);
+                    w.u32(b.samples.len() as u32);
+                    b.samples.iter().for_each(|s| w.sample(s));
+                }
+            }
+        }
+        w.0
+    }
+
+    pub fn from_bytes(bytes: &[u8], fingerprint: &str) -> Result<FeatureStats> {
+        let mut r = R(bytes);
+        if r.take(8)? != CKPT_MAGIC {
+            bail!("not a saekit analysis checkpoint");
+        }
+        let fp = r.bytes()?;
+        if fp != fingerprint.as_bytes() {
+            bail!("checkpoint belongs to another run ({}); delete it or pass --restart", String::from_utf8_lossy(&fp));
+        }
+        let opts: StatsOptions = serde_json::from_slice(&r.bytes()?).context("checkpoint options")?;
+        let d_sae = r.u64()? as usize;
+        let n_tokens = r.u64()?;
+        let n_contexts = r.u64()?;
+        let n_shards = r.u64()? as usize;
+        let mut shards = Vec::with_capacity(n_shards.min(1 << 20));
+        for _ in 0..n_shards {
+            let lo = r.u32()?;
+            let n = r.u64()? as usize;
+            let mut hist = Vec::with_capacity(n * HIST_BINS);
+            for _ in 0..n * HIST_BINS {
+                hist.push(r.u32()?);
+            }
+            let mut feats = Vec::with_capacity(n);
+            for _ in 0..n {
+                let mut f =
+                    FeatureState { n: r.u64()?, sum: r.f64()?, max: r.f32()?, bin_max: r.f32()?, ..Default::default() };
+                let nt = r.u32()?;
+                for _ in 0..nt {
+                    f.top.push(r.sample()?);
+                }
+                let nb = r.u32()?;
+                for _ in 0..nb {
+                    let mut b = Bin { seen: r.u64()?, samples: Vec::new() };
+                    let ns = r.u32()?;
+                    for _ in 0..ns {
+                        b.samples.push(r.sample()?);
+                    }
+                    f.bins.push(b);
+                }
+                feats.push(f);
+            }
+            shards.push(Shard { lo, feats, hist });
+        }
+        if !r.0.is_empty() {
+            bail!("checkpoint has {} trailing bytes", r.0.len());
+        }
+        Ok(FeatureStats { d_sae, opts, n_tokens, n_contexts, shards })
+    }
+}

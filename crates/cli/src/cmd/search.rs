@@ -1,0 +1,131 @@
+//! `saekit search`: find features by concept (a text, or two contrasting sets of texts).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use saekit_analysis::analyze::sae_hook;
+use saekit_analysis::search::{contrast, read_texts, search_text, text_features};
+use saekit_analysis::FeatureDb;
+use saekit_sae::load_sae;
+
+use super::model_arg::ModelArgs;
+
+/// `--text "..."`: the features that fire on a text, per token and overall (with their strongest
+/// context from `--db`). `--pos FILE --neg FILE` (one text per line, or JSONL with a `text` field):
+/// features ranked by AUROC of their per-text max activation between the two sets, with firing
+/// frequency in each set and a two-proportion z-score.
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    /// SAE folder or params.npz.
+    pub sae: String,
+    #[arg(long, conflicts_with_all = ["pos", "neg"])]
+    pub text: Option<String>,
+    #[arg(long, requires = "neg")]
+    pub pos: Option<PathBuf>,
+    #[arg(long, requires = "pos")]
+    pub neg: Option<PathBuf>,
+    /// Feature database for context (top tokens, strongest context, max activation).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long)]
+    pub hook: Option<String>,
+    /// Features listed overall (and from each end for --pos/--neg).
+    #[arg(long, default_value_t = 15)]
+    pub top: usize,
+    /// Features listed per token.
+    #[arg(long, default_value_t = 3)]
+    pub per_token: usize,
+    /// Tokens per text for --pos/--neg.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: SearchArgs) -> Result<()> {
+    let sae = load_sae(&a.sae)?;
+    let model = a.model.load()?;
+    let hook = sae_hook(&sae, a.hook.as_deref().map(str::parse).transpose()?)?;
+    let db = a.db.as_deref().map(FeatureDb::open).transpose()?;
+    let describe = |id: u32| -> String {
+        let Some(db) = &db else { return String::new() };
+        match db.feature(id) {
+            Ok(Some(f)) => {
+                let ctx = f
+                    .top_contexts
+                    .first()
+                    .map(|c| {
+                        let lo = c.peak.saturating_sub(6);
+                        let mut s: String = c.tokens[lo..c.peak].concat();
+                        s.push_str(&format!("[{}]", c.tokens[c.peak]));
+                        s.push_str(&c.tokens[c.peak + 1..(c.peak + 3).min(c.tokens.len())].concat());
+                        s.replace('\n', "\\n")
+                    })
+                    .unwrap_or_default();
+                format!("  {:?}  e.g. {ctx}", f.explanation.unwrap_or_default())
+            }
+            _ => String::new(),
+        }
+    };
+    if let Some(text) = &a.text {
+        let max_of = |id: u32| db.as_ref().and_then(|d| d.summary(id).ok().flatten()).map(|s| s.max_act);
+        let r = search_text(&model, &sae, hook, text, a.per_token, a.top, Some(&max_of))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!("per token (feature:activation)");
+        for t in &r.tokens {
+            let f: Vec<String> = t.features.iter().map(|(j, v)| format!("#{j}:{v:.2}")).collect();
+            println!("  {:<16} {}", format!("{:?}", t.token), f.join("  "));
+        }
+        println!("\noverall (by summed activation)");
+        for h in &r.overall {
+            let frac = h.frac_of_db_max.map(|f| format!(" ({:.0}% of db max)", 100.0 * f)).unwrap_or_default();
+            println!(
+                "  #{:<7} max {:>7.3}{frac}  sum {:>8.3}  on {} tokens{}",
+                h.id,
+                h.max_act,
+                h.sum_act,
+                h.n_tokens,
+                describe(h.id)
+            );
+        }
+        return Ok(());
+    }
+    let (Some(pos), Some(neg)) = (&a.pos, &a.neg) else { bail!("give --text, or --pos FILE and --neg FILE") };
+    let (pt, nt) = (read_texts(pos)?, read_texts(neg)?);
+    let pf = text_features(&model, &sae, hook, &pt, a.max_tokens)?;
+    let nf = text_features(&model, &sae, hook, &nt, a.max_tokens)?;
+    let hits = contrast(&pf, &nf);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&hits)?);
+        return Ok(());
+    }
+    println!(
+        "{} positive texts, {} negative texts; statistic: AUROC of per-text max activation (0.5 = no separation)",
+        pt.len(),
+        nt.len()
+    );
+    let line = |h: &saekit_analysis::search::ContrastHit| {
+        println!(
+            "  #{:<7} auroc {:.3}  fires on {:>5.1}% pos / {:>5.1}% neg  z {:>6.2}  mean {:.3} / {:.3}{}",
+            h.id,
+            h.auroc,
+            100.0 * h.freq_pos,
+            100.0 * h.freq_neg,
+            h.z,
+            h.mean_pos,
+            h.mean_neg,
+            describe(h.id)
+        )
+    };
+    println!("\nfeatures of the positive set");
+    hits.iter().take(a.top).for_each(line);
+    println!("\nfeatures of the negative set");
+    hits.iter().rev().take(a.top).for_each(line);
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! Architecture and training configuration, with each published recipe as the default.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Which sparse autoencoder is trained. The string forms are the `--arch` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Gao et al. 2024: ReLU then keep the k largest latents per token; AuxK on dead latents.
+    TopK,
+    /// Top k*batch over the whole batch while training; a learned global threshold at inference.
+    BatchTopK,
+    /// Rajamanoharan et al. 2024: per-latent threshold, straight-through estimator, L0 penalty.
+    JumpRelu,
+    /// Anthropic April-2024: ReLU, L1 penalty weighted by decoder row norms.
+    Relu,
+}
+
+impl Arch {
+    pub fn parse(s: &str) -> Result<Arch> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "topk" => Arch::TopK,
+            "batchtopk" => Arch::BatchTopK,
+            "jumprelu" => Arch::JumpRelu,
+            "relu" | "standard" | "relu_l1" => Arch::Relu,
+            other => bail!("unknown architecture {other:?}: expected topk, batchtopk, jumprelu or relu"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::TopK => "topk",
+            Arch::BatchTopK => "batchtopk",
+            Arch::JumpRelu => "jumprelu",
+            Arch::Relu => "relu",
+        }
+    }
+}
+
+/// Every training knob. Fields left at `None` take the recipe default of the chosen architecture
+/// (see [`TrainConfig::resolved`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // ---- data ----
+    /// `.npy` file [N, d_in] float32 with the training activations.
+    pub acts: Option<String>,
+    /// Output folder (SAELens v6 layout + checkpoints/ + metrics.jsonl).
+    pub out: String,
+    /// Training tokens (rows). Accepts plain integers; the CLI also accepts 2M / 500k.
+    pub tokens: u64,
+    pub batch_size: usize,
+    /// Exclude rows whose L2 norm exceeds this multiple of the median norm measured on the first
+    /// `norm_estimate_rows` rows (attention sinks: position 0 and `<|endoftext|>`). 0 disables.
+    pub outlier_norm_factor: f32,
+    /// Rows used to estimate the median norm, the input scale and the b_dec init.
+    pub norm_estimate_rows: usize,
+    /// Scale inputs by one dataset-wide scalar so that E||x||^2 = d_in (folded into the saved weights).
+    pub normalize_inputs: bool,
+    // ---- model ----
+    pub arch: Arch,
+    pub d_in: Option<usize>,
+    pub d_sae: usize,
+    pub k: usize,
+    /// Multi-TopK: extra reconstruction loss at 4k latents with weight 1/8 (topk only).
+    pub multi_topk: bool,
+    /// AuxK coefficient (topk/batchtopk); 0 disables.
+    pub auxk_alpha: Option<f32>,
+    /// Latents that fired on no token in this many tokens are dead (AuxK, dead %).
+    pub dead_tokens: u64,
+    /// Keep decoder rows at unit norm and remove the gradient component parallel to them.
+    pub unit_norm_decoder: Option<bool>,
+    /// b_dec init: "mean" (data mean of the estimate rows), "geometric_median" or "zeros".
+    pub b_dec_init: String,
+    // ---- jumprelu ----
+    pub jumprelu_init_threshold: f32,
+    pub jumprelu_bandwidth: f32,
+    pub l0_coefficient: f32,
+    // ---- relu ----
+    pub l1_coefficient: f32,
+    /// Fraction of steps over which the sparsity coefficient (L1 / L0) warms up linearly from 0.
+    pub sparsity_warmup_frac: Option<f32>,
+    pub decoder_init_norm: Option<f32>,
+    // ---- batchtopk ----
+    pub topk_threshold_lr: f32,
+    // ---- optimiser ----
+    pub lr: Option<f32>,
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_eps: f32,
+    pub lr_warmup_steps: Option<u64>,
+    /// Fraction of steps at the end over which lr decays linearly to 0.
+    pub lr_decay_frac: Option<f32>,
+    /// Clip the global gradient norm to this value (0 = off).
+    pub grad_clip: Option<f32>,
+    // ---- run ----
+    pub seed: u64,
+    pub threads: usize,
+    pub log_every: u64,
+    pub checkpoint_every: u64,
+    // ---- metadata written to cfg.json ----
+    pub model_name: String,
+    pub hook_name: String,
+    pub context_size: usize,
+    pub prepend_bos: bool,
+    pub dataset_path: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            acts: None,
+            out: "sae-out".into(),
+            tokens: 2_000_000,
+            batch_size: 4096,
+            outlier_norm_factor: 10.0,
+            norm_estimate_rows: 65536,
+            normalize_inputs: true,
+            arch: Arch::TopK,
+            d_in: None,
+            d_sae: 16384,
+            k: 32,
+            multi_topk: false,
+            auxk_alpha: None,
+            dead_tokens: 10_000_000,
+            unit_norm_decoder: None,
+            b_dec_init: "mean".into(),
+            jumprelu_init_threshold: 0.01,
+            jumprelu_bandwidth: 0.05,
+            l0_coefficient: 1.0,
+            l1_coefficient: 5.0,
+            sparsity_warmup_frac: None,
+            decoder_init_norm: None,
+            topk_threshold_lr: 0.01,
+            lr: None,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
+            lr_warmup_steps: None,
+            lr_decay_frac: None,
+            grad_clip: None,
+            seed: 0,
+            threads: 0,
+            log_every: 10,
+            checkpoint_every: 100,
+            model_name: "SmolLM2-135M-Instruct".into(),
+            hook_name: "blocks.15.hook_resid_post".into(),
+            context_size: 128,
+            prepend_bos: false,
+            dataset_path: String::new(),
+        }
+    }
+}
+
+/// The configuration with every recipe default filled in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Resolved {
+    pub lr: f32,
+    pub auxk_alpha: f32,
+    pub unit_norm_decoder: bool,
+    pub sparsity_warmup_steps: u64,
+    pub decoder_init_norm: f32,
+    pub lr_warmup_steps: u64,
+    pub lr_decay_steps: u64,
+    pub grad_clip: f32,
+    pub total_steps: u64,
+}
+
+impl TrainConfig {
+    pub fn from_toml_file(path: &str) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {path}"))
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.tokens / self.batch_size.max(1) as u64
+    }
+
+    /// Fill recipe defaults. TopK/BatchTopK follow sparsify/OpenAI (lr 2e-4/sqrt(d_sae/2^14),
+    /// AuxK 1/32, unit-norm decoder, 1000 warm-up steps); ReLU follows Anthropic April 2024
+    /// (lr 5e-5, L1 warm-up 5%, lr decay over the last 20%, clip 1, decoder init norm 0.1);
+    /// JumpReLU follows Gemma Scope / SAELens (lr 7e-5, L0 warm-up 10%, decay 20%, clip 1).
+    pub fn resolved(&self) -> Resolved {
+        let steps = self.total_steps();
+        let sc = (self.d_sae as f32 / 16384.0).sqrt();
+        let (lr, auxk, unit, warm_frac, init_norm, lr_warm, decay, clip) = match self.arch {
+            Arch::TopK | Arch::BatchTopK => (2e-4 / sc, 1.0 / 32.0, true, 0.0, 1.0, 1000, 0.0, 0.0),
+            Arch::Relu => (5e-5, 0.0, false, 0.05, 0.1, 0, 0.2, 1.0),
+            Arch::JumpRelu => (7e-5, 0.0, false, 0.1, 0.1, 1000, 0.2, 1.0),
+        };
+        let lr_warmup_steps = self.lr_warmup_steps.unwrap_or(lr_warm).min(steps / 10);
+        Resolved {
+            lr: self.lr.unwrap_or(lr),
+            auxk_alpha: self.auxk_alpha.unwrap_or(auxk),
+            unit_norm_decoder: self.unit_norm_decoder.unwrap_or(unit),
+            sparsity_warmup_steps: (self.sparsity_warmup_frac.unwrap_or(warm_frac) as f64 * steps as f64).round()
+                as u64,
+            decoder_init_norm: self.decoder_init_norm.unwrap_or(init_norm),
+            lr_warmup_steps,
+            lr_decay_steps: (self.lr_decay_frac.unwrap_or(decay) as f64 * steps as f64).round() as u64,
+            grad_clip: self.grad_clip.unwrap_or(clip),
+            total_steps: steps,
+        }
+    }
+}
+
+impl Resolved {
+    /// Learning rate at `step` (0-based): linear warm-up, constant, linear decay to 0 at the end.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        let mut f = 1.0f64;
+        if self.lr_warmup_steps > 0 && step < self.lr_warmup_steps {
+            f = (step + 1) as f64 / self.lr_warmup_steps as f64;
+        }
+        if self.lr_decay_steps > 0 {
+            let start = self.total_steps.saturating_sub(self.lr_decay_steps);
+            if step >= start {
+                let left = self.total_steps.saturating_sub(step) as f64;
+                f = f.min(left / self.lr_decay_steps as f64);
+            }
+        }
+        (self.lr as f64 * f) as f32
+    }
+
+    /// Multiplier of the sparsity coefficient at `step` (linear warm-up from 0).
+    pub fn sparsity_scale_at(&self, step: u64) -> f32 {
+        if self.sparsity_warmup_steps == 0 {
+            1.0
+        } else {
+            ((step + 1) as f32 / self.sparsity_warmup_steps as f32).min(1.0)
+        }
+    }
+}
+
+/// "2M", "500k", "1.5M", "4096" -> tokens.
+pub fn parse_count(s: &str) -> Result<u64> {
+    let t = s.trim().replace('_', "");
+    let (num, mul) = match t.chars().last() {
+        Some('k') | Some('K') => (&t[..t.len() - 1], 1e3),
+        Some('m') | Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('g') | Some('G') | Some('b') | Some('B') => (&t[..t.len() - 1], 1e9),
+        _ => (&t[..], 1.0),
+    };
+    let v: f64 = num.parse().with_context(|| format!("not a count: {s:?} (try 2M, 500k, 4096)"))?;
+    if v.is_nan() || v < 0.0 || !v.is_finite() {
+        bail!("not a count: {s:?}");
+    }
+    Ok((v * mul).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn counts_and_schedule() {
+        assert_eq!(parse_count("2M").unwrap(), 2_000_000);
+        assert_eq!(parse_count("500k").unwrap(), 500_000);
+        assert_eq!(parse_count("4096").unwrap(), 4096);
+        assert!(parse_count("abc").is_err());
+        let c = TrainConfig { arch: Arch::Relu, tokens: 100 * 4096, ..Default::default() };
+        let r = c.resolved();
+        assert_eq!(r.lr_decay_steps, 20);
+        assert!((r.lr_at(0) - 5e-5).abs() < 1e-12);
+        assert!(r.lr_at(99) < r.lr_at(80));
+        assert_eq!(r.sparsity_warmup_steps, 5);
+        let t = TrainConfig::default().resolved();
+        assert!((t.lr - 2e-4).abs() < 1e-9);
+        let s = TrainConfig::default().to_toml();
+        let back: TrainConfig = toml::from_str(&s).unwrap();
+        assert_eq!(back.d_sae, 16384);
+    }
+}

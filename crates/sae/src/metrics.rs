@@ -1,0 +1,151 @@
+//! Core reconstruction / sparsity metrics, with SAELens `evals.py` definitions.
+
+use crate::kernels;
+use crate::sae::Sae;
+use rayon::prelude::*;
+use serde::Serialize;
+
+/// Metrics over a set of rows, in raw activation space.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalMetrics {
+    /// 1 − explained_variance = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over the whole set
+    pub fvu: f64,
+    /// SAELens `explained_variance`: 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²)
+    pub explained_variance: f64,
+    /// SAELens `mse`: mean over tokens of Σ_dims (x − x̂)²
+    pub mse: f64,
+    /// mean per-token cosine similarity of x and x̂
+    pub cossim: f64,
+    /// mean per-token ‖x̂‖ / ‖x‖
+    pub l2_ratio: f64,
+    /// E‖x̂‖² / E⟨x, x̂⟩ (Wright & Sharkey; SAELens `relative_reconstruction_bias`)
+    pub relative_reconstruction_bias: f64,
+    /// mean number of non-zero latents per token
+    pub l0: f64,
+    /// mean Σ|f| per token
+    pub l1: f64,
+    /// fraction of latents that never fire on these rows
+    pub dead_frac: f64,
+    /// fraction of latents that fire on more than 10% of the rows
+    pub dense_frac: f64,
+    pub rows: usize,
+    pub excluded_rows: usize,
+    #[serde(skip)]
+    pub fire_counts: Vec<u64>,
+}
+
+/// Median row L2 norm (exact, via selection).
+pub fn median_norm(x: &[f32], d: usize) -> f32 {
+    let mut n: Vec<f32> = x.par_chunks(d).map(|r| kernels::dot(r, r).sqrt()).collect();
+    if n.is_empty() {
+        return 0.0;
+    }
+    let m = n.len() / 2;
+    let (_, v, _) = n.select_nth_unstable_by(m, |a, b| a.total_cmp(b));
+    *v
+}
+
+/// Drop rows whose norm exceeds `max_norm` in place; returns the number dropped.
+pub fn drop_outliers(x: &mut Vec<f32>, d: usize, max_norm: f32) -> usize {
+    let rows = x.len() / d;
+    let mut w = 0usize;
+    for r in 0..rows {
+        let n = kernels::dot(&x[r * d..(r + 1) * d], &x[r * d..(r + 1) * d]).sqrt();
+        if n <= max_norm {
+            if w != r {
+                x.copy_within(r * d..(r + 1) * d, w * d);
+            }
+            w += 1;
+        }
+    }
+    x.truncate(w * d);
+    rows - w
+}
+
+/// Evaluate `sae` on rows `x` ([n, d_in]).
+pub fn evaluate(sae: &Sae, x: &[f32]) -> EvalMetrics {
+    let d = sae.d_in;
+    let n = x.len() / d;
+    let mut fire = vec![0u64; sae.d_sae];
+    let (mut sse, mut sumsq, mut cos, mut l2r, mut xhn2, mut xdot, mut l0, mut l1) =
+        (0.0f64, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut sum_x = vec![0.0f64; d];
+    let chunk = 4096;
+    for r0 in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - r0);
+        let xs = &x[r0 * d..(r0 + rows) * d];
+        let codes = sae.encode(xs);
+        let xh = sae.decode(&codes);
+        for (j, v) in codes.idx.iter().zip(&codes.val) {
+            if *v != 0.0 {
+                fire[*j as usize] += 1;
+            }
+        }
+        l0 += codes.val.iter().filter(|v| **v != 0.0).count() as f64;
+        l1 += codes.val.iter().map(|v| v.abs() as f64).sum::<f64>();
+        let per: Vec<(f64, f64, f64, f64, f64, f64)> = (0..rows)
+            .into_par_iter()
+            .map(|r| {
+                let a = &xs[r * d..(r + 1) * d];
+                let b = &xh[r * d..(r + 1) * d];
+                let (mut e, mut aa, mut bb, mut ab) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+                for i in 0..d {
+                    let (p, q) = (a[i] as f64, b[i] as f64);
+                    e += (p - q) * (p - q);
+                    aa += p * p;
+                    bb += q * q;
+                    ab += p * q;
+                }
+                let na = aa.sqrt();
+                let nb = bb.sqrt();
+                let c = if na > 0.0 && nb > 0.0 { ab / (na * nb) } else { 0.0 };
+                let ratio = nb / if na.abs() < 1e-4 { 1.0 } else { na };
+                (e, aa, c, ratio, bb, ab)
+            })
+            .collect();
+        for (e, aa, c, ratio, bb, ab) in per {
+            sse += e;
+            sumsq += aa;
+            cos += c;
+            l2r += ratio;
+            xhn2 += bb;
+            xdot += ab;
+        }
+        for r in 0..rows {
+            for i in 0..d {
+                sum_x[i] += xs[r * d + i] as f64;
+            }
+        }
+    }
+    let nf = n.max(1) as f64;
+    let mean_sq_norm = sumsq / nf;
+    let mean_norm_sq: f64 = sum_x.iter().map(|s| (s / nf) * (s / nf)).sum();
+    let total_var = mean_sq_norm - mean_norm_sq;
+    let mse = sse / nf;
+    let ev = if total_var < 1e-10 {
+        if mse < 1e-10 {
+            1.0
+        } else {
+            0.0
+        }
+    } else {
+        1.0 - mse / total_var
+    };
+    let dead = fire.iter().filter(|&&c| c == 0).count();
+    let dense = fire.iter().filter(|&&c| c as f64 > 0.1 * nf).count();
+    EvalMetrics {
+        fvu: 1.0 - ev,
+        explained_variance: ev,
+        mse,
+        cossim: cos / nf,
+        l2_ratio: l2r / nf,
+        relative_reconstruction_bias: (xhn2 / nf) / (xdot / nf),
+        l0: l0 / nf,
+        l1: l1 / nf,
+        dead_frac: dead as f64 / sae.d_sae as f64,
+        dense_frac: dense as f64 / sae.d_sae as f64,
+        rows: n,
+        excluded_rows: 0,
+        fire_counts: fire,
+    }
+}

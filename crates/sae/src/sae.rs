@@ -1,0 +1,259 @@
+//! The SAE weights and inference (encode rows to sparse codes, decode codes to rows).
+
+use crate::config::Arch;
+use crate::kernels;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// How the inference activation is computed. Training-only architectures map onto these:
+/// BatchTopK is saved as `JumpRelu` with its learned global threshold broadcast (as SAELens does).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Activation {
+    /// relu(pre), keep the k largest per row
+    TopK { k: usize },
+    /// relu(pre) * (pre > threshold_j)
+    JumpRelu,
+    /// relu(pre)
+    Relu,
+}
+
+/// Metadata carried into SAELens `cfg.json` (`metadata` object).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SaeMetadata {
+    pub model_name: String,
+    pub hook_name: String,
+    pub context_size: usize,
+    pub prepend_bos: bool,
+    pub dataset_path: String,
+}
+
+impl Default for SaeMetadata {
+    fn default() -> Self {
+        SaeMetadata {
+            model_name: String::new(),
+            hook_name: String::new(),
+            context_size: 128,
+            prepend_bos: false,
+            dataset_path: String::new(),
+        }
+    }
+}
+
+/// A sparse autoencoder in raw activation space.
+///
+/// Layout: `w_enc` and `w_dec` are both row-major `[d_sae, d_in]` (latent-major, like sparsify's
+/// `encoder.weight` and SAELens' `W_dec`); SAELens' `W_enc` is `[d_in, d_sae]` and is transposed on
+/// save/load. Forward: `pre = (x - b_dec·apply_b_dec_to_input) · w_encᵀ + b_enc`,
+/// `x̂ = f · w_dec + b_dec`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sae {
+    pub d_in: usize,
+    pub d_sae: usize,
+    pub activation: Activation,
+    pub w_enc: Vec<f32>,
+    pub b_enc: Vec<f32>,
+    pub w_dec: Vec<f32>,
+    pub b_dec: Vec<f32>,
+    /// per-latent threshold (JumpRelu only; empty otherwise)
+    pub threshold: Vec<f32>,
+    pub apply_b_dec_to_input: bool,
+    pub metadata: SaeMetadata,
+}
+
+/// Sparse codes in CSR form: row `r` holds `idx[indptr[r]..indptr[r+1]]` / `val[..]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SparseCodes {
+    pub indptr: Vec<usize>,
+    pub idx: Vec<u32>,
+    pub val: Vec<f32>,
+}
+
+impl SparseCodes {
+    pub fn rows(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+    pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
+        let (a, b) = (self.indptr[r], self.indptr[r + 1]);
+        (&self.idx[a..b], &self.val[a..b])
+    }
+}
+
+impl Sae {
+    /// Random init: decoder rows are uniform random directions scaled to `dec_norm`, the encoder is
+    /// the decoder transpose (OpenAI / Anthropic), biases zero.
+    pub fn init(d_in: usize, d_sae: usize, activation: Activation, dec_norm: f32, seed: u64) -> Sae {
+        let mut w_dec = vec![0.0f32; d_sae * d_in];
+        // each block of rows gets its own stream: fast and independent of the thread count
+        w_dec.par_chunks_mut(d_in * 256).enumerate().for_each(|(b, blk)| {
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(seed ^ 0x5ae0_0000_0000_0000 ^ (b as u64).wrapping_mul(0x9E37_79B9));
+            for row in blk.chunks_mut(d_in) {
+                for v in row.iter_mut() {
+                    // uniform in [-1, 1): kaiming-uniform up to scale; the row is normalised below
+                    *v = rng.gen::<f32>() * 2.0 - 1.0;
+                }
+                let n = kernels::dot(row, row).sqrt().max(1e-12);
+                for v in row.iter_mut() {
+                    *v *= dec_norm / n;
+                }
+            }
+        });
+        let threshold = match activation {
+            Activation::JumpRelu => vec![0.0; d_sae],
+            _ => Vec::new(),
+        };
+        Sae {
+            d_in,
+            d_sae,
+            activation,
+            w_enc: w_dec.clone(),
+            b_enc: vec![0.0; d_sae],
+            w_dec,
+            b_dec: vec![0.0; d_in],
+            threshold,
+            apply_b_dec_to_input: true,
+            metadata: SaeMetadata::default(),
+        }
+    }
+
+    pub fn arch_for_activation(&self) -> Arch {
+        match self.activation {
+            Activation::TopK { .. } => Arch::TopK,
+            Activation::JumpRelu => Arch::JumpRelu,
+            Activation::Relu => Arch::Relu,
+        }
+    }
+
+    /// Columns of latents processed per encoder GEMM, so the [rows, chunk] pre-activation buffer
+    /// stays near 256 MB whatever d_sae is.
+    pub(crate) fn latent_chunk(d_sae: usize, rows: usize) -> usize {
+        let c = ((64usize << 20) / rows.max(1)).max(1024);
+        c.min(d_sae)
+    }
+
+    /// Encode rows `x` ([n, d_in]) to sparse codes.
+    pub fn encode(&self, x: &[f32]) -> SparseCodes {
+        let d = self.d_in;
+        let n = x.len() / d;
+        let mut codes = SparseCodes { indptr: vec![0], ..Default::default() };
+        // process in row blocks to bound memory
+        let rb = 1024usize;
+        let mut xin = vec![0.0f32; rb.min(n.max(1)) * d];
+        let chunk = Self::latent_chunk(self.d_sae, rb);
+        let mut pre = vec![0.0f32; rb.min(n.max(1)) * chunk];
+        for r0 in (0..n).step_by(rb) {
+            let rows = rb.min(n - r0);
+            let xs = &x[r0 * d..(r0 + rows) * d];
+            let xi = &mut xin[..rows * d];
+            xi.copy_from_slice(xs);
+            if self.apply_b_dec_to_input {
+                xi.par_chunks_mut(d).for_each(|r| {
+                    for (v, b) in r.iter_mut().zip(&self.b_dec) {
+                        *v -= b;
+                    }
+                });
+            }
+            match self.activation {
+                Activation::TopK { k } => {
+                    let mut sv = vec![0.0f32; rows * k];
+                    let mut si = vec![0u32; rows * k];
+                    kernels::reset_selection(&mut sv, &mut si);
+                    for j0 in (0..self.d_sae).step_by(chunk) {
+                        let w = chunk.min(self.d_sae - j0);
+                        kernels::gemm_abt(rows, w, d, xi, d, &self.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
+                        kernels::select_topk_chunk(&pre, w, rows, j0, w, &self.b_enc, k, &mut sv, &mut si, None);
+                    }
+                    for r in 0..rows {
+                        let mut pairs: Vec<(u32, f32)> = (0..k)
+                            .map(|s| (si[r * k + s], sv[r * k + s]))
+                            .filter(|&(j, v)| j != u32::MAX && v > 0.0)
+                            .collect();
+                        pairs.sort_unstable_by_key(|p| p.0);
+                        for (j, v) in pairs {
+                            codes.idx.push(j);
+                            codes.val.push(v);
+                        }
+                        codes.indptr.push(codes.idx.len());
+                    }
+                }
+                Activation::JumpRelu | Activation::Relu => {
+                    let mut rows_out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); rows];
+                    for j0 in (0..self.d_sae).step_by(chunk) {
+                        let w = chunk.min(self.d_sae - j0);
+                        kernels::gemm_abt(rows, w, d, xi, d, &self.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
+                        let thr =
+                            if self.activation == Activation::JumpRelu { Some(&self.threshold[..]) } else { None };
+                        let b_enc = &self.b_enc;
+                        rows_out.par_iter_mut().enumerate().for_each(|(r, out)| {
+                            for jj in 0..w {
+                                let j = j0 + jj;
+                                let v = pre[r * w + jj] + b_enc[j];
+                                let keep = match thr {
+                                    Some(t) => v > t[j] && v > 0.0,
+                                    None => v > 0.0,
+                                };
+                                if keep {
+                                    out.push((j as u32, v));
+                                }
+                            }
+                        });
+                    }
+                    for out in rows_out {
+                        for (j, v) in out {
+                            codes.idx.push(j);
+                            codes.val.push(v);
+                        }
+                        codes.indptr.push(codes.idx.len());
+                    }
+                }
+            }
+        }
+        codes
+    }
+
+    /// Decode sparse codes to rows [n, d_in].
+    pub fn decode(&self, codes: &SparseCodes) -> Vec<f32> {
+        let d = self.d_in;
+        let mut out = vec![0.0f32; codes.rows() * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+            o.copy_from_slice(&self.b_dec);
+            let (idx, val) = codes.row(r);
+            for (&j, &v) in idx.iter().zip(val) {
+                let j = j as usize;
+                kernels::axpy(v, &self.w_dec[j * d..(j + 1) * d], o);
+            }
+        });
+        out
+    }
+
+    /// Dense codes [n, d_sae] (small inputs only: tests, interop checks).
+    pub fn encode_dense(&self, x: &[f32]) -> Vec<f32> {
+        let c = self.encode(x);
+        let mut out = vec![0.0f32; c.rows() * self.d_sae];
+        for r in 0..c.rows() {
+            let (idx, val) = c.row(r);
+            for (&j, &v) in idx.iter().zip(val) {
+                out[r * self.d_sae + j as usize] = v;
+            }
+        }
+        out
+    }
+
+    /// Fold an input scale `s` (the SAE was trained on `s·x`) into the weights so the SAE works on raw x.
+    pub fn fold_input_scale(&mut self, s: f32) {
+        if s == 1.0 {
+            return;
+        }
+        self.w_enc.par_iter_mut().for_each(|w| *w *= s);
+        self.w_dec.par_iter_mut().for_each(|w| *w /= s);
+        for b in self.b_dec.iter_mut() {
+            *b /= s;
+        }
+    }
+
+    pub fn decoder_row_norms(&self) -> Vec<f32> {
+        self.w_dec.par_chunks(self.d_in).map(|r| kernels::dot(r, r).sqrt()).collect()
+    }
+}

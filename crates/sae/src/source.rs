@@ -1,0 +1,213 @@
+//! Where training rows come from: the [`ActivationSource`] trait and its `.npy` implementation.
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A stream of activation rows `[d_in]` in a reproducible order.
+///
+/// The trainer stores [`ActivationSource::cursor`] in every checkpoint and restores it with
+/// [`ActivationSource::seek`], so a resumed run reads exactly the rows the uninterrupted run reads.
+pub trait ActivationSource: Send {
+    fn d_in(&self) -> usize;
+    /// Fill `out` (`[rows, d_in]`) with the next rows; returns how many rows were written (fewer
+    /// only if the source is finite and ran out).
+    fn next_batch(&mut self, out: &mut [f32]) -> Result<usize>;
+    /// Serialisable position (JSON) for resume.
+    fn cursor(&self) -> serde_json::Value;
+    fn seek(&mut self, cursor: &serde_json::Value) -> Result<()>;
+    /// One line for logs: file name, rows, order.
+    fn describe(&self) -> String;
+}
+
+/// A float32 C-order `.npy` file `[N, d_in]`, memory-mapped, read in a seeded random order that is
+/// re-shuffled every epoch (cycles forever).
+pub struct NpySource {
+    path: PathBuf,
+    map: Mmap,
+    data_offset: usize,
+    rows: usize,
+    d_in: usize,
+    seed: u64,
+    shuffle: bool,
+    epoch: u64,
+    pos: usize,
+    perm: Vec<u32>,
+}
+
+/// Parse a `.npy` header: (data offset, shape). Only little-endian f32, C order.
+pub fn npy_f32_header(bytes: &[u8], path: &Path) -> Result<(usize, Vec<usize>)> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        bail!("{}: not a .npy file (bad magic)", path.display());
+    }
+    let major = bytes[6];
+    let (hlen, start) = if major == 1 {
+        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
+    } else {
+        if bytes.len() < 12 {
+            bail!("{}: truncated .npy header", path.display());
+        }
+        (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+    };
+    let end = start + hlen;
+    if bytes.len() < end {
+        bail!("{}: truncated .npy header", path.display());
+    }
+    let h =
+        std::str::from_utf8(&bytes[start..end]).with_context(|| format!("{}: header is not UTF-8", path.display()))?;
+    let descr = h.split("'descr':").nth(1).and_then(|s| s.split('\'').nth(1)).unwrap_or("");
+    if descr != "<f4" {
+        bail!("{}: dtype {descr:?} unsupported; saekit reads float32 ('<f4') activations, convert with np.asarray(a, dtype=np.float32)", path.display());
+    }
+    if h.contains("'fortran_order': True") {
+        bail!("{}: Fortran-order array; save it with np.ascontiguousarray", path.display());
+    }
+    let shape_s = h
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(')').next())
+        .with_context(|| format!("{}: no shape in .npy header", path.display()))?;
+    let shape: Vec<usize> = shape_s
+        .split(',')
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: bad shape {shape_s:?}", path.display()))?;
+    Ok((end, shape))
+}
+
+/// Write a float32 `[rows, cols]` `.npy` (atomically: temp file + fsync + rename).
+pub fn write_npy_f32(path: &Path, data: &[f32], rows: usize, cols: usize) -> Result<()> {
+    assert_eq!(data.len(), rows * cols);
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let total = 10 + header.len() + 1;
+    let pad = (64 - total % 64) % 64;
+    header.push_str(&" ".repeat(pad));
+    header.push('\n');
+    let tmp = path.with_extension("npy.tmp");
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(b"\x93NUMPY\x01\x00")?;
+        f.write_all(&(header.len() as u16).to_le_bytes())?;
+        f.write_all(header.as_bytes())?;
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    Ok(())
+}
+
+impl NpySource {
+    pub fn open(path: impl AsRef<Path>, seed: u64, shuffle: bool) -> Result<NpySource> {
+        let path = path.as_ref().to_path_buf();
+        let f = File::open(&path).with_context(|| format!("opening activations {}", path.display()))?;
+        // SAFETY: read-only map; the file is not expected to change while training.
+        let map = unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
+        let (off, shape) = npy_f32_header(&map, &path)?;
+        if shape.len() != 2 {
+            bail!("{}: expected a 2-D array [N, d_in], got shape {shape:?}", path.display());
+        }
+        let (rows, d_in) = (shape[0], shape[1]);
+        if rows == 0 || d_in == 0 {
+            bail!("{}: empty array {shape:?}", path.display());
+        }
+        if map.len() < off + rows * d_in * 4 {
+            bail!("{}: file is shorter than its header's shape {shape:?}", path.display());
+        }
+        if rows > u32::MAX as usize {
+            bail!("{}: more than 2^32 rows", path.display());
+        }
+        let mut s =
+            NpySource { path, map, data_offset: off, rows, d_in, seed, shuffle, epoch: 0, pos: 0, perm: Vec::new() };
+        s.make_perm();
+        Ok(s)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn make_perm(&mut self) {
+        self.perm = (0..self.rows as u32).collect();
+        if self.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ self.epoch);
+            self.perm.shuffle(&mut rng);
+        }
+    }
+
+    /// Row `r` of the file (file order).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        let b = &self.map[self.data_offset + r * self.d_in * 4..self.data_offset + (r + 1) * self.d_in * 4];
+        for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    }
+
+    /// All rows in file order (eval).
+    pub fn read_all(&self) -> Vec<f32> {
+        let mut v = vec![0.0f32; self.rows * self.d_in];
+        for (r, o) in v.chunks_mut(self.d_in).enumerate() {
+            self.row(r, o);
+        }
+        v
+    }
+}
+
+impl ActivationSource for NpySource {
+    fn d_in(&self) -> usize {
+        self.d_in
+    }
+    fn next_batch(&mut self, out: &mut [f32]) -> Result<usize> {
+        let n = out.len() / self.d_in;
+        for i in 0..n {
+            if self.pos >= self.rows {
+                self.epoch += 1;
+                self.pos = 0;
+                self.make_perm();
+            }
+            let r = self.perm[self.pos] as usize;
+            self.pos += 1;
+            let d = self.d_in;
+            self.row(r, &mut out[i * d..(i + 1) * d]);
+        }
+        Ok(n)
+    }
+    fn cursor(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "npy", "epoch": self.epoch, "pos": self.pos, "seed": self.seed, "shuffle": self.shuffle, "rows": self.rows})
+    }
+    fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        let get = |k: &str| c.get(k).and_then(|v| v.as_u64()).with_context(|| format!("npy cursor lacks {k:?}: {c}"));
+        if get("rows")? as usize != self.rows {
+            bail!(
+                "{}: has {} rows but the checkpoint was taken on a file with {}",
+                self.path.display(),
+                self.rows,
+                get("rows")?
+            );
+        }
+        self.seed = get("seed")?;
+        self.shuffle = c.get("shuffle").and_then(|v| v.as_bool()).unwrap_or(true);
+        self.epoch = get("epoch")?;
+        self.pos = get("pos")? as usize;
+        self.make_perm();
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        format!(
+            "{} [{} x {}] f32, {} order (seed {})",
+            self.path.display(),
+            self.rows,
+            self.d_in,
+            if self.shuffle { "shuffled" } else { "file" },
+            self.seed
+        )
+    }
+}

@@ -1,0 +1,99 @@
+//! [`ActivationSource`] over a saekit-store activation store (`saekit harvest` output).
+
+use crate::source::ActivationSource;
+use anyhow::{Context, Result};
+use saekit_store::{ActivationReader, ActivationStore, ReaderCursor, ReaderOptions};
+use std::path::Path;
+
+/// Reads a store through its seeded, shuffled [`ActivationReader`] (which already skips rows
+/// marked position 0 / BOS / end-of-text). The reader serves whole batches; this adapter serves
+/// any number of rows, so its cursor is the reader cursor before the staged batch plus the rows
+/// of that batch already handed out.
+pub struct StoreSource {
+    store: ActivationStore,
+    opts: ReaderOptions,
+    reader: ActivationReader,
+    buf: Vec<f32>,
+    staged: Option<ReaderCursor>,
+    pos: usize,
+    desc: String,
+}
+
+impl StoreSource {
+    pub fn open(dir: &Path, hook: &str, seed: u64, shuffle: bool, batch_tokens: usize) -> Result<StoreSource> {
+        let store =
+            ActivationStore::open(dir).with_context(|| format!("opening activation store {}", dir.display()))?;
+        let opts = ReaderOptions { hook: hook.to_string(), batch_tokens, seed, shuffle, ..Default::default() };
+        let reader = ActivationReader::new(&store, opts.clone(), None)?;
+        let desc = format!(
+            "store {} hook {} ({} rows per epoch, marked rows skipped, {})",
+            dir.display(),
+            reader.hook(),
+            reader.rows_per_epoch(),
+            if shuffle { "shuffled" } else { "store order" }
+        );
+        let buf = vec![0.0f32; batch_tokens * reader.d_model()];
+        Ok(StoreSource { store, opts, reader, buf, staged: None, pos: 0, desc })
+    }
+
+    /// Rows in one epoch (after skipping marked rows).
+    pub fn rows_per_epoch(&self) -> u64 {
+        self.reader.rows_per_epoch()
+    }
+
+    pub fn hook(&self) -> &str {
+        self.reader.hook()
+    }
+}
+
+impl ActivationSource for StoreSource {
+    fn d_in(&self) -> usize {
+        self.reader.d_model()
+    }
+
+    fn next_batch(&mut self, out: &mut [f32]) -> Result<usize> {
+        let d = self.reader.d_model();
+        let bt = self.opts.batch_tokens;
+        let want = out.len() / d;
+        let mut done = 0;
+        while done < want {
+            if self.staged.is_none() || self.pos == bt {
+                self.staged = Some(self.reader.cursor());
+                self.reader.next_batch(&mut self.buf)?;
+                self.pos = 0;
+            }
+            let n = (bt - self.pos).min(want - done);
+            out[done * d..(done + n) * d].copy_from_slice(&self.buf[self.pos * d..(self.pos + n) * d]);
+            self.pos += n;
+            done += n;
+        }
+        Ok(done)
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        let (c, used) = match &self.staged {
+            Some(c) => (c.clone(), self.pos),
+            None => (self.reader.cursor(), 0),
+        };
+        serde_json::json!({"kind": "store", "reader": c, "consumed": used})
+    }
+
+    fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        let rc: ReaderCursor = serde_json::from_value(c.get("reader").cloned().unwrap_or_default())
+            .with_context(|| format!("bad store cursor {c}"))?;
+        let used = c.get("consumed").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+        self.reader = ActivationReader::new(&self.store, self.opts.clone(), Some(rc))?;
+        self.staged = None;
+        self.pos = 0;
+        if used > 0 {
+            self.staged = Some(self.reader.cursor());
+            self.reader.next_batch(&mut self.buf)?;
+            self.pos = used;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.desc.clone()
+    }
+}

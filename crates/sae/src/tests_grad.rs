@@ -1,0 +1,369 @@
+//! Analytic gradients of every architecture against f64 central finite differences.
+
+use crate::config::Arch;
+use crate::sae::{Activation, Sae};
+use crate::step::{forward_backward, LossParams, Workspace};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub(crate) struct P64 {
+    pub d: usize,
+    pub n: usize,
+    pub w_enc: Vec<f64>,
+    pub b_enc: Vec<f64>,
+    pub w_dec: Vec<f64>,
+    pub b_dec: Vec<f64>,
+    pub thr: Vec<f64>,
+}
+
+impl P64 {
+    fn from(s: &Sae) -> P64 {
+        let c = |v: &Vec<f32>| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        P64 {
+            d: s.d_in,
+            n: s.d_sae,
+            w_enc: c(&s.w_enc),
+            b_enc: c(&s.b_enc),
+            w_dec: c(&s.w_dec),
+            b_dec: c(&s.b_dec),
+            thr: c(&s.threshold),
+        }
+    }
+    fn get_mut(&mut self, which: usize) -> &mut Vec<f64> {
+        match which {
+            0 => &mut self.w_enc,
+            1 => &mut self.b_enc,
+            2 => &mut self.w_dec,
+            3 => &mut self.b_dec,
+            _ => &mut self.thr,
+        }
+    }
+}
+
+fn top(vals: &[(usize, f64)], k: usize) -> Vec<(usize, f64)> {
+    let mut v: Vec<(usize, f64)> = vals.iter().copied().filter(|p| p.1 > 0.0).collect();
+    v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+    v.truncate(k);
+    v
+}
+
+/// The TopK loss in f64 (selection recomputed from scratch).
+/// `det` supplies the parameters of the detached AuxK target x − x̂.
+pub(crate) fn loss_topk_ref(p: &P64, det: &P64, x: &[f32], dead: &[bool], lp: &LossParams) -> f64 {
+    let (d, n) = (p.d, p.n);
+    let rows = x.len() / d;
+    let x: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+    let mut mean = vec![0.0; d];
+    for r in 0..rows {
+        for i in 0..d {
+            mean[i] += x[r * d + i] / rows as f64;
+        }
+    }
+    let tv: f64 = (0..rows * d).map(|q| (x[q] - mean[q % d]).powi(2)).sum();
+    let n_dead = dead.iter().filter(|&&b| b).count();
+    let ka_full = d / 2;
+    let use_aux = lp.auxk_alpha > 0.0 && n_dead > 0;
+    let ka = ka_full.min(n_dead);
+    let scale = (n_dead as f64 / ka_full as f64).min(1.0);
+    let (mut l, mut laux, mut lm) = (0.0, 0.0, 0.0);
+    for r in 0..rows {
+        let xr = &x[r * d..(r + 1) * d];
+        let pre: Vec<(usize, f64)> = (0..n)
+            .map(|j| (j, (0..d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j]))
+            .collect();
+        let dec = |sel: &[(usize, f64)], bias: bool| -> Vec<f64> {
+            let mut o = if bias { p.b_dec.clone() } else { vec![0.0; d] };
+            for &(j, a) in sel {
+                for i in 0..d {
+                    o[i] += a * p.w_dec[j * d + i];
+                }
+            }
+            o
+        };
+        let sel = top(&pre, lp.k);
+        let xh = dec(&sel, true);
+        let xh_det = {
+            let pre_d: Vec<(usize, f64)> = (0..n)
+                .map(|j| (j, (0..d).map(|i| (xr[i] - det.b_dec[i]) * det.w_enc[j * d + i]).sum::<f64>() + det.b_enc[j]))
+                .collect();
+            let mut o = det.b_dec.clone();
+            for (j, a) in top(&pre_d, lp.k) {
+                for i in 0..d {
+                    o[i] += a * det.w_dec[j * d + i];
+                }
+            }
+            o
+        };
+        l += (0..d).map(|i| (xh[i] - xr[i]).powi(2)).sum::<f64>();
+        if use_aux {
+            let dp: Vec<(usize, f64)> = pre.iter().copied().filter(|q| dead[q.0]).collect();
+            let e = dec(&top(&dp, ka), false);
+            laux += (0..d).map(|i| (e[i] - (xr[i] - xh_det[i])).powi(2)).sum::<f64>();
+        }
+        if lp.multi_topk {
+            let xm = dec(&top(&pre, 4 * lp.k), true);
+            lm += (0..d).map(|i| (xm[i] - xr[i]).powi(2)).sum::<f64>();
+        }
+    }
+    l / tv + lp.auxk_alpha as f64 * scale * laux / tv + lm / tv / 8.0
+}
+
+/// Dense analytic gradient of parameter group `which` from the compact kernel output.
+fn analytic(s: &Sae, ws: &Workspace, which: usize) -> Vec<f64> {
+    let g = &ws.grads;
+    let d = s.d_in;
+    match which {
+        0..=2 => {
+            let per = if which == 1 { 1 } else { d };
+            let mut out = vec![0.0; s.d_sae * per];
+            for (u, &j) in g.lm.touched.iter().enumerate() {
+                let j = j as usize;
+                for i in 0..per {
+                    out[j * per + i] = match which {
+                        0 => g.g_enc[u * d + i],
+                        2 => g.g_dec[u * d + i],
+                        _ => g.g_benc[u],
+                    } as f64;
+                }
+            }
+            out
+        }
+        3 => g.g_bdec.iter().map(|&v| v as f64).collect(),
+        _ => g.g_thr.iter().map(|&v| v as f64).collect(),
+    }
+}
+
+pub(crate) fn check_grads(
+    sae: &Sae,
+    x: &[f32],
+    since: &[u64],
+    lp: &LossParams,
+    groups: &[usize],
+    loss_ref: &dyn Fn(&P64) -> f64,
+) {
+    let mut ws = Workspace::default();
+    forward_backward(sae, &mut ws, x, since, lp).unwrap();
+    let base = P64::from(sae);
+    let h = 1e-5;
+    for &which in groups {
+        let ga = analytic(sae, &ws, which);
+        let mut p = P64::from(sae);
+        let len = p.get_mut(which).len();
+        let mut worst = 0.0f64;
+        let scale = ga.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+        for q in 0..len {
+            let v0 = base_get(&base, which, q);
+            p.get_mut(which)[q] = v0 + h;
+            let lp_ = loss_ref(&p);
+            p.get_mut(which)[q] = v0 - h;
+            let lm_ = loss_ref(&p);
+            p.get_mut(which)[q] = v0;
+            let fd = (lp_ - lm_) / (2.0 * h);
+            let err = (fd - ga[q]).abs() / scale;
+            worst = worst.max(err);
+            assert!(err < 2e-3, "param group {which} coord {q}: analytic {} vs fd {fd} (scale {scale})", ga[q]);
+        }
+        assert!(ga.iter().any(|v| *v != 0.0), "group {which} has an all-zero gradient: test is vacuous");
+        eprintln!("group {which}: worst relative error {worst:.2e}");
+    }
+}
+
+fn base_get(p: &P64, which: usize, q: usize) -> f64 {
+    match which {
+        0 => p.w_enc[q],
+        1 => p.b_enc[q],
+        2 => p.w_dec[q],
+        3 => p.b_dec[q],
+        _ => p.thr[q],
+    }
+}
+
+pub(crate) fn tiny(act: Activation, seed: u64) -> (Sae, Vec<f32>) {
+    let (d, n, rows) = (8, 24, 10);
+    let mut s = Sae::init(d, n, act, 1.0, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+    for v in s.b_enc.iter_mut() {
+        *v = (rng.gen::<f32>() - 0.5) * 0.3;
+    }
+    for v in s.b_dec.iter_mut() {
+        *v = (rng.gen::<f32>() - 0.5) * 0.3;
+    }
+    for v in s.w_enc.iter_mut() {
+        *v += (rng.gen::<f32>() - 0.5) * 0.3;
+    }
+    let x: Vec<f32> = (0..rows * d).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
+    (s, x)
+}
+
+fn lp(arch: Arch, k: usize) -> LossParams {
+    LossParams {
+        arch,
+        k,
+        auxk_alpha: 0.0,
+        multi_topk: false,
+        sparsity_coef: 0.0,
+        jumprelu_bandwidth: 0.05,
+        dead_tokens: 100,
+    }
+}
+
+#[test]
+fn topk_gradients_match_finite_differences() {
+    let (s, x) = tiny(Activation::TopK { k: 3 }, 7);
+    let since = vec![0u64; s.d_sae];
+    let l = lp(Arch::TopK, 3);
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_topk_ref(p, &P64::from(&s), &x, &[false; 24], &l));
+}
+
+#[test]
+fn topk_auxk_and_multi_topk_gradients_match_finite_differences() {
+    let (s, x) = tiny(Activation::TopK { k: 2 }, 11);
+    // 6 dead latents > k_aux = d_in/2 = 4: scale 1, k_aux 4
+    let since: Vec<u64> = (0..s.d_sae).map(|j| if j % 4 == 1 { 1000 } else { 0 }).collect();
+    let dead: Vec<bool> = since.iter().map(|&t| t >= 100).collect();
+    let mut l = lp(Arch::TopK, 2);
+    l.auxk_alpha = 1.0 / 32.0;
+    l.multi_topk = true;
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_topk_ref(p, &P64::from(&s), &x, &dead, &l));
+    // fewer dead latents than k_aux: scale n_dead / k_aux
+    let since: Vec<u64> = (0..s.d_sae).map(|j| if j % 8 == 3 { 1000 } else { 0 }).collect();
+    let dead: Vec<bool> = since.iter().map(|&t| t >= 100).collect();
+    l.multi_topk = false;
+    l.auxk_alpha = 0.5;
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_topk_ref(p, &P64::from(&s), &x, &dead, &l));
+}
+
+/// ReLU+L1 (relu) or JumpReLU+L0 (jumprelu) loss in f64: mean_t ‖x − x̂‖² + coef · mean_t penalty.
+fn loss_dense_ref(p: &P64, x: &[f32], coef: f64, jump: bool) -> f64 {
+    let (d, n) = (p.d, p.n);
+    let rows = x.len() / d;
+    let mut l = 0.0;
+    for r in 0..rows {
+        let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+        let mut xh = p.b_dec.clone();
+        let mut pen = 0.0;
+        for j in 0..n {
+            let v = (0..d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j];
+            let a = if jump {
+                if v > p.thr[j] {
+                    v
+                } else {
+                    0.0
+                }
+            } else {
+                v.max(0.0)
+            };
+            if a != 0.0 {
+                let w = &p.w_dec[j * d..(j + 1) * d];
+                for i in 0..d {
+                    xh[i] += a * w[i];
+                }
+                pen += if jump { 1.0 } else { a * w.iter().map(|v| v * v).sum::<f64>().sqrt() };
+            }
+        }
+        l += (0..d).map(|i| (xh[i] - xr[i]).powi(2)).sum::<f64>() + coef * pen;
+    }
+    l / rows as f64
+}
+
+#[test]
+fn relu_l1_gradients_match_finite_differences() {
+    let (s, x) = tiny(Activation::Relu, 5);
+    let since = vec![0u64; s.d_sae];
+    let mut l = lp(Arch::Relu, 0);
+    l.sparsity_coef = 0.7;
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.7, false));
+}
+
+#[test]
+fn jumprelu_weight_gradients_match_finite_differences() {
+    let (mut s, x) = tiny(Activation::JumpRelu, 9);
+    for (j, t) in s.threshold.iter_mut().enumerate() {
+        *t = 0.02 + 0.01 * (j % 5) as f32;
+    }
+    let since = vec![0u64; s.d_sae];
+    let mut l = lp(Arch::JumpRelu, 0);
+    l.sparsity_coef = 0.3; // the L0 term is piecewise constant in the weights
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.3, true));
+    // threshold: straight-through estimate, checked against its definition in f64
+    let mut ws = Workspace::default();
+    forward_backward(&s, &mut ws, &x, &since, &l).unwrap();
+    let p = P64::from(&s);
+    let (d, n, rows) = (s.d_in, s.d_sae, x.len() / s.d_in);
+    let eps = 0.05f64;
+    let mut want = vec![0.0f64; n];
+    for r in 0..rows {
+        let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+        let pre: Vec<f64> = (0..n)
+            .map(|j| (0..d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j])
+            .collect();
+        let mut xh = p.b_dec.clone();
+        for j in 0..n {
+            if pre[j] > p.thr[j] {
+                for i in 0..d {
+                    xh[i] += pre[j] * p.w_dec[j * d + i];
+                }
+            }
+        }
+        for j in 0..n {
+            let z = (pre[j] - p.thr[j]) / eps;
+            if z.abs() < 0.5 {
+                let da: f64 = (0..d).map(|i| 2.0 * (xh[i] - xr[i]) / rows as f64 * p.w_dec[j * d + i]).sum();
+                want[j] += p.thr[j] * (-(p.thr[j] / eps) * da - 0.3 / rows as f64 / eps);
+            }
+        }
+    }
+    let got = &ws.grads.g_thr;
+    assert!(want.iter().any(|v| *v != 0.0), "no latent near its threshold: test is vacuous");
+    for j in 0..n {
+        assert!(
+            (got[j] as f64 - want[j]).abs() < 1e-4 * (1.0 + want[j].abs()),
+            "threshold {j}: {} vs {}",
+            got[j],
+            want[j]
+        );
+    }
+}
+
+/// BatchTopK loss in f64: keep the k·rows largest positive pre-activations of the whole batch.
+fn loss_batchtopk_ref(p: &P64, x: &[f32], k: usize) -> f64 {
+    let (d, n) = (p.d, p.n);
+    let rows = x.len() / d;
+    let x: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+    let mut mean = vec![0.0; d];
+    for r in 0..rows {
+        for i in 0..d {
+            mean[i] += x[r * d + i] / rows as f64;
+        }
+    }
+    let tv: f64 = (0..rows * d).map(|q| (x[q] - mean[q % d]).powi(2)).sum();
+    let mut all: Vec<(usize, usize, f64)> = Vec::new();
+    for r in 0..rows {
+        for j in 0..n {
+            let v = (0..d).map(|i| (x[r * d + i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j];
+            if v > 0.0 {
+                all.push((r, j, v));
+            }
+        }
+    }
+    all.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap());
+    all.truncate(k * rows);
+    let mut xh: Vec<f64> = (0..rows * d).map(|q| p.b_dec[q % d]).collect();
+    for (r, j, a) in all {
+        for i in 0..d {
+            xh[r * d + i] += a * p.w_dec[j * d + i];
+        }
+    }
+    (0..rows * d).map(|q| (xh[q] - x[q]).powi(2)).sum::<f64>() / tv
+}
+
+#[test]
+fn batchtopk_gradients_match_finite_differences() {
+    // k = 2 with 24 latents: 4k = 8 candidates per row, so uneven rows exercise the exact re-scan
+    let (s, x) = tiny(Activation::JumpRelu, 13);
+    let since = vec![0u64; s.d_sae];
+    let l = lp(Arch::BatchTopK, 2);
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_batchtopk_ref(p, &x, 2));
+    let l = lp(Arch::BatchTopK, 7);
+    check_grads(&s, &x, &since, &l, &[0, 2], &|p| loss_batchtopk_ref(p, &x, 7));
+}

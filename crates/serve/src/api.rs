@@ -1,0 +1,400 @@
+//! Routes: the pages, their embedded assets, and the JSON API. Every error is JSON: `{"error": "..."}`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+use crate::db::{FeatureStore, SortBy};
+use crate::engine::{FeatureEdit, GenSettings, ModelQueue, QueueError};
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_text_chars: usize,
+    pub max_live_tokens: usize,
+    pub max_lens_tokens: usize,
+    pub max_new_tokens: usize,
+    pub max_edits: usize,
+    pub max_list: usize,
+    pub max_abs_value: f32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            max_text_chars: 4000,
+            max_live_tokens: 256,
+            max_lens_tokens: 64,
+            max_new_tokens: 128,
+            max_edits: 8,
+            max_list: 500,
+            max_abs_value: 1000.0,
+        }
+    }
+}
+
+pub struct AppState {
+    pub db: Arc<dyn FeatureStore>,
+    /// `None` when started without a model and SAE: the database pages work, live text and steering answer 503.
+    pub queue: Option<ModelQueue>,
+    pub limits: Limits,
+    /// Facts about the model and SAE for `/api/info`.
+    pub model_info: Value,
+    db_permits: Semaphore,
+}
+
+impl AppState {
+    pub fn new(db: Arc<dyn FeatureStore>, queue: Option<ModelQueue>, model_info: Value, limits: Limits) -> Self {
+        Self { db, queue, limits, model_info, db_permits: Semaphore::new(4) }
+    }
+
+    /// Run a database read on the blocking pool, at most 4 at a time (SQLite reads block).
+    async fn with_db<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&dyn FeatureStore) -> anyhow::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self.db_permits.acquire().await.map_err(|_| ApiError::internal("shutting down"))?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(db.as_ref()))
+            .await
+            .map_err(|e| ApiError::internal(format!("database task failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("{e:#}")))
+    }
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, "{}", self.message);
+        }
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Busy(n) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the model is busy ({n} requests already waiting); try again in a moment"),
+            ),
+            // model errors are almost always about the input (too long, bad token): say what it was
+            QueueError::Failed(e) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")),
+        }
+    }
+}
+
+fn rejection(status: StatusCode, text: String) -> ApiError {
+    ApiError::new(if status.is_success() { StatusCode::BAD_REQUEST } else { status }, text)
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        rejection(r.status(), r.body_text())
+    }
+}
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        rejection(r.status(), r.body_text())
+    }
+}
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        rejection(r.status(), r.body_text())
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const APP_JS: &str = include_str!("../assets/app.js");
+const STYLE_CSS: &str = include_str!("../assets/style.css");
+const FAVICON_SVG: &str = include_str!("../assets/favicon.svg");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'"),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    let api = Router::new()
+        .route("/info", get(info))
+        .route("/features", get(list))
+        .route("/features/{id}", get(feature))
+        .route("/search", get(search))
+        .route("/map", get(map))
+        .route("/live", post(live))
+        .route("/steer", post(steer))
+        .fallback(|| async { ApiError::not_found("no such API endpoint; see GET /api/info and the README") });
+    Router::new()
+        .route("/", get(page))
+        .route("/feature/{id}", get(page))
+        .route("/live", get(page))
+        .route("/steer", get(page))
+        .route("/static/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/static/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
+        .route("/favicon.svg", get(|| async { asset("image/svg+xml", FAVICON_SVG) }))
+        .nest("/api", api)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn info(State(s): State<Arc<AppState>>) -> ApiResult {
+    let db = s.with_db(|db| Ok((db.info()?, db.n_features()))).await?;
+    Ok(Json(json!({
+        "db": db.0,
+        "n_features": db.1,
+        "model": s.model_info,
+        "live": s.queue.is_some(),
+        "limits": s.limits,
+    })))
+}
+
+fn check_id(s: &AppState, id: u32) -> Result<(), ApiError> {
+    let n = s.db.n_features();
+    if id >= n {
+        return Err(ApiError::not_found(format!(
+            "feature {id} does not exist: ids run from 0 to {}",
+            n.saturating_sub(1)
+        )));
+    }
+    Ok(())
+}
+
+async fn feature(State(s): State<Arc<AppState>>, id: Result<Path<String>, PathRejection>) -> ApiResult {
+    let Path(raw) = id?;
+    let id: u32 = raw.trim().parse().map_err(|_| ApiError::bad(format!("'{raw}' is not a feature id (a number)")))?;
+    check_id(&s, id)?;
+    match s.with_db(move |db| db.feature(id)).await? {
+        Some(f) => Ok(Json(serde_json::to_value(f).map_err(|e| ApiError::internal(e.to_string()))?)),
+        None => Err(ApiError::not_found(format!("feature {id} is not in the database"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    sort: Option<String>,
+    order: Option<String>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+async fn list(State(s): State<Arc<AppState>>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult {
+    let Query(q) = q?;
+    let sort: SortBy = q.sort.as_deref().unwrap_or("density").parse().map_err(|e| ApiError::bad(format!("{e}")))?;
+    let descending = match q.order.as_deref().unwrap_or("desc") {
+        "desc" => true,
+        "asc" => false,
+        o => return Err(ApiError::bad(format!("unknown order '{o}': use asc or desc"))),
+    };
+    let offset = q.offset.unwrap_or(0);
+    let limit = q.limit.unwrap_or(50).min(s.limits.max_list);
+    let rows = s.with_db(move |db| db.list(sort, descending, offset, limit)).await?;
+    Ok(Json(json!({ "features": rows, "offset": offset, "total": s.db.n_features() })))
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: String,
+    limit: Option<usize>,
+}
+
+async fn search(State(s): State<Arc<AppState>>, q: Result<Query<SearchQuery>, QueryRejection>) -> ApiResult {
+    let Query(q) = q?;
+    let query = q.q.trim().to_string();
+    if query.is_empty() {
+        return Err(ApiError::bad("empty search: give a feature id or a word"));
+    }
+    if query.chars().count() > 200 {
+        return Err(ApiError::bad("search text is longer than 200 characters"));
+    }
+    let limit = q.limit.unwrap_or(30).min(100);
+    let by_id = query.parse::<u32>().ok().filter(|&id| id < s.db.n_features());
+    let rows = s.with_db(move |db| db.search(&query, limit)).await?;
+    Ok(Json(json!({ "id": by_id, "features": rows })))
+}
+
+async fn map(State(s): State<Arc<AppState>>) -> ApiResult {
+    let pts = s.with_db(|db| db.map()).await?;
+    Ok(Json(json!({ "points": pts })))
+}
+
+fn queue(s: &AppState) -> Result<&ModelQueue, ApiError> {
+    s.queue.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this server was started without a model and SAE (saekit serve --sae DIR): live text and steering are off",
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LiveRequest {
+    text: String,
+    feature: Option<u32>,
+    top_k: Option<usize>,
+    lens: Option<bool>,
+}
+
+async fn live(State(s): State<Arc<AppState>>, body: Result<Json<LiveRequest>, JsonRejection>) -> ApiResult {
+    let Json(req) = body?;
+    let q = queue(&s)?;
+    let lim = &s.limits;
+    if req.text.trim().is_empty() {
+        return Err(ApiError::bad("the text is empty"));
+    }
+    if req.text.chars().count() > lim.max_text_chars {
+        return Err(ApiError::bad(format!("the text is longer than {} characters", lim.max_text_chars)));
+    }
+    if let Some(f) = req.feature {
+        check_id(&s, f)?;
+    }
+    let top_k = req.top_k.unwrap_or(5).clamp(1, 20);
+    let lens = req.lens.unwrap_or(true);
+    let (max_tokens, max_lens) = (lim.max_live_tokens, lim.max_lens_tokens);
+    let r = q
+        .run(move |e| {
+            let ids = e.encode_text(&req.text)?;
+            if ids.len() > max_tokens {
+                anyhow::bail!("the text is {} tokens; the limit is {max_tokens}", ids.len());
+            }
+            if lens && ids.len() > max_lens {
+                anyhow::bail!(
+                    "the logit lens takes at most {max_lens} tokens (the text has {}); turn it off",
+                    ids.len()
+                );
+            }
+            e.live(&ids, req.feature, top_k, lens)
+        })
+        .await?;
+    Ok(Json(serde_json::to_value(r).map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EditRequest {
+    feature: u32,
+    /// "clamp" (set the activation) or "add" (add value * W_dec[feature])
+    mode: String,
+    value: f32,
+    /// "abs" or "max": `value` is a multiple of the feature's max activation in the database
+    unit: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SteerRequest {
+    prompt: String,
+    edits: Vec<EditRequest>,
+    chat: Option<bool>,
+    max_new_tokens: Option<usize>,
+    temperature: Option<f32>,
+    seed: Option<u64>,
+}
+
+async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, JsonRejection>) -> ApiResult {
+    let Json(req) = body?;
+    let q = queue(&s)?;
+    let lim = s.limits.clone();
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::bad("the prompt is empty"));
+    }
+    if req.prompt.chars().count() > lim.max_text_chars {
+        return Err(ApiError::bad(format!("the prompt is longer than {} characters", lim.max_text_chars)));
+    }
+    if req.edits.len() > lim.max_edits {
+        return Err(ApiError::bad(format!("at most {} feature edits per request", lim.max_edits)));
+    }
+    let max_new_tokens = req.max_new_tokens.unwrap_or(40.min(lim.max_new_tokens));
+    if max_new_tokens == 0 || max_new_tokens > lim.max_new_tokens {
+        return Err(ApiError::bad(format!("max_new_tokens must be 1..={}", lim.max_new_tokens)));
+    }
+    let temperature = req.temperature.unwrap_or(0.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad("temperature must be between 0 (greedy) and 2"));
+    }
+    let mut edits = Vec::with_capacity(req.edits.len());
+    let mut resolved = Vec::new();
+    for e in &req.edits {
+        check_id(&s, e.feature)?;
+        if !e.value.is_finite() || e.value.abs() > lim.max_abs_value {
+            return Err(ApiError::bad(format!(
+                "feature {}: the value must be finite and within ±{}",
+                e.feature, lim.max_abs_value
+            )));
+        }
+        let value = match e.unit.as_deref().unwrap_or("abs") {
+            "abs" => e.value,
+            "max" => {
+                let id = e.feature;
+                let rec = s.with_db(move |db| db.feature(id)).await?;
+                let max = rec.map(|r| r.max_act).filter(|m| *m > 0.0).ok_or_else(|| {
+                    ApiError::bad(format!("feature {id} has no recorded max activation: give an absolute value"))
+                })?;
+                e.value * max
+            }
+            u => return Err(ApiError::bad(format!("unknown unit '{u}': use abs or max"))),
+        };
+        edits.push(match e.mode.as_str() {
+            "clamp" => FeatureEdit::Clamp { feature: e.feature, value },
+            "add" => FeatureEdit::Add { feature: e.feature, coeff: value },
+            m => return Err(ApiError::bad(format!("unknown mode '{m}': use clamp or add"))),
+        });
+        resolved.push(json!({ "feature": e.feature, "mode": e.mode, "value": value }));
+    }
+    let settings =
+        GenSettings { max_new_tokens, temperature, seed: req.seed.unwrap_or(0), chat: req.chat.unwrap_or(false) };
+    let prompt = req.prompt;
+    let r = q.run(move |e| e.steer(&prompt, &edits, &settings)).await?;
+    let mut v = serde_json::to_value(r).map_err(|e| ApiError::internal(e.to_string()))?;
+    v["edits"] = Value::Array(resolved);
+    Ok(Json(v))
+}

@@ -1,0 +1,244 @@
+//! The feature database as the browser sees it.
+//!
+//! The records mirror `saekit-analysis`' read API field for field (`FeatureRecord`, `FeatureSummary`,
+//! `MapPoint`, ...), so the JSON the pages consume does not change when the store behind it does. Two stores
+//! implement [`FeatureStore`]: [`MemoryDb`], a JSON file (test fixtures, small exports), and the SQLite
+//! database written by `saekit analyze` (see `analysis_db.rs`).
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// A window of tokens around one activation peak, with the feature's activation on every token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Context {
+    pub tokens: Vec<String>,
+    pub acts: Vec<f32>,
+    /// Index into `tokens` of the strongest activation.
+    pub peak: usize,
+    pub max_act: f32,
+}
+
+/// Contexts sampled from one slice `[lo, hi)` of the feature's activation range.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuantileGroup {
+    pub lo: f32,
+    pub hi: f32,
+    /// Activations that fell in this slice (the contexts are a sample of them).
+    #[serde(default)]
+    pub count: u64,
+    pub contexts: Vec<Context>,
+}
+
+/// Counts of positive activations in bins with the given edges (`edges.len() == counts.len() + 1`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Histogram {
+    pub edges: Vec<f32>,
+    pub counts: Vec<u64>,
+}
+
+/// One token of the decoder direction's direct logit effect.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenLogit {
+    pub token: String,
+    pub id: u32,
+    pub logit: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Neighbour {
+    pub id: u32,
+    pub cosine: f32,
+}
+
+/// Everything the feature page shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FeatureRecord {
+    pub id: u32,
+    /// Fraction of tokens on which the feature fires.
+    pub density: f64,
+    pub max_act: f32,
+    /// Mean activation over the tokens where it fires.
+    pub mean_act: f32,
+    /// Tokens on which it fired.
+    #[serde(default)]
+    pub n_fired: u64,
+    pub explanation: Option<String>,
+    /// The explanation was generated from top tokens, not written by a person or an explainer model.
+    #[serde(default)]
+    pub explanation_auto: bool,
+    pub top_contexts: Vec<Context>,
+    pub quantiles: Vec<QuantileGroup>,
+    pub histogram: Histogram,
+    pub promoted: Vec<TokenLogit>,
+    pub suppressed: Vec<TokenLogit>,
+    pub neighbours: Vec<Neighbour>,
+}
+
+/// One row of a feature list.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FeatureSummary {
+    pub id: u32,
+    pub density: f64,
+    pub max_act: f32,
+    pub top_tokens: Vec<String>,
+}
+
+/// A feature's place on the 2-D map.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MapPoint {
+    pub id: u32,
+    pub x: f32,
+    pub y: f32,
+    pub density: f64,
+    pub max_act: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SortBy {
+    Density,
+    MaxAct,
+    Id,
+}
+
+impl std::str::FromStr for SortBy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "density" => Ok(SortBy::Density),
+            "max_act" => Ok(SortBy::MaxAct),
+            "id" => Ok(SortBy::Id),
+            _ => bail!("unknown sort '{s}': use density, max_act or id"),
+        }
+    }
+}
+
+/// What the browser reads from a feature database. Implementations must be cheap to call from several
+/// request threads at once.
+pub trait FeatureStore: Send + Sync {
+    /// Free-form facts about the database (SAE, hook, tokens analysed), shown on the home page.
+    fn info(&self) -> Result<serde_json::Value>;
+    /// Number of features; valid ids are `0..n_features`.
+    fn n_features(&self) -> u32;
+    fn feature(&self, id: u32) -> Result<Option<FeatureRecord>>;
+    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>>;
+    /// Features whose top tokens or contexts contain `query` (case-insensitive).
+    fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>>;
+    fn map(&self) -> Result<Vec<MapPoint>>;
+}
+
+/// A feature database held in memory, read from (and written to) one JSON file.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct MemoryDb {
+    pub info: serde_json::Value,
+    /// Indexed by feature id.
+    pub features: Vec<FeatureRecord>,
+    pub map: Vec<MapPoint>,
+}
+
+impl MemoryDb {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read the feature database", path.display()))?;
+        let db: MemoryDb = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}: not a saekit feature database (JSON)", path.display()))?;
+        for (i, f) in db.features.iter().enumerate() {
+            if f.id as usize != i {
+                bail!("{}: feature at index {i} has id {}; ids must be 0..n in order", path.display(), f.id);
+            }
+        }
+        Ok(db)
+    }
+
+    /// Write atomically (tmp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec(self)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        Ok(())
+    }
+
+    fn summary(f: &FeatureRecord) -> FeatureSummary {
+        FeatureSummary { id: f.id, density: f.density, max_act: f.max_act, top_tokens: top_tokens(f, 5) }
+    }
+}
+
+/// The distinct peak tokens of a feature's strongest contexts, strongest first.
+pub fn top_tokens(f: &FeatureRecord, n: usize) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in &f.top_contexts {
+        if let Some(t) = c.tokens.get(c.peak) {
+            if !out.contains(t) {
+                out.push(t.clone());
+                if out.len() == n {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+impl FeatureStore for MemoryDb {
+    fn info(&self) -> Result<serde_json::Value> {
+        Ok(self.info.clone())
+    }
+
+    fn n_features(&self) -> u32 {
+        self.features.len() as u32
+    }
+
+    fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
+        Ok(self.features.get(id as usize).cloned())
+    }
+
+    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
+        let mut idx: Vec<&FeatureRecord> = self.features.iter().collect();
+        match sort {
+            SortBy::Id => {}
+            SortBy::Density => idx.sort_by(|a, b| a.density.total_cmp(&b.density).then(a.id.cmp(&b.id))),
+            SortBy::MaxAct => idx.sort_by(|a, b| a.max_act.total_cmp(&b.max_act).then(a.id.cmp(&b.id))),
+        }
+        if descending {
+            idx.reverse();
+        }
+        Ok(idx.into_iter().skip(offset).take(limit).map(Self::summary).collect())
+    }
+
+    fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
+        let q = query.trim().to_lowercase();
+        if q.is_empty() {
+            return Ok(Vec::new());
+        }
+        // rank by the strongest activation on a token containing the query, then by any context match
+        let mut hits: Vec<(f32, &FeatureRecord)> = Vec::new();
+        for f in &self.features {
+            let mut best = None::<f32>;
+            for c in &f.top_contexts {
+                for (t, a) in c.tokens.iter().zip(&c.acts) {
+                    if *a > 0.0 && t.to_lowercase().contains(&q) {
+                        best = Some(best.map_or(*a, |b: f32| b.max(*a)));
+                    }
+                }
+            }
+            if let Some(b) = best {
+                hits.push((b, f));
+            }
+        }
+        hits.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.id.cmp(&b.1.id)));
+        Ok(hits.into_iter().take(limit).map(|(_, f)| Self::summary(f)).collect())
+    }
+
+    fn map(&self) -> Result<Vec<MapPoint>> {
+        Ok(self.map.clone())
+    }
+}

@@ -1,0 +1,263 @@
+//! Model work for the live pages: feature activations per token, the logit lens, and steered generation.
+//!
+//! One model, two cores: every request that runs the model goes through [`ModelQueue`], a single worker
+//! thread fed by a bounded channel. A full queue answers at once ("busy") instead of piling up latency.
+
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Model, Sampling};
+use saekit_sae::Sae;
+pub use saekit_steer::FeatureEdit;
+use saekit_steer::Positions;
+use serde::{Deserialize, Serialize};
+
+/// The LM, the SAE and the hook point it reads.
+pub struct Engine {
+    pub model: Model,
+    pub sae: Sae,
+    pub hook: HookPoint,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FeatureAct {
+    pub id: u32,
+    pub act: f32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LensCell {
+    pub token: String,
+    pub prob: f32,
+}
+
+/// What the live-text page shows for one text.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveResult {
+    pub tokens: Vec<String>,
+    pub ids: Vec<u32>,
+    /// The chosen feature's activation on each token (empty when none was chosen).
+    pub feature: Option<u32>,
+    pub feature_acts: Vec<f32>,
+    /// The strongest features on each token, strongest first.
+    pub top_features: Vec<Vec<FeatureAct>>,
+    /// Features ranked by their strongest activation anywhere in the text.
+    pub overall: Vec<FeatureAct>,
+    /// `lens[layer][position]`: the top token the residual stream after that layer decodes to.
+    pub lens: Vec<Vec<LensCell>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SteerResult {
+    pub prompt: String,
+    pub baseline: String,
+    pub steered: String,
+    pub baseline_tokens: usize,
+    pub steered_tokens: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenSettings {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub seed: u64,
+    pub chat: bool,
+}
+
+impl Engine {
+    pub fn new(model: Model, sae: Sae) -> Result<Self> {
+        let hook: HookPoint = sae
+            .metadata
+            .hook_name
+            .parse()
+            .with_context(|| format!("the SAE's hook name '{}' is not a hook point", sae.metadata.hook_name))?;
+        hook.check(model.config().n_layers)?;
+        if sae.d_in != model.config().d_model {
+            bail!("the SAE reads {} dims but the model's d_model is {}", sae.d_in, model.config().d_model);
+        }
+        Ok(Self { model, sae, hook })
+    }
+
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        self.model.tokenizer().encode(text, true)
+    }
+
+    /// Per-token SAE activations for `text`, plus the logit lens when `lens` is set.
+    pub fn live(&self, ids: &[u32], feature: Option<u32>, top_k: usize, lens: bool) -> Result<LiveResult> {
+        let cfg = self.model.config();
+        let d = cfg.d_model;
+        let mut points = vec![self.hook];
+        if lens {
+            points.extend((0..cfg.n_layers).map(HookPoint::ResidPost));
+        }
+        let cache = self.model.run_with_cache(ids, 1, &points)?;
+        let x = cache.get(&self.hook).ok_or_else(|| anyhow!("internal: hook {} not captured", self.hook))?;
+        let codes = self.sae.encode(x);
+        let seq = ids.len();
+        let mut feature_acts = Vec::new();
+        let mut top_features = Vec::with_capacity(seq);
+        let mut overall = std::collections::HashMap::<u32, f32>::new();
+        let bos = self.model.tokenizer().bos_token_id();
+        for r in 0..seq {
+            let (idx, val) = codes.row(r);
+            if let Some(f) = feature {
+                feature_acts.push(idx.iter().zip(val).find(|(i, _)| **i == f).map_or(0.0, |(_, v)| *v));
+            }
+            let mut row: Vec<FeatureAct> =
+                idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(&id, &act)| FeatureAct { id, act }).collect();
+            row.sort_by(|a, b| b.act.total_cmp(&a.act));
+            row.truncate(top_k);
+            // the BOS position is an attention sink with ~100x the usual norm: it would top every ranking
+            if !(r == 0 && Some(ids[0]) == bos) {
+                for fa in &row {
+                    let e = overall.entry(fa.id).or_insert(0.0);
+                    *e = e.max(fa.act);
+                }
+            }
+            top_features.push(row);
+        }
+        let mut overall: Vec<FeatureAct> = overall.into_iter().map(|(id, act)| FeatureAct { id, act }).collect();
+        overall.sort_by(|a, b| b.act.total_cmp(&a.act).then(a.id.cmp(&b.id)));
+        overall.truncate(20);
+
+        let mut lens_rows = Vec::new();
+        if lens {
+            // all layers' rows through the unembedding in a few large GEMMs rather than one small one per layer
+            let v = cfg.vocab_size;
+            let mut normed = Vec::with_capacity(cfg.n_layers * seq * d);
+            for l in 0..cfg.n_layers {
+                let h = cache.get(&HookPoint::ResidPost(l)).ok_or_else(|| anyhow!("internal: layer {l} missing"))?;
+                normed.extend(self.final_norm(h, d));
+            }
+            let mut cells = Vec::with_capacity(cfg.n_layers * seq);
+            for block in normed.chunks(512 * d) {
+                let logits = self.model.unembed(block);
+                cells.extend(logits.chunks(v).map(|lg| {
+                    let (best, max) =
+                        lg.iter()
+                            .enumerate()
+                            .fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b });
+                    let z: f32 = lg.iter().map(|&x| (x - max).exp()).sum();
+                    LensCell { token: self.model.tokenizer().token_text(best as u32), prob: 1.0 / z }
+                }));
+            }
+            let mut it = cells.into_iter();
+            for _ in 0..cfg.n_layers {
+                lens_rows.push(it.by_ref().take(seq).collect());
+            }
+        }
+        Ok(LiveResult {
+            tokens: ids.iter().map(|&i| self.model.tokenizer().token_text(i)).collect(),
+            ids: ids.to_vec(),
+            feature,
+            feature_acts,
+            top_features,
+            overall,
+            lens: lens_rows,
+        })
+    }
+
+    /// RMS-normalise rows with the final norm's gain (Llama); GPT-2's LayerNorm is approximated without bias.
+    fn final_norm(&self, h: &[f32], d: usize) -> Vec<f32> {
+        let eps = self.model.config().norm_eps;
+        let gain = self.model.final_norm_gain();
+        let mut out = h.to_vec();
+        for row in out.chunks_mut(d) {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let s = 1.0 / (ms + eps).sqrt();
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= s * gain.map_or(1.0, |g| g[j]);
+            }
+        }
+        out
+    }
+
+    pub fn prompt_ids(&self, prompt: &str, chat: bool) -> Result<(String, Vec<u32>)> {
+        let tok = self.model.tokenizer();
+        if chat {
+            let text = tok.apply_chat_template(&[ChatMessage::user(prompt)])?;
+            // the template writes its own BOS-like markers
+            Ok((text.clone(), tok.encode(&text, false)?))
+        } else {
+            Ok((prompt.to_string(), tok.encode(prompt, true)?))
+        }
+    }
+
+    /// Generate from the same prompt and seed without and with `edits` (clamping keeps the SAE error term;
+    /// position 0, the attention sink the SAE never saw, is left alone).
+    pub fn steer(&self, prompt: &str, edits: &[FeatureEdit], s: &GenSettings) -> Result<SteerResult> {
+        let (text, ids) = self.prompt_ids(prompt, s.chat)?;
+        let opts = GenerateOptions {
+            max_new_tokens: s.max_new_tokens,
+            sampling: if s.temperature > 0.0 {
+                Sampling::TopP { temperature: s.temperature, top_p: 0.95 }
+            } else {
+                Sampling::Greedy
+            },
+            seed: s.seed,
+            stop_at_eos: true,
+        };
+        let c = saekit_steer::compare(&self.model, &self.sae, self.hook, edits, Positions::SkipFirst, &ids, &opts)?;
+        Ok(SteerResult {
+            prompt: text,
+            baseline_tokens: c.baseline.generated_ids.len(),
+            steered_tokens: c.steered.generated_ids.len(),
+            baseline: c.baseline.text,
+            steered: c.steered.text,
+        })
+    }
+}
+
+type Job = Box<dyn FnOnce(&Engine) + Send>;
+
+/// A single worker thread that owns the engine, fed by a bounded queue.
+pub struct ModelQueue {
+    tx: SyncSender<Job>,
+    pub capacity: usize,
+}
+
+/// Why a job did not run.
+#[derive(Debug)]
+pub enum QueueError {
+    Busy(usize),
+    Failed(anyhow::Error),
+}
+
+impl ModelQueue {
+    pub fn start(engine: Engine, capacity: usize) -> Result<Self> {
+        let (tx, rx) = sync_channel::<Job>(capacity);
+        std::thread::Builder::new()
+            .name("saekit-model".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&engine);
+                }
+            })
+            .context("cannot start the model worker thread")?;
+        Ok(Self { tx, capacity })
+    }
+
+    /// Run `f` on the worker; `Busy` at once when `capacity` jobs are already waiting.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+    ) -> std::result::Result<T, QueueError> {
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |e| {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(e)))
+                .unwrap_or_else(|_| Err(anyhow!("internal error: the model worker panicked")));
+            let _ = otx.send(r);
+        });
+        match self.tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => return Err(QueueError::Busy(self.capacity)),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(QueueError::Failed(anyhow!("the model worker has stopped")));
+            }
+        }
+        match orx.await {
+            Ok(r) => r.map_err(QueueError::Failed),
+            Err(_) => Err(QueueError::Failed(anyhow!("the model worker dropped the request"))),
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! saekit-serve: the local feature browser behind `saekit serve`.
+//!
+//! Owns the HTTP server (axum on a small tokio runtime), the JSON API under `/api`, the pages and their
+//! assets (embedded in the binary: no file is read after start-up except the feature database), and the
+//! queue that serialises model work. It reads the feature database through [`db::FeatureStore`] and runs
+//! the model and SAE through [`engine::Engine`]; it must not compute or write analysis results itself
+//! (`fixture` builds small databases for tests only).
+
+pub mod analysis_db;
+pub mod api;
+pub mod db;
+pub mod engine;
+pub mod fixture;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+
+pub use analysis_db::open_store;
+pub use api::{router, AppState, Limits};
+pub use db::{FeatureStore, MemoryDb};
+pub use engine::{Engine, ModelQueue};
+
+/// Bind `addr` and serve until Ctrl-C. Prints the URL on stdout once listening (the e2e harness reads it).
+pub async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    println!("saekit serve: listening on http://{local}/");
+    if !local.ip().is_loopback() {
+        tracing::warn!("listening on {local}: reachable from other machines; the API has no authentication");
+    }
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("server error")?;
+    Ok(())
+}
+
+/// Run [`serve`] on a runtime with `workers` threads (the model has its own worker thread besides).
+pub fn serve_blocking(state: Arc<AppState>, addr: SocketAddr, workers: usize) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(state, addr))
+}

@@ -1,0 +1,186 @@
+//! Harvest: run the model over tokenized contexts and append the hook points' activations to a store.
+//!
+//! One forward pass per batch of contexts serves every requested hook, and stops after the deepest
+//! requested block (`Model::run_with_cache`). The store's manifest records progress after each shard,
+//! so a killed harvest resumes at the first context not on disk.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use saekit_model::{HookPoint, Model};
+
+use crate::store::{ActivationWriter, Dtype, ModelInfo, SourceInfo, StoreConfig, StoreManifest};
+use crate::tokens::{TokenDataset, TokenizeOptions};
+
+#[derive(Clone, Debug)]
+pub struct HarvestOptions {
+    pub hooks: Vec<HookPoint>,
+    /// Tokens to store (rounded up to whole contexts, capped by the split).
+    pub tokens: u64,
+    pub split: String,
+    /// First context of the split to use (e.g. to harvest a disjoint second store).
+    pub first_context: u64,
+    /// Contexts per forward pass.
+    pub batch: usize,
+    pub dtype: Dtype,
+    pub contexts_per_shard: usize,
+    /// Mark rows above this multiple of the shard's median norm (`marks::OUTLIER`).
+    pub outlier_factor: Option<f32>,
+    pub progress: bool,
+}
+
+impl Default for HarvestOptions {
+    fn default() -> Self {
+        HarvestOptions {
+            hooks: vec![HookPoint::ResidPost(15)],
+            tokens: 1_000_000,
+            split: "train".into(),
+            first_context: 0,
+            batch: 8,
+            dtype: Dtype::Bf16,
+            contexts_per_shard: 256,
+            outlier_factor: Some(10.0),
+            progress: true,
+        }
+    }
+}
+
+/// Separator and BOS for `tokenize` as the model's tokenizer defines them: documents are joined with
+/// end-of-text (falling back to EOS); BOS starts a context only when the tokenizer adds one.
+pub fn tokenize_options_for(model: &Model) -> TokenizeOptions {
+    let tok = model.tokenizer();
+    TokenizeOptions {
+        separator: tok.end_of_text_id().unwrap_or_else(|| tok.eos_token_id()),
+        bos: if tok.add_bos() { tok.bos_token_id() } else { None },
+        ..Default::default()
+    }
+}
+
+/// Harvest into `out` (created, or resumed when it already holds the same harvest).
+pub fn harvest(
+    model: &Model,
+    model_path: &Path,
+    data: &TokenDataset,
+    out: &Path,
+    opts: &HarvestOptions,
+) -> Result<StoreManifest> {
+    let cfg = model.config();
+    ensure!(!opts.hooks.is_empty(), "no hook points given");
+    ensure!(opts.batch > 0, "batch must be > 0");
+    for h in &opts.hooks {
+        h.check(cfg.n_layers)?;
+    }
+    let split = data.split(&opts.split)?;
+    let ctx = split.context_len();
+    let avail = split.n_contexts().saturating_sub(opts.first_context);
+    let want = opts.tokens.div_ceil(ctx as u64);
+    ensure!(
+        avail > 0,
+        "split {:?} of {} has no contexts from {}",
+        opts.split,
+        data.dir().display(),
+        opts.first_context
+    );
+    if want > avail {
+        tracing::warn!(
+            "asked for {} tokens, the {:?} split has {} from context {}: harvesting {} tokens",
+            opts.tokens,
+            opts.split,
+            avail * ctx as u64,
+            opts.first_context,
+            avail * ctx as u64
+        );
+    }
+    let n_ctx = want.min(avail);
+    let tok = model.tokenizer();
+    let m = &data.manifest().options;
+    let mut eot = vec![m.separator];
+    for t in [tok.end_of_text_id(), Some(tok.eos_token_id())].into_iter().flatten() {
+        if !eot.contains(&t) {
+            eot.push(t);
+        }
+    }
+    let config = StoreConfig {
+        model: ModelInfo {
+            name: cfg.name.clone(),
+            path: model_path.display().to_string(),
+            n_layers: cfg.n_layers,
+            d_model: cfg.d_model,
+            vocab_size: cfg.vocab_size,
+        },
+        hooks: opts.hooks.iter().map(|h| h.to_string()).collect(),
+        d_model: cfg.d_model,
+        dtype: opts.dtype,
+        context: ctx,
+        contexts_per_shard: opts.contexts_per_shard,
+        bos_token: m.bos.or(tok.bos_token_id()),
+        eot_tokens: eot,
+        outlier_factor: opts.outlier_factor,
+        source: SourceInfo {
+            tokens: data.dir().canonicalize().unwrap_or_else(|_| data.dir().to_path_buf()).display().to_string(),
+            split: opts.split.clone(),
+            first_context: opts.first_context,
+        },
+    };
+    let mut w = ActivationWriter::create_or_resume(out, config)?;
+    let start = w.contexts_done();
+    if start >= n_ctx {
+        tracing::info!("{} already holds {} contexts; nothing to do", out.display(), start);
+        return w.finish();
+    }
+    if start > 0 {
+        tracing::info!("resuming {} at context {start} of {n_ctx}", out.display());
+    }
+    let pb =
+        if opts.progress { indicatif::ProgressBar::new(n_ctx * ctx as u64) } else { indicatif::ProgressBar::hidden() };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} harvest [{elapsed_precise}] [{wide_bar}] {human_pos}/{human_len} tokens {per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_position(start * ctx as u64);
+    pb.reset_eta();
+    let t0 = Instant::now();
+    let mut toks: Vec<u32> = Vec::with_capacity(opts.batch * ctx);
+    let mut c = start;
+    let mut fwd_s = 0.0;
+    while c < n_ctx {
+        let b = (opts.batch as u64).min(n_ctx - c) as usize;
+        toks.clear();
+        for i in 0..b as u64 {
+            toks.extend_from_slice(split.context(opts.first_context + c + i));
+        }
+        let tf = Instant::now();
+        let cache = model
+            .run_with_cache(&toks, b, &opts.hooks)
+            .with_context(|| format!("forward pass on contexts {c}..{}", c + b as u64))?;
+        fwd_s += tf.elapsed().as_secs_f64();
+        let acts: Vec<&[f32]> = opts
+            .hooks
+            .iter()
+            .map(|h| cache.get(h).with_context(|| format!("the model did not return hook {h}")))
+            .collect::<Result<_>>()?;
+        w.push(&toks, &acts)?;
+        c += b as u64;
+        pb.set_position(c * ctx as u64);
+    }
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let done = (n_ctx - start) * ctx as u64;
+    w.set_extra(
+        "last_run",
+        serde_json::json!({
+            "tokens": done,
+            "seconds": secs,
+            "tokens_per_s": done as f64 / secs,
+            "forward_seconds": fwd_s,
+            "batch": opts.batch,
+            "threads": rayon::current_num_threads(),
+        }),
+    );
+    let m = w.finish()?;
+    tracing::info!("harvested {done} tokens in {secs:.1} s ({:.0} tokens/s)", done as f64 / secs);
+    Ok(m)
+}

@@ -1,0 +1,383 @@
+//! Tokenized datasets: fixed-length contexts in memory-mappable u32 shards plus `manifest.json`.
+//!
+//! ```text
+//! DIR/manifest.json          context, special tokens, seed, splits with their shards (+ CRC32), read stats
+//! DIR/train-00000.u32        u32 little-endian [n_contexts, context], no header
+//! DIR/validation-00000.u32
+//! DIR/docs.jsonl             one line per document: split, source, kind, lang, tokens, offset in the split's stream
+//! ```
+//! Documents are split train/validation by document (seeded), each split's documents are shuffled
+//! (seeded), then joined with the separator (end-of-text) token into one stream that is cut into
+//! consecutive contexts; BOS starts each context only when the tokenizer adds one.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use memmap2::Mmap;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::{read_json, write_atomic_with, write_json_atomic};
+use crate::corpus::{Document, ReadStats, StopReading};
+
+pub const TOKENS_FORMAT: &str = "saekit-tokens";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenizeOptions {
+    /// Tokens per context.
+    pub context: usize,
+    pub seed: u64,
+    /// Fraction of documents held out for validation.
+    pub validation_fraction: f64,
+    pub contexts_per_shard: usize,
+    /// Placed between documents (SmolLM2: `<|endoftext|>`, id 0).
+    pub separator: u32,
+    /// Put at position 0 of every context when set (models whose tokenizer adds BOS).
+    pub bos: Option<u32>,
+    /// Stop reading documents once this many tokens are collected.
+    pub max_tokens: Option<u64>,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions {
+            context: 128,
+            seed: 0,
+            validation_fraction: 0.01,
+            contexts_per_shard: 1 << 16,
+            separator: 0,
+            bos: None,
+            max_tokens: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenShard {
+    pub file: String,
+    pub n_contexts: u64,
+    pub crc32: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+pub struct SplitInfo {
+    pub n_docs: u64,
+    pub n_contexts: u64,
+    /// Tokens in the joined stream (documents + separators).
+    pub stream_tokens: u64,
+    /// Stream tokens after the last whole context, dropped.
+    pub dropped_tail: u64,
+    pub shards: Vec<TokenShard>,
+    /// Document tokens per `kind` (documents without a kind count under "").
+    pub tokens_by_kind: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokensManifest {
+    pub format: String,
+    pub version: u32,
+    /// Free-form tokenizer/model description (the model path).
+    pub tokenizer: String,
+    pub options: TokenizeOptions,
+    pub splits: BTreeMap<String, SplitInfo>,
+    pub read: ReadStats,
+    pub inputs: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct DocLine<'a> {
+    doc: u64,
+    split: &'a str,
+    source: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lang: Option<&'a str>,
+    tokens: u64,
+    /// Offset of the document's first token in the split's stream (context = offset / stride).
+    offset: u64,
+}
+
+struct Tokenized {
+    doc: Document,
+    ids: Vec<u32>,
+}
+
+/// Tokenize documents from `read` (a function that drives a corpus reader into a sink) and write a
+/// dataset in `out`. `encode` turns text into ids without special tokens; it is called from several
+/// threads.
+pub fn tokenize_corpus(
+    read: impl FnOnce(&mut dyn FnMut(Document) -> Result<()>) -> Result<ReadStats>,
+    encode: &(dyn Fn(&str) -> Result<Vec<u32>> + Sync),
+    opts: &TokenizeOptions,
+    out: &Path,
+    tokenizer: &str,
+    inputs: &[PathBuf],
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<TokensManifest> {
+    ensure!(opts.context >= 2, "context must be at least 2 tokens");
+    ensure!((0.0..1.0).contains(&opts.validation_fraction), "validation fraction must be in [0, 1)");
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    // Tokenize in batches of documents, in parallel, preserving order.
+    let mut docs: Vec<Tokenized> = Vec::new();
+    let mut batch: Vec<Document> = Vec::new();
+    let mut total: u64 = 0;
+    let mut batch_bytes: u64 = 0;
+    let mut enc_err: Option<anyhow::Error> = None;
+    let flush = |batch: &mut Vec<Document>, docs: &mut Vec<Tokenized>, total: &mut u64| -> Result<()> {
+        let done: Vec<Result<Tokenized>> = std::mem::take(batch)
+            .into_par_iter()
+            .map(|doc| {
+                let ids = encode(&doc.text).with_context(|| format!("tokenizing {}", doc.source))?;
+                Ok(Tokenized { doc: Document { text: String::new(), ..doc }, ids })
+            })
+            .collect();
+        for t in done {
+            let t = t?;
+            *total += t.ids.len() as u64 + 1;
+            if let Some(p) = progress {
+                p.inc(t.ids.len() as u64 + 1);
+            }
+            docs.push(t);
+        }
+        Ok(())
+    };
+    let max = opts.max_tokens.unwrap_or(u64::MAX);
+    let stats = read(&mut |doc: Document| {
+        if total >= max {
+            // Enough: stop the reader quickly.
+            anyhow::bail!(StopReading);
+        }
+        batch_bytes += doc.text.len() as u64;
+        batch.push(doc);
+        // A token is at least ~1 byte of text: flush early enough that the budget check above can bite.
+        if batch.len() >= 512 || batch_bytes >= 8 << 20 || total + batch_bytes >= max {
+            batch_bytes = 0;
+            if let Err(e) = flush(&mut batch, &mut docs, &mut total) {
+                enc_err = Some(e);
+                anyhow::bail!(StopReading);
+            }
+        }
+        Ok(())
+    });
+    if let Some(e) = enc_err {
+        return Err(e);
+    }
+    let stats = stats?;
+    flush(&mut batch, &mut docs, &mut total)?;
+    if let Some(max) = opts.max_tokens {
+        // Keep documents up to the one that crosses the budget.
+        let mut acc = 0;
+        if let Some(cut) = docs.iter().position(|t| {
+            acc += t.ids.len() as u64 + 1;
+            acc >= max
+        }) {
+            docs.truncate(cut + 1);
+        }
+    }
+    ensure!(!docs.is_empty(), "no documents to tokenize ({})", stats.summary());
+
+    // Split by document, then shuffle each split's documents.
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut train = vec![];
+    let mut val = vec![];
+    for (i, _) in docs.iter().enumerate() {
+        if rng.gen::<f64>() < opts.validation_fraction {
+            val.push(i);
+        } else {
+            train.push(i);
+        }
+    }
+    // Never an empty training split when there is any data.
+    if train.is_empty() {
+        train = std::mem::take(&mut val);
+    }
+    train.shuffle(&mut rng);
+    val.shuffle(&mut rng);
+
+    // Remove old outputs (a re-run replaces the dataset).
+    for ent in fs::read_dir(out)? {
+        let ent = ent?;
+        let n = ent.file_name().to_string_lossy().into_owned();
+        if n.ends_with(".u32") || n.ends_with(".tmp") || n == "docs.jsonl" || n == "manifest.json" {
+            fs::remove_file(ent.path())?;
+        }
+    }
+    let mut doc_lines = BufWriter::new(File::create(out.join("docs.jsonl.tmp")).context("creating docs.jsonl")?);
+    let mut splits = BTreeMap::new();
+    for (name, order) in [("train", &train), ("validation", &val)] {
+        if order.is_empty() {
+            continue;
+        }
+        let info = write_split(out, name, order, &docs, opts, &mut doc_lines)?;
+        splits.insert(name.to_string(), info);
+    }
+    doc_lines.flush()?;
+    doc_lines.get_ref().sync_all()?;
+    drop(doc_lines);
+    fs::rename(out.join("docs.jsonl.tmp"), out.join("docs.jsonl"))?;
+
+    let m = TokensManifest {
+        format: TOKENS_FORMAT.into(),
+        version: 1,
+        tokenizer: tokenizer.to_string(),
+        options: opts.clone(),
+        splits,
+        read: stats,
+        inputs: inputs.iter().map(|p| p.display().to_string()).collect(),
+    };
+    write_json_atomic(&out.join("manifest.json"), &m)?;
+    Ok(m)
+}
+
+fn write_split(
+    out: &Path,
+    name: &str,
+    order: &[usize],
+    docs: &[Tokenized],
+    opts: &TokenizeOptions,
+    doc_lines: &mut impl Write,
+) -> Result<SplitInfo> {
+    let ctx = opts.context;
+    let body = if opts.bos.is_some() { ctx - 1 } else { ctx };
+    let mut info = SplitInfo { n_docs: order.len() as u64, ..Default::default() };
+    let mut stream: Vec<u32> = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        let t = &docs[i];
+        if k > 0 {
+            stream.push(opts.separator);
+        }
+        let line = DocLine {
+            doc: i as u64,
+            split: name,
+            source: &t.doc.source,
+            kind: t.doc.kind.as_deref(),
+            lang: t.doc.lang.as_deref(),
+            tokens: t.ids.len() as u64,
+            offset: stream.len() as u64,
+        };
+        serde_json::to_writer(&mut *doc_lines, &line)?;
+        doc_lines.write_all(b"\n")?;
+        *info.tokens_by_kind.entry(t.doc.kind.clone().unwrap_or_default()).or_default() += t.ids.len() as u64;
+        stream.extend_from_slice(&t.ids);
+    }
+    info.stream_tokens = stream.len() as u64;
+    let n_ctx = stream.len() / body;
+    info.n_contexts = n_ctx as u64;
+    info.dropped_tail = (stream.len() - n_ctx * body) as u64;
+    let mut c = 0;
+    let mut shard = 0;
+    let mut buf: Vec<u8> = Vec::new();
+    while c < n_ctx {
+        let n = opts.contexts_per_shard.min(n_ctx - c);
+        buf.clear();
+        buf.reserve(n * ctx * 4);
+        for j in c..c + n {
+            if let Some(b) = opts.bos {
+                buf.extend_from_slice(&b.to_le_bytes());
+            }
+            for t in &stream[j * body..(j + 1) * body] {
+                buf.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+        let file = format!("{name}-{shard:05}.u32");
+        write_atomic_with(&out.join(&file), |f| f.write_all(&buf).map_err(Into::into))?;
+        info.shards.push(TokenShard { file, n_contexts: n as u64, crc32: crc32fast::hash(&buf) });
+        c += n;
+        shard += 1;
+    }
+    Ok(info)
+}
+
+/// A tokenized dataset on disk.
+pub struct TokenDataset {
+    dir: PathBuf,
+    manifest: TokensManifest,
+}
+
+impl TokenDataset {
+    pub fn open(dir: &Path) -> Result<TokenDataset> {
+        let p = dir.join("manifest.json");
+        ensure!(p.exists(), "{} is not a tokenized dataset (no manifest.json; run `saekit tokenize`)", dir.display());
+        let manifest: TokensManifest = read_json(&p)?;
+        ensure!(manifest.format == TOKENS_FORMAT, "{} is not a tokenized-dataset manifest", p.display());
+        Ok(TokenDataset { dir: dir.to_path_buf(), manifest })
+    }
+    pub fn manifest(&self) -> &TokensManifest {
+        &self.manifest
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn context(&self) -> usize {
+        self.manifest.options.context
+    }
+    /// Map one split (checks sizes and CRC32 of its shards).
+    pub fn split(&self, name: &str) -> Result<TokenSplit> {
+        let info = self.manifest.splits.get(name).with_context(|| {
+            format!(
+                "{} has no split {name:?} (it has {})",
+                self.dir.display(),
+                self.manifest.splits.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        let ctx = self.context();
+        let mut maps = vec![];
+        let mut starts = vec![];
+        let mut n = 0u64;
+        for s in &info.shards {
+            let p = self.dir.join(&s.file);
+            let f = File::open(&p).with_context(|| format!("token shard {} is missing", p.display()))?;
+            let len = f.metadata()?.len();
+            ensure!(
+                len == s.n_contexts * ctx as u64 * 4,
+                "token shard {} has the wrong size ({len} bytes)",
+                p.display()
+            );
+            // SAFETY: shards are written once, atomically, and never modified.
+            let map = unsafe { Mmap::map(&f) }?;
+            ensure!(crc32fast::hash(&map) == s.crc32, "token shard {} is corrupt (CRC32 mismatch)", p.display());
+            starts.push(n);
+            n += s.n_contexts;
+            maps.push(map);
+        }
+        Ok(TokenSplit { maps, starts, n_contexts: n, context: ctx })
+    }
+}
+
+/// The contexts of one split, memory-mapped.
+pub struct TokenSplit {
+    maps: Vec<Mmap>,
+    starts: Vec<u64>,
+    n_contexts: u64,
+    context: usize,
+}
+
+impl TokenSplit {
+    pub fn n_contexts(&self) -> u64 {
+        self.n_contexts
+    }
+    pub fn context_len(&self) -> usize {
+        self.context
+    }
+    /// Context `i` as token ids.
+    pub fn context(&self, i: u64) -> &[u32] {
+        let s = match self.starts.binary_search(&i) {
+            Ok(s) => s,
+            Err(s) => s - 1,
+        };
+        let j = (i - self.starts[s]) as usize;
+        let all = &self.maps[s];
+        assert!((all.as_ptr() as usize).is_multiple_of(4));
+        // SAFETY: mmap is page-aligned; the length was checked to be a whole number of contexts.
+        let ids = unsafe { std::slice::from_raw_parts(all.as_ptr() as *const u32, all.len() / 4) };
+        &ids[j * self.context..(j + 1) * self.context]
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Browser tests of `saekit serve`: installs Debian's Chromium (if missing) and the playwright-core harness,
+# builds the saekit binary and a fixture (random-init SAE on the real model, feature database computed on
+# built-in texts), then runs the end-to-end tests in headless Chromium. `--load` also runs the load test.
+# Needs: the model (scripts/fetch-model.sh), node + npm, apt-get (as root) when Chromium is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null; then
+    command -v apt-get >/dev/null || { echo "e2e: no chromium and no apt-get to install it" >&2; exit 1; }
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+command -v npm >/dev/null || { echo "e2e: needs node and npm" >&2; exit 1; }
+(cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
+
+bash scripts/fetch-model.sh >/dev/null
+cargo build --locked -p saekit -p saekit-serve --example fixture
+fixture="$(mktemp -d)"
+trap 'rm -rf "$fixture"' EXIT
+target/debug/examples/fixture "$fixture" >/dev/null
+export SAEKIT_E2E_FIXTURE="$fixture" SAEKIT_BIN="$PWD/target/debug/saekit"
+
+(cd tests/e2e && node --test --test-reporter=spec browser.test.mjs)
+if [ "${1:-}" = "--load" ]; then
+    (cd tests/e2e && node load.mjs --clients 64 --requests 20000 --seconds 60)
+fi

@@ -1,0 +1,126 @@
+// End-to-end: the browser pages of `saekit serve` in Debian's headless Chromium.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import path from "node:path";
+import { chromium } from "playwright-core";
+import { startServer, CHROMIUM_ARGS, root } from "./server.mjs";
+
+const shots = process.env.E2E_SHOTS || path.join(root, "tests/e2e/shots");
+fs.mkdirSync(shots, { recursive: true });
+let server, base, browser, page, densest;
+const pageErrors = [];
+
+before(async () => {
+  server = startServer();
+  base = await server.url;
+  browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: CHROMIUM_ARGS });
+  page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+  page.on("pageerror", (e) => pageErrors.push(String(e)));
+  page.on("console", (m) => { if (m.type() === "error") pageErrors.push(m.text()); });
+  const r = await fetch(`${base}/api/features?sort=density&limit=1`);
+  densest = (await r.json()).features[0].id;
+});
+
+after(async () => {
+  await browser?.close();
+  server?.stop();
+});
+
+test("home lists features, draws the map and searches", async () => {
+  await page.goto(base + "/");
+  await page.waitForSelector("#feature-list table.list tbody tr");
+  const rows = await page.locator("#feature-list tbody tr").count();
+  assert.equal(rows, 25);
+  await page.waitForSelector("canvas.map");
+  assert.equal(await page.locator("canvas.map").getAttribute("data-points"), "512");
+  // sort by max activation
+  await page.click("#feature-list button[data-sort=max_act]");
+  await page.waitForSelector("#feature-list table.list[data-sort=max_act]");
+  // hover the map: a tooltip names a feature
+  const box = await page.locator("canvas.map").boundingBox();
+  let named = false;
+  for (let i = 0; i < 40 && !named; i++) {
+    await page.mouse.move(box.x + box.width * (0.3 + 0.01 * i), box.y + box.height * (0.35 + 0.008 * i));
+    named = (await page.locator("#tip").isVisible()) && /feature #\d+/.test(await page.locator("#tip").textContent());
+  }
+  assert.ok(named, "hovering the map never showed a feature");
+  await page.screenshot({ path: path.join(shots, "home.png") });
+  // click the hovered point: its feature page opens
+  const hovered = (await page.locator("#tip").textContent()).match(/feature #(\d+)/)[1];
+  await page.mouse.down();
+  await page.mouse.up();
+  await page.waitForURL(`${base}/feature/${hovered}`);
+  // zoom with the wheel
+  await page.goto(base + "/");
+  await page.waitForSelector("canvas.map[data-scale]");
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await page.mouse.wheel(0, -600);
+  await page.waitForFunction(() => Number(document.querySelector("canvas.map").dataset.scale) > 1.5);
+  await page.fill("#jump", "Bridge");
+  await page.press("#jump", "Enter");
+  await page.waitForSelector("#search-results table.list tbody tr");
+  assert.ok((await page.locator("#search-results tbody tr").count()) > 0);
+});
+
+test("feature page renders contexts, plots, logits and clickable neighbours", async () => {
+  await page.goto(`${base}/feature/${densest}`);
+  await page.waitForSelector("#top-contexts .ctx");
+  const ctxs = await page.locator("#top-contexts .ctx").count();
+  assert.ok(ctxs >= 5, `only ${ctxs} contexts`);
+  // the peak token is highlighted, and its hover text shows the activation
+  const peak = page.locator("#top-contexts .ctx .tok.peak").first();
+  const bg = await peak.evaluate((e) => getComputedStyle(e).backgroundColor);
+  assert.notEqual(bg, "rgba(0, 0, 0, 0)", "the peak token is not coloured");
+  await peak.hover();
+  assert.match(await page.locator("#tip").textContent(), /activation \d/);
+  assert.ok((await page.locator("#histogram svg rect.hbar").count()) > 0, "no histogram bars");
+  await page.waitForSelector("#density svg line.mine", { state: "attached" });
+  assert.equal(await page.locator("#logits svg.logits").count(), 2);
+  assert.ok((await page.locator("#quantiles details.q").count()) > 0);
+  assert.ok((await page.locator("#explanation").count()) === 1);
+  await page.screenshot({ path: path.join(shots, "feature.png"), fullPage: true });
+  const nb = page.locator("#neighbours a.neighbour").first();
+  const target = (await nb.textContent()).slice(1);
+  await nb.click();
+  await page.waitForURL(`${base}/feature/${target}`);
+  await page.waitForSelector(`h1:text("Feature #${target}")`);
+});
+
+test("a bad feature id shows a clear error", async () => {
+  await page.goto(`${base}/feature/99999`);
+  await page.waitForSelector(".err");
+  assert.match(await page.locator(".err").textContent(), /does not exist/);
+});
+
+test("live text colours tokens by a feature and shows the logit lens", async () => {
+  await page.goto(`${base}/live?feature=${densest}`);
+  await page.fill("#live-text", "The Golden Gate Bridge is in San Francisco");
+  await page.click("#live-run");
+  await page.waitForSelector("#live-tokens .tok", { timeout: 60_000 });
+  const toks = await page.locator("#live-tokens .tok").count();
+  assert.ok(toks >= 8);
+  await page.waitForSelector("#logit-lens table");
+  assert.equal(await page.locator("#logit-lens tbody tr").count(), 30);
+  await page.locator("#live-tokens .tok").nth(4).click();
+  await page.waitForSelector("#token-detail h2:text-matches('Token 4')");
+  await page.screenshot({ path: path.join(shots, "live.png"), fullPage: true });
+});
+
+test("steering generates baseline and steered text side by side", async () => {
+  await page.goto(`${base}/steer?feature=${densest}`);
+  await page.fill("#steer-prompt", "Describe a sunny day.");
+  await page.fill("#steer-max", "16");
+  await page.fill(".e-value", "30");
+  await page.click("#steer-run");
+  await page.waitForFunction(() => document.querySelector("#steered").textContent.length > 0, null, { timeout: 120_000 });
+  const b = await page.locator("#baseline").textContent();
+  const s = await page.locator("#steered").textContent();
+  assert.ok(b.length > 0 && s.length > 0);
+  assert.notEqual(b, s, "a 30x clamp did not change the generation");
+  await page.screenshot({ path: path.join(shots, "steer.png"), fullPage: true });
+});
+
+test("no script errors on any page", () => {
+  assert.deepEqual(pageErrors.filter((e) => !/404|Not Found/.test(e)), []);
+});
