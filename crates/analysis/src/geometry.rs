@@ -150,31 +150,47 @@ fn ivf_neighbours(u: &[f32], d: usize, k: usize) -> (Vec<Vec<(u32, f32)>>, Strin
             }
         }
     }
-    let assign = nearest_cells(u, d, &cent, probe);
+    // each feature joins its nearest cell; each cell is compared (one GEMM) with the members of the
+    // `probe` cells nearest to its centroid
+    let assign = nearest_cells(u, d, &cent, 1);
     let mut members: Vec<Vec<u32>> = vec![Vec::new(); n_cells];
     for (i, a) in assign.iter().enumerate() {
         members[a[0] as usize].push(i as u32);
     }
-    let out: Vec<Vec<(u32, f32)>> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let q = &u[i * d..(i + 1) * d];
-            let mut best: Vec<(u32, f32)> = Vec::new();
-            for &c in &assign[i] {
-                for &m in &members[c as usize] {
-                    if m as usize == i {
-                        continue;
+    let cell_probe = nearest_cells(&cent, d, &cent, probe.min(n_cells));
+    let mut out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n];
+    let gather = |ids: &[u32]| -> Vec<f32> {
+        ids.iter().flat_map(|&i| u[i as usize * d..(i as usize + 1) * d].to_vec()).collect()
+    };
+    for c in 0..n_cells {
+        let q_ids = &members[c];
+        if q_ids.is_empty() {
+            continue;
+        }
+        let cand_ids: Vec<u32> = cell_probe[c].iter().flat_map(|&p| members[p as usize].iter().copied()).collect();
+        let (q, cand) = (gather(q_ids), gather(&cand_ids));
+        let mut sims = vec![0f32; q_ids.len() * cand_ids.len()];
+        matmul_transposed(&q, q_ids.len(), d, &cand, cand_ids.len(), &mut sims);
+        let rows: Vec<Vec<(u32, f32)>> = sims
+            .par_chunks_mut(cand_ids.len())
+            .zip(q_ids.par_iter())
+            .map(|(s, &me)| {
+                for (v, &id) in s.iter_mut().zip(&cand_ids) {
+                    if id == me {
+                        *v = f32::NEG_INFINITY;
                     }
-                    let s: f32 = q.iter().zip(&u[m as usize * d..(m as usize + 1) * d]).map(|(a, b)| a * b).sum();
-                    best.push((m, s));
                 }
-            }
-            best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            best.truncate(k);
-            best
-        })
-        .collect();
-    (out, format!("approximate: IVF over {n_cells} k-means cells of decoder directions, {probe} probed"))
+                extreme(s, k, true).into_iter().map(|(i, v)| (cand_ids[i as usize], v)).collect()
+            })
+            .collect();
+        for (&me, r) in q_ids.iter().zip(rows) {
+            out[me as usize] = r;
+        }
+    }
+    (
+        out,
+        format!("approximate: IVF over {n_cells} k-means cells of decoder directions, {probe} nearest cells searched"),
+    )
 }
 
 fn nearest_cells(x: &[f32], d: usize, cent: &[f32], p: usize) -> Vec<Vec<u32>> {

@@ -277,7 +277,8 @@ pub fn probe(features: &[TextFeatures], labels: &[String]) -> Result<Vec<ProbeRe
         let Some((feature, train_auroc, above)) = best else { continue };
         // threshold maximising train accuracy over the observed values
         let mut cands: Vec<f32> = train.iter().map(|&i| value(i, feature)).collect();
-        cands.push(0.0);
+        // -1 and +inf let the threshold predict one class everywhere (the majority baseline)
+        cands.extend([-1.0, 0.0, f32::INFINITY]);
         cands.sort_by(|a, b| a.total_cmp(b));
         cands.dedup();
         let acc = |set: &[usize], thr: f32| -> f64 {

@@ -64,9 +64,37 @@ impl Tokenizer {
         self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer failed to decode ids: {e}"))
     }
 
-    /// The text of one token as it appears in decoded output (a leading space stays a space).
+    /// The token as a reader should see it on its own: its text when its bytes are valid UTF-8, else the
+    /// valid part with the dangling bytes of a split character written as `\xNN` (byte-level BPE cuts
+    /// CJK, Arabic and emoji characters across tokens, and decoding one token alone would print U+FFFD).
     pub fn token_text(&self, id: u32) -> String {
-        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+        if self.special_ids.contains(&id) {
+            return self.inner.id_to_token(id).unwrap_or_default();
+        }
+        let Some(piece) = self.inner.id_to_token(id) else { return format!("<{id}>") };
+        let Some(bytes) = byte_level_bytes(&piece) else {
+            return self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"));
+        };
+        let mut out = String::new();
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.push_str(s);
+                    break;
+                }
+                Err(e) => {
+                    let (ok, bad) = rest.split_at(e.valid_up_to());
+                    out.push_str(std::str::from_utf8(ok).unwrap_or_default());
+                    let n = e.error_len().unwrap_or(bad.len()).max(1);
+                    for b in &bad[..n] {
+                        out.push_str(&format!("\\x{b:02x}"));
+                    }
+                    rest = &bad[n..];
+                }
+            }
+        }
+        out
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -257,6 +285,29 @@ impl Tokenizer {
             special_ids,
         })
     }
+}
+
+/// Undo GPT-2's byte-to-unicode mapping of a byte-level BPE vocabulary entry; `None` when the piece uses
+/// characters outside that mapping (a SentencePiece vocabulary).
+fn byte_level_bytes(piece: &str) -> Option<Vec<u8>> {
+    piece
+        .chars()
+        .map(|c| {
+            let c = c as u32;
+            match c {
+                0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff => Some(c as u8),
+                // Bytes outside the printable ranges were shifted to 256 + n, in byte order.
+                0x100..=0x143 => {
+                    let n = (c - 0x100) as usize;
+                    (0u16..256)
+                        .map(|b| b as u8)
+                        .filter(|b| !matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff))
+                        .nth(n)
+                }
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 /// llama.cpp's named pre-tokenizers, mapped to the equivalent `tokenizers` pipeline.

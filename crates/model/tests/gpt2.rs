@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use saekit_model::{HookPoint, Hooks, Logits, LoadOptions, Model};
+use saekit_model::{HookPoint, Hooks, LoadOptions, Logits, Model};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny")
@@ -25,12 +25,17 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 fn tiny_gpt2_matches_transformers() {
     let m = Model::load(&dir(), &LoadOptions::default()).unwrap();
     assert_eq!(m.config().arch, saekit_model::Arch::Gpt2);
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir().join("ref_meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("ref_meta.json")).unwrap()).unwrap();
     let ids = m.tokenizer().encode(meta["text"].as_str().unwrap(), false).unwrap();
     let want: Vec<u32> = npy::<i64>("ref_token_ids.npy").iter().map(|&x| x as u32).collect();
     assert_eq!(ids, want);
 
-    let points = [(HookPoint::Embed, "ref_embed.npy"), (HookPoint::ResidPost(0), "ref_resid_post_L0.npy"), (HookPoint::ResidPost(1), "ref_resid_post_L1.npy")];
+    let points = [
+        (HookPoint::Embed, "ref_embed.npy"),
+        (HookPoint::ResidPost(0), "ref_resid_post_L0.npy"),
+        (HookPoint::ResidPost(1), "ref_resid_post_L1.npy"),
+    ];
     let got = std::sync::Mutex::new(Vec::new());
     let mut hooks = Hooks::new();
     for (p, _) in points {

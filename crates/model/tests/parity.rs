@@ -118,3 +118,22 @@ fn smollm2_greedy_generations_match_transformers() {
         assert_eq!(g.text, case["generated_text"].as_str().unwrap());
     }
 }
+
+#[test]
+fn token_text_shows_split_characters() {
+    let m = model();
+    let tok = m.tokenizer();
+    let ids = tok.encode("信 Hello 🙂 鱻 ۡ", false).unwrap();
+    let shown: String = ids.iter().map(|&i| tok.token_text(i)).collect();
+    assert!(!shown.contains('\u{fffd}'), "{shown}");
+    assert!(shown.contains("\\xe9"), "a character split across tokens shows its bytes: {shown}");
+    // Joining the pieces back where characters were split gives the text.
+    assert!(shown.contains(" Hello"), "{shown}");
+    assert_eq!(tok.token_text(tok.encode(" Hello", false).unwrap()[0]), " Hello");
+    assert_eq!(tok.token_text(2), "<|im_end|>");
+    for &i in &ids {
+        let d = tok.token_text(i);
+        assert!(!d.is_empty());
+    }
+    println!("{:?}", ids.iter().map(|&i| tok.token_text(i)).collect::<Vec<_>>());
+}

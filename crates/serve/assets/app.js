@@ -37,7 +37,7 @@ async function api(path, body) {
 }
 
 const fmt = (x, d = 2) => (x == null ? "–" : Math.abs(x) >= 100 ? x.toFixed(0) : x.toFixed(d));
-const pct = (p) => (p >= 0.01 ? (100 * p).toFixed(2) + "%" : p > 0 ? (100 * p).toExponential(1) + "%" : "0%");
+const pct = (p) => (p >= 0.01 ? (100 * p).toFixed(2) + "%" : p >= 1e-5 ? (100 * p).toPrecision(2) + "%" : p > 0 ? (100 * p).toExponential(1) + "%" : "0%");
 // tokens as they appear, with whitespace made visible where it would vanish
 function showTok(t) {
   if (t === "") return "∅";
@@ -307,7 +307,7 @@ function featureMap(points, highlight) {
   new ResizeObserver(draw).observe(cv);
   const reset = el("button", { class: "btn", text: "reset zoom", onclick: () => { view = { s: 1, tx: 0, ty: 0 }; draw(); } });
   return el("div", {}, wrap, el("div", { class: "row" }, reset,
-    el("span", { class: "legend" }, "sparse", el("span", { class: "grad", style: "background: linear-gradient(90deg, hsl(220,80%,55%), hsl(20,80%,45%))" }), "dense")));
+    el("span", { class: "legend" }, "sparse", el("span", { class: "grad", style: "background: linear-gradient(90deg, hsl(220,80%,55%), hsl(170,80%,52%), hsl(120,80%,50%), hsl(70,80%,48%), hsl(20,80%,45%))" }), "dense")));
 }
 
 // ---------------------------------------------------------------- feature page

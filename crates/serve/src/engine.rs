@@ -97,8 +97,7 @@ impl Engine {
         let mut feature_acts = Vec::new();
         let mut top_features = Vec::with_capacity(seq);
         let mut overall = std::collections::HashMap::<u32, f32>::new();
-        let bos = self.model.tokenizer().bos_token_id();
-        for r in 0..seq {
+        for (r, &id) in ids.iter().enumerate() {
             let (idx, val) = codes.row(r);
             if let Some(f) = feature {
                 feature_acts.push(idx.iter().zip(val).find(|(i, _)| **i == f).map_or(0.0, |(_, v)| *v));
@@ -107,8 +106,9 @@ impl Engine {
                 idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(&id, &act)| FeatureAct { id, act }).collect();
             row.sort_by(|a, b| b.act.total_cmp(&a.act));
             row.truncate(top_k);
-            // the BOS position is an attention sink with ~100x the usual norm: it would top every ranking
-            if !(r == 0 && Some(ids[0]) == bos) {
+            // position 0 and special tokens are attention sinks with ~100x the usual norm: they would top
+            // every ranking
+            if r > 0 && !self.model.tokenizer().is_special(id) {
                 for fa in &row {
                     let e = overall.entry(fa.id).or_insert(0.0);
                     *e = e.max(fa.act);

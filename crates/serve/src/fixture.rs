@@ -62,7 +62,6 @@ fn act_of(codes: &SparseCodes, row: usize, f: u32) -> f32 {
 /// Run the model and SAE over `texts` and describe every feature.
 pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
     let tok = engine.model.tokenizer();
-    let bos = tok.bos_token_id();
     let mut docs = Vec::new();
     // feature -> (text, position, activation)
     let mut fires: HashMap<u32, Vec<(usize, usize, f32)>> = HashMap::new();
@@ -72,9 +71,10 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
         let cache = engine.model.run_with_cache(&ids, 1, &[engine.hook])?;
         let x = cache.get(&engine.hook).ok_or_else(|| anyhow!("internal: hook not captured"))?;
         let codes = engine.sae.encode(x);
-        for r in 0..ids.len() {
-            // the BOS attention sink is excluded, as training and analysis exclude it
-            if r == 0 && Some(ids[0]) == bos {
+        for (r, &id) in ids.iter().enumerate() {
+            // attention sinks (position 0, special tokens: ~100x the median norm) are excluded, as training
+            // and analysis exclude them
+            if r == 0 || tok.is_special(id) {
                 continue;
             }
             n_tokens += 1;
@@ -91,7 +91,7 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
         docs.iter().map(|d| d.ids.iter().map(|&i| tok.token_text(i)).collect()).collect();
     let context = |f: u32, t: usize, pos: usize| -> Context {
         let d = &docs[t];
-        let lo = pos.saturating_sub(LEFT).max(usize::from(Some(d.ids[0]) == bos));
+        let lo = pos.saturating_sub(LEFT).max(1);
         let hi = (pos + RIGHT + 1).min(d.ids.len());
         let acts: Vec<f32> = (lo..hi).map(|r| act_of(&d.codes, r, f)).collect();
         Context { tokens: token_text[t][lo..hi].to_vec(), max_act: acts[pos - lo], acts, peak: pos - lo }

@@ -30,9 +30,9 @@ pub enum FeatureEdit {
 impl FeatureEdit {
     pub fn feature(&self) -> u32 {
         match *self {
-            FeatureEdit::Clamp { feature, .. } | FeatureEdit::Add { feature, .. } | FeatureEdit::Scale { feature, .. } => {
-                feature
-            }
+            FeatureEdit::Clamp { feature, .. }
+            | FeatureEdit::Add { feature, .. }
+            | FeatureEdit::Scale { feature, .. } => feature,
         }
     }
 }
@@ -49,14 +49,16 @@ pub struct EditSpec {
 impl FromStr for EditSpec {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let (f, v) = s.split_once('=').ok_or_else(|| anyhow!("'{s}': expected FEATURE=VALUE, e.g. 1234=10x or 88=-3"))?;
+        let (f, v) =
+            s.split_once('=').ok_or_else(|| anyhow!("'{s}': expected FEATURE=VALUE, e.g. 1234=10x or 88=-3"))?;
         let feature: u32 = f.trim().parse().map_err(|_| anyhow!("'{s}': feature id '{f}' is not a number"))?;
         let v = v.trim();
         let (num, times_max) = match v.strip_suffix(['x', 'X']) {
             Some(n) => (n, true),
             None => (v, false),
         };
-        let value: f32 = num.parse().map_err(|_| anyhow!("'{s}': value '{v}' is not a number (or a multiple like 10x)"))?;
+        let value: f32 =
+            num.parse().map_err(|_| anyhow!("'{s}': value '{v}' is not a number (or a multiple like 10x)"))?;
         if !value.is_finite() {
             bail!("'{s}': value must be finite");
         }

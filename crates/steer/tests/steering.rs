@@ -17,7 +17,14 @@ fn last_logits(m: &Model, ids: &[u32], sae: &Sae, edits: &[FeatureEdit], pos: Po
     last_logits_at(m, HOOK, ids, sae, edits, pos)
 }
 
-fn last_logits_at(m: &Model, hook: HookPoint, ids: &[u32], sae: &Sae, edits: &[FeatureEdit], pos: Positions) -> Vec<f32> {
+fn last_logits_at(
+    m: &Model,
+    hook: HookPoint,
+    ids: &[u32],
+    sae: &Sae,
+    edits: &[FeatureEdit],
+    pos: Positions,
+) -> Vec<f32> {
     let mut hooks = Hooks::new();
     add_steering_hook(&mut hooks, sae, hook, edits, pos);
     m.forward(ids, 1, &mut m.new_cache(1), &mut hooks, Logits::Last).unwrap()
@@ -40,7 +47,8 @@ fn steering_behaves() {
     let codes = sae.encode(cache.get(&HOOK).unwrap());
     let (idx, val) = codes.row(0);
     assert!(!idx.is_empty());
-    let mut edits: Vec<FeatureEdit> = idx.iter().zip(val).map(|(&f, &v)| FeatureEdit::Clamp { feature: f, value: v }).collect();
+    let mut edits: Vec<FeatureEdit> =
+        idx.iter().zip(val).map(|(&f, &v)| FeatureEdit::Clamp { feature: f, value: v }).collect();
     edits.extend((0..2048u32).filter(|f| !idx.contains(f)).map(|f| FeatureEdit::Clamp { feature: f, value: 0.0 }));
     let clean = last_logits(&m, &tok, &sae, &[], Positions::All);
     let same = last_logits(&m, &tok, &sae, &edits, Positions::All);
@@ -76,7 +84,10 @@ fn steering_behaves() {
     let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
     let c = compare(&m, &sae, HOOK, &[], Positions::SkipFirst, &ids, &opts).unwrap();
     assert_eq!(c.baseline.generated_ids, c.steered.generated_ids);
-    let c = compare(&m, &sae, HOOK, &[FeatureEdit::Clamp { feature, value: 2000.0 }], Positions::SkipFirst, &ids, &opts).unwrap();
+    let c =
+        compare(&m, &sae, HOOK, &[FeatureEdit::Clamp { feature, value: 2000.0 }], Positions::SkipFirst, &ids, &opts)
+            .unwrap();
     assert_ne!(c.baseline.generated_ids, c.steered.generated_ids);
-    assert!(compare(&m, &sae, HOOK, &[FeatureEdit::Add { feature: 99_999, coeff: 1.0 }], Positions::All, &ids, &opts).is_err());
+    assert!(compare(&m, &sae, HOOK, &[FeatureEdit::Add { feature: 99_999, coeff: 1.0 }], Positions::All, &ids, &opts)
+        .is_err());
 }

@@ -87,11 +87,12 @@ pub fn parse_count(s: &str) -> Result<u64> {
 }
 
 pub fn run(a: AnalyzeArgs) -> Result<()> {
+    let n_tokens = parse_count(&a.tokens)?;
     let sae = load_sae(&a.sae)?;
     let dataset = TokenDataset::open(&a.contexts)?;
     let model = a.model.load()?;
     let opts = AnalyzeOptions {
-        n_tokens: parse_count(&a.tokens)?,
+        n_tokens,
         split: a.split.clone(),
         batch_contexts: a.batch,
         stats: saekit_analysis::stats::StatsOptions {

@@ -144,8 +144,23 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let d_sae = a.d_sae.to_string();
         let k = a.k.to_string();
         run_subcommand(&[
-            "train", "--acts", &p("acts"), "--arch", "topk", "--d-sae", &d_sae, "--k", &k, "--tokens",
-            &a.train_tokens, "--hook-name", &a.hook, "--model-name", "SmolLM2-135M-Instruct", "--out", &p("sae"),
+            "train",
+            "--acts",
+            &p("acts"),
+            "--arch",
+            "topk",
+            "--d-sae",
+            &d_sae,
+            "--k",
+            &k,
+            "--tokens",
+            &a.train_tokens,
+            "--hook-name",
+            &a.hook,
+            "--model-name",
+            "SmolLM2-135M-Instruct",
+            "--out",
+            &p("sae"),
         ])?;
     }
     done(t);
@@ -163,7 +178,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let report = saekit_analysis::eval_model(&model, &sae, &dataset, &eval_opts)?;
     done(t);
 
-    let t = stage(&format!("analyze: every feature's contexts, histogram, logit effect, neighbours ({} tokens)", a.analyze_tokens));
+    let t = stage(&format!(
+        "analyze: every feature's contexts, histogram, logit effect, neighbours ({} tokens)",
+        a.analyze_tokens
+    ));
     let db_path = dir.join("features.sqlite");
     let mut args = vec![
         "analyze".to_string(),
@@ -185,7 +203,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     done(t);
 
     let sparsity = saekit_sae::format::load_sparsity(&sae_dir)?;
-    let dead = sparsity.as_ref().map(|s| s.iter().filter(|v| !v.is_finite() || **v <= -10.0).count() as f64 / s.len() as f64);
+    let dead =
+        sparsity.as_ref().map(|s| s.iter().filter(|v| !v.is_finite() || **v <= -10.0).count() as f64 / s.len() as f64);
     println!("\n================ summary ================");
     println!("SAE        {} features, TopK k = {}, at {point}", sae.d_sae, a.k);
     println!("FVU        {:.3}   (explained variance {:.3}; sinks excluded)", report.fvu, report.explained_variance);
@@ -196,7 +215,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     println!(
         "CE loss    clean {:.3}, with SAE {:.3}, zero-ablated {:.3} -> CE loss score {:.3}; KL score {:.3}",
-        report.ce_loss_without_sae, report.ce_loss_with_sae, report.ce_loss_with_ablation, report.ce_loss_score, report.kl_div_score
+        report.ce_loss_without_sae,
+        report.ce_loss_with_sae,
+        report.ce_loss_with_ablation,
+        report.ce_loss_score,
+        report.kl_div_score
     );
     println!("\nfeatures found by concept (feature id, AUROC, top tokens and context):");
     for c in &concepts {
@@ -214,7 +237,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         println!("  {:<24}         context: {:?}", "", truncate(&context, 90));
     }
 
-    let t = stage("steer: clamp a concept feature at 10x its max activation (error term kept)");
+    let t = stage("steer: clamp a concept feature at 5x its max activation (error term kept)");
     let steer_json = steer_demo(&model, &sae, point, &db, &concepts)?;
     done(t);
 
@@ -224,7 +247,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "seconds": total.elapsed().as_secs_f64(),
     });
     std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
-    println!("\nsummary written to {} ({:.1} min in all)", dir.join("summary.json").display(), total.elapsed().as_secs_f64() / 60.0);
+    println!(
+        "\nsummary written to {} ({:.1} min in all)",
+        dir.join("summary.json").display(),
+        total.elapsed().as_secs_f64() / 60.0
+    );
 
     if a.no_serve {
         return Ok(());
@@ -243,6 +270,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     args.extend(model_flag.iter().cloned());
     run_subcommand(&args)
 }
+
+const STEER_TIMES_MAX: f32 = 5.0;
 
 fn truncate(s: &str, n: usize) -> String {
     let s: String = s.chars().map(|c| if c == '\n' { '⏎' } else { c }).collect();
@@ -281,8 +310,9 @@ struct ConceptFeature {
     n_pos: usize,
 }
 
-/// Up to `per` documents of each concept (first ~700 characters each) plus English prose as the
-/// common negative set, read from the corpus's JSONL files.
+/// Up to `per` documents of each concept (first ~700 characters each), plus every other kind of text in
+/// the corpus (up to `per` documents from each file) under "other": a feature only counts as the
+/// concept's if it separates the concept from all of it, not just from English.
 fn concept_texts(corpus: &Path, per: usize) -> Result<BTreeMap<String, Vec<String>>> {
     let mut files: Vec<PathBuf> = if corpus.is_dir() {
         std::fs::read_dir(corpus)?.filter_map(|e| e.ok().map(|e| e.path())).collect()
@@ -293,6 +323,7 @@ fn concept_texts(corpus: &Path, per: usize) -> Result<BTreeMap<String, Vec<Strin
     files.sort();
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for f in files {
+        let mut others_here = 0;
         let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
         for line in std::io::BufReader::new(file).lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line?) else { continue };
@@ -308,16 +339,17 @@ fn concept_texts(corpus: &Path, per: usize) -> Result<BTreeMap<String, Vec<Strin
                 .find(|c| {
                     (c.kinds.is_empty() || c.kinds.contains(&kind)) && (c.langs.is_empty() || c.langs.contains(&lang))
                 })
-                .map(|c| c.name)
-                .or(if lang == "en" && matches!(kind, "prose" | "speech" | "dictionary") { Some("English prose") } else { None });
-            if let Some(name) = name {
-                let v = out.entry(name.to_string()).or_default();
-                if v.len() < per {
-                    let t: String = text.chars().skip_while(|c| c.is_whitespace()).take(700).collect();
-                    if t.chars().count() > 40 {
-                        v.push(t);
-                    }
+                .map(|c| c.name);
+            let (name, room) = match name {
+                Some(n) => (n, out.get(n).is_none_or(|v| v.len() < per)),
+                None => {
+                    others_here += 1;
+                    ("other", others_here <= per)
                 }
+            };
+            let t: String = text.chars().skip_while(|c| c.is_whitespace()).take(700).collect();
+            if room && t.chars().count() > 40 {
+                out.entry(name.to_string()).or_default().push(t);
             }
         }
     }
@@ -345,7 +377,8 @@ fn find_concept_features(
         if pos.len() < 3 {
             continue;
         }
-        let neg: Vec<_> = feats.iter().filter(|(n, _)| n.as_str() != c.name).flat_map(|(_, v)| v.iter().cloned()).collect();
+        let neg: Vec<_> =
+            feats.iter().filter(|(n, _)| n.as_str() != c.name).flat_map(|(_, v)| v.iter().cloned()).collect();
         let hits = saekit_analysis::search::contrast(pos, &neg);
         if let Some(h) = hits.first() {
             out.push(ConceptFeature {
@@ -361,7 +394,9 @@ fn find_concept_features(
     Ok(out)
 }
 
-/// Clamp the best concept feature at 10x its max activation while the model answers a neutral prompt.
+/// Clamp a concept feature at 5x its max activation while the model answers a neutral prompt. LaTeX is
+/// tried first: its effect (markup, backslashes, code fences) is the easiest to see in a short answer.
+/// 10x, the paper's Golden Gate setting, drives a 135M model to repeating one token.
 fn steer_demo(
     model: &saekit_model::Model,
     sae: &saekit_sae::Sae,
@@ -369,7 +404,8 @@ fn steer_demo(
     db: &FeatureDb,
     concepts: &[ConceptFeature],
 ) -> Result<serde_json::Value> {
-    let Some(best) = concepts.iter().max_by(|a, b| a.auroc.total_cmp(&b.auroc)) else {
+    let preferred = concepts.iter().find(|c| c.concept == "LaTeX math" && c.auroc > 0.9);
+    let Some(best) = preferred.or_else(|| concepts.iter().max_by(|a, b| a.auroc.total_cmp(&b.auroc))) else {
         println!("   no concept feature found; skipping");
         return Ok(serde_json::Value::Null);
     };
@@ -380,20 +416,20 @@ fn steer_demo(
     }
     let prompt = "Tell me about your weekend.";
     let ids = super::generate::prompt_ids(model, prompt, true, None)?;
-    let edits = [FeatureEdit::Clamp { feature: best.feature, value: 10.0 * max_act }];
+    let edits = [FeatureEdit::Clamp { feature: best.feature, value: STEER_TIMES_MAX * max_act }];
     let opts = GenerateOptions { max_new_tokens: 40, ..Default::default() };
     let c = saekit_steer::compare(model, sae, hook, &edits, Positions::SkipFirst, &ids, &opts)?;
     println!("prompt> {prompt}");
     println!("unsteered> {}", truncate(c.baseline.text.trim_end_matches("<|im_end|>"), 300));
     println!(
-        "steered ({} #{} = 10 x {:.1})> {}",
+        "steered ({} #{} = {STEER_TIMES_MAX} x {:.1})> {}",
         best.concept,
         best.feature,
         max_act,
         truncate(c.steered.text.trim_end_matches("<|im_end|>"), 300)
     );
     println!(
-        "   (same with the CLI: saekit generate --chat -p {prompt:?} --sae SAE --db DB --steer {}=10x --compare)",
+        "   (same with the CLI: saekit generate --chat -p {prompt:?} --sae SAE --db DB --steer {}={STEER_TIMES_MAX}x --compare)",
         best.feature
     );
     Ok(serde_json::to_value(&c)?)

@@ -45,11 +45,12 @@ pub struct EvalModelArgs {
 }
 
 pub fn run(a: EvalModelArgs) -> Result<()> {
+    let n_tokens = super::analyze::parse_count(&a.tokens)?;
     let sae = load_sae(&a.sae)?;
     let dataset = TokenDataset::open(&a.contexts)?;
     let model = a.model.load()?;
     let opts = ModelEvalOptions {
-        n_tokens: super::analyze::parse_count(&a.tokens)?,
+        n_tokens,
         split: a.split.clone(),
         batch_contexts: a.batch,
         keep_sinks: !a.splice_sinks,

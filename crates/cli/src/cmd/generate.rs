@@ -114,9 +114,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let sae = saekit_sae::load_sae(sae_path)?;
     let hook: HookPoint = match &args.hook {
         Some(h) => h.parse()?,
-        None => sae.metadata.hook_name.parse().with_context(|| {
-            format!("{}: the SAE names no usable hook_name; pass --hook", sae_path.display())
-        })?,
+        None => sae
+            .metadata
+            .hook_name
+            .parse()
+            .with_context(|| format!("{}: the SAE names no usable hook_name; pass --hook", sae_path.display()))?,
     };
     let edits = resolve_edits(&args)?;
     let positions = if args.steer_first { Positions::All } else { Positions::SkipFirst };
@@ -129,7 +131,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else if args.compare {
-        println!("--- unsteered\n{}\n--- steered ({})\n{}", show(&c.baseline.text), describe(&edits), show(&c.steered.text));
+        println!(
+            "--- unsteered\n{}\n--- steered ({})\n{}",
+            show(&c.baseline.text),
+            describe(&edits),
+            show(&c.steered.text)
+        );
     } else {
         println!("{}", show(&c.steered.text));
     }
