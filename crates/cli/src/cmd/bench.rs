@@ -15,6 +15,21 @@ pub enum BenchCommand {
     Forward(ForwardArgs),
     /// f32 GEMM rate of the `gemm` crate for the shapes the forward pass and SAE training use.
     Gemm(GemmArgs),
+    /// Greedy generation with and without a steering hook (one clamped SAE feature).
+    Steer(SteerArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SteerArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// SAE folder whose feature is clamped.
+    #[arg(long)]
+    pub sae: std::path::PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,7 +62,42 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Gemm(a) => gemm_rate(a),
+        BenchCommand::Steer(a) => steer(a),
     }
+}
+
+fn steer(a: SteerArgs) -> Result<()> {
+    use saekit_steer::{add_steering_hook, FeatureEdit, Positions};
+    let model = a.model.load()?;
+    let sae = saekit_sae::load_sae(&a.sae)?;
+    let hook: HookPoint = sae.metadata.hook_name.parse()?;
+    let ids = super::generate::prompt_ids(&model, "Tell me about your weekend.", true, None)?;
+    // The same number of tokens both ways: no stop at the end-of-turn token.
+    let opts = saekit_model::GenerateOptions { max_new_tokens: a.tokens, stop_at_eos: false, ..Default::default() };
+    let edits = [FeatureEdit::Clamp { feature: 0, value: 0.0 }];
+    let (mut plain, mut steered) = (Vec::new(), Vec::new());
+    for _ in 0..a.runs.max(1) {
+        let t = Instant::now();
+        model.generate(&ids, &opts, &mut Hooks::new())?;
+        plain.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let mut hooks = Hooks::new();
+        add_steering_hook(&mut hooks, &sae, hook, &edits, Positions::SkipFirst);
+        model.generate(&ids, &opts, &mut hooks)?;
+        steered.push(t.elapsed().as_secs_f64());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    let (p, s) = (med(&mut plain), med(&mut steered));
+    println!(
+        "{}",
+        serde_json::json!({"impl": "saekit", "prompt_tokens": ids.len(), "new_tokens": a.tokens, "d_sae": sae.d_sae,
+            "plain_s": p, "steered_s": s, "plain_tok_per_s": a.tokens as f64 / p, "steered_tok_per_s": a.tokens as f64 / s,
+            "cost_ratio": s / p})
+    );
+    Ok(())
 }
 
 /// Median seconds of `f` over at least `min_time` seconds and 3 runs, after one warm-up.
