@@ -19,8 +19,9 @@ bash scripts/fetch-model.sh >/dev/null
 cargo build --locked -p saekit -p saekit-serve --example fixture
 fixture="$(mktemp -d)"
 trap 'rm -rf "$fixture"' EXIT
-target/debug/examples/fixture "$fixture" >/dev/null
-export SAEKIT_E2E_FIXTURE="$fixture" SAEKIT_BIN="$PWD/target/debug/saekit"
+target="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+"$target/debug/examples/fixture" "$fixture" >/dev/null
+export SAEKIT_E2E_FIXTURE="$fixture" SAEKIT_BIN="$target/debug/saekit"
 
 (cd tests/e2e && node --test --test-reporter=spec browser.test.mjs)
 if [ "${1:-}" = "--load" ]; then
