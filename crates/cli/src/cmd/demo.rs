@@ -63,7 +63,8 @@ pub struct DemoArgs {
     /// Stop after the summary instead of starting the browser.
     #[arg(long)]
     pub no_serve: bool,
-    #[arg(long, default_value_t = 8080)]
+    /// Port of the feature browser started at the end (the same default as `saekit serve`).
+    #[arg(long, default_value_t = 7860)]
     pub port: u16,
 }
 
