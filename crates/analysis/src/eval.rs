@@ -26,6 +26,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _, Result};
 use rayon::prelude::*;
 use saekit_model::{HookPoint, Hooks, Logits, Model};
+use saekit_sae::metrics::RowRecon;
 use saekit_sae::{Sae, SparseCodes};
 use saekit_store::TokenDataset;
 use serde::Serialize;
@@ -215,25 +216,19 @@ impl Recon {
             if keep.get(r).copied().unwrap_or(false) {
                 continue;
             }
-            let (a, b) = (&x[r * d..(r + 1) * d], &xh[r * d..(r + 1) * d]);
-            let (mut e, mut aa, mut bb, mut ab) = (0f64, 0f64, 0f64, 0f64);
-            for i in 0..d {
-                let (p, q) = (a[i] as f64, b[i] as f64);
-                e += (p - q) * (p - q);
-                aa += p * p;
-                bb += q * q;
-                ab += p * q;
-                self.sum_x[i] += p;
+            let a = &x[r * d..(r + 1) * d];
+            let p = RowRecon::of(a, &xh[r * d..(r + 1) * d]);
+            for (s, &v) in self.sum_x.iter_mut().zip(a) {
+                *s += v as f64;
             }
-            let (na, nb) = (aa.sqrt(), bb.sqrt());
-            self.sse += e;
-            self.sumsq += aa;
-            self.cos += if na > 0.0 && nb > 0.0 { ab / (na * nb) } else { 0.0 };
-            self.n_in += na;
-            self.n_out += nb;
-            self.ratio += nb / if na < 1e-4 { 1.0 } else { na };
-            self.xhn2 += bb;
-            self.xdot += ab;
+            self.sse += p.sq_err;
+            self.sumsq += p.x_sq;
+            self.cos += p.cossim();
+            self.n_in += p.x_sq.sqrt();
+            self.n_out += p.xhat_sq.sqrt();
+            self.ratio += p.l2_ratio();
+            self.xhn2 += p.xhat_sq;
+            self.xdot += p.dot;
             let (idx, val) = codes.row(r);
             for (&j, &v) in idx.iter().zip(val) {
                 if v != 0.0 {

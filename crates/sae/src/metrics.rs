@@ -62,6 +62,49 @@ pub fn drop_outliers(x: &mut Vec<f32>, d: usize, max_norm: f32) -> usize {
     rows - w
 }
 
+/// The f64 sums of one row that every reconstruction metric (MSE, FVU, cosine, L2 ratio, bias) is built
+/// from; shared with the in-model evaluation so both use the same definitions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowRecon {
+    /// ‖x − x̂‖²
+    pub sq_err: f64,
+    /// ‖x‖²
+    pub x_sq: f64,
+    /// ‖x̂‖²
+    pub xhat_sq: f64,
+    /// x · x̂
+    pub dot: f64,
+}
+
+impl RowRecon {
+    pub fn of(x: &[f32], xhat: &[f32]) -> RowRecon {
+        let mut r = RowRecon::default();
+        for (&p, &q) in x.iter().zip(xhat) {
+            let (p, q) = (p as f64, q as f64);
+            r.sq_err += (p - q) * (p - q);
+            r.x_sq += p * p;
+            r.xhat_sq += q * q;
+            r.dot += p * q;
+        }
+        r
+    }
+
+    pub fn cossim(&self) -> f64 {
+        let (na, nb) = (self.x_sq.sqrt(), self.xhat_sq.sqrt());
+        if na > 0.0 && nb > 0.0 {
+            self.dot / (na * nb)
+        } else {
+            0.0
+        }
+    }
+
+    /// ‖x̂‖ / ‖x‖ (SAELens' shrinkage ratio; a near-zero input counts as norm 1).
+    pub fn l2_ratio(&self) -> f64 {
+        let na = self.x_sq.sqrt();
+        self.xhat_sq.sqrt() / if na < 1e-4 { 1.0 } else { na }
+    }
+}
+
 /// Evaluate `sae` on rows `x` ([n, d_in]).
 pub fn evaluate(sae: &Sae, x: &[f32]) -> EvalMetrics {
     let d = sae.d_in;
@@ -83,33 +126,15 @@ pub fn evaluate(sae: &Sae, x: &[f32]) -> EvalMetrics {
         }
         l0 += codes.val.iter().filter(|v| **v != 0.0).count() as f64;
         l1 += codes.val.iter().map(|v| v.abs() as f64).sum::<f64>();
-        let per: Vec<(f64, f64, f64, f64, f64, f64)> = (0..rows)
-            .into_par_iter()
-            .map(|r| {
-                let a = &xs[r * d..(r + 1) * d];
-                let b = &xh[r * d..(r + 1) * d];
-                let (mut e, mut aa, mut bb, mut ab) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
-                for i in 0..d {
-                    let (p, q) = (a[i] as f64, b[i] as f64);
-                    e += (p - q) * (p - q);
-                    aa += p * p;
-                    bb += q * q;
-                    ab += p * q;
-                }
-                let na = aa.sqrt();
-                let nb = bb.sqrt();
-                let c = if na > 0.0 && nb > 0.0 { ab / (na * nb) } else { 0.0 };
-                let ratio = nb / if na.abs() < 1e-4 { 1.0 } else { na };
-                (e, aa, c, ratio, bb, ab)
-            })
-            .collect();
-        for (e, aa, c, ratio, bb, ab) in per {
-            sse += e;
-            sumsq += aa;
-            cos += c;
-            l2r += ratio;
-            xhn2 += bb;
-            xdot += ab;
+        let per: Vec<RowRecon> =
+            (0..rows).into_par_iter().map(|r| RowRecon::of(&xs[r * d..(r + 1) * d], &xh[r * d..(r + 1) * d])).collect();
+        for p in per {
+            sse += p.sq_err;
+            sumsq += p.x_sq;
+            cos += p.cossim();
+            l2r += p.l2_ratio();
+            xhn2 += p.xhat_sq;
+            xdot += p.dot;
         }
         for r in 0..rows {
             for i in 0..d {
