@@ -40,8 +40,8 @@ enum Command {
     Tokenize(cmd::tokenize::TokenizeArgs),
     /// Run the model over tokenized contexts and store hook activations (bf16 shards, resumable).
     Harvest(cmd::harvest::HarvestArgs),
-    /// Train a sparse autoencoder (topk, batchtopk, jumprelu, relu) on stored activations.
-    Train(cmd::train::TrainArgs),
+    /// Train a sparse autoencoder (topk, batchtopk, jumprelu, relu) on stored activations or live from the model.
+    Train(Box<cmd::train::TrainArgs>),
     /// Reconstruction and sparsity metrics of an SAE on activations (table or --json).
     Eval(cmd::eval::EvalArgs),
     /// Splice the SAE into the model: CE / KL with the SAE and with zero-ablation, plus reconstruction metrics.
@@ -96,7 +96,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Corpus(c) => cmd::corpus::run(c),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Harvest(a) => cmd::harvest::run(a),
-        Command::Train(a) => cmd::train::run(a),
+        Command::Train(a) => cmd::train::run(*a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::EvalModel(a) => cmd::eval_model::run(a),
         Command::Analyze(a) => cmd::analyze::run(a),

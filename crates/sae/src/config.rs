@@ -45,6 +45,19 @@ pub struct TrainConfig {
     // ---- data ----
     /// `.npy` file [N, d_in] float32 with the training activations.
     pub acts: Option<String>,
+    /// Train on the model's activations computed on the fly (no disk): `contexts` is a tokenized
+    /// dataset (`saekit tokenize`), `model` the model, `hook_name` the hook point.
+    pub live: bool,
+    /// Tokenized dataset folder for `live`.
+    pub contexts: Option<String>,
+    /// Model for `live` (a .gguf, an HF folder or a fetched hub name; default: SmolLM2-135M-Instruct).
+    pub model: Option<String>,
+    /// Split of `contexts` to train on.
+    pub split: String,
+    /// Contexts per forward pass in `live` mode.
+    pub live_batch: usize,
+    /// Tokens per shuffle block in `live` mode (rows are mixed within a block; it is held in memory).
+    pub live_block_tokens: usize,
     /// Output folder (SAELens v6 layout + checkpoints/ + metrics.jsonl).
     pub out: String,
     /// Training tokens (rows). Accepts plain integers; the CLI also accepts 2M / 500k.
@@ -110,6 +123,12 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             acts: None,
+            live: false,
+            contexts: None,
+            model: None,
+            split: "train".into(),
+            live_batch: 8,
+            live_block_tokens: 1 << 16,
             out: "sae-out".into(),
             tokens: 2_000_000,
             batch_size: 4096,

@@ -41,7 +41,7 @@ pub(crate) fn forward_backward_dense(sae: &Sae, ws: &mut Workspace, x: &[f32], l
     let bf = rows as f32;
     let mut prof = crate::step::Prof::new();
     let tv = crate::step::batch_total_variance(x, d).max(1e-30);
-    let (xin, pre, act, gbuf, xhat, dxhat, g, fired) = ws.dense_parts();
+    let (xin, pre, act, gbuf, xhat, dxhat, g, fires) = ws.dense_parts();
     ensure(xin, rows * d);
     ensure(pre, rows * ds);
     ensure(act, rows * ds);
@@ -192,13 +192,11 @@ pub(crate) fn forward_backward_dense(sae: &Sae, ws: &mut Workspace, x: &[f32], l
             }
         }
     }
-    ensure(fired, ds);
-    fired[..ds].fill(false);
+    ensure(fires, ds);
+    fires[..ds].fill(0);
     for r in 0..rows {
         for j in 0..ds {
-            if act[r * ds + j] != 0.0 {
-                fired[j] = true;
-            }
+            fires[j] += (act[r * ds + j] != 0.0) as u32;
         }
     }
     prof.mark("rest");

@@ -32,5 +32,5 @@ pub use format::{load_sae, save_saelens};
 pub use metrics::{evaluate, EvalMetrics};
 pub use source::{ActivationSource, NpySource};
 #[cfg(feature = "store")]
-pub use store_source::StoreSource;
+pub use store_source::{LiveSource, StoreSource};
 pub use train::{train, RunOptions, TrainOutcome};

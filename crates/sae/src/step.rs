@@ -118,8 +118,8 @@ pub struct Workspace {
     daux: Vec<f32>,
     dmulti: Vec<f32>,
     pub grads: Grads,
-    /// latents that fired (non-zero activation) in the last forward pass
-    pub fired: Vec<bool>,
+    /// per latent, the rows of the last batch on which it fired (non-zero activation)
+    pub fires: Vec<u32>,
     dead: Vec<bool>,
     /// BatchTopK: smallest selected activation of the last batch (threshold EMA input)
     pub batch_min_selected: f32,
@@ -137,7 +137,7 @@ impl Workspace {
         &mut Vec<f32>,
         &mut Vec<f32>,
         &mut Grads,
-        &mut Vec<bool>,
+        &mut Vec<u32>,
     ) {
         (
             &mut self.xin,
@@ -147,7 +147,7 @@ impl Workspace {
             &mut self.xhat,
             &mut self.dxhat,
             &mut self.grads,
-            &mut self.fired,
+            &mut self.fires,
         )
     }
 }
@@ -420,17 +420,17 @@ fn forward_backward_topk(sae: &Sae, ws: &mut Workspace, x: &[f32], since_fired: 
     }
     g.g_thr.clear();
 
-    // fired latents (main selection only)
-    ensure(&mut ws.fired, ds);
-    ws.fired[..ds].fill(false);
+    // firing counts (main selection only)
+    ensure(&mut ws.fires, ds);
+    ws.fires[..ds].fill(0);
     let mut nnz = 0usize;
     for (&j, &v) in main_idx.iter().zip(main_val) {
         if j != u32::MAX && v > 0.0 {
-            ws.fired[j as usize] = true;
+            ws.fires[j as usize] += 1;
             nnz += 1;
         }
     }
-    prof.mark("bdec+fired");
+    prof.mark("bdec+fires");
     prof.print("forward_backward");
     StepStats {
         loss,

@@ -1,4 +1,4 @@
-//! [`ActivationSource`] over a saekit-store activation store (`saekit harvest` output).
+//! [`ActivationSource`]s over saekit-store: an activation store (`saekit harvest` output) and live model rows.
 
 use crate::source::ActivationSource;
 use anyhow::{Context, Result};
@@ -91,6 +91,50 @@ impl ActivationSource for StoreSource {
             self.pos = used;
         }
         Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.desc.clone()
+    }
+}
+
+/// [`ActivationSource`] over the model itself (`saekit train --live`): rows computed block by block
+/// by [`saekit_store::live::LiveActivations`], nothing written to disk. Its cursor is the live
+/// position, so `--resume` recomputes the current block and continues bit-identically.
+pub struct LiveSource<'m> {
+    live: saekit_store::live::LiveActivations<'m>,
+    desc: String,
+}
+
+impl<'m> LiveSource<'m> {
+    pub fn new(live: saekit_store::live::LiveActivations<'m>, desc: String) -> LiveSource<'m> {
+        LiveSource { live, desc }
+    }
+
+    /// Seconds in the model and tokens forwarded so far.
+    pub fn forward_stats(&self) -> (f64, u64) {
+        self.live.forward_stats()
+    }
+}
+
+impl ActivationSource for LiveSource<'_> {
+    fn d_in(&self) -> usize {
+        self.live.d_model()
+    }
+
+    fn next_batch(&mut self, out: &mut [f32]) -> Result<usize> {
+        self.live.next_rows(out)?;
+        Ok(out.len() / self.live.d_model())
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "live", "live": self.live.cursor()})
+    }
+
+    fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        let lc: saekit_store::live::LiveCursor = serde_json::from_value(c.get("live").cloned().unwrap_or_default())
+            .with_context(|| format!("not a live-data position: {c} (was this run trained with --live?)"))?;
+        self.live.seek(&lc)
     }
 
     fn describe(&self) -> String {

@@ -533,11 +533,11 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
             st.batchtopk_threshold = stats_threshold_update(&ws, st.batchtopk_threshold, cfg.topk_threshold_lr, step);
         }
         // dead-latent bookkeeping
-        for (j, f) in ws.fired[..cfg.d_sae].iter().enumerate() {
-            if *f {
+        for (j, &f) in ws.fires[..cfg.d_sae].iter().enumerate() {
+            if f > 0 {
                 st.since_fired[j] = 0;
-                st.fire_count[j] += 1;
-                st.window_fire[j] += 1;
+                st.fire_count[j] += f as u64;
+                st.window_fire[j] += f as u64;
             } else {
                 st.since_fired[j] = st.since_fired[j].saturating_add(b as u64);
             }

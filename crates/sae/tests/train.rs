@@ -148,6 +148,11 @@ fn output_folder_loads_and_reconstructs() {
         serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().last().unwrap())
             .unwrap();
     assert!((last["fvu"].as_f64().unwrap() - m.fvu).abs() < 0.1);
+    // sparsity.safetensors holds per-token firing frequencies: over all latents they add up to the
+    // mean L0 of training (k = 4, a little less where a selected value is 0).
+    let freq = saekit_sae::format::load_sparsity(&out).unwrap().unwrap();
+    let l0: f64 = freq.iter().map(|&v| 10f64.powf(v as f64)).sum();
+    assert!(l0 > 3.0 && l0 < 4.0 + 1e-3, "sum of firing frequencies {l0}, want the training L0 (~4)");
 }
 
 #[test]

@@ -57,6 +57,20 @@ pub fn tokenize_options_for(model: &Model) -> TokenizeOptions {
     }
 }
 
+/// The tokens whose rows are attention sinks besides position 0: (BOS, end-of-text tokens). BOS is the
+/// dataset's (or the tokenizer's); end-of-text covers the dataset's separator, `<|endoftext|>` and EOS.
+pub fn sink_tokens(model: &Model, data: &TokenDataset) -> (Option<u32>, Vec<u32>) {
+    let tok = model.tokenizer();
+    let m = &data.manifest().options;
+    let mut eot = vec![m.separator];
+    for t in [tok.end_of_text_id(), Some(tok.eos_token_id())].into_iter().flatten() {
+        if !eot.contains(&t) {
+            eot.push(t);
+        }
+    }
+    (m.bos.or(tok.bos_token_id()), eot)
+}
+
 /// Harvest into `out` (created, or resumed when it already holds the same harvest).
 pub fn harvest(
     model: &Model,
@@ -93,14 +107,7 @@ pub fn harvest(
         );
     }
     let n_ctx = want.min(avail);
-    let tok = model.tokenizer();
-    let m = &data.manifest().options;
-    let mut eot = vec![m.separator];
-    for t in [tok.end_of_text_id(), Some(tok.eos_token_id())].into_iter().flatten() {
-        if !eot.contains(&t) {
-            eot.push(t);
-        }
-    }
+    let (bos_token, eot) = sink_tokens(model, data);
     let config = StoreConfig {
         model: ModelInfo {
             name: cfg.name.clone(),
@@ -114,7 +121,7 @@ pub fn harvest(
         dtype: opts.dtype,
         context: ctx,
         contexts_per_shard: opts.contexts_per_shard,
-        bos_token: m.bos.or(tok.bos_token_id()),
+        bos_token,
         eot_tokens: eot,
         outlier_factor: opts.outlier_factor,
         source: SourceInfo {

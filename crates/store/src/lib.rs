@@ -2,7 +2,8 @@
 //!
 //! Owns: corpus readers (text, JSONL(.gz/.zst), Parquet), tokenized context shards (`tokenize`), the
 //! on-disk [`ActivationStore`] with its crash-safe [`ActivationWriter`], the shuffled
-//! [`ActivationReader`], and the harvest loop that runs the model into a store.
+//! [`ActivationReader`], the harvest loop that runs the model into a store, and live activations (the
+//! model's rows served straight to training, no disk).
 //! Must not touch: model internals (it only calls `saekit_model`'s public API), SAE training (saekit-sae
 //! reads stores through [`ActivationReader`]), or the CLI.
 
@@ -10,6 +11,8 @@ mod atomic;
 pub mod corpus;
 #[cfg(feature = "model")]
 pub mod harvest;
+#[cfg(feature = "model")]
+pub mod live;
 pub mod reader;
 pub mod store;
 pub mod tokens;

@@ -12,7 +12,9 @@ use saekit_sae::{Arch, NpySource, RunOptions, TrainConfig};
 /// Writes a SAELens v6 folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus
 /// metrics.jsonl and checkpoints/ (the last two kept; `--resume DIR` continues bit-identically).
 ///
-/// Inputs: a float32 .npy [N, d_in]. By default rows whose L2 norm exceeds 10x the median norm of
+/// Inputs: a float32 .npy [N, d_in], an activation store folder (`saekit harvest`), or `--live`:
+/// the model run over a tokenized dataset (`saekit tokenize`) with nothing written to disk
+/// (`saekit train --live --contexts TOKENS_DIR --hook-name blocks.15.hook_resid_post`). By default rows whose L2 norm exceeds 10x the median norm of
 /// the first 65,536 rows are excluded (SmolLM2's attention sinks: position 0 and <|endoftext|>
 /// carry ~100x the median norm and 93% of the raw variance); the count is reported. Set
 /// `--outlier-norm-factor 0` to keep every row. Inputs are scaled by one scalar so that
@@ -25,6 +27,25 @@ pub struct TrainArgs {
     /// Activations: a float32 .npy file [N, d_in], or an activation store folder (`saekit harvest`).
     #[arg(long)]
     pub acts: Option<String>,
+    /// Train straight from the model (no activations on disk): needs --contexts; reads the hook
+    /// point given by --hook-name. Rows are shuffled within blocks of --live-block-tokens.
+    #[arg(long)]
+    pub live: bool,
+    /// Tokenized dataset (`saekit tokenize`) for --live.
+    #[arg(long, value_name = "TOKENS_DIR")]
+    pub contexts: Option<String>,
+    /// Model for --live: a .gguf, an HF folder or a fetched hub name (default: SmolLM2-135M-Instruct).
+    #[arg(long, short = 'm', env = "SAEKIT_MODEL")]
+    pub model: Option<String>,
+    /// Split of the tokenized dataset for --live.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Contexts per forward pass for --live.
+    #[arg(long)]
+    pub live_batch: Option<usize>,
+    /// Tokens per shuffle block for --live (default 65536; held in memory as f32).
+    #[arg(long)]
+    pub live_block_tokens: Option<String>,
     /// Hook to read from a multi-hook store (default: its only hook).
     #[arg(long, default_value = "")]
     pub hook: String,
@@ -92,6 +113,24 @@ pub fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     };
     if let Some(v) = &a.acts {
         c.acts = Some(v.clone());
+    }
+    if a.live || a.contexts.is_some() {
+        c.live = true;
+    }
+    if let Some(v) = &a.contexts {
+        c.contexts = Some(v.clone());
+    }
+    if let Some(v) = &a.model {
+        c.model = Some(v.clone());
+    }
+    if let Some(v) = &a.split {
+        c.split = v.clone();
+    }
+    if let Some(v) = a.live_batch {
+        c.live_batch = v;
+    }
+    if let Some(v) = &a.live_block_tokens {
+        c.live_block_tokens = parse_count(v)? as usize;
     }
     if let Some(v) = &a.arch {
         c.arch = Arch::parse(v)?;
@@ -168,15 +207,27 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .with_context(|| format!("parsing {}/state.json", last.display()))?;
         let saved: TrainConfig = serde_json::from_value(meta["config"].clone())
             .with_context(|| format!("{}/state.json: bad config", last.display()))?;
-        if a.acts.is_none() {
+        if a.acts.is_none() && !a.live && a.contexts.is_none() {
             c.acts = saved.acts.clone();
+            c.live = saved.live;
+            c.contexts = saved.contexts.clone();
+            c.split = saved.split.clone();
+            c.live_batch = saved.live_batch;
+            c.live_block_tokens = saved.live_block_tokens;
+            c.hook_name = saved.hook_name.clone();
+            if a.model.is_none() {
+                c.model = saved.model.clone();
+            }
         }
         c.seed = saved.seed;
     }
-    let Some(acts) = c.acts.clone() else {
-        bail!("no activations: pass --acts FILE.npy (or `acts = \"...\"` in --config)");
-    };
     let opts = RunOptions { resume, progress: !a.quiet, stop_after_steps: None };
+    if c.live {
+        return run_live(c, &opts);
+    }
+    let Some(acts) = c.acts.clone() else {
+        bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR (or set them in --config)");
+    };
     let o = if std::path::Path::new(&acts).is_dir() {
         let mut src = saekit_sae::StoreSource::open(std::path::Path::new(&acts), &a.hook, c.seed, true, c.batch_size)?;
         saekit_sae::train(&c, &mut src, &opts)?
@@ -186,11 +237,75 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         bail!("{acts}: expected a float32 .npy file or an activation store folder");
     };
+    report(&o, o.tokens_per_s);
+    Ok(())
+}
+
+/// `--live`: the model runs over the tokenized contexts and its rows go straight into training.
+fn run_live(mut c: TrainConfig, opts: &RunOptions) -> Result<()> {
+    if c.acts.is_some() {
+        bail!("--live reads activations from the model: drop --acts (or `acts` in the config), or drop --live");
+    }
+    let Some(contexts) = c.contexts.clone() else {
+        bail!("--live needs a tokenized dataset: --contexts TOKENS_DIR (from `saekit tokenize`)");
+    };
+    let hook: saekit_model::HookPoint = c
+        .hook_name
+        .parse()
+        .with_context(|| format!("--hook-name {:?}: not a hook point the model can run to", c.hook_name))?;
+    let data = saekit_store::TokenDataset::open(std::path::Path::new(&contexts))?;
+    let model_path = super::model_arg::resolve_model(c.model.as_deref())?;
+    let model = saekit_model::Model::load(&model_path, &saekit_model::LoadOptions::default())?;
+    // The default name fits the default model; another model's cfg.json metadata names that model.
+    if c.model_name == TrainConfig::default().model_name
+        && model_path != saekit_model::default_model_path()
+        && !model.config().name.is_empty()
+    {
+        c.model_name = model.config().name.clone();
+    }
+    c.context_size = data.context();
+    if c.dataset_path.is_empty() {
+        c.dataset_path = contexts.clone();
+    }
+    let lopts = saekit_store::live::LiveOptions {
+        hook,
+        split: c.split.clone(),
+        batch: c.live_batch,
+        block_tokens: c.live_block_tokens,
+        seed: c.seed,
+        // what the trainer reads ahead before seeking back to the start
+        keep_rows: c.norm_estimate_rows.max(c.batch_size.min(4096)),
+    };
+    let live = saekit_store::live::LiveActivations::new(&model, &data, lopts)?;
+    let desc = format!(
+        "live {} at {hook} over {contexts} split {} ({} contexts of {}, {} shuffle blocks per epoch, sinks skipped)",
+        model_path.display(),
+        c.split,
+        live.n_contexts(),
+        live.context_len(),
+        live.blocks_per_epoch()
+    );
+    let mut src = saekit_sae::LiveSource::new(live, desc);
+    let t0 = std::time::Instant::now();
+    let o = saekit_sae::train(&c, &mut src, opts)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let (fs, ft) = src.forward_stats();
+    eprintln!(
+        "model forward: {ft} tokens in {fs:.1} s ({:.0} tokens/s), {:.0}% of the {wall:.1} s run",
+        ft as f64 / fs.max(1e-9),
+        100.0 * fs / wall.max(1e-9)
+    );
+    // end to end: the blocks computed while preparing count too
+    report(&o, o.tokens as f64 / wall.max(1e-9));
+    Ok(())
+}
+
+fn report(o: &saekit_sae::TrainOutcome, tokens_per_s: f64) {
     eprintln!(
         "trained {} steps ({} tokens, {:.0} tokens/s); excluded {} outlier rows (norm > {:.1}); last batch FVU {:.4}, L0 {:.1}, dead {:.2}%",
         o.steps,
         o.tokens,
-        o.tokens_per_s,
+        tokens_per_s,
         o.excluded_rows,
         o.max_norm,
         o.last.fvu,
@@ -198,5 +313,4 @@ pub fn run(a: TrainArgs) -> Result<()> {
         100.0 * o.dead_frac
     );
     println!("{}", o.out_dir.display());
-    Ok(())
 }

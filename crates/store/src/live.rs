@@ -1,0 +1,293 @@
+//! Live activations: run the model over tokenized contexts and hand out shuffled rows of one hook
+//! point without writing anything to disk (`saekit train --live`).
+//!
+//! The split is read in a seeded random context order, re-drawn every epoch, and cut into blocks of
+//! contexts. A block is one forward pass (in sub-batches) whose rows, minus the attention sinks
+//! (position 0, BOS, end-of-text: the rows an [`crate::ActivationReader`] skips by default), are
+//! shuffled with a seed derived from (seed, epoch, block) and served in that order. A position is
+//! therefore (epoch, block, rows served), and seeking recomputes the block, so a resumed run sees the
+//! same rows in the same order as an uninterrupted one (the forward pass is deterministic).
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use saekit_model::{HookPoint, Model};
+use serde::{Deserialize, Serialize};
+
+use crate::harvest::sink_tokens;
+use crate::tokens::{TokenDataset, TokenSplit};
+
+#[derive(Clone, Debug)]
+pub struct LiveOptions {
+    pub hook: HookPoint,
+    pub split: String,
+    /// Contexts per forward pass.
+    pub batch: usize,
+    /// Tokens per shuffle block (rounded up to whole contexts). Rows are mixed within a block, and
+    /// a block's f32 rows are held in memory (65,536 tokens x 576 = 151 MB for SmolLM2).
+    pub block_tokens: usize,
+    pub seed: u64,
+    /// Rows of recent blocks kept for seeks back (the trainer reads its first 65,536 rows to fix the
+    /// input scale, then seeks back to the start): a seek within them costs no forward pass.
+    pub keep_rows: usize,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            hook: HookPoint::ResidPost(15),
+            split: "train".into(),
+            batch: 8,
+            block_tokens: 1 << 16,
+            seed: 0,
+            keep_rows: 1 << 17,
+        }
+    }
+}
+
+/// Where a live source stands; saved in training checkpoints. The fingerprint fields refuse a resume
+/// with other data or options.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveCursor {
+    pub epoch: u64,
+    pub block: u64,
+    /// Rows of the block already handed out.
+    pub served: u64,
+    pub seed: u64,
+    pub hook: String,
+    pub split: String,
+    pub n_contexts: u64,
+    pub block_contexts: u64,
+}
+
+struct Block {
+    epoch: u64,
+    block: u64,
+    rows: Vec<f32>,
+}
+
+/// Rows of one hook point computed on demand by the model; cycles over the split forever.
+pub struct LiveActivations<'m> {
+    model: &'m Model,
+    split: TokenSplit,
+    opts: LiveOptions,
+    d_model: usize,
+    block_contexts: u64,
+    bos: Option<u32>,
+    eot: Vec<u32>,
+    epoch: u64,
+    block: u64,
+    served: u64,
+    perm_epoch: Option<u64>,
+    perm: Vec<u64>,
+    /// The most recent blocks, up to `keep_rows` rows besides the newest.
+    cache: Vec<Block>,
+    forward_seconds: f64,
+    forward_tokens: u64,
+}
+
+impl<'m> LiveActivations<'m> {
+    pub fn new(model: &'m Model, data: &TokenDataset, opts: LiveOptions) -> Result<LiveActivations<'m>> {
+        let cfg = model.config();
+        opts.hook.check(cfg.n_layers)?;
+        ensure!(opts.batch > 0, "the forward batch must be at least one context");
+        let split = data.split(&opts.split)?;
+        ensure!(split.n_contexts() > 0, "split {:?} of {} has no contexts", opts.split, data.dir().display());
+        let vocab = cfg.vocab_size as u32;
+        // A dataset tokenized for another model would run silently on wrong embeddings.
+        if let Some(bad) = split.context(0).iter().find(|&&t| t >= vocab) {
+            anyhow::bail!(
+                "{}: token id {bad} is outside the model's vocabulary ({vocab}); was it tokenized for another model?",
+                data.dir().display()
+            );
+        }
+        let ctx = split.context_len();
+        let block_contexts = opts.block_tokens.div_ceil(ctx).max(1) as u64;
+        let (bos, eot) = sink_tokens(model, data);
+        Ok(LiveActivations {
+            model,
+            d_model: cfg.d_model,
+            split,
+            block_contexts,
+            bos,
+            eot,
+            opts,
+            epoch: 0,
+            block: 0,
+            served: 0,
+            perm_epoch: None,
+            perm: vec![],
+            cache: vec![],
+            forward_seconds: 0.0,
+            forward_tokens: 0,
+        })
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    pub fn n_contexts(&self) -> u64 {
+        self.split.n_contexts()
+    }
+
+    pub fn context_len(&self) -> usize {
+        self.split.context_len()
+    }
+
+    pub fn blocks_per_epoch(&self) -> u64 {
+        self.split.n_contexts().div_ceil(self.block_contexts)
+    }
+
+    /// Seconds spent in the model and tokens run through it so far (including recomputed blocks).
+    pub fn forward_stats(&self) -> (f64, u64) {
+        (self.forward_seconds, self.forward_tokens)
+    }
+
+    pub fn cursor(&self) -> LiveCursor {
+        LiveCursor {
+            epoch: self.epoch,
+            block: self.block,
+            served: self.served,
+            seed: self.opts.seed,
+            hook: self.opts.hook.to_string(),
+            split: self.opts.split.clone(),
+            n_contexts: self.split.n_contexts(),
+            block_contexts: self.block_contexts,
+        }
+    }
+
+    pub fn seek(&mut self, c: &LiveCursor) -> Result<()> {
+        let mine = self.cursor();
+        ensure!(
+            c.seed == mine.seed
+                && c.hook == mine.hook
+                && c.split == mine.split
+                && c.n_contexts == mine.n_contexts
+                && c.block_contexts == mine.block_contexts,
+            "the live-data position was recorded for other data or options (saved: seed {}, hook {}, split {:?}, {} contexts, {} per block; now: seed {}, hook {}, split {:?}, {} contexts, {} per block)",
+            c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
+            mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
+        );
+        ensure!(c.block < self.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
+        self.epoch = c.epoch;
+        self.block = c.block;
+        self.served = c.served;
+        let rows = self.current_block()?.len() as u64 / self.d_model as u64;
+        ensure!(c.served <= rows, "live cursor: {} rows served of a block of {rows}", c.served);
+        Ok(())
+    }
+
+    /// Fill `out` (whole rows of `d_model`) with the next rows.
+    pub fn next_rows(&mut self, out: &mut [f32]) -> Result<()> {
+        let d = self.d_model;
+        ensure!(out.len().is_multiple_of(d), "output length {} is not a multiple of d_model {d}", out.len());
+        let want = out.len() / d;
+        let mut done = 0;
+        while done < want {
+            let served = self.served as usize;
+            let rows = self.current_block()?;
+            let avail = rows.len() / d - served;
+            let n = avail.min(want - done);
+            out[done * d..(done + n) * d].copy_from_slice(&rows[served * d..(served + n) * d]);
+            done += n;
+            self.served += n as u64;
+            if n == avail {
+                self.advance();
+            }
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self) {
+        self.served = 0;
+        self.block += 1;
+        if self.block == self.blocks_per_epoch() {
+            self.block = 0;
+            self.epoch += 1;
+        }
+    }
+
+    /// The shuffled kept rows of (epoch, block), computed when not cached.
+    fn current_block(&mut self) -> Result<&[f32]> {
+        let (epoch, block) = (self.epoch, self.block);
+        if let Some(i) = self.cache.iter().position(|b| b.epoch == epoch && b.block == block) {
+            return Ok(&self.cache[i].rows);
+        }
+        let rows = self.compute_block(epoch, block)?;
+        ensure!(
+            !rows.is_empty(),
+            "block {block} of epoch {epoch} has no rows left after skipping position 0 and end-of-text tokens"
+        );
+        self.cache.push(Block { epoch, block, rows });
+        let d = self.d_model;
+        while self.cache.len() > 1
+            && self.cache[..self.cache.len() - 1].iter().map(|b| b.rows.len() / d).sum::<usize>() > self.opts.keep_rows
+        {
+            self.cache.remove(0);
+        }
+        Ok(&self.cache[self.cache.len() - 1].rows)
+    }
+
+    fn epoch_perm(&mut self, epoch: u64) -> &[u64] {
+        if self.perm_epoch != Some(epoch) {
+            self.perm = (0..self.split.n_contexts()).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(self.opts.seed, epoch, u64::MAX));
+            self.perm.shuffle(&mut rng);
+            self.perm_epoch = Some(epoch);
+        }
+        &self.perm
+    }
+
+    fn compute_block(&mut self, epoch: u64, block: u64) -> Result<Vec<f32>> {
+        let (d, ctx) = (self.d_model, self.split.context_len());
+        let lo = (block * self.block_contexts) as usize;
+        let hi = ((block + 1) * self.block_contexts).min(self.split.n_contexts()) as usize;
+        let ids: Vec<u64> = self.epoch_perm(epoch)[lo..hi].to_vec();
+        let t0 = Instant::now();
+        let hooks = [self.opts.hook];
+        let mut kept: Vec<f32> = Vec::with_capacity(ids.len() * ctx * d);
+        let mut toks: Vec<u32> = Vec::with_capacity(self.opts.batch * ctx);
+        for chunk in ids.chunks(self.opts.batch) {
+            toks.clear();
+            for &c in chunk {
+                toks.extend_from_slice(self.split.context(c));
+            }
+            let cache = self
+                .model
+                .run_with_cache(&toks, chunk.len(), &hooks)
+                .with_context(|| format!("forward pass for live activations (epoch {epoch}, block {block})"))?;
+            let acts = cache.get(&self.opts.hook).with_context(|| format!("the model did not return {}", hooks[0]))?;
+            for (i, &t) in toks.iter().enumerate() {
+                let sink = i % ctx == 0 || self.bos == Some(t) || self.eot.contains(&t);
+                if !sink {
+                    kept.extend_from_slice(&acts[i * d..(i + 1) * d]);
+                }
+            }
+        }
+        self.forward_seconds += t0.elapsed().as_secs_f64();
+        self.forward_tokens += (ids.len() * ctx) as u64;
+        let n = kept.len() / d;
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(self.opts.seed, epoch, block)));
+        let mut rows = vec![0f32; n * d];
+        for (dst, &src) in rows.chunks_exact_mut(d).zip(&order) {
+            dst.copy_from_slice(&kept[src as usize * d..(src as usize + 1) * d]);
+        }
+        tracing::debug!("live block {block} of epoch {epoch}: {} contexts, {n} rows", ids.len());
+        Ok(rows)
+    }
+}
+
+/// A seed for (run seed, epoch, block) that does not collide for nearby values.
+fn mix(seed: u64, epoch: u64, block: u64) -> u64 {
+    let mut h = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for v in [epoch, block] {
+        h = (h ^ v).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        h ^= h >> 31;
+    }
+    h
+}
