@@ -37,6 +37,27 @@ impl Arch {
     }
 }
 
+/// JumpReLU sparsity penalty (SAELens `jumprelu_sparsity_loss_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum JumpReluSparsity {
+    #[default]
+    Step,
+    Tanh,
+    Quadratic,
+}
+
+impl JumpReluSparsity {
+    pub fn parse(s: &str) -> Result<JumpReluSparsity> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "step" => JumpReluSparsity::Step,
+            "tanh" => JumpReluSparsity::Tanh,
+            "quadratic" => JumpReluSparsity::Quadratic,
+            other => bail!("unknown JumpReLU sparsity loss {other:?}: expected step, tanh or quadratic"),
+        })
+    }
+}
+
 /// Every training knob. Fields left at `None` take the recipe default of the chosen architecture
 /// (see [`TrainConfig::resolved`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +110,17 @@ pub struct TrainConfig {
     pub jumprelu_init_threshold: f32,
     pub jumprelu_bandwidth: f32,
     pub l0_coefficient: f32,
+    /// "step" (DeepMind's L0), "tanh" (Anthropic's λ·Σ tanh(c·a‖W_dec‖)) or "quadratic" (Gemma
+    /// Scope 2's penalty around `target_l0`), as SAELens' `jumprelu_sparsity_loss_mode`.
+    pub jumprelu_sparsity_loss_mode: JumpReluSparsity,
+    /// c of the tanh penalty.
+    pub jumprelu_tanh_scale: f32,
+    /// Target L0 of the quadratic penalty (required by it).
+    pub target_l0: Option<f32>,
+    /// Anthropic's pre-activation loss on dead latents, λ_p·Σ ReLU(θ − pre)‖W_dec‖ (3e-6 in their setup).
+    pub pre_act_loss_coefficient: Option<f32>,
+    /// Straight-through gradients also reach the pre-activations (Anthropic), not only θ (DeepMind).
+    pub jumprelu_ste_to_input: bool,
     // ---- relu ----
     pub l1_coefficient: f32,
     /// Fraction of steps over which the sparsity coefficient (L1 / L0) warms up linearly from 0.
@@ -147,6 +179,11 @@ impl Default for TrainConfig {
             jumprelu_init_threshold: 0.01,
             jumprelu_bandwidth: 0.05,
             l0_coefficient: 1.0,
+            jumprelu_sparsity_loss_mode: JumpReluSparsity::Step,
+            jumprelu_tanh_scale: 4.0,
+            target_l0: None,
+            pre_act_loss_coefficient: None,
+            jumprelu_ste_to_input: false,
             l1_coefficient: 5.0,
             sparsity_warmup_frac: None,
             decoder_init_norm: None,

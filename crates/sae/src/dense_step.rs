@@ -2,7 +2,7 @@
 //! (ReLU+L1, JumpReLU): early in training half the latents fire, so the decoder and backward
 //! products run as dense GEMMs over reused [batch, d_sae] buffers.
 
-use crate::config::Arch;
+use crate::config::{Arch, JumpReluSparsity};
 use crate::kernels;
 use crate::sae::Sae;
 use crate::step::{LossParams, StepStats, Workspace};
@@ -24,10 +24,18 @@ fn rect(z: f32) -> f32 {
     }
 }
 
-/// ReLU + L1·‖W_dec‖ (Anthropic April 2024 / SAELens `standard`), or JumpReLU with the L0
-/// penalty and rectangle-kernel straight-through estimator (SAELens `jumprelu`, `step` mode).
+/// ReLU + L1·‖W_dec‖ (Anthropic April 2024 / SAELens `standard`), or JumpReLU (SAELens `jumprelu`)
+/// with rectangle-kernel straight-through estimators and one of SAELens' sparsity penalties: `step`
+/// (DeepMind's L0), `tanh` (Anthropic's λ·Σ tanh(c·a‖W_dec‖)) or `quadratic` (Gemma Scope 2's
+/// 2/L0*·(L0 − L0*)²), optionally with Anthropic's pre-activation loss on dead latents.
 /// Loss terms are per-token means: mse = mean_t ‖x − x̂‖², sparsity = coef · mean_t (…).
-pub(crate) fn forward_backward_dense(sae: &Sae, ws: &mut Workspace, x: &[f32], lp: &LossParams) -> Result<StepStats> {
+pub(crate) fn forward_backward_dense(
+    sae: &Sae,
+    ws: &mut Workspace,
+    x: &[f32],
+    since_fired: &[u64],
+    lp: &LossParams,
+) -> Result<StepStats> {
     let d = sae.d_in;
     let ds = sae.d_sae;
     let rows = x.len() / d;
@@ -96,73 +104,121 @@ pub(crate) fn forward_backward_dense(sae: &Sae, ws: &mut Workspace, x: &[f32], l
         }
     });
     let coef = lp.sparsity_coef;
-    // sparsity term and L0 statistic
-    let (sp_sum, nnz) = {
-        let parts: Vec<(f64, u64)> = act
-            .par_chunks(ds)
-            .map(|a| {
-                let mut s = 0.0f64;
-                let mut c = 0u64;
-                for j in 0..ds {
-                    if a[j] != 0.0 {
-                        c += 1;
-                        s += if jump { 1.0 } else { (a[j] * dec_norm[j]) as f64 };
-                    }
-                }
-                (s, c)
-            })
-            .collect();
-        parts.iter().fold((0.0, 0u64), |acc, p| (acc.0 + p.0, acc.1 + p.1))
-    };
-    let mse = sse / rows as f64;
-    let sparsity_loss = coef as f64 * sp_sum / rows as f64;
-    // dA = dx̂ · W_decᵀ
+    let cb = coef / bf;
+    // dA = dx̂ · W_decᵀ (the reconstruction part of dL/da)
     kernels::gemm_abt(rows, ds, d, dxhat, d, &sae.w_dec, gbuf, ds);
     prof.mark("dA gemm");
-    let eps = lp.jumprelu_bandwidth;
-    g.g_thr.clear();
-    if jump {
-        // threshold pseudo-gradient (w.r.t. log threshold), fixed 64-row blocks -> deterministic
-        let blocks: Vec<Vec<f32>> = (0..rows.div_ceil(64))
-            .into_par_iter()
-            .map(|b| {
-                let mut acc = vec![0.0f32; ds];
-                for r in b * 64..((b + 1) * 64).min(rows) {
-                    let (p, ga) = (&pre[r * ds..(r + 1) * ds], &gbuf[r * ds..(r + 1) * ds]);
+    let dead: Vec<bool> = since_fired.iter().map(|&t| t >= lp.dead_tokens).collect();
+    let n_dead = dead.iter().filter(|&&b| b).count();
+    let pa = if jump && n_dead > 0 { lp.pre_act_loss_coef / bf } else { 0.0 };
+    let (eps, tanh_s, mode) = (lp.jumprelu_bandwidth, lp.jumprelu_tanh_scale, lp.jumprelu_sparsity);
+    // One pass per 64-row block turns gbuf into dL/dpre and gathers the per-latent sums (threshold
+    // gradient, gradient w.r.t. ‖W_dec,j‖, losses); blocks are folded in order, so it is deterministic.
+    struct Part {
+        thr: Vec<f32>,
+        dnorm: Vec<f32>,
+        sparsity: f64,
+        pre_act: f64,
+        nnz: u64,
+    }
+    let parts: Vec<Part> = gbuf
+        .par_chunks_mut(64 * ds)
+        .enumerate()
+        .map(|(b, gblk)| {
+            let mut part = Part {
+                thr: vec![0.0; if jump { ds } else { 0 }],
+                dnorm: vec![0.0; ds],
+                sparsity: 0.0,
+                pre_act: 0.0,
+                nnz: 0,
+            };
+            for (i, ga) in gblk.chunks_mut(ds).enumerate() {
+                let r = b * 64 + i;
+                let (p, a) = (&pre[r * ds..(r + 1) * ds], &act[r * ds..(r + 1) * ds]);
+                let l0 = a.iter().filter(|&&v| v != 0.0).count();
+                part.nnz += l0 as u64;
+                if !jump {
+                    // ReLU + λ·Σ a‖W_dec‖
                     for j in 0..ds {
-                        let k = rect((p[j] - thr[j]) / eps);
-                        if k != 0.0 {
-                            acc[j] += -(thr[j] / eps) * k * ga[j] - (coef / bf) / eps * k;
+                        if a[j] != 0.0 {
+                            part.sparsity += (a[j] * dec_norm[j]) as f64;
+                            part.dnorm[j] += cb * a[j];
+                            ga[j] += cb * dec_norm[j];
+                        } else {
+                            ga[j] = 0.0;
                         }
                     }
+                    continue;
                 }
-                acc
-            })
-            .collect();
-        g.g_thr.resize(ds, 0.0);
-        for b in blocks {
-            for (t, v) in g.g_thr.iter_mut().zip(b) {
-                *t += v;
+                // dL/d(l0_t) of the step / quadratic penalties (Step's straight-through estimator)
+                let w_l0 = match mode {
+                    JumpReluSparsity::Step => {
+                        part.sparsity += l0 as f64;
+                        cb
+                    }
+                    JumpReluSparsity::Quadratic => {
+                        let dev = l0 as f32 - lp.target_l0;
+                        part.sparsity += (2.0 / lp.target_l0 * dev * dev) as f64;
+                        cb * 4.0 / lp.target_l0 * dev
+                    }
+                    JumpReluSparsity::Tanh => 0.0,
+                };
+                for j in 0..ds {
+                    let th = thr[j];
+                    if mode == JumpReluSparsity::Tanh {
+                        // Anthropic: λ·Σ tanh(c·a‖W_dec‖); its gradient reaches a even where a = 0
+                        let u = tanh_s * a[j] * dec_norm[j];
+                        let t = u.tanh();
+                        part.sparsity += t as f64;
+                        let sech2 = 1.0 - t * t;
+                        ga[j] += cb * tanh_s * dec_norm[j] * sech2;
+                        part.dnorm[j] += cb * tanh_s * a[j] * sech2;
+                    }
+                    let k = rect((p[j] - th) / eps);
+                    let mut gp = if a[j] != 0.0 { ga[j] } else { 0.0 };
+                    if k != 0.0 {
+                        // JumpReLU's and Step's pseudo-derivatives w.r.t. the threshold
+                        let ste = (th / eps) * ga[j] + w_l0 / eps;
+                        part.thr[j] -= ste;
+                        if lp.jumprelu_ste_to_input {
+                            gp += ste;
+                        }
+                    }
+                    if pa != 0.0 && dead[j] && th > p[j] {
+                        // Anthropic's pre-activation loss on dead latents: λ_p·Σ ReLU(θ − pre)‖W_dec‖
+                        part.pre_act += ((th - p[j]) * dec_norm[j]) as f64;
+                        part.dnorm[j] += pa * (th - p[j]);
+                        part.thr[j] += pa * dec_norm[j];
+                        gp -= pa * dec_norm[j];
+                    }
+                    ga[j] = gp;
+                }
             }
+            part
+        })
+        .collect();
+    let mut sp_sum = 0.0f64;
+    let mut pre_act_sum = 0.0f64;
+    let mut nnz = 0u64;
+    let mut dnorm = vec![0.0f32; ds];
+    g.g_thr.clear();
+    if jump {
+        g.g_thr.resize(ds, 0.0);
+    }
+    for part in parts {
+        sp_sum += part.sparsity;
+        pre_act_sum += part.pre_act;
+        nnz += part.nnz;
+        for (t, v) in g.g_thr.iter_mut().zip(&part.thr) {
+            *t += v;
         }
-        for (t, th) in g.g_thr.iter_mut().zip(thr) {
-            *t *= th; // d/dlogθ = θ · d/dθ
+        for (t, v) in dnorm.iter_mut().zip(&part.dnorm) {
+            *t += v;
         }
     }
-    // gp = dL/dpre
-    gbuf.par_chunks_mut(ds).zip(act.par_chunks(ds)).for_each(|(ga, a)| {
-        for j in 0..ds {
-            ga[j] = if a[j] != 0.0 {
-                if jump {
-                    ga[j]
-                } else {
-                    ga[j] + coef * dec_norm[j] / bf
-                }
-            } else {
-                0.0
-            };
-        }
-    });
+    let mse = sse / rows as f64;
+    let sparsity_loss = coef as f64 * sp_sum / rows as f64;
+    let pre_act_loss = lp.pre_act_loss_coef as f64 * pre_act_sum / rows as f64;
     prof.mark("elementwise");
     g.lm.set_dense(ds);
     ensure(&mut g.g_enc, ds * d);
@@ -172,17 +228,12 @@ pub(crate) fn forward_backward_dense(sae: &Sae, ws: &mut Workspace, x: &[f32], l
     kernels::gemm_atb(ds, d, rows, act, dxhat, &mut g.g_dec[..ds * d], false);
     prof.mark("weight-grad gemms");
     kernels::column_sum(gbuf, ds, &mut g.g_benc[..ds]);
-    if !jump && coef != 0.0 {
-        // ∂/∂W_dec,i of coef·mean_t a_ti‖W_dec,i‖ = coef·(Σ_t a_ti / B)·W_dec,i/‖W_dec,i‖
-        let mut asum = vec![0.0f32; ds];
-        kernels::column_sum(act, ds, &mut asum);
-        g.g_dec[..ds * d].par_chunks_mut(d).enumerate().for_each(|(j, gr)| {
-            if dec_norm[j] > 0.0 && asum[j] != 0.0 {
-                let s = coef * asum[j] / bf / dec_norm[j];
-                kernels::axpy(s, &sae.w_dec[j * d..(j + 1) * d], gr);
-            }
-        });
-    }
+    // penalties on ‖W_dec,j‖: ∂‖W_dec,j‖/∂W_dec,j = W_dec,j / ‖W_dec,j‖
+    g.g_dec[..ds * d].par_chunks_mut(d).enumerate().for_each(|(j, gr)| {
+        if dec_norm[j] > 0.0 && dnorm[j] != 0.0 {
+            kernels::axpy(dnorm[j] / dec_norm[j], &sae.w_dec[j * d..(j + 1) * d], gr);
+        }
+    });
     g.g_bdec.resize(d, 0.0);
     kernels::column_sum(dxhat, d, &mut g.g_bdec);
     if sae.apply_b_dec_to_input {
@@ -202,14 +253,15 @@ pub(crate) fn forward_backward_dense(sae: &Sae, ws: &mut Workspace, x: &[f32], l
     prof.mark("rest");
     prof.print("dense forward_backward");
     Ok(StepStats {
-        loss: mse + sparsity_loss,
+        loss: mse + sparsity_loss + pre_act_loss,
         fvu: sse / tv,
         mse,
         auxk_loss: 0.0,
         multi_topk_fvu: 0.0,
         sparsity_loss,
+        pre_act_loss,
         l0: nnz as f64 / rows as f64,
-        n_dead: 0,
+        n_dead,
         grad_norm: 0.0,
     })
 }

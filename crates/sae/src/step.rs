@@ -5,7 +5,7 @@
 //! all-reduce [`Grads`] between `forward_backward` and [`apply_update`].
 
 use crate::adam::{adam_dense, adam_rows, AdamHyper};
-use crate::config::{Arch, Resolved, TrainConfig};
+use crate::config::{Arch, JumpReluSparsity, Resolved, TrainConfig};
 use crate::kernels::{self, LatentMajor};
 use crate::sae::Sae;
 use rayon::prelude::*;
@@ -20,6 +20,14 @@ pub struct LossParams {
     /// current (warmed-up) sparsity coefficient: L1 lambda for relu, L0 coefficient for jumprelu
     pub sparsity_coef: f32,
     pub jumprelu_bandwidth: f32,
+    pub jumprelu_sparsity: JumpReluSparsity,
+    pub jumprelu_tanh_scale: f32,
+    /// target L0 of the quadratic penalty
+    pub target_l0: f32,
+    /// Anthropic's pre-activation loss on dead latents (0 = off)
+    pub pre_act_loss_coef: f32,
+    /// let the straight-through estimators reach the pre-activations (Anthropic), not only θ
+    pub jumprelu_ste_to_input: bool,
     pub dead_tokens: u64,
 }
 
@@ -37,6 +45,11 @@ impl LossParams {
             multi_topk: c.multi_topk,
             sparsity_coef: base * r.sparsity_scale_at(step),
             jumprelu_bandwidth: c.jumprelu_bandwidth,
+            jumprelu_sparsity: c.jumprelu_sparsity_loss_mode,
+            jumprelu_tanh_scale: c.jumprelu_tanh_scale,
+            target_l0: c.target_l0.unwrap_or(0.0),
+            pre_act_loss_coef: c.pre_act_loss_coefficient.unwrap_or(0.0),
+            jumprelu_ste_to_input: c.jumprelu_ste_to_input,
             dead_tokens: c.dead_tokens,
         }
     }
@@ -52,6 +65,8 @@ pub struct StepStats {
     pub auxk_loss: f64,
     pub multi_topk_fvu: f64,
     pub sparsity_loss: f64,
+    /// Anthropic's pre-activation loss (jumprelu with `pre_act_loss_coefficient`)
+    pub pre_act_loss: f64,
     pub l0: f64,
     pub n_dead: usize,
     pub grad_norm: f64,
@@ -175,7 +190,7 @@ pub fn forward_backward(
             }
             Ok(forward_backward_topk(sae, ws, x, since_fired, lp))
         }
-        Arch::Relu | Arch::JumpRelu => crate::dense_step::forward_backward_dense(sae, ws, x, lp),
+        Arch::Relu | Arch::JumpRelu => crate::dense_step::forward_backward_dense(sae, ws, x, since_fired, lp),
     }
 }
 
@@ -439,6 +454,7 @@ fn forward_backward_topk(sae: &Sae, ws: &mut Workspace, x: &[f32], since_fired: 
         auxk_loss,
         multi_topk_fvu: multi_fvu,
         sparsity_loss: 0.0,
+        pre_act_loss: 0.0,
         l0: nnz as f64 / rows as f64,
         n_dead,
         grad_norm: 0.0,
@@ -614,11 +630,12 @@ pub fn apply_update(sae: &mut Sae, opt: &mut AdamState, g: &mut Grads, up: &Upda
     adam_rows(&mut sae.b_enc, &mut opt.m_benc, &mut opt.v_benc, 1, &g.lm.slot, &g.g_benc[..n], h, false);
     adam_dense(&mut sae.b_dec, &mut opt.m_bdec, &mut opt.v_bdec, &g.g_bdec, h);
     if !g.g_thr.is_empty() && !sae.threshold.is_empty() {
-        // JumpReLU trains log(threshold) (as SAELens does); g_thr is w.r.t. the log
-        let mut log_t: Vec<f32> = sae.threshold.iter().map(|t| t.max(1e-30).ln()).collect();
-        adam_dense(&mut log_t, &mut opt.m_thr, &mut opt.v_thr, &g.g_thr, h);
-        for (t, l) in sae.threshold.iter_mut().zip(log_t) {
-            *t = l.exp();
+        // θ itself, not log θ (SAELens since its issue #494): Adam moves a parameter ~lr per step, so
+        // a log parameterisation barely moves a 0.01 init within a run's lr·steps, and L0 never falls.
+        // Projected to θ ≥ 0: below zero the gate would pass negative pre-activations.
+        adam_dense(&mut sae.threshold, &mut opt.m_thr, &mut opt.v_thr, &g.g_thr, h);
+        for t in sae.threshold.iter_mut() {
+            *t = t.max(0.0);
         }
     }
     prof.mark("adam");

@@ -1,6 +1,6 @@
 //! Analytic gradients of every architecture against f64 central finite differences.
 
-use crate::config::Arch;
+use crate::config::{Arch, JumpReluSparsity};
 use crate::sae::{Activation, Sae};
 use crate::step::{forward_backward, LossParams, Workspace};
 use rand::{Rng, SeedableRng};
@@ -203,6 +203,11 @@ fn lp(arch: Arch, k: usize) -> LossParams {
         multi_topk: false,
         sparsity_coef: 0.0,
         jumprelu_bandwidth: 0.05,
+        jumprelu_sparsity: JumpReluSparsity::Step,
+        jumprelu_tanh_scale: 4.0,
+        target_l0: 0.0,
+        pre_act_loss_coef: 0.0,
+        jumprelu_ste_to_input: false,
         dead_tokens: 100,
     }
 }
@@ -233,37 +238,125 @@ fn topk_auxk_and_multi_topk_gradients_match_finite_differences() {
     check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_topk_ref(p, &P64::from(&s), &x, &dead, &l));
 }
 
-/// ReLU+L1 (relu) or JumpReLU+L0 (jumprelu) loss in f64: mean_t ‖x − x̂‖² + coef · mean_t penalty.
-fn loss_dense_ref(p: &P64, x: &[f32], coef: f64, jump: bool) -> f64 {
+/// Sparsity penalty of the dense architectures.
+#[derive(Clone, Copy)]
+enum Pen {
+    /// ReLU + Σ a‖W_dec‖
+    Relu,
+    /// JumpReLU + L0
+    Step,
+    /// JumpReLU + Σ tanh(c·a‖W_dec‖)
+    Tanh(f64),
+    /// JumpReLU + 2/L0*·(L0 − L0*)²
+    Quadratic(f64),
+}
+
+/// Pre-activations of one row in f64.
+fn pre_f64(p: &P64, xr: &[f64]) -> Vec<f64> {
+    (0..p.n).map(|j| (0..p.d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * p.d + i]).sum::<f64>() + p.b_enc[j]).collect()
+}
+
+fn dec_norms(p: &P64) -> Vec<f64> {
+    (0..p.n).map(|j| p.w_dec[j * p.d..(j + 1) * p.d].iter().map(|v| v * v).sum::<f64>().sqrt()).collect()
+}
+
+/// ReLU / JumpReLU loss in f64: mean_t ‖x − x̂‖² + coef · mean_t penalty
+/// + pa · mean_t Σ_{dead j} ReLU(θ_j − pre_j)‖W_dec,j‖.
+fn loss_dense_ref(p: &P64, x: &[f32], coef: f64, pen: Pen, pa: f64, dead: &[bool]) -> f64 {
     let (d, n) = (p.d, p.n);
     let rows = x.len() / d;
+    let norms = dec_norms(p);
     let mut l = 0.0;
     for r in 0..rows {
         let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+        let pre = pre_f64(p, &xr);
         let mut xh = p.b_dec.clone();
-        let mut pen = 0.0;
+        let (mut pen_sum, mut l0) = (0.0, 0.0);
         for j in 0..n {
-            let v = (0..d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j];
-            let a = if jump {
-                if v > p.thr[j] {
-                    v
-                } else {
-                    0.0
-                }
-            } else {
-                v.max(0.0)
+            let v = pre[j];
+            let a = match pen {
+                Pen::Relu => v.max(0.0),
+                _ if v > p.thr[j] => v,
+                _ => 0.0,
             };
             if a != 0.0 {
-                let w = &p.w_dec[j * d..(j + 1) * d];
+                l0 += 1.0;
                 for i in 0..d {
-                    xh[i] += a * w[i];
+                    xh[i] += a * p.w_dec[j * d + i];
                 }
-                pen += if jump { 1.0 } else { a * w.iter().map(|v| v * v).sum::<f64>().sqrt() };
+            }
+            pen_sum += match pen {
+                Pen::Relu => a * norms[j],
+                Pen::Tanh(c) => (c * a * norms[j]).tanh(),
+                _ => 0.0,
+            };
+            if dead[j] {
+                l += pa * (p.thr[j] - v).max(0.0) * norms[j];
             }
         }
-        l += (0..d).map(|i| (xh[i] - xr[i]).powi(2)).sum::<f64>() + coef * pen;
+        pen_sum += match pen {
+            Pen::Step => l0,
+            Pen::Quadratic(t) => 2.0 / t * (l0 - t).powi(2),
+            _ => 0.0,
+        };
+        l += (0..d).map(|i| (xh[i] - xr[i]).powi(2)).sum::<f64>() + coef * pen_sum;
     }
     l / rows as f64
+}
+
+/// The threshold gradient by its definition (SAELens' JumpReLU and Step straight-through estimators
+/// with the rectangle kernel, plus the exact derivative of the pre-activation loss), in f64.
+fn threshold_grad_ref(p: &P64, x: &[f32], coef: f64, pen: Pen, pa: f64, dead: &[bool], eps: f64) -> Vec<f64> {
+    let (d, n) = (p.d, p.n);
+    let rows = x.len() / d;
+    let (b, norms) = (rows as f64, dec_norms(p));
+    let mut want = vec![0.0f64; n];
+    for r in 0..rows {
+        let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+        let pre = pre_f64(p, &xr);
+        let mut xh = p.b_dec.clone();
+        let mut l0 = 0.0;
+        for j in 0..n {
+            if pre[j] > p.thr[j] {
+                l0 += 1.0;
+                for i in 0..d {
+                    xh[i] += pre[j] * p.w_dec[j * d + i];
+                }
+            }
+        }
+        let w_l0 = match pen {
+            Pen::Step => coef / b,
+            Pen::Quadratic(t) => coef / b * 4.0 / t * (l0 - t),
+            _ => 0.0,
+        };
+        for j in 0..n {
+            let a = if pre[j] > p.thr[j] { pre[j] } else { 0.0 };
+            // dL/da: reconstruction, plus the tanh penalty's (non-zero even at a = 0)
+            let mut da: f64 = (0..d).map(|i| 2.0 * (xh[i] - xr[i]) / b * p.w_dec[j * d + i]).sum();
+            if let Pen::Tanh(c) = pen {
+                da += coef / b * c * norms[j] * (1.0 - (c * a * norms[j]).tanh().powi(2));
+            }
+            if ((pre[j] - p.thr[j]) / eps).abs() < 0.5 {
+                want[j] -= (p.thr[j] / eps) * da + w_l0 / eps;
+            }
+            if dead[j] && p.thr[j] > pre[j] {
+                want[j] += pa / b * norms[j];
+            }
+        }
+    }
+    want
+}
+
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    assert!(want.iter().any(|v| *v != 0.0), "{what}: all zero, test is vacuous");
+    for j in 0..want.len() {
+        assert!(
+            (got[j] as f64 - want[j]).abs() < 1e-4 * (1.0 + want[j].abs()),
+            "{what} {j}: {} vs {}",
+            got[j],
+            want[j]
+        );
+    }
 }
 
 #[test]
@@ -272,57 +365,80 @@ fn relu_l1_gradients_match_finite_differences() {
     let since = vec![0u64; s.d_sae];
     let mut l = lp(Arch::Relu, 0);
     l.sparsity_coef = 0.7;
-    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.7, false));
+    let none = vec![false; s.d_sae];
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.7, Pen::Relu, 0.0, &none));
 }
 
-#[test]
-fn jumprelu_weight_gradients_match_finite_differences() {
-    let (mut s, x) = tiny(Activation::JumpRelu, 9);
+/// A JumpReLU SAE whose thresholds sit where some pre-activations fall inside the kernel window.
+fn tiny_jumprelu(seed: u64) -> (Sae, Vec<f32>) {
+    let (mut s, x) = tiny(Activation::JumpRelu, seed);
     for (j, t) in s.threshold.iter_mut().enumerate() {
         *t = 0.02 + 0.01 * (j % 5) as f32;
     }
+    (s, x)
+}
+
+#[test]
+fn jumprelu_step_gradients_match_finite_differences_and_the_estimator() {
+    let (s, x) = tiny_jumprelu(9);
     let since = vec![0u64; s.d_sae];
+    let none = vec![false; s.d_sae];
     let mut l = lp(Arch::JumpRelu, 0);
     l.sparsity_coef = 0.3; // the L0 term is piecewise constant in the weights
-    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.3, true));
-    // threshold: straight-through estimate, checked against its definition in f64
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.3, Pen::Step, 0.0, &none));
     let mut ws = Workspace::default();
     forward_backward(&s, &mut ws, &x, &since, &l).unwrap();
-    let p = P64::from(&s);
-    let (d, n, rows) = (s.d_in, s.d_sae, x.len() / s.d_in);
-    let eps = 0.05f64;
-    let mut want = vec![0.0f64; n];
-    for r in 0..rows {
-        let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
-        let pre: Vec<f64> = (0..n)
-            .map(|j| (0..d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j])
-            .collect();
-        let mut xh = p.b_dec.clone();
-        for j in 0..n {
-            if pre[j] > p.thr[j] {
-                for i in 0..d {
-                    xh[i] += pre[j] * p.w_dec[j * d + i];
-                }
-            }
-        }
-        for j in 0..n {
-            let z = (pre[j] - p.thr[j]) / eps;
-            if z.abs() < 0.5 {
-                let da: f64 = (0..d).map(|i| 2.0 * (xh[i] - xr[i]) / rows as f64 * p.w_dec[j * d + i]).sum();
-                want[j] += p.thr[j] * (-(p.thr[j] / eps) * da - 0.3 / rows as f64 / eps);
-            }
-        }
-    }
-    let got = &ws.grads.g_thr;
-    assert!(want.iter().any(|v| *v != 0.0), "no latent near its threshold: test is vacuous");
-    for j in 0..n {
-        assert!(
-            (got[j] as f64 - want[j]).abs() < 1e-4 * (1.0 + want[j].abs()),
-            "threshold {j}: {} vs {}",
-            got[j],
-            want[j]
-        );
-    }
+    let want = threshold_grad_ref(&P64::from(&s), &x, 0.3, Pen::Step, 0.0, &none, 0.05);
+    assert_close(&ws.grads.g_thr, &want, "threshold (step)");
+
+    // Gemma Scope 2's quadratic penalty around a target L0
+    l.jumprelu_sparsity = JumpReluSparsity::Quadratic;
+    l.target_l0 = 5.0;
+    let mut ws = Workspace::default();
+    forward_backward(&s, &mut ws, &x, &since, &l).unwrap();
+    let want = threshold_grad_ref(&P64::from(&s), &x, 0.3, Pen::Quadratic(5.0), 0.0, &none, 0.05);
+    assert_close(&ws.grads.g_thr, &want, "threshold (quadratic)");
+}
+
+#[test]
+fn jumprelu_tanh_and_pre_act_gradients_match_finite_differences_and_the_estimator() {
+    let (s, x) = tiny_jumprelu(21);
+    // a third of the latents dead, so the pre-activation loss acts
+    let since: Vec<u64> = (0..s.d_sae).map(|j| if j % 3 == 0 { 1000 } else { 0 }).collect();
+    let dead: Vec<bool> = since.iter().map(|&t| t >= 100).collect();
+    let mut l = lp(Arch::JumpRelu, 0);
+    l.sparsity_coef = 0.4;
+    l.jumprelu_sparsity = JumpReluSparsity::Tanh;
+    l.jumprelu_tanh_scale = 4.0;
+    l.pre_act_loss_coef = 0.2;
+    let pen = Pen::Tanh(4.0);
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.4, pen, 0.2, &dead));
+    let mut ws = Workspace::default();
+    let st = forward_backward(&s, &mut ws, &x, &since, &l).unwrap();
+    assert!(st.pre_act_loss > 0.0 && st.n_dead == 8, "{st:?}");
+    let want = threshold_grad_ref(&P64::from(&s), &x, 0.4, pen, 0.2, &dead, 0.05);
+    assert_close(&ws.grads.g_thr, &want, "threshold (tanh + pre-act)");
+    let total = loss_dense_ref(&P64::from(&s), &x, 0.4, pen, 0.2, &dead);
+    assert!((st.loss - total).abs() < 1e-4 * total, "reported loss {} vs f64 {total}", st.loss);
+}
+
+#[test]
+fn jumprelu_ste_to_input_moves_the_estimator_onto_the_pre_activations() {
+    // The estimators depend on pre − θ only, so what θ receives, the pre-activations receive negated:
+    // with ste_to_input, Σ_t dL/dpre (= the b_enc gradient) gains exactly −(θ gradient).
+    let (s, x) = tiny_jumprelu(9);
+    let since = vec![0u64; s.d_sae];
+    let mut l = lp(Arch::JumpRelu, 0);
+    l.sparsity_coef = 0.3;
+    let mut plain = Workspace::default();
+    forward_backward(&s, &mut plain, &x, &since, &l).unwrap();
+    l.jumprelu_ste_to_input = true;
+    let mut ste = Workspace::default();
+    forward_backward(&s, &mut ste, &x, &since, &l).unwrap();
+    let (p, q) = (analytic(&s, &plain, 1), analytic(&s, &ste, 1));
+    let want: Vec<f64> = (0..s.d_sae).map(|j| q[j] - p[j]).collect();
+    let got: Vec<f32> = plain.grads.g_thr.iter().map(|v| -v).collect();
+    assert_close(&got, &want, "b_enc gain");
 }
 
 /// BatchTopK loss in f64: keep the k·rows largest positive pre-activations of the whole batch.

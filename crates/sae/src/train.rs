@@ -423,6 +423,20 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
         if cfg_in.d_sae > u32::MAX as usize - 1 {
             bail!("d_sae too large");
         }
+        if cfg_in.arch == Arch::JumpRelu
+            && cfg_in.jumprelu_sparsity_loss_mode == crate::config::JumpReluSparsity::Quadratic
+        {
+            match cfg_in.target_l0 {
+                Some(t) if t > 0.0 && t <= cfg_in.d_sae as f32 => {}
+                Some(t) => {
+                    bail!("target_l0 = {t}: the quadratic penalty needs 0 < target_l0 <= d_sae ({})", cfg_in.d_sae)
+                }
+                None => bail!("jumprelu_sparsity_loss_mode = \"quadratic\" needs target_l0 (the L0 to aim for)"),
+            }
+        }
+        if cfg_in.jumprelu_bandwidth.is_nan() || cfg_in.jumprelu_bandwidth <= 0.0 {
+            bail!("jumprelu_bandwidth must be > 0 (got {})", cfg_in.jumprelu_bandwidth);
+        }
         let r = cfg_in.resolved();
         let (max_norm, scale, b_dec, _) = prepare(cfg_in, src, d)?;
         let mut sae = Sae::init(d, cfg_in.d_sae, activation_for(cfg_in), r.decoder_init_norm, cfg_in.seed);
@@ -562,7 +576,7 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
                 / cfg.d_sae as f64;
             let line = serde_json::json!({
                 "step": st.step, "tokens": st.tokens, "loss": stats.loss, "fvu": stats.fvu, "mse": stats.mse,
-                "auxk_loss": stats.auxk_loss, "multi_topk_fvu": stats.multi_topk_fvu, "sparsity_loss": stats.sparsity_loss,
+                "auxk_loss": stats.auxk_loss, "multi_topk_fvu": stats.multi_topk_fvu, "sparsity_loss": stats.sparsity_loss, "pre_act_loss": stats.pre_act_loss,
                 "l0": stats.l0, "dead_pct": 100.0 * dead, "dense_pct": 100.0 * dense, "lr": up.adam.lr,
                 "grad_norm": stats.grad_norm, "excluded_rows": st.excluded_rows,
                 "tokens_per_s": (window_steps * b as u64) as f64 / dt.max(1e-9),
