@@ -49,7 +49,7 @@ pub(crate) fn forward_backward_dense(
     let bf = rows as f32;
     let mut prof = crate::step::Prof::new();
     let tv = crate::step::batch_total_variance(x, d).max(1e-30);
-    let (xin, pre, act, gbuf, xhat, dxhat, g, fires) = ws.dense_parts();
+    let (xin, pre, act, gbuf, xhat, dxhat, g, fires, sel_val, sel_idx) = ws.dense_parts();
     ensure(xin, rows * d);
     ensure(pre, rows * ds);
     ensure(act, rows * ds);
@@ -84,6 +84,102 @@ pub(crate) fn forward_backward_dense(
         }
     });
     let dec_norm: Vec<f32> = sae.w_dec.par_chunks(d).map(|r| kernels::dot(r, r).sqrt()).collect();
+    if !jump {
+        let nnz = kernels::row_reduce(rows, |r| act[r * ds..(r + 1) * ds].iter().filter(|&&v| v != 0.0).count() as f64);
+        if nnz < lp.relu_sparse_below as f64 * ds as f64 * rows as f64 {
+            // Sparse ReLU: gather each row's active latents into padded lists and reuse the TopK
+            // kernels; the L1 terms ride along in the fused backward.
+            let stride = (0..rows)
+                .into_par_iter()
+                .map(|r| act[r * ds..(r + 1) * ds].iter().filter(|&&v| v != 0.0).count())
+                .max()
+                .unwrap_or(0)
+                .max(1);
+            ensure(sel_val, rows * stride);
+            ensure(sel_idx, rows * stride);
+            let (sv, si) = (&mut sel_val[..rows * stride], &mut sel_idx[..rows * stride]);
+            sv.par_chunks_mut(stride).zip(si.par_chunks_mut(stride)).enumerate().for_each(|(r, (v, ix))| {
+                v.fill(0.0);
+                ix.fill(u32::MAX);
+                let mut s = 0;
+                for (j, &a) in act[r * ds..(r + 1) * ds].iter().enumerate() {
+                    if a != 0.0 {
+                        v[s] = a;
+                        ix[s] = j as u32;
+                        s += 1;
+                    }
+                }
+            });
+            let xhat = &mut xhat[..rows * d];
+            kernels::sparse_decode(sv, si, stride, &sae.w_dec, d, Some(&sae.b_dec), xhat);
+            prof.mark("sparse decode");
+            let sse = kernels::row_reduce(rows, |r| {
+                xhat[r * d..(r + 1) * d]
+                    .iter()
+                    .zip(&x[r * d..(r + 1) * d])
+                    .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                    .sum()
+            });
+            let dxhat = &mut dxhat[..rows * d];
+            let s2 = 2.0 / bf;
+            dxhat.par_chunks_mut(d).zip(xhat.par_chunks(d)).zip(x.par_chunks(d)).for_each(|((g, xh), xr)| {
+                for i in 0..d {
+                    g[i] = s2 * (xh[i] - xr[i]);
+                }
+            });
+            let l1_sum = kernels::row_reduce(rows, |r| {
+                (0..stride)
+                    .filter(|&s| si[r * stride + s] != u32::MAX)
+                    .map(|s| (sv[r * stride + s] * dec_norm[si[r * stride + s] as usize]) as f64)
+                    .sum()
+            });
+            let cb = lp.sparsity_coef / bf;
+            g.lm.build(ds, &[(&si[..], &sv[..], stride, 0)]);
+            let n_t = g.lm.touched.len();
+            ensure(&mut g.g_enc, n_t * d);
+            ensure(&mut g.g_dec, n_t * d);
+            ensure(&mut g.g_benc, n_t);
+            kernels::fused_sparse_backward(
+                &g.lm,
+                d,
+                &[&dxhat[..]],
+                xin,
+                &sae.w_dec,
+                &mut g.g_enc,
+                &mut g.g_dec,
+                &mut g.g_benc,
+                Some((cb, &dec_norm)),
+            );
+            prof.mark("fused backward");
+            g.g_thr.clear();
+            g.g_bdec.resize(d, 0.0);
+            kernels::column_sum(dxhat, d, &mut g.g_bdec);
+            if sae.apply_b_dec_to_input {
+                for (u, &j) in g.lm.touched.iter().enumerate() {
+                    let j = j as usize;
+                    kernels::axpy(-g.g_benc[u], &sae.w_enc[j * d..(j + 1) * d], &mut g.g_bdec);
+                }
+            }
+            ensure(fires, ds);
+            fires[..ds].fill(0);
+            for &j in si.iter() {
+                if j != u32::MAX {
+                    fires[j as usize] += 1;
+                }
+            }
+            prof.print("sparse relu forward_backward");
+            let mse = sse / rows as f64;
+            let sparsity_loss = lp.sparsity_coef as f64 * l1_sum / rows as f64;
+            return Ok(StepStats {
+                loss: mse + sparsity_loss,
+                fvu: sse / tv,
+                mse,
+                sparsity_loss,
+                l0: nnz / rows as f64,
+                ..Default::default()
+            });
+        }
+    }
     // decoder forward
     let xhat = &mut xhat[..rows * d];
     kernels::gemm_ab(rows, d, ds, act, &sae.w_dec, xhat, false);

@@ -403,6 +403,8 @@ impl LatentMajor {
 /// The whole sparse backward of the touched latents, latent-major, in one pass per latent:
 /// `ga = <dy_src[t], W_dec[j]>` (ReLU' = 1 on selected latents), then
 /// `g_enc[u] = Σ ga · xin[t]`, `g_benc[u] = Σ ga`, `g_dec[u] = Σ a · dy_src[t]`.
+/// `l1 = (λ/B, ‖W_dec‖)` adds ReLU+L1's terms: λ/B·‖W_dec,j‖ to each `ga`, and
+/// λ/B·(Σ_t a_tj)·W_dec,j/‖W_dec,j‖ to `g_dec[u]`.
 /// The decoder row stays in L1 while its tokens stream by; the dy / xin rows it reads
 /// ([batch, d_in] each) fit in the last-level cache, unlike the [d_sae, d_in] decoder.
 #[allow(clippy::too_many_arguments)]
@@ -415,6 +417,7 @@ pub(crate) fn fused_sparse_backward(
     g_enc: &mut [f32],
     g_dec: &mut [f32],
     g_benc: &mut [f32],
+    l1: Option<(f32, &[f32])>,
 ) {
     let n = lm.touched.len();
     const BLK: usize = 16;
@@ -432,14 +435,23 @@ pub(crate) fn fused_sparse_backward(
                 let gd = &mut gd[uu * d..(uu + 1) * d];
                 ge.fill(0.0);
                 gd.fill(0.0);
-                let mut sb = 0.0f32;
+                // ReLU + λ·a‖W_dec,j‖: dL/dpre gains λ‖W_dec,j‖ on every active entry
+                let (c, norm) = l1.map_or((0.0, 0.0), |(cb, n)| (cb * n[j], n[j]));
+                let (mut sb, mut sa) = (0.0f32, 0.0f32);
                 for e in &lm.entries[lm.offsets[u]..lm.offsets[u + 1]] {
                     let t = e.t as usize;
                     let dyt = &dy[e.src as usize][t * d..(t + 1) * d];
-                    let ga = dot(dyt, w);
+                    let ga = dot(dyt, w) + c;
                     axpy(ga, &xin[t * d..(t + 1) * d], ge);
                     sb += ga;
+                    sa += e.a;
                     axpy(e.a, dyt, gd);
+                }
+                if let Some((cb, _)) = l1 {
+                    if norm > 0.0 {
+                        // ∂/∂W_dec,j of λ·Σ_t a_tj‖W_dec,j‖
+                        axpy(cb * sa / norm, w, gd);
+                    }
                 }
                 *gbv = sb;
             }

@@ -29,7 +29,14 @@ pub struct LossParams {
     /// let the straight-through estimators reach the pre-activations (Anthropic), not only θ
     pub jumprelu_ste_to_input: bool,
     pub dead_tokens: u64,
+    /// ReLU: below this mean L0 (as a fraction of d_sae) the batch takes the sparse path (decoder and
+    /// backward over the active latents only); at or above it, dense GEMMs.
+    pub relu_sparse_below: f32,
 }
+
+/// Measured break-even of the ReLU paths (BENCHMARKS.md): the dense step costs ~5 encoder GEMMs,
+/// the sparse one 1 GEMM plus gathers over rows·L0·d_in.
+pub const RELU_SPARSE_BELOW: f32 = 1.0 / 32.0;
 
 impl LossParams {
     pub fn from_config(c: &TrainConfig, r: &Resolved, step: u64) -> LossParams {
@@ -51,6 +58,7 @@ impl LossParams {
             pre_act_loss_coef: c.pre_act_loss_coefficient.unwrap_or(0.0),
             jumprelu_ste_to_input: c.jumprelu_ste_to_input,
             dead_tokens: c.dead_tokens,
+            relu_sparse_below: RELU_SPARSE_BELOW,
         }
     }
 }
@@ -153,6 +161,8 @@ impl Workspace {
         &mut Vec<f32>,
         &mut Grads,
         &mut Vec<u32>,
+        &mut Vec<f32>,
+        &mut Vec<u32>,
     ) {
         (
             &mut self.xin,
@@ -163,6 +173,8 @@ impl Workspace {
             &mut self.dxhat,
             &mut self.grads,
             &mut self.fires,
+            &mut self.sel_val, // sparse ReLU: padded per-row active lists
+            &mut self.sel_idx,
         )
     }
 }
@@ -413,6 +425,7 @@ fn forward_backward_topk(sae: &Sae, ws: &mut Workspace, x: &[f32], since_fired: 
         &mut g.g_enc,
         &mut g.g_dec,
         &mut g.g_benc,
+        None,
     );
     prof.mark("fused backward");
 

@@ -209,6 +209,7 @@ fn lp(arch: Arch, k: usize) -> LossParams {
         pre_act_loss_coef: 0.0,
         jumprelu_ste_to_input: false,
         dead_tokens: 100,
+        relu_sparse_below: 0.0,
     }
 }
 
@@ -367,6 +368,26 @@ fn relu_l1_gradients_match_finite_differences() {
     l.sparsity_coef = 0.7;
     let none = vec![false; s.d_sae];
     check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.7, Pen::Relu, 0.0, &none));
+}
+
+#[test]
+fn sparse_relu_path_matches_finite_differences_and_the_dense_path() {
+    let (s, x) = tiny(Activation::Relu, 5);
+    let since = vec![0u64; s.d_sae];
+    let none = vec![false; s.d_sae];
+    let mut l = lp(Arch::Relu, 0);
+    l.sparsity_coef = 0.7;
+    l.relu_sparse_below = 1.0; // every batch below: the sparse path
+    check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.7, Pen::Relu, 0.0, &none));
+    let mut sparse = Workspace::default();
+    let a = forward_backward(&s, &mut sparse, &x, &since, &l).unwrap();
+    assert!(!sparse.grads.lm.entries.is_empty(), "the sparse path ran (latent-major entries built)");
+    l.relu_sparse_below = 0.0;
+    let mut dense = Workspace::default();
+    let b = forward_backward(&s, &mut dense, &x, &since, &l).unwrap();
+    assert!(dense.grads.lm.entries.is_empty(), "the dense path ran");
+    assert!((a.loss - b.loss).abs() < 1e-5 * b.loss && (a.l0 - b.l0).abs() < 1e-12, "{a:?} vs {b:?}");
+    assert_eq!(sparse.fires[..s.d_sae], dense.fires[..s.d_sae]);
 }
 
 /// A JumpReLU SAE whose thresholds sit where some pre-activations fall inside the kernel window.
