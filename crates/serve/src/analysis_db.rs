@@ -1,13 +1,12 @@
-//! [`FeatureStore`] over the SQLite feature database that `saekit analyze` writes.
+//! [`FeatureStore`] over the SQLite feature database that `saekit analyze` writes: a thin forward to
+//! [`FeatureDb`], whose records the browser uses as they are.
 
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use saekit_analysis::FeatureDb;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use saekit_analysis::{FeatureDb, FeatureRecord, FeatureSummary, MapPoint, SortBy};
 
-use crate::db::{FeatureRecord, FeatureStore, FeatureSummary, MapPoint, SortBy};
+use crate::db::FeatureStore;
 
 pub struct AnalysisDb {
     db: FeatureDb,
@@ -20,12 +19,6 @@ impl AnalysisDb {
         let n = db.len().with_context(|| format!("{}: cannot count features", path.display()))? as u32;
         Ok(Self { db, n })
     }
-}
-
-/// The analysis records and the browser's have the same field names; a JSON round trip converts them and
-/// keeps the browser's types independent of the database's internals.
-fn convert<A: Serialize, B: DeserializeOwned>(a: A) -> Result<B> {
-    serde_json::from_value(serde_json::to_value(a)?).context("feature database record has an unexpected shape")
 }
 
 impl FeatureStore for AnalysisDb {
@@ -43,24 +36,19 @@ impl FeatureStore for AnalysisDb {
     }
 
     fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
-        self.db.feature(id)?.map(convert).transpose()
+        self.db.feature(id)
     }
 
     fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
-        let sort = match sort {
-            SortBy::Density => saekit_analysis::SortBy::Density,
-            SortBy::MaxAct => saekit_analysis::SortBy::MaxAct,
-            SortBy::Id => saekit_analysis::SortBy::Id,
-        };
-        convert(self.db.list(sort, descending, offset, limit)?)
+        self.db.list(sort, descending, offset, limit)
     }
 
     fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
-        convert(self.db.search(query, limit)?)
+        self.db.search(query, limit)
     }
 
     fn map(&self) -> Result<Vec<MapPoint>> {
-        convert(self.db.map()?)
+        self.db.map()
     }
 }
 

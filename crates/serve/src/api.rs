@@ -8,11 +8,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use saekit_analysis::SortBy;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::db::{FeatureStore, SortBy};
+use crate::db::FeatureStore;
 use crate::engine::{FeatureEdit, GenSettings, ModelQueue, QueueError};
 
 /// Bounds on what one request may ask for.
@@ -212,10 +213,17 @@ async fn feature(State(s): State<Arc<AppState>>, id: Result<Path<String>, PathRe
     let Path(raw) = id?;
     let id: u32 = raw.trim().parse().map_err(|_| ApiError::bad(format!("'{raw}' is not a feature id (a number)")))?;
     check_id(&s, id)?;
-    match s.with_db(move |db| db.feature(id)).await? {
-        Some(f) => Ok(Json(serde_json::to_value(f).map_err(|e| ApiError::internal(e.to_string()))?)),
-        None => Err(ApiError::not_found(format!("feature {id} is not in the database"))),
+    let Some(f) = s.with_db(move |db| db.feature(id)).await? else {
+        return Err(ApiError::not_found(format!("feature {id} is not in the database")));
+    };
+    let mut v = serde_json::to_value(f).map_err(|e| ApiError::internal(e.to_string()))?;
+    // the record's map coordinates belong to `/api/map`; dropping them keeps this response's keys as
+    // documented (the README's API table) and as the pages have always read them
+    if let Some(o) = v.as_object_mut() {
+        o.remove("x");
+        o.remove("y");
     }
+    Ok(Json(v))
 }
 
 #[derive(Deserialize)]

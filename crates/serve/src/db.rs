@@ -1,119 +1,15 @@
-//! The feature database as the browser sees it.
+//! The feature database as the browser sees it: the [`FeatureStore`] trait and [`MemoryDb`], its JSON-file
+//! implementation (test fixtures, small exports).
 //!
-//! The records mirror `saekit-analysis`' read API field for field (`FeatureRecord`, `FeatureSummary`,
-//! `MapPoint`, ...), so the JSON the pages consume does not change when the store behind it does. Two stores
-//! implement [`FeatureStore`]: [`MemoryDb`], a JSON file (test fixtures, small exports), and the SQLite
-//! database written by `saekit analyze` (see `analysis_db.rs`).
+//! The records are `saekit-analysis`' own ([`FeatureRecord`], [`FeatureSummary`], [`MapPoint`], ...), so the
+//! browser, `saekit feature` and the SQLite database written by `saekit analyze` (see `analysis_db.rs`) share
+//! one definition; a JSON database is a list of those records, each carrying its own map coordinates.
 
 use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
+use saekit_analysis::{FeatureRecord, FeatureSummary, MapPoint, SortBy};
 use serde::{Deserialize, Serialize};
-
-/// A window of tokens around one activation peak, with the feature's activation on every token.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Context {
-    pub tokens: Vec<String>,
-    pub acts: Vec<f32>,
-    /// Index into `tokens` of the strongest activation.
-    pub peak: usize,
-    pub max_act: f32,
-}
-
-/// Contexts sampled from one slice `[lo, hi)` of the feature's activation range.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct QuantileGroup {
-    pub lo: f32,
-    pub hi: f32,
-    /// Activations that fell in this slice (the contexts are a sample of them).
-    #[serde(default)]
-    pub count: u64,
-    pub contexts: Vec<Context>,
-}
-
-/// Counts of positive activations in bins with the given edges (`edges.len() == counts.len() + 1`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct Histogram {
-    pub edges: Vec<f32>,
-    pub counts: Vec<u64>,
-}
-
-/// One token of the decoder direction's direct logit effect.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TokenLogit {
-    pub token: String,
-    pub id: u32,
-    pub logit: f32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Neighbour {
-    pub id: u32,
-    pub cosine: f32,
-}
-
-/// Everything the feature page shows.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FeatureRecord {
-    pub id: u32,
-    /// Fraction of tokens on which the feature fires.
-    pub density: f64,
-    pub max_act: f32,
-    /// Mean activation over the tokens where it fires.
-    pub mean_act: f32,
-    /// Tokens on which it fired.
-    #[serde(default)]
-    pub n_fired: u64,
-    pub explanation: Option<String>,
-    /// The explanation was generated from top tokens, not written by a person or an explainer model.
-    #[serde(default)]
-    pub explanation_auto: bool,
-    pub top_contexts: Vec<Context>,
-    pub quantiles: Vec<QuantileGroup>,
-    pub histogram: Histogram,
-    pub promoted: Vec<TokenLogit>,
-    pub suppressed: Vec<TokenLogit>,
-    pub neighbours: Vec<Neighbour>,
-}
-
-/// One row of a feature list.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FeatureSummary {
-    pub id: u32,
-    pub density: f64,
-    pub max_act: f32,
-    pub top_tokens: Vec<String>,
-}
-
-/// A feature's place on the 2-D map.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct MapPoint {
-    pub id: u32,
-    pub x: f32,
-    pub y: f32,
-    pub density: f64,
-    pub max_act: f32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SortBy {
-    Density,
-    MaxAct,
-    Id,
-}
-
-impl std::str::FromStr for SortBy {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "density" => Ok(SortBy::Density),
-            "max_act" => Ok(SortBy::MaxAct),
-            "id" => Ok(SortBy::Id),
-            _ => bail!("unknown sort '{s}': use density, max_act or id"),
-        }
-    }
-}
 
 /// What the browser reads from a feature database. Implementations must be cheap to call from several
 /// request threads at once.
@@ -134,17 +30,23 @@ pub trait FeatureStore: Send + Sync {
 #[serde(default)]
 pub struct MemoryDb {
     pub info: serde_json::Value,
-    /// Indexed by feature id.
+    /// Indexed by feature id; each record's `x`, `y` place it on the map.
     pub features: Vec<FeatureRecord>,
-    pub map: Vec<MapPoint>,
 }
 
 impl MemoryDb {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes =
             std::fs::read(path).with_context(|| format!("{}: cannot read the feature database", path.display()))?;
-        let db: MemoryDb = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not a saekit feature database (JSON)", path.display()))?;
+        // files from before the records were saekit-analysis' (a separate `map`, no `x`/`y`) fail here: say
+        // how to rebuild rather than only which field is missing
+        let db: MemoryDb = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{}: not a saekit feature database (JSON); an older fixture is rebuilt by \
+                 `cargo run -p saekit-serve --example fixture -- DIR`",
+                path.display()
+            )
+        })?;
         for (i, f) in db.features.iter().enumerate() {
             if f.id as usize != i {
                 bail!("{}: feature at index {i} has id {}; ids must be 0..n in order", path.display(), f.id);
@@ -239,6 +141,10 @@ impl FeatureStore for MemoryDb {
     }
 
     fn map(&self) -> Result<Vec<MapPoint>> {
-        Ok(self.map.clone())
+        Ok(self
+            .features
+            .iter()
+            .map(|f| MapPoint { id: f.id, x: f.x, y: f.y, density: f.density, max_act: f.max_act })
+            .collect())
     }
 }

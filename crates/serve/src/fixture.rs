@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, Result};
+use saekit_analysis::{Context, FeatureRecord, Histogram, Neighbour, QuantileGroup, TokenLogit};
 use saekit_model::linalg;
 use saekit_sae::SparseCodes;
 use serde_json::json;
 
-use crate::db::{Context, FeatureRecord, Histogram, MapPoint, MemoryDb, Neighbour, QuantileGroup, TokenLogit};
+use crate::db::MemoryDb;
 use crate::engine::Engine;
 
 /// Varied short texts: prose, French, code, numbers, a chat turn.
@@ -104,7 +105,7 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
     let map_xy = pca_2d(&sae.w_dec, n, d);
 
     let mut features = Vec::with_capacity(n);
-    for f in 0..n as u32 {
+    for (f, (x, y)) in (0..n as u32).zip(map_xy) {
         let mut acts = fires.remove(&f).unwrap_or_default();
         acts.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
         let max_act = acts.first().map_or(0.0, |a| a.2);
@@ -146,6 +147,8 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
             promoted,
             suppressed,
             neighbours: neighbours[f as usize].clone(),
+            x,
+            y,
         };
         let tops = crate::db::top_tokens(&rec, 3);
         if !tops.is_empty() {
@@ -154,11 +157,6 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
         }
         features.push(rec);
     }
-    let map = features
-        .iter()
-        .zip(map_xy)
-        .map(|(f, (x, y))| MapPoint { id: f.id, x, y, density: f.density, max_act: f.max_act })
-        .collect();
     Ok(MemoryDb {
         info: json!({
             "source": "saekit-serve fixture (built-in texts)",
@@ -168,7 +166,6 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
             "n_texts": texts.len(),
         }),
         features,
-        map,
     })
 }
 

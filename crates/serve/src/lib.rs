@@ -2,9 +2,10 @@
 //!
 //! Owns the HTTP server (axum on a small tokio runtime), the JSON API under `/api`, the pages and their
 //! assets (embedded in the binary: no file is read after start-up except the feature database), and the
-//! queue that serialises model work. It reads the feature database through [`db::FeatureStore`] and runs
-//! the model and SAE through [`engine::Engine`]; it must not compute or write analysis results itself
-//! (`fixture` builds small databases for tests only).
+//! queue that serialises model work. It reads the feature database through [`db::FeatureStore`], whose
+//! records are `saekit_analysis`' (this crate defines none of its own), and runs the model and SAE through
+//! [`engine::Engine`]; it must not compute or write analysis results itself (`fixture` builds small
+//! databases for tests only).
 
 pub mod analysis_db;
 pub mod api;

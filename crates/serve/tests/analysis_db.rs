@@ -1,8 +1,7 @@
 //! The browser reads the SQLite database `saekit analyze` writes (through saekit-analysis' read API).
 
 use saekit_analysis::db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
-use saekit_analysis::{DbInfo, FeatureDbWriter};
-use saekit_serve::db::SortBy;
+use saekit_analysis::{DbInfo, FeatureDbWriter, SortBy};
 use saekit_serve::open_store;
 
 fn write_db(path: &std::path::Path) {
@@ -72,7 +71,10 @@ fn sqlite_feature_database_reads_into_the_browser_records() {
     let top = db.list(SortBy::MaxAct, true, 0, 10).unwrap();
     assert_eq!(top.iter().map(|s| s.id).collect::<Vec<_>>(), vec![2, 1, 0]);
     assert_eq!(db.search("w11", 5).unwrap()[0].id, 1);
-    assert_eq!(db.map().unwrap().len(), 3);
+    let map = db.map().unwrap();
+    assert_eq!(map.len(), 3);
+    assert_eq!((map[2].x, map[2].y), (f.x, f.y));
+    assert_eq!((f.x, f.y), (2.0 / 3.0, 0.5));
 }
 
 #[test]

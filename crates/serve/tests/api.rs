@@ -66,7 +66,14 @@ async fn info_and_lists() {
     assert!(error_of(&v).contains("loudness"));
     let (s, v) = call("GET", "/api/map", None).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(v["points"].as_array().unwrap().len(), 256);
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 256);
+    let mut keys: Vec<&str> = points[0].as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["density", "id", "max_act", "x", "y"]);
+    // PCA coordinates scaled to [-1, 1], not all at the origin
+    let xs: Vec<f64> = points.iter().map(|p| p["x"].as_f64().unwrap()).collect();
+    assert!(xs.iter().all(|x| x.abs() <= 1.0001) && xs.iter().any(|x| x.abs() > 0.5), "{xs:?}");
 }
 
 #[tokio::test]
@@ -77,6 +84,26 @@ async fn feature_record_and_bad_ids() {
     let (s, f) = call("GET", &format!("/api/features/{id}"), None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(f["id"], id);
+    // the pages and the README's API table read exactly these keys (the map coordinates live in /api/map)
+    let mut got: Vec<&str> = f.as_object().unwrap().keys().map(String::as_str).collect();
+    got.sort_unstable();
+    let mut want = vec![
+        "id",
+        "density",
+        "max_act",
+        "mean_act",
+        "n_fired",
+        "explanation",
+        "explanation_auto",
+        "top_contexts",
+        "quantiles",
+        "histogram",
+        "promoted",
+        "suppressed",
+        "neighbours",
+    ];
+    want.sort_unstable();
+    assert_eq!(got, want);
     let top = f["top_contexts"].as_array().unwrap();
     assert!(!top.is_empty());
     let c = &top[0];
