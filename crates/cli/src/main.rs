@@ -40,7 +40,7 @@ enum Command {
     Tokenize(cmd::tokenize::TokenizeArgs),
     /// Run the model over tokenized contexts and store hook activations (bf16 shards, resumable).
     Harvest(cmd::harvest::HarvestArgs),
-    /// Train a sparse autoencoder (topk, batchtopk, jumprelu, relu) on stored activations or live from the model.
+    // about / long about: TrainArgs' doc comment
     Train(Box<cmd::train::TrainArgs>),
     /// Reconstruction and sparsity metrics of an SAE on activations (table or --json).
     Eval(cmd::eval::EvalArgs),

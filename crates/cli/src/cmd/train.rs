@@ -5,7 +5,7 @@ use clap::Args;
 use saekit_sae::config::parse_count;
 use saekit_sae::{Arch, NpySource, RunOptions, TrainConfig};
 
-/// Train a sparse autoencoder (TopK by default) on stored activations.
+/// Train a sparse autoencoder (topk, batchtopk, jumprelu, relu) on stored activations or live from the model.
 ///
 /// Every field has a default (`--print-config` shows them all, with the recipe values for the
 /// chosen architecture); a `--config` TOML sets any of them and flags override the file.
@@ -14,12 +14,20 @@ use saekit_sae::{Arch, NpySource, RunOptions, TrainConfig};
 ///
 /// Inputs: a float32 .npy [N, d_in], an activation store folder (`saekit harvest`), or `--live`:
 /// the model run over a tokenized dataset (`saekit tokenize`) with nothing written to disk
-/// (`saekit train --live --contexts TOKENS_DIR --hook-name blocks.15.hook_resid_post`). By default rows whose L2 norm exceeds 10x the median norm of
-/// the first 65,536 rows are excluded (SmolLM2's attention sinks: position 0 and <|endoftext|>
+/// (`saekit train --live --contexts TOKENS_DIR --hook-name blocks.15.hook_resid_post`).
+///
+/// Sinks: stores and --live skip position 0, BOS and end-of-text rows; then rows whose L2 norm
+/// exceeds 10x the median norm of the first 65,536 rows are excluded (SmolLM2's attention sinks
 /// carry ~100x the median norm and 93% of the raw variance); the count is reported. Set
 /// `--outlier-norm-factor 0` to keep every row. Inputs are scaled by one scalar so that
 /// E||x||^2 = d_in while training; the scale is folded into the saved weights.
+///
+/// Examples:
+///   saekit train --acts acts/ --d-sae 16384 --k 32 --tokens 20M --out sae/
+///   saekit train --arch relu --acts x.npy --lr 1e-3 --tokens 2M --out sae-relu/
+///   saekit train --print-config --arch jumprelu > train.toml   # edit, then --config train.toml
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct TrainArgs {
     /// TOML file with any TrainConfig fields.
     #[arg(long)]
@@ -52,18 +60,22 @@ pub struct TrainArgs {
     /// topk | batchtopk | jumprelu | relu
     #[arg(long)]
     pub arch: Option<String>,
+    /// Dictionary size: number of latents (default 16384).
     #[arg(long)]
     pub d_sae: Option<usize>,
+    /// Active latents per token for topk / batchtopk (default 32).
     #[arg(long)]
     pub k: Option<usize>,
     /// Training tokens, e.g. 2M, 500k, 409600.
     #[arg(long)]
     pub tokens: Option<String>,
+    /// Rows per optimizer step (default 4096).
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Learning rate (default: the architecture's recipe; topk 2e-4/sqrt(d_sae/2^14)).
     #[arg(long)]
     pub lr: Option<f32>,
+    /// Seed of the initialisation and of the data order (default 0).
     #[arg(long)]
     pub seed: Option<u64>,
     /// Output folder.
