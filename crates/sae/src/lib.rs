@@ -3,8 +3,9 @@
 //! Owns the SAE architectures (TopK, BatchTopK, JumpReLU, ReLU+L1), the hand-written training-step
 //! kernels (dense encoder GEMM, everything else sparse over the active latents), the trainer
 //! (checkpoints, resume, metrics), the core evaluation metrics, and the SAE file formats (SAELens
-//! v6 / legacy, sparsify, Gemma Scope). It reads activations through [`ActivationSource`] and must
-//! not touch the model or the corpus: those are upstream (saekit-model, saekit-store).
+//! v6 / legacy, sparsify, Gemma Scope). It reads activations through [`ActivationSource`] (a .npy, an
+//! activation store, or saekit-store's live model rows) and must not touch the model or the corpus
+//! itself: those are upstream (saekit-model, saekit-store).
 
 // Index loops over rows/columns read more clearly than iterator chains in the numeric kernels.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments, clippy::type_complexity)]
