@@ -438,6 +438,16 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
             bail!("jumprelu_bandwidth must be > 0 (got {})", cfg_in.jumprelu_bandwidth);
         }
         let r = cfg_in.resolved();
+        if cfg_in.lr.is_none() && matches!(cfg_in.arch, Arch::Relu | Arch::JumpRelu) && cfg_in.tokens < 100_000_000 {
+            // measured in BENCHMARKS.md: at these rates L0 stays above a quarter of d_sae for 1M tokens
+            tracing::warn!(
+                "{} uses its recipe lr {:e}, tuned for runs of billions of tokens; in {} tokens L0 will stay high. \
+                 For short runs pass a larger --lr (1e-3 brings ReLU to L0 ~27 in 1M tokens at d_sae 4096)",
+                cfg_in.arch.name(),
+                r.lr,
+                cfg_in.tokens
+            );
+        }
         let (max_norm, scale, b_dec, _) = prepare(cfg_in, src, d)?;
         let mut sae = Sae::init(d, cfg_in.d_sae, activation_for(cfg_in), r.decoder_init_norm, cfg_in.seed);
         sae.b_dec = b_dec;
