@@ -219,7 +219,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!("FVU        {:.3}   (explained variance {:.3}; sinks excluded)", report.fvu, report.explained_variance);
     println!("L0         {:.1}", report.l0);
     match dead {
-        Some(d) => println!("dead       {:.2}% of features never fired in training's last window", 100.0 * d),
+        Some(d) => println!("dead       {:.2}% of features never fired during training", 100.0 * d),
         None => println!("dead       {:.2}% did not fire on the evaluation tokens", 100.0 * report.dead_frac),
     }
     println!(
