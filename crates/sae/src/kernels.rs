@@ -16,6 +16,43 @@ pub(crate) fn parallelism() -> Parallelism {
     }
 }
 
+/// `c = a · b` (or `c += a · b` when `accumulate`) for `c` with unit column stride and row stride
+/// `c_rs`; `a` and `b` are given by their (column, row) strides.
+///
+/// # Safety
+/// The pointers must cover every element the strides address for these m, n, k; `c` must not alias.
+unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    (c, c_rs, accumulate): (*mut f32, isize, bool),
+    (a, a_cs, a_rs): (*const f32, isize, isize),
+    (b, b_cs, b_rs): (*const f32, isize, isize),
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_rs,
+            accumulate,
+            a,
+            a_cs,
+            a_rs,
+            b,
+            b_cs,
+            b_rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
 /// `c[m, n] (row stride ldc) = a[m, k] (row stride lda) · bᵀ` where `b` is row-major `[n, k]`.
 /// This is `x · W_encᵀ` with the encoder stored latent-major like `nn.Linear`.
 pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32], ldc: usize) {
@@ -27,27 +64,12 @@ pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
     }
     // SAFETY: bounds asserted above; the three buffers are distinct borrows.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            false,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
+        gemm_strided(
+            (m, n, k),
+            (c.as_mut_ptr(), ldc as isize, false),
+            (a.as_ptr(), 1, lda as isize),
+            (b.as_ptr(), k as isize, 1),
+        )
     }
 }
 
@@ -59,27 +81,12 @@ pub(crate) fn gemm_ab(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mu
     }
     // SAFETY: bounds asserted above.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
+        gemm_strided(
+            (m, n, k),
+            (c.as_mut_ptr(), n as isize, accumulate),
+            (a.as_ptr(), 1, k as isize),
+            (b.as_ptr(), 1, n as isize),
+        )
     }
 }
 
@@ -91,27 +98,12 @@ pub(crate) fn gemm_atb(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &m
     }
     // SAFETY: bounds asserted above.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            m as isize,
-            1,
-            b.as_ptr(),
-            1,
-            n as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
+        gemm_strided(
+            (m, n, k),
+            (c.as_mut_ptr(), n as isize, accumulate),
+            (a.as_ptr(), m as isize, 1),
+            (b.as_ptr(), 1, n as isize),
+        )
     }
 }
 
