@@ -5,7 +5,7 @@
 use crate::config::{Arch, JumpReluSparsity};
 use crate::kernels;
 use crate::sae::Sae;
-use crate::step::{LossParams, StepStats, Workspace};
+use crate::step::{recon_sse_and_grad, subtract_pre_bias_path, LossParams, StepStats, Workspace};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -84,101 +84,79 @@ pub(crate) fn forward_backward_dense(
         }
     });
     let dec_norm: Vec<f32> = sae.w_dec.par_chunks(d).map(|r| kernels::dot(r, r).sqrt()).collect();
-    if !jump {
-        let nnz = kernels::row_reduce(rows, |r| act[r * ds..(r + 1) * ds].iter().filter(|&&v| v != 0.0).count() as f64);
-        if nnz < lp.relu_sparse_below as f64 * ds as f64 * rows as f64 {
-            // Sparse ReLU: gather each row's active latents into padded lists and reuse the TopK
-            // kernels; the L1 terms ride along in the fused backward.
-            let stride = (0..rows)
-                .into_par_iter()
-                .map(|r| act[r * ds..(r + 1) * ds].iter().filter(|&&v| v != 0.0).count())
-                .max()
-                .unwrap_or(0)
-                .max(1);
-            ensure(sel_val, rows * stride);
-            ensure(sel_idx, rows * stride);
-            let (sv, si) = (&mut sel_val[..rows * stride], &mut sel_idx[..rows * stride]);
-            sv.par_chunks_mut(stride).zip(si.par_chunks_mut(stride)).enumerate().for_each(|(r, (v, ix))| {
-                v.fill(0.0);
-                ix.fill(u32::MAX);
-                let mut s = 0;
-                for (j, &a) in act[r * ds..(r + 1) * ds].iter().enumerate() {
-                    if a != 0.0 {
-                        v[s] = a;
-                        ix[s] = j as u32;
-                        s += 1;
-                    }
-                }
-            });
-            let xhat = &mut xhat[..rows * d];
-            kernels::sparse_decode(sv, si, stride, &sae.w_dec, d, Some(&sae.b_dec), xhat);
-            prof.mark("sparse decode");
-            let sse = kernels::row_reduce(rows, |r| {
-                xhat[r * d..(r + 1) * d]
-                    .iter()
-                    .zip(&x[r * d..(r + 1) * d])
-                    .map(|(&a, &b)| ((a - b) as f64).powi(2))
-                    .sum()
-            });
-            let dxhat = &mut dxhat[..rows * d];
-            let s2 = 2.0 / bf;
-            dxhat.par_chunks_mut(d).zip(xhat.par_chunks(d)).zip(x.par_chunks(d)).for_each(|((g, xh), xr)| {
-                for i in 0..d {
-                    g[i] = s2 * (xh[i] - xr[i]);
-                }
-            });
-            let l1_sum = kernels::row_reduce(rows, |r| {
-                (0..stride)
-                    .filter(|&s| si[r * stride + s] != u32::MAX)
-                    .map(|s| (sv[r * stride + s] * dec_norm[si[r * stride + s] as usize]) as f64)
-                    .sum()
-            });
-            let cb = lp.sparsity_coef / bf;
-            g.lm.build(ds, &[(&si[..], &sv[..], stride, 0)]);
-            let n_t = g.lm.touched.len();
-            ensure(&mut g.g_enc, n_t * d);
-            ensure(&mut g.g_dec, n_t * d);
-            ensure(&mut g.g_benc, n_t);
-            kernels::fused_sparse_backward(
-                &g.lm,
-                d,
-                &[&dxhat[..]],
-                xin,
-                &sae.w_dec,
-                &mut g.g_enc,
-                &mut g.g_dec,
-                &mut g.g_benc,
-                Some((cb, &dec_norm)),
-            );
-            prof.mark("fused backward");
-            g.g_thr.clear();
-            g.g_bdec.resize(d, 0.0);
-            kernels::column_sum(dxhat, d, &mut g.g_bdec);
-            if sae.apply_b_dec_to_input {
-                for (u, &j) in g.lm.touched.iter().enumerate() {
-                    let j = j as usize;
-                    kernels::axpy(-g.g_benc[u], &sae.w_enc[j * d..(j + 1) * d], &mut g.g_bdec);
+    // L0 of each row: the ReLU path choice, the sparse lists' width, the quadratic penalty, the stats
+    let row_l0: Vec<usize> = act.par_chunks(ds).map(|a| a.iter().filter(|&&v| v != 0.0).count()).collect();
+    let nnz: usize = row_l0.iter().sum();
+    if !jump && (nnz as f64) < lp.relu_sparse_below as f64 * ds as f64 * rows as f64 {
+        // Sparse ReLU: gather each row's active latents into padded lists and reuse the TopK
+        // kernels; the L1 terms ride along in the fused backward.
+        let stride = row_l0.iter().copied().max().unwrap_or(0).max(1);
+        ensure(sel_val, rows * stride);
+        ensure(sel_idx, rows * stride);
+        let (sv, si) = (&mut sel_val[..rows * stride], &mut sel_idx[..rows * stride]);
+        sv.par_chunks_mut(stride).zip(si.par_chunks_mut(stride)).enumerate().for_each(|(r, (v, ix))| {
+            v.fill(0.0);
+            ix.fill(u32::MAX);
+            let mut s = 0;
+            for (j, &a) in act[r * ds..(r + 1) * ds].iter().enumerate() {
+                if a != 0.0 {
+                    v[s] = a;
+                    ix[s] = j as u32;
+                    s += 1;
                 }
             }
-            ensure(fires, ds);
-            fires[..ds].fill(0);
-            for &j in si.iter() {
-                if j != u32::MAX {
-                    fires[j as usize] += 1;
-                }
+        });
+        let xhat = &mut xhat[..rows * d];
+        kernels::sparse_decode(sv, si, stride, &sae.w_dec, d, Some(&sae.b_dec), xhat);
+        prof.mark("sparse decode");
+        let dxhat = &mut dxhat[..rows * d];
+        let sse = recon_sse_and_grad(xhat, x, d, 2.0 / bf, dxhat);
+        let l1_sum = kernels::row_reduce(rows, |r| {
+            (0..stride)
+                .filter(|&s| si[r * stride + s] != u32::MAX)
+                .map(|s| (sv[r * stride + s] * dec_norm[si[r * stride + s] as usize]) as f64)
+                .sum()
+        });
+        let cb = lp.sparsity_coef / bf;
+        g.lm.build(ds, &[(&si[..], &sv[..], stride, 0)]);
+        let n_t = g.lm.touched.len();
+        ensure(&mut g.g_enc, n_t * d);
+        ensure(&mut g.g_dec, n_t * d);
+        ensure(&mut g.g_benc, n_t);
+        kernels::fused_sparse_backward(
+            &g.lm,
+            d,
+            &[&dxhat[..]],
+            xin,
+            &sae.w_dec,
+            &mut g.g_enc,
+            &mut g.g_dec,
+            &mut g.g_benc,
+            Some((cb, &dec_norm)),
+        );
+        prof.mark("fused backward");
+        g.g_thr.clear();
+        g.g_bdec.resize(d, 0.0);
+        kernels::column_sum(dxhat, d, &mut g.g_bdec);
+        subtract_pre_bias_path(sae, &g.lm.touched, &g.g_benc, &mut g.g_bdec);
+        ensure(fires, ds);
+        fires[..ds].fill(0);
+        for &j in si.iter() {
+            if j != u32::MAX {
+                fires[j as usize] += 1;
             }
-            prof.print("sparse relu forward_backward");
-            let mse = sse / rows as f64;
-            let sparsity_loss = lp.sparsity_coef as f64 * l1_sum / rows as f64;
-            return Ok(StepStats {
-                loss: mse + sparsity_loss,
-                fvu: sse / tv,
-                mse,
-                sparsity_loss,
-                l0: nnz / rows as f64,
-                ..Default::default()
-            });
         }
+        prof.print("sparse relu forward_backward");
+        let mse = sse / rows as f64;
+        let sparsity_loss = lp.sparsity_coef as f64 * l1_sum / rows as f64;
+        return Ok(StepStats {
+            loss: mse + sparsity_loss,
+            fvu: sse / tv,
+            mse,
+            sparsity_loss,
+            l0: nnz as f64 / rows as f64,
+            ..Default::default()
+        });
     }
     // decoder forward
     let xhat = &mut xhat[..rows * d];
@@ -189,16 +167,8 @@ pub(crate) fn forward_backward_dense(
         }
     });
     prof.mark("decoder gemm");
-    let sse = kernels::row_reduce(rows, |r| {
-        xhat[r * d..(r + 1) * d].iter().zip(&x[r * d..(r + 1) * d]).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum()
-    });
     let dxhat = &mut dxhat[..rows * d];
-    let s2 = 2.0 / bf;
-    dxhat.par_chunks_mut(d).zip(xhat.par_chunks(d)).zip(x.par_chunks(d)).for_each(|((g, xh), xr)| {
-        for i in 0..d {
-            g[i] = s2 * (xh[i] - xr[i]);
-        }
-    });
+    let sse = recon_sse_and_grad(xhat, x, d, 2.0 / bf, dxhat);
     let coef = lp.sparsity_coef;
     let cb = coef / bf;
     // dA = dx̂ · W_decᵀ (the reconstruction part of dL/da)
@@ -215,24 +185,17 @@ pub(crate) fn forward_backward_dense(
         dnorm: Vec<f32>,
         sparsity: f64,
         pre_act: f64,
-        nnz: u64,
     }
     let parts: Vec<Part> = gbuf
         .par_chunks_mut(64 * ds)
         .enumerate()
         .map(|(b, gblk)| {
-            let mut part = Part {
-                thr: vec![0.0; if jump { ds } else { 0 }],
-                dnorm: vec![0.0; ds],
-                sparsity: 0.0,
-                pre_act: 0.0,
-                nnz: 0,
-            };
+            let mut part =
+                Part { thr: vec![0.0; if jump { ds } else { 0 }], dnorm: vec![0.0; ds], sparsity: 0.0, pre_act: 0.0 };
             for (i, ga) in gblk.chunks_mut(ds).enumerate() {
                 let r = b * 64 + i;
                 let (p, a) = (&pre[r * ds..(r + 1) * ds], &act[r * ds..(r + 1) * ds]);
-                let l0 = a.iter().filter(|&&v| v != 0.0).count();
-                part.nnz += l0 as u64;
+                let l0 = row_l0[r];
                 if !jump {
                     // ReLU + λ·Σ a‖W_dec‖
                     for j in 0..ds {
@@ -295,7 +258,6 @@ pub(crate) fn forward_backward_dense(
         .collect();
     let mut sp_sum = 0.0f64;
     let mut pre_act_sum = 0.0f64;
-    let mut nnz = 0u64;
     let mut dnorm = vec![0.0f32; ds];
     g.g_thr.clear();
     if jump {
@@ -304,7 +266,6 @@ pub(crate) fn forward_backward_dense(
     for part in parts {
         sp_sum += part.sparsity;
         pre_act_sum += part.pre_act;
-        nnz += part.nnz;
         for (t, v) in g.g_thr.iter_mut().zip(&part.thr) {
             *t += v;
         }
@@ -332,13 +293,7 @@ pub(crate) fn forward_backward_dense(
     });
     g.g_bdec.resize(d, 0.0);
     kernels::column_sum(dxhat, d, &mut g.g_bdec);
-    if sae.apply_b_dec_to_input {
-        for j in 0..ds {
-            if g.g_benc[j] != 0.0 {
-                kernels::axpy(-g.g_benc[j], &sae.w_enc[j * d..(j + 1) * d], &mut g.g_bdec);
-            }
-        }
-    }
+    subtract_pre_bias_path(sae, &g.lm.touched, &g.g_benc, &mut g.g_bdec);
     ensure(fires, ds);
     fires[..ds].fill(0);
     for r in 0..rows {

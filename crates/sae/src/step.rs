@@ -233,6 +233,38 @@ impl Prof {
     }
 }
 
+/// Σ_t ‖x̂_t − x_t‖² (f64, fixed-order reduction), and the reconstruction gradient
+/// `dxhat = scale·(x̂ − x)` (scale = 2/total variance for the FVU loss, 2/B for the per-token MSE).
+pub(crate) fn recon_sse_and_grad(xhat: &[f32], x: &[f32], d: usize, scale: f32, dxhat: &mut [f32]) -> f64 {
+    let rows = x.len() / d;
+    let sse = kernels::row_reduce(rows, |r| {
+        xhat[r * d..(r + 1) * d].iter().zip(&x[r * d..(r + 1) * d]).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum()
+    });
+    dxhat[..rows * d].par_chunks_mut(d).zip(xhat[..rows * d].par_chunks(d)).zip(x.par_chunks(d)).for_each(
+        |((g, xh), xr)| {
+            for i in 0..d {
+                g[i] = scale * (xh[i] - xr[i]);
+            }
+        },
+    );
+    sse
+}
+
+/// With b_dec subtracted at the encoder input, b_dec also receives −Σ_j (Σ_t dL/dpre_tj)·W_enc[j]:
+/// `g_benc[u]` is that sum for latent `touched[u]`.
+pub(crate) fn subtract_pre_bias_path(sae: &Sae, touched: &[u32], g_benc: &[f32], g_bdec: &mut [f32]) {
+    if !sae.apply_b_dec_to_input {
+        return;
+    }
+    let d = sae.d_in;
+    for (&j, &gb) in touched.iter().zip(g_benc) {
+        if gb != 0.0 {
+            let j = j as usize;
+            kernels::axpy(-gb, &sae.w_enc[j * d..(j + 1) * d], g_bdec);
+        }
+    }
+}
+
 pub(crate) fn batch_total_variance(x: &[f32], d: usize) -> f64 {
     let rows = x.len() / d;
     let mut mean = vec![0.0f32; d];
@@ -330,17 +362,7 @@ fn forward_backward_topk(sae: &Sae, ws: &mut Workspace, x: &[f32], since_fired: 
     ensure(&mut ws.xhat, rows * d);
     ensure(&mut ws.dxhat, rows * d);
     kernels::sparse_decode(main_val, main_idx, k, &sae.w_dec, d, Some(&sae.b_dec), &mut ws.xhat[..rows * d]);
-    let sse = kernels::row_reduce(rows, |r| {
-        ws.xhat[r * d..(r + 1) * d].iter().zip(&x[r * d..(r + 1) * d]).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum()
-    });
-    let g_scale = (2.0 / tv) as f32;
-    ws.dxhat[..rows * d].par_chunks_mut(d).zip(ws.xhat[..rows * d].par_chunks(d)).zip(x.par_chunks(d)).for_each(
-        |((g, xh), xr)| {
-            for i in 0..d {
-                g[i] = g_scale * (xh[i] - xr[i]);
-            }
-        },
-    );
+    let sse = recon_sse_and_grad(&ws.xhat[..rows * d], x, d, (2.0 / tv) as f32, &mut ws.dxhat);
     let fvu = sse / tv;
     let mut loss = fvu;
     prof.mark("decode+loss");
@@ -441,12 +463,7 @@ fn forward_backward_topk(sae: &Sae, ws: &mut Workspace, x: &[f32], since_fired: 
             *a += b;
         }
     }
-    if sae.apply_b_dec_to_input {
-        for (u, &j) in g.lm.touched.iter().enumerate() {
-            let j = j as usize;
-            kernels::axpy(-g.g_benc[u], &sae.w_enc[j * d..(j + 1) * d], &mut g.g_bdec);
-        }
-    }
+    subtract_pre_bias_path(sae, &g.lm.touched, &g.g_benc, &mut g.g_bdec);
     g.g_thr.clear();
 
     // firing counts (main selection only)
