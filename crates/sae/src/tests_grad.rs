@@ -47,19 +47,25 @@ fn top(vals: &[(usize, f64)], k: usize) -> Vec<(usize, f64)> {
     v
 }
 
-/// The TopK loss in f64 (selection recomputed from scratch).
-/// `det` supplies the parameters of the detached AuxK target x − x̂.
-pub(crate) fn loss_topk_ref(p: &P64, det: &P64, x: &[f32], dead: &[bool], lp: &LossParams) -> f64 {
-    let (d, n) = (p.d, p.n);
+/// Σ‖x_t − mean‖² in f64: the FVU denominator.
+fn total_variance_f64(x: &[f64], d: usize) -> f64 {
     let rows = x.len() / d;
-    let x: Vec<f64> = x.iter().map(|&a| a as f64).collect();
     let mut mean = vec![0.0; d];
     for r in 0..rows {
         for i in 0..d {
             mean[i] += x[r * d + i] / rows as f64;
         }
     }
-    let tv: f64 = (0..rows * d).map(|q| (x[q] - mean[q % d]).powi(2)).sum();
+    (0..rows * d).map(|q| (x[q] - mean[q % d]).powi(2)).sum()
+}
+
+/// The TopK loss in f64 (selection recomputed from scratch).
+/// `det` supplies the parameters of the detached AuxK target x − x̂.
+pub(crate) fn loss_topk_ref(p: &P64, det: &P64, x: &[f32], dead: &[bool], lp: &LossParams) -> f64 {
+    let d = p.d;
+    let rows = x.len() / d;
+    let x: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+    let tv = total_variance_f64(&x, d);
     let n_dead = dead.iter().filter(|&&b| b).count();
     let ka_full = d / 2;
     let use_aux = lp.auxk_alpha > 0.0 && n_dead > 0;
@@ -68,9 +74,7 @@ pub(crate) fn loss_topk_ref(p: &P64, det: &P64, x: &[f32], dead: &[bool], lp: &L
     let (mut l, mut laux, mut lm) = (0.0, 0.0, 0.0);
     for r in 0..rows {
         let xr = &x[r * d..(r + 1) * d];
-        let pre: Vec<(usize, f64)> = (0..n)
-            .map(|j| (j, (0..d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j]))
-            .collect();
+        let pre: Vec<(usize, f64)> = pre_f64(p, xr).into_iter().enumerate().collect();
         let dec = |sel: &[(usize, f64)], bias: bool| -> Vec<f64> {
             let mut o = if bias { p.b_dec.clone() } else { vec![0.0; d] };
             for &(j, a) in sel {
@@ -83,9 +87,7 @@ pub(crate) fn loss_topk_ref(p: &P64, det: &P64, x: &[f32], dead: &[bool], lp: &L
         let sel = top(&pre, lp.k);
         let xh = dec(&sel, true);
         let xh_det = {
-            let pre_d: Vec<(usize, f64)> = (0..n)
-                .map(|j| (j, (0..d).map(|i| (xr[i] - det.b_dec[i]) * det.w_enc[j * d + i]).sum::<f64>() + det.b_enc[j]))
-                .collect();
+            let pre_d: Vec<(usize, f64)> = pre_f64(det, xr).into_iter().enumerate().collect();
             let mut o = det.b_dec.clone();
             for (j, a) in top(&pre_d, lp.k) {
                 for i in 0..d {
@@ -464,20 +466,13 @@ fn jumprelu_ste_to_input_moves_the_estimator_onto_the_pre_activations() {
 
 /// BatchTopK loss in f64: keep the k·rows largest positive pre-activations of the whole batch.
 fn loss_batchtopk_ref(p: &P64, x: &[f32], k: usize) -> f64 {
-    let (d, n) = (p.d, p.n);
+    let d = p.d;
     let rows = x.len() / d;
     let x: Vec<f64> = x.iter().map(|&a| a as f64).collect();
-    let mut mean = vec![0.0; d];
-    for r in 0..rows {
-        for i in 0..d {
-            mean[i] += x[r * d + i] / rows as f64;
-        }
-    }
-    let tv: f64 = (0..rows * d).map(|q| (x[q] - mean[q % d]).powi(2)).sum();
+    let tv = total_variance_f64(&x, d);
     let mut all: Vec<(usize, usize, f64)> = Vec::new();
     for r in 0..rows {
-        for j in 0..n {
-            let v = (0..d).map(|i| (x[r * d + i] - p.b_dec[i]) * p.w_enc[j * d + i]).sum::<f64>() + p.b_enc[j];
+        for (j, v) in pre_f64(p, &x[r * d..(r + 1) * d]).into_iter().enumerate() {
             if v > 0.0 {
                 all.push((r, j, v));
             }
