@@ -232,6 +232,12 @@ impl TrainConfig {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
+    /// Rows the trainer reads ahead (then seeks back over) to fix the outlier threshold, the input
+    /// scale and the b_dec init.
+    pub fn prepare_rows(&self) -> usize {
+        self.norm_estimate_rows.max(self.batch_size.min(4096)).max(1)
+    }
+
     pub fn total_steps(&self) -> u64 {
         self.tokens / self.batch_size.max(1) as u64
     }

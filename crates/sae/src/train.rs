@@ -38,6 +38,8 @@ pub struct TrainOutcome {
     pub last: StepStats,
     /// steady-state tokens/s of this process (excludes preparation and the final save)
     pub tokens_per_s: f64,
+    /// tokens trained by this process (less than `tokens` after a resume)
+    pub tokens_this_run: u64,
     pub interrupted: bool,
     pub dead_frac: f64,
 }
@@ -124,7 +126,7 @@ fn geometric_median(x: &[f32], d: usize, iters: usize) -> Vec<f32> {
 /// scale and the b_dec init.
 fn prepare(cfg: &TrainConfig, src: &mut dyn ActivationSource, d: usize) -> Result<(f32, f32, Vec<f32>, usize)> {
     let start = src.cursor();
-    let n = cfg.norm_estimate_rows.max(cfg.batch_size.min(4096)).max(1);
+    let n = cfg.prepare_rows();
     let mut x = vec![0.0f32; n * d];
     let got = src.next_batch(&mut x)?;
     x.truncate(got * d);
@@ -643,6 +645,7 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
         max_norm: st.max_norm,
         last,
         tokens_per_s,
+        tokens_this_run: steps_this_run * b as u64,
         interrupted,
         dead_frac,
     })

@@ -286,7 +286,7 @@ fn run_live(mut c: TrainConfig, opts: &RunOptions) -> Result<()> {
         block_tokens: c.live_block_tokens,
         seed: c.seed,
         // what the trainer reads ahead before seeking back to the start
-        keep_rows: c.norm_estimate_rows.max(c.batch_size.min(4096)),
+        keep_rows: c.prepare_rows(),
     };
     let live = saekit_store::live::LiveActivations::new(&model, &data, lopts)?;
     let desc = format!(
@@ -308,7 +308,7 @@ fn run_live(mut c: TrainConfig, opts: &RunOptions) -> Result<()> {
         100.0 * fs / wall.max(1e-9)
     );
     // end to end: the blocks computed while preparing count too
-    report(&o, o.tokens as f64 / wall.max(1e-9));
+    report(&o, o.tokens_this_run as f64 / wall.max(1e-9));
     Ok(())
 }
 
