@@ -123,6 +123,11 @@ pub struct TrainConfig {
     pub jumprelu_ste_to_input: bool,
     // ---- relu ----
     pub l1_coefficient: f32,
+    /// Take the sparse step (decoder and backward over the active latents only) for batches whose
+    /// mean L0 is below this fraction of d_sae; 0 keeps the dense GEMMs. The dense step costs ~5
+    /// encoder GEMMs whatever L0 is, and the sparse one overtakes it near L0 = d_sae/13
+    /// (BENCHMARKS.md, d_sae 4096, batch 4096). Either path gives the same gradients.
+    pub relu_sparse_below: f32,
     /// Fraction of steps over which the sparsity coefficient (L1 / L0) warms up linearly from 0.
     pub sparsity_warmup_frac: Option<f32>,
     pub decoder_init_norm: Option<f32>,
@@ -185,6 +190,7 @@ impl Default for TrainConfig {
             pre_act_loss_coefficient: None,
             jumprelu_ste_to_input: false,
             l1_coefficient: 5.0,
+            relu_sparse_below: 1.0 / 16.0,
             sparsity_warmup_frac: None,
             decoder_init_norm: None,
             topk_threshold_lr: 0.01,

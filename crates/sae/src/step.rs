@@ -34,11 +34,6 @@ pub struct LossParams {
     pub relu_sparse_below: f32,
 }
 
-/// Where the ReLU paths break even (BENCHMARKS.md, d_sae 4096, batch 4096): the dense step costs ~5
-/// encoder GEMMs whatever L0 is; the sparse one a GEMM plus gathers over rows·L0·d_in, and it
-/// overtakes the dense step near L0 = d_sae/13.
-pub const RELU_SPARSE_BELOW: f32 = 1.0 / 16.0;
-
 impl LossParams {
     pub fn from_config(c: &TrainConfig, r: &Resolved, step: u64) -> LossParams {
         let base = match c.arch {
@@ -59,7 +54,7 @@ impl LossParams {
             pre_act_loss_coef: c.pre_act_loss_coefficient.unwrap_or(0.0),
             jumprelu_ste_to_input: c.jumprelu_ste_to_input,
             dead_tokens: c.dead_tokens,
-            relu_sparse_below: RELU_SPARSE_BELOW,
+            relu_sparse_below: c.relu_sparse_below,
         }
     }
 }
