@@ -37,6 +37,8 @@ pub struct AnalyzeOptions {
     pub progress: bool,
     /// Stop after this many contexts in this invocation (tests of resume); the checkpoint is kept.
     pub stop_after_contexts: Option<u64>,
+    /// Set (by a SIGINT/SIGTERM handler) to stop after the batch in flight; the checkpoint is written.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for AnalyzeOptions {
@@ -55,6 +57,7 @@ impl Default for AnalyzeOptions {
             n_neighbours: 10,
             progress: true,
             stop_after_contexts: None,
+            stop: None,
         }
     }
 }
@@ -75,17 +78,14 @@ pub struct AnalyzeReport {
     pub finished: bool,
 }
 
-/// The SAE's hook point, or the one asked for.
-pub fn sae_hook(sae: &Sae, hook: Option<HookPoint>) -> Result<HookPoint> {
-    match hook {
-        Some(h) => Ok(h),
-        None => {
-            if sae.metadata.hook_name.is_empty() {
-                bail!("the SAE has no metadata.hook_name; pass --hook");
-            }
-            sae.metadata.hook_name.parse().with_context(|| format!("SAE hook {:?}", sae.metadata.hook_name))
-        }
-    }
+/// The hook point the SAE (named `sae_label` in errors) runs on in `model`: its own, or the one asked
+/// for. An SAE made for another model, width or hook is refused with both sides named.
+pub fn sae_hook(model: &Model, sae: &Sae, sae_label: &str, hook: Option<HookPoint>) -> Result<HookPoint> {
+    let asked = hook.map(|h| h.to_string());
+    let name = sae.hook_on(sae_label, &model.config().name, model.config().d_model, asked.as_deref())?;
+    let h: HookPoint = name.parse().with_context(|| format!("{sae_label}: SAE hook {name:?} is not a hook point"))?;
+    h.check(model.config().n_layers)?;
+    Ok(h)
 }
 
 /// Rows to skip in a `[batch, seq]` block of tokens: position 0 and special tokens (the attention
@@ -135,10 +135,7 @@ pub fn analyze(
     out: &Path,
     opts: &AnalyzeOptions,
 ) -> Result<AnalyzeReport> {
-    let hook = sae_hook(sae, opts.hook)?;
-    if model.config().d_model != sae.d_in {
-        bail!("{sae_path}: SAE d_in {} does not match the model's d_model {}", sae.d_in, model.config().d_model);
-    }
+    let hook = sae_hook(model, sae, sae_path, opts.hook)?;
     let split = dataset.split(&opts.split)?;
     let seq = split.context_len();
     let want = opts.n_tokens.div_ceil(seq as u64).max(1);
@@ -153,10 +150,12 @@ pub fn analyze(
             "the split is smaller than --tokens; analysing all of it"
         );
     }
+    // inputs by content, not path: an SAE or dataset rebuilt at the same path is another run
     let fingerprint = format!(
-        "sae={sae_path} d_sae={} dataset={} split={} contexts={total} hook={hook} sinks={} norm={} opts={}",
+        "sae={} d_sae={} dataset={} split={} contexts={total} hook={hook} sinks={} norm={} opts={}",
+        sae.fingerprint(),
         sae.d_sae,
-        dataset.dir().display(),
+        dataset.fingerprint(),
         opts.split,
         opts.skip_sinks,
         opts.sink_norm_factor,
@@ -179,7 +178,9 @@ pub fn analyze(
     let mut done_here = 0u64;
     let b = opts.batch_contexts.max(1) as u64;
     while stats.n_contexts < total {
-        if opts.stop_after_contexts.is_some_and(|s| done_here >= s) {
+        if opts.stop_after_contexts.is_some_and(|s| done_here >= s)
+            || opts.stop.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+        {
             break;
         }
         let c0 = stats.n_contexts;

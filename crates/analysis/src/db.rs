@@ -309,11 +309,8 @@ impl FeatureDbWriter {
         self.conn.execute_batch(INDEXES)?;
         self.conn.execute_batch("INSERT INTO feature_text(feature_text) VALUES('optimize'); ANALYZE;")?;
         self.conn.close().map_err(|(_, e)| anyhow!("{}: closing: {e}", self.tmp.display()))?;
-        std::fs::File::open(&self.tmp)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("syncing {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("moving {} to {}", self.tmp.display(), self.path.display()))?;
+        // SQLite needs a path of its own: the shared helper moves the finished file into place
+        saekit_files::persist_path(&self.tmp, &self.path)?;
         Ok(self.path)
     }
 }

@@ -251,10 +251,7 @@ pub fn eval_model_on_tokens(
     opts: &ModelEvalOptions,
 ) -> Result<ModelEvalReport> {
     let t0 = Instant::now();
-    let hook = sae_hook(sae, opts.hook)?;
-    if model.config().d_model != sae.d_in {
-        bail!("SAE d_in {} does not match the model's d_model {}", sae.d_in, model.config().d_model);
-    }
+    let hook = sae_hook(model, sae, "the SAE", opts.hook)?;
     if seq < 2 || tokens.is_empty() || !tokens.len().is_multiple_of(seq) {
         bail!("model eval needs whole contexts of at least 2 tokens ({} tokens, context {seq})", tokens.len());
     }

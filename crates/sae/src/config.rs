@@ -154,6 +154,10 @@ pub struct TrainConfig {
     pub context_size: usize,
     pub prepend_bos: bool,
     pub dataset_path: String,
+    /// Fingerprint of the vocabulary that made the training tokens (from the data source).
+    pub tokenizer_fingerprint: String,
+    /// Which rows the data source left out as attention sinks (from the data source).
+    pub sink_rule: String,
 }
 
 impl Default for TrainConfig {
@@ -210,6 +214,8 @@ impl Default for TrainConfig {
             context_size: 128,
             prepend_bos: false,
             dataset_path: String::new(),
+            tokenizer_fingerprint: String::new(),
+            sink_rule: String::new(),
         }
     }
 }
@@ -242,6 +248,38 @@ impl TrainConfig {
     /// scale and the b_dec init.
     pub fn prepare_rows(&self) -> usize {
         self.norm_estimate_rows.max(self.batch_size.min(4096)).max(1)
+    }
+
+    /// Take the metadata of the rows from their source: an SAE is labelled with the model, hook and
+    /// tokens its data came from, never with a default the data contradicts.
+    pub fn with_provenance(mut self, p: &crate::source::Provenance) -> TrainConfig {
+        let set = |field: &mut String, v: &str| {
+            if !v.is_empty() {
+                *field = v.to_string();
+            }
+        };
+        set(&mut self.model_name, &p.model_name);
+        set(&mut self.hook_name, &p.hook_name);
+        set(&mut self.tokenizer_fingerprint, &p.tokenizer_fingerprint);
+        set(&mut self.sink_rule, &p.sink_rule);
+        if let Some(c) = p.context_size {
+            self.context_size = c;
+        }
+        self
+    }
+
+    /// Fields (TOML names) where `self` and `other` differ, ignoring where files live (paths may move;
+    /// resumes compare the data by content) and the thread count (results do not depend on it).
+    pub fn differing_fields(&self, other: &TrainConfig) -> Vec<String> {
+        const IGNORED: [&str; 6] = ["acts", "contexts", "model", "out", "threads", "dataset_path"];
+        let (a, b) = (serde_json::to_value(self), serde_json::to_value(other));
+        let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
+            return vec!["(unserializable config)".into()];
+        };
+        a.iter()
+            .filter(|(k, v)| !IGNORED.contains(&k.as_str()) && b.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k} = {v} vs {}", b.get(k).cloned().unwrap_or_default()))
+            .collect()
     }
 
     pub fn total_steps(&self) -> u64 {

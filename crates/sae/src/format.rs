@@ -13,6 +13,9 @@ use std::path::Path;
 pub const SAE_WEIGHTS: &str = "sae_weights.safetensors";
 pub const SPARSITY: &str = "sparsity.safetensors";
 pub const CFG: &str = "cfg.json";
+/// The list of the folder's files with sizes and CRC32s, written last: without it (or with files that
+/// differ from it) a saekit-written folder is a torn write and is refused.
+pub const FILE_LIST: &str = "saekit_files.json";
 
 pub(crate) fn f32_bytes(v: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.len() * 4);
@@ -22,16 +25,8 @@ pub(crate) fn f32_bytes(v: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Write `bytes` to `path` atomically (temp file, fsync, rename).
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!("{}.tmp", path.file_name().and_then(|s| s.to_str()).unwrap_or("file")));
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
-}
+/// Write `bytes` to `path` atomically (the workspace's one helper: temp file, fsync, rename, folder fsync).
+pub use saekit_files::write_atomic as atomic_write;
 
 /// A tensor to stream into a safetensors file without materialising its bytes.
 pub enum TensorSrc<'a> {
@@ -119,19 +114,16 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, TensorSrc<'_
     while h.len() % 8 != 0 {
         h.push(' ');
     }
-    let tmp = path.with_file_name(format!("{}.tmp", path.file_name().and_then(|s| s.to_str()).unwrap_or("file")));
-    {
-        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    saekit_files::write_atomic_with(path, |f| {
         let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
         w.write_all(&(h.len() as u64).to_le_bytes())?;
         w.write_all(h.as_bytes())?;
         for (name, _, src) in tensors {
-            src.write(&mut w).with_context(|| format!("writing tensor {name} to {}", tmp.display()))?;
+            src.write(&mut w).with_context(|| format!("writing tensor {name}"))?;
         }
-        let f = w.into_inner().map_err(|e| anyhow::anyhow!("flushing {}: {e}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+        w.flush()?;
+        Ok(())
+    })
 }
 
 /// Memory-map a file read-only.
@@ -173,7 +165,21 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// Write `sae` as a SAELens v6 inference folder: `cfg.json`, `sae_weights.safetensors` and, when
 /// given, `sparsity.safetensors` (log10 of per-latent firing frequency).
 pub fn save_saelens(dir: &Path, sae: &Sae, log10_sparsity: Option<&[f32]>, extra_cfg: Option<Value>) -> Result<()> {
+    save_saelens_set(dir, sae, log10_sparsity, extra_cfg, &[])
+}
+
+/// [`save_saelens`] plus `extra_files` (name, bytes), written as one set: the old file list is removed
+/// first and the new one (sizes + CRC32s of every file) written last, so a kill in between leaves a
+/// folder that [`load_sae`] refuses instead of new weights beside an old `cfg.json`.
+pub fn save_saelens_set(
+    dir: &Path,
+    sae: &Sae,
+    log10_sparsity: Option<&[f32]>,
+    extra_cfg: Option<Value>,
+    extra_files: &[(&str, &[u8])],
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    saekit_files::FileSet::begin(dir, FILE_LIST)?;
     let (d_in, d_sae) = (sae.d_in, sae.d_sae);
     // SAELens W_enc is [d_in, d_sae]: stream the transpose of our latent-major encoder
     let mut tensors: Vec<(&str, Vec<usize>, TensorSrc<'_>)> = vec![
@@ -200,6 +206,10 @@ pub fn save_saelens(dir: &Path, sae: &Sae, log10_sparsity: Option<&[f32]>, extra
             "model_from_pretrained_kwargs": {},
             "dataset_path": sae.metadata.dataset_path,
             "sae_lens_training_version": format!("saekit {}", env!("CARGO_PKG_VERSION")),
+            "tokenizer_fingerprint": sae.metadata.tokenizer_fingerprint,
+            "sink_rule": sae.metadata.sink_rule,
+            "input_scale": sae.metadata.input_scale,
+            "saekit_file_list": FILE_LIST,
         }
     });
     match sae.activation {
@@ -223,12 +233,45 @@ pub fn save_saelens(dir: &Path, sae: &Sae, log10_sparsity: Option<&[f32]>, extra
             }
         }
     }
+    let mut files = vec![SAE_WEIGHTS];
     write_safetensors(&dir.join(SAE_WEIGHTS), &tensors)?;
     if let Some(sp) = log10_sparsity {
         write_safetensors(&dir.join(SPARSITY), &[("sparsity", vec![d_sae], TensorSrc::F32(sp))])?;
+        files.push(SPARSITY);
+    } else {
+        // a sparsity file from an earlier write would describe other weights
+        remove_if_present(&dir.join(SPARSITY))?;
+    }
+    for (name, bytes) in extra_files {
+        atomic_write(&dir.join(name), bytes)?;
+        files.push(*name);
     }
     atomic_write(&dir.join(CFG), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    files.push(CFG);
+    saekit_files::FileSet::commit(dir, FILE_LIST, &files)?;
     Ok(())
+}
+
+fn remove_if_present(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("cannot remove {}", p.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A folder saekit wrote (its cfg.json names the file list) must hold its complete, unaltered list.
+fn check_file_set(dir: &Path, cfg: &Value) -> Result<()> {
+    let names_list = cfg.get("metadata").and_then(|m| m.get("saekit_file_list")).is_some();
+    match saekit_files::FileSet::verify(dir, FILE_LIST)? {
+        Some(_) => Ok(()),
+        None if names_list => bail!(
+            "{}: incomplete SAE folder: {FILE_LIST} is missing, so a write was interrupted (files may belong to different runs); write it again",
+            dir.display()
+        ),
+        None => Ok(()),
+    }
 }
 
 fn read_f32_tensor(st: &SafeTensors<'_>, name: &str, path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
@@ -269,6 +312,7 @@ pub fn load_sae(path: impl AsRef<Path>) -> Result<Sae> {
     let cfg_path = path.join(CFG);
     let cfg_text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
     let cfg: Value = serde_json::from_str(&cfg_text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    check_file_set(path, &cfg)?;
     if path.join("sae.safetensors").is_file() && !path.join(SAE_WEIGHTS).exists() {
         return load_sparsify(path, &cfg);
     }
@@ -375,6 +419,9 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<Sae> {
         context_size: md.get("context_size").and_then(|v| v.as_u64()).unwrap_or(128) as usize,
         prepend_bos: md.get("prepend_bos").and_then(|v| v.as_bool()).unwrap_or(true),
         dataset_path: get_str(md, "dataset_path").unwrap_or("").into(),
+        tokenizer_fingerprint: get_str(md, "tokenizer_fingerprint").unwrap_or("").into(),
+        sink_rule: get_str(md, "sink_rule").unwrap_or("").into(),
+        input_scale: md.get("input_scale").and_then(|v| v.as_f64()).map(|v| v as f32),
     };
     Ok(Sae {
         d_in,

@@ -29,9 +29,9 @@ pub mod source;
 pub mod store_source;
 pub mod train;
 
-pub use format::{load_sae, save_saelens};
+pub use format::{load_sae, save_saelens, save_saelens_set};
 pub use metrics::{evaluate, EvalMetrics};
-pub use source::{ActivationSource, NpySource};
+pub use source::{ActivationSource, NpySource, Provenance};
 #[cfg(feature = "store")]
 pub use store_source::{LiveSource, StoreSource};
 pub use train::{train, RunOptions, TrainOutcome};

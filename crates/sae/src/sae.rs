@@ -2,6 +2,7 @@
 
 use crate::config::Arch;
 use crate::kernels;
+use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -27,6 +28,12 @@ pub struct SaeMetadata {
     pub context_size: usize,
     pub prepend_bos: bool,
     pub dataset_path: String,
+    /// Fingerprint of the tokenizer's vocabulary that made the training tokens (empty: unknown).
+    pub tokenizer_fingerprint: String,
+    /// Which rows the data source left out as attention sinks, in words (empty: none / unknown).
+    pub sink_rule: String,
+    /// The scalar the inputs were multiplied by while training (folded into the saved weights).
+    pub input_scale: Option<f32>,
 }
 
 impl Default for SaeMetadata {
@@ -37,6 +44,9 @@ impl Default for SaeMetadata {
             context_size: 128,
             prepend_bos: false,
             dataset_path: String::new(),
+            tokenizer_fingerprint: String::new(),
+            sink_rule: String::new(),
+            input_scale: None,
         }
     }
 }
@@ -77,6 +87,62 @@ impl SparseCodes {
     pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
         let (a, b) = (self.indptr[r], self.indptr[r + 1]);
         (&self.idx[a..b], &self.val[a..b])
+    }
+}
+
+/// Model names compared loosely: "HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2 135M Instruct" and
+/// "smollm2-135m-instruct" are one model; an empty name is unknown and matches anything.
+fn same_model(a: &str, b: &str) -> bool {
+    let norm = |s: &str| -> String {
+        let base = s.rsplit('/').next().unwrap_or(s);
+        base.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect()
+    };
+    a.is_empty() || b.is_empty() || norm(a) == norm(b)
+}
+
+impl Sae {
+    /// Content fingerprint of the weights and activation (what resumes compare instead of a path).
+    pub fn fingerprint(&self) -> String {
+        let mut f = saekit_files::Fingerprinter::default();
+        f.part(format!("{:?} {} {} {}", self.activation, self.d_in, self.d_sae, self.apply_b_dec_to_input).as_bytes());
+        for t in [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec, &self.threshold] {
+            f.f32s(t);
+        }
+        f.finish()
+    }
+
+    /// The hook this SAE reads on a model named `model_name` with residual width `d_model`, refusing
+    /// (one line naming both sides) an SAE made for another model, width or hook. `asked_hook` is a hook
+    /// the caller was told to use; `None` takes the SAE's own. `sae_label` names the SAE in errors.
+    pub fn hook_on(
+        &self,
+        sae_label: &str,
+        model_name: &str,
+        d_model: usize,
+        asked_hook: Option<&str>,
+    ) -> Result<String> {
+        let m = &self.metadata;
+        if self.d_in != d_model {
+            bail!("{sae_label}: the SAE reads {} dimensions but model {model_name:?} has d_model {d_model}", self.d_in);
+        }
+        if !same_model(&m.model_name, model_name) {
+            bail!(
+                "{sae_label}: the SAE was trained on model {:?} but is asked to run on model {model_name:?}",
+                m.model_name
+            );
+        }
+        // sparsify folders name their hook after the folder ("layers.6"), not in TransformerLens terms
+        let tl_name = m.hook_name.contains("hook_");
+        match asked_hook {
+            Some(h) if tl_name && h != m.hook_name => {
+                bail!("{sae_label}: the SAE was trained on hook {} but is asked to run on hook {h}", m.hook_name)
+            }
+            Some(h) => Ok(h.to_string()),
+            None if m.hook_name.is_empty() => {
+                bail!("{sae_label}: the SAE names no hook (metadata.hook_name); pass the hook it was trained on")
+            }
+            None => Ok(m.hook_name.clone()),
+        }
     }
 }
 

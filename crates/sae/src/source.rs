@@ -23,6 +23,24 @@ pub trait ActivationSource: Send {
     fn seek(&mut self, cursor: &serde_json::Value) -> Result<()>;
     /// One line for logs: file name, rows, order.
     fn describe(&self) -> String;
+    /// What the rows are (model, hook, tokens) and a fingerprint of their content. The trained SAE's
+    /// metadata comes from here, and a resume refuses data whose fingerprint changed.
+    fn provenance(&self) -> Result<Provenance> {
+        Ok(Provenance::default())
+    }
+}
+
+/// Facts about a source's rows, as recorded with the SAE trained on them; empty fields are unknown.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Provenance {
+    pub model_name: String,
+    pub hook_name: String,
+    pub context_size: Option<usize>,
+    pub tokenizer_fingerprint: String,
+    /// Which rows the source leaves out as attention sinks, in words.
+    pub sink_rule: String,
+    /// Content fingerprint of the data (not its path).
+    pub data_fingerprint: String,
 }
 
 /// A float32 C-order `.npy` file `[N, d_in]`, memory-mapped, read in a seeded random order that is
@@ -91,18 +109,14 @@ pub fn write_npy_f32(path: &Path, data: &[f32], rows: usize, cols: usize) -> Res
     let pad = (64 - total % 64) % 64;
     header.push_str(&" ".repeat(pad));
     header.push('\n');
-    let tmp = path.with_extension("npy.tmp");
-    {
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    saekit_files::write_atomic_with(path, |f| {
         f.write_all(b"\x93NUMPY\x01\x00")?;
         f.write_all(&(header.len() as u16).to_le_bytes())?;
         f.write_all(header.as_bytes())?;
-        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 impl NpySource {
@@ -209,5 +223,10 @@ impl ActivationSource for NpySource {
             if self.shuffle { "shuffled" } else { "file" },
             self.seed
         )
+    }
+    fn provenance(&self) -> Result<Provenance> {
+        // a bare array says nothing about its model or hook; its bytes are its identity
+        let (bytes, crc) = saekit_files::file_crc32(&self.path)?;
+        Ok(Provenance { data_fingerprint: format!("npy:{bytes}:{crc:08x}"), ..Default::default() })
     }
 }

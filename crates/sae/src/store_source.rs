@@ -1,6 +1,6 @@
 //! [`ActivationSource`]s over saekit-store: an activation store (`saekit harvest` output) and live model rows.
 
-use crate::source::ActivationSource;
+use crate::source::{ActivationSource, Provenance};
 use anyhow::{Context, Result};
 use saekit_store::{ActivationReader, ActivationStore, ReaderCursor, ReaderOptions};
 use std::path::Path;
@@ -96,6 +96,20 @@ impl ActivationSource for StoreSource {
     fn describe(&self) -> String {
         self.desc.clone()
     }
+
+    fn provenance(&self) -> Result<Provenance> {
+        let c = &self.store.manifest().config;
+        let mpath = self.store.dir().join(saekit_store::store::MANIFEST);
+        Ok(Provenance {
+            model_name: c.model.name.clone(),
+            hook_name: self.reader.hook().to_string(),
+            context_size: Some(c.context),
+            tokenizer_fingerprint: c.tokenizer_fingerprint.clone(),
+            sink_rule: c.sink_rule(),
+            // the manifest lists every shard's size and CRC32: its bytes identify the store's content
+            data_fingerprint: format!("store:{}", saekit_files::fingerprint_files(&[mpath])?),
+        })
+    }
 }
 
 /// [`ActivationSource`] over the model itself (`saekit train --live`): rows computed block by block
@@ -139,5 +153,16 @@ impl ActivationSource for LiveSource<'_> {
 
     fn describe(&self) -> String {
         self.desc.clone()
+    }
+
+    fn provenance(&self) -> Result<Provenance> {
+        Ok(Provenance {
+            model_name: self.live.model_name().to_string(),
+            hook_name: self.live.hook().to_string(),
+            context_size: Some(self.live.context_len()),
+            tokenizer_fingerprint: self.live.tokenizer_fingerprint().to_string(),
+            sink_rule: self.live.sink_rule(),
+            data_fingerprint: self.live.data_fingerprint().to_string(),
+        })
     }
 }

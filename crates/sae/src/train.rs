@@ -6,13 +6,15 @@ use crate::config::{Arch, Resolved, TrainConfig};
 use crate::format::{self, atomic_write};
 use crate::kernels;
 use crate::sae::{Activation, Sae, SaeMetadata};
-use crate::source::ActivationSource;
+use crate::source::{ActivationSource, Provenance};
 use crate::step::{self, AdamState, LossParams, StepStats, UpdateParams, Workspace};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::SafeTensors;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// How a run is driven (not part of the recipe).
@@ -25,6 +27,10 @@ pub struct RunOptions {
     /// Stop (as if killed) after this many steps in this process, right after any checkpoint due
     /// at that step; used by the resume tests.
     pub stop_after_steps: Option<u64>,
+    /// A fresh run into a non-empty output folder clears saekit's files there (otherwise it refuses).
+    pub force: bool,
+    /// Set (by a SIGINT/SIGTERM handler) to stop after the batch in flight with a checkpoint written.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +62,14 @@ struct CheckpointMeta {
     config: TrainConfig,
     d_in: usize,
     batchtopk_threshold: f32,
+    /// Content fingerprint of the training data (empty in checkpoints from before it was recorded).
+    #[serde(default)]
+    data_fingerprint: String,
+    /// Size and CRC32 of `state.safetensors`, checked before a resume trusts it.
+    #[serde(default)]
+    state_bytes: u64,
+    #[serde(default)]
+    state_crc32: Option<u32>,
 }
 
 pub(crate) struct State {
@@ -92,6 +106,9 @@ fn metadata_for(cfg: &TrainConfig) -> SaeMetadata {
         } else {
             cfg.dataset_path.clone()
         },
+        tokenizer_fingerprint: cfg.tokenizer_fingerprint.clone(),
+        sink_rule: cfg.sink_rule.clone(),
+        input_scale: None,
     }
 }
 
@@ -170,7 +187,13 @@ fn ckpt_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
 }
 
-fn write_checkpoint(out: &Path, st: &State, cfg: &TrainConfig, cursor: serde_json::Value) -> Result<()> {
+fn write_checkpoint(
+    out: &Path,
+    st: &State,
+    cfg: &TrainConfig,
+    cursor: serde_json::Value,
+    data_fingerprint: &str,
+) -> Result<()> {
     let root = ckpt_dir(out);
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let name = format!("step_{:09}", st.step);
@@ -206,6 +229,7 @@ fn write_checkpoint(out: &Path, st: &State, cfg: &TrainConfig, cursor: serde_jso
         ("window_tokens", vec![1], U64(&wt)),
     ];
     crate::format::write_safetensors(&tmp.join("state.safetensors"), &tensors)?;
+    let (state_bytes, crc) = saekit_files::file_crc32(&tmp.join("state.safetensors"))?;
     let meta = CheckpointMeta {
         step: st.step,
         tokens: st.tokens,
@@ -216,15 +240,15 @@ fn write_checkpoint(out: &Path, st: &State, cfg: &TrainConfig, cursor: serde_jso
         config: cfg.clone(),
         d_in: d,
         batchtopk_threshold: st.batchtopk_threshold,
+        data_fingerprint: data_fingerprint.to_string(),
+        state_bytes,
+        state_crc32: Some(crc),
     };
     atomic_write(&tmp.join("state.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
     if fin.exists() {
-        std::fs::remove_dir_all(&fin).ok();
+        std::fs::remove_dir_all(&fin).with_context(|| format!("removing the stale {}", fin.display()))?;
     }
-    std::fs::rename(&tmp, &fin).with_context(|| format!("renaming {} into place", tmp.display()))?;
-    if let Ok(f) = std::fs::File::open(&root) {
-        f.sync_all().ok();
-    }
+    saekit_files::persist_path(&tmp, &fin)?;
     // keep the last two
     let mut all = list_checkpoints(out)?;
     while all.len() > 2 {
@@ -234,21 +258,60 @@ fn write_checkpoint(out: &Path, st: &State, cfg: &TrainConfig, cursor: serde_jso
     Ok(())
 }
 
-/// Completed checkpoints, oldest first.
+/// Completed checkpoints, oldest first (by step number, whatever the width of the name).
 pub fn list_checkpoints(out: &Path) -> Result<Vec<PathBuf>> {
     let root = ckpt_dir(out);
-    let mut v = Vec::new();
+    let mut v: Vec<(u64, PathBuf)> = Vec::new();
     if let Ok(rd) = std::fs::read_dir(&root) {
         for e in rd.flatten() {
             let p = e.path();
             let name = e.file_name().to_string_lossy().to_string();
-            if p.is_dir() && name.starts_with("step_") && !name.ends_with(".tmp") && p.join("state.json").is_file() {
-                v.push(p);
+            let step = name.strip_prefix("step_").and_then(|n| n.parse::<u64>().ok());
+            if let Some(step) = step.filter(|_| p.is_dir() && p.join("state.json").is_file()) {
+                v.push((step, p));
             }
         }
     }
     v.sort();
-    Ok(v)
+    Ok(v.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Names a training run writes in its output folder; `--force` clears these and nothing else.
+fn is_training_output(name: &str) -> bool {
+    const NAMES: [&str; 8] = [
+        "checkpoints",
+        "metrics.jsonl",
+        "train_config.toml",
+        "training_summary.json",
+        format::CFG,
+        format::SAE_WEIGHTS,
+        format::SPARSITY,
+        format::FILE_LIST,
+    ];
+    NAMES.contains(&name) || saekit_files::is_temp_name(name)
+}
+
+/// A fresh run needs an empty output folder: a previous run's checkpoints would be resumed, its
+/// files mixed with the new ones. `force` clears saekit's files; anything else there is refused.
+fn prepare_fresh_output(out: &Path, force: bool) -> Result<()> {
+    if saekit_files::is_empty_dir(out)? {
+        return Ok(());
+    }
+    if !force {
+        bail!(
+            "{}: the output folder is not empty (an earlier run?); pass --force to clear it, --resume {} to continue it, or choose another --out",
+            out.display(),
+            out.display()
+        );
+    }
+    saekit_files::ensure_only_owned(out, "SAE training output", is_training_output)?;
+    for e in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
+        let p = e?.path();
+        let res = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        res.with_context(|| format!("--force: cannot remove {}", p.display()))?;
+    }
+    tracing::info!("--force: cleared {}", out.display());
+    Ok(())
 }
 
 fn read_checkpoint(dir: &Path) -> Result<(CheckpointMeta, State)> {
@@ -258,6 +321,19 @@ fn read_checkpoint(dir: &Path) -> Result<(CheckpointMeta, State)> {
     )
     .with_context(|| format!("parsing {}/state.json", dir.display()))?;
     let p = dir.join("state.safetensors");
+    match meta.state_crc32 {
+        Some(want) => {
+            let (bytes, crc) = saekit_files::file_crc32(&p)?;
+            if bytes != meta.state_bytes || crc != want {
+                bail!(
+                    "{}: {bytes} bytes, crc32 {crc:08x}, but state.json records {} bytes, crc32 {want:08x}: the checkpoint is corrupt",
+                    p.display(),
+                    meta.state_bytes
+                );
+            }
+        }
+        None => tracing::warn!("{}: a checkpoint without a checksum (older saekit); not verified", dir.display()),
+    }
     let bytes = crate::format::map_file(&p)?;
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", p.display()))?;
     let f = |name: &str| -> Result<Vec<f32>> {
@@ -393,9 +469,14 @@ pub fn train(cfg: &TrainConfig, src: &mut dyn ActivationSource, opts: &RunOption
 
 fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &RunOptions) -> Result<TrainOutcome> {
     let out = PathBuf::from(&cfg_in.out);
+    if !opts.resume {
+        prepare_fresh_output(&out, opts.force)?;
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("creating output folder {}", out.display()))?;
     let d = src.d_in();
     let metrics_path = out.join("metrics.jsonl");
+    let prov = src.provenance()?;
+    let cfg_in = &cfg_in.clone().with_provenance(&prov);
     let (cfg, mut st) = if opts.resume {
         let all = list_checkpoints(&out)?;
         let last = all.last().with_context(|| format!("--resume: no checkpoint in {}", ckpt_dir(&out).display()))?;
@@ -403,6 +484,7 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
         if meta.d_in != d {
             bail!("--resume: checkpoint has d_in {} but the activations have {d}", meta.d_in);
         }
+        check_resume_matches(last, &meta, cfg_in, &prov)?;
         src.seek(&meta.cursor).context("--resume: restoring the data position")?;
         rewrite_metrics_upto(&metrics_path, meta.step)?;
         tracing::info!("resuming from {} (step {})", last.display(), meta.step);
@@ -602,8 +684,16 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
             st.window_tokens = 0;
         }
         last = stats;
-        if cfg.checkpoint_every > 0 && (st.step % cfg.checkpoint_every == 0) && !is_last {
-            write_checkpoint(&out, &st, &cfg, src.cursor())?;
+        let due = cfg.checkpoint_every > 0 && (st.step % cfg.checkpoint_every == 0) && !is_last;
+        let stop = !is_last && opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        if due || stop {
+            write_checkpoint(&out, &st, &cfg, src.cursor(), &prov.data_fingerprint)?;
+        }
+        if stop {
+            // Ctrl-C / SIGTERM: the batch in flight is done and kept in the checkpoint
+            tracing::info!("interrupted: checkpoint at step {} written", st.step);
+            interrupted = true;
+            break;
         }
         if opts.stop_after_steps == Some(steps_this_run) && !is_last {
             interrupted = true;
@@ -625,8 +715,6 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
         let sae = &st.sae;
         let freq: Vec<f32> =
             st.fire_count.iter().map(|&c| ((c as f64 / st.tokens.max(1) as f64) + 1e-10).log10() as f32).collect();
-        format::save_saelens(&out, sae, Some(&freq), None)?;
-        atomic_write(&out.join("train_config.toml"), cfg.to_toml().as_bytes())?;
         let hist = density_histogram(&freq);
         tracing::info!("log10 feature density histogram (bucket lower edge: count): {hist:?}");
         let summary = serde_json::json!({
@@ -634,7 +722,11 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
             "outlier_max_norm_raw": st.max_norm, "tokens_per_s": tokens_per_s, "last": last,
             "dead_frac": dead_frac, "log10_density_histogram": hist, "resolved": res,
         });
-        atomic_write(&out.join("training_summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        let summary = serde_json::to_string_pretty(&summary)?;
+        let toml = cfg.to_toml();
+        let extra: [(&str, &[u8]); 2] =
+            [("train_config.toml", toml.as_bytes()), ("training_summary.json", summary.as_bytes())];
+        format::save_saelens_set(&out, sae, Some(&freq), None, &extra)?;
     }
     Ok(TrainOutcome {
         out_dir: out,
@@ -649,6 +741,26 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
         interrupted,
         dead_frac,
     })
+}
+
+/// A resume continues one run: the checkpoint's configuration and data must be the requested ones.
+fn check_resume_matches(ckpt: &Path, meta: &CheckpointMeta, cfg: &TrainConfig, prov: &Provenance) -> Result<()> {
+    let diff = cfg.differing_fields(&meta.config);
+    if !diff.is_empty() {
+        bail!(
+            "--resume: {} was made with another configuration (requested vs checkpoint: {}); start a fresh run with --force or resume without changing flags",
+            ckpt.display(),
+            diff.join(", ")
+        );
+    }
+    let (was, now) = (&meta.data_fingerprint, &prov.data_fingerprint);
+    if !was.is_empty() && !now.is_empty() && was != now {
+        bail!(
+            "--resume: {} was trained on other data (fingerprint {was}); the data given now has fingerprint {now} (rebuilt or replaced?)",
+            ckpt.display()
+        );
+    }
+    Ok(())
 }
 
 /// SAELens BatchTopK: EMA of the smallest selected activation, used as the inference threshold.
@@ -668,6 +780,7 @@ fn finalize_in_place(st: &mut State, cfg: &TrainConfig) {
     }
     st.sae.fold_input_scale(st.input_scale);
     st.sae.metadata = metadata_for(cfg);
+    st.sae.metadata.input_scale = Some(st.input_scale);
 }
 
 /// Counts of latents per log10-density bucket [-10, -9), ..., [-1, 0].

@@ -55,18 +55,10 @@ impl MemoryDb {
         Ok(db)
     }
 
-    /// Write atomically (tmp file, fsync, rename).
+    /// Write atomically (temp file, fsync, rename, folder fsync).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec(self)?;
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-        Ok(())
+        let bytes = serde_json::to_vec(self).with_context(|| format!("{}: cannot serialize", path.display()))?;
+        saekit_files::write_atomic(path, &bytes)
     }
 
     fn summary(f: &FeatureRecord) -> FeatureSummary {

@@ -66,15 +66,10 @@ pub struct GenSettings {
 
 impl Engine {
     pub fn new(model: Model, sae: Sae) -> Result<Self> {
-        let hook: HookPoint = sae
-            .metadata
-            .hook_name
-            .parse()
-            .with_context(|| format!("the SAE's hook name '{}' is not a hook point", sae.metadata.hook_name))?;
+        let name = sae.hook_on("the SAE", &model.config().name, model.config().d_model, None)?;
+        let hook: HookPoint =
+            name.parse().with_context(|| format!("the SAE's hook name '{name}' is not a hook point"))?;
         hook.check(model.config().n_layers)?;
-        if sae.d_in != model.config().d_model {
-            bail!("the SAE reads {} dims but the model's d_model is {}", sae.d_in, model.config().d_model);
-        }
         Ok(Self { model, sae, hook })
     }
 

@@ -88,9 +88,8 @@ pub enum Positions {
 /// Check edits against the SAE and the hook against the model.
 pub fn validate(model: &Model, sae: &Sae, hook: HookPoint, edits: &[FeatureEdit]) -> Result<()> {
     hook.check(model.config().n_layers)?;
-    if sae.d_in != model.config().d_model {
-        bail!("the SAE reads {} dims but the model's d_model is {}", sae.d_in, model.config().d_model);
-    }
+    // an SAE made for another model, width or hook would steer the wrong residual without a word
+    sae.hook_on("the SAE", &model.config().name, model.config().d_model, Some(&hook.to_string()))?;
     for e in edits {
         if e.feature() as usize >= sae.d_sae {
             bail!("feature {} does not exist: the SAE has {} features (0..{})", e.feature(), sae.d_sae, sae.d_sae - 1);

@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
             eot_tokens: vec![0],
             outlier_factor: Some(10.0),
             source: SourceInfo::default(),
+            tokenizer_fingerprint: String::new(),
         };
         remove_store(&dir)?;
         let mut w = ActivationWriter::create_or_resume(&dir, cfg)?;

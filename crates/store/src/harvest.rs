@@ -5,6 +5,8 @@
 //! so a killed harvest resumes at the first context not on disk.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
@@ -28,6 +30,10 @@ pub struct HarvestOptions {
     /// Mark rows above this multiple of the shard's median norm (`marks::OUTLIER`).
     pub outlier_factor: Option<f32>,
     pub progress: bool,
+    /// Set (by a SIGINT/SIGTERM handler) to stop after the forward pass in flight. Shards already
+    /// listed stay; the contexts buffered for the next shard are recomputed on resume, so a resumed
+    /// store is byte-identical to an uninterrupted one. The returned manifest is then not `complete`.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl Default for HarvestOptions {
@@ -42,6 +48,7 @@ impl Default for HarvestOptions {
             contexts_per_shard: 256,
             outlier_factor: Some(10.0),
             progress: true,
+            stop: None,
         }
     }
 }
@@ -53,8 +60,47 @@ pub fn tokenize_options_for(model: &Model) -> TokenizeOptions {
     TokenizeOptions {
         separator: tok.end_of_text_id().unwrap_or_else(|| tok.eos_token_id()),
         bos: if tok.add_bos() { tok.bos_token_id() } else { None },
+        tokenizer_fingerprint: tokenizer_fingerprint(model),
         ..Default::default()
     }
+}
+
+/// Fingerprint of the model's tokenizer: every token's text, in id order, and the special ids.
+/// Two tokenizers with one fingerprint turn text into the same ids.
+pub fn tokenizer_fingerprint(model: &Model) -> String {
+    let tok = model.tokenizer();
+    let n = tok.vocab_size() as u32;
+    let mut bytes = Vec::with_capacity(n as usize * 8);
+    for id in 0..n {
+        let t = tok.token_text(id);
+        bytes.extend_from_slice(&(t.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(t.as_bytes());
+    }
+    let specials = format!("bos {:?} eos {} eot {:?}", tok.bos_token_id(), tok.eos_token_id(), tok.end_of_text_id());
+    format!("vocab{n}-{}", saekit_files::fingerprint_bytes([bytes.as_slice(), specials.as_bytes()]))
+}
+
+/// Tokens made by one tokenizer are meaningless to a model with another: refuse them, naming both.
+/// Datasets from before the fingerprint was recorded pass with a warning.
+pub fn check_tokenizer(model: &Model, model_label: &str, data: &TokenDataset) -> Result<()> {
+    let recorded = &data.manifest().options.tokenizer_fingerprint;
+    let ours = tokenizer_fingerprint(model);
+    if recorded.is_empty() {
+        tracing::warn!(
+            "{}: the dataset records no tokenizer fingerprint (made by an older saekit); cannot check it matches {}",
+            data.dir().display(),
+            model_label
+        );
+        return Ok(());
+    }
+    ensure!(
+        *recorded == ours,
+        "{}: tokens made by tokenizer {recorded} ({}), but model {} has tokenizer {ours}; tokenize again with this model",
+        data.dir().display(),
+        data.manifest().tokenizer,
+        model_label
+    );
+    Ok(())
 }
 
 /// The tokens whose rows are attention sinks besides position 0: (BOS, end-of-text tokens). BOS is the
@@ -107,6 +153,7 @@ pub fn harvest(
         );
     }
     let n_ctx = want.min(avail);
+    check_tokenizer(model, &model_path.display().to_string(), data)?;
     let (bos_token, eot) = sink_tokens(model, data);
     let config = StoreConfig {
         model: ModelInfo {
@@ -128,7 +175,9 @@ pub fn harvest(
             tokens: data.dir().canonicalize().unwrap_or_else(|_| data.dir().to_path_buf()).display().to_string(),
             split: opts.split.clone(),
             first_context: opts.first_context,
+            fingerprint: data.fingerprint().to_string(),
         },
+        tokenizer_fingerprint: tokenizer_fingerprint(model),
     };
     let mut w = ActivationWriter::create_or_resume(out, config)?;
     let start = w.contexts_done();
@@ -172,6 +221,11 @@ pub fn harvest(
         w.push(&toks, &acts)?;
         c += b as u64;
         pb.set_position(c * ctx as u64);
+        if c < n_ctx && opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+            pb.finish_and_clear();
+            tracing::info!("interrupted at context {c}: {} contexts are on disk", w.contexts_done());
+            return Ok(w.manifest().clone());
+        }
     }
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();

@@ -7,7 +7,6 @@
 //! Must not touch: model internals (it only calls `saekit_model`'s public API), SAE training (saekit-sae
 //! reads stores through [`ActivationReader`]), or the CLI.
 
-mod atomic;
 pub mod corpus;
 #[cfg(feature = "model")]
 pub mod harvest;
@@ -20,7 +19,7 @@ pub mod tokens;
 pub use corpus::{read_corpus, CorpusOptions, Document, ReadStats};
 pub use reader::{ActivationReader, ReaderCursor, ReaderOptions};
 pub use store::{
-    marks, remove_store, ActivationStore, ActivationWriter, Dtype, HookStats, ModelInfo, OpenOptions, ShardEntry,
-    ShardView, SourceInfo, StoreConfig, StoreManifest,
+    marks, remove_store, sink_rule_text, ActivationStore, ActivationWriter, Dtype, HookStats, ModelInfo, OpenOptions,
+    ShardEntry, ShardView, SourceInfo, StoreConfig, StoreManifest,
 };
 pub use tokens::{tokenize_corpus, TokenDataset, TokenSplit, TokenizeOptions, TokensManifest};

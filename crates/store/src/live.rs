@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use saekit_model::{HookPoint, Model};
 use serde::{Deserialize, Serialize};
 
-use crate::harvest::sink_tokens;
+use crate::harvest::{check_tokenizer, sink_tokens, tokenizer_fingerprint};
 use crate::tokens::{TokenDataset, TokenSplit};
 
 #[derive(Clone, Debug)]
@@ -87,6 +87,8 @@ pub struct LiveActivations<'m> {
     cache: Vec<Block>,
     forward_seconds: f64,
     forward_tokens: u64,
+    tokenizer_fingerprint: String,
+    data_fingerprint: String,
 }
 
 impl<'m> LiveActivations<'m> {
@@ -104,9 +106,12 @@ impl<'m> LiveActivations<'m> {
                 data.dir().display()
             );
         }
+        check_tokenizer(model, &cfg.name, data)?;
         let ctx = split.context_len();
         let block_contexts = opts.block_tokens.div_ceil(ctx).max(1) as u64;
         let (bos, eot) = sink_tokens(model, data);
+        // the rows are the model's on these tokens: the dataset's content, the model, the split
+        let data_fingerprint = format!("live:{}:{}:{}", data.fingerprint(), cfg.name, opts.split);
         Ok(LiveActivations {
             model,
             d_model: cfg.d_model,
@@ -123,7 +128,31 @@ impl<'m> LiveActivations<'m> {
             cache: vec![],
             forward_seconds: 0.0,
             forward_tokens: 0,
+            tokenizer_fingerprint: tokenizer_fingerprint(model),
+            // the rows are the model's on these tokens: the dataset's content, the model, the split
+            data_fingerprint,
         })
+    }
+
+    /// Name of the model the rows come from.
+    pub fn model_name(&self) -> &str {
+        &self.model.config().name
+    }
+    /// The hook point read.
+    pub fn hook(&self) -> HookPoint {
+        self.opts.hook
+    }
+    /// Fingerprint of the tokenizer of the model (checked equal to the dataset's).
+    pub fn tokenizer_fingerprint(&self) -> &str {
+        &self.tokenizer_fingerprint
+    }
+    /// Which rows are skipped as sinks, in the words an activation store uses.
+    pub fn sink_rule(&self) -> String {
+        crate::store::sink_rule_text(self.bos, &self.eot, None)
+    }
+    /// Content identity of the rows: dataset fingerprint, model and split.
+    pub fn data_fingerprint(&self) -> &str {
+        &self.data_fingerprint
     }
 
     pub fn d_model(&self) -> usize {

@@ -23,7 +23,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::{read_json, sync_dir, write_atomic_with, write_json_atomic};
+use saekit_files::{read_json, sync_dir, write_atomic_with, write_json_atomic};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const STORE_FORMAT: &str = "saekit-activations";
@@ -171,6 +171,10 @@ pub struct SourceInfo {
     pub split: String,
     /// Index of the first context of the split used by this store.
     pub first_context: u64,
+    /// Content fingerprint of the token dataset (its manifest, which lists every shard's CRC32): a
+    /// dataset rebuilt at the same path is another dataset.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// Model facts recorded in the manifest.
@@ -202,6 +206,32 @@ pub struct StoreConfig {
     /// harvest drops the same rows (10 × median). `None` disables.
     pub outlier_factor: Option<f32>,
     pub source: SourceInfo,
+    /// Fingerprint of the tokenizer vocabulary the tokens were made with (empty: unknown).
+    #[serde(default)]
+    pub tokenizer_fingerprint: String,
+}
+
+impl StoreConfig {
+    /// The marking rule in words, as recorded with an SAE trained on the store.
+    pub fn sink_rule(&self) -> String {
+        sink_rule_text(self.bos_token, &self.eot_tokens, self.outlier_factor)
+    }
+}
+
+/// One wording of the sink rule for stores and live rows, so an SAE says what its data left out.
+pub fn sink_rule_text(bos: Option<u32>, eot: &[u32], outlier_factor: Option<f32>) -> String {
+    let mut parts = vec!["position 0".to_string()];
+    if let Some(b) = bos {
+        parts.push(format!("BOS id {b}"));
+    }
+    if !eot.is_empty() {
+        let ids: Vec<String> = eot.iter().map(|t| t.to_string()).collect();
+        parts.push(format!("end-of-text ids {}", ids.join(",")));
+    }
+    if let Some(f) = outlier_factor {
+        parts.push(format!("norm > {f}x shard median"));
+    }
+    parts.join("; ")
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -388,13 +418,18 @@ pub struct ActivationWriter {
 }
 
 impl ActivationWriter {
-    /// Create a new store in `dir`, or resume the one there if its manifest matches `config`.
-    /// Files the manifest does not list (a shard renamed just before a crash, `*.tmp`) are removed.
+    /// Create a new store in `dir` (which must be empty or missing), or resume the one there if its
+    /// manifest matches `config` and every listed shard has its recorded size and CRC32. Leftovers of
+    /// an interrupted write (the next shard renamed just before a crash, `*.tmp`) are removed.
     pub fn create_or_resume(dir: &Path, config: StoreConfig) -> Result<Self> {
         ensure!(config.context > 0 && config.contexts_per_shard > 0, "context and contexts_per_shard must be > 0");
         ensure!(!config.hooks.is_empty(), "no hook points given");
-        fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
         let mpath = dir.join(MANIFEST);
+        if !mpath.exists() {
+            // no manifest: nothing here is ours, and a store must not delete someone else's files
+            saekit_files::ensure_only_owned(dir, "activation store", saekit_files::is_temp_name)?;
+        }
+        fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
         let manifest = if mpath.exists() {
             let m: StoreManifest = read_json(&mpath)?;
             ensure!(m.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
@@ -425,24 +460,8 @@ impl ActivationWriter {
             write_json_atomic(&mpath, &m).with_context(|| format!("cannot write the manifest in {}", dir.display()))?;
             m
         };
-        // Remove anything the manifest does not own.
-        let listed: std::collections::HashSet<&str> = manifest.shards.iter().map(|s| s.file.as_str()).collect();
-        for ent in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-            let ent = ent?;
-            let name = ent.file_name().to_string_lossy().into_owned();
-            let ours = name.starts_with("shard-") || name.ends_with(".tmp");
-            if ours && !listed.contains(name.as_str()) {
-                tracing::info!("removing {} (not in the manifest: left by an interrupted write)", name);
-                fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
-            }
-        }
-        for s in &manifest.shards {
-            let p = dir.join(&s.file);
-            let len = fs::metadata(&p)
-                .with_context(|| format!("shard {} listed in the manifest is missing", p.display()))?
-                .len();
-            ensure!(len == s.bytes, "shard {} has {} bytes, the manifest says {}", p.display(), len, s.bytes);
-        }
+        remove_interrupted_writes(dir, &manifest)?;
+        verify_listed_shards(dir, &manifest)?;
         let d = manifest.config.d_model;
         let n_hooks = manifest.config.hooks.len();
         let layout_rows = manifest.config.context * manifest.config.contexts_per_shard;
@@ -680,6 +699,55 @@ impl ActivationWriter {
     }
 }
 
+/// Remove what an interrupted write leaves: temporaries, and shard files numbered at or past the
+/// manifest's count (written, not yet listed). Other files are not the store's and are kept.
+fn remove_interrupted_writes(dir: &Path, manifest: &StoreManifest) -> Result<()> {
+    let listed = manifest.shards.len();
+    for ent in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let ent = ent?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let unlisted_shard = name
+            .strip_prefix("shard-")
+            .and_then(|n| n.strip_suffix(".bin"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|i| i >= listed);
+        if unlisted_shard || saekit_files::is_temp_name(&name) {
+            tracing::info!("removing {} (not in the manifest: left by an interrupted write)", name);
+            fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Before appending, every listed shard must be there with its recorded size and CRC32: a resumed
+/// harvest must not build on a missing or corrupt shard that a reader would only find later.
+fn verify_listed_shards(dir: &Path, manifest: &StoreManifest) -> Result<()> {
+    let bad: Vec<String> = manifest
+        .shards
+        .par_iter()
+        .filter_map(|s| {
+            let p = dir.join(&s.file);
+            match saekit_files::file_crc32(&p) {
+                Err(_) => Some(format!("{} is missing or unreadable", p.display())),
+                Ok((len, _)) if len != s.bytes => {
+                    Some(format!("{} has {len} bytes, the manifest says {}", p.display(), s.bytes))
+                }
+                Ok((_, crc)) if crc != s.crc32 => {
+                    Some(format!("{} has crc32 {crc:08x}, the manifest says {:08x}", p.display(), s.crc32))
+                }
+                Ok(_) => None,
+            }
+        })
+        .collect();
+    ensure!(
+        bad.is_empty(),
+        "cannot resume the store in {}: {}; harvest into a new folder (or --overwrite)",
+        dir.display(),
+        bad.join("; ")
+    );
+    Ok(())
+}
+
 struct CrcWriter<'a, W: Write> {
     inner: W,
     crc: &'a mut crc32fast::Hasher,
@@ -864,15 +932,21 @@ fn cast_u32(b: &[u8]) -> &[u32] {
     unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u32, b.len() / 4) }
 }
 
-/// Delete a store directory's files (manifest, shards, temporaries), for `--overwrite`.
+fn is_store_file(name: &str) -> bool {
+    name == MANIFEST || name.starts_with("shard-") || saekit_files::is_temp_name(name)
+}
+
+/// Delete a store directory's files (manifest, shards, temporaries), for `--overwrite`; a folder that
+/// holds anything else is refused, untouched.
 pub fn remove_store(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
+    saekit_files::ensure_only_owned(dir, "activation store (--overwrite)", is_store_file)?;
     for ent in fs::read_dir(dir)? {
         let ent = ent?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        if name == MANIFEST || name.starts_with("shard-") || name.ends_with(".tmp") {
+        if is_store_file(&name) {
             fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
         }
     }

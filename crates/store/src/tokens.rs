@@ -23,8 +23,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::{read_json, write_atomic_with, write_json_atomic};
 use crate::corpus::{Document, ReadStats, StopReading};
+use saekit_files::{read_json, write_atomic_with, write_json_atomic};
 
 pub const TOKENS_FORMAT: &str = "saekit-tokens";
 
@@ -42,6 +42,10 @@ pub struct TokenizeOptions {
     pub bos: Option<u32>,
     /// Stop reading documents once this many tokens are collected.
     pub max_tokens: Option<u64>,
+    /// Fingerprint of the tokenizer's vocabulary (`harvest::tokenizer_fingerprint`): harvest and
+    /// `train --live` refuse a model whose tokenizer differs. Empty: unknown (older datasets).
+    #[serde(default)]
+    pub tokenizer_fingerprint: String,
 }
 
 impl Default for TokenizeOptions {
@@ -54,6 +58,7 @@ impl Default for TokenizeOptions {
             separator: 0,
             bos: None,
             max_tokens: None,
+            tokenizer_fingerprint: String::new(),
         }
     }
 }
@@ -123,6 +128,7 @@ pub fn tokenize_corpus(
 ) -> Result<TokensManifest> {
     ensure!(opts.context >= 2, "context must be at least 2 tokens");
     ensure!((0.0..1.0).contains(&opts.validation_fraction), "validation fraction must be in [0, 1)");
+    ensure_replaceable_dataset(out)?;
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
 
     // Tokenize in batches of documents, in parallel, preserving order.
@@ -202,27 +208,26 @@ pub fn tokenize_corpus(
     train.shuffle(&mut rng);
     val.shuffle(&mut rng);
 
-    // Remove old outputs (a re-run replaces the dataset).
+    // A re-run replaces the dataset (checked above to be one): the manifest goes first, so a crash
+    // from here on leaves a folder no reader takes for a dataset.
+    ensure_replaceable_dataset(out)?;
     for ent in fs::read_dir(out)? {
         let ent = ent?;
-        let n = ent.file_name().to_string_lossy().into_owned();
-        if n.ends_with(".u32") || n.ends_with(".tmp") || n == "docs.jsonl" || n == "manifest.json" {
-            fs::remove_file(ent.path())?;
-        }
+        fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
     }
-    let mut doc_lines = BufWriter::new(File::create(out.join("docs.jsonl.tmp")).context("creating docs.jsonl")?);
     let mut splits = BTreeMap::new();
-    for (name, order) in [("train", &train), ("validation", &val)] {
-        if order.is_empty() {
-            continue;
+    write_atomic_with(&out.join("docs.jsonl"), |f| {
+        let mut doc_lines = BufWriter::new(f);
+        for (name, order) in [("train", &train), ("validation", &val)] {
+            if order.is_empty() {
+                continue;
+            }
+            let info = write_split(out, name, order, &docs, opts, &mut doc_lines)?;
+            splits.insert(name.to_string(), info);
         }
-        let info = write_split(out, name, order, &docs, opts, &mut doc_lines)?;
-        splits.insert(name.to_string(), info);
-    }
-    doc_lines.flush()?;
-    doc_lines.get_ref().sync_all()?;
-    drop(doc_lines);
-    fs::rename(out.join("docs.jsonl.tmp"), out.join("docs.jsonl"))?;
+        doc_lines.flush()?;
+        Ok(())
+    })?;
 
     let m = TokensManifest {
         format: TOKENS_FORMAT.into(),
@@ -235,6 +240,33 @@ pub fn tokenize_corpus(
     };
     write_json_atomic(&out.join("manifest.json"), &m)?;
     Ok(m)
+}
+
+fn is_dataset_file(name: &str) -> bool {
+    name.ends_with(".u32") || name == "docs.jsonl" || name == "manifest.json" || saekit_files::is_temp_name(name)
+}
+
+/// `tokenize -o DIR` may replace a tokenized dataset, never anything else: DIR must be missing,
+/// empty, or hold only a dataset's files with a tokenized-dataset manifest.
+fn ensure_replaceable_dataset(out: &Path) -> Result<()> {
+    saekit_files::ensure_only_owned(out, "tokenized dataset", is_dataset_file)?;
+    let m = out.join("manifest.json");
+    if m.exists() {
+        let v: serde_json::Value = read_json(&m)?;
+        ensure!(
+            v.get("format").and_then(|f| f.as_str()) == Some(TOKENS_FORMAT),
+            "{}: refusing to replace it: not a tokenized-dataset manifest (choose an empty or new folder)",
+            m.display()
+        );
+    } else if fs::read_dir(out)
+        .is_ok_and(|mut rd| rd.any(|e| e.is_ok_and(|e| !saekit_files::is_temp_name(&e.file_name().to_string_lossy()))))
+    {
+        anyhow::bail!(
+            "{}: refusing to write the tokenized dataset: the folder holds token files but no manifest.json (choose an empty or new folder)",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 fn write_split(
@@ -300,15 +332,24 @@ fn write_split(
 pub struct TokenDataset {
     dir: PathBuf,
     manifest: TokensManifest,
+    fingerprint: String,
 }
 
 impl TokenDataset {
     pub fn open(dir: &Path) -> Result<TokenDataset> {
         let p = dir.join("manifest.json");
         ensure!(p.exists(), "{} is not a tokenized dataset (no manifest.json; run `saekit tokenize`)", dir.display());
-        let manifest: TokensManifest = read_json(&p)?;
+        let bytes = fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let manifest: TokensManifest =
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid: cannot parse it", p.display()))?;
         ensure!(manifest.format == TOKENS_FORMAT, "{} is not a tokenized-dataset manifest", p.display());
-        Ok(TokenDataset { dir: dir.to_path_buf(), manifest })
+        // the manifest lists every shard's CRC32, so its bytes identify the dataset's content
+        let fingerprint = saekit_files::fingerprint_bytes([bytes.as_slice()]);
+        Ok(TokenDataset { dir: dir.to_path_buf(), manifest, fingerprint })
+    }
+    /// Content fingerprint of the dataset (resumes compare it, not the path).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
     pub fn manifest(&self) -> &TokensManifest {
         &self.manifest

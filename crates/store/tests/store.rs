@@ -25,7 +25,13 @@ fn config(dtype: Dtype, per_shard: usize) -> StoreConfig {
         bos_token: Some(BOS),
         eot_tokens: vec![EOT],
         outlier_factor: Some(10.0),
-        source: SourceInfo { tokens: "synthetic".into(), split: "train".into(), first_context: 0 },
+        source: SourceInfo {
+            tokens: "synthetic".into(),
+            split: "train".into(),
+            first_context: 0,
+            ..Default::default()
+        },
+        tokenizer_fingerprint: String::new(),
     }
 }
 
@@ -188,6 +194,36 @@ fn resume_refuses_a_different_config_and_cleans_orphans() {
     assert_eq!(w.contexts_done(), 8);
     assert!(!dir.path().join("shard-000002.bin").exists());
     assert!(!dir.path().join("shard-000003.bin.tmp").exists());
+}
+
+#[test]
+fn a_new_store_refuses_a_folder_that_holds_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    // someone else's files, one of them named like a shard: neither may be deleted
+    std::fs::write(dir.path().join("shard-000000.bin"), b"not ours").unwrap();
+    std::fs::write(dir.path().join("paper.tex"), b"not ours").unwrap();
+    let e = format!("{:#}", ActivationWriter::create_or_resume(dir.path(), config(Dtype::Bf16, 4)).err().unwrap());
+    assert!(e.contains("refusing") && e.contains("paper.tex") && e.contains("shard-000000.bin"), "{e}");
+    assert_eq!(std::fs::read(dir.path().join("shard-000000.bin")).unwrap(), b"not ours");
+    let e = format!("{:#}", remove_store(dir.path()).err().unwrap());
+    assert!(e.contains("paper.tex"), "{e}");
+    assert!(dir.path().join("shard-000000.bin").exists());
+}
+
+#[test]
+fn a_resume_verifies_every_listed_shard_before_appending() {
+    let dir = tempfile::tempdir().unwrap();
+    write_store(dir.path(), Dtype::Bf16, 8, 4);
+    let p = dir.path().join("shard-000000.bin");
+    let mut b = std::fs::read(&p).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 0x10; // same size, other content
+    std::fs::write(&p, &b).unwrap();
+    let e = format!("{:#}", ActivationWriter::create_or_resume(dir.path(), config(Dtype::Bf16, 4)).err().unwrap());
+    assert!(e.contains("shard-000000.bin") && e.contains("crc32"), "{e}");
+    std::fs::remove_file(&p).unwrap();
+    let e = format!("{:#}", ActivationWriter::create_or_resume(dir.path(), config(Dtype::Bf16, 4)).err().unwrap());
+    assert!(e.contains("shard-000000.bin") && e.contains("missing"), "{e}");
 }
 
 #[test]

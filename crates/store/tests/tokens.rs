@@ -21,27 +21,7 @@ fn docs() -> Vec<Document> {
 }
 
 fn run(opts: &TokenizeOptions, out: &std::path::Path) -> TokensManifest {
-    let d = docs();
-    tokenize_corpus(
-        |sink| {
-            for doc in d {
-                if let Err(e) = sink(doc) {
-                    if e.downcast_ref::<saekit_store::corpus::StopReading>().is_some() {
-                        break;
-                    }
-                    return Err(e);
-                }
-            }
-            Ok(ReadStats::default())
-        },
-        &encode,
-        opts,
-        out,
-        "bytes",
-        &[PathBuf::from("synthetic")],
-        None,
-    )
-    .unwrap()
+    try_run(opts, out).unwrap()
 }
 
 #[test]
@@ -131,4 +111,49 @@ fn max_tokens_stops_reading_early() {
     let m = run(&opts, a.path());
     let t = m.splits["train"].stream_tokens;
     assert!((600..2000).contains(&t), "{t}");
+}
+
+fn try_run(opts: &TokenizeOptions, out: &std::path::Path) -> anyhow::Result<TokensManifest> {
+    let d = docs();
+    tokenize_corpus(
+        |sink| {
+            for doc in d {
+                if let Err(e) = sink(doc) {
+                    if e.downcast_ref::<saekit_store::corpus::StopReading>().is_some() {
+                        break;
+                    }
+                    return Err(e);
+                }
+            }
+            Ok(ReadStats::default())
+        },
+        &encode,
+        opts,
+        out,
+        "bytes",
+        &[PathBuf::from("synthetic")],
+        None,
+    )
+}
+
+#[test]
+fn tokenize_refuses_a_folder_that_holds_anything_but_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = TokenizeOptions { context: 16, contexts_per_shard: 64, ..Default::default() };
+    // other files, named like a dataset's: kept, and the run refused
+    for (name, body) in [("manifest.json", "{\"name\": \"my project\"}"), ("docs.jsonl", "mine"), ("thesis.tex", "x")] {
+        std::fs::write(dir.path().join(name), body).unwrap();
+    }
+    let e = format!("{:#}", try_run(&opts, dir.path()).unwrap_err());
+    assert!(e.contains("refusing") && e.contains("thesis.tex"), "{e}");
+    std::fs::remove_file(dir.path().join("thesis.tex")).unwrap();
+    let e = format!("{:#}", try_run(&opts, dir.path()).unwrap_err());
+    assert!(e.contains("not a tokenized-dataset manifest"), "{e}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("docs.jsonl")).unwrap(), "mine");
+    // a dataset is replaced by a re-run
+    let fresh = dir.path().join("tokens");
+    let a = try_run(&opts, &fresh).unwrap();
+    let b = try_run(&opts, &fresh).unwrap();
+    assert_eq!(a, b);
+    TokenDataset::open(&fresh).unwrap().split("train").unwrap();
 }

@@ -80,16 +80,11 @@ pub fn write_npy_u32(path: &Path, data: &[u32]) -> Result<()> {
 
 fn write_npy<T: npyz::Serialize + npyz::AutoSerialize + Copy>(path: &Path, data: &[T], shape: &[u64]) -> Result<()> {
     use npyz::WriterBuilder;
-    let tmp = path.with_extension("npy.tmp");
-    let f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .writer(std::io::BufWriter::new(f))
-        .begin_nd()
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    w.extend(data.iter().copied()).with_context(|| format!("{}: write failed (disk full?)", tmp.display()))?;
-    w.finish().with_context(|| format!("{}: write failed", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))?;
-    Ok(())
+    saekit_files::write_atomic_with(path, |f| {
+        let mut w =
+            npyz::WriteOptions::new().default_dtype().shape(shape).writer(std::io::BufWriter::new(f)).begin_nd()?;
+        w.extend(data.iter().copied()).context("write failed (disk full?)")?;
+        w.finish()?;
+        Ok(())
+    })
 }

@@ -108,9 +108,16 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         skip_sinks: !a.keep_sinks,
         hook: a.hook.as_deref().map(str::parse).transpose()?,
         progress: true,
+        stop: Some(super::interrupt::stop_flag()?),
         ..Default::default()
     };
     let r = analyze(&model, &sae, &a.sae, &dataset, &a.out, &opts)?;
+    if !r.finished && super::interrupt::stopped() {
+        super::interrupt::exit_interrupted(
+            &format!("{} contexts analysed and checkpointed", r.n_contexts),
+            &super::interrupt::this_command(),
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

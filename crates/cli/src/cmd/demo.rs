@@ -108,8 +108,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
     };
 
+    super::interrupt::set_resume_hint(&super::interrupt::this_command());
+    let mut log = StageLog::open(&dir)?;
+    let model_name = a.model.model.clone().unwrap_or_default();
     let t = stage("tokenize: 128-token contexts, documents joined by <|endoftext|>");
-    if dir.join("tokens/manifest.json").exists() {
+    let want = serde_json::json!({"corpus": corpus, "validation_fraction": a.validation_fraction, "model": model_name});
+    if log.claim("tokens", &dir.join("tokens/manifest.json"), want)? {
         println!("   reusing {}", p("tokens"));
     } else {
         let mut args = vec![
@@ -126,6 +130,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     done(t);
 
     let t = stage(&format!("harvest: {} tokens of {point}", a.harvest_tokens));
+    let want = serde_json::json!({"hook": a.hook, "tokens": a.harvest_tokens, "model": model_name});
+    // the harvest resumes or reuses by itself; the claim refuses a store made with other settings
+    log.claim("acts", &dir.join("acts/manifest.json"), want)?;
     let mut args = vec![
         "harvest".to_string(),
         "--contexts".into(),
@@ -142,7 +149,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     let t = stage(&format!("train: TopK SAE, {} features, k = {}, {} tokens", a.d_sae, a.k, a.train_tokens));
     let sae_dir = dir.join("sae");
-    if sae_dir.join("cfg.json").exists() && sae_dir.join("sae_weights.safetensors").exists() {
+    let want = serde_json::json!({"arch": "topk", "d_sae": a.d_sae, "k": a.k, "lr": a.lr, "tokens": a.train_tokens, "hook": a.hook});
+    let reuse = log.claim("sae", &sae_dir, want)?;
+    if reuse && sae_dir.join(saekit_sae::format::FILE_LIST).exists() {
         println!("   reusing {}", sae_dir.display());
     } else if sae_dir.join("checkpoints").is_dir() {
         run_subcommand(&["train", "--resume", &p("sae")])?;
@@ -166,8 +175,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             &a.train_tokens,
             "--hook-name",
             &a.hook,
-            "--model-name",
-            "SmolLM2-135M-Instruct",
+            "--force",
             "--out",
             &p("sae"),
         ])?;
@@ -255,7 +263,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "eval": report, "dead_frac_training": dead, "concepts": concepts, "steering": steer_json,
         "seconds": total.elapsed().as_secs_f64(),
     });
-    std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    saekit_files::write_json_atomic(&dir.join("summary.json"), &summary)?;
     println!(
         "\nsummary written to {} ({:.1} min in all)",
         dir.join("summary.json").display(),
@@ -278,6 +286,46 @@ pub fn run(a: DemoArgs) -> Result<()> {
     ];
     args.extend(model_flag.iter().cloned());
     run_subcommand(&args)
+}
+
+/// The settings each stage was started with, in DIR/demo_stages.json: a stage's output is reused only
+/// when the settings asked for now are the recorded ones (otherwise the demo says what differs and
+/// stops, rather than build on an output made with other flags).
+struct StageLog {
+    path: PathBuf,
+    stages: BTreeMap<String, serde_json::Value>,
+}
+
+impl StageLog {
+    fn open(dir: &Path) -> Result<StageLog> {
+        let path = dir.join("demo_stages.json");
+        let stages = if path.exists() { saekit_files::read_json(&path)? } else { BTreeMap::new() };
+        Ok(StageLog { path, stages })
+    }
+
+    /// Claim stage `name` (output `out`) for settings `want`: true when `out` exists and was made with
+    /// them (reuse or resume it), false when there is nothing yet (the settings are recorded before
+    /// the stage runs, so an interrupted stage resumes with them). Other settings are refused.
+    fn claim(&mut self, name: &str, out: &Path, want: serde_json::Value) -> Result<bool> {
+        let exists = out.exists();
+        match self.stages.get(name) {
+            Some(had) if *had == want => return Ok(exists),
+            Some(had) if exists => bail!(
+                "{}: made with {had}, but this run asks for {want}; use another --dir or remove {}",
+                out.display(),
+                out.display()
+            ),
+            None if exists => bail!(
+                "{}: there is no record of the settings it was made with ({} lacks {name:?}); use another --dir or remove it",
+                out.display(),
+                self.path.display()
+            ),
+            _ => {}
+        }
+        self.stages.insert(name.to_string(), want);
+        saekit_files::write_json_atomic(&self.path, &self.stages)?;
+        Ok(false)
+    }
 }
 
 const STEER_TIMES_MAX: f32 = 3.0;
@@ -444,4 +492,28 @@ fn steer_demo(
         best.feature
     );
     Ok(serde_json::to_value(&c)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StageLog;
+
+    #[test]
+    fn a_stage_is_reused_only_with_the_settings_it_was_made_with() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("sae");
+        let mut log = StageLog::open(t.path()).unwrap();
+        let small = serde_json::json!({"d_sae": 512});
+        assert!(!log.claim("sae", &out, small.clone()).unwrap(), "nothing there yet: run it");
+        std::fs::create_dir_all(&out).unwrap();
+        // a later demo run reads the record from disk
+        let mut log = StageLog::open(t.path()).unwrap();
+        assert!(log.claim("sae", &out, small.clone()).unwrap(), "same settings: reuse");
+        let e = log.claim("sae", &out, serde_json::json!({"d_sae": 8192})).unwrap_err().to_string();
+        assert!(e.contains("512") && e.contains("8192"), "{e}");
+        // an output with no record (an older demo, or someone else's folder) is not guessed at
+        std::fs::create_dir_all(t.path().join("acts")).unwrap();
+        let e = log.claim("acts", &t.path().join("acts"), small).unwrap_err().to_string();
+        assert!(e.contains("no record"), "{e}");
+    }
 }

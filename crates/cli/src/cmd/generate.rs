@@ -112,14 +112,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return Ok(());
     };
     let sae = saekit_sae::load_sae(sae_path)?;
-    let hook: HookPoint = match &args.hook {
-        Some(h) => h.parse()?,
-        None => sae
-            .metadata
-            .hook_name
-            .parse()
-            .with_context(|| format!("{}: the SAE names no usable hook_name; pass --hook", sae_path.display()))?,
-    };
+    let asked: Option<HookPoint> = args.hook.as_deref().map(str::parse).transpose()?;
+    let hook = saekit_analysis::analyze::sae_hook(&model, &sae, &sae_path.display().to_string(), asked)?;
     let edits = resolve_edits(&args)?;
     let positions = if args.steer_first { Positions::All } else { Positions::SkipFirst };
     let c = if args.compare {

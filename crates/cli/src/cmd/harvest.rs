@@ -42,7 +42,7 @@ pub struct HarvestArgs {
     /// position 0); readers skip them by default. 0 disables.
     #[arg(long, default_value_t = 10.0)]
     pub outlier_factor: f32,
-    /// Delete an existing store in OUT instead of resuming it.
+    /// Delete an existing store in OUT instead of resuming it (refused if OUT holds other files).
     #[arg(long)]
     pub overwrite: bool,
     /// Output directory (created; resumed when it holds the same harvest).
@@ -90,8 +90,15 @@ pub fn run(a: HarvestArgs) -> Result<()> {
         contexts_per_shard: a.contexts_per_shard,
         outlier_factor: (a.outlier_factor > 0.0).then_some(a.outlier_factor),
         progress: true,
+        stop: Some(super::interrupt::stop_flag()?),
     };
     let m = harvest(&model, &path, &data, &a.out, &opts)?;
+    if !m.complete && super::interrupt::stopped() {
+        super::interrupt::exit_interrupted(
+            &format!("{} contexts are on disk in {}", m.n_contexts, a.out.display()),
+            &super::interrupt::this_command(),
+        );
+    }
     eprintln!(
         "{}: {} tokens ({} contexts, {} marked rows) x {} hook(s), {} shards, dtype {}",
         a.out.display(),

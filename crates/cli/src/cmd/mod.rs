@@ -11,6 +11,7 @@ pub mod feature;
 pub mod fetch_model;
 pub mod generate;
 pub mod harvest;
+pub mod interrupt;
 pub mod model_arg;
 pub mod probe;
 pub mod search;

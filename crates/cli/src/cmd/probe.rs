@@ -38,7 +38,7 @@ pub struct ProbeArgs {
 pub fn run(a: ProbeArgs) -> Result<()> {
     let sae = load_sae(&a.sae)?;
     let model = a.model.load()?;
-    let hook = sae_hook(&sae, a.hook.as_deref().map(str::parse).transpose()?)?;
+    let hook = sae_hook(&model, &sae, &a.sae, a.hook.as_deref().map(str::parse).transpose()?)?;
     let mut rows = read_labelled(&a.data, Some(&a.label_field))?;
     if let Some(m) = a.max_texts {
         rows.truncate(m);

@@ -48,7 +48,7 @@ pub struct SearchArgs {
 pub fn run(a: SearchArgs) -> Result<()> {
     let sae = load_sae(&a.sae)?;
     let model = a.model.load()?;
-    let hook = sae_hook(&sae, a.hook.as_deref().map(str::parse).transpose()?)?;
+    let hook = sae_hook(&model, &sae, &a.sae, a.hook.as_deref().map(str::parse).transpose()?)?;
     let db = a.db.as_deref().map(FeatureDb::open).transpose()?;
     let describe = |id: u32| -> String {
         let Some(db) = &db else { return String::new() };

@@ -16,7 +16,8 @@ pub struct TokenizeArgs {
     /// Files or folders: text files, .jsonl / .jsonl.gz / .jsonl.zst, .parquet.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
-    /// Output directory.
+    /// Output directory: new, empty, or an earlier tokenized dataset (replaced); a folder holding
+    /// anything else is refused, untouched.
     #[arg(long, short = 'o')]
     pub out: PathBuf,
     /// JSONL / Parquet field holding the text.

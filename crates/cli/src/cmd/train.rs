@@ -81,9 +81,14 @@ pub struct TrainArgs {
     /// Output folder.
     #[arg(long)]
     pub out: Option<String>,
-    /// Continue the run in DIR from its newest checkpoint (same config, same data order).
+    /// Continue the run in DIR from its newest checkpoint (same config, same data order). The
+    /// checkpoint's config is the base: a flag that changes it, or data whose content changed, is refused.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<String>,
+    /// Start afresh in an output folder that holds an earlier run: clear its saekit files first
+    /// (without it a fresh run refuses a non-empty folder; files saekit did not write are never removed).
+    #[arg(long)]
+    pub force: bool,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -108,9 +113,12 @@ pub struct TrainArgs {
     pub log_every: Option<u64>,
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
-    /// TransformerLens hook name written to cfg.json metadata.
+    /// Hook point: what --live reads, which hook of a store to train on (when --hook is not given),
+    /// and for a bare .npy the hook written to cfg.json. A store or --live records its own hook in the
+    /// SAE; a different --hook-name is refused.
     #[arg(long)]
     pub hook_name: Option<String>,
+    /// Model name for cfg.json when training on a bare .npy (stores and --live record their model).
     #[arg(long)]
     pub model_name: Option<String>,
     /// No progress bar.
@@ -119,10 +127,23 @@ pub struct TrainArgs {
 }
 
 pub fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
-    let mut c = match &a.config {
+    let base = match &a.config {
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
     };
+    apply_flags(a, base)
+}
+
+/// The newest checkpoint's config in `dir`: the base of a resumed run.
+fn saved_config(dir: &str) -> Result<TrainConfig> {
+    let cks = saekit_sae::train::list_checkpoints(std::path::Path::new(dir))?;
+    let last = cks.last().with_context(|| format!("--resume {dir}: no checkpoint in {dir}/checkpoints"))?;
+    let meta: serde_json::Value = saekit_files::read_json(&last.join("state.json"))?;
+    serde_json::from_value(meta["config"].clone()).with_context(|| format!("{}/state.json: bad config", last.display()))
+}
+
+/// Flags override `c` (the defaults, a --config file, or a resumed run's config).
+fn apply_flags(a: &TrainArgs, mut c: TrainConfig) -> Result<TrainConfig> {
     if let Some(v) = &a.acts {
         c.acts = Some(v.clone());
     }
@@ -211,29 +232,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let resume = a.resume.is_some();
     if let Some(dir) = &a.resume {
+        // the run continues with its own config; flags may only restate it (the trainer checks)
+        let base = match &a.config {
+            Some(p) => TrainConfig::from_toml_file(p)?,
+            None => saved_config(dir)?,
+        };
+        c = apply_flags(&a, base)?;
         c.out = dir.clone();
-        // the data file and seed come from the checkpoint's config
-        let cks = saekit_sae::train::list_checkpoints(std::path::Path::new(dir))?;
-        let last = cks.last().with_context(|| format!("--resume {dir}: no checkpoint in {dir}/checkpoints"))?;
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(last.join("state.json"))?)
-            .with_context(|| format!("parsing {}/state.json", last.display()))?;
-        let saved: TrainConfig = serde_json::from_value(meta["config"].clone())
-            .with_context(|| format!("{}/state.json: bad config", last.display()))?;
-        if a.acts.is_none() && !a.live && a.contexts.is_none() {
-            c.acts = saved.acts.clone();
-            c.live = saved.live;
-            c.contexts = saved.contexts.clone();
-            c.split = saved.split.clone();
-            c.live_batch = saved.live_batch;
-            c.live_block_tokens = saved.live_block_tokens;
-            c.hook_name = saved.hook_name.clone();
-            if a.model.is_none() {
-                c.model = saved.model.clone();
-            }
-        }
-        c.seed = saved.seed;
     }
-    let opts = RunOptions { resume, progress: !a.quiet, stop_after_steps: None };
+    let stop = super::interrupt::stop_flag()?;
+    let opts = RunOptions { resume, progress: !a.quiet, force: a.force, stop: Some(stop), ..Default::default() };
     if c.live {
         return run_live(c, &opts);
     }
@@ -241,7 +249,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR (or set them in --config)");
     };
     let o = if std::path::Path::new(&acts).is_dir() {
-        let mut src = saekit_sae::StoreSource::open(std::path::Path::new(&acts), &a.hook, c.seed, true, c.batch_size)?;
+        let hook = store_hook(&a)?;
+        let mut src = saekit_sae::StoreSource::open(std::path::Path::new(&acts), &hook, c.seed, true, c.batch_size)?;
         saekit_sae::train(&c, &mut src, &opts)?
     } else if acts.ends_with(".npy") {
         let mut src = NpySource::open(&acts, c.seed, true)?;
@@ -249,7 +258,30 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         bail!("{acts}: expected a float32 .npy file or an activation store folder");
     };
-    report(&o, o.tokens_per_s);
+    finish(&o, o.tokens_per_s)
+}
+
+/// The store hook to train on: --hook, else an explicit --hook-name (the store's only hook when
+/// neither is given). The SAE's metadata then names the hook actually read.
+fn store_hook(a: &TrainArgs) -> Result<String> {
+    match (a.hook.as_str(), a.hook_name.as_deref()) {
+        ("", Some(h)) => Ok(h.to_string()),
+        (h, Some(n)) if h != n => {
+            bail!("--hook {h} and --hook-name {n} disagree; the SAE is labelled with the hook it reads")
+        }
+        (h, _) => Ok(h.to_string()),
+    }
+}
+
+/// Report a finished run, or exit 130 with the resume command after Ctrl-C / SIGTERM.
+fn finish(o: &saekit_sae::TrainOutcome, tokens_per_s: f64) -> Result<()> {
+    if o.interrupted {
+        super::interrupt::exit_interrupted(
+            &format!("stopped after step {} with a checkpoint", o.steps),
+            &format!("saekit train --resume {}", o.out_dir.display()),
+        );
+    }
+    report(o, tokens_per_s);
     Ok(())
 }
 
@@ -308,8 +340,7 @@ fn run_live(mut c: TrainConfig, opts: &RunOptions) -> Result<()> {
         100.0 * fs / wall.max(1e-9)
     );
     // end to end: the blocks computed while preparing count too
-    report(&o, o.tokens_this_run as f64 / wall.max(1e-9));
-    Ok(())
+    finish(&o, o.tokens_this_run as f64 / wall.max(1e-9))
 }
 
 fn report(o: &saekit_sae::TrainOutcome, tokens_per_s: f64) {
