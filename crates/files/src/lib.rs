@@ -41,8 +41,9 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
     let dir = parent_of(path);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let prefix = format!(".{name}.");
     let mut b = tempfile::Builder::new();
-    b.prefix(&format!(".{name}.")).suffix(TMP_SUFFIX);
+    b.prefix(&prefix).suffix(TMP_SUFFIX);
     #[cfg(unix)]
     {
         // NamedTempFile defaults to 0600; outputs get the same mode as File::create (umask applies)

@@ -201,7 +201,10 @@ fn refuses_what_it_cannot_reproduce() {
     let s = random_sae(Activation::JumpRelu, 6, 10, 6);
     save_saelens(t.path(), &s, None, None).unwrap();
     let cfg_path = t.path().join("cfg.json");
-    let orig: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut orig: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    // edited by hand below, as a folder from another tool: without saekit's file list
+    std::fs::remove_file(t.path().join(saekit_sae::format::FILE_LIST)).unwrap();
+    orig["metadata"].as_object_mut().unwrap().remove("saekit_file_list");
     let mut c = orig.clone();
     c["normalize_activations"] = json!("layer_norm");
     write(&cfg_path, c.to_string().as_bytes());

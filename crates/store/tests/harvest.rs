@@ -74,7 +74,6 @@ fn harvest_refuses_other_tokenizers_and_rebuilt_tokens() {
 fn harvest_matches_direct_forward_and_resumes() {
     let path = model_path();
     let model = Model::load(&path, &LoadOptions::default()).unwrap();
-    let tok = model.tokenizer();
     let texts = [
         "The quick brown fox jumps over the lazy dog. ".repeat(6),
         "fn main() { println!(\"hello\"); }\n".repeat(5),
@@ -153,11 +152,18 @@ fn sink_norms_decide_the_sink_rule() {
     let hooks: Vec<HookPoint> = layers.iter().map(|&l| HookPoint::ResidPost(l)).collect();
     let cache = model.run_with_cache(&ids, 1, &hooks).unwrap();
     let d = model.config().d_model;
-    println!("bos {:?} (added: {}), eos {}, end-of-text {:?}", tok.bos_token_id(), tok.add_bos(), tok.eos_token_id(), tok.end_of_text_id());
+    println!(
+        "bos {:?} (added: {}), eos {}, end-of-text {:?}",
+        tok.bos_token_id(),
+        tok.add_bos(),
+        tok.eos_token_id(),
+        tok.end_of_text_id()
+    );
     let ratios: Vec<Vec<f32>> = hooks
         .iter()
         .map(|h| {
-            let n: Vec<f32> = cache.get(h).unwrap().chunks(d).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+            let n: Vec<f32> =
+                cache.get(h).unwrap().chunks(d).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
             let mut s = n.clone();
             s.sort_by(f32::total_cmp);
             let med = s[s.len() / 2];
@@ -170,6 +176,13 @@ fn sink_norms_decide_the_sink_rule() {
     }
     let im_start = tok.token_to_id("<|im_start|>").unwrap();
     let eot = tok.end_of_text_id().unwrap();
-    let at = |id: u32| ids.iter().enumerate().skip(1).filter(|(_, &t)| t == id).map(|(i, _)| ratios[1][i]).collect::<Vec<_>>();
-    println!("layer 15 / median: position 0 {:.1}, <|endoftext|> {:?}, <|im_start|> {:?}", ratios[1][0], at(eot), at(im_start));
+    let at = |id: u32| {
+        ids.iter().enumerate().skip(1).filter(|(_, &t)| t == id).map(|(i, _)| ratios[1][i]).collect::<Vec<_>>()
+    };
+    println!(
+        "layer 15 / median: position 0 {:.1}, <|endoftext|> {:?}, <|im_start|> {:?}",
+        ratios[1][0],
+        at(eot),
+        at(im_start)
+    );
 }

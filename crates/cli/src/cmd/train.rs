@@ -249,7 +249,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR (or set them in --config)");
     };
     let o = if std::path::Path::new(&acts).is_dir() {
-        let hook = store_hook(&a)?;
+        // a resumed run reads the hook its checkpoint recorded
+        let hook = store_hook(&a, resume.then_some(c.hook_name.as_str()))?;
         let mut src = saekit_sae::StoreSource::open(std::path::Path::new(&acts), &hook, c.seed, true, c.batch_size)?;
         saekit_sae::train(&c, &mut src, &opts)?
     } else if acts.ends_with(".npy") {
@@ -261,10 +262,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     finish(&o, o.tokens_per_s)
 }
 
-/// The store hook to train on: --hook, else an explicit --hook-name (the store's only hook when
-/// neither is given). The SAE's metadata then names the hook actually read.
-fn store_hook(a: &TrainArgs) -> Result<String> {
-    match (a.hook.as_str(), a.hook_name.as_deref()) {
+/// The store hook to train on: --hook, else an explicit --hook-name, else the resumed run's hook (the
+/// store's only hook when none is given). The SAE's metadata then names the hook actually read.
+fn store_hook(a: &TrainArgs, resumed: Option<&str>) -> Result<String> {
+    match (a.hook.as_str(), a.hook_name.as_deref().or(resumed)) {
         ("", Some(h)) => Ok(h.to_string()),
         (h, Some(n)) if h != n => {
             bail!("--hook {h} and --hook-name {n} disagree; the SAE is labelled with the hook it reads")
