@@ -91,9 +91,13 @@ pub fn validate(model: &Model, sae: &Sae, hook: HookPoint, edits: &[FeatureEdit]
     if sae.d_in != model.config().d_model {
         bail!("the SAE reads {} dims but the model's d_model is {}", sae.d_in, model.config().d_model);
     }
-    for e in edits {
+    for (i, e) in edits.iter().enumerate() {
         if e.feature() as usize >= sae.d_sae {
             bail!("feature {} does not exist: the SAE has {} features (0..{})", e.feature(), sae.d_sae, sae.d_sae - 1);
+        }
+        // each edit is computed against the unedited f(x): two edits of one feature would not compose
+        if edits[..i].iter().any(|p| p.feature() == e.feature()) {
+            bail!("feature {} is edited more than once; give one edit per feature", e.feature());
         }
     }
     Ok(())
