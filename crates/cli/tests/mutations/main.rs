@@ -128,6 +128,8 @@ fn run_format(exe: &Path, fmt: &str, n: usize) -> Tally {
             .env("SAEKIT_MUTATION_FIRST", first.to_string())
             .env("SAEKIT_MUTATIONS", n.to_string())
             .env("RAYON_NUM_THREADS", "1")
+            // a config asking for more than a case may hold is refused by the trainer's own size check
+            .env("SAEKIT_MAX_MEMORY", "256M")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         limit_address_space(&mut cmd);
