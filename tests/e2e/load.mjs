@@ -1,7 +1,9 @@
 // Bounded load test of `saekit serve` on loopback: C concurrent keep-alive clients issue N requests in all
 // (stopping early at a time limit), a mix of what the pages fetch. Prints latency percentiles as JSON and
 // exits non-zero on any error.
-//   node load.mjs [--clients 64] [--requests 20000] [--seconds 60] [--model 32]
+//   node load.mjs [--clients 64] [--requests 20000] [--seconds 60] [--model 32] [--p99-feature-ms 250]
+// --p99-feature-ms L fails the run when the p99 latency of feature pages (`/api/features/{id}` and the
+// `/feature/{id}` HTML page) exceeds L milliseconds.
 // --model M adds M live-text requests (the model queue) spread over the run; they may be answered 503 busy,
 // which is counted apart: that is the queue doing its job, not an error.
 import http from "node:http";
@@ -9,6 +11,7 @@ import { startServer } from "./server.mjs";
 
 const arg = (k, d) => { const i = process.argv.indexOf("--" + k); return i > 0 ? Number(process.argv[i + 1]) : d; };
 const CLIENTS = arg("clients", 64), REQUESTS = arg("requests", 20000), SECONDS = arg("seconds", 60), MODEL = arg("model", 0);
+const P99_FEATURE_MS = arg("p99-feature-ms", Infinity);
 
 const server = startServer(["--queue", "4"]);
 const base = new URL(await server.url);
@@ -70,3 +73,7 @@ const report = {
 };
 console.log(JSON.stringify(report, null, 1));
 if (errors.length) { console.error(errors.slice(0, 10).join("\n")); process.exit(1); }
+const featurePages = [...(lat.feature || []), ...(lat.page || [])];
+if (!featurePages.length) { console.error("no feature page was served"); process.exit(1); }
+const p99 = summary(featurePages).p99;
+if (p99 > P99_FEATURE_MS) { console.error(`feature pages: p99 ${p99} ms exceeds the limit of ${P99_FEATURE_MS} ms`); process.exit(1); }

@@ -165,6 +165,15 @@ pub fn analyze(
     let mut stats = if ckpt.exists() && !opts.restart {
         let bytes = std::fs::read(&ckpt).with_context(|| format!("reading {}", ckpt.display()))?;
         let s = FeatureStats::from_bytes(&bytes, &fingerprint).with_context(|| format!("{}", ckpt.display()))?;
+        if s.d_sae != sae.d_sae || s.opts != opts.stats || s.n_contexts > total {
+            bail!(
+                "{}: checkpoint of {} features, {} contexts does not fit this run ({} features, {total} contexts); delete it or pass --restart",
+                ckpt.display(),
+                s.d_sae,
+                s.n_contexts,
+                sae.d_sae
+            );
+        }
         tracing::info!(contexts = s.n_contexts, "resuming analysis from {}", ckpt.display());
         s
     } else {

@@ -433,19 +433,27 @@ impl FeatureDb {
         let d = self.detail(id)?.unwrap_or_default();
         let vocab = self.vocab()?;
         let text = |t: u32| vocab.get(t as usize).cloned().unwrap_or_else(|| format!("<{t}>"));
-        let ctx = |c: &StoredContext| {
-            let mut acts = vec![0f32; c.ids.len()];
-            for &(o, a) in &c.acts {
-                if let Some(slot) = acts.get_mut(o as usize) {
-                    *slot = a;
-                }
+        // A stored context whose peak or activations point outside its tokens is corrupt: say so
+        // here rather than let every page and command index out of bounds.
+        let ctx = |c: &StoredContext| -> Result<Context> {
+            let n = c.ids.len();
+            if c.peak as usize >= n || c.acts.iter().any(|&(o, _)| o as usize >= n) {
+                bail!(
+                    "{}: feature {id}: a stored context has its peak at {} or activations past its {n} tokens",
+                    self.path.display(),
+                    c.peak
+                );
             }
-            Context {
+            let mut acts = vec![0f32; n];
+            for &(o, a) in &c.acts {
+                acts[o as usize] = a;
+            }
+            Ok(Context {
                 tokens: c.ids.iter().map(|&t| text(t)).collect(),
                 acts,
                 peak: c.peak as usize,
                 max_act: c.max_act,
-            }
+            })
         };
         let logits =
             |v: &[(u32, f32)]| v.iter().map(|&(t, l)| TokenLogit { token: text(t), id: t, logit: l }).collect();
@@ -465,17 +473,19 @@ impl FeatureDb {
             n_fired: n_fired as u64,
             explanation,
             explanation_auto: auto != 0,
-            top_contexts: d.top.iter().map(ctx).collect(),
+            top_contexts: d.top.iter().map(ctx).collect::<Result<_>>()?,
             quantiles: d
                 .quantiles
                 .iter()
-                .map(|g| QuantileGroup {
-                    lo: g.lo,
-                    hi: g.hi,
-                    count: g.count,
-                    contexts: g.contexts.iter().map(ctx).collect(),
+                .map(|g| {
+                    Ok(QuantileGroup {
+                        lo: g.lo,
+                        hi: g.hi,
+                        count: g.count,
+                        contexts: g.contexts.iter().map(ctx).collect::<Result<_>>()?,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
             histogram: Histogram { edges: self.hist_edges.clone(), counts },
             promoted: logits(&d.promoted),
             suppressed: logits(&d.suppressed),

@@ -313,7 +313,12 @@ fn rebin(st: &mut FeatureState, j: u64, o: &StatsOptions, new_max: f32) {
 // ---------------------------------------------------------------------------------------------
 // Checkpoint encoding (little-endian, versioned; written atomically by the caller).
 
-const CKPT_MAGIC: &[u8; 8] = b"SKANCKP1";
+/// Version 2 ends with a CRC32 of everything before it; version 1 checkpoints (no checksum) are refused.
+const CKPT_MAGIC: &[u8; 8] = b"SKANCKP2";
+const CKPT_MAGIC_V1: &[u8; 8] = b"SKANCKP1";
+/// Fewest bytes one feature takes in a checkpoint (counters and histogram, no samples): a declared
+/// d_sae is checked against the file size with it before anything is allocated.
+const CKPT_MIN_FEATURE_BYTES: usize = 8 + 8 + 4 + 4 + 4 + 4 + 4 * HIST_BINS;
 
 struct W(Vec<u8>);
 impl W {
@@ -372,15 +377,59 @@ impl R<'_> {
         let n = self.u64()? as usize;
         Ok(self.take(n)?.to_vec())
     }
-    fn sample(&mut self) -> Result<Sample> {
+    fn feature(&mut self, opts: &StatsOptions, n_contexts: u64) -> Result<FeatureState> {
+        const MIN_SAMPLE: usize = 4 + 8 + 4 + 4 + 4;
+        let mut f = FeatureState {
+            n: self.u64()?,
+            sum: self.f64()?,
+            max: self.f32()?,
+            bin_max: self.f32()?,
+            ..Default::default()
+        };
+        let nt = self.u32()?;
+        let nt = self.count(nt as u64, MIN_SAMPLE, opts.top_k, "top contexts")?;
+        for _ in 0..nt {
+            f.top.push(self.sample(opts, n_contexts)?);
+        }
+        let nb = self.u32()?;
+        let nb = self.count(nb as u64, 12, opts.n_quantiles, "quantile bins")?;
+        for _ in 0..nb {
+            let mut b = Bin { seen: self.u64()?, samples: Vec::new() };
+            let ns = self.u32()?;
+            let ns = self.count(ns as u64, MIN_SAMPLE, opts.per_quantile, "quantile samples")?;
+            for _ in 0..ns {
+                b.samples.push(self.sample(opts, n_contexts)?);
+            }
+            f.bins.push(b);
+        }
+        Ok(f)
+    }
+    /// A count of items of at least `min_bytes` each, refused when the rest of the file cannot hold them.
+    fn count(&mut self, n: u64, min_bytes: usize, max: usize, what: &str) -> Result<usize> {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if n > max || n.saturating_mul(min_bytes) > self.0.len() {
+            bail!("checkpoint declares {n} {what} (at most {max}, {} bytes left)", self.0.len());
+        }
+        Ok(n)
+    }
+    fn sample(&mut self, opts: &StatsOptions, n_contexts: u64) -> Result<Sample> {
         let act = self.f32()?;
         let ctx = self.u64()?;
         let pos = self.u32()?;
         let start = self.u32()?;
-        let n = self.u32()? as usize;
-        let mut window = Vec::with_capacity(n.min(1 << 16));
+        let len = opts.before.saturating_add(opts.after).saturating_add(1);
+        let n = self.u32()?;
+        let n = self.count(n as u64, 8, len, "window entries")?;
+        let mut window = Vec::with_capacity(n);
         for _ in 0..n {
-            window.push((self.u32()? as u16, self.f32()?));
+            let o = self.u32()?;
+            if o as usize >= len {
+                bail!("checkpoint sample has window offset {o} past its window of {len}");
+            }
+            window.push((o as u16, self.f32()?));
+        }
+        if ctx >= n_contexts || start > pos {
+            bail!("checkpoint sample is inconsistent (context {ctx} of {n_contexts}, start {start}, peak {pos})");
         }
         Ok(Sample { act, ctx, pos, start, window })
     }
@@ -419,51 +468,58 @@ impl FeatureStats {
                 }
             }
         }
+        let crc = crc32fast::hash(&w.0);
+        w.u32(crc);
         w.0
     }
 
+    /// Parse a checkpoint written by [`to_bytes`](Self::to_bytes). Every count is checked against
+    /// the bytes left and against the layout `FeatureStats::new` gives, and the whole file against
+    /// its CRC32, before anything is sized from it.
     pub fn from_bytes(bytes: &[u8], fingerprint: &str) -> Result<FeatureStats> {
-        let mut r = R(bytes);
-        if r.take(8)? != CKPT_MAGIC {
+        if bytes.get(..8) == Some(CKPT_MAGIC_V1) {
+            bail!("checkpoint written by an older saekit (no checksum); delete it or pass --restart");
+        }
+        if bytes.len() < 12 || &bytes[..8] != CKPT_MAGIC {
             bail!("not a saekit analysis checkpoint");
         }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        let crc = u32::from_le_bytes(crc.try_into()?);
+        if crc32fast::hash(body) != crc {
+            bail!("checkpoint is corrupt (CRC32 mismatch); delete it or pass --restart");
+        }
+        let mut r = R(&body[8..]);
         let fp = r.bytes()?;
         if fp != fingerprint.as_bytes() {
             bail!("checkpoint belongs to another run ({}); delete it or pass --restart", String::from_utf8_lossy(&fp));
         }
         let opts: StatsOptions = serde_json::from_slice(&r.bytes()?).context("checkpoint options")?;
-        let d_sae = r.u64()? as usize;
+        let d_sae = r.u64()?;
+        let d_sae = r.count(d_sae, CKPT_MIN_FEATURE_BYTES, u32::MAX as usize, "features")?;
         let n_tokens = r.u64()?;
         let n_contexts = r.u64()?;
-        let n_shards = r.u64()? as usize;
-        let mut shards = Vec::with_capacity(n_shards.min(1 << 20));
-        for _ in 0..n_shards {
-            let lo = r.u32()?;
-            let n = r.u64()? as usize;
+        // The layout a fresh run of this width has; the file must match it shard for shard.
+        let shard_size = 256usize.max(d_sae.div_ceil(4096));
+        let n_shards = r.u64()?;
+        if n_shards != d_sae.div_ceil(shard_size) as u64 {
+            bail!("checkpoint has {n_shards} shards; {d_sae} features make {}", d_sae.div_ceil(shard_size));
+        }
+        let mut shards = Vec::with_capacity(n_shards as usize);
+        for lo in (0..d_sae).step_by(shard_size) {
+            let n = shard_size.min(d_sae - lo);
+            let (got_lo, got_n) = (r.u32()?, r.u64()?);
+            if got_lo as usize != lo || got_n != n as u64 {
+                bail!("checkpoint shard covers features {got_lo}..+{got_n}, expected {lo}..+{n}");
+            }
             let mut hist = Vec::with_capacity(n * HIST_BINS);
             for _ in 0..n * HIST_BINS {
                 hist.push(r.u32()?);
             }
             let mut feats = Vec::with_capacity(n);
             for _ in 0..n {
-                let mut f =
-                    FeatureState { n: r.u64()?, sum: r.f64()?, max: r.f32()?, bin_max: r.f32()?, ..Default::default() };
-                let nt = r.u32()?;
-                for _ in 0..nt {
-                    f.top.push(r.sample()?);
-                }
-                let nb = r.u32()?;
-                for _ in 0..nb {
-                    let mut b = Bin { seen: r.u64()?, samples: Vec::new() };
-                    let ns = r.u32()?;
-                    for _ in 0..ns {
-                        b.samples.push(r.sample()?);
-                    }
-                    f.bins.push(b);
-                }
-                feats.push(f);
+                feats.push(r.feature(&opts, n_contexts)?);
             }
-            shards.push(Shard { lo, feats, hist });
+            shards.push(Shard { lo: lo as u32, feats, hist });
         }
         if !r.0.is_empty() {
             bail!("checkpoint has {} trailing bytes", r.0.len());

@@ -70,6 +70,33 @@ fn checkpoint_resume_gives_the_same_state_as_one_pass() {
 }
 
 #[test]
+fn corrupt_or_hostile_checkpoints_are_refused() {
+    let mut a = FeatureStats::new(D_SAE, opts());
+    run(&mut a, 0, 24, 4);
+    let bytes = a.to_bytes("fp");
+    // any flipped bit, counters and activations included, is caught (the old format took them)
+    for i in (0..bytes.len()).step_by(7) {
+        let mut b = bytes.clone();
+        b[i] ^= 1 << (i % 8);
+        let e = FeatureStats::from_bytes(&b, "fp").unwrap_err().to_string();
+        assert!(e.contains("CRC32") || e.contains("not a saekit"), "byte {i}: {e}");
+    }
+    // a well-formed checksum over a header that declares 2^40 features: refused before allocating
+    let mut h: Vec<u8> = b"SKANCKP2".to_vec();
+    h.extend(2u64.to_le_bytes());
+    h.extend(b"fp");
+    let o = serde_json::to_vec(&opts()).unwrap();
+    h.extend((o.len() as u64).to_le_bytes());
+    h.extend(&o);
+    h.extend((1u64 << 40).to_le_bytes());
+    h.extend([0u8; 24]);
+    let crc = crc32fast::hash(&h);
+    h.extend(crc.to_le_bytes());
+    let e = FeatureStats::from_bytes(&h, "fp").unwrap_err().to_string();
+    assert!(e.contains("features"), "{e}");
+}
+
+#[test]
 fn statistics_are_exact_where_they_can_be() {
     let mut s = FeatureStats::new(D_SAE, opts());
     run(&mut s, 0, 60, 4);
@@ -186,4 +213,22 @@ fn open_refuses_what_is_not_a_feature_db() {
     let e = format!("{:#}", FeatureDb::open(&q).err().unwrap());
     assert!(e.contains("not a saekit feature database"), "{e}");
     assert!(FeatureDb::open(&dir.path().join("missing.sqlite")).is_err());
+}
+
+#[test]
+fn a_stored_peak_outside_its_context_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = build_db(dir.path());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let blob: Vec<u8> = conn.query_row("SELECT data FROM feature_detail WHERE id = 3", [], |r| r.get(0)).unwrap();
+    let mut d: saekit_analysis::db::StoredDetail =
+        serde_json::from_slice(&zstd::stream::decode_all(&blob[..]).unwrap()).unwrap();
+    d.top[0].peak = 999; // `search` and `demo` indexed tokens[peak] with this
+    let blob = zstd::stream::encode_all(&serde_json::to_vec(&d).unwrap()[..], 3).unwrap();
+    conn.execute("UPDATE feature_detail SET data = ?1 WHERE id = 3", [blob]).unwrap();
+    drop(conn);
+    let db = FeatureDb::open(&path).unwrap();
+    let e = format!("{:#}", db.feature(3).unwrap_err());
+    assert!(e.contains("f.sqlite") && e.contains("feature 3") && e.contains("999"), "{e}");
+    assert!(db.feature(4).is_ok());
 }

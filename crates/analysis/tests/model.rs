@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use saekit_analysis::analyze::sink_rows;
 use saekit_analysis::eval::{eval_model_on_tokens, spliced_forward};
 use saekit_analysis::{analyze, AnalyzeOptions, FeatureDb, ModelEvalOptions, SpliceMode};
-use saekit_model::{HookPoint, LoadOptions, Model};
+use saekit_model::{HookPoint, Hooks, LoadOptions, Logits, Model};
 use saekit_sae::{Activation, Sae};
 use saekit_store::corpus::{Document, ReadStats};
 use saekit_store::{tokenize_corpus, TokenDataset, TokenizeOptions};
@@ -36,6 +36,31 @@ const TEXTS: &[&str] = &[
     "Shakespeare wrote many plays, including Hamlet, Macbeth and Romeo and Juliet.",
 ];
 
+/// x̂ of every row but the sinks (`keep`), from the published TopK definition in f64.
+fn reference_reconstruction(sae: &Sae, x: &[f32], keep: &[bool]) -> Vec<f32> {
+    let (d, n) = (sae.d_in, sae.d_sae);
+    let Activation::TopK { k } = sae.activation else { panic!("topk only") };
+    let mut out = x.to_vec();
+    for (r, row) in x.chunks(d).enumerate() {
+        if keep[r] {
+            continue;
+        }
+        let mut pre: Vec<(usize, f64)> = (0..n)
+            .map(|j| {
+                let dot: f64 =
+                    (0..d).map(|i| (row[i] as f64 - sae.b_dec[i] as f64) * sae.w_enc[j * d + i] as f64).sum();
+                (j, dot + sae.b_enc[j] as f64)
+            })
+            .collect();
+        pre.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for i in 0..d {
+            let v: f64 = pre[..k].iter().map(|&(j, a)| a.max(0.0) * sae.w_dec[j * d + i] as f64).sum();
+            out[r * d + i] = (v + sae.b_dec[i] as f64) as f32;
+        }
+    }
+    out
+}
+
 #[test]
 fn splice_eval_and_analysis_on_the_real_model() {
     let model = Model::load(&model_path(), &LoadOptions::default()).expect("load model");
@@ -45,7 +70,7 @@ fn splice_eval_and_analysis_on_the_real_model() {
     let mut sae = Sae::init(d, 256, Activation::TopK { k: 16 }, 1.0, 7);
     sae.metadata.hook_name = hook.to_string();
 
-    // --- the error term restores the clean model exactly (to float tolerance)
+    // --- splicing, checked against computations that do not go through spliced_forward
     let seq = 20;
     let mut tokens = Vec::new();
     for t in &TEXTS[..2] {
@@ -55,15 +80,35 @@ fn splice_eval_and_analysis_on_the_real_model() {
     }
     let keep = sink_rows(&model, &tokens, seq);
     assert!(keep[0] && keep[seq], "position 0 must be treated as a sink");
-    let (clean, _) = spliced_forward(&model, &sae, hook, &tokens, 2, SpliceMode::Clean, &keep, 10.0).unwrap();
+    // an independent clean forward: no hook at all
+    let clean = model.forward(&tokens, 2, &mut model.new_cache(2), &mut Hooks::new(), Logits::All).unwrap();
+    let close = |a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        (diff, scale)
+    };
+    let no_outliers = f32::INFINITY; // only the sink rows are left alone, as the references below assume
     let (with_err, cap) =
-        spliced_forward(&model, &sae, hook, &tokens, 2, SpliceMode::ReconstructionWithError, &keep, 10.0).unwrap();
-    assert!(cap.is_some());
-    let scale = clean.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = clean.iter().zip(&with_err).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff <= 1e-4 * scale, "spliced-with-error logits differ from clean by {diff} (scale {scale})");
-    let (recon, _) = spliced_forward(&model, &sae, hook, &tokens, 2, SpliceMode::Reconstruction, &keep, 10.0).unwrap();
-    let rdiff = clean.iter().zip(&recon).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        spliced_forward(&model, &sae, hook, &tokens, 2, SpliceMode::ReconstructionWithError, &keep, no_outliers)
+            .unwrap();
+    let (diff, scale) = close(&with_err, &clean);
+    assert!(diff <= 1e-4 * scale, "spliced-with-error logits differ from a clean forward by {diff} (scale {scale})");
+    // what the splice saw is the hook's activation in an unhooked pass (the right layer, the right rows)
+    let x = model.run_with_cache(&tokens, 2, &[hook]).unwrap().take(&hook).unwrap();
+    assert_eq!(cap.unwrap().0, x, "the splice captured another activation than blocks.{layer}.hook_resid_post");
+    // the reconstruction splice equals a forward with x̂ from an f64 reference SAE written into the hook
+    let xh = reference_reconstruction(&sae, &x, &keep);
+    let (recon, _) =
+        spliced_forward(&model, &sae, hook, &tokens, 2, SpliceMode::Reconstruction, &keep, no_outliers).unwrap();
+    let mut hooks = Hooks::new();
+    hooks.add(hook, |_, x| {
+        x.copy_from_slice(&xh);
+        Ok(())
+    });
+    let reference = model.forward(&tokens, 2, &mut model.new_cache(2), &mut hooks, Logits::All).unwrap();
+    let (diff, scale) = close(&recon, &reference);
+    assert!(diff <= 1e-3 * scale, "reconstruction splice differs from the reference by {diff} (scale {scale})");
+    let (rdiff, _) = close(&recon, &clean);
     assert!(rdiff > 1e-2, "a random SAE should change the logits (max diff {rdiff})");
 
     // --- model-level metrics are finite and ordered as they must be for a random SAE

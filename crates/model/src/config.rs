@@ -33,6 +33,9 @@ pub struct ModelConfig {
     pub rope_interleaved: bool,
 }
 
+/// The largest width, depth or vocabulary a config may declare (16.7M; real models are far below).
+const MAX_DIM: usize = 1 << 24;
+
 fn meta_u(ct: &gguf_file::Content, key: &str) -> Option<usize> {
     let v = ct.metadata.get(key)?;
     v.to_u32()
@@ -150,6 +153,21 @@ impl ModelConfig {
         let bad = |what: String| Err(anyhow!("{}: inconsistent model config: {what}", file.display()));
         if self.n_layers == 0 || self.d_model == 0 || self.n_heads == 0 || self.vocab_size == 0 {
             return bad("zero layers, width, heads or vocabulary".into());
+        }
+        // Products of these size buffers before any tensor is read; no real model comes near.
+        let dims = [
+            ("layers", self.n_layers),
+            ("width", self.d_model),
+            ("heads", self.n_heads),
+            ("head_dim", self.head_dim),
+            ("feed-forward width", self.d_ff),
+            ("vocabulary", self.vocab_size),
+        ];
+        if let Some((what, n)) = dims.iter().find(|(_, n)| *n > MAX_DIM) {
+            return bad(format!("{what} {n} is larger than {MAX_DIM}"));
+        }
+        if self.max_positions == 0 {
+            return bad("context length 0".into());
         }
         if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} heads cannot share {} key/value heads", self.n_heads, self.n_kv_heads));

@@ -197,6 +197,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Positions the rotary tables cover at most: the table is sized before any input is seen, so a
+/// declared context length of billions must not size it (longer sequences get a clear error).
+pub const ROPE_MAX_POSITIONS: usize = 1 << 17;
+
 /// Precomputed rotary-embedding tables, `[max_pos, head_dim / 2]`.
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -209,6 +213,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, max_pos: usize, interleaved: bool) -> Self {
+        let max_pos = max_pos.min(ROPE_MAX_POSITIONS);
         let half = head_dim / 2;
         let mut cos = vec![0f32; max_pos * half];
         let mut sin = vec![0f32; max_pos * half];

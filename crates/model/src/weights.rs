@@ -4,7 +4,7 @@
 //! without VNNI the f32 GEMM is both the fastest and the only exact path (see BENCHMARKS.md).
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -28,6 +28,18 @@ impl WeightSource {
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         let mut r = BufReader::new(f);
+        // candle divides by general.alignment unchecked; read it first so 0 is an error, not a panic
+        if let Some(a) =
+            gguf_alignment(&mut r).map_err(|e| anyhow!("{}: not a valid GGUF file: {e}", path.display()))?
+        {
+            if a == 0 || !a.is_multiple_of(8) {
+                bail!(
+                    "{}: not a valid GGUF file: general.alignment = {a} (must be a non-zero multiple of 8)",
+                    path.display()
+                );
+            }
+        }
+        r.seek(SeekFrom::Start(0)).with_context(|| format!("{}: cannot read", path.display()))?;
         let content = gguf_file::Content::read(&mut r)
             .map_err(|e| anyhow!("{}: not a valid GGUF file: {}", path.display(), candle_msg(e)))?;
         Ok(Self::Gguf { file: path.to_path_buf(), content })
@@ -142,4 +154,79 @@ impl WeightSource {
             _ => None,
         }
     }
+}
+
+/// The value of `general.alignment` as candle would read it (an integer key of any width; a
+/// negative one means the default), without keeping the metadata. A header this walk cannot get
+/// past is left for candle's reader to report.
+fn gguf_alignment(r: &mut BufReader<File>) -> std::io::Result<Option<u64>> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let mut buf = [0u8; 8];
+    let mut int = |r: &mut BufReader<File>, n: usize| -> std::io::Result<u64> {
+        buf = [0; 8];
+        r.read_exact(&mut buf[..n])?;
+        Ok(u64::from_le_bytes(buf))
+    };
+    let magic = int(r, 4)?;
+    let version = int(r, 4)?;
+    if magic != 0x4655_4747 || !(1..=3).contains(&version) {
+        return Ok(None);
+    }
+    let len_bytes = if version == 1 { 4 } else { 8 };
+    let _n_tensors = int(r, len_bytes)?;
+    let n_kv = int(r, len_bytes)?;
+    // Byte size of a fixed-size value type (u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64).
+    let fixed = |t: u64| match t {
+        0 | 1 | 7 => Some(1u64),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    };
+    let skip = |r: &mut BufReader<File>, n: u64| -> std::io::Result<()> {
+        r.seek_relative(i64::try_from(n).map_err(|_| bad("length overflows"))?)
+    };
+    for _ in 0..n_kv {
+        let klen = int(r, len_bytes)?;
+        if klen > 1 << 16 {
+            return Ok(None);
+        }
+        let mut key = vec![0u8; klen as usize];
+        r.read_exact(&mut key)?;
+        let t = int(r, 4)?;
+        if key == b"general.alignment" {
+            let v: i64 = match t {
+                0 => int(r, 1)? as i64,
+                1 => int(r, 1)? as u8 as i8 as i64,
+                2 => int(r, 2)? as i64,
+                3 => int(r, 2)? as u16 as i16 as i64,
+                4 => int(r, 4)? as i64,
+                5 => int(r, 4)? as u32 as i32 as i64,
+                _ => return Ok(None),
+            };
+            return Ok((v >= 0).then_some(v as u64));
+        }
+        if let Some(n) = fixed(t) {
+            skip(r, n)?;
+        } else if t == 8 {
+            let n = int(r, len_bytes)?;
+            skip(r, n)?;
+        } else if t == 9 {
+            let et = int(r, 4)?;
+            let n = int(r, len_bytes)?;
+            if let Some(sz) = fixed(et) {
+                skip(r, n.checked_mul(sz).ok_or_else(|| bad("array size overflows"))?)?;
+            } else if et == 8 {
+                for _ in 0..n {
+                    let l = int(r, len_bytes)?;
+                    skip(r, l)?;
+                }
+            } else {
+                return Ok(None); // nested arrays: candle's reader walks and bounds them
+            }
+        } else {
+            return Ok(None);
+        }
+    }
+    Ok(None)
 }

@@ -160,3 +160,60 @@ fn missing_default_model_says_how_to_fetch_it() {
     let e = load_err(Path::new("/nonexistent/model.gguf"));
     assert!(e.contains("no such file"), "{e}");
 }
+
+/// Every tensor of the 1-block llama of [`tiny_meta`] (all ones).
+fn tiny_llama_tensors() -> Vec<(&'static str, Vec<usize>)> {
+    vec![
+        ("token_embd.weight", vec![5, 32]),
+        ("output_norm.weight", vec![32]),
+        ("blk.0.attn_norm.weight", vec![32]),
+        ("blk.0.attn_q.weight", vec![32, 32]),
+        ("blk.0.attn_k.weight", vec![16, 32]),
+        ("blk.0.attn_v.weight", vec![16, 32]),
+        ("blk.0.attn_output.weight", vec![32, 32]),
+        ("blk.0.ffn_norm.weight", vec![32]),
+        ("blk.0.ffn_gate.weight", vec![64, 32]),
+        ("blk.0.ffn_up.weight", vec![64, 32]),
+        ("blk.0.ffn_down.weight", vec![32, 64]),
+    ]
+}
+
+fn set_meta(meta: &mut Vec<(String, gguf_file::Value)>, key: &str, v: gguf_file::Value) {
+    meta.retain(|(k, _)| k != key);
+    meta.push((key.to_string(), v));
+}
+
+#[test]
+fn zero_alignment_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "align0.gguf");
+    let mut meta = tiny_meta("llama");
+    write_gguf(&p, &meta, &tiny_llama_tensors());
+    Model::load(&p, &LoadOptions::default()).expect("the tiny llama itself loads");
+    for v in [gguf_file::Value::U32(0), gguf_file::Value::U8(0), gguf_file::Value::I32(0), gguf_file::Value::U16(12)] {
+        set_meta(&mut meta, "general.alignment", v);
+        write_gguf(&p, &meta, &tiny_llama_tensors());
+        let e = load_err(&p);
+        assert!(e.contains("align0.gguf") && e.contains("general.alignment"), "{e}");
+    }
+}
+
+#[test]
+fn huge_context_length_does_not_size_the_rotary_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tmp(&dir, "longctx.gguf");
+    let mut meta = tiny_meta("llama");
+    // 4G positions x 8 rotary pairs x 2 tables of f32 would be 256 GiB
+    set_meta(&mut meta, "llama.context_length", gguf_file::Value::U32(u32::MAX));
+    write_gguf(&p, &meta, &tiny_llama_tensors());
+    let m = Model::load(&p, &LoadOptions::default()).unwrap();
+    assert_eq!(m.config().max_positions, u32::MAX as usize);
+    set_meta(&mut meta, "llama.context_length", gguf_file::Value::U32(0));
+    write_gguf(&p, &meta, &tiny_llama_tensors());
+    let e = load_err(&p);
+    assert!(e.contains("longctx.gguf") && e.contains("context length 0"), "{e}");
+    set_meta(&mut meta, "llama.embedding_length", gguf_file::Value::I32(-1));
+    write_gguf(&p, &meta, &tiny_llama_tensors());
+    let e = load_err(&p);
+    assert!(e.contains("longctx.gguf") && e.contains("larger than"), "{e}");
+}

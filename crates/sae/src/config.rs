@@ -314,6 +314,53 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Bytes a run of this config holds at once on `d_in`-wide rows: the SAE and its two Adam moments,
+    /// a batch's dense buffers, the read-ahead rows and the per-latent counters. An estimate (within
+    /// ~2x), enough to refuse a config that cannot fit before allocating it.
+    pub fn memory_estimate(&self, d_in: usize) -> u128 {
+        let (d, n, b) = (d_in as u128, self.d_sae as u128, self.batch_size as u128);
+        let params = 2 * n * d + 2 * n + d;
+        3 * params * 4 + b * (4 * d + 2 * n) * 4 + self.prepare_rows() as u128 * d * 4 + n * 8 * 3
+    }
+
+    /// Refuse sizes no machine can run before anything is allocated: a config (from TOML or flags)
+    /// that needs more memory than `budget` bytes, or more threads than make sense.
+    pub fn check_sizes(&self, d_in: usize, budget: Option<u64>) -> Result<()> {
+        if self.threads > 4096 {
+            bail!("threads = {} is more than 4096", self.threads);
+        }
+        if matches!(self.arch, Arch::TopK | Arch::BatchTopK) && self.k > self.d_sae {
+            bail!("k = {} is larger than d_sae = {}", self.k, self.d_sae);
+        }
+        let need = self.memory_estimate(d_in);
+        if let Some(have) = budget {
+            if need > have as u128 {
+                bail!(
+                    "d_sae {} x d_in {d_in} with batch_size {} needs about {:.1} GiB; {:.1} GiB are available (SAEKIT_MAX_MEMORY or free memory)",
+                    self.d_sae,
+                    self.batch_size,
+                    need as f64 / (1u64 << 30) as f64,
+                    have as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The memory a run may use: `SAEKIT_MAX_MEMORY` (a count such as 512M or 8G, in bytes) when set,
+/// else the kernel's MemAvailable; `None` when neither can be read.
+pub fn memory_budget() -> Option<u64> {
+    if let Ok(v) = std::env::var("SAEKIT_MAX_MEMORY") {
+        return parse_count(&v).ok();
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 impl Resolved {
     /// Learning rate at `step` (0-based): linear warm-up, constant, linear decay to 0 at the end.
     pub fn lr_at(&self, step: u64) -> f32 {

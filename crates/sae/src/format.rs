@@ -300,6 +300,25 @@ fn get_str<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
 /// Load an SAE folder (SAELens v6 or legacy, sparsify) or a Gemma Scope `params.npz`.
 pub fn load_sae(path: impl AsRef<Path>) -> Result<Sae> {
     let path = path.as_ref();
+    let sae = load_sae_parts(path)?;
+    check_loaded(&sae, path)?;
+    Ok(sae)
+}
+
+/// What every consumer assumes of an SAE, whatever the file said.
+fn check_loaded(sae: &Sae, path: &Path) -> Result<()> {
+    if sae.d_in == 0 || sae.d_sae == 0 {
+        bail!("{}: empty SAE (d_in {}, d_sae {})", path.display(), sae.d_in, sae.d_sae);
+    }
+    if let Activation::TopK { k } = sae.activation {
+        if k == 0 || k > sae.d_sae {
+            bail!("{}: topk k = {k} must be in 1..={} (d_sae)", path.display(), sae.d_sae);
+        }
+    }
+    Ok(())
+}
+
+fn load_sae_parts(path: &Path) -> Result<Sae> {
     if path.is_file() {
         if path.extension().and_then(|e| e.to_str()) == Some("npz") {
             return load_gemma_scope_npz(path);
@@ -490,33 +509,62 @@ fn load_sparsify(dir: &Path, cfg: &Value) -> Result<Sae> {
     })
 }
 
-fn npz_f32(
-    ar: &mut npyz::npz::NpzArchive<std::io::BufReader<File>>,
-    name: &str,
-    path: &Path,
-) -> Result<(Vec<usize>, Vec<f32>)> {
-    let f = ar
-        .by_name(name)
-        .with_context(|| format!("{}: reading {name}", path.display()))?
-        .with_context(|| format!("{}: no array {name:?}", path.display()))?;
-    let shape: Vec<usize> = f.shape().iter().map(|&s| s as usize).collect();
-    if f.order() == npyz::Order::Fortran {
+type Npz = zip::ZipArchive<std::io::BufReader<File>>;
+
+/// One float array of a `.npz`, read as f32. The declared shape is checked against the stored
+/// size before anything is allocated, and the data is read up to that size only.
+fn npz_f32(ar: &mut Npz, name: &str, path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    use std::io::Read;
+    let mut f = match ar.by_name(&format!("{name}.npy")) {
+        Ok(f) => f,
+        Err(zip::result::ZipError::FileNotFound) => bail!("{}: no array {name:?}", path.display()),
+        Err(e) => bail!("{}: reading {name}: {e}", path.display()),
+    };
+    let entry = path.join(format!("{name}.npy"));
+    let stored = f.size();
+    // magic and version (10 bytes), 2 more length bytes for format 2 and 3, then the header text
+    let truncated = || format!("{}: truncated .npy header", entry.display());
+    let mut head = vec![0u8; 10];
+    f.read_exact(&mut head).with_context(truncated)?;
+    if head[6] >= 2 {
+        head.resize(12, 0);
+        f.read_exact(&mut head[10..]).with_context(truncated)?;
+    }
+    let (start, hlen) = crate::source::npy_preamble(&head, &entry)?;
+    head.resize(start + hlen, 0);
+    f.read_exact(&mut head[start..]).with_context(truncated)?;
+    let h = crate::source::npy_header(&head, &entry)?;
+    if h.fortran_order {
         bail!("{}: {name} is Fortran-ordered; not supported", path.display());
     }
-    let v: Vec<f32> = match f.dtype() {
-        npyz::DType::Plain(ts) if ts.to_string() == "<f4" => f.into_vec::<f32>()?,
-        npyz::DType::Plain(ts) if ts.to_string() == "<f8" => {
-            f.into_vec::<f64>()?.into_iter().map(|x| x as f32).collect()
-        }
+    let elem = match h.descr.as_str() {
+        "<f4" => 4,
+        "<f8" => 8,
         other => bail!("{}: {name} has dtype {other:?}; expected <f4 or <f8", path.display()),
     };
-    Ok((shape, v))
+    let data = stored.saturating_sub(head.len() as u64);
+    if h.data_bytes(elem).is_none_or(|n| n as u64 != data) {
+        bail!("{}: {name} declares shape {:?} but holds {data} bytes of {} data", path.display(), h.shape, h.descr);
+    }
+    let mut bytes = Vec::new();
+    f.take(data).read_to_end(&mut bytes).with_context(|| format!("{}: reading {name}", path.display()))?;
+    if bytes.len() as u64 != data {
+        bail!("{}: {name} is truncated ({} of {data} bytes)", path.display(), bytes.len());
+    }
+    let v = if elem == 4 {
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    } else {
+        bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect()
+    };
+    Ok((h.shape, v))
 }
 
 /// Gemma Scope `params.npz`: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec, threshold;
 /// JumpReLU without the pre-encoder bias subtraction.
 pub fn load_gemma_scope_npz(path: &Path) -> Result<Sae> {
-    let mut ar = npyz::npz::NpzArchive::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut ar = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{}: not a .npz (zip) archive", path.display()))?;
     let (s, w_enc_t) = npz_f32(&mut ar, "W_enc", path)?;
     if s.len() != 2 {
         bail!("{}: W_enc has shape {s:?}", path.display());

@@ -58,33 +58,60 @@ pub struct NpySource {
     perm: Vec<u32>,
 }
 
-/// Parse a `.npy` header: (data offset, shape). Only little-endian f32, C order.
-pub fn npy_f32_header(bytes: &[u8], path: &Path) -> Result<(usize, Vec<usize>)> {
+/// The parts of a `.npy` header saekit uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyHeader {
+    /// numpy dtype string, e.g. `<f4`
+    pub descr: String,
+    pub fortran_order: bool,
+    pub shape: Vec<usize>,
+    /// Where the array data starts.
+    pub data_offset: usize,
+}
+
+/// numpy never writes a header this long; a larger declared length is corruption, not data.
+pub const NPY_MAX_HEADER_BYTES: usize = 1 << 20;
+
+impl NpyHeader {
+    /// Bytes of array data the header declares for `elem_bytes`-sized elements; `None` when the
+    /// shape's product overflows (a corrupt or hostile header).
+    pub fn data_bytes(&self, elem_bytes: usize) -> Option<usize> {
+        self.shape.iter().try_fold(elem_bytes, |acc, &d| acc.checked_mul(d))
+    }
+}
+
+/// Length of the `.npy` preamble (magic, version, header length) and the header text it declares.
+/// `bytes` must hold at least the first 12 bytes of the file, or the whole file when shorter.
+pub fn npy_preamble(bytes: &[u8], path: &Path) -> Result<(usize, usize)> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         bail!("{}: not a .npy file (bad magic)", path.display());
     }
-    let major = bytes[6];
-    let (hlen, start) = if major == 1 {
-        (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
-    } else {
-        if bytes.len() < 12 {
-            bail!("{}: truncated .npy header", path.display());
+    let (hlen, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 => {
+            if bytes.len() < 12 {
+                bail!("{}: truncated .npy header", path.display());
+            }
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
         }
-        (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+        v => bail!("{}: .npy format version {v} is not supported (1, 2 or 3)", path.display()),
     };
+    if hlen > NPY_MAX_HEADER_BYTES {
+        bail!("{}: .npy header declares {hlen} bytes; numpy headers are far smaller (corrupt file?)", path.display());
+    }
+    Ok((start, hlen))
+}
+
+/// Parse a `.npy` header from the start of the file (`bytes` may hold more than the header).
+pub fn npy_header(bytes: &[u8], path: &Path) -> Result<NpyHeader> {
+    let (start, hlen) = npy_preamble(bytes, path)?;
     let end = start + hlen;
     if bytes.len() < end {
         bail!("{}: truncated .npy header", path.display());
     }
     let h =
         std::str::from_utf8(&bytes[start..end]).with_context(|| format!("{}: header is not UTF-8", path.display()))?;
-    let descr = h.split("'descr':").nth(1).and_then(|s| s.split('\'').nth(1)).unwrap_or("");
-    if descr != "<f4" {
-        bail!("{}: dtype {descr:?} unsupported; saekit reads float32 ('<f4') activations, convert with np.asarray(a, dtype=np.float32)", path.display());
-    }
-    if h.contains("'fortran_order': True") {
-        bail!("{}: Fortran-order array; save it with np.ascontiguousarray", path.display());
-    }
+    let descr = h.split("'descr':").nth(1).and_then(|s| s.split('\'').nth(1)).unwrap_or("").to_string();
     let shape_s = h
         .split("'shape':")
         .nth(1)
@@ -98,7 +125,19 @@ pub fn npy_f32_header(bytes: &[u8], path: &Path) -> Result<(usize, Vec<usize>)> 
         .map(|s| s.parse::<usize>())
         .collect::<Result<_, _>>()
         .with_context(|| format!("{}: bad shape {shape_s:?}", path.display()))?;
-    Ok((end, shape))
+    Ok(NpyHeader { descr, fortran_order: h.contains("'fortran_order': True"), shape, data_offset: end })
+}
+
+/// Parse a `.npy` header: (data offset, shape). Only little-endian f32, C order.
+pub fn npy_f32_header(bytes: &[u8], path: &Path) -> Result<(usize, Vec<usize>)> {
+    let h = npy_header(bytes, path)?;
+    if h.descr != "<f4" {
+        bail!("{}: dtype {:?} unsupported; saekit reads float32 ('<f4') activations, convert with np.asarray(a, dtype=np.float32)", path.display(), h.descr);
+    }
+    if h.fortran_order {
+        bail!("{}: Fortran-order array; save it with np.ascontiguousarray", path.display());
+    }
+    Ok((h.data_offset, h.shape))
 }
 
 /// Write a float32 `[rows, cols]` `.npy` (atomically: temp file + fsync + rename).
@@ -133,7 +172,8 @@ impl NpySource {
         if rows == 0 || d_in == 0 {
             bail!("{}: empty array {shape:?}", path.display());
         }
-        if map.len() < off + rows * d_in * 4 {
+        let need = rows.checked_mul(d_in).and_then(|n| n.checked_mul(4)).and_then(|n| n.checked_add(off));
+        if need.is_none_or(|need| map.len() < need) {
             bail!("{}: file is shorter than its header's shape {shape:?}", path.display());
         }
         if rows > u32::MAX as usize {

@@ -507,6 +507,7 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
         if cfg_in.d_sae > u32::MAX as usize - 1 {
             bail!("d_sae too large");
         }
+        cfg_in.check_sizes(d, crate::config::memory_budget())?;
         if cfg_in.arch == Arch::JumpRelu
             && cfg_in.jumprelu_sparsity_loss_mode == crate::config::JumpReluSparsity::Quadratic
         {

@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_text_chars: usize,
     pub max_live_tokens: usize,
     pub max_lens_tokens: usize,
+    /// Prompt tokens of one steering request (chat template included); each costs two forward rows.
+    pub max_prompt_tokens: usize,
     pub max_new_tokens: usize,
     pub max_edits: usize,
     pub max_list: usize,
@@ -36,6 +38,7 @@ impl Default for Limits {
             max_text_chars: 4000,
             max_live_tokens: 256,
             max_lens_tokens: 64,
+            max_prompt_tokens: 256,
             max_new_tokens: 128,
             max_edits: 8,
             max_list: 500,
@@ -387,7 +390,14 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
                 let max = rec.map(|r| r.max_act).filter(|m| *m > 0.0).ok_or_else(|| {
                     ApiError::bad(format!("feature {id} has no recorded max activation: give an absolute value"))
                 })?;
-                e.value * max
+                let v = e.value * max;
+                if !v.is_finite() || v.abs() > lim.max_abs_value {
+                    return Err(ApiError::bad(format!(
+                        "feature {id}: {} x its max activation {max} = {v}, outside ±{}",
+                        e.value, lim.max_abs_value
+                    )));
+                }
+                v
             }
             u => return Err(ApiError::bad(format!("unknown unit '{u}': use abs or max"))),
         };
@@ -398,8 +408,13 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
         });
         resolved.push(json!({ "feature": e.feature, "mode": e.mode, "value": value }));
     }
-    let settings =
-        GenSettings { max_new_tokens, temperature, seed: req.seed.unwrap_or(0), chat: req.chat.unwrap_or(false) };
+    let settings = GenSettings {
+        max_new_tokens,
+        temperature,
+        seed: req.seed.unwrap_or(0),
+        chat: req.chat.unwrap_or(false),
+        max_prompt_tokens: lim.max_prompt_tokens,
+    };
     let prompt = req.prompt;
     let r = q.run(move |e| e.steer(&prompt, &edits, &settings)).await?;
     let mut v = serde_json::to_value(r).map_err(|e| ApiError::internal(e.to_string()))?;

@@ -51,6 +51,16 @@ impl MemoryDb {
             if f.id as usize != i {
                 bail!("{}: feature at index {i} has id {}; ids must be 0..n in order", path.display(), f.id);
             }
+            let contexts = f.top_contexts.iter().chain(f.quantiles.iter().flat_map(|q| q.contexts.iter()));
+            if let Some(c) = contexts.into_iter().find(|c| c.peak >= c.tokens.len() || c.acts.len() != c.tokens.len()) {
+                bail!(
+                    "{}: feature {i}: a context of {} tokens has {} activations and its peak at {}",
+                    path.display(),
+                    c.tokens.len(),
+                    c.acts.len(),
+                    c.peak
+                );
+            }
         }
         Ok(db)
     }

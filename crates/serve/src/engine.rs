@@ -62,6 +62,8 @@ pub struct GenSettings {
     pub temperature: f32,
     pub seed: u64,
     pub chat: bool,
+    /// Longest prompt (in tokens, after the chat template) to generate from.
+    pub max_prompt_tokens: usize,
 }
 
 impl Engine {
@@ -182,6 +184,9 @@ impl Engine {
     /// position 0, the attention sink the SAE never saw, is left alone).
     pub fn steer(&self, prompt: &str, edits: &[FeatureEdit], s: &GenSettings) -> Result<SteerResult> {
         let (text, ids) = self.prompt_ids(prompt, s.chat)?;
+        if ids.len() > s.max_prompt_tokens {
+            bail!("the prompt is {} tokens; the limit is {}", ids.len(), s.max_prompt_tokens);
+        }
         let opts = GenerateOptions {
             max_new_tokens: s.max_new_tokens,
             sampling: if s.temperature > 0.0 {

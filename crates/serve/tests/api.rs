@@ -229,6 +229,23 @@ async fn steering_rejects_bad_input() {
 }
 
 #[tokio::test]
+async fn steering_limits_hold_after_resolution() {
+    // "max" units are multiplied out before the ±1000 limit is checked again
+    let (_, v) = call("GET", "/api/features?sort=max_act&limit=1", None).await;
+    let (id, max) = (v["features"][0]["id"].as_u64().unwrap(), v["features"][0]["max_act"].as_f64().unwrap());
+    assert!(max > 1.0, "the fixture's strongest feature should peak above 1 (got {max})");
+    let body = json!({"prompt": "x", "edits": [{"feature": id, "mode": "clamp", "value": 1000, "unit": "max"}]});
+    let (s, v) = call("POST", "/api/steer", Some(body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(error_of(&v).contains("outside ±1000"), "{v}");
+    // a prompt within the character limit but past the token limit is refused before generating
+    let long = "word ".repeat(300);
+    let (s, v) = call("POST", "/api/steer", Some(json!({"prompt": long, "edits": [], "max_new_tokens": 1}))).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(error_of(&v).contains("the limit is 256"), "{v}");
+}
+
+#[tokio::test]
 async fn pages_are_embedded_with_a_strict_policy() {
     for uri in ["/", "/feature/3", "/live", "/steer", "/static/app.js", "/static/style.css"] {
         let resp = router(state()).oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();

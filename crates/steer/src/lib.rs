@@ -90,9 +90,13 @@ pub fn validate(model: &Model, sae: &Sae, hook: HookPoint, edits: &[FeatureEdit]
     hook.check(model.config().n_layers)?;
     // an SAE made for another model, width or hook would steer the wrong residual without a word
     sae.hook_on("the SAE", &model.config().name, model.config().d_model, Some(&hook.to_string()))?;
-    for e in edits {
+    for (i, e) in edits.iter().enumerate() {
         if e.feature() as usize >= sae.d_sae {
             bail!("feature {} does not exist: the SAE has {} features (0..{})", e.feature(), sae.d_sae, sae.d_sae - 1);
+        }
+        // each edit is computed against the unedited f(x): two edits of one feature would not compose
+        if edits[..i].iter().any(|p| p.feature() == e.feature()) {
+            bail!("feature {} is edited more than once; give one edit per feature", e.feature());
         }
     }
     Ok(())

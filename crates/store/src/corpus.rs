@@ -133,11 +133,26 @@ fn open_decoded(path: &Path, comp: Compression) -> Result<Box<dyn Read>> {
     })
 }
 
+/// The most bytes one document (a text file, a JSONL line) may decode to: a compressed bomb or a
+/// binary file named `.txt` ends as one unreadable file instead of exhausting memory.
+pub const MAX_DOC_BYTES: usize = 64 << 20;
+
 /// All input files under `inputs`, folders walked recursively in sorted order (hidden entries skipped).
+/// Symbolic links are followed, but a folder reached twice (a link loop, or a second link to it)
+/// is an error: walking it again would never end, or count its documents twice.
 pub fn list_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    type Seen = std::collections::HashMap<(u64, u64), PathBuf>;
+    fn walk(p: &Path, out: &mut Vec<PathBuf>, seen: &mut Seen) -> Result<()> {
         let meta = std::fs::metadata(p).with_context(|| format!("input {} does not exist", p.display()))?;
         if meta.is_dir() {
+            use std::os::unix::fs::MetadataExt;
+            if let Some(first) = seen.insert((meta.dev(), meta.ino()), p.to_path_buf()) {
+                bail!(
+                    "{}: this folder was already read as {} (a symbolic link loop or a second link to it)",
+                    p.display(),
+                    first.display()
+                );
+            }
             let mut ents: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("cannot list {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -151,16 +166,16 @@ pub fn list_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .collect();
             ents.sort();
             for e in ents {
-                walk(&e, out)?;
+                walk(&e, out, seen)?;
             }
         } else {
             out.push(p.to_path_buf());
         }
         Ok(())
     }
-    let mut out = vec![];
+    let (mut out, mut seen) = (vec![], Seen::new());
     for p in inputs {
-        walk(p, &mut out)?;
+        walk(p, &mut out, &mut seen)?;
     }
     Ok(out)
 }
@@ -231,7 +246,13 @@ fn read_text_file(
     sink: &mut impl FnMut(Document) -> Result<()>,
 ) -> Result<()> {
     let mut bytes = vec![];
-    open_decoded(path, comp)?.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+    open_decoded(path, comp)?
+        .take(MAX_DOC_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() > MAX_DOC_BYTES {
+        bail!("{}: decodes to more than {} MiB; split it into smaller documents", path.display(), MAX_DOC_BYTES >> 20);
+    }
     let loc = path.display().to_string();
     match String::from_utf8(bytes) {
         Err(_) => st.bad("invalid UTF-8", loc),
@@ -260,11 +281,15 @@ fn read_jsonl(
             return Ok(());
         }
         line.clear();
-        let n = r
+        let n = (&mut r)
+            .take(MAX_DOC_BYTES as u64 + 1)
             .read_until(b'\n', &mut line)
             .with_context(|| format!("reading {} after line {lineno}", path.display()))?;
         if n == 0 {
             return Ok(());
+        }
+        if n > MAX_DOC_BYTES {
+            bail!("{}: line {} is longer than {} MiB", path.display(), lineno + 1, MAX_DOC_BYTES >> 20);
         }
         lineno += 1;
         let loc = || format!("{}:{lineno}", path.display());
@@ -498,6 +523,42 @@ mod tests {
         .unwrap();
         assert_eq!(texts, vec!["one", "two", "one", "two", "plain text"]);
         assert_eq!((st.bad_utf8, st.empty, st.files), (1, 1, 5));
+    }
+
+    #[test]
+    fn symlink_loops_end_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("corpus");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("a.txt"), "text").unwrap();
+        // two links back to the folder: 2^40 paths before the kernel's link limit stops a naive walk
+        std::os::unix::fs::symlink(&d, d.join("loop1")).unwrap();
+        std::os::unix::fs::symlink(&d, d.join("loop2")).unwrap();
+        let e = format!("{:#}", list_inputs(&[d.clone()]).unwrap_err());
+        assert!(e.contains("loop1") && e.contains("already read"), "{e}");
+    }
+
+    #[test]
+    fn compressed_bombs_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let zeros = vec![b'a'; 1 << 20];
+        for name in ["bomb.txt.gz", "bomb.jsonl.gz"] {
+            let mut gz =
+                flate2::write::GzEncoder::new(File::create(dir.path().join(name)).unwrap(), Default::default());
+            // 80 MiB of one long line, a few hundred KiB on disk
+            for _ in 0..80 {
+                gz.write_all(&zeros).unwrap();
+            }
+            gz.finish().unwrap();
+        }
+        let mut n = 0;
+        let st = read_corpus(&[dir.path().to_path_buf()], &CorpusOptions::default(), |_| {
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!((n, st.unreadable_files), (0, 2), "{:?}", st.examples);
+        assert!(st.examples.iter().all(|e| e.contains("bomb.") && e.contains("MiB")), "{:?}", st.examples);
     }
 }
 

@@ -136,10 +136,6 @@ impl std::fmt::Display for Dtype {
     }
 }
 
-fn align_up(x: usize) -> usize {
-    x.div_ceil(ALIGN) * ALIGN
-}
-
 /// Byte offsets of the sections of one shard file.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ShardLayout {
@@ -153,13 +149,16 @@ pub(crate) struct ShardLayout {
 }
 
 impl ShardLayout {
-    pub fn new(n_rows: usize, d_model: usize, n_hooks: usize, dtype: Dtype) -> Self {
+    /// The layout of a shard of `n_rows` rows; `None` when its size overflows (a corrupt manifest).
+    pub fn new(n_rows: usize, d_model: usize, n_hooks: usize, dtype: Dtype) -> Option<Self> {
+        let up = |x: usize| x.checked_next_multiple_of(ALIGN);
         let tokens = HEADER_BYTES;
-        let positions = align_up(tokens + 4 * n_rows);
-        let marks = align_up(positions + 4 * n_rows);
-        let acts = align_up(marks + n_rows);
-        let hook_stride = align_up(n_rows * d_model * dtype.size());
-        ShardLayout { n_rows, tokens, positions, marks, acts, hook_stride, total: acts + hook_stride * n_hooks }
+        let positions = up(tokens.checked_add(n_rows.checked_mul(4)?)?)?;
+        let marks = up(positions.checked_add(n_rows.checked_mul(4)?)?)?;
+        let acts = up(marks.checked_add(n_rows)?)?;
+        let hook_stride = up(n_rows.checked_mul(d_model)?.checked_mul(dtype.size())?)?;
+        let total = acts.checked_add(hook_stride.checked_mul(n_hooks)?)?;
+        Some(ShardLayout { n_rows, tokens, positions, marks, acts, hook_stride, total })
     }
 }
 
@@ -561,7 +560,7 @@ impl ActivationWriter {
         let idx = self.manifest.shards.len();
         let file = format!("shard-{idx:06}.bin");
         let path = self.dir.join(&file);
-        let layout = ShardLayout::new(n, c.d_model, c.hooks.len(), c.dtype);
+        let layout = ShardLayout::new(n, c.d_model, c.hooks.len(), c.dtype).context("shard size overflows")?;
         let positions: Vec<u32> = (0..n).map(|r| (r % c.context) as u32).collect();
         let mut mk: Vec<u8> = (0..n).map(|r| self.mark(r % c.context, self.tokens[r])).collect();
         let d = c.d_model;
@@ -824,14 +823,12 @@ impl ActivationStore {
             mpath.display(),
             manifest.version
         );
-        let c = &manifest.config;
+        let layouts = check_manifest(&manifest, &mpath)?;
         let mut maps = Vec::with_capacity(manifest.shards.len());
-        let mut layouts = Vec::with_capacity(manifest.shards.len());
-        for s in &manifest.shards {
+        for (s, layout) in manifest.shards.iter().zip(&layouts) {
             let p = dir.join(&s.file);
             let f = File::open(&p).with_context(|| format!("shard {} is missing or unreadable", p.display()))?;
             let len = f.metadata()?.len();
-            let layout = ShardLayout::new(s.n_rows as usize, c.d_model, c.hooks.len(), c.dtype);
             ensure!(
                 len == s.bytes && len == layout.total as u64,
                 "shard {} is truncated or has the wrong size: {} bytes, expected {}",
@@ -845,7 +842,6 @@ impl ActivationStore {
             #[cfg(unix)]
             let _ = map.advise(memmap2::Advice::WillNeed);
             maps.push(map);
-            layouts.push(layout);
         }
         if opts.verify {
             let bad: Vec<String> = manifest
@@ -934,6 +930,49 @@ fn cast_u32(b: &[u8]) -> &[u32] {
 
 fn is_store_file(name: &str) -> bool {
     name == MANIFEST || name.starts_with("shard-") || saekit_files::is_temp_name(name)
+}
+
+/// Everything a reader assumes of a manifest, checked before any shard is mapped or indexed:
+/// widths and counts that agree with each other, layouts whose sizes do not overflow, shard files
+/// that are plain names inside the store. Returns each shard's layout.
+fn check_manifest(m: &StoreManifest, mpath: &Path) -> Result<Vec<ShardLayout>> {
+    let c = &m.config;
+    let bad = |what: String| anyhow::anyhow!("{}: inconsistent manifest: {what}", mpath.display());
+    if c.d_model == 0 || c.hooks.is_empty() || c.context == 0 || c.contexts_per_shard == 0 {
+        return Err(bad("d_model, hooks, context and contexts_per_shard must be non-empty".into()));
+    }
+    let mut next_context = 0u64;
+    let mut layouts = Vec::with_capacity(m.shards.len());
+    for s in &m.shards {
+        let plain = s.file.starts_with("shard-") && !s.file.contains(['/', '\\']) && s.file != "..";
+        if !plain {
+            return Err(bad(format!("shard file name {:?} is not a shard-* file of the store", s.file)));
+        }
+        let rows = s.n_contexts.checked_mul(c.context as u64);
+        if rows != Some(s.n_rows) || s.n_contexts > c.contexts_per_shard as u64 || s.first_context != next_context {
+            return Err(bad(format!(
+                "{}: {} rows, {} contexts from {} (context {}, {} per shard, expected first context {next_context})",
+                s.file, s.n_rows, s.n_contexts, s.first_context, c.context, c.contexts_per_shard
+            )));
+        }
+        next_context += s.n_contexts;
+        let layout = usize::try_from(s.n_rows)
+            .ok()
+            .and_then(|n| ShardLayout::new(n, c.d_model, c.hooks.len(), c.dtype))
+            .ok_or_else(|| {
+                bad(format!("{}: the size of {} rows of width {} overflows", s.file, s.n_rows, c.d_model))
+            })?;
+        layouts.push(layout);
+    }
+    if next_context != m.n_contexts {
+        return Err(bad(format!("the shards hold {next_context} contexts, the manifest says {}", m.n_contexts)));
+    }
+    for (hook, st) in &m.stats {
+        if st.mean.len() != c.d_model || st.var.len() != c.d_model {
+            return Err(bad(format!("statistics of {hook} have width {}, not d_model {}", st.mean.len(), c.d_model)));
+        }
+    }
+    Ok(layouts)
 }
 
 /// Delete a store directory's files (manifest, shards, temporaries), for `--overwrite`; a folder that

@@ -373,15 +373,20 @@ impl TokenDataset {
         let mut maps = vec![];
         let mut starts = vec![];
         let mut n = 0u64;
+        ensure!(ctx > 0, "{}: manifest declares contexts of 0 tokens", self.dir.display());
         for s in &info.shards {
+            ensure!(
+                !s.file.is_empty() && !s.file.contains(['/', '\\']) && s.file != "..",
+                "{}: token shard name {:?} is not a file of the dataset",
+                self.dir.display(),
+                s.file
+            );
             let p = self.dir.join(&s.file);
             let f = File::open(&p).with_context(|| format!("token shard {} is missing", p.display()))?;
             let len = f.metadata()?.len();
-            ensure!(
-                len == s.n_contexts * ctx as u64 * 4,
-                "token shard {} has the wrong size ({len} bytes)",
-                p.display()
-            );
+            let want = (ctx as u64).checked_mul(4).and_then(|b| s.n_contexts.checked_mul(b));
+            ensure!(want == Some(len), "token shard {} has the wrong size ({len} bytes)", p.display());
+            ensure!(n.checked_add(s.n_contexts).is_some(), "{}: context counts overflow", self.dir.display());
             // SAFETY: shards are written once, atomically, and never modified.
             let map = unsafe { Mmap::map(&f) }?;
             ensure!(crc32fast::hash(&map) == s.crc32, "token shard {} is corrupt (CRC32 mismatch)", p.display());

@@ -182,6 +182,32 @@ fn corrupt_and_truncated_shards_are_reported_by_name() {
 }
 
 #[test]
+fn manifest_arithmetic_and_names_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    write_store(dir.path(), Dtype::F32, 8, 4);
+    let mpath = dir.path().join("manifest.json");
+    let orig: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let edits: [(&str, fn(&mut serde_json::Value)); 5] = [
+        // n_rows * d_model * 4 overflows: the old layout wrapped, then sliced out of bounds
+        ("overflows", |m| {
+            m["shards"][0]["n_rows"] = (1u64 << 62).into();
+            m["shards"][0]["n_contexts"] = (1u64 << 58).into();
+        }),
+        ("overflows", |m| m["d_model"] = (1u64 << 61).into()),
+        ("not a shard-* file", |m| m["shards"][0]["file"] = "../../etc/passwd".into()),
+        ("contexts", |m| m["n_contexts"] = 9.into()),
+        ("statistics", |m| m["d_model"] = (D as u64 + 1).into()),
+    ];
+    for (needle, edit) in edits {
+        let mut m = orig.clone();
+        edit(&mut m);
+        std::fs::write(&mpath, m.to_string()).unwrap();
+        let e = format!("{:#}", ActivationStore::open(dir.path()).err().unwrap());
+        assert!(e.contains("manifest.json") && e.contains(needle), "{needle}: {e}");
+    }
+}
+
+#[test]
 fn resume_refuses_a_different_config_and_cleans_orphans() {
     let dir = tempfile::tempdir().unwrap();
     write_store(dir.path(), Dtype::Bf16, 8, 4);

