@@ -34,4 +34,4 @@ pub use metrics::{evaluate, EvalMetrics};
 pub use source::{ActivationSource, NpySource};
 #[cfg(feature = "store")]
 pub use store_source::{LiveSource, StoreSource};
-pub use train::{train, RunOptions, TrainOutcome};
+pub use train::{train, train_stoppable, RunOptions, TrainOutcome};

@@ -13,6 +13,7 @@ use safetensors::tensor::SafeTensors;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// How a run is driven (not part of the recipe).
@@ -382,16 +383,33 @@ fn rewrite_metrics_upto(path: &Path, step: u64) -> Result<()> {
 /// Train an SAE on `src` following `cfg`; writes `<out>` (SAELens folder, metrics.jsonl,
 /// checkpoints/). Runs inside a rayon pool of `cfg.threads` threads (0 = the current pool).
 pub fn train(cfg: &TrainConfig, src: &mut dyn ActivationSource, opts: &RunOptions) -> Result<TrainOutcome> {
+    train_stoppable(cfg, src, opts, &AtomicBool::new(false))
+}
+
+/// [`train`], stopping early once `stop` is set (from another thread, e.g. on Ctrl-C in the Python
+/// binding): the step in flight finishes, a checkpoint is written and the outcome says `interrupted`,
+/// so `resume` continues from exactly there.
+pub fn train_stoppable(
+    cfg: &TrainConfig,
+    src: &mut dyn ActivationSource,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome> {
     if cfg.threads == 0 {
         // the caller's pool (the CLI's global --threads)
-        return train_in_pool(cfg, src, opts);
+        return train_in_pool(cfg, src, opts, stop);
     }
     let pool =
         rayon::ThreadPoolBuilder::new().num_threads(cfg.threads).build().context("building the rayon thread pool")?;
-    pool.install(|| train_in_pool(cfg, src, opts))
+    pool.install(|| train_in_pool(cfg, src, opts, stop))
 }
 
-fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &RunOptions) -> Result<TrainOutcome> {
+fn train_in_pool(
+    cfg_in: &TrainConfig,
+    src: &mut dyn ActivationSource,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome> {
     let out = PathBuf::from(&cfg_in.out);
     std::fs::create_dir_all(&out).with_context(|| format!("creating output folder {}", out.display()))?;
     let d = src.d_in();
@@ -606,6 +624,13 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
             write_checkpoint(&out, &st, &cfg, src.cursor())?;
         }
         if opts.stop_after_steps == Some(steps_this_run) && !is_last {
+            interrupted = true;
+            break;
+        }
+        if stop.load(Ordering::Relaxed) && !is_last {
+            if cfg.checkpoint_every == 0 || st.step % cfg.checkpoint_every != 0 {
+                write_checkpoint(&out, &st, &cfg, src.cursor())?;
+            }
             interrupted = true;
             break;
         }
