@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import numpy, pytest" 2>/dev/null || { echo "test-python: needs numpy and pytest (pip install numpy pytest)" >&2; exit 1; }
-# the CLI the tests compare with: `cargo test` builds target/debug/saekit with the test profile, so this
-# reuses what scripts/test.sh already compiled (a `cargo build` would compile every dependency again)
-cargo test --locked -p saekit --no-run --quiet
+# the CLI the tests compare with: `cargo test --workspace` builds target/debug/saekit with the test
+# profile, so after scripts/test.sh this is a no-op (a `cargo build`, or `-p saekit` with its own feature
+# resolution, would compile dependencies again)
+cargo test --workspace --locked --no-run --quiet
 t0=$(date +%s)
 python3 -m pip install --quiet ./python
 echo "pip install ./python: $(( $(date +%s) - t0 )) s" >&2

@@ -102,8 +102,12 @@ def test_bad_sae_inputs(cli_sae, cli_acts, tmp_path):
     with pytest.raises(FileNotFoundError):
         saekit.SAE.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError):
+    with pytest.raises(OSError, match="cfg.json"):  # a folder without the SAE's files
         saekit.SAE.load(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cfg.json").write_text("{not json")
+    with pytest.raises(ValueError):
+        saekit.SAE.load(tmp_path / "bad")
     with pytest.raises(TypeError, match="float32"):
         sae.encode(x.astype(np.float64))
     with pytest.raises(TypeError, match="numpy array"):
