@@ -1,0 +1,38 @@
+//! saekit-python: the `saekit` Python package (`import saekit`), a PyO3 extension built by maturin.
+//!
+//! Owns: the conversions between Python/numpy and the library crates (arrays in and out, keyword
+//! arguments to configs, errors to exceptions), releasing the GIL around heavy work, and turning Ctrl-C
+//! into `KeyboardInterrupt`. Must not touch: any computation of its own. Every number it returns comes
+//! from saekit-model, -sae, -analysis or -steer, so the Python API and the CLI cannot disagree.
+//!
+//! Why outside the root workspace (`exclude = ["python"]` there, its own `Cargo.lock` here): a member
+//! would make `cargo test --workspace` compile PyO3 and look for a Python interpreter on every test run,
+//! and would share the workspace's test profile; here maturin builds this crate alone, in release mode,
+//! only when `pip install ./python` asks for it. The lock file was seeded from the root one, so the
+//! library crates build against the same dependency versions as the CLI.
+//!
+//! Errors: arguments the caller got wrong raise `ValueError` (`TypeError` for a wrong array dtype or a
+//! non-array), files that are missing or unreadable raise `OSError` (`FileNotFoundError` when absent),
+//! with saekit's own one-line messages; a Rust panic is caught and raised as `RuntimeError`.
+
+mod arrays;
+mod db;
+mod errors;
+mod model;
+mod sae;
+mod train;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _saekit(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<model::PyModel>()?;
+    m.add_class::<sae::PySae>()?;
+    m.add_class::<db::PyFeatureDb>()?;
+    m.add_function(wrap_pyfunction!(train::train, m)?)?;
+    m.add_function(wrap_pyfunction!(db::search, m)?)?;
+    m.add_function(wrap_pyfunction!(db::search_contrast, m)?)?;
+    m.add_function(wrap_pyfunction!(model::default_model_path, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
