@@ -258,8 +258,8 @@ fn plain<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
-/// The activations at `points` (and all logits when asked). Without logits this is the library's
-/// `run_with_cache`, which stops after the deepest hook.
+/// The activations at `points` (the library's `run_with_cache`, which stops after the deepest hook) and,
+/// when asked, the logits of every position from a full pass of their own.
 fn capture(
     model: &Model,
     ids: &[u32],
@@ -267,24 +267,14 @@ fn capture(
     points: &[HookPoint],
     with_logits: bool,
 ) -> anyhow::Result<(HashMap<HookPoint, Vec<f32>>, Option<Vec<f32>>)> {
-    if !with_logits {
-        let mut cache = model.run_with_cache(ids, batch, points)?;
-        let acts = points.iter().filter_map(|p| cache.take(p).map(|v| (*p, v))).collect();
-        return Ok((acts, None));
-    }
-    let captured: Mutex<HashMap<HookPoint, Vec<f32>>> = Mutex::new(HashMap::new());
-    let mut hooks = Hooks::new();
-    for &p in points {
-        let captured = &captured;
-        hooks.add(p, move |ctx, x| {
-            captured.lock().map_err(|_| anyhow!("hook lock poisoned"))?.insert(ctx.point, x.to_vec());
-            Ok(())
-        });
-    }
-    let mut kv = model.new_cache(batch);
-    let logits = model.forward(ids, batch, &mut kv, &mut hooks, Logits::All)?;
-    drop(hooks);
-    Ok((captured.into_inner().map_err(|_| anyhow!("hook lock poisoned"))?, Some(logits)))
+    let mut cache = model.run_with_cache(ids, batch, points)?;
+    let acts = points.iter().filter_map(|p| cache.take(p).map(|v| (*p, v))).collect();
+    let logits = if with_logits {
+        Some(model.forward(ids, batch, &mut model.new_cache(batch), &mut Hooks::new(), Logits::All)?)
+    } else {
+        None
+    };
+    Ok((acts, logits))
 }
 
 /// The hook an SAE reads: `hook` if given, else its cfg's `hook_name`.
