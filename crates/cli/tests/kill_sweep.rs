@@ -84,6 +84,8 @@ fn assert_same_tree(a: &Path, b: &Path, skip: &[&str], what: &str) {
 /// Run `make()` to completion, SIGKILLing it `n` times at seeded moments in `[lo, hi]` of `typical`
 /// (the uninterrupted run's wall time); `before_restart` repairs nothing, it only decides the command
 /// of the next attempt. Returns how many kills landed before the command finished on its own.
+// a child that finished is reaped by `try_wait`; a killed one by `wait`
+#[allow(clippy::zombie_processes)]
 fn run_with_kills(
     n: usize,
     typical: Duration,

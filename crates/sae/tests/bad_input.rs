@@ -8,7 +8,7 @@ use std::path::Path;
 
 fn npy_with_header(path: &Path, header: &str, data: &[u8]) {
     let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
@@ -50,7 +50,7 @@ fn npz_with(path: &Path, name: &str, dims: &str, data: &[u8]) {
     let mut z = zip::ZipWriter::new(f);
     z.start_file(format!("{name}.npy"), zip::write::FileOptions::default()).unwrap();
     let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({dims}), }}");
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');

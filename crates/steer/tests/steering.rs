@@ -14,10 +14,6 @@ fn model() -> Model {
     Model::load(&p, &LoadOptions::default()).unwrap()
 }
 
-fn last_logits(m: &Model, ids: &[u32], sae: &Sae, edits: &[FeatureEdit], pos: Positions) -> Vec<f32> {
-    last_logits_at(m, HOOK, ids, sae, edits, pos)
-}
-
 fn last_logits_at(
     m: &Model,
     hook: HookPoint,

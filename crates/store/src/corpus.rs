@@ -534,7 +534,7 @@ mod tests {
         // two links back to the folder: 2^40 paths before the kernel's link limit stops a naive walk
         std::os::unix::fs::symlink(&d, d.join("loop1")).unwrap();
         std::os::unix::fs::symlink(&d, d.join("loop2")).unwrap();
-        let e = format!("{:#}", list_inputs(&[d.clone()]).unwrap_err());
+        let e = format!("{:#}", list_inputs(std::slice::from_ref(&d)).unwrap_err());
         assert!(e.contains("loop1") && e.contains("already read"), "{e}");
     }
 

@@ -187,7 +187,8 @@ fn manifest_arithmetic_and_names_are_checked() {
     write_store(dir.path(), Dtype::F32, 8, 4);
     let mpath = dir.path().join("manifest.json");
     let orig: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
-    let edits: [(&str, fn(&mut serde_json::Value)); 5] = [
+    type Edit = (&'static str, fn(&mut serde_json::Value));
+    let edits: [Edit; 5] = [
         // n_rows * d_model * 4 overflows: the old layout wrapped, then sliced out of bounds
         ("overflows", |m| {
             m["shards"][0]["n_rows"] = (1u64 << 62).into();

@@ -226,7 +226,7 @@ fn sparsify_seed(dir: &Path) {
 fn npz_seed(dir: &Path) {
     use npyz::WriterBuilder;
     let s = sae(saekit_sae::Activation::JumpRelu);
-    let mut w = npyz::npz::NpzWriter::create(&dir.join("params.npz")).unwrap();
+    let mut w = npyz::npz::NpzWriter::create(dir.join("params.npz")).unwrap();
     let mut w_enc_t = vec![0f32; D * D_SAE];
     for j in 0..D_SAE {
         for i in 0..D {
