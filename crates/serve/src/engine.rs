@@ -5,7 +5,7 @@
 
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Model, Sampling};
 use saekit_sae::Sae;
 pub use saekit_steer::FeatureEdit;
