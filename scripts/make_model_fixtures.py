@@ -63,8 +63,10 @@ ARCHS = {
                     bos_token_id=2, torch_dtype="float32"),
         specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
         bos="<bos>", eos="<eos>", add_bos=True, template=GEMMA_TEMPLATE, family="gemma",
-        # Random q/k weights large enough that attention logits pass the 50 cap and final logits pass 30.
-        scale={"q_proj": 12.0, "k_proj": 12.0}, shift={"model.norm.weight": 40.0}, sae=True),
+        # Layer 0's q/k weights large enough that its attention scores pass the 50 cap, the final norm gain
+        # large enough that logits pass the 30 cap (only layer 0, so f32 rounding is not amplified downstream).
+        scale={"layers.0.self_attn.q_proj": 12.0, "layers.0.self_attn.k_proj": 12.0},
+        shift={"model.norm.weight": 40.0}, sae=True),
     "gemma3": dict(
         real="google/gemma-3-1b-pt (rope_scaling from gemma-3-4b)",
         config=dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=64,

@@ -2,7 +2,8 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::softmax;
+use crate::config::ModelConfig;
+use crate::linalg::{softmax, Rope};
 
 /// Keys and values of every layer for the tokens seen so far, one growing buffer per (sequence, kv head).
 #[derive(Debug, Clone)]
@@ -58,6 +59,20 @@ pub(crate) struct AttnShape {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Multiplies every score (`head_dim^-1/2` unless the architecture says otherwise).
+    pub scale: f32,
+    /// `cap * tanh(score / cap)` before the softmax (Gemma 2).
+    pub softcap: Option<f32>,
+    /// Attend only to the last `window` positions, the query's own included (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    /// Plain causal attention over every earlier position, scaled by `head_dim^-1/2`.
+    pub fn causal(batch: usize, seq: usize, pos_offset: usize, n_heads: usize, n_kv_heads: usize, hd: usize) -> Self {
+        let scale = 1.0 / (hd as f32).sqrt();
+        Self { batch, seq, pos_offset, n_heads, n_kv_heads, head_dim: hd, scale, softcap: None, window: None }
+    }
 }
 
 /// Append this chunk's keys and values (already rotated) to the cache of `layer`, then attend.
@@ -81,7 +96,6 @@ pub(crate) fn attend(cache: &mut KvCache, layer: usize, qkv: &[f32], s: &AttnSha
     }
     let lkv = &cache.layers[layer];
     let group = s.n_heads / s.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let n_ctx = s.pos_offset + s.seq;
     // One (sequence, head) pair per task: scores = Q·Kᵀ and out = P·V as two small GEMMs. Rows past the
     // causal limit are masked after the GEMM; computing them costs less than a hand loop over the rest.
@@ -96,10 +110,15 @@ pub(crate) fn attend(cache: &mut KvCache, layer: usize, qkv: &[f32], s: &AttnSha
                 q[t * hd..][..hd].copy_from_slice(&qkv[(b * s.seq + t) * width + h * hd..][..hd]);
             }
             let mut scores = vec![0f32; s.seq * n_ctx];
-            small_gemm(s.seq, n_ctx, hd, &q, 1, hd, k, hd, 1, &mut scores, scale);
+            small_gemm(s.seq, n_ctx, hd, &q, 1, hd, k, hd, 1, &mut scores, s.scale);
             for (t, row) in scores.chunks_mut(n_ctx).enumerate() {
                 let visible = s.pos_offset + t + 1;
-                softmax(&mut row[..visible]);
+                let first = s.window.map_or(0, |w| visible.saturating_sub(w));
+                if let Some(cap) = s.softcap {
+                    row[first..visible].iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+                }
+                softmax(&mut row[first..visible]);
+                row[..first].fill(0.0);
                 row[visible..].fill(0.0);
             }
             let mut o = vec![0f32; s.seq * hd];
@@ -113,6 +132,20 @@ pub(crate) fn attend(cache: &mut KvCache, layer: usize, qkv: &[f32], s: &AttnSha
             out[(b * s.seq + t) * q_dim + h * hd..][..hd].copy_from_slice(&o[t * hd..][..hd]);
         }
     }
+}
+
+/// Rotate the query and key heads of every `[q | k | v]` row in place (the first `rotary_dims` of each head).
+pub(crate) fn rotate_qk(qkv: &mut [f32], rope: &Rope, c: &ModelConfig, seq: usize, pos_offset: usize) {
+    let hd = c.head_dim;
+    let width = c.q_dim() + 2 * c.kv_dim();
+    let n_rot = c.n_heads + c.n_kv_heads;
+    let rot = c.details.rotary_dims;
+    qkv.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let pos = pos_offset + r % seq;
+        for head in row[..n_rot * hd].chunks_mut(hd) {
+            rope.apply(&mut head[..rot], pos);
+        }
+    });
 }
 
 /// `c[m, n] = scale * a[m, k] · b[k, n]` on one thread (callers parallelise over heads); `a` and `b` are

@@ -12,6 +12,67 @@ pub enum Arch {
     /// Llama-family decoders: Llama 2/3, Mistral, SmolLM/SmolLM2, Qwen2 (with q/k/v biases).
     Llama,
     Gpt2,
+    /// Qwen3: the Llama decoder with RMSNorm on each query and key head, no q/k/v biases.
+    Qwen3,
+    /// Phi-3: the Llama decoder with fused `qkv_proj` and `gate_up_proj` weights.
+    Phi3,
+    /// Gemma 2: (1 + w) RMSNorms before and after attention and MLP, GeGLU, soft-capped attention and
+    /// final logits, alternating sliding-window and global layers.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2 plus q/k RMSNorm and separate local/global rotary bases, 5 local : 1 global.
+    Gemma3,
+    /// GPT-NeoX / Pythia: LayerNorm with bias, partial rotary, (usually) parallel attention and MLP.
+    GptNeox,
+}
+
+impl Arch {
+    /// Whether attention and MLP read the same residual stream (GPT-NeoX's `use_parallel_residual`); such
+    /// blocks have no `hook_resid_mid`, as in TransformerLens.
+    pub fn parallel_block(&self, cfg: &ModelConfig) -> bool {
+        *self == Arch::GptNeox && cfg.details.parallel_residual
+    }
+}
+
+/// What the architectures beyond Llama and GPT-2 add; the defaults describe a Llama block.
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchDetails {
+    /// Attention scores are multiplied by `query_pre_attn_scalar^-1/2` (Gemma) instead of `head_dim^-1/2`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `cap * tanh(score / cap)` on attention scores (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// `cap * tanh(logit / cap)` on the final logits (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// Keys a sliding-window layer sees: the last `sliding_window` positions, itself included.
+    pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends through the sliding window (empty: every layer is global).
+    pub sliding_layers: Vec<bool>,
+    /// The rotary base of sliding-window layers when it differs from `rope_theta` (Gemma 3).
+    pub rope_local_theta: Option<f64>,
+    /// Linear rope scaling of the global layers (`rope_scaling = {rope_type: linear, factor}`).
+    pub rope_linear_factor: Option<f64>,
+    /// Dimensions of each head that rotate (GPT-NeoX's `rotary_pct * head_dim`); the rest pass through.
+    pub rotary_dims: usize,
+    /// GPT-NeoX's `use_parallel_residual`.
+    pub parallel_residual: bool,
+    /// The MLP's GELU is the exact (erf) one rather than the tanh approximation.
+    pub gelu_exact: bool,
+}
+
+impl ArchDetails {
+    fn plain(head_dim: usize) -> Self {
+        Self {
+            query_pre_attn_scalar: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+            sliding_layers: Vec::new(),
+            rope_local_theta: None,
+            rope_linear_factor: None,
+            rotary_dims: head_dim,
+            parallel_residual: false,
+            gelu_exact: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +92,7 @@ pub struct ModelConfig {
     pub norm_eps: f32,
     /// GGUF llama weights have Q/K rows permuted for the interleaved rotary embedding.
     pub rope_interleaved: bool,
+    pub details: ArchDetails,
 }
 
 /// The largest width, depth or vocabulary a config may declare (16.7M; real models are far below).
@@ -101,7 +163,9 @@ impl ModelConfig {
             rope_theta: meta_f(ct, &p("rope.freq_base")).unwrap_or(10_000.0),
             norm_eps: meta_f(ct, &p(eps_key)).unwrap_or(1e-5) as f32,
             rope_interleaved: true,
+            details: ArchDetails::plain(0),
         };
+        let cfg = Self { details: ArchDetails::plain(cfg.head_dim), ..cfg };
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -114,9 +178,16 @@ impl ModelConfig {
         let arch = match model_type {
             "llama" | "mistral" | "qwen2" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
-            other => {
-                bail!("{}: unsupported model_type '{other}' (supported: llama, mistral, qwen2, gpt2)", path.display())
-            }
+            "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
+            "gemma2" => Arch::Gemma2,
+            "gemma3_text" => Arch::Gemma3,
+            "gpt_neox" => Arch::GptNeox,
+            other => bail!(
+                "{}: unsupported model_type '{other}' (supported: llama, mistral, qwen2, qwen3, phi3, gemma2, \
+                 gemma3_text, gpt_neox, gpt2)",
+                path.display()
+            ),
         };
         let u = |keys: &[&str]| keys.iter().find_map(|k| v.get(*k).and_then(|x| x.as_u64()).map(|x| x as usize));
         let need = |keys: &[&str]| u(keys).ok_or_else(|| anyhow!("{}: config has no '{}'", path.display(), keys[0]));
@@ -128,6 +199,8 @@ impl ModelConfig {
             .and_then(|p| p.file_name())
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| model_type.to_string());
+        let head_dim = u(&["head_dim"]).unwrap_or(d_model / n_heads.max(1));
+        let rope = hf_rope(&v, arch);
         let cfg = Self {
             arch,
             name,
@@ -135,16 +208,17 @@ impl ModelConfig {
             d_model,
             n_heads,
             n_kv_heads: u(&["num_key_value_heads"]).unwrap_or(n_heads),
-            head_dim: u(&["head_dim"]).unwrap_or(d_model / n_heads.max(1)),
+            head_dim,
             d_ff: u(&["intermediate_size", "n_inner"]).unwrap_or(4 * d_model),
             vocab_size: need(&["vocab_size"])?,
             max_positions: need(&["max_position_embeddings", "n_positions"])?,
-            rope_theta: f(&["rope_theta"])
-                .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")).and_then(|x| x.as_f64()))
-                .unwrap_or(10_000.0),
-            norm_eps: f(&["rms_norm_eps", "layer_norm_epsilon"]).unwrap_or(1e-5) as f32,
+            rope_theta: rope.global_theta.unwrap_or(10_000.0),
+            norm_eps: f(&["rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"]).unwrap_or(1e-5) as f32,
             rope_interleaved: false,
+            details: ArchDetails::plain(head_dim),
         };
+        let details = hf_details(&v, &cfg, rope, path)?;
+        let cfg = Self { details, ..cfg };
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -175,6 +249,16 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} is odd", self.head_dim));
         }
+        let rot = self.details.rotary_dims;
+        if rot > self.head_dim || !rot.is_multiple_of(2) {
+            return bad(format!("{rot} rotary dimensions do not fit head_dim {}", self.head_dim));
+        }
+        if !self.details.sliding_layers.is_empty() && self.details.sliding_layers.len() != self.n_layers {
+            return bad(format!("{} layer types for {} layers", self.details.sliding_layers.len(), self.n_layers));
+        }
+        if self.details.sliding_layers.iter().any(|&s| s) && self.details.sliding_window.unwrap_or(0) == 0 {
+            return bad("sliding-window layers without a positive sliding_window".into());
+        }
         Ok(())
     }
 
@@ -185,4 +269,112 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+}
+
+/// The rotary bases a Hugging Face config states, in either of transformers' spellings: `rope_theta` /
+/// `rope_local_base_freq` / `rope_scaling` (up to 4.x) or `rope_parameters` (per layer type in 5.x).
+struct HfRope {
+    global_theta: Option<f64>,
+    local_theta: Option<f64>,
+    /// `(rope_type, factor)` of the global layers.
+    scaling: Option<(String, f64)>,
+}
+
+fn hf_rope(v: &serde_json::Value, arch: Arch) -> HfRope {
+    let num = |o: &serde_json::Value, k: &str| o.get(k).and_then(|x| x.as_f64());
+    let scaling_of = |o: &serde_json::Value| {
+        let ty = o.get("rope_type").or_else(|| o.get("type")).and_then(|t| t.as_str())?;
+        Some((ty.to_string(), num(o, "factor").unwrap_or(1.0)))
+    };
+    let params = v.get("rope_parameters").filter(|p| p.is_object());
+    let (global, local) = match params {
+        Some(p) if p.get("full_attention").is_some() => (p.get("full_attention"), p.get("sliding_attention")),
+        Some(p) => (Some(p), None),
+        None => (None, None),
+    };
+    let legacy_scaling = v.get("rope_scaling").filter(|s| s.is_object()).and_then(scaling_of);
+    HfRope {
+        global_theta: num(v, "rope_theta")
+            .or_else(|| num(v, "rotary_emb_base"))
+            .or_else(|| global.and_then(|g| num(g, "rope_theta"))),
+        local_theta: num(v, "rope_local_base_freq")
+            .or_else(|| local.and_then(|l| num(l, "rope_theta")))
+            .filter(|_| arch == Arch::Gemma3),
+        scaling: legacy_scaling.or_else(|| global.and_then(scaling_of)),
+    }
+}
+
+/// The per-architecture fields of a Hugging Face config; refuses settings saekit would silently get wrong.
+fn hf_details(v: &serde_json::Value, cfg: &ModelConfig, rope: HfRope, path: &Path) -> Result<ArchDetails> {
+    let f = |k: &str| v.get(k).and_then(|x| x.as_f64());
+    // transformers 5 moved `partial_rotary_factor` into `rope_parameters`.
+    let partial_rotary = f("rotary_pct")
+        .or_else(|| f("partial_rotary_factor"))
+        .or_else(|| v.get("rope_parameters").and_then(|r| r.get("partial_rotary_factor")).and_then(|x| x.as_f64()));
+    let mut d = ArchDetails::plain(cfg.head_dim);
+    match rope.scaling {
+        None => {}
+        Some((ty, _)) if ty == "default" => {}
+        Some((ty, factor)) if ty == "linear" => d.rope_linear_factor = Some(factor),
+        Some((ty, _)) => bail!("{}: rope scaling '{ty}' is not supported (supported: default, linear)", path.display()),
+    }
+    let act = v.get("hidden_activation").or_else(|| v.get("hidden_act")).and_then(|a| a.as_str()).unwrap_or("");
+    match cfg.arch {
+        Arch::Gemma2 | Arch::Gemma3 => {
+            if !matches!(act, "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" | "") {
+                bail!("{}: Gemma MLP activation '{act}' is not supported (gelu_pytorch_tanh)", path.display());
+            }
+            d.query_pre_attn_scalar = Some(f("query_pre_attn_scalar").unwrap_or(cfg.head_dim as f64));
+            d.attn_softcap = f("attn_logit_softcapping").map(|c| c as f32);
+            d.final_softcap = f("final_logit_softcapping").map(|c| c as f32);
+            d.sliding_window = v.get("sliding_window").and_then(|x| x.as_u64()).map(|w| w as usize);
+            d.rope_local_theta = rope.local_theta;
+            d.sliding_layers = layer_types(v, cfg, path)?;
+        }
+        Arch::GptNeox => {
+            let pct = partial_rotary.unwrap_or(1.0);
+            d.rotary_dims = (cfg.head_dim as f64 * pct) as usize;
+            d.parallel_residual = v.get("use_parallel_residual").and_then(|p| p.as_bool()).unwrap_or(true);
+            d.gelu_exact = match act {
+                "gelu" => true,
+                "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => false,
+                other => bail!("{}: GPT-NeoX activation '{other}' is not supported (gelu, gelu_new)", path.display()),
+            };
+        }
+        Arch::Qwen3 if v.get("use_sliding_window").and_then(|s| s.as_bool()) == Some(true) => {
+            bail!("{}: Qwen3 with use_sliding_window is not supported", path.display())
+        }
+        Arch::Phi3 => {
+            if partial_rotary.is_some_and(|p| p != 1.0) {
+                bail!("{}: Phi-3 with partial_rotary_factor != 1 is not supported", path.display());
+            }
+            // transformers masks every Phi-3 layer with `sliding_window` when the config sets one.
+            d.sliding_window = v.get("sliding_window").and_then(|x| x.as_u64()).map(|w| w as usize);
+            if d.sliding_window.is_some() {
+                d.sliding_layers = vec![true; cfg.n_layers];
+            }
+        }
+        _ => {}
+    }
+    Ok(d)
+}
+
+/// Which layers use the sliding window: `layer_types` when the config lists them, else the published
+/// pattern (Gemma 2: every other layer from the first; Gemma 3: all but every `sliding_window_pattern`-th).
+fn layer_types(v: &serde_json::Value, cfg: &ModelConfig, path: &Path) -> Result<Vec<bool>> {
+    if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(anyhow!("{}: unknown layer type {t} in layer_types", path.display())),
+            })
+            .collect();
+    }
+    let pattern = match cfg.arch {
+        Arch::Gemma2 => 2,
+        _ => v.get("sliding_window_pattern").and_then(|p| p.as_u64()).unwrap_or(6) as usize,
+    };
+    Ok((0..cfg.n_layers).map(|l| !(l + 1).is_multiple_of(pattern.max(1))).collect())
 }

@@ -113,8 +113,7 @@ impl Gpt2 {
         let mut attn = vec![0f32; rows * d];
         let mut delta = vec![0f32; rows * d];
         let mut fc = vec![0f32; rows * c.d_ff];
-        let shape =
-            AttnShape { batch, seq, pos_offset, n_heads: c.n_heads, n_kv_heads: c.n_heads, head_dim: c.head_dim };
+        let shape = AttnShape::causal(batch, seq, pos_offset, c.n_heads, c.n_heads, c.head_dim);
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             layer_norm(&x, &blk.ln1.0, &blk.ln1.1, c.norm_eps, &mut h);

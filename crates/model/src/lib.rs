@@ -1,7 +1,8 @@
 //! saekit-model: load a transformer language model and run it with TransformerLens-style hooks.
 //!
 //! Owns: reading GGUF files and Hugging Face folders (config, safetensors, tokenizer), the tokenizer and
-//! chat template, the forward pass of each architecture (one file each: `llama.rs`, `gpt2.rs`), the KV
+//! chat template, the forward pass of each architecture (one file each: `llama.rs` for the Llama family
+//! including Qwen3 and Phi-3, `gemma.rs` for Gemma 2 and 3, `neox.rs` for GPT-NeoX/Pythia, `gpt2.rs`), the KV
 //! cache, and sampling/generation. Every activation a later stage sees passes through a [`Hooks`] call here.
 //!
 //! Must not touch: anything about SAEs, corpora or storage; those crates depend on this one, never the
@@ -9,11 +10,13 @@
 
 mod attention;
 pub mod config;
+mod gemma;
 mod generate;
 mod gpt2;
 pub mod hooks;
 pub mod linalg;
 mod llama;
+mod neox;
 pub mod tokenizer;
 mod weights;
 
@@ -51,6 +54,8 @@ pub struct LoadOptions {
 enum Net {
     Llama(llama::Llama),
     Gpt2(gpt2::Gpt2),
+    Gemma(gemma::Gemma),
+    Neox(neox::GptNeox),
 }
 
 /// A loaded language model: weights in f32, tokenizer, and architecture.
@@ -114,8 +119,10 @@ impl Model {
             (config, src, tokenizer)
         };
         let net = match config.arch {
-            Arch::Llama => Net::Llama(llama::Llama::load(&config, &src)?),
+            Arch::Llama | Arch::Qwen3 | Arch::Phi3 => Net::Llama(llama::Llama::load(&config, &src)?),
             Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(&config, &src)?),
+            Arch::Gemma2 | Arch::Gemma3 => Net::Gemma(gemma::Gemma::load(&config, &src)?),
+            Arch::GptNeox => Net::Neox(neox::GptNeox::load(&config, &src)?),
         };
         tracing::info!(
             model = %config.name,
@@ -169,7 +176,7 @@ impl Model {
             bail!("token id {t} is outside the vocabulary (size {})", self.config.vocab_size);
         }
         for p in hooks.points() {
-            p.check(self.config.n_layers)?;
+            self.check_hook_point(p)?;
         }
         let n_blocks = match logits {
             Logits::None => hooks.blocks_needed(self.config.n_layers),
@@ -178,7 +185,33 @@ impl Model {
         match &self.net {
             Net::Llama(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
             Net::Gpt2(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
+            Net::Gemma(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
+            Net::Neox(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
         }
+    }
+
+    /// Every hook point this model has, in forward order. Blocks whose attention and MLP run in parallel
+    /// (GPT-NeoX/Pythia) have no `hook_resid_mid`, as in TransformerLens.
+    pub fn hook_points(&self) -> Vec<HookPoint> {
+        let mut all = HookPoint::all(self.config.n_layers);
+        if self.config.arch.parallel_block(&self.config) {
+            all.retain(|p| !matches!(p, HookPoint::ResidMid(_)));
+        }
+        all
+    }
+
+    /// Refuse a hook point this model does not have (out-of-range block, or `hook_resid_mid` of a
+    /// parallel block).
+    pub fn check_hook_point(&self, p: HookPoint) -> Result<()> {
+        p.check(self.config.n_layers)?;
+        if matches!(p, HookPoint::ResidMid(_)) && self.config.arch.parallel_block(&self.config) {
+            bail!(
+                "hook point '{p}' does not exist in {}: its attention and MLP run in parallel on the same input \
+                 (as in TransformerLens); use hook_resid_pre, hook_attn_out, hook_mlp_out or hook_resid_post",
+                self.config.name
+            );
+        }
+        Ok(())
     }
 
     /// Capture the activations at `points` for `batch` sequences, stopping after the deepest one.
@@ -199,7 +232,8 @@ impl Model {
         Ok(ActivationCache::new(batch, tokens.len() / batch, self.config.d_model, acts))
     }
 
-    /// Logits for rows already passed through the final norm (`[rows, d_model]` -> `[rows, vocab]`).
+    /// Logits for rows already passed through the final norm (`[rows, d_model]` -> `[rows, vocab]`). This is
+    /// the linear unembedding: Gemma 2's final soft-capping (monotonic per logit) is not applied here.
     pub fn unembed(&self, normalized: &[f32]) -> Vec<f32> {
         let (d, v) = (self.config.d_model, self.config.vocab_size);
         let rows = normalized.len() / d;
@@ -208,20 +242,23 @@ impl Model {
         out
     }
 
-    /// The unembedding matrix `[vocab, d_model]` (the tied embedding for SmolLM2).
+    /// The unembedding matrix `[vocab, d_model]` (the tied embedding for SmolLM2 and Gemma).
     pub fn unembedding(&self) -> &[f32] {
         match &self.net {
             Net::Llama(m) => m.unembedding(),
             Net::Gpt2(m) => m.unembedding(),
+            Net::Gemma(m) => m.unembedding(),
+            Net::Neox(m) => m.unembedding(),
         }
     }
 
-    /// The final RMSNorm gain (Llama only): the direct logit effect of a direction `u` is
-    /// `W_U · (u ⊙ gain)`, the linearisation the feature dashboards use.
+    /// The final RMSNorm gain (RMSNorm models only; `1 + w` for Gemma): the direct logit effect of a
+    /// direction `u` is `W_U · (u ⊙ gain)`, the linearisation the feature dashboards use.
     pub fn final_norm_gain(&self) -> Option<&[f32]> {
         match &self.net {
             Net::Llama(m) => Some(m.final_norm_weight()),
-            Net::Gpt2(_) => None,
+            Net::Gemma(m) => Some(m.final_norm_gain()),
+            Net::Gpt2(_) | Net::Neox(_) => None,
         }
     }
 }

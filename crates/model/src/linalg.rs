@@ -141,6 +141,18 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     });
 }
 
+/// RMSNorm of each `w.len()`-wide piece of `x`, in place (the per-head q/k norms of Qwen3 and Gemma 3).
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for x in x.chunks_mut(d) {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (x, w) in x.iter_mut().zip(w) {
+            *x = *x * inv * w;
+        }
+    }
+}
+
 /// LayerNorm (GPT-2): `(x - mean) / sqrt(var + eps) * w + b`.
 pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let d = w.len();
@@ -167,6 +179,11 @@ pub fn silu(v: f32) -> f32 {
 pub fn gelu_tanh(v: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
     0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
+}
+
+/// The exact GELU, `x * Phi(x)` (PyTorch's default `gelu`, GPT-NeoX/Pythia).
+pub fn gelu_erf(v: f32) -> f32 {
+    0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// In-place softmax of one row.
@@ -213,13 +230,21 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, max_pos: usize, interleaved: bool) -> Self {
+        Self::scaled(head_dim, theta, max_pos, interleaved, None)
+    }
+
+    /// Tables for `rot_dims` rotating dimensions, with transformers' linear scaling (inverse frequencies
+    /// divided by `linear_factor`) when given.
+    pub fn scaled(rot_dims: usize, theta: f64, max_pos: usize, interleaved: bool, linear_factor: Option<f64>) -> Self {
+        let head_dim = rot_dims;
         let max_pos = max_pos.min(ROPE_MAX_POSITIONS);
         let half = head_dim / 2;
         let mut cos = vec![0f32; max_pos * half];
         let mut sin = vec![0f32; max_pos * half];
         for i in 0..half {
             // Same f32 inverse frequency HF computes; the angle itself in f64 to stay exact at long positions.
-            let inv = (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32 as f64;
+            let inv = (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32;
+            let inv = linear_factor.map_or(inv, |f| inv / f as f32) as f64;
             for p in 0..max_pos {
                 let a = p as f64 * inv;
                 cos[p * half + i] = a.cos() as f32;

@@ -1,12 +1,14 @@
-//! Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2): RMSNorm, rotary attention with grouped
-//! key/value heads, SwiGLU MLP. Hook points sit exactly where TransformerLens puts them.
+//! Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2, Qwen3, Phi-3): RMSNorm, rotary attention with
+//! grouped key/value heads, SwiGLU MLP. Qwen3 adds an RMSNorm on every query and key head; Phi-3 stores
+//! Q/K/V and gate/up fused (the layout this file fuses them into anyway). Hook points sit exactly where
+//! TransformerLens puts them.
 
 use anyhow::Result;
 
-use crate::attention::{attend, AttnShape, KvCache};
-use crate::config::ModelConfig;
+use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
+use crate::config::{Arch, ModelConfig};
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, linear, rms_norm, silu, Matrix, Rope};
+use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, silu, Matrix, Rope};
 use crate::weights::WeightSource;
 use crate::Logits;
 
@@ -15,6 +17,8 @@ struct Block {
     /// `[d_model, q_dim + 2 * kv_dim]`: Q, K and V in one GEMM.
     wqkv: Matrix,
     bqkv: Option<Vec<f32>>,
+    /// Qwen3's per-head RMSNorm gains for queries and keys, applied before the rotary embedding.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     wo: Matrix,
     mlp_norm: Vec<f32>,
     /// `[d_model, 2 * d_ff]`: gate then up, in one GEMM.
@@ -36,6 +40,12 @@ pub(crate) struct Llama {
 /// Tensor names differ between GGUF and Hugging Face checkpoints; the layout is the same.
 struct Names {
     gguf: bool,
+}
+
+/// Read `{name}.weight` (`[out, in]`) as a matrix.
+pub(crate) fn lin(src: &WeightSource, name: &str, out: usize, inp: usize) -> Result<Matrix> {
+    let w = src.get(&format!("{name}.weight"), &[out, inp])?;
+    Ok(Matrix::from_out_in(&w, out, inp))
 }
 
 impl Names {
@@ -81,6 +91,10 @@ impl Names {
                 "k" => "self_attn.k_proj",
                 "v" => "self_attn.v_proj",
                 "o" => "self_attn.o_proj",
+                "qkv" => "self_attn.qkv_proj",
+                "q_norm" => "self_attn.q_norm",
+                "k_norm" => "self_attn.k_norm",
+                "gate_up" => "mlp.gate_up_proj",
                 "mlp_norm" => "post_attention_layernorm",
                 "gate" => "mlp.gate_proj",
                 "up" => "mlp.up_proj",
@@ -94,42 +108,22 @@ impl Names {
 impl Llama {
     pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
         let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
-        let (d, v, ff) = (cfg.d_model, cfg.vocab_size, cfg.d_ff);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let lin = |name: String, out: usize, inp: usize| -> Result<Matrix> {
-            let w = src.get(&format!("{name}.weight"), &[out, inp])?;
-            Ok(Matrix::from_out_in(&w, out, inp))
-        };
-        let mut blocks = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
-            let n = |p: &str| names.block(l, p);
-            let (bq, bk, bv) = (
-                src.get_opt(&format!("{}.bias", n("q")), &[qd])?,
-                src.get_opt(&format!("{}.bias", n("k")), &[kvd])?,
-                src.get_opt(&format!("{}.bias", n("v")), &[kvd])?,
-            );
-            let bqkv = match (bq, bk, bv) {
-                (Some(q), Some(k), Some(v)) => Some([q, k, v].concat()),
-                (None, None, None) => None,
-                _ => anyhow::bail!("{}: block {l} has biases on only some of q/k/v", src.describe()),
-            };
-            blocks.push(Block {
-                attn_norm: src.get(&format!("{}.weight", n("attn_norm")), &[d])?,
-                wqkv: Matrix::concat_cols(&[lin(n("q"), qd, d)?, lin(n("k"), kvd, d)?, lin(n("v"), kvd, d)?]),
-                bqkv,
-                wo: lin(n("o"), d, qd)?,
-                mlp_norm: src.get(&format!("{}.weight", n("mlp_norm")), &[d])?,
-                w_gate_up: Matrix::concat_cols(&[lin(n("gate"), ff, d)?, lin(n("up"), ff, d)?]),
-                w_down: lin(n("down"), d, ff)?,
-            });
-        }
+        let (d, v) = (cfg.d_model, cfg.vocab_size);
+        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
+        let rot = cfg.details.rotary_dims;
         Ok(Self {
             cfg: cfg.clone(),
             embed: src.get(names.embed(), &[v, d])?,
             lm_head: src.get_opt(names.head(), &[v, d])?,
             blocks,
             final_norm: src.get(names.final_norm(), &[d])?,
-            rope: Rope::new(cfg.head_dim, cfg.rope_theta, cfg.max_positions, cfg.rope_interleaved),
+            rope: Rope::scaled(
+                rot,
+                cfg.rope_theta,
+                cfg.max_positions,
+                cfg.rope_interleaved,
+                cfg.details.rope_linear_factor,
+            ),
         })
     }
 
@@ -173,12 +167,16 @@ impl Llama {
         let mut delta = vec![0f32; rows * d];
         let mut gu = vec![0f32; rows * 2 * c.d_ff];
         let mut act = vec![0f32; rows * c.d_ff];
-        let shape = AttnShape { batch, seq, pos_offset, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd };
+        let mut shape = AttnShape::causal(batch, seq, pos_offset, c.n_heads, c.n_kv_heads, hd);
+        shape.window = c.details.sliding_window.filter(|_| c.details.sliding_layers.iter().any(|&s| s));
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             rms_norm(&x, &blk.attn_norm, c.norm_eps, &mut h);
             linear(&h, rows, &blk.wqkv, blk.bqkv.as_deref(), &mut qkv);
-            self.rotate(&mut qkv, seq, pos_offset);
+            if let Some((qn, kn)) = &blk.qk_norm {
+                norm_qk_heads(&mut qkv, qd, kvd, qn, kn, c.norm_eps);
+            }
+            rotate_qk(&mut qkv, &self.rope, c, seq, pos_offset);
             attend(cache, l, &qkv, &shape, &mut attn);
             linear(&attn, rows, &blk.wo, None, &mut delta);
             hooks.run(&ctx(HookPoint::AttnOut(l)), &mut delta)?;
@@ -201,21 +199,60 @@ impl Llama {
         hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
         Ok(crate::project_logits(&h, batch, seq, d, self.unembedding(), c.vocab_size, logits))
     }
+}
 
-    /// Rotate the query and key heads of every row in place.
-    fn rotate(&self, qkv: &mut [f32], seq: usize, pos_offset: usize) {
-        use rayon::prelude::*;
-        let c = &self.cfg;
-        let hd = c.head_dim;
-        let width = c.q_dim() + 2 * c.kv_dim();
-        let n_rot = c.n_heads + c.n_kv_heads;
-        qkv.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
-            let pos = pos_offset + r % seq;
-            for head in row[..n_rot * hd].chunks_mut(hd) {
-                self.rope.apply(head, pos);
-            }
-        });
-    }
+/// Load block `l`: Q/K/V and gate/up fused into one matrix each, whether the checkpoint stores them apart
+/// (Llama, Qwen) or together (Phi-3).
+fn load_block(cfg: &ModelConfig, src: &WeightSource, names: &Names, l: usize) -> Result<Block> {
+    let (d, ff, hd) = (cfg.d_model, cfg.d_ff, cfg.head_dim);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let n = |p: &str| names.block(l, p);
+    let (bq, bk, bv) = (
+        src.get_opt(&format!("{}.bias", n("q")), &[qd])?,
+        src.get_opt(&format!("{}.bias", n("k")), &[kvd])?,
+        src.get_opt(&format!("{}.bias", n("v")), &[kvd])?,
+    );
+    let bqkv = match (bq, bk, bv) {
+        (Some(q), Some(k), Some(v)) => Some([q, k, v].concat()),
+        (None, None, None) => None,
+        _ => anyhow::bail!("{}: block {l} has biases on only some of q/k/v", src.describe()),
+    };
+    let phi3 = cfg.arch == Arch::Phi3;
+    let wqkv = if phi3 {
+        lin(src, &n("qkv"), qd + 2 * kvd, d)?
+    } else {
+        Matrix::concat_cols(&[lin(src, &n("q"), qd, d)?, lin(src, &n("k"), kvd, d)?, lin(src, &n("v"), kvd, d)?])
+    };
+    let w_gate_up = if phi3 {
+        lin(src, &n("gate_up"), 2 * ff, d)?
+    } else {
+        Matrix::concat_cols(&[lin(src, &n("gate"), ff, d)?, lin(src, &n("up"), ff, d)?])
+    };
+    let qk_norm = if cfg.arch == Arch::Qwen3 {
+        Some((src.get(&format!("{}.weight", n("q_norm")), &[hd])?, src.get(&format!("{}.weight", n("k_norm")), &[hd])?))
+    } else {
+        None
+    };
+    Ok(Block {
+        attn_norm: src.get(&format!("{}.weight", n("attn_norm")), &[d])?,
+        wqkv,
+        bqkv,
+        qk_norm,
+        wo: lin(src, &n("o"), d, qd)?,
+        mlp_norm: src.get(&format!("{}.weight", n("mlp_norm")), &[d])?,
+        w_gate_up,
+        w_down: lin(src, &n("down"), d, ff)?,
+    })
+}
+
+/// RMSNorm each query head with `qn` and each key head with `kn` (`qkv` rows are `[q | k | v]`).
+pub(crate) fn norm_qk_heads(qkv: &mut [f32], qd: usize, kvd: usize, qn: &[f32], kn: &[f32], eps: f32) {
+    use rayon::prelude::*;
+    qkv.par_chunks_mut(qd + 2 * kvd).for_each(|row| {
+        let (q, rest) = row.split_at_mut(qd);
+        rms_norm_in_place(q, qn, eps);
+        rms_norm_in_place(&mut rest[..kvd], kn, eps);
+    });
 }
 
 fn swiglu(gu: &[f32], d_ff: usize, out: &mut [f32]) {

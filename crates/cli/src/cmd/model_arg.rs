@@ -10,6 +10,9 @@ pub struct ModelArgs {
     /// A .gguf file, a Hugging Face folder (config.json + *.safetensors + tokenizer.json), or a hub name
     /// `org/name` already fetched with `saekit fetch-model --hub org/name`.
     /// Default: SmolLM2-135M-Instruct from the cache (`saekit fetch-model`).
+    /// Folders: Llama/Mistral/Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3 (text), GPT-NeoX/Pythia, GPT-2. Hook
+    /// names are TransformerLens's; GPT-NeoX/Pythia blocks run attention and MLP in parallel and so have
+    /// no blocks.L.hook_resid_mid (as in TransformerLens).
     #[arg(long, short = 'm', env = "SAEKIT_MODEL")]
     pub model: Option<String>,
     /// A tokenizer.json to use instead of the one in the model.

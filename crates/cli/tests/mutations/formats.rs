@@ -325,7 +325,13 @@ fn store_config() -> saekit_store::StoreConfig {
         bos_token: Some(1),
         eot_tokens: vec![0],
         outlier_factor: Some(10.0),
-        source: SourceInfo { tokens: "synthetic".into(), split: "train".into(), first_context: 0 },
+        source: SourceInfo {
+            tokens: "synthetic".into(),
+            split: "train".into(),
+            first_context: 0,
+            fingerprint: String::new(),
+        },
+        tokenizer_fingerprint: String::new(),
     }
 }
 

@@ -1,0 +1,194 @@
+//! Gemma 2 and Gemma 3 (text) decoders, as transformers runs them: the embedding scaled by sqrt(d_model),
+//! RMSNorms with a (1 + w) gain before *and* after attention and MLP, GeGLU (tanh GELU), attention scaled by
+//! `query_pre_attn_scalar^-1/2`, sliding-window layers interleaved with global ones (Gemma 2 every other
+//! layer, Gemma 3 five local : one global with its own rotary base), tied embeddings. Gemma 2 soft-caps
+//! attention scores and the final logits; Gemma 3 normalises each query and key head instead.
+//!
+//! Hook points follow TransformerLens (`use_normalization_before_and_after`): `hook_embed` is the scaled
+//! embedding, `hook_attn_out` / `hook_mlp_out` are taken after the post-norms, i.e. what is added to the
+//! residual stream.
+
+use anyhow::Result;
+
+use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
+use crate::config::{Arch, ModelConfig};
+use crate::hooks::{HookContext, HookPoint, Hooks};
+use crate::linalg::{add_assign, gelu_tanh, linear, rms_norm, Matrix, Rope};
+use crate::llama::{lin, norm_qk_heads};
+use crate::weights::WeightSource;
+use crate::Logits;
+
+/// Norm gains are stored as `1 + w`, the factor Gemma's RMSNorm multiplies by.
+struct Block {
+    attn_norm: Vec<f32>,
+    /// `[d_model, q_dim + 2 * kv_dim]`.
+    wqkv: Matrix,
+    /// Gemma 3's per-head query and key norms.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    wo: Matrix,
+    post_attn_norm: Vec<f32>,
+    pre_mlp_norm: Vec<f32>,
+    /// `[d_model, 2 * d_ff]`: gate then up.
+    w_gate_up: Matrix,
+    w_down: Matrix,
+    post_mlp_norm: Vec<f32>,
+    sliding: bool,
+}
+
+pub(crate) struct Gemma {
+    cfg: ModelConfig,
+    /// `[vocab, d_model]`, unscaled: also the unembedding.
+    embed: Vec<f32>,
+    embed_scale: f32,
+    blocks: Vec<Block>,
+    final_norm: Vec<f32>,
+    rope_global: Rope,
+    /// Gemma 3's sliding-window layers rotate with their own base.
+    rope_local: Option<Rope>,
+}
+
+fn gain(src: &WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
+    Ok(src.get(name, &[n])?.into_iter().map(|w| 1.0 + w).collect())
+}
+
+impl Gemma {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
+        let (d, v) = (cfg.d_model, cfg.vocab_size);
+        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, l)).collect::<Result<Vec<_>>>()?;
+        let det = &cfg.details;
+        let rope_global = Rope::scaled(cfg.head_dim, cfg.rope_theta, cfg.max_positions, false, det.rope_linear_factor);
+        let rope_local = det.rope_local_theta.map(|t| Rope::new(cfg.head_dim, t, cfg.max_positions, false));
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed: src.get("model.embed_tokens.weight", &[v, d])?,
+            // transformers rounds sqrt(d_model) to the activation dtype before multiplying.
+            embed_scale: (d as f64).sqrt() as f32,
+            blocks,
+            final_norm: gain(src, "model.norm.weight", d)?,
+            rope_global,
+            rope_local,
+        })
+    }
+
+    pub(crate) fn unembedding(&self) -> &[f32] {
+        &self.embed
+    }
+
+    /// The final norm's effective gain, `1 + w`.
+    pub(crate) fn final_norm_gain(&self) -> &[f32] {
+        &self.final_norm
+    }
+
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        n_blocks: usize,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let (d, rows) = (c.d_model, tokens.len());
+        let seq = rows / batch;
+        let pos_offset = cache.len();
+        crate::check_positions(pos_offset + seq, self.rope_global.max_pos())?;
+        let ctx = |point| HookContext { point, batch, seq, pos_offset, d_model: d };
+
+        let mut x = vec![0f32; rows * d];
+        for (row, &t) in x.chunks_mut(d).zip(tokens) {
+            for (o, e) in row.iter_mut().zip(&self.embed[t as usize * d..][..d]) {
+                *o = e * self.embed_scale;
+            }
+        }
+        hooks.run(&ctx(HookPoint::Embed), &mut x)?;
+
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let mut h = vec![0f32; rows * d];
+        let mut qkv = vec![0f32; rows * (qd + 2 * kvd)];
+        let mut attn = vec![0f32; rows * qd];
+        let mut raw = vec![0f32; rows * d];
+        let mut delta = vec![0f32; rows * d];
+        let mut gu = vec![0f32; rows * 2 * c.d_ff];
+        let mut act = vec![0f32; rows * c.d_ff];
+        let mut shape = AttnShape::causal(batch, seq, pos_offset, c.n_heads, c.n_kv_heads, c.head_dim);
+        shape.scale = c.details.query_pre_attn_scalar.map_or(shape.scale, |s| s.powf(-0.5) as f32);
+        shape.softcap = c.details.attn_softcap;
+        for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
+            hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
+            rms_norm(&x, &blk.attn_norm, c.norm_eps, &mut h);
+            linear(&h, rows, &blk.wqkv, None, &mut qkv);
+            if let Some((qn, kn)) = &blk.qk_norm {
+                norm_qk_heads(&mut qkv, qd, kvd, qn, kn, c.norm_eps);
+            }
+            let rope =
+                if blk.sliding { self.rope_local.as_ref().unwrap_or(&self.rope_global) } else { &self.rope_global };
+            rotate_qk(&mut qkv, rope, c, seq, pos_offset);
+            shape.window = c.details.sliding_window.filter(|_| blk.sliding);
+            attend(cache, l, &qkv, &shape, &mut attn);
+            linear(&attn, rows, &blk.wo, None, &mut raw);
+            rms_norm(&raw, &blk.post_attn_norm, c.norm_eps, &mut delta);
+            hooks.run(&ctx(HookPoint::AttnOut(l)), &mut delta)?;
+            add_assign(&mut x, &delta, d);
+            hooks.run(&ctx(HookPoint::ResidMid(l)), &mut x)?;
+
+            rms_norm(&x, &blk.pre_mlp_norm, c.norm_eps, &mut h);
+            linear(&h, rows, &blk.w_gate_up, None, &mut gu);
+            geglu(&gu, c.d_ff, &mut act);
+            linear(&act, rows, &blk.w_down, None, &mut raw);
+            rms_norm(&raw, &blk.post_mlp_norm, c.norm_eps, &mut delta);
+            hooks.run(&ctx(HookPoint::MlpOut(l)), &mut delta)?;
+            add_assign(&mut x, &delta, d);
+            hooks.run(&ctx(HookPoint::ResidPost(l)), &mut x)?;
+        }
+        cache.advance(seq, n_blocks == c.n_layers);
+        if n_blocks < c.n_layers {
+            return Ok(Vec::new());
+        }
+        rms_norm(&x, &self.final_norm, c.norm_eps, &mut h);
+        hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
+        let mut out = crate::project_logits(&h, batch, seq, d, &self.embed, c.vocab_size, logits);
+        if let Some(cap) = c.details.final_softcap {
+            out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
+        Ok(out)
+    }
+}
+
+fn load_block(cfg: &ModelConfig, src: &WeightSource, l: usize) -> Result<Block> {
+    let (d, ff, hd) = (cfg.d_model, cfg.d_ff, cfg.head_dim);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let n = |p: &str| format!("model.layers.{l}.{p}");
+    let qk_norm = if cfg.arch == Arch::Gemma3 {
+        Some((gain(src, &n("self_attn.q_norm.weight"), hd)?, gain(src, &n("self_attn.k_norm.weight"), hd)?))
+    } else {
+        None
+    };
+    Ok(Block {
+        attn_norm: gain(src, &n("input_layernorm.weight"), d)?,
+        wqkv: Matrix::concat_cols(&[
+            lin(src, &n("self_attn.q_proj"), qd, d)?,
+            lin(src, &n("self_attn.k_proj"), kvd, d)?,
+            lin(src, &n("self_attn.v_proj"), kvd, d)?,
+        ]),
+        qk_norm,
+        wo: lin(src, &n("self_attn.o_proj"), d, qd)?,
+        post_attn_norm: gain(src, &n("post_attention_layernorm.weight"), d)?,
+        pre_mlp_norm: gain(src, &n("pre_feedforward_layernorm.weight"), d)?,
+        w_gate_up: Matrix::concat_cols(&[lin(src, &n("mlp.gate_proj"), ff, d)?, lin(src, &n("mlp.up_proj"), ff, d)?]),
+        w_down: lin(src, &n("mlp.down_proj"), d, ff)?,
+        post_mlp_norm: gain(src, &n("post_feedforward_layernorm.weight"), d)?,
+        sliding: cfg.details.sliding_layers.get(l).copied().unwrap_or(false),
+    })
+}
+
+/// `gelu_tanh(gate) * up` for rows laid out `[gate | up]`.
+fn geglu(gu: &[f32], d_ff: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(d_ff).zip(gu.par_chunks(2 * d_ff)).for_each(|(o, gu)| {
+        let (g, u) = gu.split_at(d_ff);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = gelu_tanh(*g) * u;
+        }
+    });
+}

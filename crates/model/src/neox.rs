@@ -1,0 +1,161 @@
+//! GPT-NeoX / Pythia: LayerNorm with bias, fused per-head Q/K/V with biases, rotary embedding on the first
+//! `rotary_pct` of each head, GELU MLP with biases, an untied unembedding (`embed_out`). With
+//! `use_parallel_residual` (every Pythia) attention and MLP both read the block's input and their outputs
+//! are added together, so the block has no `hook_resid_mid`, as in TransformerLens.
+
+use anyhow::Result;
+
+use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
+use crate::config::ModelConfig;
+use crate::hooks::{HookContext, HookPoint, Hooks};
+use crate::linalg::{add_assign, gelu_erf, gelu_tanh, layer_norm, linear, Matrix, Rope};
+use crate::llama::lin;
+use crate::weights::WeightSource;
+use crate::Logits;
+
+struct Block {
+    ln1: (Vec<f32>, Vec<f32>),
+    /// `[d_model, 3 * d_model]` as `[all q heads | all k heads | all v heads]`.
+    wqkv: Matrix,
+    bqkv: Vec<f32>,
+    wo: Matrix,
+    bo: Vec<f32>,
+    ln2: (Vec<f32>, Vec<f32>),
+    w_up: Matrix,
+    b_up: Vec<f32>,
+    w_down: Matrix,
+    b_down: Vec<f32>,
+}
+
+pub(crate) struct GptNeox {
+    cfg: ModelConfig,
+    embed: Vec<f32>,
+    /// `[vocab, d_model]`.
+    unembed: Vec<f32>,
+    blocks: Vec<Block>,
+    ln_f: (Vec<f32>, Vec<f32>),
+    rope: Rope,
+}
+
+/// GPT-NeoX stores `query_key_value` rows head by head (`[h0: q k v | h1: q k v | ...]`); reorder them to
+/// the `[q heads | k heads | v heads]` layout the shared attention reads. `rows` has `3 * n_heads * hd`
+/// chunks of `width` values.
+fn heads_to_qkv(rows: &[f32], n_heads: usize, hd: usize, width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows.len()];
+    for h in 0..n_heads {
+        for part in 0..3 {
+            let from = (h * 3 + part) * hd * width;
+            let to = (part * n_heads + h) * hd * width;
+            out[to..to + hd * width].copy_from_slice(&rows[from..from + hd * width]);
+        }
+    }
+    out
+}
+
+impl GptNeox {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
+        let (d, v) = (cfg.d_model, cfg.vocab_size);
+        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, l)).collect::<Result<Vec<_>>>()?;
+        let ln = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((src.get(&format!("{name}.weight"), &[d])?, src.get(&format!("{name}.bias"), &[d])?))
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed: src.get("gpt_neox.embed_in.weight", &[v, d])?,
+            unembed: src.get("embed_out.weight", &[v, d])?,
+            blocks,
+            ln_f: ln("gpt_neox.final_layer_norm")?,
+            rope: Rope::new(cfg.details.rotary_dims, cfg.rope_theta, cfg.max_positions, false),
+        })
+    }
+
+    pub(crate) fn unembedding(&self) -> &[f32] {
+        &self.unembed
+    }
+
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        n_blocks: usize,
+        logits: Logits,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let (d, rows) = (c.d_model, tokens.len());
+        let seq = rows / batch;
+        let pos_offset = cache.len();
+        crate::check_positions(pos_offset + seq, self.rope.max_pos())?;
+        let ctx = |point| HookContext { point, batch, seq, pos_offset, d_model: d };
+
+        let mut x = vec![0f32; rows * d];
+        for (row, &t) in x.chunks_mut(d).zip(tokens) {
+            row.copy_from_slice(&self.embed[t as usize * d..][..d]);
+        }
+        hooks.run(&ctx(HookPoint::Embed), &mut x)?;
+
+        let mut h = vec![0f32; rows * d];
+        let mut qkv = vec![0f32; rows * 3 * d];
+        let mut attn = vec![0f32; rows * d];
+        let mut attn_out = vec![0f32; rows * d];
+        let mut mlp_out = vec![0f32; rows * d];
+        let mut up = vec![0f32; rows * c.d_ff];
+        let shape = AttnShape::causal(batch, seq, pos_offset, c.n_heads, c.n_heads, c.head_dim);
+        let gelu: fn(f32) -> f32 = if c.details.gelu_exact { gelu_erf } else { gelu_tanh };
+        let parallel = c.details.parallel_residual;
+        for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
+            hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
+            layer_norm(&x, &blk.ln1.0, &blk.ln1.1, c.norm_eps, &mut h);
+            linear(&h, rows, &blk.wqkv, Some(&blk.bqkv), &mut qkv);
+            rotate_qk(&mut qkv, &self.rope, c, seq, pos_offset);
+            attend(cache, l, &qkv, &shape, &mut attn);
+            linear(&attn, rows, &blk.wo, Some(&blk.bo), &mut attn_out);
+            hooks.run(&ctx(HookPoint::AttnOut(l)), &mut attn_out)?;
+            if !parallel {
+                add_assign(&mut x, &attn_out, d);
+                hooks.run(&ctx(HookPoint::ResidMid(l)), &mut x)?;
+            }
+
+            layer_norm(&x, &blk.ln2.0, &blk.ln2.1, c.norm_eps, &mut h);
+            linear(&h, rows, &blk.w_up, Some(&blk.b_up), &mut up);
+            up.iter_mut().for_each(|v| *v = gelu(*v));
+            linear(&up, rows, &blk.w_down, Some(&blk.b_down), &mut mlp_out);
+            hooks.run(&ctx(HookPoint::MlpOut(l)), &mut mlp_out)?;
+            if parallel {
+                // transformers adds mlp + attn first, then the residual.
+                add_assign(&mut mlp_out, &attn_out, d);
+            }
+            add_assign(&mut x, &mlp_out, d);
+            hooks.run(&ctx(HookPoint::ResidPost(l)), &mut x)?;
+        }
+        cache.advance(seq, n_blocks == c.n_layers);
+        if n_blocks < c.n_layers {
+            return Ok(Vec::new());
+        }
+        layer_norm(&x, &self.ln_f.0, &self.ln_f.1, c.norm_eps, &mut h);
+        hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
+        Ok(crate::project_logits(&h, batch, seq, d, &self.unembed, c.vocab_size, logits))
+    }
+}
+
+fn load_block(cfg: &ModelConfig, src: &WeightSource, l: usize) -> Result<Block> {
+    let (d, ff, hd, nh) = (cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_heads);
+    let n = |p: &str| format!("gpt_neox.layers.{l}.{p}");
+    let vec = |p: &str, len: usize| src.get(&n(p), &[len]);
+    let qkv_name = n("attention.query_key_value");
+    let w = src.get(&format!("{qkv_name}.weight"), &[3 * nh * hd, d])?;
+    let b = src.get(&format!("{qkv_name}.bias"), &[3 * nh * hd])?;
+    Ok(Block {
+        ln1: (vec("input_layernorm.weight", d)?, vec("input_layernorm.bias", d)?),
+        wqkv: Matrix::from_out_in(&heads_to_qkv(&w, nh, hd, d), 3 * nh * hd, d),
+        bqkv: heads_to_qkv(&b, nh, hd, 1),
+        wo: lin(src, &n("attention.dense"), d, nh * hd)?,
+        bo: vec("attention.dense.bias", d)?,
+        ln2: (vec("post_attention_layernorm.weight", d)?, vec("post_attention_layernorm.bias", d)?),
+        w_up: lin(src, &n("mlp.dense_h_to_4h"), ff, d)?,
+        b_up: vec("mlp.dense_h_to_4h.bias", ff)?,
+        w_down: lin(src, &n("mlp.dense_4h_to_h"), d, ff)?,
+        b_down: vec("mlp.dense_4h_to_h.bias", d)?,
+    })
+}

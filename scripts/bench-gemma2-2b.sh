@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Gemma-2-2B-shaped random-weight model (google/gemma-2-2b's exact config, random weights, bf16 safetensors as
+# published), forward to layer 12 (Gemma Scope's favourite hook, blocks.12.hook_resid_post): saekit vs HF
+# transformers on the same weights, tokens/s and peak RSS, in one command. Run it on a quiet machine only.
+#   bash scripts/bench-gemma2-2b.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${SAEKIT_CACHE:-$HOME/.cache/saekit}/gemma-2-2b-random}
+VENV=${SAEKIT_FIXTURE_VENV:-$HOME/.cache/saekit-fixtures/venv}
+[[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
+"$VENV/bin/python" -c 'import torch, transformers' 2>/dev/null || "$VENV/bin/pip" install -q torch transformers safetensors tokenizers numpy
+if [[ ! -f $OUT/config.json ]]; then
+  "$VENV/bin/python" - "$OUT" <<'PY'
+import sys, torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+sys.path.insert(0, "scripts")
+from make_model_fixtures import ARCHS, make_tokenizer
+out = sys.argv[1]
+# google/gemma-2-2b config.json, verbatim in every size field; the vocabulary is the fixture tokenizer's,
+# padded to Gemma's 256000 rows so the embedding and unembedding cost what they cost in the real model.
+tok, _ = make_tokenizer(ARCHS["gemma2"], out)
+cfg = Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                   sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                   tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+torch.manual_seed(0)
+Gemma2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+PY
+fi
+/usr/bin/time -v cargo run --release -q -p saekit -- bench forward -m "$OUT" --layer 12 --batches 1,4 --seq 128 \
+  2>&1 | grep -E "tok/s|tokens/s|Maximum resident"
+/usr/bin/time -v "$VENV/bin/python" - "$OUT" <<'PY' 2>&1 | grep -E "tok/s|Maximum resident"
+import sys, time, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, attn_implementation="eager").eval()
+m.model.layers = m.model.layers[:13]  # stop after blocks.12
+for batch in (1, 4):
+    ids = torch.randint(3, 400, (batch, 128))
+    with torch.no_grad():
+        m.model(ids)
+        t0, n = time.time(), 0
+        while time.time() - t0 < 8:
+            m.model(ids); n += batch * 128
+    print(f"HF transformers f32 batch {batch}: {n / (time.time() - t0):.0f} tok/s")
+PY
