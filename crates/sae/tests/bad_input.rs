@@ -83,8 +83,12 @@ fn topk_k_and_widths_are_checked() {
     let t = tempfile::tempdir().unwrap();
     let s = Sae::init(6, 10, Activation::TopK { k: 3 }, 1.0, 1);
     save_saelens(t.path(), &s, None, None).unwrap();
+    // edited by hand below, as a folder from another tool would be: no saekit file list to contradict
+    std::fs::remove_file(t.path().join(saekit_sae::format::FILE_LIST)).unwrap();
     let cfg_path = t.path().join("cfg.json");
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["metadata"].as_object_mut().unwrap().remove("saekit_file_list");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     assert_eq!(load_sae(t.path()).unwrap().activation, Activation::TopK { k: 3 });
     for k in [11u64, 0] {
         cfg["k"] = serde_json::json!(k);

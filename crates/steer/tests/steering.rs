@@ -59,12 +59,12 @@ fn a_clamp_moves_the_residual_by_exactly_its_decoder_direction() {
     let d = m.config().d_model;
     let sae = Sae::init(d, 512, Activation::TopK { k: 24 }, 1.0, 11);
     let ids = m.tokenizer().encode("The Golden Gate Bridge is painted international orange.", true).unwrap();
-    // f(x) > 0 somewhere for this feature, = 0 elsewhere: pick the feature active at the most positions
+    // f(x) > 0 somewhere for this feature, = 0 elsewhere: the feature active at the most, but not all, positions
     let x_clean = m.run_with_cache(&ids, 1, &[HOOK]).unwrap().take(&HOOK).unwrap();
     let codes = sae.encode(&x_clean);
     let mut count = vec![0usize; sae.d_sae];
     (1..ids.len()).for_each(|r| codes.row(r).0.iter().for_each(|&f| count[f as usize] += 1));
-    let feature = (0..sae.d_sae).max_by_key(|&f| count[f]).unwrap();
+    let feature = (0..sae.d_sae).filter(|&f| count[f] < ids.len() - 1).max_by_key(|&f| count[f]).unwrap();
     assert!(count[feature] > 0 && count[feature] < ids.len() - 1, "want a feature active at some positions only");
     for value in [7.5f32, 0.0, -3.0] {
         let edits = [FeatureEdit::Clamp { feature: feature as u32, value }];

@@ -193,6 +193,7 @@ fn manifest_arithmetic_and_names_are_checked() {
         ("overflows", |m| {
             m["shards"][0]["n_rows"] = (1u64 << 62).into();
             m["shards"][0]["n_contexts"] = (1u64 << 58).into();
+            m["contexts_per_shard"] = (1u64 << 58).into();
         }),
         ("overflows", |m| m["d_model"] = (1u64 << 61).into()),
         ("not a shard-* file", |m| m["shards"][0]["file"] = "../../etc/passwd".into()),
