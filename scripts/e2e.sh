@@ -17,7 +17,8 @@ command -v npm >/dev/null || { echo "e2e: needs node and npm" >&2; exit 1; }
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
 
 bash scripts/fetch-model.sh >/dev/null
-cargo build --locked -p saekit -p saekit-serve --example fixture
+# the workspace's dev profile, which `cargo test --workspace` shares: nothing compiles again after it
+cargo build --locked --workspace --bins --examples
 fixture="$(mktemp -d)"
 trap 'rm -rf "$fixture"' EXIT
 target="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"

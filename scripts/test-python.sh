@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The Python bindings' tests: build and install the `saekit` package from python/ (the README's
-# `pip install ./python`; maturin compiles the extension in release mode into python/target), then run
-# pytest against the real model and the saekit CLI (the reference the tests compare with).
-# Needs: pip, and numpy + pytest (`.ci/run` installs them). Extra arguments go to pytest.
+# The Python bindings' tests: install the `saekit` package from python/ with pip (the README's
+# `pip install ./python`), then run pytest against the real model and the saekit CLI (the reference the tests
+# compare with). The extension is built with the workspace's dev profile (MATURIN_PEP517_ARGS), which
+# `cargo test --workspace` has already compiled every library crate with: only PyO3 and the binding compile.
+# A user's plain `pip install ./python` builds the release profile instead.
+# Needs: pip (maturin comes from PyPI through pip's build isolation), numpy and pytest. Extra arguments go
+# to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import numpy, pytest" 2>/dev/null || { echo "test-python: needs numpy and pytest (pip install numpy pytest)" >&2; exit 1; }
-# the CLI the tests compare with: `cargo test --workspace` builds target/debug/saekit with the test
-# profile, so after scripts/test.sh this is a no-op (a `cargo build`, or `-p saekit` with its own feature
-# resolution, would compile dependencies again)
-cargo test --workspace --locked --no-run --quiet
+cargo build --locked --workspace --bins --quiet
 t0=$(date +%s)
-python3 -m pip install --quiet ./python
-echo "pip install ./python: $(( $(date +%s) - t0 )) s" >&2
+MATURIN_PEP517_ARGS="--profile dev" python3 -m pip install --quiet --force-reinstall --no-deps ./python
+echo "test-python: pip install ./python took $(( $(date +%s) - t0 )) s" >&2
 SAEKIT_BIN="$PWD/target/debug/saekit" python3 -m pytest -q python/tests "$@"

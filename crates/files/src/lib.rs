@@ -271,15 +271,6 @@ pub fn ensure_only_owned(dir: &Path, what: &str, owned: impl Fn(&str) -> bool) -
     Ok(())
 }
 
-/// True when `dir` is missing or empty.
-pub fn is_empty_dir(dir: &Path) -> Result<bool> {
-    if !dir.exists() {
-        return Ok(true);
-    }
-    let mut rd = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    Ok(rd.next().is_none())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -292,9 +292,13 @@ fn is_training_output(name: &str) -> bool {
 }
 
 /// A fresh run needs an empty output folder: a previous run's checkpoints would be resumed, its
-/// files mixed with the new ones. `force` clears saekit's files; anything else there is refused.
-fn prepare_fresh_output(out: &Path, force: bool) -> Result<()> {
-    if saekit_files::is_empty_dir(out)? {
+/// files mixed with the new ones. `force` clears saekit's files; anything else there is refused. The run's
+/// own data file may lie inside it (`saekit.train(array, out)` writes the array there): it is kept.
+fn prepare_fresh_output(out: &Path, data: Option<&Path>, force: bool) -> Result<()> {
+    let data_name = data.and_then(|d| data_file_inside(out, d));
+    let is_data = |name: &str| data_name.as_deref() == Some(name);
+    let names = entry_names(out)?;
+    if names.iter().all(|n| is_data(n)) {
         return Ok(());
     }
     if !force {
@@ -304,14 +308,30 @@ fn prepare_fresh_output(out: &Path, force: bool) -> Result<()> {
             out.display()
         );
     }
-    saekit_files::ensure_only_owned(out, "SAE training output", is_training_output)?;
-    for e in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
-        let p = e?.path();
+    saekit_files::ensure_only_owned(out, "SAE training output", |n| is_data(n) || is_training_output(n))?;
+    for name in names.iter().filter(|n| !is_data(n)) {
+        let p = out.join(name);
         let res = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
         res.with_context(|| format!("--force: cannot remove {}", p.display()))?;
     }
     tracing::info!("--force: cleared {}", out.display());
     Ok(())
+}
+
+/// The name of `data` when it is a file directly inside `out`.
+fn data_file_inside(out: &Path, data: &Path) -> Option<String> {
+    let parent = std::fs::canonicalize(data.parent()?).ok()?;
+    (std::fs::canonicalize(out).ok()? == parent).then(|| data.file_name()?.to_str().map(str::to_owned)).flatten()
+}
+
+/// The entries of `dir` (none when it does not exist).
+fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    rd.map(|e| Ok(e.with_context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned()))
+        .collect()
 }
 
 fn read_checkpoint(dir: &Path) -> Result<(CheckpointMeta, State)> {
@@ -470,7 +490,7 @@ pub fn train(cfg: &TrainConfig, src: &mut dyn ActivationSource, opts: &RunOption
 fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &RunOptions) -> Result<TrainOutcome> {
     let out = PathBuf::from(&cfg_in.out);
     if !opts.resume {
-        prepare_fresh_output(&out, opts.force)?;
+        prepare_fresh_output(&out, cfg_in.acts.as_deref().map(Path::new), opts.force)?;
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating output folder {}", out.display()))?;
     let d = src.d_in();

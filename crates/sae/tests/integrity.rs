@@ -124,6 +124,26 @@ fn a_fresh_run_refuses_an_earlier_runs_folder_unless_forced() {
 }
 
 #[test]
+fn the_runs_own_data_file_may_lie_in_its_output_folder() {
+    // `saekit.train(array, out)` writes the array to out/train_acts.npy, then trains into out
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("sae");
+    std::fs::create_dir(&out).unwrap();
+    let acts = npy(&out, 1);
+    run_npy(&cfg(&out, &acts), &RunOptions { stop_after_steps: Some(12), ..Default::default() }).unwrap();
+    // --force clears the run and keeps its data: the result equals a run whose data lies elsewhere
+    run_npy(&cfg(&out, &acts), &RunOptions { force: true, ..Default::default() }).unwrap();
+    assert!(acts.exists());
+    let clean = t.path().join("clean");
+    run_npy(&cfg(&clean, &npy(t.path(), 1)), &RunOptions::default()).unwrap();
+    let w = |d: &Path| std::fs::read(d.join("sae_weights.safetensors")).unwrap();
+    assert_eq!(w(&out), w(&clean));
+    // another .npy in the folder is not the run's data
+    let e = run_npy(&cfg(&out, &npy(t.path(), 2)), &RunOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("not empty"), "{e}");
+}
+
+#[test]
 fn a_resume_refuses_another_config_or_other_data() {
     let t = tempfile::tempdir().unwrap();
     let acts = npy(t.path(), 1);
