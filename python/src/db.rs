@@ -103,7 +103,7 @@ pub fn search<'py>(
     let sae = PySae::from_arg(sae)?;
     let db = db.map(PyFeatureDb::from_arg).transpose()?;
     let (m, s) = (&model.get().model, &sae.get().sae);
-    let point = sae_hook(s, hook)?;
+    let point = sae_hook(m, s, hook)?;
     let db_ref = db.as_ref().map(|d| &d.get().db);
     let r = detached(py, || {
         let max_of = |id: u32| db_ref.and_then(|d| d.summary(id).ok().flatten()).map(|s| s.max_act);
@@ -130,7 +130,7 @@ pub fn search_contrast<'py>(
     }
     let sae = PySae::from_arg(sae)?;
     let (m, s) = (&model.get().model, &sae.get().sae);
-    let point = sae_hook(s, hook)?;
+    let point = sae_hook(m, s, hook)?;
     let hits = detached(py, || {
         let pf = text_features(m, s, point, &pos, max_tokens)?;
         let nf = text_features(m, s, point, &neg, max_tokens)?;

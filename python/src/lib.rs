@@ -5,11 +5,10 @@
 //! into `KeyboardInterrupt`. Must not touch: any computation of its own. Every number it returns comes
 //! from saekit-model, -sae, -analysis or -steer, so the Python API and the CLI cannot disagree.
 //!
-//! Why outside the root workspace (`exclude = ["python"]` there, its own `Cargo.lock` here): a member
-//! would make `cargo test --workspace` compile PyO3 and look for a Python interpreter on every test run,
-//! and would share the workspace's test profile; here maturin builds this crate alone, in release mode,
-//! only when `pip install ./python` asks for it. The lock file was seeded from the root one, so the
-//! library crates build against the same dependency versions as the CLI.
+//! A member of the root workspace: one Cargo.lock, so the library crates build against the same
+//! dependency versions as the CLI, and scripts/test.sh builds the extension with the workspace's dev
+//! profile, reusing what `cargo test --workspace` compiled. A user's `pip install ./python` builds it in
+//! release mode.
 //!
 //! Errors: arguments the caller got wrong raise `ValueError` (`TypeError` for a wrong array dtype or a
 //! non-array), files that are missing or unreadable raise `OSError` (`FileNotFoundError` when absent),

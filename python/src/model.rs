@@ -165,7 +165,7 @@ impl PyModel {
             None => Vec::new(),
         };
         let point = match &sae {
-            Some(s) => Some(sae_hook(&s.get().sae, hook)?),
+            Some(s) => Some(sae_hook(&self.model, &s.get().sae, hook)?),
             None => None,
         };
         let positions = if steer_first { Positions::All } else { Positions::SkipFirst };
@@ -277,10 +277,11 @@ fn capture(
     Ok((acts, logits))
 }
 
-/// The hook an SAE reads: `hook` if given, else its cfg's `hook_name`.
-pub fn sae_hook(sae: &saekit_sae::Sae, hook: Option<&str>) -> PyResult<HookPoint> {
+/// The hook an SAE reads in `model`: `hook` if given, else its cfg's `hook_name`; an SAE made for
+/// another model, width or hook is refused with both sides named (as the CLI refuses it).
+pub fn sae_hook(model: &Model, sae: &saekit_sae::Sae, hook: Option<&str>) -> PyResult<HookPoint> {
     let parsed = hook.map(str::parse::<HookPoint>).transpose().map_err(to_py)?;
-    saekit_analysis::analyze::sae_hook(sae, parsed).map_err(to_py)
+    saekit_analysis::analyze::sae_hook(model, sae, "sae", parsed).map_err(to_py)
 }
 
 /// `steer`/`add`/`ablate` as feature edits; `"Nx"` values are multiples of the feature's max

@@ -209,7 +209,8 @@ impl Default for TrainConfig {
             threads: 0,
             log_every: 10,
             checkpoint_every: 100,
-            model_name: "SmolLM2-135M-Instruct".into(),
+            // unknown unless the data source names it (a bare .npy does not): never a guess
+            model_name: String::new(),
             hook_name: "blocks.15.hook_resid_post".into(),
             context_size: 128,
             prepend_bos: false,
