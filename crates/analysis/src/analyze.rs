@@ -11,7 +11,7 @@ use saekit_store::TokenDataset;
 
 use crate::db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use crate::geometry;
-use crate::stats::{hist_edges, BatchCodes, FeatureStats, Sample, StatsOptions, HIST_BINS};
+use crate::stats::{self, hist_edges, BatchCodes, FeatureStats, Sample, StatsOptions, HIST_BINS};
 
 #[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
@@ -150,20 +150,30 @@ pub fn analyze(
             "the split is smaller than --tokens; analysing all of it"
         );
     }
-    // inputs by content, not path: an SAE or dataset rebuilt at the same path is another run
-    let fingerprint = format!(
-        "sae={} d_sae={} dataset={} split={} contexts={total} hook={hook} sinks={} norm={} opts={}",
-        sae.fingerprint(),
-        sae.d_sae,
-        dataset.fingerprint(),
-        opts.split,
-        opts.skip_sinks,
-        opts.sink_norm_factor,
-        serde_json::to_string(&opts.stats)?
-    );
+    let identity = RunIdentity::new(&[
+        ("sae", sae.fingerprint()),
+        ("d_sae", sae.d_sae.to_string()),
+        ("dataset", dataset.fingerprint().to_string()),
+        ("split", opts.split.clone()),
+        ("contexts", total.to_string()),
+        ("hook", hook.to_string()),
+        ("sinks", opts.skip_sinks.to_string()),
+        ("norm", opts.sink_norm_factor.to_string()),
+        ("opts", serde_json::to_string(&opts.stats)?),
+    ]);
+    let fingerprint = identity.fingerprint();
     let ckpt = checkpoint_path(out);
     let mut stats = if ckpt.exists() && !opts.restart {
         let bytes = std::fs::read(&ckpt).with_context(|| format!("reading {}", ckpt.display()))?;
+        let recorded = stats::checkpoint_fingerprint(&bytes).with_context(|| format!("{}", ckpt.display()))?;
+        if recorded != fingerprint {
+            let inputs = Inputs { sae: sae_path, dataset: &dataset.dir().display().to_string() };
+            bail!(
+                "{}: cannot resume: {}; delete it or pass --restart",
+                ckpt.display(),
+                identity.differences(&recorded, &inputs)
+            );
+        }
         let s = FeatureStats::from_bytes(&bytes, &fingerprint).with_context(|| format!("{}", ckpt.display()))?;
         if s.d_sae != sae.d_sae || s.opts != opts.stats || s.n_contexts > total {
             bail!(
@@ -273,6 +283,58 @@ pub fn analyze(
     Ok(report)
 }
 
+/// What a checkpoint must match to be resumed: every input by content (an SAE or a dataset rebuilt
+/// at the same path is another input), and every option that shapes the statistics. Recorded in the
+/// checkpoint as a JSON object, so a refusal can say which input changed.
+struct RunIdentity(std::collections::BTreeMap<String, String>);
+
+/// How the inputs are named to the user.
+struct Inputs<'a> {
+    sae: &'a str,
+    dataset: &'a str,
+}
+
+impl RunIdentity {
+    fn new(parts: &[(&str, String)]) -> Self {
+        RunIdentity(parts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+    }
+
+    fn fingerprint(&self) -> String {
+        serde_json::to_string(&self.0).unwrap_or_default()
+    }
+
+    /// One line saying what differs between this run and the `recorded` identity of a checkpoint.
+    fn differences(&self, recorded: &str, inputs: &Inputs<'_>) -> String {
+        let Ok(old) = serde_json::from_str::<std::collections::BTreeMap<String, String>>(recorded) else {
+            return "the checkpoint was written by an older saekit that did not record its inputs by content".into();
+        };
+        let none = String::from("(none)");
+        let mut diffs = Vec::new();
+        for key in self.0.keys().chain(old.keys().filter(|k| !self.0.contains_key(*k))) {
+            let (then, now) = (old.get(key).unwrap_or(&none), self.0.get(key).unwrap_or(&none));
+            if then == now {
+                continue;
+            }
+            diffs.push(match key.as_str() {
+                "sae" => format!(
+                    "the SAE at {} is not the one the checkpoint was made with (weights fingerprint {then} then, {now} now)",
+                    inputs.sae
+                ),
+                "dataset" => format!(
+                    "the token dataset at {} changed since the checkpoint was made (fingerprint {then} then, {now} now)",
+                    inputs.dataset
+                ),
+                _ => format!("{key} was {then}, now {now}"),
+            });
+        }
+        if diffs.is_empty() {
+            "the checkpoint belongs to another run".into()
+        } else {
+            diffs.join("; ")
+        }
+    }
+}
+
 fn save_checkpoint(stats: &FeatureStats, fingerprint: &str, path: &Path) -> Result<()> {
     let t = Instant::now();
     saekit_sae::format::atomic_write(path, &stats.to_bytes(fingerprint))?;
@@ -321,7 +383,7 @@ pub fn write_db(
     let (neighbours, nn_method) = geometry::nearest_neighbours(&sae.w_dec, d, w.n_neighbours);
     tracing::info!(secs = t.elapsed().as_secs_f32(), method = %nn_method, "neighbours");
     let map = geometry::pca_map(&sae.w_dec, d);
-    info.created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    info.created = creation_time();
     info.map_method = "pca(unit decoder directions), scaled to [-1, 1]".into();
     info.neighbour_method = nn_method;
     let edges = hist_edges();
@@ -405,6 +467,16 @@ pub fn write_db(
         }
     }
     writer.finish()
+}
+
+/// Seconds since the Unix epoch, or `SOURCE_DATE_EPOCH` when it is set (the reproducible-builds
+/// convention): the creation time is the one field of a database that is not a function of its
+/// inputs, and with it fixed two runs over the same inputs, resumed or not, write the same bytes.
+fn creation_time() -> u64 {
+    if let Some(t) = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.trim().parse().ok()) {
+        return t;
+    }
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn stored_context(s: &Sample, before: usize, after: usize, tokens: &impl Fn(u64) -> Vec<u32>) -> StoredContext {

@@ -239,20 +239,32 @@ impl FeatureDbWriter {
         conn.execute_batch("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA page_size=8192;")?;
         conn.execute_batch(SCHEMA).with_context(|| format!("{}: creating schema", tmp.display()))?;
         let mut w = FeatureDbWriter { conn, tmp, path: path.to_path_buf(), pending: 0 };
-        w.conn.execute_batch("BEGIN")?;
+        w.write_header(info, hist_edges, vocab).with_context(|| w.writing())?;
+        Ok(w)
+    }
+
+    fn write_header(&mut self, info: &DbInfo, hist_edges: &[f32], vocab: &[String]) -> Result<()> {
+        self.conn.execute_batch("BEGIN")?;
         let mut info = info.clone();
         info.format = DB_FORMAT.into();
         info.version = DB_VERSION;
-        w.set_meta("format", DB_FORMAT)?;
-        w.set_meta("info", &serde_json::to_string(&info)?)?;
-        w.set_meta("hist_edges", &serde_json::to_string(hist_edges)?)?;
-        {
-            let mut st = w.conn.prepare("INSERT INTO vocab (id, text) VALUES (?1, ?2)")?;
-            for (i, t) in vocab.iter().enumerate() {
-                st.execute(params![i as i64, t])?;
-            }
+        self.set_meta("format", DB_FORMAT)?;
+        self.set_meta("info", &serde_json::to_string(&info)?)?;
+        self.set_meta("hist_edges", &serde_json::to_string(hist_edges)?)?;
+        let mut st = self.conn.prepare("INSERT INTO vocab (id, text) VALUES (?1, ?2)")?;
+        for (i, t) in vocab.iter().enumerate() {
+            st.execute(params![i as i64, t])?;
         }
-        Ok(w)
+        Ok(())
+    }
+
+    /// Context for a failed write: the file, and what the OS said (SQLite reports a full disk or a
+    /// file-size limit only as a generic I/O error).
+    fn writing(&self) -> String {
+        // SAFETY: the handle belongs to the open connection `self.conn`; the call only reads its errno.
+        let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(self.conn.handle()) };
+        let os = if errno != 0 { format!(" ({})", std::io::Error::from_raw_os_error(errno)) } else { String::new() };
+        format!("writing feature database {}{os}", self.tmp.display())
     }
 
     pub fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
@@ -268,6 +280,10 @@ impl FeatureDbWriter {
 
     /// Insert with an already-compressed detail blob (the synthetic benchmark fill reuses one).
     pub fn insert_raw(&mut self, row: &FeatureRow, blob: &[u8]) -> Result<()> {
+        self.insert_row(row, blob).with_context(|| self.writing())
+    }
+
+    fn insert_row(&mut self, row: &FeatureRow, blob: &[u8]) -> Result<()> {
         let id = row.id as i64;
         self.conn
             .prepare_cached(
@@ -305,9 +321,10 @@ impl FeatureDbWriter {
 
     /// Build the indexes, fsync and move the file into place.
     pub fn finish(self) -> Result<PathBuf> {
-        self.conn.execute_batch("COMMIT")?;
-        self.conn.execute_batch(INDEXES)?;
-        self.conn.execute_batch("INSERT INTO feature_text(feature_text) VALUES('optimize'); ANALYZE;")?;
+        let sql = ["COMMIT", INDEXES, "INSERT INTO feature_text(feature_text) VALUES('optimize'); ANALYZE;"];
+        for q in sql {
+            self.conn.execute_batch(q).with_context(|| self.writing())?;
+        }
         self.conn.close().map_err(|(_, e)| anyhow!("{}: closing: {e}", self.tmp.display()))?;
         // SQLite needs a path of its own: the shared helper moves the finished file into place
         saekit_files::persist_path(&self.tmp, &self.path)?;

@@ -435,6 +435,29 @@ impl R<'_> {
     }
 }
 
+/// The part of a checkpoint after its magic, once the magic and the CRC32 are checked.
+fn checked_body(bytes: &[u8]) -> Result<&[u8]> {
+    if bytes.get(..8) == Some(CKPT_MAGIC_V1) {
+        bail!("checkpoint written by an older saekit (no checksum); delete it or pass --restart");
+    }
+    if bytes.len() < 12 || &bytes[..8] != CKPT_MAGIC {
+        bail!("not a saekit analysis checkpoint");
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let crc = u32::from_le_bytes(crc.try_into()?);
+    if crc32fast::hash(body) != crc {
+        bail!("checkpoint is corrupt (CRC32 mismatch); delete it or pass --restart");
+    }
+    Ok(&body[8..])
+}
+
+/// The run fingerprint a checkpoint records (checked against its CRC32), so a caller can say which
+/// input changed before refusing it.
+pub fn checkpoint_fingerprint(bytes: &[u8]) -> Result<String> {
+    let fp = R(checked_body(bytes)?).bytes()?;
+    Ok(String::from_utf8_lossy(&fp).into_owned())
+}
+
 impl FeatureStats {
     /// Serialize the whole state; `fingerprint` identifies the run (SAE, dataset, options) so a
     /// checkpoint from another run is refused on resume.
@@ -477,18 +500,7 @@ impl FeatureStats {
     /// the bytes left and against the layout `FeatureStats::new` gives, and the whole file against
     /// its CRC32, before anything is sized from it.
     pub fn from_bytes(bytes: &[u8], fingerprint: &str) -> Result<FeatureStats> {
-        if bytes.get(..8) == Some(CKPT_MAGIC_V1) {
-            bail!("checkpoint written by an older saekit (no checksum); delete it or pass --restart");
-        }
-        if bytes.len() < 12 || &bytes[..8] != CKPT_MAGIC {
-            bail!("not a saekit analysis checkpoint");
-        }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        let crc = u32::from_le_bytes(crc.try_into()?);
-        if crc32fast::hash(body) != crc {
-            bail!("checkpoint is corrupt (CRC32 mismatch); delete it or pass --restart");
-        }
-        let mut r = R(&body[8..]);
+        let mut r = R(checked_body(bytes)?);
         let fp = r.bytes()?;
         if fp != fingerprint.as_bytes() {
             bail!("checkpoint belongs to another run ({}); delete it or pass --restart", String::from_utf8_lossy(&fp));

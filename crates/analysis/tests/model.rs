@@ -136,23 +136,21 @@ fn splice_eval_and_analysis_on_the_real_model() {
     };
     let tok = model.tokenizer();
     let encode = |t: &str| tok.encode(t, false);
-    tokenize_corpus(
-        |sink| {
+    // three rounds of the texts, in order or reversed (the latter is another dataset at the same path)
+    let tokenize = |reversed: bool| {
+        let order: Vec<usize> = if reversed { (0..TEXTS.len()).rev().collect() } else { (0..TEXTS.len()).collect() };
+        let read = |sink: &mut dyn FnMut(Document) -> anyhow::Result<()>| {
             for round in 0..3 {
-                for (i, t) in TEXTS.iter().enumerate() {
-                    sink(Document { text: t.to_string(), source: format!("t{round}-{i}"), kind: None, lang: None })?;
+                for &i in &order {
+                    let source = format!("t{round}-{i}");
+                    sink(Document { text: TEXTS[i].to_string(), source, kind: None, lang: None })?;
                 }
             }
             Ok(ReadStats::default())
-        },
-        &encode,
-        &topts,
-        &data,
-        "test",
-        &[],
-        None,
-    )
-    .unwrap();
+        };
+        tokenize_corpus(read, &encode, &topts, &data, "test", &[], None).unwrap();
+    };
+    tokenize(false);
     let ds = TokenDataset::open(&data).unwrap();
     let n_val = ds.split("validation").unwrap().n_contexts();
     assert!(n_val >= 4, "validation split too small: {n_val}");
@@ -192,4 +190,23 @@ fn splice_eval_and_analysis_on_the_real_model() {
         }
     }
     assert!(fired > 10, "only {fired} features fired");
+
+    // --- inputs are identified by content: an SAE rebuilt at the same path is refused on resume
+    let sae_dir = dir.path().join("sae").display().to_string();
+    let three = dir.path().join("three.sqlite");
+    assert!(!analyze(&model, &sae, &sae_dir, &ds, &three, &stop).unwrap().finished);
+    let mut rebuilt = sae.clone();
+    rebuilt.w_dec[0] += 0.5;
+    let e = format!("{:#}", analyze(&model, &rebuilt, &sae_dir, &ds, &three, &opts).unwrap_err());
+    assert!(e.contains("three.sqlite.ckpt: cannot resume"), "{e}");
+    assert!(e.contains(&format!("the SAE at {sae_dir} is not the one")), "{e}");
+    assert!(!e.contains("dataset"), "only the SAE changed: {e}");
+    // ... and so is a token dataset rebuilt at the same path (other documents)
+    tokenize(true);
+    let ds2 = TokenDataset::open(&data).unwrap();
+    let e = format!("{:#}", analyze(&model, &sae, &sae_dir, &ds2, &three, &opts).unwrap_err());
+    assert!(e.contains(&format!("the token dataset at {} changed", data.display())), "{e}");
+    // --restart starts over with the new inputs
+    let restart = AnalyzeOptions { restart: true, ..opts.clone() };
+    assert!(analyze(&model, &rebuilt, &sae_dir, &ds2, &three, &restart).unwrap().finished);
 }

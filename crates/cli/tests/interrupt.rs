@@ -1,5 +1,6 @@
 //! Ctrl-C with a real signal to a real `saekit train` process: it finishes the batch in flight, writes a
-//! checkpoint, exits 130 naming the resume command, and `--resume` continues from that step.
+//! checkpoint, exits 130 naming the resume command, and `--resume` continues from that step. A real
+//! `saekit tokenize` stops reading, writes nothing, exits 130, and its rerun equals an uninterrupted run.
 
 use std::io::Read;
 use std::path::Path;
@@ -83,4 +84,75 @@ fn sigint_and_sigterm_checkpoint_and_exit_130_with_the_resume_command() {
     assert_eq!(code, Some(130), "{err}");
     assert!(step_of(&err) > s1, "{err}");
     assert!(!out.join("sae_weights.safetensors").exists(), "an interrupted run writes no final SAE");
+}
+
+/// Every file under `dir` (relative name, bytes), sorted.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn sigint_stops_tokenize_before_it_writes_and_a_rerun_matches_an_uninterrupted_run() {
+    assert!(saekit_model::default_model_path().exists(), "needs the model: scripts/fetch-model.sh");
+    let t = tempfile::tempdir().unwrap();
+    let docs: Vec<String> = (0..400)
+        .map(|i| format!("{{\"text\": \"Document {i}: the {} fox jumps over {} lazy dogs.\"}}\n", i * 7 % 13, i % 5))
+        .collect();
+    let corpus = t.path().join("corpus.jsonl");
+    // the interrupted run reads a named pipe at the corpus's path: the test decides when documents arrive
+    let c = std::ffi::CString::new(corpus.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let tokenize = |out: &Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_saekit"));
+        cmd.arg("tokenize").arg(&corpus).arg("-o").arg(out).args(["--context", "16", "--validation-fraction", "0.2"]);
+        cmd
+    };
+    let out = t.path().join("tokens");
+    let mut child = tokenize(&out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        // opening blocks until tokenize opens the pipe (after loading the model)
+        let mut pipe = std::fs::OpenOptions::new().write(true).open(&corpus).unwrap();
+        pipe.write_all(docs[..100].concat().as_bytes()).unwrap();
+        pipe.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        std::thread::sleep(Duration::from_millis(300));
+        // the next document meets the stop flag; tokenize exits and the pipe may break under us
+        let _ = pipe.write_all(docs[100..].concat().as_bytes());
+    }
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{err}");
+    assert!(err.contains("nothing was written to") && err.contains("resume with: "), "{err}");
+    assert!(err.contains(&format!("tokenize {}", corpus.display())), "the resume command is the same command: {err}");
+    assert!(
+        files(&out).is_empty(),
+        "an interrupted tokenize left files: {:?}",
+        files(&out).iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+
+    // the same path as a plain file: the rerun and an uninterrupted run write the same bytes
+    std::fs::remove_file(&corpus).unwrap();
+    std::fs::write(&corpus, docs.concat()).unwrap();
+    for dir in [&out, &t.path().join("ref")] {
+        let o = tokenize(dir).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (files(&out), files(&t.path().join("ref")));
+    assert!(a.iter().any(|f| f.0 == "manifest.json"), "{:?}", a.iter().map(|f| &f.0).collect::<Vec<_>>());
+    assert_eq!(a.iter().map(|f| &f.0).collect::<Vec<_>>(), b.iter().map(|f| &f.0).collect::<Vec<_>>());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(x.1 == y.1, "{} differs from the uninterrupted run", x.0);
+    }
 }

@@ -330,8 +330,10 @@ fn entry_names(dir: &Path) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    rd.map(|e| Ok(e.with_context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned()))
-        .collect()
+    rd.map(|e| {
+        Ok(e.with_context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned())
+    })
+    .collect()
 }
 
 fn read_checkpoint(dir: &Path) -> Result<(CheckpointMeta, State)> {

@@ -432,6 +432,16 @@ impl ActivationWriter {
         let manifest = if mpath.exists() {
             let m: StoreManifest = read_json(&mpath)?;
             ensure!(m.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
+            let (then, now) = (&m.config.source, &config.source);
+            if then.fingerprint != now.fingerprint && then.tokens == now.tokens {
+                bail!(
+                    "{} was harvested from the token dataset at {}, which has changed since (fingerprint {} then, {} now); harvest into a new directory",
+                    dir.display(),
+                    now.tokens,
+                    then.fingerprint,
+                    now.fingerprint
+                );
+            }
             if m.config != config {
                 bail!(
                     "{} holds a store with a different configuration; use a new directory or the same options\n  existing: {}\n  requested: {}",

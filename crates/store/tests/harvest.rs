@@ -67,7 +67,8 @@ fn harvest_refuses_other_tokenizers_and_rebuilt_tokens() {
         "{:#}",
         harvest(&model, &path, &TokenDataset::open(data_dir.path()).unwrap(), out.path(), &more).unwrap_err()
     );
-    assert!(e.contains("different configuration"), "{e}");
+    let tokens = data_dir.path().canonicalize().unwrap();
+    assert!(e.contains(&format!("token dataset at {}, which has changed", tokens.display())), "{e}");
 }
 
 #[test]

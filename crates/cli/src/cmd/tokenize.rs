@@ -1,11 +1,12 @@
 //! `saekit tokenize`: corpus inputs -> fixed-length token contexts (memory-mappable u32 shards + manifest).
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use saekit_store::harvest::tokenize_options_for;
-use saekit_store::{read_corpus, tokenize_corpus, CorpusOptions};
+use saekit_store::{read_corpus, tokenize_corpus, CorpusOptions, Document};
 
 use super::model_arg::ModelArgs;
 
@@ -68,15 +69,29 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
     let t0 = Instant::now();
     let inputs = a.inputs.clone();
     let encode = |t: &str| tok.encode(t, false);
-    let m = tokenize_corpus(
-        |sink| read_corpus(&inputs, &copts, sink),
-        &encode,
-        &opts,
-        &a.out,
-        &path.display().to_string(),
-        &a.inputs,
-        Some(&pb),
-    )?;
+    let stop = super::interrupt::stop_flag()?;
+    let stopped = || stop.load(Ordering::SeqCst);
+    // Reading and encoding is the long part and writes nothing: a signal there ends the read before
+    // the output folder is touched (the dataset is written in one go afterwards, and a rerun starts over).
+    let read = |sink: &mut dyn FnMut(Document) -> Result<()>| {
+        let mut checked = |doc: Document| if stopped() { Err(anyhow!("interrupted by a signal")) } else { sink(doc) };
+        let st = read_corpus(&inputs, &copts, &mut checked)?;
+        if stopped() {
+            return Err(anyhow!("interrupted by a signal"));
+        }
+        Ok(st)
+    };
+    let m = match tokenize_corpus(read, &encode, &opts, &a.out, &path.display().to_string(), &a.inputs, Some(&pb)) {
+        // the read stopped because of the signal (its error passes through the corpus reader)
+        Err(_) if stopped() => {
+            pb.finish_and_clear();
+            super::interrupt::exit_interrupted(
+                &format!("stopped while reading; nothing was written to {} (tokenize starts over)", a.out.display()),
+                &super::interrupt::this_command(),
+            )
+        }
+        r => r?,
+    };
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     eprintln!("read: {}", m.read.summary());
