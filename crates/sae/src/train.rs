@@ -330,8 +330,10 @@ fn entry_names(dir: &Path) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    rd.map(|e| Ok(e.with_context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned()))
-        .collect()
+    rd.map(|e| {
+        Ok(e.with_context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned())
+    })
+    .collect()
 }
 
 fn read_checkpoint(dir: &Path) -> Result<(CheckpointMeta, State)> {
@@ -505,7 +507,9 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
             bail!("--resume: checkpoint has d_in {} but the activations have {d}", meta.d_in);
         }
         check_resume_matches(last, &meta, cfg_in, &prov)?;
-        src.seek(&meta.cursor).context("--resume: restoring the data position")?;
+        src.seek(&meta.cursor).with_context(|| {
+            format!("--resume: restoring the data position recorded in {}/state.json", last.display())
+        })?;
         rewrite_metrics_upto(&metrics_path, meta.step)?;
         tracing::info!("resuming from {} (step {})", last.display(), meta.step);
         let mut cfg = meta.config.clone();
