@@ -4,6 +4,7 @@
 //! reader never sees half a database); readers (the CLI, the web browser) through [`FeatureDb`].
 
 use std::collections::HashMap;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub const DB_FORMAT: &str = "saekit-feature-db";
 /// Bumped when the schema or the detail blob changes incompatibly.
 pub const DB_VERSION: u32 = 1;
+/// The most one feature's detail record may decode to (real ones are a few KiB).
+const MAX_DETAIL_BYTES: u64 = 16 << 20;
 
 /// One context window around a token where the feature fired.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -389,6 +392,19 @@ impl FeatureDb {
         Ok(self.info.clone())
     }
 
+    /// Errors of a query name the database: SQLite's own say only what broke ("database disk image is
+    /// malformed"), not where.
+    fn named<T>(&self, r: Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            let p = self.path.display().to_string();
+            if format!("{e:#}").contains(&p) {
+                e
+            } else {
+                e.context(p)
+            }
+        })
+    }
+
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.conn.lock().map_err(|_| anyhow!("feature database lock poisoned"))
     }
@@ -397,6 +413,11 @@ impl FeatureDb {
         if let Some(v) = self.vocab.get() {
             return Ok(v);
         }
+        let v = self.named(self.read_vocab())?;
+        Ok(self.vocab.get_or_init(|| v))
+    }
+
+    fn read_vocab(&self) -> Result<Vec<String>> {
         let conn = self.conn()?;
         let mut st = conn.prepare("SELECT id, text FROM vocab ORDER BY id")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
@@ -408,9 +429,7 @@ impl FeatureDb {
             }
             v.push(t);
         }
-        drop(st);
-        drop(conn);
-        Ok(self.vocab.get_or_init(|| v))
+        Ok(v)
     }
 
     /// The text of token `id` (`<id>` when outside the stored vocabulary).
@@ -420,14 +439,24 @@ impl FeatureDb {
 
     /// The raw stored detail of a feature (for tools that want ids rather than strings).
     pub fn detail(&self, id: u32) -> Result<Option<StoredDetail>> {
+        self.named(self.read_detail(id))
+    }
+
+    fn read_detail(&self, id: u32) -> Result<Option<StoredDetail>> {
         let blob: Option<Vec<u8>> = self
             .conn()?
             .prepare_cached("SELECT data FROM feature_detail WHERE id = ?1")?
             .query_row([id as i64], |r| r.get(0))
             .optional()?;
         let Some(blob) = blob else { return Ok(None) };
-        let json = zstd::stream::decode_all(&blob[..])
+        // bounded: a corrupt frame can declare (and an RLE block produce) gigabytes from a few bytes
+        let mut json = Vec::new();
+        zstd::stream::read::Decoder::new(&blob[..])
+            .and_then(|d| d.take(MAX_DETAIL_BYTES + 1).read_to_end(&mut json))
             .with_context(|| format!("{}: feature {id}: corrupt detail blob", self.path.display()))?;
+        if json.len() as u64 > MAX_DETAIL_BYTES {
+            bail!("{}: feature {id}: detail blob decodes to more than {MAX_DETAIL_BYTES} bytes", self.path.display());
+        }
         Ok(Some(
             serde_json::from_slice(&json)
                 .with_context(|| format!("{}: feature {id}: bad detail record", self.path.display()))?,
@@ -435,6 +464,10 @@ impl FeatureDb {
     }
 
     pub fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
+        self.named(self.read_feature(id))
+    }
+
+    fn read_feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
         type Row = (f64, f64, f64, i64, Option<String>, i64, f64, f64);
         let row: Option<Row> = self
             .conn()?
@@ -513,6 +546,10 @@ impl FeatureDb {
     }
 
     pub fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
+        self.named(self.read_list(sort, descending, offset, limit))
+    }
+
+    fn read_list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
         let col = match sort {
             SortBy::Density => "density",
             SortBy::MaxAct => "max_act",
@@ -532,6 +569,10 @@ impl FeatureDb {
     /// A feature id, or words matched (all of them, prefix-free) against each feature's peak tokens,
     /// their surrounding context, promoted tokens and explanation; best matches first (bm25).
     pub fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
+        self.named(self.read_search(query, limit))
+    }
+
+    fn read_search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
         let q = query.trim();
         if let Ok(id) = q.trim_start_matches('#').parse::<u32>() {
             return Ok(self.summary(id)?.into_iter().collect());
@@ -556,6 +597,10 @@ impl FeatureDb {
     }
 
     pub fn summary(&self, id: u32) -> Result<Option<FeatureSummary>> {
+        self.named(self.read_summary(id))
+    }
+
+    fn read_summary(&self, id: u32) -> Result<Option<FeatureSummary>> {
         let conn = self.conn()?;
         let mut st = conn.prepare_cached("SELECT id, density, max_act, top_tokens FROM features WHERE id = ?1")?;
         st.query_row([id as i64], summary_row).optional()?.transpose()
@@ -573,6 +618,10 @@ impl FeatureDb {
     }
 
     pub fn map(&self) -> Result<Vec<MapPoint>> {
+        self.named(self.read_map())
+    }
+
+    fn read_map(&self) -> Result<Vec<MapPoint>> {
         let conn = self.conn()?;
         let mut st = conn.prepare_cached("SELECT id, x, y, density, max_act FROM features ORDER BY id")?;
         let rows = st.query_map([], |r| {
@@ -588,7 +637,8 @@ impl FeatureDb {
     }
 
     pub fn len(&self) -> Result<u64> {
-        Ok(self.conn()?.query_row("SELECT COUNT(*) FROM features", [], |r| r.get::<_, i64>(0))? as u64)
+        let n = self.conn()?.query_row("SELECT COUNT(*) FROM features", [], |r| r.get::<_, i64>(0));
+        Ok(self.named(n.map_err(Into::into))? as u64)
     }
 
     pub fn is_empty(&self) -> Result<bool> {

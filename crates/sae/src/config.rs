@@ -238,7 +238,16 @@ pub struct Resolved {
 impl TrainConfig {
     pub fn from_toml_file(path: &str) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
-        toml::from_str(&text).with_context(|| format!("parsing config {path}"))
+        // toml's own message draws the offending line over several lines; errors here are one line
+        toml::from_str(&text).map_err(|e| {
+            let at = e.span().map(|s| {
+                let before = &text.as_bytes()[..s.start.min(text.len())];
+                let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                format!(" (line {line})")
+            });
+            let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+            anyhow::anyhow!("parsing config {path}: {msg}{}", at.unwrap_or_default())
+        })
     }
 
     pub fn to_toml(&self) -> String {

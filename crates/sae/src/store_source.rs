@@ -105,7 +105,8 @@ impl ActivationSource for StoreSource {
             hook_name: self.reader.hook().to_string(),
             context_size: Some(c.context),
             tokenizer_fingerprint: c.tokenizer_fingerprint.clone(),
-            sink_rule: c.sink_rule(),
+            // the rule with what the harvest measured (median norms, share of rows marked)
+            sink_rule: self.store.manifest().sink_rule(),
             // the manifest lists every shard's size and CRC32: its bytes identify the store's content
             data_fingerprint: format!("store:{}", saekit_files::fingerprint_files(&[mpath])?),
         })

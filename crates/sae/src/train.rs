@@ -507,7 +507,9 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
             bail!("--resume: checkpoint has d_in {} but the activations have {d}", meta.d_in);
         }
         check_resume_matches(last, &meta, cfg_in, &prov)?;
-        src.seek(&meta.cursor).context("--resume: restoring the data position")?;
+        src.seek(&meta.cursor).with_context(|| {
+            format!("--resume: restoring the data position recorded in {}/state.json", last.display())
+        })?;
         rewrite_metrics_upto(&metrics_path, meta.step)?;
         tracing::info!("resuming from {} (step {})", last.display(), meta.step);
         let mut cfg = meta.config.clone();

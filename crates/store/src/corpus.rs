@@ -325,8 +325,40 @@ fn read_jsonl(
     }
 }
 
+/// The parquet crate's decoders panic on some corrupt files (an index out of bounds in the RLE decoder,
+/// an `unwrap` on a missing thrift field; parquet 57): a corrupt file must cost that file, not the run.
+/// Panics raised by the sink are the caller's and keep unwinding.
 #[cfg(feature = "parquet")]
 fn read_parquet(
+    path: &Path,
+    opts: &CorpusOptions,
+    st: &mut ReadStats,
+    sink: &mut impl FnMut(Document) -> Result<()>,
+) -> Result<()> {
+    let in_sink = std::cell::Cell::new(false);
+    let mut guarded = |d: Document| {
+        in_sink.set(true);
+        let r = sink(d);
+        in_sink.set(false);
+        r
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_parquet(path, opts, st, &mut guarded)));
+    match r {
+        Ok(r) => r,
+        Err(payload) if in_sink.get() => std::panic::resume_unwind(payload),
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            bail!("{}: corrupt Parquet file (the decoder failed: {what})", path.display())
+        }
+    }
+}
+
+#[cfg(feature = "parquet")]
+fn decode_parquet(
     path: &Path,
     opts: &CorpusOptions,
     st: &mut ReadStats,

@@ -103,8 +103,11 @@ pub fn check_tokenizer(model: &Model, model_label: &str, data: &TokenDataset) ->
     Ok(())
 }
 
-/// The tokens whose rows are attention sinks besides position 0: (BOS, end-of-text tokens). BOS is the
-/// dataset's (or the tokenizer's); end-of-text covers the dataset's separator, `<|endoftext|>` and EOS.
+/// The tokens whose rows are marked as sinks besides position 0: (BOS, end-of-text tokens). BOS is the
+/// one the dataset put at the start of each context, and none when the tokenizer adds none: a chat
+/// model's nominal BOS (`<|im_start|>` in SmolLM2) opens every turn, and most of its rows are ordinary
+/// (measured in `tests/harvest.rs`); the rows that are sinks are found by their norm
+/// (`HarvestOptions::outlier_factor`). End-of-text covers the dataset's separator, `<|endoftext|>` and EOS.
 pub fn sink_tokens(model: &Model, data: &TokenDataset) -> (Option<u32>, Vec<u32>) {
     let tok = model.tokenizer();
     let m = &data.manifest().options;
@@ -114,7 +117,7 @@ pub fn sink_tokens(model: &Model, data: &TokenDataset) -> (Option<u32>, Vec<u32>
             eot.push(t);
         }
     }
-    (m.bos.or(tok.bos_token_id()), eot)
+    (m.bos, eot)
 }
 
 /// Harvest into `out` (created, or resumed when it already holds the same harvest).

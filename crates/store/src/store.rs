@@ -40,8 +40,9 @@ pub mod marks {
     pub const BOS: u8 = 2;
     /// The end-of-text / document separator token (also an attention sink in SmolLM2).
     pub const EOT: u8 = 4;
-    /// Norm above `outlier_factor` × the shard's median norm at any hook: the other attention sinks
-    /// (in SmolLM2 a few position-1 tokens carry ~100× the median norm and most of the variance).
+    /// Norm above `outlier_factor` × the shard's median norm at any hook: the attention sinks found by
+    /// measurement (in SmolLM2 a few tokens away from position 0 carry ~100× the median norm and most of
+    /// the variance; which ones depends on the text, so no token id is assumed to be one).
     pub const OUTLIER: u8 = 8;
     pub const ALL: u8 = POS0 | BOS | EOT | OUTLIER;
 }
@@ -197,7 +198,9 @@ pub struct StoreConfig {
     pub context: usize,
     /// Contexts per shard file.
     pub contexts_per_shard: usize,
-    /// Token ids marked `marks::BOS`.
+    /// Token ids marked `marks::BOS`: the BOS the tokenizer puts at the start of each context, `None`
+    /// when it adds none (a chat model's `<|im_start|>` is then an ordinary token, kept unless its norm
+    /// says otherwise).
     pub bos_token: Option<u32>,
     /// Token ids marked `marks::EOT` (end-of-text, EOS, document separator).
     pub eot_tokens: Vec<u32>,
@@ -243,6 +246,13 @@ pub struct ShardEntry {
     pub n_marked: u64,
     pub bytes: u64,
     pub crc32: u32,
+    /// Per hook (manifest order): the median norm of the rows not marked by position or token, the base
+    /// of the outlier threshold (empty in stores written before it was recorded).
+    #[serde(default)]
+    pub median_norms: Vec<f32>,
+    /// Rows marked `marks::OUTLIER` (by their norm).
+    #[serde(default)]
+    pub n_outliers: u64,
 }
 
 /// Running statistics of one hook: over unmarked rows (what training sees), plus norms of marked rows.
@@ -380,6 +390,33 @@ impl StoreManifest {
     pub fn n_tokens(&self) -> u64 {
         self.n_tokens
     }
+    /// The marking rule with what was measured: the median norm the outlier threshold is a multiple of
+    /// (the median over shards, per hook) and the share of rows it marked. Recorded with an SAE.
+    pub fn sink_rule(&self) -> String {
+        let c = &self.config;
+        let mut rule = sink_rule_text(c.bos_token, &c.eot_tokens, c.outlier_factor);
+        let measured: Vec<String> = c
+            .hooks
+            .iter()
+            .enumerate()
+            .filter_map(|(h, name)| {
+                let mut m: Vec<f32> = self.shards.iter().filter_map(|s| s.median_norms.get(h).copied()).collect();
+                if m.is_empty() {
+                    return None;
+                }
+                let mid = m.len() / 2;
+                let med = *m.select_nth_unstable_by(mid, f32::total_cmp).1;
+                Some(format!("{med:.3} at {name}"))
+            })
+            .collect();
+        if c.outlier_factor.is_some() && !measured.is_empty() {
+            let outliers: u64 = self.shards.iter().map(|s| s.n_outliers).sum();
+            let pct = 100.0 * outliers as f64 / self.n_tokens.max(1) as f64;
+            rule.push_str(&format!(" (median {}; {outliers} rows, {pct:.2}%, above it)", measured.join(", ")));
+        }
+        rule
+    }
+
     /// Statistics of one hook (over unmarked rows).
     pub fn stats(&self, hook: &str) -> Option<&HookStats> {
         self.stats.get(hook)
@@ -400,6 +437,42 @@ impl StoreManifest {
             .position(|h| h == hook)
             .with_context(|| format!("hook {hook:?} is not in the store (it has {})", self.config.hooks.join(", ")))
     }
+}
+
+/// Mark (`marks::OUTLIER`) every row whose norm at any hook exceeds `factor` × that hook's median norm
+/// over the rows not already marked (position 0, BOS, end-of-text). Returns the medians per hook (0
+/// when every row is marked) and how many rows were marked by norm alone or in addition.
+fn mark_outliers(acts: &[Vec<u8>], mk: &mut [u8], factor: f32, d: usize, dtype: Dtype) -> (Vec<f32>, u64) {
+    let row_bytes = d * dtype.size();
+    let per_hook: Vec<(f32, Vec<bool>)> = acts
+        .par_iter()
+        .map(|a| {
+            let mut row = vec![0f32; d];
+            let norms: Vec<f32> = a
+                .chunks_exact(row_bytes)
+                .map(|b| {
+                    dtype.decode(b, &mut row);
+                    row.iter().map(|v| v * v).sum::<f32>().sqrt()
+                })
+                .collect();
+            let mut base: Vec<f32> = norms.iter().zip(mk.iter()).filter(|(_, &m)| m == 0).map(|(&x, _)| x).collect();
+            if base.is_empty() {
+                return (0.0, vec![false; norms.len()]);
+            }
+            let mid = base.len() / 2;
+            let median = *base.select_nth_unstable_by(mid, f32::total_cmp).1;
+            (median, norms.iter().map(|&x| x > factor * median).collect())
+        })
+        .collect();
+    for (_, flags) in &per_hook {
+        for (m, &o) in mk.iter_mut().zip(flags) {
+            if o {
+                *m |= marks::OUTLIER;
+            }
+        }
+    }
+    let n_outliers = mk.iter().filter(|&&m| m & marks::OUTLIER != 0).count() as u64;
+    (per_hook.into_iter().map(|(med, _)| med).collect(), n_outliers)
 }
 
 // ------------------------------------------------------------------------------------------ writer
@@ -575,37 +648,11 @@ impl ActivationWriter {
         let mut mk: Vec<u8> = (0..n).map(|r| self.mark(r % c.context, self.tokens[r])).collect();
         let d = c.d_model;
         let row_bytes = d * c.dtype.size();
-        // Outliers: norm far above the median of this shard's other unmarked rows, at any hook.
-        if let Some(factor) = c.outlier_factor {
-            let flagged: Vec<Vec<bool>> = self
-                .acts
-                .par_iter()
-                .map(|a| {
-                    let mut row = vec![0f32; d];
-                    let norms: Vec<f32> = a
-                        .chunks_exact(row_bytes)
-                        .map(|b| {
-                            c.dtype.decode(b, &mut row);
-                            row.iter().map(|v| v * v).sum::<f32>().sqrt()
-                        })
-                        .collect();
-                    let mut base: Vec<f32> = norms.iter().zip(&mk).filter(|(_, &m)| m == 0).map(|(&x, _)| x).collect();
-                    if base.is_empty() {
-                        return vec![false; norms.len()];
-                    }
-                    let mid = base.len() / 2;
-                    let median = *base.select_nth_unstable_by(mid, f32::total_cmp).1;
-                    norms.iter().map(|&x| x > factor * median).collect()
-                })
-                .collect();
-            for f in &flagged {
-                for (m, &o) in mk.iter_mut().zip(f) {
-                    if o {
-                        *m |= marks::OUTLIER;
-                    }
-                }
-            }
-        }
+        // Outliers: norm far above the median of this shard's rows not marked by position or token.
+        let (median_norms, n_outliers) = match c.outlier_factor {
+            Some(factor) => mark_outliers(&self.acts, &mut mk, factor, d, c.dtype),
+            None => (vec![], 0),
+        };
         let n_marked = mk.iter().filter(|&&m| m != 0).count() as u64;
         // Statistics of the stored (rounded) values: what a reader will return.
         let shard_stats: Vec<HookStats> = self
@@ -670,6 +717,8 @@ impl ActivationWriter {
             n_marked,
             bytes: layout.total as u64,
             crc32: crc.finalize(),
+            median_norms,
+            n_outliers,
         });
         m.n_tokens += n as u64;
         m.n_contexts += n_contexts;

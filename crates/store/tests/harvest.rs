@@ -138,52 +138,121 @@ fn harvest_matches_direct_forward_and_resumes() {
     assert!(st.marked_mean_norm > 5.0 * st.mean_norm, "position 0 is an attention sink");
 }
 
-/// Which tokens are attention sinks, measured: the layer-15 residual norm of each token of a text with
-/// a document break and chat turns in mid-context, over the median. Printed with `--nocapture`.
+/// Chat data, harvested: which rows are sinks is measured, not assumed from a token id. SmolLM2 names
+/// `<|im_start|>` its BOS but never adds it, and the token opens every chat turn; marking it by id
+/// dropped every turn's first row from training. The rule now: position 0, end-of-text ids, and any row
+/// whose norm exceeds 10x the median norm of the other rows. Checked against norms computed here from
+/// an independent forward pass; the measured numbers are in the manifest's rule.
 #[test]
-fn sink_norms_decide_the_sink_rule() {
+fn sink_rows_are_decided_by_measured_norms() {
     let path = model_path();
     let model = Model::load(&path, &LoadOptions::default()).unwrap();
     let tok = model.tokenizer();
-    let text = "The river runs past the old mill and into the valley below the town.<|endoftext|>Another \
-                document starts here with ordinary words.<|im_start|>user\nWhat is the capital of France?<|im_end|>\n\
-                <|im_start|>assistant\nThe capital of France is Paris.<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>";
-    let ids = tok.encode(text, false).unwrap();
-    let layers = [6usize, 15, 25];
-    let hooks: Vec<HookPoint> = layers.iter().map(|&l| HookPoint::ResidPost(l)).collect();
-    let cache = model.run_with_cache(&ids, 1, &hooks).unwrap();
-    let d = model.config().d_model;
-    println!(
-        "bos {:?} (added: {}), eos {}, end-of-text {:?}",
-        tok.bos_token_id(),
-        tok.add_bos(),
-        tok.eos_token_id(),
-        tok.end_of_text_id()
-    );
-    let ratios: Vec<Vec<f32>> = hooks
-        .iter()
-        .map(|h| {
-            let n: Vec<f32> =
-                cache.get(h).unwrap().chunks(d).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
-            let mut s = n.clone();
-            s.sort_by(f32::total_cmp);
-            let med = s[s.len() / 2];
-            n.iter().map(|x| x / med).collect()
+    let im_start = tok.token_to_id("<|im_start|>").unwrap();
+    assert_eq!(tok.bos_token_id(), Some(im_start), "SmolLM2 names <|im_start|> its BOS (the old rule's input)");
+    let turns = [
+        ("What is the capital of France?", "The capital of France is Paris, on the Seine."),
+        ("Name a prime number above ten.", "Eleven is a prime number; so are 13 and 17."),
+        ("How do plants make food?", "Plants use sunlight, water and carbon dioxide to make sugar."),
+        ("Thanks, that helps!", "You are welcome. Ask me anything else."),
+    ];
+    let texts: Vec<String> = (0..6)
+        .map(|i| {
+            let (q, a) = turns[i % turns.len()];
+            let (q2, a2) = turns[(i + 1) % turns.len()];
+            format!(
+                "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n\
+                 <|im_start|>assistant\n{a}<|im_end|>\n<|im_start|>user\n{q2}<|im_end|>\n<|im_start|>assistant\n{a2}<|im_end|>\n"
+            )
         })
         .collect();
-    for (i, &t) in ids.iter().enumerate() {
-        let r: Vec<String> = ratios.iter().map(|r| format!("{:7.1}", r[i])).collect();
-        println!("{i:>3} {t:>6} {:<18} {}", format!("{:?}", tok.token_text(t)), r.join(" "));
-    }
-    let im_start = tok.token_to_id("<|im_start|>").unwrap();
-    let eot = tok.end_of_text_id().unwrap();
-    let at = |id: u32| {
-        ids.iter().enumerate().skip(1).filter(|(_, &t)| t == id).map(|(i, _)| ratios[1][i]).collect::<Vec<_>>()
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut opts = tokenize_options_for(&model);
+    opts.context = 48;
+    opts.validation_fraction = 0.0;
+    tokenize_texts(&model, &texts, &opts, data_dir.path()).unwrap();
+    let data = TokenDataset::open(data_dir.path()).unwrap();
+    let split = data.split("train").unwrap();
+    let n_ctx = split.n_contexts();
+    assert!(n_ctx >= 4, "{n_ctx}");
+    let hooks = vec![HookPoint::ResidPost(6), HookPoint::ResidPost(15)];
+    let out = tempfile::tempdir().unwrap();
+    let factor = 10.0f32;
+    // one shard, so the harvest's median is over the same rows as the one computed below
+    let hopts = HarvestOptions {
+        hooks: hooks.clone(),
+        tokens: n_ctx * 48,
+        batch: 4,
+        contexts_per_shard: n_ctx as usize,
+        outlier_factor: Some(factor),
+        progress: false,
+        ..Default::default()
     };
+    let m = harvest(&model, &path, &data, out.path(), &hopts).unwrap();
+    assert_eq!(m.config.bos_token, None, "no BOS is added, so none is marked by id");
+    assert_eq!(m.shards.len(), 1);
+
+    // Independent norms: a direct forward pass per context, the median over rows that are neither
+    // position 0 nor an end-of-text id, the threshold 10x that.
+    let d = model.config().d_model;
+    let (mut ids, mut norms) = (vec![], vec![vec![]; hooks.len()]);
+    for c in 0..n_ctx {
+        let ctx_ids = split.context(c);
+        let cache = model.run_with_cache(ctx_ids, 1, &hooks).unwrap();
+        for (h, point) in hooks.iter().enumerate() {
+            norms[h].extend(cache.get(point).unwrap().chunks(d).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()));
+        }
+        ids.extend_from_slice(ctx_ids);
+    }
+    let by_id = |r: usize| r % 48 == 0 || m.config.eot_tokens.contains(&ids[r]);
+    let medians: Vec<f32> = norms
+        .iter()
+        .map(|n| {
+            let mut base: Vec<f32> = n.iter().enumerate().filter(|(r, _)| !by_id(*r)).map(|(_, &x)| x).collect();
+            base.sort_by(f32::total_cmp);
+            base[base.len() / 2]
+        })
+        .collect();
+    for (h, (&want, &got)) in medians.iter().zip(&m.shards[0].median_norms).enumerate() {
+        assert!((got - want).abs() <= 0.01 * want, "hook {h}: manifest median {got}, measured here {want}");
+    }
+    let store = ActivationStore::open(out.path()).unwrap();
+    let v = store.shard(0);
+    let (mut kept_im_start, mut massive_im_start, mut massive_elsewhere, mut checked) = (0, 0, 0, 0);
+    for r in 0..ids.len() {
+        let mk = v.marks()[r];
+        let ratios: Vec<f32> = (0..hooks.len()).map(|h| norms[h][r] / medians[h]).collect();
+        // bf16 storage moves a norm by < 1%: rows that close to the threshold may go either way
+        if ratios.iter().any(|x| (x / factor - 1.0).abs() < 0.02) {
+            continue;
+        }
+        checked += 1;
+        let massive = ratios.iter().any(|&x| x > factor);
+        assert_eq!(mk & marks::OUTLIER != 0, massive, "row {r} (token {}): norm / median {ratios:?}", ids[r]);
+        assert_eq!(mk & marks::BOS, 0, "row {r}: no row is marked BOS by its id");
+        if ids[r] == im_start && r % 48 != 0 {
+            if massive {
+                massive_im_start += 1;
+            } else {
+                assert_eq!(mk, 0, "row {r}: an ordinary <|im_start|> row is kept for training");
+                kept_im_start += 1;
+            }
+        }
+        if massive && r % 48 != 0 {
+            massive_elsewhere += 1;
+        }
+    }
     println!(
-        "layer 15 / median: position 0 {:.1}, <|endoftext|> {:?}, <|im_start|> {:?}",
-        ratios[1][0],
-        at(eot),
-        at(im_start)
+        "medians {medians:?}; <|im_start|> rows kept {kept_im_start}, massive {massive_im_start}; massive rows past \
+         position 0: {massive_elsewhere}; rows checked {checked} of {}",
+        ids.len()
     );
+    assert!(kept_im_start >= 10, "the old rule dropped these: {kept_im_start}");
+    assert!(checked >= ids.len() * 9 / 10, "{checked} of {} rows clear of the threshold", ids.len());
+    // the rule and what was measured travel with the store (and into an SAE's cfg.json)
+    let rule = store.manifest().sink_rule();
+    assert!(rule.starts_with("position 0; end-of-text ids") && !rule.contains("BOS"), "{rule}");
+    let outliers = m.shards[0].n_outliers;
+    assert!(rule.contains(&format!("norm > {factor}x")) && rule.contains(&format!("{outliers} rows")), "{rule}");
+    assert!(rule.contains(&format!("{:.3} at blocks.15.hook_resid_post", m.shards[0].median_norms[1])), "{rule}");
 }

@@ -39,7 +39,9 @@ pub struct HarvestArgs {
     #[arg(long, default_value_t = 256)]
     pub contexts_per_shard: usize,
     /// Mark rows whose norm exceeds this multiple of the shard's median norm (attention sinks away from
-    /// position 0); readers skip them by default. 0 disables.
+    /// position 0); readers skip them by default. 0 disables. Besides these, only position 0, an added
+    /// BOS and end-of-text ids are marked: no other token (e.g. `<|im_start|>`) is a sink by its id. The
+    /// manifest records the rule with the measured medians and share of rows marked.
     #[arg(long, default_value_t = 10.0)]
     pub outlier_factor: f32,
     /// Delete an existing store in OUT instead of resuming it (refused if OUT holds other files).

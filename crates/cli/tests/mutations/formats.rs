@@ -544,19 +544,25 @@ fn corpus_read(dir: &Path) -> Result<()> {
 
 // -------------------------------------------------------------------------------------------- HTTP
 
+/// The bodies name the two features that fired most in the server's database: a `unit: "max"` edit of
+/// a feature with no recorded activation is rightly refused, and a random SAE's feature 3 need not fire
+/// on the three fixture texts at all.
 fn http_seed(dir: &Path) {
+    let (_, [a, b]) = http_state();
     let steer = serde_json::json!({"prompt": "The weather is", "chat": false, "max_new_tokens": 2, "temperature": 0.5,
-        "seed": 1, "edits": [{"feature": 3, "mode": "clamp", "value": 2.0, "unit": "max"},
-                             {"feature": 5, "mode": "add", "value": -1.5}]});
+        "seed": 1, "edits": [{"feature": a, "mode": "clamp", "value": 2.0, "unit": "max"},
+                             {"feature": b, "mode": "add", "value": -1.5}]});
     std::fs::write(dir.join("steer.json"), serde_json::to_vec_pretty(&steer).unwrap()).unwrap();
-    let live = serde_json::json!({"text": "Hello world", "feature": 3, "top_k": 5, "lens": true});
+    let live = serde_json::json!({"text": "Hello world", "feature": a, "top_k": 5, "lens": true});
     std::fs::write(dir.join("live.json"), serde_json::to_vec_pretty(&live).unwrap()).unwrap();
 }
 
-/// One server (the real model, a random SAE, a small database) for every case of the worker.
-fn http_state() -> std::sync::Arc<saekit_serve::AppState> {
+/// One server (the real model, a random SAE, a small database) for every case of the worker, and the
+/// two features with the largest recorded activation.
+fn http_state() -> (std::sync::Arc<saekit_serve::AppState>, [u32; 2]) {
+    use saekit_serve::FeatureStore;
     use std::sync::{Arc, OnceLock};
-    static STATE: OnceLock<Arc<saekit_serve::AppState>> = OnceLock::new();
+    static STATE: OnceLock<(Arc<saekit_serve::AppState>, [u32; 2])> = OnceLock::new();
     STATE
         .get_or_init(|| {
             let path = saekit_model::default_model_path();
@@ -565,9 +571,12 @@ fn http_state() -> std::sync::Arc<saekit_serve::AppState> {
             let sae = saekit_serve::fixture::random_sae(&model, "blocks.6.hook_resid_post", 64, 8, 3);
             let engine = saekit_serve::Engine::new(model, sae).expect("engine");
             let db = saekit_serve::fixture::build_db(&engine, &saekit_serve::fixture::FIXTURE_TEXTS[..3]).expect("db");
+            let top = db.list(saekit_analysis::SortBy::MaxAct, true, 0, 2).expect("list features");
+            assert!(top.len() == 2 && top[1].max_act > 0.0, "the fixture database has fewer than two live features");
             let queue = saekit_serve::ModelQueue::start(engine, 4).expect("queue");
             let limits = saekit_serve::Limits { max_new_tokens: 2, max_live_tokens: 32, ..Default::default() };
-            Arc::new(saekit_serve::AppState::new(Arc::new(db), Some(queue), serde_json::json!({}), limits))
+            let state = saekit_serve::AppState::new(Arc::new(db), Some(queue), serde_json::json!({}), limits);
+            (Arc::new(state), [top[0].id, top[1].id])
         })
         .clone()
 }
@@ -587,7 +596,7 @@ fn http_read(dir: &Path) -> Result<()> {
             .header("content-type", "application/json")
             .body(axum::body::Body::from(body))?;
         let (status, bytes) = rt.block_on(async {
-            let resp = saekit_serve::router(http_state()).oneshot(req).await.expect("infallible");
+            let resp = saekit_serve::router(http_state().0).oneshot(req).await.expect("infallible");
             let status = resp.status();
             (status, resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default())
         });
