@@ -258,6 +258,9 @@ fn plain<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
+/// Activations by hook point, `[rows, d_model]` each.
+type Captured = HashMap<HookPoint, Vec<f32>>;
+
 /// The activations at `points` (the library's `run_with_cache`, which stops after the deepest hook) and,
 /// when asked, the logits of every position from a full pass of their own.
 fn capture(
@@ -266,7 +269,7 @@ fn capture(
     batch: usize,
     points: &[HookPoint],
     with_logits: bool,
-) -> anyhow::Result<(HashMap<HookPoint, Vec<f32>>, Option<Vec<f32>>)> {
+) -> anyhow::Result<(Captured, Option<Vec<f32>>)> {
     let mut cache = model.run_with_cache(ids, batch, points)?;
     let acts = points.iter().filter_map(|p| cache.take(p).map(|v| (*p, v))).collect();
     let logits = if with_logits {
@@ -303,7 +306,7 @@ fn edits_of(
     };
     let spec = |f: u32, v: &Bound<'_, PyAny>| -> PyResult<f32> {
         let s: EditSpec = format!("{f}={}", v.str()?).parse().map_err(to_py)?;
-        saekit_steer::parse_edit(&s, &max_act).map_err(to_py)
+        saekit_steer::parse_edit(&s, max_act).map_err(to_py)
     };
     let mut edits = Vec::new();
     for (f, v) in sorted(steer) {

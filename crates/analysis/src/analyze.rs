@@ -88,17 +88,17 @@ pub fn sae_hook(model: &Model, sae: &Sae, sae_label: &str, hook: Option<HookPoin
     Ok(h)
 }
 
-/// Rows to skip in a `[batch, seq]` block of tokens: position 0 and special tokens (the attention
-/// sinks whose residual norm is ~100x the median in SmolLM2).
+/// Rows to skip in a `[batch, seq]` block of tokens by position and id: position 0, BOS when the
+/// tokenizer adds one, end-of-text and EOS. The other sinks are found by their norm (`mark_norm_outliers`),
+/// as harvest finds them: a chat model's nominal BOS (`<|im_start|>` in SmolLM2) opens every turn and most
+/// of its rows are ordinary (measured in saekit-store's `tests/harvest.rs`).
 pub fn sink_rows(model: &Model, tokens: &[u32], seq: usize) -> Vec<bool> {
     let tok = model.tokenizer();
-    tokens
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| {
-            i % seq == 0 || tok.is_special(t) || Some(t) == tok.end_of_text_id() || Some(t) == tok.bos_token_id()
-        })
-        .collect()
+    let bos = tok.bos_token_id().filter(|_| tok.add_bos());
+    let eos = tok.eos_token_id();
+    let is_sink =
+        |i: usize, t: u32| i.is_multiple_of(seq) || t == eos || Some(t) == tok.end_of_text_id() || Some(t) == bos;
+    tokens.iter().enumerate().map(|(i, &t)| is_sink(i, t)).collect()
 }
 
 /// Rows whose L2 norm exceeds this multiple of the block's median norm are treated as sinks too

@@ -210,3 +210,23 @@ fn splice_eval_and_analysis_on_the_real_model() {
     let restart = AnalyzeOptions { restart: true, ..opts.clone() };
     assert!(analyze(&model, &rebuilt, &sae_dir, &ds2, &three, &restart).unwrap().finished);
 }
+
+/// A chat model's turn opener is not a sink by its id: SmolLM2's `<|im_start|>` (its nominal BOS) opens
+/// every turn, and analysis, eval and search must read those rows like any other unless their norm says
+/// otherwise (harvest's rule; the norms are measured in saekit-store's tests/harvest.rs).
+#[test]
+fn chat_turn_openers_are_not_sinks_by_id() {
+    let model = Model::load(&model_path(), &LoadOptions::default()).expect("load model");
+    let tok = model.tokenizer();
+    let im_start = tok.token_to_id("<|im_start|>").expect("SmolLM2 has <|im_start|>");
+    let chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n\
+                <|im_start|>user\nAnd of Spain?<|im_end|>\n";
+    let ids = tok.encode(chat, false).unwrap();
+    let openers: Vec<usize> = (1..ids.len()).filter(|&i| ids[i] == im_start).collect();
+    assert!(openers.len() >= 2, "the chat text must hold turn openers past position 0: {ids:?}");
+    let marks = sink_rows(&model, &ids, ids.len());
+    assert!(marks[0], "position 0 is a sink");
+    for i in openers {
+        assert!(!marks[i], "<|im_start|> at position {i} was marked a sink by its id");
+    }
+}

@@ -204,7 +204,7 @@ fn sink_rows_are_decided_by_measured_norms() {
         }
         ids.extend_from_slice(ctx_ids);
     }
-    let by_id = |r: usize| r % 48 == 0 || m.config.eot_tokens.contains(&ids[r]);
+    let by_id = |r: usize| r.is_multiple_of(48) || m.config.eot_tokens.contains(&ids[r]);
     let medians: Vec<f32> = norms
         .iter()
         .map(|n| {
