@@ -245,19 +245,8 @@ fn fingerprint_hex(digest: &[u8]) -> String {
 /// replace what is there without destroying someone else's files. A missing folder is fine.
 /// `what` names the output in the error ("tokenize output", "activation store").
 pub fn ensure_only_owned(dir: &Path, what: &str, owned: impl Fn(&str) -> bool) -> Result<()> {
-    if !dir.exists() {
-        // nothing there to protect; creating it reports its own errors
-        return Ok(());
-    }
-    let rd = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    let mut foreign: Vec<String> = Vec::new();
-    for ent in rd {
-        let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
-        let name = ent.file_name().to_string_lossy().into_owned();
-        if !owned(&name) {
-            foreign.push(name);
-        }
-    }
+    // a missing folder has nothing to protect; creating it reports its own errors
+    let mut foreign: Vec<String> = entry_names(dir)?.into_iter().filter(|n| !owned(n)).collect();
     if !foreign.is_empty() {
         foreign.sort();
         let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
@@ -269,6 +258,18 @@ pub fn ensure_only_owned(dir: &Path, what: &str, owned: impl Fn(&str) -> bool) -
         );
     }
     Ok(())
+}
+
+/// The names of the entries of `dir` (none when it does not exist).
+pub fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let rd = fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    rd.map(|e| {
+        Ok(e.with_context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned())
+    })
+    .collect()
 }
 
 #[cfg(test)]

@@ -297,7 +297,7 @@ fn is_training_output(name: &str) -> bool {
 fn prepare_fresh_output(out: &Path, data: Option<&Path>, force: bool) -> Result<()> {
     let data_name = data.and_then(|d| data_file_inside(out, d));
     let is_data = |name: &str| data_name.as_deref() == Some(name);
-    let names = entry_names(out)?;
+    let names = saekit_files::entry_names(out)?;
     if names.iter().all(|n| is_data(n)) {
         return Ok(());
     }
@@ -322,18 +322,6 @@ fn prepare_fresh_output(out: &Path, data: Option<&Path>, force: bool) -> Result<
 fn data_file_inside(out: &Path, data: &Path) -> Option<String> {
     let parent = std::fs::canonicalize(data.parent()?).ok()?;
     (std::fs::canonicalize(out).ok()? == parent).then(|| data.file_name()?.to_str().map(str::to_owned)).flatten()
-}
-
-/// The entries of `dir` (none when it does not exist).
-fn entry_names(dir: &Path) -> Result<Vec<String>> {
-    if !dir.exists() {
-        return Ok(Vec::new());
-    }
-    let rd = std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
-    rd.map(|e| {
-        Ok(e.with_context(|| format!("cannot list {}", dir.display()))?.file_name().to_string_lossy().into_owned())
-    })
-    .collect()
 }
 
 fn read_checkpoint(dir: &Path) -> Result<(CheckpointMeta, State)> {
