@@ -37,6 +37,10 @@ pub struct AnalyzeOptions {
     pub progress: bool,
     /// Stop after this many contexts in this invocation (tests of resume); the checkpoint is kept.
     pub stop_after_contexts: Option<u64>,
+    /// Contexts kept out of the statistics as held-out text for the autointerp scorers (`saekit explain`
+    /// shows a feature windows of them where it is 0). Taken after the analysed contexts; when the split
+    /// has too few, the analysis reads that many fewer (at most a tenth of the split).
+    pub heldout_contexts: u64,
     /// Set (by a SIGINT/SIGTERM handler) to stop after the batch in flight; the checkpoint is written.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -57,6 +61,7 @@ impl Default for AnalyzeOptions {
             n_neighbours: 10,
             progress: true,
             stop_after_contexts: None,
+            heldout_contexts: 64,
             stop: None,
         }
     }
@@ -139,7 +144,8 @@ pub fn analyze(
     let split = dataset.split(&opts.split)?;
     let seq = split.context_len();
     let want = opts.n_tokens.div_ceil(seq as u64).max(1);
-    let total = want.min(split.n_contexts());
+    let reserve = opts.heldout_contexts.min(split.n_contexts() / 10);
+    let total = want.min(split.n_contexts() - reserve);
     if total == 0 {
         bail!("{}: split {:?} has no contexts", dataset.dir().display(), opts.split);
     }
@@ -274,6 +280,10 @@ pub fn analyze(
         n_neighbours: opts.n_neighbours,
     };
     let path = write_db(&stats, sae, &weights, info, &vocab, |c| split.context(c).to_vec(), out)?;
+    let held = total..(total + opts.heldout_contexts).min(split.n_contexts());
+    let window = stats.opts.before + stats.opts.after + 1;
+    let windows = heldout_windows(model, sae, hook, |c| split.context(c), held, window, opts)?;
+    crate::AutointerpWriter::open(&path)?.set_heldout(&windows)?;
     if ckpt.exists() {
         std::fs::remove_file(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
     }
@@ -333,6 +343,50 @@ impl RunIdentity {
             diffs.join("; ")
         }
     }
+}
+
+/// Cut the held-out contexts into windows as long as the stored ones (position 0, the attention sink, left
+/// out) and record every feature that fires anywhere in each (sink rows skipped as in the analysis).
+fn heldout_windows<'a>(
+    model: &Model,
+    sae: &Sae,
+    hook: HookPoint,
+    context: impl Fn(u64) -> &'a [u32],
+    held: std::ops::Range<u64>,
+    window: usize,
+    opts: &AnalyzeOptions,
+) -> Result<Vec<crate::HeldOutWindow>> {
+    let mut out = Vec::new();
+    for c in held {
+        let tokens = context(c);
+        let seq = tokens.len();
+        let cache = model.run_with_cache(tokens, 1, &[hook])?;
+        let x = cache.get(&hook).context("internal: hook not captured")?;
+        let codes = sae.encode(x);
+        let mut skip = if opts.skip_sinks { sink_rows(model, tokens, seq) } else { vec![false; seq] };
+        if opts.skip_sinks {
+            mark_norm_outliers(&mut skip, x, sae.d_in, opts.sink_norm_factor);
+        }
+        for start in (1..seq).step_by(window.max(1)) {
+            let end = (start + window).min(seq);
+            // a tail much shorter than a stored window would be an unfairly easy negative
+            if end - start < window.div_ceil(2) {
+                continue;
+            }
+            let mut fired: Vec<u32> = Vec::new();
+            for r in start..end {
+                if skip.get(r).copied().unwrap_or(false) {
+                    continue;
+                }
+                let (idx, val) = codes.row(r);
+                fired.extend(idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(i, _)| *i));
+            }
+            fired.sort_unstable();
+            fired.dedup();
+            out.push(crate::HeldOutWindow { ctx: c, start: start as u32, ids: tokens[start..end].to_vec(), fired });
+        }
+    }
+    Ok(out)
 }
 
 fn save_checkpoint(stats: &FeatureStats, fingerprint: &str, path: &Path) -> Result<()> {

@@ -12,6 +12,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use crate::autointerp_db::{self, Explanation, HeldOutWindow};
+
 /// `meta.format` of every feature database.
 pub const DB_FORMAT: &str = "saekit-feature-db";
 /// Bumped when the schema or the detail blob changes incompatibly.
@@ -85,6 +87,9 @@ pub struct FeatureRecord {
     /// Coordinates on the 2-D feature map.
     pub x: f32,
     pub y: f32,
+    /// LLM explanations with their scores (`saekit explain`), best-scoring first.
+    #[serde(default)]
+    pub explanations: Vec<Explanation>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -480,6 +485,8 @@ impl FeatureDb {
             })
             .optional()?;
         let Some((density, max_act, mean_act, n_fired, explanation, auto, x, y)) = row else { return Ok(None) };
+        let explanations = autointerp_db::explanations_of(&*self.conn()?, id)
+            .with_context(|| format!("{}: feature {id}: reading its explanations", self.path.display()))?;
         let d = self.detail(id)?.unwrap_or_default();
         let vocab = self.vocab()?;
         let text = |t: u32| vocab.get(t as usize).cloned().unwrap_or_else(|| format!("<{t}>"));
@@ -542,7 +549,14 @@ impl FeatureDb {
             neighbours: d.neighbours.iter().map(|&(i, c)| Neighbour { id: i, cosine: c }).collect(),
             x: x as f32,
             y: y as f32,
+            explanations,
         }))
+    }
+
+    /// The held-out windows `analyze` kept for the autointerp scorers (empty for older databases).
+    pub fn heldout(&self) -> Result<Vec<HeldOutWindow>> {
+        autointerp_db::heldout_windows(&*self.conn()?)
+            .with_context(|| format!("{}: held-out windows", self.path.display()))
     }
 
     pub fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
@@ -586,6 +600,12 @@ impl FeatureDb {
             return Ok(Vec::new());
         }
         let fts = words.join(" ");
+        // features whose LLM explanation matches come first, then matches in contexts and tokens
+        let explained = autointerp_db::search_explanations(&*self.conn()?, &fts, limit)?;
+        let mut out: Vec<FeatureSummary> = Vec::new();
+        for id in explained {
+            out.extend(self.summary(id)?);
+        }
         let conn = self.conn()?;
         let mut st = conn.prepare_cached(
             "SELECT f.id, f.density, f.max_act, f.top_tokens FROM \
@@ -593,7 +613,13 @@ impl FeatureDb {
              JOIN features f ON f.id = m.id ORDER BY m.rank",
         )?;
         let rows = st.query_map(params![fts, limit as i64], summary_row)?;
-        rows.map(|r| r.map_err(Into::into).and_then(|r| r)).collect()
+        for r in rows {
+            let r = r??;
+            if out.len() < limit && !out.iter().any(|o| o.id == r.id) {
+                out.push(r);
+            }
+        }
+        Ok(out)
     }
 
     pub fn summary(&self, id: u32) -> Result<Option<FeatureSummary>> {

@@ -165,6 +165,12 @@ pub struct ContrastHit {
     pub z: f64,
     pub mean_pos: f64,
     pub mean_neg: f64,
+    /// The tie-breaker among equal AUROCs: the gap between the mean activation on positive and on
+    /// negative texts relative to the feature's scale here (its largest value on any of them), in
+    /// [-1, 1]. At AUROC 1.0 every feature separates the sets; the one whose positive activations stand
+    /// furthest above the negatives, relative to how strongly it can fire, separates them by the widest
+    /// margin.
+    pub effect: f64,
 }
 
 /// AUROC of sparse per-text values (absent = 0) between `pos` and `neg` for feature values given as
@@ -193,7 +199,8 @@ fn auroc_sparse(pos_nz: &[f32], n_pos: usize, neg_nz: &[f32], n_neg: usize) -> f
     u / (n_pos as f64 * n_neg as f64)
 }
 
-/// Rank features by how well they separate `pos` from `neg` texts (AUROC, best first).
+/// Rank features by how well they separate `pos` from `neg` texts: AUROC, best first, ties broken by
+/// [`ContrastHit::effect`], then the z-score, then id.
 pub fn contrast(pos: &[TextFeatures], neg: &[TextFeatures]) -> Vec<ContrastHit> {
     let mut vals: HashMap<u32, (Vec<f32>, Vec<f32>)> = HashMap::new();
     for t in pos {
@@ -214,18 +221,26 @@ pub fn contrast(pos: &[TextFeatures], neg: &[TextFeatures]) -> Vec<ContrastHit> 
             let fneg = n.len() as f64 / nn.max(1) as f64;
             let pooled = (p.len() + n.len()) as f64 / (np + nn).max(1) as f64;
             let se = (pooled * (1.0 - pooled) * (1.0 / np.max(1) as f64 + 1.0 / nn.max(1) as f64)).sqrt();
+            let mean_pos = p.iter().map(|&x| x as f64).sum::<f64>() / np.max(1) as f64;
+            let mean_neg = n.iter().map(|&x| x as f64).sum::<f64>() / nn.max(1) as f64;
+            let scale = p.iter().chain(&n).fold(0f32, |m, &x| m.max(x.abs())) as f64;
+            // `+ 0.0` turns a negative zero into zero: it must never print as -0.0
+            let effect = if scale > 0.0 { (mean_pos - mean_neg) / scale + 0.0 } else { 0.0 };
             ContrastHit {
                 id,
                 auroc: auroc_sparse(&p, np, &n, nn),
                 freq_pos: fp,
                 freq_neg: fneg,
-                z: if se > 0.0 { (fp - fneg) / se } else { 0.0 },
-                mean_pos: p.iter().map(|&x| x as f64).sum::<f64>() / np.max(1) as f64,
-                mean_neg: n.iter().map(|&x| x as f64).sum::<f64>() / nn.max(1) as f64,
+                z: if se > 0.0 { (fp - fneg) / se + 0.0 } else { 0.0 },
+                mean_pos,
+                mean_neg,
+                effect,
             }
         })
         .collect();
-    out.sort_by(|a, b| b.auroc.total_cmp(&a.auroc).then(b.z.total_cmp(&a.z)).then(a.id.cmp(&b.id)));
+    out.sort_by(|a, b| {
+        b.auroc.total_cmp(&a.auroc).then(b.effect.total_cmp(&a.effect)).then(b.z.total_cmp(&a.z)).then(a.id.cmp(&b.id))
+    });
     out
 }
 
@@ -363,6 +378,36 @@ mod tests {
         assert!((auroc_sparse(&[1.0, 1.0], 2, &[1.0], 1) - 0.5).abs() < 1e-12);
     }
 
+    /// Against the definition itself: over every (positive, negative) pair, 1 when the positive is larger
+    /// and 1/2 on a tie (zeros included), in f64, on random sparse values with many ties.
+    #[test]
+    fn auroc_equals_the_pairwise_count() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..200 {
+            let (np, nn) = (rng.gen_range(1..30), rng.gen_range(1..30));
+            let mut draw = |n: usize| -> Vec<f32> {
+                (0..n).map(|_| if rng.gen_bool(0.4) { 0.0 } else { rng.gen_range(1..6) as f32 * 0.5 }).collect()
+            };
+            let (pos, neg) = (draw(np), draw(nn));
+            let mut wins = 0.0f64;
+            for &p in &pos {
+                for &n in &neg {
+                    wins += if p > n {
+                        1.0
+                    } else if p == n {
+                        0.5
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            let nz = |v: &[f32]| v.iter().copied().filter(|&x| x != 0.0).collect::<Vec<f32>>();
+            let a = auroc_sparse(&nz(&pos), np, &nz(&neg), nn);
+            assert!((a - wins / (np * nn) as f64).abs() < 1e-12, "{a} vs {}", wins / (np * nn) as f64);
+        }
+    }
+
     #[test]
     fn contrast_and_probe_find_the_planted_feature() {
         let mut feats = Vec::new();
@@ -384,5 +429,25 @@ mod tests {
         let r = probe(&feats, &labels).unwrap();
         assert_eq!(r.len(), 2);
         assert!(r.iter().all(|x| x.feature == 7 && x.test_accuracy == 1.0), "{r:?}");
+    }
+
+    #[test]
+    fn auroc_ties_are_broken_by_the_effect_size() {
+        // three features separate the sets perfectly (AUROC 1); the ids are in the opposite order of
+        // their margins: feature 2 fires far above its negatives relative to its scale, feature 9 barely
+        let pos: Vec<TextFeatures> = (0..6).map(|i| vec![(2, 10.0 + i as f32), (5, 4.0), (9, 1.05)]).collect();
+        let neg: Vec<TextFeatures> = (0..6).map(|_| vec![(5, 1.0), (9, 1.0), (11, 3.0)]).collect();
+        let hits = contrast(&pos, &neg);
+        let top: Vec<u32> = hits.iter().take(3).map(|h| h.id).collect();
+        assert_eq!(top, [2, 5, 9]);
+        assert!(hits[..3].iter().all(|h| h.auroc == 1.0));
+        // the independent definition: (mean pos − mean neg) / largest value
+        assert!((hits[1].effect - (4.0 - 1.0) / 4.0).abs() < 1e-12, "{:?}", hits[1]);
+        assert!((hits[0].effect - 12.5 / 15.0).abs() < 1e-12, "{:?}", hits[0]);
+        // a feature equal on both sides has effect and z exactly 0, never -0.0
+        let same: Vec<TextFeatures> = (0..4).map(|_| vec![(3, 1.0)]).collect();
+        let h = &contrast(&same, &same)[0];
+        assert!(h.effect.is_sign_positive() && h.z.is_sign_positive() && h.effect == 0.0, "{h:?}");
+        assert_eq!(format!("{:.2}", h.z), "0.00");
     }
 }

@@ -50,6 +50,12 @@ enum Command {
     Analyze(cmd::analyze::AnalyzeArgs),
     /// Print a feature's dashboard from a feature database (or --list features).
     Feature(cmd::feature::FeatureArgs),
+    /// Explain and score features with an LLM behind any OpenAI-compatible API (delphi-style detection and
+    /// fuzzing), stored in the feature database; default explainer: this model through `saekit serve`.
+    Explain(cmd::explain::ExplainArgs),
+    /// Export a feature database in another tool's layout (`export neuronpedia`).
+    #[command(subcommand)]
+    Export(cmd::export::ExportCommand),
     /// Features that fire on a text, or that separate two sets of texts (--pos/--neg).
     Search(cmd::search::SearchArgs),
     /// Best single feature per label of a labelled JSONL set (sparse probing: AUROC, accuracy).
@@ -101,6 +107,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::EvalModel(a) => cmd::eval_model::run(a),
         Command::Analyze(a) => cmd::analyze::run(a),
         Command::Feature(a) => cmd::feature::run(a),
+        Command::Explain(a) => cmd::explain::run(a),
+        Command::Export(c) => cmd::export::run(c),
         Command::Search(a) => cmd::search::run(a),
         Command::Probe(a) => cmd::probe::run(a),
         Command::Serve(a) => cmd::serve::run(a),

@@ -48,6 +48,68 @@ fn reduced_demo_runs_end_to_end() {
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(again.status.success(), "rerun failed:\n{stdout}\n{}", String::from_utf8_lossy(&again.stderr));
     assert!(stdout.contains("reusing"), "{stdout}");
+
+    explain_with_the_local_model(tmp.path());
+}
+
+/// `saekit explain` with no endpoint: it starts `saekit serve` on the demo's database and SAE and talks to
+/// it over real HTTP (the OpenAI chat API on loopback) with the real model. Two features that fired are
+/// explained and scored, the results are stored beside them, `saekit feature` prints them, a rerun resumes.
+fn explain_with_the_local_model(dir: &Path) {
+    let db_path = dir.join("features.sqlite");
+    let db = saekit_analysis::FeatureDb::open(&db_path).unwrap();
+    let live: Vec<u32> = db.list(saekit_analysis::SortBy::Density, true, 0, 2).unwrap().iter().map(|f| f.id).collect();
+    assert!(!db.heldout().unwrap().is_empty(), "analyze keeps held-out windows for the detection scorer");
+    drop(db);
+    let spec = live.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let explain = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_saekit"))
+            .arg("explain")
+            .arg("--db")
+            .arg(&db_path)
+            .arg("--sae")
+            .arg(dir.join("sae"))
+            .args(["--features", &spec, "--concurrency", "2", "--n-test", "4", "--batch", "4", "--json"])
+            .output()
+            .expect("run saekit explain");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "explain failed:\n{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+        v
+    };
+    let s = explain();
+    assert_eq!(s["explained"], 2, "{s}");
+    assert!(s["prompt_tokens"].as_u64().unwrap() > 500 && s["completion_tokens"].as_u64().unwrap() > 0, "{s}");
+
+    let db = saekit_analysis::FeatureDb::open(&db_path).unwrap();
+    for &id in &live {
+        let f = db.feature(id).unwrap().unwrap();
+        assert_eq!(f.explanations.len(), 1, "feature {id}");
+        let e = &f.explanations[0];
+        assert!(!e.text.trim().is_empty() && e.model.to_lowercase().contains("smollm2"), "{e:?}");
+        assert!(e.prompt_tokens > 0 && e.created > 0, "{e:?}");
+        // detection: up to 4 activating test contexts and as many held-out ones, each counted once
+        let d = e.detection.unwrap_or_else(|| panic!("feature {id}: detection not scored: {e:?}"));
+        let n = d.tp + d.fn_ + d.tn + d.fp + d.unparsed;
+        assert!(n > 0 && n <= 8, "{d:?}");
+        assert!((0.0..=1.0).contains(&d.balanced_accuracy), "{d:?}");
+        let fz = e.fuzzing.unwrap_or_else(|| panic!("feature {id}: fuzzing not scored: {e:?}"));
+        assert!(fz.tp + fz.fn_ + fz.unparsed > 0, "{fz:?}");
+    }
+    drop(db);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_saekit"))
+        .arg("feature")
+        .arg("--db")
+        .arg(&db_path)
+        .arg(live[0].to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("LLM explanation:") && text.contains("detection"), "{text}");
+
+    let again = explain();
+    assert_eq!((again["explained"].as_u64(), again["already_done"].as_u64()), (Some(0), Some(2)), "{again}");
 }
 
 /// The reduced demo's quality floors, sized to its budget (9 steps of 4096 rows, 512 features). Measured

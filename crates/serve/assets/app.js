@@ -80,10 +80,71 @@ function tokenSpan(t, a, max, extra = "") {
   return hover(s, () => `${JSON.stringify(t)}\nactivation ${fmt(a, 3)}`);
 }
 
+// Byte-level BPE splits many characters (CJK, accents, emoji) across tokens, each stored with its dangling
+// bytes escaped as \xNN. Consecutive tokens whose bytes complete a character are shown as that character,
+// carrying their highest activation; the per-token view is in the hover.
+const utf8 = new TextEncoder(), strictUtf8 = new TextDecoder("utf-8", { fatal: true });
+function tokenBytes(t) {
+  const out = [];
+  for (let i = 0; i < t.length;) {
+    const m = /^\\x([0-9a-f]{2})/.exec(t.slice(i, i + 4));
+    if (m) { out.push(parseInt(m[1], 16)); i += 4; continue; }
+    const ch = String.fromCodePoint(t.codePointAt(i));
+    out.push(...utf8.encode(ch)); i += ch.length;
+  }
+  return out;
+}
+function decodeOrNull(bytes) { try { return strictUtf8.decode(new Uint8Array(bytes)); } catch { return null; } }
+function mergeTokens(tokens, acts) {
+  const out = [];
+  let pend = [], first = 0, act = 0;
+  const flush = (end) => {
+    out.push({ text: decodeOrNull(pend) ?? tokens.slice(first, end).join(""), act, first, len: end - first });
+    pend = [];
+  };
+  tokens.forEach((t, i) => {
+    const b = tokenBytes(t);
+    if (pend.length && !(b.length && (b[0] & 0xc0) === 0x80)) flush(i);
+    if (!pend.length) { first = i; act = -Infinity; }
+    pend.push(...b); act = Math.max(act, acts[i] || 0);
+    if (decodeOrNull(pend) === null && i + 1 - first < 4 && i + 1 < tokens.length) return;
+    flush(i + 1);
+  });
+  return out;
+}
+
 function contextRow(c, scaleMax) {
   const toks = el("span", { class: "toks" });
-  c.tokens.forEach((t, i) => toks.append(tokenSpan(t, c.acts[i], scaleMax, i === c.peak ? " peak" : "")));
+  for (const p of mergeTokens(c.tokens, c.acts)) {
+    const peak = c.peak >= p.first && c.peak < p.first + p.len;
+    if (p.len === 1) { toks.append(tokenSpan(c.tokens[p.first], c.acts[p.first], scaleMax, peak ? " peak" : "")); continue; }
+    const s = tokenSpan(p.text, p.act, scaleMax, (peak ? " peak" : "") + " joined");
+    const per = c.tokens.slice(p.first, p.first + p.len).map((t, k) => `  ${JSON.stringify(t)}  ${fmt(c.acts[p.first + k], 3)}`);
+    hover(s, () => `${JSON.stringify(p.text)}\nactivation ${fmt(p.act, 3)} (highest of ${p.len} tokens)\n${per.join("\n")}`);
+    toks.append(s);
+  }
   return el("div", { class: "ctx" }, el("span", { class: "val", text: fmt(c.max_act) }), toks);
+}
+
+// An LLM explanation with its detection / fuzzing scores (balanced accuracy, with the counts in the hover).
+function scoreChip(name, s) {
+  if (!s) return el("span", { class: "chip muted", text: `${name}: not scored` });
+  const chip = el("span", { class: "chip score", text: `${name} ${s.balanced_accuracy.toFixed(2)}` });
+  return hover(chip, () => `${name}: balanced accuracy ${s.balanced_accuracy.toFixed(3)}\n` +
+    `activating: ${s.tp} found, ${s.fn} missed\nothers: ${s.tn} rejected, ${s.fp} accepted` + (s.unparsed ? `\n${s.unparsed} unparsed` : ""));
+}
+function llmExplanations(list) {
+  if (!list || !list.length) return null;
+  const [best, ...rest] = list;
+  const box = el("div", { class: "explain llm", id: "llm-explanation" },
+    el("b", { text: "LLM explanation: " }), best.text, " ",
+    el("span", { class: "muted", text: `(${best.model})` }), " ", scoreChip("detection", best.detection), " ", scoreChip("fuzzing", best.fuzzing));
+  if (rest.length) {
+    const d = el("details", {}, el("summary", { text: `${rest.length} more explanation${rest.length > 1 ? "s" : ""}` }));
+    for (const e of rest) d.append(el("div", {}, e.text, " ", el("span", { class: "muted", text: `(${e.model})` }), " ", scoreChip("detection", e.detection), " ", scoreChip("fuzzing", e.fuzzing)));
+    box.append(d);
+  }
+  return box;
 }
 
 function errorBox(msg) { return el("div", { class: "err", role: "alert", text: msg }); }
@@ -330,6 +391,7 @@ async function featurePage(id) {
   const stats = el("div", { class: "stats" },
     ...[[pct(f.density), "density"], [fmt(f.max_act, 3), "max activation"], [fmt(f.mean_act, 3), "mean activation (when firing)"]]
       .map(([v, k]) => el("div", { class: "stat" }, el("b", { text: v }), el("small", { text: k }))));
+  const llm = llmExplanations(f.explanations);
   const expl = f.explanation ? el("div", { class: "explain", id: "explanation" }, el("b", { text: "Explanation: " }), f.explanation,
     f.explanation_auto ? el("span", { class: "muted", text: "  (automatic, from top tokens)" }) : null) : null;
 
@@ -359,7 +421,7 @@ async function featurePage(id) {
     g.contexts.forEach((c) => d.append(contextRow(c, f.max_act)));
     qs.append(d);
   });
-  app.replaceChildren(...[title, stats, expl].filter(Boolean), el("div", { class: "fgrid" },
+  app.replaceChildren(...[title, stats, llm, expl].filter(Boolean), el("div", { class: "fgrid" },
     el("div", {}, histCard, densCard, logitCard, nbCard), el("div", {}, top, qs)));
   try {
     MAP = MAP || (await api("/map")).points;

@@ -77,8 +77,8 @@ impl AppState {
 }
 
 pub struct ApiError {
-    status: StatusCode,
-    message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
 }
 
 impl ApiError {
@@ -185,6 +185,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/static/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
         .route("/favicon.svg", get(|| async { asset("image/svg+xml", FAVICON_SVG) }))
         .nest("/api", api)
+        .nest("/v1", crate::openai::routes())
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
@@ -201,7 +202,7 @@ async fn info(State(s): State<Arc<AppState>>) -> ApiResult {
     })))
 }
 
-fn check_id(s: &AppState, id: u32) -> Result<(), ApiError> {
+pub(crate) fn check_id(s: &AppState, id: u32) -> Result<(), ApiError> {
     let n = s.db.n_features();
     if id >= n {
         return Err(ApiError::not_found(format!(
@@ -331,7 +332,7 @@ async fn live(State(s): State<Arc<AppState>>, body: Result<Json<LiveRequest>, Js
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EditRequest {
+pub(crate) struct EditRequest {
     feature: u32,
     /// "clamp" (set the activation) or "add" (add value * W_dec[feature])
     mode: String,
@@ -361,9 +362,6 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
     if req.prompt.chars().count() > lim.max_text_chars {
         return Err(ApiError::bad(format!("the prompt is longer than {} characters", lim.max_text_chars)));
     }
-    if req.edits.len() > lim.max_edits {
-        return Err(ApiError::bad(format!("at most {} feature edits per request", lim.max_edits)));
-    }
     let max_new_tokens = req.max_new_tokens.unwrap_or(40.min(lim.max_new_tokens));
     if max_new_tokens == 0 || max_new_tokens > lim.max_new_tokens {
         return Err(ApiError::bad(format!("max_new_tokens must be 1..={}", lim.max_new_tokens)));
@@ -372,10 +370,36 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad("temperature must be between 0 (greedy) and 2"));
     }
-    let mut edits = Vec::with_capacity(req.edits.len());
+    let (edits, resolved) = resolve_edits(&s, &req.edits).await?;
+    let settings = GenSettings {
+        max_new_tokens,
+        temperature,
+        seed: req.seed.unwrap_or(0),
+        chat: req.chat.unwrap_or(false),
+        max_prompt_tokens: lim.max_prompt_tokens,
+    };
+    let prompt = req.prompt;
+    let r = q.run(move |e| e.steer(&prompt, &edits, &settings)).await?;
+    let mut v = serde_json::to_value(r).map_err(|e| ApiError::internal(e.to_string()))?;
+    v["edits"] = Value::Array(resolved);
+    Ok(Json(v))
+}
+
+/// Check feature edits and turn `unit: "max"` into absolute values (the feature's max activation in the
+/// database); `/api/steer` and the chat API's `saekit.steer` extension share this. Returns the edits and
+/// their JSON echo with resolved values.
+pub(crate) async fn resolve_edits(
+    s: &Arc<AppState>,
+    reqs: &[EditRequest],
+) -> Result<(Vec<FeatureEdit>, Vec<Value>), ApiError> {
+    let lim = &s.limits;
+    if reqs.len() > lim.max_edits {
+        return Err(ApiError::bad(format!("at most {} feature edits per request", lim.max_edits)));
+    }
+    let mut edits = Vec::with_capacity(reqs.len());
     let mut resolved = Vec::new();
-    for e in &req.edits {
-        check_id(&s, e.feature)?;
+    for e in reqs {
+        check_id(s, e.feature)?;
         if !e.value.is_finite() || e.value.abs() > lim.max_abs_value {
             return Err(ApiError::bad(format!(
                 "feature {}: the value must be finite and within ±{}",
@@ -408,16 +432,5 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
         });
         resolved.push(json!({ "feature": e.feature, "mode": e.mode, "value": value }));
     }
-    let settings = GenSettings {
-        max_new_tokens,
-        temperature,
-        seed: req.seed.unwrap_or(0),
-        chat: req.chat.unwrap_or(false),
-        max_prompt_tokens: lim.max_prompt_tokens,
-    };
-    let prompt = req.prompt;
-    let r = q.run(move |e| e.steer(&prompt, &edits, &settings)).await?;
-    let mut v = serde_json::to_value(r).map_err(|e| ApiError::internal(e.to_string()))?;
-    v["edits"] = Value::Array(resolved);
-    Ok(Json(v))
+    Ok((edits, resolved))
 }

@@ -20,7 +20,7 @@ pub trait FeatureStore: Send + Sync {
     fn n_features(&self) -> u32;
     fn feature(&self, id: u32) -> Result<Option<FeatureRecord>>;
     fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>>;
-    /// Features whose top tokens or contexts contain `query` (case-insensitive).
+    /// Features whose LLM explanations, top tokens or contexts contain `query` (case-insensitive).
     fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>>;
     fn map(&self) -> Result<Vec<MapPoint>>;
 }
@@ -133,6 +133,10 @@ impl FeatureStore for MemoryDb {
                         best = Some(best.map_or(*a, |b: f32| b.max(*a)));
                     }
                 }
+            }
+            // an LLM explanation that mentions the query ranks the feature first
+            if f.explanations.iter().any(|e| e.text.to_lowercase().contains(&q)) {
+                best = Some(f32::INFINITY);
             }
             if let Some(b) = best {
                 hits.push((b, f));

@@ -180,6 +180,28 @@ impl Engine {
         }
     }
 
+    /// Render chat messages with the model's chat template and tokenise them (the template writes its own
+    /// BOS-like markers), as `saekit generate --chat` does.
+    pub fn chat_prompt_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let tok = self.model.tokenizer();
+        tok.encode(&tok.apply_chat_template(messages)?, false)
+    }
+
+    /// Generate with `edits` applied (position 0 left alone, as everywhere in serve and by default in
+    /// `saekit generate`), calling `on_token` with each new token; see [`Model::generate_streaming`].
+    pub fn generate_streaming(
+        &self,
+        ids: &[u32],
+        edits: &[FeatureEdit],
+        opts: &GenerateOptions,
+        on_token: impl FnMut(u32) -> bool,
+    ) -> Result<saekit_model::Generation> {
+        saekit_steer::validate(&self.model, &self.sae, self.hook, edits)?;
+        let mut hooks = saekit_model::Hooks::new();
+        saekit_steer::add_steering_hook(&mut hooks, &self.sae, self.hook, edits, Positions::SkipFirst);
+        self.model.generate_streaming(ids, opts, &mut hooks, on_token)
+    }
+
     /// Generate from the same prompt and seed without and with `edits` (clamping keeps the SAE error term;
     /// position 0, the attention sink the SAE never saw, is left alone).
     pub fn steer(&self, prompt: &str, edits: &[FeatureEdit], s: &GenSettings) -> Result<SteerResult> {
@@ -237,11 +259,12 @@ impl ModelQueue {
         Ok(Self { tx, capacity })
     }
 
-    /// Run `f` on the worker; `Busy` at once when `capacity` jobs are already waiting.
-    pub async fn run<T: Send + 'static>(
+    /// Queue `f` on the worker and return at once: `Busy` when `capacity` jobs are already waiting, else a
+    /// receiver for its result (streaming handlers answer before the job has finished).
+    pub fn submit<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
-    ) -> std::result::Result<T, QueueError> {
+    ) -> std::result::Result<tokio::sync::oneshot::Receiver<Result<T>>, QueueError> {
         let (otx, orx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |e| {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(e)))
@@ -249,12 +272,18 @@ impl ModelQueue {
             let _ = otx.send(r);
         });
         match self.tx.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(QueueError::Busy(self.capacity)),
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(QueueError::Failed(anyhow!("the model worker has stopped")));
-            }
+            Ok(()) => Ok(orx),
+            Err(TrySendError::Full(_)) => Err(QueueError::Busy(self.capacity)),
+            Err(TrySendError::Disconnected(_)) => Err(QueueError::Failed(anyhow!("the model worker has stopped"))),
         }
+    }
+
+    /// Run `f` on the worker; `Busy` at once when `capacity` jobs are already waiting.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+    ) -> std::result::Result<T, QueueError> {
+        let orx = self.submit(f)?;
         match orx.await {
             Ok(r) => r.map_err(QueueError::Failed),
             Err(_) => Err(QueueError::Failed(anyhow!("the model worker dropped the request"))),

@@ -149,6 +149,7 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
             neighbours: neighbours[f as usize].clone(),
             x,
             y,
+            explanations: Vec::new(),
         };
         let tops = crate::db::top_tokens(&rec, 3);
         if !tops.is_empty() {

@@ -4,7 +4,7 @@
 //! assets (embedded in the binary: no file is read after start-up except the feature database), and the
 //! queue that serialises model work. It reads the feature database through [`db::FeatureStore`], whose
 //! records are `saekit_analysis`' (this crate defines none of its own), and runs the model and SAE through
-//! [`engine::Engine`]; it must not compute or write analysis results itself (`fixture` builds small
+//! [`engine::Engine`], and speaks the OpenAI chat API under `/v1` ([`openai`]); it must not compute or write analysis results itself (`fixture` builds small
 //! databases for tests only).
 
 pub mod analysis_db;
@@ -12,6 +12,7 @@ pub mod api;
 pub mod db;
 pub mod engine;
 pub mod fixture;
+pub mod openai;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,4 +50,37 @@ pub fn serve_blocking(state: Arc<AppState>, addr: SocketAddr, workers: usize) ->
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve(state, addr))
+}
+
+/// Start the server on a background thread (its own small runtime) and return the address it listens on;
+/// it runs until the process exits. `saekit explain` uses this to explain with the local model when no
+/// endpoint is given.
+pub fn spawn_background(state: Arc<AppState>, addr: SocketAddr) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("saekit-serve".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("cannot start the async runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(anyhow::anyhow!("cannot listen on {addr}: {e}")));
+                        return;
+                    }
+                };
+                let _ = tx.send(listener.local_addr().context("no local address"));
+                if let Err(e) = axum::serve(listener, router(state)).await {
+                    tracing::warn!("background server stopped: {e}");
+                }
+            });
+        })
+        .context("cannot start the server thread")?;
+    rx.recv().context("the server thread stopped before listening")?
 }

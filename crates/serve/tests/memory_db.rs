@@ -27,6 +27,7 @@ fn record(id: u32, peak_token: &str, max_act: f32) -> FeatureRecord {
         neighbours: vec![Neighbour { id: (id + 1) % 3, cosine: 0.2 }],
         x: id as f32 / 2.0 - 0.5,
         y: 0.25,
+        explanations: vec![],
     }
 }
 

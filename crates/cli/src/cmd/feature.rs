@@ -68,19 +68,37 @@ fn quote_all(t: &[String]) -> String {
     t.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(" ")
 }
 
+/// The context as text (characters split across tokens joined, carrying their highest activation): the
+/// peak in [brackets], other firing pieces with their activation.
 fn show(c: &Ctx) -> String {
     let mut s = String::new();
-    for (i, (t, &a)) in c.tokens.iter().zip(&c.acts).enumerate() {
-        let t = t.replace('\n', "\\n");
-        if i == c.peak {
+    for p in saekit_analysis::render::merge_tokens(&c.tokens, &c.acts) {
+        let t = p.text.replace('\n', "\\n");
+        if (p.first..p.first + p.len).contains(&c.peak) {
             s.push_str(&format!("[{t}]"));
-        } else if a > 0.0 && a >= 0.2 * c.max_act {
-            s.push_str(&format!("{t}\u{00b7}{a:.1}\u{00b7}"));
+        } else if p.act > 0.0 && p.act >= 0.2 * c.max_act {
+            s.push_str(&format!("{t}\u{00b7}{:.1}\u{00b7}", p.act));
         } else {
             s.push_str(&t);
         }
     }
     s
+}
+
+/// `detection 0.85 balanced accuracy (tp 9 fn 1 tn 8 fp 2)`, or that it was not scored.
+fn score_line(name: &str, s: Option<saekit_analysis::Score>) -> String {
+    match s {
+        None => format!("{name}: not scored"),
+        Some(s) => format!(
+            "{name} {:.2} balanced accuracy (tp {} fn {} tn {} fp {}{})",
+            s.balanced_accuracy,
+            s.tp,
+            s.fn_,
+            s.tn,
+            s.fp,
+            if s.unparsed > 0 { format!(", {} unparsed", s.unparsed) } else { String::new() }
+        ),
+    }
 }
 
 fn dashboard(f: &FeatureRecord, info: &saekit_analysis::DbInfo, n_ctx: usize) -> String {
@@ -92,6 +110,15 @@ fn dashboard(f: &FeatureRecord, info: &saekit_analysis::DbInfo, n_ctx: usize) ->
     ));
     if let Some(e) = &f.explanation {
         s.push_str(&format!("explanation{}: {e}\n", if f.explanation_auto { " (automatic)" } else { "" }));
+    }
+    for (i, e) in f.explanations.iter().enumerate() {
+        s.push_str(&format!(
+            "{} {:?}  ({})\n",
+            if i == 0 { "LLM explanation:" } else { "             or:" },
+            e.text,
+            e.model
+        ));
+        s.push_str(&format!("    {}   {}\n", score_line("detection", e.detection), score_line("fuzzing", e.fuzzing)));
     }
     s.push_str("\ntop activations  (peak in [brackets], other tokens \u{00b7}act\u{00b7} when >= 20% of the peak)\n");
     for c in f.top_contexts.iter().take(n_ctx) {

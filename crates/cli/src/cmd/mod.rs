@@ -7,6 +7,8 @@ pub mod corpus;
 pub mod demo;
 pub mod eval;
 pub mod eval_model;
+pub mod explain;
+pub mod export;
 pub mod feature;
 pub mod fetch_model;
 pub mod generate;

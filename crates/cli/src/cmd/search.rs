@@ -13,8 +13,9 @@ use super::model_arg::ModelArgs;
 
 /// `--text "..."`: the features that fire on a text, per token and overall (with their strongest
 /// context from `--db`). `--pos FILE --neg FILE` (one text per line, or JSONL with a `text` field):
-/// features ranked by AUROC of their per-text max activation between the two sets, with firing
-/// frequency in each set and a two-proportion z-score.
+/// features ranked by AUROC of their per-text max activation between the two sets (ties broken by the
+/// effect size: the mean gap relative to the feature's scale), with firing frequency in each set and a
+/// two-proportion z-score.
 #[derive(Args, Debug)]
 pub struct SearchArgs {
     /// SAE folder or params.npz.
@@ -106,15 +107,17 @@ pub fn run(a: SearchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} positive texts, {} negative texts; statistic: AUROC of per-text max activation (0.5 = no separation)",
+        "{} positive texts, {} negative texts; ranked by AUROC of per-text max activation (0.5 = no separation), \
+         ties by effect = (mean pos - mean neg) / the feature's largest activation on these texts",
         pt.len(),
         nt.len()
     );
     let line = |h: &saekit_analysis::search::ContrastHit| {
         println!(
-            "  #{:<7} auroc {:.3}  fires on {:>5.1}% pos / {:>5.1}% neg  z {:>6.2}  mean {:.3} / {:.3}{}",
+            "  #{:<7} auroc {:.3}  effect {:>+6.3}  fires on {:>5.1}% pos / {:>5.1}% neg  z {:>6.2}  mean {:.3} / {:.3}{}",
             h.id,
             h.auroc,
+            h.effect,
             100.0 * h.freq_pos,
             100.0 * h.freq_neg,
             h.z,

@@ -38,8 +38,21 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let db = saekit_serve::open_store(&a.db)?;
-    let (queue, model_info) = match &a.sae {
+    let limits = saekit_serve::Limits { max_new_tokens: a.max_new_tokens.clamp(1, 1024), ..Default::default() };
+    let state = app_state(&a.db, a.sae.as_deref(), &a.model, a.queue, limits)?;
+    saekit_serve::serve_blocking(state, SocketAddr::new(a.host, a.port), a.workers)
+}
+
+/// The server's state: the database, and with an SAE the model queue (checked to belong together).
+pub fn app_state(
+    db_path: &std::path::Path,
+    sae: Option<&std::path::Path>,
+    model: &ModelArgs,
+    queue: usize,
+    limits: saekit_serve::Limits,
+) -> Result<Arc<saekit_serve::AppState>> {
+    let db = saekit_serve::open_store(db_path)?;
+    let (queue, model_info) = match sae {
         Some(sae_dir) => {
             let sae =
                 saekit_sae::load_sae(sae_dir).with_context(|| format!("{}: cannot load the SAE", sae_dir.display()))?;
@@ -48,11 +61,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     "{} has {} features but the database {} describes {}: they do not belong together",
                     sae_dir.display(),
                     sae.d_sae,
-                    a.db.display(),
+                    db_path.display(),
                     db.n_features()
                 );
             }
-            let model = a.model.load()?;
+            let model = model.load()?;
             let info = json!({
                 "name": model.config().name,
                 "layers": model.config().n_layers,
@@ -60,11 +73,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 "d_sae": sae.d_sae,
             });
             let engine = saekit_serve::Engine::new(model, sae)?;
-            (Some(saekit_serve::ModelQueue::start(engine, a.queue.max(1))?), info)
+            (Some(saekit_serve::ModelQueue::start(engine, queue.max(1))?), info)
         }
         None => (None, serde_json::Value::Null),
     };
-    let limits = saekit_serve::Limits { max_new_tokens: a.max_new_tokens.clamp(1, 1024), ..Default::default() };
-    let state = Arc::new(saekit_serve::AppState::new(db, queue, model_info, limits));
-    saekit_serve::serve_blocking(state, SocketAddr::new(a.host, a.port), a.workers)
+    Ok(Arc::new(saekit_serve::AppState::new(db, queue, model_info, limits)))
 }

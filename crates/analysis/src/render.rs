@@ -1,0 +1,124 @@
+//! Contexts as text a reader (or an explainer model) can read. Byte-level BPE cuts CJK, Arabic, emoji and
+//! many accented characters across tokens, and each such token on its own is stored with its dangling
+//! bytes escaped (`\xe3\x81`, see `saekit_model::Tokenizer::token_text`). [`merge_tokens`] joins
+//! consecutive tokens whose bytes complete a character into one piece carrying the highest activation
+//! among them; only bytes that never complete a character stay escaped.
+
+/// One piece of a rendered context: a whole character sequence and the tokens it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    pub text: String,
+    /// The highest activation among the piece's tokens.
+    pub act: f32,
+    /// The first token of the piece and how many tokens it spans.
+    pub first: usize,
+    pub len: usize,
+}
+
+/// The bytes a token text stands for: `\xNN` escapes become the byte NN.
+fn token_bytes(t: &str) -> Vec<u8> {
+    let b = t.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1] == b'x' {
+            if let Some(v) = b
+                .get(i + 2..i + 4)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Valid UTF-8 as text, every byte of an invalid or unfinished sequence as `\xNN`.
+fn escape_invalid(mut rest: &[u8]) -> String {
+    let mut out = String::new();
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                break;
+            }
+            Err(e) => {
+                let (ok, bad) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(ok).unwrap_or_default());
+                let n = e.error_len().unwrap_or(bad.len()).max(1);
+                for b in &bad[..n] {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+                rest = &bad[n..];
+            }
+        }
+    }
+    out
+}
+
+/// Join tokens whose bytes complete a character (at most 4 tokens, the longest UTF-8 sequence).
+pub fn merge_tokens(tokens: &[String], acts: &[f32]) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut pending: Vec<u8> = Vec::new();
+    let mut first = 0;
+    let mut act = 0f32;
+    for (i, t) in tokens.iter().enumerate() {
+        let bytes = token_bytes(t);
+        // only continuation bytes (10xxxxxx) can finish a pending character
+        if !pending.is_empty() && !bytes.first().is_some_and(|b| b & 0xc0 == 0x80) {
+            out.push(Piece { text: escape_invalid(&pending), act, first, len: i - first });
+            pending.clear();
+        }
+        if pending.is_empty() {
+            first = i;
+            act = f32::NEG_INFINITY;
+        }
+        pending.extend(bytes);
+        act = act.max(acts.get(i).copied().unwrap_or(0.0));
+        let unfinished = matches!(std::str::from_utf8(&pending), Err(e) if e.error_len().is_none());
+        if unfinished && i + 1 - first < 4 && i + 1 < tokens.len() {
+            continue;
+        }
+        out.push(Piece { text: escape_invalid(&pending), act, first, len: i + 1 - first });
+        pending.clear();
+    }
+    out
+}
+
+/// The pieces joined into one string.
+pub fn context_text(tokens: &[String]) -> String {
+    merge_tokens(tokens, &[]).into_iter().map(|p| p.text).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn split_characters_are_joined_with_their_max_activation() {
+        // く is e3 81 8f; the tokenizer's per-token text escapes the dangling bytes
+        let toks = s(&["今日", "\\xe3\\x81", "\\x8f", " ok"]);
+        let p = merge_tokens(&toks, &[0.5, 1.0, 3.0, 0.0]);
+        let texts: Vec<&str> = p.iter().map(|p| p.text.as_str()).collect();
+        assert_eq!(texts, ["今日", "く", " ok"]);
+        assert_eq!((p[1].act, p[1].first, p[1].len), (3.0, 1, 2));
+        assert_eq!(p[2].act, 0.0);
+    }
+
+    #[test]
+    fn bytes_that_never_complete_stay_escaped() {
+        let toks = s(&["a", "\\xe3\\x81", "b", "\\xff"]);
+        let texts: Vec<String> = merge_tokens(&toks, &[0.0; 4]).into_iter().map(|p| p.text).collect();
+        assert_eq!(texts, ["a", "\\xe3\\x81", "b", "\\xff"]);
+        assert_eq!(context_text(&s(&["caf", "\\xc3", "\\xa9", "!"])), "café!");
+    }
+}

@@ -1,0 +1,141 @@
+//! `saekit explain`: explain and score features with an LLM behind an OpenAI-compatible API (the loop
+//! lives in `saekit_explain`); without `--endpoint`, a `saekit serve` on the same database and SAE is
+//! started in this process and explains with the local model.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use saekit_analysis::FeatureDb;
+use saekit_explain::examples::ExampleOptions;
+use saekit_explain::run::parse_feature_list;
+use saekit_explain::{explain_features, ChatClient, ClientOptions, ExplainOptions};
+
+use super::model_arg::ModelArgs;
+
+#[derive(clap::Args, Debug)]
+pub struct ExplainArgs {
+    /// Feature database from `saekit analyze` (explanations are stored in it).
+    #[arg(long, default_value = "features.sqlite")]
+    pub db: PathBuf,
+    /// OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, `saekit serve`).
+    /// Default: start `saekit serve` on --db and --sae in this process and use its model.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// The explainer model's name at the endpoint (default with a local serve: its model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Features to explain: `0-999`, `5,7,10-12` (default: all).
+    #[arg(long, conflicts_with = "sample")]
+    pub features: Option<String>,
+    /// Explain N features drawn at random (seeded by --seed).
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// Requests in flight at once (one feature per worker).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Environment variable holding the API key (sent as a Bearer token when set).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// Seconds one request may take.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Retries of a request that failed with 429, 5xx or a network error (exponential backoff from 1 s).
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+    /// Activating test contexts per scorer (and as many held-out ones).
+    #[arg(long, default_value_t = 10)]
+    pub n_test: usize,
+    /// Examples per scorer request.
+    #[arg(long, default_value_t = 5)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The SAE folder the database describes (for the local serve, without --endpoint).
+    #[arg(long)]
+    pub sae: Option<PathBuf>,
+    /// The language model of the local serve (default: SmolLM2-135M-Instruct from the cache).
+    #[arg(long, env = "SAEKIT_MODEL")]
+    pub lm: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: ExplainArgs) -> Result<()> {
+    let db = FeatureDb::open(&a.db)?;
+    let n = db.info()?.d_sae;
+    let features = match (&a.features, a.sample) {
+        (Some(spec), _) => parse_feature_list(spec, n)?,
+        (None, Some(k)) => {
+            let mut all: Vec<u32> = (0..n).collect();
+            all.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(a.seed));
+            all.truncate(k);
+            all.sort_unstable();
+            all
+        }
+        (None, None) => (0..n).collect(),
+    };
+    drop(db);
+    let (endpoint, model) = match &a.endpoint {
+        Some(e) => (e.clone(), a.model.clone().context("--endpoint needs --model (the explainer's name there)")?),
+        None => local_endpoint(&a)?,
+    };
+    let client = ChatClient::new(ClientOptions {
+        endpoint,
+        model,
+        api_key: std::env::var(&a.api_key_env).ok().filter(|k| !k.is_empty()),
+        timeout: Duration::from_secs(a.timeout.max(1)),
+        retries: a.retries,
+        backoff: Duration::from_secs(1),
+    })?;
+    let opts = ExplainOptions {
+        features,
+        concurrency: a.concurrency.max(1),
+        examples: ExampleOptions { n_test: a.n_test, seed: a.seed, ..Default::default() },
+        batch: a.batch.max(1),
+        progress: !a.json,
+    };
+    let s = explain_features(&a.db, &client, &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let mins = s.seconds / 60.0;
+    println!(
+        "explained {} features with {} in {:.1} min ({:.1} features/min); {} already done, {} never fired, {} failed",
+        s.explained,
+        client.model(),
+        mins,
+        s.explained as f64 / mins.max(1e-9),
+        s.already_done,
+        s.dead,
+        s.failed.len()
+    );
+    println!("tokens: {} prompt + {} completion", s.prompt_tokens, s.completion_tokens);
+    if s.no_negatives > 0 {
+        println!("{} features had no held-out text where they are 0: detection not scored", s.no_negatives);
+    }
+    for (id, why) in s.failed.iter().take(10) {
+        println!("  feature {id}: {why}");
+    }
+    Ok(())
+}
+
+/// Start `saekit serve` on the database and SAE on a free loopback port; its model explains.
+fn local_endpoint(a: &ExplainArgs) -> Result<(String, String)> {
+    let Some(sae) = &a.sae else {
+        bail!("give --endpoint URL --model NAME, or --sae DIR to explain with the local model through `saekit serve`")
+    };
+    let limits = saekit_serve::Limits { max_new_tokens: 256, max_body_bytes: 256 * 1024, ..Default::default() };
+    let model = ModelArgs { model: a.lm.clone(), tokenizer: None };
+    let state = super::serve::app_state(&a.db, Some(sae.as_path()), &model, a.concurrency.max(1) * 2, limits)?;
+    let name = state.model_info["name"].as_str().unwrap_or_default().to_string();
+    let addr = saekit_serve::spawn_background(state, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    eprintln!("explaining with the local model {name} through saekit serve at http://{addr}/v1");
+    let chosen = a.model.clone().unwrap_or(name);
+    Ok((format!("http://{addr}/v1"), chosen))
+}

@@ -1,0 +1,240 @@
+//! Explain and score many features: `concurrency` worker threads (so at most that many requests in
+//! flight), each taking the next feature, explaining it and running both scorers; the calling thread
+//! stores each result as it arrives (a stopped run keeps everything finished) and draws the progress bar.
+//! Features that already have an explanation by the same model are skipped, so a rerun resumes.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _, Result};
+use saekit_analysis::{AutointerpWriter, Explanation, FeatureDb, HeldOutWindow};
+use serde::Serialize;
+
+use crate::client::{ChatClient, ChatError};
+use crate::examples::{select, ExampleOptions};
+use crate::prompts::{explainer_messages, parse_explanation};
+use crate::score::{detection, fuzzing, Usage};
+
+#[derive(Debug, Clone)]
+pub struct ExplainOptions {
+    pub features: Vec<u32>,
+    pub concurrency: usize,
+    pub examples: ExampleOptions,
+    /// Examples per scorer request.
+    pub batch: usize,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExplainSummary {
+    pub explained: usize,
+    /// Already explained by this model (skipped).
+    pub already_done: usize,
+    /// Never fired in the analysis: nothing to explain.
+    pub dead: usize,
+    /// Features whose explainer request failed or gave an empty reply: (feature, why).
+    pub failed: Vec<(u32, String)>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub seconds: f64,
+    /// Features without held-out text where they are 0 (detection not scored).
+    pub no_negatives: usize,
+}
+
+enum Outcome {
+    Done(u32, Explanation),
+    Dead,
+    Failed(u32, String),
+}
+
+/// Explain and score `opts.features` of the database at `db_path` with `client`, storing each result.
+pub fn explain_features(db_path: &Path, client: &ChatClient, opts: &ExplainOptions) -> Result<ExplainSummary> {
+    let db = FeatureDb::open(db_path)?;
+    let heldout = db.heldout()?;
+    if heldout.is_empty() {
+        tracing::warn!(
+            "{}: no held-out windows (a database from an older `saekit analyze`); detection is not scored",
+            db_path.display()
+        );
+    }
+    let mut writer = AutointerpWriter::open(db_path)?;
+    let done = writer.explained_by(client.model())?;
+    let mut summary = ExplainSummary::default();
+    let todo: VecDeque<u32> = opts
+        .features
+        .iter()
+        .copied()
+        .filter(|f| {
+            let skip = done.contains(f);
+            summary.already_done += skip as usize;
+            !skip
+        })
+        .collect();
+    let n = todo.len() as u64;
+    let queue = Mutex::new(todo);
+    let stop = AtomicBool::new(false);
+    let pb = progress_bar(opts.progress, n);
+    let t0 = Instant::now();
+    let (tx, rx) = mpsc::channel::<Result<Outcome, ChatError>>();
+    let mut fatal = None;
+    std::thread::scope(|s| {
+        for _ in 0..opts.concurrency.max(1) {
+            let tx = tx.clone();
+            let (db, heldout, queue, stop) = (&db, &heldout, &queue, &stop);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(id) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
+                    let r = explain_one(db, heldout, client, id, opts);
+                    let is_fatal = matches!(r, Err(ChatError::Fatal(_)));
+                    if tx.send(r).is_err() || is_fatal {
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for r in rx {
+            match r {
+                Ok(Outcome::Done(id, e)) => {
+                    summary.prompt_tokens += e.prompt_tokens;
+                    summary.completion_tokens += e.completion_tokens;
+                    summary.no_negatives += e.detection.is_none() as usize;
+                    if let Err(err) = writer.put(id, &e) {
+                        fatal.get_or_insert(format!("{}: storing feature {id}: {err:#}", db_path.display()));
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    summary.explained += 1;
+                }
+                Ok(Outcome::Dead) => summary.dead += 1,
+                Ok(Outcome::Failed(id, why)) => summary.failed.push((id, why)),
+                Err(e) => {
+                    fatal.get_or_insert(e.to_string());
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            pb.inc(1);
+            let mins = t0.elapsed().as_secs_f64() / 60.0;
+            pb.set_message(format!(
+                "{:.1} features/min, {} tokens",
+                (summary.explained + summary.failed.len()) as f64 / mins.max(1e-9),
+                summary.prompt_tokens + summary.completion_tokens
+            ));
+        }
+    });
+    pb.finish_and_clear();
+    summary.seconds = t0.elapsed().as_secs_f64();
+    if let Some(msg) = fatal {
+        bail!(
+            "stopped after {} features ({} stored; a rerun resumes): {msg}",
+            summary.explained + summary.failed.len(),
+            summary.explained
+        );
+    }
+    Ok(summary)
+}
+
+fn progress_bar(on: bool, n: u64) -> indicatif::ProgressBar {
+    if !on {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(n);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("explain {bar:30} {pos}/{len} features  {msg}  eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Explain one feature and score the explanation.
+fn explain_one(
+    db: &FeatureDb,
+    heldout: &[HeldOutWindow],
+    client: &ChatClient,
+    id: u32,
+    opts: &ExplainOptions,
+) -> Result<Outcome, ChatError> {
+    let rec = match db.feature(id) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(Outcome::Failed(id, "not in the database".into())),
+        Err(e) => return Ok(Outcome::Failed(id, format!("{e:#}"))),
+    };
+    if rec.n_fired == 0 || rec.top_contexts.is_empty() {
+        return Ok(Outcome::Dead);
+    }
+    let text = |t: u32| db.token_text(t).unwrap_or_else(|_| format!("<{t}>"));
+    let ex = select(&rec, heldout, text, &opts.examples);
+    let mut usage = Usage::default();
+    let reply = match client.chat(&explainer_messages(&ex.explain, rec.max_act), 200) {
+        Ok(r) => r,
+        Err(e @ ChatError::Fatal(_)) => return Err(e),
+        Err(ChatError::Failed(m)) => return Ok(Outcome::Failed(id, m)),
+    };
+    usage.prompt_tokens += reply.prompt_tokens;
+    usage.completion_tokens += reply.completion_tokens;
+    let Some(explanation) = parse_explanation(&reply.text) else {
+        return Ok(Outcome::Failed(id, "the explainer's reply was empty".into()));
+    };
+    let seed = opts.examples.seed ^ id as u64;
+    let det = if ex.activating.len() >= 2 && ex.non_activating.len() >= 2 {
+        Some(detection(client, &explanation, &ex.activating, &ex.non_activating, opts.batch, seed, &mut usage)?)
+    } else {
+        None
+    };
+    let fuzz = if ex.activating.len() >= 2 {
+        Some(fuzzing(client, &explanation, &ex.activating, opts.batch, seed, &mut usage)?)
+    } else {
+        None
+    };
+    Ok(Outcome::Done(
+        id,
+        Explanation {
+            model: client.model().to_string(),
+            text: explanation,
+            detection: det,
+            fuzzing: fuzz,
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        },
+    ))
+}
+
+/// `0-999`, `5,7,10-12`: feature ids, each below `n`.
+pub fn parse_feature_list(spec: &str, n: u32) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: u32 = a.parse().with_context(|| format!("--features: '{part}' is not an id or a range like 0-999"))?;
+        let b: u32 = b.parse().with_context(|| format!("--features: '{part}' is not an id or a range like 0-999"))?;
+        if a > b || b >= n {
+            bail!("--features: '{part}' is not within 0-{}", n.saturating_sub(1));
+        }
+        out.extend(a..=b);
+    }
+    if out.is_empty() {
+        bail!("--features selects no feature");
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_lists() {
+        assert_eq!(parse_feature_list("0-3, 7,2", 10).unwrap(), [0, 1, 2, 3, 7]);
+        assert!(parse_feature_list("5-2", 10).is_err());
+        assert!(parse_feature_list("0-10", 10).unwrap_err().to_string().contains("0-9"));
+        assert!(parse_feature_list("x", 10).is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! The explain loop against a scripted OpenAI-compatible endpoint (a few lines of HTTP over std): the
+//! scorer's counts against ones computed from how the test database was built, retries on 429/500,
+//! a clear stop on 401, resume, and storage beside the feature.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use saekit_analysis::db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
+use saekit_analysis::{AutointerpWriter, DbInfo, FeatureDb, FeatureDbWriter, HeldOutWindow};
+use saekit_explain::examples::ExampleOptions;
+use saekit_explain::{explain_features, ChatClient, ClientOptions, ExplainOptions};
+use serde_json::{json, Value};
+
+const VOCAB: [&str; 10] = ["The", " cat", " dog", " sat", " on", " the", " mat", " ran", " home", "."];
+const CAT: u32 = 1;
+const DOG: u32 = 2;
+
+/// A context with `animal` at position 2: "The big <animal> sat on the mat ."
+fn ctx(animal: u32, act: f32, k: u64) -> StoredContext {
+    StoredContext {
+        ctx: k,
+        start: 0,
+        ids: vec![0, 3, animal, 3, 4, 5, 6, 9],
+        acts: vec![(2, act)],
+        peak: 2,
+        max_act: act,
+    }
+}
+
+/// Feature 0 fires on " cat", feature 1 on " dog", feature 2 never.
+fn build_db(path: &Path) {
+    let info = DbInfo { model: "test".into(), hook: "blocks.0.hook_resid_post".into(), d_sae: 3, ..Default::default() };
+    let vocab: Vec<String> = VOCAB.iter().map(|s| s.to_string()).collect();
+    let mut w = FeatureDbWriter::create(path, &info, &[0.0, 1.0], &vocab).unwrap();
+    for (id, animal) in [(0u32, CAT), (1, DOG)] {
+        let top: Vec<StoredContext> = (0..4).map(|k| ctx(animal, 10.0 - k as f32, k)).collect();
+        let quantiles: Vec<StoredGroup> = (0..4)
+            .map(|q| StoredGroup {
+                lo: q as f32 * 2.0,
+                hi: q as f32 * 2.0 + 2.0,
+                count: 3,
+                // distinct activations: identical contexts would count as one (never test what the explainer saw)
+                contexts: (0..3)
+                    .map(|k| ctx(animal, q as f32 * 2.0 + 1.0 + k as f32 * 0.1, 100 + q * 10 + k))
+                    .collect(),
+            })
+            .collect();
+        let row = FeatureRow {
+            id,
+            density: 0.1,
+            max_act: 10.0,
+            mean_act: 3.0,
+            n_fired: 16,
+            detail: StoredDetail { top, quantiles, ..Default::default() },
+            ..Default::default()
+        };
+        w.insert(&row).unwrap();
+    }
+    w.insert(&FeatureRow { id: 2, ..Default::default() }).unwrap();
+    w.finish().unwrap();
+    // held-out windows: without animals (no feature fires), with a dog (feature 1), with a cat (both fire)
+    let mut windows = Vec::new();
+    for k in 0..12u64 {
+        windows.push(HeldOutWindow { ctx: 1000 + k, start: 1, ids: vec![0, 7, 8, 9], fired: vec![] });
+    }
+    windows.push(HeldOutWindow { ctx: 2000, start: 1, ids: vec![0, DOG, 7, 8], fired: vec![1] });
+    windows.push(HeldOutWindow { ctx: 2001, start: 1, ids: vec![0, CAT, 7, 8], fired: vec![0, 1] });
+    AutointerpWriter::open(path).unwrap().set_heldout(&windows).unwrap();
+}
+
+/// How the scripted model answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Explains every feature as being about cats; scores by looking for "cat" (in the marks, for fuzzing).
+    Cats,
+    /// Answers 401 to everything.
+    Unauthorized,
+}
+
+fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
+    if mode == Mode::Unauthorized {
+        return (401, json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}));
+    }
+    // the first two requests meet an overloaded server
+    if n == 0 {
+        return (429, json!({"error": {"message": "rate limited", "type": "rate_limit_error"}}));
+    }
+    if n == 1 {
+        return (500, json!({"error": {"message": "oops", "type": "server_error"}}));
+    }
+    let msgs = body["messages"].as_array().unwrap();
+    let system = msgs[0]["content"].as_str().unwrap();
+    let last = msgs.last().unwrap()["content"].as_str().unwrap();
+    let text = if system.contains("[EXPLANATION]") {
+        "Looking at these... [EXPLANATION]: Mentions of cats.".to_string()
+    } else {
+        let fuzz = system.contains("marked correctly");
+        let answers: Vec<&str> = last
+            .lines()
+            .filter(|l| l.starts_with("Example "))
+            .map(|l| {
+                let marked: Vec<&str> = l.split("<<").skip(1).map(|s| s.split(">>").next().unwrap()).collect();
+                let yes = if fuzz {
+                    !marked.is_empty() && marked.iter().all(|m| m.contains("cat"))
+                } else {
+                    l.contains("cat")
+                };
+                if yes {
+                    "1"
+                } else {
+                    "0"
+                }
+            })
+            .collect();
+        format!("[{}]", answers.join(", "))
+    };
+    (
+        200,
+        json!({"choices": [{"message": {"role": "assistant", "content": text}}], "usage": {"prompt_tokens": 100, "completion_tokens": 5}}),
+    )
+}
+
+/// Serve until the test ends; one thread per connection, `Connection: close`.
+fn mock_server(mode: Mode) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap();
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                assert!(first.starts_with("POST /v1/chat/completions "), "{first}");
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                let (status, v) = reply(mode, n, &serde_json::from_slice(&body).unwrap());
+                let text = v.to_string();
+                let mut s = stream;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 0\r\nconnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            });
+        }
+    });
+    (url, count)
+}
+
+fn client(url: &str) -> ChatClient {
+    ChatClient::new(ClientOptions {
+        endpoint: url.into(),
+        model: "mock-model".into(),
+        api_key: Some("sk-test".into()),
+        timeout: Duration::from_secs(20),
+        retries: 3,
+        backoff: Duration::from_millis(10),
+    })
+    .unwrap()
+}
+
+fn opts(features: Vec<u32>) -> ExplainOptions {
+    ExplainOptions {
+        features,
+        concurrency: 3,
+        examples: ExampleOptions { n_top: 2, n_test: 6, seed: 5 },
+        batch: 4,
+        progress: false,
+    }
+}
+
+#[test]
+fn explains_scores_stores_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("features.sqlite");
+    build_db(&db_path);
+    let (url, count) = mock_server(Mode::Cats);
+    let c = client(&url);
+    let s = explain_features(&db_path, &c, &opts(vec![0, 1, 2])).unwrap();
+    assert_eq!((s.explained, s.dead, s.already_done), (2, 1, 0), "{s:?}");
+    assert!(s.failed.is_empty(), "{s:?}");
+    // 2 features x (1 explainer + 3 detection + 3 fuzzing batches of 4 from 12 examples) + 2 retried failures
+    assert_eq!(count.load(Ordering::SeqCst), 2 * 7 + 2);
+
+    let db = FeatureDb::open(&db_path).unwrap();
+    let cat = &db.feature(0).unwrap().unwrap().explanations;
+    assert_eq!(cat.len(), 1);
+    assert_eq!(cat[0].text, "Mentions of cats.");
+    assert_eq!(cat[0].model, "mock-model");
+    // the cat feature: 6 activating test contexts (all with " cat"), 6 held-out windows without a cat
+    let d = cat[0].detection.unwrap();
+    assert_eq!((d.tp, d.fn_, d.tn, d.fp, d.unparsed), (6, 0, 6, 0, 0), "{d:?}");
+    assert_eq!(d.balanced_accuracy, 1.0);
+    let f = cat[0].fuzzing.unwrap();
+    assert_eq!((f.tp, f.fn_, f.tn, f.fp), (6, 0, 6, 0), "{f:?}");
+    assert_eq!(cat[0].prompt_tokens, 7 * 100);
+    // the dog feature explained as cats: nothing activating is recognised, the negatives are rejected
+    let dog = &db.feature(1).unwrap().unwrap().explanations[0];
+    let d = dog.detection.unwrap();
+    assert_eq!((d.tp, d.fn_, d.tn, d.fp), (0, 6, 6, 0), "{d:?}");
+    assert_eq!(d.balanced_accuracy, 0.5);
+    assert!(db.feature(2).unwrap().unwrap().explanations.is_empty());
+    // search finds the features through their explanation
+    let mut hits: Vec<u32> = db.search("cats", 10).unwrap().iter().map(|h| h.id).collect();
+    hits.sort_unstable();
+    assert_eq!(hits, [0, 1]);
+
+    // a rerun skips what is done
+    let before = count.load(Ordering::SeqCst);
+    let again = explain_features(&db_path, &c, &opts(vec![0, 1, 2])).unwrap();
+    assert_eq!((again.explained, again.already_done), (0, 2));
+    assert_eq!(count.load(Ordering::SeqCst) - before, 0, "feature 2 is dead: no request");
+}
+
+#[test]
+fn a_bad_key_stops_the_run_at_once_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("features.sqlite");
+    build_db(&db_path);
+    let (url, count) = mock_server(Mode::Unauthorized);
+    let err = explain_features(&db_path, &client(&url), &opts(vec![0, 1])).unwrap_err().to_string();
+    assert!(err.contains("401") && err.contains("API key"), "{err}");
+    assert!(count.load(Ordering::SeqCst) <= 3, "no retries after a 401");
+    assert!(FeatureDb::open(&db_path).unwrap().feature(0).unwrap().unwrap().explanations.is_empty());
+}

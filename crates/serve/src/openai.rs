@@ -1,0 +1,577 @@
+//! The OpenAI chat API on the same model queue as the pages: `GET /v1/models` and
+//! `POST /v1/chat/completions` (one JSON reply, or server-sent events with `stream: true`), so any OpenAI
+//! client can talk to the model, steered or not. The extension field `"saekit": {"steer": [...]}` takes the
+//! edits of `/api/steer`. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so
+//! clients raise their usual exceptions; a full queue answers 503 with `Retry-After`, which those clients
+//! retry with backoff.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt as _;
+use saekit_model::{ChatMessage, GenerateOptions, Sampling, Tokenizer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::api::{resolve_edits, AppState, EditRequest};
+use crate::engine::{Engine, FeatureEdit, QueueError};
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/models", get(models))
+        .route("/chat/completions", post(chat_completions))
+        .method_not_allowed_fallback(|m: Method, u: Uri| async move {
+            OaiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                format!("{m} is not allowed on /v1{u}"),
+            )
+        })
+        // inside the nest the path has lost its `/v1` (axum's original-uri feature is off)
+        .fallback(|m: Method, u: Uri| async move {
+            OaiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("Unknown request URL: {m} /v1{u}"))
+        })
+}
+
+/// An error as OpenAI's API writes it.
+#[derive(Debug)]
+pub struct OaiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl OaiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, message: message.into(), param: None, code: None }
+    }
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self { param: Some(param), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+    }
+    fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+    fn body(&self) -> Value {
+        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    }
+}
+
+impl IntoResponse for OaiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(status = %self.status, "{}", self.message);
+        }
+        let mut r = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+impl From<QueueError> for OaiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::Busy(n) => OaiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("the model is busy ({n} requests already waiting); retry shortly"),
+            )
+            .code("server_busy"),
+            QueueError::Failed(e) => OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("{e:#}")),
+        }
+    }
+}
+
+/// The one model this server offers: the model's name from its file (`/api/info`'s `model.name`).
+fn model_id(s: &AppState) -> Option<String> {
+    s.queue.as_ref()?;
+    s.model_info.get("name").and_then(Value::as_str).map(str::to_string)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = model_id(&s)
+        .into_iter()
+        .map(|id| json!({ "id": id, "object": "model", "created": 0, "owned_by": "saekit" }))
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<RequestMessage>,
+    #[serde(default)]
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<u64>,
+    logprobs: Option<bool>,
+    tools: Option<Value>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    saekit: Option<SaekitExtension>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RequestMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaekitExtension {
+    #[serde(default)]
+    steer: Vec<EditRequest>,
+}
+
+/// A checked request, ready for the model worker.
+struct ChatJob {
+    messages: Vec<ChatMessage>,
+    opts: GenerateOptions,
+    stops: Vec<String>,
+    edits: Vec<FeatureEdit>,
+}
+
+fn parse_request(body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, OaiError> {
+    let body = body.map_err(|r| OaiError::new(r.status(), "invalid_request_error", r.body_text()))?;
+    serde_json::from_slice(&body).map_err(|e| {
+        OaiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!("the request body is not a valid chat request: {e}"),
+        )
+    })
+}
+
+fn messages_of(req: &[RequestMessage]) -> Result<Vec<ChatMessage>, OaiError> {
+    if req.is_empty() {
+        return Err(OaiError::invalid("messages", "messages must contain at least one message"));
+    }
+    let mut out = Vec::with_capacity(req.len());
+    for (i, m) in req.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            r => {
+                return Err(OaiError::invalid(
+                    "messages",
+                    format!("messages[{i}]: role '{r}' is not supported: use system, user or assistant"),
+                ))
+            }
+        };
+        let content = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (k, _) => {
+                            return Err(OaiError::invalid(
+                                "messages",
+                                format!("messages[{i}]: content parts of type '{k}' are not supported (text only)"),
+                            ))
+                        }
+                    }
+                }
+                text
+            }
+        };
+        out.push(ChatMessage { role: role.into(), content });
+    }
+    Ok(out)
+}
+
+/// OpenAI's defaults where the request is silent: temperature 1, top_p 1, a fresh seed, as many tokens as
+/// the server allows.
+async fn check_request(s: &Arc<AppState>, req: &ChatRequest) -> Result<ChatJob, OaiError> {
+    let Some(id) = model_id(s) else {
+        return Err(OaiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "this server was started without a model and SAE (saekit serve --sae DIR): the chat API is off",
+        ));
+    };
+    if req.model != id {
+        return Err(OaiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model '{}' does not exist; this server has '{id}' (GET /v1/models)", req.model),
+        )
+        .code("model_not_found"));
+    }
+    let messages = messages_of(&req.messages)?;
+    let lim = &s.limits;
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(OaiError::invalid("temperature", "temperature must be between 0 and 2"));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(OaiError::invalid("top_p", "top_p must be in (0, 1]"));
+    }
+    let max_new_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(lim.max_new_tokens as u64);
+    if max_new_tokens == 0 || max_new_tokens > lim.max_new_tokens as u64 {
+        return Err(OaiError::invalid(
+            "max_tokens",
+            format!("max_tokens must be between 1 and {}", lim.max_new_tokens),
+        ));
+    }
+    let seed = match req.seed {
+        Some(v) if v < 0 => return Err(OaiError::invalid("seed", "seed must be a non-negative integer")),
+        Some(v) => v as u64,
+        None => rand::random(),
+    };
+    let stops = match &req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stops.len() > 4 || stops.iter().any(|s| s.is_empty() || s.chars().count() > 100) {
+        return Err(OaiError::invalid("stop", "stop takes up to 4 non-empty strings of at most 100 characters"));
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(OaiError::invalid("n", "only n = 1 is supported"));
+    }
+    if req.logprobs == Some(true) {
+        return Err(OaiError::invalid("logprobs", "logprobs are not supported"));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(OaiError::invalid("tools", "tools are not supported"));
+    }
+    for (name, v) in [("frequency_penalty", req.frequency_penalty), ("presence_penalty", req.presence_penalty)] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(OaiError::invalid(name, format!("{name} is not supported (leave it 0)")));
+        }
+    }
+    let steer = req.saekit.as_ref().map_or(&[][..], |x| &x.steer[..]);
+    let (edits, _) = resolve_edits(s, steer)
+        .await
+        .map_err(|e| OaiError::invalid("saekit.steer", e.message).code("invalid_steer"))?;
+    let sampling = if temperature == 0.0 { Sampling::Greedy } else { Sampling::TopP { temperature, top_p } };
+    let opts = GenerateOptions { max_new_tokens: max_new_tokens as usize, sampling, seed, stop_at_eos: true };
+    Ok(ChatJob { messages, opts, stops, edits })
+}
+
+/// What the model worker reports, in order: `Rejected`, or `Started`, `Delta`s, then `Done` or `Failed`.
+enum ChatEvent {
+    Rejected(OaiError),
+    Started { prompt_tokens: usize },
+    Delta(String),
+    Done { finish_reason: &'static str, completion_tokens: usize },
+    Failed(String),
+}
+
+/// The reply's text as it grows: decodes all tokens so far (a character may span tokens), holds back a
+/// trailing incomplete character and any tail that could begin a stop string, and cuts at the first stop.
+struct TextStream {
+    ids: Vec<u32>,
+    emitted: usize,
+    stops: Vec<String>,
+}
+
+struct Step {
+    delta: String,
+    stop: bool,
+}
+
+impl TextStream {
+    fn new(stops: Vec<String>) -> Self {
+        Self { ids: Vec::new(), emitted: 0, stops }
+    }
+
+    fn push(&mut self, tok: &Tokenizer, id: u32) -> anyhow::Result<Step> {
+        if id == tok.eos_token_id() {
+            return Ok(Step { delta: self.finish(tok)?, stop: true });
+        }
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if let Some(cut) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+            let delta = text.get(self.emitted..cut).unwrap_or_default().to_string();
+            self.emitted = cut.max(self.emitted);
+            return Ok(Step { delta, stop: true });
+        }
+        let mut end = text.trim_end_matches('\u{FFFD}').len();
+        let held = self.stops.iter().map(|s| partial_stop_len(&text[..end], s)).max().unwrap_or(0);
+        end -= held;
+        let delta = if end > self.emitted { text[self.emitted..end].to_string() } else { String::new() };
+        self.emitted = end.max(self.emitted);
+        Ok(Step { delta, stop: false })
+    }
+
+    /// Whatever was held back, when generation ends without a stop string.
+    fn finish(&mut self, tok: &Tokenizer) -> anyhow::Result<String> {
+        let text = tok.decode(&self.ids)?;
+        let rest = text.get(self.emitted..).unwrap_or_default().to_string();
+        self.emitted = text.len();
+        Ok(rest)
+    }
+}
+
+/// The length of the longest proper prefix of `stop` that `text` ends with (on a character boundary).
+fn partial_stop_len(text: &str, stop: &str) -> usize {
+    stop.char_indices().skip(1).map(|(i, _)| i).filter(|&i| text.ends_with(&stop[..i])).max().unwrap_or(0)
+}
+
+/// Runs on the model worker: tokenise with the chat template, check the context, generate, report.
+fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
+    let tok = e.model.tokenizer();
+    let ids = match e.chat_prompt_ids(&job.messages) {
+        Ok(ids) => ids,
+        Err(err) => {
+            let _ = tx.send(ChatEvent::Rejected(OaiError::invalid("messages", format!("{err:#}"))));
+            return;
+        }
+    };
+    let context = e.model.config().max_positions;
+    if ids.len() + job.opts.max_new_tokens > context {
+        let msg = format!(
+            "This model's maximum context length is {context} tokens. However, you requested {} tokens ({} in the \
+             messages, {} in the completion).",
+            ids.len() + job.opts.max_new_tokens,
+            ids.len(),
+            job.opts.max_new_tokens
+        );
+        let _ = tx.send(ChatEvent::Rejected(OaiError::invalid("messages", msg).code("context_length_exceeded")));
+        return;
+    }
+    if tx.send(ChatEvent::Started { prompt_tokens: ids.len() }).is_err() {
+        return;
+    }
+    let mut text = TextStream::new(job.stops);
+    let mut finish_reason = "length";
+    let mut failure = None;
+    let generated = e.generate_streaming(&ids, &job.edits, &job.opts, |id| {
+        let step = match text.push(tok, id) {
+            Ok(step) => step,
+            Err(err) => {
+                failure = Some(format!("{err:#}"));
+                return false;
+            }
+        };
+        if step.stop {
+            finish_reason = "stop";
+        }
+        // a closed channel means the client went away: stop spending the model on it
+        (step.delta.is_empty() || tx.send(ChatEvent::Delta(step.delta)).is_ok()) && !step.stop
+    });
+    let event = match (generated, failure) {
+        (Err(err), _) => ChatEvent::Failed(format!("{err:#}")),
+        (_, Some(msg)) => ChatEvent::Failed(msg),
+        (Ok(g), None) => {
+            if finish_reason == "length" {
+                match text.finish(tok) {
+                    Ok(rest) if !rest.is_empty() => {
+                        let _ = tx.send(ChatEvent::Delta(rest));
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        let _ = tx.send(ChatEvent::Failed(format!("{err:#}")));
+                        return;
+                    }
+                }
+            }
+            ChatEvent::Done { finish_reason, completion_tokens: g.generated_ids.len() }
+        }
+    };
+    let _ = tx.send(event);
+}
+
+async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match start_chat(&s, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn start_chat(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, OaiError> {
+    let req = parse_request(body)?;
+    let job = check_request(s, &req).await?;
+    let queue =
+        s.queue.as_ref().ok_or_else(|| OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no model"))?;
+    let (tx, mut rx) = unbounded_channel();
+    // the job's own result is always Ok: it reports through `tx`
+    let _done = queue.submit(move |e| {
+        run_chat(e, job, tx);
+        Ok(())
+    })?;
+    let prompt_tokens = match rx.recv().await {
+        Some(ChatEvent::Started { prompt_tokens }) => prompt_tokens,
+        Some(ChatEvent::Rejected(err)) => return Err(err),
+        _ => return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the model worker stopped")),
+    };
+    let reply = Reply {
+        id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
+        created: unix_now(),
+        model: req.model.clone(),
+        prompt_tokens,
+    };
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        Ok(stream_reply(reply, rx, include_usage))
+    } else {
+        whole_reply(reply, rx).await
+    }
+}
+
+/// The parts of a completion every chunk repeats.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+}
+
+impl Reply {
+    fn usage(&self, completion_tokens: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        })
+    }
+
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut v = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "system_fingerprint": "saekit", "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
+    }
+}
+
+async fn whole_reply(reply: Reply, mut rx: UnboundedReceiver<ChatEvent>) -> Result<Response, OaiError> {
+    let mut content = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            ChatEvent::Delta(d) => content.push_str(&d),
+            ChatEvent::Done { finish_reason, completion_tokens } => {
+                return Ok(Json(json!({
+                    "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
+                    "system_fingerprint": "saekit",
+                    "choices": [{
+                        "index": 0,
+                        "message": { "role": "assistant", "content": content, "refusal": null },
+                        "logprobs": null,
+                        "finish_reason": finish_reason,
+                    }],
+                    "usage": reply.usage(completion_tokens),
+                }))
+                .into_response());
+            }
+            ChatEvent::Failed(msg) => {
+                return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg));
+            }
+            ChatEvent::Started { .. } | ChatEvent::Rejected(_) => {}
+        }
+    }
+    Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the model worker stopped mid-reply"))
+}
+
+/// Server-sent events as OpenAI sends them: a role chunk, content chunks, a chunk with the finish reason,
+/// the usage chunk when asked (`stream_options.include_usage`), then `data: [DONE]`.
+fn stream_reply(reply: Reply, rx: UnboundedReceiver<ChatEvent>, include_usage: bool) -> Response {
+    let first = reply
+        .chunk(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]), None);
+    let state = StreamState { reply, rx, queued: VecDeque::from([first]), finished: false, include_usage };
+    let chunks = futures_util::stream::unfold(state, |mut st| async move {
+        let chunk = st.next().await?;
+        Some((Ok::<_, Infallible>(Event::default().data(chunk.to_string())), st))
+    });
+    let done = futures_util::stream::once(async { Ok::<_, Infallible>(Event::default().data("[DONE]")) });
+    Sse::new(chunks.chain(done)).into_response()
+}
+
+struct StreamState {
+    reply: Reply,
+    rx: UnboundedReceiver<ChatEvent>,
+    queued: VecDeque<Value>,
+    finished: bool,
+    include_usage: bool,
+}
+
+impl StreamState {
+    /// The next chunk to send, `None` after the last.
+    async fn next(&mut self) -> Option<Value> {
+        while self.queued.is_empty() && !self.finished {
+            let choice =
+                |delta: Value, finish: Option<&str>| json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
+            match self.rx.recv().await {
+                Some(ChatEvent::Delta(d)) => {
+                    self.queued.push_back(self.reply.chunk(choice(json!({ "content": d }), None), None))
+                }
+                Some(ChatEvent::Done { finish_reason, completion_tokens }) => {
+                    self.queued.push_back(self.reply.chunk(choice(json!({}), Some(finish_reason)), None));
+                    if self.include_usage {
+                        self.queued.push_back(self.reply.chunk(json!([]), Some(self.reply.usage(completion_tokens))));
+                    }
+                    self.finished = true;
+                }
+                // mid-stream failures arrive as an error object, as OpenAI's own stream reports them
+                Some(ChatEvent::Failed(msg)) => {
+                    self.queued.push_back(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg).body());
+                    self.finished = true;
+                }
+                Some(ChatEvent::Started { .. } | ChatEvent::Rejected(_)) => {}
+                None => self.finished = true,
+            }
+        }
+        self.queued.pop_front()
+    }
+}
