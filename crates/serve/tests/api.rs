@@ -95,6 +95,7 @@ async fn feature_record_and_bad_ids() {
         "n_fired",
         "explanation",
         "explanation_auto",
+        "explanations",
         "top_contexts",
         "quantiles",
         "histogram",
