@@ -55,6 +55,12 @@ impl Score {
             unparsed,
         }
     }
+
+    /// Examples whose answer was read. A score over none measures nothing (a small scorer model that
+    /// copies the worked examples' lists answers nothing usable): it is shown as such and not ranked.
+    pub fn answered(&self) -> u32 {
+        self.tp + self.fn_ + self.tn + self.fp
+    }
 }
 
 /// One explanation of a feature by one explainer model, with its scores.
@@ -73,9 +79,15 @@ pub struct Explanation {
 }
 
 impl Explanation {
-    /// The mean of the available balanced accuracies: how explanations of one feature are ranked.
+    /// The mean of the balanced accuracies of the scorers that got answers: how explanations of one
+    /// feature are ranked.
     pub fn score(&self) -> Option<f64> {
-        let s: Vec<f64> = [self.detection, self.fuzzing].iter().flatten().map(|s| s.balanced_accuracy).collect();
+        let s: Vec<f64> = [self.detection, self.fuzzing]
+            .iter()
+            .flatten()
+            .filter(|s| s.answered() > 0)
+            .map(|s| s.balanced_accuracy)
+            .collect();
         (!s.is_empty()).then(|| s.iter().sum::<f64>() / s.len() as f64)
     }
 }

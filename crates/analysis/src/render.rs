@@ -95,6 +95,11 @@ pub fn context_text(tokens: &[String]) -> String {
     merge_tokens(tokens, &[]).into_iter().map(|p| p.text).collect()
 }
 
+/// The text of the piece that holds token `i`: the whole character when `i` is one of its tokens.
+pub fn piece_at(tokens: &[String], i: usize) -> Option<String> {
+    merge_tokens(tokens, &[]).into_iter().find(|p| (p.first..p.first + p.len).contains(&i)).map(|p| p.text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +125,7 @@ mod tests {
         let texts: Vec<String> = merge_tokens(&toks, &[0.0; 4]).into_iter().map(|p| p.text).collect();
         assert_eq!(texts, ["a", "\\xe3\\x81", "b", "\\xff"]);
         assert_eq!(context_text(&s(&["caf", "\\xc3", "\\xa9", "!"])), "café!");
+        assert_eq!(piece_at(&s(&["caf", "\\xc3", "\\xa9", "!"]), 2).as_deref(), Some("é"));
+        assert_eq!(piece_at(&s(&["a"]), 1), None);
     }
 }

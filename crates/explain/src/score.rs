@@ -48,7 +48,11 @@ fn run_scorer(
             Ok(r) => {
                 usage.prompt_tokens += r.prompt_tokens;
                 usage.completion_tokens += r.completion_tokens;
-                parse_answers(&r.text, chunk.len())
+                let a = parse_answers(&r.text, chunk.len());
+                if a.is_none() {
+                    tracing::debug!(reply = %r.text, "a scorer reply without a list of {} answers", chunk.len());
+                }
+                a
             }
             Err(e @ ChatError::Fatal(_)) => return Err(e),
             Err(ChatError::Failed(msg)) => {

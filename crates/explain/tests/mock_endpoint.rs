@@ -79,6 +79,9 @@ enum Mode {
     Cats,
     /// Answers 401 to everything.
     Unauthorized,
+    /// Explains like `Cats` but, as SmolLM2-135M does, answers every scorer request by copying the
+    /// worked examples' three-item list, whatever the number of examples.
+    Parrot,
 }
 
 fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
@@ -97,6 +100,8 @@ fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
     let last = msgs.last().unwrap()["content"].as_str().unwrap();
     let text = if system.contains("[EXPLANATION]") {
         "Looking at these... [EXPLANATION]: Mentions of cats.".to_string()
+    } else if mode == Mode::Parrot {
+        "[1, 0, 1]".to_string()
     } else {
         let fuzz = system.contains("marked correctly");
         let answers: Vec<&str> = last
@@ -168,9 +173,13 @@ fn mock_server(mode: Mode) -> (String, Arc<AtomicUsize>) {
 }
 
 fn client(url: &str) -> ChatClient {
+    client_for(url, "mock-model")
+}
+
+fn client_for(url: &str, model: &str) -> ChatClient {
     ChatClient::new(ClientOptions {
         endpoint: url.into(),
-        model: "mock-model".into(),
+        model: model.into(),
         api_key: Some("sk-test".into()),
         timeout: Duration::from_secs(20),
         retries: 3,
@@ -242,4 +251,28 @@ fn a_bad_key_stops_the_run_at_once_with_a_clear_message() {
     assert!(err.contains("401") && err.contains("API key"), "{err}");
     assert!(count.load(Ordering::SeqCst) <= 3, "no retries after a 401");
     assert!(FeatureDb::open(&db_path).unwrap().feature(0).unwrap().unwrap().explanations.is_empty());
+}
+
+/// Replies whose lists do not fit the examples count as unparsed, and a score that read no answer is not a
+/// balanced accuracy of 0: it does not rank its explanation, which goes below a scored one.
+#[test]
+fn a_scorer_that_answers_nothing_readable_measures_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("features.sqlite");
+    build_db(&db_path);
+    let (parrot_url, _) = mock_server(Mode::Parrot);
+    let s = explain_features(&db_path, &client_for(&parrot_url, "parrot-model"), &opts(vec![1])).unwrap();
+    assert_eq!(s.explained, 1, "{s:?}");
+    let (url, _) = mock_server(Mode::Cats);
+    explain_features(&db_path, &client(&url), &opts(vec![1])).unwrap();
+
+    let got = FeatureDb::open(&db_path).unwrap().feature(1).unwrap().unwrap().explanations;
+    let models: Vec<&str> = got.iter().map(|e| e.model.as_str()).collect();
+    assert_eq!(models, ["mock-model", "parrot-model"], "the scored explanation first");
+    let parrot = &got[1];
+    for s in [parrot.detection.unwrap(), parrot.fuzzing.unwrap()] {
+        assert_eq!((s.answered(), s.unparsed), (0, 12), "{s:?}");
+    }
+    assert_eq!(parrot.score(), None);
+    assert_eq!(got[0].score(), Some(0.5), "the dog feature explained as cats: chance on both scorers");
 }

@@ -129,6 +129,7 @@ function contextRow(c, scaleMax) {
 // An LLM explanation with its detection / fuzzing scores (balanced accuracy, with the counts in the hover).
 function scoreChip(name, s) {
   if (!s) return el("span", { class: "chip muted", text: `${name}: not scored` });
+  if (s.tp + s.fn + s.tn + s.fp === 0) return el("span", { class: "chip muted", text: `${name}: no answer could be read (${s.unparsed} unparsed)` });
   const chip = el("span", { class: "chip score", text: `${name} ${s.balanced_accuracy.toFixed(2)}` });
   return hover(chip, () => `${name}: balanced accuracy ${s.balanced_accuracy.toFixed(3)}\n` +
     `activating: ${s.tp} found, ${s.fn} missed\nothers: ${s.tn} rejected, ${s.fp} accepted` + (s.unparsed ? `\n${s.unparsed} unparsed` : ""));

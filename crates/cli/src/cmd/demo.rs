@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use saekit_analysis::{FeatureDb, ModelEvalOptions};
+use saekit_analysis::{render, FeatureDb, ModelEvalOptions};
 use saekit_model::{GenerateOptions, HookPoint};
 use saekit_steer::{FeatureEdit, Positions};
 use saekit_store::TokenDataset;
@@ -244,9 +244,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let (tokens, context) = rec
             .as_ref()
             .map(|r| {
-                let mut toks: Vec<String> = r.top_contexts.iter().take(8).map(|c| c.tokens[c.peak].clone()).collect();
+                // as text: a character split across tokens shown whole, not as byte escapes
+                let mut toks: Vec<String> =
+                    r.top_contexts.iter().take(8).filter_map(|c| render::piece_at(&c.tokens, c.peak)).collect();
                 toks.dedup();
-                let ctx = r.top_contexts.first().map(|c| c.tokens.concat()).unwrap_or_default();
+                let ctx = r.top_contexts.first().map(|c| render::context_text(&c.tokens)).unwrap_or_default();
                 (toks, ctx)
             })
             .unwrap_or_default();

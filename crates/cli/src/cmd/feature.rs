@@ -89,6 +89,7 @@ fn show(c: &Ctx) -> String {
 fn score_line(name: &str, s: Option<saekit_analysis::Score>) -> String {
     match s {
         None => format!("{name}: not scored"),
+        Some(s) if s.answered() == 0 => format!("{name}: no answer could be read ({} unparsed)", s.unparsed),
         Some(s) => format!(
             "{name} {:.2} balanced accuracy (tp {} fn {} tn {} fp {}{})",
             s.balanced_accuracy,
