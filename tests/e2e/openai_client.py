@@ -1,6 +1,6 @@
 """`saekit serve` as an OpenAI-compatible model, driven by the real `openai` Python client and by curl.
 
-Run by scripts/e2e.sh (which builds the fixture and installs `openai` into tests/e2e/.venv):
+Run by scripts/e2e.sh (which builds the fixture; `openai` comes from PyPI through pip, see .ci/run):
 plain, streamed and steered replies, the steered reply against `saekit generate --steer` with the same
 seed, bad requests in OpenAI's error shape, and 16 concurrent clients through the bounded queue.
 """
