@@ -16,7 +16,39 @@ use saekit_explain::{explain_features, ChatClient, ClientOptions, ExplainOptions
 
 use super::model_arg::ModelArgs;
 
+const EXAMPLES: &str = "\
+What it does, per feature (delphi's autointerp loop):
+  explain    the top-activating contexts and one per activation quantile, activating tokens
+             marked <<like this>> with activations 0-10, go to the explainer; its one-line
+             description is kept
+  detection  activating contexts the explainer never saw, mixed with as many held-out contexts
+             where the feature is 0 (kept by `saekit analyze`): which match the description?
+  fuzzing    the same activating contexts, once with the real marks and once with the marks
+             moved to tokens where the feature is 0: which are marked correctly?
+Each scorer is stored as balanced accuracy (0.5 is chance) with its counts; replies that cannot
+be read count as unparsed, and a scorer that read none is shown as unmeasured, not as 0. Results
+go into --db beside the feature, one explanation per explainer model; `saekit feature` and
+`saekit serve` show the best-scoring one. A rerun skips features this model already explained,
+so an interrupted run resumes. 401/403/404 stop the run at once; 429, 5xx and timeouts are
+retried with backoff.
+
+Examples:
+  # the local model (SmolLM2-135M through an in-process `saekit serve`), 20 random features
+  saekit explain --db run/features.sqlite --sae run/sae --sample 20
+
+  # any OpenAI-compatible server (OpenAI, vLLM, llama.cpp); the key from $OPENAI_API_KEY
+  saekit explain --db run/features.sqlite --endpoint https://api.openai.com/v1 \\
+      --model gpt-4o-mini --features 0-999 --concurrency 8
+
+  # a local vLLM with its key in $MY_KEY, slower requests allowed, a few chosen features
+  saekit explain --db run/features.sqlite --endpoint http://127.0.0.1:8000/v1 \\
+      --model Qwen/Qwen2.5-7B-Instruct --api-key-env MY_KEY --timeout 300 --features 5,7,10-12
+
+  # then read them
+  saekit feature --db run/features.sqlite 42";
+
 #[derive(clap::Args, Debug)]
+#[command(after_help = EXAMPLES)]
 pub struct ExplainArgs {
     /// Feature database from `saekit analyze` (explanations are stored in it).
     #[arg(long, default_value = "features.sqlite")]
@@ -46,12 +78,17 @@ pub struct ExplainArgs {
     /// Retries of a request that failed with 429, 5xx or a network error (exponential backoff from 1 s).
     #[arg(long, default_value_t = 5)]
     pub retries: u32,
-    /// Activating test contexts per scorer (and as many held-out ones).
+    /// Top-activating contexts shown to the explainer (one from each activation quantile is added).
+    #[arg(long, default_value_t = 8)]
+    pub n_explain: usize,
+    /// Activating test contexts per scorer (and as many held-out ones for detection).
     #[arg(long, default_value_t = 10)]
     pub n_test: usize,
     /// Examples per scorer request.
     #[arg(long, default_value_t = 5)]
     pub batch: usize,
+    /// Seed of --sample, of which held-out windows detection uses, of the order of the scorers' examples
+    /// and of the fuzzing marks.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// The SAE folder the database describes (for the local serve, without --endpoint).
@@ -95,7 +132,7 @@ pub fn run(a: ExplainArgs) -> Result<()> {
     let opts = ExplainOptions {
         features,
         concurrency: a.concurrency.max(1),
-        examples: ExampleOptions { n_test: a.n_test, seed: a.seed, ..Default::default() },
+        examples: ExampleOptions { n_top: a.n_explain, n_test: a.n_test, seed: a.seed },
         batch: a.batch.max(1),
         progress: !a.json,
     };
