@@ -4,6 +4,8 @@
 //! consecutive tokens whose bytes complete a character into one piece carrying the highest activation
 //! among them; only bytes that never complete a character stay escaped.
 
+use saekit_model::tokenizer::escape_invalid_utf8;
+
 /// One piece of a rendered context: a whole character sequence and the tokens it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Piece {
@@ -38,29 +40,6 @@ fn token_bytes(t: &str) -> Vec<u8> {
     out
 }
 
-/// Valid UTF-8 as text, every byte of an invalid or unfinished sequence as `\xNN`.
-fn escape_invalid(mut rest: &[u8]) -> String {
-    let mut out = String::new();
-    while !rest.is_empty() {
-        match std::str::from_utf8(rest) {
-            Ok(s) => {
-                out.push_str(s);
-                break;
-            }
-            Err(e) => {
-                let (ok, bad) = rest.split_at(e.valid_up_to());
-                out.push_str(std::str::from_utf8(ok).unwrap_or_default());
-                let n = e.error_len().unwrap_or(bad.len()).max(1);
-                for b in &bad[..n] {
-                    out.push_str(&format!("\\x{b:02x}"));
-                }
-                rest = &bad[n..];
-            }
-        }
-    }
-    out
-}
-
 /// Join tokens whose bytes complete a character (at most 4 tokens, the longest UTF-8 sequence).
 pub fn merge_tokens(tokens: &[String], acts: &[f32]) -> Vec<Piece> {
     let mut out = Vec::with_capacity(tokens.len());
@@ -70,8 +49,8 @@ pub fn merge_tokens(tokens: &[String], acts: &[f32]) -> Vec<Piece> {
     for (i, t) in tokens.iter().enumerate() {
         let bytes = token_bytes(t);
         // only continuation bytes (10xxxxxx) can finish a pending character
-        if !pending.is_empty() && !bytes.first().is_some_and(|b| b & 0xc0 == 0x80) {
-            out.push(Piece { text: escape_invalid(&pending), act, first, len: i - first });
+        if !pending.is_empty() && bytes.first().is_none_or(|b| b & 0xc0 != 0x80) {
+            out.push(Piece { text: escape_invalid_utf8(&pending), act, first, len: i - first });
             pending.clear();
         }
         if pending.is_empty() {
@@ -84,7 +63,7 @@ pub fn merge_tokens(tokens: &[String], acts: &[f32]) -> Vec<Piece> {
         if unfinished && i + 1 - first < 4 && i + 1 < tokens.len() {
             continue;
         }
-        out.push(Piece { text: escape_invalid(&pending), act, first, len: i + 1 - first });
+        out.push(Piece { text: escape_invalid_utf8(&pending), act, first, len: i + 1 - first });
         pending.clear();
     }
     out

@@ -75,26 +75,7 @@ impl Tokenizer {
         let Some(bytes) = byte_level_bytes(&piece) else {
             return self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"));
         };
-        let mut out = String::new();
-        let mut rest = bytes.as_slice();
-        while !rest.is_empty() {
-            match std::str::from_utf8(rest) {
-                Ok(s) => {
-                    out.push_str(s);
-                    break;
-                }
-                Err(e) => {
-                    let (ok, bad) = rest.split_at(e.valid_up_to());
-                    out.push_str(std::str::from_utf8(ok).unwrap_or_default());
-                    let n = e.error_len().unwrap_or(bad.len()).max(1);
-                    for b in &bad[..n] {
-                        out.push_str(&format!("\\x{b:02x}"));
-                    }
-                    rest = &bad[n..];
-                }
-            }
-        }
-        out
+        escape_invalid_utf8(&bytes)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -328,4 +309,28 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
         "qwen2" => split(QWEN2)?,
         _ => ByteLevel::new(false, true, true).into(),
     })
+}
+
+/// Valid UTF-8 as text, every byte of an invalid or unfinished sequence as `\xNN` (how [`Tokenizer::token_text`]
+/// writes the dangling bytes of a split character; `saekit_analysis::render` joins them back).
+pub fn escape_invalid_utf8(mut rest: &[u8]) -> String {
+    let mut out = String::new();
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.push_str(s);
+                break;
+            }
+            Err(e) => {
+                let (ok, bad) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(ok).unwrap_or_default());
+                let n = e.error_len().unwrap_or(bad.len()).max(1);
+                for b in &bad[..n] {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+                rest = &bad[n..];
+            }
+        }
+    }
+    out
 }
