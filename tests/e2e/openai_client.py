@@ -85,6 +85,14 @@ def run(base):
     assert len(pieces) > 1, pieces
     assert usage.completion_tokens == u.completion_tokens and finish == plain.choices[0].finish_reason
 
+    # plain-text completions (no chat template): whole and streamed agree
+    done = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=12)
+    assert done.object == "text_completion" and done.choices[0].text, done
+    streamed = client.completions.create(
+        model=model, prompt="The capital of France is", temperature=0, max_tokens=12, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == done.choices[0].text
+
     # steered: differs from the unsteered reply and equals `saekit generate --steer` with the same seed
     top = json.loads(urllib.request.urlopen(f"{base}/api/features?sort=max_act&limit=1").read())["features"][0]
     value = float(round(40 * top["max_act"]))

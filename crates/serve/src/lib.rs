@@ -4,7 +4,7 @@
 //! assets (embedded in the binary: no file is read after start-up except the feature database), and the
 //! queue that serialises model work. It reads the feature database through [`db::FeatureStore`], whose
 //! records are `saekit_analysis`' (this crate defines none of its own), and runs the model and SAE through
-//! [`engine::Engine`], and speaks the OpenAI chat API under `/v1` ([`openai`]); it must not compute or write analysis results itself (`fixture` builds small
+//! [`engine::Engine`], and speaks the OpenAI chat and text-completion API under `/v1` ([`openai`]); it must not compute or write analysis results itself (`fixture` builds small
 //! databases for tests only).
 
 pub mod analysis_db;

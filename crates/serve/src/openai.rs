@@ -1,6 +1,7 @@
-//! The OpenAI chat API on the same model queue as the pages: `GET /v1/models` and
-//! `POST /v1/chat/completions` (one JSON reply, or server-sent events with `stream: true`), so any OpenAI
-//! client can talk to the model, steered or not. The extension field `"saekit": {"steer": [...]}` takes the
+//! The OpenAI API on the same model queue as the pages: `GET /v1/models`, `POST /v1/chat/completions`
+//! (with the model's chat template) and `POST /v1/completions` (plain text continued as it is), each as one
+//! JSON reply or as server-sent events with `stream: true`, so any OpenAI client can talk to the model,
+//! steered or not. The extension field `"saekit": {"steer": [...]}` takes the
 //! edits of `/api/steer`. Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, so
 //! clients raise their usual exceptions; a full queue answers 503 with `Retry-After`, which those clients
 //! retry with backoff.
@@ -31,6 +32,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/models", get(models))
         .route("/chat/completions", post(chat_completions))
+        .route("/completions", post(completions))
         .method_not_allowed_fallback(|m: Method, u: Uri| async move {
             OaiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -115,11 +117,10 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "object": "list", "data": data }))
 }
 
+/// What chat and text completions share: the model, sampling, stops, streaming and the steering extension.
 #[derive(Deserialize)]
-struct ChatRequest {
+struct GenParams {
     model: String,
-    messages: Vec<RequestMessage>,
-    #[serde(default)]
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     temperature: Option<f32>,
@@ -129,11 +130,38 @@ struct ChatRequest {
     seed: Option<i64>,
     stop: Option<Stop>,
     n: Option<u64>,
-    logprobs: Option<bool>,
-    tools: Option<Value>,
     frequency_penalty: Option<f32>,
     presence_penalty: Option<f32>,
     saekit: Option<SaekitExtension>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<RequestMessage>,
+    logprobs: Option<bool>,
+    tools: Option<Value>,
+    #[serde(flatten)]
+    gen: GenParams,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: TextPrompt,
+    /// A number of top log-probabilities here (a flag in the chat API).
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    suffix: Option<String>,
+    best_of: Option<u64>,
+    #[serde(flatten)]
+    gen: GenParams,
+}
+
+/// `prompt` as OpenAI takes it: a string, or a list of them (one completion each; only one is served).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextPrompt {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -175,21 +203,30 @@ struct SaekitExtension {
     steer: Vec<EditRequest>,
 }
 
+/// What the model continues: chat messages through the chat template, or text as it is.
+enum Prompt {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
 /// A checked request, ready for the model worker.
 struct ChatJob {
-    messages: Vec<ChatMessage>,
+    prompt: Prompt,
     opts: GenerateOptions,
     stops: Vec<String>,
     edits: Vec<FeatureEdit>,
 }
 
-fn parse_request(body: Result<Bytes, BytesRejection>) -> Result<ChatRequest, OaiError> {
+fn parse_request<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    what: &str,
+) -> Result<T, OaiError> {
     let body = body.map_err(|r| OaiError::new(r.status(), "invalid_request_error", r.body_text()))?;
     serde_json::from_slice(&body).map_err(|e| {
         OaiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
-            format!("the request body is not a valid chat request: {e}"),
+            format!("the request body is not a valid {what} request: {e}"),
         )
     })
 }
@@ -235,9 +272,50 @@ fn messages_of(req: &[RequestMessage]) -> Result<Vec<ChatMessage>, OaiError> {
     Ok(out)
 }
 
+async fn check_chat(s: &Arc<AppState>, req: &ChatRequest) -> Result<ChatJob, OaiError> {
+    let messages = messages_of(&req.messages)?;
+    if req.logprobs == Some(true) {
+        return Err(OaiError::invalid("logprobs", "logprobs are not supported"));
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(OaiError::invalid("tools", "tools are not supported"));
+    }
+    check_params(s, &req.gen, Prompt::Chat(messages)).await
+}
+
+async fn check_completion(s: &Arc<AppState>, req: &CompletionRequest) -> Result<ChatJob, OaiError> {
+    let text = match &req.prompt {
+        TextPrompt::One(t) => t.clone(),
+        TextPrompt::Many(v) if v.len() == 1 => v[0].clone(),
+        TextPrompt::Many(_) => return Err(OaiError::invalid("prompt", "prompt takes one string (a list of one)")),
+    };
+    if text.is_empty() {
+        return Err(OaiError::invalid("prompt", "prompt must not be empty"));
+    }
+    if text.chars().count() > s.limits.max_text_chars {
+        return Err(OaiError::invalid(
+            "prompt",
+            format!("prompt is longer than {} characters", s.limits.max_text_chars),
+        ));
+    }
+    if req.logprobs.is_some_and(|n| n > 0) {
+        return Err(OaiError::invalid("logprobs", "logprobs are not supported"));
+    }
+    if req.echo == Some(true) {
+        return Err(OaiError::invalid("echo", "echo is not supported"));
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(OaiError::invalid("suffix", "suffix (insertion) is not supported"));
+    }
+    if req.best_of.is_some_and(|n| n != 1) {
+        return Err(OaiError::invalid("best_of", "only best_of = 1 is supported"));
+    }
+    check_params(s, &req.gen, Prompt::Text(text)).await
+}
+
 /// OpenAI's defaults where the request is silent: temperature 1, top_p 1, a fresh seed, as many tokens as
 /// the server allows.
-async fn check_request(s: &Arc<AppState>, req: &ChatRequest) -> Result<ChatJob, OaiError> {
+async fn check_params(s: &Arc<AppState>, req: &GenParams, prompt: Prompt) -> Result<ChatJob, OaiError> {
     let Some(id) = model_id(s) else {
         return Err(OaiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -253,7 +331,6 @@ async fn check_request(s: &Arc<AppState>, req: &ChatRequest) -> Result<ChatJob, 
         )
         .code("model_not_found"));
     }
-    let messages = messages_of(&req.messages)?;
     let lim = &s.limits;
     let temperature = req.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -286,12 +363,6 @@ async fn check_request(s: &Arc<AppState>, req: &ChatRequest) -> Result<ChatJob, 
     if req.n.is_some_and(|n| n != 1) {
         return Err(OaiError::invalid("n", "only n = 1 is supported"));
     }
-    if req.logprobs == Some(true) {
-        return Err(OaiError::invalid("logprobs", "logprobs are not supported"));
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
-        return Err(OaiError::invalid("tools", "tools are not supported"));
-    }
     for (name, v) in [("frequency_penalty", req.frequency_penalty), ("presence_penalty", req.presence_penalty)] {
         if v.is_some_and(|v| v != 0.0) {
             return Err(OaiError::invalid(name, format!("{name} is not supported (leave it 0)")));
@@ -303,7 +374,7 @@ async fn check_request(s: &Arc<AppState>, req: &ChatRequest) -> Result<ChatJob, 
         .map_err(|e| OaiError::invalid("saekit.steer", e.message).code("invalid_steer"))?;
     let sampling = if temperature == 0.0 { Sampling::Greedy } else { Sampling::TopP { temperature, top_p } };
     let opts = GenerateOptions { max_new_tokens: max_new_tokens as usize, sampling, seed, stop_at_eos: true };
-    Ok(ChatJob { messages, opts, stops, edits })
+    Ok(ChatJob { prompt, opts, stops, edits })
 }
 
 /// What the model worker reports, in order: `Rejected`, or `Started`, `Delta`s, then `Done` or `Failed`.
@@ -366,13 +437,18 @@ fn partial_stop_len(text: &str, stop: &str) -> usize {
     stop.char_indices().skip(1).map(|(i, _)| i).filter(|&i| text.ends_with(&stop[..i])).max().unwrap_or(0)
 }
 
-/// Runs on the model worker: tokenise with the chat template, check the context, generate, report.
+/// Runs on the model worker: tokenise (chat messages with the chat template, text as a plain prompt with
+/// the tokenizer's BOS, as `saekit generate` does), check the context, generate, report.
 fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
     let tok = e.model.tokenizer();
-    let ids = match e.chat_prompt_ids(&job.messages) {
+    let (param, ids) = match &job.prompt {
+        Prompt::Chat(m) => ("messages", e.chat_prompt_ids(m)),
+        Prompt::Text(t) => ("prompt", e.encode_text(t)),
+    };
+    let ids = match ids {
         Ok(ids) => ids,
         Err(err) => {
-            let _ = tx.send(ChatEvent::Rejected(OaiError::invalid("messages", format!("{err:#}"))));
+            let _ = tx.send(ChatEvent::Rejected(OaiError::invalid(param, format!("{err:#}"))));
             return;
         }
     };
@@ -385,7 +461,7 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
             ids.len(),
             job.opts.max_new_tokens
         );
-        let _ = tx.send(ChatEvent::Rejected(OaiError::invalid("messages", msg).code("context_length_exceeded")));
+        let _ = tx.send(ChatEvent::Rejected(OaiError::invalid(param, msg).code("context_length_exceeded")));
         return;
     }
     if tx.send(ChatEvent::Started { prompt_tokens: ids.len() }).is_err() {
@@ -431,15 +507,24 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match start_chat(&s, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
+    let started = async {
+        let req: ChatRequest = parse_request(body, "chat")?;
+        let job = check_chat(&s, &req).await?;
+        start(&s, job, req.gen, Kind::Chat).await
+    };
+    started.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn start_chat(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, OaiError> {
-    let req = parse_request(body)?;
-    let job = check_request(s, &req).await?;
+async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = async {
+        let req: CompletionRequest = parse_request(body, "completion")?;
+        let job = check_completion(&s, &req).await?;
+        start(&s, job, req.gen, Kind::Text).await
+    };
+    started.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn start(s: &Arc<AppState>, job: ChatJob, req: GenParams, kind: Kind) -> Result<Response, OaiError> {
     let queue =
         s.queue.as_ref().ok_or_else(|| OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no model"))?;
     let (tx, mut rx) = unbounded_channel();
@@ -453,11 +538,13 @@ async fn start_chat(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
         Some(ChatEvent::Rejected(err)) => return Err(err),
         _ => return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the model worker stopped")),
     };
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     let reply = Reply {
-        id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
+        id: format!("{prefix}-{:016x}", rand::random::<u64>()),
         created: unix_now(),
         model: req.model.clone(),
         prompt_tokens,
+        kind,
     };
     if req.stream.unwrap_or(false) {
         let include_usage = req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
@@ -467,12 +554,20 @@ async fn start_chat(s: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> R
     }
 }
 
+/// Chat completion (a message, streamed as deltas) or text completion (text, streamed as text pieces).
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
 /// The parts of a completion every chunk repeats.
 struct Reply {
     id: String,
     created: u64,
     model: String,
     prompt_tokens: usize,
+    kind: Kind,
 }
 
 impl Reply {
@@ -484,9 +579,42 @@ impl Reply {
         })
     }
 
+    /// The whole reply's object and its one choice.
+    fn whole(&self, text: String, finish_reason: &str, completion_tokens: usize) -> Value {
+        let (object, choice) = match self.kind {
+            Kind::Chat => (
+                "chat.completion",
+                json!({ "index": 0, "message": { "role": "assistant", "content": text, "refusal": null },
+                        "logprobs": null, "finish_reason": finish_reason }),
+            ),
+            Kind::Text => (
+                "text_completion",
+                json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason }),
+            ),
+        };
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "system_fingerprint": "saekit", "choices": [choice], "usage": self.usage(completion_tokens),
+        })
+    }
+
+    /// A streamed choice: a piece of text (none on the last chunk) and the finish reason (on it only).
+    fn stream_choice(&self, text: Option<String>, finish: Option<&str>) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                let delta = text.map_or(json!({}), |t| json!({ "content": t }));
+                json!([{ "index": 0, "delta": delta, "finish_reason": finish }])
+            }
+            Kind::Text => {
+                json!([{ "index": 0, "text": text.unwrap_or_default(), "logprobs": null, "finish_reason": finish }])
+            }
+        }
+    }
+
     fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let object = if self.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
         let mut v = json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
             "system_fingerprint": "saekit", "choices": choices,
         });
         if let Some(u) = usage {
@@ -502,18 +630,7 @@ async fn whole_reply(reply: Reply, mut rx: UnboundedReceiver<ChatEvent>) -> Resu
         match ev {
             ChatEvent::Delta(d) => content.push_str(&d),
             ChatEvent::Done { finish_reason, completion_tokens } => {
-                return Ok(Json(json!({
-                    "id": reply.id, "object": "chat.completion", "created": reply.created, "model": reply.model,
-                    "system_fingerprint": "saekit",
-                    "choices": [{
-                        "index": 0,
-                        "message": { "role": "assistant", "content": content, "refusal": null },
-                        "logprobs": null,
-                        "finish_reason": finish_reason,
-                    }],
-                    "usage": reply.usage(completion_tokens),
-                }))
-                .into_response());
+                return Ok(Json(reply.whole(content, finish_reason, completion_tokens)).into_response());
             }
             ChatEvent::Failed(msg) => {
                 return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg));
@@ -524,12 +641,15 @@ async fn whole_reply(reply: Reply, mut rx: UnboundedReceiver<ChatEvent>) -> Resu
     Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the model worker stopped mid-reply"))
 }
 
-/// Server-sent events as OpenAI sends them: a role chunk, content chunks, a chunk with the finish reason,
-/// the usage chunk when asked (`stream_options.include_usage`), then `data: [DONE]`.
+/// Server-sent events as OpenAI sends them: a role chunk (chat only), content chunks, a chunk with the
+/// finish reason, the usage chunk when asked (`stream_options.include_usage`), then `data: [DONE]`.
 fn stream_reply(reply: Reply, rx: UnboundedReceiver<ChatEvent>, include_usage: bool) -> Response {
-    let first = reply
-        .chunk(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]), None);
-    let state = StreamState { reply, rx, queued: VecDeque::from([first]), finished: false, include_usage };
+    let mut queued = VecDeque::new();
+    if reply.kind == Kind::Chat {
+        let role = json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }]);
+        queued.push_back(reply.chunk(role, None));
+    }
+    let state = StreamState { reply, rx, queued, finished: false, include_usage };
     let chunks = futures_util::stream::unfold(state, |mut st| async move {
         let chunk = st.next().await?;
         Some((Ok::<_, Infallible>(Event::default().data(chunk.to_string())), st))
@@ -550,14 +670,13 @@ impl StreamState {
     /// The next chunk to send, `None` after the last.
     async fn next(&mut self) -> Option<Value> {
         while self.queued.is_empty() && !self.finished {
-            let choice =
-                |delta: Value, finish: Option<&str>| json!([{ "index": 0, "delta": delta, "finish_reason": finish }]);
             match self.rx.recv().await {
                 Some(ChatEvent::Delta(d)) => {
-                    self.queued.push_back(self.reply.chunk(choice(json!({ "content": d }), None), None))
+                    self.queued.push_back(self.reply.chunk(self.reply.stream_choice(Some(d), None), None))
                 }
                 Some(ChatEvent::Done { finish_reason, completion_tokens }) => {
-                    self.queued.push_back(self.reply.chunk(choice(json!({}), Some(finish_reason)), None));
+                    let last = self.reply.stream_choice(None, Some(finish_reason));
+                    self.queued.push_back(self.reply.chunk(last, None));
                     if self.include_usage {
                         self.queued.push_back(self.reply.chunk(json!([]), Some(self.reply.usage(completion_tokens))));
                     }

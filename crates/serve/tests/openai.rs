@@ -207,10 +207,73 @@ async fn bad_requests_get_openai_errors() {
     let (s, text) = raw("POST", "/v1/chat/completions", Some("{not json".into())).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["error"]["type"], "invalid_request_error");
-    let (s, text) = raw("POST", "/v1/completions", Some("{}".into())).await;
+    let (s, text) = raw("POST", "/v1/embeddings", Some("{}".into())).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"]
         .as_str()
         .unwrap()
-        .contains("/v1/completions"));
+        .contains("/v1/embeddings"));
+    let text_cases = [
+        (json!({"model": "smol"}), "prompt"),
+        (json!({"model": "smol", "prompt": ""}), "empty"),
+        (json!({"model": "smol", "prompt": ["a", "b"]}), "one string"),
+        (json!({"model": "smol", "prompt": "a", "echo": true}), "echo"),
+        (json!({"model": "smol", "prompt": "a", "best_of": 3}), "best_of"),
+        (json!({"model": "smol", "prompt": "a", "temperature": -1}), "temperature"),
+    ];
+    for (body, needle) in text_cases {
+        let (s, v) = call("/v1/completions", body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} -> {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{body} -> {v}");
+    }
+}
+
+/// `/v1/completions` continues plain text: the same tokens as `/api/steer` without the chat template
+/// (prompt tokenised with BOS, as `saekit generate` does), whole and streamed, steered or not.
+#[tokio::test]
+async fn text_completions_continue_the_prompt_like_the_steer_api() {
+    let prompt = "The capital of France is";
+    let (_, text) = raw("GET", "/api/features?sort=max_act&limit=1", None).await;
+    let id = serde_json::from_str::<Value>(&text).unwrap()["features"][0]["id"].as_u64().unwrap();
+    let edits = json!([{"feature": id, "mode": "clamp", "value": 40, "unit": "max"}]);
+    let body = json!({"prompt": prompt, "chat": false, "edits": edits, "temperature": 0.7, "seed": 5,
+                      "max_new_tokens": 12});
+    let (s, v) = call("/api/steer", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // `/api/steer` keeps the end token (SmolLM2-Instruct's EOS is `<|im_end|>`); the API's text does not
+    let trim = |k: &str| v[k].as_str().unwrap().trim_end_matches("<|im_end|>").to_string();
+    let (base, steered) = (trim("baseline"), trim("steered"));
+    assert_ne!(base, steered);
+
+    // `/api/steer` samples with top_p 0.95
+    let req =
+        json!({"model": "smol", "prompt": prompt, "temperature": 0.7, "top_p": 0.95, "seed": 5, "max_tokens": 12});
+    let (s, whole) = call("/v1/completions", req.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    assert!(whole["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(whole["choices"][0]["text"].as_str().unwrap(), base);
+    let u = &whole["usage"];
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&completion), "{u}");
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), u["prompt_tokens"].as_u64().unwrap() + completion);
+
+    let mut sb = req.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let (s, text) = raw("POST", "/v1/completions", Some(sb.to_string())).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "text_completion"), "{text}");
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["text"].as_str()).collect();
+    assert_eq!(streamed, base);
+    assert_eq!(chunks.last().unwrap()["usage"], whole["usage"]);
+
+    let mut steer = req;
+    steer["saekit"] = json!({"steer": edits});
+    let (s, v) = call("/v1/completions", steer).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), steered);
 }
