@@ -105,6 +105,13 @@ fn sse_data(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The JSON chunks of an SSE body, which must end with `data: [DONE]`.
+fn sse_chunks(text: &str) -> Vec<Value> {
+    let data = sse_data(text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect()
+}
+
 #[tokio::test]
 async fn streamed_reply_equals_the_whole_one() {
     let body = json!({"model": "smol", "messages": [{"role": "system", "content": "Be brief."},
@@ -116,9 +123,7 @@ async fn streamed_reply_equals_the_whole_one() {
     sb["stream_options"] = json!({"include_usage": true});
     let (s, text) = raw("POST", "/v1/chat/completions", Some(sb.to_string())).await;
     assert_eq!(s, StatusCode::OK, "{text}");
-    let data = sse_data(&text);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks = sse_chunks(&text);
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
     let streamed: String =
@@ -150,8 +155,7 @@ async fn stop_strings_cut_the_reply() {
         let (s, text) = raw("POST", "/v1/chat/completions", Some(b.to_string())).await;
         assert_eq!(s, StatusCode::OK, "{text}");
         let got = if stream {
-            let data = sse_data(&text);
-            let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+            let chunks = sse_chunks(&text);
             assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
             chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<Vec<_>>().concat()
         } else {
@@ -263,9 +267,7 @@ async fn text_completions_continue_the_prompt_like_the_steer_api() {
     sb["stream_options"] = json!({"include_usage": true});
     let (s, text) = raw("POST", "/v1/completions", Some(sb.to_string())).await;
     assert_eq!(s, StatusCode::OK, "{text}");
-    let data = sse_data(&text);
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks = sse_chunks(&text);
     assert!(chunks.iter().all(|c| c["object"] == "text_completion"), "{text}");
     let streamed: String = chunks.iter().filter_map(|c| c["choices"].get(0)?["text"].as_str()).collect();
     assert_eq!(streamed, base);
