@@ -274,9 +274,7 @@ pub fn analyze(
         n_neighbours: opts.n_neighbours,
     };
     let path = write_db(&stats, sae, &weights, info, &vocab, |c| split.context(c).to_vec(), out)?;
-    if ckpt.exists() {
-        std::fs::remove_file(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
-    }
+    saekit_files::remove_with_temps(&ckpt)?;
     report.write_secs = t_write.elapsed().as_secs_f64();
     report.db = Some(path);
     report.finished = true;

@@ -209,7 +209,7 @@ impl ModelConfig {
             n_heads,
             n_kv_heads: u(&["num_key_value_heads"]).unwrap_or(n_heads),
             head_dim,
-            d_ff: u(&["intermediate_size", "n_inner"]).unwrap_or(4 * d_model),
+            d_ff: u(&["intermediate_size", "n_inner"]).unwrap_or(d_model.saturating_mul(4)),
             vocab_size: need(&["vocab_size"])?,
             max_positions: need(&["max_position_embeddings", "n_positions"])?,
             rope_theta: rope.global_theta.unwrap_or(10_000.0),
