@@ -55,7 +55,10 @@ impl Hub {
         if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
             builder = builder.with_token(Some(token.trim().to_string()));
         }
+        // huggingface_hub strips a trailing slash; hf-hub would put `//` in every URL
         let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+        let endpoint = endpoint.trim_end_matches('/').to_string();
+        builder = builder.with_endpoint(endpoint.clone());
         let api = builder.build().map_err(|e| anyhow!("cannot set up the hub client: {e}"))?;
         Ok(Hub { api, endpoint })
     }
@@ -168,12 +171,21 @@ fn verify(path: &Path, f: &HubFile, repo: &str) -> Result<()> {
 
 /// Lower-case hex digest of `prefix` followed by the file's bytes.
 fn hash_file<D: sha2::Digest>(path: &Path, prefix: &[u8]) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    hash_reader::<D>(file, path, prefix)
+}
+
+/// Lower-case hex SHA-256 of everything `r` yields; `path` names it in errors.
+pub fn sha256_hex_of(r: impl Read, path: &Path) -> Result<String> {
+    hash_reader::<sha2::Sha256>(r, path, &[])
+}
+
+fn hash_reader<D: sha2::Digest>(mut r: impl Read, path: &Path, prefix: &[u8]) -> Result<String> {
     let mut h = D::new();
     h.update(prefix);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
+        let n = r.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
         if n == 0 {
             break;
         }

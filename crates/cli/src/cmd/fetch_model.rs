@@ -93,18 +93,8 @@ pub fn sha256_hex(path: &Path) -> Result<String> {
 }
 
 /// Lower-case hex SHA-256 of everything `r` yields; `path` names it in errors.
-fn sha256_of(mut r: impl Read, path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+fn sha256_of(r: impl Read, path: &Path) -> Result<String> {
+    saekit_hub::sha256_hex_of(r, path)
 }
 
 pub fn hub_dir(repo: &str) -> PathBuf {
