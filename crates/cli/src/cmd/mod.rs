@@ -9,6 +9,7 @@ pub mod eval;
 pub mod eval_model;
 pub mod feature;
 pub mod fetch_model;
+pub mod fetch_sae;
 pub mod generate;
 pub mod harvest;
 pub mod interrupt;
