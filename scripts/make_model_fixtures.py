@@ -229,8 +229,10 @@ def softcap_evidence(model, acts, cfg):
 
 def make_gemma_scope_npz(out, d_model, seed=1):
     """A JumpReLU SAE in Gemma Scope's params.npz layout (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc,
-    b_dec, threshold), for blocks.1.hook_resid_post; the thresholds are set so about a tenth of the
-    features fire on the fixture's prompt."""
+    b_dec, threshold), for blocks.1.hook_resid_post. W_enc is saved as numpy lays out `W_dec.T`
+    (Fortran order), as a transposed matrix often is. On the fixture's prompt about 90 of the 256
+    features fire per token and the thresholds cut about 35 more positive pre-activations per token, so
+    a loader that ignored them would be caught (crates/cli/tests/gemma_scope.rs)."""
     g = np.random.default_rng(seed)
     d_sae = 4 * d_model
     w_dec = g.standard_normal((d_sae, d_model)).astype(np.float32)

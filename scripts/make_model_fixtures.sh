@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${SAEKIT_FIXTURE_VENV:-$HOME/.cache/saekit-fixtures/venv}
 [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
-"$VENV/bin/python" -c 'import torch, transformers, safetensors, tokenizers, numpy' 2>/dev/null \
-  || "$VENV/bin/pip" install -q torch transformers safetensors tokenizers numpy
+"$VENV/bin/python" -c 'import torch, transformers, safetensors, tokenizers, numpy, gguf' 2>/dev/null \
+  || "$VENV/bin/pip" install -q torch transformers safetensors tokenizers numpy gguf
 "$VENV/bin/python" scripts/make_model_fixtures.py tests/fixtures "$@"
+# the GGUF copies of qwen3 and phi3 follow the HF fixtures they are made from
+"$VENV/bin/python" scripts/make_gguf_fixtures.py tests/fixtures

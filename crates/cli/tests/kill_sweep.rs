@@ -252,6 +252,8 @@ fn sigkill_sweep_and_disk_full_resume_to_identical_bytes() {
         "analyze: the database differs after {landed} kills"
     );
     assert!(!t.join("f.sqlite.ckpt").exists());
+    let left: Vec<_> = std::fs::read_dir(t).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().starts_with(".f.sqlite")), "analyze left temporaries: {left:?}");
     println!("analyze: {landed} kills landed (typical run {typical:?})");
 
     // ---- a full disk: a clear error, then the same command finishes to the same bytes

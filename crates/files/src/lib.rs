@@ -50,6 +50,7 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>
         use std::os::unix::fs::PermissionsExt;
         b.permissions(fs::Permissions::from_mode(0o666));
     }
+    remove_temps_in(dir, &prefix);
     let mut tmp = b.tempfile_in(dir).with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
     fill(tmp.as_file_mut()).with_context(|| format!("writing {}", path.display()))?;
     tmp.as_file().sync_all().with_context(|| format!("fsync of the temporary file for {}", path.display()))?;
@@ -57,6 +58,32 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>
         .map_err(|e| anyhow::Error::new(e.error))
         .with_context(|| format!("renaming into {}", path.display()))?;
     sync_dir(dir)
+}
+
+/// Remove `path` (if present) and the temporary files that killed writes of it left behind.
+pub fn remove_with_temps(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => {}
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    remove_temps_in(parent_of(path), &format!(".{name}."));
+    Ok(())
+}
+
+/// Remove the temporary files of earlier writes of one file (named `{prefix}*.tmp`) that a killed
+/// process left behind: each write of a path replaces the previous one, so none of them is data.
+fn remove_temps_in(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(prefix) && is_temp_name(&name) && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Move a finished temporary file or folder `tmp` to `dest` (replacing a file there): fsync it,
@@ -295,6 +322,19 @@ mod tests {
             // not tempfile's 0600: readable like any File::create output
             assert_ne!(fs::metadata(&p).unwrap().permissions().mode() & 0o044, 0);
         }
+    }
+
+    #[test]
+    fn a_killed_writers_temporary_is_removed_by_the_next_write() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("stats.ckpt");
+        // what SIGKILL leaves mid-write: tempfile's name for this path, never persisted
+        fs::write(d.path().join(".stats.ckpt.Ab12Cd.tmp"), b"half").unwrap();
+        fs::write(d.path().join(".other.ckpt.Ab12Cd.tmp"), b"someone else's").unwrap();
+        write_atomic(&p, b"whole").unwrap();
+        let mut names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, [".other.ckpt.Ab12Cd.tmp", "stats.ckpt"].map(std::ffi::OsString::from));
     }
 
     #[test]

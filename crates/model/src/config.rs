@@ -122,11 +122,21 @@ impl ModelConfig {
             .ok_or_else(|| anyhow!("{}: GGUF metadata has no general.architecture", file.display()))?;
         let arch = match arch_name.as_str() {
             "llama" | "mistral" | "qwen2" => Arch::Llama,
+            "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
             "gpt2" => Arch::Gpt2,
-            other => {
-                bail!("{}: unsupported architecture '{other}' (supported: llama, mistral, qwen2, gpt2)", file.display())
-            }
+            other => bail!(
+                "{}: unsupported architecture '{other}' (supported: llama, mistral, qwen2, qwen3, phi3, gpt2; \
+                 Gemma and GPT-NeoX load from their Hugging Face folders)",
+                file.display()
+            ),
         };
+        // llama.cpp's converter permutes Q/K rows for the interleaved rotary of Llama and Mistral only; Qwen
+        // and Phi-3 run with the NEOX (half-split) rotary on the rows as transformers stores them.
+        let rope_interleaved = matches!(arch_name.as_str(), "llama" | "mistral");
+        if ct.tensor_infos.contains_key("rope_factors_long.weight") {
+            bail!("{}: LongRoPE scaling (rope_factors_long) is not supported", file.display());
+        }
         let p = |k: &str| format!("{arch_name}.{k}");
         let need = |k: &str| {
             meta_u(ct, &p(k)).ok_or_else(|| anyhow!("{}: GGUF metadata is missing '{}'", file.display(), p(k)))
@@ -154,18 +164,27 @@ impl ModelConfig {
             d_model,
             n_heads,
             n_kv_heads: meta_u(ct, &p("attention.head_count_kv")).unwrap_or(n_heads),
-            head_dim: meta_u(ct, &p("rope.dimension_count"))
-                .filter(|_| arch == Arch::Llama)
+            // Qwen3's heads are wider than d_model / n_heads; llama.cpp records them as key_length
+            head_dim: meta_u(ct, &p("attention.key_length"))
+                .or_else(|| meta_u(ct, &p("rope.dimension_count")).filter(|_| arch == Arch::Llama))
                 .unwrap_or(d_model / n_heads.max(1)),
             d_ff: need("feed_forward_length")?,
             vocab_size,
             max_positions: need("context_length")?,
             rope_theta: meta_f(ct, &p("rope.freq_base")).unwrap_or(10_000.0),
             norm_eps: meta_f(ct, &p(eps_key)).unwrap_or(1e-5) as f32,
-            rope_interleaved: true,
+            rope_interleaved,
             details: ArchDetails::plain(0),
         };
-        let cfg = Self { details: ArchDetails::plain(cfg.head_dim), ..cfg };
+        let mut details = ArchDetails::plain(cfg.head_dim);
+        if arch == Arch::Phi3 {
+            // as transformers does, a Phi-3 sliding window masks every layer
+            details.sliding_window = meta_u(ct, &p("attention.sliding_window"));
+            if details.sliding_window.is_some() {
+                details.sliding_layers = vec![true; cfg.n_layers];
+            }
+        }
+        let cfg = Self { details, ..cfg };
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -209,7 +228,7 @@ impl ModelConfig {
             n_heads,
             n_kv_heads: u(&["num_key_value_heads"]).unwrap_or(n_heads),
             head_dim,
-            d_ff: u(&["intermediate_size", "n_inner"]).unwrap_or(4 * d_model),
+            d_ff: u(&["intermediate_size", "n_inner"]).unwrap_or(d_model.saturating_mul(4)),
             vocab_size: need(&["vocab_size"])?,
             max_positions: need(&["max_position_embeddings", "n_positions"])?,
             rope_theta: rope.global_theta.unwrap_or(10_000.0),

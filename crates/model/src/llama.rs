@@ -78,9 +78,13 @@ impl Names {
                 "k" => "attn_k",
                 "v" => "attn_v",
                 "o" => "attn_output",
+                "qkv" => "attn_qkv",
+                "q_norm" => "attn_q_norm",
+                "k_norm" => "attn_k_norm",
                 "mlp_norm" => "ffn_norm",
                 "gate" => "ffn_gate",
-                "up" => "ffn_up",
+                // Phi-3's fused gate and up projection keeps the up projection's name in llama.cpp
+                "up" | "gate_up" => "ffn_up",
                 _ => "ffn_down",
             };
             format!("blk.{l}.{p}")

@@ -161,8 +161,7 @@ impl Tokenizer {
     /// Build from a Hugging Face `tokenizer.json`, reading special ids and the chat template from the
     /// `tokenizer_config.json` beside it when present.
     pub fn from_hf_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+        let inner = load_hf_tokenizer(path)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let cfg: serde_json::Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
             Ok(s) => serde_json::from_str(&s)
@@ -333,4 +332,26 @@ pub fn escape_invalid_utf8(mut rest: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Load a `tokenizer.json` with the `tokenizers` crate, containing its failures: the crate panics on
+/// some malformed files (an `unwrap` while deserializing a decoder, arithmetic on a model's prefix
+/// lengths), so the JSON is checked first and a panic inside the load becomes this file's error.
+fn load_hf_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| anyhow!("{}: not a valid tokenizer.json: {e}", path.display()))?;
+    let loaded = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>());
+    match loaded {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => bail!("{}: not a valid tokenizer.json: {e}", path.display()),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            bail!("{}: not a valid tokenizer.json (the tokenizers crate failed on it: {why})", path.display())
+        }
+    }
 }

@@ -64,7 +64,11 @@ fn check(arch: &str, want_arch: Arch) {
     let want: Vec<u32> = npy::<i64>(arch, "ref_token_ids.npy").iter().map(|&x| x as u32).collect();
     assert_eq!(ids, want, "{arch}: token ids differ from transformers'");
     check_chat(&m, &meta, arch);
+    check_forward(&m, arch, &ids, &meta);
+}
 
+/// Every hook point and the logits within 1e-5 of transformers', the KV cache and the greedy generation.
+fn check_forward(m: &Model, arch: &str, ids: &[u32], meta: &serde_json::Value) {
     let reference = reference_hooks(arch);
     let mut names: Vec<String> = m.hook_points().iter().map(|p| p.to_string()).collect();
     let mut want_names: Vec<String> = reference.iter().map(|(n, _)| n.clone()).collect();
@@ -82,7 +86,7 @@ fn check(arch: &str, want_arch: Arch) {
         });
     }
     let mut cache = m.new_cache(1);
-    let logits = m.forward(&ids, 1, &mut cache, &mut hooks, Logits::All).unwrap();
+    let logits = m.forward(ids, 1, &mut cache, &mut hooks, Logits::All).unwrap();
     drop(hooks);
     let got = got.into_inner().unwrap();
     let mut errors = Vec::new();
@@ -96,9 +100,9 @@ fn check(arch: &str, want_arch: Arch) {
     let e = rel_l2(&logits, &npy::<f32>(arch, "ref_logits.npy"));
     assert!(e < 1e-5, "{arch} logits: relative L2 error {e:.3e}");
 
-    check_kv_cache(&m, &ids, &logits);
+    check_kv_cache(m, ids, &logits);
     let opts = GenerateOptions { max_new_tokens: 12, sampling: Sampling::Greedy, seed: 0, stop_at_eos: false };
-    let gen = m.generate(&ids, &opts, &mut Hooks::new()).unwrap();
+    let gen = m.generate(ids, &opts, &mut Hooks::new()).unwrap();
     let want_gen: Vec<u32> =
         meta["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert_eq!(gen.generated_ids, want_gen, "{arch}: greedy generation differs from transformers'");
@@ -178,4 +182,23 @@ fn qwen3_matches_transformers() {
 #[test]
 fn phi3_matches_transformers() {
     check("phi3", Arch::Phi3);
+}
+
+/// The GGUF that llama.cpp's gguf-py makes of a fixture (scripts/make_gguf_fixtures.py: llama.cpp's tensor
+/// names, Q/K rows as llama.cpp's converter leaves them for this architecture) runs as transformers does.
+fn check_gguf(arch: &str, want_arch: Arch) {
+    let m = Model::load(&fixture_file(arch, "model.gguf"), &LoadOptions::default()).unwrap();
+    assert_eq!(m.config().arch, want_arch);
+    let ids: Vec<u32> = npy::<i64>(arch, "ref_token_ids.npy").iter().map(|&x| x as u32).collect();
+    check_forward(&m, arch, &ids, &meta(arch));
+}
+
+#[test]
+fn qwen3_gguf_with_llama_cpp_names_matches_transformers() {
+    check_gguf("qwen3", Arch::Qwen3);
+}
+
+#[test]
+fn phi3_gguf_with_llama_cpp_names_matches_transformers() {
+    check_gguf("phi3", Arch::Phi3);
 }

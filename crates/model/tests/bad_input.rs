@@ -217,3 +217,50 @@ fn huge_context_length_does_not_size_the_rotary_table() {
     let e = load_err(&p);
     assert!(e.contains("longctx.gguf") && e.contains("larger than"), "{e}");
 }
+
+/// A copy of the tiny GPT-2 HF folder with `edit` applied to the text of `file`.
+fn edited_gpt2(dir: &Path, file: &str, edit: impl Fn(&str) -> String) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let text = std::fs::read_to_string(dir.join(file)).unwrap();
+    let edited = edit(&text);
+    assert_ne!(edited, text, "the edit of {file} changed nothing");
+    std::fs::write(dir.join(file), edited).unwrap();
+}
+
+/// Found by the mutation soak: each of these panicked inside the loader before.
+#[test]
+fn tokenizer_and_config_edits_that_panicked_are_errors() {
+    // invalid JSON inside the decoder: the tokenizers crate unwraps it
+    let dir = tempfile::tempdir().unwrap();
+    edited_gpt2(dir.path(), "tokenizer.json", |t| {
+        let at = t.find(r#""decoder""#).unwrap();
+        let (head, tail) = t.split_at(at);
+        format!("{head}{}", tail.replacen(r#""ByteLevel""#, "ByteLevel\"", 1))
+    });
+    let e = load_err(dir.path());
+    assert!(e.contains("tokenizer.json") && e.contains("not a valid tokenizer.json"), "{e}");
+
+    // a prefix longer than the tokens it is cut from: the crate's BPE subtracts with overflow
+    let dir = tempfile::tempdir().unwrap();
+    edited_gpt2(dir.path(), "tokenizer.json", |t| {
+        let mut v: serde_json::Value = serde_json::from_str(t).unwrap();
+        v["model"]["continuing_subword_prefix"] = "../../../../etc/passwd".into();
+        v.to_string()
+    });
+    let e = load_err(dir.path());
+    assert!(e.contains("tokenizer.json") && e.contains("tokenizers crate failed"), "{e}");
+
+    // a width whose default feed-forward size (4 × width) overflows
+    let dir = tempfile::tempdir().unwrap();
+    edited_gpt2(dir.path(), "config.json", |t| {
+        let mut v: serde_json::Value = serde_json::from_str(t).unwrap();
+        v["n_embd"] = u64::MAX.into();
+        v.as_object_mut().unwrap().remove("n_inner");
+        v.to_string()
+    });
+    let e = load_err(dir.path());
+    assert!(e.contains("config.json") && e.contains("larger than"), "{e}");
+}

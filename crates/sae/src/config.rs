@@ -250,6 +250,17 @@ impl TrainConfig {
         })
     }
 
+    /// The input paths read from the config file `config` must exist: a typo is reported against the
+    /// config that holds it, not later as a bare "no such file".
+    pub fn check_paths(&self, config: &str) -> Result<()> {
+        for (key, value) in [("acts", &self.acts), ("contexts", &self.contexts)] {
+            if let Some(p) = value.as_deref().filter(|p| !std::path::Path::new(p).exists()) {
+                anyhow::bail!("config {config}: {key} = {p:?} does not exist");
+            }
+        }
+        Ok(())
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }

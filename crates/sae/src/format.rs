@@ -534,8 +534,12 @@ fn npz_f32(ar: &mut Npz, name: &str, path: &Path) -> Result<(Vec<usize>, Vec<f32
     head.resize(start + hlen, 0);
     f.read_exact(&mut head[start..]).with_context(truncated)?;
     let h = crate::source::npy_header(&head, &entry)?;
-    if h.fortran_order {
-        bail!("{}: {name} is Fortran-ordered; not supported", path.display());
+    if h.fortran_order && h.shape.len() > 2 {
+        bail!(
+            "{}: {name} is a Fortran-ordered {}-D array; only 1-D and 2-D are supported",
+            path.display(),
+            h.shape.len()
+        );
     }
     let elem = match h.descr.as_str() {
         "<f4" => 4,
@@ -551,11 +555,17 @@ fn npz_f32(ar: &mut Npz, name: &str, path: &Path) -> Result<(Vec<usize>, Vec<f32
     if bytes.len() as u64 != data {
         bail!("{}: {name} is truncated ({} of {data} bytes)", path.display(), bytes.len());
     }
-    let v = if elem == 4 {
+    let v: Vec<f32> = if elem == 4 {
         bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     } else {
         bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32).collect()
     };
+    // numpy writes a transposed view (`W.T`) column-major; a 2-D [r, c] array in Fortran order is the
+    // row-major [c, r] array, so one transpose brings it back to the layout the rest of the loader reads.
+    if h.fortran_order && h.shape.len() == 2 {
+        let (rows, cols) = (h.shape[0], h.shape[1]);
+        return Ok((h.shape, transpose(&v, cols, rows)));
+    }
     Ok((h.shape, v))
 }
 

@@ -139,7 +139,10 @@ impl Sae {
             }
             Some(h) => Ok(h.to_string()),
             None if m.hook_name.is_empty() => {
-                bail!("{sae_label}: the SAE names no hook (metadata.hook_name); pass the hook it was trained on")
+                bail!(
+                    "{sae_label}: the SAE names no hook (a Gemma Scope params.npz carries no metadata); pass --hook \
+                     with the hook it was trained on, e.g. blocks.12.hook_resid_post"
+                )
             }
             None => Ok(m.hook_name.clone()),
         }

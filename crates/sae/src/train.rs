@@ -324,12 +324,31 @@ fn data_file_inside(out: &Path, data: &Path) -> Option<String> {
     (std::fs::canonicalize(out).ok()? == parent).then(|| data.file_name()?.to_str().map(str::to_owned)).flatten()
 }
 
+/// A step and token count the run could have reached: within its budget, a whole number of batches.
+/// (state.json is not under the checksum, and a wild count would overflow the training loop.)
+fn check_progress(meta: &CheckpointMeta, dir: &Path) -> Result<()> {
+    let cfg = &meta.config;
+    let reachable = meta.tokens <= cfg.tokens && meta.step.checked_mul(cfg.batch_size as u64) == Some(meta.tokens);
+    if !reachable {
+        bail!(
+            "{}/state.json: step {} and {} tokens do not fit a run of {} tokens in batches of {}: the checkpoint is corrupt",
+            dir.display(),
+            meta.step,
+            meta.tokens,
+            cfg.tokens,
+            cfg.batch_size
+        );
+    }
+    Ok(())
+}
+
 fn read_checkpoint(dir: &Path) -> Result<(CheckpointMeta, State)> {
     let meta: CheckpointMeta = serde_json::from_str(
         &std::fs::read_to_string(dir.join("state.json"))
             .with_context(|| format!("reading {}/state.json", dir.display()))?,
     )
     .with_context(|| format!("parsing {}/state.json", dir.display()))?;
+    check_progress(&meta, dir)?;
     let p = dir.join("state.safetensors");
     match meta.state_crc32 {
         Some(want) => {
@@ -618,7 +637,7 @@ fn train_in_pool(cfg_in: &TrainConfig, src: &mut dyn ActivationSource, opts: &Ru
     while st.step < total {
         let step = st.step;
         let excl = fill_batch(src, &mut batch, d, st.max_norm, st.input_scale, step)?;
-        st.excluded_rows += excl;
+        st.excluded_rows = st.excluded_rows.saturating_add(excl);
         let lp = LossParams::from_config(&cfg, &res, step);
         let mut stats = step::forward_backward(&st.sae, &mut ws, &batch, &st.since_fired, &lp)?;
         if !stats.loss.is_finite() {

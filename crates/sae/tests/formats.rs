@@ -167,6 +167,16 @@ fn sparsify_folder_is_not_transposed_wrongly() {
 
 #[test]
 fn gemma_scope_npz() {
+    gemma_scope_npz_in(npyz::Order::C);
+}
+
+/// numpy saves `W.T` (how a Gemma-Scope-shaped W_enc is often made) column-major: same codes expected.
+#[test]
+fn gemma_scope_npz_with_fortran_ordered_w_enc() {
+    gemma_scope_npz_in(npyz::Order::Fortran);
+}
+
+fn gemma_scope_npz_in(w_enc_order: npyz::Order) {
     use npyz::WriterBuilder;
     let t = tempfile::tempdir().unwrap();
     let mut s = random_sae(Activation::JumpRelu, 6, 20, 5);
@@ -174,16 +184,26 @@ fn gemma_scope_npz() {
     let p = t.path().join("params.npz");
     {
         let mut w = npyz::npz::NpzWriter::create(&p).unwrap();
-        let w_enc_t = transpose(&s.w_enc, 20, 6);
-        for (name, shape, data) in [
-            ("W_enc", vec![6u64, 20], &w_enc_t),
-            ("W_dec", vec![20, 6], &s.w_dec),
-            ("b_enc", vec![20], &s.b_enc),
-            ("b_dec", vec![6], &s.b_dec),
-            ("threshold", vec![20], &s.threshold),
+        // W_enc is [d_in, d_sae]; in Fortran order its bytes are those of the row-major [d_sae, d_in] matrix
+        let w_enc_bytes = match w_enc_order {
+            npyz::Order::C => transpose(&s.w_enc, 20, 6),
+            npyz::Order::Fortran => s.w_enc.clone(),
+        };
+        for (name, shape, data, order) in [
+            ("W_enc", vec![6u64, 20], &w_enc_bytes, w_enc_order),
+            ("W_dec", vec![20, 6], &s.w_dec, npyz::Order::C),
+            ("b_enc", vec![20], &s.b_enc, npyz::Order::C),
+            ("b_dec", vec![6], &s.b_dec, npyz::Order::C),
+            ("threshold", vec![20], &s.threshold, npyz::Order::C),
         ] {
-            let mut a =
-                w.array::<f32>(name, Default::default()).unwrap().default_dtype().shape(&shape).begin_nd().unwrap();
+            let mut a = w
+                .array::<f32>(name, Default::default())
+                .unwrap()
+                .default_dtype()
+                .order(order)
+                .shape(&shape)
+                .begin_nd()
+                .unwrap();
             a.extend(data.iter().copied()).unwrap();
             a.finish().unwrap();
         }

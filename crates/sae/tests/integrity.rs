@@ -185,6 +185,13 @@ fn checkpoints_are_ordered_by_step_and_checked_before_a_resume() {
     std::fs::write(&p, b).unwrap();
     let e = run_npy(&c, &RunOptions { resume: true, ..Default::default() }).unwrap_err().to_string();
     assert!(e.contains("corrupt") && e.contains("state.safetensors"), "{e}");
+    // state.json is outside the checksum: a token count no run could reach is refused, not overflowed
+    let state = cks.last().unwrap().join("state.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    meta["tokens"] = u64::MAX.into();
+    std::fs::write(&state, meta.to_string()).unwrap();
+    let e = run_npy(&c, &RunOptions { resume: true, ..Default::default() }).unwrap_err().to_string();
+    assert!(e.contains("state.json") && e.contains("do not fit a run"), "{e}");
 }
 
 #[test]

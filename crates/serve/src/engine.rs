@@ -68,11 +68,22 @@ pub struct GenSettings {
 
 impl Engine {
     pub fn new(model: Model, sae: Sae) -> Result<Self> {
-        let name = sae.hook_on("the SAE", &model.config().name, model.config().d_model, None)?;
+        Self::with_hook(model, sae, None)
+    }
+
+    /// As [`Engine::new`], on the hook the user named: an SAE without metadata (a Gemma Scope
+    /// `params.npz`) names none, and one that names a different hook is refused.
+    pub fn with_hook(model: Model, sae: Sae, asked_hook: Option<&str>) -> Result<Self> {
+        let name = sae.hook_on("the SAE", &model.config().name, model.config().d_model, asked_hook)?;
         let hook: HookPoint =
             name.parse().with_context(|| format!("the SAE's hook name '{name}' is not a hook point"))?;
         hook.check(model.config().n_layers)?;
         Ok(Self { model, sae, hook })
+    }
+
+    /// The hook point the SAE runs on.
+    pub fn hook(&self) -> HookPoint {
+        self.hook
     }
 
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {

@@ -5,7 +5,7 @@
 //! copied into a buffer (the shards are memory-mapped), so the state is two integers, `(epoch, offset)`,
 //! and a cursor resumes exactly: the window containing `offset` is rebuilt from the seed.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -89,7 +89,8 @@ pub struct ActivationReader {
 impl ActivationReader {
     pub fn new(store: &ActivationStore, opts: ReaderOptions, cursor: Option<ReaderCursor>) -> Result<ActivationReader> {
         let m = store.manifest();
-        let hook_index = m.hook_index(&opts.hook)?;
+        let hook_index =
+            m.hook_index(&opts.hook).with_context(|| format!("{}", store.dir().join("manifest.json").display()))?;
         let hook = m.config.hooks[hook_index].clone();
         ensure!(opts.batch_tokens > 0, "batch_tokens must be > 0");
         let skip = if opts.skip_marked { opts.skip_mask } else { 0 };

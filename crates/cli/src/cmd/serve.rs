@@ -20,6 +20,10 @@ pub struct ServeArgs {
     pub sae: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Hook point the SAE reads. Default: the SAE's own (cfg.json hook_name); for an SAE that names none
+    /// (a Gemma Scope params.npz), the hook the database was analysed on.
+    #[arg(long)]
+    pub hook: Option<String>,
     /// Address to bind. The API has no authentication: keep it on loopback unless you mean it.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -39,15 +43,17 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let limits = saekit_serve::Limits { max_new_tokens: a.max_new_tokens.clamp(1, 1024), ..Default::default() };
-    let state = app_state(&a.db, a.sae.as_deref(), &a.model, a.queue, limits)?;
+    let state = app_state(&a.db, a.sae.as_deref(), &a.model, a.hook.as_deref(), a.queue, limits)?;
     saekit_serve::serve_blocking(state, SocketAddr::new(a.host, a.port), a.workers)
 }
 
-/// The server's state: the database, and with an SAE the model queue (checked to belong together).
+/// The server's state: the database, and with an SAE the model queue (checked to belong together),
+/// the SAE run on `hook` (see [`engine_hook`]).
 pub fn app_state(
     db_path: &std::path::Path,
     sae: Option<&std::path::Path>,
     model: &ModelArgs,
+    hook: Option<&str>,
     queue: usize,
     limits: saekit_serve::Limits,
 ) -> Result<Arc<saekit_serve::AppState>> {
@@ -66,16 +72,28 @@ pub fn app_state(
                 );
             }
             let model = model.load()?;
-            let info = json!({
-                "name": model.config().name,
-                "layers": model.config().n_layers,
-                "hook": sae.metadata.hook_name,
-                "d_sae": sae.d_sae,
-            });
-            let engine = saekit_serve::Engine::new(model, sae)?;
+            let hook = engine_hook(hook, &sae, db.as_ref())?;
+            let (name, layers, d_sae) = (model.config().name.clone(), model.config().n_layers, sae.d_sae);
+            let engine = saekit_serve::Engine::with_hook(model, sae, hook.as_deref())
+                .with_context(|| format!("{}: cannot serve this SAE", sae_dir.display()))?;
+            let info = json!({ "name": name, "layers": layers, "hook": engine.hook().to_string(), "d_sae": d_sae });
             (Some(saekit_serve::ModelQueue::start(engine, queue.max(1))?), info)
         }
         None => (None, serde_json::Value::Null),
     };
     Ok(Arc::new(saekit_serve::AppState::new(db, queue, model_info, limits)))
+}
+
+/// The hook the live and steering pages run the SAE on: `--hook`, else the SAE's own, else (an SAE
+/// without metadata) the hook the database was analysed on, which `saekit analyze --hook` recorded.
+fn engine_hook(
+    asked: Option<&str>,
+    sae: &saekit_sae::Sae,
+    db: &dyn saekit_serve::FeatureStore,
+) -> Result<Option<String>> {
+    if asked.is_some() || !sae.metadata.hook_name.is_empty() {
+        return Ok(asked.map(str::to_string));
+    }
+    let info = db.info()?;
+    Ok(info.get("hook").and_then(|h| h.as_str()).filter(|h| !h.is_empty()).map(str::to_string))
 }

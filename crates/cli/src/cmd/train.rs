@@ -128,10 +128,19 @@ pub struct TrainArgs {
 
 pub fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
     let base = match &a.config {
-        Some(p) => TrainConfig::from_toml_file(p)?,
+        Some(p) => config_file(a, p)?,
         None => TrainConfig::default(),
     };
     apply_flags(a, base)
+}
+
+/// The config file `path`, its input paths checked unless flags replace them.
+fn config_file(a: &TrainArgs, path: &str) -> Result<TrainConfig> {
+    let c = TrainConfig::from_toml_file(path)?;
+    if a.acts.is_none() && a.contexts.is_none() {
+        c.check_paths(path)?;
+    }
+    Ok(c)
 }
 
 /// The newest checkpoint's config in `dir`: the base of a resumed run.
@@ -234,7 +243,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(dir) = &a.resume {
         // the run continues with its own config; flags may only restate it (the trainer checks)
         let base = match &a.config {
-            Some(p) => TrainConfig::from_toml_file(p)?,
+            Some(p) => config_file(&a, p)?,
             None => saved_config(dir)?,
         };
         c = apply_flags(&a, base)?;
@@ -246,7 +255,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         return run_live(c, &opts);
     }
     let Some(acts) = c.acts.clone() else {
-        bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR (or set them in --config)");
+        let config = a.config.as_deref().map(|p| format!(", or set `acts` in {p}")).unwrap_or_default();
+        bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR{config}");
     };
     let o = if std::path::Path::new(&acts).is_dir() {
         // a resumed run reads the hook its checkpoint recorded

@@ -405,8 +405,10 @@ fn toml_seed(dir: &Path) {
 fn toml_read(dir: &Path) -> Result<()> {
     let path = dir.join("train.toml");
     let mut cfg = saekit_sae::TrainConfig::from_toml_file(&path.display().to_string())?;
+    cfg.check_paths(&path.display().to_string())?;
     cfg.out = dir.join("sae").display().to_string();
-    let acts = cfg.acts.clone().unwrap_or_default();
+    // as `saekit train --config` does when no --acts flag is given
+    let acts = cfg.acts.clone().with_context(|| format!("no activations: set acts in {}", path.display()))?;
     let mut src = saekit_sae::NpySource::open(&acts, cfg.seed, true)?;
     saekit_sae::train(&cfg, &mut src, &saekit_sae::RunOptions { stop_after_steps: Some(3), ..Default::default() })
         .with_context(|| format!("training with {}", path.display()))?;

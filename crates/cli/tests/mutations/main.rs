@@ -159,9 +159,12 @@ fn run_format(exe: &Path, fmt: &str, n: usize) -> Tally {
         let mut child = cmd.spawn().expect("spawn mutation worker");
         let out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut current: Option<(usize, String)> = None;
+        let mut panic_message = String::new();
         let mut last_done = first;
         for line in out.lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("CASE ") {
+            if let Some(rest) = line.strip_prefix("PANIC ") {
+                panic_message = format!(": {rest}");
+            } else if let Some(rest) = line.strip_prefix("CASE ") {
                 let (i, what) = rest.split_once(' ').unwrap_or((rest, ""));
                 current = Some((i.parse().unwrap_or(0), what.to_string()));
             } else if let Some(rest) = line.strip_prefix("DONE ") {
@@ -172,10 +175,13 @@ fn run_format(exe: &Path, fmt: &str, n: usize) -> Tally {
                 match outcome {
                     "err" => tally.err += 1,
                     "ok" => tally.ok += 1,
-                    _ => tally
-                        .failures
-                        .push(format!("case {i} ({}): {detail}", current.as_ref().map(|c| c.1.as_str()).unwrap_or(""))),
+                    _ => tally.failures.push(format!(
+                        "case {i} ({}): {detail}{}",
+                        current.as_ref().map(|c| c.1.as_str()).unwrap_or(""),
+                        std::mem::take(&mut panic_message)
+                    )),
                 }
+                panic_message.clear();
                 current = None;
                 last_done = i + 1;
             }

@@ -1,0 +1,87 @@
+"""GGUF copies of the Qwen3 and Phi-3 parity fixtures, named and laid out as llama.cpp's converter
+(convert_hf_to_gguf.py) writes them: tensor names from llama.cpp's own gguf-py mapping
+(gguf.get_tensor_name_map, the table the converter uses), Q/K rows kept as stored (llama.cpp runs both
+architectures with the NEOX rotary and permutes only Llama's), tied embeddings without output.weight, the
+metadata keys gguf.GGUFWriter writes for them, and the BPE vocabulary as the converter's get_vocab_base
+lists it. crates/model/tests/archs.rs loads them and checks the forward pass against transformers' numbers.
+
+Usage: scripts/make_gguf_fixtures.sh (needs PyPI only: gguf, numpy, safetensors)."""
+import json
+import os
+import sys
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+ARCHS = {"qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}
+
+
+def vocab(tok, n_vocab):
+    """Tokens by id with their types, as convert_hf_to_gguf.py's get_vocab_base builds them."""
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for t, i in tok["model"]["vocab"].items():
+        tokens[i], types[i] = t, gguf.TokenType.NORMAL
+    for a in tok.get("added_tokens", []):
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
+    return tokens, types, merges
+
+
+def build(name, root):
+    arch = ARCHS[name]
+    d = os.path.join(root, name)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    tok = json.load(open(os.path.join(d, "tokenizer.json")))
+    n_layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    w = gguf.GGUFWriter(os.path.join(d, "model.gguf"), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_name(name)
+    w.add_block_count(n_layers)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(cfg.get("num_key_value_heads", heads))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_rope_dimension_count(head_dim)
+    if name == "qwen3":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens, types, merges = vocab(tok, cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = cfg["eos_token_id"]
+    w.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
+    if cfg.get("bos_token_id") is not None:
+        w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_add_bos_token(False)
+
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    for hf_name, t in sorted(load_file(os.path.join(d, "model.safetensors")).items()):
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            sys.exit(f"{name}: llama.cpp's map has no name for {hf_name}")
+        w.add_tensor(gguf_name, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    print(f"{name}: model.gguf written (gguf-py {getattr(gguf, '__version__', '?')})")
+
+
+def main():
+    root = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures"
+    for name in sys.argv[2:] or list(ARCHS):
+        build(name, root)
+
+
+if __name__ == "__main__":
+    main()
