@@ -7,9 +7,10 @@ model = saekit.Model.load()                                   # SmolLM2-135M-Ins
 sae = saekit.SAE.load(f"{demo}/sae")                          # a SAELens-format folder
 db = saekit.FeatureDb(f"{demo}/features.sqlite")              # from `saekit analyze`
 
-# which features fire on some Chinese text, and what else they fire on
-hits = saekit.search(model, sae, "北京是中国的首都。")["overall"]
-feature = hits[0]["id"]
+# the feature that best separates Chinese text from English (AUROC), and what else it fires on
+zh = ["北京是中国的首都。", "我们明天去公园散步吧。", "这本书讲的是一个古老的故事。"]
+en = ["Paris is the capital of France.", "Let's walk in the park tomorrow.", "This book tells an old story."]
+feature = saekit.search_contrast(model, sae, pos=zh, neg=en)[0]["id"]
 rec = db.feature(feature)
 print(f"feature #{feature}: max activation {rec['max_act']:.2f}, density {rec['density']:.2e}")
 for ctx in rec["top_contexts"][:3]:
