@@ -64,9 +64,10 @@ def overhead():
         acts = np.ascontiguousarray(np.tile(acts, (max(1, 200_000 // len(acts)), 1)))
         np.save(x, acts)
         args = dict(d_sae=4096, k=32, tokens="400k", progress=False)
-        cli = best(lambda: subprocess.run([BIN, "train", "--acts", x, "--out", Path(d) / "c", "--quiet", "--d-sae", "4096",
+        fresh = (Path(d) / f"out{i}" for i in range(1_000))  # a fresh run needs an empty folder
+        cli = best(lambda: subprocess.run([BIN, "train", "--acts", x, "--out", next(fresh), "--quiet", "--d-sae", "4096",
                                            "--k", "32", "--tokens", "400k"], check=True, capture_output=True), 2)
-        py = best(lambda: saekit.train(str(x), Path(d) / "p", **args), 2)
+        py = best(lambda: saekit.train(str(x), next(fresh), **args), 2)
         print(f"train: binding {py:.2f} s, CLI {cli:.2f} s, ratio {py / cli:.3f}")
 
 
