@@ -125,6 +125,14 @@ pub fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
     }
 }
 
+/// The sink rows of a `[batch, seq]` block whose hook activations are `x` ([rows, d]): [`sink_rows`] by
+/// position and id, then [`mark_norm_outliers`] above `factor` x the median norm.
+pub fn sink_mask(model: &Model, tokens: &[u32], seq: usize, x: &[f32], d: usize, factor: f32) -> Vec<bool> {
+    let mut mask = sink_rows(model, tokens, seq);
+    mark_norm_outliers(&mut mask, x, d, factor);
+    mask
+}
+
 fn checkpoint_path(out: &Path) -> PathBuf {
     let name = out.file_name().and_then(|s| s.to_str()).unwrap_or("features.sqlite");
     out.with_file_name(format!("{name}.ckpt"))
@@ -220,9 +228,7 @@ pub fn analyze(
         let codes = sae.encode(&x);
         fwd += t.elapsed();
         let skip = if opts.skip_sinks {
-            let mut s = sink_rows(model, &tokens, seq);
-            mark_norm_outliers(&mut s, &x, sae.d_in, opts.sink_norm_factor);
-            s
+            sink_mask(model, &tokens, seq, &x, sae.d_in, opts.sink_norm_factor)
         } else {
             Vec::new()
         };
@@ -361,10 +367,11 @@ fn heldout_windows<'a>(
         let cache = model.run_with_cache(tokens, 1, &[hook])?;
         let x = cache.get(&hook).context("internal: hook not captured")?;
         let codes = sae.encode(x);
-        let mut skip = if opts.skip_sinks { sink_rows(model, tokens, seq) } else { vec![false; seq] };
-        if opts.skip_sinks {
-            mark_norm_outliers(&mut skip, x, sae.d_in, opts.sink_norm_factor);
-        }
+        let skip = if opts.skip_sinks {
+            sink_mask(model, tokens, seq, x, sae.d_in, opts.sink_norm_factor)
+        } else {
+            vec![false; seq]
+        };
         for start in (1..seq).step_by(window.max(1)) {
             let end = (start + window).min(seq);
             // a tail much shorter than a stored window would be an unfairly easy negative

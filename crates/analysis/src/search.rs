@@ -18,7 +18,7 @@ use saekit_model::{HookPoint, Model};
 use saekit_sae::Sae;
 use serde::Serialize;
 
-use crate::analyze::{mark_norm_outliers, sink_rows, SINK_NORM_FACTOR};
+use crate::analyze::{sink_mask, SINK_NORM_FACTOR};
 
 /// A text's features: (feature, max activation over its tokens), sorted by feature id.
 pub type TextFeatures = Vec<(u32, f32)>;
@@ -40,8 +40,7 @@ pub fn encode_text(
     let mut cache = model.run_with_cache(&ids, 1, &[hook])?;
     let x = cache.take(&hook).context("internal: hook not captured")?;
     let codes = sae.encode(&x);
-    let mut skip = sink_rows(model, &ids, ids.len());
-    mark_norm_outliers(&mut skip, &x, sae.d_in, SINK_NORM_FACTOR);
+    let skip = sink_mask(model, &ids, ids.len(), &x, sae.d_in, SINK_NORM_FACTOR);
     let per = (0..ids.len())
         .map(|r| {
             if skip[r] {
