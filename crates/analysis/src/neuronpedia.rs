@@ -57,7 +57,7 @@ pub fn export(db: &FeatureDb, w_dec: &[f32], d_in: usize, ids: &NeuronpediaIds, 
     let now = iso_now();
     let one_line = |name: &str, v: Value| -> Result<()> {
         let p = dir.join(name);
-        std::fs::write(&p, format!("{v}\n")).with_context(|| format!("writing {}", p.display()))
+        saekit_files::write_atomic(&p, format!("{v}\n").as_bytes())
     };
     one_line(
         "model.jsonl",
@@ -200,19 +200,16 @@ fn iso_now() -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.000Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// One JSON object per line, gzip-compressed, written to `*.tmp` and renamed into place.
+/// One JSON object per line, gzip-compressed, written atomically.
 fn write_gz(path: &Path, rows: &[Value]) -> Result<()> {
-    let tmp = path.with_extension("gz.tmp");
-    {
-        let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    saekit_files::write_atomic_with(path, |f| {
         let mut gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::new(5));
         for r in rows {
-            writeln!(gz, "{r}").with_context(|| format!("writing {}", tmp.display()))?;
+            writeln!(gz, "{r}")?;
         }
-        let f = gz.finish()?.into_inner().map_err(|e| anyhow::anyhow!("flushing {}: {e}", tmp.display()))?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("moving {} into place", path.display()))
+        gz.finish()?.flush()?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -194,8 +194,8 @@ fn hash_reader<D: sha2::Digest>(mut r: impl Read, path: &Path, prefix: &[u8]) ->
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Put the cached file at `out`: a hard link to the cache blob (no second copy of a multi-GB file), or a
-/// copy written beside `out` and renamed where the two folders are on different file systems.
+/// Put the cached file at `out`: a hard link to the cache blob (no second copy of a multi-GB file), or an
+/// atomic copy where the two folders are on different file systems.
 fn place(cached: &Path, out: &Path) -> Result<()> {
     let blob = cached.canonicalize()?;
     if let Some(parent) = out.parent() {
@@ -207,10 +207,10 @@ fn place(cached: &Path, out: &Path) -> Result<()> {
     if std::fs::hard_link(&blob, out).is_ok() {
         return Ok(());
     }
-    let tmp = out.with_extension("saekit-tmp");
-    std::fs::copy(&blob, &tmp)?;
-    std::fs::rename(&tmp, out)?;
-    Ok(())
+    saekit_files::write_atomic_with(out, |f| {
+        std::io::copy(&mut std::fs::File::open(&blob)?, f)?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]
