@@ -70,7 +70,7 @@ impl PySae {
     #[getter(W_enc)]
     fn w_enc<'py>(this: Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let s = &this.get().sae;
-        let view = matrix(&s.w_enc, s.d_sae, s.d_in)?.reversed_axes();
+        let view = matrix(&s.params.w_enc, s.d_sae, s.d_in)?.reversed_axes();
         read_only(unsafe { PyArray2::borrow_from_array(&view, this.clone().into_any()) })
     }
 
@@ -78,29 +78,29 @@ impl PySae {
     #[getter(W_dec)]
     fn w_dec<'py>(this: Bound<'py, Self>) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let s = &this.get().sae;
-        let view = matrix(&s.w_dec, s.d_sae, s.d_in)?;
+        let view = matrix(&s.params.w_dec, s.d_sae, s.d_in)?;
         read_only(unsafe { PyArray2::borrow_from_array(&view, this.clone().into_any()) })
     }
 
     /// `[d_sae]` (no copy).
     #[getter]
     fn b_enc<'py>(this: Bound<'py, Self>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        vector(&this, |s| &s.b_enc)
+        vector(&this, |s| &s.params.b_enc)
     }
 
     /// `[d_in]` (no copy).
     #[getter]
     fn b_dec<'py>(this: Bound<'py, Self>) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        vector(&this, |s| &s.b_dec)
+        vector(&this, |s| &s.params.b_dec)
     }
 
     /// `[d_sae]` JumpReLU thresholds (no copy); None for other architectures.
     #[getter]
     fn threshold<'py>(this: Bound<'py, Self>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
-        if this.get().sae.threshold.is_empty() {
+        if this.get().sae.params.threshold.is_empty() {
             return Ok(None);
         }
-        vector(&this, |s| &s.threshold).map(Some)
+        vector(&this, |s| &s.params.threshold).map(Some)
     }
 
     /// Feature activations of `x` (float32 `[..., d_in]`, C-contiguous): dense `[..., d_sae]`, or with

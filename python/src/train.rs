@@ -123,12 +123,7 @@ fn new_config(
 
 /// The config of the newest checkpoint in `dir` (data file, seed and recipe come from there).
 fn checkpoint_config(dir: &Path) -> anyhow::Result<TrainConfig> {
-    let cks = saekit_sae::train::list_checkpoints(dir)?;
-    let last = cks.last().with_context(|| format!("resume {}: no checkpoint in its checkpoints/", dir.display()))?;
-    let state = last.join("state.json");
-    let text = std::fs::read_to_string(&state).with_context(|| format!("reading {}", state.display()))?;
-    let meta: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", state.display()))?;
-    serde_json::from_value(meta["config"].clone()).with_context(|| format!("{}: bad config", state.display()))
+    Ok(saekit_sae::checkpoint::latest_config(dir)?)
 }
 
 /// A path as given, or an array written to `out/train_acts.npy`.

@@ -436,12 +436,12 @@ pub fn write_db(
 ) -> Result<PathBuf> {
     let d = sae.d_in;
     let t = Instant::now();
-    let logits = geometry::direct_logit_effects(&sae.w_dec, d, w.unembed, w.vocab, w.gain, w.n_logits);
+    let logits = geometry::direct_logit_effects(&sae.params.w_dec, d, w.unembed, w.vocab, w.gain, w.n_logits);
     tracing::info!(secs = t.elapsed().as_secs_f32(), "direct logit effects");
     let t = Instant::now();
-    let (neighbours, nn_method) = geometry::nearest_neighbours(&sae.w_dec, d, w.n_neighbours);
+    let (neighbours, nn_method) = geometry::nearest_neighbours(&sae.params.w_dec, d, w.n_neighbours);
     tracing::info!(secs = t.elapsed().as_secs_f32(), method = %nn_method, "neighbours");
-    let map = geometry::pca_map(&sae.w_dec, d);
+    let map = geometry::pca_map(&sae.params.w_dec, d);
     info.created = creation_time();
     info.map_method = "pca(unit decoder directions), scaled to [-1, 1]".into();
     info.neighbour_method = nn_method;

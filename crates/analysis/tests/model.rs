@@ -47,15 +47,16 @@ fn reference_reconstruction(sae: &Sae, x: &[f32], keep: &[bool]) -> Vec<f32> {
         }
         let mut pre: Vec<(usize, f64)> = (0..n)
             .map(|j| {
-                let dot: f64 =
-                    (0..d).map(|i| (row[i] as f64 - sae.b_dec[i] as f64) * sae.w_enc[j * d + i] as f64).sum();
-                (j, dot + sae.b_enc[j] as f64)
+                let dot: f64 = (0..d)
+                    .map(|i| (row[i] as f64 - sae.params.b_dec[i] as f64) * sae.params.w_enc[j * d + i] as f64)
+                    .sum();
+                (j, dot + sae.params.b_enc[j] as f64)
             })
             .collect();
         pre.sort_by(|a, b| b.1.total_cmp(&a.1));
         for i in 0..d {
-            let v: f64 = pre[..k].iter().map(|&(j, a)| a.max(0.0) * sae.w_dec[j * d + i] as f64).sum();
-            out[r * d + i] = (v + sae.b_dec[i] as f64) as f32;
+            let v: f64 = pre[..k].iter().map(|&(j, a)| a.max(0.0) * sae.params.w_dec[j * d + i] as f64).sum();
+            out[r * d + i] = (v + sae.params.b_dec[i] as f64) as f32;
         }
     }
     out
@@ -196,7 +197,7 @@ fn splice_eval_and_analysis_on_the_real_model() {
     let three = dir.path().join("three.sqlite");
     assert!(!analyze(&model, &sae, &sae_dir, &ds, &three, &stop).unwrap().finished);
     let mut rebuilt = sae.clone();
-    rebuilt.w_dec[0] += 0.5;
+    rebuilt.params.w_dec[0] += 0.5;
     let e = format!("{:#}", analyze(&model, &rebuilt, &sae_dir, &ds, &three, &opts).unwrap_err());
     assert!(e.contains("three.sqlite.ckpt: cannot resume"), "{e}");
     assert!(e.contains(&format!("the SAE at {sae_dir} is not the one")), "{e}");

@@ -76,7 +76,7 @@ fn sigint_and_sigterm_checkpoint_and_exit_130_with_the_resume_command() {
     assert_eq!(code, Some(130), "{err}");
     assert!(err.contains(&format!("resume with: saekit train --resume {out_s}")), "{err}");
     let s1 = step_of(&err);
-    let cks = saekit_sae::train::list_checkpoints(&out).unwrap();
+    let cks = saekit_sae::checkpoint::list(&out).unwrap();
     assert_eq!(cks.len(), 1, "{cks:?}");
     assert!(cks[0].ends_with(format!("step_{s1:09}")), "{cks:?} vs step {s1}");
     // the run continues from that checkpoint, and SIGTERM stops it the same way

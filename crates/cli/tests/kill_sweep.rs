@@ -220,7 +220,7 @@ fn sigkill_sweep_and_disk_full_resume_to_identical_bytes() {
         typical,
         &mut rng,
         || {
-            let has_ckpt = saekit_sae::train::list_checkpoints(&out).map(|v| !v.is_empty()).unwrap_or(false);
+            let has_ckpt = saekit_sae::checkpoint::list(&out).map(|v| !v.is_empty()).unwrap_or(false);
             if !has_ckpt {
                 std::fs::remove_dir_all(&out).ok(); // killed before the first checkpoint: nothing to resume
             }
@@ -263,7 +263,7 @@ fn sigkill_sweep_and_disk_full_resume_to_identical_bytes() {
     assert_same_tree(&t.join("acts-ref"), &acts, &["manifest.json"], "harvest after disk full");
     let sae = t.join("sae-full");
     disk_full_then_resume(train(&sae, false), 200_000, &sae, "train");
-    let has_ckpt = saekit_sae::train::list_checkpoints(&sae).map(|v| !v.is_empty()).unwrap_or(false);
+    let has_ckpt = saekit_sae::checkpoint::list(&sae).map(|v| !v.is_empty()).unwrap_or(false);
     if !has_ckpt {
         std::fs::remove_dir_all(&sae).ok();
     }

@@ -1,4 +1,4 @@
-//! Measurement helpers for the benchmark example (`examples/bench_train.rs`).
+//! Measurement helpers for the benchmark commands (`examples/bench_train.rs`, `saekit bench`).
 
 use crate::kernels;
 use std::time::Instant;

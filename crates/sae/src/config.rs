@@ -18,6 +18,7 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Parse an `--arch` value (`standard` and `relu_l1` are SAELens' names for ReLU).
     pub fn parse(s: &str) -> Result<Arch> {
         Ok(match s.to_ascii_lowercase().as_str() {
             "topk" => Arch::TopK,
@@ -27,6 +28,7 @@ impl Arch {
             other => bail!("unknown architecture {other:?}: expected topk, batchtopk, jumprelu or relu"),
         })
     }
+    /// The `--arch` value.
     pub fn name(self) -> &'static str {
         match self {
             Arch::TopK => "topk",
@@ -42,12 +44,16 @@ impl Arch {
 #[serde(rename_all = "lowercase")]
 pub enum JumpReluSparsity {
     #[default]
+    /// DeepMind's λ·L0 through a straight-through estimator.
     Step,
+    /// Anthropic's λ·Σ tanh(c·a‖W_dec‖).
     Tanh,
+    /// Gemma Scope 2's λ·2/L0*·(L0 − L0*)².
     Quadratic,
 }
 
 impl JumpReluSparsity {
+    /// Parse a `jumprelu_sparsity_loss_mode` value.
     pub fn parse(s: &str) -> Result<JumpReluSparsity> {
         Ok(match s.to_ascii_lowercase().as_str() {
             "step" => JumpReluSparsity::Step,
@@ -56,6 +62,19 @@ impl JumpReluSparsity {
             other => bail!("unknown JumpReLU sparsity loss {other:?}: expected step, tanh or quadratic"),
         })
     }
+}
+
+/// How b_dec starts (`b_dec_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BDecInit {
+    /// The mean of the rows read ahead (after outlier exclusion and scaling).
+    #[default]
+    Mean,
+    /// Their geometric median (Weiszfeld; OpenAI's pre-bias init), on up to 8,192 rows.
+    GeometricMedian,
+    /// Zeros.
+    Zeros,
 }
 
 /// Every training knob. Fields left at `None` take the recipe default of the chosen architecture
@@ -83,6 +102,7 @@ pub struct TrainConfig {
     pub out: String,
     /// Training tokens (rows). Accepts plain integers; the CLI also accepts 2M / 500k.
     pub tokens: u64,
+    /// Rows per optimiser step.
     pub batch_size: usize,
     /// Exclude rows whose L2 norm exceeds this multiple of the median norm measured on the first
     /// `norm_estimate_rows` rows (attention sinks: position 0 and `<|endoftext|>`). 0 disables.
@@ -92,7 +112,9 @@ pub struct TrainConfig {
     /// Scale inputs by one dataset-wide scalar so that E||x||^2 = d_in (folded into the saved weights).
     pub normalize_inputs: bool,
     // ---- model ----
+    /// Which SAE.
     pub arch: Arch,
+    /// Width of the activations (checked against the data; default: the data's).
     pub d_in: Option<usize>,
     pub d_sae: usize,
     pub k: usize,
@@ -105,10 +127,13 @@ pub struct TrainConfig {
     /// Keep decoder rows at unit norm and remove the gradient component parallel to them.
     pub unit_norm_decoder: Option<bool>,
     /// b_dec init: "mean" (data mean of the estimate rows), "geometric_median" or "zeros".
-    pub b_dec_init: String,
+    pub b_dec_init: BDecInit,
     // ---- jumprelu ----
+    /// Initial JumpReLU threshold of every latent.
     pub jumprelu_init_threshold: f32,
+    /// Width ε of JumpReLU's rectangle kernel.
     pub jumprelu_bandwidth: f32,
+    /// λ of JumpReLU's sparsity penalty.
     pub l0_coefficient: f32,
     /// "step" (DeepMind's L0), "tanh" (Anthropic's λ·Σ tanh(c·a‖W_dec‖)) or "quadratic" (Gemma
     /// Scope 2's penalty around `target_l0`), as SAELens' `jumprelu_sparsity_loss_mode`.
@@ -122,6 +147,7 @@ pub struct TrainConfig {
     /// Straight-through gradients also reach the pre-activations (Anthropic), not only θ (DeepMind).
     pub jumprelu_ste_to_input: bool,
     // ---- relu ----
+    /// λ of ReLU's L1 penalty (on a·‖W_dec‖).
     pub l1_coefficient: f32,
     /// Take the sparse step (decoder and backward over the active latents only) for batches whose
     /// mean L0 is below this fraction of d_sae; 0 keeps the dense GEMMs. The dense step costs ~5
@@ -130,29 +156,45 @@ pub struct TrainConfig {
     pub relu_sparse_below: f32,
     /// Fraction of steps over which the sparsity coefficient (L1 / L0) warms up linearly from 0.
     pub sparsity_warmup_frac: Option<f32>,
+    /// Norm of the initial decoder rows (default: the architecture's recipe).
     pub decoder_init_norm: Option<f32>,
     // ---- batchtopk ----
+    /// Rate of BatchTopK's threshold EMA.
     pub topk_threshold_lr: f32,
     // ---- optimiser ----
+    /// Learning rate (default: the architecture's recipe).
     pub lr: Option<f32>,
+    /// Adam β1.
     pub adam_beta1: f32,
+    /// Adam β2.
     pub adam_beta2: f32,
+    /// Adam ε.
     pub adam_eps: f32,
+    /// Steps of linear lr warm-up (default: the recipe's, at most a tenth of the run).
     pub lr_warmup_steps: Option<u64>,
     /// Fraction of steps at the end over which lr decays linearly to 0.
     pub lr_decay_frac: Option<f32>,
     /// Clip the global gradient norm to this value (0 = off).
     pub grad_clip: Option<f32>,
     // ---- run ----
+    /// Seed of the initialisation and of the data order.
     pub seed: u64,
+    /// Threads (0 = the caller's rayon pool); results do not depend on it.
     pub threads: usize,
+    /// Steps between metrics.jsonl lines.
     pub log_every: u64,
+    /// Steps between checkpoints (0 = none).
     pub checkpoint_every: u64,
     // ---- metadata written to cfg.json ----
+    /// The model the activations came from (from the data source).
     pub model_name: String,
+    /// The hook point they were read at (TransformerLens name).
     pub hook_name: String,
+    /// Tokens per context of the data.
     pub context_size: usize,
+    /// Whether the contexts began with BOS.
     pub prepend_bos: bool,
+    /// Where the data came from (default: `acts`).
     pub dataset_path: String,
     /// Fingerprint of the vocabulary that made the training tokens (from the data source).
     pub tokenizer_fingerprint: String,
@@ -184,7 +226,7 @@ impl Default for TrainConfig {
             auxk_alpha: None,
             dead_tokens: 10_000_000,
             unit_norm_decoder: None,
-            b_dec_init: "mean".into(),
+            b_dec_init: BDecInit::Mean,
             jumprelu_init_threshold: 0.01,
             jumprelu_bandwidth: 0.05,
             l0_coefficient: 1.0,
@@ -224,18 +266,28 @@ impl Default for TrainConfig {
 /// The configuration with every recipe default filled in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Resolved {
+    /// Peak learning rate.
     pub lr: f32,
+    /// AuxK coefficient.
     pub auxk_alpha: f32,
+    /// Unit-norm decoder rows.
     pub unit_norm_decoder: bool,
+    /// Steps over which the sparsity coefficient warms up from 0.
     pub sparsity_warmup_steps: u64,
+    /// Norm of the initial decoder rows.
     pub decoder_init_norm: f32,
+    /// Steps of linear lr warm-up.
     pub lr_warmup_steps: u64,
+    /// Steps of linear lr decay to 0 at the end.
     pub lr_decay_steps: u64,
+    /// Global gradient-norm clip (0 = off).
     pub grad_clip: f32,
+    /// Steps of the run.
     pub total_steps: u64,
 }
 
 impl TrainConfig {
+    /// Read a TOML config; errors are one line naming the file and line.
     pub fn from_toml_file(path: &str) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
         // toml's own message draws the offending line over several lines; errors here are one line
@@ -261,6 +313,7 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The config as TOML (`--print-config`, `train_config.toml`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
@@ -303,6 +356,7 @@ impl TrainConfig {
             .collect()
     }
 
+    /// Steps of the run: whole batches of `tokens`.
     pub fn total_steps(&self) -> u64 {
         self.tokens / self.batch_size.max(1) as u64
     }
@@ -345,28 +399,22 @@ impl TrainConfig {
         3 * params * 4 + b * (4 * d + 2 * n) * 4 + self.prepare_rows() as u128 * d * 4 + n * 8 * 3
     }
 
-    /// Refuse sizes no machine can run before anything is allocated: a config (from TOML or flags)
-    /// that needs more memory than `budget` bytes, or more threads than make sense.
-    pub fn check_sizes(&self, d_in: usize, budget: Option<u64>) -> Result<()> {
-        if self.threads > 4096 {
-            bail!("threads = {} is more than 4096", self.threads);
-        }
-        if matches!(self.arch, Arch::TopK | Arch::BatchTopK) && self.k > self.d_sae {
-            bail!("k = {} is larger than d_sae = {}", self.k, self.d_sae);
-        }
+    /// Refuse a run that needs more memory than `budget` bytes before anything is allocated.
+    pub fn check_memory(&self, d_in: usize, budget: Option<u64>) -> Result<(), crate::SaeError> {
         let need = self.memory_estimate(d_in);
-        if let Some(have) = budget {
-            if need > have as u128 {
-                bail!(
+        match budget {
+            Some(have) if need > have as u128 => Err(crate::SaeError::config(
+                "d_sae",
+                format!(
                     "d_sae {} x d_in {d_in} with batch_size {} needs about {:.1} GiB; {:.1} GiB are available (SAEKIT_MAX_MEMORY or free memory)",
                     self.d_sae,
                     self.batch_size,
                     need as f64 / (1u64 << 30) as f64,
                     have as f64 / (1u64 << 30) as f64
-                );
-            }
+                ),
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! SAE folders on disk: write SAELens v6, read SAELens v6 / legacy (<= 5.x), sparsify and Gemma
 //! Scope `params.npz`. Anything that cannot be reproduced exactly is refused with the reason.
 
+use crate::params::Params;
 use crate::sae::{Activation, Sae, SaeMetadata};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -10,8 +11,11 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 
+/// SAELens' weights file.
 pub const SAE_WEIGHTS: &str = "sae_weights.safetensors";
+/// SAELens' log10 firing densities.
 pub const SPARSITY: &str = "sparsity.safetensors";
+/// SAELens' config file.
 pub const CFG: &str = "cfg.json";
 /// The list of the folder's files with sizes and CRC32s, written last: without it (or with files that
 /// differ from it) a saekit-written folder is a torn write and is refused.
@@ -30,13 +34,18 @@ pub use saekit_files::write_atomic as atomic_write;
 
 /// A tensor to stream into a safetensors file without materialising its bytes.
 pub enum TensorSrc<'a> {
+    /// f32 values as they are.
     F32(&'a [f32]),
     /// row-major `[rows, cols]` source written transposed as `[cols, rows]`
     F32Transposed {
+        /// The row-major source.
         src: &'a [f32],
+        /// Its rows.
         rows: usize,
+        /// Its columns.
         cols: usize,
     },
+    /// u64 values (checkpoint counters).
     U64(&'a [u64]),
 }
 
@@ -183,10 +192,10 @@ pub fn save_saelens_set(
     let (d_in, d_sae) = (sae.d_in, sae.d_sae);
     // SAELens W_enc is [d_in, d_sae]: stream the transpose of our latent-major encoder
     let mut tensors: Vec<(&str, Vec<usize>, TensorSrc<'_>)> = vec![
-        ("W_enc", vec![d_in, d_sae], TensorSrc::F32Transposed { src: &sae.w_enc, rows: d_sae, cols: d_in }),
-        ("W_dec", vec![d_sae, d_in], TensorSrc::F32(&sae.w_dec)),
-        ("b_enc", vec![d_sae], TensorSrc::F32(&sae.b_enc)),
-        ("b_dec", vec![d_in], TensorSrc::F32(&sae.b_dec)),
+        ("W_enc", vec![d_in, d_sae], TensorSrc::F32Transposed { src: &sae.params.w_enc, rows: d_sae, cols: d_in }),
+        ("W_dec", vec![d_sae, d_in], TensorSrc::F32(&sae.params.w_dec)),
+        ("b_enc", vec![d_sae], TensorSrc::F32(&sae.params.b_enc)),
+        ("b_dec", vec![d_in], TensorSrc::F32(&sae.params.b_dec)),
     ];
     let mut cfg = json!({
         "d_in": d_in,
@@ -220,7 +229,7 @@ pub fn save_saelens_set(
         }
         Activation::JumpRelu => {
             cfg["architecture"] = json!("jumprelu");
-            tensors.push(("threshold", vec![d_sae], TensorSrc::F32(&sae.threshold)));
+            tensors.push(("threshold", vec![d_sae], TensorSrc::F32(&sae.params.threshold)));
         }
         Activation::Relu => {
             cfg["architecture"] = json!("standard");
@@ -446,11 +455,7 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<Sae> {
         d_in,
         d_sae,
         activation,
-        w_enc: transpose(&w_enc_t, d_in, d_sae),
-        b_enc,
-        w_dec,
-        b_dec,
-        threshold,
+        params: Params { w_enc: transpose(&w_enc_t, d_in, d_sae), b_enc, w_dec, b_dec, threshold },
         apply_b_dec_to_input: cfg.get("apply_b_dec_to_input").and_then(|v| v.as_bool()).unwrap_or(true),
         metadata,
     })
@@ -496,11 +501,7 @@ fn load_sparsify(dir: &Path, cfg: &Value) -> Result<Sae> {
         d_in,
         d_sae,
         activation: Activation::TopK { k },
-        w_enc,
-        b_enc,
-        w_dec,
-        b_dec,
-        threshold: Vec::new(),
+        params: Params { w_enc, b_enc, w_dec, b_dec, threshold: Vec::new() },
         apply_b_dec_to_input: true,
         metadata: SaeMetadata {
             hook_name: dir.file_name().and_then(|s| s.to_str()).unwrap_or("").into(),
@@ -594,11 +595,7 @@ pub fn load_gemma_scope_npz(path: &Path) -> Result<Sae> {
         d_in,
         d_sae,
         activation: Activation::JumpRelu,
-        w_enc: transpose(&w_enc_t, d_in, d_sae),
-        b_enc,
-        w_dec,
-        b_dec,
-        threshold,
+        params: Params { w_enc: transpose(&w_enc_t, d_in, d_sae), b_enc, w_dec, b_dec, threshold },
         apply_b_dec_to_input: false,
         metadata: SaeMetadata { context_size: 1024, prepend_bos: true, ..Default::default() },
     })

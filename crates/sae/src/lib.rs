@@ -1,37 +1,78 @@
 //! saekit-sae: sparse autoencoders on the CPU.
 //!
-//! Owns the SAE architectures (TopK, BatchTopK, JumpReLU, ReLU+L1), the hand-written training-step
-//! kernels (dense encoder GEMM, everything else sparse over the active latents), the trainer
-//! (checkpoints, resume, metrics), the core evaluation metrics, and the SAE file formats (SAELens
-//! v6 / legacy, sparsify, Gemma Scope). It reads activations through [`ActivationSource`] (a .npy, an
-//! activation store, or saekit-store's live model rows) and must not touch the model or the corpus
-//! itself: those are upstream (saekit-model, saekit-store).
+//! Owns the SAE architectures (TopK, BatchTopK, JumpReLU, ReLU+L1), the training step (a dense
+//! encoder GEMM, everything else sparse over the active latents), the trainer (a validated
+//! [`TrainPlan`], checkpoints and bit-identical resume, metrics), the core evaluation metrics, and
+//! the SAE file formats (SAELens v6 / legacy, sparsify, Gemma Scope). It reads activations through
+//! [`ActivationSource`] (a .npy, an activation store, or saekit-store's live model rows) and must
+//! not touch the model or the corpus itself: those are upstream (saekit-model, saekit-store).
+//!
+//! Where things are: `step/` holds the training step (`topk.rs` and `dense.rs` as forward /
+//! backward pairs, `loss.rs` the loss terms, `update.rs` Adam), `kernels.rs` the hand-written
+//! kernels (the fused TopK selection is `select_topk_chunk`), `plan.rs` the config's validation,
+//! `checkpoint.rs` the only code that reads or writes checkpoints, `train.rs` the loop.
+//!
+//! ```
+//! use saekit_sae::{train, NpySource, RunOptions, TrainConfig};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! // 2,048 rows of width 16: a sum of a few of 64 directions each
+//! let x: Vec<f32> = (0..2048 * 16).map(|i| ((i * 7919 % 64) as f32 / 64.0 - 0.5) * ((i / 16 % 5) as f32)).collect();
+//! let acts = dir.path().join("acts.npy");
+//! saekit_sae::source::write_npy_f32(&acts, &x, 2048, 16)?;
+//! let cfg = TrainConfig {
+//!     acts: Some(acts.display().to_string()),
+//!     out: dir.path().join("sae").display().to_string(),
+//!     d_sae: 64,
+//!     k: 4,
+//!     tokens: 2048,
+//!     batch_size: 256,
+//!     ..Default::default()
+//! };
+//! let mut rows = NpySource::open(&acts, cfg.seed, true)?;
+//! let outcome = train(&cfg, &mut rows, &RunOptions::default())?;
+//! assert_eq!(outcome.steps, 8);
+//! let sae = saekit_sae::load_sae(dir.path().join("sae"))?;   // a SAELens folder
+//! let codes = sae.encode(&x[..16]);
+//! assert!(codes.row(0).0.len() <= 4);
+//! # Ok(()) }
+//! ```
 
+#![warn(missing_docs)]
 // Index loops over rows/columns read more clearly than iterator chains in the numeric kernels.
-#![allow(clippy::needless_range_loop, clippy::too_many_arguments, clippy::type_complexity)]
+#![allow(clippy::needless_range_loop)]
 
-pub mod adam;
-pub mod bench;
+mod adam;
+mod bench;
+pub mod checkpoint;
 pub mod config;
-mod dense_step;
+mod error;
+pub mod format;
 pub(crate) mod kernels;
-pub mod sae;
-pub mod step;
+pub mod metrics;
+mod params;
+mod plan;
+mod sae;
+pub mod source;
+mod step;
+#[cfg(feature = "store")]
+mod store_source;
 #[cfg(test)]
 mod tests_grad;
+mod train;
 
-pub use config::{Arch, TrainConfig};
-pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
-pub mod format;
-pub mod metrics;
-pub mod source;
-#[cfg(feature = "store")]
-pub mod store_source;
-pub mod train;
-
+pub use bench::{encoder_gemm_gflops, peak_rss_bytes};
+pub use config::{Arch, BDecInit, TrainConfig};
+pub use error::{Result, SaeError};
 pub use format::{load_sae, save_saelens, save_saelens_set};
 pub use metrics::{evaluate, EvalMetrics};
+pub use params::Params;
+pub use plan::{
+    ArchSettings, BatchTopKSettings, JumpReluPenalty, JumpReluSettings, ReluSettings, TopKSettings, TrainPlan,
+};
+pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
 pub use source::{ActivationSource, NpySource, Provenance};
+pub use step::StepStats;
 #[cfg(feature = "store")]
 pub use store_source::{LiveSource, StoreSource};
-pub use train::{train, RunOptions, TrainOutcome};
+pub use train::{density_histogram, train, RunOptions, TrainOutcome};

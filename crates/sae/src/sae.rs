@@ -2,6 +2,7 @@
 
 use crate::config::Arch;
 use crate::kernels;
+use crate::params::Params;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -13,7 +14,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub enum Activation {
     /// relu(pre), keep the k largest per row
-    TopK { k: usize },
+    TopK {
+        /// Latents kept per row.
+        k: usize,
+    },
     /// relu(pre) * (pre > threshold_j)
     JumpRelu,
     /// relu(pre)
@@ -23,10 +27,15 @@ pub enum Activation {
 /// Metadata carried into SAELens `cfg.json` (`metadata` object).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SaeMetadata {
+    /// The model the SAE was trained on (empty: unknown).
     pub model_name: String,
+    /// The hook point it reads (TransformerLens name).
     pub hook_name: String,
+    /// Tokens per training context.
     pub context_size: usize,
+    /// Whether the training contexts began with BOS.
     pub prepend_bos: bool,
+    /// Where the training data came from.
     pub dataset_path: String,
     /// Fingerprint of the tokenizer's vocabulary that made the training tokens (empty: unknown).
     pub tokenizer_fingerprint: String,
@@ -59,31 +68,37 @@ impl Default for SaeMetadata {
 /// `x̂ = f · w_dec + b_dec`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sae {
+    /// Width of the activations it reads.
     pub d_in: usize,
+    /// Number of latents.
     pub d_sae: usize,
+    /// How latents are activated at inference.
     pub activation: Activation,
-    pub w_enc: Vec<f32>,
-    pub b_enc: Vec<f32>,
-    pub w_dec: Vec<f32>,
-    pub b_dec: Vec<f32>,
-    /// per-latent threshold (JumpRelu only; empty otherwise)
-    pub threshold: Vec<f32>,
+    /// The weights and biases (and JumpReLU's thresholds).
+    pub params: Params<Vec<f32>>,
+    /// Subtract b_dec from the input before encoding (SAELens' `apply_b_dec_to_input`).
     pub apply_b_dec_to_input: bool,
+    /// What it was made from (SAELens cfg.json `metadata`).
     pub metadata: SaeMetadata,
 }
 
 /// Sparse codes in CSR form: row `r` holds `idx[indptr[r]..indptr[r+1]]` / `val[..]`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SparseCodes {
+    /// Row offsets into `idx` / `val` (rows + 1 entries).
     pub indptr: Vec<usize>,
+    /// Latent of each active entry, ascending within a row.
     pub idx: Vec<u32>,
+    /// Its activation.
     pub val: Vec<f32>,
 }
 
 impl SparseCodes {
+    /// Number of rows.
     pub fn rows(&self) -> usize {
         self.indptr.len().saturating_sub(1)
     }
+    /// Row `r`'s active (latents, values).
     pub fn row(&self, r: usize) -> (&[u32], &[f32]) {
         let (a, b) = (self.indptr[r], self.indptr[r + 1]);
         (&self.idx[a..b], &self.val[a..b])
@@ -105,7 +120,7 @@ impl Sae {
     pub fn fingerprint(&self) -> String {
         let mut f = saekit_files::Fingerprinter::default();
         f.part(format!("{:?} {} {} {}", self.activation, self.d_in, self.d_sae, self.apply_b_dec_to_input).as_bytes());
-        for t in [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec, &self.threshold] {
+        for (_, t) in self.params.each() {
             f.f32s(t);
         }
         f.finish()
@@ -177,16 +192,13 @@ impl Sae {
             d_in,
             d_sae,
             activation,
-            w_enc: w_dec.clone(),
-            b_enc: vec![0.0; d_sae],
-            w_dec,
-            b_dec: vec![0.0; d_in],
-            threshold,
+            params: Params { w_enc: w_dec.clone(), b_enc: vec![0.0; d_sae], w_dec, b_dec: vec![0.0; d_in], threshold },
             apply_b_dec_to_input: true,
             metadata: SaeMetadata::default(),
         }
     }
 
+    /// The training architecture that yields this inference activation.
     pub fn arch_for_activation(&self) -> Arch {
         match self.activation {
             Activation::TopK { .. } => Arch::TopK,
@@ -219,7 +231,7 @@ impl Sae {
             xi.copy_from_slice(xs);
             if self.apply_b_dec_to_input {
                 xi.par_chunks_mut(d).for_each(|r| {
-                    for (v, b) in r.iter_mut().zip(&self.b_dec) {
+                    for (v, b) in r.iter_mut().zip(&self.params.b_dec) {
                         *v -= b;
                     }
                 });
@@ -231,8 +243,8 @@ impl Sae {
                     kernels::reset_selection(&mut sv, &mut si);
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);
-                        kernels::gemm_abt(rows, w, d, xi, d, &self.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
-                        kernels::select_topk_chunk(&pre, w, rows, j0, w, &self.b_enc, k, &mut sv, &mut si, None);
+                        kernels::gemm_abt(rows, w, d, xi, d, &self.params.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
+                        kernels::select_topk_chunk(&pre, w, rows, j0, w, &self.params.b_enc, k, &mut sv, &mut si, None);
                     }
                     for r in 0..rows {
                         let mut pairs: Vec<(u32, f32)> = (0..k)
@@ -251,10 +263,13 @@ impl Sae {
                     let mut rows_out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); rows];
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);
-                        kernels::gemm_abt(rows, w, d, xi, d, &self.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
-                        let thr =
-                            if self.activation == Activation::JumpRelu { Some(&self.threshold[..]) } else { None };
-                        let b_enc = &self.b_enc;
+                        kernels::gemm_abt(rows, w, d, xi, d, &self.params.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
+                        let thr = if self.activation == Activation::JumpRelu {
+                            Some(&self.params.threshold[..])
+                        } else {
+                            None
+                        };
+                        let b_enc = &self.params.b_enc;
                         rows_out.par_iter_mut().enumerate().for_each(|(r, out)| {
                             for jj in 0..w {
                                 let j = j0 + jj;
@@ -287,11 +302,11 @@ impl Sae {
         let d = self.d_in;
         let mut out = vec![0.0f32; codes.rows() * d];
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
-            o.copy_from_slice(&self.b_dec);
+            o.copy_from_slice(&self.params.b_dec);
             let (idx, val) = codes.row(r);
             for (&j, &v) in idx.iter().zip(val) {
                 let j = j as usize;
-                kernels::axpy(v, &self.w_dec[j * d..(j + 1) * d], o);
+                kernels::axpy(v, &self.params.w_dec[j * d..(j + 1) * d], o);
             }
         });
         out
@@ -315,14 +330,15 @@ impl Sae {
         if s == 1.0 {
             return;
         }
-        self.w_enc.par_iter_mut().for_each(|w| *w *= s);
-        self.w_dec.par_iter_mut().for_each(|w| *w /= s);
-        for b in self.b_dec.iter_mut() {
+        self.params.w_enc.par_iter_mut().for_each(|w| *w *= s);
+        self.params.w_dec.par_iter_mut().for_each(|w| *w /= s);
+        for b in self.params.b_dec.iter_mut() {
             *b /= s;
         }
     }
 
+    /// ‖W_dec,j‖ for every latent.
     pub fn decoder_row_norms(&self) -> Vec<f32> {
-        self.w_dec.par_chunks(self.d_in).map(|r| kernels::dot(r, r).sqrt()).collect()
+        self.params.w_dec.par_chunks(self.d_in).map(|r| kernels::dot(r, r).sqrt()).collect()
     }
 }

@@ -1,42 +1,25 @@
 //! Analytic gradients of every architecture against f64 central finite differences.
 
 use crate::config::{Arch, JumpReluSparsity};
+use crate::params::Params;
 use crate::sae::{Activation, Sae};
-use crate::step::{forward_backward, LossParams, Workspace};
+use crate::step::{forward_backward, LossParams, SingleProcess, Workspace};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The SAE's parameters in f64 (the reference computations' precision).
 pub(crate) struct P64 {
     pub d: usize,
     pub n: usize,
-    pub w_enc: Vec<f64>,
-    pub b_enc: Vec<f64>,
-    pub w_dec: Vec<f64>,
-    pub b_dec: Vec<f64>,
-    pub thr: Vec<f64>,
+    pub params: Params<Vec<f64>>,
 }
 
 impl P64 {
     fn from(s: &Sae) -> P64 {
-        let c = |v: &Vec<f32>| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
-        P64 {
-            d: s.d_in,
-            n: s.d_sae,
-            w_enc: c(&s.w_enc),
-            b_enc: c(&s.b_enc),
-            w_dec: c(&s.w_dec),
-            b_dec: c(&s.b_dec),
-            thr: c(&s.threshold),
-        }
+        P64 { d: s.d_in, n: s.d_sae, params: s.params.map(|v| v.iter().map(|&a| a as f64).collect()) }
     }
     fn get_mut(&mut self, which: usize) -> &mut Vec<f64> {
-        match which {
-            0 => &mut self.w_enc,
-            1 => &mut self.b_enc,
-            2 => &mut self.w_dec,
-            3 => &mut self.b_dec,
-            _ => &mut self.thr,
-        }
+        self.params.each_mut().into_iter().nth(which).expect("parameter index")
     }
 }
 
@@ -76,10 +59,10 @@ pub(crate) fn loss_topk_ref(p: &P64, det: &P64, x: &[f32], dead: &[bool], lp: &L
         let xr = &x[r * d..(r + 1) * d];
         let pre: Vec<(usize, f64)> = pre_f64(p, xr).into_iter().enumerate().collect();
         let dec = |sel: &[(usize, f64)], bias: bool| -> Vec<f64> {
-            let mut o = if bias { p.b_dec.clone() } else { vec![0.0; d] };
+            let mut o = if bias { p.params.b_dec.clone() } else { vec![0.0; d] };
             for &(j, a) in sel {
                 for i in 0..d {
-                    o[i] += a * p.w_dec[j * d + i];
+                    o[i] += a * p.params.w_dec[j * d + i];
                 }
             }
             o
@@ -88,10 +71,10 @@ pub(crate) fn loss_topk_ref(p: &P64, det: &P64, x: &[f32], dead: &[bool], lp: &L
         let xh = dec(&sel, true);
         let xh_det = {
             let pre_d: Vec<(usize, f64)> = pre_f64(det, xr).into_iter().enumerate().collect();
-            let mut o = det.b_dec.clone();
+            let mut o = det.params.b_dec.clone();
             for (j, a) in top(&pre_d, lp.k) {
                 for i in 0..d {
-                    o[i] += a * det.w_dec[j * d + i];
+                    o[i] += a * det.params.w_dec[j * d + i];
                 }
             }
             o
@@ -118,20 +101,20 @@ fn analytic(s: &Sae, ws: &Workspace, which: usize) -> Vec<f64> {
         0..=2 => {
             let per = if which == 1 { 1 } else { d };
             let mut out = vec![0.0; s.d_sae * per];
-            for (u, &j) in g.lm.touched.iter().enumerate() {
+            for (u, &j) in g.touched.touched.iter().enumerate() {
                 let j = j as usize;
                 for i in 0..per {
                     out[j * per + i] = match which {
-                        0 => g.g_enc[u * d + i],
-                        2 => g.g_dec[u * d + i],
-                        _ => g.g_benc[u],
+                        0 => g.params.w_enc[u * d + i],
+                        2 => g.params.w_dec[u * d + i],
+                        _ => g.params.b_enc[u],
                     } as f64;
                 }
             }
             out
         }
-        3 => g.g_bdec.iter().map(|&v| v as f64).collect(),
-        _ => g.g_thr.iter().map(|&v| v as f64).collect(),
+        3 => g.params.b_dec.iter().map(|&v| v as f64).collect(),
+        _ => g.params.threshold.iter().map(|&v| v as f64).collect(),
     }
 }
 
@@ -144,7 +127,7 @@ pub(crate) fn check_grads(
     loss_ref: &dyn Fn(&P64) -> f64,
 ) {
     let mut ws = Workspace::default();
-    forward_backward(sae, &mut ws, x, since, lp).unwrap();
+    forward_backward(sae, &mut ws, x, since, lp, &SingleProcess).unwrap();
     let base = P64::from(sae);
     let h = 1e-5;
     for &which in groups {
@@ -171,26 +154,20 @@ pub(crate) fn check_grads(
 }
 
 fn base_get(p: &P64, which: usize, q: usize) -> f64 {
-    match which {
-        0 => p.w_enc[q],
-        1 => p.b_enc[q],
-        2 => p.w_dec[q],
-        3 => p.b_dec[q],
-        _ => p.thr[q],
-    }
+    p.params.each()[which].1[q]
 }
 
 pub(crate) fn tiny(act: Activation, seed: u64) -> (Sae, Vec<f32>) {
     let (d, n, rows) = (8, 24, 10);
     let mut s = Sae::init(d, n, act, 1.0, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
-    for v in s.b_enc.iter_mut() {
+    for v in s.params.b_enc.iter_mut() {
         *v = (rng.gen::<f32>() - 0.5) * 0.3;
     }
-    for v in s.b_dec.iter_mut() {
+    for v in s.params.b_dec.iter_mut() {
         *v = (rng.gen::<f32>() - 0.5) * 0.3;
     }
-    for v in s.w_enc.iter_mut() {
+    for v in s.params.w_enc.iter_mut() {
         *v += (rng.gen::<f32>() - 0.5) * 0.3;
     }
     let x: Vec<f32> = (0..rows * d).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
@@ -256,11 +233,15 @@ enum Pen {
 
 /// Pre-activations of one row in f64.
 fn pre_f64(p: &P64, xr: &[f64]) -> Vec<f64> {
-    (0..p.n).map(|j| (0..p.d).map(|i| (xr[i] - p.b_dec[i]) * p.w_enc[j * p.d + i]).sum::<f64>() + p.b_enc[j]).collect()
+    (0..p.n)
+        .map(|j| {
+            (0..p.d).map(|i| (xr[i] - p.params.b_dec[i]) * p.params.w_enc[j * p.d + i]).sum::<f64>() + p.params.b_enc[j]
+        })
+        .collect()
 }
 
 fn dec_norms(p: &P64) -> Vec<f64> {
-    (0..p.n).map(|j| p.w_dec[j * p.d..(j + 1) * p.d].iter().map(|v| v * v).sum::<f64>().sqrt()).collect()
+    (0..p.n).map(|j| p.params.w_dec[j * p.d..(j + 1) * p.d].iter().map(|v| v * v).sum::<f64>().sqrt()).collect()
 }
 
 /// ReLU / JumpReLU loss in f64: mean_t ‖x − x̂‖² + coef · mean_t penalty
@@ -273,19 +254,19 @@ fn loss_dense_ref(p: &P64, x: &[f32], coef: f64, pen: Pen, pa: f64, dead: &[bool
     for r in 0..rows {
         let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
         let pre = pre_f64(p, &xr);
-        let mut xh = p.b_dec.clone();
+        let mut xh = p.params.b_dec.clone();
         let (mut pen_sum, mut l0) = (0.0, 0.0);
         for j in 0..n {
             let v = pre[j];
             let a = match pen {
                 Pen::Relu => v.max(0.0),
-                _ if v > p.thr[j] => v,
+                _ if v > p.params.threshold[j] => v,
                 _ => 0.0,
             };
             if a != 0.0 {
                 l0 += 1.0;
                 for i in 0..d {
-                    xh[i] += a * p.w_dec[j * d + i];
+                    xh[i] += a * p.params.w_dec[j * d + i];
                 }
             }
             pen_sum += match pen {
@@ -294,7 +275,7 @@ fn loss_dense_ref(p: &P64, x: &[f32], coef: f64, pen: Pen, pa: f64, dead: &[bool
                 _ => 0.0,
             };
             if dead[j] {
-                l += pa * (p.thr[j] - v).max(0.0) * norms[j];
+                l += pa * (p.params.threshold[j] - v).max(0.0) * norms[j];
             }
         }
         pen_sum += match pen {
@@ -317,13 +298,13 @@ fn threshold_grad_ref(p: &P64, x: &[f32], coef: f64, pen: Pen, pa: f64, dead: &[
     for r in 0..rows {
         let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
         let pre = pre_f64(p, &xr);
-        let mut xh = p.b_dec.clone();
+        let mut xh = p.params.b_dec.clone();
         let mut l0 = 0.0;
         for j in 0..n {
-            if pre[j] > p.thr[j] {
+            if pre[j] > p.params.threshold[j] {
                 l0 += 1.0;
                 for i in 0..d {
-                    xh[i] += pre[j] * p.w_dec[j * d + i];
+                    xh[i] += pre[j] * p.params.w_dec[j * d + i];
                 }
             }
         }
@@ -333,16 +314,16 @@ fn threshold_grad_ref(p: &P64, x: &[f32], coef: f64, pen: Pen, pa: f64, dead: &[
             _ => 0.0,
         };
         for j in 0..n {
-            let a = if pre[j] > p.thr[j] { pre[j] } else { 0.0 };
+            let a = if pre[j] > p.params.threshold[j] { pre[j] } else { 0.0 };
             // dL/da: reconstruction, plus the tanh penalty's (non-zero even at a = 0)
-            let mut da: f64 = (0..d).map(|i| 2.0 * (xh[i] - xr[i]) / b * p.w_dec[j * d + i]).sum();
+            let mut da: f64 = (0..d).map(|i| 2.0 * (xh[i] - xr[i]) / b * p.params.w_dec[j * d + i]).sum();
             if let Pen::Tanh(c) = pen {
                 da += coef / b * c * norms[j] * (1.0 - (c * a * norms[j]).tanh().powi(2));
             }
-            if ((pre[j] - p.thr[j]) / eps).abs() < 0.5 {
-                want[j] -= (p.thr[j] / eps) * da + w_l0 / eps;
+            if ((pre[j] - p.params.threshold[j]) / eps).abs() < 0.5 {
+                want[j] -= (p.params.threshold[j] / eps) * da + w_l0 / eps;
             }
-            if dead[j] && p.thr[j] > pre[j] {
+            if dead[j] && p.params.threshold[j] > pre[j] {
                 want[j] += pa / b * norms[j];
             }
         }
@@ -382,11 +363,11 @@ fn sparse_relu_path_matches_finite_differences_and_the_dense_path() {
     l.relu_sparse_below = 1.0; // every batch below: the sparse path
     check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.7, Pen::Relu, 0.0, &none));
     let mut sparse = Workspace::default();
-    let a = forward_backward(&s, &mut sparse, &x, &since, &l).unwrap();
+    let a = forward_backward(&s, &mut sparse, &x, &since, &l, &SingleProcess).unwrap();
     assert!(!sparse.grads.lm.entries.is_empty(), "the sparse path ran (latent-major entries built)");
     l.relu_sparse_below = 0.0;
     let mut dense = Workspace::default();
-    let b = forward_backward(&s, &mut dense, &x, &since, &l).unwrap();
+    let b = forward_backward(&s, &mut dense, &x, &since, &l, &SingleProcess).unwrap();
     assert!(dense.grads.lm.entries.is_empty(), "the dense path ran");
     assert!((a.loss - b.loss).abs() < 1e-5 * b.loss && (a.l0 - b.l0).abs() < 1e-12, "{a:?} vs {b:?}");
     assert_eq!(sparse.fires[..s.d_sae], dense.fires[..s.d_sae]);
@@ -395,7 +376,7 @@ fn sparse_relu_path_matches_finite_differences_and_the_dense_path() {
 /// A JumpReLU SAE whose thresholds sit where some pre-activations fall inside the kernel window.
 fn tiny_jumprelu(seed: u64) -> (Sae, Vec<f32>) {
     let (mut s, x) = tiny(Activation::JumpRelu, seed);
-    for (j, t) in s.threshold.iter_mut().enumerate() {
+    for (j, t) in s.params.threshold.iter_mut().enumerate() {
         *t = 0.02 + 0.01 * (j % 5) as f32;
     }
     (s, x)
@@ -410,17 +391,17 @@ fn jumprelu_step_gradients_match_finite_differences_and_the_estimator() {
     l.sparsity_coef = 0.3; // the L0 term is piecewise constant in the weights
     check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.3, Pen::Step, 0.0, &none));
     let mut ws = Workspace::default();
-    forward_backward(&s, &mut ws, &x, &since, &l).unwrap();
+    forward_backward(&s, &mut ws, &x, &since, &l, &SingleProcess).unwrap();
     let want = threshold_grad_ref(&P64::from(&s), &x, 0.3, Pen::Step, 0.0, &none, 0.05);
-    assert_close(&ws.grads.g_thr, &want, "threshold (step)");
+    assert_close(&ws.grads.params.threshold, &want, "threshold (step)");
 
     // Gemma Scope 2's quadratic penalty around a target L0
     l.jumprelu_sparsity = JumpReluSparsity::Quadratic;
     l.target_l0 = 5.0;
     let mut ws = Workspace::default();
-    forward_backward(&s, &mut ws, &x, &since, &l).unwrap();
+    forward_backward(&s, &mut ws, &x, &since, &l, &SingleProcess).unwrap();
     let want = threshold_grad_ref(&P64::from(&s), &x, 0.3, Pen::Quadratic(5.0), 0.0, &none, 0.05);
-    assert_close(&ws.grads.g_thr, &want, "threshold (quadratic)");
+    assert_close(&ws.grads.params.threshold, &want, "threshold (quadratic)");
 }
 
 #[test]
@@ -437,10 +418,10 @@ fn jumprelu_tanh_and_pre_act_gradients_match_finite_differences_and_the_estimato
     let pen = Pen::Tanh(4.0);
     check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.4, pen, 0.2, &dead));
     let mut ws = Workspace::default();
-    let st = forward_backward(&s, &mut ws, &x, &since, &l).unwrap();
+    let st = forward_backward(&s, &mut ws, &x, &since, &l, &SingleProcess).unwrap();
     assert!(st.pre_act_loss > 0.0 && st.n_dead == 8, "{st:?}");
     let want = threshold_grad_ref(&P64::from(&s), &x, 0.4, pen, 0.2, &dead, 0.05);
-    assert_close(&ws.grads.g_thr, &want, "threshold (tanh + pre-act)");
+    assert_close(&ws.grads.params.threshold, &want, "threshold (tanh + pre-act)");
     let total = loss_dense_ref(&P64::from(&s), &x, 0.4, pen, 0.2, &dead);
     assert!((st.loss - total).abs() < 1e-4 * total, "reported loss {} vs f64 {total}", st.loss);
 }
@@ -454,10 +435,10 @@ fn jumprelu_ste_to_input_moves_the_estimator_onto_the_pre_activations() {
     let mut l = lp(Arch::JumpRelu, 0);
     l.sparsity_coef = 0.3;
     let mut plain = Workspace::default();
-    forward_backward(&s, &mut plain, &x, &since, &l).unwrap();
+    forward_backward(&s, &mut plain, &x, &since, &l, &SingleProcess).unwrap();
     l.jumprelu_ste_to_input = true;
     let mut ste = Workspace::default();
-    forward_backward(&s, &mut ste, &x, &since, &l).unwrap();
+    forward_backward(&s, &mut ste, &x, &since, &l, &SingleProcess).unwrap();
     let (p, q) = (analytic(&s, &plain, 1), analytic(&s, &ste, 1));
     let want: Vec<f64> = (0..s.d_sae).map(|j| q[j] - p[j]).collect();
     let got: Vec<f32> = plain.grads.g_thr.iter().map(|v| -v).collect();
@@ -480,10 +461,10 @@ fn loss_batchtopk_ref(p: &P64, x: &[f32], k: usize) -> f64 {
     }
     all.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap());
     all.truncate(k * rows);
-    let mut xh: Vec<f64> = (0..rows * d).map(|q| p.b_dec[q % d]).collect();
+    let mut xh: Vec<f64> = (0..rows * d).map(|q| p.params.b_dec[q % d]).collect();
     for (r, j, a) in all {
         for i in 0..d {
-            xh[r * d + i] += a * p.w_dec[j * d + i];
+            xh[r * d + i] += a * p.params.w_dec[j * d + i];
         }
     }
     (0..rows * d).map(|q| (xh[q] - x[q]).powi(2)).sum::<f64>() / tv

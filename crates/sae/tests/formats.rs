@@ -10,11 +10,11 @@ use std::path::Path;
 fn random_sae(act: Activation, d: usize, n: usize, seed: u64) -> Sae {
     let mut s = Sae::init(d, n, act, 1.0, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    for v in s.w_enc.iter_mut().chain(s.b_enc.iter_mut()).chain(s.b_dec.iter_mut()) {
+    for v in s.params.w_enc.iter_mut().chain(s.params.b_enc.iter_mut()).chain(s.params.b_dec.iter_mut()) {
         *v += rng.gen::<f32>() - 0.5;
     }
     if act == Activation::JumpRelu {
-        for t in s.threshold.iter_mut() {
+        for t in s.params.threshold.iter_mut() {
             *t = rng.gen::<f32>() * 0.5;
         }
     }
@@ -45,10 +45,11 @@ fn reference_codes(s: &Sae, x: &[f32]) -> Vec<f32> {
             .map(|j| {
                 let v: f32 = (0..d)
                     .map(|i| {
-                        (x[r * d + i] - if s.apply_b_dec_to_input { s.b_dec[i] } else { 0.0 }) * s.w_enc[j * d + i]
+                        (x[r * d + i] - if s.apply_b_dec_to_input { s.params.b_dec[i] } else { 0.0 })
+                            * s.params.w_enc[j * d + i]
                     })
                     .sum::<f32>()
-                    + s.b_enc[j];
+                    + s.params.b_enc[j];
                 (j, v)
             })
             .collect();
@@ -61,7 +62,7 @@ fn reference_codes(s: &Sae, x: &[f32]) -> Vec<f32> {
             }
             Activation::JumpRelu => {
                 for (j, v) in pre {
-                    out[r * n + j] = if v > s.threshold[j] { v.max(0.0) } else { 0.0 };
+                    out[r * n + j] = if v > s.params.threshold[j] { v.max(0.0) } else { 0.0 };
                 }
             }
             Activation::Relu => {
@@ -89,9 +90,9 @@ fn saelens_v6_round_trip_every_activation() {
         let dir = t.path().join(format!("s{i}"));
         save_saelens(&dir, &s, None, None).unwrap();
         let l = load_sae(&dir).unwrap();
-        assert_eq!(l.w_enc, s.w_enc);
-        assert_eq!(l.w_dec, s.w_dec);
-        assert_eq!(l.threshold, s.threshold);
+        assert_eq!(l.params.w_enc, s.params.w_enc);
+        assert_eq!(l.params.w_dec, s.params.w_dec);
+        assert_eq!(l.params.threshold, s.params.threshold);
         assert_eq!(l.activation, s.activation);
         let x = rows(12, 7);
         assert_close(&l.encode_dense(&x), &reference_codes(&s, &x), "codes");
@@ -106,15 +107,15 @@ fn write(path: &Path, bytes: &[u8]) {
 fn saelens_legacy_topk_folder() {
     let t = tempfile::tempdir().unwrap();
     let s = random_sae(Activation::TopK { k: 4 }, 10, 30, 3);
-    let w_enc_t = transpose(&s.w_enc, 30, 10);
+    let w_enc_t = transpose(&s.params.w_enc, 30, 10);
     write(
         &t.path().join("sae_weights.safetensors"),
         &safetensors_bytes(
             &[
                 ("W_enc", vec![10, 30], &w_enc_t),
-                ("W_dec", vec![30, 10], &s.w_dec),
-                ("b_enc", vec![30], &s.b_enc),
-                ("b_dec", vec![10], &s.b_dec),
+                ("W_dec", vec![30, 10], &s.params.w_dec),
+                ("b_enc", vec![30], &s.params.b_enc),
+                ("b_dec", vec![10], &s.params.b_dec),
             ],
             None,
         )
@@ -141,10 +142,10 @@ fn sparsify_folder_is_not_transposed_wrongly() {
         &t.path().join("sae.safetensors"),
         &safetensors_bytes(
             &[
-                ("encoder.weight", vec![24, 8], &s.w_enc),
-                ("encoder.bias", vec![24], &s.b_enc),
-                ("W_dec", vec![24, 8], &s.w_dec),
-                ("b_dec", vec![8], &s.b_dec),
+                ("encoder.weight", vec![24, 8], &s.params.w_enc),
+                ("encoder.bias", vec![24], &s.params.b_enc),
+                ("W_dec", vec![24, 8], &s.params.w_dec),
+                ("b_dec", vec![8], &s.params.b_dec),
             ],
             None,
         )
@@ -186,15 +187,15 @@ fn gemma_scope_npz_in(w_enc_order: npyz::Order) {
         let mut w = npyz::npz::NpzWriter::create(&p).unwrap();
         // W_enc is [d_in, d_sae]; in Fortran order its bytes are those of the row-major [d_sae, d_in] matrix
         let w_enc_bytes = match w_enc_order {
-            npyz::Order::C => transpose(&s.w_enc, 20, 6),
-            npyz::Order::Fortran => s.w_enc.clone(),
+            npyz::Order::C => transpose(&s.params.w_enc, 20, 6),
+            npyz::Order::Fortran => s.params.w_enc.clone(),
         };
         for (name, shape, data, order) in [
             ("W_enc", vec![6u64, 20], &w_enc_bytes, w_enc_order),
-            ("W_dec", vec![20, 6], &s.w_dec, npyz::Order::C),
-            ("b_enc", vec![20], &s.b_enc, npyz::Order::C),
-            ("b_dec", vec![6], &s.b_dec, npyz::Order::C),
-            ("threshold", vec![20], &s.threshold, npyz::Order::C),
+            ("W_dec", vec![20, 6], &s.params.w_dec, npyz::Order::C),
+            ("b_enc", vec![20], &s.params.b_enc, npyz::Order::C),
+            ("b_dec", vec![6], &s.params.b_dec, npyz::Order::C),
+            ("threshold", vec![20], &s.params.threshold, npyz::Order::C),
         ] {
             let mut a = w
                 .array::<f32>(name, Default::default())
@@ -235,15 +236,15 @@ fn refuses_what_it_cannot_reproduce() {
     assert!(load_sae(t.path()).unwrap_err().to_string().contains("gated"));
     // jumprelu weights without a threshold tensor
     write(&cfg_path, orig.to_string().as_bytes());
-    let w_enc_t = transpose(&s.w_enc, 10, 6);
+    let w_enc_t = transpose(&s.params.w_enc, 10, 6);
     write(
         &t.path().join("sae_weights.safetensors"),
         &safetensors_bytes(
             &[
                 ("W_enc", vec![6, 10], &w_enc_t),
-                ("W_dec", vec![10, 6], &s.w_dec),
-                ("b_enc", vec![10], &s.b_enc),
-                ("b_dec", vec![6], &s.b_dec),
+                ("W_dec", vec![10, 6], &s.params.w_dec),
+                ("b_enc", vec![10], &s.params.b_enc),
+                ("b_dec", vec![6], &s.params.b_dec),
             ],
             None,
         )
@@ -255,11 +256,11 @@ fn refuses_what_it_cannot_reproduce() {
         &t.path().join("sae_weights.safetensors"),
         &safetensors_bytes(
             &[
-                ("W_enc", vec![10, 6], &s.w_enc),
-                ("W_dec", vec![10, 6], &s.w_dec),
-                ("b_enc", vec![10], &s.b_enc),
-                ("b_dec", vec![6], &s.b_dec),
-                ("threshold", vec![10], &s.threshold),
+                ("W_enc", vec![10, 6], &s.params.w_enc),
+                ("W_dec", vec![10, 6], &s.params.w_dec),
+                ("b_enc", vec![10], &s.params.b_enc),
+                ("b_dec", vec![6], &s.params.b_dec),
+                ("threshold", vec![10], &s.params.threshold),
             ],
             None,
         )

@@ -168,13 +168,13 @@ fn checkpoints_are_ordered_by_step_and_checked_before_a_resume() {
     let out = t.path().join("sae");
     let c = cfg(&out, &acts);
     run_npy(&c, &RunOptions { stop_after_steps: Some(12), ..Default::default() }).unwrap();
-    let cks = saekit_sae::train::list_checkpoints(&out).unwrap();
+    let cks = saekit_sae::checkpoint::list(&out).unwrap();
     assert!(cks[1].ends_with("step_000000010"), "{cks:?}");
     // a narrower name of a later step (as another tool or version might write) sorts by its number
     let odd = out.join("checkpoints/step_9");
     std::fs::create_dir_all(&odd).unwrap();
     std::fs::copy(cks[0].join("state.json"), odd.join("state.json")).unwrap();
-    let cks = saekit_sae::train::list_checkpoints(&out).unwrap();
+    let cks = saekit_sae::checkpoint::list(&out).unwrap();
     assert!(cks.last().unwrap().ends_with("step_000000010"), "{cks:?}");
     std::fs::remove_dir_all(&odd).unwrap();
     // a flipped byte in the newest checkpoint is found before training continues from it

@@ -91,7 +91,7 @@ fn resume_after_interruption_is_bit_identical() {
     let o = run(&cfg(&part, &acts, 2), RunOptions { stop_after_steps: Some(13), ..Default::default() });
     assert!(o.interrupted);
     assert!(!part.join("sae_weights.safetensors").exists());
-    let cks = saekit_sae::train::list_checkpoints(&part).unwrap();
+    let cks = saekit_sae::checkpoint::list(&part).unwrap();
     assert_eq!(cks.len(), 2, "keeps the last two checkpoints: {cks:?}");
     assert!(cks[1].ends_with("step_000000010"));
     let o = run(&cfg(&part, &acts, 2), RunOptions { resume: true, ..Default::default() });
@@ -114,7 +114,7 @@ fn nan_input_stops_with_the_step_and_keeps_the_checkpoint() {
     let mut src = NpySource::open(&acts, 0, false).unwrap();
     let err = train(&c, &mut src, &RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("step 12") && err.contains("non-finite"), "{err}");
-    let cks = saekit_sae::train::list_checkpoints(&t.path().join("o")).unwrap();
+    let cks = saekit_sae::checkpoint::list(&t.path().join("o")).unwrap();
     assert!(cks.last().unwrap().ends_with("step_000000010"));
 }
 
@@ -162,7 +162,7 @@ fn multi_topk_and_geometric_median_run() {
     synth(&acts, 2000, None);
     let mut c = cfg(&t.path().join("o"), &acts, 2);
     c.multi_topk = true;
-    c.b_dec_init = "geometric_median".into();
+    c.b_dec_init = saekit_sae::BDecInit::GeometricMedian;
     c.checkpoint_every = 0;
     let o = run(&c, RunOptions::default());
     assert!(o.last.multi_topk_fvu > 0.0);
@@ -192,7 +192,7 @@ fn every_architecture_trains_saves_and_loads() {
         assert_eq!(cfgj["architecture"], want_arch, "{arch:?}");
         let sae = load_sae(&out).unwrap();
         if want_arch == "jumprelu" {
-            assert!(sae.threshold.iter().all(|t| *t > 0.0), "{arch:?}: threshold not saved");
+            assert!(sae.params.threshold.iter().all(|t| *t > 0.0), "{arch:?}: threshold not saved");
         }
         let m = evaluate(&sae, &x);
         assert!(m.fvu < 1.0 && m.l0 > 0.0, "{arch:?}: {m:?}");

@@ -101,8 +101,8 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
     let sae = &engine.sae;
     let (d, n) = (sae.d_in, sae.d_sae);
     let logit_effects = logit_effects(engine)?;
-    let neighbours = neighbours(&sae.w_dec, n, d, 10);
-    let map_xy = pca_2d(&sae.w_dec, n, d);
+    let neighbours = neighbours(&sae.params.w_dec, n, d, 10);
+    let map_xy = pca_2d(&sae.params.w_dec, n, d);
 
     let mut features = Vec::with_capacity(n);
     for (f, (x, y)) in (0..n as u32).zip(map_xy) {
@@ -196,7 +196,7 @@ fn logit_effects(engine: &Engine) -> Result<Vec<(Vec<TokenLogit>, Vec<TokenLogit
     let gain = engine.model.final_norm_gain();
     let tok = engine.model.tokenizer();
     let mut out = Vec::with_capacity(sae.d_sae);
-    for block in sae.w_dec.chunks(256 * d) {
+    for block in sae.params.w_dec.chunks(256 * d) {
         let mut rows = block.to_vec();
         if let Some(g) = gain {
             for row in rows.chunks_mut(d) {

@@ -144,7 +144,7 @@ fn apply_edits(
                 FeatureEdit::Add { feature, coeff } => (feature, coeff),
             };
             if coeff != 0.0 {
-                let dir = &sae.w_dec[f as usize * d..][..d];
+                let dir = &sae.params.w_dec[f as usize * d..][..d];
                 row.iter_mut().zip(dir).for_each(|(v, w)| *v += coeff * w);
             }
         }
@@ -199,7 +199,7 @@ pub fn direct_logit_effect(model: &Model, sae: &Sae, feature: u32) -> Result<Vec
     if f >= sae.d_sae {
         bail!("feature {feature} does not exist (the SAE has {})", sae.d_sae);
     }
-    let mut dir = sae.w_dec[f * d..][..d].to_vec();
+    let mut dir = sae.params.w_dec[f * d..][..d].to_vec();
     if let Some(g) = model.final_norm_gain() {
         dir.iter_mut().zip(g).for_each(|(v, g)| *v *= g);
     }

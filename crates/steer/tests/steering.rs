@@ -41,8 +41,8 @@ fn reference_code(sae: &Sae, x: &[f32], f: usize) -> (f64, f64) {
     let Activation::TopK { k } = sae.activation else { panic!("topk only") };
     let pre: Vec<f64> = (0..n)
         .map(|j| {
-            (0..d).map(|i| (x[i] as f64 - sae.b_dec[i] as f64) * sae.w_enc[j * d + i] as f64).sum::<f64>()
-                + sae.b_enc[j] as f64
+            (0..d).map(|i| (x[i] as f64 - sae.params.b_dec[i] as f64) * sae.params.w_enc[j * d + i] as f64).sum::<f64>()
+                + sae.params.b_enc[j] as f64
         })
         .collect();
     let mut sorted = pre.clone();
@@ -83,7 +83,7 @@ fn a_clamp_moves_the_residual_by_exactly_its_decoder_direction() {
             m.forward(&ids, 1, &mut m.new_cache(1), &mut hooks, Logits::Last).unwrap();
         }
         assert_eq!(before, x_clean, "the hook saw another residual than an unhooked pass");
-        let w = &sae.w_dec[feature * d..][..d];
+        let w = &sae.params.w_dec[feature * d..][..d];
         let (mut checked, mut moved) = (0, 0);
         for (r, (b, a)) in before.chunks(d).zip(after.chunks(d)).enumerate() {
             if r == 0 {

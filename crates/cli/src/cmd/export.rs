@@ -42,7 +42,7 @@ pub fn run(c: ExportCommand) -> Result<()> {
         source_id: format!("{layer}-{}", a.set_name),
         set_name: a.set_name.clone(),
     };
-    let r = export(&db, &sae.w_dec, sae.d_in, &ids, &a.out)?;
+    let r = export(&db, &sae.params.w_dec, sae.d_in, &ids, &a.out)?;
     println!(
         "wrote {} features, {} explanations, {} activations in {} batches to {}",
         r.features,

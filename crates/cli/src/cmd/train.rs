@@ -145,10 +145,7 @@ fn config_file(a: &TrainArgs, path: &str) -> Result<TrainConfig> {
 
 /// The newest checkpoint's config in `dir`: the base of a resumed run.
 fn saved_config(dir: &str) -> Result<TrainConfig> {
-    let cks = saekit_sae::train::list_checkpoints(std::path::Path::new(dir))?;
-    let last = cks.last().with_context(|| format!("--resume {dir}: no checkpoint in {dir}/checkpoints"))?;
-    let meta: serde_json::Value = saekit_files::read_json(&last.join("state.json"))?;
-    serde_json::from_value(meta["config"].clone()).with_context(|| format!("{}/state.json: bad config", last.display()))
+    Ok(saekit_sae::checkpoint::latest_config(std::path::Path::new(dir))?)
 }
 
 /// Flags override `c` (the defaults, a --config file, or a resumed run's config).

@@ -195,7 +195,7 @@ fn npy_read(dir: &Path) -> Result<()> {
 
 fn sae(act: saekit_sae::Activation) -> saekit_sae::Sae {
     let mut s = saekit_sae::Sae::init(D, D_SAE, act, 1.0, 7);
-    for (i, t) in s.threshold.iter_mut().enumerate() {
+    for (i, t) in s.params.threshold.iter_mut().enumerate() {
         *t = 0.01 * i as f32;
     }
     s
@@ -209,10 +209,10 @@ fn sparsify_seed(dir: &Path) {
     let s = sae(saekit_sae::Activation::TopK { k: 4 });
     let bytes = saekit_sae::format::safetensors_bytes(
         &[
-            ("encoder.weight", vec![D_SAE, D], &s.w_enc),
-            ("encoder.bias", vec![D_SAE], &s.b_enc),
-            ("W_dec", vec![D_SAE, D], &s.w_dec),
-            ("b_dec", vec![D], &s.b_dec),
+            ("encoder.weight", vec![D_SAE, D], &s.params.w_enc),
+            ("encoder.bias", vec![D_SAE], &s.params.b_enc),
+            ("W_dec", vec![D_SAE, D], &s.params.w_dec),
+            ("b_dec", vec![D], &s.params.b_dec),
         ],
         None,
     )
@@ -230,15 +230,15 @@ fn npz_seed(dir: &Path) {
     let mut w_enc_t = vec![0f32; D * D_SAE];
     for j in 0..D_SAE {
         for i in 0..D {
-            w_enc_t[i * D_SAE + j] = s.w_enc[j * D + i];
+            w_enc_t[i * D_SAE + j] = s.params.w_enc[j * D + i];
         }
     }
     for (name, shape, data) in [
         ("W_enc", vec![D as u64, D_SAE as u64], &w_enc_t),
-        ("W_dec", vec![D_SAE as u64, D as u64], &s.w_dec),
-        ("b_enc", vec![D_SAE as u64], &s.b_enc),
-        ("b_dec", vec![D as u64], &s.b_dec),
-        ("threshold", vec![D_SAE as u64], &s.threshold),
+        ("W_dec", vec![D_SAE as u64, D as u64], &s.params.w_dec),
+        ("b_enc", vec![D_SAE as u64], &s.params.b_enc),
+        ("b_dec", vec![D as u64], &s.params.b_dec),
+        ("threshold", vec![D_SAE as u64], &s.params.threshold),
     ] {
         let mut a = w.array::<f32>(name, Default::default()).unwrap().default_dtype().shape(&shape).begin_nd().unwrap();
         a.extend(data.iter().copied()).unwrap();

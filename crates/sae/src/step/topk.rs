@@ -1,0 +1,317 @@
+//! TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") and BatchTopK (Bussmann et
+//! al. 2024): a dense encoder GEMM fused with the selection, then everything else sparse over the
+//! selected latents: the decoder is a gather of k rows per token, the backward a latent-major
+//! scatter (race-free and independent of the thread count).
+
+use super::{
+    count_fires, encoder_input_backward, encoder_input_forward, ensure, loss, LossParams, Prof, Selection, StepStats,
+    Workspace,
+};
+use crate::config::Arch;
+use crate::kernels;
+use crate::sae::Sae;
+use crate::step::Collective;
+
+/// The TopK path's buffers.
+#[derive(Default)]
+pub(super) struct Buffers {
+    /// `[B, chunk]` pre-activations of one latent chunk.
+    pre: Vec<f32>,
+    /// Per row, the largest `kk` pre-activations (k, or 4k for Multi-TopK and BatchTopK).
+    candidates: Selection,
+    /// Per row, the latents that reconstruct x (the first k candidates, or BatchTopK's share).
+    main: Selection,
+    /// Per row, the largest pre-activations among dead latents (AuxK).
+    aux: Selection,
+    /// `[B, d_in]` AuxK's reconstruction of the residual, then its gradient.
+    daux: Vec<f32>,
+    /// `[B, d_in]` Multi-TopK's reconstruction, then its gradient.
+    dmulti: Vec<f32>,
+    /// Per latent: dead at this step.
+    dead: Vec<bool>,
+}
+
+/// Which auxiliary losses run this step and their sizes.
+struct AuxPlan {
+    /// AuxK's k (0 = off): d_in/2, or fewer when fewer latents are dead.
+    k_aux: usize,
+    /// AuxK's scale: min(1, dead / k_aux).
+    aux_scale: f64,
+    n_dead: usize,
+    /// Candidates kept per row: 4k for Multi-TopK and BatchTopK, else k.
+    kk: usize,
+}
+
+impl AuxPlan {
+    fn new(lp: &LossParams, dead: &mut Vec<bool>, since_fired: &[u64], d_in: usize, d_sae: usize) -> AuxPlan {
+        ensure(dead, d_sae);
+        let mut n_dead = 0usize;
+        for (dj, &s) in dead[..d_sae].iter_mut().zip(since_fired) {
+            *dj = s >= lp.dead_tokens;
+            n_dead += *dj as usize;
+        }
+        let k = lp.k.min(d_sae);
+        let k_aux_full = d_in / 2;
+        let use_aux = lp.auxk_alpha > 0.0 && n_dead > 0 && k_aux_full > 0;
+        AuxPlan {
+            k_aux: if use_aux { k_aux_full.min(n_dead) } else { 0 },
+            aux_scale: (n_dead as f64 / k_aux_full.max(1) as f64).min(1.0),
+            n_dead,
+            kk: if lp.multi_topk || lp.arch == Arch::BatchTopK { (4 * k).min(d_sae) } else { k },
+        }
+    }
+}
+
+pub(super) fn forward_backward(
+    sae: &Sae,
+    ws: &mut Workspace,
+    x: &[f32],
+    since_fired: &[u64],
+    lp: &LossParams,
+    comm: &dyn Collective,
+) -> StepStats {
+    let (d, ds) = (sae.d_in, sae.d_sae);
+    let rows = x.len() / d;
+    let mut prof = Prof::new();
+    let tv = super::batch_total_variance(x, d, comm).max(1e-30);
+    let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d, ds);
+
+    encoder_input_forward(&mut ws.xin, x, sae);
+    let xin = &ws.xin[..rows * d];
+    select_forward(&mut ws.topk, xin, sae, rows, &plan);
+    prof.mark("encoder gemm + select");
+    ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp);
+    let b = &mut ws.topk;
+
+    ensure(&mut ws.xhat, rows * d);
+    ensure(&mut ws.dxhat, rows * d);
+    let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
+    let (main_idx, main_val) = b.main.rows(rows);
+    kernels::sparse_decode(main_val, main_idx, b.main.width, &sae.params.w_dec, d, Some(&sae.params.b_dec), xhat);
+    let mut sums = [loss::reconstruction_sse(xhat, x, d, (2.0 / tv) as f32, dxhat), 0.0, 0.0];
+    prof.mark("decode + loss");
+
+    if plan.k_aux > 0 {
+        ensure(&mut b.daux, rows * d);
+        let (idx, val) = b.aux.rows(rows);
+        let daux = &mut b.daux[..rows * d];
+        kernels::sparse_decode(val, idx, plan.k_aux, &sae.params.w_dec, d, None, daux);
+        let s = (2.0 * lp.auxk_alpha as f64 * plan.aux_scale / tv) as f32;
+        sums[1] = loss::auxk_sse(daux, xhat, x, d, s);
+    }
+    if lp.multi_topk {
+        ensure(&mut b.dmulti, rows * d);
+        let (idx, val) = b.candidates.rows(rows);
+        let dm = &mut b.dmulti[..rows * d];
+        kernels::sparse_decode(val, idx, plan.kk, &sae.params.w_dec, d, Some(&sae.params.b_dec), dm);
+        sums[2] = loss::multi_topk_sse(dm, x, d, (2.0 / 8.0 / tv) as f32);
+    }
+    comm.sum_f64(&mut sums);
+    let [sse, aux_sse, multi_sse] = sums;
+    prof.mark("aux / multi");
+
+    sparse_backward(ws, sae, rows, lp, &plan);
+    prof.mark("fused backward");
+    let (main_idx, main_val) = ws.topk.main.rows(rows);
+    let nnz = count_fires(&mut ws.fires, ds, main_idx, main_val);
+    prof.print("topk forward_backward");
+
+    let fvu = sse / tv;
+    let auxk_loss = plan.aux_scale * aux_sse / tv;
+    let multi_topk_fvu = multi_sse / tv;
+    StepStats {
+        loss: fvu + lp.auxk_alpha as f64 * auxk_loss + multi_topk_fvu / 8.0,
+        fvu,
+        mse: sse / (rows * d) as f64,
+        auxk_loss: if plan.k_aux > 0 { auxk_loss } else { 0.0 },
+        multi_topk_fvu,
+        l0: nnz as f64 / rows as f64,
+        n_dead: plan.n_dead,
+        ..Default::default()
+    }
+}
+
+// encoder + selection: xin [B, d_in], w_enc [d_sae, d_in], b_enc [d_sae]
+//   -> candidates: per row the top kk of relu(xin·w_encᵀ + b_enc); aux: the top k_aux among dead latents
+// One GEMM per latent chunk, so the [B, chunk] pre-activations stay cache-sized whatever d_sae is.
+fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &AuxPlan) {
+    let (d, ds) = (sae.d_in, sae.d_sae);
+    let chunk = Sae::latent_chunk(ds, rows);
+    ensure(&mut b.pre, rows * chunk);
+    b.candidates.reset(rows, plan.kk);
+    if plan.k_aux > 0 {
+        b.aux.reset(rows, plan.k_aux);
+    }
+    for j0 in (0..ds).step_by(chunk) {
+        let w = chunk.min(ds - j0);
+        kernels::gemm_abt(rows, w, d, xin, d, &sae.params.w_enc[j0 * d..(j0 + w) * d], &mut b.pre, w);
+        let aux = (plan.k_aux > 0).then(|| (&b.dead[..], plan.k_aux, &mut b.aux.val[..], &mut b.aux.idx[..]));
+        let c = &mut b.candidates;
+        kernels::select_topk_chunk(&b.pre, w, rows, j0, w, &sae.params.b_enc, plan.kk, &mut c.val, &mut c.idx, aux);
+    }
+}
+
+/// Fill `b.main`: TopK keeps each row's first k candidates (they are sorted); BatchTopK the top
+/// k·rows over the whole batch. Returns BatchTopK's smallest selected value (0 for TopK).
+fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &LossParams) -> f32 {
+    let k = lp.k.min(sae.d_sae);
+    let kk = b.candidates.width;
+    if lp.arch == Arch::BatchTopK {
+        let (idx, val) = b.candidates.rows(rows);
+        let (width, min_selected) =
+            batch_topk_select(sae, xin, rows, val, idx, kk, k * rows, &mut b.main.val, &mut b.main.idx);
+        b.main.width = width;
+        return min_selected;
+    }
+    b.main.width = k;
+    ensure(&mut b.main.val, rows * k);
+    ensure(&mut b.main.idx, rows * k);
+    for r in 0..rows {
+        b.main.val[r * k..(r + 1) * k].copy_from_slice(&b.candidates.val[r * kk..r * kk + k]);
+        b.main.idx[r * k..(r + 1) * k].copy_from_slice(&b.candidates.idx[r * kk..r * kk + k]);
+    }
+    0.0
+}
+
+// sparse backward: dxhat, daux, dmulti [B, d_in]; xin [B, d_in]; w_dec [d_sae, d_in]
+//   -> g.w_enc, g.w_dec [touched, d_in], g.b_enc [touched], g.b_dec [d_in]
+// Each selected (row, latent) pair gets dL/dpre = <dy_row, W_dec[j]> (ReLU' = 1 where selected);
+// the weight gradients are accumulated latent-major over the three selections at once.
+fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, plan: &AuxPlan) {
+    let d = sae.d_in;
+    let b = &ws.topk;
+    let mut lists: Vec<(&[u32], &[f32], usize, u8)> = Vec::with_capacity(3);
+    let (idx, val) = b.main.rows(rows);
+    lists.push((idx, val, b.main.width, 0));
+    if plan.k_aux > 0 {
+        let (idx, val) = b.aux.rows(rows);
+        lists.push((idx, val, plan.k_aux, 1));
+    }
+    if lp.multi_topk {
+        let (idx, val) = b.candidates.rows(rows);
+        lists.push((idx, val, plan.kk, 2));
+    }
+    let g = &mut ws.grads;
+    g.touched.build(sae.d_sae, &lists);
+    let n = g.touched.touched.len();
+    let p = &mut g.params;
+    ensure(&mut p.w_enc, n * d);
+    ensure(&mut p.w_dec, n * d);
+    ensure(&mut p.b_enc, n);
+    let dys: [&[f32]; 3] = [
+        &ws.dxhat[..rows * d],
+        if plan.k_aux > 0 { &b.daux[..rows * d] } else { &[] },
+        if lp.multi_topk { &b.dmulti[..rows * d] } else { &[] },
+    ];
+    let xin = &ws.xin[..rows * d];
+    kernels::fused_sparse_backward(
+        &g.touched,
+        d,
+        &dys,
+        xin,
+        &sae.params.w_dec,
+        &mut p.w_enc,
+        &mut p.w_dec,
+        &mut p.b_enc,
+        None,
+    );
+    // b_dec: the decoder bias of the main (and Multi-TopK) reconstruction, then its encoder-input path
+    p.b_dec.resize(d, 0.0);
+    kernels::column_sum(&ws.dxhat[..rows * d], d, &mut p.b_dec);
+    if lp.multi_topk {
+        let mut multi = vec![0.0f32; d];
+        kernels::column_sum(&b.dmulti[..rows * d], d, &mut multi);
+        for (a, m) in p.b_dec.iter_mut().zip(multi) {
+            *a += m;
+        }
+    }
+    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae);
+    p.threshold.clear();
+}
+
+/// Exact batch-level top-`total` selection from per-row sorted candidates (`cap` per row).
+/// Rows whose every candidate clears the provisional threshold may hold more values above it, so
+/// they are recomputed in full. Ties at the threshold are taken in (row, latent) order. Writes
+/// rows padded to a common width; returns (width, smallest selected value).
+#[allow(clippy::too_many_arguments)]
+fn batch_topk_select(
+    sae: &Sae,
+    xin: &[f32],
+    rows: usize,
+    cand_val: &[f32],
+    cand_idx: &[u32],
+    cap: usize,
+    total: usize,
+    out_val: &mut Vec<f32>,
+    out_idx: &mut Vec<u32>,
+) -> (usize, f32) {
+    let (d, ds) = (sae.d_in, sae.d_sae);
+    let kth = |vals: &mut Vec<f32>| -> f32 {
+        if vals.len() <= total {
+            return 0.0; // keep every positive value
+        }
+        let i = total - 1;
+        let (_, v, _) = vals.select_nth_unstable_by(i, |a, b| b.total_cmp(a));
+        *v
+    };
+    let mut all: Vec<f32> = cand_val.iter().copied().filter(|v| *v > 0.0).collect();
+    let mut theta = kth(&mut all);
+    let mut per_row: Vec<Vec<(u32, f32)>> = (0..rows)
+        .map(|r| {
+            (0..cap)
+                .filter(|&s| cand_idx[r * cap + s] != u32::MAX && cand_val[r * cap + s] > 0.0)
+                .map(|s| (cand_idx[r * cap + s], cand_val[r * cap + s]))
+                .collect()
+        })
+        .collect();
+    if cap < ds {
+        let sat: Vec<usize> =
+            (0..rows).filter(|&r| per_row[r].len() == cap && per_row[r][cap - 1].1 >= theta).collect();
+        if !sat.is_empty() {
+            let mut xs = vec![0.0f32; sat.len() * d];
+            for (i, &r) in sat.iter().enumerate() {
+                xs[i * d..(i + 1) * d].copy_from_slice(&xin[r * d..(r + 1) * d]);
+            }
+            let mut pre = vec![0.0f32; sat.len() * ds];
+            kernels::gemm_abt(sat.len(), ds, d, &xs, d, &sae.params.w_enc, &mut pre, ds);
+            let b_enc = &sae.params.b_enc;
+            for (i, &r) in sat.iter().enumerate() {
+                per_row[r] = (0..ds).map(|j| (j as u32, pre[i * ds + j] + b_enc[j])).filter(|p| p.1 > 0.0).collect();
+            }
+            let mut all: Vec<f32> = per_row.iter().flatten().map(|p| p.1).collect();
+            theta = kth(&mut all);
+        }
+    }
+    // strictly above theta, then ties at theta in (row, latent) order up to `total`
+    let above: usize = per_row.iter().flatten().filter(|p| p.1 > theta).count();
+    let mut ties_left = total.saturating_sub(above);
+    let mut keep: Vec<Vec<(u32, f32)>> = Vec::with_capacity(rows);
+    let mut min_sel = f32::INFINITY;
+    for row in per_row {
+        let mut r: Vec<(u32, f32)> = Vec::new();
+        for (j, v) in row {
+            let take = v > theta
+                || (v == theta && v > 0.0 && ties_left > 0 && {
+                    ties_left -= 1;
+                    true
+                });
+            if take {
+                min_sel = min_sel.min(v);
+                r.push((j, v));
+            }
+        }
+        keep.push(r);
+    }
+    let width = keep.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    out_val.clear();
+    out_val.resize(rows * width, 0.0);
+    out_idx.clear();
+    out_idx.resize(rows * width, u32::MAX);
+    for (r, row) in keep.iter().enumerate() {
+        for (s, &(j, v)) in row.iter().enumerate() {
+            out_val[r * width + s] = v;
+            out_idx[r * width + s] = j;
+        }
+    }
+    (width, if min_sel.is_finite() { min_sel } else { 0.0 })
+}
