@@ -364,11 +364,11 @@ fn sparse_relu_path_matches_finite_differences_and_the_dense_path() {
     check_grads(&s, &x, &since, &l, &[0, 1, 2, 3], &|p| loss_dense_ref(p, &x, 0.7, Pen::Relu, 0.0, &none));
     let mut sparse = Workspace::default();
     let a = forward_backward(&s, &mut sparse, &x, &since, &l, &SingleProcess).unwrap();
-    assert!(!sparse.grads.lm.entries.is_empty(), "the sparse path ran (latent-major entries built)");
+    assert!(!sparse.grads.touched.entries.is_empty(), "the sparse path ran (latent-major entries built)");
     l.relu_sparse_below = 0.0;
     let mut dense = Workspace::default();
     let b = forward_backward(&s, &mut dense, &x, &since, &l, &SingleProcess).unwrap();
-    assert!(dense.grads.lm.entries.is_empty(), "the dense path ran");
+    assert!(dense.grads.touched.entries.is_empty(), "the dense path ran");
     assert!((a.loss - b.loss).abs() < 1e-5 * b.loss && (a.l0 - b.l0).abs() < 1e-12, "{a:?} vs {b:?}");
     assert_eq!(sparse.fires[..s.d_sae], dense.fires[..s.d_sae]);
 }
@@ -441,7 +441,7 @@ fn jumprelu_ste_to_input_moves_the_estimator_onto_the_pre_activations() {
     forward_backward(&s, &mut ste, &x, &since, &l, &SingleProcess).unwrap();
     let (p, q) = (analytic(&s, &plain, 1), analytic(&s, &ste, 1));
     let want: Vec<f64> = (0..s.d_sae).map(|j| q[j] - p[j]).collect();
-    let got: Vec<f32> = plain.grads.g_thr.iter().map(|v| -v).collect();
+    let got: Vec<f32> = plain.grads.params.threshold.iter().map(|v| -v).collect();
     assert_close(&got, &want, "b_enc gain");
 }
 
