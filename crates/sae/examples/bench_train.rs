@@ -6,7 +6,8 @@
 //! `--gemm-only` measures just the encoder GEMM.
 
 use anyhow::{Context, Result};
-use saekit_sae::{bench, config::parse_count, evaluate, train, ActivationSource, NpySource, RunOptions, TrainConfig};
+use saekit_sae::{config::parse_count, evaluate, train, ActivationSource, NpySource, RunOptions, TrainConfig};
+use saekit_sae::{encoder_gemm_gflops, peak_rss_bytes};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -21,7 +22,7 @@ fn main() -> Result<()> {
     let out = get("--out").unwrap_or("/tmp/saekit-bench-out".into());
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let d_in_guess = 576;
-    let (g_best, g_mean) = pool.install(|| bench::encoder_gemm_gflops(batch, d_in_guess, d_sae.min(16384), 3));
+    let (g_best, g_mean) = pool.install(|| encoder_gemm_gflops(batch, d_in_guess, d_sae.min(16384), 3));
     if has("--gemm-only") {
         println!("{}", serde_json::json!({"gemm_gflops_best": g_best, "gemm_gflops_mean": g_mean, "threads": threads}));
         return Ok(());
@@ -53,7 +54,7 @@ fn main() -> Result<()> {
         "encoder_gemm_gflops_best": g_best, "encoder_gemm_gflops_mean": g_mean,
         "step_encoder_gflops": step_gflops, "fraction_of_gemm_best": step_gflops / g_best,
         "excluded_rows": o.excluded_rows, "last_batch_fvu": o.last.fvu, "last_l0": o.last.l0,
-        "peak_rss_bytes": bench::peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
     });
     if let Some(ev) = get("--eval") {
         let sae = saekit_sae::load_sae(&out)?;

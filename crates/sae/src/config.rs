@@ -116,7 +116,9 @@ pub struct TrainConfig {
     pub arch: Arch,
     /// Width of the activations (checked against the data; default: the data's).
     pub d_in: Option<usize>,
+    /// Number of latents.
     pub d_sae: usize,
+    /// TopK / BatchTopK: latents kept per row.
     pub k: usize,
     /// Multi-TopK: extra reconstruction loss at 4k latents with weight 1/8 (topk only).
     pub multi_topk: bool,

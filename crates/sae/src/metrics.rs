@@ -28,8 +28,11 @@ pub struct EvalMetrics {
     pub dead_frac: f64,
     /// fraction of latents that fire on more than 10% of the rows
     pub dense_frac: f64,
+    /// Rows evaluated.
     pub rows: usize,
+    /// Rows left out as outliers.
     pub excluded_rows: usize,
+    /// Per latent, the rows it fired on.
     #[serde(skip)]
     pub fire_counts: Vec<u64>,
 }
@@ -77,6 +80,7 @@ pub struct RowRecon {
 }
 
 impl RowRecon {
+    /// The sums of row `x` and its reconstruction `xhat`.
     pub fn of(x: &[f32], xhat: &[f32]) -> RowRecon {
         let mut r = RowRecon::default();
         for (&p, &q) in x.iter().zip(xhat) {
@@ -89,6 +93,7 @@ impl RowRecon {
         r
     }
 
+    /// Cosine similarity of the row and its reconstruction.
     pub fn cossim(&self) -> f64 {
         let (na, nb) = (self.x_sq.sqrt(), self.xhat_sq.sqrt());
         if na > 0.0 && nb > 0.0 {

@@ -14,12 +14,14 @@ use std::path::{Path, PathBuf};
 /// The trainer stores [`ActivationSource::cursor`] in every checkpoint and restores it with
 /// [`ActivationSource::seek`], so a resumed run reads exactly the rows the uninterrupted run reads.
 pub trait ActivationSource: Send {
+    /// Width of a row.
     fn d_in(&self) -> usize;
     /// Fill `out` (`[rows, d_in]`) with the next rows; returns how many rows were written (fewer
     /// only if the source is finite and ran out).
     fn next_batch(&mut self, out: &mut [f32]) -> Result<usize>;
     /// Serialisable position (JSON) for resume.
     fn cursor(&self) -> serde_json::Value;
+    /// Go back (or forward) to a position [`ActivationSource::cursor`] returned.
     fn seek(&mut self, cursor: &serde_json::Value) -> Result<()>;
     /// One line for logs: file name, rows, order.
     fn describe(&self) -> String;
@@ -33,9 +35,13 @@ pub trait ActivationSource: Send {
 /// Facts about a source's rows, as recorded with the SAE trained on them; empty fields are unknown.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Provenance {
+    /// The model that made the rows.
     pub model_name: String,
+    /// The hook point they were read at.
     pub hook_name: String,
+    /// Tokens per context.
     pub context_size: Option<usize>,
+    /// Fingerprint of the tokenizer's vocabulary.
     pub tokenizer_fingerprint: String,
     /// Which rows the source leaves out as attention sinks, in words.
     pub sink_rule: String,
@@ -59,11 +65,14 @@ pub struct NpySource {
 }
 
 /// The parts of a `.npy` header saekit uses.
+/// The header of a `.npy` file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpyHeader {
     /// numpy dtype string, e.g. `<f4`
     pub descr: String,
+    /// Column-major data (refused: saekit reads C order).
     pub fortran_order: bool,
+    /// The array's shape.
     pub shape: Vec<usize>,
     /// Where the array data starts.
     pub data_offset: usize,
@@ -159,6 +168,8 @@ pub fn write_npy_f32(path: &Path, data: &[f32], rows: usize, cols: usize) -> Res
 }
 
 impl NpySource {
+    /// Map a float32 `[N, d_in]` .npy; rows are read in an order shuffled by `seed` each epoch
+    /// (or in file order).
     pub fn open(path: impl AsRef<Path>, seed: u64, shuffle: bool) -> Result<NpySource> {
         let path = path.as_ref().to_path_buf();
         let f = File::open(&path).with_context(|| format!("opening activations {}", path.display()))?;
@@ -185,6 +196,7 @@ impl NpySource {
         Ok(s)
     }
 
+    /// Rows in the file.
     pub fn rows(&self) -> usize {
         self.rows
     }

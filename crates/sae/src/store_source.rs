@@ -20,6 +20,8 @@ pub struct StoreSource {
 }
 
 impl StoreSource {
+    /// Read hook `hook` of the activation store in `dir` (marked sink rows skipped), shuffled by
+    /// `seed` or in store order, `batch_tokens` rows at a time.
     pub fn open(dir: &Path, hook: &str, seed: u64, shuffle: bool, batch_tokens: usize) -> Result<StoreSource> {
         let store =
             ActivationStore::open(dir).with_context(|| format!("opening activation store {}", dir.display()))?;
@@ -41,6 +43,7 @@ impl StoreSource {
         self.reader.rows_per_epoch()
     }
 
+    /// The hook being read.
     pub fn hook(&self) -> &str {
         self.reader.hook()
     }
@@ -122,6 +125,7 @@ pub struct LiveSource<'m> {
 }
 
 impl<'m> LiveSource<'m> {
+    /// Rows from the model as it runs, described by `desc` in logs.
     pub fn new(live: saekit_store::live::LiveActivations<'m>, desc: String) -> LiveSource<'m> {
         LiveSource { live, desc }
     }
