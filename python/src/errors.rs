@@ -17,6 +17,15 @@ pub fn to_py(e: anyhow::Error) -> PyErr {
     }
 }
 
+/// A training error as the Python exception its kind calls for (files as `to_py` maps them).
+pub fn sae_to_py(e: saekit_sae::SaeError) -> PyErr {
+    match e {
+        saekit_sae::SaeError::Io(io) => to_py(io.into()),
+        saekit_sae::SaeError::Other(e) => to_py(e),
+        e => PyValueError::new_err(e.to_string()),
+    }
+}
+
 /// A path that must exist, else `FileNotFoundError` naming it (the library's own check would say the
 /// same thing as a `ValueError`).
 pub fn existing(path: &Path, what: &str) -> PyResult<PathBuf> {

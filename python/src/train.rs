@@ -16,7 +16,7 @@ use serde_json::Value;
 use numpy::PyUntypedArrayMethods;
 
 use crate::arrays;
-use crate::errors::{detached, existing, from_pyobject, panic_error, to_py, to_pyobject};
+use crate::errors::{detached, existing, from_pyobject, panic_error, sae_to_py, to_py, to_pyobject};
 
 /// The file an in-memory array is written to inside `out`, so `resume` finds the same rows.
 const ARRAY_FILE: &str = "train_acts.npy";
@@ -188,7 +188,7 @@ fn run_interruptible(
         worker.join()
     });
     let outcome = match joined {
-        Ok(r) => r.map_err(to_py),
+        Ok(r) => r.map_err(sae_to_py),
         Err(payload) => Err(panic_error(payload)),
     };
     // a Ctrl-C that came before the first step (or during a failure) still interrupts

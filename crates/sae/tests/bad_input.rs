@@ -102,11 +102,7 @@ fn topk_k_and_widths_are_checked() {
         d_in: 0,
         d_sae: 0,
         activation: Activation::Relu,
-        w_enc: vec![],
-        b_enc: vec![],
-        w_dec: vec![],
-        b_dec: vec![],
-        threshold: vec![],
+        params: Default::default(),
         apply_b_dec_to_input: true,
         metadata: Default::default(),
     };

@@ -40,7 +40,7 @@ fn npy(dir: &Path, seed: u64) -> std::path::PathBuf {
 
 fn run_npy(c: &TrainConfig, opts: &RunOptions) -> anyhow::Result<saekit_sae::TrainOutcome> {
     let mut src = NpySource::open(c.acts.as_ref().unwrap(), c.seed, true)?;
-    train(c, &mut src, opts)
+    Ok(train(c, &mut src, opts)?)
 }
 
 /// A one-hook store at layer 6 of a model named "TinyLM", as a harvest would write it.
