@@ -75,12 +75,12 @@ impl Reference {
     /// JumpReLU: the pre-activation where it exceeds the feature's threshold, else nothing.
     fn active(&self, token: usize) -> Vec<(u32, f32)> {
         let p = &self.pre[token];
-        (0..p.len()).filter(|&f| p[f] > self.params.threshold[f]).map(|f| (f as u32, p[f])).collect()
+        (0..p.len()).filter(|&f| p[f] > self.threshold[f]).map(|f| (f as u32, p[f])).collect()
     }
 
     /// Features within `eps` of their threshold: either side is right within f32 noise.
     fn borderline(&self, token: usize, f: u32, eps: f32) -> bool {
-        (self.pre[token][f as usize] - self.params.threshold[f as usize]).abs() <= eps
+        (self.pre[token][f as usize] - self.threshold[f as usize]).abs() <= eps
     }
 }
 
@@ -100,7 +100,7 @@ fn check_token(r: &Reference, t: usize, got: &[(u32, f32)], what: &str) {
         assert!(
             want.iter().any(|w| w.0 == f) || r.borderline(t, f, tol),
             "{what} token {t}: feature {f} fires ({g}) below its threshold {}",
-            r.params.threshold[f as usize]
+            r.threshold[f as usize]
         );
     }
 }
@@ -172,9 +172,7 @@ fn gemma_scope_npz_runs_on_the_gemma2_fixture() {
 
     // the fixture must exercise the threshold: features with 0 < pre <= threshold, which ReLU would keep
     let relu_only = (0..reference.pre.len())
-        .map(|t| {
-            reference.pre[t].iter().zip(&reference.params.threshold).filter(|(p, th)| **p > 0.0 && *p <= th).count()
-        })
+        .map(|t| reference.pre[t].iter().zip(&reference.threshold).filter(|(p, th)| **p > 0.0 && *p <= th).count())
         .sum::<usize>();
     assert!(relu_only > 100, "the thresholds cut only {relu_only} positive pre-activations");
 

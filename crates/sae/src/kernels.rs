@@ -55,6 +55,7 @@ unsafe fn gemm_strided(
 
 /// `c[m, n] (row stride ldc) = a[m, k] (row stride lda) · bᵀ` where `b` is row-major `[n, k]`.
 /// This is `x · W_encᵀ` with the encoder stored latent-major like `nn.Linear`.
+#[allow(clippy::too_many_arguments)] // BLAS's sgemm shape: sizes, then each matrix with its stride
 pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], c: &mut [f32], ldc: usize) {
     assert!(m == 0 || a.len() >= (m - 1) * lda + k);
     assert!(n == 0 || b.len() >= n * k);
@@ -207,6 +208,14 @@ pub(crate) fn reset_selection(vals: &mut [f32], idx: &mut [u32]) {
     idx.fill(u32::MAX);
 }
 
+/// AuxK's running selection: per row the top `k` pre-activations among the latents flagged dead.
+pub(crate) struct DeadSelection<'a> {
+    pub dead: &'a [bool],
+    pub k: usize,
+    pub val: &'a mut [f32],
+    pub idx: &'a mut [u32],
+}
+
 /// Fused bias + ReLU + running top-k over one latent chunk `[j0, j0+width)` of the pre-activation
 /// buffer (`pre` has row stride `ld`). `sel_*` has `k` slots per row. If `aux` is given, also keeps
 /// the top `k_aux` pre-activations among latents flagged dead.
@@ -221,7 +230,7 @@ pub(crate) fn select_topk_chunk(
     k: usize,
     sel_val: &mut [f32],
     sel_idx: &mut [u32],
-    aux: Option<(&[bool], usize, &mut [f32], &mut [u32])>,
+    aux: Option<DeadSelection<'_>>,
 ) {
     let b = &b_enc[j0..j0 + width];
     match aux {
@@ -252,7 +261,7 @@ pub(crate) fn select_topk_chunk(
                 },
             );
         }
-        Some((dead, ka, aval, aidx)) => {
+        Some(DeadSelection { dead, k: ka, val: aval, idx: aidx }) => {
             let dead = &dead[j0..j0 + width];
             sel_val[..rows * k]
                 .par_chunks_mut(k)

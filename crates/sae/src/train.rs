@@ -295,7 +295,8 @@ impl<'a> Run<'a> {
             }
             self.log(st, &last)?;
             let is_last = st.step == total;
-            let due = plan.config.checkpoint_every > 0 && st.step % plan.config.checkpoint_every == 0 && !is_last;
+            let due =
+                plan.config.checkpoint_every > 0 && st.step.is_multiple_of(plan.config.checkpoint_every) && !is_last;
             let stop = !is_last && opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
             if due || stop {
                 checkpoint::write(self.out, st, &plan.config, src.cursor(), data_fingerprint)?;
@@ -331,7 +332,8 @@ impl<'a> Run<'a> {
                 kept.display()
             )));
         }
-        let up = plan.update_at(step, (step + 1) % plan.config.log_every.max(1) == 0 || step + 1 == plan.total_steps());
+        let up = plan
+            .update_at(step, (step + 1).is_multiple_of(plan.config.log_every.max(1)) || step + 1 == plan.total_steps());
         stats.grad_norm = step::apply_update(&mut st.sae, &mut st.opt, &mut self.ws.grads, &up);
         if stats.grad_norm.is_infinite() || (stats.grad_norm.is_nan() && (up.grad_clip > 0.0 || up.need_norm)) {
             return Err(SaeError::BadInput(format!(
@@ -358,7 +360,7 @@ impl<'a> Run<'a> {
     /// Every `log_every` steps (and at the last), one line of metrics.jsonl.
     fn log(&mut self, st: &mut TrainState, stats: &StepStats) -> Result<(), SaeError> {
         let c = &self.plan.config;
-        if st.step % c.log_every.max(1) != 0 && st.step != self.plan.total_steps() {
+        if !st.step.is_multiple_of(c.log_every.max(1)) && st.step != self.plan.total_steps() {
             return Ok(());
         }
         let dt = self.window_started.elapsed().as_secs_f64();

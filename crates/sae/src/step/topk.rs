@@ -145,7 +145,12 @@ fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &A
     for j0 in (0..ds).step_by(chunk) {
         let w = chunk.min(ds - j0);
         kernels::gemm_abt(rows, w, d, xin, d, &sae.params.w_enc[j0 * d..(j0 + w) * d], &mut b.pre, w);
-        let aux = (plan.k_aux > 0).then(|| (&b.dead[..], plan.k_aux, &mut b.aux.val[..], &mut b.aux.idx[..]));
+        let aux = (plan.k_aux > 0).then(|| kernels::DeadSelection {
+            dead: &b.dead[..],
+            k: plan.k_aux,
+            val: &mut b.aux.val[..],
+            idx: &mut b.aux.idx[..],
+        });
         let c = &mut b.candidates;
         kernels::select_topk_chunk(&b.pre, w, rows, j0, w, &sae.params.b_enc, plan.kk, &mut c.val, &mut c.idx, aux);
     }
