@@ -326,15 +326,19 @@ fn target_nodes(g: &Attribution) -> Vec<usize> {
 
 fn check_attribution(skip: bool, seed: u64) {
     let m = model();
-    let ids = &prompt_ids()[..12];
     let set = random_set(&m, 48, skip, TranscoderActivation::Relu, seed);
-    let opts = AttributeOptions { target_logits: 3, max_feature_nodes: 400, batch_targets: 37 };
-    let g = attribute(&m, &set, ids, &opts).unwrap();
+    check_attribution_on(&m, &set, &prompt_ids()[..12], seed, 400);
+}
+
+/// Completeness, the frozen forward against the real model, and edges against removing sources.
+fn check_attribution_on(m: &Model, set: &TranscoderSet, ids: &[u32], seed: u64, max_feature_nodes: usize) {
+    let opts = AttributeOptions { target_logits: 3, max_feature_nodes, batch_targets: 37 };
+    let g = attribute(m, set, ids, &opts).unwrap();
     assert!(g.features.len() > 50, "too few active features to test: {}", g.features.len());
-    let c = clean_pass(&m, ids);
+    let c = clean_pass(m, ids);
 
     // the frozen forward reproduces the real model at the prompt
-    let base = frozen_forward(&m, &set, &c, &g, Removed::default());
+    let base = frozen_forward(m, set, &c, &g, Removed::default());
     let (feat_pre, logits) = (&base[..g.features.len()], (0..g.logits.len()).map(|i| base[g.logit_node(i)]));
     for (node, f) in g.features.iter().enumerate() {
         let t = &set.layers[f.layer];
@@ -378,7 +382,7 @@ fn check_attribution(skip: bool, seed: u64) {
     }
     let mut checked = 0;
     for (s, removed) in sources {
-        let without = frozen_forward(&m, &set, &c, &g, removed);
+        let without = frozen_forward(m, set, &c, &g, removed);
         for t in target_nodes(&g) {
             let effect = base[t] - without[t];
             let edge = g.edge(t, s);
@@ -398,6 +402,17 @@ fn attribution_edges_match_perturbing_the_frozen_replacement_model() {
 #[test]
 fn attribution_with_skip_connections_matches_perturbation() {
     check_attribution(true, 12);
+}
+
+/// The real model (SmolLM2-135M-Instruct, GGUF Q4_1: 30 blocks, grouped KV heads) with random transcoders.
+#[test]
+fn attribution_on_smollm2_matches_perturbation() {
+    let path = saekit_model::default_model_path();
+    assert!(path.exists(), "{}: the real model is missing; run scripts/fetch-model.sh", path.display());
+    let m = Model::load(&path, &LoadOptions::default()).unwrap();
+    let set = random_set(&m, 128, true, TranscoderActivation::Relu, 21);
+    let ids = m.tokenizer().encode("The capital of France is", true).unwrap();
+    check_attribution_on(&m, &set, &ids, 21, 300);
 }
 
 #[test]
