@@ -486,3 +486,38 @@ fn pruning_keeps_the_influential_nodes() {
     assert!((p.node_influence[0] - 0.75).abs() < 1e-6 && (p.node_influence[tok] - 1.0).abs() < 1e-6);
     assert!(p.edge_mask[logit * 5] && !p.edge_mask[logit * 5 + 1]);
 }
+
+#[test]
+fn interventions_parse_and_change_the_real_model_as_the_decoder_says() {
+    use saekit_circuits::{intervene, Intervention};
+    assert_eq!("12@1:3".parse::<Intervention>().unwrap(), Intervention { feature: 12, layer: 1, pos: 3, value: 0.0 });
+    assert_eq!("4@0:2=2.5".parse::<Intervention>().unwrap().value, 2.5);
+    for bad in ["12@1", "x@1:2", "1@2:3=nan", "1@2:3=abc"] {
+        assert!(bad.parse::<Intervention>().is_err(), "{bad}");
+    }
+    let m = model();
+    let ids = &prompt_ids()[..9];
+    let set = random_set(&m, 48, false, TranscoderActivation::Relu, 31);
+    let (n, d) = (m.config().n_layers, m.config().d_model);
+    let clean = m.forward(ids, 1, &mut m.new_cache(1), &mut Hooks::new(), Logits::Last).unwrap();
+    let c = clean_pass(&m, ids);
+    // the last block's feature at the last position: only the final norm and unembedding lie after it,
+    // so the new logits follow from the clean residual stream plus (value - activation) * W_dec[f]
+    let (l, p) = (n - 1, ids.len() - 1);
+    let t = &set.layers[l];
+    let acts = t.encode(&c.mlp_in[l][p * d..][..d]);
+    let f = (0..t.d_sae).max_by(|&a, &b| acts[a].total_cmp(&acts[b])).unwrap();
+    assert!(acts[f] > 0.1);
+    let same = intervene(&m, &set, ids, &[Intervention { feature: f, layer: l, pos: p, value: acts[f] }]).unwrap();
+    assert!(rel_l2(&same, &clean) < 1e-6);
+    for value in [0.0, 3.0] {
+        let got = intervene(&m, &set, ids, &[Intervention { feature: f, layer: l, pos: p, value }]).unwrap();
+        let mut x = c.resid_final[p * d..][..d].to_vec();
+        x.iter_mut().zip(&t.w_dec[f * d..][..d]).for_each(|(x, w)| *x += (value - acts[f]) * w);
+        let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + m.config().norm_eps).sqrt();
+        let h: Vec<f32> = x.iter().zip(m.final_norm_gain().unwrap()).map(|(x, g)| x * inv * g).collect();
+        let want: Vec<f32> = m.unembedding().chunks(d).map(|row| dot(row, &h)).collect();
+        assert!(rel_l2(&got, &want) < 1e-5, "value {value}: {:.2e}", rel_l2(&got, &want));
+        assert!(rel_l2(&got, &clean) > 1e-4);
+    }
+}

@@ -91,8 +91,12 @@ fn eval_model_and_attribute_run_on_a_transcoder_set() {
         ms,
         "--out",
         graph.to_str().unwrap(),
+        "--ablate",
+        "3@1:2",
+        "--clamp",
+        "5@0:1=4",
     ]);
-    assert!(out.contains("influence through error nodes"), "{out}");
+    assert!(out.contains("influence through error nodes") && out.contains("top logits after"), "{out}");
     for p in [graph.clone(), tmp.path().join("graph.full.json")] {
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         assert_eq!(v["metadata"]["slug"], "graph");

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use saekit_circuits::graph_json::{write_graph_files, GraphMeta};
-use saekit_circuits::{attribute, AttributeOptions, TranscoderSet};
+use saekit_circuits::{attribute, intervene, top_tokens, AttributeOptions, Intervention, TranscoderSet};
+use saekit_model::Model;
 
 use super::model_arg::ModelArgs;
 
@@ -37,6 +38,13 @@ pub struct AttributeArgs {
     pub slug: Option<String>,
     #[arg(long)]
     pub out: PathBuf,
+    /// Ablate a feature node, `FEATURE@LAYER:POSITION` (repeatable): the real model re-runs with it at 0
+    /// and the new top logits are printed.
+    #[arg(long)]
+    pub ablate: Vec<Intervention>,
+    /// Clamp a feature node, `FEATURE@LAYER:POSITION=VALUE` (repeatable), as --ablate.
+    #[arg(long)]
+    pub clamp: Vec<Intervention>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -75,5 +83,23 @@ pub fn run(a: AttributeArgs) -> Result<()> {
     println!("pruned graph: {} nodes, {} links -> {}", files.pruned_nodes, files.pruned_links, files.pruned.display());
     println!("full graph:   {} nodes, {} links -> {}", files.full_nodes, files.full_links, files.full.display());
     println!("influence through error nodes: {:.1}%", 100.0 * files.error_influence_share);
+    let edits: Vec<Intervention> = a.ablate.iter().chain(&a.clamp).copied().collect();
+    if !edits.is_empty() {
+        print_intervention(&model, &set, &tokens, &edits)?;
+    }
+    Ok(())
+}
+
+/// The top next tokens of the real model before and after the edits.
+fn print_intervention(model: &Model, set: &TranscoderSet, tokens: &[u32], edits: &[Intervention]) -> Result<()> {
+    let before = intervene(model, set, tokens, &[])?;
+    let after = intervene(model, set, tokens, edits)?;
+    let show = |logits: &[f32]| -> Result<String> {
+        let tops =
+            top_tokens(logits, 5).into_iter().map(|(t, p)| Ok(format!("{:?} {p:.3}", model.tokenizer().decode(&[t])?)));
+        Ok(tops.collect::<Result<Vec<_>>>()?.join(", "))
+    };
+    println!("top logits before: {}", show(&before)?);
+    println!("top logits after:  {}", show(&after)?);
     Ok(())
 }
