@@ -101,13 +101,11 @@ pub fn replacement_forward(
     model.forward(tokens, batch, &mut model.new_cache(batch), &mut hooks, logits)
 }
 
+/// Per layer, one activation `[rows * width]`.
+pub type PerLayer = Vec<Vec<f32>>;
+
 /// Each MLP's clean input and output on `tokens`: `(inputs, outputs)`, `[layer][rows * d_model]`.
-pub fn clean_mlp_io(
-    model: &Model,
-    set: &TranscoderSet,
-    tokens: &[u32],
-    batch: usize,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+pub fn clean_mlp_io(model: &Model, set: &TranscoderSet, tokens: &[u32], batch: usize) -> Result<(PerLayer, PerLayer)> {
     let n = set.layers.len();
     let mut points: Vec<HookPoint> = set.layers.iter().map(|t| t.input_hook).collect();
     points.extend((0..n).map(HookPoint::MlpOut));
