@@ -27,6 +27,7 @@ use rayon::prelude::*;
 use saekit_model::linalg::{dot, matmul, matmul_transposed};
 use saekit_model::{HookPoint, Hooks, Logits, Model, RmsBlockWeights};
 
+use crate::intervention::top_tokens;
 use crate::replacement::check_set;
 use crate::transcoder::TranscoderSet;
 
@@ -313,7 +314,10 @@ pub fn attribute(model: &Model, set: &TranscoderSet, tokens: &[u32], opts: &Attr
         features.truncate(opts.max_feature_nodes);
         features.sort_by_key(|f| (f.layer, f.pos, f.feature));
     }
-    let logits = top_logits(&cap.last_logits, opts.target_logits);
+    let logits = top_tokens(&cap.last_logits, opts.target_logits.max(1))
+        .into_iter()
+        .map(|(token, prob)| LogitNode { token, prob })
+        .collect();
     let mut g = Attribution {
         tokens: tokens.to_vec(),
         n_layers: n,
@@ -349,18 +353,6 @@ pub fn attribute(model: &Model, set: &TranscoderSet, tokens: &[u32], opts: &Attr
         backward(&frozen, set, &sources, &embed, batch, &mut g);
     }
     Ok(g)
-}
-
-/// The `k` most likely next tokens after the last position.
-fn top_logits(logits: &[f32], k: usize) -> Vec<LogitNode> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let z: f64 = logits.iter().map(|v| ((v - max) as f64).exp()).sum();
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    idx.into_iter()
-        .take(k.max(1))
-        .map(|i| LogitNode { token: i as u32, prob: (((logits[i] - max) as f64).exp() / z) as f32 })
-        .collect()
 }
 
 /// Per layer: the selected features' scaled decoder rows, and the error rows (MLP output minus what the
