@@ -111,3 +111,40 @@ fn eval_model_and_attribute_run_on_a_transcoder_set() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.trim().lines().count() == 1 && err.contains("transcoders"), "{err}");
 }
+
+/// The MLP's hidden points are d_mlp wide: `activations` writes them so, `harvest` refuses them in one line.
+#[test]
+fn mlp_hidden_points_have_their_own_width() {
+    let m = fixture();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let d_mlp = cfg["intermediate_size"].as_u64().unwrap() as usize;
+    let tmp = tempfile::tempdir().unwrap();
+    let (ms, npy) = (m.to_str().unwrap(), tmp.path().join("a.npy"));
+    saekit(&[
+        "activations",
+        "-m",
+        ms,
+        "--text",
+        "one two three",
+        "--hook",
+        "blocks.1.mlp.hook_post",
+        "-o",
+        npy.to_str().unwrap(),
+    ]);
+    let f = std::fs::File::open(&npy).unwrap();
+    let shape = npyz::NpyFile::new(f).unwrap().shape().to_vec();
+    assert_eq!(shape[1] as usize, d_mlp);
+
+    let corpus = m.join("../mini-corpus/mini.jsonl");
+    let ctx = tmp.path().join("ctx");
+    saekit(&["tokenize", "-m", ms, corpus.to_str().unwrap(), "-o", ctx.to_str().unwrap(), "--context", "32"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_saekit"))
+        .args(["harvest", "-m", ms, "--contexts", ctx.to_str().unwrap(), "--hooks", "blocks.0.mlp.hook_pre"])
+        .arg(tmp.path().join("store"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert!(!out.status.success() && errors.len() == 1 && errors[0].contains("d_mlp"), "{err}");
+}
