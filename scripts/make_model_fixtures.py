@@ -1,4 +1,5 @@
-"""Build the parity fixtures for Gemma 2, Gemma 3 (text), GPT-NeoX/Pythia, Qwen3 and Phi-3.
+"""Build the parity fixtures for Gemma 2, Gemma 3 (text), GPT-NeoX/Pythia, Qwen3, Phi-3 and Llama
+(SmolLM2-135M's config).
 
 For each architecture: the real model's config (values copied from the published config.json) shrunk in
 size, random weights made by transformers itself, a small byte-level BPE tokenizer with the model's special
@@ -111,6 +112,16 @@ ARCHS = {
         specials=["<unk>", "<s>", "<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"],
         bos="<s>", eos="<|end|>", add_bos=False, template=PHI3_TEMPLATE, family="llama",
         scale={}, sae=False),
+    "llama": dict(
+        real="HuggingFaceTB/SmolLM2-135M-Instruct",
+        config=dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                    rope_theta=100000, rope_scaling=None, max_position_embeddings=256, hidden_act="silu",
+                    tie_word_embeddings=True, attention_bias=False, mlp_bias=False, pretraining_tp=1,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=2, torch_dtype="float32"),
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        bos="<|im_start|>", eos="<|im_end|>", add_bos=False, template=CHATML_TEMPLATE, family="llama",
+        scale={}, sae=False),
 }
 
 
@@ -159,6 +170,19 @@ def hook_modules(model, family):
     return [(l.self_attn.o_proj, l.post_attention_layernorm, l.mlp) for l in layers], model.model.norm
 
 
+def inner_modules(layer, family):
+    """Per layer, the modules around TransformerLens's ln1/ln2/mlp hook points: (module whose output is
+    ln1.hook_normalized, module whose output is ln2.hook_normalized, module whose output holds mlp.hook_pre
+    in its first d_mlp columns, module whose input is mlp.hook_post)."""
+    if family == "neox":
+        return (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.dense_h_to_4h,
+                layer.mlp.dense_4h_to_h)
+    ln2 = layer.pre_feedforward_layernorm if family == "gemma" else layer.post_attention_layernorm
+    # Phi-3 fuses gate and up into gate_up_proj, gate first
+    pre = layer.mlp.gate_up_proj if hasattr(layer.mlp, "gate_up_proj") else layer.mlp.gate_proj
+    return layer.input_layernorm, ln2, pre, layer.mlp.down_proj
+
+
 def first(x):
     return x[0] if isinstance(x, tuple) else x
 
@@ -178,6 +202,16 @@ def capture(model, family, ids):
             acts[name] = x[0].detach().clone()
         return f
 
+    def pre_hook(name, d_mlp):
+        return lambda _m, _i, o: acts.__setitem__(name, first(o)[0, :, :d_mlp].detach().clone())
+
+    d_mlp = model.config.intermediate_size
+    for l, layer in enumerate(layers):
+        ln1, ln2, pre, down = inner_modules(layer, family)
+        handles.append(ln1.register_forward_hook(out_hook(f"blocks.{l}.ln1.hook_normalized")))
+        handles.append(ln2.register_forward_hook(out_hook(f"blocks.{l}.ln2.hook_normalized")))
+        handles.append(pre.register_forward_hook(pre_hook(f"blocks.{l}.mlp.hook_pre", d_mlp)))
+        handles.append(down.register_forward_pre_hook(in_hook(f"blocks.{l}.mlp.hook_post"), with_kwargs=True))
     for l, (attn, mid, mlp) in enumerate(per_layer):
         handles.append(layers[l].register_forward_pre_hook(in_hook(f"blocks.{l}.hook_resid_pre"), with_kwargs=True))
         handles.append(layers[l].register_forward_hook(out_hook(f"blocks.{l}.hook_resid_post")))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild tests/fixtures/{gemma2,gemma3,pythia,qwen3,phi3} with transformers (see make_model_fixtures.py).
+# Rebuild tests/fixtures/{gemma2,gemma3,pythia,qwen3,phi3,llama} with transformers (see make_model_fixtures.py).
 # Needs PyPI only; the venv lives in $SAEKIT_FIXTURE_VENV (default ~/.cache/saekit-fixtures/venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."

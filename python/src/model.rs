@@ -87,9 +87,9 @@ impl PyModel {
     }
 
     /// Run the model and capture activations: returns `(logits, cache)` with `cache[name]` a float32
-    /// array `[batch, pos, d_model]`. Without `return_logits` the pass stops after the deepest hook in
-    /// `names` and `logits` is None; with it, logits are `[batch, pos, d_vocab]`. `names=None` caches
-    /// every hook point.
+    /// array `[batch, pos, d_model]` (`d_mlp` wide at `mlp.hook_pre` / `mlp.hook_post`). Without
+    /// `return_logits` the pass stops after the deepest hook in `names` and `logits` is None; with it,
+    /// logits are `[batch, pos, d_vocab]`. `names=None` caches every hook point.
     #[pyo3(signature = (input, names=None, prepend_bos=true, return_logits=false))]
     fn run_with_cache<'py>(
         &self,
@@ -116,7 +116,7 @@ impl PyModel {
             let last_use = points.iter().rposition(|q| q == p) == Some(i);
             let data = if last_use { acts.remove(p) } else { acts.get(p).cloned() };
             let data = data.ok_or_else(|| PyValueError::new_err(format!("{name}: the hook did not fire")))?;
-            cache.set_item(name, arrays::owned(py, data, &[batch, pos, d])?)?;
+            cache.set_item(name, arrays::owned(py, data, &[batch, pos, p.width(d, model.config().d_ff)])?)?;
         }
         let logits = match logits {
             Some(l) => arrays::owned(py, l, &[batch, pos, vocab])?.into_any(),

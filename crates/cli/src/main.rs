@@ -48,6 +48,8 @@ enum Command {
     Eval(cmd::eval::EvalArgs),
     /// Splice the SAE into the model: CE / KL with the SAE and with zero-ablation, plus reconstruction metrics.
     EvalModel(cmd::eval_model::EvalModelArgs),
+    /// The attribution graph of a prompt through a transcoder replacement model (circuit-tracer's JSON).
+    Attribute(cmd::attribute::AttributeArgs),
     /// Describe every feature (top and quantile contexts, histogram, logit effects, neighbours, map) into SQLite.
     Analyze(cmd::analyze::AnalyzeArgs),
     /// Print a feature's dashboard from a feature database (or --list features).
@@ -108,6 +110,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Train(a) => cmd::train::run(*a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::EvalModel(a) => cmd::eval_model::run(a),
+        Command::Attribute(a) => cmd::attribute::run(a),
         Command::Analyze(a) => cmd::analyze::run(a),
         Command::Feature(a) => cmd::feature::run(a),
         Command::Explain(a) => cmd::explain::run(a),

@@ -13,6 +13,9 @@ pub struct KvCache {
     batch: usize,
     /// False once a pass stopped before the last block: the deeper layers then miss those positions.
     complete: bool,
+    /// Whether passes keep their attention patterns (what circuit tracing freezes), and the latest ones.
+    record_patterns: bool,
+    patterns: Vec<Vec<f32>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -24,7 +27,26 @@ struct LayerKv {
 impl KvCache {
     pub fn new(n_layers: usize, batch: usize, n_kv_heads: usize) -> Self {
         let layer = LayerKv { k: vec![Vec::new(); batch * n_kv_heads], v: vec![Vec::new(); batch * n_kv_heads] };
-        Self { layers: vec![layer; n_layers], len: 0, batch, complete: true }
+        Self {
+            layers: vec![layer; n_layers],
+            len: 0,
+            batch,
+            complete: true,
+            record_patterns: false,
+            patterns: Vec::new(),
+        }
+    }
+
+    /// Keep each layer's attention pattern of the passes that use this cache (see [`KvCache::pattern`]).
+    pub fn record_patterns(&mut self) {
+        self.record_patterns = true;
+        self.patterns = vec![Vec::new(); self.layers.len()];
+    }
+
+    /// Layer `layer`'s attention probabilities in the latest pass, `[batch, n_heads, seq, n_ctx]` (`n_ctx` =
+    /// cached plus new positions, zero where masked); `None` unless [`KvCache::record_patterns`] was called.
+    pub fn pattern(&self, layer: usize) -> Option<&[f32]> {
+        self.patterns.get(layer).map(|p| p.as_slice()).filter(|p| !p.is_empty())
     }
 
     /// Tokens already cached per sequence (the position of the next token).
@@ -99,7 +121,8 @@ pub(crate) fn attend(cache: &mut KvCache, layer: usize, qkv: &[f32], s: &AttnSha
     let n_ctx = s.pos_offset + s.seq;
     // One (sequence, head) pair per task: scores = Q·Kᵀ and out = P·V as two small GEMMs. Rows past the
     // causal limit are masked after the GEMM; computing them costs less than a hand loop over the rest.
-    let heads: Vec<(usize, Vec<f32>)> = (0..s.batch * s.n_heads)
+    let record = cache.record_patterns;
+    let heads: Vec<(usize, Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_heads)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / s.n_heads, bh % s.n_heads);
@@ -123,10 +146,18 @@ pub(crate) fn attend(cache: &mut KvCache, layer: usize, qkv: &[f32], s: &AttnSha
             }
             let mut o = vec![0f32; s.seq * hd];
             small_gemm(s.seq, hd, n_ctx, &scores, 1, n_ctx, v, 1, hd, &mut o, 1.0);
-            (bh, o)
+            (bh, o, if record { scores } else { Vec::new() })
         })
         .collect();
-    for (bh, o) in heads {
+    if record {
+        let per_head = s.seq * n_ctx;
+        let mut all = vec![0f32; s.batch * s.n_heads * per_head];
+        for (bh, _, p) in &heads {
+            all[bh * per_head..][..per_head].copy_from_slice(p);
+        }
+        cache.patterns[layer] = all;
+    }
+    for (bh, o, _) in heads {
         let (b, h) = (bh / s.n_heads, bh % s.n_heads);
         for t in 0..s.seq {
             out[(b * s.seq + t) * q_dim + h * hd..][..hd].copy_from_slice(&o[t * hd..][..hd]);

@@ -12,7 +12,7 @@ use anyhow::Result;
 
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
-use crate::hooks::{HookContext, HookPoint, Hooks};
+use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
 use crate::linalg::{add_assign, gelu_tanh, linear, rms_norm, Matrix, Rope};
 use crate::llama::{lin, norm_qk_heads};
 use crate::weights::WeightSource;
@@ -93,7 +93,7 @@ impl Gemma {
         let seq = rows / batch;
         let pos_offset = cache.len();
         crate::check_positions(pos_offset + seq, self.rope_global.max_pos())?;
-        let ctx = |point| HookContext { point, batch, seq, pos_offset, d_model: d };
+        let ctx = |point| HookContext::new(point, batch, seq, pos_offset, c);
 
         let mut x = vec![0f32; rows * d];
         for (row, &t) in x.chunks_mut(d).zip(tokens) {
@@ -117,6 +117,7 @@ impl Gemma {
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             rms_norm(&x, &blk.attn_norm, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln1Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.wqkv, None, &mut qkv);
             if let Some((qn, kn)) = &blk.qk_norm {
                 norm_qk_heads(&mut qkv, qd, kvd, qn, kn, c.norm_eps);
@@ -133,8 +134,11 @@ impl Gemma {
             hooks.run(&ctx(HookPoint::ResidMid(l)), &mut x)?;
 
             rms_norm(&x, &blk.pre_mlp_norm, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.w_gate_up, None, &mut gu);
+            run_on_columns(hooks, &ctx(HookPoint::MlpPre(l)), &mut gu, 2 * c.d_ff)?;
             geglu(&gu, c.d_ff, &mut act);
+            hooks.run(&ctx(HookPoint::MlpPost(l)), &mut act)?;
             linear(&act, rows, &blk.w_down, None, &mut raw);
             rms_norm(&raw, &blk.post_mlp_norm, c.norm_eps, &mut delta);
             hooks.run(&ctx(HookPoint::MlpOut(l)), &mut delta)?;

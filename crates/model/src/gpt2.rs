@@ -97,7 +97,7 @@ impl Gpt2 {
         let seq = rows / batch;
         let pos_offset = cache.len();
         crate::check_positions(pos_offset + seq, c.max_positions)?;
-        let ctx = |point| HookContext { point, batch, seq, pos_offset, d_model: d };
+        let ctx = |point| HookContext::new(point, batch, seq, pos_offset, c);
 
         let mut x = vec![0f32; rows * d];
         for (r, (row, &t)) in x.chunks_mut(d).zip(tokens).enumerate() {
@@ -117,6 +117,7 @@ impl Gpt2 {
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             layer_norm(&x, &blk.ln1.0, &blk.ln1.1, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln1Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.wqkv, Some(&blk.bqkv), &mut qkv);
             attend(cache, l, &qkv, &shape, &mut attn);
             linear(&attn, rows, &blk.wo, Some(&blk.bo), &mut delta);
@@ -125,8 +126,11 @@ impl Gpt2 {
             hooks.run(&ctx(HookPoint::ResidMid(l)), &mut x)?;
 
             layer_norm(&x, &blk.ln2.0, &blk.ln2.1, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.w_fc, Some(&blk.b_fc), &mut fc);
+            hooks.run(&ctx(HookPoint::MlpPre(l)), &mut fc)?;
             fc.iter_mut().for_each(|v| *v = gelu_tanh(*v));
+            hooks.run(&ctx(HookPoint::MlpPost(l)), &mut fc)?;
             linear(&fc, rows, &blk.w_proj, Some(&blk.b_proj), &mut delta);
             hooks.run(&ctx(HookPoint::MlpOut(l)), &mut delta)?;
             add_assign(&mut x, &delta, d);

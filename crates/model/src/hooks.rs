@@ -6,6 +6,8 @@ use std::str::FromStr;
 
 use anyhow::{bail, Result};
 
+use crate::config::ModelConfig;
+
 /// A place in the residual stream, named as TransformerLens names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
@@ -13,10 +15,21 @@ pub enum HookPoint {
     Embed,
     /// `blocks.{L}.hook_resid_pre`: the residual stream entering block L.
     ResidPre(usize),
+    /// `blocks.{L}.ln1.hook_normalized`: the attention's input, the pre-attention norm's output (gain included:
+    /// the activation the attention reads, as transformers' `input_layernorm` returns it).
+    Ln1Normalized(usize),
     /// `blocks.{L}.hook_attn_out`: what block L's attention adds to the residual stream.
     AttnOut(usize),
     /// `blocks.{L}.hook_resid_mid`: the residual stream after attention, before the MLP.
     ResidMid(usize),
+    /// `blocks.{L}.ln2.hook_normalized`: the MLP's input, the pre-MLP norm's output (gain included: what a
+    /// transcoder reads; transformers' `post_attention_layernorm`, Gemma's `pre_feedforward_layernorm`).
+    Ln2Normalized(usize),
+    /// `blocks.{L}.mlp.hook_pre`: the MLP's hidden pre-activation, `[.., d_mlp]` (the gate's, for gated MLPs).
+    MlpPre(usize),
+    /// `blocks.{L}.mlp.hook_post`: the MLP's hidden activation after the nonlinearity (times the up
+    /// projection for gated MLPs), `[.., d_mlp]`: the down projection's input.
+    MlpPost(usize),
     /// `blocks.{L}.hook_mlp_out`: what block L's MLP adds.
     MlpOut(usize),
     /// `blocks.{L}.hook_resid_post`: the residual stream leaving block L.
@@ -31,6 +44,10 @@ impl HookPoint {
         match *self {
             HookPoint::Embed | HookPoint::FinalNorm => None,
             HookPoint::ResidPre(l)
+            | HookPoint::Ln1Normalized(l)
+            | HookPoint::Ln2Normalized(l)
+            | HookPoint::MlpPre(l)
+            | HookPoint::MlpPost(l)
             | HookPoint::AttnOut(l)
             | HookPoint::ResidMid(l)
             | HookPoint::MlpOut(l)
@@ -45,6 +62,14 @@ impl HookPoint {
             HookPoint::ResidPre(l) => l,
             HookPoint::FinalNorm => n_layers,
             p => p.layer().map_or(n_layers, |l| l + 1),
+        }
+    }
+
+    /// The width of one row at this point: `d_mlp` inside the MLP, `d_model` everywhere else.
+    pub fn width(&self, d_model: usize, d_mlp: usize) -> usize {
+        match self {
+            HookPoint::MlpPre(_) | HookPoint::MlpPost(_) => d_mlp,
+            _ => d_model,
         }
     }
 
@@ -63,8 +88,12 @@ impl HookPoint {
         for l in 0..n_layers {
             v.extend([
                 HookPoint::ResidPre(l),
+                HookPoint::Ln1Normalized(l),
                 HookPoint::AttnOut(l),
                 HookPoint::ResidMid(l),
+                HookPoint::Ln2Normalized(l),
+                HookPoint::MlpPre(l),
+                HookPoint::MlpPost(l),
                 HookPoint::MlpOut(l),
                 HookPoint::ResidPost(l),
             ]);
@@ -79,6 +108,10 @@ impl fmt::Display for HookPoint {
         match self {
             HookPoint::Embed => write!(f, "hook_embed"),
             HookPoint::ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            HookPoint::Ln1Normalized(l) => write!(f, "blocks.{l}.ln1.hook_normalized"),
+            HookPoint::Ln2Normalized(l) => write!(f, "blocks.{l}.ln2.hook_normalized"),
+            HookPoint::MlpPre(l) => write!(f, "blocks.{l}.mlp.hook_pre"),
+            HookPoint::MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
             HookPoint::AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             HookPoint::ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             HookPoint::MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
@@ -102,6 +135,10 @@ impl FromStr for HookPoint {
             let l: usize = l.parse().ok()?;
             Some(match name {
                 "hook_resid_pre" => HookPoint::ResidPre(l),
+                "ln1.hook_normalized" => HookPoint::Ln1Normalized(l),
+                "ln2.hook_normalized" => HookPoint::Ln2Normalized(l),
+                "mlp.hook_pre" => HookPoint::MlpPre(l),
+                "mlp.hook_post" => HookPoint::MlpPost(l),
                 "hook_attn_out" => HookPoint::AttnOut(l),
                 "hook_resid_mid" => HookPoint::ResidMid(l),
                 "hook_mlp_out" => HookPoint::MlpOut(l),
@@ -111,15 +148,18 @@ impl FromStr for HookPoint {
         });
         parsed.ok_or_else(|| {
             anyhow::anyhow!(
-                "unknown hook point '{s}'; expected hook_embed, blocks.L.hook_resid_pre, blocks.L.hook_attn_out, \
-                 blocks.L.hook_resid_mid, blocks.L.hook_mlp_out, blocks.L.hook_resid_post or ln_final.hook_normalized"
+                "unknown hook point '{s}'; expected hook_embed, blocks.L.hook_resid_pre, blocks.L.ln1.hook_normalized, \
+                 blocks.L.hook_attn_out, blocks.L.hook_resid_mid, blocks.L.ln2.hook_normalized, \
+                 blocks.L.mlp.hook_pre, blocks.L.mlp.hook_post, blocks.L.hook_mlp_out, blocks.L.hook_resid_post \
+                 or ln_final.hook_normalized"
             )
         })
     }
 }
 
 /// Where a hook's rows sit: `rows = batch * seq`, row `b * seq + t` is token `t` of sequence `b`, whose
-/// absolute position is `pos_offset + t` (non-zero while generating with a KV cache).
+/// absolute position is `pos_offset + t` (non-zero while generating with a KV cache). Each row is `width`
+/// wide: `d_model`, except inside the MLP (`mlp.hook_pre`, `mlp.hook_post`), where it is `d_mlp`.
 #[derive(Debug, Clone, Copy)]
 pub struct HookContext {
     pub point: HookPoint,
@@ -127,6 +167,14 @@ pub struct HookContext {
     pub seq: usize,
     pub pos_offset: usize,
     pub d_model: usize,
+    pub width: usize,
+}
+
+impl HookContext {
+    pub(crate) fn new(point: HookPoint, batch: usize, seq: usize, pos_offset: usize, cfg: &ModelConfig) -> Self {
+        let width = point.width(cfg.d_model, cfg.d_ff);
+        Self { point, batch, seq, pos_offset, d_model: cfg.d_model, width }
+    }
 }
 
 type HookFn<'a> = Box<dyn FnMut(&HookContext, &mut [f32]) -> Result<()> + Send + 'a>;
@@ -156,16 +204,21 @@ impl<'a> Hooks<'a> {
     /// Add `direction * scale` to every row at `point`.
     pub fn add_vector(&mut self, point: HookPoint, direction: Vec<f32>, scale: f32) -> &mut Self {
         self.add(point, move |ctx, x| {
-            if direction.len() != ctx.d_model {
-                bail!("steering vector has {} dims, the model has d_model {}", direction.len(), ctx.d_model);
+            if direction.len() != ctx.width {
+                bail!("steering vector has {} dims, rows at {} have {}", direction.len(), ctx.point, ctx.width);
             }
-            for row in x.chunks_mut(ctx.d_model) {
+            for row in x.chunks_mut(ctx.width) {
                 for (v, d) in row.iter_mut().zip(&direction) {
                     *v += scale * d;
                 }
             }
             Ok(())
         })
+    }
+
+    /// Whether any hook reads or writes `point` (lets a forward skip copying an activation nobody looks at).
+    pub fn has(&self, point: HookPoint) -> bool {
+        self.entries.iter().any(|(p, _)| *p == point)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -192,7 +245,23 @@ impl<'a> Hooks<'a> {
     }
 }
 
-/// Activations captured by [`crate::Model::run_with_cache`], each `[batch * seq, d_model]`.
+/// Run the hooks at `ctx.point` on the first `ctx.width` columns of each `stride`-wide row of `buf` (the gate
+/// half of a fused gate/up product), copying them out and back only when a hook is there.
+pub(crate) fn run_on_columns(hooks: &mut Hooks, ctx: &HookContext, buf: &mut [f32], stride: usize) -> Result<()> {
+    if !hooks.has(ctx.point) {
+        return Ok(());
+    }
+    let w = ctx.width;
+    let mut cols: Vec<f32> = buf.chunks(stride).flat_map(|r| r[..w].iter().copied()).collect();
+    hooks.run(ctx, &mut cols)?;
+    for (row, c) in buf.chunks_mut(stride).zip(cols.chunks(w)) {
+        row[..w].copy_from_slice(c);
+    }
+    Ok(())
+}
+
+/// Activations captured by [`crate::Model::run_with_cache`], each `[batch * seq, width]` (`d_model`, or `d_mlp`
+/// at `mlp.hook_pre` / `mlp.hook_post`).
 #[derive(Debug, Default)]
 pub struct ActivationCache {
     pub batch: usize,
@@ -231,5 +300,9 @@ mod tests {
         assert_eq!(HookPoint::ResidPost(15).blocks_needed(30), 16);
         assert_eq!(HookPoint::ResidPre(15).blocks_needed(30), 15);
         assert_eq!(HookPoint::FinalNorm.blocks_needed(30), 30);
+        assert_eq!(HookPoint::MlpPost(3).blocks_needed(30), 4);
+        assert_eq!("blocks.2.ln2.hook_normalized".parse::<HookPoint>().unwrap(), HookPoint::Ln2Normalized(2));
+        assert_eq!(HookPoint::MlpPre(0).width(64, 256), 256);
+        assert_eq!(HookPoint::Ln1Normalized(0).width(64, 256), 64);
     }
 }

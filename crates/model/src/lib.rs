@@ -252,6 +252,20 @@ impl Model {
         }
     }
 
+    /// Block `layer`'s weights for a frozen-attention linearisation; Llama-family models only (Gemma's norms
+    /// after attention and MLP, and LayerNorm's centring, are not covered).
+    pub fn rms_block_weights(&self, layer: usize) -> Result<RmsBlockWeights<'_>> {
+        let Net::Llama(m) = &self.net else {
+            bail!(
+                "{}: frozen-attention weights are only available for the Llama family, not {:?}",
+                self.config.name,
+                self.config.arch
+            );
+        };
+        m.block_weights(layer)
+            .ok_or_else(|| anyhow!("layer {layer} is out of range: the model has {} blocks", self.config.n_layers))
+    }
+
     /// The final RMSNorm gain (RMSNorm models only; `1 + w` for Gemma): the direct logit effect of a
     /// direction `u` is `W_U · (u ⊙ gain)`, the linearisation the feature dashboards use.
     pub fn final_norm_gain(&self) -> Option<&[f32]> {
@@ -261,6 +275,23 @@ impl Model {
             Net::Gpt2(_) | Net::Neox(_) => None,
         }
     }
+}
+
+/// The weights a frozen-attention linearisation of a pre-norm RMSNorm block reads (circuit tracing): with the
+/// attention pattern and every norm's `1/rms` held at their values on one prompt, the block is linear in
+/// its input through these.
+#[derive(Debug, Clone, Copy)]
+pub struct RmsBlockWeights<'a> {
+    /// The pre-attention RMSNorm gain (`ln1`), `[d_model]`.
+    pub ln1_gain: &'a [f32],
+    /// Q, K and V fused, `[d_model, q_dim + 2 * kv_dim]` (V in the last `kv_dim` columns, kv head-major).
+    pub wqkv: &'a linalg::Matrix,
+    /// Their biases, when the checkpoint has them (Qwen2), `[q_dim + 2 * kv_dim]`.
+    pub bqkv: Option<&'a [f32]>,
+    /// The attention output projection, `[q_dim, d_model]`.
+    pub wo: &'a linalg::Matrix,
+    /// The pre-MLP RMSNorm gain (`ln2`), `[d_model]`.
+    pub ln2_gain: &'a [f32],
 }
 
 pub(crate) fn check_positions(needed: usize, max: usize) -> Result<()> {

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
-use crate::hooks::{HookContext, HookPoint, Hooks};
+use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
 use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, silu, Matrix, Rope};
 use crate::weights::WeightSource;
 use crate::Logits;
@@ -135,6 +135,17 @@ impl Llama {
         self.lm_head.as_deref().unwrap_or(&self.embed)
     }
 
+    pub(crate) fn block_weights(&self, l: usize) -> Option<crate::RmsBlockWeights<'_>> {
+        let b = self.blocks.get(l)?;
+        Some(crate::RmsBlockWeights {
+            ln1_gain: &b.attn_norm,
+            wqkv: &b.wqkv,
+            bqkv: b.bqkv.as_deref(),
+            wo: &b.wo,
+            ln2_gain: &b.mlp_norm,
+        })
+    }
+
     pub(crate) fn final_norm_weight(&self) -> &[f32] {
         &self.final_norm
     }
@@ -155,7 +166,7 @@ impl Llama {
         let seq = rows / batch;
         let pos_offset = cache.len();
         crate::check_positions(pos_offset + seq, self.rope.max_pos())?;
-        let ctx = |point| HookContext { point, batch, seq, pos_offset, d_model: d };
+        let ctx = |point| HookContext::new(point, batch, seq, pos_offset, c);
 
         let mut x = vec![0f32; rows * d];
         for (row, &t) in x.chunks_mut(d).zip(tokens) {
@@ -176,6 +187,7 @@ impl Llama {
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             rms_norm(&x, &blk.attn_norm, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln1Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.wqkv, blk.bqkv.as_deref(), &mut qkv);
             if let Some((qn, kn)) = &blk.qk_norm {
                 norm_qk_heads(&mut qkv, qd, kvd, qn, kn, c.norm_eps);
@@ -188,8 +200,11 @@ impl Llama {
             hooks.run(&ctx(HookPoint::ResidMid(l)), &mut x)?;
 
             rms_norm(&x, &blk.mlp_norm, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.w_gate_up, None, &mut gu);
+            run_on_columns(hooks, &ctx(HookPoint::MlpPre(l)), &mut gu, 2 * c.d_ff)?;
             swiglu(&gu, c.d_ff, &mut act);
+            hooks.run(&ctx(HookPoint::MlpPost(l)), &mut act)?;
             linear(&act, rows, &blk.w_down, None, &mut delta);
             hooks.run(&ctx(HookPoint::MlpOut(l)), &mut delta)?;
             add_assign(&mut x, &delta, d);

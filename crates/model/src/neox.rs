@@ -87,7 +87,7 @@ impl GptNeox {
         let seq = rows / batch;
         let pos_offset = cache.len();
         crate::check_positions(pos_offset + seq, self.rope.max_pos())?;
-        let ctx = |point| HookContext { point, batch, seq, pos_offset, d_model: d };
+        let ctx = |point| HookContext::new(point, batch, seq, pos_offset, c);
 
         let mut x = vec![0f32; rows * d];
         for (row, &t) in x.chunks_mut(d).zip(tokens) {
@@ -107,6 +107,7 @@ impl GptNeox {
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
             layer_norm(&x, &blk.ln1.0, &blk.ln1.1, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln1Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.wqkv, Some(&blk.bqkv), &mut qkv);
             rotate_qk(&mut qkv, &self.rope, c, seq, pos_offset);
             attend(cache, l, &qkv, &shape, &mut attn);
@@ -118,8 +119,11 @@ impl GptNeox {
             }
 
             layer_norm(&x, &blk.ln2.0, &blk.ln2.1, c.norm_eps, &mut h);
+            hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.w_up, Some(&blk.b_up), &mut up);
+            hooks.run(&ctx(HookPoint::MlpPre(l)), &mut up)?;
             up.iter_mut().for_each(|v| *v = gelu(*v));
+            hooks.run(&ctx(HookPoint::MlpPost(l)), &mut up)?;
             linear(&up, rows, &blk.w_down, Some(&blk.b_down), &mut mlp_out);
             hooks.run(&ctx(HookPoint::MlpOut(l)), &mut mlp_out)?;
             if parallel {

@@ -1,4 +1,5 @@
-//! Parity against transformers for Gemma 2, Gemma 3, Pythia (GPT-NeoX), Qwen3 and Phi-3: small random-weight
+//! Parity against transformers for Gemma 2, Gemma 3, Pythia (GPT-NeoX), Qwen3, Phi-3 and Llama (SmolLM2's config):
+//! small random-weight
 //! models built by transformers from each published config shrunk in size (scripts/make_model_fixtures.py;
 //! the fixtures are committed, so these tests need no Python). A missing fixture fails the test.
 //!
@@ -177,6 +178,36 @@ fn pythia_matches_transformers() {
 #[test]
 fn qwen3_matches_transformers() {
     check("qwen3", Arch::Qwen3);
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check("llama", Arch::Llama);
+}
+
+/// What a hook writes inside the MLP is what the rest of the pass uses: a gate pre-activation pushed far
+/// negative, or a zeroed hidden activation, silences the MLP (SwiGLU, no biases).
+#[test]
+fn writes_inside_the_mlp_reach_its_output() {
+    let m = load("llama");
+    let ids: Vec<u32> = npy::<i64>("llama", "ref_token_ids.npy").iter().map(|&x| x as u32).collect();
+    for point in [HookPoint::MlpPre(1), HookPoint::MlpPost(1)] {
+        let out = Mutex::new(Vec::new());
+        let mut hooks = Hooks::new();
+        hooks.add(point, |ctx, x| {
+            assert_eq!(ctx.width, m.config().d_ff);
+            x.iter_mut().for_each(|v| *v = if ctx.point == HookPoint::MlpPre(1) { -1e4 } else { 0.0 });
+            Ok(())
+        });
+        hooks.add(HookPoint::MlpOut(1), |_, x| {
+            out.lock().unwrap().extend_from_slice(x);
+            Ok(())
+        });
+        m.forward(&ids, 1, &mut m.new_cache(1), &mut hooks, Logits::None).unwrap();
+        drop(hooks);
+        let max = out.into_inner().unwrap().iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(max < 1e-3, "{point}: the MLP still writes {max}");
+    }
 }
 
 #[test]

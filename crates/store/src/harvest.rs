@@ -82,6 +82,18 @@ pub fn tokenizer_fingerprint(model: &Model) -> String {
 
 /// Tokens made by one tokenizer are meaningless to a model with another: refuse them, naming both.
 /// Datasets from before the fingerprint was recorded pass with a warning.
+/// Refuse a hook point a store cannot hold: stores keep `d_model`-wide rows, and the MLP's hidden points
+/// (`mlp.hook_pre`, `mlp.hook_post`) are `d_mlp` wide.
+pub(crate) fn check_store_hook(model: &Model, h: HookPoint) -> Result<()> {
+    h.check(model.config().n_layers)?;
+    let (d, d_mlp) = (model.config().d_model, model.config().d_ff);
+    ensure!(
+        h.width(d, d_mlp) == d,
+        "{h} is {d_mlp} wide (d_mlp); activation stores and live rows hold d_model ({d}) wide rows"
+    );
+    Ok(())
+}
+
 pub fn check_tokenizer(model: &Model, model_label: &str, data: &TokenDataset) -> Result<()> {
     let recorded = &data.manifest().options.tokenizer_fingerprint;
     let ours = tokenizer_fingerprint(model);
@@ -132,7 +144,7 @@ pub fn harvest(
     ensure!(!opts.hooks.is_empty(), "no hook points given");
     ensure!(opts.batch > 0, "batch must be > 0");
     for h in &opts.hooks {
-        h.check(cfg.n_layers)?;
+        check_store_hook(model, *h)?;
     }
     let split = data.split(&opts.split)?;
     let ctx = split.context_len();

@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use saekit_model::{HookPoint, Model};
 use serde::{Deserialize, Serialize};
 
-use crate::harvest::{check_tokenizer, sink_tokens, tokenizer_fingerprint};
+use crate::harvest::{check_store_hook, check_tokenizer, sink_tokens, tokenizer_fingerprint};
 use crate::tokens::{TokenDataset, TokenSplit};
 
 #[derive(Clone, Debug)]
@@ -94,7 +94,7 @@ pub struct LiveActivations<'m> {
 impl<'m> LiveActivations<'m> {
     pub fn new(model: &'m Model, data: &TokenDataset, opts: LiveOptions) -> Result<LiveActivations<'m>> {
         let cfg = model.config();
-        opts.hook.check(cfg.n_layers)?;
+        check_store_hook(model, opts.hook)?;
         ensure!(opts.batch > 0, "the forward batch must be at least one context");
         let split = data.split(&opts.split)?;
         ensure!(split.n_contexts() > 0, "split {:?} of {} has no contexts", opts.split, data.dir().display());

@@ -25,7 +25,7 @@ pub struct ActivationsArgs {
     /// (see BENCHMARKS.md). Accepted so scripts written for other tools keep working.
     #[arg(long)]
     pub dequantize: bool,
-    /// Output .npy, f32 [n_tokens, d_model].
+    /// Output .npy, f32 [n_tokens, d_model] (d_mlp at mlp.hook_pre / mlp.hook_post).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
     /// Also write the token ids as .npy (u32 [n_tokens]).
@@ -47,7 +47,7 @@ pub fn run(args: ActivationsArgs) -> Result<()> {
     }
     let cache = model.run_with_cache(&ids, 1, &[point])?;
     let acts = cache.get(&point).context("internal: hook did not fire")?;
-    let d = model.config().d_model;
+    let d = point.width(model.config().d_model, model.config().d_ff);
     write_npy_f32(&args.out, acts, &[ids.len() as u64, d as u64])?;
     if let Some(p) = &args.ids_out {
         write_npy_u32(p, &ids)?;

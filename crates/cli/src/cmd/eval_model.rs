@@ -1,10 +1,12 @@
-//! `saekit eval-model`: the SAE spliced into the model (CE / KL with the SAE and with zero-ablation).
+//! `saekit eval-model`: the SAE spliced into the model (CE / KL with the SAE and with zero-ablation), or
+//! with `--transcoders` the replacement model (every MLP replaced by its transcoder).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use saekit_analysis::{eval_model, ModelEvalOptions};
+use saekit_circuits::{evaluate_replacement, TranscoderSet};
 use saekit_sae::load_sae;
 use saekit_store::TokenDataset;
 
@@ -14,11 +16,21 @@ use super::model_arg::ModelArgs;
 /// clean / with SAE / with zero-ablation, CE loss score, delta LM loss, KL(clean || spliced) and KL
 /// score, plus FVU / explained variance, MSE, cosine, L2 ratio, L0, dead % and dense %. Position 0
 /// and special tokens (attention sinks) keep their clean activation in the splice and are excluded
-/// from the reconstruction metrics.
+/// from the reconstruction metrics. With `--transcoders DIR`: the replacement model, every MLP replaced by its
+/// transcoder at once and one at a time, CE loss score and KL(clean || replaced) against zero-ablating the
+/// same MLPs, and each transcoder's FVU.
 #[derive(Args, Debug)]
 pub struct EvalModelArgs {
     /// SAE folder or params.npz.
-    pub sae: String,
+    #[arg(required_unless_present = "transcoders")]
+    pub sae: Option<String>,
+    /// A transcoder set (circuit-tracer's transcoders.yaml folder, or SAELens transcoder folders) to
+    /// evaluate as the replacement model instead of an SAE.
+    #[arg(long, conflicts_with_all = ["sae", "hook"])]
+    pub transcoders: Option<PathBuf>,
+    /// With --transcoders: only the all-at-once replacement (skips the two passes per layer).
+    #[arg(long)]
+    pub no_per_layer: bool,
     /// Tokenized dataset (from `saekit tokenize`).
     #[arg(long)]
     pub contexts: PathBuf,
@@ -45,8 +57,12 @@ pub struct EvalModelArgs {
 }
 
 pub fn run(a: EvalModelArgs) -> Result<()> {
+    if let Some(dir) = &a.transcoders {
+        return run_transcoders(&a, dir);
+    }
     let n_tokens = super::analyze::parse_count(&a.tokens)?;
-    let sae = load_sae(&a.sae)?;
+    let sae_path = a.sae.as_deref().context("an SAE folder or --transcoders is needed")?;
+    let sae = load_sae(sae_path)?;
     let dataset = TokenDataset::open(&a.contexts)?;
     let model = a.model.load()?;
     let opts = ModelEvalOptions {
@@ -62,8 +78,38 @@ pub fn run(a: EvalModelArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("{:<30} {}", "sae", a.sae);
+        println!("{:<30} {}", "sae", sae_path);
         print!("{}", r.table());
+    }
+    Ok(())
+}
+
+fn run_transcoders(a: &EvalModelArgs, dir: &Path) -> Result<()> {
+    let n_tokens = super::analyze::parse_count(&a.tokens)?;
+    let set = TranscoderSet::load(dir)?;
+    let dataset = TokenDataset::open(&a.contexts)?;
+    let model = a.model.load()?;
+    let split = dataset.split(&a.split)?;
+    let seq = split.context_len();
+    let n = n_tokens.div_ceil(seq as u64).max(1).min(split.n_contexts());
+    let tokens: Vec<u32> = (0..n).flat_map(|c| split.context(c).to_vec()).collect();
+    let r = evaluate_replacement(&model, &set, &tokens, seq, a.batch, !a.no_per_layer, !a.json)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("transcoders {}  contexts {}  predicted tokens {}", dir.display(), r.n_contexts, r.n_predicted);
+    println!("ce_loss_clean {:.4}", r.ce_loss_clean);
+    println!(
+        "{:<6} {:>12} {:>12} {:>9} {:>10} {:>10} {:>7}",
+        "layers", "ce_replaced", "ce_ablated", "ce_score", "kl_repl", "kl_abl", "fvu"
+    );
+    for s in std::iter::once(&r.all).chain(&r.per_layer) {
+        let fvu = s.fvu.map_or("-".into(), |f| format!("{f:.3}"));
+        println!(
+            "{:<6} {:>12.4} {:>12.4} {:>9.4} {:>10.4} {:>10.4} {:>7}",
+            s.layers, s.ce_loss_replaced, s.ce_loss_ablated, s.ce_loss_score, s.kl_div_replaced, s.kl_div_ablated, fvu
+        );
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod activations;
 pub mod analyze;
+pub mod attribute;
 pub mod bench;
 pub mod corpus;
 pub mod demo;

@@ -1,0 +1,285 @@
+//! The replacement model: the real model with MLPs replaced by their transcoders, and how much it loses.
+//!
+//! Definitions follow saekit-analysis' (SAELens') model evaluation, with a transcoder splice in place of an
+//! SAE splice: CE is the mean next-token cross-entropy over positions with a next token,
+//! `ce_loss_score = (CE_ablated − CE_replaced) / (CE_ablated − CE_clean)` where ablation zeroes the same
+//! MLPs' outputs, KL is `mean over positions of KL(clean ‖ spliced)`. "All" replaces every MLP at once
+//! (each transcoder reads the replacement model's own residual stream); "per layer" replaces one MLP.
+//! FVU is the transcoder's on the clean pass, against its target (the MLP's output).
+
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Result};
+use saekit_model::{HookPoint, Hooks, Logits, Model};
+use serde::Serialize;
+
+use crate::transcoder::TranscoderSet;
+
+/// What a replacement pass does to each MLP.
+#[derive(Debug, Clone, Default)]
+pub struct Splice<'a> {
+    /// `replace[l]`: block `l`'s MLP output is its transcoder's output.
+    pub replace: Vec<bool>,
+    /// `ablate[l]`: block `l`'s MLP output is zero.
+    pub ablate: Vec<bool>,
+    /// Frozen error terms `[layer][rows * d_model]` added to replaced MLPs' outputs (from [`error_terms`]).
+    pub errors: Option<&'a [Vec<f32>]>,
+}
+
+impl Splice<'_> {
+    pub fn clean(n_layers: usize) -> Self {
+        Splice { replace: vec![false; n_layers], ablate: vec![false; n_layers], errors: None }
+    }
+
+    pub fn replace_all(n_layers: usize) -> Self {
+        Splice { replace: vec![true; n_layers], ..Splice::clean(n_layers) }
+    }
+}
+
+/// Refuse a set that does not cover every block of `model` with an MLP-input -> MLP-output transcoder.
+pub fn check_set(model: &Model, set: &TranscoderSet) -> Result<()> {
+    let c = model.config();
+    if set.layers.len() != c.n_layers {
+        bail!("the transcoder set has {} layers, the model {} has {}", set.layers.len(), c.name, c.n_layers);
+    }
+    for (l, t) in set.layers.iter().enumerate() {
+        if !matches!(t.input_hook, HookPoint::Ln2Normalized(_) | HookPoint::ResidMid(_)) {
+            bail!(
+                "transcoder {l} reads {}; a replacement MLP reads blocks.{l}.ln2.hook_normalized or hook_resid_mid",
+                t.input_hook
+            );
+        }
+        if t.output_hook != HookPoint::MlpOut(l) {
+            bail!("transcoder {l} writes {}; a replacement MLP writes blocks.{l}.hook_mlp_out", t.output_hook);
+        }
+        model.check_hook_point(t.input_hook)?;
+        if t.d_in != c.d_model || t.d_out != c.d_model {
+            bail!("transcoder {l} maps {} -> {} dims; the model's d_model is {}", t.d_in, t.d_out, c.d_model);
+        }
+    }
+    Ok(())
+}
+
+/// One forward pass with `splice` applied; returns the logits `logits` asks for.
+pub fn replacement_forward(
+    model: &Model,
+    set: &TranscoderSet,
+    tokens: &[u32],
+    batch: usize,
+    splice: &Splice,
+    logits: Logits,
+) -> Result<Vec<f32>> {
+    let n = set.layers.len();
+    let inputs: Vec<Mutex<Vec<f32>>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
+    let mut hooks = Hooks::new();
+    for (l, tc) in set.layers.iter().enumerate() {
+        let inp = &inputs[l];
+        if splice.replace.get(l) == Some(&true) {
+            hooks.add(tc.input_hook, move |_, x| {
+                *inp.lock().map_err(|_| anyhow!("hook lock poisoned"))? = x.to_vec();
+                Ok(())
+            });
+            let err = splice.errors.map(|e| &e[l]);
+            hooks.add(HookPoint::MlpOut(l), move |_, out| {
+                let x = inp.lock().map_err(|_| anyhow!("hook lock poisoned"))?;
+                out.copy_from_slice(&tc.forward(&x));
+                if let Some(e) = err {
+                    if e.len() != out.len() {
+                        bail!("error term of layer {l} has {} values, the pass {}", e.len(), out.len());
+                    }
+                    out.iter_mut().zip(e).for_each(|(o, e)| *o += e);
+                }
+                Ok(())
+            });
+        } else if splice.ablate.get(l) == Some(&true) {
+            hooks.add(HookPoint::MlpOut(l), |_, out| {
+                out.fill(0.0);
+                Ok(())
+            });
+        }
+    }
+    model.forward(tokens, batch, &mut model.new_cache(batch), &mut hooks, logits)
+}
+
+/// Per layer, one activation `[rows * width]`.
+pub type PerLayer = Vec<Vec<f32>>;
+
+/// Each MLP's clean input and output on `tokens`: `(inputs, outputs)`, `[layer][rows * d_model]`.
+pub fn clean_mlp_io(model: &Model, set: &TranscoderSet, tokens: &[u32], batch: usize) -> Result<(PerLayer, PerLayer)> {
+    let n = set.layers.len();
+    let mut points: Vec<HookPoint> = set.layers.iter().map(|t| t.input_hook).collect();
+    points.extend((0..n).map(HookPoint::MlpOut));
+    let mut cache = model.run_with_cache(tokens, batch, &points)?;
+    let take = |cache: &mut saekit_model::ActivationCache, p: HookPoint| {
+        cache.take(&p).ok_or_else(|| anyhow!("internal: {p} was not captured"))
+    };
+    let mut ins = Vec::with_capacity(n);
+    let mut outs = Vec::with_capacity(n);
+    for (l, t) in set.layers.iter().enumerate() {
+        ins.push(take(&mut cache, t.input_hook)?);
+        outs.push(take(&mut cache, HookPoint::MlpOut(l))?);
+    }
+    Ok((ins, outs))
+}
+
+/// The error terms of every transcoder on the clean pass: `MLP(x) − transcoder(x)`, `[layer][rows * d_model]`.
+pub fn error_terms(model: &Model, set: &TranscoderSet, tokens: &[u32], batch: usize) -> Result<Vec<Vec<f32>>> {
+    let (ins, outs) = clean_mlp_io(model, set, tokens, batch)?;
+    Ok(set
+        .layers
+        .iter()
+        .zip(ins.iter().zip(&outs))
+        .map(|(t, (x, y))| y.iter().zip(t.forward(x)).map(|(y, r)| y - r).collect())
+        .collect())
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SpliceScore {
+    /// `"all"` or the replaced layer.
+    pub layers: String,
+    pub ce_loss_replaced: f64,
+    pub ce_loss_ablated: f64,
+    pub ce_loss_score: f64,
+    pub kl_div_replaced: f64,
+    pub kl_div_ablated: f64,
+    /// The transcoder's FVU against the MLP output on the clean pass (per layer only).
+    pub fvu: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ReplacementEval {
+    pub n_contexts: u64,
+    pub n_predicted: u64,
+    pub ce_loss_clean: f64,
+    pub all: SpliceScore,
+    pub per_layer: Vec<SpliceScore>,
+}
+
+/// CE and KL sums of one spliced pass against the clean log-probabilities.
+#[derive(Default, Clone, Copy)]
+struct Sums {
+    ce: f64,
+    kl: f64,
+}
+
+/// Evaluate the replacement model on `tokens` (`n` contexts of `seq` tokens), `batch` contexts per pass;
+/// `per_layer` adds one replaced and one ablated pass per layer.
+pub fn evaluate_replacement(
+    model: &Model,
+    set: &TranscoderSet,
+    tokens: &[u32],
+    seq: usize,
+    batch: usize,
+    per_layer: bool,
+    progress: bool,
+) -> Result<ReplacementEval> {
+    check_set(model, set)?;
+    if seq < 2 || tokens.is_empty() || !tokens.len().is_multiple_of(seq) {
+        bail!("replacement eval needs whole contexts of at least 2 tokens ({} tokens, context {seq})", tokens.len());
+    }
+    let n = set.layers.len();
+    let vocab = model.config().vocab_size;
+    let n_ctx = tokens.len() / seq;
+    let b = batch.max(1);
+    let pb = if progress { indicatif::ProgressBar::new(n_ctx as u64) } else { indicatif::ProgressBar::hidden() };
+    let (mut ce_clean, mut all_r, mut all_a) = (0f64, Sums::default(), Sums::default());
+    let mut layer_r = vec![Sums::default(); n];
+    let mut layer_a = vec![Sums::default(); n];
+    let mut fvu = vec![(0f64, 0f64); n];
+    for c0 in (0..n_ctx).step_by(b) {
+        let nb = b.min(n_ctx - c0);
+        let tk = &tokens[c0 * seq..(c0 + nb) * seq];
+        let run = |s: &Splice| -> Result<Vec<f32>> {
+            let mut l = replacement_forward(model, set, tk, nb, s, Logits::All)?;
+            log_softmax_rows(&mut l, vocab);
+            Ok(l)
+        };
+        let clean = run(&Splice::clean(n))?;
+        ce_clean += ce_and_kl(&clean, &clean, tk, seq, vocab).ce;
+        add(&mut all_r, ce_and_kl(&clean, &run(&Splice::replace_all(n))?, tk, seq, vocab));
+        let ablate_all = Splice { ablate: vec![true; n], ..Splice::clean(n) };
+        add(&mut all_a, ce_and_kl(&clean, &run(&ablate_all)?, tk, seq, vocab));
+        if per_layer {
+            for l in 0..n {
+                let mut one = Splice::clean(n);
+                one.replace[l] = true;
+                add(&mut layer_r[l], ce_and_kl(&clean, &run(&one)?, tk, seq, vocab));
+                let mut one = Splice::clean(n);
+                one.ablate[l] = true;
+                add(&mut layer_a[l], ce_and_kl(&clean, &run(&one)?, tk, seq, vocab));
+            }
+            let (ins, outs) = clean_mlp_io(model, set, tk, nb)?;
+            for (l, t) in set.layers.iter().enumerate() {
+                let (sse, var) = residual_and_variance(&outs[l], &t.forward(&ins[l]), t.d_out);
+                fvu[l].0 += sse;
+                fvu[l].1 += var;
+            }
+        }
+        pb.inc(nb as u64);
+    }
+    pb.finish_and_clear();
+    let n_pred = (n_ctx * (seq - 1)) as f64;
+    let n_rows = tokens.len() as f64;
+    let ce_clean = ce_clean / n_pred;
+    let score = |name: String, r: Sums, a: Sums, fvu: Option<f64>| {
+        let (cr, ca) = (r.ce / n_pred, a.ce / n_pred);
+        SpliceScore {
+            layers: name,
+            ce_loss_replaced: cr,
+            ce_loss_ablated: ca,
+            ce_loss_score: (ca - cr) / (ca - ce_clean),
+            kl_div_replaced: r.kl / n_rows,
+            kl_div_ablated: a.kl / n_rows,
+            fvu,
+        }
+    };
+    let per_layer = if per_layer {
+        (0..n).map(|l| score(l.to_string(), layer_r[l], layer_a[l], Some(fvu[l].0 / fvu[l].1))).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(ReplacementEval {
+        n_contexts: n_ctx as u64,
+        n_predicted: n_pred as u64,
+        ce_loss_clean: ce_clean,
+        all: score("all".into(), all_r, all_a, None),
+        per_layer,
+    })
+}
+
+fn add(acc: &mut Sums, s: Sums) {
+    acc.ce += s.ce;
+    acc.kl += s.kl;
+}
+
+/// `(Σ‖y − ŷ‖², Σ‖y − mean(y)‖²)` over the rows of one batch.
+fn residual_and_variance(y: &[f32], yhat: &[f32], d: usize) -> (f64, f64) {
+    let rows = (y.len() / d).max(1);
+    let mut mean = vec![0f64; d];
+    for r in y.chunks(d) {
+        mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / rows as f64);
+    }
+    let sse = y.iter().zip(yhat).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let var = y.chunks(d).flat_map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2))).sum();
+    (sse, var)
+}
+
+fn log_softmax_rows(x: &mut [f32], vocab: usize) {
+    for row in x.chunks_mut(vocab) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let lse = max + row.iter().map(|v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32;
+        row.iter_mut().for_each(|v| *v -= lse);
+    }
+}
+
+/// Sum over rows of the next-token CE under `spliced`, and of KL(clean ‖ spliced) (both log-probs).
+fn ce_and_kl(clean: &[f32], spliced: &[f32], tokens: &[u32], seq: usize, vocab: usize) -> Sums {
+    let mut s = Sums::default();
+    for (r, (c, q)) in clean.chunks(vocab).zip(spliced.chunks(vocab)).enumerate() {
+        if r % seq + 1 < seq {
+            s.ce -= q[tokens[r + 1] as usize] as f64;
+        }
+        s.kl += c.iter().zip(q).map(|(lp, lq)| (*lp as f64).exp() * (*lp as f64 - *lq as f64)).sum::<f64>();
+    }
+    s
+}
