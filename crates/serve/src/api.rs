@@ -194,7 +194,7 @@ async fn feature(State(s): State<Arc<AppState>>, id: Result<Path<String>, PathRe
     let Some(f) = s.with_db(move |db| db.feature(id)).await? else {
         return Err(ServeError::NotFound(format!("feature {id} is not in the database")));
     };
-    let mut v = serde_json::to_value(f).map_err(|e| ServeError::internal(e))?;
+    let mut v = serde_json::to_value(f).map_err(ServeError::internal)?;
     // the record's map coordinates belong to `/api/map`; dropping them keeps this response's keys as
     // documented (the README's API table) and as the pages have always read them
     if let Some(o) = v.as_object_mut() {
@@ -297,7 +297,7 @@ async fn live(State(s): State<Arc<AppState>>, body: Result<Json<LiveRequest>, Js
             e.live(&ids, req.feature, top_k, lens)
         })
         .await?;
-    Ok(Json(serde_json::to_value(r).map_err(|e| ServeError::internal(e))?))
+    Ok(Json(serde_json::to_value(r).map_err(ServeError::internal)?))
 }
 
 #[derive(Deserialize)]
@@ -350,7 +350,7 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
     };
     let prompt = req.prompt;
     let r = q.run(move |e| e.steer(&prompt, &edits, &settings)).await?;
-    let mut v = serde_json::to_value(r).map_err(|e| ServeError::internal(e))?;
+    let mut v = serde_json::to_value(r).map_err(ServeError::internal)?;
     v["edits"] = Value::Array(resolved);
     Ok(Json(v))
 }
