@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use saekit_analysis::db::SortBy;
+use saekit_analysis::feature_db::SortBy;
 use saekit_analysis::search::{contrast, search_text, text_features};
 use saekit_analysis::FeatureDb;
 

@@ -36,7 +36,7 @@ impl PyModel {
     #[pyo3(signature = (path=None))]
     fn load(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Self> {
         let path = existing(&path.unwrap_or_else(saekit_model::default_model_path), "model file or folder")?;
-        let model = detached(py, || Model::load(&path, &LoadOptions::default()))?;
+        let model = detached(py, || Ok(Model::load(&path, &LoadOptions::default())?))?;
         Ok(PyModel { model })
     }
 
@@ -186,7 +186,7 @@ impl PyModel {
                     anyhow!("interrupted")
                 })
             });
-            model.generate(&ids, &opts, &mut hooks)
+            Ok(model.generate(&ids, &opts, &mut hooks)?)
         });
         if let Some(e) = interrupt.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
@@ -305,8 +305,8 @@ fn edits_of(
         Ok(rec.max_act)
     };
     let spec = |f: u32, v: &Bound<'_, PyAny>| -> PyResult<f32> {
-        let s: EditSpec = format!("{f}={}", v.str()?).parse().map_err(to_py)?;
-        saekit_steer::parse_edit(&s, max_act).map_err(to_py)
+        let s: EditSpec = format!("{f}={}", v.str()?).parse().map_err(|e: saekit_steer::SteerError| to_py(e.into()))?;
+        saekit_steer::parse_edit(&s, max_act).map_err(|e| to_py(e.into()))
     };
     let mut edits = Vec::new();
     for (f, v) in sorted(steer) {

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use saekit_analysis::db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
+use saekit_analysis::feature_db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use saekit_analysis::stats::hist_edges;
 use saekit_analysis::{FeatureDb, SortBy};
 

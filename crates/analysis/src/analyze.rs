@@ -9,7 +9,7 @@ use saekit_model::{HookPoint, Model};
 use saekit_sae::Sae;
 use saekit_store::TokenDataset;
 
-use crate::db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
+use crate::feature_db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use crate::geometry;
 use crate::stats::{self, hist_edges, BatchCodes, FeatureStats, Sample, StatsOptions, HIST_BINS};
 

@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use saekit_analysis::db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
+use saekit_analysis::feature_db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use saekit_analysis::neuronpedia::{export, NeuronpediaIds};
 use saekit_analysis::{AutointerpWriter, DbInfo, Explanation, FeatureDb, FeatureDbWriter, Score};
 use serde_json::Value;

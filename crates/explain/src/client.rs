@@ -12,27 +12,35 @@ use serde_json::{json, Value};
 /// One chat message as the API takes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Message {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// The message's text.
     pub content: String,
 }
 
 impl Message {
+    /// A system message.
     pub fn system(c: impl Into<String>) -> Self {
         Self { role: "system".into(), content: c.into() }
     }
+    /// A user message.
     pub fn user(c: impl Into<String>) -> Self {
         Self { role: "user".into(), content: c.into() }
     }
+    /// An assistant message (a worked example's answer).
     pub fn assistant(c: impl Into<String>) -> Self {
         Self { role: "assistant".into(), content: c.into() }
     }
 }
 
+/// Where the chat API is and how patiently to call it.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// The API base, as OpenAI clients take it: `http://127.0.0.1:8000/v1`.
     pub endpoint: String,
+    /// The model to ask for (the request's `model`).
     pub model: String,
+    /// Sent as a bearer token when given.
     pub api_key: Option<String>,
     /// Whole-request limit (connect, send, generate, read).
     pub timeout: Duration,
@@ -42,13 +50,18 @@ pub struct ClientOptions {
     pub backoff: Duration,
 }
 
+/// One reply of the chat API.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatReply {
+    /// The assistant's message.
     pub text: String,
+    /// Prompt tokens, as the API reports them.
     pub prompt_tokens: u64,
+    /// Completion tokens, as the API reports them.
     pub completion_tokens: u64,
 }
 
+/// Why a chat request gave no reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChatError {
     /// Nothing later can succeed (bad key, wrong URL or model): stop the whole run.
@@ -67,6 +80,7 @@ impl std::fmt::Display for ChatError {
 
 impl std::error::Error for ChatError {}
 
+/// A blocking client of an OpenAI-compatible chat completions API, with retries and backoff.
 pub struct ChatClient {
     agent: ureq::Agent,
     url: String,
@@ -81,6 +95,7 @@ enum Attempt {
 }
 
 impl ChatClient {
+    /// A client for `opts.endpoint` (plain http only); refuses what cannot be a chat API's URL.
     pub fn new(opts: ClientOptions) -> Result<ChatClient, ChatError> {
         let base = opts.endpoint.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {
@@ -97,6 +112,7 @@ impl ChatClient {
         Ok(ChatClient { agent, url: format!("{base}/chat/completions"), opts })
     }
 
+    /// The model the client asks for.
     pub fn model(&self) -> &str {
         &self.opts.model
     }

@@ -12,7 +12,9 @@ use saekit_analysis::{Context, FeatureRecord, HeldOutWindow};
 /// text).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
+    /// The context's tokens, as text.
     pub tokens: Vec<String>,
+    /// The feature's activation on each token.
     pub acts: Vec<f32>,
 }
 
@@ -20,17 +22,20 @@ impl Example {
     fn of(c: &Context) -> Example {
         Example { tokens: c.tokens.clone(), acts: c.acts.clone() }
     }
+    /// The strongest activation in the context (0 when it never fires).
     pub fn max_act(&self) -> f32 {
         self.acts.iter().copied().fold(0.0, f32::max)
     }
 }
 
+/// How many examples each prompt gets.
 #[derive(Debug, Clone, Copy)]
 pub struct ExampleOptions {
     /// Top-activating contexts shown to the explainer (one per quantile is added).
     pub n_top: usize,
     /// Activating test contexts for the scorers (and as many non-activating ones).
     pub n_test: usize,
+    /// Seed of the random picks among the candidates.
     pub seed: u64,
 }
 
@@ -40,10 +45,14 @@ impl Default for ExampleOptions {
     }
 }
 
+/// The examples of one feature, for each prompt.
 #[derive(Debug, Clone, Default)]
 pub struct FeatureExamples {
+    /// Shown to the explainer: top contexts plus one per quantile.
     pub explain: Vec<Example>,
+    /// Activating contexts for the scorers, not shown to the explainer.
     pub activating: Vec<Example>,
+    /// Held-out contexts where the feature is 0, for the scorers.
     pub non_activating: Vec<Example>,
 }
 

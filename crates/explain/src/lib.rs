@@ -12,6 +12,8 @@
 //! `saekit_analysis::AutointerpWriter`; the explainer is whatever the endpoint serves (`saekit serve`, vLLM,
 //! llama.cpp, OpenAI), so the code is the same for a 135M local model and a large remote one.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod examples;
 pub mod prompts;

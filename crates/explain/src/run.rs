@@ -18,18 +18,25 @@ use crate::examples::{select, ExampleOptions};
 use crate::prompts::{explainer_messages, parse_explanation};
 use crate::score::{detection, fuzzing, Usage};
 
+/// What `saekit explain` explains and how.
 #[derive(Debug, Clone)]
 pub struct ExplainOptions {
+    /// The features to explain (empty: every feature).
     pub features: Vec<u32>,
+    /// Requests in flight at once.
     pub concurrency: usize,
+    /// How many examples each prompt shows.
     pub examples: ExampleOptions,
     /// Examples per scorer request.
     pub batch: usize,
+    /// Show a progress bar.
     pub progress: bool,
 }
 
+/// What a run did, counted.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ExplainSummary {
+    /// Features explained (and scored) in this run.
     pub explained: usize,
     /// Already explained by this model (skipped).
     pub already_done: usize,
@@ -37,8 +44,11 @@ pub struct ExplainSummary {
     pub dead: usize,
     /// Features whose explainer request failed or gave an empty reply: (feature, why).
     pub failed: Vec<(u32, String)>,
+    /// Prompt tokens spent, as the API reported them.
     pub prompt_tokens: u64,
+    /// Completion tokens spent, as the API reported them.
     pub completion_tokens: u64,
+    /// Wall time of the run.
     pub seconds: f64,
     /// Features without held-out text where they are 0 (detection not scored).
     pub no_negatives: usize,

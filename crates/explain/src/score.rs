@@ -22,9 +22,12 @@ struct Item {
     positive: bool,
 }
 
+/// Tokens a scoring step spent.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
+    /// Prompt tokens, as the API reported them.
     pub prompt_tokens: u64,
+    /// Completion tokens, as the API reported them.
     pub completion_tokens: u64,
 }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use saekit_analysis::db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
+use saekit_analysis::feature_db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use saekit_analysis::{AutointerpWriter, DbInfo, FeatureDb, FeatureDbWriter, HeldOutWindow};
 use saekit_explain::examples::ExampleOptions;
 use saekit_explain::{explain_features, ChatClient, ClientOptions, ExplainOptions};

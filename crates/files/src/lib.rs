@@ -6,6 +6,32 @@
 //! resume compares instead of a path), and the check that refuses to write into a folder that holds
 //! something else.
 //! Must not touch: any saekit format (it moves bytes, it does not parse models, stores or SAEs).
+//!
+//! # Example
+//!
+//! Write a folder as a set: each file atomically, then the list of their sizes and CRC32s. A reader that
+//! finds the list finds every file as it was written; a file changed afterwards is caught.
+//!
+//! ```
+//! use saekit_files::{write_atomic, write_json_atomic, FileSet};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let dir = tempfile::tempdir()?;
+//! let dir = dir.path();
+//! FileSet::begin(dir, "files.json")?; // a crash from here on leaves a folder without a list: incomplete
+//! write_atomic(&dir.join("weights.bin"), &[1, 2, 3, 4])?;
+//! write_json_atomic(&dir.join("cfg.json"), &serde_json::json!({ "d_sae": 16 }))?;
+//! FileSet::commit(dir, "files.json", &["weights.bin", "cfg.json"])?;
+//!
+//! let set = FileSet::verify(dir, "files.json")?.expect("the list was written");
+//! assert_eq!(set.files[0].bytes, 4);
+//! std::fs::write(dir.join("weights.bin"), [9, 9])?; // altered behind saekit's back
+//! assert!(FileSet::verify(dir, "files.json").is_err());
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -134,8 +160,11 @@ pub fn file_crc32(path: &Path) -> Result<(u64, u32)> {
 /// One file of a [`FileSet`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SetEntry {
+    /// Its name inside the folder.
     pub file: String,
+    /// Its size when the set was committed.
     pub bytes: u64,
+    /// Its CRC32 when the set was committed.
     pub crc32: u32,
 }
 
@@ -143,10 +172,13 @@ pub struct SetEntry {
 /// A folder whose list is missing, or whose files differ from it, is a torn write.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FileSet {
+    /// Always [`FILE_SET_FORMAT`].
     pub format: String,
+    /// The files of the set, in the order written.
     pub files: Vec<SetEntry>,
 }
 
+/// `format` of every file list.
 pub const FILE_SET_FORMAT: &str = "saekit-file-set";
 
 impl FileSet {
@@ -247,6 +279,7 @@ impl Fingerprinter {
         }
         self
     }
+    /// The fingerprint as 32 hex digits.
     pub fn finish(self) -> String {
         fingerprint_hex(&self.0.finalize())
     }

@@ -10,6 +10,8 @@
 //! Must not touch: model or SAE formats (the caller loads what was downloaded) or saekit's cache layout
 //! (the caller says where the files go).
 
+#![warn(missing_docs)]
+
 mod registry;
 
 use std::io::{IsTerminal, Read};
@@ -26,6 +28,7 @@ pub use registry::{Registry, Release, SaeEntry};
 pub struct HubFile {
     /// Path inside the repo (`/`-separated).
     pub path: String,
+    /// Size in bytes, when listed.
     pub size: Option<u64>,
     /// SHA-256 of the content, listed for LFS files (the `X-Linked-Etag` of their download).
     pub sha256: Option<String>,
@@ -36,11 +39,15 @@ pub struct HubFile {
 /// A repo's files at one commit.
 #[derive(Debug, Clone)]
 pub struct Listing {
+    /// The repo (`owner/name`).
     pub repo: String,
+    /// The commit the listing is of.
     pub commit: String,
+    /// Every file of the repo at that commit.
     pub files: Vec<HubFile>,
 }
 
+/// A Hugging Face hub client (or any endpoint speaking its API) for listings and checked downloads.
 pub struct Hub {
     api: Api,
     endpoint: String,

@@ -10,33 +10,43 @@ use serde::Deserialize;
 /// The releases saekit knows without a `--registry` file: a trimmed copy of SAELens' own list.
 const BUILTIN: &str = include_str!("pretrained_saes.yaml");
 
+/// One SAELens release: a hub repo holding a set of SAEs for one model.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Release {
+    /// The hub repo the SAEs are in (`owner/name`).
     pub repo_id: String,
     /// The model the SAEs were trained on, in SAELens' (TransformerLens') naming.
     pub model: String,
+    /// SAELens' converter for repos not in its own layout (`gemma_2`, ...), if any.
     #[serde(default)]
     pub conversion_func: Option<String>,
+    /// The SAEs of the release.
     pub saes: Vec<SaeEntry>,
 }
 
+/// One SAE of a release.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SaeEntry {
+    /// Its id within the release (SAELens' `sae_id`).
     pub id: String,
     /// Folder (or file) inside the repo.
     pub path: String,
+    /// Its Neuronpedia id, when it has one.
     #[serde(default)]
     pub neuronpedia: Option<String>,
+    /// Its average number of active features, as SAELens lists it.
     #[serde(default)]
     pub l0: Option<f64>,
 }
 
+/// SAELens release names and what they point to (`pretrained_saes.yaml`).
 #[derive(Debug, Clone)]
 pub struct Registry {
     releases: BTreeMap<String, Release>,
 }
 
 impl Registry {
+    /// The list built into saekit (a trimmed copy of SAELens').
     pub fn builtin() -> Result<Registry> {
         Self::parse(BUILTIN, "the built-in pretrained_saes.yaml")
     }
@@ -53,6 +63,7 @@ impl Registry {
         Ok(Registry { releases })
     }
 
+    /// Every release name, sorted.
     pub fn release_names(&self) -> impl Iterator<Item = &str> {
         self.releases.keys().map(String::as_str)
     }

@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::{Hooks, Logits, Model};
+use crate::{Hooks, Logits, Model, ModelError, ModelResult};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampling {
@@ -42,7 +42,7 @@ pub struct Generation {
 
 impl Model {
     /// Continue `prompt_ids` (one sequence). `hooks` run on the prompt and on every generated token.
-    pub fn generate(&self, prompt_ids: &[u32], opts: &GenerateOptions, hooks: &mut Hooks) -> Result<Generation> {
+    pub fn generate(&self, prompt_ids: &[u32], opts: &GenerateOptions, hooks: &mut Hooks) -> ModelResult<Generation> {
         self.generate_streaming(prompt_ids, opts, hooks, |_| true)
     }
 
@@ -55,13 +55,15 @@ impl Model {
         opts: &GenerateOptions,
         hooks: &mut Hooks,
         mut on_token: impl FnMut(u32) -> bool,
-    ) -> Result<Generation> {
+    ) -> ModelResult<Generation> {
         if prompt_ids.is_empty() {
-            bail!("generate: the prompt is empty");
+            return Err(ModelError::bad_input("generate: the prompt is empty"));
         }
         if let Sampling::TopP { temperature, top_p } = opts.sampling {
             if !(temperature > 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
-                bail!("sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})");
+                return Err(ModelError::bad_input(format!(
+                    "sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})"
+                )));
             }
         }
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);

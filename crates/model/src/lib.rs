@@ -10,6 +10,7 @@
 
 mod attention;
 pub mod config;
+mod error;
 mod gemma;
 mod generate;
 mod gpt2;
@@ -31,6 +32,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub use attention::KvCache;
 pub use config::{Arch, ModelConfig};
+pub use error::{ModelError, ModelResult};
 pub use generate::{GenerateOptions, Generation, Sampling};
 pub use hooks::{ActivationCache, HookContext, HookPoint, Hooks};
 pub use tokenizer::{ChatMessage, Tokenizer};
@@ -87,7 +89,11 @@ pub fn cache_dir() -> PathBuf {
 impl Model {
     /// Load a `.gguf` file, or a Hugging Face folder holding `config.json`, `*.safetensors` and
     /// `tokenizer.json`. Quantized weights are dequantized to f32.
-    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
+    pub fn load(path: &Path, opts: &LoadOptions) -> ModelResult<Self> {
+        Self::load_any(path, opts).map_err(ModelError::from_load)
+    }
+
+    fn load_any(path: &Path, opts: &LoadOptions) -> Result<Self> {
         if !path.exists() {
             if path == default_model_path() {
                 bail!(
@@ -162,18 +168,27 @@ impl Model {
         cache: &mut KvCache,
         hooks: &mut Hooks,
         logits: Logits,
-    ) -> Result<Vec<f32>> {
+    ) -> ModelResult<Vec<f32>> {
         if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
-            bail!("forward: {} tokens cannot be split into {batch} equal sequences", tokens.len());
+            let n = tokens.len();
+            return Err(ModelError::bad_input(format!(
+                "forward: {n} tokens cannot be split into {batch} equal sequences"
+            )));
         }
         if cache.batch() != batch {
-            bail!("forward: KV cache holds {} sequences, the call has {batch}", cache.batch());
+            let held = cache.batch();
+            return Err(ModelError::bad_input(format!(
+                "forward: KV cache holds {held} sequences, the call has {batch}"
+            )));
         }
         if !cache.is_complete() {
-            bail!("forward: this KV cache comes from a pass that stopped early; start a new cache");
+            return Err(ModelError::bad_input(
+                "forward: this KV cache comes from a pass that stopped early; start a new cache",
+            ));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            bail!("token id {t} is outside the vocabulary (size {})", self.config.vocab_size);
+            let size = self.config.vocab_size;
+            return Err(ModelError::bad_input(format!("token id {t} is outside the vocabulary (size {size})")));
         }
         for p in hooks.points() {
             self.check_hook_point(p)?;
@@ -182,12 +197,13 @@ impl Model {
             Logits::None => hooks.blocks_needed(self.config.n_layers),
             _ => self.config.n_layers,
         };
-        match &self.net {
+        // a hook's error, or the context check inside the block loop, comes back through anyhow
+        Ok(match &self.net {
             Net::Llama(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
             Net::Gpt2(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
             Net::Gemma(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
             Net::Neox(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),
-        }
+        }?)
     }
 
     /// Every hook point this model has, in forward order. Blocks whose attention and MLP run in parallel
@@ -202,20 +218,20 @@ impl Model {
 
     /// Refuse a hook point this model does not have (out-of-range block, or `hook_resid_mid` of a
     /// parallel block).
-    pub fn check_hook_point(&self, p: HookPoint) -> Result<()> {
-        p.check(self.config.n_layers)?;
+    pub fn check_hook_point(&self, p: HookPoint) -> ModelResult<()> {
+        p.check(self.config.n_layers).map_err(|e| ModelError::bad_input(format!("{e:#}")))?;
         if matches!(p, HookPoint::ResidMid(_)) && self.config.arch.parallel_block(&self.config) {
-            bail!(
+            return Err(ModelError::bad_input(format!(
                 "hook point '{p}' does not exist in {}: its attention and MLP run in parallel on the same input \
                  (as in TransformerLens); use hook_resid_pre, hook_attn_out, hook_mlp_out or hook_resid_post",
                 self.config.name
-            );
+            )));
         }
         Ok(())
     }
 
     /// Capture the activations at `points` for `batch` sequences, stopping after the deepest one.
-    pub fn run_with_cache(&self, tokens: &[u32], batch: usize, points: &[HookPoint]) -> Result<ActivationCache> {
+    pub fn run_with_cache(&self, tokens: &[u32], batch: usize, points: &[HookPoint]) -> ModelResult<ActivationCache> {
         let captured: Mutex<HashMap<HookPoint, Vec<f32>>> = Mutex::new(HashMap::new());
         let mut hooks = Hooks::new();
         for &p in points {
@@ -228,7 +244,7 @@ impl Model {
         let mut cache = self.new_cache(batch);
         self.forward(tokens, batch, &mut cache, &mut hooks, Logits::None)?;
         drop(hooks);
-        let acts = captured.into_inner().map_err(|_| anyhow!("hook lock poisoned"))?;
+        let acts = captured.into_inner().map_err(|_| ModelError::Internal(anyhow!("hook lock poisoned")))?;
         Ok(ActivationCache::new(batch, tokens.len() / batch, self.config.d_model, acts))
     }
 
@@ -296,7 +312,9 @@ pub struct RmsBlockWeights<'a> {
 
 pub(crate) fn check_positions(needed: usize, max: usize) -> Result<()> {
     if needed > max {
-        bail!("sequence of {needed} positions exceeds the model's context length {max}");
+        let e =
+            ModelError::bad_input(format!("sequence of {needed} positions exceeds the model's context length {max}"));
+        return Err(e.into());
     }
     Ok(())
 }

@@ -5,17 +5,42 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use saekit_model::{LoadOptions, Model};
+use saekit_model::{HookPoint, Hooks, LoadOptions, Logits, Model, ModelError};
 
+/// Loading `path` fails with one line, and it is the file's fault (not the disk's, not saekit's).
 fn load_err(path: &Path) -> String {
     match Model::load(path, &LoadOptions::default()) {
         Ok(_) => panic!("{} loaded but should not", path.display()),
         Err(e) => {
             let msg = format!("{e:#}");
             assert!(!msg.contains('\n'), "error should be one line: {msg}");
+            assert!(matches!(e, ModelError::BadFile(_)), "{msg}: sorted as {e:?}, not as a bad file");
             msg
         }
     }
+}
+
+/// What a forward pass refuses is the caller's input; what fails inside a hook is not.
+#[test]
+fn forward_errors_say_whose_fault_they_are() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2-tiny");
+    let m = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let (vocab, context) = (m.config().vocab_size as u32, m.config().max_positions);
+    let forward = |tokens: &[u32], hooks: &mut Hooks| {
+        m.forward(tokens, 1, &mut m.new_cache(1), hooks, Logits::Last).map(|_| ()).unwrap_err()
+    };
+    let e = forward(&[1, vocab], &mut Hooks::new());
+    assert!(matches!(&e, ModelError::BadInput(msg) if msg.contains(&vocab.to_string())), "{e:?}");
+    // the context check runs inside the block loop and comes back through anyhow with its kind
+    let e = forward(&vec![1; context + 1], &mut Hooks::new());
+    assert!(matches!(&e, ModelError::BadInput(msg) if msg.contains("context length")), "{e:?}");
+    let mut deep = Hooks::new();
+    deep.add(HookPoint::ResidPost(99), |_, _| Ok(()));
+    assert!(matches!(forward(&[1, 2], &mut deep), ModelError::BadInput(_)));
+    let mut failing = Hooks::new();
+    failing.add(HookPoint::ResidPost(0), |_, _| anyhow::bail!("the hook's own failure"));
+    let e = forward(&[1, 2], &mut failing);
+    assert!(matches!(&e, ModelError::Internal(_)) && format!("{e:#}").contains("own failure"), "{e:?}");
 }
 
 /// Metadata of a 1-block llama with d_model 32, with `arch` as its architecture name.

@@ -13,21 +13,30 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-use crate::db::FeatureStore;
-use crate::engine::{FeatureEdit, GenSettings, ModelQueue, QueueError};
+use crate::engine::{FeatureEdit, GenSettings, ModelQueue};
+use crate::error::{ServeError, ServeResult};
+use crate::FeatureStore;
 
 /// Bounds on what one request may ask for.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Limits {
+    /// Largest request body.
     pub max_body_bytes: usize,
+    /// Longest text or prompt, in characters.
     pub max_text_chars: usize,
+    /// Most tokens of a live-text request.
     pub max_live_tokens: usize,
+    /// Most tokens of a live-text request with the logit lens on.
     pub max_lens_tokens: usize,
     /// Prompt tokens of one steering request (chat template included); each costs two forward rows.
     pub max_prompt_tokens: usize,
+    /// Most tokens one request may generate.
     pub max_new_tokens: usize,
+    /// Most feature edits per request.
     pub max_edits: usize,
+    /// Most features one list request returns.
     pub max_list: usize,
+    /// Largest absolute value of an edit, after `unit: "max"` is multiplied out.
     pub max_abs_value: f32,
 }
 
@@ -47,10 +56,13 @@ impl Default for Limits {
     }
 }
 
+/// What every request handler shares: the database, the model queue, the limits.
 pub struct AppState {
+    /// The feature database.
     pub db: Arc<dyn FeatureStore>,
     /// `None` when started without a model and SAE: the database pages work, live text and steering answer 503.
     pub queue: Option<ModelQueue>,
+    /// Bounds on requests.
     pub limits: Limits,
     /// Facts about the model and SAE for `/api/info`.
     pub model_info: Value,
@@ -58,6 +70,7 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state for a server over `db`, with the model behind `queue` when there is one.
     pub fn new(db: Arc<dyn FeatureStore>, queue: Option<ModelQueue>, model_info: Value, limits: Limits) -> Self {
         Self { db, queue, limits, model_info, db_permits: Semaphore::new(4) }
     }
@@ -66,79 +79,37 @@ impl AppState {
     async fn with_db<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&dyn FeatureStore) -> anyhow::Result<T> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let _permit = self.db_permits.acquire().await.map_err(|_| ApiError::internal("shutting down"))?;
+    ) -> ServeResult<T> {
+        let _permit = self.db_permits.acquire().await.map_err(|_| ServeError::internal("shutting down"))?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(db.as_ref()))
             .await
-            .map_err(|e| ApiError::internal(format!("database task failed: {e}")))?
-            .map_err(|e| ApiError::internal(format!("{e:#}")))
+            .map_err(|e| ServeError::internal(format!("database task failed: {e}")))?
+            .map_err(ServeError::Internal)
     }
 }
 
-pub struct ApiError {
-    pub(crate) status: StatusCode,
-    pub(crate) message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
-    }
-    fn bad(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-    fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, message)
-    }
-    fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(status = %self.status, "{}", self.message);
-        }
-        (self.status, Json(json!({ "error": self.message }))).into_response()
-    }
-}
-
-impl From<QueueError> for ApiError {
-    fn from(e: QueueError) -> Self {
-        match e {
-            QueueError::Busy(n) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the model is busy ({n} requests already waiting); try again in a moment"),
-            ),
-            // model errors are almost always about the input (too long, bad token): say what it was
-            QueueError::Failed(e) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")),
-        }
-    }
-}
-
-fn rejection(status: StatusCode, text: String) -> ApiError {
-    ApiError::new(if status.is_success() { StatusCode::BAD_REQUEST } else { status }, text)
-}
-
-impl From<JsonRejection> for ApiError {
+impl From<JsonRejection> for ServeError {
     fn from(r: JsonRejection) -> Self {
-        rejection(r.status(), r.body_text())
+        ServeError::Refused { status: r.status(), message: r.body_text() }
     }
 }
-impl From<QueryRejection> for ApiError {
+impl From<QueryRejection> for ServeError {
     fn from(r: QueryRejection) -> Self {
-        rejection(r.status(), r.body_text())
+        ServeError::Refused { status: r.status(), message: r.body_text() }
     }
 }
-impl From<PathRejection> for ApiError {
+impl From<PathRejection> for ServeError {
     fn from(r: PathRejection) -> Self {
-        rejection(r.status(), r.body_text())
+        ServeError::Refused { status: r.status(), message: r.body_text() }
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+fn bad(message: impl Into<String>) -> ServeError {
+    ServeError::BadRequest(message.into())
+}
+
+type ApiResult = ServeResult<Json<Value>>;
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
@@ -165,6 +136,7 @@ async fn page() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
+/// Every route of the server: the pages, their assets, `/api` and `/v1`.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let api = Router::new()
@@ -175,7 +147,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/map", get(map))
         .route("/live", post(live))
         .route("/steer", post(steer))
-        .fallback(|| async { ApiError::not_found("no such API endpoint; see GET /api/info and the README") });
+        .fallback(|| async { ServeError::NotFound("no such API endpoint; see GET /api/info and the README".into()) });
     Router::new()
         .route("/", get(page))
         .route("/feature/{id}", get(page))
@@ -202,10 +174,10 @@ async fn info(State(s): State<Arc<AppState>>) -> ApiResult {
     })))
 }
 
-pub(crate) fn check_id(s: &AppState, id: u32) -> Result<(), ApiError> {
+pub(crate) fn check_id(s: &AppState, id: u32) -> ServeResult<()> {
     let n = s.db.n_features();
     if id >= n {
-        return Err(ApiError::not_found(format!(
+        return Err(ServeError::NotFound(format!(
             "feature {id} does not exist: ids run from 0 to {}",
             n.saturating_sub(1)
         )));
@@ -213,14 +185,16 @@ pub(crate) fn check_id(s: &AppState, id: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `GET /api/features/{id}`: everything a feature page shows, as one `FeatureRecord`. The path from the SQLite
+/// file to here is traced in the crate doc (`lib.rs`) and in DEVELOPERS.md, "Where things are".
 async fn feature(State(s): State<Arc<AppState>>, id: Result<Path<String>, PathRejection>) -> ApiResult {
     let Path(raw) = id?;
-    let id: u32 = raw.trim().parse().map_err(|_| ApiError::bad(format!("'{raw}' is not a feature id (a number)")))?;
+    let id: u32 = raw.trim().parse().map_err(|_| bad(format!("'{raw}' is not a feature id (a number)")))?;
     check_id(&s, id)?;
     let Some(f) = s.with_db(move |db| db.feature(id)).await? else {
-        return Err(ApiError::not_found(format!("feature {id} is not in the database")));
+        return Err(ServeError::NotFound(format!("feature {id} is not in the database")));
     };
-    let mut v = serde_json::to_value(f).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut v = serde_json::to_value(f).map_err(ServeError::internal)?;
     // the record's map coordinates belong to `/api/map`; dropping them keeps this response's keys as
     // documented (the README's API table) and as the pages have always read them
     if let Some(o) = v.as_object_mut() {
@@ -240,11 +214,11 @@ struct ListQuery {
 
 async fn list(State(s): State<Arc<AppState>>, q: Result<Query<ListQuery>, QueryRejection>) -> ApiResult {
     let Query(q) = q?;
-    let sort: SortBy = q.sort.as_deref().unwrap_or("density").parse().map_err(|e| ApiError::bad(format!("{e}")))?;
+    let sort: SortBy = q.sort.as_deref().unwrap_or("density").parse().map_err(|e| bad(format!("{e}")))?;
     let descending = match q.order.as_deref().unwrap_or("desc") {
         "desc" => true,
         "asc" => false,
-        o => return Err(ApiError::bad(format!("unknown order '{o}': use asc or desc"))),
+        o => return Err(bad(format!("unknown order '{o}': use asc or desc"))),
     };
     let offset = q.offset.unwrap_or(0);
     let limit = q.limit.unwrap_or(50).min(s.limits.max_list);
@@ -262,10 +236,10 @@ async fn search(State(s): State<Arc<AppState>>, q: Result<Query<SearchQuery>, Qu
     let Query(q) = q?;
     let query = q.q.trim().to_string();
     if query.is_empty() {
-        return Err(ApiError::bad("empty search: give a feature id or a word"));
+        return Err(bad("empty search: give a feature id or a word"));
     }
     if query.chars().count() > 200 {
-        return Err(ApiError::bad("search text is longer than 200 characters"));
+        return Err(bad("search text is longer than 200 characters"));
     }
     let limit = q.limit.unwrap_or(30).min(100);
     let by_id = query.parse::<u32>().ok().filter(|&id| id < s.db.n_features());
@@ -278,13 +252,8 @@ async fn map(State(s): State<Arc<AppState>>) -> ApiResult {
     Ok(Json(json!({ "points": pts })))
 }
 
-fn queue(s: &AppState) -> Result<&ModelQueue, ApiError> {
-    s.queue.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this server was started without a model and SAE (saekit serve --sae DIR): live text and steering are off",
-        )
-    })
+fn queue(s: &AppState) -> ServeResult<&ModelQueue> {
+    s.queue.as_ref().ok_or(ServeError::NoModel("live text and steering are"))
 }
 
 #[derive(Deserialize)]
@@ -301,10 +270,10 @@ async fn live(State(s): State<Arc<AppState>>, body: Result<Json<LiveRequest>, Js
     let q = queue(&s)?;
     let lim = &s.limits;
     if req.text.trim().is_empty() {
-        return Err(ApiError::bad("the text is empty"));
+        return Err(bad("the text is empty"));
     }
     if req.text.chars().count() > lim.max_text_chars {
-        return Err(ApiError::bad(format!("the text is longer than {} characters", lim.max_text_chars)));
+        return Err(bad(format!("the text is longer than {} characters", lim.max_text_chars)));
     }
     if let Some(f) = req.feature {
         check_id(&s, f)?;
@@ -316,18 +285,19 @@ async fn live(State(s): State<Arc<AppState>>, body: Result<Json<LiveRequest>, Js
         .run(move |e| {
             let ids = e.encode_text(&req.text)?;
             if ids.len() > max_tokens {
-                anyhow::bail!("the text is {} tokens; the limit is {max_tokens}", ids.len());
+                let n = ids.len();
+                return Err(ServeError::Unprocessable(format!("the text is {n} tokens; the limit is {max_tokens}")));
             }
             if lens && ids.len() > max_lens {
-                anyhow::bail!(
-                    "the logit lens takes at most {max_lens} tokens (the text has {}); turn it off",
-                    ids.len()
-                );
+                let n = ids.len();
+                return Err(ServeError::Unprocessable(format!(
+                    "the logit lens takes at most {max_lens} tokens (the text has {n}); turn it off"
+                )));
             }
             e.live(&ids, req.feature, top_k, lens)
         })
         .await?;
-    Ok(Json(serde_json::to_value(r).map_err(|e| ApiError::internal(e.to_string()))?))
+    Ok(Json(serde_json::to_value(r).map_err(ServeError::internal)?))
 }
 
 #[derive(Deserialize)]
@@ -357,18 +327,18 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
     let q = queue(&s)?;
     let lim = s.limits.clone();
     if req.prompt.trim().is_empty() {
-        return Err(ApiError::bad("the prompt is empty"));
+        return Err(bad("the prompt is empty"));
     }
     if req.prompt.chars().count() > lim.max_text_chars {
-        return Err(ApiError::bad(format!("the prompt is longer than {} characters", lim.max_text_chars)));
+        return Err(bad(format!("the prompt is longer than {} characters", lim.max_text_chars)));
     }
     let max_new_tokens = req.max_new_tokens.unwrap_or(40.min(lim.max_new_tokens));
     if max_new_tokens == 0 || max_new_tokens > lim.max_new_tokens {
-        return Err(ApiError::bad(format!("max_new_tokens must be 1..={}", lim.max_new_tokens)));
+        return Err(bad(format!("max_new_tokens must be 1..={}", lim.max_new_tokens)));
     }
     let temperature = req.temperature.unwrap_or(0.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad("temperature must be between 0 (greedy) and 2"));
+        return Err(bad("temperature must be between 0 (greedy) and 2"));
     }
     let (edits, resolved) = resolve_edits(&s, &req.edits).await?;
     let settings = GenSettings {
@@ -380,7 +350,7 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
     };
     let prompt = req.prompt;
     let r = q.run(move |e| e.steer(&prompt, &edits, &settings)).await?;
-    let mut v = serde_json::to_value(r).map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut v = serde_json::to_value(r).map_err(ServeError::internal)?;
     v["edits"] = Value::Array(resolved);
     Ok(Json(v))
 }
@@ -391,17 +361,17 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
 pub(crate) async fn resolve_edits(
     s: &Arc<AppState>,
     reqs: &[EditRequest],
-) -> Result<(Vec<FeatureEdit>, Vec<Value>), ApiError> {
+) -> ServeResult<(Vec<FeatureEdit>, Vec<Value>)> {
     let lim = &s.limits;
     if reqs.len() > lim.max_edits {
-        return Err(ApiError::bad(format!("at most {} feature edits per request", lim.max_edits)));
+        return Err(bad(format!("at most {} feature edits per request", lim.max_edits)));
     }
     let mut edits = Vec::with_capacity(reqs.len());
     let mut resolved = Vec::new();
     for e in reqs {
         check_id(s, e.feature)?;
         if !e.value.is_finite() || e.value.abs() > lim.max_abs_value {
-            return Err(ApiError::bad(format!(
+            return Err(bad(format!(
                 "feature {}: the value must be finite and within ±{}",
                 e.feature, lim.max_abs_value
             )));
@@ -412,23 +382,23 @@ pub(crate) async fn resolve_edits(
                 let id = e.feature;
                 let rec = s.with_db(move |db| db.feature(id)).await?;
                 let max = rec.map(|r| r.max_act).filter(|m| *m > 0.0).ok_or_else(|| {
-                    ApiError::bad(format!("feature {id} has no recorded max activation: give an absolute value"))
+                    bad(format!("feature {id} has no recorded max activation: give an absolute value"))
                 })?;
                 let v = e.value * max;
                 if !v.is_finite() || v.abs() > lim.max_abs_value {
-                    return Err(ApiError::bad(format!(
+                    return Err(bad(format!(
                         "feature {id}: {} x its max activation {max} = {v}, outside ±{}",
                         e.value, lim.max_abs_value
                     )));
                 }
                 v
             }
-            u => return Err(ApiError::bad(format!("unknown unit '{u}': use abs or max"))),
+            u => return Err(bad(format!("unknown unit '{u}': use abs or max"))),
         };
         edits.push(match e.mode.as_str() {
             "clamp" => FeatureEdit::Clamp { feature: e.feature, value },
             "add" => FeatureEdit::Add { feature: e.feature, coeff: value },
-            m => return Err(ApiError::bad(format!("unknown mode '{m}': use clamp or add"))),
+            m => return Err(bad(format!("unknown mode '{m}': use clamp or add"))),
         });
         resolved.push(json!({ "feature": e.feature, "mode": e.mode, "value": value }));
     }

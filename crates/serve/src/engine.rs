@@ -5,39 +5,53 @@
 
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Model, Sampling};
 use saekit_sae::Sae;
 pub use saekit_steer::FeatureEdit;
 use saekit_steer::Positions;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{ServeError, ServeResult};
+
 /// The LM, the SAE and the hook point it reads.
 pub struct Engine {
+    /// The language model.
     pub model: Model,
+    /// The SAE the live pages and steering use.
     pub sae: Sae,
+    /// The hook point the SAE reads and steering edits.
     pub hook: HookPoint,
 }
 
+/// A feature and its activation on one token (or its strongest over a text).
 #[derive(Debug, Clone, Serialize)]
 pub struct FeatureAct {
+    /// The feature.
     pub id: u32,
+    /// Its activation.
     pub act: f32,
 }
 
+/// One cell of the logit lens: the top token a layer's residual decodes to at one position.
 #[derive(Debug, Clone, Serialize)]
 pub struct LensCell {
+    /// The token's text.
     pub token: String,
+    /// Its probability.
     pub prob: f32,
 }
 
 /// What the live-text page shows for one text.
 #[derive(Debug, Clone, Serialize)]
 pub struct LiveResult {
+    /// The text's tokens, as text.
     pub tokens: Vec<String>,
+    /// Their ids.
     pub ids: Vec<u32>,
-    /// The chosen feature's activation on each token (empty when none was chosen).
+    /// The feature the page asked about, if any.
     pub feature: Option<u32>,
+    /// The chosen feature's activation on each token (empty when none was chosen).
     pub feature_acts: Vec<f32>,
     /// The strongest features on each token, strongest first.
     pub top_features: Vec<Vec<FeatureAct>>,
@@ -47,26 +61,38 @@ pub struct LiveResult {
     pub lens: Vec<Vec<LensCell>>,
 }
 
+/// What the steering page shows: the same prompt continued without and with the edits.
 #[derive(Debug, Clone, Serialize)]
 pub struct SteerResult {
+    /// The prompt as the model saw it (after the chat template when asked).
     pub prompt: String,
+    /// The continuation without edits.
     pub baseline: String,
+    /// The continuation with them.
     pub steered: String,
+    /// Tokens generated without edits.
     pub baseline_tokens: usize,
+    /// Tokens generated with them.
     pub steered_tokens: usize,
 }
 
+/// How a steering request generates.
 #[derive(Debug, Clone, Deserialize)]
 pub struct GenSettings {
+    /// Most tokens to generate.
     pub max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
     pub temperature: f32,
+    /// Sampling seed (the same for both generations).
     pub seed: u64,
+    /// Wrap the prompt in the model's chat template.
     pub chat: bool,
     /// Longest prompt (in tokens, after the chat template) to generate from.
     pub max_prompt_tokens: usize,
 }
 
 impl Engine {
+    /// The engine on the hook the SAE names (see [`Engine::with_hook`]).
     pub fn new(model: Model, sae: Sae) -> Result<Self> {
         Self::with_hook(model, sae, None)
     }
@@ -86,12 +112,13 @@ impl Engine {
         self.hook
     }
 
-    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
-        self.model.tokenizer().encode(text, true)
+    /// Tokenise a request's text as a plain prompt (with the model's BOS).
+    pub fn encode_text(&self, text: &str) -> ServeResult<Vec<u32>> {
+        self.model.tokenizer().encode(text, true).map_err(ServeError::Internal)
     }
 
     /// Per-token SAE activations for `text`, plus the logit lens when `lens` is set.
-    pub fn live(&self, ids: &[u32], feature: Option<u32>, top_k: usize, lens: bool) -> Result<LiveResult> {
+    pub fn live(&self, ids: &[u32], feature: Option<u32>, top_k: usize, lens: bool) -> ServeResult<LiveResult> {
         let cfg = self.model.config();
         let d = cfg.d_model;
         let mut points = vec![self.hook];
@@ -99,7 +126,8 @@ impl Engine {
             points.extend((0..cfg.n_layers).map(HookPoint::ResidPost));
         }
         let cache = self.model.run_with_cache(ids, 1, &points)?;
-        let x = cache.get(&self.hook).ok_or_else(|| anyhow!("internal: hook {} not captured", self.hook))?;
+        let x =
+            cache.get(&self.hook).ok_or_else(|| ServeError::internal(format!("hook {} not captured", self.hook)))?;
         let codes = self.sae.encode(x);
         let seq = ids.len();
         let mut feature_acts = Vec::new();
@@ -134,7 +162,9 @@ impl Engine {
             let v = cfg.vocab_size;
             let mut normed = Vec::with_capacity(cfg.n_layers * seq * d);
             for l in 0..cfg.n_layers {
-                let h = cache.get(&HookPoint::ResidPost(l)).ok_or_else(|| anyhow!("internal: layer {l} missing"))?;
+                let h = cache
+                    .get(&HookPoint::ResidPost(l))
+                    .ok_or_else(|| ServeError::internal(format!("layer {l} not captured")))?;
                 normed.extend(self.final_norm(h, d));
             }
             let mut cells = Vec::with_capacity(cfg.n_layers * seq);
@@ -180,22 +210,29 @@ impl Engine {
         out
     }
 
-    pub fn prompt_ids(&self, prompt: &str, chat: bool) -> Result<(String, Vec<u32>)> {
-        let tok = self.model.tokenizer();
+    /// The prompt as the model sees it (through the chat template when `chat`) and its token ids.
+    pub fn prompt_ids(&self, prompt: &str, chat: bool) -> ServeResult<(String, Vec<u32>)> {
         if chat {
-            let text = tok.apply_chat_template(&[ChatMessage::user(prompt)])?;
+            let text = self.chat_text(&[ChatMessage::user(prompt)])?;
             // the template writes its own BOS-like markers
-            Ok((text.clone(), tok.encode(&text, false)?))
+            Ok((text.clone(), self.model.tokenizer().encode(&text, false).map_err(ServeError::Internal)?))
         } else {
-            Ok((prompt.to_string(), tok.encode(prompt, true)?))
+            Ok((prompt.to_string(), self.encode_text(prompt)?))
         }
+    }
+
+    /// Messages rendered by the chat template; a template that refuses them (one without a template,
+    /// one that raises on the order of the roles) refuses the request.
+    fn chat_text(&self, messages: &[ChatMessage]) -> ServeResult<String> {
+        let text = self.model.tokenizer().apply_chat_template(messages);
+        text.map_err(|e| ServeError::Unprocessable(format!("{e:#}")))
     }
 
     /// Render chat messages with the model's chat template and tokenise them (the template writes its own
     /// BOS-like markers), as `saekit generate --chat` does.
-    pub fn chat_prompt_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let tok = self.model.tokenizer();
-        tok.encode(&tok.apply_chat_template(messages)?, false)
+    pub fn chat_prompt_ids(&self, messages: &[ChatMessage]) -> ServeResult<Vec<u32>> {
+        let text = self.chat_text(messages)?;
+        self.model.tokenizer().encode(&text, false).map_err(ServeError::Internal)
     }
 
     /// Generate with `edits` applied (position 0 left alone, as everywhere in serve and by default in
@@ -206,19 +243,20 @@ impl Engine {
         edits: &[FeatureEdit],
         opts: &GenerateOptions,
         on_token: impl FnMut(u32) -> bool,
-    ) -> Result<saekit_model::Generation> {
+    ) -> ServeResult<saekit_model::Generation> {
         saekit_steer::validate(&self.model, &self.sae, self.hook, edits)?;
         let mut hooks = saekit_model::Hooks::new();
         saekit_steer::add_steering_hook(&mut hooks, &self.sae, self.hook, edits, Positions::SkipFirst);
-        self.model.generate_streaming(ids, opts, &mut hooks, on_token)
+        Ok(self.model.generate_streaming(ids, opts, &mut hooks, on_token)?)
     }
 
     /// Generate from the same prompt and seed without and with `edits` (clamping keeps the SAE error term;
     /// position 0, the attention sink the SAE never saw, is left alone).
-    pub fn steer(&self, prompt: &str, edits: &[FeatureEdit], s: &GenSettings) -> Result<SteerResult> {
+    pub fn steer(&self, prompt: &str, edits: &[FeatureEdit], s: &GenSettings) -> ServeResult<SteerResult> {
         let (text, ids) = self.prompt_ids(prompt, s.chat)?;
         if ids.len() > s.max_prompt_tokens {
-            bail!("the prompt is {} tokens; the limit is {}", ids.len(), s.max_prompt_tokens);
+            let (n, limit) = (ids.len(), s.max_prompt_tokens);
+            return Err(ServeError::Unprocessable(format!("the prompt is {n} tokens; the limit is {limit}")));
         }
         let opts = GenerateOptions {
             max_new_tokens: s.max_new_tokens,
@@ -246,17 +284,12 @@ type Job = Box<dyn FnOnce(&Engine) + Send>;
 /// A single worker thread that owns the engine, fed by a bounded queue.
 pub struct ModelQueue {
     tx: SyncSender<Job>,
+    /// Jobs that may wait while one runs.
     pub capacity: usize,
 }
 
-/// Why a job did not run.
-#[derive(Debug)]
-pub enum QueueError {
-    Busy(usize),
-    Failed(anyhow::Error),
-}
-
 impl ModelQueue {
+    /// Start the worker thread that owns `engine`.
     pub fn start(engine: Engine, capacity: usize) -> Result<Self> {
         let (tx, rx) = sync_channel::<Job>(capacity);
         std::thread::Builder::new()
@@ -274,30 +307,27 @@ impl ModelQueue {
     /// receiver for its result (streaming handlers answer before the job has finished).
     pub fn submit<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
-    ) -> std::result::Result<tokio::sync::oneshot::Receiver<Result<T>>, QueueError> {
+        f: impl FnOnce(&Engine) -> ServeResult<T> + Send + 'static,
+    ) -> ServeResult<tokio::sync::oneshot::Receiver<ServeResult<T>>> {
         let (otx, orx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |e| {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(e)))
-                .unwrap_or_else(|_| Err(anyhow!("internal error: the model worker panicked")));
+                .unwrap_or_else(|_| Err(ServeError::internal("the model worker panicked")));
             let _ = otx.send(r);
         });
         match self.tx.try_send(job) {
             Ok(()) => Ok(orx),
-            Err(TrySendError::Full(_)) => Err(QueueError::Busy(self.capacity)),
-            Err(TrySendError::Disconnected(_)) => Err(QueueError::Failed(anyhow!("the model worker has stopped"))),
+            Err(TrySendError::Full(_)) => Err(ServeError::Busy(self.capacity)),
+            Err(TrySendError::Disconnected(_)) => Err(ServeError::internal("the model worker has stopped")),
         }
     }
 
     /// Run `f` on the worker; `Busy` at once when `capacity` jobs are already waiting.
     pub async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
-    ) -> std::result::Result<T, QueueError> {
+        f: impl FnOnce(&Engine) -> ServeResult<T> + Send + 'static,
+    ) -> ServeResult<T> {
         let orx = self.submit(f)?;
-        match orx.await {
-            Ok(r) => r.map_err(QueueError::Failed),
-            Err(_) => Err(QueueError::Failed(anyhow!("the model worker dropped the request"))),
-        }
+        orx.await.unwrap_or_else(|_| Err(ServeError::internal("the model worker dropped the request")))
     }
 }

@@ -12,8 +12,8 @@ use saekit_model::linalg;
 use saekit_sae::SparseCodes;
 use serde_json::json;
 
-use crate::db::MemoryDb;
 use crate::engine::Engine;
+use crate::MemoryDb;
 
 /// Varied short texts: prose, French, code, numbers, a chat turn.
 pub const FIXTURE_TEXTS: &[&str] = &[
@@ -151,7 +151,7 @@ pub fn build_db(engine: &Engine, texts: &[&str]) -> Result<MemoryDb> {
             y,
             explanations: Vec::new(),
         };
-        let tops = crate::db::top_tokens(&rec, 3);
+        let tops = crate::top_tokens(&rec, 3);
         if !tops.is_empty() {
             let quoted: Vec<String> = tops.iter().map(|t| format!("“{t}”")).collect();
             rec.explanation = Some(format!("Fires most on {}", quoted.join(", ")));

@@ -2,27 +2,45 @@
 //!
 //! Owns the HTTP server (axum on a small tokio runtime), the JSON API under `/api`, the pages and their
 //! assets (embedded in the binary: no file is read after start-up except the feature database), and the
-//! queue that serialises model work. It reads the feature database through [`db::FeatureStore`], whose
-//! records are `saekit_analysis`' (this crate defines none of its own), and runs the model and SAE through
-//! [`engine::Engine`], and speaks the OpenAI chat and text-completion API under `/v1` ([`openai`]); it must not compute or write analysis results itself (`fixture` builds small
-//! databases for tests only).
+//! queue that serialises model work. It reads the feature database through [`FeatureStore`]
+//! (`store_trait.rs`; [`MemoryDb`] for JSON files, `store_sqlite.rs` for the SQLite database), whose records
+//! are `saekit_analysis`' (this crate defines none of its own), runs the model and SAE through
+//! [`engine::Engine`], and speaks the OpenAI chat and text-completion API under `/v1` ([`openai`]). Every
+//! error a request can meet is a [`ServeError`], whose kind alone decides the HTTP status. It must not compute
+//! or write analysis results itself (`fixture`, behind the `fixture` feature, builds small databases for
+//! tests only).
+//!
+//! A feature page's data, end to end: the page script (`assets/app.js`, `featurePage`, routed from `/feature/{id}` by `route`) fetches
+//! `GET /api/features/{id}`; [`api`]'s `feature` handler checks the id and asks the [`FeatureStore`] on the
+//! blocking pool (`AppState::with_db`); for SQLite that is `SqliteStore::feature` (`store_sqlite.rs`), a
+//! forward to `saekit_analysis::FeatureDb::feature` (`crates/analysis/src/feature_db.rs`), which reads the
+//! feature's row and its zstd-compressed detail blob and resolves token ids to text into a
+//! [`saekit_analysis::FeatureRecord`]; the handler returns that record as JSON (less its map coordinates),
+//! and the page draws it. DEVELOPERS.md ("Where things are") has the same path as a table.
 
-pub mod analysis_db;
+#![warn(missing_docs)]
+
 pub mod api;
-pub mod db;
 pub mod engine;
+mod error;
+#[cfg(feature = "fixture")]
 pub mod fixture;
 pub mod openai;
+mod store_json;
+mod store_sqlite;
+mod store_trait;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 
-pub use analysis_db::open_store;
 pub use api::{router, AppState, Limits};
-pub use db::{FeatureStore, MemoryDb};
 pub use engine::{Engine, ModelQueue};
+pub use error::{ServeError, ServeResult};
+pub use store_json::{top_tokens, MemoryDb};
+pub use store_sqlite::SqliteStore;
+pub use store_trait::{open_store, FeatureStore};
 
 /// Bind `addr` and serve until Ctrl-C. Prints the URL on stdout once listening (the e2e harness reads it).
 pub async fn serve(state: Arc<AppState>, addr: SocketAddr) -> Result<()> {

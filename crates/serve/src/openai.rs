@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,76 +26,61 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::api::{resolve_edits, AppState, EditRequest};
-use crate::engine::{Engine, FeatureEdit, QueueError};
+use crate::engine::{Engine, FeatureEdit};
+use crate::error::ServeError;
 
+/// The `/v1` routes, nested under `/v1` by [`crate::router`].
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/models", get(models))
         .route("/chat/completions", post(chat_completions))
         .route("/completions", post(completions))
         .method_not_allowed_fallback(|m: Method, u: Uri| async move {
-            OaiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request_error",
-                format!("{m} is not allowed on /v1{u}"),
-            )
+            let message = format!("{m} is not allowed on /v1{u}");
+            OaiError::from(ServeError::Refused { status: StatusCode::METHOD_NOT_ALLOWED, message })
         })
         // inside the nest the path has lost its `/v1` (axum's original-uri feature is off)
         .fallback(|m: Method, u: Uri| async move {
-            OaiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("Unknown request URL: {m} /v1{u}"))
+            OaiError::from(ServeError::NotFound(format!("Unknown request URL: {m} /v1{u}")))
         })
 }
 
-/// An error as OpenAI's API writes it.
+/// A [`ServeError`] as OpenAI's API writes it: the status is the error's own, the `type` follows from it,
+/// and `param` / `code` name the field at fault where one is.
 #[derive(Debug)]
 pub struct OaiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
+    error: ServeError,
     param: Option<&'static str>,
     code: Option<&'static str>,
 }
 
 impl OaiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into(), param: None, code: None }
-    }
+    /// A bad value of the request's field `param` (400).
     fn invalid(param: &'static str, message: impl Into<String>) -> Self {
-        Self { param: Some(param), ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message) }
+        Self { param: Some(param), ..ServeError::BadRequest(message.into()).into() }
     }
     fn code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
     }
     fn body(&self) -> Value {
-        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+        let kind = if self.error.status().is_server_error() { "server_error" } else { "invalid_request_error" };
+        let message = self.error.message();
+        json!({ "error": { "message": message, "type": kind, "param": self.param, "code": self.code } })
+    }
+}
+
+impl From<ServeError> for OaiError {
+    fn from(error: ServeError) -> Self {
+        let code = matches!(error, ServeError::Busy(_)).then_some("server_busy");
+        Self { error, param: None, code }
     }
 }
 
 impl IntoResponse for OaiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() && self.status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::warn!(status = %self.status, "{}", self.message);
-        }
-        let mut r = (self.status, Json(self.body())).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        r
-    }
-}
-
-impl From<QueueError> for OaiError {
-    fn from(e: QueueError) -> Self {
-        match e {
-            QueueError::Busy(n) => OaiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                format!("the model is busy ({n} requests already waiting); retry shortly"),
-            )
-            .code("server_busy"),
-            QueueError::Failed(e) => OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", format!("{e:#}")),
-        }
+        let response = (self.error.status(), Json(self.body())).into_response();
+        self.error.finish(response)
     }
 }
 
@@ -221,14 +206,9 @@ fn parse_request<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     what: &str,
 ) -> Result<T, OaiError> {
-    let body = body.map_err(|r| OaiError::new(r.status(), "invalid_request_error", r.body_text()))?;
-    serde_json::from_slice(&body).map_err(|e| {
-        OaiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            format!("the request body is not a valid {what} request: {e}"),
-        )
-    })
+    let body = body.map_err(|r| ServeError::Refused { status: r.status(), message: r.body_text() })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ServeError::BadRequest(format!("the request body is not a valid {what} request: {e}")).into())
 }
 
 fn messages_of(req: &[RequestMessage]) -> Result<Vec<ChatMessage>, OaiError> {
@@ -317,19 +297,11 @@ async fn check_completion(s: &Arc<AppState>, req: &CompletionRequest) -> Result<
 /// the server allows.
 async fn check_params(s: &Arc<AppState>, req: &GenParams, prompt: Prompt) -> Result<ChatJob, OaiError> {
     let Some(id) = model_id(s) else {
-        return Err(OaiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "this server was started without a model and SAE (saekit serve --sae DIR): the chat API is off",
-        ));
+        return Err(ServeError::NoModel("the chat API is").into());
     };
     if req.model != id {
-        return Err(OaiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("The model '{}' does not exist; this server has '{id}' (GET /v1/models)", req.model),
-        )
-        .code("model_not_found"));
+        let message = format!("The model '{}' does not exist; this server has '{id}' (GET /v1/models)", req.model);
+        return Err(OaiError::from(ServeError::NotFound(message)).code("model_not_found"));
     }
     let lim = &s.limits;
     let temperature = req.temperature.unwrap_or(1.0);
@@ -369,9 +341,11 @@ async fn check_params(s: &Arc<AppState>, req: &GenParams, prompt: Prompt) -> Res
         }
     }
     let steer = req.saekit.as_ref().map_or(&[][..], |x| &x.steer[..]);
-    let (edits, _) = resolve_edits(s, steer)
-        .await
-        .map_err(|e| OaiError::invalid("saekit.steer", e.message).code("invalid_steer"))?;
+    // an edit the request got wrong is a bad value of `saekit.steer` here, as OpenAI reports bad fields
+    let (edits, _) = resolve_edits(s, steer).await.map_err(|e| match e.status().is_client_error() {
+        true => OaiError::invalid("saekit.steer", e.message()).code("invalid_steer"),
+        false => e.into(),
+    })?;
     let sampling = if temperature == 0.0 { Sampling::Greedy } else { Sampling::TopP { temperature, top_p } };
     let opts = GenerateOptions { max_new_tokens: max_new_tokens as usize, sampling, seed, stop_at_eos: true };
     Ok(ChatJob { prompt, opts, stops, edits })
@@ -383,7 +357,7 @@ enum ChatEvent {
     Started { prompt_tokens: usize },
     Delta(String),
     Done { finish_reason: &'static str, completion_tokens: usize },
-    Failed(String),
+    Failed(ServeError),
 }
 
 /// The reply's text as it grows: decodes all tokens so far (a character may span tokens), holds back a
@@ -448,7 +422,9 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
     let ids = match ids {
         Ok(ids) => ids,
         Err(err) => {
-            let _ = tx.send(ChatEvent::Rejected(OaiError::invalid(param, format!("{err:#}"))));
+            let refused = err.status().is_client_error();
+            let err = if refused { OaiError::invalid(param, err.message()) } else { err.into() };
+            let _ = tx.send(ChatEvent::Rejected(err));
             return;
         }
     };
@@ -485,8 +461,8 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
         (step.delta.is_empty() || tx.send(ChatEvent::Delta(step.delta)).is_ok()) && !step.stop
     });
     let event = match (generated, failure) {
-        (Err(err), _) => ChatEvent::Failed(format!("{err:#}")),
-        (_, Some(msg)) => ChatEvent::Failed(msg),
+        (Err(err), _) => ChatEvent::Failed(err),
+        (_, Some(msg)) => ChatEvent::Failed(ServeError::internal(msg)),
         (Ok(g), None) => {
             if finish_reason == "length" {
                 match text.finish(tok) {
@@ -495,7 +471,7 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
                     }
                     Ok(_) => {}
                     Err(err) => {
-                        let _ = tx.send(ChatEvent::Failed(format!("{err:#}")));
+                        let _ = tx.send(ChatEvent::Failed(ServeError::Internal(err)));
                         return;
                     }
                 }
@@ -525,8 +501,7 @@ async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRe
 }
 
 async fn start(s: &Arc<AppState>, job: ChatJob, req: GenParams, kind: Kind) -> Result<Response, OaiError> {
-    let queue =
-        s.queue.as_ref().ok_or_else(|| OaiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no model"))?;
+    let queue = s.queue.as_ref().ok_or(ServeError::NoModel("the chat API is"))?;
     let (tx, mut rx) = unbounded_channel();
     // the job's own result is always Ok: it reports through `tx`
     let _done = queue.submit(move |e| {
@@ -536,7 +511,7 @@ async fn start(s: &Arc<AppState>, job: ChatJob, req: GenParams, kind: Kind) -> R
     let prompt_tokens = match rx.recv().await {
         Some(ChatEvent::Started { prompt_tokens }) => prompt_tokens,
         Some(ChatEvent::Rejected(err)) => return Err(err),
-        _ => return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the model worker stopped")),
+        _ => return Err(ServeError::internal("the model worker stopped").into()),
     };
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     let reply = Reply {
@@ -632,13 +607,11 @@ async fn whole_reply(reply: Reply, mut rx: UnboundedReceiver<ChatEvent>) -> Resu
             ChatEvent::Done { finish_reason, completion_tokens } => {
                 return Ok(Json(reply.whole(content, finish_reason, completion_tokens)).into_response());
             }
-            ChatEvent::Failed(msg) => {
-                return Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg));
-            }
+            ChatEvent::Failed(err) => return Err(err.into()),
             ChatEvent::Started { .. } | ChatEvent::Rejected(_) => {}
         }
     }
-    Err(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the model worker stopped mid-reply"))
+    Err(ServeError::internal("the model worker stopped mid-reply").into())
 }
 
 /// Server-sent events as OpenAI sends them: a role chunk (chat only), content chunks, a chunk with the
@@ -683,8 +656,8 @@ impl StreamState {
                     self.finished = true;
                 }
                 // mid-stream failures arrive as an error object, as OpenAI's own stream reports them
-                Some(ChatEvent::Failed(msg)) => {
-                    self.queued.push_back(OaiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg).body());
+                Some(ChatEvent::Failed(err)) => {
+                    self.queued.push_back(OaiError::from(err).body());
                     self.finished = true;
                 }
                 Some(ChatEvent::Started { .. } | ChatEvent::Rejected(_)) => {}

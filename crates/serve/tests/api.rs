@@ -282,8 +282,8 @@ async fn a_full_queue_answers_busy_at_once() {
     for h in handles {
         match h.await.unwrap() {
             Ok(()) => ok += 1,
-            Err(saekit_serve::engine::QueueError::Busy(_)) => busy += 1,
-            Err(saekit_serve::engine::QueueError::Failed(e)) => panic!("{e}"),
+            Err(saekit_serve::ServeError::Busy(_)) => busy += 1,
+            Err(e) => panic!("{e}"),
         }
     }
     assert!((1..=3).contains(&ok), "one running + two waiting at most, got {ok} ok");

@@ -8,26 +8,65 @@
 //! Must not touch: model internals (only `saekit_model`'s hooks), SAE training, the feature database
 //! (multiples of a feature's max activation are resolved by the caller, see [`parse_edit`]).
 
+#![warn(missing_docs)]
+
 use std::str::FromStr;
 
-use anyhow::{anyhow, bail, Result};
-use saekit_model::{GenerateOptions, Generation, HookPoint, Hooks, Model};
+use saekit_model::{GenerateOptions, Generation, HookPoint, Hooks, Model, ModelError};
 use saekit_sae::Sae;
 use serde::Serialize;
+
+/// What went wrong while steering.
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    /// The edits or the hook do not fit the model and SAE (a feature the SAE lacks, an edit given twice,
+    /// an SAE made for another model), or an edit spec does not parse.
+    #[error("{0}")]
+    BadInput(String),
+    /// The model refused or failed the generation; its own error says whose fault.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Looking up a feature's max activation for an `Nx` edit failed.
+    #[error(transparent)]
+    Lookup(anyhow::Error),
+}
+
+/// `Result` with a [`SteerError`].
+pub type Result<T, E = SteerError> = std::result::Result<T, E>;
+
+macro_rules! bad_input {
+    ($($arg:tt)*) => { return Err(SteerError::BadInput(format!($($arg)*))) };
+}
 
 /// One change to one feature, applied at every position where the hook fires.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum FeatureEdit {
     /// Set the feature's activation to `value` (0 ablates it), keeping the SAE error term.
-    Clamp { feature: u32, value: f32 },
+    Clamp {
+        /// The feature edited.
+        feature: u32,
+        /// Its activation after the edit.
+        value: f32,
+    },
     /// Add `coeff · W_dec[feature]` to the residual stream.
-    Add { feature: u32, coeff: f32 },
+    Add {
+        /// The feature whose decoder direction is added.
+        feature: u32,
+        /// How much of it.
+        coeff: f32,
+    },
     /// Multiply the feature's current activation by `factor` (1 leaves it unchanged).
-    Scale { feature: u32, factor: f32 },
+    Scale {
+        /// The feature edited.
+        feature: u32,
+        /// The factor on its activation.
+        factor: f32,
+    },
 }
 
 impl FeatureEdit {
+    /// The feature this edit changes.
     pub fn feature(&self) -> u32 {
         match *self {
             FeatureEdit::Clamp { feature, .. }
@@ -40,36 +79,40 @@ impl FeatureEdit {
 /// A `FEATURE=VALUE` edit as written on the command line, before multiples are resolved.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EditSpec {
+    /// The feature to edit.
     pub feature: u32,
+    /// The value, or the multiple of the feature's maximum activation when `times_max`.
     pub value: f32,
     /// `10x`: the value is a multiple of the feature's maximum activation.
     pub times_max: bool,
 }
 
 impl FromStr for EditSpec {
-    type Err = anyhow::Error;
+    type Err = SteerError;
     fn from_str(s: &str) -> Result<Self> {
-        let (f, v) =
-            s.split_once('=').ok_or_else(|| anyhow!("'{s}': expected FEATURE=VALUE, e.g. 1234=10x or 88=-3"))?;
-        let feature: u32 = f.trim().parse().map_err(|_| anyhow!("'{s}': feature id '{f}' is not a number"))?;
+        let Some((f, v)) = s.split_once('=') else {
+            bad_input!("'{s}': expected FEATURE=VALUE, e.g. 1234=10x or 88=-3")
+        };
+        let Ok(feature) = f.trim().parse::<u32>() else { bad_input!("'{s}': feature id '{f}' is not a number") };
         let v = v.trim();
         let (num, times_max) = match v.strip_suffix(['x', 'X']) {
             Some(n) => (n, true),
             None => (v, false),
         };
-        let value: f32 =
-            num.parse().map_err(|_| anyhow!("'{s}': value '{v}' is not a number (or a multiple like 10x)"))?;
+        let Ok(value) = num.parse::<f32>() else {
+            bad_input!("'{s}': value '{v}' is not a number (or a multiple like 10x)")
+        };
         if !value.is_finite() {
-            bail!("'{s}': value must be finite");
+            bad_input!("'{s}': value must be finite");
         }
         Ok(Self { feature, value, times_max })
     }
 }
 
 /// Turn a parsed spec into an absolute value, looking up the feature's max activation for `Nx`.
-pub fn parse_edit(spec: &EditSpec, max_activation: impl Fn(u32) -> Result<f32>) -> Result<f32> {
+pub fn parse_edit(spec: &EditSpec, max_activation: impl Fn(u32) -> anyhow::Result<f32>) -> Result<f32> {
     if spec.times_max {
-        Ok(spec.value * max_activation(spec.feature)?)
+        Ok(spec.value * max_activation(spec.feature).map_err(SteerError::Lookup)?)
     } else {
         Ok(spec.value)
     }
@@ -87,16 +130,24 @@ pub enum Positions {
 
 /// Check edits against the SAE and the hook against the model.
 pub fn validate(model: &Model, sae: &Sae, hook: HookPoint, edits: &[FeatureEdit]) -> Result<()> {
-    hook.check(model.config().n_layers)?;
+    model.check_hook_point(hook)?;
     // an SAE made for another model, width or hook would steer the wrong residual without a word
-    sae.hook_on("the SAE", &model.config().name, model.config().d_model, Some(&hook.to_string()))?;
+    let cfg = model.config();
+    if let Err(e) = sae.hook_on("the SAE", &cfg.name, cfg.d_model, Some(&hook.to_string())) {
+        bad_input!("{e:#}");
+    }
     for (i, e) in edits.iter().enumerate() {
         if e.feature() as usize >= sae.d_sae {
-            bail!("feature {} does not exist: the SAE has {} features (0..{})", e.feature(), sae.d_sae, sae.d_sae - 1);
+            bad_input!(
+                "feature {} does not exist: the SAE has {} features (0..{})",
+                e.feature(),
+                sae.d_sae,
+                sae.d_sae - 1
+            );
         }
         // each edit is computed against the unedited f(x): two edits of one feature would not compose
         if edits[..i].iter().any(|p| p.feature() == e.feature()) {
-            bail!("feature {} is edited more than once; give one edit per feature", e.feature());
+            bad_input!("feature {} is edited more than once; give one edit per feature", e.feature());
         }
     }
     Ok(())
@@ -120,7 +171,7 @@ fn apply_edits(
     positions: Positions,
     ctx: &saekit_model::HookContext,
     x: &mut [f32],
-) -> Result<()> {
+) -> anyhow::Result<()> {
     if edits.is_empty() {
         return Ok(());
     }
@@ -165,17 +216,21 @@ pub fn generate_steered(
     validate(model, sae, hook, edits)?;
     let mut hooks = Hooks::new();
     add_steering_hook(&mut hooks, sae, hook, edits, positions);
-    model.generate(prompt_ids, opts, &mut hooks)
+    Ok(model.generate(prompt_ids, opts, &mut hooks)?)
 }
 
 /// The same prompt and seed without and with the edits.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
+    /// The generation without edits.
     pub baseline: Generation,
+    /// The generation with them.
     pub steered: Generation,
+    /// The edits applied.
     pub edits: Vec<FeatureEdit>,
 }
 
+/// Generate from `prompt_ids` twice with the same options and seed, without and with `edits`.
 pub fn compare(
     model: &Model,
     sae: &Sae,
@@ -197,7 +252,7 @@ pub fn direct_logit_effect(model: &Model, sae: &Sae, feature: u32) -> Result<Vec
     let d = sae.d_in;
     let f = feature as usize;
     if f >= sae.d_sae {
-        bail!("feature {feature} does not exist (the SAE has {})", sae.d_sae);
+        bad_input!("feature {feature} does not exist (the SAE has {})", sae.d_sae);
     }
     let mut dir = sae.params.w_dec[f * d..][..d].to_vec();
     if let Some(g) = model.final_norm_gain() {
@@ -216,7 +271,7 @@ mod tests {
         assert_eq!("3=-2.5".parse::<EditSpec>().unwrap(), EditSpec { feature: 3, value: -2.5, times_max: false });
         assert!("3".parse::<EditSpec>().is_err());
         assert!("x=1".parse::<EditSpec>().is_err());
-        assert!("1=abc".parse::<EditSpec>().is_err());
+        assert!(matches!("1=abc".parse::<EditSpec>(), Err(SteerError::BadInput(m)) if m.contains("abc")));
         let s: EditSpec = "7=-3x".parse().unwrap();
         assert_eq!(parse_edit(&s, |_| Ok(2.0)).unwrap(), -6.0);
     }

@@ -3,11 +3,11 @@
 //! Ctrl-C at any point loses nothing but the batch in flight.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use saekit_analysis::concepts::ConceptFeature;
 use saekit_analysis::{render, FeatureDb, ModelEvalOptions};
 use saekit_model::{GenerateOptions, HookPoint};
 use saekit_steer::{FeatureEdit, Positions};
@@ -216,7 +216,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     done(t);
 
     let t = stage("concepts: which feature separates each kind of text from the rest (AUROC)");
-    let concepts = find_concept_features(&model, &sae, point, &corpus, a.concept_docs)?;
+    let concepts = saekit_analysis::concepts::find_concept_features(&model, &sae, point, &corpus, a.concept_docs)?;
     done(t);
 
     let sparsity = saekit_sae::format::load_sparsity(&sae_dir)?;
@@ -276,19 +276,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
         return Ok(());
     }
     println!("\n== serve: open http://127.0.0.1:{}/ (Ctrl-C to stop)", a.port);
-    let port = a.port.to_string();
-    let mut args = vec![
-        "serve".to_string(),
-        "--sae".into(),
-        p("sae"),
-        "--db".into(),
-        db_path.to_string_lossy().into_owned(),
-        "--port".into(),
-        port,
-    ];
-    args.extend(model_flag.iter().cloned());
-    run_subcommand(&args)
+    // the server loads its own model and SAE onto its worker thread
+    drop((model, sae, db));
+    let state = super::serve::app_state(&db_path, Some(&sae_dir), &a.model, None, SERVE_QUEUE, Default::default())?;
+    saekit_serve::serve_blocking(state, (std::net::Ipv4Addr::LOCALHOST, a.port).into(), SERVE_WORKERS)
 }
+
+/// `saekit serve`'s own defaults for the queue and the HTTP workers.
+const SERVE_QUEUE: usize = 8;
+const SERVE_WORKERS: usize = 2;
 
 /// The settings each stage was started with, in DIR/demo_stages.json: a stage's output is reused only
 /// when the settings asked for now are the recorded ones (otherwise the demo says what differs and
@@ -339,118 +335,6 @@ fn truncate(s: &str, n: usize) -> String {
     } else {
         s
     }
-}
-
-/// A concept is a set of corpus documents selected by their `kind` / `lang` fields.
-struct Concept {
-    name: &'static str,
-    kinds: &'static [&'static str],
-    langs: &'static [&'static str],
-}
-
-const CONCEPTS: &[Concept] = &[
-    Concept { name: "Python code", kinds: &["code"], langs: &["python"] },
-    Concept { name: "base64", kinds: &["base64", "base64-pem"], langs: &[] },
-    Concept { name: "DNA / protein (GenBank)", kinds: &["bio-genbank", "bio"], langs: &[] },
-    Concept { name: "LaTeX math", kinds: &["latex"], langs: &[] },
-    Concept { name: "Chinese", kinds: &[], langs: &["zh", "lzh"] },
-    Concept { name: "Japanese", kinds: &[], langs: &["ja"] },
-    Concept { name: "German", kinds: &[], langs: &["de"] },
-    Concept { name: "Arabic", kinds: &[], langs: &["ar"] },
-];
-
-#[derive(Debug, Clone, serde::Serialize)]
-struct ConceptFeature {
-    concept: String,
-    feature: u32,
-    auroc: f64,
-    freq_pos: f64,
-    freq_neg: f64,
-    n_pos: usize,
-}
-
-/// Up to `per` documents of each concept (first ~700 characters each), plus every other kind of text in
-/// the corpus (up to `per` documents from each file) under "other": a feature only counts as the
-/// concept's if it separates the concept from all of it, not just from English.
-fn concept_texts(corpus: &Path, per: usize) -> Result<BTreeMap<String, Vec<String>>> {
-    let mut files: Vec<PathBuf> = if corpus.is_dir() {
-        std::fs::read_dir(corpus)?.filter_map(|e| e.ok().map(|e| e.path())).collect()
-    } else {
-        vec![corpus.to_path_buf()]
-    };
-    files.retain(|f| f.extension().is_some_and(|e| e == "jsonl"));
-    files.sort();
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for f in files {
-        let mut others_here = 0;
-        let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
-        for line in std::io::BufReader::new(file).lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line?) else { continue };
-            let (Some(text), kind, lang) = (
-                v.get("text").and_then(|t| t.as_str()),
-                v.get("kind").and_then(|t| t.as_str()).unwrap_or(""),
-                v.get("lang").and_then(|t| t.as_str()).unwrap_or(""),
-            ) else {
-                continue;
-            };
-            let name = CONCEPTS
-                .iter()
-                .find(|c| {
-                    (c.kinds.is_empty() || c.kinds.contains(&kind)) && (c.langs.is_empty() || c.langs.contains(&lang))
-                })
-                .map(|c| c.name);
-            let (name, room) = match name {
-                Some(n) => (n, out.get(n).is_none_or(|v| v.len() < per)),
-                None => {
-                    others_here += 1;
-                    ("other", others_here <= per)
-                }
-            };
-            let t: String = text.chars().skip_while(|c| c.is_whitespace()).take(700).collect();
-            if room && t.chars().count() > 40 {
-                out.entry(name.to_string()).or_default().push(t);
-            }
-        }
-    }
-    Ok(out)
-}
-
-fn find_concept_features(
-    model: &saekit_model::Model,
-    sae: &saekit_sae::Sae,
-    hook: HookPoint,
-    corpus: &Path,
-    per: usize,
-) -> Result<Vec<ConceptFeature>> {
-    let texts = concept_texts(corpus, per)?;
-    if texts.len() < 2 {
-        bail!("{}: found too few labelled documents (kind/lang fields) to look for concept features", corpus.display());
-    }
-    let feats: BTreeMap<&String, Vec<saekit_analysis::search::TextFeatures>> = texts
-        .iter()
-        .map(|(name, t)| Ok((name, saekit_analysis::search::text_features(model, sae, hook, t, 128)?)))
-        .collect::<Result<_>>()?;
-    let mut out = Vec::new();
-    for c in CONCEPTS {
-        let Some(pos) = feats.get(&c.name.to_string()) else { continue };
-        if pos.len() < 3 {
-            continue;
-        }
-        let neg: Vec<_> =
-            feats.iter().filter(|(n, _)| n.as_str() != c.name).flat_map(|(_, v)| v.iter().cloned()).collect();
-        let hits = saekit_analysis::search::contrast(pos, &neg);
-        if let Some(h) = hits.first() {
-            out.push(ConceptFeature {
-                concept: c.name.into(),
-                feature: h.id,
-                auroc: h.auroc,
-                freq_pos: h.freq_pos,
-                freq_neg: h.freq_neg,
-                n_pos: pos.len(),
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// Clamp a concept feature at 3x its max activation while the model answers a neutral prompt. Chinese,

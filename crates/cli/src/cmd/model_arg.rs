@@ -27,7 +27,7 @@ impl ModelArgs {
 
     pub fn load(&self) -> Result<Model> {
         let path = self.path()?;
-        Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone() })
+        Ok(Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone() })?)
     }
 }
 

@@ -1,9 +1,8 @@
-//! The feature database as the browser sees it: the [`FeatureStore`] trait and [`MemoryDb`], its JSON-file
-//! implementation (test fixtures, small exports).
+//! [`MemoryDb`]: a feature database in one JSON file, held in memory (test fixtures, small exports).
 //!
 //! The records are `saekit-analysis`' own ([`FeatureRecord`], [`FeatureSummary`], [`MapPoint`], ...), so the
-//! browser, `saekit feature` and the SQLite database written by `saekit analyze` (see `analysis_db.rs`) share
-//! one definition; a JSON database is a list of those records, each carrying its own map coordinates.
+//! browser, `saekit feature` and the SQLite database written by `saekit analyze` (see `store_sqlite.rs`)
+//! share one definition; a JSON database is a list of those records, each carrying its own map coordinates.
 
 use std::path::Path;
 
@@ -11,30 +10,20 @@ use anyhow::{bail, Context as _, Result};
 use saekit_analysis::{FeatureRecord, FeatureSummary, MapPoint, SortBy};
 use serde::{Deserialize, Serialize};
 
-/// What the browser reads from a feature database. Implementations must be cheap to call from several
-/// request threads at once.
-pub trait FeatureStore: Send + Sync {
-    /// Free-form facts about the database (SAE, hook, tokens analysed), shown on the home page.
-    fn info(&self) -> Result<serde_json::Value>;
-    /// Number of features; valid ids are `0..n_features`.
-    fn n_features(&self) -> u32;
-    fn feature(&self, id: u32) -> Result<Option<FeatureRecord>>;
-    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>>;
-    /// Features whose LLM explanations, top tokens or contexts contain `query` (case-insensitive).
-    fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>>;
-    fn map(&self) -> Result<Vec<MapPoint>>;
-}
+use crate::store_trait::FeatureStore;
 
 /// A feature database held in memory, read from (and written to) one JSON file.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub struct MemoryDb {
+    /// Free-form facts about the database (`/api/info`'s `db`).
     pub info: serde_json::Value,
     /// Indexed by feature id; each record's `x`, `y` place it on the map.
     pub features: Vec<FeatureRecord>,
 }
 
 impl MemoryDb {
+    /// Read and check a JSON database (ids in order, contexts consistent).
     pub fn load(path: &Path) -> Result<Self> {
         let bytes =
             std::fs::read(path).with_context(|| format!("{}: cannot read the feature database", path.display()))?;

@@ -221,7 +221,7 @@ fn a_stored_peak_outside_its_context_is_an_error() {
     let path = build_db(dir.path());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let blob: Vec<u8> = conn.query_row("SELECT data FROM feature_detail WHERE id = 3", [], |r| r.get(0)).unwrap();
-    let mut d: saekit_analysis::db::StoredDetail =
+    let mut d: saekit_analysis::feature_db::StoredDetail =
         serde_json::from_slice(&zstd::stream::decode_all(&blob[..]).unwrap()).unwrap();
     d.top[0].peak = 999; // `search` and `demo` indexed tokens[peak] with this
     let blob = zstd::stream::encode_all(&serde_json::to_vec(&d).unwrap()[..], 3).unwrap();

@@ -468,6 +468,9 @@ impl FeatureDb {
         ))
     }
 
+    /// Feature `id` as its page shows it (`None` past the last feature): the `features` row, its explanations,
+    /// and its detail blob with token ids turned into text. The browser's `GET /api/features/{id}` ends here
+    /// (the whole path: DEVELOPERS.md, "Where things are").
     pub fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
         self.named(self.read_feature(id))
     }

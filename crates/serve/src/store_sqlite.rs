@@ -6,14 +6,16 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use saekit_analysis::{FeatureDb, FeatureRecord, FeatureSummary, MapPoint, SortBy};
 
-use crate::db::FeatureStore;
+use crate::store_trait::FeatureStore;
 
-pub struct AnalysisDb {
+/// The SQLite feature database, read through `saekit_analysis`' read API.
+pub struct SqliteStore {
     db: FeatureDb,
     n: u32,
 }
 
-impl AnalysisDb {
+impl SqliteStore {
+    /// Open the database at `path` and count its features.
     pub fn open(path: &Path) -> Result<Self> {
         let db = FeatureDb::open(path)?;
         let n = db.len().with_context(|| format!("{}: cannot count features", path.display()))? as u32;
@@ -21,7 +23,7 @@ impl AnalysisDb {
     }
 }
 
-impl FeatureStore for AnalysisDb {
+impl FeatureStore for SqliteStore {
     fn info(&self) -> Result<serde_json::Value> {
         let mut v = serde_json::to_value(self.db.info()?)?;
         // the pages read `hook_name`, as the SAE's metadata calls it
@@ -49,14 +51,5 @@ impl FeatureStore for AnalysisDb {
 
     fn map(&self) -> Result<Vec<MapPoint>> {
         self.db.map()
-    }
-}
-
-/// Open a feature database by its file: `.json` is a [`crate::MemoryDb`] export, anything else SQLite.
-pub fn open_store(path: &Path) -> Result<std::sync::Arc<dyn FeatureStore>> {
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
-        Ok(std::sync::Arc::new(crate::MemoryDb::load(path)?))
-    } else {
-        Ok(std::sync::Arc::new(AnalysisDb::open(path)?))
     }
 }

@@ -1,6 +1,6 @@
 //! The browser reads the SQLite database `saekit analyze` writes (through saekit-analysis' read API).
 
-use saekit_analysis::db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
+use saekit_analysis::feature_db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use saekit_analysis::{DbInfo, FeatureDbWriter, SortBy};
 use saekit_serve::open_store;
 
@@ -89,4 +89,49 @@ fn a_file_that_is_not_a_database_is_refused_clearly() {
     assert!(open_store(&j).is_ok(), "an empty JSON database opens (no features)");
     let e = open_store(&dir.path().join("missing.sqlite")).err().unwrap();
     assert!(format!("{e:#}").contains("missing.sqlite"));
+}
+
+/// Over HTTP: what the request got wrong is a 4xx, a database that breaks under the server a 500.
+#[tokio::test]
+async fn a_broken_database_is_the_server_s_failure_and_a_bad_id_the_client_s() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("features.sqlite");
+    write_db(&path);
+    let state = std::sync::Arc::new(saekit_serve::AppState::new(
+        open_store(&path).unwrap(),
+        None,
+        serde_json::Value::Null,
+        saekit_serve::Limits::default(),
+    ));
+    let get = |uri: &'static str| {
+        let app = saekit_serve::router(state.clone());
+        async move {
+            let resp = app.oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (status, v)
+        }
+    };
+    assert_eq!(get("/api/features/1").await.0, StatusCode::OK);
+    for (uri, status) in [
+        ("/api/features/one", StatusCode::BAD_REQUEST),
+        ("/api/features/7", StatusCode::NOT_FOUND),
+        ("/api/features?order=sideways", StatusCode::BAD_REQUEST),
+        ("/api/nothing-here", StatusCode::NOT_FOUND),
+    ] {
+        let (s, v) = get(uri).await;
+        assert_eq!(s, status, "{uri}: {v}");
+        assert!(v["error"].is_string(), "{uri}: {v}");
+    }
+    // the file emptied while the server holds it open: its reads now fail, which no request caused
+    std::fs::File::create(&path).unwrap();
+    let (s, v) = get("/api/features/1").await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert!(v["error"].is_string(), "{v}");
 }

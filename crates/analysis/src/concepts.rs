@@ -1,0 +1,200 @@
+//! Concept features: for each kind of text a labelled corpus holds (Python code, base64, Chinese, ...), the
+//! feature that best separates it from every other kind, by the AUROC of [`crate::search::contrast`].
+//!
+//! A labelled corpus is JSONL with `text`, `kind` and `lang` fields, as `saekit corpus fetch` writes it;
+//! [`CONCEPTS`] says which kinds and languages make each concept. `saekit demo` prints what this finds.
+
+use std::collections::BTreeMap;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use saekit_model::{HookPoint, Model};
+use saekit_sae::Sae;
+use serde::Serialize;
+
+use crate::search::{contrast, text_features, TextFeatures};
+
+/// A concept: the corpus documents whose `kind` is one of `kinds` and whose `lang` is one of `langs` (an
+/// empty list accepts any).
+#[derive(Debug, Clone, Copy)]
+pub struct Concept {
+    /// How the concept is shown.
+    pub name: &'static str,
+    /// The `kind` fields that belong to it (any when empty).
+    pub kinds: &'static [&'static str],
+    /// The `lang` fields that belong to it (any when empty).
+    pub langs: &'static [&'static str],
+}
+
+impl Concept {
+    fn holds(&self, kind: &str, lang: &str) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&kind)) && (self.langs.is_empty() || self.langs.contains(&lang))
+    }
+}
+
+/// The concepts of the demo corpus, in the order they are looked for (a document counts for the first
+/// concept it fits).
+pub const CONCEPTS: &[Concept] = &[
+    Concept { name: "Python code", kinds: &["code"], langs: &["python"] },
+    Concept { name: "base64", kinds: &["base64", "base64-pem"], langs: &[] },
+    Concept { name: "DNA / protein (GenBank)", kinds: &["bio-genbank", "bio"], langs: &[] },
+    Concept { name: "LaTeX math", kinds: &["latex"], langs: &[] },
+    Concept { name: "Chinese", kinds: &[], langs: &["zh", "lzh"] },
+    Concept { name: "Japanese", kinds: &[], langs: &["ja"] },
+    Concept { name: "German", kinds: &[], langs: &["de"] },
+    Concept { name: "Arabic", kinds: &[], langs: &["ar"] },
+];
+
+/// The texts that fit no concept, each set against all the others.
+pub const OTHER: &str = "other";
+
+/// The feature found for one concept.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConceptFeature {
+    /// The concept's name ([`Concept::name`]).
+    pub concept: String,
+    /// The feature that separates it best.
+    pub feature: u32,
+    /// P(the feature's max activation on a concept text > on another text), ties half.
+    pub auroc: f64,
+    /// How often the feature fires on the concept's texts.
+    pub freq_pos: f64,
+    /// How often it fires on the other texts.
+    pub freq_neg: f64,
+    /// The concept's texts it was found on.
+    pub n_pos: usize,
+}
+
+/// Texts longer than this many characters are cut: a concept shows in a document's opening.
+const TEXT_CHARS: usize = 700;
+/// Texts shorter than this are skipped: too few tokens to say anything.
+const MIN_TEXT_CHARS: usize = 40;
+
+/// Up to `per` documents of each concept (their first 700 characters), plus up to `per` documents from each
+/// file that fit no concept, under [`OTHER`]: a feature only counts as a concept's if it separates the
+/// concept from all of those, not just from English. `corpus` is a `.jsonl` file or a folder of them; lines
+/// that are not JSON objects with a `text` are skipped.
+pub fn labelled_texts(corpus: &Path, per: usize) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut files: Vec<PathBuf> = if corpus.is_dir() {
+        let entries = std::fs::read_dir(corpus).with_context(|| format!("{}: cannot list", corpus.display()))?;
+        entries.filter_map(|e| e.ok().map(|e| e.path())).collect()
+    } else {
+        vec![corpus.to_path_buf()]
+    };
+    files.retain(|f| f.extension().is_some_and(|e| e == "jsonl"));
+    files.sort();
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in files {
+        let mut others_here = 0;
+        let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.with_context(|| format!("{}: cannot read", f.display()))?;
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            let Some(text) = v.get("text").and_then(|t| t.as_str()) else { continue };
+            let field = |k: &str| v.get(k).and_then(|t| t.as_str()).unwrap_or("").to_string();
+            let (name, room) = match CONCEPTS.iter().find(|c| c.holds(&field("kind"), &field("lang"))) {
+                Some(c) => (c.name, out.get(c.name).is_none_or(|v| v.len() < per)),
+                None => {
+                    others_here += 1;
+                    (OTHER, others_here <= per)
+                }
+            };
+            let t: String = text.chars().skip_while(|c| c.is_whitespace()).take(TEXT_CHARS).collect();
+            if room && t.chars().count() > MIN_TEXT_CHARS {
+                out.entry(name.to_string()).or_default().push(t);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// For each concept with at least 3 texts, the feature that best separates them from every other group's
+/// texts (`features` holds each group's per-text feature values, as [`text_features`] gives them).
+pub fn best_concept_features(features: &BTreeMap<String, Vec<TextFeatures>>) -> Vec<ConceptFeature> {
+    let mut out = Vec::new();
+    for c in CONCEPTS {
+        let Some(pos) = features.get(c.name).filter(|p| p.len() >= 3) else { continue };
+        let neg: Vec<TextFeatures> =
+            features.iter().filter(|(n, _)| n.as_str() != c.name).flat_map(|(_, v)| v.iter().cloned()).collect();
+        if let Some(h) = contrast(pos, &neg).first() {
+            out.push(ConceptFeature {
+                concept: c.name.into(),
+                feature: h.id,
+                auroc: h.auroc,
+                freq_pos: h.freq_pos,
+                freq_neg: h.freq_neg,
+                n_pos: pos.len(),
+            });
+        }
+    }
+    out
+}
+
+/// The concept features of `sae` at `hook`, from up to `per` documents of each concept in the labelled
+/// `corpus` (each run through the model, at most 128 tokens).
+pub fn find_concept_features(
+    model: &Model,
+    sae: &Sae,
+    hook: HookPoint,
+    corpus: &Path,
+    per: usize,
+) -> Result<Vec<ConceptFeature>> {
+    let texts = labelled_texts(corpus, per)?;
+    if texts.len() < 2 {
+        bail!("{}: found too few labelled documents (kind/lang fields) to look for concept features", corpus.display());
+    }
+    let features = texts
+        .into_iter()
+        .map(|(name, t)| Ok((name, text_features(model, sae, hook, &t, 128)?)))
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    Ok(best_concept_features(&features))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_grouped_by_their_labels_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = |s: &str| s.repeat(20);
+        let lines = [
+            serde_json::json!({"text": long("def f(): pass "), "kind": "code", "lang": "python"}),
+            serde_json::json!({"text": long("fn main() {} "), "kind": "code", "lang": "rust"}),
+            serde_json::json!({"text": long("你好世界"), "kind": "prose", "lang": "zh"}),
+            serde_json::json!({"text": long("import os "), "kind": "code", "lang": "python"}),
+            serde_json::json!({"text": long("x = 1 "), "kind": "code", "lang": "python"}),
+            serde_json::json!({"text": "too short", "kind": "code", "lang": "python"}),
+            serde_json::json!({"kind": "code", "lang": "python"}),
+        ];
+        let body: Vec<String> = lines.iter().map(|l| l.to_string()).chain(["not json".into()]).collect();
+        std::fs::write(dir.path().join("a.jsonl"), body.join("\n")).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let got = labelled_texts(dir.path(), 2).unwrap();
+        let names: Vec<&str> = got.keys().map(String::as_str).collect();
+        assert_eq!(names, ["Chinese", "Python code", OTHER]);
+        assert_eq!(got["Python code"].len(), 2, "capped at `per`");
+        assert!(got["Python code"][0].starts_with("def f()"));
+        assert_eq!(got[OTHER].len(), 1, "the Rust text fits no concept");
+        assert_eq!(got["Python code"][0].chars().count(), TEXT_CHARS.min(long("def f(): pass ").chars().count()));
+    }
+
+    #[test]
+    fn the_best_feature_is_the_one_firing_on_the_concept_only() {
+        // feature 7 fires on every Chinese text and no other; feature 1 fires everywhere
+        let chinese: Vec<TextFeatures> = (0..4).map(|i| vec![(1, 1.0), (7, 2.0 + i as f32)]).collect();
+        let other: Vec<TextFeatures> = (0..5).map(|i| vec![(1, 1.5 + i as f32)]).collect();
+        let few_german: Vec<TextFeatures> = vec![vec![(3, 1.0)]; 2];
+        let groups = BTreeMap::from([
+            ("Chinese".to_string(), chinese),
+            (OTHER.to_string(), other),
+            ("German".to_string(), few_german),
+        ]);
+        let found = best_concept_features(&groups);
+        assert_eq!(found.len(), 1, "German has fewer than 3 texts: {found:?}");
+        let c = &found[0];
+        assert_eq!((c.concept.as_str(), c.feature, c.n_pos), ("Chinese", 7, 4));
+        assert_eq!((c.auroc, c.freq_pos, c.freq_neg), (1.0, 1.0, 0.0));
+    }
+}
