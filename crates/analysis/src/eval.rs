@@ -127,8 +127,8 @@ pub fn spliced_forward(
         let cap = &mut captured;
         let mut hooks = Hooks::new();
         hooks.add(hook, move |ctx, x: &mut [f32]| {
-            if ctx.d_model != d {
-                bail!("SAE d_in {d} does not match d_model {} at {}", ctx.d_model, ctx.point);
+            if ctx.width != d {
+                bail!("SAE d_in {d} does not match the width {} of {}", ctx.width, ctx.point);
             }
             let mut keep: Vec<bool> = (0..x.len() / d).map(|r| keep.get(r).copied().unwrap_or(false)).collect();
             mark_norm_outliers(&mut keep, x, d, norm_factor);

@@ -88,5 +88,5 @@ pub fn intervene(model: &Model, set: &TranscoderSet, tokens: &[u32], edits: &[In
             Ok(())
         });
     }
-    model.forward(tokens, 1, &mut model.new_cache(1), &mut hooks, Logits::Last)
+    Ok(model.forward(tokens, 1, &mut model.new_cache(1), &mut hooks, Logits::Last)?)
 }

@@ -98,7 +98,7 @@ pub fn replacement_forward(
             });
         }
     }
-    model.forward(tokens, batch, &mut model.new_cache(batch), &mut hooks, logits)
+    Ok(model.forward(tokens, batch, &mut model.new_cache(batch), &mut hooks, logits)?)
 }
 
 /// Per layer, one activation `[rows * width]`.
