@@ -31,6 +31,7 @@ use crate::intervention::top_tokens;
 use crate::replacement::check_set;
 use crate::transcoder::TranscoderSet;
 
+/// How large a graph `attribute` builds.
 #[derive(Debug, Clone)]
 pub struct AttributeOptions {
     /// How many of the most likely next tokens become logit targets.
@@ -47,26 +48,38 @@ impl Default for AttributeOptions {
     }
 }
 
+/// An active transcoder feature: a node of the graph.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FeatureNode {
+    /// The layer of its transcoder.
     pub layer: usize,
+    /// The prompt position it is active at.
     pub pos: usize,
+    /// Its index in the transcoder.
     pub feature: usize,
+    /// Its activation there.
     pub activation: f32,
 }
 
+/// A next-token logit the graph explains.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LogitNode {
+    /// The token.
     pub token: u32,
+    /// Its probability after the prompt.
     pub prob: f32,
 }
 
 /// The full attribution graph of one prompt.
 #[derive(Debug, Clone)]
 pub struct Attribution {
+    /// The prompt's token ids.
     pub tokens: Vec<u32>,
+    /// Layers of the model (one transcoder each).
     pub n_layers: usize,
+    /// The feature nodes (node ids `0..features.len()`).
     pub features: Vec<FeatureNode>,
+    /// The logit targets (the last nodes).
     pub logits: Vec<LogitNode>,
     /// `[n_nodes, n_nodes]`, row = target, column = source: the direct effect of each source on each target.
     pub adjacency: Vec<f32>,
@@ -78,26 +91,32 @@ pub struct Attribution {
 }
 
 impl Attribution {
+    /// Prompt positions.
     pub fn n_pos(&self) -> usize {
         self.tokens.len()
     }
 
+    /// All nodes: features, then error nodes (layer-major), then token embeddings, then logits.
     pub fn n_nodes(&self) -> usize {
         self.features.len() + self.n_layers * self.n_pos() + self.n_pos() + self.logits.len()
     }
 
+    /// The node id of the error term of `layer`'s transcoder at `pos`.
     pub fn error_node(&self, layer: usize, pos: usize) -> usize {
         self.features.len() + layer * self.n_pos() + pos
     }
 
+    /// The node id of the token embedding at `pos`.
     pub fn token_node(&self, pos: usize) -> usize {
         self.features.len() + self.n_layers * self.n_pos() + pos
     }
 
+    /// The node id of the `i`-th logit target.
     pub fn logit_node(&self, i: usize) -> usize {
         self.token_node(0) + self.n_pos() + i
     }
 
+    /// The direct effect of node `source` on node `target`.
     pub fn edge(&self, target: usize, source: usize) -> f32 {
         self.adjacency[target * self.n_nodes() + source]
     }

@@ -18,13 +18,17 @@ use crate::prune::{prune, Pruned};
 /// What names a graph besides its nodes.
 #[derive(Debug, Clone)]
 pub struct GraphMeta {
+    /// The graph's short name (circuit-tracer's `slug`).
     pub slug: String,
+    /// The model / transcoder set it was made with (circuit-tracer's `scan`).
     pub scan: String,
+    /// The prompt as given.
     pub prompt: String,
     /// Each prompt token as text.
     pub prompt_tokens: Vec<String>,
     /// Each logit target's token as text.
     pub logit_tokens: Vec<String>,
+    /// The node-influence share pruning kept.
     pub node_threshold: f32,
 }
 
@@ -123,12 +127,19 @@ pub fn graph_json(g: &Attribution, pruned: &Pruned, keep_all: bool, meta: &Graph
 /// What [`write_graph_files`] wrote.
 #[derive(Debug, Clone)]
 pub struct GraphFiles {
+    /// The pruned graph (`--out`).
     pub pruned: PathBuf,
+    /// The full graph (`<stem>.full.json`).
     pub full: PathBuf,
+    /// Nodes of the pruned graph.
     pub pruned_nodes: usize,
+    /// Links of the pruned graph.
     pub pruned_links: usize,
+    /// Nodes of the full graph.
     pub full_nodes: usize,
+    /// Links of the full graph.
     pub full_links: usize,
+    /// The share of the logits' influence that flows through error nodes.
     pub error_influence_share: f64,
 }
 

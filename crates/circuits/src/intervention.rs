@@ -18,9 +18,13 @@ use crate::transcoder::TranscoderSet;
 /// Set feature `feature` of layer `layer` at position `pos` to `value`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Intervention {
+    /// The feature's index in its transcoder.
     pub feature: usize,
+    /// The transcoder's layer.
     pub layer: usize,
+    /// The prompt position.
     pub pos: usize,
+    /// The activation it is set to (0 ablates it).
     pub value: f32,
 }
 

@@ -12,6 +12,7 @@
 //! file formats (saekit-sae), corpora and storage (saekit-store). Nothing upstream depends on this crate.
 
 // Index loops over rows/columns read more clearly than iterator chains in the numeric code.
+#![warn(missing_docs)]
 #![allow(clippy::needless_range_loop)]
 
 pub mod attribution;

@@ -15,9 +15,11 @@ use crate::attribution::Attribution;
 /// `cumulative_scores`: the share of total influence held by the nodes at least as influential).
 #[derive(Debug, Clone)]
 pub struct Pruned {
+    /// Nodes kept.
     pub node_mask: Vec<bool>,
     /// `[n_nodes, n_nodes]`, row = target.
     pub edge_mask: Vec<bool>,
+    /// Per node, the share of total influence held by the nodes at least as influential.
     pub cumulative_scores: Vec<f32>,
     /// Each node's influence on the logit targets (before pruning).
     pub node_influence: Vec<f32>,
@@ -85,6 +87,8 @@ fn find_threshold(scores: &[f32], threshold: f32) -> f32 {
     *sorted.last().unwrap_or(&0.0)
 }
 
+/// circuit-tracer's `prune_graph`: keep the most influential nodes up to `node_threshold` of the
+/// total influence on the logits and the edges up to `edge_threshold`, then the nodes left with edges.
 pub fn prune(g: &Attribution, node_threshold: f32, edge_threshold: f32) -> Result<Pruned> {
     if !(0.0..=1.0).contains(&node_threshold) || !(0.0..=1.0).contains(&edge_threshold) {
         bail!("pruning thresholds must be in 0..=1 (got node {node_threshold}, edge {edge_threshold})");

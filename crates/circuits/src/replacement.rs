@@ -27,10 +27,12 @@ pub struct Splice<'a> {
 }
 
 impl Splice<'_> {
+    /// Nothing replaced or ablated: the real model.
     pub fn clean(n_layers: usize) -> Self {
         Splice { replace: vec![false; n_layers], ablate: vec![false; n_layers], errors: None }
     }
 
+    /// Every MLP replaced by its transcoder (no error terms).
     pub fn replace_all(n_layers: usize) -> Self {
         Splice { replace: vec![true; n_layers], ..Splice::clean(n_layers) }
     }
@@ -133,25 +135,37 @@ pub fn error_terms(model: &Model, set: &TranscoderSet, tokens: &[u32], batch: us
         .collect())
 }
 
+/// CE loss and KL of one splice against the clean model and the zero-ablated one.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct SpliceScore {
     /// `"all"` or the replaced layer.
     pub layers: String,
+    /// Next-token CE loss with the transcoders in place.
     pub ce_loss_replaced: f64,
+    /// ... with those MLPs' outputs zeroed instead.
     pub ce_loss_ablated: f64,
+    /// (ablated − replaced) / (ablated − clean): 1 when the transcoders lose nothing.
     pub ce_loss_score: f64,
+    /// KL(clean ‖ replaced) of the next-token distributions, mean over positions.
     pub kl_div_replaced: f64,
+    /// KL(clean ‖ ablated), likewise.
     pub kl_div_ablated: f64,
     /// The transcoder's FVU against the MLP output on the clean pass (per layer only).
     pub fvu: Option<f64>,
 }
 
+/// `eval-model --transcoders`: every MLP replaced at once, then each alone.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ReplacementEval {
+    /// Contexts evaluated.
     pub n_contexts: u64,
+    /// Next tokens predicted.
     pub n_predicted: u64,
+    /// The real model's CE loss.
     pub ce_loss_clean: f64,
+    /// Every MLP replaced.
     pub all: SpliceScore,
+    /// One MLP replaced at a time.
     pub per_layer: Vec<SpliceScore>,
 }
 

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 /// The nonlinearity between encoder and decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TranscoderActivation {
+    /// `relu(pre)`.
     Relu,
     /// `relu(pre)` where `pre > threshold[f]`, else 0 (SAELens / Gemma Scope).
     JumpRelu(Vec<f32>),
@@ -35,21 +36,30 @@ pub enum TranscoderActivation {
     TopK(usize),
 }
 
+/// A transcoder: reads `input_hook`, writes an approximation of `output_hook` (an MLP's output).
 #[derive(Debug, Clone)]
 pub struct Transcoder {
+    /// Width of the input.
     pub d_in: usize,
+    /// Number of features.
     pub d_sae: usize,
+    /// Width of the output.
     pub d_out: usize,
+    /// The nonlinearity.
     pub activation: TranscoderActivation,
     /// `[d_in, d_sae]`.
     pub w_enc: Vec<f32>,
+    /// `[d_sae]`.
     pub b_enc: Vec<f32>,
     /// `[d_sae, d_out]`.
     pub w_dec: Vec<f32>,
+    /// `[d_out]`.
     pub b_dec: Vec<f32>,
     /// `[d_out, d_in]`, as both SAELens and circuit-tracer store it (`skip = x · W_skipᵀ`).
     pub w_skip: Option<Vec<f32>>,
+    /// Where it reads (e.g. `blocks.L.ln2.hook_normalized`).
     pub input_hook: HookPoint,
+    /// What it reconstructs (e.g. `blocks.L.hook_mlp_out`).
     pub output_hook: HookPoint,
 }
 
@@ -414,6 +424,7 @@ impl<'a> Tensors<'a> {
 /// One transcoder per layer, layer `i` at index `i`, as circuit-tracer's `TranscoderSet`.
 #[derive(Debug, Clone)]
 pub struct TranscoderSet {
+    /// The transcoders, by layer.
     pub layers: Vec<Transcoder>,
     /// Names the set in a graph's metadata (circuit-tracer's `scan`).
     pub scan: String,
