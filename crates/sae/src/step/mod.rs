@@ -85,7 +85,10 @@ pub struct StepStats {
 ///
 /// With one process every method is the identity. A data-parallel run (one batch split across
 /// processes) implements it with all-reduces; a sharded one (latents split across processes) with
-/// the gathers the MPI issue describes. The kernels never call anything else across rows.
+/// the gathers the MPI issue describes. What goes through it today: the batch mean and variance
+/// and the loss sums. Not yet: the gradients and the firing counts are summed over this process's
+/// rows inside the kernels, so a data-parallel run must all-reduce [`Grads`] and `Workspace::fires`
+/// between [`forward_backward`] and [`apply_update`].
 pub trait Collective: Sync {
     /// Replace each value by its sum over every process holding part of the batch.
     fn sum_f64(&self, values: &mut [f64]);
