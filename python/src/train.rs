@@ -59,7 +59,8 @@ pub fn train<'py>(
                 "train: resume= continues the checkpoint's own config; drop the other settings",
             ))
         }
-        Some(dir) => checkpoint_config(dir).map_err(to_py)?,
+        // the newest checkpoint's config (data file, seed and recipe come from there)
+        Some(dir) => saekit_sae::checkpoint::latest_config(dir).map_err(sae_to_py)?,
         None => new_config(arch, d_sae, k, tokens, config)?,
     };
     cfg.out = out.to_string_lossy().into_owned();
@@ -119,11 +120,6 @@ fn new_config(
         v["tokens"] = Value::from(n);
     }
     serde_json::from_value(v).map_err(|e| PyValueError::new_err(format!("train: {e}")))
-}
-
-/// The config of the newest checkpoint in `dir` (data file, seed and recipe come from there).
-fn checkpoint_config(dir: &Path) -> anyhow::Result<TrainConfig> {
-    Ok(saekit_sae::checkpoint::latest_config(dir)?)
 }
 
 /// A path as given, or an array written to `out/train_acts.npy`.

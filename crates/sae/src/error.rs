@@ -43,11 +43,6 @@ impl SaeError {
     pub fn corrupt(path: impl Into<PathBuf>, message: impl Into<String>) -> SaeError {
         SaeError::Corrupt { path: path.into(), message: message.into() }
     }
-
-    /// True when the caller's input (a setting or the data) is at fault, not saekit or the disk.
-    pub fn is_bad_input(&self) -> bool {
-        matches!(self, SaeError::Config { .. } | SaeError::BadInput(_))
-    }
 }
 
 /// The crate's result type.

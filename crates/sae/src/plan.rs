@@ -122,13 +122,13 @@ impl TrainPlan {
             format!("{} is less than batch_size ({}): nothing to train", c.tokens, c.batch_size)
         })?;
         check(c.threads <= 4096, "threads", || format!("{} is more than 4096", c.threads))?;
-        let arch = Self::arch_settings(c)?;
+        let schedule = c.resolved();
+        let arch = Self::arch_settings(c, &schedule)?;
         c.check_memory(d_in, budget)?;
-        Ok(TrainPlan { schedule: c.resolved(), config, d_in, arch })
+        Ok(TrainPlan { schedule, config, d_in, arch })
     }
 
-    fn arch_settings(c: &TrainConfig) -> Result<ArchSettings, SaeError> {
-        let r = c.resolved();
+    fn arch_settings(c: &TrainConfig, r: &Resolved) -> Result<ArchSettings, SaeError> {
         let k_checked = || -> Result<usize, SaeError> {
             check(c.k >= 1, "k", || "must be at least 1".into())?;
             check(c.k <= c.d_sae, "k", || format!("{} is larger than d_sae = {}", c.k, c.d_sae))?;

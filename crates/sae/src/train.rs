@@ -322,14 +322,13 @@ impl<'a> Run<'a> {
         let lp = plan.loss_at(step);
         let mut stats =
             step::forward_backward(&st.sae, &mut self.ws, &self.batch, &st.since_fired, &lp, &SingleProcess)?;
-        let kept = checkpoint::folder(self.out);
         if !stats.loss.is_finite() {
             return Err(SaeError::BadInput(format!(
                 "step {step}: loss is {} (fvu {}, auxk {}); stopping. The last good checkpoint is kept in {}",
                 stats.loss,
                 stats.fvu,
                 stats.auxk_loss,
-                kept.display()
+                checkpoint::folder(self.out).display()
             )));
         }
         let up = plan
@@ -339,7 +338,7 @@ impl<'a> Run<'a> {
             return Err(SaeError::BadInput(format!(
                 "step {step}: gradient norm is {}; stopping. The last good checkpoint is kept in {}",
                 stats.grad_norm,
-                kept.display()
+                checkpoint::folder(self.out).display()
             )));
         }
         if let ArchSettings::BatchTopK(s) = plan.arch {

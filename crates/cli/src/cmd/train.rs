@@ -143,11 +143,6 @@ fn config_file(a: &TrainArgs, path: &str) -> Result<TrainConfig> {
     Ok(c)
 }
 
-/// The newest checkpoint's config in `dir`: the base of a resumed run.
-fn saved_config(dir: &str) -> Result<TrainConfig> {
-    Ok(saekit_sae::checkpoint::latest_config(std::path::Path::new(dir))?)
-}
-
 /// Flags override `c` (the defaults, a --config file, or a resumed run's config).
 fn apply_flags(a: &TrainArgs, mut c: TrainConfig) -> Result<TrainConfig> {
     if let Some(v) = &a.acts {
@@ -241,7 +236,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // the run continues with its own config; flags may only restate it (the trainer checks)
         let base = match &a.config {
             Some(p) => config_file(&a, p)?,
-            None => saved_config(dir)?,
+            // the newest checkpoint's config: the base of a resumed run
+            None => saekit_sae::checkpoint::latest_config(std::path::Path::new(dir))?,
         };
         c = apply_flags(&a, base)?;
         c.out = dir.clone();

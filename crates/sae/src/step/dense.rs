@@ -321,9 +321,7 @@ fn sparse_relu(sae: &Sae, ws: &mut Workspace, batch: &Batch, lp: &LossParams, mu
     let (d, ds, rows) = (sae.d_in, sae.d_sae, batch.rows);
     let b = &mut ws.dense;
     let width = batch.row_l0.iter().copied().max().unwrap_or(0).max(1);
-    b.active.width = width;
-    ensure(&mut b.active.val, rows * width);
-    ensure(&mut b.active.idx, rows * width);
+    b.active.set_shape(rows, width);
     let act = &b.act[..rows * ds];
     let (sv, si) = (&mut b.active.val[..rows * width], &mut b.active.idx[..rows * width]);
     sv.par_chunks_mut(width).zip(si.par_chunks_mut(width)).enumerate().for_each(|(r, (v, ix))| {

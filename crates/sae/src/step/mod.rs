@@ -146,11 +146,15 @@ pub(crate) struct Selection {
 }
 
 impl Selection {
-    /// `rows` empty rows of `width` slots (buffers only grow).
-    fn reset(&mut self, rows: usize, width: usize) {
+    /// Room for `rows` rows of `width` slots, contents left as they are (buffers only grow).
+    fn set_shape(&mut self, rows: usize, width: usize) {
         self.width = width;
         ensure(&mut self.val, rows * width);
         ensure(&mut self.idx, rows * width);
+    }
+    /// `rows` empty rows of `width` slots.
+    fn reset(&mut self, rows: usize, width: usize) {
+        self.set_shape(rows, width);
         kernels::reset_selection(&mut self.val[..rows * width], &mut self.idx[..rows * width]);
     }
     fn rows(&self, rows: usize) -> (&[u32], &[f32]) {

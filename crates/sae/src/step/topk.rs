@@ -123,7 +123,7 @@ pub(super) fn forward_backward(
         loss: fvu + lp.auxk_alpha as f64 * auxk_loss + multi_topk_fvu / 8.0,
         fvu,
         mse: sse / (rows * d) as f64,
-        auxk_loss: if plan.k_aux > 0 { auxk_loss } else { 0.0 },
+        auxk_loss,
         multi_topk_fvu,
         l0: nnz as f64 / rows as f64,
         n_dead: plan.n_dead,
@@ -168,9 +168,7 @@ fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &Los
         b.main.width = width;
         return min_selected;
     }
-    b.main.width = k;
-    ensure(&mut b.main.val, rows * k);
-    ensure(&mut b.main.idx, rows * k);
+    b.main.set_shape(rows, k);
     for r in 0..rows {
         b.main.val[r * k..(r + 1) * k].copy_from_slice(&b.candidates.val[r * kk..r * kk + k]);
         b.main.idx[r * k..(r + 1) * k].copy_from_slice(&b.candidates.idx[r * kk..r * kk + k]);
