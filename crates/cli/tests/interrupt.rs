@@ -156,3 +156,62 @@ fn sigint_stops_tokenize_before_it_writes_and_a_rerun_matches_an_uninterrupted_r
         assert!(x.1 == y.1, "{} differs from the uninterrupted run", x.0);
     }
 }
+
+/// `--live`'s keys (contexts, split, shuffle blocks) sit in the config file beside the trainer's; a
+/// run interrupted by SIGINT resumes from its checkpoint alone (no flags, no config: the checkpoint
+/// keeps the live source's keys) and ends with the bytes of an uninterrupted run.
+#[test]
+fn a_live_run_from_a_config_file_resumes_from_its_checkpoint_alone() {
+    assert!(saekit_model::default_model_path().exists(), "needs the model: scripts/fetch-model.sh");
+    let t = tempfile::tempdir().unwrap();
+    let docs: Vec<String> = (0..300)
+        .map(|i| format!("{{\"text\": \"Note {i}: {} red kites circled over {} quiet hills.\"}}\n", i * 11 % 17, i % 7))
+        .collect();
+    let corpus = t.path().join("corpus.jsonl");
+    std::fs::write(&corpus, docs.concat()).unwrap();
+    let tokens = t.path().join("tokens");
+    let o = Command::new(env!("CARGO_BIN_EXE_saekit"))
+        .arg("tokenize")
+        .arg(&corpus)
+        .arg("-o")
+        .arg(&tokens)
+        .args(["--context", "16", "--validation-fraction", "0.1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let config = t.path().join("live.toml");
+    let toml = format!(
+        "live = true\ncontexts = {:?}\nsplit = \"train\"\nlive_batch = 4\nlive_block_tokens = 256\n\
+         hook_name = \"blocks.3.hook_resid_post\"\nd_sae = 256\nk = 8\nbatch_size = 64\ntokens = 8192\n\
+         norm_estimate_rows = 256\nlog_every = 1\ncheckpoint_every = 1000000\n",
+        tokens.to_str().unwrap()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let cfg = config.to_str().unwrap();
+    let whole = t.path().join("whole");
+    let o = Command::new(env!("CARGO_BIN_EXE_saekit"))
+        .args(["train", "--config", cfg, "--quiet", "--out", whole.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let saved = std::fs::read_to_string(whole.join("train_config.toml")).unwrap();
+    assert!(saved.contains("live_block_tokens = 256") && saved.contains("d_sae = 256"), "{saved}");
+
+    let cut = t.path().join("cut");
+    let cut_s = cut.to_str().unwrap();
+    let (code, err) =
+        train_and_signal(&["train", "--config", cfg, "--quiet", "--out", cut_s], &cut.join("metrics.jsonl"), "-INT");
+    assert_eq!(code, Some(130), "{err}");
+    let o = Command::new(env!("CARGO_BIN_EXE_saekit")).args(["train", "--resume", cut_s, "--quiet"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let weights = |d: &Path| std::fs::read(d.join("sae_weights.safetensors")).unwrap();
+    assert!(weights(&cut) == weights(&whole), "the resumed live run differs from the uninterrupted one");
+
+    // the checkpoint's split is the run's: resuming on another split is refused, naming the key
+    let o = Command::new(env!("CARGO_BIN_EXE_saekit"))
+        .args(["train", "--resume", cut_s, "--split", "validation", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("split"), "{err}");
+}

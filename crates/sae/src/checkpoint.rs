@@ -3,7 +3,7 @@
 //! (progress, the data position, the config, and the safetensors file's size and CRC32). Written
 //! into a temporary folder and renamed, the last two kept. Only this module reads or writes them.
 
-use crate::config::TrainConfig;
+use crate::config::{ConfigFile, TrainConfig};
 use crate::format::{self, TensorSrc};
 use crate::params::Params;
 use crate::plan::TrainPlan;
@@ -47,6 +47,9 @@ pub(crate) struct CheckpointMeta {
     pub max_norm: f32,
     pub cursor: serde_json::Value,
     pub config: TrainConfig,
+    /// The data source's keys (see [`ConfigFile::source`]).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub source: toml::Table,
     pub d_in: usize,
     pub batchtopk_threshold: f32,
     /// Content fingerprint of the training data (empty in checkpoints from before it was recorded).
@@ -76,7 +79,7 @@ fn moment_name(prefix: &str, param: &str) -> String {
 pub(crate) fn write(
     out: &Path,
     st: &TrainState,
-    cfg: &TrainConfig,
+    cfg: &ConfigFile,
     cursor: serde_json::Value,
     data_fingerprint: &str,
 ) -> Result<(), SaeError> {
@@ -97,7 +100,8 @@ pub(crate) fn write(
         input_scale: st.input_scale,
         max_norm: st.max_norm,
         cursor,
-        config: cfg.clone(),
+        config: cfg.train.clone(),
+        source: cfg.source.clone(),
         d_in: st.sae.d_in,
         batchtopk_threshold: st.batchtopk_threshold,
         data_fingerprint: data_fingerprint.to_string(),
@@ -167,22 +171,41 @@ pub fn list(out: &Path) -> Result<Vec<PathBuf>, SaeError> {
     Ok(v.into_iter().map(|(_, p)| p).collect())
 }
 
-/// The configuration of the newest checkpoint in `out` (the base of a resumed run).
-pub fn latest_config(out: &Path) -> Result<TrainConfig, SaeError> {
+/// The configuration of the newest checkpoint in `out` (the base of a resumed run), with the data
+/// source's keys the run was started with.
+pub fn latest_config(out: &Path) -> Result<ConfigFile, SaeError> {
     let all = list(out)?;
     let last = all
         .last()
         .ok_or_else(|| SaeError::BadInput(format!("--resume: no checkpoint in {}", folder(out).display())))?;
-    Ok(read_meta(last)?.config)
+    let meta = read_meta(last)?;
+    Ok(ConfigFile { train: meta.config, source: meta.source })
 }
 
 pub(crate) fn read_meta(dir: &Path) -> Result<CheckpointMeta, SaeError> {
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(&text).map_err(|e| SaeError::corrupt(&path, format!("cannot parse: {e}")))?;
+    let cannot_parse = |e: serde_json::Error| SaeError::corrupt(&path, format!("cannot parse: {e}"));
+    let mut value: serde_json::Value = serde_json::from_str(&text).map_err(cannot_parse)?;
+    move_legacy_source_keys(&mut value);
+    let meta: CheckpointMeta = serde_json::from_value(value).map_err(cannot_parse)?;
     check_progress(&meta, &path)?;
     Ok(meta)
+}
+
+/// Checkpoints written before the data source's keys left [`TrainConfig`] hold `--live`'s keys in
+/// `config`: they move to `source`, so those runs still resume.
+fn move_legacy_source_keys(meta: &mut serde_json::Value) {
+    const LEGACY: [&str; 6] = ["live", "contexts", "model", "split", "live_batch", "live_block_tokens"];
+    let Some(config) = meta.get_mut("config").and_then(|c| c.as_object_mut()) else { return };
+    let moved: serde_json::Map<String, serde_json::Value> = LEGACY
+        .iter()
+        .filter_map(|k| config.remove(*k).map(|v| (k.to_string(), v)))
+        .filter(|(_, v)| !v.is_null())
+        .collect();
+    if !moved.is_empty() && meta.get("source").is_none() {
+        meta["source"] = serde_json::Value::Object(moved);
+    }
 }
 
 /// A step and token count the run could have reached: within its budget, a whole number of batches.
@@ -262,4 +285,25 @@ fn verify_checksum(meta: &CheckpointMeta, p: &Path, dir: &Path) -> Result<(), Sa
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_with_live_keys_in_its_config_reads_them_as_the_source() {
+        let mut config = serde_json::to_value(TrainConfig::default()).unwrap();
+        let legacy = serde_json::json!({"live": true, "contexts": "tok", "model": null, "split": "train",
+            "live_batch": 8, "live_block_tokens": 65536});
+        config.as_object_mut().unwrap().extend(legacy.as_object().unwrap().clone());
+        let mut meta = serde_json::json!({"step": 0, "tokens": 0, "excluded_rows": 0, "input_scale": 1.0,
+            "max_norm": 0.0, "cursor": null, "config": config, "d_in": 4, "batchtopk_threshold": 0.0});
+        assert!(serde_json::from_value::<CheckpointMeta>(meta.clone()).is_err(), "TrainConfig has no live keys");
+        move_legacy_source_keys(&mut meta);
+        let meta: CheckpointMeta = serde_json::from_value(meta).unwrap();
+        assert_eq!(meta.source.get("contexts").and_then(|v| v.as_str()), Some("tok"));
+        assert_eq!(meta.source.get("live_block_tokens").and_then(|v| v.as_integer()), Some(65536));
+        assert!(!meta.source.contains_key("model"), "a null is no TOML value: the key is left out");
+    }
 }

@@ -83,21 +83,9 @@ pub enum BDecInit {
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     // ---- data ----
-    /// `.npy` file [N, d_in] float32 with the training activations.
+    /// `.npy` file [N, d_in] float32, or an activation store folder, with the training activations.
+    /// (Rows computed live by a model are the caller's business: see [`ConfigFile::source`].)
     pub acts: Option<String>,
-    /// Train on the model's activations computed on the fly (no disk): `contexts` is a tokenized
-    /// dataset (`saekit tokenize`), `model` the model, `hook_name` the hook point.
-    pub live: bool,
-    /// Tokenized dataset folder for `live`.
-    pub contexts: Option<String>,
-    /// Model for `live` (a .gguf, an HF folder or a fetched hub name; default: SmolLM2-135M-Instruct).
-    pub model: Option<String>,
-    /// Split of `contexts` to train on.
-    pub split: String,
-    /// Contexts per forward pass in `live` mode.
-    pub live_batch: usize,
-    /// Tokens per shuffle block in `live` mode (rows are mixed within a block; it is held in memory).
-    pub live_block_tokens: usize,
     /// Output folder (SAELens v6 layout + checkpoints/ + metrics.jsonl).
     pub out: String,
     /// Training tokens (rows). Accepts plain integers; the CLI also accepts 2M / 500k.
@@ -208,12 +196,6 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             acts: None,
-            live: false,
-            contexts: None,
-            model: None,
-            split: "train".into(),
-            live_batch: 8,
-            live_block_tokens: 1 << 16,
             out: "sae-out".into(),
             tokens: 2_000_000,
             batch_size: 4096,
@@ -265,6 +247,56 @@ impl Default for TrainConfig {
     }
 }
 
+/// A config file (or a checkpoint's config): the trainer's keys, and the keys of the data source the
+/// caller opened, which this crate does not own (`saekit train --live`'s model, contexts, split...).
+/// The trainer stores the source's keys with its checkpoints and `train_config.toml` so that the
+/// caller can reopen the same source on `--resume`; it never reads them.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFile {
+    /// The trainer's keys.
+    pub train: TrainConfig,
+    /// The data source's keys, as written.
+    pub source: toml::Table,
+}
+
+impl ConfigFile {
+    /// Read the TOML file `path`: keys in `source_keys` go to [`ConfigFile::source`], every other key
+    /// must be a [`TrainConfig`] field. Errors are one line naming the file.
+    pub fn read(path: &str, source_keys: &[&str]) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+        let source = source_keys.iter().filter_map(|k| Some((k.to_string(), table.remove(*k)?))).collect();
+        let train = TrainConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("parsing config {path}: {}", one_line(e.message())))?;
+        Ok(ConfigFile { train, source })
+    }
+
+    /// Both parts as one TOML document (`train_config.toml`: a valid `--config` for the same run).
+    pub fn to_toml(&self) -> String {
+        let mut text = self.train.to_toml();
+        if !self.source.is_empty() {
+            let source = toml::to_string_pretty(&self.source).unwrap_or_default();
+            // the source's keys are top-level keys: they go before the trainer's first [table], if any
+            text = format!("{source}{text}");
+        }
+        text
+    }
+}
+
+/// toml's own message draws the offending line over several lines; errors here are one line.
+fn toml_error(path: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let at = e.span().map(|s| {
+        let before = &text.as_bytes()[..s.start.min(text.len())];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        format!(" (line {line})")
+    });
+    anyhow::anyhow!("parsing config {path}: {}{}", one_line(e.message()), at.unwrap_or_default())
+}
+
+fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// The configuration with every recipe default filled in.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Resolved {
@@ -289,28 +321,17 @@ pub struct Resolved {
 }
 
 impl TrainConfig {
-    /// Read a TOML config; errors are one line naming the file and line.
+    /// Read a TOML config holding only this crate's keys; errors are one line naming the file (and
+    /// the line, for a syntax error).
     pub fn from_toml_file(path: &str) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {path}"))?;
-        // toml's own message draws the offending line over several lines; errors here are one line
-        toml::from_str(&text).map_err(|e| {
-            let at = e.span().map(|s| {
-                let before = &text.as_bytes()[..s.start.min(text.len())];
-                let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-                format!(" (line {line})")
-            });
-            let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
-            anyhow::anyhow!("parsing config {path}: {msg}{}", at.unwrap_or_default())
-        })
+        Ok(ConfigFile::read(path, &[])?.train)
     }
 
-    /// The input paths read from the config file `config` must exist: a typo is reported against the
+    /// The input path read from the config file `config` must exist: a typo is reported against the
     /// config that holds it, not later as a bare "no such file".
     pub fn check_paths(&self, config: &str) -> Result<()> {
-        for (key, value) in [("acts", &self.acts), ("contexts", &self.contexts)] {
-            if let Some(p) = value.as_deref().filter(|p| !std::path::Path::new(p).exists()) {
-                anyhow::bail!("config {config}: {key} = {p:?} does not exist");
-            }
+        if let Some(p) = self.acts.as_deref().filter(|p| !std::path::Path::new(p).exists()) {
+            anyhow::bail!("config {config}: acts = {p:?} does not exist");
         }
         Ok(())
     }
@@ -347,7 +368,7 @@ impl TrainConfig {
     /// Fields (TOML names) where `self` and `other` differ, ignoring where files live (paths may move;
     /// resumes compare the data by content) and the thread count (results do not depend on it).
     pub fn differing_fields(&self, other: &TrainConfig) -> Vec<String> {
-        const IGNORED: [&str; 6] = ["acts", "contexts", "model", "out", "threads", "dataset_path"];
+        const IGNORED: [&str; 4] = ["acts", "out", "threads", "dataset_path"];
         let (a, b) = (serde_json::to_value(self), serde_json::to_value(other));
         let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (a, b) else {
             return vec!["(unserializable config)".into()];

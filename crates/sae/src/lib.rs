@@ -62,7 +62,7 @@ mod tests_grad;
 mod train;
 
 pub use bench::{encoder_gemm_gflops, peak_rss_bytes};
-pub use config::{Arch, BDecInit, TrainConfig};
+pub use config::{Arch, BDecInit, ConfigFile, TrainConfig};
 pub use error::{Result, SaeError};
 pub use format::{load_sae, save_saelens, save_saelens_set};
 pub use metrics::{evaluate, EvalMetrics};

@@ -4,7 +4,7 @@
 //! `train` = plan (validate the config once) → start or resume → [`Run::steps`] → save.
 
 use crate::checkpoint::{self, CheckpointMeta, TrainState};
-use crate::config::{BDecInit, TrainConfig};
+use crate::config::{BDecInit, ConfigFile, TrainConfig};
 use crate::format::{self, atomic_write};
 use crate::kernels;
 use crate::plan::{ArchSettings, TrainPlan};
@@ -34,6 +34,9 @@ pub struct RunOptions {
     pub force: bool,
     /// Set (by a SIGINT/SIGTERM handler) to stop after the batch in flight with a checkpoint written.
     pub stop: Option<Arc<AtomicBool>>,
+    /// How the caller opened `src` ([`ConfigFile::source`]): kept with every checkpoint and in
+    /// `train_config.toml`, never read by the trainer.
+    pub source_config: toml::Table,
 }
 
 /// What a finished (or interrupted) run reports.
@@ -104,7 +107,7 @@ fn train_in_pool(
     let dead_frac = st.since_fired.iter().filter(|&&s| s >= c.dead_tokens).count() as f64 / c.d_sae as f64;
     drop(run); // release the [batch, d_sae] buffers before writing the output
     if !interrupted {
-        save_output(&out, &mut st, &plan, &last, tokens_per_s, dead_frac)?;
+        save_output(&out, &mut st, &plan, &opts.source_config, &last, tokens_per_s, dead_frac)?;
     }
     Ok(TrainOutcome {
         out_dir: out,
@@ -299,7 +302,8 @@ impl<'a> Run<'a> {
                 plan.config.checkpoint_every > 0 && st.step.is_multiple_of(plan.config.checkpoint_every) && !is_last;
             let stop = !is_last && opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
             if due || stop {
-                checkpoint::write(self.out, st, &plan.config, src.cursor(), data_fingerprint)?;
+                let config = ConfigFile { train: plan.config.clone(), source: opts.source_config.clone() };
+                checkpoint::write(self.out, st, &config, src.cursor(), data_fingerprint)?;
             }
             if stop {
                 // Ctrl-C / SIGTERM: the batch in flight is done and kept in the checkpoint
@@ -434,6 +438,7 @@ fn save_output(
     out: &Path,
     st: &mut TrainState,
     plan: &TrainPlan,
+    source_config: &toml::Table,
     last: &StepStats,
     tokens_per_s: f64,
     dead_frac: f64,
@@ -455,7 +460,7 @@ fn save_output(
         "dead_frac": dead_frac, "log10_density_histogram": hist, "resolved": plan.schedule,
     });
     let summary = serde_json::to_string_pretty(&summary).context("rendering training_summary.json")?;
-    let toml = plan.config.to_toml();
+    let toml = ConfigFile { train: plan.config.clone(), source: source_config.clone() }.to_toml();
     let extra: [(&str, &[u8]); 2] =
         [("train_config.toml", toml.as_bytes()), ("training_summary.json", summary.as_bytes())];
     format::save_saelens_set(out, &st.sae, Some(&freq), None, &extra)?;

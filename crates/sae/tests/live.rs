@@ -108,7 +108,6 @@ fn live_training_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = dataset(&model, &tmp.path().join("tokens"));
     let cfg = |out: &Path| TrainConfig {
-        live: true,
         out: out.display().to_string(),
         tokens: 128 * 24,
         batch_size: 128,

@@ -22,3 +22,4 @@ pub mod search;
 pub mod serve;
 pub mod tokenize;
 pub mod train;
+pub mod train_live;

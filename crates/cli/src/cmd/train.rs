@@ -1,9 +1,10 @@
 //! `saekit train`: train a sparse autoencoder from a TOML config and/or flags.
 
-use anyhow::{bail, Context, Result};
+use super::train_live::LiveConfig;
+use anyhow::{bail, Result};
 use clap::Args;
 use saekit_sae::config::parse_count;
-use saekit_sae::{Arch, NpySource, RunOptions, TrainConfig};
+use saekit_sae::{Arch, ConfigFile, NpySource, RunOptions, TrainConfig};
 
 /// Train a sparse autoencoder (topk, batchtopk, jumprelu, relu) on stored activations or live from the model.
 ///
@@ -126,45 +127,40 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
-pub fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
+/// The run's two configs: the trainer's ([`TrainConfig`]) and `--live`'s data source.
+pub struct TrainSetup {
+    pub train: TrainConfig,
+    pub live: LiveConfig,
+}
+
+pub fn effective_config(a: &TrainArgs) -> Result<TrainSetup> {
     let base = match &a.config {
         Some(p) => config_file(a, p)?,
-        None => TrainConfig::default(),
+        None => TrainSetup { train: TrainConfig::default(), live: LiveConfig::default() },
     };
     apply_flags(a, base)
 }
 
-/// The config file `path`, its input paths checked unless flags replace them.
-fn config_file(a: &TrainArgs, path: &str) -> Result<TrainConfig> {
-    let c = TrainConfig::from_toml_file(path)?;
+/// The config file `path` (the trainer's keys and `--live`'s), its input paths checked unless flags
+/// replace them.
+fn config_file(a: &TrainArgs, path: &str) -> Result<TrainSetup> {
+    let file = ConfigFile::read(path, &LiveConfig::KEYS)?;
+    let live = LiveConfig::from_table(file.source, path)?;
     if a.acts.is_none() && a.contexts.is_none() {
-        c.check_paths(path)?;
+        file.train.check_paths(path)?;
+        live.check_paths(path)?;
     }
-    Ok(c)
+    Ok(TrainSetup { train: file.train, live })
 }
 
-/// Flags override `c` (the defaults, a --config file, or a resumed run's config).
-fn apply_flags(a: &TrainArgs, mut c: TrainConfig) -> Result<TrainConfig> {
+/// Flags override `s` (the defaults, a --config file, or a resumed run's config).
+fn apply_flags(a: &TrainArgs, s: TrainSetup) -> Result<TrainSetup> {
+    Ok(TrainSetup { train: apply_train_flags(a, s.train)?, live: s.live.with_flags(a)? })
+}
+
+fn apply_train_flags(a: &TrainArgs, mut c: TrainConfig) -> Result<TrainConfig> {
     if let Some(v) = &a.acts {
         c.acts = Some(v.clone());
-    }
-    if a.live || a.contexts.is_some() {
-        c.live = true;
-    }
-    if let Some(v) = &a.contexts {
-        c.contexts = Some(v.clone());
-    }
-    if let Some(v) = &a.model {
-        c.model = Some(v.clone());
-    }
-    if let Some(v) = &a.split {
-        c.split = v.clone();
-    }
-    if let Some(v) = a.live_batch {
-        c.live_batch = v;
-    }
-    if let Some(v) = &a.live_block_tokens {
-        c.live_block_tokens = parse_count(v)? as usize;
     }
     if let Some(v) = &a.arch {
         c.arch = Arch::parse(v)?;
@@ -221,31 +217,27 @@ fn apply_flags(a: &TrainArgs, mut c: TrainConfig) -> Result<TrainConfig> {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut c = effective_config(&a)?;
+    let mut setup = effective_config(&a)?;
     if a.print_config {
-        print!("{}", c.to_toml());
-        let r = c.resolved();
-        println!("\n# recipe values resolved for arch = {:?}:", c.arch.name());
-        for line in toml::to_string_pretty(&r).unwrap_or_default().lines() {
-            println!("# {line}");
-        }
+        print_config(&setup);
         return Ok(());
     }
     let resume = a.resume.is_some();
     if let Some(dir) = &a.resume {
-        // the run continues with its own config; flags may only restate it (the trainer checks)
-        let base = match &a.config {
-            Some(p) => config_file(&a, p)?,
-            // the newest checkpoint's config: the base of a resumed run
-            None => saekit_sae::checkpoint::latest_config(std::path::Path::new(dir))?,
-        };
-        c = apply_flags(&a, base)?;
-        c.out = dir.clone();
+        setup = resumed_config(&a, dir)?;
     }
     let stop = super::interrupt::stop_flag()?;
-    let opts = RunOptions { resume, progress: !a.quiet, force: a.force, stop: Some(stop), ..Default::default() };
-    if c.live {
-        return run_live(c, &opts);
+    let opts = RunOptions {
+        resume,
+        progress: !a.quiet,
+        force: a.force,
+        stop: Some(stop),
+        source_config: setup.live.to_table(),
+        ..Default::default()
+    };
+    let c = setup.train;
+    if setup.live.live {
+        return super::train_live::run(c, &setup.live, &opts);
     }
     let Some(acts) = c.acts.clone() else {
         let config = a.config.as_deref().map(|p| format!(", or set `acts` in {p}")).unwrap_or_default();
@@ -265,6 +257,34 @@ pub fn run(a: TrainArgs) -> Result<()> {
     finish(&o, o.tokens_per_s)
 }
 
+/// `--print-config`: every key with its value, then the recipe values resolved for the architecture.
+fn print_config(s: &TrainSetup) {
+    let file = ConfigFile { train: s.train.clone(), source: s.live.to_table() };
+    print!("{}", file.to_toml());
+    println!("\n# recipe values resolved for arch = {:?}:", s.train.arch.name());
+    for line in toml::to_string_pretty(&s.train.resolved()).unwrap_or_default().lines() {
+        println!("# {line}");
+    }
+}
+
+/// A resumed run continues with its own config (the given --config, else its newest checkpoint's);
+/// flags may only restate it (the trainer checks its keys, [`LiveConfig::check_resume`] the live ones).
+fn resumed_config(a: &TrainArgs, dir: &str) -> Result<TrainSetup> {
+    let base = match &a.config {
+        Some(p) => config_file(a, p)?,
+        None => {
+            let file = saekit_sae::checkpoint::latest_config(std::path::Path::new(dir))?;
+            let origin = saekit_sae::checkpoint::folder(std::path::Path::new(dir)).display().to_string();
+            TrainSetup { train: file.train, live: LiveConfig::from_table(file.source, &origin)? }
+        }
+    };
+    let checkpointed = base.live.clone();
+    let mut s = apply_flags(a, base)?;
+    checkpointed.check_resume(&s.live)?;
+    s.train.out = dir.to_string();
+    Ok(s)
+}
+
 /// The store hook to train on: --hook, else an explicit --hook-name, else the resumed run's hook (the
 /// store's only hook when none is given). The SAE's metadata then names the hook actually read.
 fn store_hook(a: &TrainArgs, resumed: Option<&str>) -> Result<String> {
@@ -278,7 +298,7 @@ fn store_hook(a: &TrainArgs, resumed: Option<&str>) -> Result<String> {
 }
 
 /// Report a finished run, or exit 130 with the resume command after Ctrl-C / SIGTERM.
-fn finish(o: &saekit_sae::TrainOutcome, tokens_per_s: f64) -> Result<()> {
+pub(super) fn finish(o: &saekit_sae::TrainOutcome, tokens_per_s: f64) -> Result<()> {
     if o.interrupted {
         super::interrupt::exit_interrupted(
             &format!("stopped after step {} with a checkpoint", o.steps),
@@ -287,64 +307,6 @@ fn finish(o: &saekit_sae::TrainOutcome, tokens_per_s: f64) -> Result<()> {
     }
     report(o, tokens_per_s);
     Ok(())
-}
-
-/// `--live`: the model runs over the tokenized contexts and its rows go straight into training.
-fn run_live(mut c: TrainConfig, opts: &RunOptions) -> Result<()> {
-    if c.acts.is_some() {
-        bail!("--live reads activations from the model: drop --acts (or `acts` in the config), or drop --live");
-    }
-    let Some(contexts) = c.contexts.clone() else {
-        bail!("--live needs a tokenized dataset: --contexts TOKENS_DIR (from `saekit tokenize`)");
-    };
-    let hook: saekit_model::HookPoint = c
-        .hook_name
-        .parse()
-        .with_context(|| format!("--hook-name {:?}: not a hook point the model can run to", c.hook_name))?;
-    let data = saekit_store::TokenDataset::open(std::path::Path::new(&contexts))?;
-    let model_path = super::model_arg::resolve_model(c.model.as_deref())?;
-    let model = saekit_model::Model::load(&model_path, &saekit_model::LoadOptions::default())?;
-    // The default name fits the default model; another model's cfg.json metadata names that model.
-    if c.model_name == TrainConfig::default().model_name
-        && model_path != saekit_model::default_model_path()
-        && !model.config().name.is_empty()
-    {
-        c.model_name = model.config().name.clone();
-    }
-    c.context_size = data.context();
-    if c.dataset_path.is_empty() {
-        c.dataset_path = contexts.clone();
-    }
-    let lopts = saekit_store::live::LiveOptions {
-        hook,
-        split: c.split.clone(),
-        batch: c.live_batch,
-        block_tokens: c.live_block_tokens,
-        seed: c.seed,
-        // what the trainer reads ahead before seeking back to the start
-        keep_rows: c.prepare_rows(),
-    };
-    let live = saekit_store::live::LiveActivations::new(&model, &data, lopts)?;
-    let desc = format!(
-        "live {} at {hook} over {contexts} split {} ({} contexts of {}, {} shuffle blocks per epoch, sinks skipped)",
-        model_path.display(),
-        c.split,
-        live.n_contexts(),
-        live.context_len(),
-        live.blocks_per_epoch()
-    );
-    let mut src = saekit_sae::LiveSource::new(live, desc);
-    let t0 = std::time::Instant::now();
-    let o = saekit_sae::train(&c, &mut src, opts)?;
-    let wall = t0.elapsed().as_secs_f64();
-    let (fs, ft) = src.forward_stats();
-    eprintln!(
-        "model forward: {ft} tokens in {fs:.1} s ({:.0} tokens/s), {:.0}% of the {wall:.1} s run",
-        ft as f64 / fs.max(1e-9),
-        100.0 * fs / wall.max(1e-9)
-    );
-    // end to end: the blocks computed while preparing count too
-    finish(&o, o.tokens_this_run as f64 / wall.max(1e-9))
 }
 
 fn report(o: &saekit_sae::TrainOutcome, tokens_per_s: f64) {
