@@ -88,14 +88,6 @@ fn main() {
     }
 }
 
-/// Run one subcommand from its arguments as a user would type them (`["harvest", "--tokens", ...]`):
-/// how `saekit demo` chains the stages, so each behaves exactly as on the command line.
-pub(crate) fn run_subcommand<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> anyhow::Result<()> {
-    let argv = std::iter::once(std::ffi::OsStr::new("saekit")).chain(args.iter().map(|a| a.as_ref()));
-    let cli = Cli::try_parse_from(argv).map_err(|e| anyhow::anyhow!("internal: bad stage arguments: {e}"))?;
-    dispatch(cli.command)
-}
-
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Demo(a) => cmd::demo::run(a),

@@ -1,12 +1,13 @@
 //! `saekit analyze`: describe every feature of an SAE in a SQLite feature database.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use saekit_analysis::{analyze, AnalyzeOptions};
-use saekit_sae::load_sae;
+use saekit_model::Model;
+use saekit_sae::{load_sae, Sae};
 use saekit_store::TokenDataset;
 
 use super::model_arg::ModelArgs;
@@ -111,14 +112,28 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         stop: Some(super::interrupt::stop_flag()?),
         ..Default::default()
     };
-    let r = analyze(&model, &sae, &a.sae, &dataset, &a.out, &opts)?;
+    analyze_with(&model, &sae, &a.sae, &dataset, &a.out, &opts, a.json)
+}
+
+/// Analyse `sae` (saved in `sae_dir`) on `dataset` through `model` into the database `out`, then report
+/// (as JSON when `json`); a signal exits 130 with the contexts done checkpointed.
+pub fn analyze_with(
+    model: &Model,
+    sae: &Sae,
+    sae_dir: &str,
+    dataset: &TokenDataset,
+    out: &Path,
+    opts: &AnalyzeOptions,
+    json: bool,
+) -> Result<()> {
+    let r = analyze(model, sae, sae_dir, dataset, out, opts)?;
     if !r.finished && super::interrupt::stopped() {
         super::interrupt::exit_interrupted(
             &format!("{} contexts analysed and checkpointed", r.n_contexts),
             &super::interrupt::this_command(),
         );
     }
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(

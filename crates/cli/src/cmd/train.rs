@@ -243,17 +243,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let config = a.config.as_deref().map(|p| format!(", or set `acts` in {p}")).unwrap_or_default();
         bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR{config}");
     };
-    let o = if std::path::Path::new(&acts).is_dir() {
+    if std::path::Path::new(&acts).is_dir() {
         // a resumed run reads the hook its checkpoint recorded
         let hook = store_hook(&a, resume.then_some(c.hook_name.as_str()))?;
-        let mut src = saekit_sae::StoreSource::open(std::path::Path::new(&acts), &hook, c.seed, true, c.batch_size)?;
-        saekit_sae::train(&c, &mut src, &opts)?
+        train_on_store(&c, std::path::Path::new(&acts), &hook, &opts)
     } else if acts.ends_with(".npy") {
         let mut src = NpySource::open(&acts, c.seed, true)?;
-        saekit_sae::train(&c, &mut src, &opts)?
+        let o = saekit_sae::train(&c, &mut src, &opts)?;
+        finish(&o, o.tokens_per_s)
     } else {
         bail!("{acts}: expected a float32 .npy file or an activation store folder");
-    };
+    }
+}
+
+/// Train on hook `hook` of the activation store `store` (rows shuffled by the config's seed), then
+/// report the run; a signal exits 130 naming the resume command.
+pub fn train_on_store(c: &TrainConfig, store: &std::path::Path, hook: &str, opts: &RunOptions) -> Result<()> {
+    let mut src = saekit_sae::StoreSource::open(store, hook, c.seed, true, c.batch_size)?;
+    let o = saekit_sae::train(c, &mut src, opts)?;
     finish(&o, o.tokens_per_s)
 }
 
