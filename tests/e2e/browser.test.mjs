@@ -121,6 +121,39 @@ test("steering generates baseline and steered text side by side", async () => {
   await page.screenshot({ path: path.join(shots, "steer.png"), fullPage: true });
 });
 
+test("the graph page traces a prompt, explains a node on hover and clamps it", async () => {
+  await page.goto(base + "/graph");
+  await page.fill("#graph-prompt", "The capital of France is");
+  // the fixture's random transcoders explain little: at 0.8 the kept influence is almost all error nodes
+  await page.fill("#graph-node-threshold", "0.95");
+  await page.click("#graph-run");
+  await page.waitForSelector("svg.graph g.node.feature", { timeout: 120_000 });
+  const drawn = page.locator("svg.graph");
+  const api = await (await fetch(`${base}/api/graph`, { method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ prompt: "The capital of France is", node_threshold: 0.95, edge_threshold: 0.98 }) })).json();
+  assert.equal(Number(await drawn.getAttribute("data-nodes")), api.nodes.length);
+  assert.equal(await page.locator("svg.graph g.node").count(), api.nodes.length);
+  assert.equal(await page.locator("svg.graph line").count(), api.links.length);
+  assert.equal(await page.locator("svg.graph g.node.logit").count(), 5);
+  assert.equal(await page.locator("svg.graph g.node.embedding").count(), api.metadata.prompt_tokens.length);
+  // a feature at the last position: clamping it high must move the next-token distribution
+  const last = api.metadata.prompt_tokens.length - 1;
+  const ids = await page.locator("svg.graph g.node.feature").evaluateAll((ns) => ns.map((n) => n.dataset.id));
+  const pick = ids.find((id) => id.endsWith(`_${last}`)) || ids[0];
+  const node = page.locator(`svg.graph g.node[data-id="${pick}"]`);
+  await node.hover();
+  assert.match(await page.locator("#tip").textContent(), /transcoder feature \d+ @ layer \d+[\s\S]*promotes: \S/);
+  await node.click();
+  await page.waitForSelector("#graph-node h2:has-text('transcoder, position')");
+  await page.fill("#graph-clamp-value", "200");
+  await page.click("#graph-clamp");
+  await page.waitForSelector("#graph-intervention table", { timeout: 60_000 });
+  const tables = await page.locator("#graph-intervention table").allTextContents();
+  assert.equal(tables.length, 2);
+  assert.notEqual(tables[0], tables[1], "a clamp at 200 left the top tokens as they were");
+  await page.screenshot({ path: path.join(shots, "graph.png"), fullPage: true });
+});
+
 test("no script errors on any page", () => {
   assert.deepEqual(pageErrors.filter((e) => !/404|Not Found/.test(e)), []);
 });

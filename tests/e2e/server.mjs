@@ -10,7 +10,8 @@ export function startServer(extraArgs = []) {
   const bin = process.env.SAEKIT_BIN || path.join(root, "target/debug/saekit");
   const fix = process.env.SAEKIT_E2E_FIXTURE;
   if (!fix) throw new Error("SAEKIT_E2E_FIXTURE is not set: run scripts/e2e.sh, which builds the fixture");
-  const args = ["serve", "--sae", path.join(fix, "sae"), "--db", path.join(fix, "features.json"), "--port", "0", ...extraArgs];
+  const args = ["serve", "--sae", path.join(fix, "sae"), "--db", path.join(fix, "features.json"),
+    "--transcoders", path.join(fix, "transcoders"), "--port", "0", ...extraArgs];
   const proc = spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "saekit=warn" } });
   let log = "";
   proc.stderr.on("data", (d) => { log += d; });

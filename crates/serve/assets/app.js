@@ -573,6 +573,118 @@ async function steerPage() {
   if (INFO && !INFO.live) msg.replaceChildren(errorBox("This server was started without a model and SAE: steering is off."));
 }
 
+// ---------------------------------------------------------------- attribution graph
+
+const NODE_KIND = { "cross layer transcoder": "feature", "mlp reconstruction error": "error", embedding: "embedding", logit: "logit" };
+
+async function graphPage() {
+  navOn("graph");
+  const params = new URLSearchParams(location.search);
+  const prompt = el("input", { id: "graph-prompt", type: "text", style: "width: 100%", value: params.get("prompt") || "The capital of France is" });
+  const nodeT = el("input", { type: "number", id: "graph-node-threshold", value: 0.8, min: 0.05, max: 1, step: 0.05, style: "width: 80px" });
+  const edgeT = el("input", { type: "number", id: "graph-edge-threshold", value: 0.98, min: 0.05, max: 1, step: 0.01, style: "width: 80px" });
+  const run = el("button", { class: "btn primary", id: "graph-run", text: "Trace" });
+  const msg = el("div"), plot = el("div", { id: "graph-plot" }), side = el("div", { id: "graph-node" });
+  run.addEventListener("click", async () => {
+    run.disabled = true; msg.replaceChildren(el("span", { class: "spin" }), " attributing through the replacement model…");
+    plot.replaceChildren(); side.replaceChildren();
+    try {
+      const g = await api("/graph", { prompt: prompt.value, node_threshold: Number(nodeT.value), edge_threshold: Number(edgeT.value) });
+      const feats = g.nodes.filter((n) => NODE_KIND[n.feature_type] === "feature").length;
+      msg.replaceChildren(el("p", { class: "muted", text: `${g.nodes.length} nodes (${feats} features), ${g.links.length} edges; ${fmt(100 * g.metadata.error_influence_share, 1)}% of the influence on the logits flows through error nodes. Click a feature to ablate or clamp it.` }));
+      plot.replaceChildren(graphSvg(g, (n) => nodePanel(side, g, n, prompt.value)));
+    } catch (e) { msg.replaceChildren(errorBox(e.message)); }
+    run.disabled = false;
+  });
+  app.replaceChildren(el("h1", { text: "Attribution graph" }),
+    el("div", { class: "card" },
+      el("p", { class: "muted", text: "Which transcoder features cause which on a prompt: attention patterns and norms frozen, every MLP replaced by its transcoder (with its error), edges pruned by influence on the top logits as circuit-tracer does. Interventions re-run the real model." }),
+      prompt,
+      el("div", { class: "row" }, el("label", {}, "node threshold ", nodeT), el("label", {}, "edge threshold ", edgeT), run)),
+    msg, el("div", { class: "card" }, plot), side);
+  if (INFO && !(INFO.model && INFO.model.transcoders)) msg.replaceChildren(errorBox("This server has no transcoders (saekit serve --transcoders DIR): graphs are off."));
+}
+
+// nodes by layer (rows, embeddings at the bottom, logits on top) and position (columns)
+function graphSvg(g, onPick) {
+  const layers = (INFO && INFO.model && INFO.model.layers) || 1 + Math.max(0, ...g.nodes.map((n) => Number(n.layer) || 0));
+  const toks = g.metadata.prompt_tokens, colW = Math.max(90, Math.min(160, 1100 / toks.length)), rowH = 20;
+  const W = 60 + colW * toks.length, H = 40 + rowH * (layers + 2) + 30;
+  const row = (n) => (n.layer === "E" ? 0 : NODE_KIND[n.feature_type] === "logit" ? layers + 1 : Number(n.layer) + 1);
+  const cells = new Map();
+  for (const n of g.nodes) { const k = `${row(n)}:${n.ctx_idx}`; cells.set(k, (cells.get(k) || []).concat([n])); }
+  const at = new Map();
+  for (const [k, ns] of cells) {
+    const [r, c] = k.split(":").map(Number);
+    // the logits (all at the last position) spread over the whole width, so their labels can be read
+    const [x0, w] = r === layers + 1 ? [50, colW * toks.length] : [50 + c * colW, colW];
+    ns.forEach((n, i) => at.set(n.node_id, { x: x0 + w * (i + 1) / (ns.length + 1), y: H - 40 - r * rowH }));
+  }
+  const root = svg("svg", { class: "graph", width: W, height: H, viewBox: `0 0 ${W} ${H}`, "data-nodes": g.nodes.length, "data-links": g.links.length });
+  const maxW = Math.max(1e-12, ...g.links.map((l) => Math.abs(l.weight)));
+  const edges = svg("g", { class: "edges" });
+  for (const l of g.links) {
+    const a = at.get(l.source), b = at.get(l.target);
+    if (!a || !b) continue;
+    edges.append(svg("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y, "data-source": l.source, "data-target": l.target,
+      stroke: l.weight >= 0 ? "#2563eb" : "#dc2626", "stroke-width": (0.4 + 3.6 * Math.abs(l.weight) / maxW).toFixed(2), "stroke-opacity": 0.35 }));
+  }
+  root.append(edges);
+  toks.forEach((t, c) => root.append(svg("text", { x: 50 + c * colW + colW / 2, y: H - 8, "text-anchor": "middle", class: "axis", text: showTok(t) })));
+  for (const r of [0, 10, 20, 29].filter((r) => r < layers)) root.append(svg("text", { x: 4, y: H - 36 - (r + 1) * rowH, class: "axis", text: `L${r}` }));
+  for (const n of g.nodes) {
+    const p = at.get(n.node_id), kind = NODE_KIND[n.feature_type] || "other";
+    const shape = kind === "feature" ? svg("circle", { cx: p.x, cy: p.y, r: 5 }) : svg("rect", { x: p.x - 4, y: p.y - 4, width: 8, height: 8 });
+    const node = svg("g", { class: "node " + kind, "data-type": kind, "data-id": n.node_id }, shape);
+    if (kind === "logit") node.append(svg("text", { x: p.x, y: p.y - 8, "text-anchor": "middle", class: "axis", text: n.clerp.replace(/^Output /, "") }));
+    hover(node, () => nodeText(n, toks));
+    if (kind === "feature") node.addEventListener("click", () => {
+      root.querySelectorAll("g.node.picked").forEach((x) => x.classList.remove("picked"));
+      node.classList.add("picked");
+      edges.querySelectorAll("line").forEach((e) => e.setAttribute("stroke-opacity", e.dataset.source === n.node_id || e.dataset.target === n.node_id ? 0.9 : 0.12));
+      onPick(n);
+    });
+    root.append(node);
+  }
+  return root;
+}
+
+function nodeText(n, toks) {
+  const kind = NODE_KIND[n.feature_type] || n.feature_type, tok = showTok(toks[n.ctx_idx] || "");
+  if (kind === "feature") {
+    const f = n.node_id.split("_")[1];
+    return `transcoder feature ${f} @ layer ${n.layer}, position ${n.ctx_idx} ("${tok}")\nactivation ${fmt(n.activation, 3)}, influence ${fmt(n.influence, 3)}\npromotes: ${(n.top_tokens || []).map(showTok).join(" · ")}`;
+  }
+  if (kind === "error") return `MLP error @ layer ${n.layer}, position ${n.ctx_idx} ("${tok}"): what the transcoder misses\ninfluence ${fmt(n.influence, 3)}`;
+  if (kind === "embedding") return `token "${tok}" at position ${n.ctx_idx}`;
+  return n.clerp;
+}
+
+// the picked feature: ablate or clamp it and compare the real model's next tokens
+function nodePanel(side, g, n, prompt) {
+  const [layer, feature, pos] = n.node_id.split("_").map(Number);
+  const value = el("input", { type: "number", id: "graph-clamp-value", value: fmt(2 * (n.activation || 1), 3), step: 0.1, style: "width: 90px" });
+  const out = el("div", { id: "graph-intervention" });
+  const send = async (v) => {
+    out.replaceChildren(el("span", { class: "spin" }), " re-running the model…");
+    try {
+      const r = await api("/graph/intervene", { prompt, edits: [{ feature, layer, pos, value: v }] });
+      const table = (rows) => el("table", { class: "list" }, el("tbody", {}, rows.map((t) => el("tr", {}, el("td", { text: showTok(t.token) }), el("td", { text: fmt(t.prob, 3) })))));
+      out.replaceChildren(el("div", { class: "grid2" },
+        el("div", {}, el("h2", { text: "Before" }), table(r.before)),
+        el("div", {}, el("h2", { text: `After (set to ${fmt(v, 3)})` }), table(r.after))));
+    } catch (e) { out.replaceChildren(errorBox(e.message)); }
+  };
+  side.replaceChildren(el("div", { class: "card" },
+    el("h2", { text: `Feature ${feature} of layer ${layer}'s transcoder, position ${pos}` }),
+    el("p", { class: "muted", text: `activation ${fmt(n.activation, 3)}; promotes ${(n.top_tokens || []).map(showTok).join(" · ")}` }),
+    el("div", { class: "row" },
+      el("button", { class: "btn", id: "graph-ablate", text: "Ablate (set to 0)", onclick: () => send(0) }),
+      el("label", {}, "clamp to ", value),
+      el("button", { class: "btn", id: "graph-clamp", text: "Clamp", onclick: () => send(Number(value.value)) })),
+    out));
+}
+
 // ---------------------------------------------------------------- routing
 
 function go(path) { history.pushState(null, "", path); route(); }
@@ -584,6 +696,7 @@ async function route() {
   if (m) return featurePage(decodeURIComponent(m[1]));
   if (p === "/live") return livePage();
   if (p === "/steer") return steerPage();
+  if (p === "/graph") return graphPage();
   return home();
 }
 

@@ -38,6 +38,8 @@ pub struct Limits {
     pub max_list: usize,
     /// Largest absolute value of an edit, after `unit: "max"` is multiplied out.
     pub max_abs_value: f32,
+    /// Most prompt tokens of an attribution graph (with BOS): its cost grows with their square.
+    pub max_graph_tokens: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +54,7 @@ impl Default for Limits {
             max_edits: 8,
             max_list: 500,
             max_abs_value: 1000.0,
+            max_graph_tokens: 24,
         }
     }
 }
@@ -109,7 +112,7 @@ fn bad(message: impl Into<String>) -> ServeError {
     ServeError::BadRequest(message.into())
 }
 
-type ApiResult = ServeResult<Json<Value>>;
+pub(crate) type ApiResult = ServeResult<Json<Value>>;
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
@@ -147,12 +150,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/map", get(map))
         .route("/live", post(live))
         .route("/steer", post(steer))
+        .route("/graph", post(crate::graph::graph_route))
+        .route("/graph/intervene", post(crate::graph::intervene_route))
         .fallback(|| async { ServeError::NotFound("no such API endpoint; see GET /api/info and the README".into()) });
     Router::new()
         .route("/", get(page))
         .route("/feature/{id}", get(page))
         .route("/live", get(page))
         .route("/steer", get(page))
+        .route("/graph", get(page))
         .route("/static/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
         .route("/static/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }))
         .route("/favicon.svg", get(|| async { asset("image/svg+xml", FAVICON_SVG) }))
@@ -252,7 +258,7 @@ async fn map(State(s): State<Arc<AppState>>) -> ApiResult {
     Ok(Json(json!({ "points": pts })))
 }
 
-fn queue(s: &AppState) -> ServeResult<&ModelQueue> {
+pub(crate) fn queue(s: &AppState) -> ServeResult<&ModelQueue> {
     s.queue.as_ref().ok_or(ServeError::NoModel("live text and steering are"))
 }
 

@@ -6,6 +6,7 @@
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 
 use anyhow::{Context as _, Result};
+use saekit_circuits::TranscoderSet;
 use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Model, Sampling};
 use saekit_sae::Sae;
 pub use saekit_steer::FeatureEdit;
@@ -22,6 +23,8 @@ pub struct Engine {
     pub sae: Sae,
     /// The hook point the SAE reads and steering edits.
     pub hook: HookPoint,
+    /// The transcoder set the `/graph` page attributes through (see [`Engine::with_transcoders`]).
+    pub transcoders: Option<TranscoderSet>,
 }
 
 /// A feature and its activation on one token (or its strongest over a text).
@@ -104,7 +107,16 @@ impl Engine {
         let hook: HookPoint =
             name.parse().with_context(|| format!("the SAE's hook name '{name}' is not a hook point"))?;
         hook.check(model.config().n_layers)?;
-        Ok(Self { model, sae, hook })
+        Ok(Self { model, sae, hook, transcoders: None })
+    }
+
+    /// The engine with `set` for attribution graphs: one MLP-input -> MLP-output transcoder per block of
+    /// this model, which must be of the Llama family (the frozen-attention linearisation's).
+    pub fn with_transcoders(mut self, set: TranscoderSet) -> Result<Self> {
+        saekit_circuits::replacement::check_set(&self.model, &set)?;
+        self.model.rms_block_weights(0)?;
+        self.transcoders = Some(set);
+        Ok(self)
     }
 
     /// The hook point the SAE runs on.

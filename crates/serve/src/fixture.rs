@@ -293,13 +293,49 @@ pub fn random_sae(model: &saekit_model::Model, hook: &str, d_sae: usize, k: usiz
     sae
 }
 
-/// Write a fixture SAE (`out/sae`, SAELens layout) and its feature database (`out/features.json`) for
-/// `saekit serve --sae out/sae --db out/features.json`. Returns the engine, ready to serve.
+/// A random TopK transcoder set for `model` (one `ln2.hook_normalized` -> `hook_mlp_out` transcoder per
+/// block, `d_sae` features, `k` active per token): the graph page's fixture, whose graphs are real
+/// attributions through a replacement model that explains little (most influence flows through errors).
+pub fn random_transcoders(
+    model: &saekit_model::Model,
+    d_sae: usize,
+    k: usize,
+    seed: u64,
+) -> saekit_circuits::TranscoderSet {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let d = model.config().d_model;
+    let mut uniform =
+        |n: usize, scale: f32| (0..n).map(|_| scale * (rng.gen::<f32>() * 2.0 - 1.0)).collect::<Vec<f32>>();
+    let layers = (0..model.config().n_layers)
+        .map(|l| saekit_circuits::Transcoder {
+            d_in: d,
+            d_sae,
+            d_out: d,
+            activation: saekit_circuits::TranscoderActivation::TopK(k),
+            w_enc: uniform(d_sae * d, 0.1),
+            b_enc: uniform(d_sae, 0.1),
+            w_dec: uniform(d_sae * d, 0.3),
+            b_dec: uniform(d, 0.01),
+            w_skip: None,
+            input_hook: saekit_model::HookPoint::Ln2Normalized(l),
+            output_hook: saekit_model::HookPoint::MlpOut(l),
+        })
+        .collect();
+    saekit_circuits::TranscoderSet { layers, scan: "saekit-fixture-random-transcoders".into() }
+}
+
+/// Write a fixture SAE (`out/sae`, SAELens layout), its feature database (`out/features.json`) and a random
+/// transcoder set (`out/transcoders`, circuit-tracer's layout) for
+/// `saekit serve --sae out/sae --db out/features.json --transcoders out/transcoders`. Returns the engine,
+/// ready to serve (with the transcoders).
 pub fn write_fixture(model: saekit_model::Model, out: &std::path::Path) -> Result<Engine> {
     let sae = random_sae(&model, "blocks.6.hook_resid_post", 512, 16, 7);
     std::fs::create_dir_all(out).map_err(|e| anyhow!("{}: cannot create: {e}", out.display()))?;
     saekit_sae::save_saelens(&out.join("sae"), &sae, None, None)?;
+    let transcoders = random_transcoders(&model, 64, 4, 11);
+    transcoders.save_circuit_tracer(&out.join("transcoders"))?;
     let engine = Engine::new(model, sae)?;
     build_db(&engine, FIXTURE_TEXTS)?.save(&out.join("features.json"))?;
-    Ok(engine)
+    engine.with_transcoders(transcoders)
 }

@@ -25,6 +25,7 @@ pub mod engine;
 mod error;
 #[cfg(feature = "fixture")]
 pub mod fixture;
+pub mod graph;
 pub mod openai;
 mod store_json;
 mod store_sqlite;

@@ -298,3 +298,10 @@ async fn database_only_server_turns_live_pages_off() {
     let resp = router(st).oneshot(req.body(Body::from(r#"{"text":"hi"}"#)).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn a_server_without_transcoders_says_how_to_turn_graphs_on() {
+    let (s, v) = call("POST", "/api/graph", Some(json!({"prompt": "The capital of France is"}))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    assert!(error_of(&v).contains("--transcoders"), "{v}");
+}

@@ -239,7 +239,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!("\n== serve: open http://127.0.0.1:{}/ (Ctrl-C to stop)", a.port);
     // the server loads its own model and SAE onto its worker thread
     drop((model, sae, db));
-    let state = super::serve::app_state(&db_path, Some(&sae_dir), &a.model, None, SERVE_QUEUE, Default::default())?;
+    let state = super::serve::app_state(
+        &db_path,
+        super::serve::EngineArgs { sae: Some(&sae_dir), ..Default::default() },
+        &a.model,
+        SERVE_QUEUE,
+        Default::default(),
+    )?;
     saekit_serve::serve_blocking(state, (std::net::Ipv4Addr::LOCALHOST, a.port).into(), SERVE_WORKERS)
 }
 

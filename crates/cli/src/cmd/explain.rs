@@ -169,7 +169,13 @@ fn local_endpoint(a: &ExplainArgs) -> Result<(String, String)> {
     };
     let limits = saekit_serve::Limits { max_new_tokens: 256, max_body_bytes: 256 * 1024, ..Default::default() };
     let model = ModelArgs { model: a.lm.clone(), tokenizer: None };
-    let state = super::serve::app_state(&a.db, Some(sae.as_path()), &model, None, a.concurrency.max(1) * 2, limits)?;
+    let state = super::serve::app_state(
+        &a.db,
+        super::serve::EngineArgs { sae: Some(sae.as_path()), ..Default::default() },
+        &model,
+        a.concurrency.max(1) * 2,
+        limits,
+    )?;
     let name = state.model_info["name"].as_str().unwrap_or_default().to_string();
     let addr = saekit_serve::spawn_background(state, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
     eprintln!("explaining with the local model {name} through saekit serve at http://{addr}/v1");

@@ -39,25 +39,39 @@ pub struct ServeArgs {
     /// HTTP worker threads (the model runs on its own thread).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// A transcoder set (circuit-tracer's transcoders.yaml folder, or SAELens transcoder folders) for the
+    /// /graph page: a prompt's attribution graph, and interventions on its nodes. Needs --sae (the model
+    /// runs on its queue); Llama-family models only.
+    #[arg(long, requires = "sae")]
+    pub transcoders: Option<PathBuf>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let limits = saekit_serve::Limits { max_new_tokens: a.max_new_tokens.clamp(1, 1024), ..Default::default() };
-    let state = app_state(&a.db, a.sae.as_deref(), &a.model, a.hook.as_deref(), a.queue, limits)?;
+    let engine = EngineArgs { sae: a.sae.as_deref(), hook: a.hook.as_deref(), transcoders: a.transcoders.as_deref() };
+    let state = app_state(&a.db, engine, &a.model, a.queue, limits)?;
     saekit_serve::serve_blocking(state, SocketAddr::new(a.host, a.port), a.workers)
 }
 
-/// The server's state: the database, and with an SAE the model queue (checked to belong together),
-/// the SAE run on `hook` (see [`engine_hook`]).
+/// What the model queue runs: the SAE (none: the database pages only), the hook it reads (see
+/// [`engine_hook`]), and the transcoder set of the graph page.
+#[derive(Default, Clone, Copy)]
+pub struct EngineArgs<'a> {
+    pub sae: Option<&'a std::path::Path>,
+    pub hook: Option<&'a str>,
+    pub transcoders: Option<&'a std::path::Path>,
+}
+
+/// The server's state: the database, and with an SAE the model queue (checked to belong together).
 pub fn app_state(
     db_path: &std::path::Path,
-    sae: Option<&std::path::Path>,
+    e: EngineArgs<'_>,
     model: &ModelArgs,
-    hook: Option<&str>,
     queue: usize,
     limits: saekit_serve::Limits,
 ) -> Result<Arc<saekit_serve::AppState>> {
     let db = saekit_serve::open_store(db_path)?;
+    let (sae, hook) = (e.sae, e.hook);
     let (queue, model_info) = match sae {
         Some(sae_dir) => {
             let sae =
@@ -74,9 +88,16 @@ pub fn app_state(
             let model = model.load()?;
             let hook = engine_hook(hook, &sae, db.as_ref())?;
             let (name, layers, d_sae) = (model.config().name.clone(), model.config().n_layers, sae.d_sae);
-            let engine = saekit_serve::Engine::with_hook(model, sae, hook.as_deref())
+            let mut engine = saekit_serve::Engine::with_hook(model, sae, hook.as_deref())
                 .with_context(|| format!("{}: cannot serve this SAE", sae_dir.display()))?;
-            let info = json!({ "name": name, "layers": layers, "hook": engine.hook().to_string(), "d_sae": d_sae });
+            let mut info = json!({ "name": name, "layers": layers, "hook": engine.hook().to_string(), "d_sae": d_sae });
+            if let Some(dir) = e.transcoders {
+                let set = saekit_circuits::TranscoderSet::load(dir)?;
+                info["transcoders"] = json!({ "scan": set.scan, "layers": set.layers.len() });
+                engine = engine
+                    .with_transcoders(set)
+                    .with_context(|| format!("{}: cannot attribute through these transcoders", dir.display()))?;
+            }
             (Some(saekit_serve::ModelQueue::start(engine, queue.max(1))?), info)
         }
         None => (None, serde_json::Value::Null),
