@@ -5,7 +5,7 @@
 //! queue that serialises model work. It reads the feature database through [`FeatureStore`]
 //! (`store_trait.rs`; [`MemoryDb`] for JSON files, `store_sqlite.rs` for the SQLite database), whose records
 //! are `saekit_analysis`' (this crate defines none of its own), runs the model and SAE through
-//! [`engine::Engine`], and speaks the OpenAI chat and text-completion API under `/v1` ([`openai`]). Every
+//! [`engine::Engine`] (and, for the `/graph` page, its transcoder set through saekit-circuits: [`graph`]), and speaks the OpenAI chat and text-completion API under `/v1` ([`openai`]). Every
 //! error a request can meet is a [`ServeError`], whose kind alone decides the HTTP status. It must not compute
 //! or write analysis results itself (`fixture`, behind the `fixture` feature, builds small databases for
 //! tests only).
