@@ -1,6 +1,6 @@
-"""GGUF copies of the Qwen3 and Phi-3 parity fixtures, named and laid out as llama.cpp's converter
+"""GGUF copies of the Qwen2, Qwen3 and Phi-3 parity fixtures, named and laid out as llama.cpp's converter
 (convert_hf_to_gguf.py) writes them: tensor names from llama.cpp's own gguf-py mapping
-(gguf.get_tensor_name_map, the table the converter uses), Q/K rows kept as stored (llama.cpp runs both
+(gguf.get_tensor_name_map, the table the converter uses), Q/K rows kept as stored (llama.cpp runs these
 architectures with the NEOX rotary and permutes only Llama's), tied embeddings without output.weight, the
 metadata keys gguf.GGUFWriter writes for them, and the BPE vocabulary as the converter's get_vocab_base
 lists it. crates/model/tests/archs.rs loads them and checks the forward pass against transformers' numbers.
@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-ARCHS = {"qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}
+ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}
 
 
 def vocab(tok, n_vocab):

@@ -1,4 +1,4 @@
-"""Build the parity fixtures for Gemma 2, Gemma 3 (text), GPT-NeoX/Pythia, Qwen3, Phi-3 and Llama
+"""Build the parity fixtures for Gemma 2, Gemma 3 (text), GPT-NeoX/Pythia, Qwen2, Qwen3, Phi-3 and Llama
 (SmolLM2-135M's config).
 
 For each architecture: the real model's config (values copied from the published config.json) shrunk in
@@ -100,6 +100,17 @@ ARCHS = {
                     bos_token_id=0, eos_token_id=1, torch_dtype="float32"),
         specials=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
         bos=None, eos="<|im_end|>", add_bos=False, template=CHATML_TEMPLATE, family="llama",
+        scale={"embed_tokens": 4.0}, sae=False),
+    "qwen2": dict(
+        real="Qwen/Qwen2.5-0.5B-Instruct",
+        config=dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                    rope_theta=1000000.0, max_position_embeddings=256, hidden_act="silu",
+                    tie_word_embeddings=True, use_sliding_window=False, sliding_window=None,
+                    bos_token_id=0, eos_token_id=1, torch_dtype="float32"),
+        specials=["<|endoftext|>", "<|im_end|>", "<|im_start|>"],
+        bos=None, eos="<|im_end|>", add_bos=False, template=CHATML_TEMPLATE, family="llama",
+        # the q/k/v biases (Qwen2's) are jittered like every 1-D parameter: a loader dropping them fails
         scale={"embed_tokens": 4.0}, sae=False),
     "phi3": dict(
         real="microsoft/Phi-3-mini-4k-instruct",

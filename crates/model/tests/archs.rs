@@ -175,6 +175,12 @@ fn pythia_matches_transformers() {
     assert!(err.contains("hook_resid_mid") && err.contains("parallel"), "{err}");
 }
 
+/// Qwen2 runs as the Llama family with q/k/v biases.
+#[test]
+fn qwen2_matches_transformers() {
+    check("qwen2", Arch::Llama);
+}
+
 #[test]
 fn qwen3_matches_transformers() {
     check("qwen3", Arch::Qwen3);
@@ -222,6 +228,12 @@ fn check_gguf(arch: &str, want_arch: Arch) {
     assert_eq!(m.config().arch, want_arch);
     let ids: Vec<u32> = npy::<i64>(arch, "ref_token_ids.npy").iter().map(|&x| x as u32).collect();
     check_forward(&m, arch, &ids, &meta(arch));
+}
+
+/// llama.cpp leaves Qwen2's Q/K rows unpermuted (NEOX rotary) and names its biases `attn_{q,k,v}.bias`.
+#[test]
+fn qwen2_gguf_with_llama_cpp_names_matches_transformers() {
+    check_gguf("qwen2", Arch::Llama);
 }
 
 #[test]
