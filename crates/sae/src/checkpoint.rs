@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Everything a run carries from step to step besides the data.
+#[derive(Clone)]
 pub(crate) struct TrainState {
     pub sae: Sae,
     pub opt: AdamState,

@@ -124,6 +124,11 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Under `mpirun -np N` (a build with `--features mpi`): ranks per replica that split the
+    /// latents between them (model parallel); the N / S replicas split each batch's rows (data
+    /// parallel). Default: all N ranks shard the latents.
+    #[arg(long, value_name = "S")]
+    pub shards: Option<usize>,
 }
 
 pub fn effective_config(a: &TrainArgs) -> Result<TrainConfig> {
@@ -243,26 +248,76 @@ pub fn run(a: TrainArgs) -> Result<()> {
         c.out = dir.clone();
     }
     let stop = super::interrupt::stop_flag()?;
-    let opts = RunOptions { resume, progress: !a.quiet, force: a.force, stop: Some(stop), ..Default::default() };
+    let collective = join_mpi(a.shards)?;
+    let distributed = collective.is_some();
+    let opts =
+        RunOptions { resume, progress: !a.quiet, force: a.force, stop: Some(stop), collective, ..Default::default() };
     if c.live {
+        if distributed {
+            bail!("train --live does not run across MPI processes yet; train from a stored activation folder");
+        }
         return run_live(c, &opts);
     }
+    let trained = train_stored(&a, &c, resume, &opts);
+    if distributed {
+        // a failure on one rank ends the whole job: the others would wait in a collective
+        fatal_across_ranks(trained.as_ref().err());
+    }
+    let o = trained?;
+    if opts.collective.as_ref().is_some_and(|m| m.rank() != 0) {
+        return Ok(()); // rank 0 reports
+    }
+    finish(&o, o.tokens_per_s)
+}
+
+/// The processes of this `mpirun`, when this binary was built with MPI and launched by one.
+#[cfg(feature = "mpi")]
+fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sae::Collective>>> {
+    let job = saekit_sae::dist::MpiCollective::from_launcher(shards)?;
+    Ok(job.map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn saekit_sae::Collective>))
+}
+
+/// Without MPI support, refuse `mpirun` and `--shards` rather than run N copies of one training.
+#[cfg(not(feature = "mpi"))]
+fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sae::Collective>>> {
+    let ranks: usize =
+        ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(1);
+    if shards.is_some() || ranks > 1 {
+        bail!(
+            "this saekit was built without MPI: rebuild it with `cargo build --features mpi` to train across processes"
+        );
+    }
+    Ok(None)
+}
+
+#[cfg(feature = "mpi")]
+fn fatal_across_ranks(err: Option<&anyhow::Error>) {
+    if let Some(e) = err {
+        eprintln!("error: {e:#}");
+        saekit_sae::dist::abort_job(1);
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn fatal_across_ranks(_: Option<&anyhow::Error>) {}
+
+/// Train from a .npy file or an activation store.
+fn train_stored(a: &TrainArgs, c: &TrainConfig, resume: bool, opts: &RunOptions) -> Result<saekit_sae::TrainOutcome> {
     let Some(acts) = c.acts.clone() else {
         let config = a.config.as_deref().map(|p| format!(", or set `acts` in {p}")).unwrap_or_default();
         bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR{config}");
     };
-    let o = if std::path::Path::new(&acts).is_dir() {
+    Ok(if std::path::Path::new(&acts).is_dir() {
         // a resumed run reads the hook its checkpoint recorded
-        let hook = store_hook(&a, resume.then_some(c.hook_name.as_str()))?;
+        let hook = store_hook(a, resume.then_some(c.hook_name.as_str()))?;
         let mut src = saekit_sae::StoreSource::open(std::path::Path::new(&acts), &hook, c.seed, true, c.batch_size)?;
-        saekit_sae::train(&c, &mut src, &opts)?
+        saekit_sae::train(c, &mut src, opts)?
     } else if acts.ends_with(".npy") {
         let mut src = NpySource::open(&acts, c.seed, true)?;
-        saekit_sae::train(&c, &mut src, &opts)?
+        saekit_sae::train(c, &mut src, opts)?
     } else {
         bail!("{acts}: expected a float32 .npy file or an activation store folder");
-    };
-    finish(&o, o.tokens_per_s)
+    })
 }
 
 /// The store hook to train on: --hook, else an explicit --hook-name, else the resumed run's hook (the

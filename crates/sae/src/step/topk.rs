@@ -4,13 +4,14 @@
 //! scatter (race-free and independent of the thread count).
 
 use super::{
-    count_fires, encoder_input_backward, encoder_input_forward, ensure, loss, LossParams, Prof, Selection, StepStats,
-    Workspace,
+    count_fires, decode_selection, encoder_input_backward, encoder_input_forward, ensure, loss, LossParams, Prof,
+    Selection, StepStats, Workspace,
 };
 use crate::config::Arch;
 use crate::kernels;
 use crate::sae::Sae;
 use crate::step::Collective;
+use rayon::prelude::*;
 
 /// The TopK path's buffers.
 #[derive(Default)]
@@ -43,13 +44,23 @@ struct AuxPlan {
 }
 
 impl AuxPlan {
-    fn new(lp: &LossParams, dead: &mut Vec<bool>, since_fired: &[u64], d_in: usize, d_sae: usize) -> AuxPlan {
+    /// Sharded, `d_sae` is this shard's slice and the dead count is the whole SAE's.
+    fn new(
+        lp: &LossParams,
+        dead: &mut Vec<bool>,
+        since_fired: &[u64],
+        d_in: usize,
+        d_sae: usize,
+        comm: &dyn Collective,
+    ) -> AuxPlan {
         ensure(dead, d_sae);
-        let mut n_dead = 0usize;
+        let mut n_dead = [0f64];
         for (dj, &s) in dead[..d_sae].iter_mut().zip(since_fired) {
             *dj = s >= lp.dead_tokens;
-            n_dead += *dj as usize;
+            n_dead[0] += *dj as u8 as f64;
         }
+        comm.shard_sum_f64(&mut n_dead);
+        let n_dead = n_dead[0] as usize;
         let k = lp.k.min(d_sae);
         let k_aux_full = d_in / 2;
         let use_aux = lp.auxk_alpha > 0.0 && n_dead > 0 && k_aux_full > 0;
@@ -74,11 +85,16 @@ pub(super) fn forward_backward(
     let rows = x.len() / d;
     let mut prof = Prof::new();
     let tv = super::batch_total_variance(x, d, comm).max(1e-30);
-    let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d, ds);
+    let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d, ds, comm);
 
     encoder_input_forward(&mut ws.xin, x, sae);
     let xin = &ws.xin[..rows * d];
     select_forward(&mut ws.topk, xin, sae, rows, &plan);
+    let local = lp.latent_offset..lp.latent_offset + ds;
+    merge_shard_candidates(&mut ws.topk.candidates, rows, &local, comm);
+    if plan.k_aux > 0 {
+        merge_shard_candidates(&mut ws.topk.aux, rows, &local, comm);
+    }
     prof.mark("encoder gemm + select");
     ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp);
     let b = &mut ws.topk;
@@ -87,7 +103,7 @@ pub(super) fn forward_backward(
     ensure(&mut ws.dxhat, rows * d);
     let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
     let (main_idx, main_val) = b.main.rows(rows);
-    kernels::sparse_decode(main_val, main_idx, b.main.width, &sae.params.w_dec, d, Some(&sae.params.b_dec), xhat);
+    decode_selection(xhat, main_val, main_idx, b.main.width, sae, true, comm);
     let mut sums = [loss::reconstruction_sse(xhat, x, d, (2.0 / tv) as f32, dxhat), 0.0, 0.0];
     prof.mark("decode + loss");
 
@@ -95,7 +111,7 @@ pub(super) fn forward_backward(
         ensure(&mut b.daux, rows * d);
         let (idx, val) = b.aux.rows(rows);
         let daux = &mut b.daux[..rows * d];
-        kernels::sparse_decode(val, idx, plan.k_aux, &sae.params.w_dec, d, None, daux);
+        decode_selection(daux, val, idx, plan.k_aux, sae, false, comm);
         let s = (2.0 * lp.auxk_alpha as f64 * plan.aux_scale / tv) as f32;
         sums[1] = loss::auxk_sse(daux, xhat, x, d, s);
     }
@@ -103,17 +119,20 @@ pub(super) fn forward_backward(
         ensure(&mut b.dmulti, rows * d);
         let (idx, val) = b.candidates.rows(rows);
         let dm = &mut b.dmulti[..rows * d];
-        kernels::sparse_decode(val, idx, plan.kk, &sae.params.w_dec, d, Some(&sae.params.b_dec), dm);
+        decode_selection(dm, val, idx, plan.kk, sae, true, comm);
         sums[2] = loss::multi_topk_sse(dm, x, d, (2.0 / 8.0 / tv) as f32);
     }
     comm.sum_f64(&mut sums);
     let [sse, aux_sse, multi_sse] = sums;
     prof.mark("aux / multi");
 
-    sparse_backward(ws, sae, rows, lp, &plan);
+    sparse_backward(ws, sae, rows, lp, &plan, comm);
     prof.mark("fused backward");
     let (main_idx, main_val) = ws.topk.main.rows(rows);
-    let nnz = count_fires(&mut ws.fires, ds, main_idx, main_val);
+    let mut nnz = [count_fires(&mut ws.fires, ds, main_idx, main_val) as f64];
+    comm.shard_sum_f64(&mut nnz);
+    comm.sum_f64(&mut nnz);
+    let all_rows = comm.total_rows(rows);
     prof.print("topk forward_backward");
 
     let fvu = sse / tv;
@@ -122,10 +141,10 @@ pub(super) fn forward_backward(
     StepStats {
         loss: fvu + lp.auxk_alpha as f64 * auxk_loss + multi_topk_fvu / 8.0,
         fvu,
-        mse: sse / (rows * d) as f64,
+        mse: sse / (all_rows * d) as f64,
         auxk_loss,
         multi_topk_fvu,
-        l0: nnz as f64 / rows as f64,
+        l0: nnz[0] / all_rows as f64,
         n_dead: plan.n_dead,
         ..Default::default()
     }
@@ -156,6 +175,20 @@ fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &A
     }
 }
 
+/// Per row, the latents of the main reconstruction in the last step (ids local to this process), ascending.
+pub(super) fn active_latents(b: &Buffers, rows: usize) -> Vec<Vec<u32>> {
+    let (idx, val) = b.main.rows(rows);
+    let w = b.main.width;
+    (0..rows)
+        .map(|r| {
+            let mut row: Vec<u32> =
+                (r * w..(r + 1) * w).filter(|&s| idx[s] != u32::MAX && val[s] != 0.0).map(|s| idx[s]).collect();
+            row.sort_unstable();
+            row
+        })
+        .collect()
+}
+
 /// Fill `b.main`: TopK keeps each row's first k candidates (they are sorted); BatchTopK the top
 /// k·rows over the whole batch. Returns BatchTopK's smallest selected value (0 for TopK).
 fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &LossParams) -> f32 {
@@ -180,7 +213,7 @@ fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &Los
 //   -> g.w_enc, g.w_dec [touched, d_in], g.b_enc [touched], g.b_dec [d_in]
 // Each selected (row, latent) pair gets dL/dpre = <dy_row, W_dec[j]> (ReLU' = 1 where selected);
 // the weight gradients are accumulated latent-major over the three selections at once.
-fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, plan: &AuxPlan) {
+fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, plan: &AuxPlan, comm: &dyn Collective) {
     let d = sae.d_in;
     let b = &ws.topk;
     let mut lists: Vec<(&[u32], &[f32], usize, u8)> = Vec::with_capacity(3);
@@ -228,8 +261,48 @@ fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, 
             *a += m;
         }
     }
-    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae);
+    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae, comm);
     p.threshold.clear();
+}
+
+/// Sharded: turn each shard's per-row top-`width` list (over its own latents) into the list one
+/// process would select over all latents: the union of every shard's candidates, ordered by value
+/// (descending) with ties to the lower global latent id (the rule of `kernels::topk_insert`), cut
+/// to `width`. Slots holding another shard's latent are then emptied, so the kernels see only
+/// local latents while the positions (TopK's first k, Multi-TopK's 4k) stay those of the global list.
+fn merge_shard_candidates(sel: &mut Selection, rows: usize, local: &std::ops::Range<usize>, comm: &dyn Collective) {
+    if comm.shards() == 1 {
+        return;
+    }
+    let (w, offset) = (sel.width, local.start as u32);
+    let n = rows * w;
+    let mut mine = Vec::with_capacity(n * 8);
+    for (&j, &v) in sel.idx[..n].iter().zip(&sel.val[..n]) {
+        let global = if j == u32::MAX { u32::MAX } else { j + offset };
+        mine.extend_from_slice(&global.to_le_bytes());
+        mine.extend_from_slice(&v.to_le_bytes());
+    }
+    let all = comm.shard_gather(&mine);
+    let shards = all.len() / (n * 8).max(1);
+    let entry = |sh: usize, s: usize| {
+        let o = (sh * n + s) * 8;
+        let word = |o: usize| [all[o], all[o + 1], all[o + 2], all[o + 3]];
+        (u32::from_le_bytes(word(o)), f32::from_le_bytes(word(o + 4)))
+    };
+    let (val, idx) = (&mut sel.val[..n], &mut sel.idx[..n]);
+    val.par_chunks_mut(w).zip(idx.par_chunks_mut(w)).enumerate().for_each(|(r, (val, idx))| {
+        let mut row: Vec<(u32, f32)> =
+            (0..shards).flat_map(|sh| (0..w).map(move |s| (sh, r * w + s))).map(|(sh, s)| entry(sh, s)).collect();
+        row.retain(|e| e.0 != u32::MAX);
+        row.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        row.truncate(w);
+        for s in 0..w {
+            (idx[s], val[s]) = match row.get(s) {
+                Some(&(j, v)) if local.contains(&(j as usize)) => (j - offset, v),
+                _ => (u32::MAX, 0.0),
+            };
+        }
+    });
 }
 
 /// Exact batch-level top-`total` selection from per-row sorted candidates (`cap` per row).
