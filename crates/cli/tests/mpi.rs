@@ -104,10 +104,13 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// The architectures that run across processes, with flags that engage their extra terms
-/// (AuxK on dead latents from the first step, Multi-TopK, JumpReLU's pre-activation loss).
-const ARCHS: [(&str, &[&str]); 4] = [
+/// (AuxK on dead latents from the first step, Multi-TopK, BatchTopK's batch-wide threshold with
+/// rows recomputed in full when a shard holds fewer latents than 4k candidates, JumpReLU's
+/// pre-activation loss).
+const ARCHS: [(&str, &[&str]); 5] = [
     ("topk-auxk", &["--arch", "topk", "--k", "4", "--dead-tokens", "0"]),
     ("topk-multi", &["--arch", "topk", "--k", "4", "--multi-topk"]),
+    ("batchtopk", &["--arch", "batchtopk", "--k", "4"]),
     ("relu", &["--arch", "relu"]),
     ("jumprelu", &["--arch", "jumprelu", "--dead-tokens", "0"]),
 ];
@@ -148,7 +151,7 @@ fn a_short_sharded_run_reaches_the_one_process_fvu() {
     let tmp = tempfile::tempdir().unwrap();
     let (acts, x) = write_data(tmp.path());
     let acts = acts.display().to_string();
-    for (arch, flags) in [ARCHS[0], ARCHS[2]] {
+    for (arch, flags) in [ARCHS[0], ARCHS[2], ARCHS[3]] {
         let base =
             [&["--acts", &acts, "--d-sae", "64", "--tokens", "32768", "--batch-size", "256"][..], flags].concat();
         let fvu = |label: &str, ranks: usize, extra: &[&str]| {
@@ -163,5 +166,28 @@ fn a_short_sharded_run_reaches_the_one_process_fvu() {
             let many = fvu(label, ranks, extra);
             assert!((many - one).abs() <= 0.01 * one, "{arch} on {label}: FVU {many} vs {one} in one process");
         }
+    }
+}
+
+#[test]
+fn a_checkpoint_resumes_on_another_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, x) = write_data(tmp.path());
+    let acts = acts.display().to_string();
+    let flags = ["--acts", &acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", "16384"];
+    let flags = [&flags[..], &["--batch-size", "256", "--checkpoint-every", "32"]].concat();
+    let eval = |out: &Path| saekit_sae::evaluate(&saekit_sae::load_sae(out).expect("loading the SAE"), &x).fvu;
+    // (first layout, the layout that resumes its step-32 checkpoint): sharded -> one process, and back
+    for (first, then) in [(2usize, 0usize), (0, 2)] {
+        let straight = tmp.path().join(format!("straight-{first}"));
+        train(first, &[&flags[..], &["--out", &straight.display().to_string()]].concat(), None);
+        let resumed = tmp.path().join(format!("resumed-{first}-{then}"));
+        let copied = Command::new("cp").arg("-r").arg(&straight).arg(&resumed).status().unwrap();
+        assert!(copied.success());
+        std::fs::remove_file(resumed.join("sae_weights.safetensors")).unwrap();
+        let log = train(then, &["--resume", &resumed.display().to_string()], None);
+        assert!(log.contains("(step 32)"), "ranks {first} -> {then}: did not resume at step 32:\n{log}");
+        let (a, b) = (eval(&straight), eval(&resumed));
+        assert!((a - b).abs() <= 0.01 * a, "ranks {first} -> {then}: resumed FVU {b} vs {a} straight");
     }
 }

@@ -119,6 +119,29 @@ fn all_sum<T: Equivalence + Copy>(group: &SimpleCommunicator, values: &mut [T]) 
     group.all_reduce_into(&send[..], values, SystemOperation::sum());
 }
 
+/// Every rank's bytes of the group, concatenated in rank order (each may send a different count).
+fn all_gather(group: &SimpleCommunicator, local: &[u8]) -> Vec<u8> {
+    if group.size() == 1 {
+        return local.to_vec();
+    }
+    // MPI counts are i32: a part over 2 GiB would be cut silently
+    let len = i32::try_from(local.len()).unwrap_or_else(|_| {
+        eprintln!("error: MPI gather of {} bytes from one rank (over 2 GiB); use more shards", local.len());
+        abort_job(1)
+    });
+    let mut counts = vec![0i32; group.size() as usize];
+    group.all_gather_into(&len, &mut counts[..]);
+    let displs: Vec<i32> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+    let total: usize = counts.iter().map(|&c| c as usize).sum();
+    if total == 0 {
+        return Vec::new(); // MPI refuses a zero-length receive buffer
+    }
+    let mut all = vec![0u8; total];
+    let mut partition = PartitionMut::new(&mut all[..], counts, &displs[..]);
+    group.all_gather_varcount_into(local, &mut partition);
+    all
+}
+
 /// The `i`-th of `parts` near-equal contiguous pieces of `0..n`.
 fn piece(n: usize, parts: usize, i: usize) -> Range<usize> {
     i * n / parts..(i + 1) * n / parts
@@ -158,20 +181,10 @@ impl Collective for MpiCollective {
         all_sum(&self.shard_group, values);
     }
     fn shard_gather(&self, local: &[u8]) -> Vec<u8> {
-        if self.shards == 1 {
-            return local.to_vec();
-        }
-        let mut counts = vec![0i32; self.shards];
-        self.shard_group.all_gather_into(&(local.len() as i32), &mut counts[..]);
-        let displs: Vec<i32> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
-        let total: usize = counts.iter().map(|&c| c as usize).sum();
-        if total == 0 {
-            return Vec::new(); // MPI refuses a zero-length receive buffer
-        }
-        let mut all = vec![0u8; total];
-        let mut partition = PartitionMut::new(&mut all[..], counts, &displs[..]);
-        self.shard_group.all_gather_varcount_into(local, &mut partition);
-        all
+        all_gather(&self.shard_group, local)
+    }
+    fn gather_all(&self, local: &[u8]) -> Vec<u8> {
+        all_gather(&self.world, local)
     }
     fn any(&self, flag: bool) -> bool {
         let mut v = [flag as u32];

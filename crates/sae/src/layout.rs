@@ -12,18 +12,14 @@ use anyhow::Context;
 use std::ops::Range;
 use std::path::Path;
 
-/// Refuse a layout the step cannot run: BatchTopK's batch-wide threshold is not exchanged between
-/// processes yet, and a shard must hold at least the candidates one row keeps.
+/// Refuse a layout the step cannot run: a TopK shard must hold at least the candidates one row keeps.
 pub(crate) fn check(plan: &TrainPlan, comm: &dyn Collective) -> Result<(), SaeError> {
     let c = &plan.config;
     if comm.shards() * comm.replicas() == 1 {
         return Ok(());
     }
-    if c.arch == Arch::BatchTopK {
-        return Err(SaeError::config("arch", "batchtopk does not run across processes yet; train it in one process"));
-    }
-    // TopK keeps k (Multi-TopK 4k) candidates per row; ReLU and JumpReLU have k = 0
-    let kept = (4 * plan.loss_at(0).k).max(1);
+    // TopK keeps k (Multi-TopK 4k) candidates per row; BatchTopK, ReLU and JumpReLU need one latent
+    let kept = if c.arch == Arch::TopK { 4 * plan.loss_at(0).k } else { 1 };
     let smallest = c.d_sae / comm.shards();
     if smallest < kept {
         return Err(SaeError::config(

@@ -126,6 +126,10 @@ pub trait Collective: Sync + Send + std::fmt::Debug {
     fn shard_gather(&self, local: &[u8]) -> Vec<u8> {
         local.to_vec()
     }
+    /// Concatenate every process's bytes in rank order (replica-major: replica 0's shards first).
+    fn gather_all(&self, local: &[u8]) -> Vec<u8> {
+        local.to_vec()
+    }
     /// Whether any process passed `true` (a stop request seen by one process stops all at the same step).
     fn any(&self, flag: bool) -> bool {
         flag

@@ -91,12 +91,15 @@ pub(super) fn forward_backward(
     let xin = &ws.xin[..rows * d];
     select_forward(&mut ws.topk, xin, sae, rows, &plan);
     let local = lp.latent_offset..lp.latent_offset + ds;
-    merge_shard_candidates(&mut ws.topk.candidates, rows, &local, comm);
+    if lp.arch != Arch::BatchTopK {
+        // BatchTopK's selection works on each process's own candidates (batch_topk_across)
+        merge_shard_candidates(&mut ws.topk.candidates, rows, &local, comm);
+    }
     if plan.k_aux > 0 {
         merge_shard_candidates(&mut ws.topk.aux, rows, &local, comm);
     }
     prof.mark("encoder gemm + select");
-    ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp);
+    ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp, comm);
     let b = &mut ws.topk;
 
     ensure(&mut ws.xhat, rows * d);
@@ -191,9 +194,12 @@ pub(super) fn active_latents(b: &Buffers, rows: usize) -> Vec<Vec<u32>> {
 
 /// Fill `b.main`: TopK keeps each row's first k candidates (they are sorted); BatchTopK the top
 /// k·rows over the whole batch. Returns BatchTopK's smallest selected value (0 for TopK).
-fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &LossParams) -> f32 {
+fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &LossParams, comm: &dyn Collective) -> f32 {
     let k = lp.k.min(sae.d_sae);
     let kk = b.candidates.width;
+    if lp.arch == Arch::BatchTopK && comm.shards() * comm.replicas() > 1 {
+        return batch_topk_across(b, xin, sae, rows, lp, comm);
+    }
     if lp.arch == Arch::BatchTopK {
         let (idx, val) = b.candidates.rows(rows);
         let (width, min_selected) =
@@ -321,42 +327,12 @@ fn batch_topk_select(
     out_val: &mut Vec<f32>,
     out_idx: &mut Vec<u32>,
 ) -> (usize, f32) {
-    let (d, ds) = (sae.d_in, sae.d_sae);
-    let kth = |vals: &mut Vec<f32>| -> f32 {
-        if vals.len() <= total {
-            return 0.0; // keep every positive value
-        }
-        let i = total - 1;
-        let (_, v, _) = vals.select_nth_unstable_by(i, |a, b| b.total_cmp(a));
-        *v
-    };
+    let mut per_row = positive_candidates(rows, cand_val, cand_idx, cap);
     let mut all: Vec<f32> = cand_val.iter().copied().filter(|v| *v > 0.0).collect();
-    let mut theta = kth(&mut all);
-    let mut per_row: Vec<Vec<(u32, f32)>> = (0..rows)
-        .map(|r| {
-            (0..cap)
-                .filter(|&s| cand_idx[r * cap + s] != u32::MAX && cand_val[r * cap + s] > 0.0)
-                .map(|s| (cand_idx[r * cap + s], cand_val[r * cap + s]))
-                .collect()
-        })
-        .collect();
-    if cap < ds {
-        let sat: Vec<usize> =
-            (0..rows).filter(|&r| per_row[r].len() == cap && per_row[r][cap - 1].1 >= theta).collect();
-        if !sat.is_empty() {
-            let mut xs = vec![0.0f32; sat.len() * d];
-            for (i, &r) in sat.iter().enumerate() {
-                xs[i * d..(i + 1) * d].copy_from_slice(&xin[r * d..(r + 1) * d]);
-            }
-            let mut pre = vec![0.0f32; sat.len() * ds];
-            kernels::gemm_abt(sat.len(), ds, d, &xs, d, &sae.params.w_enc, &mut pre, ds);
-            let b_enc = &sae.params.b_enc;
-            for (i, &r) in sat.iter().enumerate() {
-                per_row[r] = (0..ds).map(|j| (j as u32, pre[i * ds + j] + b_enc[j])).filter(|p| p.1 > 0.0).collect();
-            }
-            let mut all: Vec<f32> = per_row.iter().flatten().map(|p| p.1).collect();
-            theta = kth(&mut all);
-        }
+    let mut theta = kth_largest(&mut all, total);
+    if cap < sae.d_sae && recompute_saturated(sae, xin, &mut per_row, cap, theta) {
+        let mut all: Vec<f32> = per_row.iter().flatten().map(|p| p.1).collect();
+        theta = kth_largest(&mut all, total);
     }
     // strictly above theta, then ties at theta in (row, latent) order up to `total`
     let above: usize = per_row.iter().flatten().filter(|p| p.1 > theta).count();
@@ -378,6 +354,57 @@ fn batch_topk_select(
         }
         keep.push(r);
     }
+    (write_padded(&keep, out_val, out_idx), if min_sel.is_finite() { min_sel } else { 0.0 })
+}
+
+/// The `total`-th largest of `vals` (reordered), or 0 when there are no more than `total`: then
+/// every positive value is kept.
+fn kth_largest(vals: &mut [f32], total: usize) -> f32 {
+    if vals.len() <= total || total == 0 {
+        return 0.0;
+    }
+    let (_, v, _) = vals.select_nth_unstable_by(total - 1, |a, b| b.total_cmp(a));
+    *v
+}
+
+/// Each row's positive candidates, (latent, value) in the kernel's order.
+fn positive_candidates(rows: usize, cand_val: &[f32], cand_idx: &[u32], cap: usize) -> Vec<Vec<(u32, f32)>> {
+    (0..rows)
+        .map(|r| {
+            (0..cap)
+                .filter(|&s| cand_idx[r * cap + s] != u32::MAX && cand_val[r * cap + s] > 0.0)
+                .map(|s| (cand_idx[r * cap + s], cand_val[r * cap + s]))
+                .collect()
+        })
+        .collect()
+}
+
+/// Rows whose `cap` candidates all clear `theta` may hold more values above it: replace their
+/// lists by every positive pre-activation of the row (this process's latents, ascending). Returns
+/// whether any row was recomputed.
+fn recompute_saturated(sae: &Sae, xin: &[f32], per_row: &mut [Vec<(u32, f32)>], cap: usize, theta: f32) -> bool {
+    let (d, ds) = (sae.d_in, sae.d_sae);
+    let sat: Vec<usize> =
+        (0..per_row.len()).filter(|&r| per_row[r].len() == cap && per_row[r][cap - 1].1 >= theta).collect();
+    if sat.is_empty() {
+        return false;
+    }
+    let mut xs = vec![0.0f32; sat.len() * d];
+    for (i, &r) in sat.iter().enumerate() {
+        xs[i * d..(i + 1) * d].copy_from_slice(&xin[r * d..(r + 1) * d]);
+    }
+    let mut pre = vec![0.0f32; sat.len() * ds];
+    kernels::gemm_abt(sat.len(), ds, d, &xs, d, &sae.params.w_enc, &mut pre, ds);
+    let b_enc = &sae.params.b_enc;
+    for (i, &r) in sat.iter().enumerate() {
+        per_row[r] = (0..ds).map(|j| (j as u32, pre[i * ds + j] + b_enc[j])).filter(|p| p.1 > 0.0).collect();
+    }
+    true
+}
+
+/// Write per-row (latent, value) lists padded to their common width; returns the width.
+fn write_padded(keep: &[Vec<(u32, f32)>], out_val: &mut Vec<f32>, out_idx: &mut Vec<u32>) -> usize {
+    let rows = keep.len();
     let width = keep.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
     out_val.clear();
     out_val.resize(rows * width, 0.0);
@@ -389,5 +416,94 @@ fn batch_topk_select(
             out_idx[r * width + s] = j;
         }
     }
-    (width, if min_sel.is_finite() { min_sel } else { 0.0 })
+    width
+}
+
+/// BatchTopK across processes: the selection [`batch_topk_select`] makes in one process (the top
+/// k·B pre-activations of the whole batch, ties at the threshold in (row, latent) order, global
+/// rows and latent ids), found over every process's rows and latents. Each process's candidates
+/// (its rows, its latents) give a provisional threshold over all processes; the (row, shard)
+/// blocks whose candidates all clear it are recomputed in full; the threshold of the union is then
+/// exact, and the ties at it are ranked over all processes. Returns the smallest selected value.
+fn batch_topk_across(
+    b: &mut Buffers,
+    xin: &[f32],
+    sae: &Sae,
+    rows: usize,
+    lp: &LossParams,
+    comm: &dyn Collective,
+) -> f32 {
+    let cap = b.candidates.width;
+    let all_rows = comm.total_rows(rows);
+    let total = lp.k * all_rows;
+    let (idx, val) = b.candidates.rows(rows);
+    let mut per_row = positive_candidates(rows, val, idx, cap);
+    let mut theta = kth_over_all(&per_row, total, comm);
+    let recomputed = cap < sae.d_sae && recompute_saturated(sae, xin, &mut per_row, cap, theta);
+    if comm.any(recomputed) {
+        theta = kth_over_all(&per_row, total, comm);
+    }
+    let row0 = comm.replica_rows(all_rows).start;
+    let ties_kept = ties_taken(&per_row, theta, total, row0, lp.latent_offset, comm);
+    let mut min_sel = f32::INFINITY;
+    let keep: Vec<Vec<(u32, f32)>> = per_row
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let tie = |j: u32| ties_kept.binary_search(&((row0 + r) as u32, j + lp.latent_offset as u32)).is_ok();
+            let kept: Vec<(u32, f32)> =
+                row.iter().copied().filter(|&(j, v)| v > theta || (v == theta && tie(j))).collect();
+            kept.iter().for_each(|p| min_sel = min_sel.min(p.1));
+            kept
+        })
+        .collect();
+    b.main.width = write_padded(&keep, &mut b.main.val, &mut b.main.idx);
+    let mins = comm.gather_all(&min_sel.to_le_bytes());
+    let min_all =
+        mins.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).fold(f32::INFINITY, f32::min);
+    if min_all.is_finite() {
+        min_all
+    } else {
+        0.0
+    }
+}
+
+/// The `total`-th largest of every process's values in `per_row` (0 when there are no more).
+fn kth_over_all(per_row: &[Vec<(u32, f32)>], total: usize, comm: &dyn Collective) -> f32 {
+    let mine: Vec<u8> = per_row.iter().flatten().flat_map(|p| p.1.to_le_bytes()).collect();
+    let mut all: Vec<f32> =
+        comm.gather_all(&mine).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    kth_largest(&mut all, total)
+}
+
+/// The (global row, global latent) pairs at `theta` that the selection takes: the first
+/// `total − (values above theta)` of all processes' ties in (row, latent) order, sorted.
+fn ties_taken(
+    per_row: &[Vec<(u32, f32)>],
+    theta: f32,
+    total: usize,
+    row0: usize,
+    latent0: usize,
+    comm: &dyn Collective,
+) -> Vec<(u32, u32)> {
+    if theta <= 0.0 {
+        return Vec::new(); // fewer positive values than `total`: every one is above 0
+    }
+    let mut above = [per_row.iter().flatten().filter(|p| p.1 > theta).count() as f64];
+    comm.shard_sum_f64(&mut above);
+    comm.sum_f64(&mut above);
+    let mine: Vec<u8> = per_row
+        .iter()
+        .enumerate()
+        .flat_map(|(r, row)| {
+            row.iter().filter(|p| p.1 == theta).map(move |p| ((row0 + r) as u32, p.0 + latent0 as u32))
+        })
+        .flat_map(|(r, j)| r.to_le_bytes().into_iter().chain(j.to_le_bytes()))
+        .collect();
+    let word = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    let mut ties: Vec<(u32, u32)> =
+        comm.gather_all(&mine).chunks_exact(8).map(|c| (word(&c[..4]), word(&c[4..]))).collect();
+    ties.sort_unstable();
+    ties.truncate(total.saturating_sub(above[0] as usize));
+    ties
 }
