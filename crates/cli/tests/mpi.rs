@@ -191,3 +191,50 @@ fn a_checkpoint_resumes_on_another_layout() {
         assert!((a - b).abs() <= 0.01 * a, "ranks {first} -> {then}: resumed FVU {b} vs {a} straight");
     }
 }
+
+#[test]
+fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, _) = write_data(tmp.path());
+    let acts = acts.display().to_string();
+    let flags = ["--acts", &acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", "1048576"];
+    let flags = [&flags[..], &["--batch-size", "256", "--checkpoint-every", "256"]].concat();
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    train(2, &[&flags[..], &["--out", &straight.display().to_string()]].concat(), None);
+
+    let bin = env!("CARGO_BIN_EXE_saekit");
+    let mut job = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "2", bin, "train", "--quiet", "--threads", "1"])
+        .args(&flags)
+        .args(["--out", &killed.display().to_string()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mpirun");
+    let waited = |what: &str, done: &mut dyn FnMut() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !done() {
+            assert!(t0.elapsed().as_secs() < 60, "no {what} within 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    waited("checkpoint", &mut || std::fs::read_dir(killed.join("checkpoints")).is_ok_and(|mut d| d.next().is_some()));
+    let ranks = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
+    let rank = String::from_utf8_lossy(&ranks.stdout).lines().last().expect("a rank of the job").to_string();
+    assert!(Command::new("kill").args(["-9", &rank]).status().unwrap().success());
+    let mut status = None;
+    waited("end of the job after SIGKILL (a hang)", &mut || {
+        status = job.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(!status.unwrap().success(), "the job succeeded although a rank was killed");
+    assert!(log.contains("signal 9"), "mpirun did not say why the job ended:\n{log}");
+    assert!(!killed.join("sae_weights.safetensors").exists(), "the rank was killed after the run ended");
+
+    train(2, &["--resume", &killed.display().to_string()], None);
+    let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+    assert!(weights(&killed) == weights(&straight), "the resumed run ended elsewhere than the unkilled one");
+}
