@@ -181,6 +181,14 @@ fn a_checkpoint_resumes_on_another_layout() {
     for (first, then) in [(2usize, 0usize), (0, 2)] {
         let straight = tmp.path().join(format!("straight-{first}"));
         train(first, &[&flags[..], &["--out", &straight.display().to_string()]].concat(), None);
+        let files = saekit_files_in(&straight.join("checkpoints/step_000000032"));
+        let want: &[&str] = if first == 2 {
+            // one slice per shard, state.json listing them
+            &["state.json", "state.latents-000000000.safetensors", "state.latents-000000032.safetensors"]
+        } else {
+            &["state.json", "state.safetensors"]
+        };
+        assert_eq!(files, want, "ranks {first}: the checkpoint's files");
         let resumed = tmp.path().join(format!("resumed-{first}-{then}"));
         let copied = Command::new("cp").arg("-r").arg(&straight).arg(&resumed).status().unwrap();
         assert!(copied.success());
@@ -237,4 +245,11 @@ fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
     train(2, &["--resume", &killed.display().to_string()], None);
     let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
     assert!(weights(&killed) == weights(&straight), "the resumed run ended elsewhere than the unkilled one");
+}
+
+fn saekit_files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
 }

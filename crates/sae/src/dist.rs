@@ -165,6 +165,9 @@ impl Collective for MpiCollective {
     fn replicas(&self) -> usize {
         self.replicas
     }
+    fn replica(&self) -> usize {
+        self.replica
+    }
     fn replica_rows(&self, rows: usize) -> Range<usize> {
         piece(rows, self.replicas, self.replica)
     }

@@ -81,6 +81,27 @@ pub(crate) fn gather_state(st: &TrainState, comm: &dyn Collective) -> TrainState
     all
 }
 
+/// The whole state from its slices in latent order (a sharded checkpoint's files).
+pub(crate) fn join_states(parts: Vec<TrainState>) -> Option<TrainState> {
+    let mut parts = parts.into_iter();
+    let mut all = parts.next()?;
+    for part in parts {
+        for (whole, p) in
+            [(&mut all.sae.params, part.sae.params), (&mut all.opt.m, part.opt.m), (&mut all.opt.v, part.opt.v)]
+        {
+            whole.w_enc.extend(p.w_enc);
+            whole.w_dec.extend(p.w_dec);
+            whole.b_enc.extend(p.b_enc);
+            whole.threshold.extend(p.threshold);
+        }
+        all.since_fired.extend(part.since_fired);
+        all.fire_count.extend(part.fire_count);
+        all.window_fire.extend(part.window_fire);
+    }
+    all.sae.d_sae = all.sae.params.b_enc.len();
+    Some(all)
+}
+
 fn gather_f32(v: &[f32], comm: &dyn Collective) -> Vec<f32> {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     comm.shard_gather(&bytes).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()

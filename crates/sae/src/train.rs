@@ -357,10 +357,7 @@ impl<'a> Run<'a> {
             // every process stops at the same step, whichever saw the signal
             let stop = !is_last && self.comm.any(opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)));
             if due || stop {
-                let cursor = src.cursor();
-                on_whole_state(st, self.comm, |whole| {
-                    checkpoint::write(self.out, whole, &plan.config, cursor, data_fingerprint)
-                })?;
+                self.checkpoint(st, src.cursor(), data_fingerprint)?;
             }
             if stop {
                 // Ctrl-C / SIGTERM: the batch in flight is done and kept in the checkpoint
@@ -372,6 +369,18 @@ impl<'a> Run<'a> {
             pb.finish_and_clear();
         }
         Ok((last, steps_this_run, interrupted))
+    }
+
+    /// One checkpoint: by rank 0 alone when it holds every latent, else one slice per shard.
+    fn checkpoint(&self, st: &TrainState, cursor: serde_json::Value, data_fingerprint: &str) -> Result<(), SaeError> {
+        let cfg = &self.plan.config;
+        if self.comm.shards() > 1 {
+            return checkpoint::write_sharded(self.out, st, cfg, cursor, data_fingerprint, self.comm);
+        }
+        if self.comm.rank() == 0 {
+            checkpoint::write(self.out, st, cfg, cursor, data_fingerprint)?;
+        }
+        Ok(())
     }
 
     /// One step: read a batch, forward and backward, update, count firings.

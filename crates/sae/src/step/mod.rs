@@ -110,6 +110,10 @@ pub trait Collective: Sync + Send + std::fmt::Debug {
     fn replica_rows(&self, rows: usize) -> std::ops::Range<usize> {
         0..rows
     }
+    /// This process's replica (0 to replicas − 1).
+    fn replica(&self) -> usize {
+        0
+    }
     /// Shards the latents are split across.
     fn shards(&self) -> usize {
         1
