@@ -305,12 +305,12 @@ pub(crate) fn read(dir: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Resul
         parts.push(read_file(&p, meta, plan)?);
     }
     crate::layout::join_states(parts)
-        .ok_or_else(|| SaeError::corrupt(&dir.join("state.json"), "lists an empty set of shard files"))
+        .ok_or_else(|| SaeError::corrupt(dir.join("state.json"), "lists an empty set of shard files"))
 }
 
 /// The state in one safetensors file (a whole checkpoint, or one shard's slice).
 fn read_file(p: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainState, SaeError> {
-    let bytes = format::map_file(&p)?;
+    let bytes = format::map_file(p)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| SaeError::corrupt(p, format!("cannot parse: {e}")))?;
     let tensor = |name: &str| st.tensor(name).map_err(|_| SaeError::corrupt(p, format!("missing {name}")));
     let f32s = |name: &str| -> Result<Vec<f32>, SaeError> {
