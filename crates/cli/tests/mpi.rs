@@ -174,8 +174,8 @@ fn a_checkpoint_resumes_on_another_layout() {
     let tmp = tempfile::tempdir().unwrap();
     let (acts, x) = write_data(tmp.path());
     let acts = acts.display().to_string();
-    let flags = ["--acts", &acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", "16384"];
-    let flags = [&flags[..], &["--batch-size", "256", "--checkpoint-every", "32"]].concat();
+    let flags = topk_run(&acts, "16384", "32");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let eval = |out: &Path| saekit_sae::evaluate(&saekit_sae::load_sae(out).expect("loading the SAE"), &x).fvu;
     // (first layout, the layout that resumes its step-32 checkpoint): sharded -> one process, and back
     for (first, then) in [(2usize, 0usize), (0, 2)] {
@@ -205,8 +205,8 @@ fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
     let tmp = tempfile::tempdir().unwrap();
     let (acts, _) = write_data(tmp.path());
     let acts = acts.display().to_string();
-    let flags = ["--acts", &acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", "1048576"];
-    let flags = [&flags[..], &["--batch-size", "256", "--checkpoint-every", "256"]].concat();
+    let flags = topk_run(&acts, "1048576", "256");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
     train(2, &[&flags[..], &["--out", &straight.display().to_string()]].concat(), None);
 
@@ -252,4 +252,12 @@ fn saekit_files_in(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
+}
+
+/// The flags of a TopK run (64 latents, k 4, batches of 256) of `tokens` on `acts`, with a
+/// checkpoint every `every` steps.
+fn topk_run(acts: &str, tokens: &str, every: &str) -> Vec<String> {
+    let flags =
+        ["--acts", acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", tokens, "--batch-size", "256"];
+    flags.iter().chain(&["--checkpoint-every", every]).map(|f| f.to_string()).collect()
 }
