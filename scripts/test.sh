@@ -8,5 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-model.sh >/dev/null
 cargo test --workspace --locked "$@"
+# training across processes: real `mpirun -np 2` / `-np 4 --oversubscribe` runs against one process (.ci/run
+# installs Open MPI); Open MPI refuses root unless told
+OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 cargo test --workspace --features saekit/mpi --test mpi --locked
 bash scripts/e2e.sh --load
 bash scripts/test-python.sh

@@ -2,13 +2,18 @@
 //! both Adam moments and the dead-latent counters, named after [`Params::NAMES`]) and `state.json`
 //! (progress, the data position, the config, and the safetensors file's size and CRC32). Written
 //! into a temporary folder and renamed, the last two kept. Only this module reads or writes them.
+//!
+//! A run whose latents are sharded over processes writes one `state.latents-NNNNNNNNN.safetensors`
+//! per shard (its slice, the same tensor names; `NNNNNNNNN` is its first latent) and rank 0 writes
+//! `state.json` last, listing them with their sizes and CRC32s. A reader joins the slices into the
+//! whole state, so any layout (one process too) resumes any checkpoint.
 
 use crate::config::{ConfigFile, TrainConfig};
 use crate::format::{self, TensorSrc};
 use crate::params::Params;
 use crate::plan::TrainPlan;
 use crate::sae::Sae;
-use crate::step::AdamState;
+use crate::step::{AdamState, Collective};
 use crate::SaeError;
 use anyhow::Context;
 use safetensors::tensor::SafeTensors;
@@ -16,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Everything a run carries from step to step besides the data.
+#[derive(Clone)]
 pub(crate) struct TrainState {
     pub sae: Sae,
     pub opt: AdamState,
@@ -60,6 +66,19 @@ pub(crate) struct CheckpointMeta {
     pub state_bytes: u64,
     #[serde(default)]
     pub state_crc32: Option<u32>,
+    /// A sharded checkpoint's slice files, in latent order (empty: one `state.safetensors`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardFile>,
+}
+
+/// One shard's slice of a sharded checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub(crate) struct ShardFile {
+    pub file: String,
+    /// The latents it holds, `[start, end)`.
+    pub latents: [usize; 2],
+    pub bytes: u64,
+    pub crc32: u32,
 }
 
 /// Checkpoint tensor names of the two Adam moments, in [`Params::NAMES`] order after `m_` / `v_`.
@@ -83,16 +102,37 @@ pub(crate) fn write(
     cursor: serde_json::Value,
     data_fingerprint: &str,
 ) -> Result<(), SaeError> {
+    let tmp = fresh_temp_folder(out, st.step)?;
+    write_tensors(&tmp.join("state.safetensors"), st)?;
+    let (state_bytes, crc) = saekit_files::file_crc32(&tmp.join("state.safetensors"))?;
+    finish(out, st, cfg, cursor, data_fingerprint, (state_bytes, Some(crc)), Vec::new())
+}
+
+/// The empty temporary folder of step `step`'s checkpoint (an interrupted write's leftovers removed).
+fn fresh_temp_folder(out: &Path, step: u64) -> Result<PathBuf, SaeError> {
     let root = folder(out);
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let name = format!("step_{:09}", st.step);
-    let (tmp, fin) = (root.join(format!("{name}.tmp")), root.join(&name));
+    let tmp = root.join(format!("step_{step:09}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).ok();
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_tensors(&tmp.join("state.safetensors"), st)?;
-    let (state_bytes, crc) = saekit_files::file_crc32(&tmp.join("state.safetensors"))?;
+    Ok(tmp)
+}
+
+/// Write state.json into the temporary folder (last), rename it into place, keep the last two.
+fn finish(
+    out: &Path,
+    st: &TrainState,
+    cfg: &ConfigFile,
+    cursor: serde_json::Value,
+    data_fingerprint: &str,
+    (state_bytes, crc): (u64, Option<u32>),
+    shards: Vec<ShardFile>,
+) -> Result<(), SaeError> {
+    let root = folder(out);
+    let name = format!("step_{:09}", st.step);
+    let (tmp, fin) = (root.join(format!("{name}.tmp")), root.join(&name));
     let meta = CheckpointMeta {
         step: st.step,
         tokens: st.tokens,
@@ -106,7 +146,8 @@ pub(crate) fn write(
         batchtopk_threshold: st.batchtopk_threshold,
         data_fingerprint: data_fingerprint.to_string(),
         state_bytes,
-        state_crc32: Some(crc),
+        state_crc32: crc,
+        shards,
     };
     let json = serde_json::to_string_pretty(&meta).context("rendering state.json")?;
     format::atomic_write(&tmp.join("state.json"), json.as_bytes())?;
@@ -120,6 +161,45 @@ pub(crate) fn write(
         std::fs::remove_dir_all(&old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
     }
     Ok(())
+}
+
+/// A sharded run's checkpoint: every rank of replica 0 writes its slice of the latents, then rank 0
+/// writes state.json listing them and renames the folder. Every process calls it.
+pub(crate) fn write_sharded(
+    out: &Path,
+    st: &TrainState,
+    cfg: &ConfigFile,
+    cursor: serde_json::Value,
+    data_fingerprint: &str,
+    comm: &dyn Collective,
+) -> Result<(), SaeError> {
+    let root_rank = comm.rank() == 0;
+    if root_rank {
+        fresh_temp_folder(out, st.step)?;
+    }
+    comm.any(false); // the folder exists before anyone writes into it
+    let tmp = folder(out).join(format!("step_{:09}.tmp", st.step));
+    let mut mine = Vec::new();
+    if comm.replica() == 0 {
+        let latents = comm.latent_slice(cfg.train.d_sae);
+        let file = format!("state.latents-{:09}.safetensors", latents.start);
+        write_tensors(&tmp.join(&file), st)?;
+        let (bytes, crc32) = saekit_files::file_crc32(&tmp.join(&file))?;
+        let entry = ShardFile { file, latents: [latents.start, latents.end], bytes, crc32 };
+        mine = serde_json::to_vec(&entry).context("rendering a shard entry")?;
+        mine.push(b'\n');
+    }
+    let all = comm.gather_all(&mine);
+    if !root_rank {
+        return Ok(());
+    }
+    let mut shards: Vec<ShardFile> = String::from_utf8_lossy(&all)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("reading the shards' entries")?;
+    shards.sort_by_key(|s| s.latents[0]);
+    finish(out, st, cfg, cursor, data_fingerprint, (0, None), shards)
 }
 
 fn write_tensors(path: &Path, st: &TrainState) -> Result<(), SaeError> {
@@ -228,11 +308,34 @@ fn check_progress(meta: &CheckpointMeta, path: &Path) -> Result<(), SaeError> {
 /// Read the tensors of the checkpoint in `dir` (whose state.json is `meta`), checked against the
 /// size and CRC32 recorded there, into the state of a run planned by `plan`.
 pub(crate) fn read(dir: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainState, SaeError> {
-    let p = dir.join("state.safetensors");
-    verify_checksum(meta, &p, dir)?;
-    let bytes = format::map_file(&p)?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| SaeError::corrupt(&p, format!("cannot parse: {e}")))?;
-    let tensor = |name: &str| st.tensor(name).map_err(|_| SaeError::corrupt(&p, format!("missing {name}")));
+    if meta.shards.is_empty() {
+        let p = dir.join("state.safetensors");
+        verify_checksum(meta, &p, dir)?;
+        return read_file(&p, meta, plan);
+    }
+    let mut parts = Vec::with_capacity(meta.shards.len());
+    let mut next = 0;
+    for shard in &meta.shards {
+        let p = dir.join(&shard.file);
+        let (bytes, crc) = saekit_files::file_crc32(&p)?;
+        if (bytes, crc) != (shard.bytes, shard.crc32) || shard.latents[0] != next {
+            return Err(SaeError::corrupt(
+                &p,
+                format!("{bytes} bytes, crc32 {crc:08x}, latents from {}, but state.json records {} bytes, crc32 {:08x}, latents from {next}: the checkpoint is corrupt", shard.latents[0], shard.bytes, shard.crc32),
+            ));
+        }
+        next = shard.latents[1];
+        parts.push(read_file(&p, meta, plan)?);
+    }
+    crate::layout::join_states(parts)
+        .ok_or_else(|| SaeError::corrupt(dir.join("state.json"), "lists an empty set of shard files"))
+}
+
+/// The state in one safetensors file (a whole checkpoint, or one shard's slice).
+fn read_file(p: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainState, SaeError> {
+    let bytes = format::map_file(p)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| SaeError::corrupt(p, format!("cannot parse: {e}")))?;
+    let tensor = |name: &str| st.tensor(name).map_err(|_| SaeError::corrupt(p, format!("missing {name}")));
     let f32s = |name: &str| -> Result<Vec<f32>, SaeError> {
         Ok(tensor(name)?.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     };

@@ -2,15 +2,19 @@
 //!
 //! Owns the SAE architectures (TopK, BatchTopK, JumpReLU, ReLU+L1), the training step (a dense
 //! encoder GEMM, everything else sparse over the active latents), the trainer (a validated
-//! [`TrainPlan`], checkpoints and bit-identical resume, metrics), the core evaluation metrics, and
-//! the SAE file formats (SAELens v6 / legacy, sparsify, Gemma Scope). It reads activations through
+//! [`TrainPlan`], checkpoints and bit-identical resume, metrics), training across processes (the
+//! [`Collective`] every reduction goes through; with the `mpi` feature, `dist::MpiCollective`:
+//! latents sharded within a replica, rows split across replicas), the core evaluation metrics, and
+//! the SAE file formats (SAELens v6 / legacy, sparsify, Gemma Scope). It must not start processes
+//! or choose a layout: the launcher (`mpirun`) and the CLI's `--shards` do. It reads activations through
 //! [`ActivationSource`] (a .npy, an activation store, or saekit-store's live model rows) and must
 //! not touch the model or the corpus itself: those are upstream (saekit-model, saekit-store).
 //!
 //! Where things are: `step/` holds the training step (`topk.rs` and `dense.rs` as forward /
 //! backward pairs, `loss.rs` the loss terms, `update.rs` Adam), `kernels.rs` the hand-written
 //! kernels (the fused TopK selection is `select_topk_chunk`), `plan.rs` the config's validation,
-//! `checkpoint.rs` the only code that reads or writes checkpoints, `train.rs` the loop.
+//! `checkpoint.rs` the only code that reads or writes checkpoints, `train.rs` the loop, `layout.rs`
+//! the trainer's slicing and gathering of a sharded state, `dist.rs` (feature `mpi`) the MPI collective.
 //!
 //! ```
 //! use saekit_sae::{train, NpySource, RunOptions, TrainConfig};
@@ -46,9 +50,12 @@ mod adam;
 mod bench;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "mpi")]
+pub mod dist;
 mod error;
 pub mod format;
 pub(crate) mod kernels;
+mod layout;
 pub mod metrics;
 mod params;
 mod plan;
@@ -72,7 +79,7 @@ pub use plan::{
 };
 pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
 pub use source::{ActivationSource, NpySource, Provenance};
-pub use step::StepStats;
+pub use step::{Collective, SingleProcess, StepStats};
 #[cfg(feature = "store")]
 pub use store_source::{LiveSource, StoreSource};
 pub use train::{density_histogram, train, RunOptions, TrainOutcome};

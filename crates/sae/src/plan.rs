@@ -220,6 +220,7 @@ impl TrainPlan {
             jumprelu_ste_to_input: false,
             dead_tokens: c.dead_tokens,
             relu_sparse_below: c.relu_sparse_below,
+            latent_offset: 0,
         };
         match self.arch {
             ArchSettings::TopK(s) => (lp.k, lp.auxk_alpha, lp.multi_topk) = (s.k, s.auxk_alpha, s.multi_topk),

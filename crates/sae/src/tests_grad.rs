@@ -189,6 +189,7 @@ fn lp(arch: Arch, k: usize) -> LossParams {
         jumprelu_ste_to_input: false,
         dead_tokens: 100,
         relu_sparse_below: 0.0,
+        latent_offset: 0,
     }
 }
 

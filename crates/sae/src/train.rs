@@ -7,10 +7,11 @@ use crate::checkpoint::{self, CheckpointMeta, TrainState};
 use crate::config::{BDecInit, ConfigFile, TrainConfig};
 use crate::format::{self, atomic_write};
 use crate::kernels;
+use crate::layout;
 use crate::plan::{ArchSettings, TrainPlan};
 use crate::sae::Sae;
 use crate::source::{ActivationSource, Provenance};
-use crate::step::{self, AdamState, SingleProcess, StepStats, Workspace};
+use crate::step::{self, AdamState, Collective, SingleProcess, StepStats, Workspace};
 use crate::SaeError;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -37,6 +38,8 @@ pub struct RunOptions {
     /// How the caller opened `src` ([`ConfigFile::source`]): kept with every checkpoint and in
     /// `train_config.toml`, never read by the trainer.
     pub source_config: toml::Table,
+    /// The processes this run is spread over (`mpirun`): `None` trains in this process alone.
+    pub collective: Option<Arc<dyn Collective>>,
 }
 
 /// What a finished (or interrupted) run reports.
@@ -84,13 +87,22 @@ fn train_in_pool(
     opts: &RunOptions,
 ) -> Result<TrainOutcome, SaeError> {
     let out = PathBuf::from(&cfg.out);
-    if !opts.resume {
+    let single: Arc<dyn Collective> = Arc::new(SingleProcess);
+    let comm = opts.collective.as_ref().unwrap_or(&single).as_ref();
+    let root = comm.rank() == 0;
+    if !opts.resume && root {
         prepare_fresh_output(&out, cfg.acts.as_deref().map(Path::new), opts.force)?;
     }
+    comm.any(false); // the others wait until rank 0 has cleared (or refused) the folder
     std::fs::create_dir_all(&out).with_context(|| format!("creating output folder {}", out.display()))?;
     let prov = src.provenance()?;
     let requested = cfg.clone().with_provenance(&prov);
-    let (plan, mut st) = if opts.resume { resume(&out, &requested, src, &prov)? } else { start(&out, requested, src)? };
+    let (plan, mut st) =
+        if opts.resume { resume(&out, &requested, src, &prov, root)? } else { start(&out, requested, src, root)? };
+    layout::check(&plan, comm)?;
+    if comm.shards() > 1 {
+        layout::slice_state(&mut st, comm.latent_slice(plan.config.d_sae));
+    }
     let c = &plan.config;
     tracing::info!(
         "training {} SAE {} -> {} on {}; {} steps of {}",
@@ -101,13 +113,15 @@ fn train_in_pool(
         plan.total_steps(),
         c.batch_size
     );
-    let mut run = Run::new(&plan, &out, opts.progress, st.step)?;
+    let mut run = Run::new(&plan, &out, opts.progress && root, st.step, comm)?;
     let (last, steps_this_run, interrupted) = run.steps(&mut st, src, opts, &prov.data_fingerprint)?;
     let tokens_per_s = run.tokens_per_s(st.step, steps_this_run);
-    let dead_frac = st.since_fired.iter().filter(|&&s| s >= c.dead_tokens).count() as f64 / c.d_sae as f64;
+    let dead_frac = dead_fraction(&st, c, comm);
     drop(run); // release the [batch, d_sae] buffers before writing the output
     if !interrupted {
-        save_output(&out, &mut st, &plan, &opts.source_config, &last, tokens_per_s, dead_frac)?;
+        on_whole_state(&mut st, comm, |whole| {
+            save_output(&out, whole, &plan, &opts.source_config, &last, tokens_per_s, dead_frac)
+        })?;
     }
     Ok(TrainOutcome {
         out_dir: out,
@@ -124,8 +138,38 @@ fn train_in_pool(
     })
 }
 
-/// A fresh run: plan the config, read ahead to prepare the data, initialise the SAE.
-fn start(out: &Path, cfg: TrainConfig, src: &mut dyn ActivationSource) -> Result<(TrainPlan, TrainState), SaeError> {
+/// Run `write` on rank 0 with the whole state: this process's own when it holds every latent
+/// (no copy), else gathered from the shards (every process takes part in the gather).
+fn on_whole_state(
+    st: &mut TrainState,
+    comm: &dyn Collective,
+    write: impl FnOnce(&mut TrainState) -> Result<(), SaeError>,
+) -> Result<(), SaeError> {
+    if comm.shards() == 1 {
+        return if comm.rank() == 0 { write(st) } else { Ok(()) };
+    }
+    let mut whole = layout::gather_state(st, comm);
+    if comm.rank() == 0 {
+        write(&mut whole)?;
+    }
+    Ok(())
+}
+
+/// Fraction of the SAE's latents dead now (over every shard).
+fn dead_fraction(st: &TrainState, c: &TrainConfig, comm: &dyn Collective) -> f64 {
+    let mut dead = [st.since_fired.iter().filter(|&&s| s >= c.dead_tokens).count() as f64];
+    comm.shard_sum_f64(&mut dead);
+    dead[0] / c.d_sae as f64
+}
+
+/// A fresh run: plan the config, read ahead to prepare the data, initialise the (whole) SAE; every
+/// process does the same, so their slices are those of the one-process run.
+fn start(
+    out: &Path,
+    cfg: TrainConfig,
+    src: &mut dyn ActivationSource,
+    root: bool,
+) -> Result<(TrainPlan, TrainState), SaeError> {
     let plan = TrainPlan::new(cfg, src.d_in(), crate::config::memory_budget())?;
     plan.warn_short_run_lr();
     let c = &plan.config;
@@ -138,7 +182,9 @@ fn start(out: &Path, cfg: TrainConfig, src: &mut dyn ActivationSource) -> Result
     sae.metadata = plan.metadata();
     let opt = AdamState::zeros(&sae);
     let n = c.d_sae;
-    std::fs::remove_file(out.join("metrics.jsonl")).ok();
+    if root {
+        std::fs::remove_file(out.join("metrics.jsonl")).ok();
+    }
     let st = TrainState {
         sae,
         opt,
@@ -162,6 +208,7 @@ fn resume(
     requested: &TrainConfig,
     src: &mut dyn ActivationSource,
     prov: &Provenance,
+    root: bool,
 ) -> Result<(TrainPlan, TrainState), SaeError> {
     let all = checkpoint::list(out)?;
     let last = all.last().ok_or_else(|| {
@@ -183,7 +230,9 @@ fn resume(
     let st = checkpoint::read(last, &meta, &plan)?;
     src.seek(&meta.cursor)
         .with_context(|| format!("--resume: restoring the data position recorded in {}/state.json", last.display()))?;
-    rewrite_metrics_upto(&out.join("metrics.jsonl"), meta.step)?;
+    if root {
+        rewrite_metrics_upto(&out.join("metrics.jsonl"), meta.step)?;
+    }
     tracing::info!("resuming from {} (step {})", last.display(), meta.step);
     Ok((plan, st))
 }
@@ -240,10 +289,12 @@ fn prepare(cfg: &TrainConfig, src: &mut dyn ActivationSource, d: usize) -> Resul
 struct Run<'a> {
     plan: &'a TrainPlan,
     out: &'a Path,
+    comm: &'a dyn Collective,
     batch: Vec<f32>,
     ws: Workspace,
     metrics_path: PathBuf,
-    metrics: std::fs::File,
+    /// Open on rank 0 only: one process writes the run's files.
+    metrics: Option<std::fs::File>,
     progress: Option<indicatif::ProgressBar>,
     started: Instant,
     window_started: Instant,
@@ -253,18 +304,26 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(plan: &'a TrainPlan, out: &'a Path, progress: bool, step: u64) -> Result<Run<'a>, SaeError> {
+    fn new(
+        plan: &'a TrainPlan,
+        out: &'a Path,
+        progress: bool,
+        step: u64,
+        comm: &'a dyn Collective,
+    ) -> Result<Run<'a>, SaeError> {
         let b = plan.config.batch_size;
         let metrics_path = out.join("metrics.jsonl");
-        let metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        let open = || std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path);
+        let metrics = if comm.rank() == 0 {
+            Some(open().with_context(|| format!("opening {}", metrics_path.display()))?)
+        } else {
+            None
+        };
         let progress = progress.then(|| progress_bar(plan.total_steps() * b as u64, step * b as u64));
         Ok(Run {
             plan,
             out,
+            comm,
             batch: vec![0.0f32; b * plan.d_in],
             ws: Workspace::default(),
             metrics_path,
@@ -300,10 +359,10 @@ impl<'a> Run<'a> {
             let is_last = st.step == total;
             let due =
                 plan.config.checkpoint_every > 0 && st.step.is_multiple_of(plan.config.checkpoint_every) && !is_last;
-            let stop = !is_last && opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+            // every process stops at the same step, whichever saw the signal
+            let stop = !is_last && self.comm.any(opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)));
             if due || stop {
-                let config = ConfigFile { train: plan.config.clone(), source: opts.source_config.clone() };
-                checkpoint::write(self.out, st, &config, src.cursor(), data_fingerprint)?;
+                self.checkpoint(st, src.cursor(), data_fingerprint, &opts.source_config)?;
             }
             if stop {
                 // Ctrl-C / SIGTERM: the batch in flight is done and kept in the checkpoint
@@ -317,15 +376,43 @@ impl<'a> Run<'a> {
         Ok((last, steps_this_run, interrupted))
     }
 
+    /// One checkpoint: by rank 0 alone when it holds every latent, else one slice per shard.
+    fn checkpoint(
+        &self,
+        st: &TrainState,
+        cursor: serde_json::Value,
+        data_fingerprint: &str,
+        source: &toml::Table,
+    ) -> Result<(), SaeError> {
+        let cfg = &ConfigFile { train: self.plan.config.clone(), source: source.clone() };
+        if self.comm.shards() > 1 {
+            return checkpoint::write_sharded(self.out, st, cfg, cursor, data_fingerprint, self.comm);
+        }
+        if self.comm.rank() == 0 {
+            checkpoint::write(self.out, st, cfg, cursor, data_fingerprint)?;
+        }
+        Ok(())
+    }
+
     /// One step: read a batch, forward and backward, update, count firings.
     fn step(&mut self, st: &mut TrainState, src: &mut dyn ActivationSource) -> Result<StepStats, SaeError> {
         let (plan, step) = (self.plan, st.step);
         let (b, d) = (plan.config.batch_size, plan.d_in);
+        // every process reads the whole batch (the same rows in the same order) and trains on its
+        // replica's share of it: disjoint, deterministic, and together the one-process batch
         let excluded = fill_batch(src, &mut self.batch, d, st.max_norm, st.input_scale, step)?;
         st.excluded_rows = st.excluded_rows.saturating_add(excluded);
-        let lp = plan.loss_at(step);
-        let mut stats =
-            step::forward_backward(&st.sae, &mut self.ws, &self.batch, &st.since_fired, &lp, &SingleProcess)?;
+        let mut lp = plan.loss_at(step);
+        let latents = self.comm.latent_slice(plan.config.d_sae);
+        lp.latent_offset = latents.start;
+        let rows = self.comm.replica_rows(b);
+        let x = &self.batch[rows.start * d..rows.end * d];
+        let mut stats = step::forward_backward(&st.sae, &mut self.ws, x, &st.since_fired, &lp, self.comm)?;
+        if step == 0 {
+            if let Some(dir) = std::env::var_os("SAEKIT_DEBUG_DUMP_STEP") {
+                layout::dump_step(Path::new(&dir), &self.ws, st, plan.config.arch, latents, rows, self.comm)?;
+            }
+        }
         if !stats.loss.is_finite() {
             return Err(SaeError::BadInput(format!(
                 "step {step}: loss is {} (fvu {}, auxk {}); stopping. The last good checkpoint is kept in {}",
@@ -337,7 +424,7 @@ impl<'a> Run<'a> {
         }
         let up = plan
             .update_at(step, (step + 1).is_multiple_of(plan.config.log_every.max(1)) || step + 1 == plan.total_steps());
-        stats.grad_norm = step::apply_update(&mut st.sae, &mut st.opt, &mut self.ws.grads, &up);
+        stats.grad_norm = step::apply_update(&mut st.sae, &mut st.opt, &mut self.ws.grads, &up, self.comm);
         if stats.grad_norm.is_infinite() || (stats.grad_norm.is_nan() && (up.grad_clip > 0.0 || up.need_norm)) {
             return Err(SaeError::BadInput(format!(
                 "step {step}: gradient norm is {}; stopping. The last good checkpoint is kept in {}",
@@ -367,9 +454,10 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let dt = self.window_started.elapsed().as_secs_f64();
-        let dead = st.since_fired.iter().filter(|&&s| s >= c.dead_tokens).count() as f64 / c.d_sae as f64;
-        let dense = st.window_fire.iter().filter(|&&n| n as f64 > 0.1 * st.window_tokens as f64).count() as f64
-            / c.d_sae as f64;
+        let dead = dead_fraction(st, c, self.comm);
+        let mut dense = [st.window_fire.iter().filter(|&&n| n as f64 > 0.1 * st.window_tokens as f64).count() as f64];
+        self.comm.shard_sum_f64(&mut dense);
+        let dense = dense[0] / c.d_sae as f64;
         let line = serde_json::json!({
             "step": st.step, "tokens": st.tokens, "loss": stats.loss, "fvu": stats.fvu, "mse": stats.mse,
             "auxk_loss": stats.auxk_loss, "multi_topk_fvu": stats.multi_topk_fvu, "sparsity_loss": stats.sparsity_loss, "pre_act_loss": stats.pre_act_loss,
@@ -377,8 +465,10 @@ impl<'a> Run<'a> {
             "grad_norm": stats.grad_norm, "excluded_rows": st.excluded_rows,
             "tokens_per_s": (self.window_steps * c.batch_size as u64) as f64 / dt.max(1e-9),
         });
-        writeln!(self.metrics, "{line}").with_context(|| format!("writing {}", self.metrics_path.display()))?;
-        self.metrics.flush().ok();
+        if let Some(metrics) = &mut self.metrics {
+            writeln!(metrics, "{line}").with_context(|| format!("writing {}", self.metrics_path.display()))?;
+            metrics.flush().ok();
+        }
         tracing::debug!("{line}");
         self.window_started = Instant::now();
         self.window_steps = 0;

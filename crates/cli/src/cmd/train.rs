@@ -125,6 +125,11 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Under `mpirun -np N` (a build with `--features mpi`): ranks per replica that split the
+    /// latents between them (model parallel); the N / S replicas split each batch's rows (data
+    /// parallel). Default: all N ranks shard the latents.
+    #[arg(long, value_name = "S")]
+    pub shards: Option<usize>,
 }
 
 /// The run's two configs: the trainer's ([`TrainConfig`]) and `--live`'s data source.
@@ -227,41 +232,100 @@ pub fn run(a: TrainArgs) -> Result<()> {
         setup = resumed_config(&a, dir)?;
     }
     let stop = super::interrupt::stop_flag()?;
+    let collective = join_mpi(a.shards)?;
+    let distributed = collective.is_some();
     let opts = RunOptions {
         resume,
         progress: !a.quiet,
         force: a.force,
         stop: Some(stop),
         source_config: setup.live.to_table(),
+        collective,
         ..Default::default()
     };
     let c = setup.train;
     if setup.live.live {
+        if distributed {
+            bail!("train --live does not run across MPI processes yet; train from a stored activation folder");
+        }
         return super::train_live::run(c, &setup.live, &opts);
     }
+    let trained = train_stored(&a, &c, resume, &opts);
+    if distributed {
+        // a failure on one rank ends the whole job: the others would wait in a collective
+        fatal_across_ranks(trained.as_ref().err());
+    }
+    let o = trained?;
+    if opts.collective.as_ref().is_some_and(|m| m.rank() != 0) {
+        return Ok(()); // rank 0 reports
+    }
+    finish(&o, o.tokens_per_s)
+}
+
+/// The processes of this `mpirun`, when this binary was built with MPI and launched by one.
+#[cfg(feature = "mpi")]
+fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sae::Collective>>> {
+    let job = saekit_sae::dist::MpiCollective::from_launcher(shards)?;
+    Ok(job.map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn saekit_sae::Collective>))
+}
+
+/// Without MPI support, refuse `mpirun` and `--shards` rather than run N copies of one training.
+#[cfg(not(feature = "mpi"))]
+fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sae::Collective>>> {
+    let ranks: usize =
+        ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(1);
+    if shards.is_some() || ranks > 1 {
+        bail!(
+            "this saekit was built without MPI: rebuild it with `cargo build --features mpi` to train across processes"
+        );
+    }
+    Ok(None)
+}
+
+#[cfg(feature = "mpi")]
+fn fatal_across_ranks(err: Option<&anyhow::Error>) {
+    if let Some(e) = err {
+        eprintln!("error: {e:#}");
+        saekit_sae::dist::abort_job(1);
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn fatal_across_ranks(_: Option<&anyhow::Error>) {}
+
+/// Train from a .npy file or an activation store.
+fn train_stored(a: &TrainArgs, c: &TrainConfig, resume: bool, opts: &RunOptions) -> Result<saekit_sae::TrainOutcome> {
     let Some(acts) = c.acts.clone() else {
         let config = a.config.as_deref().map(|p| format!(", or set `acts` in {p}")).unwrap_or_default();
         bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR{config}");
     };
-    if std::path::Path::new(&acts).is_dir() {
+    Ok(if std::path::Path::new(&acts).is_dir() {
         // a resumed run reads the hook its checkpoint recorded
-        let hook = store_hook(&a, resume.then_some(c.hook_name.as_str()))?;
-        train_on_store(&c, std::path::Path::new(&acts), &hook, &opts)
+        let hook = store_hook(a, resume.then_some(c.hook_name.as_str()))?;
+        train_from_store(c, std::path::Path::new(&acts), &hook, opts)?
     } else if acts.ends_with(".npy") {
         let mut src = NpySource::open(&acts, c.seed, true)?;
-        let o = saekit_sae::train(&c, &mut src, &opts)?;
-        finish(&o, o.tokens_per_s)
+        saekit_sae::train(c, &mut src, opts)?
     } else {
         bail!("{acts}: expected a float32 .npy file or an activation store folder");
-    }
+    })
 }
 
 /// Train on hook `hook` of the activation store `store` (rows shuffled by the config's seed), then
 /// report the run; a signal exits 130 naming the resume command.
 pub fn train_on_store(c: &TrainConfig, store: &std::path::Path, hook: &str, opts: &RunOptions) -> Result<()> {
-    let mut src = saekit_sae::StoreSource::open(store, hook, c.seed, true, c.batch_size)?;
-    let o = saekit_sae::train(c, &mut src, opts)?;
+    let o = train_from_store(c, store, hook, opts)?;
     finish(&o, o.tokens_per_s)
+}
+
+fn train_from_store(
+    c: &TrainConfig,
+    store: &std::path::Path,
+    hook: &str,
+    opts: &RunOptions,
+) -> Result<saekit_sae::TrainOutcome> {
+    let mut src = saekit_sae::StoreSource::open(store, hook, c.seed, true, c.batch_size)?;
+    Ok(saekit_sae::train(c, &mut src, opts)?)
 }
 
 /// `--print-config`: every key with its value, then the recipe values resolved for the architecture.

@@ -5,8 +5,8 @@
 
 use super::loss::{self, PenaltySums};
 use super::{
-    count_fires, encoder_input_backward, encoder_input_forward, ensure, Collective, Grads, LossParams, Prof, Selection,
-    StepStats, Workspace,
+    add_rows, count_fires, decode_selection, encoder_input_backward, encoder_input_forward, ensure, Collective, Grads,
+    LossParams, Prof, Selection, StepStats, Workspace,
 };
 use crate::config::{Arch, JumpReluSparsity};
 use crate::kernels;
@@ -31,13 +31,17 @@ pub(super) struct Buffers {
 struct Batch<'a> {
     x: &'a [f32],
     rows: usize,
+    /// Rows of the whole batch (over every replica): the per-token means divide by it.
+    all_rows: usize,
     /// Σ‖x − mean‖² (FVU's denominator, reported only).
     total_variance: f64,
     /// ‖W_dec,j‖ per latent.
     dec_norm: Vec<f32>,
-    /// Active latents per row.
+    /// Active latents per row (over every shard).
     row_l0: Vec<usize>,
+    /// Active (row, latent) pairs of the whole batch.
     nnz: usize,
+    comm: &'a dyn Collective,
 }
 
 pub(super) fn forward_backward(
@@ -77,15 +81,33 @@ pub(super) fn forward_backward(
     let act = &b.act[..rows * ds];
     let dec_norm: Vec<f32> = sae.params.w_dec.par_chunks(d).map(|r| kernels::dot(r, r).sqrt()).collect();
     // L0 of each row: the ReLU path choice, the sparse lists' width, the quadratic penalty, the stats
-    let row_l0: Vec<usize> = act.par_chunks(ds).map(|a| a.iter().filter(|&&v| v != 0.0).count()).collect();
-    let nnz: usize = row_l0.iter().sum();
-    let batch = Batch { x, rows, total_variance, dec_norm, row_l0, nnz };
+    let (row_l0, all_latents) = row_l0_over_shards(act, ds, comm);
+    let mut nnz = [row_l0.iter().sum::<usize>() as f64];
+    comm.sum_f64(&mut nnz);
+    let (nnz, all_rows) = (nnz[0] as usize, comm.total_rows(rows));
+    let batch = Batch { x, rows, all_rows, total_variance, dec_norm, row_l0, nnz, comm };
     ensure(&mut ws.xhat, rows * d);
     ensure(&mut ws.dxhat, rows * d);
-    if lp.arch == Arch::Relu && (nnz as f64) < lp.relu_sparse_below as f64 * ds as f64 * rows as f64 {
+    // every process takes the same path: the decision reads only reduced counts
+    if lp.arch == Arch::Relu && (nnz as f64) < lp.relu_sparse_below as f64 * all_latents as f64 * all_rows as f64 {
         return Ok(sparse_relu(sae, ws, &batch, lp, prof));
     }
     Ok(dense(sae, ws, &batch, since_fired, lp, prof))
+}
+
+/// Per row, the latents with a non-zero activation in the last step (ids local to this process).
+pub(super) fn active_latents(b: &Buffers, rows: usize, ds: usize) -> Vec<Vec<u32>> {
+    b.act[..rows * ds].chunks(ds).map(|a| (0..ds as u32).filter(|&j| a[j as usize] != 0.0).collect()).collect()
+}
+
+/// Each row's count of non-zero activations, summed over the shards, and the SAE's whole latent
+/// count (both in one all-reduce).
+fn row_l0_over_shards(act: &[f32], ds: usize, comm: &dyn Collective) -> (Vec<usize>, usize) {
+    let mut counts: Vec<f64> = act.par_chunks(ds).map(|a| a.iter().filter(|&&v| v != 0.0).count() as f64).collect();
+    counts.push(ds as f64);
+    comm.shard_sum_f64(&mut counts);
+    let all_latents = counts.pop().unwrap_or(0.0) as usize;
+    (counts.into_iter().map(|c| c as usize).collect(), all_latents)
 }
 
 // encoder: xin [B, d_in], w_enc [d_sae, d_in], b_enc [d_sae], θ [d_sae]
@@ -123,14 +145,12 @@ fn encoder_backward(g: &mut Grads, dpre: &[f32], xin: &[f32], d: usize, ds: usiz
 }
 
 // decoder: act [B, d_sae], w_dec [d_sae, d_in], b_dec [d_in] -> xhat [B, d_in] = act·w_dec + b_dec
-fn decoder_forward(xhat: &mut [f32], act: &[f32], sae: &Sae) {
+// (sharded: the partial products of each shard's latents meet in one all-reduce before the bias)
+fn decoder_forward(xhat: &mut [f32], act: &[f32], sae: &Sae, comm: &dyn Collective) {
     let (d, ds) = (sae.d_in, sae.d_sae);
     kernels::gemm_ab(act.len() / ds, d, ds, act, &sae.params.w_dec, xhat, false);
-    xhat.par_chunks_mut(d).for_each(|r| {
-        for (v, b) in r.iter_mut().zip(&sae.params.b_dec) {
-            *v += b;
-        }
-    });
+    comm.shard_sum_f32(xhat);
+    add_rows(xhat, &sae.params.b_dec);
 }
 
 // decoder backward: dxhat [B, d_in], act [B, d_sae], w_dec [d_sae, d_in]
@@ -159,14 +179,16 @@ fn dense(
     let b = &mut ws.dense;
     let (pre, act, dpre) = (&b.pre[..rows * ds], &b.act[..rows * ds], &mut b.dpre[..rows * ds]);
     let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
-    decoder_forward(xhat, act, sae);
+    decoder_forward(xhat, act, sae, batch.comm);
     prof.mark("decoder gemm");
-    let sse = loss::reconstruction_sse(xhat, batch.x, d, 2.0 / rows as f32, dxhat);
+    let sse = loss::reconstruction_sse(xhat, batch.x, d, 2.0 / batch.all_rows as f32, dxhat);
     let g = &mut ws.grads;
     decoder_backward(dpre, g, dxhat, act, sae);
     prof.mark("decoder backward gemms");
     let dead: Vec<bool> = since_fired.iter().map(|&t| t >= lp.dead_tokens).collect();
-    let n_dead = dead.iter().filter(|&&b| b).count();
+    let mut n_dead = [dead.iter().filter(|&&b| b).count() as f64];
+    batch.comm.shard_sum_f64(&mut n_dead);
+    let n_dead = n_dead[0] as usize;
     let sums = penalties_backward(dpre, pre, act, batch, sae, lp, &dead, n_dead);
     prof.mark("elementwise");
     encoder_backward(g, dpre, &ws.xin[..rows * d], d, ds);
@@ -180,7 +202,7 @@ fn dense(
         }
     });
     p.threshold = sums.thr;
-    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae);
+    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae, batch.comm);
     ensure(&mut ws.fires, ds);
     ws.fires[..ds].fill(0);
     for r in 0..rows {
@@ -190,16 +212,17 @@ fn dense(
     }
     prof.mark("rest");
     prof.print("dense forward_backward");
-    let mse = sse / rows as f64;
-    let sparsity_loss = lp.sparsity_coef as f64 * sums.sparsity / rows as f64;
-    let pre_act_loss = lp.pre_act_loss_coef as f64 * sums.pre_act / rows as f64;
+    let [sse, sparsity, pre_act] = loss_sums(batch.comm, sse, sums.sparsity, sums.pre_act);
+    let mse = sse / batch.all_rows as f64;
+    let sparsity_loss = lp.sparsity_coef as f64 * sparsity / batch.all_rows as f64;
+    let pre_act_loss = lp.pre_act_loss_coef as f64 * pre_act / batch.all_rows as f64;
     StepStats {
         loss: mse + sparsity_loss + pre_act_loss,
         fvu: sse / batch.total_variance,
         mse,
         sparsity_loss,
         pre_act_loss,
-        l0: batch.nnz as f64 / rows as f64,
+        l0: batch.nnz as f64 / batch.all_rows as f64,
         n_dead,
         ..Default::default()
     }
@@ -221,8 +244,8 @@ fn penalties_backward(
 ) -> PenaltySums {
     let ds = sae.d_sae;
     let jump = lp.arch == Arch::JumpRelu;
-    let cb = lp.sparsity_coef / batch.rows as f32;
-    let pa = if jump && n_dead > 0 { lp.pre_act_loss_coef / batch.rows as f32 } else { 0.0 };
+    let cb = lp.sparsity_coef / batch.all_rows as f32;
+    let pa = if jump && n_dead > 0 { lp.pre_act_loss_coef / batch.all_rows as f32 } else { 0.0 };
     let parts: Vec<PenaltySums> = dpre
         .par_chunks_mut(64 * ds)
         .enumerate()
@@ -338,16 +361,16 @@ fn sparse_relu(sae: &Sae, ws: &mut Workspace, batch: &Batch, lp: &LossParams, mu
     });
     let (sv, si) = (&*sv, &*si);
     let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
-    kernels::sparse_decode(sv, si, width, &sae.params.w_dec, d, Some(&sae.params.b_dec), xhat);
+    decode_selection(xhat, sv, si, width, sae, true, batch.comm);
     prof.mark("sparse decode");
-    let sse = loss::reconstruction_sse(xhat, batch.x, d, 2.0 / rows as f32, dxhat);
+    let sse = loss::reconstruction_sse(xhat, batch.x, d, 2.0 / batch.all_rows as f32, dxhat);
     let l1_sum = kernels::row_reduce(rows, |r| {
         (0..width)
             .filter(|&s| si[r * width + s] != u32::MAX)
             .map(|s| (sv[r * width + s] * batch.dec_norm[si[r * width + s] as usize]) as f64)
             .sum()
     });
-    let cb = lp.sparsity_coef / rows as f32;
+    let cb = lp.sparsity_coef / batch.all_rows as f32;
     let g = &mut ws.grads;
     g.touched.build(ds, &[(si, sv, width, 0)]);
     let n = g.touched.touched.len();
@@ -372,17 +395,28 @@ fn sparse_relu(sae: &Sae, ws: &mut Workspace, batch: &Batch, lp: &LossParams, mu
     p.threshold.clear();
     p.b_dec.resize(d, 0.0);
     kernels::column_sum(dxhat, d, &mut p.b_dec);
-    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae);
+    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae, batch.comm);
     count_fires(&mut ws.fires, ds, si, sv);
     prof.print("sparse relu forward_backward");
-    let mse = sse / rows as f64;
-    let sparsity_loss = lp.sparsity_coef as f64 * l1_sum / rows as f64;
+    let [sse, l1_sum, _] = loss_sums(batch.comm, sse, l1_sum, 0.0);
+    let mse = sse / batch.all_rows as f64;
+    let sparsity_loss = lp.sparsity_coef as f64 * l1_sum / batch.all_rows as f64;
     StepStats {
         loss: mse + sparsity_loss,
         fvu: sse / batch.total_variance,
         mse,
         sparsity_loss,
-        l0: batch.nnz as f64 / rows as f64,
+        l0: batch.nnz as f64 / batch.all_rows as f64,
         ..Default::default()
     }
+}
+
+/// The loss sums of the whole batch: the reconstruction error is already whole on every shard (the
+/// decoder's all-reduce), the penalties are per latent so each shard holds its own part.
+fn loss_sums(comm: &dyn Collective, sse: f64, penalty: f64, pre_act: f64) -> [f64; 3] {
+    let mut per_latent = [penalty, pre_act];
+    comm.shard_sum_f64(&mut per_latent);
+    let mut sums = [sse, per_latent[0], per_latent[1]];
+    comm.sum_f64(&mut sums);
+    sums
 }

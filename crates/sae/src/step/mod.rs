@@ -7,9 +7,10 @@
 //! `dense.rs` for ReLU+L1 and JumpReLU (dense GEMMs, or the sparse kernels when few latents fire),
 //! `loss.rs` for the loss terms, each citing its paper, and `update.rs` for the optimiser.
 //!
-//! Every sum over the rows of the batch that a later phase needs (the batch variance, the loss sums,
-//! the firing counts) goes through [`Collective`]: the identity for one process, an all-reduce when
-//! a batch is split across processes, so the kernels never change.
+//! Every reduction across rows or latents goes through [`Collective`]: the batch variance, the loss
+//! sums, the firing counts and the gradients over the batch's rows (data parallel), and, when the
+//! latents are sharded, the TopK candidates, the partial reconstructions and the per-latent sums.
+//! It is the identity for one process and MPI collectives across processes; the kernels never change.
 
 mod dense;
 mod loss;
@@ -54,6 +55,9 @@ pub struct LossParams {
     /// ReLU: below this mean L0 (as a fraction of d_sae) the batch takes the sparse path (decoder and
     /// backward over the active latents only); at or above it, dense GEMMs.
     pub relu_sparse_below: f32,
+    /// The SAE's first latent in this process (0 unless the latents are sharded, see
+    /// [`Collective::latent_slice`]): selections exchanged between shards use global latent ids.
+    pub latent_offset: usize,
 }
 
 /// Loss terms and diagnostics of one step (computed on the batch before the update).
@@ -81,30 +85,73 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// Where the step's sums over the rows of the batch meet.
+/// Where the step's reductions meet: every sum over the rows of the batch and every exchange
+/// between the slices of the latents goes through it, so a distributed run needs no other code.
 ///
-/// With one process every method is the identity. A data-parallel run (one batch split across
-/// processes) implements it with all-reduces; a sharded one (latents split across processes) with
-/// the gathers the MPI issue describes. What goes through it today: the batch mean and variance
-/// and the loss sums. Not yet: the gradients and the firing counts are summed over this process's
-/// rows inside the kernels, so a data-parallel run must all-reduce [`Grads`] and `Workspace::fires`
-/// between [`forward_backward`] and [`apply_update`].
-pub trait Collective: Sync {
-    /// Replace each value by its sum over every process holding part of the batch.
+/// Two directions (OpenAI's 2-D layout): the batch's rows are split across *replicas* (data
+/// parallel: each holds all of its shard's latents and a disjoint share of the rows) and the
+/// latents across *shards* (model parallel: each holds a contiguous slice of the latents, see
+/// [`Collective::latent_slice`], and sees its replica's whole share of the rows). With one process
+/// every method is the identity ([`SingleProcess`]); the MPI implementation is `dist::MpiCollective`.
+pub trait Collective: Sync + Send + std::fmt::Debug {
+    /// Replace each value by its sum over the replicas (the rows of the whole batch).
     fn sum_f64(&self, values: &mut [f64]);
-    /// As [`Collective::sum_f64`], for f32 vectors (column sums).
+    /// As [`Collective::sum_f64`], for f32 vectors (column sums, gradients).
     fn sum_f32(&self, values: &mut [f32]);
+    /// As [`Collective::sum_f64`], for counts (firings per latent).
+    fn sum_u32(&self, values: &mut [u32]);
     /// Rows of the whole batch, given this process's share.
     fn total_rows(&self, local_rows: usize) -> usize;
+    /// Replicas the batch is split across.
+    fn replicas(&self) -> usize {
+        1
+    }
+    /// The rows of a batch of `rows` that this process trains on (its replica's share).
+    fn replica_rows(&self, rows: usize) -> std::ops::Range<usize> {
+        0..rows
+    }
+    /// This process's replica (0 to replicas − 1).
+    fn replica(&self) -> usize {
+        0
+    }
+    /// Shards the latents are split across.
+    fn shards(&self) -> usize {
+        1
+    }
+    /// The latents of an SAE of `d_sae` latents that this process holds.
+    fn latent_slice(&self, d_sae: usize) -> std::ops::Range<usize> {
+        0..d_sae
+    }
+    /// Replace each value by its sum over the shards (partial reconstructions, per-latent sums).
+    fn shard_sum_f32(&self, _values: &mut [f32]) {}
+    /// As [`Collective::shard_sum_f32`], in f64.
+    fn shard_sum_f64(&self, _values: &mut [f64]) {}
+    /// Concatenate every shard's bytes in shard order (each may send a different count).
+    fn shard_gather(&self, local: &[u8]) -> Vec<u8> {
+        local.to_vec()
+    }
+    /// Concatenate every process's bytes in rank order (replica-major: replica 0's shards first).
+    fn gather_all(&self, local: &[u8]) -> Vec<u8> {
+        local.to_vec()
+    }
+    /// Whether any process passed `true` (a stop request seen by one process stops all at the same step).
+    fn any(&self, flag: bool) -> bool {
+        flag
+    }
+    /// This process's rank among all (0 writes the run's files).
+    fn rank(&self) -> usize {
+        0
+    }
 }
 
-/// The whole batch is in this process: every reduction is the identity.
+/// The whole batch and every latent are in this process: every reduction is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleProcess;
 
 impl Collective for SingleProcess {
     fn sum_f64(&self, _: &mut [f64]) {}
     fn sum_f32(&self, _: &mut [f32]) {}
+    fn sum_u32(&self, _: &mut [u32]) {}
     fn total_rows(&self, local_rows: usize) -> usize {
         local_rows
     }
@@ -118,6 +165,27 @@ pub struct Grads {
     pub(crate) touched: LatentMajor,
     /// Gradient of each parameter (compact rows as above).
     pub params: Params<Vec<f32>>,
+}
+
+impl Grads {
+    /// The gradients with every latent's row present (untouched latents' rows are zero).
+    pub fn dense(&self, d_in: usize, d_sae: usize) -> Params<Vec<f32>> {
+        let (p, d) = (&self.params, d_in);
+        let mut out = Params {
+            w_enc: vec![0.0; d_sae * d],
+            b_enc: vec![0.0; d_sae],
+            w_dec: vec![0.0; d_sae * d],
+            b_dec: p.b_dec.clone(),
+            threshold: p.threshold.clone(),
+        };
+        for (u, &j) in self.touched.touched.iter().enumerate() {
+            let j = j as usize;
+            out.w_enc[j * d..(j + 1) * d].copy_from_slice(&p.w_enc[u * d..(u + 1) * d]);
+            out.w_dec[j * d..(j + 1) * d].copy_from_slice(&p.w_dec[u * d..(u + 1) * d]);
+            out.b_enc[j] = p.b_enc[u];
+        }
+        out
+    }
 }
 
 /// Adam's two moments, one [`Params`] each, shaped as the weights.
@@ -181,6 +249,16 @@ pub struct Workspace {
     pub batch_min_selected: f32,
 }
 
+impl Workspace {
+    /// Per row of the last step, the latents that reconstructed it (ids local to this process), ascending.
+    pub(crate) fn active_latents(&self, arch: Arch, rows: usize, d_sae: usize) -> Vec<Vec<u32>> {
+        match arch {
+            Arch::TopK | Arch::BatchTopK => topk::active_latents(&self.topk, rows),
+            Arch::Relu | Arch::JumpRelu => dense::active_latents(&self.dense, rows, d_sae),
+        }
+    }
+}
+
 pub(crate) fn ensure<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
         v.resize(n, T::default());
@@ -197,9 +275,25 @@ pub fn forward_backward(
     lp: &LossParams,
     comm: &dyn Collective,
 ) -> Result<StepStats, crate::SaeError> {
-    match lp.arch {
-        Arch::TopK | Arch::BatchTopK => Ok(topk::forward_backward(sae, ws, x, since_fired, lp, comm)),
-        Arch::Relu | Arch::JumpRelu => dense::forward_backward(sae, ws, x, since_fired, lp, comm),
+    let stats = match lp.arch {
+        Arch::TopK | Arch::BatchTopK => topk::forward_backward(sae, ws, x, since_fired, lp, comm),
+        Arch::Relu | Arch::JumpRelu => dense::forward_backward(sae, ws, x, since_fired, lp, comm)?,
+    };
+    comm.sum_u32(&mut ws.fires[..sae.d_sae]);
+    if comm.replicas() > 1 {
+        sum_grads_over_replicas(&mut ws.grads, sae, comm);
+    }
+    Ok(stats)
+}
+
+/// Data parallel: each replica's gradient covers its own rows (already normalised by the whole
+/// batch), so the step's gradient is their sum. The replicas touched different latents: the
+/// compact rows are spread to dense ones first, which Adam treats exactly as the compact form.
+fn sum_grads_over_replicas(g: &mut Grads, sae: &Sae, comm: &dyn Collective) {
+    g.params = g.dense(sae.d_in, sae.d_sae);
+    g.touched.set_dense(sae.d_sae);
+    for t in g.params.each_mut() {
+        comm.sum_f32(t);
     }
 }
 
@@ -220,10 +314,23 @@ fn encoder_input_forward(xin: &mut Vec<f32>, x: &[f32], sae: &Sae) {
 // encoder input backward: dpre-weighted encoder rows -> g_b_dec [d_in]
 // With b_dec subtracted at the encoder input, b_dec also receives −Σ_j (Σ_t dL/dpre_tj)·W_enc[j];
 // `g_benc[u]` is that inner sum for latent `touched[u]`.
-fn encoder_input_backward(g_bdec: &mut [f32], touched: &[u32], g_benc: &[f32], sae: &Sae) {
+// Sharded, each shard holds the terms of its own latents: they meet in one all-reduce of [d_in].
+fn encoder_input_backward(g_bdec: &mut [f32], touched: &[u32], g_benc: &[f32], sae: &Sae, comm: &dyn Collective) {
     if !sae.apply_b_dec_to_input {
         return;
     }
+    if comm.shards() == 1 {
+        return add_encoder_input_grad(g_bdec, touched, g_benc, sae);
+    }
+    let mut part = vec![0.0f32; sae.d_in];
+    add_encoder_input_grad(&mut part, touched, g_benc, sae);
+    comm.shard_sum_f32(&mut part);
+    for (g, p) in g_bdec.iter_mut().zip(part) {
+        *g += p;
+    }
+}
+
+fn add_encoder_input_grad(g_bdec: &mut [f32], touched: &[u32], g_benc: &[f32], sae: &Sae) {
     let d = sae.d_in;
     for (&j, &gb) in touched.iter().zip(g_benc) {
         if gb != 0.0 {
@@ -231,6 +338,40 @@ fn encoder_input_backward(g_bdec: &mut [f32], touched: &[u32], g_benc: &[f32], s
             kernels::axpy(-gb, &sae.params.w_enc[j * d..(j + 1) * d], g_bdec);
         }
     }
+}
+
+/// x̂ = Σ_s val·W_dec[idx] over each row's `width` slots (+ b_dec with `with_bias`). Sharded, each
+/// shard decodes its own latents and the partial reconstructions meet in one all-reduce of
+/// [rows, d_in] before the (replicated) bias is added.
+#[allow(clippy::too_many_arguments)]
+fn decode_selection(
+    out: &mut [f32],
+    val: &[f32],
+    idx: &[u32],
+    width: usize,
+    sae: &Sae,
+    with_bias: bool,
+    comm: &dyn Collective,
+) {
+    let (d, w_dec) = (sae.d_in, &sae.params.w_dec);
+    let bias = with_bias.then_some(&sae.params.b_dec[..]);
+    if comm.shards() == 1 {
+        return kernels::sparse_decode(val, idx, width, w_dec, d, bias, out);
+    }
+    kernels::sparse_decode(val, idx, width, w_dec, d, None, out);
+    comm.shard_sum_f32(out);
+    if let Some(b) = bias {
+        add_rows(out, b);
+    }
+}
+
+/// Add `b` to every row of `m`.
+fn add_rows(m: &mut [f32], b: &[f32]) {
+    m.par_chunks_mut(b.len()).for_each(|r| {
+        for (v, b) in r.iter_mut().zip(b) {
+            *v += b;
+        }
+    });
 }
 
 /// Σ_t ‖x_t − mean‖² of the batch (f64, fixed-order): the FVU denominator.

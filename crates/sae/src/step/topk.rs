@@ -4,13 +4,14 @@
 //! scatter (race-free and independent of the thread count).
 
 use super::{
-    count_fires, encoder_input_backward, encoder_input_forward, ensure, loss, LossParams, Prof, Selection, StepStats,
-    Workspace,
+    count_fires, decode_selection, encoder_input_backward, encoder_input_forward, ensure, loss, LossParams, Prof,
+    Selection, StepStats, Workspace,
 };
 use crate::config::Arch;
 use crate::kernels;
 use crate::sae::Sae;
 use crate::step::Collective;
+use rayon::prelude::*;
 
 /// The TopK path's buffers.
 #[derive(Default)]
@@ -43,13 +44,23 @@ struct AuxPlan {
 }
 
 impl AuxPlan {
-    fn new(lp: &LossParams, dead: &mut Vec<bool>, since_fired: &[u64], d_in: usize, d_sae: usize) -> AuxPlan {
+    /// Sharded, `d_sae` is this shard's slice and the dead count is the whole SAE's.
+    fn new(
+        lp: &LossParams,
+        dead: &mut Vec<bool>,
+        since_fired: &[u64],
+        d_in: usize,
+        d_sae: usize,
+        comm: &dyn Collective,
+    ) -> AuxPlan {
         ensure(dead, d_sae);
-        let mut n_dead = 0usize;
+        let mut n_dead = [0f64];
         for (dj, &s) in dead[..d_sae].iter_mut().zip(since_fired) {
             *dj = s >= lp.dead_tokens;
-            n_dead += *dj as usize;
+            n_dead[0] += *dj as u8 as f64;
         }
+        comm.shard_sum_f64(&mut n_dead);
+        let n_dead = n_dead[0] as usize;
         let k = lp.k.min(d_sae);
         let k_aux_full = d_in / 2;
         let use_aux = lp.auxk_alpha > 0.0 && n_dead > 0 && k_aux_full > 0;
@@ -74,20 +85,28 @@ pub(super) fn forward_backward(
     let rows = x.len() / d;
     let mut prof = Prof::new();
     let tv = super::batch_total_variance(x, d, comm).max(1e-30);
-    let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d, ds);
+    let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d, ds, comm);
 
     encoder_input_forward(&mut ws.xin, x, sae);
     let xin = &ws.xin[..rows * d];
     select_forward(&mut ws.topk, xin, sae, rows, &plan);
+    let local = lp.latent_offset..lp.latent_offset + ds;
+    if lp.arch != Arch::BatchTopK {
+        // BatchTopK's selection works on each process's own candidates (batch_topk_across)
+        merge_shard_candidates(&mut ws.topk.candidates, rows, &local, comm);
+    }
+    if plan.k_aux > 0 {
+        merge_shard_candidates(&mut ws.topk.aux, rows, &local, comm);
+    }
     prof.mark("encoder gemm + select");
-    ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp);
+    ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp, comm);
     let b = &mut ws.topk;
 
     ensure(&mut ws.xhat, rows * d);
     ensure(&mut ws.dxhat, rows * d);
     let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
     let (main_idx, main_val) = b.main.rows(rows);
-    kernels::sparse_decode(main_val, main_idx, b.main.width, &sae.params.w_dec, d, Some(&sae.params.b_dec), xhat);
+    decode_selection(xhat, main_val, main_idx, b.main.width, sae, true, comm);
     let mut sums = [loss::reconstruction_sse(xhat, x, d, (2.0 / tv) as f32, dxhat), 0.0, 0.0];
     prof.mark("decode + loss");
 
@@ -95,7 +114,7 @@ pub(super) fn forward_backward(
         ensure(&mut b.daux, rows * d);
         let (idx, val) = b.aux.rows(rows);
         let daux = &mut b.daux[..rows * d];
-        kernels::sparse_decode(val, idx, plan.k_aux, &sae.params.w_dec, d, None, daux);
+        decode_selection(daux, val, idx, plan.k_aux, sae, false, comm);
         let s = (2.0 * lp.auxk_alpha as f64 * plan.aux_scale / tv) as f32;
         sums[1] = loss::auxk_sse(daux, xhat, x, d, s);
     }
@@ -103,17 +122,20 @@ pub(super) fn forward_backward(
         ensure(&mut b.dmulti, rows * d);
         let (idx, val) = b.candidates.rows(rows);
         let dm = &mut b.dmulti[..rows * d];
-        kernels::sparse_decode(val, idx, plan.kk, &sae.params.w_dec, d, Some(&sae.params.b_dec), dm);
+        decode_selection(dm, val, idx, plan.kk, sae, true, comm);
         sums[2] = loss::multi_topk_sse(dm, x, d, (2.0 / 8.0 / tv) as f32);
     }
     comm.sum_f64(&mut sums);
     let [sse, aux_sse, multi_sse] = sums;
     prof.mark("aux / multi");
 
-    sparse_backward(ws, sae, rows, lp, &plan);
+    sparse_backward(ws, sae, rows, lp, &plan, comm);
     prof.mark("fused backward");
     let (main_idx, main_val) = ws.topk.main.rows(rows);
-    let nnz = count_fires(&mut ws.fires, ds, main_idx, main_val);
+    let mut nnz = [count_fires(&mut ws.fires, ds, main_idx, main_val) as f64];
+    comm.shard_sum_f64(&mut nnz);
+    comm.sum_f64(&mut nnz);
+    let all_rows = comm.total_rows(rows);
     prof.print("topk forward_backward");
 
     let fvu = sse / tv;
@@ -122,10 +144,10 @@ pub(super) fn forward_backward(
     StepStats {
         loss: fvu + lp.auxk_alpha as f64 * auxk_loss + multi_topk_fvu / 8.0,
         fvu,
-        mse: sse / (rows * d) as f64,
+        mse: sse / (all_rows * d) as f64,
         auxk_loss,
         multi_topk_fvu,
-        l0: nnz as f64 / rows as f64,
+        l0: nnz[0] / all_rows as f64,
         n_dead: plan.n_dead,
         ..Default::default()
     }
@@ -156,11 +178,28 @@ fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &A
     }
 }
 
+/// Per row, the latents of the main reconstruction in the last step (ids local to this process), ascending.
+pub(super) fn active_latents(b: &Buffers, rows: usize) -> Vec<Vec<u32>> {
+    let (idx, val) = b.main.rows(rows);
+    let w = b.main.width;
+    (0..rows)
+        .map(|r| {
+            let mut row: Vec<u32> =
+                (r * w..(r + 1) * w).filter(|&s| idx[s] != u32::MAX && val[s] != 0.0).map(|s| idx[s]).collect();
+            row.sort_unstable();
+            row
+        })
+        .collect()
+}
+
 /// Fill `b.main`: TopK keeps each row's first k candidates (they are sorted); BatchTopK the top
 /// k·rows over the whole batch. Returns BatchTopK's smallest selected value (0 for TopK).
-fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &LossParams) -> f32 {
+fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &LossParams, comm: &dyn Collective) -> f32 {
     let k = lp.k.min(sae.d_sae);
     let kk = b.candidates.width;
+    if lp.arch == Arch::BatchTopK && comm.shards() * comm.replicas() > 1 {
+        return batch_topk_across(b, xin, sae, rows, lp, comm);
+    }
     if lp.arch == Arch::BatchTopK {
         let (idx, val) = b.candidates.rows(rows);
         let (width, min_selected) =
@@ -180,7 +219,7 @@ fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &Los
 //   -> g.w_enc, g.w_dec [touched, d_in], g.b_enc [touched], g.b_dec [d_in]
 // Each selected (row, latent) pair gets dL/dpre = <dy_row, W_dec[j]> (ReLU' = 1 where selected);
 // the weight gradients are accumulated latent-major over the three selections at once.
-fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, plan: &AuxPlan) {
+fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, plan: &AuxPlan, comm: &dyn Collective) {
     let d = sae.d_in;
     let b = &ws.topk;
     let mut lists: Vec<(&[u32], &[f32], usize, u8)> = Vec::with_capacity(3);
@@ -228,8 +267,48 @@ fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, 
             *a += m;
         }
     }
-    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae);
+    encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae, comm);
     p.threshold.clear();
+}
+
+/// Sharded: turn each shard's per-row top-`width` list (over its own latents) into the list one
+/// process would select over all latents: the union of every shard's candidates, ordered by value
+/// (descending) with ties to the lower global latent id (the rule of `kernels::topk_insert`), cut
+/// to `width`. Slots holding another shard's latent are then emptied, so the kernels see only
+/// local latents while the positions (TopK's first k, Multi-TopK's 4k) stay those of the global list.
+fn merge_shard_candidates(sel: &mut Selection, rows: usize, local: &std::ops::Range<usize>, comm: &dyn Collective) {
+    if comm.shards() == 1 {
+        return;
+    }
+    let (w, offset) = (sel.width, local.start as u32);
+    let n = rows * w;
+    let mut mine = Vec::with_capacity(n * 8);
+    for (&j, &v) in sel.idx[..n].iter().zip(&sel.val[..n]) {
+        let global = if j == u32::MAX { u32::MAX } else { j + offset };
+        mine.extend_from_slice(&global.to_le_bytes());
+        mine.extend_from_slice(&v.to_le_bytes());
+    }
+    let all = comm.shard_gather(&mine);
+    let shards = all.len() / (n * 8).max(1);
+    let entry = |sh: usize, s: usize| {
+        let o = (sh * n + s) * 8;
+        let word = |o: usize| [all[o], all[o + 1], all[o + 2], all[o + 3]];
+        (u32::from_le_bytes(word(o)), f32::from_le_bytes(word(o + 4)))
+    };
+    let (val, idx) = (&mut sel.val[..n], &mut sel.idx[..n]);
+    val.par_chunks_mut(w).zip(idx.par_chunks_mut(w)).enumerate().for_each(|(r, (val, idx))| {
+        let mut row: Vec<(u32, f32)> =
+            (0..shards).flat_map(|sh| (0..w).map(move |s| (sh, r * w + s))).map(|(sh, s)| entry(sh, s)).collect();
+        row.retain(|e| e.0 != u32::MAX);
+        row.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        row.truncate(w);
+        for s in 0..w {
+            (idx[s], val[s]) = match row.get(s) {
+                Some(&(j, v)) if local.contains(&(j as usize)) => (j - offset, v),
+                _ => (u32::MAX, 0.0),
+            };
+        }
+    });
 }
 
 /// Exact batch-level top-`total` selection from per-row sorted candidates (`cap` per row).
@@ -248,42 +327,12 @@ fn batch_topk_select(
     out_val: &mut Vec<f32>,
     out_idx: &mut Vec<u32>,
 ) -> (usize, f32) {
-    let (d, ds) = (sae.d_in, sae.d_sae);
-    let kth = |vals: &mut Vec<f32>| -> f32 {
-        if vals.len() <= total {
-            return 0.0; // keep every positive value
-        }
-        let i = total - 1;
-        let (_, v, _) = vals.select_nth_unstable_by(i, |a, b| b.total_cmp(a));
-        *v
-    };
+    let mut per_row = positive_candidates(rows, cand_val, cand_idx, cap);
     let mut all: Vec<f32> = cand_val.iter().copied().filter(|v| *v > 0.0).collect();
-    let mut theta = kth(&mut all);
-    let mut per_row: Vec<Vec<(u32, f32)>> = (0..rows)
-        .map(|r| {
-            (0..cap)
-                .filter(|&s| cand_idx[r * cap + s] != u32::MAX && cand_val[r * cap + s] > 0.0)
-                .map(|s| (cand_idx[r * cap + s], cand_val[r * cap + s]))
-                .collect()
-        })
-        .collect();
-    if cap < ds {
-        let sat: Vec<usize> =
-            (0..rows).filter(|&r| per_row[r].len() == cap && per_row[r][cap - 1].1 >= theta).collect();
-        if !sat.is_empty() {
-            let mut xs = vec![0.0f32; sat.len() * d];
-            for (i, &r) in sat.iter().enumerate() {
-                xs[i * d..(i + 1) * d].copy_from_slice(&xin[r * d..(r + 1) * d]);
-            }
-            let mut pre = vec![0.0f32; sat.len() * ds];
-            kernels::gemm_abt(sat.len(), ds, d, &xs, d, &sae.params.w_enc, &mut pre, ds);
-            let b_enc = &sae.params.b_enc;
-            for (i, &r) in sat.iter().enumerate() {
-                per_row[r] = (0..ds).map(|j| (j as u32, pre[i * ds + j] + b_enc[j])).filter(|p| p.1 > 0.0).collect();
-            }
-            let mut all: Vec<f32> = per_row.iter().flatten().map(|p| p.1).collect();
-            theta = kth(&mut all);
-        }
+    let mut theta = kth_largest(&mut all, total);
+    if cap < sae.d_sae && recompute_saturated(sae, xin, &mut per_row, cap, theta) {
+        let mut all: Vec<f32> = per_row.iter().flatten().map(|p| p.1).collect();
+        theta = kth_largest(&mut all, total);
     }
     // strictly above theta, then ties at theta in (row, latent) order up to `total`
     let above: usize = per_row.iter().flatten().filter(|p| p.1 > theta).count();
@@ -305,6 +354,57 @@ fn batch_topk_select(
         }
         keep.push(r);
     }
+    (write_padded(&keep, out_val, out_idx), if min_sel.is_finite() { min_sel } else { 0.0 })
+}
+
+/// The `total`-th largest of `vals` (reordered), or 0 when there are no more than `total`: then
+/// every positive value is kept.
+fn kth_largest(vals: &mut [f32], total: usize) -> f32 {
+    if vals.len() <= total || total == 0 {
+        return 0.0;
+    }
+    let (_, v, _) = vals.select_nth_unstable_by(total - 1, |a, b| b.total_cmp(a));
+    *v
+}
+
+/// Each row's positive candidates, (latent, value) in the kernel's order.
+fn positive_candidates(rows: usize, cand_val: &[f32], cand_idx: &[u32], cap: usize) -> Vec<Vec<(u32, f32)>> {
+    (0..rows)
+        .map(|r| {
+            (0..cap)
+                .filter(|&s| cand_idx[r * cap + s] != u32::MAX && cand_val[r * cap + s] > 0.0)
+                .map(|s| (cand_idx[r * cap + s], cand_val[r * cap + s]))
+                .collect()
+        })
+        .collect()
+}
+
+/// Rows whose `cap` candidates all clear `theta` may hold more values above it: replace their
+/// lists by every positive pre-activation of the row (this process's latents, ascending). Returns
+/// whether any row was recomputed.
+fn recompute_saturated(sae: &Sae, xin: &[f32], per_row: &mut [Vec<(u32, f32)>], cap: usize, theta: f32) -> bool {
+    let (d, ds) = (sae.d_in, sae.d_sae);
+    let sat: Vec<usize> =
+        (0..per_row.len()).filter(|&r| per_row[r].len() == cap && per_row[r][cap - 1].1 >= theta).collect();
+    if sat.is_empty() {
+        return false;
+    }
+    let mut xs = vec![0.0f32; sat.len() * d];
+    for (i, &r) in sat.iter().enumerate() {
+        xs[i * d..(i + 1) * d].copy_from_slice(&xin[r * d..(r + 1) * d]);
+    }
+    let mut pre = vec![0.0f32; sat.len() * ds];
+    kernels::gemm_abt(sat.len(), ds, d, &xs, d, &sae.params.w_enc, &mut pre, ds);
+    let b_enc = &sae.params.b_enc;
+    for (i, &r) in sat.iter().enumerate() {
+        per_row[r] = (0..ds).map(|j| (j as u32, pre[i * ds + j] + b_enc[j])).filter(|p| p.1 > 0.0).collect();
+    }
+    true
+}
+
+/// Write per-row (latent, value) lists padded to their common width; returns the width.
+fn write_padded(keep: &[Vec<(u32, f32)>], out_val: &mut Vec<f32>, out_idx: &mut Vec<u32>) -> usize {
+    let rows = keep.len();
     let width = keep.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
     out_val.clear();
     out_val.resize(rows * width, 0.0);
@@ -316,5 +416,94 @@ fn batch_topk_select(
             out_idx[r * width + s] = j;
         }
     }
-    (width, if min_sel.is_finite() { min_sel } else { 0.0 })
+    width
+}
+
+/// BatchTopK across processes: the selection [`batch_topk_select`] makes in one process (the top
+/// k·B pre-activations of the whole batch, ties at the threshold in (row, latent) order, global
+/// rows and latent ids), found over every process's rows and latents. Each process's candidates
+/// (its rows, its latents) give a provisional threshold over all processes; the (row, shard)
+/// blocks whose candidates all clear it are recomputed in full; the threshold of the union is then
+/// exact, and the ties at it are ranked over all processes. Returns the smallest selected value.
+fn batch_topk_across(
+    b: &mut Buffers,
+    xin: &[f32],
+    sae: &Sae,
+    rows: usize,
+    lp: &LossParams,
+    comm: &dyn Collective,
+) -> f32 {
+    let cap = b.candidates.width;
+    let all_rows = comm.total_rows(rows);
+    let total = lp.k * all_rows;
+    let (idx, val) = b.candidates.rows(rows);
+    let mut per_row = positive_candidates(rows, val, idx, cap);
+    let mut theta = kth_over_all(&per_row, total, comm);
+    let recomputed = cap < sae.d_sae && recompute_saturated(sae, xin, &mut per_row, cap, theta);
+    if comm.any(recomputed) {
+        theta = kth_over_all(&per_row, total, comm);
+    }
+    let row0 = comm.replica_rows(all_rows).start;
+    let ties_kept = ties_taken(&per_row, theta, total, row0, lp.latent_offset, comm);
+    let mut min_sel = f32::INFINITY;
+    let keep: Vec<Vec<(u32, f32)>> = per_row
+        .iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let tie = |j: u32| ties_kept.binary_search(&((row0 + r) as u32, j + lp.latent_offset as u32)).is_ok();
+            let kept: Vec<(u32, f32)> =
+                row.iter().copied().filter(|&(j, v)| v > theta || (v == theta && tie(j))).collect();
+            kept.iter().for_each(|p| min_sel = min_sel.min(p.1));
+            kept
+        })
+        .collect();
+    b.main.width = write_padded(&keep, &mut b.main.val, &mut b.main.idx);
+    let mins = comm.gather_all(&min_sel.to_le_bytes());
+    let min_all =
+        mins.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).fold(f32::INFINITY, f32::min);
+    if min_all.is_finite() {
+        min_all
+    } else {
+        0.0
+    }
+}
+
+/// The `total`-th largest of every process's values in `per_row` (0 when there are no more).
+fn kth_over_all(per_row: &[Vec<(u32, f32)>], total: usize, comm: &dyn Collective) -> f32 {
+    let mine: Vec<u8> = per_row.iter().flatten().flat_map(|p| p.1.to_le_bytes()).collect();
+    let mut all: Vec<f32> =
+        comm.gather_all(&mine).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    kth_largest(&mut all, total)
+}
+
+/// The (global row, global latent) pairs at `theta` that the selection takes: the first
+/// `total − (values above theta)` of all processes' ties in (row, latent) order, sorted.
+fn ties_taken(
+    per_row: &[Vec<(u32, f32)>],
+    theta: f32,
+    total: usize,
+    row0: usize,
+    latent0: usize,
+    comm: &dyn Collective,
+) -> Vec<(u32, u32)> {
+    if theta <= 0.0 {
+        return Vec::new(); // fewer positive values than `total`: every one is above 0
+    }
+    let mut above = [per_row.iter().flatten().filter(|p| p.1 > theta).count() as f64];
+    comm.shard_sum_f64(&mut above);
+    comm.sum_f64(&mut above);
+    let mine: Vec<u8> = per_row
+        .iter()
+        .enumerate()
+        .flat_map(|(r, row)| {
+            row.iter().filter(|p| p.1 == theta).map(move |p| ((row0 + r) as u32, p.0 + latent0 as u32))
+        })
+        .flat_map(|(r, j)| r.to_le_bytes().into_iter().chain(j.to_le_bytes()))
+        .collect();
+    let word = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    let mut ties: Vec<(u32, u32)> =
+        comm.gather_all(&mine).chunks_exact(8).map(|c| (word(&c[..4]), word(&c[4..]))).collect();
+    ties.sort_unstable();
+    ties.truncate(total.saturating_sub(above[0] as usize));
+    ties
 }

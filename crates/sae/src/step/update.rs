@@ -1,7 +1,7 @@
 //! The optimiser step: remove the decoder-gradient component parallel to the decoder rows, clip the
 //! global gradient norm, Adam (PyTorch semantics, compact over the touched latents), renormalise.
 
-use super::{AdamState, Grads, Prof};
+use super::{AdamState, Collective, Grads, Prof};
 use crate::adam::{adam_dense, adam_rows, AdamHyper};
 use crate::kernels;
 use crate::sae::Sae;
@@ -21,13 +21,19 @@ pub struct UpdateParams {
 }
 
 /// Clip, Adam, renormalise. Returns the pre-clip gradient norm (NaN when neither clipping nor
-/// `need_norm` asked for it).
-pub fn apply_update(sae: &mut Sae, opt: &mut AdamState, g: &mut Grads, up: &UpdateParams) -> f64 {
+/// `need_norm` asked for it); sharded, the norm is the whole SAE's.
+pub fn apply_update(
+    sae: &mut Sae,
+    opt: &mut AdamState,
+    g: &mut Grads,
+    up: &UpdateParams,
+    comm: &dyn Collective,
+) -> f64 {
     let mut prof = Prof::new();
     if up.unit_norm_decoder {
         remove_parallel_decoder_grad(sae, g);
     }
-    let norm = if up.grad_clip > 0.0 || up.need_norm { grad_norm(g, sae.d_in) } else { f64::NAN };
+    let norm = if up.grad_clip > 0.0 || up.need_norm { grad_norm(g, sae.d_in, comm) } else { f64::NAN };
     prof.mark("parallel + norm");
     if up.grad_clip > 0.0 && norm > up.grad_clip as f64 {
         scale_grads(g, sae.d_in, (up.grad_clip as f64 / (norm + 1e-6)) as f32);
@@ -60,8 +66,9 @@ fn adam_step(sae: &mut Sae, opt: &mut AdamState, g: &Grads, up: &UpdateParams) {
     }
 }
 
-/// Global gradient L2 norm (fixed-order reduction).
-fn grad_norm(g: &Grads, d: usize) -> f64 {
+/// Global gradient L2 norm (fixed-order reduction). Sharded, the per-latent parts meet in one
+/// all-reduce and the replicated b_dec is counted once.
+fn grad_norm(g: &Grads, d: usize, comm: &dyn Collective) -> f64 {
     let n = g.touched.touched.len();
     let p = &g.params;
     let rows = kernels::row_reduce(n, |u| {
@@ -69,8 +76,13 @@ fn grad_norm(g: &Grads, d: usize) -> f64 {
         let b = &p.w_dec[u * d..(u + 1) * d];
         a.iter().chain(b).map(|&v| (v as f64).powi(2)).sum::<f64>() + (p.b_enc[u] as f64).powi(2)
     });
-    let rest: f64 = p.b_dec.iter().chain(&p.threshold).map(|&v| (v as f64).powi(2)).sum();
-    (rows + rest).sqrt()
+    if comm.shards() == 1 {
+        let rest: f64 = p.b_dec.iter().chain(&p.threshold).map(|&v| (v as f64).powi(2)).sum();
+        return (rows + rest).sqrt();
+    }
+    let mut per_latent = [rows + p.threshold.iter().map(|&v| (v as f64).powi(2)).sum::<f64>()];
+    comm.shard_sum_f64(&mut per_latent);
+    (per_latent[0] + p.b_dec.iter().map(|&v| (v as f64).powi(2)).sum::<f64>()).sqrt()
 }
 
 /// Multiply every (used) gradient by `c`.

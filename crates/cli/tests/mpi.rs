@@ -1,0 +1,263 @@
+//! `mpirun -np N saekit train` against the one-process run, with real processes over Open MPI
+//! (`cargo test -p saekit --features mpi --test mpi`; needs `mpirun` on the PATH).
+//!
+//! - One step: every layout (2 shards; 2 replicas; 2 shards x 2 replicas) selects the same active
+//!   latents on every row as one process, and its gradients (assembled from each rank's slice)
+//!   are within 1e-6 relative of the one-process gradients, for every architecture that runs
+//!   across processes. Each process dumps its first step (`SAEKIT_DEBUG_DUMP_STEP`).
+//! - A short run: the SAE rank 0 gathers into one SAELens folder has its FVU on the whole data
+//!   (computed here by `saekit_sae::evaluate`) within 1% of the one-process run's.
+#![cfg(feature = "mpi")]
+
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const D_IN: usize = 16;
+const ROWS: usize = 4096;
+
+/// Rows that are sparse mixtures of 128 random directions (4 per row, exponential weights).
+fn write_data(dir: &Path) -> (PathBuf, Vec<f32>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let atoms: Vec<f32> = (0..128 * D_IN).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let mut x = vec![0.0f32; ROWS * D_IN];
+    for row in x.chunks_mut(D_IN) {
+        for _ in 0..4 {
+            let (j, w) = (rng.gen_range(0..128), -rng.gen::<f32>().max(1e-6).ln());
+            for (v, a) in row.iter_mut().zip(&atoms[j * D_IN..(j + 1) * D_IN]) {
+                *v += w * a;
+            }
+        }
+        for v in row.iter_mut() {
+            *v += 0.05 * rng.gen_range(-1.0f32..1.0);
+        }
+    }
+    let path = dir.join("acts.npy");
+    saekit_sae::source::write_npy_f32(&path, &x, ROWS, D_IN).expect("writing acts.npy");
+    (path, x)
+}
+
+/// Run `saekit train` (under `mpirun -np ranks` when ranks > 0), insist it succeeds, return its stderr.
+fn train(ranks: usize, args: &[&str], dump: Option<&Path>) -> String {
+    let bin = env!("CARGO_BIN_EXE_saekit");
+    let mut cmd = Command::new("timeout");
+    cmd.arg("120");
+    if ranks > 0 {
+        cmd.args(["mpirun", "--oversubscribe", "-np", &ranks.to_string()]);
+    }
+    cmd.arg(bin).args(["train", "--quiet", "--threads", "1"]).args(args);
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    if let Some(d) = dump {
+        cmd.env("SAEKIT_DEBUG_DUMP_STEP", d);
+    }
+    let out = cmd.output().expect("running saekit train (is mpirun installed?)");
+    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// One step's dump, assembled over the ranks into the one-process shapes.
+struct Step {
+    active: Vec<Vec<u32>>,
+    grads: Vec<(String, Vec<f64>)>,
+}
+
+fn read_step(dir: &Path, d_sae: usize) -> Step {
+    let mut active = vec![Vec::new(); 256];
+    let names = ["w_enc", "w_dec", "b_enc", "b_dec", "threshold"];
+    let mut grads: Vec<(String, Vec<f64>)> = names.iter().map(|n| (n.to_string(), Vec::new())).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for f in files {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        let range = |k: &str| (v[k][0].as_u64().unwrap() as usize, v[k][1].as_u64().unwrap() as usize);
+        let ((l0, l1), (r0, _)) = (range("latents"), range("rows"));
+        for (i, row) in v["active"].as_array().unwrap().iter().enumerate() {
+            active[r0 + i].extend(row.as_array().unwrap().iter().map(|j| j.as_u64().unwrap() as u32));
+        }
+        for (name, whole) in grads.iter_mut() {
+            let part: Vec<f64> = v[name.as_str()].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            // latent-major tensors are put in place; b_dec (replicated) is taken once
+            let per_latent = part.len() / (l1 - l0).max(1);
+            if name == "b_dec" || part.is_empty() {
+                if whole.is_empty() {
+                    *whole = part;
+                }
+                continue;
+            }
+            whole.resize(d_sae * per_latent, f64::NAN);
+            whole[l0 * per_latent..l1 * per_latent].copy_from_slice(&part);
+        }
+    }
+    for row in active.iter_mut() {
+        row.sort_unstable();
+        row.dedup();
+    }
+    Step { active, grads }
+}
+
+fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    diff / norm.max(1e-30)
+}
+
+/// The architectures that run across processes, with flags that engage their extra terms
+/// (AuxK on dead latents from the first step, Multi-TopK, BatchTopK's batch-wide threshold with
+/// rows recomputed in full when a shard holds fewer latents than 4k candidates, JumpReLU's
+/// pre-activation loss).
+const ARCHS: [(&str, &[&str]); 5] = [
+    ("topk-auxk", &["--arch", "topk", "--k", "4", "--dead-tokens", "0"]),
+    ("topk-multi", &["--arch", "topk", "--k", "4", "--multi-topk"]),
+    ("batchtopk", &["--arch", "batchtopk", "--k", "4"]),
+    ("relu", &["--arch", "relu"]),
+    ("jumprelu", &["--arch", "jumprelu", "--dead-tokens", "0"]),
+];
+
+/// (label, ranks, extra flags): 2 shards; 2 replicas of 1 shard; 2 shards x 2 replicas.
+const LAYOUTS: [(&str, usize, &[&str]); 3] =
+    [("2 shards", 2, &[]), ("2 replicas", 2, &["--shards", "1"]), ("2x2", 4, &["--shards", "2"])];
+
+#[test]
+fn one_step_on_any_layout_equals_the_one_process_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, _) = write_data(tmp.path());
+    let acts = acts.display().to_string();
+    for (arch, flags) in ARCHS {
+        let base = [&["--acts", &acts, "--d-sae", "64", "--tokens", "256", "--batch-size", "256"][..], flags].concat();
+        let run = |label: &str, ranks: usize, extra: &[&str]| {
+            let (out, dump) =
+                (tmp.path().join(format!("{arch}-{label}")), tmp.path().join(format!("{arch}-{label}-dump")));
+            let out_s = out.display().to_string();
+            train(ranks, &[&base[..], extra, &["--out", &out_s]].concat(), Some(&dump));
+            read_step(&dump, 64)
+        };
+        let one = run("one", 0, &[]);
+        assert!(one.active.iter().any(|r| !r.is_empty()), "{arch}: no latent fired in the one-process step");
+        for (label, ranks, extra) in LAYOUTS {
+            let many = run(label, ranks, extra);
+            assert_eq!(many.active, one.active, "{arch} on {label}: other active latents than one process");
+            for ((name, got), (_, want)) in many.grads.iter().zip(&one.grads) {
+                let err = relative_error(got, want);
+                assert!(err <= 1e-6, "{arch} on {label}: gradient of {name} off by {err:e} (relative)");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_short_sharded_run_reaches_the_one_process_fvu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, x) = write_data(tmp.path());
+    let acts = acts.display().to_string();
+    for (arch, flags) in [ARCHS[0], ARCHS[2], ARCHS[3]] {
+        let base =
+            [&["--acts", &acts, "--d-sae", "64", "--tokens", "32768", "--batch-size", "256"][..], flags].concat();
+        let fvu = |label: &str, ranks: usize, extra: &[&str]| {
+            let out = tmp.path().join(format!("{arch}-{label}"));
+            train(ranks, &[&base[..], extra, &["--out", &out.display().to_string()]].concat(), None);
+            let sae = saekit_sae::load_sae(&out).expect("loading the gathered SAE");
+            assert_eq!(sae.d_sae, 64, "{arch} on {label}: the output folder holds {} latents", sae.d_sae);
+            saekit_sae::evaluate(&sae, &x).fvu
+        };
+        let one = fvu("one", 0, &[]);
+        for (label, ranks, extra) in [LAYOUTS[0], LAYOUTS[2]] {
+            let many = fvu(label, ranks, extra);
+            assert!((many - one).abs() <= 0.01 * one, "{arch} on {label}: FVU {many} vs {one} in one process");
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_resumes_on_another_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, x) = write_data(tmp.path());
+    let acts = acts.display().to_string();
+    let flags = topk_run(&acts, "16384", "32");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let eval = |out: &Path| saekit_sae::evaluate(&saekit_sae::load_sae(out).expect("loading the SAE"), &x).fvu;
+    // (first layout, the layout that resumes its step-32 checkpoint): sharded -> one process, and back
+    for (first, then) in [(2usize, 0usize), (0, 2)] {
+        let straight = tmp.path().join(format!("straight-{first}"));
+        train(first, &[&flags[..], &["--out", &straight.display().to_string()]].concat(), None);
+        let files = saekit_files_in(&straight.join("checkpoints/step_000000032"));
+        let want: &[&str] = if first == 2 {
+            // one slice per shard, state.json listing them
+            &["state.json", "state.latents-000000000.safetensors", "state.latents-000000032.safetensors"]
+        } else {
+            &["state.json", "state.safetensors"]
+        };
+        assert_eq!(files, want, "ranks {first}: the checkpoint's files");
+        let resumed = tmp.path().join(format!("resumed-{first}-{then}"));
+        let copied = Command::new("cp").arg("-r").arg(&straight).arg(&resumed).status().unwrap();
+        assert!(copied.success());
+        std::fs::remove_file(resumed.join("sae_weights.safetensors")).unwrap();
+        let log = train(then, &["--resume", &resumed.display().to_string()], None);
+        assert!(log.contains("(step 32)"), "ranks {first} -> {then}: did not resume at step 32:\n{log}");
+        let (a, b) = (eval(&straight), eval(&resumed));
+        assert!((a - b).abs() <= 0.01 * a, "ranks {first} -> {then}: resumed FVU {b} vs {a} straight");
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, _) = write_data(tmp.path());
+    let acts = acts.display().to_string();
+    let flags = topk_run(&acts, "1048576", "256");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    train(2, &[&flags[..], &["--out", &straight.display().to_string()]].concat(), None);
+
+    let bin = env!("CARGO_BIN_EXE_saekit");
+    let mut job = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "2", bin, "train", "--quiet", "--threads", "1"])
+        .args(&flags)
+        .args(["--out", &killed.display().to_string()])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mpirun");
+    let waited = |what: &str, done: &mut dyn FnMut() -> bool| {
+        let t0 = std::time::Instant::now();
+        while !done() {
+            assert!(t0.elapsed().as_secs() < 60, "no {what} within 60 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    waited("checkpoint", &mut || std::fs::read_dir(killed.join("checkpoints")).is_ok_and(|mut d| d.next().is_some()));
+    let ranks = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
+    let rank = String::from_utf8_lossy(&ranks.stdout).lines().last().expect("a rank of the job").to_string();
+    assert!(Command::new("kill").args(["-9", &rank]).status().unwrap().success());
+    let mut status = None;
+    waited("end of the job after SIGKILL (a hang)", &mut || {
+        status = job.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(!status.unwrap().success(), "the job succeeded although a rank was killed");
+    assert!(log.contains("signal 9"), "mpirun did not say why the job ended:\n{log}");
+    assert!(!killed.join("sae_weights.safetensors").exists(), "the rank was killed after the run ended");
+
+    train(2, &["--resume", &killed.display().to_string()], None);
+    let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+    assert!(weights(&killed) == weights(&straight), "the resumed run ended elsewhere than the unkilled one");
+}
+
+fn saekit_files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// The flags of a TopK run (64 latents, k 4, batches of 256) of `tokens` on `acts`, with a
+/// checkpoint every `every` steps.
+fn topk_run(acts: &str, tokens: &str, every: &str) -> Vec<String> {
+    let flags =
+        ["--acts", acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", tokens, "--batch-size", "256"];
+    flags.iter().chain(&["--checkpoint-every", every]).map(|f| f.to_string()).collect()
+}

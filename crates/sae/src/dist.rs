@@ -1,0 +1,200 @@
+//! MPI (cargo feature `mpi`): the [`Collective`] of a run started by `mpirun -np N saekit train`,
+//! over rsmpi and the system's MPI library.
+//!
+//! The N ranks form a grid of `replicas × shards` (rank = replica · shards + shard): the ranks of one
+//! replica split the latents into contiguous slices (model parallel) and see the same rows; the
+//! replicas split each batch's rows (data parallel). Two sub-communicators carry the two kinds of
+//! reduction. MPI's default error handler stays in place (errors are fatal to the whole job), and a
+//! rank that fails outside MPI must call [`MpiCollective::abort`] so that no other rank waits forever.
+
+use crate::step::Collective;
+use crate::SaeError;
+use mpi::collective::SystemOperation;
+use mpi::datatype::PartitionMut;
+use mpi::environment::Universe;
+use mpi::topology::{Color, SimpleCommunicator};
+use mpi::traits::*;
+use mpi::Threading;
+use std::ops::Range;
+
+/// The ranks of one `mpirun`, as a grid of replicas × shards.
+pub struct MpiCollective {
+    world: SimpleCommunicator,
+    /// The ranks of this replica (one per shard): partial reconstructions, candidate gathers.
+    shard_group: SimpleCommunicator,
+    /// The ranks holding this shard (one per replica): gradients, loss sums, firing counts.
+    replica_group: SimpleCommunicator,
+    rank: usize,
+    shards: usize,
+    replicas: usize,
+    shard: usize,
+    replica: usize,
+    /// Declared last: dropped (MPI_Finalize) after the communicators are freed.
+    _universe: Universe,
+}
+
+// SAFETY: MPI is initialised with `Threading::Serialized`, and the trainer makes every call from
+// the one thread that runs the step, between its parallel kernels (never inside them), so no two
+// MPI calls are ever concurrent.
+unsafe impl Send for MpiCollective {}
+unsafe impl Sync for MpiCollective {}
+
+impl std::fmt::Debug for MpiCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MpiCollective(rank {}: shard {}/{}, replica {}/{})",
+            self.rank, self.shard, self.shards, self.replica, self.replicas
+        )
+    }
+}
+
+/// Whether an MPI launcher (Open MPI's mpirun, or a PMI/PMIx one) started this process.
+pub fn launched_by_mpirun() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+impl MpiCollective {
+    /// Join the job this process was launched in, with `shards` ranks per replica (default: all
+    /// ranks shard the latents). `None` when no MPI launcher started it or it is the only rank:
+    /// then the run is the one-process run, unchanged.
+    pub fn from_launcher(shards: Option<usize>) -> Result<Option<MpiCollective>, SaeError> {
+        if !launched_by_mpirun() {
+            return Ok(None);
+        }
+        let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)
+            .ok_or_else(|| SaeError::BadInput("MPI was already initialised in this process".into()))?;
+        if matches!(threading, Threading::Single | Threading::Funneled) {
+            return Err(SaeError::BadInput(format!(
+                "the MPI library offers only {threading:?} threading; saekit needs Serialized"
+            )));
+        }
+        let world = universe.world();
+        let (size, rank) = (world.size() as usize, world.rank() as usize);
+        if size == 1 {
+            return Ok(None);
+        }
+        let shards = shards.unwrap_or(size);
+        if shards == 0 || size % shards != 0 {
+            return Err(SaeError::config("shards", format!("--shards {shards} must divide the {size} ranks")));
+        }
+        let (replica, shard) = (rank / shards, rank % shards);
+        let split = |color: usize, key: usize| {
+            world
+                .split_by_color_with_key(Color::with_value(color as i32), key as i32)
+                .ok_or_else(|| SaeError::BadInput(format!("MPI: rank {rank} was left out of its sub-communicator")))
+        };
+        let shard_group = split(replica, shard)?;
+        let replica_group = split(shard, replica)?;
+        tracing::info!(
+            "MPI rank {rank} of {size}: latent shard {shard} of {shards}, data replica {replica} of {}",
+            size / shards
+        );
+        Ok(Some(MpiCollective {
+            world,
+            shard_group,
+            replica_group,
+            rank,
+            shards,
+            replicas: size / shards,
+            shard,
+            replica,
+            _universe: universe,
+        }))
+    }
+}
+
+/// End the whole MPI job with `code` (after a failure on this rank, so that no other rank waits
+/// forever in a collective). Call only while MPI is initialised.
+pub fn abort_job(code: i32) -> ! {
+    SimpleCommunicator::world().abort(code)
+}
+
+/// `values[i] ← Σ over the group`, unless the group is this process alone.
+fn all_sum<T: Equivalence + Copy>(group: &SimpleCommunicator, values: &mut [T]) {
+    if group.size() == 1 || values.is_empty() {
+        return;
+    }
+    let send = values.to_vec();
+    group.all_reduce_into(&send[..], values, SystemOperation::sum());
+}
+
+/// Every rank's bytes of the group, concatenated in rank order (each may send a different count).
+fn all_gather(group: &SimpleCommunicator, local: &[u8]) -> Vec<u8> {
+    if group.size() == 1 {
+        return local.to_vec();
+    }
+    // MPI counts are i32: a part over 2 GiB would be cut silently
+    let len = i32::try_from(local.len()).unwrap_or_else(|_| {
+        eprintln!("error: MPI gather of {} bytes from one rank (over 2 GiB); use more shards", local.len());
+        abort_job(1)
+    });
+    let mut counts = vec![0i32; group.size() as usize];
+    group.all_gather_into(&len, &mut counts[..]);
+    let displs: Vec<i32> = counts.iter().scan(0, |acc, &c| Some(std::mem::replace(acc, *acc + c))).collect();
+    let total: usize = counts.iter().map(|&c| c as usize).sum();
+    if total == 0 {
+        return Vec::new(); // MPI refuses a zero-length receive buffer
+    }
+    let mut all = vec![0u8; total];
+    let mut partition = PartitionMut::new(&mut all[..], counts, &displs[..]);
+    group.all_gather_varcount_into(local, &mut partition);
+    all
+}
+
+/// The `i`-th of `parts` near-equal contiguous pieces of `0..n`.
+fn piece(n: usize, parts: usize, i: usize) -> Range<usize> {
+    i * n / parts..(i + 1) * n / parts
+}
+
+impl Collective for MpiCollective {
+    fn sum_f64(&self, values: &mut [f64]) {
+        all_sum(&self.replica_group, values);
+    }
+    fn sum_f32(&self, values: &mut [f32]) {
+        all_sum(&self.replica_group, values);
+    }
+    fn sum_u32(&self, values: &mut [u32]) {
+        all_sum(&self.replica_group, values);
+    }
+    fn total_rows(&self, local_rows: usize) -> usize {
+        let mut rows = [local_rows as u64];
+        all_sum(&self.replica_group, &mut rows);
+        rows[0] as usize
+    }
+    fn replicas(&self) -> usize {
+        self.replicas
+    }
+    fn replica(&self) -> usize {
+        self.replica
+    }
+    fn replica_rows(&self, rows: usize) -> Range<usize> {
+        piece(rows, self.replicas, self.replica)
+    }
+    fn shards(&self) -> usize {
+        self.shards
+    }
+    fn latent_slice(&self, d_sae: usize) -> Range<usize> {
+        piece(d_sae, self.shards, self.shard)
+    }
+    fn shard_sum_f32(&self, values: &mut [f32]) {
+        all_sum(&self.shard_group, values);
+    }
+    fn shard_sum_f64(&self, values: &mut [f64]) {
+        all_sum(&self.shard_group, values);
+    }
+    fn shard_gather(&self, local: &[u8]) -> Vec<u8> {
+        all_gather(&self.shard_group, local)
+    }
+    fn gather_all(&self, local: &[u8]) -> Vec<u8> {
+        all_gather(&self.world, local)
+    }
+    fn any(&self, flag: bool) -> bool {
+        let mut v = [flag as u32];
+        all_sum(&self.world, &mut v);
+        v[0] > 0
+    }
+    fn rank(&self) -> usize {
+        self.rank
+    }
+}

@@ -1,0 +1,143 @@
+//! The trainer's side of the 2-D layout (see [`Collective`]): cutting a run's state down to this
+//! process's latents, gathering it back whole for the files that rank 0 writes (checkpoints and
+//! the SAELens folder keep the one-process format, so a run moves between layouts), and the debug
+//! dump of one step that the MPI tests compare across layouts.
+
+use crate::checkpoint::TrainState;
+use crate::config::Arch;
+use crate::plan::TrainPlan;
+use crate::step::{Collective, Workspace};
+use crate::SaeError;
+use anyhow::Context;
+use std::ops::Range;
+use std::path::Path;
+
+/// Refuse a layout the step cannot run: a TopK shard must hold at least the candidates one row keeps.
+pub(crate) fn check(plan: &TrainPlan, comm: &dyn Collective) -> Result<(), SaeError> {
+    let c = &plan.config;
+    if comm.shards() * comm.replicas() == 1 {
+        return Ok(());
+    }
+    // TopK keeps k (Multi-TopK 4k) candidates per row; BatchTopK, ReLU and JumpReLU need one latent
+    let kept = if c.arch == Arch::TopK { 4 * plan.loss_at(0).k } else { 1 };
+    let smallest = c.d_sae / comm.shards();
+    if smallest < kept {
+        return Err(SaeError::config(
+            "d_sae",
+            format!("{} latents over {} shards leaves {smallest} per shard, fewer than the {kept} candidates a row keeps; use fewer --shards", c.d_sae, comm.shards()),
+        ));
+    }
+    if c.batch_size < comm.replicas() {
+        return Err(SaeError::config(
+            "batch_size",
+            format!("{} rows cannot be split over {} replicas", c.batch_size, comm.replicas()),
+        ));
+    }
+    Ok(())
+}
+
+/// Keep only the latents `r` of a whole state: their weights, Adam moments and firing counters
+/// (b_dec, the input scale and the progress stay whole: every shard holds them).
+pub(crate) fn slice_state(st: &mut TrainState, r: Range<usize>) {
+    let d = st.sae.d_in;
+    for params in [&mut st.sae.params, &mut st.opt.m, &mut st.opt.v] {
+        slice_rows(&mut params.w_enc, d, &r);
+        slice_rows(&mut params.w_dec, d, &r);
+        slice_rows(&mut params.b_enc, 1, &r);
+        if !params.threshold.is_empty() {
+            slice_rows(&mut params.threshold, 1, &r);
+        }
+    }
+    for counter in [&mut st.since_fired, &mut st.fire_count, &mut st.window_fire] {
+        slice_rows(counter, 1, &r);
+    }
+    st.sae.d_sae = r.len();
+}
+
+fn slice_rows<T: Copy>(v: &mut Vec<T>, width: usize, r: &Range<usize>) {
+    v.truncate(r.end * width);
+    v.drain(..r.start * width);
+}
+
+/// The whole state, every shard's latents put back in order (every process gets it; rank 0
+/// writes it). With one shard, a copy.
+pub(crate) fn gather_state(st: &TrainState, comm: &dyn Collective) -> TrainState {
+    let mut all = st.clone();
+    if comm.shards() == 1 {
+        return all;
+    }
+    for (whole, part) in
+        [(&mut all.sae.params, &st.sae.params), (&mut all.opt.m, &st.opt.m), (&mut all.opt.v, &st.opt.v)]
+    {
+        whole.w_enc = gather_f32(&part.w_enc, comm);
+        whole.w_dec = gather_f32(&part.w_dec, comm);
+        whole.b_enc = gather_f32(&part.b_enc, comm);
+        whole.threshold = gather_f32(&part.threshold, comm);
+    }
+    all.since_fired = gather_u64(&st.since_fired, comm);
+    all.fire_count = gather_u64(&st.fire_count, comm);
+    all.window_fire = gather_u64(&st.window_fire, comm);
+    all.sae.d_sae = all.sae.params.b_enc.len();
+    all
+}
+
+/// The whole state from its slices in latent order (a sharded checkpoint's files).
+pub(crate) fn join_states(parts: Vec<TrainState>) -> Option<TrainState> {
+    let mut parts = parts.into_iter();
+    let mut all = parts.next()?;
+    for part in parts {
+        for (whole, p) in
+            [(&mut all.sae.params, part.sae.params), (&mut all.opt.m, part.opt.m), (&mut all.opt.v, part.opt.v)]
+        {
+            whole.w_enc.extend(p.w_enc);
+            whole.w_dec.extend(p.w_dec);
+            whole.b_enc.extend(p.b_enc);
+            whole.threshold.extend(p.threshold);
+        }
+        all.since_fired.extend(part.since_fired);
+        all.fire_count.extend(part.fire_count);
+        all.window_fire.extend(part.window_fire);
+    }
+    all.sae.d_sae = all.sae.params.b_enc.len();
+    Some(all)
+}
+
+fn gather_f32(v: &[f32], comm: &dyn Collective) -> Vec<f32> {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    comm.shard_gather(&bytes).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn gather_u64(v: &[u64], comm: &dyn Collective) -> Vec<u64> {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    comm.shard_gather(&bytes).chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+}
+
+/// `SAEKIT_DEBUG_DUMP_STEP=DIR` (tests only): after the first step's forward and backward, each
+/// process writes `DIR/rank-R.json`: its latent slice and rows, the active latents of each of its
+/// rows (global ids, ascending), and its gradients (dense over its latents, before clipping).
+pub(crate) fn dump_step(
+    dir: &Path,
+    ws: &Workspace,
+    st: &TrainState,
+    arch: Arch,
+    latents: Range<usize>,
+    rows: Range<usize>,
+    comm: &dyn Collective,
+) -> Result<(), SaeError> {
+    let (d, ds) = (st.sae.d_in, st.sae.d_sae);
+    let grads = ws.grads.dense(d, ds);
+    let active: Vec<Vec<u32>> = ws
+        .active_latents(arch, rows.len(), ds)
+        .into_iter()
+        .map(|row| row.into_iter().map(|j| j + latents.start as u32).collect())
+        .collect();
+    let json = serde_json::json!({
+        "latents": [latents.start, latents.end], "rows": [rows.start, rows.end], "active": active,
+        "w_enc": grads.w_enc, "b_enc": grads.b_enc, "w_dec": grads.w_dec, "b_dec": grads.b_dec,
+        "threshold": grads.threshold,
+    });
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("rank-{}.json", comm.rank()));
+    std::fs::write(&path, json.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
