@@ -8,6 +8,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+
+use crate::error::{bad_input, StoreResult};
 use serde::{Deserialize, Serialize};
 
 /// One document of a corpus.
@@ -140,18 +142,18 @@ pub const MAX_DOC_BYTES: usize = 64 << 20;
 /// All input files under `inputs`, folders walked recursively in sorted order (hidden entries skipped).
 /// Symbolic links are followed, but a folder reached twice (a link loop, or a second link to it)
 /// is an error: walking it again would never end, or count its documents twice.
-pub fn list_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub fn list_inputs(inputs: &[PathBuf]) -> StoreResult<Vec<PathBuf>> {
     type Seen = std::collections::HashMap<(u64, u64), PathBuf>;
     fn walk(p: &Path, out: &mut Vec<PathBuf>, seen: &mut Seen) -> Result<()> {
         let meta = std::fs::metadata(p).with_context(|| format!("input {} does not exist", p.display()))?;
         if meta.is_dir() {
             use std::os::unix::fs::MetadataExt;
             if let Some(first) = seen.insert((meta.dev(), meta.ino()), p.to_path_buf()) {
-                bail!(
+                return Err(bad_input!(
                     "{}: this folder was already read as {} (a symbolic link loop or a second link to it)",
                     p.display(),
                     first.display()
-                );
+                ));
             }
             let mut ents: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("cannot list {}", p.display()))?
@@ -186,13 +188,11 @@ pub fn read_corpus(
     inputs: &[PathBuf],
     opts: &CorpusOptions,
     mut sink: impl FnMut(Document) -> Result<()>,
-) -> Result<ReadStats> {
+) -> StoreResult<ReadStats> {
     let files = list_inputs(inputs)?;
     if files.is_empty() {
-        bail!(
-            "no input files found under {}",
-            inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
+        let listed = inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        return Err(bad_input!("no input files found under {listed}").into());
     }
     let mut st = ReadStats::default();
     for f in files {
@@ -207,14 +207,15 @@ pub fn read_corpus(
             Format::Parquet => read_parquet(&f, opts, &mut st, &mut sink),
         };
         if let Err(e) = r {
-            if let Some(SinkError(inner)) = e.downcast_ref::<SinkError>() {
-                if inner.downcast_ref::<StopReading>().is_some() {
-                    return Ok(st);
+            match e.downcast::<SinkError>() {
+                // the sink's own error, kind and all: it is the caller's, not a bad file
+                Ok(SinkError(inner)) if inner.is::<StopReading>() => return Ok(st),
+                Ok(SinkError(inner)) => return Err(inner.into()),
+                Err(e) => {
+                    tracing::warn!("{}: {e:#}", f.display());
+                    st.bad("unreadable file", format!("{} ({e:#})", f.display()));
                 }
-                return Err(e);
             }
-            tracing::warn!("{}: {e:#}", f.display());
-            st.bad("unreadable file", format!("{} ({e:#})", f.display()));
         }
     }
     Ok(st)

@@ -10,13 +10,14 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use saekit_model::{HookPoint, Model};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{bad_input, ensure_input, StoreResult};
 use crate::harvest::{check_store_hook, check_tokenizer, sink_tokens, tokenizer_fingerprint};
 use crate::tokens::{TokenDataset, TokenSplit};
 
@@ -92,19 +93,20 @@ pub struct LiveActivations<'m> {
 }
 
 impl<'m> LiveActivations<'m> {
-    pub fn new(model: &'m Model, data: &TokenDataset, opts: LiveOptions) -> Result<LiveActivations<'m>> {
+    pub fn new(model: &'m Model, data: &TokenDataset, opts: LiveOptions) -> StoreResult<LiveActivations<'m>> {
         let cfg = model.config();
         check_store_hook(model, opts.hook)?;
-        ensure!(opts.batch > 0, "the forward batch must be at least one context");
+        ensure_input!(opts.batch > 0, "the forward batch must be at least one context");
         let split = data.split(&opts.split)?;
-        ensure!(split.n_contexts() > 0, "split {:?} of {} has no contexts", opts.split, data.dir().display());
+        ensure_input!(split.n_contexts() > 0, "split {:?} of {} has no contexts", opts.split, data.dir().display());
         let vocab = cfg.vocab_size as u32;
         // A dataset tokenized for another model would run silently on wrong embeddings.
         if let Some(bad) = split.context(0).iter().find(|&&t| t >= vocab) {
-            anyhow::bail!(
+            return Err(bad_input!(
                 "{}: token id {bad} is outside the model's vocabulary ({vocab}); was it tokenized for another model?",
                 data.dir().display()
-            );
+            )
+            .into());
         }
         check_tokenizer(model, &cfg.name, data)?;
         let ctx = split.context_len();
@@ -189,9 +191,9 @@ impl<'m> LiveActivations<'m> {
         }
     }
 
-    pub fn seek(&mut self, c: &LiveCursor) -> Result<()> {
+    pub fn seek(&mut self, c: &LiveCursor) -> StoreResult<()> {
         let mine = self.cursor();
-        ensure!(
+        ensure_input!(
             c.seed == mine.seed
                 && c.hook == mine.hook
                 && c.split == mine.split
@@ -201,19 +203,19 @@ impl<'m> LiveActivations<'m> {
             c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
             mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
         );
-        ensure!(c.block < self.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
+        ensure_input!(c.block < self.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
         self.epoch = c.epoch;
         self.block = c.block;
         self.served = c.served;
         let rows = self.current_block()?.len() as u64 / self.d_model as u64;
-        ensure!(c.served <= rows, "live cursor: {} rows served of a block of {rows}", c.served);
+        ensure_input!(c.served <= rows, "live cursor: {} rows served of a block of {rows}", c.served);
         Ok(())
     }
 
     /// Fill `out` (whole rows of `d_model`) with the next rows.
-    pub fn next_rows(&mut self, out: &mut [f32]) -> Result<()> {
+    pub fn next_rows(&mut self, out: &mut [f32]) -> StoreResult<()> {
         let d = self.d_model;
-        ensure!(out.len().is_multiple_of(d), "output length {} is not a multiple of d_model {d}", out.len());
+        ensure_input!(out.len().is_multiple_of(d), "output length {} is not a multiple of d_model {d}", out.len());
         let want = out.len() / d;
         let mut done = 0;
         while done < want {
@@ -247,7 +249,7 @@ impl<'m> LiveActivations<'m> {
             return Ok(&self.cache[i].rows);
         }
         let rows = self.compute_block(epoch, block)?;
-        ensure!(
+        ensure_input!(
             !rows.is_empty(),
             "block {block} of epoch {epoch} has no rows left after skipping position 0 and end-of-text tokens"
         );

@@ -5,13 +5,14 @@
 //! copied into a buffer (the shards are memory-mapped), so the state is two integers, `(epoch, offset)`,
 //! and a cursor resumes exactly: the window containing `offset` is rebuilt from the seed.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Context;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{ensure_input, StoreResult};
 use crate::store::{marks, row_bytes, ActivationStore};
 
 /// How to read a store.
@@ -87,12 +88,16 @@ pub struct ActivationReader {
 }
 
 impl ActivationReader {
-    pub fn new(store: &ActivationStore, opts: ReaderOptions, cursor: Option<ReaderCursor>) -> Result<ActivationReader> {
+    pub fn new(
+        store: &ActivationStore,
+        opts: ReaderOptions,
+        cursor: Option<ReaderCursor>,
+    ) -> StoreResult<ActivationReader> {
         let m = store.manifest();
         let hook_index =
             m.hook_index(&opts.hook).with_context(|| format!("{}", store.dir().join("manifest.json").display()))?;
         let hook = m.config.hooks[hook_index].clone();
-        ensure!(opts.batch_tokens > 0, "batch_tokens must be > 0");
+        ensure_input!(opts.batch_tokens > 0, "batch_tokens must be > 0");
         let skip = if opts.skip_marked { opts.skip_mask } else { 0 };
         let kept: Vec<Vec<u32>> = (0..store.n_shards())
             .into_par_iter()
@@ -102,7 +107,7 @@ impl ActivationReader {
             })
             .collect();
         let rows_per_epoch: u64 = kept.iter().map(|k| k.len() as u64).sum();
-        ensure!(rows_per_epoch > 0, "the store in {} has no rows to read for hook {hook}", store.dir().display());
+        ensure_input!(rows_per_epoch > 0, "the store in {} has no rows to read for hook {hook}", store.dir().display());
         let mut r = ActivationReader {
             store: store.clone(),
             d_model: m.config.d_model,
@@ -120,7 +125,7 @@ impl ActivationReader {
         };
         if let Some(c) = cursor {
             let mine = r.cursor();
-            ensure!(
+            ensure_input!(
                 c.seed == mine.seed
                     && c.hook == mine.hook
                     && c.rows_per_epoch == mine.rows_per_epoch
@@ -128,7 +133,7 @@ impl ActivationReader {
                     && c.shuffle == mine.shuffle,
                 "the reader cursor was recorded for another store or other reader options (cursor: {c:?}; now: {mine:?})"
             );
-            ensure!(
+            ensure_input!(
                 c.offset <= r.rows_per_epoch,
                 "cursor offset {} is past the epoch ({} rows)",
                 c.offset,
@@ -242,10 +247,10 @@ impl ActivationReader {
     }
 
     /// Fill `out` (`batch_tokens × d_model`) with the next rows, wrapping into the next epoch as needed.
-    pub fn next_batch(&mut self, out: &mut [f32]) -> Result<()> {
+    pub fn next_batch(&mut self, out: &mut [f32]) -> StoreResult<()> {
         let d = self.d_model;
         let b = self.opts.batch_tokens;
-        ensure!(
+        ensure_input!(
             out.len() == b * d,
             "next_batch: output has {} values, expected batch_tokens {} x d_model {}",
             out.len(),

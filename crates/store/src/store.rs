@@ -18,11 +18,12 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{bad_input, corrupt, ensure_input, ensure_intact, Kind, StoreResult};
 use saekit_files::{read_json, sync_dir, write_atomic_with, write_json_atomic};
 
 pub const MANIFEST: &str = "manifest.json";
@@ -116,13 +117,13 @@ impl Dtype {
 }
 
 impl std::str::FromStr for Dtype {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
+    type Err = crate::StoreError;
+    fn from_str(s: &str) -> StoreResult<Self> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(Dtype::F32),
             "f16" | "float16" => Ok(Dtype::F16),
             "bf16" | "bfloat16" => Ok(Dtype::Bf16),
-            _ => bail!("unknown dtype {s:?} (expected f32, f16 or bf16)"),
+            _ => Err(bad_input!("unknown dtype {s:?} (expected f32, f16 or bf16)").into()),
         }
     }
 }
@@ -422,20 +423,18 @@ impl StoreManifest {
         self.stats.get(hook)
     }
     /// Index of `hook` in `hooks`; an empty name picks the only hook.
-    pub fn hook_index(&self, hook: &str) -> Result<usize> {
+    pub fn hook_index(&self, hook: &str) -> StoreResult<usize> {
         if hook.is_empty() {
-            ensure!(
+            ensure_input!(
                 self.config.hooks.len() == 1,
                 "the store holds several hooks ({}); name one",
                 self.config.hooks.join(", ")
             );
             return Ok(0);
         }
-        self.config
-            .hooks
-            .iter()
-            .position(|h| h == hook)
-            .with_context(|| format!("hook {hook:?} is not in the store (it has {})", self.config.hooks.join(", ")))
+        let position = self.config.hooks.iter().position(|h| h == hook);
+        let missing = || bad_input!("hook {hook:?} is not in the store (it has {})", self.config.hooks.join(", "));
+        Ok(position.ok_or_else(missing)?)
     }
 }
 
@@ -493,35 +492,41 @@ impl ActivationWriter {
     /// Create a new store in `dir` (which must be empty or missing), or resume the one there if its
     /// manifest matches `config` and every listed shard has its recorded size and CRC32. Leftovers of
     /// an interrupted write (the next shard renamed just before a crash, `*.tmp`) are removed.
-    pub fn create_or_resume(dir: &Path, config: StoreConfig) -> Result<Self> {
-        ensure!(config.context > 0 && config.contexts_per_shard > 0, "context and contexts_per_shard must be > 0");
-        ensure!(!config.hooks.is_empty(), "no hook points given");
+    pub fn create_or_resume(dir: &Path, config: StoreConfig) -> StoreResult<Self> {
+        ensure_input!(
+            config.context > 0 && config.contexts_per_shard > 0,
+            "context and contexts_per_shard must be > 0"
+        );
+        ensure_input!(!config.hooks.is_empty(), "no hook points given");
         let mpath = dir.join(MANIFEST);
         if !mpath.exists() {
             // no manifest: nothing here is ours, and a store must not delete someone else's files
-            saekit_files::ensure_only_owned(dir, "activation store", saekit_files::is_temp_name)?;
+            saekit_files::ensure_only_owned(dir, "activation store", saekit_files::is_temp_name)
+                .map_err(|e| Kind::BadInput.mark(e))?;
         }
         fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
         let manifest = if mpath.exists() {
             let m: StoreManifest = read_json(&mpath)?;
-            ensure!(m.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
+            ensure_input!(m.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
             let (then, now) = (&m.config.source, &config.source);
             if then.fingerprint != now.fingerprint && then.tokens == now.tokens {
-                bail!(
+                return Err(bad_input!(
                     "{} was harvested from the token dataset at {}, which has changed since (fingerprint {} then, {} now); harvest into a new directory",
                     dir.display(),
                     now.tokens,
                     then.fingerprint,
                     now.fingerprint
-                );
+                )
+                .into());
             }
             if m.config != config {
-                bail!(
+                return Err(bad_input!(
                     "{} holds a store with a different configuration; use a new directory or the same options\n  existing: {}\n  requested: {}",
                     dir.display(),
                     serde_json::to_string(&m.config).unwrap_or_default(),
                     serde_json::to_string(&config).unwrap_or_default()
-                );
+                )
+                .into());
             }
             m
         } else {
@@ -588,18 +593,18 @@ impl ActivationWriter {
 
     /// Append whole contexts: `tokens` holds k·context ids, `acts[h]` the matching k·context·d_model values
     /// of hook h (in manifest hook order).
-    pub fn push(&mut self, tokens: &[u32], acts: &[&[f32]]) -> Result<()> {
+    pub fn push(&mut self, tokens: &[u32], acts: &[&[f32]]) -> StoreResult<()> {
         let ctx = self.manifest.config.context;
         let d = self.manifest.config.d_model;
         let dtype = self.manifest.config.dtype;
-        ensure!(
+        ensure_input!(
             tokens.len().is_multiple_of(ctx),
             "push: {} tokens is not a whole number of {ctx}-token contexts",
             tokens.len()
         );
-        ensure!(acts.len() == self.acts.len(), "push: {} hook arrays for {} hooks", acts.len(), self.acts.len());
+        ensure_input!(acts.len() == self.acts.len(), "push: {} hook arrays for {} hooks", acts.len(), self.acts.len());
         for a in acts {
-            ensure!(
+            ensure_input!(
                 a.len() == tokens.len() * d,
                 "push: activation array has {} values, expected {}",
                 a.len(),
@@ -615,10 +620,11 @@ impl ActivationWriter {
                 if dtype == Dtype::F16 {
                     // f16 saturates to infinity above 65504; attention sinks of larger models get there.
                     if let Some(v) = part.iter().find(|v| v.abs() > 65504.0) {
-                        bail!(
+                        return Err(bad_input!(
                             "activation {v} of hook {} does not fit f16 (max 65504); store as bf16 or f32",
                             self.manifest.config.hooks[h]
-                        );
+                        )
+                        .into());
                     }
                 }
                 dtype.encode(part, &mut self.acts[h]);
@@ -634,7 +640,7 @@ impl ActivationWriter {
 
     /// Write the buffered contexts as one shard and record it in the manifest. The buffer is kept when
     /// the write fails, so the caller may retry after freeing space.
-    pub fn flush(&mut self) -> Result<()> {
+    pub fn flush(&mut self) -> StoreResult<()> {
         if self.tokens.is_empty() {
             return Ok(());
         }
@@ -731,9 +737,8 @@ impl ActivationWriter {
         if let Err(e) = write_json_atomic(&self.dir.join(MANIFEST), &m) {
             // The shard is on disk but unlisted: remove it so the directory matches the old manifest.
             let _ = fs::remove_file(&path);
-            return Err(
-                e.context(format!("cannot update the manifest in {}; the store is unchanged", self.dir.display()))
-            );
+            let dir = self.dir.display();
+            return Err(e.context(format!("cannot update the manifest in {dir}; the store is unchanged")).into());
         }
         self.manifest = m;
         self.tokens.clear();
@@ -749,7 +754,7 @@ impl ActivationWriter {
     }
 
     /// Flush what is buffered and mark the store complete.
-    pub fn finish(mut self) -> Result<StoreManifest> {
+    pub fn finish(mut self) -> StoreResult<StoreManifest> {
         self.flush()?;
         self.manifest.complete = true;
         write_json_atomic(&self.dir.join(MANIFEST), &self.manifest)?;
@@ -797,7 +802,7 @@ fn verify_listed_shards(dir: &Path, manifest: &StoreManifest) -> Result<()> {
             }
         })
         .collect();
-    ensure!(
+    ensure_intact!(
         bad.is_empty(),
         "cannot resume the store in {}: {}; harvest into a new folder (or --overwrite)",
         dir.display(),
@@ -867,16 +872,17 @@ pub struct ActivationStore {
 
 impl ActivationStore {
     /// Open the store in `dir`, checking every shard's size and CRC32.
-    pub fn open(dir: &Path) -> Result<ActivationStore> {
+    pub fn open(dir: &Path) -> StoreResult<ActivationStore> {
         Self::open_with(dir, &OpenOptions::default())
     }
 
-    pub fn open_with(dir: &Path, opts: &OpenOptions) -> Result<ActivationStore> {
+    /// Open the store in `dir`, checking every shard's size and header, and its CRC32 if `opts` asks.
+    pub fn open_with(dir: &Path, opts: &OpenOptions) -> StoreResult<ActivationStore> {
         let mpath = dir.join(MANIFEST);
-        ensure!(mpath.exists(), "{} is not an activation store (no {MANIFEST})", dir.display());
+        ensure_input!(mpath.exists(), "{} is not an activation store (no {MANIFEST})", dir.display());
         let manifest: StoreManifest = read_json(&mpath)?;
-        ensure!(manifest.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
-        ensure!(
+        ensure_input!(manifest.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
+        ensure_input!(
             manifest.version == STORE_VERSION,
             "{}: unsupported store version {}",
             mpath.display(),
@@ -887,8 +893,8 @@ impl ActivationStore {
         for (s, layout) in manifest.shards.iter().zip(&layouts) {
             let p = dir.join(&s.file);
             let f = File::open(&p).with_context(|| format!("shard {} is missing or unreadable", p.display()))?;
-            let len = f.metadata()?.len();
-            ensure!(
+            let len = f.metadata().with_context(|| format!("cannot read {}", p.display()))?.len();
+            ensure_intact!(
                 len == s.bytes && len == layout.total as u64,
                 "shard {} is truncated or has the wrong size: {} bytes, expected {}",
                 p.display(),
@@ -897,7 +903,7 @@ impl ActivationStore {
             );
             // SAFETY: shards are immutable once listed; the store never rewrites a listed file.
             let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", p.display()))?;
-            ensure!(&map[..8] == SHARD_MAGIC, "shard {} has a bad header", p.display());
+            ensure_intact!(&map[..8] == SHARD_MAGIC, "shard {} has a bad header", p.display());
             #[cfg(unix)]
             let _ = map.advise(memmap2::Advice::WillNeed);
             maps.push(map);
@@ -913,7 +919,7 @@ impl ActivationStore {
                         .then(|| format!("{} (crc32 {crc:08x}, manifest {:08x})", dir.join(&s.file).display(), s.crc32))
                 })
                 .collect();
-            ensure!(bad.is_empty(), "corrupt shard(s): {}", bad.join("; "));
+            ensure_intact!(bad.is_empty(), "corrupt shard(s): {}", bad.join("; "));
         }
         Ok(ActivationStore { inner: Arc::new(StoreInner { dir: dir.to_path_buf(), manifest, maps, layouts }) })
     }
@@ -996,7 +1002,7 @@ fn is_store_file(name: &str) -> bool {
 /// that are plain names inside the store. Returns each shard's layout.
 fn check_manifest(m: &StoreManifest, mpath: &Path) -> Result<Vec<ShardLayout>> {
     let c = &m.config;
-    let bad = |what: String| anyhow::anyhow!("{}: inconsistent manifest: {what}", mpath.display());
+    let bad = |what: String| corrupt!("{}: inconsistent manifest: {what}", mpath.display());
     if c.d_model == 0 || c.hooks.is_empty() || c.context == 0 || c.contexts_per_shard == 0 {
         return Err(bad("d_model, hooks, context and contexts_per_shard must be non-empty".into()));
     }
@@ -1036,17 +1042,18 @@ fn check_manifest(m: &StoreManifest, mpath: &Path) -> Result<Vec<ShardLayout>> {
 
 /// Delete a store directory's files (manifest, shards, temporaries), for `--overwrite`; a folder that
 /// holds anything else is refused, untouched.
-pub fn remove_store(dir: &Path) -> Result<()> {
+pub fn remove_store(dir: &Path) -> StoreResult<()> {
     if !dir.exists() {
         return Ok(());
     }
-    saekit_files::ensure_only_owned(dir, "activation store (--overwrite)", is_store_file)?;
-    for ent in fs::read_dir(dir)? {
-        let ent = ent?;
+    saekit_files::ensure_only_owned(dir, "activation store (--overwrite)", is_store_file)
+        .map_err(|e| Kind::BadInput.mark(e))?;
+    for ent in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = ent.file_name().to_string_lossy().into_owned();
         if is_store_file(&name) {
             fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
         }
     }
-    sync_dir(dir)
+    Ok(sync_dir(dir)?)
 }
