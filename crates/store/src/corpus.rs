@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 /// One document of a corpus.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Document {
+    /// The document's text, whole.
     pub text: String,
     /// Where it came from: the JSONL `src`/`source` field, else `file:line`.
     pub source: String,
@@ -24,6 +25,7 @@ pub struct Document {
     pub lang: Option<String>,
 }
 
+/// How to read a corpus.
 #[derive(Clone, Debug)]
 pub struct CorpusOptions {
     /// JSONL / Parquet field holding the text.
@@ -41,13 +43,21 @@ impl Default for CorpusOptions {
 /// What a read produced and what it had to drop.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ReadStats {
+    /// Input files opened.
     pub files: u64,
+    /// Documents handed to the sink.
     pub docs: u64,
+    /// Bytes of text in those documents.
     pub bytes: u64,
+    /// Rows (or files) dropped because their text is not valid UTF-8.
     pub bad_utf8: u64,
+    /// JSONL lines dropped because they do not parse.
     pub bad_json: u64,
+    /// Rows dropped because they lack the text field.
     pub missing_field: u64,
+    /// Rows dropped because their text is empty or whitespace.
     pub empty: u64,
+    /// Files that could not be opened or decoded at all (counted, named in `examples`, skipped).
     pub unreadable_files: u64,
     /// Undecodable Parquet pages (the rest of that file is skipped).
     pub corrupt: u64,
@@ -56,6 +66,7 @@ pub struct ReadStats {
 }
 
 impl ReadStats {
+    /// Rows dropped for any reason (unreadable files not included).
     pub fn bad_rows(&self) -> u64 {
         self.bad_utf8 + self.bad_json + self.missing_field + self.empty + self.corrupt
     }

@@ -16,20 +16,26 @@ use crate::error::{ensure_input, Kind, StoreResult};
 use crate::store::{ActivationWriter, Dtype, ModelInfo, SourceInfo, StoreConfig, StoreManifest};
 use crate::tokens::{TokenDataset, TokenizeOptions};
 
+/// What to harvest and how: hook points, token budget, split, storage type.
 #[derive(Clone, Debug)]
 pub struct HarvestOptions {
+    /// Hook points whose activations are stored (each `d_model` wide).
     pub hooks: Vec<HookPoint>,
     /// Tokens to store (rounded up to whole contexts, capped by the split).
     pub tokens: u64,
+    /// The tokenized dataset's split to read (`train` or `validation`).
     pub split: String,
     /// First context of the split to use (e.g. to harvest a disjoint second store).
     pub first_context: u64,
     /// Contexts per forward pass.
     pub batch: usize,
+    /// How the activations are stored on disk.
     pub dtype: Dtype,
+    /// Contexts per shard file.
     pub contexts_per_shard: usize,
     /// Mark rows above this multiple of the shard's median norm (`marks::OUTLIER`).
     pub outlier_factor: Option<f32>,
+    /// Draw a progress bar with ETA on stderr.
     pub progress: bool,
     /// Set (by a SIGINT/SIGTERM handler) to stop after the forward pass in flight. Shards already
     /// listed stay; the contexts buffered for the next shard are recomputed on resume, so a resumed

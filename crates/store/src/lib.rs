@@ -48,6 +48,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod corpus;
 mod error;
 #[cfg(feature = "model")]

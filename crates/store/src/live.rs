@@ -21,15 +21,19 @@ use crate::error::{bad_input, ensure_input, StoreResult};
 use crate::harvest::{check_store_hook, check_tokenizer, sink_tokens, tokenizer_fingerprint};
 use crate::tokens::{TokenDataset, TokenSplit};
 
+/// What a live source reads: the hook, the split and how rows are batched and shuffled.
 #[derive(Clone, Debug)]
 pub struct LiveOptions {
+    /// The hook point whose rows are served.
     pub hook: HookPoint,
+    /// The tokenized dataset's split to read.
     pub split: String,
     /// Contexts per forward pass.
     pub batch: usize,
     /// Tokens per shuffle block (rounded up to whole contexts). Rows are mixed within a block, and
     /// a block's f32 rows are held in memory (65,536 tokens x 576 = 151 MB for SmolLM2).
     pub block_tokens: usize,
+    /// Seed of the context order and the in-block shuffle.
     pub seed: u64,
     /// Rows of recent blocks kept for seeks back (the trainer reads its first 65,536 rows to fix the
     /// input scale, then seeks back to the start): a seek within them costs no forward pass.
@@ -53,14 +57,21 @@ impl Default for LiveOptions {
 /// with other data or options.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LiveCursor {
+    /// Passes over the split completed.
     pub epoch: u64,
+    /// The shuffle block being served within the epoch.
     pub block: u64,
     /// Rows of the block already handed out.
     pub served: u64,
+    /// The seed the order was drawn with.
     pub seed: u64,
+    /// The hook point the rows are from.
     pub hook: String,
+    /// The split the contexts are from.
     pub split: String,
+    /// Contexts in the split.
     pub n_contexts: u64,
+    /// Contexts per shuffle block.
     pub block_contexts: u64,
 }
 
@@ -93,6 +104,8 @@ pub struct LiveActivations<'m> {
 }
 
 impl<'m> LiveActivations<'m> {
+    /// A live source over `data`'s split, run through `model`: checks the hook is `d_model` wide, the split
+    /// has contexts, and the dataset was tokenized by this model's tokenizer.
     pub fn new(model: &'m Model, data: &TokenDataset, opts: LiveOptions) -> StoreResult<LiveActivations<'m>> {
         let cfg = model.config();
         check_store_hook(model, opts.hook)?;
@@ -157,18 +170,22 @@ impl<'m> LiveActivations<'m> {
         &self.data_fingerprint
     }
 
+    /// Width of each row.
     pub fn d_model(&self) -> usize {
         self.d_model
     }
 
+    /// Contexts in the split.
     pub fn n_contexts(&self) -> u64 {
         self.split.n_contexts()
     }
 
+    /// Tokens per context.
     pub fn context_len(&self) -> usize {
         self.split.context_len()
     }
 
+    /// Shuffle blocks per pass over the split.
     pub fn blocks_per_epoch(&self) -> u64 {
         self.split.n_contexts().div_ceil(self.block_contexts)
     }
@@ -178,6 +195,7 @@ impl<'m> LiveActivations<'m> {
         (self.forward_seconds, self.forward_tokens)
     }
 
+    /// Where the source stands now, to save with a checkpoint.
     pub fn cursor(&self) -> LiveCursor {
         LiveCursor {
             epoch: self.epoch,
@@ -191,6 +209,7 @@ impl<'m> LiveActivations<'m> {
         }
     }
 
+    /// Continue from a saved cursor; refused when it was recorded for other data or options.
     pub fn seek(&mut self, c: &LiveCursor) -> StoreResult<()> {
         let mine = self.cursor();
         ensure_input!(

@@ -22,6 +22,7 @@ pub struct ReaderOptions {
     pub hook: String,
     /// Rows per batch.
     pub batch_tokens: usize,
+    /// Seed of the shuffled order.
     pub seed: u64,
     /// Minimum rows mixed together (a window of whole shards). Larger mixes better; it costs no memory
     /// beyond one u64 per row of the window, the data stays in the page cache.
@@ -30,6 +31,7 @@ pub struct ReaderOptions {
     pub shuffle: bool,
     /// Skip rows whose mark intersects `skip_mask` (position 0, BOS, end-of-text by default).
     pub skip_marked: bool,
+    /// The marks that make a row skipped (`marks::ALL` by default).
     pub skip_mask: u8,
 }
 
@@ -50,14 +52,19 @@ impl Default for ReaderOptions {
 /// Where a reader stands; store it in a training checkpoint and pass it back to resume exactly.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReaderCursor {
+    /// Passes over the store completed.
     pub epoch: u64,
     /// Rows already served in this epoch.
     pub offset: u64,
     /// Fingerprint of what produced the order; resuming with anything else is refused.
     pub seed: u64,
+    /// The hook read.
     pub hook: String,
+    /// Rows per epoch.
     pub rows_per_epoch: u64,
+    /// The shuffle window, in rows.
     pub shuffle_buffer: u64,
+    /// Whether the order was shuffled.
     pub shuffle: bool,
 }
 
@@ -88,6 +95,8 @@ pub struct ActivationReader {
 }
 
 impl ActivationReader {
+    /// A reader over `store`, from the start or from `cursor` (refused when it was recorded for another
+    /// store or other options).
     pub fn new(
         store: &ActivationStore,
         opts: ReaderOptions,
@@ -145,12 +154,15 @@ impl ActivationReader {
         Ok(r)
     }
 
+    /// Width of each row.
     pub fn d_model(&self) -> usize {
         self.d_model
     }
+    /// Passes over the store completed.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+    /// Rows per batch.
     pub fn batch_tokens(&self) -> usize {
         self.opts.batch_tokens
     }
@@ -158,6 +170,7 @@ impl ActivationReader {
     pub fn rows_per_epoch(&self) -> u64 {
         self.rows_per_epoch
     }
+    /// The hook read.
     pub fn hook(&self) -> &str {
         &self.hook
     }
@@ -168,6 +181,7 @@ impl ActivationReader {
         &self.picks
     }
 
+    /// Where the reader stands now, to save with a checkpoint.
     pub fn cursor(&self) -> ReaderCursor {
         ReaderCursor {
             epoch: self.epoch,

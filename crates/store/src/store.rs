@@ -26,8 +26,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{bad_input, corrupt, ensure_input, ensure_intact, Kind, StoreResult};
 use saekit_files::{read_json, sync_dir, write_atomic_with, write_json_atomic};
 
+/// The manifest's file name inside a store folder.
 pub const MANIFEST: &str = "manifest.json";
+/// The manifest's `format`: what tells an activation store from other folders.
 pub const STORE_FORMAT: &str = "saekit-activations";
+/// The manifest version this saekit writes and reads.
 pub const STORE_VERSION: u32 = 1;
 const SHARD_MAGIC: &[u8; 8] = b"SAEKACT1";
 const HEADER_BYTES: usize = 64;
@@ -45,6 +48,7 @@ pub mod marks {
     /// measurement (in SmolLM2 a few tokens away from position 0 carry ~100× the median norm and most of
     /// the variance; which ones depends on the text, so no token id is assumed to be one).
     pub const OUTLIER: u8 = 8;
+    /// Every mark: skip any marked row.
     pub const ALL: u8 = POS0 | BOS | EOT | OUTLIER;
 }
 
@@ -52,13 +56,17 @@ pub mod marks {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    /// 32-bit IEEE floats: exact, twice the size of the others.
     F32,
+    /// 16-bit IEEE floats: finer than bf16, but values above 65504 do not fit (refused on write).
     F16,
+    /// bfloat16: f32's range with 8 bits of mantissa, the default.
     #[default]
     Bf16,
 }
 
 impl Dtype {
+    /// Bytes per stored value.
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
@@ -169,6 +177,7 @@ impl ShardLayout {
 pub struct SourceInfo {
     /// The tokenized dataset directory (or a free-form description).
     pub tokens: String,
+    /// The split of the dataset.
     pub split: String,
     /// Index of the first context of the split used by this store.
     pub first_context: u64,
@@ -181,19 +190,28 @@ pub struct SourceInfo {
 /// Model facts recorded in the manifest.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
+    /// The model's name.
     pub name: String,
+    /// The model file or folder the activations came from.
     pub path: String,
+    /// The model's blocks.
     pub n_layers: usize,
+    /// The model's residual width.
     pub d_model: usize,
+    /// The model's vocabulary size.
     pub vocab_size: usize,
 }
 
 /// Everything that defines a store; a resumed harvest must present the same config.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StoreConfig {
+    /// The model the activations came from.
     pub model: ModelInfo,
+    /// The hook points stored, in the order of each shard's activation blocks.
     pub hooks: Vec<String>,
+    /// Width of each row.
     pub d_model: usize,
+    /// How values are stored.
     pub dtype: Dtype,
     /// Tokens per context (rows per context).
     pub context: usize,
@@ -208,6 +226,7 @@ pub struct StoreConfig {
     /// Mark rows whose norm exceeds this multiple of the shard median (`marks::OUTLIER`); the reference
     /// harvest drops the same rows (10 × median). `None` disables.
     pub outlier_factor: Option<f32>,
+    /// The tokens the activations are of.
     pub source: SourceInfo,
     /// Fingerprint of the tokenizer vocabulary the tokens were made with (empty: unknown).
     #[serde(default)]
@@ -237,15 +256,22 @@ pub fn sink_rule_text(bos: Option<u32>, eot: &[u32], outlier_factor: Option<f32>
     parts.join("; ")
 }
 
+/// One shard file as the manifest lists it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ShardEntry {
+    /// The file's name inside the store folder (`shard-NNNNNN.bin`).
     pub file: String,
+    /// Rows (tokens) in the shard.
     pub n_rows: u64,
+    /// Contexts in the shard.
     pub n_contexts: u64,
     /// Index (within the store) of the shard's first context.
     pub first_context: u64,
+    /// Rows with any mark.
     pub n_marked: u64,
+    /// The file's size.
     pub bytes: u64,
+    /// CRC32 of the whole file, checked on open.
     pub crc32: u32,
     /// Per hook (manifest order): the median norm of the rows not marked by position or token, the base
     /// of the outlier threshold (empty in stores written before it was recorded).
@@ -261,6 +287,7 @@ pub struct ShardEntry {
 pub struct HookStats {
     /// Unmarked rows the statistics cover.
     pub n_rows: u64,
+    /// Per-dimension mean.
     pub mean: Vec<f32>,
     /// Per-dimension variance (population).
     pub var: Vec<f32>,
@@ -270,21 +297,31 @@ pub struct HookStats {
     pub mean_norm: f64,
     /// Mean squared L2 norm of rows (SAELens `expected_average_only_in` wants √d / √this).
     pub mean_sq_norm: f64,
+    /// Largest L2 norm of an unmarked row.
     pub max_norm: f64,
+    /// Marked rows seen (not in the statistics above).
     pub marked_rows: u64,
+    /// Mean L2 norm of the marked rows.
     pub marked_mean_norm: f64,
+    /// Largest L2 norm of a marked row.
     pub marked_max_norm: f64,
     /// Exact running sums, so a resumed harvest continues the statistics bit for bit.
     #[serde(default)]
     pub sums: StatSums,
 }
 
+/// The exact sums behind [`HookStats`], in f64.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct StatSums {
+    /// Per-dimension sum of the unmarked rows.
     pub sum: Vec<f64>,
+    /// Per-dimension sum of squares of the unmarked rows.
     pub sum_sq: Vec<f64>,
+    /// Sum of the unmarked rows' L2 norms.
     pub norm: f64,
+    /// Sum of the unmarked rows' squared L2 norms.
     pub sq_norm: f64,
+    /// Sum of the marked rows' L2 norms.
     pub marked_norm: f64,
 }
 
@@ -361,15 +398,22 @@ impl HookStats {
 /// `manifest.json` of an activation store.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StoreManifest {
+    /// Always [`STORE_FORMAT`].
     pub format: String,
+    /// [`STORE_VERSION`] when written.
     pub version: u32,
+    /// What defines the store (flattened into the manifest's top level).
     #[serde(flatten)]
     pub config: StoreConfig,
+    /// Rows stored, over all shards.
     pub n_tokens: u64,
+    /// Contexts stored, over all shards.
     pub n_contexts: u64,
+    /// Rows with any mark, over all shards.
     pub n_marked: u64,
     /// True once the writer reached its target and closed the store.
     pub complete: bool,
+    /// The shard files, in order.
     pub shards: Vec<ShardEntry>,
     /// Statistics per hook name.
     pub stats: BTreeMap<String, HookStats>,
@@ -379,15 +423,19 @@ pub struct StoreManifest {
 }
 
 impl StoreManifest {
+    /// Width of each row.
     pub fn d_model(&self) -> usize {
         self.config.d_model
     }
+    /// The hook points stored.
     pub fn hooks(&self) -> &[String] {
         &self.config.hooks
     }
+    /// How values are stored.
     pub fn dtype(&self) -> Dtype {
         self.config.dtype
     }
+    /// Rows stored.
     pub fn n_tokens(&self) -> u64 {
         self.n_tokens
     }
@@ -562,6 +610,7 @@ impl ActivationWriter {
         })
     }
 
+    /// The manifest as last written (or about to be).
     pub fn manifest(&self) -> &StoreManifest {
         &self.manifest
     }
@@ -924,14 +973,17 @@ impl ActivationStore {
         Ok(ActivationStore { inner: Arc::new(StoreInner { dir: dir.to_path_buf(), manifest, maps, layouts }) })
     }
 
+    /// The manifest read at open.
     pub fn manifest(&self) -> &StoreManifest {
         &self.inner.manifest
     }
 
+    /// The store's folder.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
 
+    /// Shard files in the store.
     pub fn n_shards(&self) -> usize {
         self.inner.maps.len()
     }
@@ -949,23 +1001,28 @@ pub struct ShardView<'a> {
 }
 
 impl<'a> ShardView<'a> {
+    /// Rows in the shard.
     pub fn n_rows(&self) -> usize {
         self.store.layouts[self.i].n_rows
     }
+    /// The shard's manifest entry.
     pub fn entry(&self) -> &'a ShardEntry {
         &self.store.manifest.shards[self.i]
     }
     fn bytes(&self, off: usize, len: usize) -> &'a [u8] {
         &self.store.maps[self.i][off..off + len]
     }
+    /// Token id of each row.
     pub fn tokens(&self) -> &'a [u32] {
         let l = self.store.layouts[self.i];
         cast_u32(self.bytes(l.tokens, 4 * l.n_rows))
     }
+    /// Position of each row within its context.
     pub fn positions(&self) -> &'a [u32] {
         let l = self.store.layouts[self.i];
         cast_u32(self.bytes(l.positions, 4 * l.n_rows))
     }
+    /// Marks of each row (`marks::*` bits).
     pub fn marks(&self) -> &'a [u8] {
         let l = self.store.layouts[self.i];
         self.bytes(l.marks, l.n_rows)

@@ -27,15 +27,19 @@ use crate::corpus::{Document, ReadStats, StopReading};
 use crate::error::{bad_input, ensure_input, ensure_intact, Kind, StoreResult};
 use saekit_files::{read_json, write_atomic_with, write_json_atomic};
 
+/// The manifest's `format`: what tells a tokenized dataset from other folders.
 pub const TOKENS_FORMAT: &str = "saekit-tokens";
 
+/// How to cut documents into contexts and split them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokenizeOptions {
     /// Tokens per context.
     pub context: usize,
+    /// Seed of the train/validation split and the document order.
     pub seed: u64,
     /// Fraction of documents held out for validation.
     pub validation_fraction: f64,
+    /// Contexts per `.u32` shard file.
     pub contexts_per_shard: usize,
     /// Placed between documents (SmolLM2: `<|endoftext|>`, id 0).
     pub separator: u32,
@@ -64,35 +68,50 @@ impl Default for TokenizeOptions {
     }
 }
 
+/// One `.u32` shard file of a split.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokenShard {
+    /// The file's name inside the dataset folder.
     pub file: String,
+    /// Contexts in the file.
     pub n_contexts: u64,
+    /// CRC32 of the file, checked when the split is mapped.
     pub crc32: u32,
 }
 
+/// One split (`train` or `validation`) of a tokenized dataset.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct SplitInfo {
+    /// Documents in the split.
     pub n_docs: u64,
+    /// Whole contexts in the split.
     pub n_contexts: u64,
     /// Tokens in the joined stream (documents + separators).
     pub stream_tokens: u64,
     /// Stream tokens after the last whole context, dropped.
     pub dropped_tail: u64,
+    /// The shard files, in order.
     pub shards: Vec<TokenShard>,
     /// Document tokens per `kind` (documents without a kind count under "").
     pub tokens_by_kind: BTreeMap<String, u64>,
 }
 
+/// `manifest.json` of a tokenized dataset.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokensManifest {
+    /// Always [`TOKENS_FORMAT`].
     pub format: String,
+    /// The manifest version (1).
     pub version: u32,
     /// Free-form tokenizer/model description (the model path).
     pub tokenizer: String,
+    /// The options the dataset was made with.
     pub options: TokenizeOptions,
+    /// The splits by name.
     pub splits: BTreeMap<String, SplitInfo>,
+    /// What reading the corpus produced and dropped.
     pub read: ReadStats,
+    /// The input paths as given.
     pub inputs: Vec<String>,
 }
 
@@ -358,12 +377,15 @@ impl TokenDataset {
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
+    /// The dataset's manifest.
     pub fn manifest(&self) -> &TokensManifest {
         &self.manifest
     }
+    /// The dataset's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// Tokens per context.
     pub fn context(&self) -> usize {
         self.manifest.options.context
     }
@@ -411,9 +433,11 @@ pub struct TokenSplit {
 }
 
 impl TokenSplit {
+    /// Contexts in the split.
     pub fn n_contexts(&self) -> u64 {
         self.n_contexts
     }
+    /// Tokens per context.
     pub fn context_len(&self) -> usize {
         self.context
     }
