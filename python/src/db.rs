@@ -23,14 +23,14 @@ impl PyFeatureDb {
     #[new]
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let path = existing(&path, "feature database")?;
-        Ok(PyFeatureDb { db: detached(py, || FeatureDb::open(&path))? })
+        Ok(PyFeatureDb { db: detached(py, || Ok(FeatureDb::open(&path)?))? })
     }
 
     /// One feature's record as a dict: density, max_act, explanation, top_contexts (tokens, acts, peak),
     /// quantiles, histogram, promoted/suppressed tokens, neighbours. `ValueError` for an unknown id.
     fn feature<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyAny>> {
         let db = &self.db;
-        match detached(py, || db.feature(id))? {
+        match detached(py, || Ok(db.feature(id)?))? {
             Some(rec) => to_pyobject(py, &rec),
             None => Err(PyValueError::new_err(format!("feature {id} is not in {}", db.path().display()))),
         }
@@ -48,14 +48,14 @@ impl PyFeatureDb {
     ) -> PyResult<Bound<'py, PyAny>> {
         let sort: SortBy = sort.parse().map_err(to_py)?;
         let db = &self.db;
-        to_pyobject(py, &detached(py, || db.list(sort, descending, offset, limit))?)
+        to_pyobject(py, &detached(py, || Ok(db.list(sort, descending, offset, limit)?))?)
     }
 
     /// Features whose top contexts, promoted tokens or explanation match the words (or a feature id).
     #[pyo3(signature = (query, limit=30))]
     fn search<'py>(&self, py: Python<'py>, query: &str, limit: usize) -> PyResult<Bound<'py, PyAny>> {
         let db = &self.db;
-        to_pyobject(py, &detached(py, || db.search(query, limit))?)
+        to_pyobject(py, &detached(py, || Ok(db.search(query, limit)?))?)
     }
 
     /// The database's description (model, hook, SAE, tokens analysed, ...).
@@ -107,7 +107,7 @@ pub fn search<'py>(
     let db_ref = db.as_ref().map(|d| &d.get().db);
     let r = detached(py, || {
         let max_of = |id: u32| db_ref.and_then(|d| d.summary(id).ok().flatten()).map(|s| s.max_act);
-        search_text(m, s, point, text, per_token, top, db_ref.map(|_| &max_of as &dyn Fn(u32) -> Option<f32>))
+        Ok(search_text(m, s, point, text, per_token, top, db_ref.map(|_| &max_of as &dyn Fn(u32) -> Option<f32>))?)
     })?;
     to_pyobject(py, &r)
 }

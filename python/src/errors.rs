@@ -8,7 +8,8 @@ use pyo3::prelude::*;
 /// An `anyhow` error from a library crate as the Python exception a caller expects: `OSError` when an
 /// I/O error is in its chain (a file that cannot be read or written), else `ValueError` (bad
 /// arguments, malformed contents). The message is saekit's, with its context chain.
-pub fn to_py(e: anyhow::Error) -> PyErr {
+pub fn to_py(e: impl Into<anyhow::Error>) -> PyErr {
+    let e: anyhow::Error = e.into();
     let msg = format!("{e:#}");
     match e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()) {
         Some(io) if io.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
@@ -20,7 +21,7 @@ pub fn to_py(e: anyhow::Error) -> PyErr {
 /// A training error as the Python exception its kind calls for (files as `to_py` maps them).
 pub fn sae_to_py(e: saekit_sae::SaeError) -> PyErr {
     match e {
-        saekit_sae::SaeError::Io(io) => to_py(io.into()),
+        saekit_sae::SaeError::Io(io) => to_py(io),
         saekit_sae::SaeError::Other(e) => to_py(e),
         e => PyValueError::new_err(e.to_string()),
     }

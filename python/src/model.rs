@@ -305,8 +305,8 @@ fn edits_of(
         Ok(rec.max_act)
     };
     let spec = |f: u32, v: &Bound<'_, PyAny>| -> PyResult<f32> {
-        let s: EditSpec = format!("{f}={}", v.str()?).parse().map_err(|e: saekit_steer::SteerError| to_py(e.into()))?;
-        saekit_steer::parse_edit(&s, max_act).map_err(|e| to_py(e.into()))
+        let s: EditSpec = format!("{f}={}", v.str()?).parse().map_err(|e: saekit_steer::SteerError| to_py(e))?;
+        saekit_steer::parse_edit(&s, max_act).map_err(to_py)
     };
     let mut edits = Vec::new();
     for (f, v) in sorted(steer) {

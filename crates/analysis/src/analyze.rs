@@ -1,9 +1,10 @@
 //! `saekit analyze`: one streaming pass of model + SAE over held-out contexts into a feature database.
 
+use crate::error::{bail_input, AnalysisResult};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use rayon::prelude::*;
 use saekit_model::{HookPoint, Model};
 use saekit_sae::Sae;
@@ -85,7 +86,7 @@ pub struct AnalyzeReport {
 
 /// The hook point the SAE (named `sae_label` in errors) runs on in `model`: its own, or the one asked
 /// for. An SAE made for another model, width or hook is refused with both sides named.
-pub fn sae_hook(model: &Model, sae: &Sae, sae_label: &str, hook: Option<HookPoint>) -> Result<HookPoint> {
+pub fn sae_hook(model: &Model, sae: &Sae, sae_label: &str, hook: Option<HookPoint>) -> AnalysisResult<HookPoint> {
     let asked = hook.map(|h| h.to_string());
     let name = sae.hook_on(sae_label, &model.config().name, model.config().d_model, asked.as_deref())?;
     let h: HookPoint = name.parse().with_context(|| format!("{sae_label}: SAE hook {name:?} is not a hook point"))?;
@@ -147,7 +148,7 @@ pub fn analyze(
     dataset: &TokenDataset,
     out: &Path,
     opts: &AnalyzeOptions,
-) -> Result<AnalyzeReport> {
+) -> AnalysisResult<AnalyzeReport> {
     let hook = sae_hook(model, sae, sae_path, opts.hook)?;
     let split = dataset.split(&opts.split)?;
     let seq = split.context_len();
@@ -155,7 +156,7 @@ pub fn analyze(
     let reserve = opts.heldout_contexts.min(split.n_contexts() / 10);
     let total = want.min(split.n_contexts() - reserve);
     if total == 0 {
-        bail!("{}: split {:?} has no contexts", dataset.dir().display(), opts.split);
+        bail_input!("{}: split {:?} has no contexts", dataset.dir().display(), opts.split);
     }
     if total < want {
         tracing::warn!(
@@ -182,7 +183,7 @@ pub fn analyze(
         let recorded = stats::checkpoint_fingerprint(&bytes).with_context(|| format!("{}", ckpt.display()))?;
         if recorded != fingerprint {
             let inputs = Inputs { sae: sae_path, dataset: &dataset.dir().display().to_string() };
-            bail!(
+            bail_input!(
                 "{}: cannot resume: {}; delete it or pass --restart",
                 ckpt.display(),
                 identity.differences(&recorded, &inputs)
@@ -190,7 +191,7 @@ pub fn analyze(
         }
         let s = FeatureStats::from_bytes(&bytes, &fingerprint).with_context(|| format!("{}", ckpt.display()))?;
         if s.d_sae != sae.d_sae || s.opts != opts.stats || s.n_contexts > total {
-            bail!(
+            bail_input!(
                 "{}: checkpoint of {} features, {} contexts does not fit this run ({} features, {total} contexts); delete it or pass --restart",
                 ckpt.display(),
                 s.d_sae,
@@ -433,7 +434,7 @@ pub fn write_db(
     vocab: &[String],
     context_tokens: impl Fn(u64) -> Vec<u32> + Sync,
     out: &Path,
-) -> Result<PathBuf> {
+) -> AnalysisResult<PathBuf> {
     let d = sae.d_in;
     let t = Instant::now();
     let logits = geometry::direct_logit_effects(&sae.params.w_dec, d, w.unembed, w.vocab, w.gain, w.n_logits);

@@ -3,6 +3,7 @@
 //! by the browser and `saekit feature`). Both are added to a finished database, so databases written
 //! before them stay readable (the tables are simply absent). Schema in `docs/feature-db.md`.
 
+use crate::error::AnalysisResult;
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -119,7 +120,7 @@ pub struct AutointerpWriter {
 }
 
 impl AutointerpWriter {
-    pub fn open(path: &Path) -> Result<AutointerpWriter> {
+    pub fn open(path: &Path) -> AnalysisResult<AutointerpWriter> {
         // refuses anything that is not a feature database before writing to it
         crate::FeatureDb::open(path)?;
         let conn = Connection::open(path).with_context(|| format!("{}: cannot open for writing", path.display()))?;
@@ -130,7 +131,7 @@ impl AutointerpWriter {
     }
 
     /// Replace the held-out windows.
-    pub fn set_heldout(&mut self, windows: &[HeldOutWindow]) -> Result<()> {
+    pub fn set_heldout(&mut self, windows: &[HeldOutWindow]) -> AnalysisResult<()> {
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM heldout", [])?;
         {
@@ -146,14 +147,14 @@ impl AutointerpWriter {
     }
 
     /// Features that already have an explanation by `model` (a resumed run skips them).
-    pub fn explained_by(&self, model: &str) -> Result<HashSet<u32>> {
+    pub fn explained_by(&self, model: &str) -> AnalysisResult<HashSet<u32>> {
         let mut st = self.conn.prepare("SELECT feature FROM explanations WHERE model = ?1")?;
         let rows = st.query_map([model], |r| r.get::<_, i64>(0))?;
         rows.map(|r| Ok(r? as u32)).collect()
     }
 
     /// Store (or replace) `feature`'s explanation by `e.model`, and index its text for search.
-    pub fn put(&mut self, feature: u32, e: &Explanation) -> Result<()> {
+    pub fn put(&mut self, feature: u32, e: &Explanation) -> AnalysisResult<()> {
         let tx = self.conn.transaction()?;
         let old: Option<i64> = tx
             .query_row(

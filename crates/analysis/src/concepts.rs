@@ -4,11 +4,12 @@
 //! A labelled corpus is JSONL with `text`, `kind` and `lang` fields, as `saekit corpus fetch` writes it;
 //! [`CONCEPTS`] says which kinds and languages make each concept. `saekit demo` prints what this finds.
 
+use crate::error::{bail_input, AnalysisResult};
 use std::collections::BTreeMap;
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use saekit_model::{HookPoint, Model};
 use saekit_sae::Sae;
 use serde::Serialize;
@@ -75,7 +76,7 @@ const MIN_TEXT_CHARS: usize = 40;
 /// file that fit no concept, under [`OTHER`]: a feature only counts as a concept's if it separates the
 /// concept from all of those, not just from English. `corpus` is a `.jsonl` file or a folder of them; lines
 /// that are not JSON objects with a `text` are skipped.
-pub fn labelled_texts(corpus: &Path, per: usize) -> Result<BTreeMap<String, Vec<String>>> {
+pub fn labelled_texts(corpus: &Path, per: usize) -> AnalysisResult<BTreeMap<String, Vec<String>>> {
     let mut files: Vec<PathBuf> = if corpus.is_dir() {
         let entries = std::fs::read_dir(corpus).with_context(|| format!("{}: cannot list", corpus.display()))?;
         entries.filter_map(|e| e.ok().map(|e| e.path())).collect()
@@ -139,10 +140,13 @@ pub fn find_concept_features(
     hook: HookPoint,
     corpus: &Path,
     per: usize,
-) -> Result<Vec<ConceptFeature>> {
+) -> AnalysisResult<Vec<ConceptFeature>> {
     let texts = labelled_texts(corpus, per)?;
     if texts.len() < 2 {
-        bail!("{}: found too few labelled documents (kind/lang fields) to look for concept features", corpus.display());
+        bail_input!(
+            "{}: found too few labelled documents (kind/lang fields) to look for concept features",
+            corpus.display()
+        );
     }
     let features = texts
         .into_iter()

@@ -21,9 +21,10 @@
 //! every position (its newer `exclude_special_tokens` option excludes them from the metrics only).
 //! CE and KL still average over all positions, sinks included: their logits change through attention.
 
+use crate::error::{bail_input, AnalysisResult};
 use std::time::Instant;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::Context as _;
 use rayon::prelude::*;
 use saekit_model::{HookPoint, Hooks, Logits, Model};
 use saekit_sae::metrics::RowRecon;
@@ -120,7 +121,7 @@ pub fn spliced_forward(
     mode: SpliceMode,
     keep: &[bool],
     norm_factor: f32,
-) -> Result<(Vec<f32>, Option<(Vec<f32>, SparseCodes, Vec<bool>)>)> {
+) -> AnalysisResult<(Vec<f32>, Option<(Vec<f32>, SparseCodes, Vec<bool>)>)> {
     let d = sae.d_in;
     let mut captured: Option<(Vec<f32>, SparseCodes, Vec<bool>)> = None;
     let logits = {
@@ -128,7 +129,7 @@ pub fn spliced_forward(
         let mut hooks = Hooks::new();
         hooks.add(hook, move |ctx, x: &mut [f32]| {
             if ctx.width != d {
-                bail!("SAE d_in {d} does not match the width {} of {}", ctx.width, ctx.point);
+                bail_input!("SAE d_in {d} does not match the width {} of {}", ctx.width, ctx.point);
             }
             let mut keep: Vec<bool> = (0..x.len() / d).map(|r| keep.get(r).copied().unwrap_or(false)).collect();
             mark_norm_outliers(&mut keep, x, d, norm_factor);
@@ -249,11 +250,11 @@ pub fn eval_model_on_tokens(
     tokens: &[u32],
     seq: usize,
     opts: &ModelEvalOptions,
-) -> Result<ModelEvalReport> {
+) -> AnalysisResult<ModelEvalReport> {
     let t0 = Instant::now();
     let hook = sae_hook(model, sae, "the SAE", opts.hook)?;
     if seq < 2 || tokens.is_empty() || !tokens.len().is_multiple_of(seq) {
-        bail!("model eval needs whole contexts of at least 2 tokens ({} tokens, context {seq})", tokens.len());
+        bail_input!("model eval needs whole contexts of at least 2 tokens ({} tokens, context {seq})", tokens.len());
     }
     let vocab = model.config().vocab_size;
     let n_ctx = tokens.len() / seq;
@@ -337,12 +338,12 @@ pub fn eval_model(
     sae: &Sae,
     dataset: &TokenDataset,
     opts: &ModelEvalOptions,
-) -> Result<ModelEvalReport> {
+) -> AnalysisResult<ModelEvalReport> {
     let split = dataset.split(&opts.split)?;
     let seq = split.context_len();
     let n = opts.n_tokens.div_ceil(seq as u64).max(1).min(split.n_contexts());
     if n == 0 {
-        bail!("{}: split {:?} has no contexts", dataset.dir().display(), opts.split);
+        bail_input!("{}: split {:?} has no contexts", dataset.dir().display(), opts.split);
     }
     let mut tokens = Vec::with_capacity(n as usize * seq);
     for c in 0..n {

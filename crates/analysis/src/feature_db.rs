@@ -3,12 +3,14 @@
 //! Writers go through [`FeatureDbWriter`] (a `*.tmp` file renamed into place when complete, so a
 //! reader never sees half a database); readers (the CLI, the web browser) through [`FeatureDb`].
 
+use crate::error::{bad_input, bail_corrupt, bail_input, AnalysisResult};
+use crate::AnalysisError;
 use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -139,13 +141,13 @@ pub enum SortBy {
 }
 
 impl std::str::FromStr for SortBy {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
+    type Err = crate::AnalysisError;
+    fn from_str(s: &str) -> AnalysisResult<Self> {
         match s.to_ascii_lowercase().as_str() {
             "density" => Ok(SortBy::Density),
             "max_act" | "maxact" | "max" => Ok(SortBy::MaxAct),
             "id" => Ok(SortBy::Id),
-            _ => bail!("unknown sort key {s:?} (density, max_act or id)"),
+            _ => bail_input!("unknown sort key {s:?} (density, max_act or id)"),
         }
     }
 }
@@ -236,7 +238,7 @@ pub struct FeatureDbWriter {
 }
 
 impl FeatureDbWriter {
-    pub fn create(path: &Path, info: &DbInfo, hist_edges: &[f32], vocab: &[String]) -> Result<Self> {
+    pub fn create(path: &Path, info: &DbInfo, hist_edges: &[f32], vocab: &[String]) -> AnalysisResult<Self> {
         let tmp = tmp_path(path);
         if tmp.exists() {
             std::fs::remove_file(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
@@ -275,20 +277,20 @@ impl FeatureDbWriter {
         format!("writing feature database {}{os}", self.tmp.display())
     }
 
-    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
+    pub fn set_meta(&mut self, key: &str, value: &str) -> AnalysisResult<()> {
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])?;
         Ok(())
     }
 
-    pub fn insert(&mut self, row: &FeatureRow) -> Result<()> {
+    pub fn insert(&mut self, row: &FeatureRow) -> AnalysisResult<()> {
         let json = serde_json::to_vec(&row.detail)?;
         let blob = zstd::bulk::compress(&json, 3).context("compressing a feature record")?;
         self.insert_raw(row, &blob)
     }
 
     /// Insert with an already-compressed detail blob (the synthetic benchmark fill reuses one).
-    pub fn insert_raw(&mut self, row: &FeatureRow, blob: &[u8]) -> Result<()> {
-        self.insert_row(row, blob).with_context(|| self.writing())
+    pub fn insert_raw(&mut self, row: &FeatureRow, blob: &[u8]) -> AnalysisResult<()> {
+        Ok(self.insert_row(row, blob).with_context(|| self.writing())?)
     }
 
     fn insert_row(&mut self, row: &FeatureRow, blob: &[u8]) -> Result<()> {
@@ -328,7 +330,7 @@ impl FeatureDbWriter {
     }
 
     /// Build the indexes, fsync and move the file into place.
-    pub fn finish(self) -> Result<PathBuf> {
+    pub fn finish(self) -> AnalysisResult<PathBuf> {
         let sql = ["COMMIT", INDEXES, "INSERT INTO feature_text(feature_text) VALUES('optimize'); ANALYZE;"];
         for q in sql {
             self.conn.execute_batch(q).with_context(|| self.writing())?;
@@ -357,9 +359,9 @@ pub struct FeatureDb {
 
 impl FeatureDb {
     /// Open read-only; a clear error if `path` is not a saekit feature database.
-    pub fn open(path: &Path) -> Result<FeatureDb> {
+    pub fn open(path: &Path) -> AnalysisResult<FeatureDb> {
         if !path.exists() {
-            bail!("{}: no such feature database (run `saekit analyze` first)", path.display());
+            bail_input!("{}: no such feature database (run `saekit analyze` first)", path.display());
         }
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
@@ -367,9 +369,9 @@ impl FeatureDb {
         let format: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| r.get(0))
             .optional()
-            .map_err(|_| anyhow!("{}: not a saekit feature database (no meta table)", path.display()))?;
+            .map_err(|_| bad_input!("{}: not a saekit feature database (no meta table)", path.display()))?;
         if format.as_deref() != Some(DB_FORMAT) {
-            bail!("{}: not a saekit feature database (meta.format is {:?})", path.display(), format);
+            bail_input!("{}: not a saekit feature database (meta.format is {:?})", path.display(), format);
         }
         let get = |k: &str| -> Result<String> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
@@ -378,7 +380,7 @@ impl FeatureDb {
         let info: DbInfo = serde_json::from_str(&get("info")?)
             .with_context(|| format!("{}: meta.info is not valid", path.display()))?;
         if info.version > DB_VERSION {
-            bail!(
+            bail_input!(
                 "{}: feature database version {} is newer than this saekit ({DB_VERSION})",
                 path.display(),
                 info.version
@@ -393,13 +395,13 @@ impl FeatureDb {
         &self.path
     }
 
-    pub fn info(&self) -> Result<DbInfo> {
+    pub fn info(&self) -> AnalysisResult<DbInfo> {
         Ok(self.info.clone())
     }
 
     /// Errors of a query name the database: SQLite's own say only what broke ("database disk image is
     /// malformed"), not where.
-    fn named<T>(&self, r: Result<T>) -> Result<T> {
+    fn named<T>(&self, r: Result<T>) -> AnalysisResult<T> {
         r.map_err(|e| {
             let p = self.path.display().to_string();
             if format!("{e:#}").contains(&p) {
@@ -408,6 +410,7 @@ impl FeatureDb {
                 e.context(p)
             }
         })
+        .map_err(AnalysisError::from)
     }
 
     fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
@@ -430,7 +433,7 @@ impl FeatureDb {
         for row in rows {
             let (id, t) = row?;
             if id as usize != v.len() {
-                bail!("{}: vocab table has a gap at id {id}", self.path.display());
+                bail_corrupt!("{}: vocab table has a gap at id {id}", self.path.display());
             }
             v.push(t);
         }
@@ -438,12 +441,12 @@ impl FeatureDb {
     }
 
     /// The text of token `id` (`<id>` when outside the stored vocabulary).
-    pub fn token_text(&self, id: u32) -> Result<String> {
+    pub fn token_text(&self, id: u32) -> AnalysisResult<String> {
         Ok(self.vocab()?.get(id as usize).cloned().unwrap_or_else(|| format!("<{id}>")))
     }
 
     /// The raw stored detail of a feature (for tools that want ids rather than strings).
-    pub fn detail(&self, id: u32) -> Result<Option<StoredDetail>> {
+    pub fn detail(&self, id: u32) -> AnalysisResult<Option<StoredDetail>> {
         self.named(self.read_detail(id))
     }
 
@@ -460,7 +463,10 @@ impl FeatureDb {
             .and_then(|d| d.take(MAX_DETAIL_BYTES + 1).read_to_end(&mut json))
             .with_context(|| format!("{}: feature {id}: corrupt detail blob", self.path.display()))?;
         if json.len() as u64 > MAX_DETAIL_BYTES {
-            bail!("{}: feature {id}: detail blob decodes to more than {MAX_DETAIL_BYTES} bytes", self.path.display());
+            bail_corrupt!(
+                "{}: feature {id}: detail blob decodes to more than {MAX_DETAIL_BYTES} bytes",
+                self.path.display()
+            );
         }
         Ok(Some(
             serde_json::from_slice(&json)
@@ -471,7 +477,7 @@ impl FeatureDb {
     /// Feature `id` as its page shows it (`None` past the last feature): the `features` row, its explanations,
     /// and its detail blob with token ids turned into text. The browser's `GET /api/features/{id}` ends here
     /// (the whole path: DEVELOPERS.md, "Where things are").
-    pub fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
+    pub fn feature(&self, id: u32) -> AnalysisResult<Option<FeatureRecord>> {
         self.named(self.read_feature(id))
     }
 
@@ -498,7 +504,7 @@ impl FeatureDb {
         let ctx = |c: &StoredContext| -> Result<Context> {
             let n = c.ids.len();
             if c.peak as usize >= n || c.acts.iter().any(|&(o, _)| o as usize >= n) {
-                bail!(
+                bail_corrupt!(
                     "{}: feature {id}: a stored context has its peak at {} or activations past its {n} tokens",
                     self.path.display(),
                     c.peak
@@ -557,12 +563,18 @@ impl FeatureDb {
     }
 
     /// The held-out windows `analyze` kept for the autointerp scorers (empty for older databases).
-    pub fn heldout(&self) -> Result<Vec<HeldOutWindow>> {
-        autointerp_db::heldout_windows(&*self.conn()?)
-            .with_context(|| format!("{}: held-out windows", self.path.display()))
+    pub fn heldout(&self) -> AnalysisResult<Vec<HeldOutWindow>> {
+        let windows = autointerp_db::heldout_windows(&*self.conn()?);
+        Ok(windows.with_context(|| format!("{}: held-out windows", self.path.display()))?)
     }
 
-    pub fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
+    pub fn list(
+        &self,
+        sort: SortBy,
+        descending: bool,
+        offset: usize,
+        limit: usize,
+    ) -> AnalysisResult<Vec<FeatureSummary>> {
         self.named(self.read_list(sort, descending, offset, limit))
     }
 
@@ -585,7 +597,7 @@ impl FeatureDb {
 
     /// A feature id, or words matched (all of them, prefix-free) against each feature's peak tokens,
     /// their surrounding context, promoted tokens and explanation; best matches first (bm25).
-    pub fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
+    pub fn search(&self, query: &str, limit: usize) -> AnalysisResult<Vec<FeatureSummary>> {
         self.named(self.read_search(query, limit))
     }
 
@@ -625,7 +637,7 @@ impl FeatureDb {
         Ok(out)
     }
 
-    pub fn summary(&self, id: u32) -> Result<Option<FeatureSummary>> {
+    pub fn summary(&self, id: u32) -> AnalysisResult<Option<FeatureSummary>> {
         self.named(self.read_summary(id))
     }
 
@@ -636,7 +648,7 @@ impl FeatureDb {
     }
 
     /// Summaries of many features in one call (ids that are missing are skipped).
-    pub fn summaries(&self, ids: &[u32]) -> Result<HashMap<u32, FeatureSummary>> {
+    pub fn summaries(&self, ids: &[u32]) -> AnalysisResult<HashMap<u32, FeatureSummary>> {
         let mut out = HashMap::new();
         for &id in ids {
             if let Some(s) = self.summary(id)? {
@@ -646,7 +658,7 @@ impl FeatureDb {
         Ok(out)
     }
 
-    pub fn map(&self) -> Result<Vec<MapPoint>> {
+    pub fn map(&self) -> AnalysisResult<Vec<MapPoint>> {
         self.named(self.read_map())
     }
 
@@ -665,12 +677,12 @@ impl FeatureDb {
         rows.map(|r| r.map_err(Into::into)).collect()
     }
 
-    pub fn len(&self) -> Result<u64> {
+    pub fn len(&self) -> AnalysisResult<u64> {
         let n = self.conn()?.query_row("SELECT COUNT(*) FROM features", [], |r| r.get::<_, i64>(0));
         Ok(self.named(n.map_err(Into::into))? as u64)
     }
 
-    pub fn is_empty(&self) -> Result<bool> {
+    pub fn is_empty(&self) -> AnalysisResult<bool> {
         Ok(self.len()? == 0)
     }
 }

@@ -56,6 +56,7 @@
 pub mod analyze;
 pub mod autointerp_db;
 pub mod concepts;
+mod error;
 pub mod eval;
 pub mod feature_db;
 pub mod geometry;
@@ -66,6 +67,7 @@ pub mod stats;
 
 pub use analyze::{analyze, AnalyzeOptions, AnalyzeReport};
 pub use autointerp_db::{AutointerpWriter, Explanation, HeldOutWindow, Score};
+pub use error::{AnalysisError, AnalysisResult};
 pub use eval::{eval_model, ModelEvalOptions, ModelEvalReport, SpliceMode};
 pub use feature_db::{
     Context, DbInfo, FeatureDb, FeatureDbWriter, FeatureRecord, FeatureSummary, Histogram, MapPoint, Neighbour,

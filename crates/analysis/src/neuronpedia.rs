@@ -13,10 +13,11 @@
 //! histograms, neuron alignment, correlations, DFA) is written empty or null, as their own exports do for
 //! sources without it.
 
+use crate::error::{bail_input, AnalysisResult};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
 use crate::{Context, FeatureDb, FeatureRecord};
@@ -44,11 +45,17 @@ pub struct ExportReport {
 }
 
 /// Write the export of `db` (with the SAE's decoder rows as the feature vectors) under `out`.
-pub fn export(db: &FeatureDb, w_dec: &[f32], d_in: usize, ids: &NeuronpediaIds, out: &Path) -> Result<ExportReport> {
+pub fn export(
+    db: &FeatureDb,
+    w_dec: &[f32],
+    d_in: usize,
+    ids: &NeuronpediaIds,
+    out: &Path,
+) -> AnalysisResult<ExportReport> {
     let info = db.info()?;
     let n = info.d_sae;
     if w_dec.len() != n as usize * d_in {
-        bail!("the SAE's decoder has {} rows but the database describes {n} features", w_dec.len() / d_in.max(1));
+        bail_input!("the SAE's decoder has {} rows but the database describes {n} features", w_dec.len() / d_in.max(1));
     }
     let dir = out.join(&ids.model_id).join(&ids.source_id);
     for sub in ["features", "explanations", "activations"] {

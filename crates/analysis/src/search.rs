@@ -10,10 +10,11 @@
 //! either scores 0.5), with firing frequencies in each set and a two-proportion z-score of the
 //! frequency difference shown beside it.
 
+use crate::error::{bail_input, AnalysisResult};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::Context as _;
 use saekit_model::{HookPoint, Model};
 use saekit_sae::Sae;
 use serde::Serialize;
@@ -31,7 +32,7 @@ pub fn encode_text(
     hook: HookPoint,
     text: &str,
     max_tokens: usize,
-) -> Result<(Vec<u32>, Vec<TextFeatures>)> {
+) -> AnalysisResult<(Vec<u32>, Vec<TextFeatures>)> {
     let mut ids = model.tokenizer().encode(text, true)?;
     ids.truncate(max_tokens.max(1));
     if ids.is_empty() {
@@ -71,7 +72,7 @@ pub fn text_features(
     hook: HookPoint,
     texts: &[String],
     max_tokens: usize,
-) -> Result<Vec<TextFeatures>> {
+) -> AnalysisResult<Vec<TextFeatures>> {
     let pb = indicatif::ProgressBar::new(texts.len() as u64);
     if texts.len() < 50 {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -122,7 +123,7 @@ pub fn search_text(
     per_token: usize,
     overall: usize,
     db_max: Option<&dyn Fn(u32) -> Option<f32>>,
-) -> Result<TextSearch> {
+) -> AnalysisResult<TextSearch> {
     let (ids, per) = encode_text(model, sae, hook, text, 4096)?;
     let mut tokens = Vec::with_capacity(ids.len());
     let mut agg: HashMap<u32, (f32, f32, usize)> = HashMap::new();
@@ -265,13 +266,13 @@ pub struct ProbeResult {
 /// test); for each label the feature with the best train AUROC (or 1 − AUROC, for features that
 /// mark its absence) is chosen, its train-accuracy-maximising threshold fixed, and both scored on
 /// the test half.
-pub fn probe(features: &[TextFeatures], labels: &[String]) -> Result<Vec<ProbeResult>> {
+pub fn probe(features: &[TextFeatures], labels: &[String]) -> AnalysisResult<Vec<ProbeResult>> {
     if features.len() != labels.len() {
-        bail!("{} texts but {} labels", features.len(), labels.len());
+        bail_input!("{} texts but {} labels", features.len(), labels.len());
     }
     let distinct: std::collections::BTreeSet<&String> = labels.iter().collect();
     if distinct.len() < 2 {
-        bail!("probing needs at least two labels, found {}", distinct.len());
+        bail_input!("probing needs at least two labels, found {}", distinct.len());
     }
     let train: Vec<usize> = (0..labels.len()).filter(|i| i % 2 == 0).collect();
     let test: Vec<usize> = (0..labels.len()).filter(|i| i % 2 == 1).collect();
@@ -321,12 +322,12 @@ pub fn probe(features: &[TextFeatures], labels: &[String]) -> Result<Vec<ProbeRe
 }
 
 /// Texts from a file: JSONL (`text` field) when it ends in `.jsonl`, else one text per non-empty line.
-pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+pub fn read_texts(path: &Path) -> AnalysisResult<Vec<String>> {
     Ok(read_labelled(path, None)?.into_iter().map(|(t, _)| t).collect())
 }
 
 /// `(text, label)` pairs from JSONL with `text` and `label_field` fields (or plain lines, label empty).
-pub fn read_labelled(path: &Path, label_field: Option<&str>) -> Result<Vec<(String, String)>> {
+pub fn read_labelled(path: &Path, label_field: Option<&str>) -> AnalysisResult<Vec<(String, String)>> {
     let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "json");
     let mut out = Vec::new();
@@ -336,7 +337,7 @@ pub fn read_labelled(path: &Path, label_field: Option<&str>) -> Result<Vec<(Stri
         }
         if !jsonl {
             if label_field.is_some() {
-                bail!("{}: labelled sets must be JSONL with text and label fields", path.display());
+                bail_input!("{}: labelled sets must be JSONL with text and label fields", path.display());
             }
             out.push((line.to_string(), String::new()));
             continue;
@@ -351,14 +352,14 @@ pub fn read_labelled(path: &Path, label_field: Option<&str>) -> Result<Vec<(Stri
             Some(f) => match v.get(f) {
                 Some(serde_json::Value::String(s)) => s.clone(),
                 Some(x) if !x.is_null() => x.to_string(),
-                _ => bail!("{}:{}: no field {f:?}", path.display(), n + 1),
+                _ => bail_input!("{}:{}: no field {f:?}", path.display(), n + 1),
             },
             None => String::new(),
         };
         out.push((text.to_string(), label));
     }
     if out.is_empty() {
-        bail!("{}: no texts", path.display());
+        bail_input!("{}: no texts", path.display());
     }
     Ok(out)
 }

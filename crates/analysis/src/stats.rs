@@ -14,7 +14,8 @@
 //! approximation). All randomness is a hash of (seed, feature, count): results do not depend on
 //! the number of threads, and resuming from a checkpoint gives the same database.
 
-use anyhow::{bail, Context as _, Result};
+use crate::error::{bail, bail_corrupt, bail_input, AnalysisResult};
+use anyhow::{Context as _, Result};
 use rayon::prelude::*;
 
 /// Log-spaced histogram: bins per decade and range (absolute activation units).
@@ -146,7 +147,7 @@ impl FeatureStats {
     }
 
     /// Fold one batch in. Rows `b*seq..(b+1)*seq` are context `first_ctx + b`.
-    pub fn update(&mut self, batch: &BatchCodes<'_>) -> Result<()> {
+    pub fn update(&mut self, batch: &BatchCodes<'_>) -> AnalysisResult<()> {
         let rows = batch.indptr.len().saturating_sub(1);
         if batch.seq == 0 || !rows.is_multiple_of(batch.seq) {
             bail!("analysis batch of {rows} rows is not a whole number of {}-token contexts", batch.seq);
@@ -355,7 +356,7 @@ struct R<'a>(&'a [u8]);
 impl R<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
         if self.0.len() < n {
-            bail!("checkpoint is truncated");
+            bail_corrupt!("checkpoint is truncated");
         }
         let (a, b) = self.0.split_at(n);
         self.0 = b;
@@ -408,7 +409,7 @@ impl R<'_> {
     fn count(&mut self, n: u64, min_bytes: usize, max: usize, what: &str) -> Result<usize> {
         let n = usize::try_from(n).unwrap_or(usize::MAX);
         if n > max || n.saturating_mul(min_bytes) > self.0.len() {
-            bail!("checkpoint declares {n} {what} (at most {max}, {} bytes left)", self.0.len());
+            bail_corrupt!("checkpoint declares {n} {what} (at most {max}, {} bytes left)", self.0.len());
         }
         Ok(n)
     }
@@ -424,12 +425,14 @@ impl R<'_> {
         for _ in 0..n {
             let o = self.u32()?;
             if o as usize >= len {
-                bail!("checkpoint sample has window offset {o} past its window of {len}");
+                bail_corrupt!("checkpoint sample has window offset {o} past its window of {len}");
             }
             window.push((o as u16, self.f32()?));
         }
         if ctx >= n_contexts || start > pos {
-            bail!("checkpoint sample is inconsistent (context {ctx} of {n_contexts}, start {start}, peak {pos})");
+            bail_corrupt!(
+                "checkpoint sample is inconsistent (context {ctx} of {n_contexts}, start {start}, peak {pos})"
+            );
         }
         Ok(Sample { act, ctx, pos, start, window })
     }
@@ -438,22 +441,22 @@ impl R<'_> {
 /// The part of a checkpoint after its magic, once the magic and the CRC32 are checked.
 fn checked_body(bytes: &[u8]) -> Result<&[u8]> {
     if bytes.get(..8) == Some(CKPT_MAGIC_V1) {
-        bail!("checkpoint written by an older saekit (no checksum); delete it or pass --restart");
+        bail_input!("checkpoint written by an older saekit (no checksum); delete it or pass --restart");
     }
     if bytes.len() < 12 || &bytes[..8] != CKPT_MAGIC {
-        bail!("not a saekit analysis checkpoint");
+        bail_input!("not a saekit analysis checkpoint");
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     let crc = u32::from_le_bytes(crc.try_into()?);
     if crc32fast::hash(body) != crc {
-        bail!("checkpoint is corrupt (CRC32 mismatch); delete it or pass --restart");
+        bail_corrupt!("checkpoint is corrupt (CRC32 mismatch); delete it or pass --restart");
     }
     Ok(&body[8..])
 }
 
 /// The run fingerprint a checkpoint records (checked against its CRC32), so a caller can say which
 /// input changed before refusing it.
-pub fn checkpoint_fingerprint(bytes: &[u8]) -> Result<String> {
+pub fn checkpoint_fingerprint(bytes: &[u8]) -> AnalysisResult<String> {
     let fp = R(checked_body(bytes)?).bytes()?;
     Ok(String::from_utf8_lossy(&fp).into_owned())
 }
@@ -499,11 +502,14 @@ impl FeatureStats {
     /// Parse a checkpoint written by [`to_bytes`](Self::to_bytes). Every count is checked against
     /// the bytes left and against the layout `FeatureStats::new` gives, and the whole file against
     /// its CRC32, before anything is sized from it.
-    pub fn from_bytes(bytes: &[u8], fingerprint: &str) -> Result<FeatureStats> {
+    pub fn from_bytes(bytes: &[u8], fingerprint: &str) -> AnalysisResult<FeatureStats> {
         let mut r = R(checked_body(bytes)?);
         let fp = r.bytes()?;
         if fp != fingerprint.as_bytes() {
-            bail!("checkpoint belongs to another run ({}); delete it or pass --restart", String::from_utf8_lossy(&fp));
+            bail_input!(
+                "checkpoint belongs to another run ({}); delete it or pass --restart",
+                String::from_utf8_lossy(&fp)
+            );
         }
         let opts: StatsOptions = serde_json::from_slice(&r.bytes()?).context("checkpoint options")?;
         let d_sae = r.u64()?;
@@ -514,14 +520,14 @@ impl FeatureStats {
         let shard_size = 256usize.max(d_sae.div_ceil(4096));
         let n_shards = r.u64()?;
         if n_shards != d_sae.div_ceil(shard_size) as u64 {
-            bail!("checkpoint has {n_shards} shards; {d_sae} features make {}", d_sae.div_ceil(shard_size));
+            bail_corrupt!("checkpoint has {n_shards} shards; {d_sae} features make {}", d_sae.div_ceil(shard_size));
         }
         let mut shards = Vec::with_capacity(n_shards as usize);
         for lo in (0..d_sae).step_by(shard_size) {
             let n = shard_size.min(d_sae - lo);
             let (got_lo, got_n) = (r.u32()?, r.u64()?);
             if got_lo as usize != lo || got_n != n as u64 {
-                bail!("checkpoint shard covers features {got_lo}..+{got_n}, expected {lo}..+{n}");
+                bail_corrupt!("checkpoint shard covers features {got_lo}..+{got_n}, expected {lo}..+{n}");
             }
             let mut hist = Vec::with_capacity(n * HIST_BINS);
             for _ in 0..n * HIST_BINS {
@@ -534,7 +540,7 @@ impl FeatureStats {
             shards.push(Shard { lo: lo as u32, feats, hist });
         }
         if !r.0.is_empty() {
-            bail!("checkpoint has {} trailing bytes", r.0.len());
+            bail_corrupt!("checkpoint has {} trailing bytes", r.0.len());
         }
         Ok(FeatureStats { d_sae, opts, n_tokens, n_contexts, shards })
     }

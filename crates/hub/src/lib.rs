@@ -12,15 +12,16 @@
 
 #![warn(missing_docs)]
 
+mod error;
 mod registry;
 
 use std::io::{IsTerminal, Read};
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Repo, RepoType};
 
+pub use error::{HubError, Result};
 pub use registry::{Registry, Release, SaeEntry};
 
 /// One file of a hub repo as the hub lists it.
@@ -66,7 +67,7 @@ impl Hub {
         let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
         let endpoint = endpoint.trim_end_matches('/').to_string();
         builder = builder.with_endpoint(endpoint.clone());
-        let api = builder.build().map_err(|e| anyhow!("cannot set up the hub client: {e}"))?;
+        let api = builder.build().map_err(|e| HubError::Other(anyhow::anyhow!("cannot set up the hub client: {e}")))?;
         Ok(Hub { api, endpoint })
     }
 
@@ -76,12 +77,11 @@ impl Hub {
 
     /// The files of model repo `repo` at `revision` (a branch, tag or commit), with their checksums.
     pub fn list(&self, repo: &str, revision: &str) -> Result<Listing> {
-        let answer =
-            self.repo(repo, revision).info_request().query("blobs", "true").call().map_err(|e| {
-                anyhow!("{repo}: cannot list the repo at {}: {e}{}", self.endpoint, hint(&e.to_string()))
-            })?;
+        let answer = self.repo(repo, revision).info_request().query("blobs", "true").call().map_err(|e| {
+            HubError::Remote(format!("{repo}: cannot list the repo at {}: {e}{}", self.endpoint, hint(&e.to_string())))
+        })?;
         let info: serde_json::Value =
-            answer.into_json().with_context(|| format!("{repo}: the hub's listing is not JSON"))?;
+            answer.into_json().map_err(|e| HubError::Remote(format!("{repo}: the hub's listing is not JSON: {e}")))?;
         parse_listing(repo, &info)
     }
 
@@ -102,7 +102,7 @@ impl Hub {
         tracing::info!("{repo}/{}: downloading", f.path);
         let cached = api_repo.download(&f.path).map_err(|e| {
             let e = e.to_string();
-            anyhow!("{repo}/{}: download from {} failed: {e}{}", f.path, self.endpoint, hint(&e))
+            HubError::Remote(format!("{repo}/{}: download from {} failed: {e}{}", f.path, self.endpoint, hint(&e)))
         })?;
         if let Err(e) = verify(&cached, f, repo) {
             // a blob that fails its checksum must not be taken from the cache by a later run
@@ -110,9 +110,15 @@ impl Hub {
                 let _ = std::fs::remove_file(blob);
             }
             let _ = std::fs::remove_file(&cached);
-            return Err(e.context("the download was deleted; run the command again"));
+            return Err(match e {
+                HubError::Corrupt { file, message } => HubError::Corrupt {
+                    file,
+                    message: format!("{message}; the download was deleted, run the command again"),
+                },
+                e => e,
+            });
         }
-        place(&cached, &out).with_context(|| format!("{}: cannot write the downloaded file", out.display()))?;
+        place(&cached, &out).map_err(HubError::io(&out, "cannot write the downloaded file"))?;
         Ok(out)
     }
 }
@@ -131,15 +137,15 @@ fn hint(error: &str) -> &'static str {
 /// The hub's `GET /api/models/{repo}/revision/{rev}?blobs=true` answer: `sha` and `siblings` with
 /// `rfilename`, `size`, `blobId` and, for LFS files, `lfs.sha256`.
 fn parse_listing(repo: &str, info: &serde_json::Value) -> Result<Listing> {
-    let commit = info["sha"].as_str().with_context(|| format!("{repo}: the hub's listing has no commit (sha)"))?;
-    let siblings = info["siblings"]
-        .as_array()
-        .with_context(|| format!("{repo}: the hub's listing has no file list (siblings)"))?;
+    let malformed = |what: &str| HubError::Remote(format!("{repo}: {what}"));
+    let commit = info["sha"].as_str().ok_or_else(|| malformed("the hub's listing has no commit (sha)"))?;
+    let siblings =
+        info["siblings"].as_array().ok_or_else(|| malformed("the hub's listing has no file list (siblings)"))?;
     let mut files = Vec::with_capacity(siblings.len());
     for s in siblings {
-        let path = s["rfilename"].as_str().with_context(|| format!("{repo}: a listed file has no rfilename"))?;
+        let path = s["rfilename"].as_str().ok_or_else(|| malformed("a listed file has no rfilename"))?;
         if path.is_empty() || !Path::new(path).components().all(|c| matches!(c, Component::Normal(_))) {
-            bail!("{repo}: the hub lists a file outside the repo folder: {path:?}");
+            return Err(malformed(&format!("the hub lists a file outside the repo folder: {path:?}")));
         }
         let hex = |v: &serde_json::Value, len: usize| {
             v.as_str()
@@ -158,19 +164,20 @@ fn parse_listing(repo: &str, info: &serde_json::Value) -> Result<Listing> {
 
 /// Check a downloaded file against its listing: SHA-256 when listed, else the git blob SHA-1, and the size.
 fn verify(path: &Path, f: &HubFile, repo: &str) -> Result<()> {
-    let len = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?.len();
+    let len = std::fs::metadata(path).map_err(HubError::io(path, "cannot read"))?.len();
+    let corrupt = |message: String| HubError::Corrupt { file: format!("{repo}/{}", f.path), message };
     if let Some(size) = f.size.filter(|s| *s != len) {
-        bail!("{repo}/{}: {len} bytes downloaded but the hub lists {size}", f.path);
+        return Err(corrupt(format!("{len} bytes downloaded but the hub lists {size}")));
     }
     if let Some(want) = &f.sha256 {
         let got = hash_file::<sha2::Sha256>(path, &[])?;
         if &got != want {
-            bail!("{repo}/{}: SHA-256 mismatch: the download has {got}, the hub lists {want}", f.path);
+            return Err(corrupt(format!("SHA-256 mismatch: the download has {got}, the hub lists {want}")));
         }
     } else if let Some(want) = &f.git_sha1 {
         let got = hash_file::<sha1::Sha1>(path, format!("blob {len}\0").as_bytes())?;
         if &got != want {
-            bail!("{repo}/{}: git blob SHA-1 mismatch: the download has {got}, the hub lists {want}", f.path);
+            return Err(corrupt(format!("git blob SHA-1 mismatch: the download has {got}, the hub lists {want}")));
         }
     }
     Ok(())
@@ -178,7 +185,7 @@ fn verify(path: &Path, f: &HubFile, repo: &str) -> Result<()> {
 
 /// Lower-case hex digest of `prefix` followed by the file's bytes.
 fn hash_file<D: sha2::Digest>(path: &Path, prefix: &[u8]) -> Result<String> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let file = std::fs::File::open(path).map_err(HubError::io(path, "cannot open"))?;
     hash_reader::<D>(file, path, prefix)
 }
 
@@ -192,7 +199,7 @@ fn hash_reader<D: sha2::Digest>(mut r: impl Read, path: &Path, prefix: &[u8]) ->
     h.update(prefix);
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = r.read(&mut buf).with_context(|| format!("{}: read failed", path.display()))?;
+        let n = r.read(&mut buf).map_err(HubError::io(path, "read failed"))?;
         if n == 0 {
             break;
         }
@@ -203,7 +210,7 @@ fn hash_reader<D: sha2::Digest>(mut r: impl Read, path: &Path, prefix: &[u8]) ->
 
 /// Put the cached file at `out`: a hard link to the cache blob (no second copy of a multi-GB file), or an
 /// atomic copy where the two folders are on different file systems.
-fn place(cached: &Path, out: &Path) -> Result<()> {
+fn place(cached: &Path, out: &Path) -> std::io::Result<()> {
     let blob = cached.canonicalize()?;
     if let Some(parent) = out.parent() {
         std::fs::create_dir_all(parent)?;
@@ -214,10 +221,12 @@ fn place(cached: &Path, out: &Path) -> Result<()> {
     if std::fs::hard_link(&blob, out).is_ok() {
         return Ok(());
     }
+    // saekit-files reports through anyhow; what fails there is the disk
     saekit_files::write_atomic_with(out, |f| {
         std::io::copy(&mut std::fs::File::open(&blob)?, f)?;
         Ok(())
     })
+    .map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

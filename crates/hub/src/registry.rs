@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+
+use crate::{HubError, Result};
 
 /// The releases saekit knows without a `--registry` file: a trimmed copy of SAELens' own list.
 const BUILTIN: &str = include_str!("pretrained_saes.yaml");
@@ -48,18 +49,19 @@ pub struct Registry {
 impl Registry {
     /// The list built into saekit (a trimmed copy of SAELens').
     pub fn builtin() -> Result<Registry> {
-        Self::parse(BUILTIN, "the built-in pretrained_saes.yaml")
+        // the copy compiled in is saekit's own file: failing to parse it is a bug, not the caller's input
+        Self::parse(BUILTIN, "the built-in pretrained_saes.yaml").map_err(|e| HubError::Other(e.into()))
     }
 
     /// A `pretrained_saes.yaml` from SAELens (any version: fields saekit does not read are ignored).
     pub fn load(path: &Path) -> Result<Registry> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(HubError::io(path, "cannot read"))?;
         Self::parse(&text, &path.display().to_string())
     }
 
     fn parse(text: &str, source: &str) -> Result<Registry> {
-        let releases: BTreeMap<String, Release> =
-            serde_yaml::from_str(text).with_context(|| format!("{source}: not a SAELens pretrained_saes.yaml"))?;
+        let releases: BTreeMap<String, Release> = serde_yaml::from_str(text)
+            .map_err(|e| HubError::BadInput(format!("{source}: not a SAELens pretrained_saes.yaml: {e}")))?;
         Ok(Registry { releases })
     }
 
@@ -72,7 +74,7 @@ impl Registry {
     pub fn resolve(&self, release: &str, id: &str) -> Result<(&Release, &SaeEntry)> {
         let Some(r) = self.releases.get(release) else {
             let known: Vec<&str> = self.release_names().collect();
-            bail!("unknown SAE release {release:?}; known: {}", known.join(", "));
+            return Err(HubError::BadInput(format!("unknown SAE release {release:?}; known: {}", known.join(", "))));
         };
         if let Some(e) = r.saes.iter().find(|e| e.id == id) {
             return Ok((r, e));
@@ -80,7 +82,7 @@ impl Registry {
         let stem = id.rsplit_once('/').map_or("", |(s, _)| s);
         let mut near: Vec<&str> = r.saes.iter().map(|e| e.id.as_str()).filter(|i| i.starts_with(stem)).collect();
         near.truncate(12);
-        bail!("release {release:?} has no SAE {id:?}; ids include: {}", near.join(", "))
+        Err(HubError::BadInput(format!("release {release:?} has no SAE {id:?}; ids include: {}", near.join(", "))))
     }
 }
 

@@ -25,6 +25,7 @@ struct LayerKv {
 }
 
 impl KvCache {
+    /// An empty cache for `n_layers` layers of `batch` sequences with `n_kv_heads` key/value heads each.
     pub fn new(n_layers: usize, batch: usize, n_kv_heads: usize) -> Self {
         let layer = LayerKv { k: vec![Vec::new(); batch * n_kv_heads], v: vec![Vec::new(); batch * n_kv_heads] };
         Self {
@@ -54,10 +55,12 @@ impl KvCache {
         self.len
     }
 
+    /// Whether no token is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Sequences the cache holds (the batch of the pass that filled it).
     pub fn batch(&self) -> usize {
         self.batch
     }

@@ -6,11 +6,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use serde::Serialize;
 
+/// The decoder families saekit can run; each has its own block loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     /// Llama-family decoders: Llama 2/3, Mistral, SmolLM/SmolLM2, Qwen2 (with q/k/v biases).
     Llama,
+    /// GPT-2: LayerNorm with bias, learned absolute positions, a GELU MLP.
     Gpt2,
     /// Qwen3: the Llama decoder with RMSNorm on each query and key head, no q/k/v biases.
     Qwen3,
@@ -75,23 +77,36 @@ impl ArchDetails {
     }
 }
 
+/// The shape of a loaded model, read from GGUF metadata or a Hugging Face `config.json` and checked.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelConfig {
+    /// The decoder family.
     pub arch: Arch,
     /// A short human name (`general.name` or the folder name).
     pub name: String,
+    /// Transformer blocks.
     pub n_layers: usize,
+    /// Width of the residual stream.
     pub d_model: usize,
+    /// Query heads per block.
     pub n_heads: usize,
+    /// Key/value heads per block (fewer than `n_heads` with grouped-query attention).
     pub n_kv_heads: usize,
+    /// Width of one attention head.
     pub head_dim: usize,
+    /// Width of the MLP's hidden layer (`d_mlp`).
     pub d_ff: usize,
+    /// Tokens in the vocabulary (rows of the embedding).
     pub vocab_size: usize,
+    /// The longest sequence the model accepts (its context length).
     pub max_positions: usize,
+    /// Base of the rotary embedding's frequencies.
     pub rope_theta: f64,
+    /// Epsilon of the RMSNorm / LayerNorm denominators.
     pub norm_eps: f32,
     /// GGUF llama weights have Q/K rows permuted for the interleaved rotary embedding.
     pub rope_interleaved: bool,
+    /// What only some architectures have (soft-capping, sliding windows, partial rotary, ...).
     pub details: ArchDetails,
 }
 
@@ -113,7 +128,8 @@ fn meta_f(ct: &gguf_file::Content, key: &str) -> Option<f64> {
 }
 
 impl ModelConfig {
-    pub fn from_gguf(ct: &gguf_file::Content, file: &Path) -> Result<Self> {
+    /// The config a GGUF file's metadata declares, checked (`file` names it in errors).
+    pub(crate) fn from_gguf(ct: &gguf_file::Content, file: &Path) -> Result<Self> {
         let arch_name = ct
             .metadata
             .get("general.architecture")
@@ -189,7 +205,8 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    pub fn from_hf_config(path: &Path) -> Result<Self> {
+    /// The config a Hugging Face `config.json` declares, checked.
+    pub(crate) fn from_hf_config(path: &Path) -> Result<Self> {
         let s = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&s).with_context(|| format!("{}: invalid JSON", path.display()))?;
@@ -281,10 +298,12 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Width of all query heads together (`n_heads * head_dim`).
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }
 
+    /// Width of all key (or value) heads together (`n_kv_heads * head_dim`).
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }

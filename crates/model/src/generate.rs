@@ -7,20 +7,28 @@ use serde::Serialize;
 
 use crate::{Hooks, Logits, Model, ModelError, ModelResult};
 
+/// How the next token is picked from the logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampling {
+    /// Always the most likely token.
     Greedy,
     /// Softmax at `temperature`, restricted to the smallest set of tokens whose mass reaches `top_p`.
     TopP {
+        /// Divides the logits before the softmax (below 1 sharpens, above 1 flattens).
         temperature: f32,
+        /// Probability mass the candidate set must reach.
         top_p: f32,
     },
 }
 
+/// What a generation produces and how it picks tokens.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
+    /// Tokens generated at most.
     pub max_new_tokens: usize,
+    /// Greedy or nucleus sampling.
     pub sampling: Sampling,
+    /// Seed of the sampler's RNG: the same seed, prompt and options give the same text.
     pub seed: u64,
     /// Stop at the model's end-of-turn token.
     pub stop_at_eos: bool,
@@ -32,11 +40,16 @@ impl Default for GenerateOptions {
     }
 }
 
+/// A finished generation: the prompt's ids, the new ids and their text.
 #[derive(Debug, Clone, Serialize)]
 pub struct Generation {
+    /// The prompt as tokenized (chat template applied, if it was a chat).
     pub prompt_ids: Vec<u32>,
+    /// The tokens generated, the end-of-turn token excluded.
     pub generated_ids: Vec<u32>,
+    /// The generated tokens decoded.
     pub text: String,
+    /// Whether generation ended at the end-of-turn token rather than at `max_new_tokens`.
     pub stopped_at_eos: bool,
 }
 

@@ -73,6 +73,7 @@ impl HookPoint {
         }
     }
 
+    /// Refuse a hook point past the model's last block (`n_layers` blocks).
     pub fn check(&self, n_layers: usize) -> Result<()> {
         if let Some(l) = self.layer() {
             if l >= n_layers {
@@ -162,11 +163,17 @@ impl FromStr for HookPoint {
 /// wide: `d_model`, except inside the MLP (`mlp.hook_pre`, `mlp.hook_post`), where it is `d_mlp`.
 #[derive(Debug, Clone, Copy)]
 pub struct HookContext {
+    /// The hook point being run.
     pub point: HookPoint,
+    /// Sequences in the pass.
     pub batch: usize,
+    /// Tokens per sequence in this pass.
     pub seq: usize,
+    /// Absolute position of the pass's first token (tokens already in the KV cache).
     pub pos_offset: usize,
+    /// The model's residual width.
     pub d_model: usize,
+    /// Width of each row at this point (`d_model`, or `d_mlp` inside the MLP).
     pub width: usize,
 }
 
@@ -187,6 +194,7 @@ pub struct Hooks<'a> {
 }
 
 impl<'a> Hooks<'a> {
+    /// No hooks: a plain forward pass.
     pub fn new() -> Self {
         Self::default()
     }
@@ -221,10 +229,12 @@ impl<'a> Hooks<'a> {
         self.entries.iter().any(|(p, _)| *p == point)
     }
 
+    /// Whether no hook was added.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// The points hooks were added at, in the order added (repeats kept).
     pub fn points(&self) -> impl Iterator<Item = HookPoint> + '_ {
         self.entries.iter().map(|(p, _)| *p)
     }
@@ -264,8 +274,11 @@ pub(crate) fn run_on_columns(hooks: &mut Hooks, ctx: &HookContext, buf: &mut [f3
 /// at `mlp.hook_pre` / `mlp.hook_post`).
 #[derive(Debug, Default)]
 pub struct ActivationCache {
+    /// Sequences in the pass.
     pub batch: usize,
+    /// Tokens per sequence.
     pub seq: usize,
+    /// The model's residual width.
     pub d_model: usize,
     acts: HashMap<HookPoint, Vec<f32>>,
 }
@@ -275,10 +288,12 @@ impl ActivationCache {
         Self { batch, seq, d_model, acts }
     }
 
+    /// The rows captured at `point`, if it was asked for.
     pub fn get(&self, point: &HookPoint) -> Option<&[f32]> {
         self.acts.get(point).map(|v| v.as_slice())
     }
 
+    /// The rows captured at `point`, moved out of the cache.
     pub fn take(&mut self, point: &HookPoint) -> Option<Vec<f32>> {
         self.acts.remove(point)
     }

@@ -7,6 +7,32 @@
 //!
 //! Must not touch: anything about SAEs, corpora or storage; those crates depend on this one, never the
 //! other way round.
+//!
+//! # Example
+//!
+//! Load the default model (SmolLM2-135M-Instruct, which `saekit fetch-model` downloads), read the residual
+//! stream after block 3 on a prompt, and generate a reply with a steering vector added at that point:
+//!
+//! ```no_run
+//! use saekit_model::{default_model_path, GenerateOptions, HookPoint, Hooks, LoadOptions, Model};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let model = Model::load(&default_model_path(), &LoadOptions::default())?;
+//! let ids = model.tokenizer().encode("The Golden Gate Bridge is", true)?;
+//! let point: HookPoint = "blocks.3.hook_resid_post".parse()?;
+//! let cache = model.run_with_cache(&ids, 1, &[point])?;
+//! let resid = cache.get(&point).expect("the point was asked for");
+//! assert_eq!(resid.len(), ids.len() * model.config().d_model);
+//!
+//! let mut hooks = Hooks::new();
+//! hooks.add_vector(point, resid[..model.config().d_model].to_vec(), 4.0);
+//! let reply = model.generate(&ids, &GenerateOptions::default(), &mut hooks)?;
+//! println!("{}", reply.text);
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
 
 mod attention;
 pub mod config;
@@ -40,6 +66,7 @@ pub use tokenizer::{ChatMessage, Tokenizer};
 /// Which positions a forward pass returns logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
+    /// None: the pass stops after the deepest block a hook needs.
     None,
     /// The last position of each sequence: `[batch, vocab]`.
     Last,
@@ -47,6 +74,7 @@ pub enum Logits {
     All,
 }
 
+/// How to load a model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// A `tokenizer.json` to use instead of the one in the GGUF metadata or the model folder.
@@ -140,10 +168,12 @@ impl Model {
         Ok(Self { config, tokenizer, net, source: path.to_path_buf() })
     }
 
+    /// The model's shape: widths, heads, vocabulary, context length.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
+    /// The model's tokenizer and chat template.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }

@@ -8,8 +8,11 @@ use rayon::prelude::*;
 /// A dense weight matrix stored as `[rows = d_in, cols = d_out]`, row-major.
 #[derive(Debug, Clone)]
 pub struct Matrix {
+    /// Input width (`d_in`).
     pub rows: usize,
+    /// Output width (`d_out`).
     pub cols: usize,
+    /// `rows * cols` values, row-major.
     pub data: Vec<f32>,
 }
 
@@ -167,11 +170,11 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// `x += y`, in parallel over rows of width `d`.
-pub fn add_assign(x: &mut [f32], y: &[f32], d: usize) {
+pub(crate) fn add_assign(x: &mut [f32], y: &[f32], d: usize) {
     x.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(a, b)| *a += b));
 }
 
-pub fn silu(v: f32) -> f32 {
+pub(crate) fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
 }
 
@@ -198,6 +201,7 @@ pub fn softmax(row: &mut [f32]) {
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// Dot product of two equal-length vectors.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators let the compiler keep the FMA pipes busy.
     let mut acc = [0f32; 8];
@@ -220,22 +224,28 @@ pub const ROPE_MAX_POSITIONS: usize = 1 << 17;
 
 /// Precomputed rotary-embedding tables, `[max_pos, head_dim / 2]`.
 #[derive(Debug, Clone)]
-pub struct Rope {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub half: usize,
+pub(crate) struct Rope {
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+    pub(crate) half: usize,
     /// GGUF llama weights pair dimensions (2i, 2i+1); Hugging Face weights pair (i, i + d/2).
-    pub interleaved: bool,
+    pub(crate) interleaved: bool,
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64, max_pos: usize, interleaved: bool) -> Self {
+    pub(crate) fn new(head_dim: usize, theta: f64, max_pos: usize, interleaved: bool) -> Self {
         Self::scaled(head_dim, theta, max_pos, interleaved, None)
     }
 
     /// Tables for `rot_dims` rotating dimensions, with transformers' linear scaling (inverse frequencies
     /// divided by `linear_factor`) when given.
-    pub fn scaled(rot_dims: usize, theta: f64, max_pos: usize, interleaved: bool, linear_factor: Option<f64>) -> Self {
+    pub(crate) fn scaled(
+        rot_dims: usize,
+        theta: f64,
+        max_pos: usize,
+        interleaved: bool,
+        linear_factor: Option<f64>,
+    ) -> Self {
         let head_dim = rot_dims;
         let max_pos = max_pos.min(ROPE_MAX_POSITIONS);
         let half = head_dim / 2;
@@ -254,12 +264,12 @@ impl Rope {
         Self { cos, sin, half, interleaved }
     }
 
-    pub fn max_pos(&self) -> usize {
+    pub(crate) fn max_pos(&self) -> usize {
         self.cos.len() / self.half.max(1)
     }
 
     /// Rotate one head vector at absolute position `pos`.
-    pub fn apply(&self, x: &mut [f32], pos: usize) {
+    pub(crate) fn apply(&self, x: &mut [f32], pos: usize) {
         let c = &self.cos[pos * self.half..(pos + 1) * self.half];
         let s = &self.sin[pos * self.half..(pos + 1) * self.half];
         if self.interleaved {

@@ -21,14 +21,18 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 /// One message of a chat, as chat templates expect it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ChatMessage {
+    /// Who speaks: `system`, `user` or `assistant`.
     pub role: String,
+    /// What they say.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
         Self { role: "user".into(), content: content.into() }
     }
+    /// A system prompt.
     pub fn system(content: impl Into<String>) -> Self {
         Self { role: "system".into(), content: content.into() }
     }
@@ -60,6 +64,7 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| anyhow!("tokenizer failed to decode ids: {e}"))
     }
@@ -78,14 +83,17 @@ impl Tokenizer {
         escape_invalid_utf8(&bytes)
     }
 
+    /// The id of a token given by its vocabulary entry (`<|im_end|>`), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
 
+    /// The beginning-of-sequence token, if the tokenizer has one.
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos_token_id
     }
@@ -105,10 +113,12 @@ impl Tokenizer {
         self.add_bos
     }
 
+    /// Whether `id` is a special or control token (a chat marker, BOS, end of text).
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
     }
 
+    /// The chat template the model file ships (Jinja), if any.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }

@@ -153,7 +153,7 @@ impl ActivationSource for LiveSource<'_> {
     fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
         let lc: saekit_store::live::LiveCursor = serde_json::from_value(c.get("live").cloned().unwrap_or_default())
             .with_context(|| format!("not a live-data position: {c} (was this run trained with --live?)"))?;
-        self.live.seek(&lc)
+        Ok(self.live.seek(&lc)?)
     }
 
     fn describe(&self) -> String {

@@ -81,14 +81,13 @@ impl AppState {
     /// Run a database read on the blocking pool, at most 4 at a time (SQLite reads block).
     async fn with_db<T: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&dyn FeatureStore) -> anyhow::Result<T> + Send + 'static,
+        f: impl FnOnce(&dyn FeatureStore) -> ServeResult<T> + Send + 'static,
     ) -> ServeResult<T> {
         let _permit = self.db_permits.acquire().await.map_err(|_| ServeError::internal("shutting down"))?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(db.as_ref()))
             .await
             .map_err(|e| ServeError::internal(format!("database task failed: {e}")))?
-            .map_err(ServeError::Internal)
     }
 }
 

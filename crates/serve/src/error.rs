@@ -5,6 +5,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use saekit_analysis::AnalysisError;
 use saekit_model::ModelError;
 use saekit_steer::SteerError;
 
@@ -107,6 +108,19 @@ impl From<SteerError> for ServeError {
     }
 }
 
+/// The feature database's sorting: a read it refuses as bad input is the request's fault (422); a damaged
+/// database, a failed read or a bug is the server's (500).
+impl From<AnalysisError> for ServeError {
+    fn from(e: AnalysisError) -> Self {
+        match e {
+            AnalysisError::BadInput(e) => Self::Unprocessable(format!("{e:#}")),
+            e @ (AnalysisError::Corrupt(_) | AnalysisError::Io(_) | AnalysisError::Other(_)) => {
+                Self::Internal(e.into())
+            }
+        }
+    }
+}
+
 /// `Result` with a [`ServeError`].
 pub type ServeResult<T> = std::result::Result<T, ServeError>;
 
@@ -124,6 +138,21 @@ mod tests {
         assert_eq!(steer.status(), StatusCode::UNPROCESSABLE_ENTITY);
         let twice = ServeError::from(SteerError::BadInput("feature 3 is edited more than once".into()));
         assert_eq!(twice.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+
+    #[test]
+    fn database_errors_are_the_request_s_fault_only_when_the_database_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = saekit_analysis::FeatureDb::open(&dir.path().join("features.sqlite")).err().unwrap();
+        let refused = ServeError::from(missing);
+        assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(refused.message().contains("features.sqlite"), "{}", refused.message());
+        let truncated = AnalysisError::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        assert!(matches!(truncated, AnalysisError::Corrupt(_)));
+        assert_eq!(ServeError::from(truncated).status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let denied = AnalysisError::from(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert!(matches!(denied, AnalysisError::Io(_)));
+        assert_eq!(ServeError::from(denied).status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use saekit_analysis::{FeatureRecord, FeatureSummary, MapPoint, SortBy};
 use serde::{Deserialize, Serialize};
 
+use crate::error::ServeResult;
 use crate::store_trait::FeatureStore;
 
 /// A feature database held in memory, read from (and written to) one JSON file.
@@ -82,7 +83,7 @@ pub fn top_tokens(f: &FeatureRecord, n: usize) -> Vec<String> {
 }
 
 impl FeatureStore for MemoryDb {
-    fn info(&self) -> Result<serde_json::Value> {
+    fn info(&self) -> ServeResult<serde_json::Value> {
         Ok(self.info.clone())
     }
 
@@ -90,11 +91,11 @@ impl FeatureStore for MemoryDb {
         self.features.len() as u32
     }
 
-    fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
+    fn feature(&self, id: u32) -> ServeResult<Option<FeatureRecord>> {
         Ok(self.features.get(id as usize).cloned())
     }
 
-    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
+    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> ServeResult<Vec<FeatureSummary>> {
         let mut idx: Vec<&FeatureRecord> = self.features.iter().collect();
         match sort {
             SortBy::Id => {}
@@ -107,7 +108,7 @@ impl FeatureStore for MemoryDb {
         Ok(idx.into_iter().skip(offset).take(limit).map(Self::summary).collect())
     }
 
-    fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
+    fn search(&self, query: &str, limit: usize) -> ServeResult<Vec<FeatureSummary>> {
         let q = query.trim().to_lowercase();
         if q.is_empty() {
             return Ok(Vec::new());
@@ -135,7 +136,7 @@ impl FeatureStore for MemoryDb {
         Ok(hits.into_iter().take(limit).map(|(_, f)| Self::summary(f)).collect())
     }
 
-    fn map(&self) -> Result<Vec<MapPoint>> {
+    fn map(&self) -> ServeResult<Vec<MapPoint>> {
         Ok(self
             .features
             .iter()

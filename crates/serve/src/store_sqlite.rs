@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use saekit_analysis::{FeatureDb, FeatureRecord, FeatureSummary, MapPoint, SortBy};
 
+use crate::error::{ServeError, ServeResult};
 use crate::store_trait::FeatureStore;
 
 /// The SQLite feature database, read through `saekit_analysis`' read API.
@@ -24,8 +25,8 @@ impl SqliteStore {
 }
 
 impl FeatureStore for SqliteStore {
-    fn info(&self) -> Result<serde_json::Value> {
-        let mut v = serde_json::to_value(self.db.info()?)?;
+    fn info(&self) -> ServeResult<serde_json::Value> {
+        let mut v = serde_json::to_value(self.db.info()?).map_err(ServeError::internal)?;
         // the pages read `hook_name`, as the SAE's metadata calls it
         if let Some(h) = v.get("hook").cloned() {
             v["hook_name"] = h;
@@ -37,19 +38,19 @@ impl FeatureStore for SqliteStore {
         self.n
     }
 
-    fn feature(&self, id: u32) -> Result<Option<FeatureRecord>> {
-        self.db.feature(id)
+    fn feature(&self, id: u32) -> ServeResult<Option<FeatureRecord>> {
+        Ok(self.db.feature(id)?)
     }
 
-    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>> {
-        self.db.list(sort, descending, offset, limit)
+    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> ServeResult<Vec<FeatureSummary>> {
+        Ok(self.db.list(sort, descending, offset, limit)?)
     }
 
-    fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>> {
-        self.db.search(query, limit)
+    fn search(&self, query: &str, limit: usize) -> ServeResult<Vec<FeatureSummary>> {
+        Ok(self.db.search(query, limit)?)
     }
 
-    fn map(&self) -> Result<Vec<MapPoint>> {
-        self.db.map()
+    fn map(&self) -> ServeResult<Vec<MapPoint>> {
+        Ok(self.db.map()?)
     }
 }

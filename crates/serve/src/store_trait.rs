@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use saekit_analysis::{FeatureRecord, FeatureSummary, MapPoint, SortBy};
 
+use crate::error::ServeResult;
 use crate::store_json::MemoryDb;
 use crate::store_sqlite::SqliteStore;
 
@@ -16,17 +17,17 @@ use crate::store_sqlite::SqliteStore;
 /// request threads at once.
 pub trait FeatureStore: Send + Sync {
     /// Free-form facts about the database (SAE, hook, tokens analysed), shown on the home page.
-    fn info(&self) -> Result<serde_json::Value>;
+    fn info(&self) -> ServeResult<serde_json::Value>;
     /// Number of features; valid ids are `0..n_features`.
     fn n_features(&self) -> u32;
     /// Feature `id` as its page shows it; `None` when the database lacks it.
-    fn feature(&self, id: u32) -> Result<Option<FeatureRecord>>;
+    fn feature(&self, id: u32) -> ServeResult<Option<FeatureRecord>>;
     /// `limit` feature summaries from `offset`, in `sort` order.
-    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> Result<Vec<FeatureSummary>>;
+    fn list(&self, sort: SortBy, descending: bool, offset: usize, limit: usize) -> ServeResult<Vec<FeatureSummary>>;
     /// Features whose LLM explanations, top tokens or contexts contain `query` (case-insensitive).
-    fn search(&self, query: &str, limit: usize) -> Result<Vec<FeatureSummary>>;
+    fn search(&self, query: &str, limit: usize) -> ServeResult<Vec<FeatureSummary>>;
     /// Every feature's place on the feature map.
-    fn map(&self) -> Result<Vec<MapPoint>>;
+    fn map(&self) -> ServeResult<Vec<MapPoint>>;
 }
 
 /// Open a feature database by its file: `.json` is a [`MemoryDb`] export, anything else SQLite.

@@ -8,11 +8,14 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+
+use crate::error::{bad_input, StoreResult};
 use serde::{Deserialize, Serialize};
 
 /// One document of a corpus.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Document {
+    /// The document's text, whole.
     pub text: String,
     /// Where it came from: the JSONL `src`/`source` field, else `file:line`.
     pub source: String,
@@ -22,6 +25,7 @@ pub struct Document {
     pub lang: Option<String>,
 }
 
+/// How to read a corpus.
 #[derive(Clone, Debug)]
 pub struct CorpusOptions {
     /// JSONL / Parquet field holding the text.
@@ -39,13 +43,21 @@ impl Default for CorpusOptions {
 /// What a read produced and what it had to drop.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ReadStats {
+    /// Input files opened.
     pub files: u64,
+    /// Documents handed to the sink.
     pub docs: u64,
+    /// Bytes of text in those documents.
     pub bytes: u64,
+    /// Rows (or files) dropped because their text is not valid UTF-8.
     pub bad_utf8: u64,
+    /// JSONL lines dropped because they do not parse.
     pub bad_json: u64,
+    /// Rows dropped because they lack the text field.
     pub missing_field: u64,
+    /// Rows dropped because their text is empty or whitespace.
     pub empty: u64,
+    /// Files that could not be opened or decoded at all (counted, named in `examples`, skipped).
     pub unreadable_files: u64,
     /// Undecodable Parquet pages (the rest of that file is skipped).
     pub corrupt: u64,
@@ -54,6 +66,7 @@ pub struct ReadStats {
 }
 
 impl ReadStats {
+    /// Rows dropped for any reason (unreadable files not included).
     pub fn bad_rows(&self) -> u64 {
         self.bad_utf8 + self.bad_json + self.missing_field + self.empty + self.corrupt
     }
@@ -140,18 +153,18 @@ pub const MAX_DOC_BYTES: usize = 64 << 20;
 /// All input files under `inputs`, folders walked recursively in sorted order (hidden entries skipped).
 /// Symbolic links are followed, but a folder reached twice (a link loop, or a second link to it)
 /// is an error: walking it again would never end, or count its documents twice.
-pub fn list_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub fn list_inputs(inputs: &[PathBuf]) -> StoreResult<Vec<PathBuf>> {
     type Seen = std::collections::HashMap<(u64, u64), PathBuf>;
     fn walk(p: &Path, out: &mut Vec<PathBuf>, seen: &mut Seen) -> Result<()> {
         let meta = std::fs::metadata(p).with_context(|| format!("input {} does not exist", p.display()))?;
         if meta.is_dir() {
             use std::os::unix::fs::MetadataExt;
             if let Some(first) = seen.insert((meta.dev(), meta.ino()), p.to_path_buf()) {
-                bail!(
+                return Err(bad_input!(
                     "{}: this folder was already read as {} (a symbolic link loop or a second link to it)",
                     p.display(),
                     first.display()
-                );
+                ));
             }
             let mut ents: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("cannot list {}", p.display()))?
@@ -186,13 +199,11 @@ pub fn read_corpus(
     inputs: &[PathBuf],
     opts: &CorpusOptions,
     mut sink: impl FnMut(Document) -> Result<()>,
-) -> Result<ReadStats> {
+) -> StoreResult<ReadStats> {
     let files = list_inputs(inputs)?;
     if files.is_empty() {
-        bail!(
-            "no input files found under {}",
-            inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
+        let listed = inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        return Err(bad_input!("no input files found under {listed}").into());
     }
     let mut st = ReadStats::default();
     for f in files {
@@ -207,14 +218,15 @@ pub fn read_corpus(
             Format::Parquet => read_parquet(&f, opts, &mut st, &mut sink),
         };
         if let Err(e) = r {
-            if let Some(SinkError(inner)) = e.downcast_ref::<SinkError>() {
-                if inner.downcast_ref::<StopReading>().is_some() {
-                    return Ok(st);
+            match e.downcast::<SinkError>() {
+                // the sink's own error, kind and all: it is the caller's, not a bad file
+                Ok(SinkError(inner)) if inner.is::<StopReading>() => return Ok(st),
+                Ok(SinkError(inner)) => return Err(inner.into()),
+                Err(e) => {
+                    tracing::warn!("{}: {e:#}", f.display());
+                    st.bad("unreadable file", format!("{} ({e:#})", f.display()));
                 }
-                return Err(e);
             }
-            tracing::warn!("{}: {e:#}", f.display());
-            st.bad("unreadable file", format!("{} ({e:#})", f.display()));
         }
     }
     Ok(st)

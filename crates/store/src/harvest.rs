@@ -9,26 +9,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use saekit_model::{HookPoint, Model};
 
+use crate::error::{ensure_input, Kind, StoreResult};
 use crate::store::{ActivationWriter, Dtype, ModelInfo, SourceInfo, StoreConfig, StoreManifest};
 use crate::tokens::{TokenDataset, TokenizeOptions};
 
+/// What to harvest and how: hook points, token budget, split, storage type.
 #[derive(Clone, Debug)]
 pub struct HarvestOptions {
+    /// Hook points whose activations are stored (each `d_model` wide).
     pub hooks: Vec<HookPoint>,
     /// Tokens to store (rounded up to whole contexts, capped by the split).
     pub tokens: u64,
+    /// The tokenized dataset's split to read (`train` or `validation`).
     pub split: String,
     /// First context of the split to use (e.g. to harvest a disjoint second store).
     pub first_context: u64,
     /// Contexts per forward pass.
     pub batch: usize,
+    /// How the activations are stored on disk.
     pub dtype: Dtype,
+    /// Contexts per shard file.
     pub contexts_per_shard: usize,
     /// Mark rows above this multiple of the shard's median norm (`marks::OUTLIER`).
     pub outlier_factor: Option<f32>,
+    /// Draw a progress bar with ETA on stderr.
     pub progress: bool,
     /// Set (by a SIGINT/SIGTERM handler) to stop after the forward pass in flight. Shards already
     /// listed stay; the contexts buffered for the next shard are recomputed on resume, so a resumed
@@ -80,21 +87,21 @@ pub fn tokenizer_fingerprint(model: &Model) -> String {
     format!("vocab{n}-{}", saekit_files::fingerprint_bytes([bytes.as_slice(), specials.as_bytes()]))
 }
 
-/// Tokens made by one tokenizer are meaningless to a model with another: refuse them, naming both.
-/// Datasets from before the fingerprint was recorded pass with a warning.
 /// Refuse a hook point a store cannot hold: stores keep `d_model`-wide rows, and the MLP's hidden points
 /// (`mlp.hook_pre`, `mlp.hook_post`) are `d_mlp` wide.
 pub(crate) fn check_store_hook(model: &Model, h: HookPoint) -> Result<()> {
-    h.check(model.config().n_layers)?;
+    h.check(model.config().n_layers).map_err(|e| Kind::BadInput.mark(e))?;
     let (d, d_mlp) = (model.config().d_model, model.config().d_ff);
-    ensure!(
+    ensure_input!(
         h.width(d, d_mlp) == d,
         "{h} is {d_mlp} wide (d_mlp); activation stores and live rows hold d_model ({d}) wide rows"
     );
     Ok(())
 }
 
-pub fn check_tokenizer(model: &Model, model_label: &str, data: &TokenDataset) -> Result<()> {
+/// Tokens made by one tokenizer are meaningless to a model with another: refuse them, naming both.
+/// Datasets from before the fingerprint was recorded pass with a warning.
+pub fn check_tokenizer(model: &Model, model_label: &str, data: &TokenDataset) -> StoreResult<()> {
     let recorded = &data.manifest().options.tokenizer_fingerprint;
     let ours = tokenizer_fingerprint(model);
     if recorded.is_empty() {
@@ -105,7 +112,7 @@ pub fn check_tokenizer(model: &Model, model_label: &str, data: &TokenDataset) ->
         );
         return Ok(());
     }
-    ensure!(
+    ensure_input!(
         *recorded == ours,
         "{}: tokens made by tokenizer {recorded} ({}), but model {} has tokenizer {ours}; tokenize again with this model",
         data.dir().display(),
@@ -139,10 +146,10 @@ pub fn harvest(
     data: &TokenDataset,
     out: &Path,
     opts: &HarvestOptions,
-) -> Result<StoreManifest> {
+) -> StoreResult<StoreManifest> {
     let cfg = model.config();
-    ensure!(!opts.hooks.is_empty(), "no hook points given");
-    ensure!(opts.batch > 0, "batch must be > 0");
+    ensure_input!(!opts.hooks.is_empty(), "no hook points given");
+    ensure_input!(opts.batch > 0, "batch must be > 0");
     for h in &opts.hooks {
         check_store_hook(model, *h)?;
     }
@@ -150,7 +157,7 @@ pub fn harvest(
     let ctx = split.context_len();
     let avail = split.n_contexts().saturating_sub(opts.first_context);
     let want = opts.tokens.div_ceil(ctx as u64);
-    ensure!(
+    ensure_input!(
         avail > 0,
         "split {:?} of {} has no contexts from {}",
         opts.split,

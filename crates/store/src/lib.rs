@@ -48,7 +48,10 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod corpus;
+mod error;
 #[cfg(feature = "model")]
 pub mod harvest;
 #[cfg(feature = "model")]
@@ -58,6 +61,7 @@ pub mod store;
 pub mod tokens;
 
 pub use corpus::{read_corpus, CorpusOptions, Document, ReadStats};
+pub use error::{StoreError, StoreResult};
 pub use reader::{ActivationReader, ReaderCursor, ReaderOptions};
 pub use store::{
     marks, remove_store, sink_rule_text, ActivationStore, ActivationWriter, Dtype, HookStats, ModelInfo, OpenOptions,

@@ -10,25 +10,30 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use saekit_model::{HookPoint, Model};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{bad_input, ensure_input, StoreResult};
 use crate::harvest::{check_store_hook, check_tokenizer, sink_tokens, tokenizer_fingerprint};
 use crate::tokens::{TokenDataset, TokenSplit};
 
+/// What a live source reads: the hook, the split and how rows are batched and shuffled.
 #[derive(Clone, Debug)]
 pub struct LiveOptions {
+    /// The hook point whose rows are served.
     pub hook: HookPoint,
+    /// The tokenized dataset's split to read.
     pub split: String,
     /// Contexts per forward pass.
     pub batch: usize,
     /// Tokens per shuffle block (rounded up to whole contexts). Rows are mixed within a block, and
     /// a block's f32 rows are held in memory (65,536 tokens x 576 = 151 MB for SmolLM2).
     pub block_tokens: usize,
+    /// Seed of the context order and the in-block shuffle.
     pub seed: u64,
     /// Rows of recent blocks kept for seeks back (the trainer reads its first 65,536 rows to fix the
     /// input scale, then seeks back to the start): a seek within them costs no forward pass.
@@ -52,14 +57,21 @@ impl Default for LiveOptions {
 /// with other data or options.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LiveCursor {
+    /// Passes over the split completed.
     pub epoch: u64,
+    /// The shuffle block being served within the epoch.
     pub block: u64,
     /// Rows of the block already handed out.
     pub served: u64,
+    /// The seed the order was drawn with.
     pub seed: u64,
+    /// The hook point the rows are from.
     pub hook: String,
+    /// The split the contexts are from.
     pub split: String,
+    /// Contexts in the split.
     pub n_contexts: u64,
+    /// Contexts per shuffle block.
     pub block_contexts: u64,
 }
 
@@ -92,19 +104,22 @@ pub struct LiveActivations<'m> {
 }
 
 impl<'m> LiveActivations<'m> {
-    pub fn new(model: &'m Model, data: &TokenDataset, opts: LiveOptions) -> Result<LiveActivations<'m>> {
+    /// A live source over `data`'s split, run through `model`: checks the hook is `d_model` wide, the split
+    /// has contexts, and the dataset was tokenized by this model's tokenizer.
+    pub fn new(model: &'m Model, data: &TokenDataset, opts: LiveOptions) -> StoreResult<LiveActivations<'m>> {
         let cfg = model.config();
         check_store_hook(model, opts.hook)?;
-        ensure!(opts.batch > 0, "the forward batch must be at least one context");
+        ensure_input!(opts.batch > 0, "the forward batch must be at least one context");
         let split = data.split(&opts.split)?;
-        ensure!(split.n_contexts() > 0, "split {:?} of {} has no contexts", opts.split, data.dir().display());
+        ensure_input!(split.n_contexts() > 0, "split {:?} of {} has no contexts", opts.split, data.dir().display());
         let vocab = cfg.vocab_size as u32;
         // A dataset tokenized for another model would run silently on wrong embeddings.
         if let Some(bad) = split.context(0).iter().find(|&&t| t >= vocab) {
-            anyhow::bail!(
+            return Err(bad_input!(
                 "{}: token id {bad} is outside the model's vocabulary ({vocab}); was it tokenized for another model?",
                 data.dir().display()
-            );
+            )
+            .into());
         }
         check_tokenizer(model, &cfg.name, data)?;
         let ctx = split.context_len();
@@ -155,18 +170,22 @@ impl<'m> LiveActivations<'m> {
         &self.data_fingerprint
     }
 
+    /// Width of each row.
     pub fn d_model(&self) -> usize {
         self.d_model
     }
 
+    /// Contexts in the split.
     pub fn n_contexts(&self) -> u64 {
         self.split.n_contexts()
     }
 
+    /// Tokens per context.
     pub fn context_len(&self) -> usize {
         self.split.context_len()
     }
 
+    /// Shuffle blocks per pass over the split.
     pub fn blocks_per_epoch(&self) -> u64 {
         self.split.n_contexts().div_ceil(self.block_contexts)
     }
@@ -176,6 +195,7 @@ impl<'m> LiveActivations<'m> {
         (self.forward_seconds, self.forward_tokens)
     }
 
+    /// Where the source stands now, to save with a checkpoint.
     pub fn cursor(&self) -> LiveCursor {
         LiveCursor {
             epoch: self.epoch,
@@ -189,9 +209,10 @@ impl<'m> LiveActivations<'m> {
         }
     }
 
-    pub fn seek(&mut self, c: &LiveCursor) -> Result<()> {
+    /// Continue from a saved cursor; refused when it was recorded for other data or options.
+    pub fn seek(&mut self, c: &LiveCursor) -> StoreResult<()> {
         let mine = self.cursor();
-        ensure!(
+        ensure_input!(
             c.seed == mine.seed
                 && c.hook == mine.hook
                 && c.split == mine.split
@@ -201,19 +222,19 @@ impl<'m> LiveActivations<'m> {
             c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
             mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
         );
-        ensure!(c.block < self.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
+        ensure_input!(c.block < self.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
         self.epoch = c.epoch;
         self.block = c.block;
         self.served = c.served;
         let rows = self.current_block()?.len() as u64 / self.d_model as u64;
-        ensure!(c.served <= rows, "live cursor: {} rows served of a block of {rows}", c.served);
+        ensure_input!(c.served <= rows, "live cursor: {} rows served of a block of {rows}", c.served);
         Ok(())
     }
 
     /// Fill `out` (whole rows of `d_model`) with the next rows.
-    pub fn next_rows(&mut self, out: &mut [f32]) -> Result<()> {
+    pub fn next_rows(&mut self, out: &mut [f32]) -> StoreResult<()> {
         let d = self.d_model;
-        ensure!(out.len().is_multiple_of(d), "output length {} is not a multiple of d_model {d}", out.len());
+        ensure_input!(out.len().is_multiple_of(d), "output length {} is not a multiple of d_model {d}", out.len());
         let want = out.len() / d;
         let mut done = 0;
         while done < want {
@@ -247,7 +268,7 @@ impl<'m> LiveActivations<'m> {
             return Ok(&self.cache[i].rows);
         }
         let rows = self.compute_block(epoch, block)?;
-        ensure!(
+        ensure_input!(
             !rows.is_empty(),
             "block {block} of epoch {epoch} has no rows left after skipping position 0 and end-of-text tokens"
         );

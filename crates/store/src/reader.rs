@@ -5,13 +5,14 @@
 //! copied into a buffer (the shards are memory-mapped), so the state is two integers, `(epoch, offset)`,
 //! and a cursor resumes exactly: the window containing `offset` is rebuilt from the seed.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Context;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{ensure_input, StoreResult};
 use crate::store::{marks, row_bytes, ActivationStore};
 
 /// How to read a store.
@@ -21,6 +22,7 @@ pub struct ReaderOptions {
     pub hook: String,
     /// Rows per batch.
     pub batch_tokens: usize,
+    /// Seed of the shuffled order.
     pub seed: u64,
     /// Minimum rows mixed together (a window of whole shards). Larger mixes better; it costs no memory
     /// beyond one u64 per row of the window, the data stays in the page cache.
@@ -29,6 +31,7 @@ pub struct ReaderOptions {
     pub shuffle: bool,
     /// Skip rows whose mark intersects `skip_mask` (position 0, BOS, end-of-text by default).
     pub skip_marked: bool,
+    /// The marks that make a row skipped (`marks::ALL` by default).
     pub skip_mask: u8,
 }
 
@@ -49,14 +52,19 @@ impl Default for ReaderOptions {
 /// Where a reader stands; store it in a training checkpoint and pass it back to resume exactly.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReaderCursor {
+    /// Passes over the store completed.
     pub epoch: u64,
     /// Rows already served in this epoch.
     pub offset: u64,
     /// Fingerprint of what produced the order; resuming with anything else is refused.
     pub seed: u64,
+    /// The hook read.
     pub hook: String,
+    /// Rows per epoch.
     pub rows_per_epoch: u64,
+    /// The shuffle window, in rows.
     pub shuffle_buffer: u64,
+    /// Whether the order was shuffled.
     pub shuffle: bool,
 }
 
@@ -87,12 +95,18 @@ pub struct ActivationReader {
 }
 
 impl ActivationReader {
-    pub fn new(store: &ActivationStore, opts: ReaderOptions, cursor: Option<ReaderCursor>) -> Result<ActivationReader> {
+    /// A reader over `store`, from the start or from `cursor` (refused when it was recorded for another
+    /// store or other options).
+    pub fn new(
+        store: &ActivationStore,
+        opts: ReaderOptions,
+        cursor: Option<ReaderCursor>,
+    ) -> StoreResult<ActivationReader> {
         let m = store.manifest();
         let hook_index =
             m.hook_index(&opts.hook).with_context(|| format!("{}", store.dir().join("manifest.json").display()))?;
         let hook = m.config.hooks[hook_index].clone();
-        ensure!(opts.batch_tokens > 0, "batch_tokens must be > 0");
+        ensure_input!(opts.batch_tokens > 0, "batch_tokens must be > 0");
         let skip = if opts.skip_marked { opts.skip_mask } else { 0 };
         let kept: Vec<Vec<u32>> = (0..store.n_shards())
             .into_par_iter()
@@ -102,7 +116,7 @@ impl ActivationReader {
             })
             .collect();
         let rows_per_epoch: u64 = kept.iter().map(|k| k.len() as u64).sum();
-        ensure!(rows_per_epoch > 0, "the store in {} has no rows to read for hook {hook}", store.dir().display());
+        ensure_input!(rows_per_epoch > 0, "the store in {} has no rows to read for hook {hook}", store.dir().display());
         let mut r = ActivationReader {
             store: store.clone(),
             d_model: m.config.d_model,
@@ -120,7 +134,7 @@ impl ActivationReader {
         };
         if let Some(c) = cursor {
             let mine = r.cursor();
-            ensure!(
+            ensure_input!(
                 c.seed == mine.seed
                     && c.hook == mine.hook
                     && c.rows_per_epoch == mine.rows_per_epoch
@@ -128,7 +142,7 @@ impl ActivationReader {
                     && c.shuffle == mine.shuffle,
                 "the reader cursor was recorded for another store or other reader options (cursor: {c:?}; now: {mine:?})"
             );
-            ensure!(
+            ensure_input!(
                 c.offset <= r.rows_per_epoch,
                 "cursor offset {} is past the epoch ({} rows)",
                 c.offset,
@@ -140,12 +154,15 @@ impl ActivationReader {
         Ok(r)
     }
 
+    /// Width of each row.
     pub fn d_model(&self) -> usize {
         self.d_model
     }
+    /// Passes over the store completed.
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+    /// Rows per batch.
     pub fn batch_tokens(&self) -> usize {
         self.opts.batch_tokens
     }
@@ -153,6 +170,7 @@ impl ActivationReader {
     pub fn rows_per_epoch(&self) -> u64 {
         self.rows_per_epoch
     }
+    /// The hook read.
     pub fn hook(&self) -> &str {
         &self.hook
     }
@@ -163,6 +181,7 @@ impl ActivationReader {
         &self.picks
     }
 
+    /// Where the reader stands now, to save with a checkpoint.
     pub fn cursor(&self) -> ReaderCursor {
         ReaderCursor {
             epoch: self.epoch,
@@ -242,10 +261,10 @@ impl ActivationReader {
     }
 
     /// Fill `out` (`batch_tokens × d_model`) with the next rows, wrapping into the next epoch as needed.
-    pub fn next_batch(&mut self, out: &mut [f32]) -> Result<()> {
+    pub fn next_batch(&mut self, out: &mut [f32]) -> StoreResult<()> {
         let d = self.d_model;
         let b = self.opts.batch_tokens;
-        ensure!(
+        ensure_input!(
             out.len() == b * d,
             "next_batch: output has {} values, expected batch_tokens {} x d_model {}",
             out.len(),

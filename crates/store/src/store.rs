@@ -18,15 +18,19 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result};
 use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{bad_input, corrupt, ensure_input, ensure_intact, Kind, StoreResult};
 use saekit_files::{read_json, sync_dir, write_atomic_with, write_json_atomic};
 
+/// The manifest's file name inside a store folder.
 pub const MANIFEST: &str = "manifest.json";
+/// The manifest's `format`: what tells an activation store from other folders.
 pub const STORE_FORMAT: &str = "saekit-activations";
+/// The manifest version this saekit writes and reads.
 pub const STORE_VERSION: u32 = 1;
 const SHARD_MAGIC: &[u8; 8] = b"SAEKACT1";
 const HEADER_BYTES: usize = 64;
@@ -44,6 +48,7 @@ pub mod marks {
     /// measurement (in SmolLM2 a few tokens away from position 0 carry ~100× the median norm and most of
     /// the variance; which ones depends on the text, so no token id is assumed to be one).
     pub const OUTLIER: u8 = 8;
+    /// Every mark: skip any marked row.
     pub const ALL: u8 = POS0 | BOS | EOT | OUTLIER;
 }
 
@@ -51,13 +56,17 @@ pub mod marks {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
+    /// 32-bit IEEE floats: exact, twice the size of the others.
     F32,
+    /// 16-bit IEEE floats: finer than bf16, but values above 65504 do not fit (refused on write).
     F16,
+    /// bfloat16: f32's range with 8 bits of mantissa, the default.
     #[default]
     Bf16,
 }
 
 impl Dtype {
+    /// Bytes per stored value.
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
@@ -116,13 +125,13 @@ impl Dtype {
 }
 
 impl std::str::FromStr for Dtype {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
+    type Err = crate::StoreError;
+    fn from_str(s: &str) -> StoreResult<Self> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(Dtype::F32),
             "f16" | "float16" => Ok(Dtype::F16),
             "bf16" | "bfloat16" => Ok(Dtype::Bf16),
-            _ => bail!("unknown dtype {s:?} (expected f32, f16 or bf16)"),
+            _ => Err(bad_input!("unknown dtype {s:?} (expected f32, f16 or bf16)").into()),
         }
     }
 }
@@ -168,6 +177,7 @@ impl ShardLayout {
 pub struct SourceInfo {
     /// The tokenized dataset directory (or a free-form description).
     pub tokens: String,
+    /// The split of the dataset.
     pub split: String,
     /// Index of the first context of the split used by this store.
     pub first_context: u64,
@@ -180,19 +190,28 @@ pub struct SourceInfo {
 /// Model facts recorded in the manifest.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
+    /// The model's name.
     pub name: String,
+    /// The model file or folder the activations came from.
     pub path: String,
+    /// The model's blocks.
     pub n_layers: usize,
+    /// The model's residual width.
     pub d_model: usize,
+    /// The model's vocabulary size.
     pub vocab_size: usize,
 }
 
 /// Everything that defines a store; a resumed harvest must present the same config.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StoreConfig {
+    /// The model the activations came from.
     pub model: ModelInfo,
+    /// The hook points stored, in the order of each shard's activation blocks.
     pub hooks: Vec<String>,
+    /// Width of each row.
     pub d_model: usize,
+    /// How values are stored.
     pub dtype: Dtype,
     /// Tokens per context (rows per context).
     pub context: usize,
@@ -207,6 +226,7 @@ pub struct StoreConfig {
     /// Mark rows whose norm exceeds this multiple of the shard median (`marks::OUTLIER`); the reference
     /// harvest drops the same rows (10 × median). `None` disables.
     pub outlier_factor: Option<f32>,
+    /// The tokens the activations are of.
     pub source: SourceInfo,
     /// Fingerprint of the tokenizer vocabulary the tokens were made with (empty: unknown).
     #[serde(default)]
@@ -236,15 +256,22 @@ pub fn sink_rule_text(bos: Option<u32>, eot: &[u32], outlier_factor: Option<f32>
     parts.join("; ")
 }
 
+/// One shard file as the manifest lists it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ShardEntry {
+    /// The file's name inside the store folder (`shard-NNNNNN.bin`).
     pub file: String,
+    /// Rows (tokens) in the shard.
     pub n_rows: u64,
+    /// Contexts in the shard.
     pub n_contexts: u64,
     /// Index (within the store) of the shard's first context.
     pub first_context: u64,
+    /// Rows with any mark.
     pub n_marked: u64,
+    /// The file's size.
     pub bytes: u64,
+    /// CRC32 of the whole file, checked on open.
     pub crc32: u32,
     /// Per hook (manifest order): the median norm of the rows not marked by position or token, the base
     /// of the outlier threshold (empty in stores written before it was recorded).
@@ -260,6 +287,7 @@ pub struct ShardEntry {
 pub struct HookStats {
     /// Unmarked rows the statistics cover.
     pub n_rows: u64,
+    /// Per-dimension mean.
     pub mean: Vec<f32>,
     /// Per-dimension variance (population).
     pub var: Vec<f32>,
@@ -269,21 +297,31 @@ pub struct HookStats {
     pub mean_norm: f64,
     /// Mean squared L2 norm of rows (SAELens `expected_average_only_in` wants √d / √this).
     pub mean_sq_norm: f64,
+    /// Largest L2 norm of an unmarked row.
     pub max_norm: f64,
+    /// Marked rows seen (not in the statistics above).
     pub marked_rows: u64,
+    /// Mean L2 norm of the marked rows.
     pub marked_mean_norm: f64,
+    /// Largest L2 norm of a marked row.
     pub marked_max_norm: f64,
     /// Exact running sums, so a resumed harvest continues the statistics bit for bit.
     #[serde(default)]
     pub sums: StatSums,
 }
 
+/// The exact sums behind [`HookStats`], in f64.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct StatSums {
+    /// Per-dimension sum of the unmarked rows.
     pub sum: Vec<f64>,
+    /// Per-dimension sum of squares of the unmarked rows.
     pub sum_sq: Vec<f64>,
+    /// Sum of the unmarked rows' L2 norms.
     pub norm: f64,
+    /// Sum of the unmarked rows' squared L2 norms.
     pub sq_norm: f64,
+    /// Sum of the marked rows' L2 norms.
     pub marked_norm: f64,
 }
 
@@ -360,15 +398,22 @@ impl HookStats {
 /// `manifest.json` of an activation store.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StoreManifest {
+    /// Always [`STORE_FORMAT`].
     pub format: String,
+    /// [`STORE_VERSION`] when written.
     pub version: u32,
+    /// What defines the store (flattened into the manifest's top level).
     #[serde(flatten)]
     pub config: StoreConfig,
+    /// Rows stored, over all shards.
     pub n_tokens: u64,
+    /// Contexts stored, over all shards.
     pub n_contexts: u64,
+    /// Rows with any mark, over all shards.
     pub n_marked: u64,
     /// True once the writer reached its target and closed the store.
     pub complete: bool,
+    /// The shard files, in order.
     pub shards: Vec<ShardEntry>,
     /// Statistics per hook name.
     pub stats: BTreeMap<String, HookStats>,
@@ -378,15 +423,19 @@ pub struct StoreManifest {
 }
 
 impl StoreManifest {
+    /// Width of each row.
     pub fn d_model(&self) -> usize {
         self.config.d_model
     }
+    /// The hook points stored.
     pub fn hooks(&self) -> &[String] {
         &self.config.hooks
     }
+    /// How values are stored.
     pub fn dtype(&self) -> Dtype {
         self.config.dtype
     }
+    /// Rows stored.
     pub fn n_tokens(&self) -> u64 {
         self.n_tokens
     }
@@ -422,20 +471,18 @@ impl StoreManifest {
         self.stats.get(hook)
     }
     /// Index of `hook` in `hooks`; an empty name picks the only hook.
-    pub fn hook_index(&self, hook: &str) -> Result<usize> {
+    pub fn hook_index(&self, hook: &str) -> StoreResult<usize> {
         if hook.is_empty() {
-            ensure!(
+            ensure_input!(
                 self.config.hooks.len() == 1,
                 "the store holds several hooks ({}); name one",
                 self.config.hooks.join(", ")
             );
             return Ok(0);
         }
-        self.config
-            .hooks
-            .iter()
-            .position(|h| h == hook)
-            .with_context(|| format!("hook {hook:?} is not in the store (it has {})", self.config.hooks.join(", ")))
+        let position = self.config.hooks.iter().position(|h| h == hook);
+        let missing = || bad_input!("hook {hook:?} is not in the store (it has {})", self.config.hooks.join(", "));
+        Ok(position.ok_or_else(missing)?)
     }
 }
 
@@ -493,35 +540,41 @@ impl ActivationWriter {
     /// Create a new store in `dir` (which must be empty or missing), or resume the one there if its
     /// manifest matches `config` and every listed shard has its recorded size and CRC32. Leftovers of
     /// an interrupted write (the next shard renamed just before a crash, `*.tmp`) are removed.
-    pub fn create_or_resume(dir: &Path, config: StoreConfig) -> Result<Self> {
-        ensure!(config.context > 0 && config.contexts_per_shard > 0, "context and contexts_per_shard must be > 0");
-        ensure!(!config.hooks.is_empty(), "no hook points given");
+    pub fn create_or_resume(dir: &Path, config: StoreConfig) -> StoreResult<Self> {
+        ensure_input!(
+            config.context > 0 && config.contexts_per_shard > 0,
+            "context and contexts_per_shard must be > 0"
+        );
+        ensure_input!(!config.hooks.is_empty(), "no hook points given");
         let mpath = dir.join(MANIFEST);
         if !mpath.exists() {
             // no manifest: nothing here is ours, and a store must not delete someone else's files
-            saekit_files::ensure_only_owned(dir, "activation store", saekit_files::is_temp_name)?;
+            saekit_files::ensure_only_owned(dir, "activation store", saekit_files::is_temp_name)
+                .map_err(|e| Kind::BadInput.mark(e))?;
         }
         fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
         let manifest = if mpath.exists() {
             let m: StoreManifest = read_json(&mpath)?;
-            ensure!(m.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
+            ensure_input!(m.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
             let (then, now) = (&m.config.source, &config.source);
             if then.fingerprint != now.fingerprint && then.tokens == now.tokens {
-                bail!(
+                return Err(bad_input!(
                     "{} was harvested from the token dataset at {}, which has changed since (fingerprint {} then, {} now); harvest into a new directory",
                     dir.display(),
                     now.tokens,
                     then.fingerprint,
                     now.fingerprint
-                );
+                )
+                .into());
             }
             if m.config != config {
-                bail!(
+                return Err(bad_input!(
                     "{} holds a store with a different configuration; use a new directory or the same options\n  existing: {}\n  requested: {}",
                     dir.display(),
                     serde_json::to_string(&m.config).unwrap_or_default(),
                     serde_json::to_string(&config).unwrap_or_default()
-                );
+                )
+                .into());
             }
             m
         } else {
@@ -557,6 +610,7 @@ impl ActivationWriter {
         })
     }
 
+    /// The manifest as last written (or about to be).
     pub fn manifest(&self) -> &StoreManifest {
         &self.manifest
     }
@@ -588,18 +642,18 @@ impl ActivationWriter {
 
     /// Append whole contexts: `tokens` holds k·context ids, `acts[h]` the matching k·context·d_model values
     /// of hook h (in manifest hook order).
-    pub fn push(&mut self, tokens: &[u32], acts: &[&[f32]]) -> Result<()> {
+    pub fn push(&mut self, tokens: &[u32], acts: &[&[f32]]) -> StoreResult<()> {
         let ctx = self.manifest.config.context;
         let d = self.manifest.config.d_model;
         let dtype = self.manifest.config.dtype;
-        ensure!(
+        ensure_input!(
             tokens.len().is_multiple_of(ctx),
             "push: {} tokens is not a whole number of {ctx}-token contexts",
             tokens.len()
         );
-        ensure!(acts.len() == self.acts.len(), "push: {} hook arrays for {} hooks", acts.len(), self.acts.len());
+        ensure_input!(acts.len() == self.acts.len(), "push: {} hook arrays for {} hooks", acts.len(), self.acts.len());
         for a in acts {
-            ensure!(
+            ensure_input!(
                 a.len() == tokens.len() * d,
                 "push: activation array has {} values, expected {}",
                 a.len(),
@@ -615,10 +669,11 @@ impl ActivationWriter {
                 if dtype == Dtype::F16 {
                     // f16 saturates to infinity above 65504; attention sinks of larger models get there.
                     if let Some(v) = part.iter().find(|v| v.abs() > 65504.0) {
-                        bail!(
+                        return Err(bad_input!(
                             "activation {v} of hook {} does not fit f16 (max 65504); store as bf16 or f32",
                             self.manifest.config.hooks[h]
-                        );
+                        )
+                        .into());
                     }
                 }
                 dtype.encode(part, &mut self.acts[h]);
@@ -634,7 +689,7 @@ impl ActivationWriter {
 
     /// Write the buffered contexts as one shard and record it in the manifest. The buffer is kept when
     /// the write fails, so the caller may retry after freeing space.
-    pub fn flush(&mut self) -> Result<()> {
+    pub fn flush(&mut self) -> StoreResult<()> {
         if self.tokens.is_empty() {
             return Ok(());
         }
@@ -731,9 +786,8 @@ impl ActivationWriter {
         if let Err(e) = write_json_atomic(&self.dir.join(MANIFEST), &m) {
             // The shard is on disk but unlisted: remove it so the directory matches the old manifest.
             let _ = fs::remove_file(&path);
-            return Err(
-                e.context(format!("cannot update the manifest in {}; the store is unchanged", self.dir.display()))
-            );
+            let dir = self.dir.display();
+            return Err(e.context(format!("cannot update the manifest in {dir}; the store is unchanged")).into());
         }
         self.manifest = m;
         self.tokens.clear();
@@ -749,7 +803,7 @@ impl ActivationWriter {
     }
 
     /// Flush what is buffered and mark the store complete.
-    pub fn finish(mut self) -> Result<StoreManifest> {
+    pub fn finish(mut self) -> StoreResult<StoreManifest> {
         self.flush()?;
         self.manifest.complete = true;
         write_json_atomic(&self.dir.join(MANIFEST), &self.manifest)?;
@@ -797,7 +851,7 @@ fn verify_listed_shards(dir: &Path, manifest: &StoreManifest) -> Result<()> {
             }
         })
         .collect();
-    ensure!(
+    ensure_intact!(
         bad.is_empty(),
         "cannot resume the store in {}: {}; harvest into a new folder (or --overwrite)",
         dir.display(),
@@ -867,16 +921,17 @@ pub struct ActivationStore {
 
 impl ActivationStore {
     /// Open the store in `dir`, checking every shard's size and CRC32.
-    pub fn open(dir: &Path) -> Result<ActivationStore> {
+    pub fn open(dir: &Path) -> StoreResult<ActivationStore> {
         Self::open_with(dir, &OpenOptions::default())
     }
 
-    pub fn open_with(dir: &Path, opts: &OpenOptions) -> Result<ActivationStore> {
+    /// Open the store in `dir`, checking every shard's size and header, and its CRC32 if `opts` asks.
+    pub fn open_with(dir: &Path, opts: &OpenOptions) -> StoreResult<ActivationStore> {
         let mpath = dir.join(MANIFEST);
-        ensure!(mpath.exists(), "{} is not an activation store (no {MANIFEST})", dir.display());
+        ensure_input!(mpath.exists(), "{} is not an activation store (no {MANIFEST})", dir.display());
         let manifest: StoreManifest = read_json(&mpath)?;
-        ensure!(manifest.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
-        ensure!(
+        ensure_input!(manifest.format == STORE_FORMAT, "{} is not an activation store manifest", mpath.display());
+        ensure_input!(
             manifest.version == STORE_VERSION,
             "{}: unsupported store version {}",
             mpath.display(),
@@ -887,8 +942,8 @@ impl ActivationStore {
         for (s, layout) in manifest.shards.iter().zip(&layouts) {
             let p = dir.join(&s.file);
             let f = File::open(&p).with_context(|| format!("shard {} is missing or unreadable", p.display()))?;
-            let len = f.metadata()?.len();
-            ensure!(
+            let len = f.metadata().with_context(|| format!("cannot read {}", p.display()))?.len();
+            ensure_intact!(
                 len == s.bytes && len == layout.total as u64,
                 "shard {} is truncated or has the wrong size: {} bytes, expected {}",
                 p.display(),
@@ -897,7 +952,7 @@ impl ActivationStore {
             );
             // SAFETY: shards are immutable once listed; the store never rewrites a listed file.
             let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", p.display()))?;
-            ensure!(&map[..8] == SHARD_MAGIC, "shard {} has a bad header", p.display());
+            ensure_intact!(&map[..8] == SHARD_MAGIC, "shard {} has a bad header", p.display());
             #[cfg(unix)]
             let _ = map.advise(memmap2::Advice::WillNeed);
             maps.push(map);
@@ -913,19 +968,22 @@ impl ActivationStore {
                         .then(|| format!("{} (crc32 {crc:08x}, manifest {:08x})", dir.join(&s.file).display(), s.crc32))
                 })
                 .collect();
-            ensure!(bad.is_empty(), "corrupt shard(s): {}", bad.join("; "));
+            ensure_intact!(bad.is_empty(), "corrupt shard(s): {}", bad.join("; "));
         }
         Ok(ActivationStore { inner: Arc::new(StoreInner { dir: dir.to_path_buf(), manifest, maps, layouts }) })
     }
 
+    /// The manifest read at open.
     pub fn manifest(&self) -> &StoreManifest {
         &self.inner.manifest
     }
 
+    /// The store's folder.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
 
+    /// Shard files in the store.
     pub fn n_shards(&self) -> usize {
         self.inner.maps.len()
     }
@@ -943,23 +1001,28 @@ pub struct ShardView<'a> {
 }
 
 impl<'a> ShardView<'a> {
+    /// Rows in the shard.
     pub fn n_rows(&self) -> usize {
         self.store.layouts[self.i].n_rows
     }
+    /// The shard's manifest entry.
     pub fn entry(&self) -> &'a ShardEntry {
         &self.store.manifest.shards[self.i]
     }
     fn bytes(&self, off: usize, len: usize) -> &'a [u8] {
         &self.store.maps[self.i][off..off + len]
     }
+    /// Token id of each row.
     pub fn tokens(&self) -> &'a [u32] {
         let l = self.store.layouts[self.i];
         cast_u32(self.bytes(l.tokens, 4 * l.n_rows))
     }
+    /// Position of each row within its context.
     pub fn positions(&self) -> &'a [u32] {
         let l = self.store.layouts[self.i];
         cast_u32(self.bytes(l.positions, 4 * l.n_rows))
     }
+    /// Marks of each row (`marks::*` bits).
     pub fn marks(&self) -> &'a [u8] {
         let l = self.store.layouts[self.i];
         self.bytes(l.marks, l.n_rows)
@@ -996,7 +1059,7 @@ fn is_store_file(name: &str) -> bool {
 /// that are plain names inside the store. Returns each shard's layout.
 fn check_manifest(m: &StoreManifest, mpath: &Path) -> Result<Vec<ShardLayout>> {
     let c = &m.config;
-    let bad = |what: String| anyhow::anyhow!("{}: inconsistent manifest: {what}", mpath.display());
+    let bad = |what: String| corrupt!("{}: inconsistent manifest: {what}", mpath.display());
     if c.d_model == 0 || c.hooks.is_empty() || c.context == 0 || c.contexts_per_shard == 0 {
         return Err(bad("d_model, hooks, context and contexts_per_shard must be non-empty".into()));
     }
@@ -1036,17 +1099,18 @@ fn check_manifest(m: &StoreManifest, mpath: &Path) -> Result<Vec<ShardLayout>> {
 
 /// Delete a store directory's files (manifest, shards, temporaries), for `--overwrite`; a folder that
 /// holds anything else is refused, untouched.
-pub fn remove_store(dir: &Path) -> Result<()> {
+pub fn remove_store(dir: &Path) -> StoreResult<()> {
     if !dir.exists() {
         return Ok(());
     }
-    saekit_files::ensure_only_owned(dir, "activation store (--overwrite)", is_store_file)?;
-    for ent in fs::read_dir(dir)? {
-        let ent = ent?;
+    saekit_files::ensure_only_owned(dir, "activation store (--overwrite)", is_store_file)
+        .map_err(|e| Kind::BadInput.mark(e))?;
+    for ent in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = ent.file_name().to_string_lossy().into_owned();
         if is_store_file(&name) {
             fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
         }
     }
-    sync_dir(dir)
+    Ok(sync_dir(dir)?)
 }

@@ -15,7 +15,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use memmap2::Mmap;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -24,17 +24,22 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Document, ReadStats, StopReading};
+use crate::error::{bad_input, ensure_input, ensure_intact, Kind, StoreResult};
 use saekit_files::{read_json, write_atomic_with, write_json_atomic};
 
+/// The manifest's `format`: what tells a tokenized dataset from other folders.
 pub const TOKENS_FORMAT: &str = "saekit-tokens";
 
+/// How to cut documents into contexts and split them.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokenizeOptions {
     /// Tokens per context.
     pub context: usize,
+    /// Seed of the train/validation split and the document order.
     pub seed: u64,
     /// Fraction of documents held out for validation.
     pub validation_fraction: f64,
+    /// Contexts per `.u32` shard file.
     pub contexts_per_shard: usize,
     /// Placed between documents (SmolLM2: `<|endoftext|>`, id 0).
     pub separator: u32,
@@ -63,35 +68,50 @@ impl Default for TokenizeOptions {
     }
 }
 
+/// One `.u32` shard file of a split.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokenShard {
+    /// The file's name inside the dataset folder.
     pub file: String,
+    /// Contexts in the file.
     pub n_contexts: u64,
+    /// CRC32 of the file, checked when the split is mapped.
     pub crc32: u32,
 }
 
+/// One split (`train` or `validation`) of a tokenized dataset.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 pub struct SplitInfo {
+    /// Documents in the split.
     pub n_docs: u64,
+    /// Whole contexts in the split.
     pub n_contexts: u64,
     /// Tokens in the joined stream (documents + separators).
     pub stream_tokens: u64,
     /// Stream tokens after the last whole context, dropped.
     pub dropped_tail: u64,
+    /// The shard files, in order.
     pub shards: Vec<TokenShard>,
     /// Document tokens per `kind` (documents without a kind count under "").
     pub tokens_by_kind: BTreeMap<String, u64>,
 }
 
+/// `manifest.json` of a tokenized dataset.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokensManifest {
+    /// Always [`TOKENS_FORMAT`].
     pub format: String,
+    /// The manifest version (1).
     pub version: u32,
     /// Free-form tokenizer/model description (the model path).
     pub tokenizer: String,
+    /// The options the dataset was made with.
     pub options: TokenizeOptions,
+    /// The splits by name.
     pub splits: BTreeMap<String, SplitInfo>,
+    /// What reading the corpus produced and dropped.
     pub read: ReadStats,
+    /// The input paths as given.
     pub inputs: Vec<String>,
 }
 
@@ -118,16 +138,16 @@ struct Tokenized {
 /// dataset in `out`. `encode` turns text into ids without special tokens; it is called from several
 /// threads.
 pub fn tokenize_corpus(
-    read: impl FnOnce(&mut dyn FnMut(Document) -> Result<()>) -> Result<ReadStats>,
+    read: impl FnOnce(&mut dyn FnMut(Document) -> Result<()>) -> StoreResult<ReadStats>,
     encode: &(dyn Fn(&str) -> Result<Vec<u32>> + Sync),
     opts: &TokenizeOptions,
     out: &Path,
     tokenizer: &str,
     inputs: &[PathBuf],
     progress: Option<&indicatif::ProgressBar>,
-) -> Result<TokensManifest> {
-    ensure!(opts.context >= 2, "context must be at least 2 tokens");
-    ensure!((0.0..1.0).contains(&opts.validation_fraction), "validation fraction must be in [0, 1)");
+) -> StoreResult<TokensManifest> {
+    ensure_input!(opts.context >= 2, "context must be at least 2 tokens");
+    ensure_input!((0.0..1.0).contains(&opts.validation_fraction), "validation fraction must be in [0, 1)");
     ensure_replaceable_dataset(out)?;
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
 
@@ -174,7 +194,7 @@ pub fn tokenize_corpus(
         Ok(())
     });
     if let Some(e) = enc_err {
-        return Err(e);
+        return Err(e.into());
     }
     let stats = stats?;
     flush(&mut batch, &mut docs, &mut total)?;
@@ -188,7 +208,7 @@ pub fn tokenize_corpus(
             docs.truncate(cut + 1);
         }
     }
-    ensure!(!docs.is_empty(), "no documents to tokenize ({})", stats.summary());
+    ensure_input!(!docs.is_empty(), "no documents to tokenize ({})", stats.summary());
 
     // Split by document, then shuffle each split's documents.
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
@@ -211,8 +231,9 @@ pub fn tokenize_corpus(
     // A re-run replaces the dataset (checked above to be one): the manifest goes first, so a crash
     // from here on leaves a folder no reader takes for a dataset.
     ensure_replaceable_dataset(out)?;
-    for ent in fs::read_dir(out)? {
-        let ent = ent?;
+    let listing = || format!("cannot list {}", out.display());
+    for ent in fs::read_dir(out).with_context(listing)? {
+        let ent = ent.with_context(listing)?;
         fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
     }
     let mut splits = BTreeMap::new();
@@ -249,11 +270,11 @@ fn is_dataset_file(name: &str) -> bool {
 /// `tokenize -o DIR` may replace a tokenized dataset, never anything else: DIR must be missing,
 /// empty, or hold only a dataset's files with a tokenized-dataset manifest.
 fn ensure_replaceable_dataset(out: &Path) -> Result<()> {
-    saekit_files::ensure_only_owned(out, "tokenized dataset", is_dataset_file)?;
+    saekit_files::ensure_only_owned(out, "tokenized dataset", is_dataset_file).map_err(|e| Kind::BadInput.mark(e))?;
     let m = out.join("manifest.json");
     if m.exists() {
-        let v: serde_json::Value = read_json(&m)?;
-        ensure!(
+        let v: serde_json::Value = read_json(&m).map_err(|e| Kind::BadInput.mark(e))?;
+        ensure_input!(
             v.get("format").and_then(|f| f.as_str()) == Some(TOKENS_FORMAT),
             "{}: refusing to replace it: not a tokenized-dataset manifest (choose an empty or new folder)",
             m.display()
@@ -261,10 +282,10 @@ fn ensure_replaceable_dataset(out: &Path) -> Result<()> {
     } else if fs::read_dir(out)
         .is_ok_and(|mut rd| rd.any(|e| e.is_ok_and(|e| !saekit_files::is_temp_name(&e.file_name().to_string_lossy()))))
     {
-        anyhow::bail!(
+        return Err(bad_input!(
             "{}: refusing to write the tokenized dataset: the folder holds token files but no manifest.json (choose an empty or new folder)",
             out.display()
-        );
+        ));
     }
     Ok(())
 }
@@ -336,13 +357,18 @@ pub struct TokenDataset {
 }
 
 impl TokenDataset {
-    pub fn open(dir: &Path) -> Result<TokenDataset> {
+    /// Open the tokenized dataset in `dir` (its manifest only; [`TokenDataset::split`] maps the shards).
+    pub fn open(dir: &Path) -> StoreResult<TokenDataset> {
         let p = dir.join("manifest.json");
-        ensure!(p.exists(), "{} is not a tokenized dataset (no manifest.json; run `saekit tokenize`)", dir.display());
+        ensure_input!(
+            p.exists(),
+            "{} is not a tokenized dataset (no manifest.json; run `saekit tokenize`)",
+            dir.display()
+        );
         let bytes = fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
         let manifest: TokensManifest =
             serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid: cannot parse it", p.display()))?;
-        ensure!(manifest.format == TOKENS_FORMAT, "{} is not a tokenized-dataset manifest", p.display());
+        ensure_input!(manifest.format == TOKENS_FORMAT, "{} is not a tokenized-dataset manifest", p.display());
         // the manifest lists every shard's CRC32, so its bytes identify the dataset's content
         let fingerprint = saekit_files::fingerprint_bytes([bytes.as_slice()]);
         Ok(TokenDataset { dir: dir.to_path_buf(), manifest, fingerprint })
@@ -351,31 +377,31 @@ impl TokenDataset {
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
+    /// The dataset's manifest.
     pub fn manifest(&self) -> &TokensManifest {
         &self.manifest
     }
+    /// The dataset's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+    /// Tokens per context.
     pub fn context(&self) -> usize {
         self.manifest.options.context
     }
     /// Map one split (checks sizes and CRC32 of its shards).
-    pub fn split(&self, name: &str) -> Result<TokenSplit> {
-        let info = self.manifest.splits.get(name).with_context(|| {
-            format!(
-                "{} has no split {name:?} (it has {})",
-                self.dir.display(),
-                self.manifest.splits.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
+    pub fn split(&self, name: &str) -> StoreResult<TokenSplit> {
+        let info = self.manifest.splits.get(name).ok_or_else(|| {
+            let names = self.manifest.splits.keys().cloned().collect::<Vec<_>>().join(", ");
+            bad_input!("{} has no split {name:?} (it has {names})", self.dir.display())
         })?;
         let ctx = self.context();
         let mut maps = vec![];
         let mut starts = vec![];
         let mut n = 0u64;
-        ensure!(ctx > 0, "{}: manifest declares contexts of 0 tokens", self.dir.display());
+        ensure_intact!(ctx > 0, "{}: manifest declares contexts of 0 tokens", self.dir.display());
         for s in &info.shards {
-            ensure!(
+            ensure_intact!(
                 !s.file.is_empty() && !s.file.contains(['/', '\\']) && s.file != "..",
                 "{}: token shard name {:?} is not a file of the dataset",
                 self.dir.display(),
@@ -383,13 +409,13 @@ impl TokenDataset {
             );
             let p = self.dir.join(&s.file);
             let f = File::open(&p).with_context(|| format!("token shard {} is missing", p.display()))?;
-            let len = f.metadata()?.len();
+            let len = f.metadata().with_context(|| format!("cannot read {}", p.display()))?.len();
             let want = (ctx as u64).checked_mul(4).and_then(|b| s.n_contexts.checked_mul(b));
-            ensure!(want == Some(len), "token shard {} has the wrong size ({len} bytes)", p.display());
-            ensure!(n.checked_add(s.n_contexts).is_some(), "{}: context counts overflow", self.dir.display());
+            ensure_intact!(want == Some(len), "token shard {} has the wrong size ({len} bytes)", p.display());
+            ensure_intact!(n.checked_add(s.n_contexts).is_some(), "{}: context counts overflow", self.dir.display());
             // SAFETY: shards are written once, atomically, and never modified.
-            let map = unsafe { Mmap::map(&f) }?;
-            ensure!(crc32fast::hash(&map) == s.crc32, "token shard {} is corrupt (CRC32 mismatch)", p.display());
+            let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", p.display()))?;
+            ensure_intact!(crc32fast::hash(&map) == s.crc32, "token shard {} is corrupt (CRC32 mismatch)", p.display());
             starts.push(n);
             n += s.n_contexts;
             maps.push(map);
@@ -407,9 +433,11 @@ pub struct TokenSplit {
 }
 
 impl TokenSplit {
+    /// Contexts in the split.
     pub fn n_contexts(&self) -> u64 {
         self.n_contexts
     }
+    /// Tokens per context.
     pub fn context_len(&self) -> usize {
         self.context
     }

@@ -115,14 +115,14 @@ fn max_tokens_stops_reading_early() {
 
 fn try_run(opts: &TokenizeOptions, out: &std::path::Path) -> anyhow::Result<TokensManifest> {
     let d = docs();
-    tokenize_corpus(
+    Ok(tokenize_corpus(
         |sink| {
             for doc in d {
                 if let Err(e) = sink(doc) {
                     if e.downcast_ref::<saekit_store::corpus::StopReading>().is_some() {
                         break;
                     }
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
             Ok(ReadStats::default())
@@ -133,7 +133,7 @@ fn try_run(opts: &TokenizeOptions, out: &std::path::Path) -> anyhow::Result<Toke
         "bytes",
         &[PathBuf::from("synthetic")],
         None,
-    )
+    )?)
 }
 
 #[test]

@@ -94,7 +94,7 @@ pub fn sha256_hex(path: &Path) -> Result<String> {
 
 /// Lower-case hex SHA-256 of everything `r` yields; `path` names it in errors.
 fn sha256_of(r: impl Read, path: &Path) -> Result<String> {
-    saekit_hub::sha256_hex_of(r, path)
+    Ok(saekit_hub::sha256_hex_of(r, path)?)
 }
 
 pub fn hub_dir(repo: &str) -> PathBuf {

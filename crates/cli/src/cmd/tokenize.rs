@@ -90,7 +90,7 @@ pub fn tokenize_with(
         let mut checked = |doc: Document| if stopped() { Err(anyhow!("interrupted by a signal")) } else { sink(doc) };
         let st = read_corpus(inputs, copts, &mut checked)?;
         if stopped() {
-            return Err(anyhow!("interrupted by a signal"));
+            return Err(anyhow!("interrupted by a signal").into());
         }
         Ok(st)
     };
