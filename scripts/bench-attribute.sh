@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 D_SAE="${1:-4096}"; K="${2:-32}"
 bash scripts/fetch-model.sh >/dev/null
-cargo build --locked -p saekit -p saekit-circuits --bins --examples 2>/dev/null
+# the workspace build that `cargo test --workspace` shares (a -p build would recompile dependencies)
+cargo build --locked --workspace --bins --examples 2>/dev/null
 target="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 model="$(python3 -c 'import os;print(os.path.expanduser("~/.cache/saekit/SmolLM2-135M-Instruct.Q4_1.gguf"))')"
