@@ -129,7 +129,7 @@ pub fn graph_json(g: &Attribution, pruned: &Pruned, keep_all: bool, meta: &Graph
 pub struct GraphFiles {
     /// The pruned graph (`--out`).
     pub pruned: PathBuf,
-    /// The full graph (`<stem>.full.json`).
+    /// The full graph (`<stem>.full.safetensors`).
     pub full: PathBuf,
     /// Nodes of the pruned graph.
     pub pruned_nodes: usize,
@@ -137,13 +137,14 @@ pub struct GraphFiles {
     pub pruned_links: usize,
     /// Nodes of the full graph.
     pub full_nodes: usize,
-    /// Links of the full graph.
+    /// Non-zero edges of the full graph.
     pub full_links: usize,
     /// The share of the logits' influence that flows through error nodes.
     pub error_influence_share: f64,
 }
 
-/// Prune `g` and write the pruned graph to `out` and the full one beside it (`<stem>.full.json`).
+/// Prune `g` and write the pruned graph to `out` (JSON) and the full one beside it
+/// (`<stem>.full.safetensors`, see [`write_full_graph`]).
 pub fn write_graph_files(
     g: &Attribution,
     meta: &GraphMeta,
@@ -153,19 +154,59 @@ pub fn write_graph_files(
 ) -> Result<GraphFiles> {
     let pruned = prune(g, node_threshold, edge_threshold)?;
     let small = graph_json(g, &pruned, false, meta);
-    let full = graph_json(g, &pruned, true, meta);
     let stem = out.file_stem().map_or_else(|| "graph".into(), |s| s.to_string_lossy().into_owned());
-    let full_path = out.with_file_name(format!("{stem}.full.json"));
+    let full_path = out.with_file_name(format!("{stem}.full.safetensors"));
     saekit_files::write_json_atomic(out, &small)?;
-    saekit_files::write_json_atomic(&full_path, &full)?;
+    write_full_graph(g, meta, &full_path)?;
     let count = |v: &Value, k: &str| v[k].as_array().map_or(0, Vec::len);
     Ok(GraphFiles {
         pruned: out.to_path_buf(),
         full: full_path,
         pruned_nodes: count(&small, "nodes"),
         pruned_links: count(&small, "links"),
-        full_nodes: count(&full, "nodes"),
-        full_links: count(&full, "links"),
+        full_nodes: g.n_nodes(),
+        full_links: g.adjacency.iter().filter(|&&w| w != 0.0).count(),
         error_influence_share: pruned.error_influence_share(g),
     })
+}
+
+/// The node order of [`write_full_graph`]'s adjacency matrix.
+pub const FULL_GRAPH_NODE_ORDER: &str = "features (active_features order), then one error node per (layer, position) \
+     layer-major, then one token per position, then the logits (logit_tokens order)";
+
+/// The whole graph as circuit-tracer's `Graph.to_pt` keeps it, in safetensors (a JSON link list would not
+/// fit: a 64-token prompt has ~10^4 nodes and ~10^8 edges): `adjacency_matrix` `[n, n]` f32 (row = target,
+/// column = source, nodes in [`FULL_GRAPH_NODE_ORDER`]), `active_features` `[n_features, 3]` i64 (layer,
+/// position, feature), `activation_values` `[n_features]`, `input_tokens` `[n_pos]` i64, `logit_tokens`
+/// `[n_logits]` i64, `logit_probabilities` `[n_logits]`; the prompt, scan and node order as metadata.
+pub fn write_full_graph(g: &Attribution, meta: &GraphMeta, path: &Path) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let i64s = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let feats: Vec<i64> = g.features.iter().flat_map(|f| [f.layer as i64, f.pos as i64, f.feature as i64]).collect();
+    let acts: Vec<f32> = g.features.iter().map(|f| f.activation).collect();
+    let tokens: Vec<i64> = g.tokens.iter().map(|&t| t as i64).collect();
+    let logit_tokens: Vec<i64> = g.logits.iter().map(|l| l.token as i64).collect();
+    let logit_probs: Vec<f32> = g.logits.iter().map(|l| l.prob).collect();
+    let (n, nf, nl) = (g.n_nodes(), g.features.len(), g.logits.len());
+    let tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
+        ("adjacency_matrix", Dtype::F32, vec![n, n], f32s(&g.adjacency)),
+        ("active_features", Dtype::I64, vec![nf, 3], i64s(&feats)),
+        ("activation_values", Dtype::F32, vec![nf], f32s(&acts)),
+        ("input_tokens", Dtype::I64, vec![tokens.len()], i64s(&tokens)),
+        ("logit_tokens", Dtype::I64, vec![nl], i64s(&logit_tokens)),
+        ("logit_probabilities", Dtype::F32, vec![nl], f32s(&logit_probs)),
+    ];
+    let views = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| Ok((name.to_string(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let info = std::collections::HashMap::from([
+        ("prompt".to_string(), meta.prompt.clone()),
+        ("scan".to_string(), meta.scan.clone()),
+        ("n_layers".to_string(), g.n_layers.to_string()),
+        ("node_order".to_string(), FULL_GRAPH_NODE_ORDER.to_string()),
+    ]);
+    let data = safetensors::serialize(views, Some(info))?;
+    saekit_files::write_atomic(path, &data)
 }

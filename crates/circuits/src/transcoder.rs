@@ -479,8 +479,8 @@ impl TranscoderSet {
             t.save_circuit_tracer(&dir.join(&name))?;
             files.push(name);
         }
-        let mut cfg = serde_yaml::Mapping::new();
-        let mut put = |k: &str, v: serde_yaml::Value| cfg.insert(k.into(), v);
+        let mut cfg = serde_norway::Mapping::new();
+        let mut put = |k: &str, v: serde_norway::Value| cfg.insert(k.into(), v);
         put("model_kind", "transcoder_set".into());
         put("feature_input_hook", circuit_tracer_hook_name(first.input_hook).into());
         put("feature_output_hook", circuit_tracer_hook_name(first.output_hook).into());
@@ -493,16 +493,16 @@ impl TranscoderSet {
             }
             TranscoderActivation::JumpRelu(_) => None,
         };
-        put("transcoders", files.into_iter().map(serde_yaml::Value::from).collect::<Vec<_>>().into());
-        let text = serde_yaml::to_string(&cfg)?;
+        put("transcoders", files.into_iter().map(serde_norway::Value::from).collect::<Vec<_>>().into());
+        let text = serde_norway::to_string(&cfg)?;
         saekit_files::write_atomic(&dir.join("transcoders.yaml"), text.as_bytes())
     }
 }
 
 fn load_circuit_tracer_set(dir: &Path, yaml: &Path) -> Result<Vec<Transcoder>> {
     let y = yaml.display();
-    let cfg: HashMap<String, serde_yaml::Value> =
-        serde_yaml::from_str(&std::fs::read_to_string(yaml).with_context(|| format!("{y}: cannot read"))?)
+    let cfg: HashMap<String, serde_norway::Value> =
+        serde_norway::from_str(&std::fs::read_to_string(yaml).with_context(|| format!("{y}: cannot read"))?)
             .with_context(|| format!("{y}: not a YAML mapping"))?;
     let s = |k: &str| cfg.get(k).and_then(|v| v.as_str()).map(String::from);
     match s("model_kind").as_deref() {

@@ -434,7 +434,19 @@ fn graph_json_follows_circuit_tracers_schema() {
     let files = write_graph_files(&g, &meta, &tmp.path().join("graph.json"), 0.8, 0.98).unwrap();
     assert!(files.pruned_nodes < files.full_nodes && files.pruned_links < files.full_links, "{files:?}");
     assert!((0.0..=1.0).contains(&files.error_influence_share));
-    for path in [&files.pruned, &files.full] {
+    // the full graph: circuit-tracer's Graph tensors, the adjacency exactly the computed one
+    let bytes = std::fs::read(&files.full).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let adj = st.tensor("adjacency_matrix").unwrap();
+    assert_eq!(adj.shape(), [g.n_nodes(), g.n_nodes()]);
+    let adj: Vec<f32> = adj.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert!(adj == g.adjacency, "the saved adjacency is not the computed one");
+    let feats = st.tensor("active_features").unwrap();
+    assert_eq!(feats.shape(), [g.features.len(), 3]);
+    let first: Vec<i64> =
+        feats.data()[..24].chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(first, [g.features[0].layer as i64, g.features[0].pos as i64, g.features[0].feature as i64]);
+    for path in [&files.pruned] {
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(v["metadata"]["prompt_tokens"].as_array().unwrap().len(), ids.len());
         let nodes = v["nodes"].as_array().unwrap();

@@ -60,7 +60,7 @@ impl Registry {
     }
 
     fn parse(text: &str, source: &str) -> Result<Registry> {
-        let releases: BTreeMap<String, Release> = serde_yaml::from_str(text)
+        let releases: BTreeMap<String, Release> = serde_norway::from_str(text)
             .map_err(|e| HubError::BadInput(format!("{source}: not a SAELens pretrained_saes.yaml: {e}")))?;
         Ok(Registry { releases })
     }

@@ -12,7 +12,8 @@ use super::model_arg::ModelArgs;
 
 /// Trace which transcoder features cause which on a prompt (attention patterns and norm denominators
 /// frozen, every edge linear), prune by influence as circuit-tracer does, and write the graph in
-/// circuit-tracer's / Neuronpedia's JSON: `--out` the pruned graph, `<stem>.full.json` the full one.
+/// circuit-tracer's / Neuronpedia's JSON: `--out` the pruned graph; `<stem>.full.safetensors` the full one
+/// (circuit-tracer's `Graph` tensors: the adjacency matrix, active features, tokens and logits).
 /// Llama-family models only.
 #[derive(Args, Debug)]
 pub struct AttributeArgs {
@@ -81,7 +82,12 @@ pub fn run(a: AttributeArgs) -> Result<()> {
         t0.elapsed().as_secs_f32()
     );
     println!("pruned graph: {} nodes, {} links -> {}", files.pruned_nodes, files.pruned_links, files.pruned.display());
-    println!("full graph:   {} nodes, {} links -> {}", files.full_nodes, files.full_links, files.full.display());
+    println!(
+        "full graph:   {} nodes, {} non-zero edges -> {}",
+        files.full_nodes,
+        files.full_links,
+        files.full.display()
+    );
     println!("influence through error nodes: {:.1}%", 100.0 * files.error_influence_share);
     let edits: Vec<Intervention> = a.ablate.iter().chain(&a.clamp).copied().collect();
     if !edits.is_empty() {
