@@ -60,7 +60,7 @@ pub fn train<'py>(
             ))
         }
         // the newest checkpoint's config (data file, seed and recipe come from there)
-        Some(dir) => saekit_sae::checkpoint::latest_config(dir).map_err(sae_to_py)?,
+        Some(dir) => resumed_config(dir)?,
         None => new_config(arch, d_sae, k, tokens, config)?,
     };
     cfg.out = out.to_string_lossy().into_owned();
@@ -231,4 +231,18 @@ fn print_new_lines(py: Python<'_>, metrics: &Path, printed: usize, total_steps: 
         }
     }
     lines.len()
+}
+
+/// A checkpoint's trainer config; a run the CLI trains live from the model (`saekit train --live`) is
+/// resumed there, where the model runs.
+fn resumed_config(dir: &std::path::Path) -> PyResult<TrainConfig> {
+    let file = saekit_sae::checkpoint::latest_config(dir).map_err(sae_to_py)?;
+    if file.source.get("live").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(PyValueError::new_err(format!(
+            "train: {} trains live from the model; resume it with `saekit train --resume {}`",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    Ok(file.train)
 }
