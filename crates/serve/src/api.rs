@@ -107,6 +107,17 @@ impl From<PathRejection> for ServeError {
     }
 }
 
+/// A request's text (`what`: "text" or "prompt") is neither blank nor past the character limit.
+pub(crate) fn check_text(what: &str, text: &str, limits: &Limits) -> ServeResult<()> {
+    if text.trim().is_empty() {
+        return Err(bad(format!("the {what} is empty")));
+    }
+    if text.chars().count() > limits.max_text_chars {
+        return Err(bad(format!("the {what} is longer than {} characters", limits.max_text_chars)));
+    }
+    Ok(())
+}
+
 fn bad(message: impl Into<String>) -> ServeError {
     ServeError::BadRequest(message.into())
 }
@@ -274,12 +285,7 @@ async fn live(State(s): State<Arc<AppState>>, body: Result<Json<LiveRequest>, Js
     let Json(req) = body?;
     let q = queue(&s)?;
     let lim = &s.limits;
-    if req.text.trim().is_empty() {
-        return Err(bad("the text is empty"));
-    }
-    if req.text.chars().count() > lim.max_text_chars {
-        return Err(bad(format!("the text is longer than {} characters", lim.max_text_chars)));
-    }
+    check_text("text", &req.text, lim)?;
     if let Some(f) = req.feature {
         check_id(&s, f)?;
     }
@@ -331,12 +337,7 @@ async fn steer(State(s): State<Arc<AppState>>, body: Result<Json<SteerRequest>, 
     let Json(req) = body?;
     let q = queue(&s)?;
     let lim = s.limits.clone();
-    if req.prompt.trim().is_empty() {
-        return Err(bad("the prompt is empty"));
-    }
-    if req.prompt.chars().count() > lim.max_text_chars {
-        return Err(bad(format!("the prompt is longer than {} characters", lim.max_text_chars)));
-    }
+    check_text("prompt", &req.prompt, &lim)?;
     let max_new_tokens = req.max_new_tokens.unwrap_or(40.min(lim.max_new_tokens));
     if max_new_tokens == 0 || max_new_tokens > lim.max_new_tokens {
         return Err(bad(format!("max_new_tokens must be 1..={}", lim.max_new_tokens)));

@@ -19,7 +19,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::api::{queue, ApiResult, AppState};
+use crate::api::{check_text, queue, ApiResult, AppState};
 use crate::engine::Engine;
 use crate::error::{ServeError, ServeResult};
 
@@ -197,7 +197,7 @@ pub(crate) async fn graph_route(
 ) -> ApiResult {
     let Json(req) = body?;
     let q = queue(&s)?;
-    check_prompt(&s, &req.prompt)?;
+    check_text("prompt", &req.prompt, &s.limits)?;
     let share = |v: Option<f32>, default: f32, name: &str| match v.unwrap_or(default) {
         t if t > 0.0 && t <= 1.0 => Ok(t),
         _ => Err(ServeError::BadRequest(format!("{name} is a share of the influence: in (0, 1]"))),
@@ -238,7 +238,7 @@ pub(crate) async fn intervene_route(
 ) -> ApiResult {
     let Json(req) = body?;
     let q = queue(&s)?;
-    check_prompt(&s, &req.prompt)?;
+    check_text("prompt", &req.prompt, &s.limits)?;
     if req.edits.is_empty() || req.edits.len() > s.limits.max_edits {
         return Err(ServeError::BadRequest(format!("give 1 to {} node edits", s.limits.max_edits)));
     }
@@ -250,17 +250,4 @@ pub(crate) async fn intervene_route(
     let (prompt, max_tokens) = (req.prompt, s.limits.max_graph_tokens);
     let r = q.run(move |e| e.intervene_graph(&prompt, &edits, max_tokens)).await?;
     Ok(Json(serde_json::to_value(r).map_err(ServeError::internal)?))
-}
-
-fn check_prompt(s: &AppState, prompt: &str) -> ServeResult<()> {
-    if prompt.trim().is_empty() {
-        return Err(ServeError::BadRequest("the prompt is empty".into()));
-    }
-    if prompt.chars().count() > s.limits.max_text_chars {
-        return Err(ServeError::BadRequest(format!(
-            "the prompt is longer than {} characters",
-            s.limits.max_text_chars
-        )));
-    }
-    Ok(())
 }
