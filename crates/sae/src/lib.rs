@@ -3,7 +3,7 @@
 //! Owns the SAE architectures (TopK, BatchTopK, JumpReLU, ReLU+L1), the training step (a dense
 //! encoder GEMM, everything else sparse over the active latents), the trainer (a validated
 //! [`TrainPlan`], checkpoints and bit-identical resume, metrics), training across processes (the
-//! [`Collective`] every reduction goes through; with the `mpi` feature, `dist::MpiCollective`:
+//! [`Collective`] every reduction goes through; saekit-mpi implements it over MPI:
 //! latents sharded within a replica, rows split across replicas), the core evaluation metrics, and
 //! the SAE file formats (SAELens v6 / legacy, sparsify, Gemma Scope). It must not start processes
 //! or choose a layout: the launcher (`mpirun`) and the CLI's `--shards` do. It reads activations through
@@ -14,7 +14,7 @@
 //! backward pairs, `loss.rs` the loss terms, `update.rs` Adam), `kernels.rs` the hand-written
 //! kernels (the fused TopK selection is `select_topk_chunk`), `plan.rs` the config's validation,
 //! `checkpoint.rs` the only code that reads or writes checkpoints, `train.rs` the loop, `layout.rs`
-//! the trainer's slicing and gathering of a sharded state, `dist.rs` (feature `mpi`) the MPI collective.
+//! the trainer's slicing and gathering of a sharded state.
 //!
 //! ```
 //! use saekit_sae::{train, NpySource, RunOptions, TrainConfig};
@@ -50,8 +50,6 @@ mod adam;
 mod bench;
 pub mod checkpoint;
 pub mod config;
-#[cfg(feature = "mpi")]
-pub mod dist;
 mod error;
 pub mod format;
 pub(crate) mod kernels;

@@ -265,7 +265,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 /// The processes of this `mpirun`, when this binary was built with MPI and launched by one.
 #[cfg(feature = "mpi")]
 fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sae::Collective>>> {
-    let job = saekit_sae::dist::MpiCollective::from_launcher(shards)?;
+    let job = saekit_mpi::MpiCollective::from_launcher(shards)?;
     Ok(job.map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn saekit_sae::Collective>))
 }
 
@@ -286,7 +286,7 @@ fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sa
 fn fatal_across_ranks(err: Option<&anyhow::Error>) {
     if let Some(e) = err {
         eprintln!("error: {e:#}");
-        saekit_sae::dist::abort_job(1);
+        saekit_mpi::abort_job(1);
     }
 }
 

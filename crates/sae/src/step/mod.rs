@@ -92,7 +92,7 @@ pub struct StepStats {
 /// parallel: each holds all of its shard's latents and a disjoint share of the rows) and the
 /// latents across *shards* (model parallel: each holds a contiguous slice of the latents, see
 /// [`Collective::latent_slice`], and sees its replica's whole share of the rows). With one process
-/// every method is the identity ([`SingleProcess`]); the MPI implementation is `dist::MpiCollective`.
+/// every method is the identity ([`SingleProcess`]); the MPI implementation is saekit-mpi's `MpiCollective`.
 pub trait Collective: Sync + Send + std::fmt::Debug {
     /// Replace each value by its sum over the replicas (the rows of the whole batch).
     fn sum_f64(&self, values: &mut [f64]);

@@ -7,14 +7,14 @@
 //! reduction. MPI's default error handler stays in place (errors are fatal to the whole job), and a
 //! rank that fails outside MPI must call [`MpiCollective::abort`] so that no other rank waits forever.
 
-use crate::step::Collective;
-use crate::SaeError;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Threading;
+use saekit_sae::Collective;
+use saekit_sae::SaeError;
 use std::ops::Range;
 
 /// The ranks of one `mpirun`, as a grid of replicas × shards.
