@@ -7,6 +7,9 @@
 //!   across processes. Each process dumps its first step (`SAEKIT_DEBUG_DUMP_STEP`).
 //! - A short run: the SAE rank 0 gathers into one SAELens folder has its FVU on the whole data
 //!   (computed here by `saekit_sae::evaluate`) within 1% of the one-process run's.
+//! - Harvest on the real model: 2 and 3 ranks write the one-process store, shard for shard and byte
+//!   for byte (the manifest's timing record aside); a rank killed mid-harvest ends the job, and the
+//!   same `mpirun` resumes it to those bytes.
 #![cfg(feature = "mpi")]
 
 use rand::{Rng, SeedableRng};
@@ -260,4 +263,124 @@ fn topk_run(acts: &str, tokens: &str, every: &str) -> Vec<String> {
     let flags =
         ["--acts", acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", tokens, "--batch-size", "256"];
     flags.iter().chain(&["--checkpoint-every", every]).map(|f| f.to_string()).collect()
+}
+
+/// `saekit` under `mpirun -np ranks` (as root too), or alone when ranks is 0.
+fn saekit_job(ranks: usize) -> Command {
+    let bin = env!("CARGO_BIN_EXE_saekit");
+    let mut cmd = Command::new("timeout");
+    cmd.arg("180");
+    if ranks > 0 {
+        cmd.args(["mpirun", "--oversubscribe", "-np", &ranks.to_string()]);
+    }
+    cmd.arg(bin).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd.env("RAYON_NUM_THREADS", "1").env_remove("RUST_LOG");
+    cmd
+}
+
+fn succeeds(mut cmd: Command) {
+    let out = cmd.output().expect("running saekit (is mpirun installed?)");
+    assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+}
+
+/// Tokenized mini-corpus contexts of 64 tokens.
+fn tokens(dir: &Path) -> PathBuf {
+    assert!(saekit_model::default_model_path().exists(), "needs the model: scripts/fetch-model.sh");
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mini-corpus");
+    let out = dir.join("tokens");
+    let mut cmd = saekit_job(0);
+    cmd.arg("tokenize").arg(&corpus).arg("-o").arg(&out);
+    cmd.args(["--context", "64", "--validation-fraction", "0.25", "--max-tokens", "40k"]);
+    succeeds(cmd);
+    out
+}
+
+/// `harvest` of `hooks`, `n` tokens in shards of 7 contexts (of 64 tokens), under `ranks` ranks.
+fn harvest(ranks: usize, hooks: &str, n: &str, tokens: &Path, out: &Path) -> Command {
+    let mut cmd = saekit_job(ranks);
+    cmd.args(["harvest", "--hooks", hooks, "--tokens", n, "--batch", "4", "--contexts-per-shard", "7"]);
+    cmd.arg("--contexts").arg(tokens).arg(out);
+    cmd
+}
+
+/// Two hooks, 94 contexts: 14 shards, the last one short.
+const SMALL: (&str, &str) = ("blocks.2.hook_resid_post,blocks.1.ln2.hook_normalized", "6k");
+/// 125 contexts through 9 blocks: long enough to kill a rank part way.
+const LONG: (&str, &str) = ("blocks.8.hook_resid_post", "8k");
+
+/// Every file of a store folder (name, bytes), the manifest without its timing record.
+fn store_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    saekit_files_in(dir)
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(&name);
+            assert!(path.is_file(), "{} is left in the store", path.display());
+            let mut bytes = std::fs::read(&path).unwrap();
+            if name == "manifest.json" {
+                let mut m: Value = serde_json::from_slice(&bytes).unwrap();
+                m.as_object_mut().unwrap().remove("extra");
+                bytes = serde_json::to_vec_pretty(&m).unwrap();
+            }
+            (name, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn a_harvest_across_ranks_writes_the_one_process_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens(tmp.path());
+    let alone = tmp.path().join("alone");
+    succeeds(harvest(0, SMALL.0, SMALL.1, &tokens, &alone));
+    let expected = store_files(&alone);
+    assert_eq!(expected.iter().filter(|(n, _)| n.starts_with("shard-")).count(), 14, "94 contexts in shards of 7");
+    for ranks in [2, 3] {
+        let out = tmp.path().join(format!("ranks-{ranks}"));
+        succeeds(harvest(ranks, SMALL.0, SMALL.1, &tokens, &out));
+        let got = store_files(&out);
+        assert_eq!(got.len(), expected.len(), "{ranks} ranks wrote other files");
+        for ((name, a), (_, b)) in expected.iter().zip(&got) {
+            assert!(a == b, "{name} differs between 1 process and {ranks} ranks");
+        }
+        // a second run finds the finished store and changes nothing
+        succeeds(harvest(ranks, SMALL.0, SMALL.1, &tokens, &out));
+        assert!(store_files(&out) == got, "rerunning a finished harvest changed it");
+    }
+}
+
+#[test]
+fn a_killed_harvest_rank_ends_the_job_and_the_same_mpirun_resumes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens(tmp.path());
+    let alone = tmp.path().join("alone");
+    succeeds(harvest(0, LONG.0, LONG.1, &tokens, &alone));
+    let out = tmp.path().join("killed");
+    let mut job = harvest(2, LONG.0, LONG.1, &tokens, &out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mpirun");
+    let part = out.join(".harvest-rank-1-of-2");
+    let t0 = std::time::Instant::now();
+    // a shard of rank 1 on disk, then kill it while it works on the next
+    while !part.join("shard-000000.bin").exists() {
+        assert!(t0.elapsed().as_secs() < 90, "rank 1 wrote no shard within 90 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // timeout -> mpirun -> the ranks
+    let children = |pid: &str| {
+        let out = Command::new("pgrep").args(["-P", pid]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    let mpirun = children(&job.id().to_string()).pop().expect("mpirun under timeout");
+    let rank = children(&mpirun).pop().expect("a rank of the job");
+    assert!(Command::new("kill").args(["-9", &rank]).status().unwrap().success());
+    let status = job.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(!status.success(), "the job succeeded although a rank was killed:\n{log}");
+    assert!(!out.join("manifest.json").exists(), "the store was joined although a rank was killed");
+
+    assert!(!store_files(&alone).is_empty() && out.join(".harvest-rank-1-of-2").exists(), "the parts were not kept");
+    succeeds(harvest(2, LONG.0, LONG.1, &tokens, &out));
+    assert!(store_files(&out) == store_files(&alone), "the resumed harvest differs from the one-process store");
 }

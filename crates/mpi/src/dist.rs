@@ -15,6 +15,7 @@ use mpi::traits::*;
 use mpi::Threading;
 use saekit_sae::Collective;
 use saekit_sae::SaeError;
+use saekit_store::Ranks;
 use std::ops::Range;
 
 /// The ranks of one `mpirun`, as a grid of replicas × shards.
@@ -196,5 +197,20 @@ impl Collective for MpiCollective {
     }
     fn rank(&self) -> usize {
         self.rank
+    }
+}
+
+/// A harvest's ranks are the whole job: each harvests its share of the shards.
+impl Ranks for MpiCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shards * self.replicas
+    }
+    fn all_ok(&self, ok: bool) -> bool {
+        let mut failed = [!ok as u32];
+        all_sum(&self.world, &mut failed);
+        failed[0] == 0
     }
 }

@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use saekit_model::{HookPoint, Model};
 
 use crate::error::{ensure_input, Kind, StoreResult};
+use crate::parts::{self, Ranks};
 use crate::store::{ActivationWriter, Dtype, ModelInfo, SourceInfo, StoreConfig, StoreManifest};
 use crate::tokens::{TokenDataset, TokenizeOptions};
 
@@ -41,6 +42,10 @@ pub struct HarvestOptions {
     /// listed stay; the contexts buffered for the next shard are recomputed on resume, so a resumed
     /// store is byte-identical to an uninterrupted one. The returned manifest is then not `complete`.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The processes of an `mpirun` sharing this harvest (none, or one rank: this process harvests
+    /// every context). Each rank harvests a deterministic share of the shards and rank 0 joins them,
+    /// so the store is the one a single process writes.
+    pub ranks: Option<Arc<dyn Ranks>>,
 }
 
 impl Default for HarvestOptions {
@@ -56,6 +61,7 @@ impl Default for HarvestOptions {
             outlier_factor: Some(10.0),
             progress: true,
             stop: None,
+            ranks: None,
         }
     }
 }
@@ -139,7 +145,9 @@ pub fn sink_tokens(model: &Model, data: &TokenDataset) -> (Option<u32>, Vec<u32>
     (m.bos, eot)
 }
 
-/// Harvest into `out` (created, or resumed when it already holds the same harvest).
+/// Harvest into `out` (created, or resumed when it already holds the same harvest). With
+/// [`HarvestOptions::ranks`] of several processes, each harvests its share of the shards and rank 0
+/// joins them into the one store ([`crate::parts`]).
 pub fn harvest(
     model: &Model,
     model_path: &Path,
@@ -147,6 +155,29 @@ pub fn harvest(
     out: &Path,
     opts: &HarvestOptions,
 ) -> StoreResult<StoreManifest> {
+    let (config, n_ctx) = plan(model, model_path, data, opts)?;
+    let split = data.split(&opts.split)?;
+    let context = |c: u64| split.context(opts.first_context + c);
+    match opts.ranks.as_deref().filter(|r| r.size() > 1) {
+        None => {
+            let w = ActivationWriter::create_or_resume(out, config)?;
+            harvest_contexts(model, w, &(0..n_ctx).collect::<Vec<_>>(), &context, opts, out)
+        }
+        Some(ranks) => parts::harvest_share(out, &config, n_ctx, ranks, |part, share| {
+            let w = ActivationWriter::create_or_resume(part, config.clone())?;
+            harvest_contexts(model, w, share, &context, opts, part)
+        }),
+    }
+}
+
+/// Check the options against the model and data: the store's configuration and how many contexts
+/// it will hold.
+fn plan(
+    model: &Model,
+    model_path: &Path,
+    data: &TokenDataset,
+    opts: &HarvestOptions,
+) -> StoreResult<(StoreConfig, u64)> {
     let cfg = model.config();
     ensure_input!(!opts.hooks.is_empty(), "no hook points given");
     ensure_input!(opts.batch > 0, "batch must be > 0");
@@ -174,7 +205,6 @@ pub fn harvest(
             avail * ctx as u64
         );
     }
-    let n_ctx = want.min(avail);
     check_tokenizer(model, &model_path.display().to_string(), data)?;
     let (bos_token, eot) = sink_tokens(model, data);
     let config = StoreConfig {
@@ -201,7 +231,21 @@ pub fn harvest(
         },
         tokenizer_fingerprint: tokenizer_fingerprint(model),
     };
-    let mut w = ActivationWriter::create_or_resume(out, config)?;
+    Ok((config, want.min(avail)))
+}
+
+/// Run the model over `contexts` (indices into the split, from `first_context`) and push them to `w`,
+/// resuming after the ones it already holds; `out` names the store in messages.
+fn harvest_contexts<'a>(
+    model: &Model,
+    mut w: ActivationWriter,
+    contexts: &[u64],
+    context: &dyn Fn(u64) -> &'a [u32],
+    opts: &HarvestOptions,
+    out: &Path,
+) -> StoreResult<StoreManifest> {
+    let n_ctx = contexts.len() as u64;
+    let ctx = w.manifest().config.context;
     let start = w.contexts_done();
     if start >= n_ctx {
         tracing::info!("{} already holds {} contexts; nothing to do", out.display(), start);
@@ -210,14 +254,7 @@ pub fn harvest(
     if start > 0 {
         tracing::info!("resuming {} at context {start} of {n_ctx}", out.display());
     }
-    let pb =
-        if opts.progress { indicatif::ProgressBar::new(n_ctx * ctx as u64) } else { indicatif::ProgressBar::hidden() };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} harvest [{elapsed_precise}] [{wide_bar}] {human_pos}/{human_len} tokens {per_sec} ETA {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let pb = progress_bar(opts.progress, n_ctx * ctx as u64);
     pb.set_position(start * ctx as u64);
     pb.reset_eta();
     let t0 = Instant::now();
@@ -227,8 +264,8 @@ pub fn harvest(
     while c < n_ctx {
         let b = (opts.batch as u64).min(n_ctx - c) as usize;
         toks.clear();
-        for i in 0..b as u64 {
-            toks.extend_from_slice(split.context(opts.first_context + c + i));
+        for &i in &contexts[c as usize..c as usize + b] {
+            toks.extend_from_slice(context(i));
         }
         let tf = Instant::now();
         let cache = model
@@ -266,4 +303,15 @@ pub fn harvest(
     let m = w.finish()?;
     tracing::info!("harvested {done} tokens in {secs:.1} s ({:.0} tokens/s)", done as f64 / secs);
     Ok(m)
+}
+
+fn progress_bar(show: bool, tokens: u64) -> indicatif::ProgressBar {
+    let pb = if show { indicatif::ProgressBar::new(tokens) } else { indicatif::ProgressBar::hidden() };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} harvest [{elapsed_precise}] [{wide_bar}] {human_pos}/{human_len} tokens {per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
 }

@@ -56,12 +56,14 @@ mod error;
 pub mod harvest;
 #[cfg(feature = "model")]
 pub mod live;
+mod parts;
 pub mod reader;
 pub mod store;
 pub mod tokens;
 
 pub use corpus::{read_corpus, CorpusOptions, Document, ReadStats};
 pub use error::{StoreError, StoreResult};
+pub use parts::Ranks;
 pub use reader::{ActivationReader, ReaderCursor, ReaderOptions};
 pub use store::{
     marks, remove_store, sink_rule_text, ActivationStore, ActivationWriter, Dtype, HookStats, ModelInfo, OpenOptions,

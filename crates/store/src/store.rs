@@ -326,7 +326,7 @@ pub struct StatSums {
 }
 
 impl HookStats {
-    fn new(d: usize) -> Self {
+    pub(crate) fn new(d: usize) -> Self {
         HookStats {
             mean: vec![0.0; d],
             var: vec![0.0; d],
@@ -356,7 +356,7 @@ impl HookStats {
         }
     }
 
-    fn merge(&mut self, o: &HookStats) {
+    pub(crate) fn merge(&mut self, o: &HookStats) {
         self.n_rows += o.n_rows;
         self.marked_rows += o.marked_rows;
         self.max_norm = self.max_norm.max(o.max_norm);
@@ -520,6 +520,22 @@ fn mark_outliers(acts: &[Vec<u8>], mk: &mut [u8], factor: f32, d: usize, dtype: 
     }
     let n_outliers = mk.iter().filter(|&&m| m & marks::OUTLIER != 0).count() as u64;
     (per_hook.into_iter().map(|(med, _)| med).collect(), n_outliers)
+}
+
+/// The statistics of stored rows (`(row bytes, mark)` in store order), as a shard adds them to its hook's.
+fn rows_stats<'a>(rows: impl Iterator<Item = (&'a [u8], u8)>, c: &StoreConfig) -> HookStats {
+    let mut st = HookStats::new(c.d_model);
+    let mut row = vec![0f32; c.d_model];
+    for (b, m) in rows {
+        c.dtype.decode(b, &mut row);
+        st.add(&row, m != 0);
+    }
+    st
+}
+
+/// The statistics of hook `h`'s rows in a listed shard, equal to those its writer merged.
+pub(crate) fn shard_hook_stats(view: &ShardView<'_>, h: usize, c: &StoreConfig) -> HookStats {
+    rows_stats((0..view.n_rows()).map(|r| (view.row_bytes(h, r), view.marks()[r])), c)
 }
 
 // ------------------------------------------------------------------------------------------ writer
@@ -710,19 +726,8 @@ impl ActivationWriter {
         };
         let n_marked = mk.iter().filter(|&&m| m != 0).count() as u64;
         // Statistics of the stored (rounded) values: what a reader will return.
-        let shard_stats: Vec<HookStats> = self
-            .acts
-            .par_iter()
-            .map(|a| {
-                let mut st = HookStats::new(d);
-                let mut row = vec![0f32; d];
-                for (b, &m) in a.chunks_exact(row_bytes).zip(&mk) {
-                    c.dtype.decode(b, &mut row);
-                    st.add(&row, m != 0);
-                }
-                st
-            })
-            .collect();
+        let shard_stats: Vec<HookStats> =
+            self.acts.par_iter().map(|a| rows_stats(a.chunks_exact(row_bytes).zip(mk.iter().copied()), &c)).collect();
 
         let mut header = [0u8; HEADER_BYTES];
         header[..8].copy_from_slice(SHARD_MAGIC);
@@ -1051,7 +1056,10 @@ fn cast_u32(b: &[u8]) -> &[u32] {
 }
 
 fn is_store_file(name: &str) -> bool {
-    name == MANIFEST || name.starts_with("shard-") || saekit_files::is_temp_name(name)
+    name == MANIFEST
+        || name.starts_with("shard-")
+        || saekit_files::is_temp_name(name)
+        || crate::parts::is_part_dir_name(name)
 }
 
 /// Everything a reader assumes of a manifest, checked before any shard is mapped or indexed:
@@ -1108,7 +1116,9 @@ pub fn remove_store(dir: &Path) -> StoreResult<()> {
     for ent in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        if is_store_file(&name) {
+        if crate::parts::is_part_dir_name(&name) {
+            fs::remove_dir_all(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
+        } else if is_store_file(&name) {
             fs::remove_file(ent.path()).with_context(|| format!("cannot remove {}", ent.path().display()))?;
         }
     }

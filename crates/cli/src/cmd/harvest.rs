@@ -77,8 +77,13 @@ pub fn run(a: HarvestArgs) -> Result<()> {
         bail!("--hooks is empty");
     }
     let data = TokenDataset::open(&a.contexts)?;
-    if a.overwrite {
+    let ranks = super::mpi_job::join(None)?.map(|job| job.harvest);
+    let first = ranks.as_ref().is_none_or(|r| r.rank() == 0);
+    if a.overwrite && first {
         remove_store(&a.out)?;
+    }
+    if let Some(r) = &ranks {
+        r.all_ok(true); // the other ranks wait for the old store to be gone
     }
     let path = a.model.path()?;
     let model = a.model.load()?;
@@ -91,10 +96,15 @@ pub fn run(a: HarvestArgs) -> Result<()> {
         dtype: a.dtype,
         contexts_per_shard: a.contexts_per_shard,
         outlier_factor: (a.outlier_factor > 0.0).then_some(a.outlier_factor),
-        progress: true,
         stop: Some(super::interrupt::stop_flag()?),
+        progress: first,
+        ranks: ranks.clone(),
     };
-    harvest_with(&model, &path, &data, &a.out, &opts)
+    let harvested = harvest_with(&model, &path, &data, &a.out, &opts);
+    if ranks.is_some() {
+        super::mpi_job::fatal_across_ranks(harvested.as_ref().err());
+    }
+    harvested
 }
 
 /// Harvest `data` through `model` into the store `out` (resuming one that is there), then report it;
@@ -106,6 +116,9 @@ pub fn harvest_with(model: &Model, path: &Path, data: &TokenDataset, out: &Path,
             &format!("{} contexts are on disk in {}", m.n_contexts, out.display()),
             &super::interrupt::this_command(),
         );
+    }
+    if opts.ranks.as_ref().is_some_and(|r| r.rank() != 0) {
+        return Ok(()); // rank 0 reports
     }
     eprintln!(
         "{}: {} tokens ({} contexts, {} marked rows) x {} hook(s), {} shards, dtype {}",

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod harvest;
 pub mod interrupt;
 pub mod model_arg;
+pub mod mpi_job;
 pub mod probe;
 pub mod search;
 pub mod serve;

@@ -232,7 +232,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         setup = resumed_config(&a, dir)?;
     }
     let stop = super::interrupt::stop_flag()?;
-    let collective = join_mpi(a.shards)?;
+    let collective = super::mpi_job::join(a.shards)?.map(|job| job.trainer);
     let distributed = collective.is_some();
     let opts = RunOptions {
         resume,
@@ -253,7 +253,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let trained = train_stored(&a, &c, resume, &opts);
     if distributed {
         // a failure on one rank ends the whole job: the others would wait in a collective
-        fatal_across_ranks(trained.as_ref().err());
+        super::mpi_job::fatal_across_ranks(trained.as_ref().err());
     }
     let o = trained?;
     if opts.collective.as_ref().is_some_and(|m| m.rank() != 0) {
@@ -261,37 +261,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     finish(&o, o.tokens_per_s)
 }
-
-/// The processes of this `mpirun`, when this binary was built with MPI and launched by one.
-#[cfg(feature = "mpi")]
-fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sae::Collective>>> {
-    let job = saekit_mpi::MpiCollective::from_launcher(shards)?;
-    Ok(job.map(|m| std::sync::Arc::new(m) as std::sync::Arc<dyn saekit_sae::Collective>))
-}
-
-/// Without MPI support, refuse `mpirun` and `--shards` rather than run N copies of one training.
-#[cfg(not(feature = "mpi"))]
-fn join_mpi(shards: Option<usize>) -> Result<Option<std::sync::Arc<dyn saekit_sae::Collective>>> {
-    let ranks: usize =
-        ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok()).unwrap_or(1);
-    if shards.is_some() || ranks > 1 {
-        bail!(
-            "this saekit was built without MPI: rebuild it with `cargo build --features mpi` to train across processes"
-        );
-    }
-    Ok(None)
-}
-
-#[cfg(feature = "mpi")]
-fn fatal_across_ranks(err: Option<&anyhow::Error>) {
-    if let Some(e) = err {
-        eprintln!("error: {e:#}");
-        saekit_mpi::abort_job(1);
-    }
-}
-
-#[cfg(not(feature = "mpi"))]
-fn fatal_across_ranks(_: Option<&anyhow::Error>) {}
 
 /// Train from a .npy file or an activation store.
 fn train_stored(a: &TrainArgs, c: &TrainConfig, resume: bool, opts: &RunOptions) -> Result<saekit_sae::TrainOutcome> {
