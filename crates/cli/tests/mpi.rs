@@ -10,6 +10,10 @@
 //! - Harvest on the real model: 2 and 3 ranks write the one-process store, shard for shard and byte
 //!   for byte (the manifest's timing record aside); a rank killed mid-harvest ends the job, and the
 //!   same `mpirun` resumes it to those bytes.
+//! - Two "hosts": two network namespaces joined by a veth pair, made by the test, with a hostfile, an
+//!   rsh agent that enters the other namespace (as ssh would reach the other machine) and Open MPI's
+//!   TCP transport between them: training ends with the weights of the same job on one host, and a
+//!   harvest writes the one-process store.
 #![cfg(feature = "mpi")]
 
 use rand::{Rng, SeedableRng};
@@ -383,4 +387,107 @@ fn a_killed_harvest_rank_ends_the_job_and_the_same_mpirun_resumes_it() {
     assert!(!store_files(&alone).is_empty() && out.join(".harvest-rank-1-of-2").exists(), "the parts were not kept");
     succeeds(harvest(2, LONG.0, LONG.1, &tokens, &out));
     assert!(store_files(&out) == store_files(&alone), "the resumed harvest differs from the one-process store");
+}
+
+/// Two network namespaces, `10.77.0.1` and `10.77.0.2` on the two ends of a veth pair, removed on drop.
+struct TwoHosts {
+    names: [String; 2],
+    hostfile: PathBuf,
+    agent: PathBuf,
+}
+
+impl TwoHosts {
+    /// `None` (after saying why) where this process may not make network namespaces.
+    fn new(dir: &Path) -> Option<TwoHosts> {
+        let id = std::process::id() % 100_000;
+        let names = [format!("saekit-{id}-a"), format!("saekit-{id}-b")];
+        let made = Command::new("ip").args(["netns", "add", &names[0]]).output();
+        match made {
+            Ok(out) if out.status.success() => {}
+            Ok(out) if String::from_utf8_lossy(&out.stderr).contains("ermission") => {
+                eprintln!("SKIPPED: no permission to make network namespaces (needs root with CAP_SYS_ADMIN)");
+                return None;
+            }
+            Ok(out) => panic!("ip netns add: {}", String::from_utf8_lossy(&out.stderr)),
+            Err(e) => panic!("running `ip` (iproute2): {e}"),
+        }
+        let hosts = TwoHosts { names, hostfile: dir.join("hostfile"), agent: dir.join("rsh-agent") };
+        let (a, b) = (&hosts.names[0], &hosts.names[1]);
+        let (va, vb) = (format!("sk{id}a"), format!("sk{id}b"));
+        let steps: [&[&str]; 8] = [
+            &["netns", "add", b],
+            &["link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b],
+            &["-n", a, "addr", "add", "10.77.0.1/24", "dev", &va],
+            &["-n", b, "addr", "add", "10.77.0.2/24", "dev", &vb],
+            &["-n", a, "link", "set", &va, "up"],
+            &["-n", b, "link", "set", &vb, "up"],
+            &["-n", a, "link", "set", "lo", "up"],
+            &["-n", b, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            let out = Command::new("ip").args(step).output().unwrap();
+            assert!(out.status.success(), "ip {step:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::fs::write(&hosts.hostfile, "10.77.0.1 slots=1\n10.77.0.2 slots=1\n").unwrap();
+        let agent = format!(
+            "#!/bin/sh\n# mpirun's ssh: run the command on the \"host\" that owns the address\nhost=$1; shift\n\
+             case $host in 10.77.0.1) ns={a} ;; 10.77.0.2) ns={b} ;; *) echo \"unknown host $host\" >&2; exit 1 ;; esac\n\
+             exec ip netns exec $ns sh -c \"$*\"\n"
+        );
+        std::fs::write(&hosts.agent, agent).unwrap();
+        let chmod = Command::new("chmod").arg("+x").arg(&hosts.agent).status().unwrap();
+        assert!(chmod.success());
+        Some(hosts)
+    }
+
+    /// `saekit` with one rank on each host, launched from the first over TCP.
+    fn saekit(&self) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.names[0], "timeout", "180", "mpirun", "-np", "2", "--hostfile"]);
+        cmd.arg(&self.hostfile).args(["--mca", "plm_rsh_agent"]).arg(&self.agent);
+        cmd.args(["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", "10.77.0.0/24"]);
+        cmd.args(["--mca", "oob_tcp_if_include", "10.77.0.0/24", env!("CARGO_BIN_EXE_saekit")]);
+        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        cmd.env("RAYON_NUM_THREADS", "1").env_remove("RUST_LOG");
+        cmd
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+#[test]
+fn two_hosts_over_tcp_train_and_harvest_as_one_host_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(hosts) = TwoHosts::new(tmp.path()) else { return };
+    let (acts, _) = write_data(tmp.path());
+    let flags = topk_run(&acts.display().to_string(), "65536", "1000000");
+    let one_host = tmp.path().join("one-host");
+    train(
+        2,
+        &[flags.iter().map(String::as_str).collect::<Vec<_>>(), vec!["--out", &one_host.display().to_string()]]
+            .concat(),
+        None,
+    );
+    let two_hosts = tmp.path().join("two-hosts");
+    let mut cmd = hosts.saekit();
+    cmd.args(["train", "--quiet", "--threads", "1"]).args(&flags).arg("--out").arg(&two_hosts);
+    succeeds(cmd);
+    let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+    assert!(weights(&one_host) == weights(&two_hosts), "two hosts trained other weights than one host");
+
+    let tokens = tokens(tmp.path());
+    let alone = tmp.path().join("alone");
+    succeeds(harvest(0, SMALL.0, SMALL.1, &tokens, &alone));
+    let harvested = tmp.path().join("harvested");
+    let mut cmd = hosts.saekit();
+    cmd.args(["harvest", "--hooks", SMALL.0, "--tokens", SMALL.1, "--batch", "4", "--contexts-per-shard", "7"]);
+    cmd.arg("--contexts").arg(&tokens).arg(&harvested);
+    succeeds(cmd);
+    assert!(store_files(&harvested) == store_files(&alone), "a harvest on two hosts differs from one process's");
 }
