@@ -14,6 +14,8 @@
 //!   rsh agent that enters the other namespace (as ssh would reach the other machine) and Open MPI's
 //!   TCP transport between them: training ends with the weights of the same job on one host, and a
 //!   harvest writes the one-process store.
+//! - A rank that stops answering without dying (SIGSTOP) ends the job after `SAEKIT_MPI_TIMEOUT`,
+//!   with a message, instead of holding the other ranks forever.
 #![cfg(feature = "mpi")]
 
 use rand::{Rng, SeedableRng};
@@ -252,6 +254,47 @@ fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
     train(2, &["--resume", &killed.display().to_string()], None);
     let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
     assert!(weights(&killed) == weights(&straight), "the resumed run ended elsewhere than the unkilled one");
+}
+
+#[test]
+fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, _) = write_data(tmp.path());
+    let flags = topk_run(&acts.display().to_string(), "4194304", "1000000");
+    let bin = env!("CARGO_BIN_EXE_saekit");
+    let mut job = Command::new("mpirun")
+        .args(["--oversubscribe", "-np", "2", bin, "train", "--quiet", "--threads", "1"])
+        .args(&flags)
+        .arg("--out")
+        .arg(tmp.path().join("sae"))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("SAEKIT_MPI_TIMEOUT", "3")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mpirun");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let ranks = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
+    let rank = String::from_utf8_lossy(&ranks.stdout).lines().last().expect("a rank of the job").to_string();
+    // SIGSTOP: the process lives on but answers nothing, as on a hung machine
+    assert!(Command::new("kill").args(["-STOP", &rank]).status().unwrap().success());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            break status;
+        }
+        if t0.elapsed().as_secs() > 60 {
+            let _ = Command::new("kill").args(["-9", &rank]).status();
+            let _ = job.kill();
+            panic!("the job still waits 60 s after a rank stopped (a hang)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = Command::new("kill").args(["-9", &rank]).status();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(!status.success(), "the job succeeded although a rank stopped:\n{log}");
+    assert!(log.contains("waited over 3 s in an all-"), "no rank said why the job ended:\n{log}");
 }
 
 fn saekit_files_in(dir: &Path) -> Vec<String> {

@@ -17,6 +17,9 @@ use saekit_sae::Collective;
 use saekit_sae::SaeError;
 use saekit_store::Ranks;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The ranks of one `mpirun`, as a grid of replicas × shards.
 pub struct MpiCollective {
@@ -30,6 +33,7 @@ pub struct MpiCollective {
     replicas: usize,
     shard: usize,
     replica: usize,
+    watchdog: Watchdog,
     /// Declared last: dropped (MPI_Finalize) after the communicators are freed.
     _universe: Universe,
 }
@@ -75,6 +79,7 @@ impl MpiCollective {
         if size == 1 {
             return Ok(None);
         }
+        collective_timeout()?;
         let shards = shards.unwrap_or(size);
         if shards == 0 || size % shards != 0 {
             return Err(SaeError::config("shards", format!("--shards {shards} must divide the {size} ranks")));
@@ -100,6 +105,7 @@ impl MpiCollective {
             replicas: size / shards,
             shard,
             replica,
+            watchdog: Watchdog::start(rank, collective_timeout()?),
             _universe: universe,
         }))
     }
@@ -111,13 +117,73 @@ pub fn abort_job(code: i32) -> ! {
     SimpleCommunicator::world().abort(code)
 }
 
-/// `values[i] ← Σ over the group`, unless the group is this process alone.
-fn all_sum<T: Equivalence + Copy>(group: &SimpleCommunicator, values: &mut [T]) {
-    if group.size() == 1 || values.is_empty() {
-        return;
+/// How long one rank may wait in one collective before it ends the job: `SAEKIT_MPI_TIMEOUT` seconds
+/// (default 600; 0 waits forever).
+fn collective_timeout() -> Result<Option<Duration>, SaeError> {
+    let Ok(v) = std::env::var("SAEKIT_MPI_TIMEOUT") else { return Ok(Some(Duration::from_secs(600))) };
+    let secs: f64 = v.trim().parse().ok().filter(|s: &f64| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+        SaeError::BadInput(format!("SAEKIT_MPI_TIMEOUT={v:?} is not a number of seconds (0 waits forever)"))
+    })?;
+    Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
+}
+
+/// Ends the job when this rank has waited longer than the timeout in one collective. MPI waits forever
+/// for a rank that stopped answering without dying (a hung machine, a lost link); `mpirun` ends the job
+/// only when a process exits.
+struct Watchdog {
+    /// Milliseconds since `t0` at which the collective in flight began; 0 when none is.
+    since_ms: Arc<AtomicU64>,
+    what: Arc<Mutex<&'static str>>,
+    t0: Instant,
+}
+
+impl Watchdog {
+    fn start(rank: usize, timeout: Option<Duration>) -> Watchdog {
+        let w = Watchdog { since_ms: Arc::default(), what: Arc::new(Mutex::new("")), t0: Instant::now() };
+        if let Some(limit) = timeout {
+            let (since, what, t0) = (w.since_ms.clone(), w.what.clone(), w.t0);
+            let tick = (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+            std::thread::spawn(move || loop {
+                std::thread::sleep(tick);
+                let began = since.load(Ordering::SeqCst);
+                if began != 0 && t0.elapsed().as_millis() as u64 - began > limit.as_millis() as u64 {
+                    let what = *what.lock().unwrap_or_else(|e| e.into_inner());
+                    eprintln!(
+                        "error: MPI rank {rank} waited over {:.0} s in {what}: another rank stopped answering; ending the job (SAEKIT_MPI_TIMEOUT sets the limit)",
+                        limit.as_secs_f64()
+                    );
+                    // not MPI_Abort: this thread may not call MPI while the main thread is inside it
+                    std::process::abort();
+                }
+            });
+        }
+        w
     }
-    let send = values.to_vec();
-    group.all_reduce_into(&send[..], values, SystemOperation::sum());
+
+    /// Run the collective `f`, watched.
+    fn watch<R>(&self, what: &'static str, f: impl FnOnce() -> R) -> R {
+        *self.what.lock().unwrap_or_else(|e| e.into_inner()) = what;
+        self.since_ms.store((self.t0.elapsed().as_millis() as u64).max(1), Ordering::SeqCst);
+        let r = f();
+        self.since_ms.store(0, Ordering::SeqCst);
+        r
+    }
+}
+
+impl MpiCollective {
+    /// `values[i] ← Σ over the group`, unless the group is this process alone.
+    fn all_sum<T: Equivalence + Copy>(&self, group: &SimpleCommunicator, values: &mut [T]) {
+        if group.size() == 1 || values.is_empty() {
+            return;
+        }
+        let send = values.to_vec();
+        self.watchdog.watch("an all-reduce", || group.all_reduce_into(&send[..], values, SystemOperation::sum()));
+    }
+
+    /// Every rank's bytes of the group, concatenated in rank order (each may send a different count).
+    fn all_gather(&self, group: &SimpleCommunicator, local: &[u8]) -> Vec<u8> {
+        self.watchdog.watch("an all-gather", || all_gather(group, local))
+    }
 }
 
 /// Every rank's bytes of the group, concatenated in rank order (each may send a different count).
@@ -150,17 +216,17 @@ fn piece(n: usize, parts: usize, i: usize) -> Range<usize> {
 
 impl Collective for MpiCollective {
     fn sum_f64(&self, values: &mut [f64]) {
-        all_sum(&self.replica_group, values);
+        self.all_sum(&self.replica_group, values);
     }
     fn sum_f32(&self, values: &mut [f32]) {
-        all_sum(&self.replica_group, values);
+        self.all_sum(&self.replica_group, values);
     }
     fn sum_u32(&self, values: &mut [u32]) {
-        all_sum(&self.replica_group, values);
+        self.all_sum(&self.replica_group, values);
     }
     fn total_rows(&self, local_rows: usize) -> usize {
         let mut rows = [local_rows as u64];
-        all_sum(&self.replica_group, &mut rows);
+        self.all_sum(&self.replica_group, &mut rows);
         rows[0] as usize
     }
     fn replicas(&self) -> usize {
@@ -179,20 +245,20 @@ impl Collective for MpiCollective {
         piece(d_sae, self.shards, self.shard)
     }
     fn shard_sum_f32(&self, values: &mut [f32]) {
-        all_sum(&self.shard_group, values);
+        self.all_sum(&self.shard_group, values);
     }
     fn shard_sum_f64(&self, values: &mut [f64]) {
-        all_sum(&self.shard_group, values);
+        self.all_sum(&self.shard_group, values);
     }
     fn shard_gather(&self, local: &[u8]) -> Vec<u8> {
-        all_gather(&self.shard_group, local)
+        self.all_gather(&self.shard_group, local)
     }
     fn gather_all(&self, local: &[u8]) -> Vec<u8> {
-        all_gather(&self.world, local)
+        self.all_gather(&self.world, local)
     }
     fn any(&self, flag: bool) -> bool {
         let mut v = [flag as u32];
-        all_sum(&self.world, &mut v);
+        self.all_sum(&self.world, &mut v);
         v[0] > 0
     }
     fn rank(&self) -> usize {
@@ -210,7 +276,7 @@ impl Ranks for MpiCollective {
     }
     fn all_ok(&self, ok: bool) -> bool {
         let mut failed = [!ok as u32];
-        all_sum(&self.world, &mut failed);
+        self.all_sum(&self.world, &mut failed);
         failed[0] == 0
     }
 }
