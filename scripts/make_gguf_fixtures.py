@@ -1,4 +1,4 @@
-"""GGUF copies of the Qwen2, Qwen3 and Phi-3 parity fixtures, named and laid out as llama.cpp's converter
+"""GGUF copies of the Qwen2, Qwen3, Phi-3 and Pythia (GPT-NeoX) parity fixtures, named and laid out as llama.cpp's converter
 (convert_hf_to_gguf.py) writes them: tensor names from llama.cpp's own gguf-py mapping
 (gguf.get_tensor_name_map, the table the converter uses), Q/K rows kept as stored (llama.cpp runs these
 architectures with the NEOX rotary and permutes only Llama's), tied embeddings without output.weight, the
@@ -14,7 +14,12 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-ARCHS = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3, "phi3": gguf.MODEL_ARCH.PHI3}
+ARCHS = {
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
+    "phi3": gguf.MODEL_ARCH.PHI3,
+    "pythia": gguf.MODEL_ARCH.GPTNEOX,
+}
 
 
 def vocab(tok, n_vocab):
@@ -28,6 +33,13 @@ def vocab(tok, n_vocab):
         types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     return tokens, types, merges
+
+
+def neox_qkv_to_blocks(t, heads):
+    """GPTNeoXModel.modify_tensors: the fused QKV rows from per-head [q, k, v] triples (transformers'
+    layout) to all of q, then all of k, then all of v."""
+    per_head = t.reshape((heads, 3, -1) + t.shape[1:])
+    return np.concatenate([per_head[:, i].reshape((-1,) + t.shape[1:]) for i in range(3)], axis=0)
 
 
 def build(name, root):
@@ -44,10 +56,17 @@ def build(name, root):
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
-    w.add_head_count_kv(cfg.get("num_key_value_heads", heads))
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_rope_dimension_count(head_dim)
+    if arch == gguf.MODEL_ARCH.GPTNEOX:
+        # GPTNeoXModel.set_gguf_parameters: LayerNorm eps, the rotating share of each head, parallel
+        # residual; no rope base (llama.cpp's default, 10000, is Pythia's)
+        w.add_layer_norm_eps(cfg["layer_norm_eps"])
+        w.add_rope_dimension_count(int(cfg["rope_parameters"]["partial_rotary_factor"] * head_dim))
+        w.add_parallel_residual(cfg.get("use_parallel_residual", True))
+    else:
+        w.add_head_count_kv(cfg.get("num_key_value_heads", heads))
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+        w.add_rope_dimension_count(head_dim)
     if name == "qwen3":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -69,6 +88,8 @@ def build(name, root):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             sys.exit(f"{name}: llama.cpp's map has no name for {hf_name}")
+        if arch == gguf.MODEL_ARCH.GPTNEOX and ".query_key_value." in hf_name:
+            t = neox_qkv_to_blocks(t, heads)
         w.add_tensor(gguf_name, np.ascontiguousarray(t, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

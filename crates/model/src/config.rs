@@ -141,9 +141,10 @@ impl ModelConfig {
             "qwen3" => Arch::Qwen3,
             "phi3" => Arch::Phi3,
             "gpt2" => Arch::Gpt2,
+            "gptneox" => Arch::GptNeox,
             other => bail!(
-                "{}: unsupported architecture '{other}' (supported: llama, mistral, qwen2, qwen3, phi3, gpt2; \
-                 Gemma and GPT-NeoX load from their Hugging Face folders)",
+                "{}: unsupported architecture '{other}' (supported: llama, mistral, qwen2, qwen3, phi3, gpt2, \
+                 gptneox; Gemma loads from its Hugging Face folder)",
                 file.display()
             ),
         };
@@ -171,8 +172,11 @@ impl ModelConfig {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        let eps_key =
-            if arch == Arch::Gpt2 { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" };
+        let eps_key = if matches!(arch, Arch::Gpt2 | Arch::GptNeox) {
+            "attention.layer_norm_epsilon"
+        } else {
+            "attention.layer_norm_rms_epsilon"
+        };
         let cfg = Self {
             arch,
             name,
@@ -193,6 +197,15 @@ impl ModelConfig {
             details: ArchDetails::plain(0),
         };
         let mut details = ArchDetails::plain(cfg.head_dim);
+        if arch == Arch::GptNeox {
+            // the rotating share of each head, and whether attention and MLP read the same stream
+            details.rotary_dims = meta_u(ct, &p("rope.dimension_count")).unwrap_or(cfg.head_dim);
+            details.parallel_residual =
+                ct.metadata.get(&p("use_parallel_residual")).and_then(|v| v.to_bool().ok()).unwrap_or(true);
+            // GGUF records no activation; Pythia's config says "gelu", the exact (erf) one transformers runs
+            // (llama.cpp itself runs the tanh approximation, 2e-4 off after one MLP)
+            details.gelu_exact = true;
+        }
         if arch == Arch::Phi3 {
             // as transformers does, a Phi-3 sliding window masks every layer
             details.sliding_window = meta_u(ct, &p("attention.sliding_window"));

@@ -55,16 +55,14 @@ fn heads_to_qkv(rows: &[f32], n_heads: usize, hd: usize, width: usize) -> Vec<f3
 impl GptNeox {
     pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
-        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, l)).collect::<Result<Vec<_>>>()?;
-        let ln = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> {
-            Ok((src.get(&format!("{name}.weight"), &[d])?, src.get(&format!("{name}.bias"), &[d])?))
-        };
+        let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
+        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
-            embed: src.get("gpt_neox.embed_in.weight", &[v, d])?,
-            unembed: src.get("embed_out.weight", &[v, d])?,
+            embed: src.get(names.top("embed"), &[v, d])?,
+            unembed: src.get(names.top("unembed"), &[v, d])?,
             blocks,
-            ln_f: ln("gpt_neox.final_layer_norm")?,
+            ln_f: layer_norm_params(src, names.top("final_norm"), d)?,
             rope: Rope::new(cfg.details.rotary_dims, cfg.rope_theta, cfg.max_positions, false),
         })
     }
@@ -143,23 +141,65 @@ impl GptNeox {
     }
 }
 
-fn load_block(cfg: &ModelConfig, src: &WeightSource, l: usize) -> Result<Block> {
+/// Tensor names as transformers (`gpt_neox.layers.L.attention.query_key_value`) or llama.cpp's converter
+/// (`blk.L.attn_qkv`) spell them; each name below is given without its `.weight` / `.bias` suffix.
+struct Names {
+    gguf: bool,
+}
+
+impl Names {
+    fn top(&self, what: &str) -> &'static str {
+        match (what, self.gguf) {
+            ("embed", false) => "gpt_neox.embed_in.weight",
+            ("embed", true) => "token_embd.weight",
+            ("unembed", false) => "embed_out.weight",
+            ("unembed", true) => "output.weight",
+            ("final_norm", false) => "gpt_neox.final_layer_norm",
+            _ => "output_norm",
+        }
+    }
+
+    fn block(&self, l: usize, what: &str) -> String {
+        if !self.gguf {
+            return format!("gpt_neox.layers.{l}.{what}");
+        }
+        let gguf = match what {
+            "input_layernorm" => "attn_norm",
+            "attention.query_key_value" => "attn_qkv",
+            "attention.dense" => "attn_output",
+            "post_attention_layernorm" => "ffn_norm",
+            "mlp.dense_h_to_4h" => "ffn_up",
+            _ => "ffn_down",
+        };
+        format!("blk.{l}.{gguf}")
+    }
+}
+
+fn layer_norm_params(src: &WeightSource, name: &str, d: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    Ok((src.get(&format!("{name}.weight"), &[d])?, src.get(&format!("{name}.bias"), &[d])?))
+}
+
+fn load_block(cfg: &ModelConfig, src: &WeightSource, names: &Names, l: usize) -> Result<Block> {
     let (d, ff, hd, nh) = (cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_heads);
-    let n = |p: &str| format!("gpt_neox.layers.{l}.{p}");
-    let vec = |p: &str, len: usize| src.get(&n(p), &[len]);
+    let n = |p: &str| names.block(l, p);
+    let bias = |p: &str, len: usize| src.get(&format!("{}.bias", n(p)), &[len]);
     let qkv_name = n("attention.query_key_value");
-    let w = src.get(&format!("{qkv_name}.weight"), &[3 * nh * hd, d])?;
-    let b = src.get(&format!("{qkv_name}.bias"), &[3 * nh * hd])?;
+    let mut w = src.get(&format!("{qkv_name}.weight"), &[3 * nh * hd, d])?;
+    let mut b = src.get(&format!("{qkv_name}.bias"), &[3 * nh * hd])?;
+    if !names.gguf {
+        // llama.cpp's converter already stores them as all q, all k, all v
+        (w, b) = (heads_to_qkv(&w, nh, hd, d), heads_to_qkv(&b, nh, hd, 1));
+    }
     Ok(Block {
-        ln1: (vec("input_layernorm.weight", d)?, vec("input_layernorm.bias", d)?),
-        wqkv: Matrix::from_out_in(&heads_to_qkv(&w, nh, hd, d), 3 * nh * hd, d),
-        bqkv: heads_to_qkv(&b, nh, hd, 1),
+        ln1: layer_norm_params(src, &n("input_layernorm"), d)?,
+        wqkv: Matrix::from_out_in(&w, 3 * nh * hd, d),
+        bqkv: b,
         wo: lin(src, &n("attention.dense"), d, nh * hd)?,
-        bo: vec("attention.dense.bias", d)?,
-        ln2: (vec("post_attention_layernorm.weight", d)?, vec("post_attention_layernorm.bias", d)?),
+        bo: bias("attention.dense", d)?,
+        ln2: layer_norm_params(src, &n("post_attention_layernorm"), d)?,
         w_up: lin(src, &n("mlp.dense_h_to_4h"), ff, d)?,
-        b_up: vec("mlp.dense_h_to_4h.bias", ff)?,
+        b_up: bias("mlp.dense_h_to_4h", ff)?,
         w_down: lin(src, &n("mlp.dense_4h_to_h"), d, ff)?,
-        b_down: vec("mlp.dense_4h_to_h.bias", d)?,
+        b_down: bias("mlp.dense_4h_to_h", d)?,
     })
 }

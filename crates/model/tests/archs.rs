@@ -245,3 +245,10 @@ fn qwen3_gguf_with_llama_cpp_names_matches_transformers() {
 fn phi3_gguf_with_llama_cpp_names_matches_transformers() {
     check_gguf("phi3", Arch::Phi3);
 }
+
+/// llama.cpp's converter regroups GPT-NeoX's per-head fused QKV rows into all q, all k, all v, and
+/// records the rotating share of each head as `rope.dimension_count`.
+#[test]
+fn pythia_gguf_with_llama_cpp_names_matches_transformers() {
+    check_gguf("pythia", Arch::GptNeox);
+}
