@@ -1,4 +1,4 @@
-"""GGUF copies of the Qwen2, Qwen3, Phi-3 and Pythia (GPT-NeoX) parity fixtures, named and laid out as llama.cpp's converter
+"""GGUF copies of the Qwen2, Qwen3, Phi-3, Pythia (GPT-NeoX) and Gemma 2/3 parity fixtures, named and laid out as llama.cpp's converter
 (convert_hf_to_gguf.py) writes them: tensor names from llama.cpp's own gguf-py mapping
 (gguf.get_tensor_name_map, the table the converter uses), Q/K rows kept as stored (llama.cpp runs these
 architectures with the NEOX rotary and permutes only Llama's), tied embeddings without output.weight, the
@@ -19,7 +19,10 @@ ARCHS = {
     "qwen3": gguf.MODEL_ARCH.QWEN3,
     "phi3": gguf.MODEL_ARCH.PHI3,
     "pythia": gguf.MODEL_ARCH.GPTNEOX,
+    "gemma2": gguf.MODEL_ARCH.GEMMA2,
+    "gemma3": gguf.MODEL_ARCH.GEMMA3,
 }
+GEMMA = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 
 
 def vocab(tok, n_vocab):
@@ -33,6 +36,31 @@ def vocab(tok, n_vocab):
         types[a["id"]] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     return tokens, types, merges
+
+
+def gemma_parameters(w, arch, cfg, head_dim):
+    """Gemma2Model / Gemma3Model.set_gguf_parameters. llama.cpp records no layer pattern (2 for Gemma 2,
+    6 for Gemma 3), no local rope base (10000) and no query_pre_attn_scalar: it takes head_dim, or
+    d_model / heads for the 27B models, which is what every released Gemma's config says."""
+    w.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_sliding_window(cfg["sliding_window"])
+    if arch == gguf.MODEL_ARCH.GEMMA2:
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        # this tiny fixture's query_pre_attn_scalar (24) is neither rule's, so it is written as llama.cpp's
+        # attention.scale key, which saekit reads before the rule
+        w.add_attention_scale(cfg["query_pre_attn_scalar"] ** -0.5)
+    else:
+        full = cfg["rope_parameters"]["full_attention"]
+        w.add_rope_freq_base(full["rope_theta"])
+        if full.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
+        if cfg.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
 
 
 def neox_qkv_to_blocks(t, heads):
@@ -56,7 +84,9 @@ def build(name, root):
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
-    if arch == gguf.MODEL_ARCH.GPTNEOX:
+    if arch in GEMMA:
+        gemma_parameters(w, arch, cfg, head_dim)
+    elif arch == gguf.MODEL_ARCH.GPTNEOX:
         # GPTNeoXModel.set_gguf_parameters: LayerNorm eps, the rotating share of each head, parallel
         # residual; no rope base (llama.cpp's default, 10000, is Pythia's)
         w.add_layer_norm_eps(cfg["layer_norm_eps"])
@@ -81,7 +111,8 @@ def build(name, root):
     w.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
     if cfg.get("bos_token_id") is not None:
         w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_add_bos_token(False)
+    tok_cfg = json.load(open(os.path.join(d, "tokenizer_config.json")))
+    w.add_add_bos_token(bool(tok_cfg.get("add_bos_token", False)))  # as gguf.SpecialVocab reads it
 
     names = gguf.get_tensor_name_map(arch, n_layers)
     for hf_name, t in sorted(load_file(os.path.join(d, "model.safetensors")).items()):
@@ -90,6 +121,9 @@ def build(name, root):
             sys.exit(f"{name}: llama.cpp's map has no name for {hf_name}")
         if arch == gguf.MODEL_ARCH.GPTNEOX and ".query_key_value." in hf_name:
             t = neox_qkv_to_blocks(t, heads)
+        if arch in GEMMA and hf_name.endswith("norm.weight"):
+            t = t + 1  # Gemma{2,3}Model.modify_tensors: GGUF stores the RMSNorm gain itself, 1 + w
+
         w.add_tensor(gguf_name, np.ascontiguousarray(t, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()

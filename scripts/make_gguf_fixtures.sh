@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild tests/fixtures/{qwen2,qwen3,phi3,pythia}/model.gguf from the committed HF fixtures with llama.cpp's gguf-py
+# Rebuild tests/fixtures/{qwen2,qwen3,phi3,pythia,gemma2,gemma3}/model.gguf from the committed HF fixtures with llama.cpp's gguf-py
 # (see make_gguf_fixtures.py). Needs PyPI only; shares the venv of make_model_fixtures.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -127,6 +127,40 @@ fn meta_f(ct: &gguf_file::Content, key: &str) -> Option<f64> {
     v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok()
 }
 
+/// What a Gemma 2/3 GGUF states, and what llama.cpp assumes where it states nothing: the sliding-window
+/// layers (every 2nd from the first for Gemma 2; all but every 6th for Gemma 3), Gemma 3's local rotary base
+/// (10000), and the attention scale (`attention.scale` when written, else head_dim^-1/2, or
+/// (d_model / heads)^-1/2 for the 27B models (46 and 62 layers): what each released config's
+/// `query_pre_attn_scalar` says).
+fn gguf_gemma_details(
+    ct: &gguf_file::Content,
+    cfg: &ModelConfig,
+    key: &dyn Fn(&str) -> String,
+    mut d: ArchDetails,
+) -> Result<ArchDetails> {
+    let gemma3 = cfg.arch == Arch::Gemma3;
+    let is_27b = cfg.n_layers == if gemma3 { 62 } else { 46 };
+    let scalar = if is_27b { cfg.d_model / cfg.n_heads } else { cfg.head_dim } as f64;
+    d.query_pre_attn_scalar = Some(meta_f(ct, &key("attention.scale")).map(|s| 1.0 / (s * s)).unwrap_or(scalar));
+    d.attn_softcap = meta_f(ct, &key("attn_logit_softcapping")).map(|c| c as f32);
+    d.final_softcap = meta_f(ct, &key("final_logit_softcapping")).map(|c| c as f32);
+    d.sliding_window = meta_u(ct, &key("attention.sliding_window"));
+    let pattern = if gemma3 { 6 } else { 2 };
+    if d.sliding_window.is_some() {
+        d.sliding_layers = (0..cfg.n_layers).map(|l| (l + 1) % pattern != 0).collect();
+    }
+    if gemma3 {
+        d.rope_local_theta = Some(10_000.0);
+    }
+    let scaling = ct.metadata.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).cloned();
+    match scaling.as_deref() {
+        None | Some("none") => {}
+        Some("linear") => d.rope_linear_factor = meta_f(ct, &key("rope.scaling.factor")),
+        Some(other) => bail!("rope scaling '{other}' is not supported (supported: none, linear)"),
+    }
+    Ok(d)
+}
+
 impl ModelConfig {
     /// The config a GGUF file's metadata declares, checked (`file` names it in errors).
     pub(crate) fn from_gguf(ct: &gguf_file::Content, file: &Path) -> Result<Self> {
@@ -142,9 +176,11 @@ impl ModelConfig {
             "phi3" => Arch::Phi3,
             "gpt2" => Arch::Gpt2,
             "gptneox" => Arch::GptNeox,
+            "gemma2" => Arch::Gemma2,
+            "gemma3" => Arch::Gemma3,
             other => bail!(
                 "{}: unsupported architecture '{other}' (supported: llama, mistral, qwen2, qwen3, phi3, gpt2, \
-                 gptneox; Gemma loads from its Hugging Face folder)",
+                 gptneox, gemma2, gemma3)",
                 file.display()
             ),
         };
@@ -205,6 +241,9 @@ impl ModelConfig {
             // GGUF records no activation; Pythia's config says "gelu", the exact (erf) one transformers runs
             // (llama.cpp itself runs the tanh approximation, 2e-4 off after one MLP)
             details.gelu_exact = true;
+        }
+        if matches!(arch, Arch::Gemma2 | Arch::Gemma3) {
+            details = gguf_gemma_details(ct, &cfg, &p, details).with_context(|| file.display().to_string())?;
         }
         if arch == Arch::Phi3 {
             // as transformers does, a Phi-3 sliding window masks every layer

@@ -47,24 +47,66 @@ pub(crate) struct Gemma {
     rope_local: Option<Rope>,
 }
 
-fn gain(src: &WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
-    Ok(src.get(name, &[n])?.into_iter().map(|w| 1.0 + w).collect())
+/// Tensor names as transformers (`model.layers.L.self_attn.q_proj`) or llama.cpp's converter
+/// (`blk.L.attn_q`) spell them.
+struct Names {
+    gguf: bool,
+}
+
+impl Names {
+    fn top(&self, hf: &'static str) -> &'static str {
+        match (hf, self.gguf) {
+            (hf, false) => hf,
+            ("model.embed_tokens.weight", true) => "token_embd.weight",
+            _ => "output_norm.weight",
+        }
+    }
+
+    /// Block `l`'s tensor `hf` (transformers' name inside the layer).
+    fn block(&self, l: usize, hf: &str) -> String {
+        if !self.gguf {
+            return format!("model.layers.{l}.{hf}");
+        }
+        let gguf = match hf {
+            "input_layernorm.weight" => "attn_norm.weight",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.q_norm.weight" => "attn_q_norm.weight",
+            "self_attn.k_norm.weight" => "attn_k_norm.weight",
+            "post_attention_layernorm.weight" => "post_attention_norm.weight",
+            "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+            "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" => "ffn_up",
+            _ => "ffn_down",
+        };
+        format!("blk.{l}.{gguf}")
+    }
+
+    /// An RMSNorm's gain: transformers stores w and multiplies by 1 + w; llama.cpp's converter stores 1 + w.
+    fn gain(&self, src: &WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
+        let w = src.get(name, &[n])?;
+        Ok(if self.gguf { w } else { w.into_iter().map(|w| 1.0 + w).collect() })
+    }
 }
 
 impl Gemma {
     pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
-        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, l)).collect::<Result<Vec<_>>>()?;
+        let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
+        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
         let det = &cfg.details;
         let rope_global = Rope::scaled(cfg.head_dim, cfg.rope_theta, cfg.max_positions, false, det.rope_linear_factor);
         let rope_local = det.rope_local_theta.map(|t| Rope::new(cfg.head_dim, t, cfg.max_positions, false));
         Ok(Self {
             cfg: cfg.clone(),
-            embed: src.get("model.embed_tokens.weight", &[v, d])?,
+            embed: src.get(names.top("model.embed_tokens.weight"), &[v, d])?,
             // transformers rounds sqrt(d_model) to the activation dtype before multiplying.
             embed_scale: (d as f64).sqrt() as f32,
             blocks,
-            final_norm: gain(src, "model.norm.weight", d)?,
+            final_norm: names.gain(src, names.top("model.norm.weight"), d)?,
             rope_global,
             rope_local,
         })
@@ -159,17 +201,18 @@ impl Gemma {
     }
 }
 
-fn load_block(cfg: &ModelConfig, src: &WeightSource, l: usize) -> Result<Block> {
+fn load_block(cfg: &ModelConfig, src: &WeightSource, names: &Names, l: usize) -> Result<Block> {
     let (d, ff, hd) = (cfg.d_model, cfg.d_ff, cfg.head_dim);
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-    let n = |p: &str| format!("model.layers.{l}.{p}");
+    let n = |p: &str| names.block(l, p);
+    let gain = |p: &str, len: usize| names.gain(src, &n(p), len);
     let qk_norm = if cfg.arch == Arch::Gemma3 {
-        Some((gain(src, &n("self_attn.q_norm.weight"), hd)?, gain(src, &n("self_attn.k_norm.weight"), hd)?))
+        Some((gain("self_attn.q_norm.weight", hd)?, gain("self_attn.k_norm.weight", hd)?))
     } else {
         None
     };
     Ok(Block {
-        attn_norm: gain(src, &n("input_layernorm.weight"), d)?,
+        attn_norm: gain("input_layernorm.weight", d)?,
         wqkv: Matrix::concat_cols(&[
             lin(src, &n("self_attn.q_proj"), qd, d)?,
             lin(src, &n("self_attn.k_proj"), kvd, d)?,
@@ -177,11 +220,11 @@ fn load_block(cfg: &ModelConfig, src: &WeightSource, l: usize) -> Result<Block> 
         ]),
         qk_norm,
         wo: lin(src, &n("self_attn.o_proj"), d, qd)?,
-        post_attn_norm: gain(src, &n("post_attention_layernorm.weight"), d)?,
-        pre_mlp_norm: gain(src, &n("pre_feedforward_layernorm.weight"), d)?,
+        post_attn_norm: gain("post_attention_layernorm.weight", d)?,
+        pre_mlp_norm: gain("pre_feedforward_layernorm.weight", d)?,
         w_gate_up: Matrix::concat_cols(&[lin(src, &n("mlp.gate_proj"), ff, d)?, lin(src, &n("mlp.up_proj"), ff, d)?]),
         w_down: lin(src, &n("mlp.down_proj"), d, ff)?,
-        post_mlp_norm: gain(src, &n("post_feedforward_layernorm.weight"), d)?,
+        post_mlp_norm: gain("post_feedforward_layernorm.weight", d)?,
         sliding: cfg.details.sliding_layers.get(l).copied().unwrap_or(false),
     })
 }

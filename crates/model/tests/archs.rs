@@ -246,6 +246,20 @@ fn phi3_gguf_with_llama_cpp_names_matches_transformers() {
     check_gguf("phi3", Arch::Phi3);
 }
 
+/// llama.cpp's converter stores Gemma 2's RMSNorm gains as 1 + w and leaves the layer pattern and the
+/// query scale to the loader (the tiny fixture's scale is written as `attention.scale`).
+#[test]
+fn gemma2_gguf_with_llama_cpp_names_matches_transformers() {
+    check_gguf("gemma2", Arch::Gemma2);
+}
+
+/// Gemma 3 from GGUF: q/k norms, 5 local : 1 global layers with the local base llama.cpp assumes, linear
+/// rope scaling of the global layers, all from the converter's metadata.
+#[test]
+fn gemma3_gguf_with_llama_cpp_names_matches_transformers() {
+    check_gguf("gemma3", Arch::Gemma3);
+}
+
 /// llama.cpp's converter regroups GPT-NeoX's per-head fused QKV rows into all q, all k, all v, and
 /// records the rotating share of each head as `rope.dimension_count`.
 #[test]
