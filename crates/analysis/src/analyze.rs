@@ -13,6 +13,7 @@ use saekit_store::TokenDataset;
 use crate::feature_db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use crate::geometry;
 use crate::stats::{self, hist_edges, BatchCodes, FeatureStats, Sample, StatsOptions, HIST_BINS};
+use saekit_store::Ranks;
 
 #[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
@@ -44,6 +45,10 @@ pub struct AnalyzeOptions {
     pub heldout_contexts: u64,
     /// Set (by a SIGINT/SIGTERM handler) to stop after the batch in flight; the checkpoint is written.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The processes of an `mpirun` sharing the analysis: each analyses a contiguous share of the
+    /// contexts (checkpointing it on its own), and rank 0 merges the shares ([`FeatureStats::merge`])
+    /// and writes the one database.
+    pub ranks: Option<std::sync::Arc<dyn saekit_store::Ranks>>,
 }
 
 impl Default for AnalyzeOptions {
@@ -64,6 +69,7 @@ impl Default for AnalyzeOptions {
             stop_after_contexts: None,
             heldout_contexts: 64,
             stop: None,
+            ranks: None,
         }
     }
 }
@@ -134,9 +140,38 @@ pub fn sink_mask(model: &Model, tokens: &[u32], seq: usize, x: &[f32], d: usize,
     mask
 }
 
-fn checkpoint_path(out: &Path) -> PathBuf {
+fn checkpoint_path(out: &Path, ranks: Option<&dyn Ranks>) -> PathBuf {
     let name = out.file_name().and_then(|s| s.to_str()).unwrap_or("features.sqlite");
-    out.with_file_name(format!("{name}.ckpt"))
+    match ranks {
+        None => out.with_file_name(format!("{name}.ckpt")),
+        Some(r) => out.with_file_name(format!("{name}.rank-{}-of-{}.ckpt", r.rank(), r.size())),
+    }
+}
+
+/// The contexts rank `r` analyses: the `r`-th of `size` near-equal contiguous pieces of `0..total`, so
+/// that the shares merged in rank order are the contexts in order.
+fn share_of(total: u64, ranks: Option<&dyn Ranks>) -> std::ops::Range<u64> {
+    match ranks {
+        None => 0..total,
+        Some(r) => {
+            let (i, n) = (r.rank() as u64, r.size() as u64);
+            i * total / n..(i + 1) * total / n
+        }
+    }
+}
+
+/// Rank 0: every rank's share (rank `r`'s contexts start where rank `r - 1`'s end) merged in rank order.
+fn merge_shares(parts: Vec<Vec<u8>>, fingerprint: &str) -> AnalysisResult<FeatureStats> {
+    let mut merged: Option<FeatureStats> = None;
+    for bytes in parts {
+        let first = merged.as_ref().map_or(0, |m| m.n_contexts);
+        let share = FeatureStats::from_bytes_at(&bytes, fingerprint, first)?;
+        match &mut merged {
+            None => merged = Some(share),
+            Some(m) => m.merge(share)?,
+        }
+    }
+    Ok(merged.context("no rank sent its statistics")?)
 }
 
 /// Run the analysis and write `out`. Resumes from `out.ckpt` when it exists (same SAE, dataset and
@@ -165,6 +200,9 @@ pub fn analyze(
             "the split is smaller than --tokens; analysing all of it"
         );
     }
+    let ranks = opts.ranks.as_deref().filter(|r| r.size() > 1);
+    let share = share_of(total, ranks);
+    let n_share = share.end - share.start;
     let identity = RunIdentity::new(&[
         ("sae", sae.fingerprint()),
         ("d_sae", sae.d_sae.to_string()),
@@ -176,8 +214,16 @@ pub fn analyze(
         ("norm", opts.sink_norm_factor.to_string()),
         ("opts", serde_json::to_string(&opts.stats)?),
     ]);
+    // the statistics of the whole run; a rank's checkpoint also names its share
+    let run_fingerprint = identity.fingerprint();
+    let mut identity = identity;
+    if let Some(r) = ranks {
+        identity
+            .0
+            .insert("share".into(), format!("{}..{} (rank {} of {})", share.start, share.end, r.rank(), r.size()));
+    }
     let fingerprint = identity.fingerprint();
-    let ckpt = checkpoint_path(out);
+    let ckpt = checkpoint_path(out, ranks);
     let mut stats = if ckpt.exists() && !opts.restart {
         let bytes = std::fs::read(&ckpt).with_context(|| format!("reading {}", ckpt.display()))?;
         let recorded = stats::checkpoint_fingerprint(&bytes).with_context(|| format!("{}", ckpt.display()))?;
@@ -189,8 +235,9 @@ pub fn analyze(
                 identity.differences(&recorded, &inputs)
             );
         }
-        let s = FeatureStats::from_bytes(&bytes, &fingerprint).with_context(|| format!("{}", ckpt.display()))?;
-        if s.d_sae != sae.d_sae || s.opts != opts.stats || s.n_contexts > total {
+        let s = FeatureStats::from_bytes_at(&bytes, &fingerprint, share.start)
+            .with_context(|| format!("{}", ckpt.display()))?;
+        if s.d_sae != sae.d_sae || s.opts != opts.stats || s.n_contexts > n_share {
             bail_input!(
                 "{}: checkpoint of {} features, {} contexts does not fit this run ({} features, {total} contexts); delete it or pass --restart",
                 ckpt.display(),
@@ -205,20 +252,20 @@ pub fn analyze(
         FeatureStats::new(sae.d_sae, opts.stats)
     };
     let resumed_from = stats.n_contexts;
-    let pb = progress_bar(opts.progress, total, stats.n_contexts);
+    let pb = progress_bar(opts.progress, n_share, stats.n_contexts);
     let t_pass = Instant::now();
     let mut fwd = Duration::ZERO;
     let mut last_ckpt = Instant::now();
     let mut done_here = 0u64;
     let b = opts.batch_contexts.max(1) as u64;
-    while stats.n_contexts < total {
+    while stats.n_contexts < n_share {
         if opts.stop_after_contexts.is_some_and(|s| done_here >= s)
             || opts.stop.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
         {
             break;
         }
-        let c0 = stats.n_contexts;
-        let n = b.min(total - c0);
+        let c0 = share.start + stats.n_contexts;
+        let n = b.min(share.end - c0);
         let mut tokens = Vec::with_capacity(n as usize * seq);
         for c in c0..c0 + n {
             tokens.extend_from_slice(split.context(c));
@@ -243,7 +290,7 @@ pub fn analyze(
         })?;
         done_here += n;
         pb.set_position(stats.n_contexts);
-        if last_ckpt.elapsed() >= opts.checkpoint_every && stats.n_contexts < total {
+        if last_ckpt.elapsed() >= opts.checkpoint_every && stats.n_contexts < n_share {
             save_checkpoint(&stats, &fingerprint, &ckpt)?;
             last_ckpt = Instant::now();
         }
@@ -262,9 +309,24 @@ pub fn analyze(
         resumed_from,
         finished: false,
     };
-    if stats.n_contexts < total {
+    let finished = stats.n_contexts == n_share;
+    if !ranks.map_or(finished, |r| r.all_ok(finished)) {
         save_checkpoint(&stats, &fingerprint, &ckpt)?;
         return Ok(report);
+    }
+    if let Some(r) = ranks {
+        let parts = r.gather(&stats.to_bytes(&run_fingerprint));
+        if r.rank() != 0 {
+            // rank 0 writes the database; this rank's share is kept on disk until it has
+            save_checkpoint(&stats, &fingerprint, &ckpt)?;
+            if r.all_ok(true) {
+                saekit_files::remove_with_temps(&ckpt)?;
+            }
+            report.finished = true;
+            return Ok(report);
+        }
+        stats = merge_shares(parts, &run_fingerprint)?;
+        (report.n_tokens, report.n_contexts) = (stats.n_tokens, stats.n_contexts);
     }
     let t_write = Instant::now();
     let info = DbInfo {
@@ -291,6 +353,9 @@ pub fn analyze(
     let window = stats.opts.before + stats.opts.after + 1;
     let windows = heldout_windows(model, sae, hook, |c| split.context(c), held, window, opts)?;
     crate::AutointerpWriter::open(&path)?.set_heldout(&windows)?;
+    if let Some(r) = ranks {
+        r.all_ok(true); // the other ranks may drop their shares
+    }
     saekit_files::remove_with_temps(&ckpt)?;
     report.write_secs = t_write.elapsed().as_secs_f64();
     report.db = Some(path);

@@ -228,6 +228,80 @@ impl FeatureStats {
     }
 }
 
+impl FeatureStats {
+    /// Fold in the statistics of the contexts that follow this one's (another rank's share of an
+    /// analysis). Counts, maxima and histograms merge exactly and sums up to rounding; the top contexts
+    /// merge exactly, as one pass over both shares keeps them (larger first, ties to the earlier
+    /// context); the quantile reservoirs are re-binned to the larger range and merged by weighted
+    /// sampling without replacement (Efraimidis and Spirakis 2006), each sample weighted by how many
+    /// contexts it stands for, so every context of an interval stays equally likely.
+    pub fn merge(&mut self, later: FeatureStats) -> AnalysisResult<()> {
+        if later.d_sae != self.d_sae || later.opts != self.opts {
+            bail!("cannot merge the statistics of {} features into those of {}", later.d_sae, self.d_sae);
+        }
+        let opts = self.opts;
+        for (mine, theirs) in self.shards.iter_mut().zip(later.shards) {
+            for (a, b) in mine.hist.iter_mut().zip(&theirs.hist) {
+                *a = a.saturating_add(*b);
+            }
+            for (k, (st, other)) in mine.feats.iter_mut().zip(theirs.feats).enumerate() {
+                merge_feature(st, other, mine.lo as u64 + k as u64, &opts);
+            }
+        }
+        self.n_tokens += later.n_tokens;
+        self.n_contexts += later.n_contexts;
+        Ok(())
+    }
+}
+
+fn merge_feature(st: &mut FeatureState, mut later: FeatureState, j: u64, o: &StatsOptions) {
+    st.n += later.n;
+    st.sum += later.sum;
+    st.max = st.max.max(later.max);
+    st.top.append(&mut later.top);
+    st.top.sort_by(|a, b| b.act.total_cmp(&a.act)); // stable: the earlier context first among equals
+    st.top.truncate(o.top_k);
+    if later.bins.is_empty() {
+        return;
+    }
+    if st.bins.is_empty() {
+        (st.bins, st.bin_max) = (later.bins, later.bin_max);
+        return;
+    }
+    let range = st.bin_max.max(later.bin_max);
+    for s in [&mut *st, &mut later] {
+        if s.bin_max < range {
+            rebin(s, j, o, range);
+        }
+    }
+    for (b, (bin, other)) in st.bins.iter_mut().zip(later.bins).enumerate() {
+        *bin = merge_reservoirs(std::mem::take(bin), other, j ^ ((b as u64) << 40), o);
+    }
+}
+
+/// `per_quantile` of two reservoirs' samples, each drawn with weight (contexts its reservoir saw) /
+/// (samples it kept): the largest keys u^(1/w), u a hash of the seed, feature, interval and context.
+fn merge_reservoirs(a: Bin, b: Bin, salt: u64, o: &StatsOptions) -> Bin {
+    let seen = a.seen + b.seen;
+    let weight = |bin: &Bin| bin.seen.max(1) as f64 / bin.samples.len().max(1) as f64;
+    let (wa, wb) = (weight(&a), weight(&b));
+    let mut keyed: Vec<(f64, Sample)> = a
+        .samples
+        .into_iter()
+        .map(|s| (wa, s))
+        .chain(b.samples.into_iter().map(|s| (wb, s)))
+        .map(|(w, s)| {
+            let u = (mix(o.seed ^ salt ^ s.ctx.wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 11) as f64 / (1u64 << 53) as f64;
+            (u.max(f64::MIN_POSITIVE).powf(1.0 / w), s)
+        })
+        .collect();
+    keyed.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.ctx.cmp(&y.1.ctx)));
+    keyed.truncate(o.per_quantile);
+    let mut samples: Vec<Sample> = keyed.into_iter().map(|(_, s)| s).collect();
+    samples.sort_by(|a, b| b.act.total_cmp(&a.act).then(a.ctx.cmp(&b.ctx)));
+    Bin { seen, samples }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn offer(
     st: &mut FeatureState,
@@ -378,7 +452,7 @@ impl R<'_> {
         let n = self.u64()? as usize;
         Ok(self.take(n)?.to_vec())
     }
-    fn feature(&mut self, opts: &StatsOptions, n_contexts: u64) -> Result<FeatureState> {
+    fn feature(&mut self, opts: &StatsOptions, contexts: &std::ops::Range<u64>) -> Result<FeatureState> {
         const MIN_SAMPLE: usize = 4 + 8 + 4 + 4 + 4;
         let mut f = FeatureState {
             n: self.u64()?,
@@ -390,7 +464,7 @@ impl R<'_> {
         let nt = self.u32()?;
         let nt = self.count(nt as u64, MIN_SAMPLE, opts.top_k, "top contexts")?;
         for _ in 0..nt {
-            f.top.push(self.sample(opts, n_contexts)?);
+            f.top.push(self.sample(opts, contexts)?);
         }
         let nb = self.u32()?;
         let nb = self.count(nb as u64, 12, opts.n_quantiles, "quantile bins")?;
@@ -399,7 +473,7 @@ impl R<'_> {
             let ns = self.u32()?;
             let ns = self.count(ns as u64, MIN_SAMPLE, opts.per_quantile, "quantile samples")?;
             for _ in 0..ns {
-                b.samples.push(self.sample(opts, n_contexts)?);
+                b.samples.push(self.sample(opts, contexts)?);
             }
             f.bins.push(b);
         }
@@ -413,7 +487,7 @@ impl R<'_> {
         }
         Ok(n)
     }
-    fn sample(&mut self, opts: &StatsOptions, n_contexts: u64) -> Result<Sample> {
+    fn sample(&mut self, opts: &StatsOptions, contexts: &std::ops::Range<u64>) -> Result<Sample> {
         let act = self.f32()?;
         let ctx = self.u64()?;
         let pos = self.u32()?;
@@ -429,9 +503,9 @@ impl R<'_> {
             }
             window.push((o as u16, self.f32()?));
         }
-        if ctx >= n_contexts || start > pos {
+        if !contexts.contains(&ctx) || start > pos {
             bail_corrupt!(
-                "checkpoint sample is inconsistent (context {ctx} of {n_contexts}, start {start}, peak {pos})"
+                "checkpoint sample is inconsistent (context {ctx} outside {contexts:?}, start {start}, peak {pos})"
             );
         }
         Ok(Sample { act, ctx, pos, start, window })
@@ -503,6 +577,12 @@ impl FeatureStats {
     /// the bytes left and against the layout `FeatureStats::new` gives, and the whole file against
     /// its CRC32, before anything is sized from it.
     pub fn from_bytes(bytes: &[u8], fingerprint: &str) -> AnalysisResult<FeatureStats> {
+        Self::from_bytes_at(bytes, fingerprint, 0)
+    }
+
+    /// [`from_bytes`](Self::from_bytes) of the statistics of the contexts from `first_context` on (one
+    /// rank's share of an analysis): its samples must come from those contexts.
+    pub fn from_bytes_at(bytes: &[u8], fingerprint: &str, first_context: u64) -> AnalysisResult<FeatureStats> {
         let mut r = R(checked_body(bytes)?);
         let fp = r.bytes()?;
         if fp != fingerprint.as_bytes() {
@@ -516,6 +596,7 @@ impl FeatureStats {
         let d_sae = r.count(d_sae, CKPT_MIN_FEATURE_BYTES, u32::MAX as usize, "features")?;
         let n_tokens = r.u64()?;
         let n_contexts = r.u64()?;
+        let contexts = first_context..first_context.saturating_add(n_contexts);
         // The layout a fresh run of this width has; the file must match it shard for shard.
         let shard_size = 256usize.max(d_sae.div_ceil(4096));
         let n_shards = r.u64()?;
@@ -535,7 +616,7 @@ impl FeatureStats {
             }
             let mut feats = Vec::with_capacity(n);
             for _ in 0..n {
-                feats.push(r.feature(&opts, n_contexts)?);
+                feats.push(r.feature(&opts, &contexts)?);
             }
             shards.push(Shard { lo: lo as u32, feats, hist });
         }

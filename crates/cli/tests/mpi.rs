@@ -14,6 +14,8 @@
 //!   rsh agent that enters the other namespace (as ssh would reach the other machine) and Open MPI's
 //!   TCP transport between them: training ends with the weights of the same job on one host, and a
 //!   harvest writes the one-process store.
+//! - Analyze on the real model: 2 and 3 ranks write a database whose every feature has the one-process
+//!   density, maximum, firing count, histogram and top contexts (the mean within f32 rounding).
 //! - A rank that stops answering without dying (SIGSTOP) ends the job after `SAEKIT_MPI_TIMEOUT`,
 //!   with a message, instead of holding the other ranks forever.
 #![cfg(feature = "mpi")]
@@ -533,4 +535,45 @@ fn two_hosts_over_tcp_train_and_harvest_as_one_host_does() {
     cmd.arg("--contexts").arg(&tokens).arg(&harvested);
     succeeds(cmd);
     assert!(store_files(&harvested) == store_files(&alone), "a harvest on two hosts differs from one process's");
+}
+
+#[test]
+fn an_analysis_across_ranks_finds_the_one_process_statistics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens(tmp.path());
+    let acts = tmp.path().join("acts");
+    succeeds(harvest(0, "blocks.2.hook_resid_post", "6k", &tokens, &acts));
+    let sae = tmp.path().join("sae");
+    let mut cmd = saekit_job(0);
+    cmd.args(["train", "--quiet", "--d-sae", "256", "--k", "8", "--tokens", "24k", "--batch-size", "512"]);
+    cmd.arg("--acts").arg(&acts).arg("--out").arg(&sae);
+    succeeds(cmd);
+    let analyze = |ranks: usize, db: &Path| {
+        let mut cmd = saekit_job(ranks);
+        cmd.arg("analyze").arg(&sae).arg("--contexts").arg(&tokens);
+        cmd.args(["--tokens", "3k", "--batch", "2", "--out"]).arg(db).env("SOURCE_DATE_EPOCH", "1700000000");
+        succeeds(cmd);
+        saekit_analysis::FeatureDb::open(db).unwrap()
+    };
+    let alone = analyze(0, &tmp.path().join("alone.sqlite"));
+    for ranks in [2, 3] {
+        let db = tmp.path().join(format!("ranks-{ranks}.sqlite"));
+        let shared = analyze(ranks, &db);
+        let mut fired = 0;
+        for id in 0..256 {
+            let (a, b) = (alone.feature(id).unwrap().unwrap(), shared.feature(id).unwrap().unwrap());
+            let what = format!("feature {id} with {ranks} ranks");
+            assert_eq!((a.density, a.max_act, a.n_fired), (b.density, b.max_act, b.n_fired), "{what}");
+            assert!((a.mean_act - b.mean_act).abs() <= 1e-6 * a.mean_act.abs(), "{what}: mean activation");
+            let hist = |r: &saekit_analysis::FeatureRecord| serde_json::to_string(&r.histogram).unwrap();
+            let top = |r: &saekit_analysis::FeatureRecord| serde_json::to_string(&r.top_contexts).unwrap();
+            assert_eq!(hist(&a), hist(&b), "{what}: histogram");
+            assert_eq!(top(&a), top(&b), "{what}: top contexts");
+            assert_eq!(a.quantiles.is_empty(), b.quantiles.is_empty(), "{what}: quantile groups");
+            fired += (a.n_fired > 0) as usize;
+        }
+        assert!(fired > 100, "only {fired} features fired: the check is too weak");
+        let left: Vec<String> = saekit_files_in(tmp.path()).into_iter().filter(|n| n.contains(".ckpt")).collect();
+        assert!(left.is_empty(), "checkpoints left after {ranks} ranks: {left:?}");
+    }
 }

@@ -266,7 +266,7 @@ impl Collective for MpiCollective {
     }
 }
 
-/// A harvest's ranks are the whole job: each harvests its share of the shards.
+/// A harvest's or an analysis's ranks are the whole job: each takes its share of the contexts.
 impl Ranks for MpiCollective {
     fn rank(&self) -> usize {
         self.rank
@@ -278,5 +278,17 @@ impl Ranks for MpiCollective {
         let mut failed = [!ok as u32];
         self.all_sum(&self.world, &mut failed);
         failed[0] == 0
+    }
+    fn gather(&self, local: &[u8]) -> Vec<Vec<u8>> {
+        let lens = self.all_gather(&self.world, &(local.len() as u64).to_le_bytes());
+        let all = self.all_gather(&self.world, local);
+        let mut at = 0;
+        lens.chunks_exact(8)
+            .map(|n| {
+                let n = u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize;
+                at += n;
+                all[at - n..at].to_vec()
+            })
+            .collect()
     }
 }

@@ -22,7 +22,8 @@ use crate::store::{
     shard_hook_stats, ActivationStore, HookStats, StoreConfig, StoreManifest, MANIFEST, STORE_FORMAT, STORE_VERSION,
 };
 
-/// The processes sharing one harvest (the ranks of an `mpirun`); saekit-mpi implements it.
+/// The processes of an `mpirun` sharing one command's work (a harvest, an analysis), each taking a share
+/// of the contexts; saekit-mpi implements it.
 pub trait Ranks: Send + Sync + std::fmt::Debug {
     /// This process's rank, `0..size`.
     fn rank(&self) -> usize;
@@ -31,6 +32,8 @@ pub trait Ranks: Send + Sync + std::fmt::Debug {
     /// Wait for every rank; true when every rank passed `ok = true`. Every rank must call it the
     /// same number of times, so a rank that fails reports it here instead of returning early.
     fn all_ok(&self, ok: bool) -> bool;
+    /// Every rank's `local` bytes, in rank order (every rank receives them all).
+    fn gather(&self, local: &[u8]) -> Vec<Vec<u8>>;
 }
 
 const PART_PREFIX: &str = ".harvest-rank-";

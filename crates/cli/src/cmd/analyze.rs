@@ -92,6 +92,8 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
     let sae = load_sae(&a.sae)?;
     let dataset = TokenDataset::open(&a.contexts)?;
     let model = a.model.load()?;
+    let ranks = super::mpi_job::join(None)?.map(|job| job.harvest);
+    let first = ranks.as_ref().is_none_or(|r| r.rank() == 0);
     let opts = AnalyzeOptions {
         n_tokens,
         split: a.split.clone(),
@@ -108,11 +110,16 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         restart: a.restart,
         skip_sinks: !a.keep_sinks,
         hook: a.hook.as_deref().map(str::parse).transpose()?,
-        progress: true,
+        progress: first,
         stop: Some(super::interrupt::stop_flag()?),
+        ranks: ranks.clone(),
         ..Default::default()
     };
-    analyze_with(&model, &sae, &a.sae, &dataset, &a.out, &opts, a.json)
+    let analysed = analyze_with(&model, &sae, &a.sae, &dataset, &a.out, &opts, a.json);
+    if ranks.is_some() {
+        super::mpi_job::fatal_across_ranks(analysed.as_ref().err());
+    }
+    analysed
 }
 
 /// Analyse `sae` (saved in `sae_dir`) on `dataset` through `model` into the database `out`, then report
@@ -132,6 +139,9 @@ pub fn analyze_with(
             &format!("{} contexts analysed and checkpointed", r.n_contexts),
             &super::interrupt::this_command(),
         );
+    }
+    if opts.ranks.as_ref().is_some_and(|r| r.rank() != 0) {
+        return Ok(()); // rank 0 reports
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

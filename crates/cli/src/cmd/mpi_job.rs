@@ -10,7 +10,8 @@ use std::sync::Arc;
 pub struct Job {
     /// Every reduction of a training step.
     pub trainer: Arc<dyn saekit_sae::Collective>,
-    /// Which share of a harvest is this rank's, and the agreements between shares.
+    /// Which share of a harvest's or an analysis's contexts is this rank's, and the agreements between
+    /// shares.
     pub harvest: Arc<dyn saekit_store::Ranks>,
 }
 
