@@ -14,6 +14,7 @@ use crate::feature_db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, Stor
 use crate::geometry;
 use crate::stats::{self, hist_edges, BatchCodes, FeatureStats, Sample, StatsOptions, HIST_BINS};
 
+/// What [`analyze()`] reads, keeps and writes; the defaults are `saekit analyze`'s.
 #[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
     /// Tokens to analyse (rounded up to whole contexts; capped by the split).
@@ -22,6 +23,7 @@ pub struct AnalyzeOptions {
     pub split: String,
     /// Contexts per forward pass.
     pub batch_contexts: usize,
+    /// What each feature keeps: top contexts, quantile samples, window lengths, the sampling seed.
     pub stats: StatsOptions,
     /// Checkpoint the running state at most this often.
     pub checkpoint_every: Duration,
@@ -30,11 +32,15 @@ pub struct AnalyzeOptions {
     /// Skip attention-sink rows (position 0, special tokens such as `<|endoftext|>`, and rows above
     /// `sink_norm_factor` x the median norm).
     pub skip_sinks: bool,
+    /// The norm rule's multiple (see `skip_sinks`; [`SINK_NORM_FACTOR`] by default).
     pub sink_norm_factor: f32,
     /// Hook to read (default: the SAE's `metadata.hook_name`).
     pub hook: Option<HookPoint>,
+    /// Tokens kept per feature at each end of its direct logit effect (promoted and suppressed).
     pub n_logits: usize,
+    /// Nearest features kept per feature, by cosine of the decoder directions.
     pub n_neighbours: usize,
+    /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Stop after this many contexts in this invocation (tests of resume); the checkpoint is kept.
     pub stop_after_contexts: Option<u64>,
@@ -68,10 +74,14 @@ impl Default for AnalyzeOptions {
     }
 }
 
+/// What one invocation of [`analyze()`] did (printed as JSON by `saekit analyze --json`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AnalyzeReport {
+    /// The database written; `None` when the run stopped early and left a checkpoint instead.
     pub db: Option<PathBuf>,
+    /// Tokens in the statistics so far (attention-sink rows excluded), across resumes.
     pub n_tokens: u64,
+    /// Contexts analysed so far, across resumes.
     pub n_contexts: u64,
     /// Seconds in the streaming pass of this invocation (model + SAE + statistics).
     pub pass_secs: f64,
@@ -79,8 +89,11 @@ pub struct AnalyzeReport {
     pub forward_encode_secs: f64,
     /// Seconds writing the database (logit effects, neighbours, map, rows).
     pub write_secs: f64,
+    /// Tokens (sinks included) through the model per second of `pass_secs`, in this invocation.
     pub tokens_per_sec: f64,
+    /// Contexts the checkpoint this run resumed from had covered (0 for a fresh run).
     pub resumed_from: u64,
+    /// Whether every context was analysed and the database written.
     pub finished: bool,
 }
 
@@ -113,7 +126,7 @@ pub fn sink_rows(model: &Model, tokens: &[u32], seq: usize) -> Vec<bool> {
 pub const SINK_NORM_FACTOR: f32 = 10.0;
 
 /// Mark rows of `x` ([rows, d]) with norm above `factor` x the median row norm (`factor` 0: none).
-pub fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
+pub(crate) fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
     if factor <= 0.0 || x.is_empty() {
         return;
     }
@@ -128,7 +141,7 @@ pub fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
 
 /// The sink rows of a `[batch, seq]` block whose hook activations are `x` ([rows, d]): [`sink_rows`] by
 /// position and id, then [`mark_norm_outliers`] above `factor` x the median norm.
-pub fn sink_mask(model: &Model, tokens: &[u32], seq: usize, x: &[f32], d: usize, factor: f32) -> Vec<bool> {
+pub(crate) fn sink_mask(model: &Model, tokens: &[u32], seq: usize, x: &[f32], d: usize, factor: f32) -> Vec<bool> {
     let mut mask = sink_rows(model, tokens, seq);
     mark_norm_outliers(&mut mask, x, d, factor);
     mask
@@ -141,6 +154,33 @@ fn checkpoint_path(out: &Path) -> PathBuf {
 
 /// Run the analysis and write `out`. Resumes from `out.ckpt` when it exists (same SAE, dataset and
 /// options); the checkpoint is removed once the database is in place.
+///
+/// # Example
+///
+/// Analyse an SAE over a million held-out tokens of a dataset `saekit tokenize` wrote, then read its
+/// densest features back (`sae_path` only names the SAE in messages and in the database):
+///
+/// ```no_run
+/// use std::path::Path;
+/// use saekit_analysis::{analyze, AnalyzeOptions, FeatureDb, SortBy};
+/// use saekit_model::{default_model_path, LoadOptions, Model};
+/// use saekit_store::TokenDataset;
+///
+/// # fn main() -> anyhow::Result<()> {
+/// let model = Model::load(&default_model_path(), &LoadOptions::default())?;
+/// let sae = saekit_sae::load_sae("runs/sae")?; // its hook comes from its metadata
+/// let dataset = TokenDataset::open(Path::new("data/tokens"))?;
+/// let opts = AnalyzeOptions { n_tokens: 1_000_000, ..Default::default() };
+/// let report = analyze(&model, &sae, "runs/sae", &dataset, Path::new("features.sqlite"), &opts)?;
+/// assert!(report.finished, "no stop was asked for, so the database is written");
+///
+/// let db = FeatureDb::open(Path::new("features.sqlite"))?;
+/// for f in db.list(SortBy::Density, true, 0, 5)? {
+///     println!("feature {}: fires on {:.2}% of tokens, most on {:?}", f.id, 100.0 * f.density, f.top_tokens);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub fn analyze(
     model: &Model,
     sae: &Sae,
@@ -415,12 +455,19 @@ fn progress_bar(on: bool, total: u64, pos: u64) -> indicatif::ProgressBar {
     pb
 }
 
-/// The model weights the database needs besides the statistics.
+/// The model weights the database needs besides the statistics: what each feature's decoder direction
+/// does to the logits.
 pub struct WeightInputs<'a> {
+    /// The unembedding, `[vocab, d_model]` row-major.
     pub unembed: &'a [f32],
+    /// Rows of `unembed` (the vocabulary size).
     pub vocab: usize,
+    /// The final norm's per-channel gain (`[d_model]`), applied to a direction before the unembedding;
+    /// `None` for a model without one.
     pub gain: Option<&'a [f32]>,
+    /// Tokens kept per feature at each end of its direct logit effect.
     pub n_logits: usize,
+    /// Nearest features kept per feature.
     pub n_neighbours: usize,
 }
 

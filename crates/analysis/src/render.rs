@@ -9,11 +9,13 @@ use saekit_model::tokenizer::escape_invalid_utf8;
 /// One piece of a rendered context: a whole character sequence and the tokens it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Piece {
+    /// The piece as text: whole characters, with bytes that complete none escaped as `\xNN`.
     pub text: String,
     /// The highest activation among the piece's tokens.
     pub act: f32,
-    /// The first token of the piece and how many tokens it spans.
+    /// The index of the piece's first token.
     pub first: usize,
+    /// How many tokens the piece spans (1 unless a character was split across tokens; at most 4).
     pub len: usize,
 }
 
