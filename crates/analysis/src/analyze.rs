@@ -259,14 +259,9 @@ pub fn analyze(
         }
         let c0 = stats.n_contexts;
         let n = b.min(total - c0);
-        let mut tokens = Vec::with_capacity(n as usize * seq);
-        for c in c0..c0 + n {
-            tokens.extend_from_slice(split.context(c));
-        }
+        let tokens = batch_tokens(|c| split.context(c), c0..c0 + n);
         let t = Instant::now();
-        let mut cache = model.run_with_cache(&tokens, n as usize, &[hook])?;
-        let x = cache.take(&hook).context("internal: hook not captured")?;
-        let codes = sae.encode(&x);
+        let (x, codes) = forward_encode(model, sae, hook, &tokens, n as usize)?;
         fwd += t.elapsed();
         let skip = if opts.skip_sinks {
             sink_mask(model, &tokens, seq, &x, sae.d_in, opts.sink_norm_factor)
@@ -390,49 +385,98 @@ impl RunIdentity {
     }
 }
 
+/// The token ids of contexts `range`, one after another (`[range.len(), seq]`).
+fn batch_tokens<'a>(context: impl Fn(u64) -> &'a [u32], range: std::ops::Range<u64>) -> Vec<u32> {
+    range.flat_map(|c| context(c).iter().copied()).collect()
+}
+
+/// One batch of `n` contexts through the model to `hook` and the SAE's encoder: the hook's activations
+/// (`[rows, d_in]`) and the codes of every row.
+fn forward_encode(
+    model: &Model,
+    sae: &Sae,
+    hook: HookPoint,
+    tokens: &[u32],
+    n: usize,
+) -> Result<(Vec<f32>, saekit_sae::SparseCodes)> {
+    let mut cache = model.run_with_cache(tokens, n, &[hook])?;
+    let x = cache.take(&hook).context("internal: hook not captured")?;
+    let codes = sae.encode(&x);
+    Ok((x, codes))
+}
+
 /// Cut the held-out contexts into windows as long as the stored ones (position 0, the attention sink, left
-/// out) and record every feature that fires anywhere in each (sink rows skipped as in the analysis).
+/// out) and record every feature that fires anywhere in each (sink rows skipped as in the analysis). The
+/// contexts go through the model `batch_contexts` at a time, as in the analysis pass; the norm rule for
+/// sinks still takes each context's own median, so the windows are those of one context at a time.
 fn heldout_windows<'a>(
     model: &Model,
     sae: &Sae,
     hook: HookPoint,
-    context: impl Fn(u64) -> &'a [u32],
+    context: impl Fn(u64) -> &'a [u32] + Copy,
     held: std::ops::Range<u64>,
     window: usize,
     opts: &AnalyzeOptions,
 ) -> Result<Vec<crate::HeldOutWindow>> {
     let mut out = Vec::new();
-    for c in held {
-        let tokens = context(c);
-        let seq = tokens.len();
-        let cache = model.run_with_cache(tokens, 1, &[hook])?;
-        let x = cache.get(&hook).context("internal: hook not captured")?;
-        let codes = sae.encode(x);
-        let skip = if opts.skip_sinks {
-            sink_mask(model, tokens, seq, x, sae.d_in, opts.sink_norm_factor)
-        } else {
-            vec![false; seq]
-        };
-        for start in (1..seq).step_by(window.max(1)) {
-            let end = (start + window).min(seq);
-            // a tail much shorter than a stored window would be an unfairly easy negative
-            if end - start < window.div_ceil(2) {
-                continue;
-            }
-            let mut fired: Vec<u32> = Vec::new();
-            for r in start..end {
-                if skip.get(r).copied().unwrap_or(false) {
-                    continue;
-                }
-                let (idx, val) = codes.row(r);
-                fired.extend(idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(i, _)| *i));
-            }
-            fired.sort_unstable();
-            fired.dedup();
-            out.push(crate::HeldOutWindow { ctx: c, start: start as u32, ids: tokens[start..end].to_vec(), fired });
+    let b = opts.batch_contexts.max(1) as u64;
+    for c0 in held.clone().step_by(b as usize) {
+        let n = b.min(held.end - c0);
+        let tokens = batch_tokens(context, c0..c0 + n);
+        let (x, codes) = forward_encode(model, sae, hook, &tokens, n as usize)?;
+        let seq = tokens.len() / n as usize;
+        let d = sae.d_in;
+        for k in 0..n as usize {
+            let rows = k * seq..(k + 1) * seq;
+            let skip = if opts.skip_sinks {
+                sink_mask(
+                    model,
+                    &tokens[rows.clone()],
+                    seq,
+                    &x[k * seq * d..(k + 1) * seq * d],
+                    d,
+                    opts.sink_norm_factor,
+                )
+            } else {
+                vec![false; seq]
+            };
+            let row_features = |r: usize| codes.row(k * seq + r);
+            out.extend(context_windows(c0 + k as u64, &tokens[rows], &skip, row_features, window));
         }
     }
     Ok(out)
+}
+
+/// The windows of one held-out context (`tokens`, its rows' codes through `row_features`), each with the
+/// sorted ids of the features that fire on a row of it that is not skipped.
+fn context_windows<'c>(
+    ctx: u64,
+    tokens: &[u32],
+    skip: &[bool],
+    row_features: impl Fn(usize) -> (&'c [u32], &'c [f32]),
+    window: usize,
+) -> Vec<crate::HeldOutWindow> {
+    let seq = tokens.len();
+    let mut out = Vec::new();
+    for start in (1..seq).step_by(window.max(1)) {
+        let end = (start + window).min(seq);
+        // a tail much shorter than a stored window would be an unfairly easy negative
+        if end - start < window.div_ceil(2) {
+            continue;
+        }
+        let mut fired: Vec<u32> = Vec::new();
+        for r in start..end {
+            if skip.get(r).copied().unwrap_or(false) {
+                continue;
+            }
+            let (idx, val) = row_features(r);
+            fired.extend(idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(i, _)| *i));
+        }
+        fired.sort_unstable();
+        fired.dedup();
+        out.push(crate::HeldOutWindow { ctx, start: start as u32, ids: tokens[start..end].to_vec(), fired });
+    }
+    out
 }
 
 fn save_checkpoint(stats: &FeatureStats, fingerprint: &str, path: &Path) -> Result<()> {
