@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Browser tests of `saekit serve`: installs Debian's Chromium (if missing) and the playwright-core harness,
 # builds the saekit binary and a fixture (random-init SAE on the real model, feature database computed on
-# built-in texts), then runs the end-to-end tests in headless Chromium and the OpenAI-API tests
+# built-in texts; the same texts through `analyze` into SQLite, with two stored LLM explanations), then runs the end-to-end tests in headless Chromium and the OpenAI-API tests
 # with the real `openai` Python client (pip-installed when missing) and curl. `--load` also runs the 64-client load
 # test (failing when feature pages' p99 latency exceeds ${SAEKIT_LOAD_P99_MS:-250} ms; the quiet-box p99 is ~40 ms).
 # Needs: the model (scripts/fetch-model.sh), node + npm, apt-get (as root) when Chromium is missing.

@@ -12,11 +12,15 @@ The API follows TransformerLens and SAELens habits::
 
 Everything is computed by the same Rust library as the `saekit` command line; numpy arrays go in and
 out (weights are zero-copy read-only views). Heavy calls release the GIL; Ctrl-C raises
-KeyboardInterrupt (training writes a checkpoint first).
+KeyboardInterrupt (training writes a checkpoint first). Errors say whose fault they are: ValueError for
+arguments or files that do not fit, saekit.CorruptFileError (a ValueError) for a damaged file saekit wrote,
+OSError for the disk (FileNotFoundError for a path that does not exist), RuntimeError for a failure
+inside saekit.
 """
 
 from ._saekit import (
     SAE,
+    CorruptFileError,
     FeatureDb,
     Model,
     __version__,
@@ -34,5 +38,6 @@ __all__ = [
     "search",
     "search_contrast",
     "default_model_path",
+    "CorruptFileError",
     "__version__",
 ]

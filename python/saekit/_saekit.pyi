@@ -12,6 +12,10 @@ _Input = Union[str, Sequence[str], _Ids]
 
 __version__: str
 
+class CorruptFileError(ValueError):
+    """A file saekit wrote is damaged (a checksum mismatch, a truncated or inconsistent file); the message
+    names it. Delete it and write it again (a run's checkpoint: restart the run)."""
+
 def default_model_path() -> str:
     """The model file used when none is named: $SAEKIT_MODEL, else the fetched SmolLM2 GGUF."""
 

@@ -2,28 +2,84 @@
 
 use std::path::{Path, PathBuf};
 
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyPermissionError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use saekit_files::Fault;
 
-/// An `anyhow` error from a library crate as the Python exception a caller expects: `OSError` when an
-/// I/O error is in its chain (a file that cannot be read or written), else `ValueError` (bad
-/// arguments, malformed contents). The message is saekit's, with its context chain.
+pyo3::create_exception!(
+    saekit,
+    CorruptFileError,
+    PyValueError,
+    "A file saekit wrote is damaged (a checksum mismatch, a truncated or inconsistent file); the message \
+     names it. Delete it and write it again (a run's checkpoint: restart the run)."
+);
+
+/// An error from a library crate as the Python exception its kind calls for, with saekit's message
+/// and its context chain. The first typed error in the chain (`StoreError`, `AnalysisError`, `SaeError`,
+/// `ModelError`, `SteerError`) says whose fault it is: the caller's input raises `ValueError`
+/// (`FileNotFoundError` for a path that does not exist), a damaged file saekit wrote
+/// [`CorruptFileError`] (a `ValueError`), the disk `OSError` (`PermissionError`, `FileNotFoundError` by
+/// the I/O error's kind), a failure inside saekit or the model `RuntimeError`. An error no typed error
+/// sorted is taken by its cause, as before the crates had typed errors: an I/O error is an `OSError`,
+/// anything else (an argument that does not parse) a `ValueError`.
 pub fn to_py(e: impl Into<anyhow::Error>) -> PyErr {
     let e: anyhow::Error = e.into();
     let msg = format!("{e:#}");
-    match e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()) {
-        Some(io) if io.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
-        Some(_) => PyOSError::new_err(msg),
+    let io_kind = e.chain().find_map(io_error_in).map(std::io::Error::kind);
+    let os_error = |msg: String| match io_kind {
+        Some(std::io::ErrorKind::NotFound) => PyFileNotFoundError::new_err(msg),
+        Some(std::io::ErrorKind::PermissionDenied) => PyPermissionError::new_err(msg),
+        _ => PyOSError::new_err(msg),
+    };
+    match e.chain().find_map(fault_told_by_saekit) {
+        Some(Fault::BadInput) if io_kind == Some(std::io::ErrorKind::NotFound) => PyFileNotFoundError::new_err(msg),
+        Some(Fault::BadInput) => PyValueError::new_err(msg),
+        Some(Fault::Corrupt) => CorruptFileError::new_err(msg),
+        Some(Fault::Io) => os_error(msg),
+        Some(Fault::Other) => PyRuntimeError::new_err(msg),
+        None if io_kind.is_some() => os_error(msg),
         None => PyValueError::new_err(msg),
     }
 }
 
-/// A training error as the Python exception its kind calls for (files as `to_py` maps them).
-pub fn sae_to_py(e: saekit_sae::SaeError) -> PyErr {
-    match e {
-        saekit_sae::SaeError::Io(io) => to_py(io),
-        saekit_sae::SaeError::Other(e) => to_py(e),
-        e => PyValueError::new_err(e.to_string()),
+/// The I/O error `cause` is or holds (an `SaeError::Io` reads as its I/O error but does not list it as
+/// its source).
+fn io_error_in<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    match cause.downcast_ref::<saekit_sae::SaeError>() {
+        Some(saekit_sae::SaeError::Io(io)) => Some(io),
+        _ => cause.downcast_ref::<std::io::Error>(),
+    }
+}
+
+/// Whose fault `cause` says an error is, when it is one of the library crates' typed errors that tells
+/// (an `SaeError::Other` or a `SteerError` of the model or a lookup leaves it to the causes below it).
+fn fault_told_by_saekit(cause: &(dyn std::error::Error + 'static)) -> Option<Fault> {
+    if let Some(e) = cause.downcast_ref::<saekit_store::StoreError>() {
+        return Some(e.fault());
+    }
+    if let Some(e) = cause.downcast_ref::<saekit_analysis::AnalysisError>() {
+        return Some(e.fault());
+    }
+    if let Some(e) = cause.downcast_ref::<saekit_sae::SaeError>() {
+        use saekit_sae::SaeError as S;
+        return match e {
+            S::Config { .. } | S::BadInput(_) => Some(Fault::BadInput),
+            S::Corrupt { .. } => Some(Fault::Corrupt),
+            S::Io(_) => Some(Fault::Io),
+            S::Other(_) => None,
+        };
+    }
+    if let Some(e) = cause.downcast_ref::<saekit_model::ModelError>() {
+        use saekit_model::ModelError as M;
+        return Some(match e {
+            M::BadInput(_) | M::BadFile(_) => Fault::BadInput,
+            M::Io(_) => Fault::Io,
+            M::Internal(_) => Fault::Other,
+        });
+    }
+    match cause.downcast_ref::<saekit_steer::SteerError>() {
+        Some(saekit_steer::SteerError::BadInput(_)) => Some(Fault::BadInput),
+        _ => None,
     }
 }
 

@@ -10,9 +10,12 @@
 //! profile, reusing what `cargo test --workspace` compiled. A user's `pip install ./python` builds it in
 //! release mode.
 //!
-//! Errors: arguments the caller got wrong raise `ValueError` (`TypeError` for a wrong array dtype or a
-//! non-array), files that are missing or unreadable raise `OSError` (`FileNotFoundError` when absent),
-//! with saekit's own one-line messages; a Rust panic is caught and raised as `RuntimeError`.
+//! Errors, by the kind the library crates' typed errors give them (`errors::to_py`): arguments the caller
+//! got wrong raise `ValueError` (`TypeError` for a wrong array dtype or a non-array), a damaged file saekit
+//! wrote `saekit.CorruptFileError` (a `ValueError`), files that are missing or unreadable `OSError`
+//! (`FileNotFoundError` when absent, `PermissionError`), a failure inside saekit or the model
+//! `RuntimeError`, all with saekit's own one-line messages; a Rust panic is caught and raised as
+//! `RuntimeError` too.
 
 mod arrays;
 mod db;
@@ -32,6 +35,7 @@ fn _saekit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(db::search, m)?)?;
     m.add_function(wrap_pyfunction!(db::search_contrast, m)?)?;
     m.add_function(wrap_pyfunction!(model::default_model_path, m)?)?;
+    m.add("CorruptFileError", m.py().get_type::<errors::CorruptFileError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

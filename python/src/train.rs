@@ -16,7 +16,7 @@ use serde_json::Value;
 use numpy::PyUntypedArrayMethods;
 
 use crate::arrays;
-use crate::errors::{detached, existing, from_pyobject, panic_error, sae_to_py, to_py, to_pyobject};
+use crate::errors::{detached, existing, from_pyobject, panic_error, to_py, to_pyobject};
 
 /// The file an in-memory array is written to inside `out`, so `resume` finds the same rows.
 const ARRAY_FILE: &str = "train_acts.npy";
@@ -184,7 +184,7 @@ fn run_interruptible(
         worker.join()
     });
     let outcome = match joined {
-        Ok(r) => r.map_err(sae_to_py),
+        Ok(r) => r.map_err(to_py),
         Err(payload) => Err(panic_error(payload)),
     };
     // a Ctrl-C that came before the first step (or during a failure) still interrupts
@@ -236,7 +236,7 @@ fn print_new_lines(py: Python<'_>, metrics: &Path, printed: usize, total_steps: 
 /// A checkpoint's trainer config; a run the CLI trains live from the model (`saekit train --live`) is
 /// resumed there, where the model runs.
 fn resumed_config(dir: &std::path::Path) -> PyResult<TrainConfig> {
-    let file = saekit_sae::checkpoint::latest_config(dir).map_err(sae_to_py)?;
+    let file = saekit_sae::checkpoint::latest_config(dir).map_err(to_py)?;
     if file.source.get("live").and_then(|v| v.as_bool()) == Some(true) {
         return Err(PyValueError::new_err(format!(
             "train: {} trains live from the model; resume it with `saekit train --resume {}`",

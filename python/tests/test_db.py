@@ -1,6 +1,8 @@
 """saekit.FeatureDb and saekit.search / search_contrast against the CLI's JSON on the same inputs."""
 
 import json
+import shutil
+import sqlite3
 
 import pytest
 
@@ -41,6 +43,27 @@ def test_feature_db_matches_cli(feature_db):
         db.features(sort="nonsense")
     with pytest.raises(FileNotFoundError):
         saekit.FeatureDb(feature_db.parent / "missing.sqlite")
+
+
+def test_errors_are_raised_by_their_kind(feature_db, tmp_path):
+    """A damaged database saekit wrote raises CorruptFileError (a ValueError naming the file), a file that
+    is no database at all a plain ValueError, a missing one FileNotFoundError."""
+    damaged = tmp_path / "damaged.sqlite"
+    shutil.copy(feature_db, damaged)
+    with sqlite3.connect(damaged) as c:
+        c.execute("DELETE FROM vocab WHERE id = 7")
+    db = saekit.FeatureDb(damaged)
+    f = db.features(limit=1)[0]["id"]
+    with pytest.raises(saekit.CorruptFileError, match="damaged.sqlite.*gap at id 8"):
+        db.feature(f)
+    assert issubclass(saekit.CorruptFileError, ValueError)
+    not_a_db = tmp_path / "notes.sqlite"
+    not_a_db.write_text("plain text, not SQLite")
+    with pytest.raises(ValueError) as e:
+        saekit.FeatureDb(not_a_db)
+    assert not isinstance(e.value, saekit.CorruptFileError), e.value
+    with pytest.raises(FileNotFoundError):
+        saekit.FeatureDb(tmp_path / "missing.sqlite")
 
 
 def test_search_equals_cli(model, cli_sae):

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import { chromium } from "playwright-core";
-import { startServer, CHROMIUM_ARGS, root } from "./server.mjs";
+import { startServer, fixtureDir, CHROMIUM_ARGS, root } from "./server.mjs";
 
 const shots = process.env.E2E_SHOTS || path.join(root, "tests/e2e/shots");
 fs.mkdirSync(shots, { recursive: true });
@@ -152,6 +152,48 @@ test("the graph page traces a prompt, explains a node on hover and clamps it", a
   assert.equal(tables.length, 2);
   assert.notEqual(tables[0], tables[1], "a clamp at 200 left the top tokens as they were");
   await page.screenshot({ path: path.join(shots, "graph.png"), fullPage: true });
+});
+
+test("a feature's LLM explanations show with their scores, best first, and search finds them", async () => {
+  // the SQLite database `saekit analyze` wrote, with explanations stored as `saekit explain` stores them
+  const explained = JSON.parse(fs.readFileSync(path.join(fixtureDir(), "explained.json"), "utf8"));
+  const [best, other] = explained.explanations;
+  // delphi's balanced accuracy from the stored counts: (tp / (tp + fn) + tn / (tn + fp)) / 2
+  const balanced = (s) => ((s.tp / (s.tp + s.fn) + s.tn / (s.tn + s.fp)) / 2).toFixed(2);
+  const sqlite = startServer([], { db: "features.sqlite" });
+  const sqliteBase = await sqlite.url;
+  const p = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+  p.on("pageerror", (e) => pageErrors.push(String(e)));
+  try {
+    await p.goto(`${sqliteBase}/feature/${explained.feature}`);
+    const box = p.locator("#llm-explanation");
+    await box.waitFor();
+    const shown = await box.textContent();
+    assert.ok(shown.includes(best.text), `the best explanation is not shown first: ${shown}`);
+    assert.ok(shown.includes(`(${best.model})`), shown);
+    assert.equal(await box.locator(".chip.score").first().textContent(), `detection ${balanced(best.detection)}`);
+    assert.equal(await box.locator(".chip.score").nth(1).textContent(), `fuzzing ${balanced(best.fuzzing)}`);
+    // the hover gives the counts behind the detection score
+    await box.locator(".chip.score").first().hover();
+    const tip = await p.locator("#tip").textContent();
+    assert.ok(tip.includes(`activating: ${best.detection.tp} found, ${best.detection.fn} missed`), tip);
+    // the lower-scoring explanation by another model is one click away, with its own score
+    await box.locator("details summary").click();
+    const rest = await box.locator("details").textContent();
+    assert.ok(rest.includes(other.text) && rest.includes(`detection ${balanced(other.detection)}`), rest);
+    assert.ok(rest.includes("fuzzing: not scored"), rest);
+    await p.screenshot({ path: path.join(shots, "feature-explained.png"), fullPage: true });
+    // a word of the explanation that is in no context finds the feature first
+    await p.goto(`${sqliteBase}/?q=zeppelin`);
+    await p.waitForSelector("#search-results tbody tr");
+    assert.equal(await p.locator("#search-results tbody tr").first().getAttribute("data-id"), String(explained.feature));
+    // the readable-context renderer joins split characters but leaves a backslash typed in the text alone
+    const pieces = await p.evaluate(() => mergeTokens(["caf", "\\xc3", "\\xa9", " \\x41", "\\xc3\\xa9"], [0, 1, 2, 0, 0]).map((q) => q.text));
+    assert.deepEqual(pieces, ["caf", "é", " \\x41", "\\xc3\\xa9"]);
+  } finally {
+    await p.close();
+    sqlite.stop();
+  }
 });
 
 test("no script errors on any page", () => {

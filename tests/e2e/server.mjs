@@ -6,11 +6,12 @@ import { fileURLToPath } from "node:url";
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const root = path.resolve(here, "../..");
 
-export function startServer(extraArgs = []) {
+// `db`: the fixture's database to serve, `features.json` (the built-in texts) or `features.sqlite` (the same
+// texts through `saekit analyze`, with stored LLM explanations: `explained.json`).
+export function startServer(extraArgs = [], { db = "features.json" } = {}) {
   const bin = process.env.SAEKIT_BIN || path.join(root, "target/debug/saekit");
-  const fix = process.env.SAEKIT_E2E_FIXTURE;
-  if (!fix) throw new Error("SAEKIT_E2E_FIXTURE is not set: run scripts/e2e.sh, which builds the fixture");
-  const args = ["serve", "--sae", path.join(fix, "sae"), "--db", path.join(fix, "features.json"),
+  const fix = fixtureDir();
+  const args = ["serve", "--sae", path.join(fix, "sae"), "--db", path.join(fix, db),
     "--transcoders", path.join(fix, "transcoders"), "--port", "0", ...extraArgs];
   const proc = spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "saekit=warn" } });
   let log = "";
@@ -26,6 +27,12 @@ export function startServer(extraArgs = []) {
     proc.on("exit", (code) => { clearTimeout(timer); reject(new Error(`saekit serve exited with ${code}:\n${log}`)); });
   });
   return { proc, url, stop: () => proc.kill("SIGINT"), log: () => log };
+}
+
+export function fixtureDir() {
+  const fix = process.env.SAEKIT_E2E_FIXTURE;
+  if (!fix) throw new Error("SAEKIT_E2E_FIXTURE is not set: run scripts/e2e.sh, which builds the fixture");
+  return fix;
 }
 
 export const CHROMIUM_ARGS = [

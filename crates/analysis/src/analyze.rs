@@ -15,6 +15,7 @@ use crate::geometry;
 use crate::stats::{self, hist_edges, BatchCodes, FeatureStats, Sample, StatsOptions, HIST_BINS};
 use saekit_store::Ranks;
 
+/// What [`analyze()`] reads, keeps and writes; the defaults are `saekit analyze`'s.
 #[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
     /// Tokens to analyse (rounded up to whole contexts; capped by the split).
@@ -23,6 +24,7 @@ pub struct AnalyzeOptions {
     pub split: String,
     /// Contexts per forward pass.
     pub batch_contexts: usize,
+    /// What each feature keeps: top contexts, quantile samples, window lengths, the sampling seed.
     pub stats: StatsOptions,
     /// Checkpoint the running state at most this often.
     pub checkpoint_every: Duration,
@@ -31,11 +33,15 @@ pub struct AnalyzeOptions {
     /// Skip attention-sink rows (position 0, special tokens such as `<|endoftext|>`, and rows above
     /// `sink_norm_factor` x the median norm).
     pub skip_sinks: bool,
+    /// The norm rule's multiple (see `skip_sinks`; [`SINK_NORM_FACTOR`] by default).
     pub sink_norm_factor: f32,
     /// Hook to read (default: the SAE's `metadata.hook_name`).
     pub hook: Option<HookPoint>,
+    /// Tokens kept per feature at each end of its direct logit effect (promoted and suppressed).
     pub n_logits: usize,
+    /// Nearest features kept per feature, by cosine of the decoder directions.
     pub n_neighbours: usize,
+    /// Draw a progress bar on stderr.
     pub progress: bool,
     /// Stop after this many contexts in this invocation (tests of resume); the checkpoint is kept.
     pub stop_after_contexts: Option<u64>,
@@ -74,10 +80,14 @@ impl Default for AnalyzeOptions {
     }
 }
 
+/// What one invocation of [`analyze()`] did (printed as JSON by `saekit analyze --json`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AnalyzeReport {
+    /// The database written; `None` when the run stopped early and left a checkpoint instead.
     pub db: Option<PathBuf>,
+    /// Tokens in the statistics so far (attention-sink rows excluded), across resumes.
     pub n_tokens: u64,
+    /// Contexts analysed so far, across resumes.
     pub n_contexts: u64,
     /// Seconds in the streaming pass of this invocation (model + SAE + statistics).
     pub pass_secs: f64,
@@ -85,8 +95,11 @@ pub struct AnalyzeReport {
     pub forward_encode_secs: f64,
     /// Seconds writing the database (logit effects, neighbours, map, rows).
     pub write_secs: f64,
+    /// Tokens (sinks included) through the model per second of `pass_secs`, in this invocation.
     pub tokens_per_sec: f64,
+    /// Contexts the checkpoint this run resumed from had covered (0 for a fresh run).
     pub resumed_from: u64,
+    /// Whether every context was analysed and the database written.
     pub finished: bool,
 }
 
@@ -119,7 +132,7 @@ pub fn sink_rows(model: &Model, tokens: &[u32], seq: usize) -> Vec<bool> {
 pub const SINK_NORM_FACTOR: f32 = 10.0;
 
 /// Mark rows of `x` ([rows, d]) with norm above `factor` x the median row norm (`factor` 0: none).
-pub fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
+pub(crate) fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
     if factor <= 0.0 || x.is_empty() {
         return;
     }
@@ -134,7 +147,7 @@ pub fn mark_norm_outliers(mask: &mut [bool], x: &[f32], d: usize, factor: f32) {
 
 /// The sink rows of a `[batch, seq]` block whose hook activations are `x` ([rows, d]): [`sink_rows`] by
 /// position and id, then [`mark_norm_outliers`] above `factor` x the median norm.
-pub fn sink_mask(model: &Model, tokens: &[u32], seq: usize, x: &[f32], d: usize, factor: f32) -> Vec<bool> {
+pub(crate) fn sink_mask(model: &Model, tokens: &[u32], seq: usize, x: &[f32], d: usize, factor: f32) -> Vec<bool> {
     let mut mask = sink_rows(model, tokens, seq);
     mark_norm_outliers(&mut mask, x, d, factor);
     mask
@@ -176,6 +189,33 @@ fn merge_shares(parts: Vec<Vec<u8>>, fingerprint: &str) -> AnalysisResult<Featur
 
 /// Run the analysis and write `out`. Resumes from `out.ckpt` when it exists (same SAE, dataset and
 /// options); the checkpoint is removed once the database is in place.
+///
+/// # Example
+///
+/// Analyse an SAE over a million held-out tokens of a dataset `saekit tokenize` wrote, then read its
+/// densest features back (`sae_path` only names the SAE in messages and in the database):
+///
+/// ```no_run
+/// use std::path::Path;
+/// use saekit_analysis::{analyze, AnalyzeOptions, FeatureDb, SortBy};
+/// use saekit_model::{default_model_path, LoadOptions, Model};
+/// use saekit_store::TokenDataset;
+///
+/// # fn main() -> anyhow::Result<()> {
+/// let model = Model::load(&default_model_path(), &LoadOptions::default())?;
+/// let sae = saekit_sae::load_sae("runs/sae")?; // its hook comes from its metadata
+/// let dataset = TokenDataset::open(Path::new("data/tokens"))?;
+/// let opts = AnalyzeOptions { n_tokens: 1_000_000, ..Default::default() };
+/// let report = analyze(&model, &sae, "runs/sae", &dataset, Path::new("features.sqlite"), &opts)?;
+/// assert!(report.finished, "no stop was asked for, so the database is written");
+///
+/// let db = FeatureDb::open(Path::new("features.sqlite"))?;
+/// for f in db.list(SortBy::Density, true, 0, 5)? {
+///     println!("feature {}: fires on {:.2}% of tokens, most on {:?}", f.id, 100.0 * f.density, f.top_tokens);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub fn analyze(
     model: &Model,
     sae: &Sae,
@@ -266,14 +306,9 @@ pub fn analyze(
         }
         let c0 = share.start + stats.n_contexts;
         let n = b.min(share.end - c0);
-        let mut tokens = Vec::with_capacity(n as usize * seq);
-        for c in c0..c0 + n {
-            tokens.extend_from_slice(split.context(c));
-        }
+        let tokens = batch_tokens(|c| split.context(c), c0..c0 + n);
         let t = Instant::now();
-        let mut cache = model.run_with_cache(&tokens, n as usize, &[hook])?;
-        let x = cache.take(&hook).context("internal: hook not captured")?;
-        let codes = sae.encode(&x);
+        let (x, codes) = forward_encode(model, sae, hook, &tokens, n as usize)?;
         fwd += t.elapsed();
         let skip = if opts.skip_sinks {
             sink_mask(model, &tokens, seq, &x, sae.d_in, opts.sink_norm_factor)
@@ -415,49 +450,98 @@ impl RunIdentity {
     }
 }
 
+/// The token ids of contexts `range`, one after another (`[range.len(), seq]`).
+fn batch_tokens<'a>(context: impl Fn(u64) -> &'a [u32], range: std::ops::Range<u64>) -> Vec<u32> {
+    range.flat_map(|c| context(c).iter().copied()).collect()
+}
+
+/// One batch of `n` contexts through the model to `hook` and the SAE's encoder: the hook's activations
+/// (`[rows, d_in]`) and the codes of every row.
+fn forward_encode(
+    model: &Model,
+    sae: &Sae,
+    hook: HookPoint,
+    tokens: &[u32],
+    n: usize,
+) -> Result<(Vec<f32>, saekit_sae::SparseCodes)> {
+    let mut cache = model.run_with_cache(tokens, n, &[hook])?;
+    let x = cache.take(&hook).context("internal: hook not captured")?;
+    let codes = sae.encode(&x);
+    Ok((x, codes))
+}
+
 /// Cut the held-out contexts into windows as long as the stored ones (position 0, the attention sink, left
-/// out) and record every feature that fires anywhere in each (sink rows skipped as in the analysis).
+/// out) and record every feature that fires anywhere in each (sink rows skipped as in the analysis). The
+/// contexts go through the model `batch_contexts` at a time, as in the analysis pass; the norm rule for
+/// sinks still takes each context's own median, so the windows are those of one context at a time.
 fn heldout_windows<'a>(
     model: &Model,
     sae: &Sae,
     hook: HookPoint,
-    context: impl Fn(u64) -> &'a [u32],
+    context: impl Fn(u64) -> &'a [u32] + Copy,
     held: std::ops::Range<u64>,
     window: usize,
     opts: &AnalyzeOptions,
 ) -> Result<Vec<crate::HeldOutWindow>> {
     let mut out = Vec::new();
-    for c in held {
-        let tokens = context(c);
-        let seq = tokens.len();
-        let cache = model.run_with_cache(tokens, 1, &[hook])?;
-        let x = cache.get(&hook).context("internal: hook not captured")?;
-        let codes = sae.encode(x);
-        let skip = if opts.skip_sinks {
-            sink_mask(model, tokens, seq, x, sae.d_in, opts.sink_norm_factor)
-        } else {
-            vec![false; seq]
-        };
-        for start in (1..seq).step_by(window.max(1)) {
-            let end = (start + window).min(seq);
-            // a tail much shorter than a stored window would be an unfairly easy negative
-            if end - start < window.div_ceil(2) {
-                continue;
-            }
-            let mut fired: Vec<u32> = Vec::new();
-            for r in start..end {
-                if skip.get(r).copied().unwrap_or(false) {
-                    continue;
-                }
-                let (idx, val) = codes.row(r);
-                fired.extend(idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(i, _)| *i));
-            }
-            fired.sort_unstable();
-            fired.dedup();
-            out.push(crate::HeldOutWindow { ctx: c, start: start as u32, ids: tokens[start..end].to_vec(), fired });
+    let b = opts.batch_contexts.max(1) as u64;
+    for c0 in held.clone().step_by(b as usize) {
+        let n = b.min(held.end - c0);
+        let tokens = batch_tokens(context, c0..c0 + n);
+        let (x, codes) = forward_encode(model, sae, hook, &tokens, n as usize)?;
+        let seq = tokens.len() / n as usize;
+        let d = sae.d_in;
+        for k in 0..n as usize {
+            let rows = k * seq..(k + 1) * seq;
+            let skip = if opts.skip_sinks {
+                sink_mask(
+                    model,
+                    &tokens[rows.clone()],
+                    seq,
+                    &x[k * seq * d..(k + 1) * seq * d],
+                    d,
+                    opts.sink_norm_factor,
+                )
+            } else {
+                vec![false; seq]
+            };
+            let row_features = |r: usize| codes.row(k * seq + r);
+            out.extend(context_windows(c0 + k as u64, &tokens[rows], &skip, row_features, window));
         }
     }
     Ok(out)
+}
+
+/// The windows of one held-out context (`tokens`, its rows' codes through `row_features`), each with the
+/// sorted ids of the features that fire on a row of it that is not skipped.
+fn context_windows<'c>(
+    ctx: u64,
+    tokens: &[u32],
+    skip: &[bool],
+    row_features: impl Fn(usize) -> (&'c [u32], &'c [f32]),
+    window: usize,
+) -> Vec<crate::HeldOutWindow> {
+    let seq = tokens.len();
+    let mut out = Vec::new();
+    for start in (1..seq).step_by(window.max(1)) {
+        let end = (start + window).min(seq);
+        // a tail much shorter than a stored window would be an unfairly easy negative
+        if end - start < window.div_ceil(2) {
+            continue;
+        }
+        let mut fired: Vec<u32> = Vec::new();
+        for r in start..end {
+            if skip.get(r).copied().unwrap_or(false) {
+                continue;
+            }
+            let (idx, val) = row_features(r);
+            fired.extend(idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(i, _)| *i));
+        }
+        fired.sort_unstable();
+        fired.dedup();
+        out.push(crate::HeldOutWindow { ctx, start: start as u32, ids: tokens[start..end].to_vec(), fired });
+    }
+    out
 }
 
 fn save_checkpoint(stats: &FeatureStats, fingerprint: &str, path: &Path) -> Result<()> {
@@ -480,12 +564,19 @@ fn progress_bar(on: bool, total: u64, pos: u64) -> indicatif::ProgressBar {
     pb
 }
 
-/// The model weights the database needs besides the statistics.
+/// The model weights the database needs besides the statistics: what each feature's decoder direction
+/// does to the logits.
 pub struct WeightInputs<'a> {
+    /// The unembedding, `[vocab, d_model]` row-major.
     pub unembed: &'a [f32],
+    /// Rows of `unembed` (the vocabulary size).
     pub vocab: usize,
+    /// The final norm's per-channel gain (`[d_model]`), applied to a direction before the unembedding;
+    /// `None` for a model without one.
     pub gain: Option<&'a [f32]>,
+    /// Tokens kept per feature at each end of its direct logit effect.
     pub n_logits: usize,
+    /// Nearest features kept per feature.
     pub n_neighbours: usize,
 }
 

@@ -29,16 +29,21 @@ pub struct Score {
     /// The harmonic mean of precision and recall.
     #[serde(default)]
     pub f1: f64,
+    /// True positives: activating examples the scorer said match.
     pub tp: u32,
+    /// False negatives: activating examples it said do not (`fn` in the stored JSON).
     #[serde(rename = "fn")]
     pub fn_: u32,
+    /// True negatives: non-activating (or wrongly marked) examples it rejected.
     pub tn: u32,
+    /// False positives: non-activating (or wrongly marked) examples it accepted.
     pub fp: u32,
     /// Examples whose answer could not be read from the reply (not in the counts above).
     pub unparsed: u32,
 }
 
 impl Score {
+    /// The score of these counts: balanced accuracy, precision, recall and F1 computed from them.
     pub fn from_counts(tp: u32, fn_: u32, tn: u32, fp: u32, unparsed: u32) -> Score {
         let ratio = |a: u32, b: u32| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         let recall = ratio(tp, tp + fn_);
@@ -69,11 +74,17 @@ impl Score {
 pub struct Explanation {
     /// The explainer model's name as the endpoint knows it.
     pub model: String,
+    /// The one-line explanation the model wrote.
     pub text: String,
+    /// The detection score: activating contexts against held-out ones where the feature is 0 (delphi's
+    /// `DetectionScorer`); `None` when not scored.
     pub detection: Option<Score>,
+    /// The fuzzing score: contexts with marked tokens, half marked on the wrong tokens (delphi's
+    /// `FuzzingScorer`); `None` when not scored.
     pub fuzzing: Option<Score>,
-    /// Tokens the endpoint reported for explaining and scoring this feature.
+    /// Prompt tokens the endpoint reported for explaining and scoring this feature.
     pub prompt_tokens: u64,
+    /// Completion tokens the endpoint reported for the same requests.
     pub completion_tokens: u64,
     /// Seconds since the Unix epoch.
     pub created: u64,
@@ -96,8 +107,11 @@ impl Explanation {
 /// A window of held-out text and every feature that fired anywhere in it (attention sinks excluded).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeldOutWindow {
+    /// Index of the source context in the analysed split (past the contexts in the statistics).
     pub ctx: u64,
+    /// Position of the window's first token in that context.
     pub start: u32,
+    /// The window's token ids.
     pub ids: Vec<u32>,
     /// Sorted feature ids.
     pub fired: Vec<u32>,
@@ -120,6 +134,8 @@ pub struct AutointerpWriter {
 }
 
 impl AutointerpWriter {
+    /// Open the feature database at `path` for writing its autointerp tables, creating them when absent;
+    /// anything that is not a feature database is refused before a byte is written.
     pub fn open(path: &Path) -> AnalysisResult<AutointerpWriter> {
         // refuses anything that is not a feature database before writing to it
         crate::FeatureDb::open(path)?;

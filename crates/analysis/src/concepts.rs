@@ -48,7 +48,7 @@ pub const CONCEPTS: &[Concept] = &[
 ];
 
 /// The texts that fit no concept, each set against all the others.
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 
 /// The feature found for one concept.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -76,7 +76,7 @@ const MIN_TEXT_CHARS: usize = 40;
 /// file that fit no concept, under [`OTHER`]: a feature only counts as a concept's if it separates the
 /// concept from all of those, not just from English. `corpus` is a `.jsonl` file or a folder of them; lines
 /// that are not JSON objects with a `text` are skipped.
-pub fn labelled_texts(corpus: &Path, per: usize) -> AnalysisResult<BTreeMap<String, Vec<String>>> {
+pub(crate) fn labelled_texts(corpus: &Path, per: usize) -> AnalysisResult<BTreeMap<String, Vec<String>>> {
     let mut files: Vec<PathBuf> = if corpus.is_dir() {
         let entries = std::fs::read_dir(corpus).with_context(|| format!("{}: cannot list", corpus.display()))?;
         entries.filter_map(|e| e.ok().map(|e| e.path())).collect()
@@ -112,7 +112,7 @@ pub fn labelled_texts(corpus: &Path, per: usize) -> AnalysisResult<BTreeMap<Stri
 
 /// For each concept with at least 3 texts, the feature that best separates them from every other group's
 /// texts (`features` holds each group's per-text feature values, as [`text_features`] gives them).
-pub fn best_concept_features(features: &BTreeMap<String, Vec<TextFeatures>>) -> Vec<ConceptFeature> {
+pub(crate) fn best_concept_features(features: &BTreeMap<String, Vec<TextFeatures>>) -> Vec<ConceptFeature> {
     let mut out = Vec::new();
     for c in CONCEPTS {
         let Some(pos) = features.get(c.name).filter(|p| p.len() >= 3) else { continue };

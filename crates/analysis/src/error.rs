@@ -3,9 +3,11 @@
 //! feature database, an analysis checkpoint), the disk, or saekit.
 //!
 //! Inside the crate functions return `anyhow` and raise a known kind with `bad_input!` or `corrupt!`
-//! (or their `ensure_*` forms, or `Kind::mark` on an error from elsewhere); the kind survives any
-//! context added on the way out, and `From<anyhow::Error>` reads it off the chain at the boundary.
-//! Every message is kept whole.
+//! (or their `bail_*` forms, or `Fault::mark` on an error from elsewhere: saekit-files' tagging, which
+//! saekit-store shares); the kind survives any context added on the way out, and
+//! `From<anyhow::Error>` reads it off the chain at the boundary. Every message is kept whole.
+
+use saekit_files::Fault;
 
 /// What went wrong in saekit-analysis; each kind holds the whole message chain (the file first).
 #[derive(Debug, thiserror::Error)]
@@ -27,121 +29,67 @@ pub enum AnalysisError {
     Other(anyhow::Error),
 }
 
-/// The kind an inner function raised, carried in an anyhow chain by [`Marked`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Kind {
-    BadInput,
-    Corrupt,
-}
-
-impl Kind {
-    /// `error` marked as of this kind, its message and causes unchanged.
-    pub(crate) fn mark(self, error: anyhow::Error) -> anyhow::Error {
-        anyhow::Error::new(Marked { kind: self, error })
-    }
-}
-
-/// An error whose kind is known; it reads exactly as the error it marks.
-#[derive(Debug)]
-pub(crate) struct Marked {
-    kind: Kind,
-    error: anyhow::Error,
-}
-
-impl std::fmt::Display for Marked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // the top message only: a `{:#}` of the chain reaches the causes through `source`
-        write!(f, "{}", self.error)
-    }
-}
-
-impl std::error::Error for Marked {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.error.source()
-    }
-}
-
 impl AnalysisError {
-    /// Whose fault: the first cause in the chain that tells wins (a kind raised inside the crate, a
-    /// `AnalysisError` or model error passed through); an I/O error is the disk's (or the caller's, for a
-    /// path that does not exist); a JSON error is a damaged file.
-    fn sort(e: anyhow::Error) -> AnalysisError {
-        let kind = e.chain().find_map(Self::kind_told_by).unwrap_or(AnalysisError::Other);
-        kind(e)
+    /// Whose fault this error is (its variant).
+    pub fn fault(&self) -> Fault {
+        match self {
+            AnalysisError::BadInput(_) => Fault::BadInput,
+            AnalysisError::Corrupt(_) => Fault::Corrupt,
+            AnalysisError::Io(_) => Fault::Io,
+            AnalysisError::Other(_) => Fault::Other,
+        }
     }
 
-    /// The variant `cause` says an error is, if it says.
-    fn kind_told_by(cause: &(dyn std::error::Error + 'static)) -> Option<fn(anyhow::Error) -> AnalysisError> {
-        use std::io::ErrorKind as Io;
-        if let Some(marked) = cause.downcast_ref::<Marked>() {
-            return Some(match marked.kind {
-                Kind::BadInput => AnalysisError::BadInput,
-                Kind::Corrupt => AnalysisError::Corrupt,
-            });
+    /// `e` as the variant of `fault`.
+    fn with_fault(fault: Fault, e: anyhow::Error) -> AnalysisError {
+        match fault {
+            Fault::BadInput => AnalysisError::BadInput(e),
+            Fault::Corrupt => AnalysisError::Corrupt(e),
+            Fault::Io => AnalysisError::Io(e),
+            Fault::Other => AnalysisError::Other(e),
         }
+    }
+
+    /// What the errors of this crate, the crates underneath and SQLite say about whose fault they are:
+    /// an `AnalysisError` or `StoreError` passed through keeps its variant, an SAE or model error is
+    /// sorted by its own kind.
+    fn told_by(cause: &(dyn std::error::Error + 'static)) -> Option<Fault> {
         if let Some(typed) = cause.downcast_ref::<AnalysisError>() {
-            return Some(typed.variant());
+            return Some(typed.fault());
         }
         if let Some(store) = cause.downcast_ref::<saekit_store::StoreError>() {
-            use saekit_store::StoreError as S;
-            return Some(match store {
-                S::BadInput(_) => AnalysisError::BadInput,
-                S::Corrupt(_) => AnalysisError::Corrupt,
-                S::Io(_) => AnalysisError::Io,
-                S::Other(_) => AnalysisError::Other,
-            });
+            return Some(store.fault());
         }
         if let Some(sae) = cause.downcast_ref::<saekit_sae::SaeError>() {
             use saekit_sae::SaeError as S;
             return Some(match sae {
-                S::Config { .. } | S::BadInput(_) => AnalysisError::BadInput,
-                S::Corrupt { .. } => AnalysisError::Corrupt,
-                S::Io(_) => AnalysisError::Io,
-                S::Other(_) => AnalysisError::Other,
+                S::Config { .. } | S::BadInput(_) => Fault::BadInput,
+                S::Corrupt { .. } => Fault::Corrupt,
+                S::Io(_) => Fault::Io,
+                S::Other(_) => Fault::Other,
             });
         }
         if let Some(model) = cause.downcast_ref::<saekit_model::ModelError>() {
             use saekit_model::ModelError as M;
             return Some(match model {
-                M::BadInput(_) | M::BadFile(_) => AnalysisError::BadInput,
-                M::Io(_) => AnalysisError::Io,
-                M::Internal(_) => AnalysisError::Other,
+                M::BadInput(_) | M::BadFile(_) => Fault::BadInput,
+                M::Io(_) => Fault::Io,
+                M::Internal(_) => Fault::Other,
             });
         }
-        if let Some(sqlite) = cause.downcast_ref::<rusqlite::Error>() {
-            return Self::kind_of_sqlite(sqlite);
-        }
-        if cause.is::<serde_json::Error>() {
-            return Some(AnalysisError::Corrupt);
-        }
-        let io = cause.downcast_ref::<std::io::Error>()?;
-        Some(match io.kind() {
-            Io::NotFound => AnalysisError::BadInput,
-            Io::UnexpectedEof | Io::InvalidData => AnalysisError::Corrupt,
-            _ => AnalysisError::Io,
-        })
+        Self::told_by_sqlite(cause.downcast_ref::<rusqlite::Error>()?)
     }
 
     /// SQLite's own sorting: a file that is not a database is the caller's, a malformed one is damaged,
     /// a failed read or write or a full disk is the disk's; anything else is left to a cause below.
-    fn kind_of_sqlite(e: &rusqlite::Error) -> Option<fn(anyhow::Error) -> AnalysisError> {
+    fn told_by_sqlite(e: &rusqlite::Error) -> Option<Fault> {
         use rusqlite::ErrorCode as C;
         let rusqlite::Error::SqliteFailure(failure, _) = e else { return None };
         match failure.code {
-            C::NotADatabase | C::CannotOpen => Some(AnalysisError::BadInput),
-            C::DatabaseCorrupt => Some(AnalysisError::Corrupt),
-            C::SystemIoFailure | C::DiskFull | C::PermissionDenied | C::ReadOnly => Some(AnalysisError::Io),
+            C::NotADatabase | C::CannotOpen => Some(Fault::BadInput),
+            C::DatabaseCorrupt => Some(Fault::Corrupt),
+            C::SystemIoFailure | C::DiskFull | C::PermissionDenied | C::ReadOnly => Some(Fault::Io),
             _ => None,
-        }
-    }
-
-    /// This error's variant, as a constructor.
-    fn variant(&self) -> fn(anyhow::Error) -> AnalysisError {
-        match self {
-            AnalysisError::BadInput(_) => AnalysisError::BadInput,
-            AnalysisError::Corrupt(_) => AnalysisError::Corrupt,
-            AnalysisError::Io(_) => AnalysisError::Io,
-            AnalysisError::Other(_) => AnalysisError::Other,
         }
     }
 }
@@ -150,7 +98,7 @@ impl AnalysisError {
 /// anything unmarked is sorted by its cause.
 impl From<anyhow::Error> for AnalysisError {
     fn from(e: anyhow::Error) -> Self {
-        AnalysisError::sort(e)
+        AnalysisError::with_fault(Fault::of(&e, AnalysisError::told_by), e)
     }
 }
 
@@ -159,7 +107,7 @@ macro_rules! sorted_from {
     ($($source:ty),* $(,)?) => {$(
         impl From<$source> for AnalysisError {
             fn from(e: $source) -> Self {
-                AnalysisError::sort(e.into())
+                AnalysisError::from(anyhow::Error::from(e))
             }
         }
     )*};
@@ -177,20 +125,6 @@ sorted_from!(
 /// `Result` with an [`AnalysisError`].
 pub type AnalysisResult<T> = std::result::Result<T, AnalysisError>;
 
-/// Raise a bad-input error (the caller's fault) as anyhow: `return Err(bad_input!("..."))`.
-macro_rules! bad_input {
-    ($($arg:tt)*) => {
-        $crate::error::Kind::BadInput.mark(anyhow::anyhow!($($arg)*))
-    };
-}
-
-/// Raise a corrupt-file error (a file saekit wrote is damaged) as anyhow: `return Err(corrupt!("..."))`.
-macro_rules! corrupt {
-    ($($arg:tt)*) => {
-        $crate::error::Kind::Corrupt.mark(anyhow::anyhow!($($arg)*))
-    };
-}
-
 /// `anyhow::bail!` for a function returning either `anyhow::Result` or [`AnalysisResult`]: an error of
 /// no known kind (sorted by its causes, else [`AnalysisError::Other`]).
 macro_rules! bail {
@@ -199,26 +133,14 @@ macro_rules! bail {
     };
 }
 
-/// `bail!` with a bad-input error.
-macro_rules! bail_input {
-    ($($arg:tt)*) => {
-        return Err($crate::error::bad_input!($($arg)*).into())
-    };
-}
-
-/// `bail!` with a corrupt-file error.
-macro_rules! bail_corrupt {
-    ($($arg:tt)*) => {
-        return Err($crate::error::corrupt!($($arg)*).into())
-    };
-}
-
-pub(crate) use {bad_input, bail, bail_corrupt, bail_input, corrupt};
+pub(crate) use bail;
+pub(crate) use saekit_files::{bad_input, bail_corrupt, bail_input};
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use anyhow::Context;
+    use saekit_files::corrupt;
 
     #[test]
     fn a_raised_kind_survives_context_and_the_message_stays_whole() {

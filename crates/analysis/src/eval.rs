@@ -47,16 +47,23 @@ pub enum SpliceMode {
     ZeroAblation,
 }
 
+/// What [`eval_model`] reads and how; the defaults are `saekit eval-model`'s.
 #[derive(Debug, Clone)]
 pub struct ModelEvalOptions {
+    /// Tokens to evaluate on (rounded up to whole contexts; capped by the split).
     pub n_tokens: u64,
+    /// Split of the tokenized dataset to read ("validation": text the SAE was not trained on).
     pub split: String,
+    /// Contexts per forward pass (each is run four ways: clean, SAE, SAE with error, zero-ablated).
     pub batch_contexts: usize,
     /// Keep the clean activation on position 0, special tokens and rows above `sink_norm_factor` x
     /// the batch's median norm (see the module doc).
     pub keep_sinks: bool,
+    /// The norm rule's multiple: rows above this x the batch's median L2 norm count as sinks (0: none).
     pub sink_norm_factor: f32,
+    /// Hook to splice at (default: the SAE's `metadata.hook_name`).
     pub hook: Option<HookPoint>,
+    /// Draw a progress bar on stderr.
     pub progress: bool,
 }
 
@@ -74,9 +81,13 @@ impl Default for ModelEvalOptions {
     }
 }
 
+/// What the model loses with the SAE spliced in, under SAELens' metric names (definitions in the module
+/// doc). Losses are in nats per predicted token; norms in the hook's activation units.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ModelEvalReport {
+    /// The hook point the SAE was spliced at (`blocks.6.hook_resid_post`).
     pub hook: String,
+    /// Contexts evaluated.
     pub n_contexts: u64,
     /// Positions whose next token is predicted (the CE average).
     pub n_predicted: u64,
@@ -84,26 +95,48 @@ pub struct ModelEvalReport {
     pub n_spliced_rows: u64,
     /// Rows left clean as attention sinks.
     pub n_sink_rows: u64,
+    /// Mean next-token cross-entropy of the clean model.
     pub ce_loss_without_sae: f64,
+    /// Mean next-token cross-entropy with the reconstruction x̂ in place of the activation.
     pub ce_loss_with_sae: f64,
+    /// Mean next-token cross-entropy with the activation zeroed.
     pub ce_loss_with_ablation: f64,
+    /// `(CE_ablation − CE_sae) / (CE_ablation − CE_clean)`: 1 when the SAE loses nothing, 0 when it is no
+    /// better than zeroing the activation (SAELens' `ce_loss_score`).
     pub ce_loss_score: f64,
+    /// `CE_sae − CE_clean` (Gemma Scope's "delta LM loss").
     pub delta_lm_loss: f64,
+    /// Mean over positions of KL(clean ‖ with SAE), in nats.
     pub kl_div_with_sae: f64,
+    /// Mean over positions of KL(clean ‖ zero-ablated), in nats.
     pub kl_div_with_ablation: f64,
+    /// `(KL_ablation − KL_sae) / KL_ablation` (SAELens' `kl_div_score`).
     pub kl_div_score: f64,
+    /// `1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²)` over the spliced rows.
     pub explained_variance: f64,
+    /// Fraction of variance unexplained, `1 − explained_variance`.
     pub fvu: f64,
+    /// Mean over spliced rows of the summed squared error `Σ_dims (x − x̂)²`.
     pub mse: f64,
+    /// Mean over spliced rows of the cosine similarity of x and x̂.
     pub cossim: f64,
+    /// Mean L2 norm of the input rows x.
     pub l2_norm_in: f64,
+    /// Mean L2 norm of the reconstructions x̂.
     pub l2_norm_out: f64,
+    /// Mean over rows of ‖x̂‖ / ‖x‖ (below 1: the SAE shrinks its outputs).
     pub l2_ratio: f64,
+    /// `E‖x̂‖² / E⟨x, x̂⟩` (Gemma Scope's relative reconstruction bias; 1 is unbiased, below 1 shrinkage).
     pub relative_reconstruction_bias: f64,
+    /// Mean number of non-zero features per spliced row.
     pub l0: f64,
+    /// Mean L1 norm of the feature activations per spliced row.
     pub l1: f64,
+    /// Fraction of features that never fired on the evaluated rows.
     pub dead_frac: f64,
+    /// Fraction of features that fired on more than 10% of the evaluated rows.
     pub dense_frac: f64,
+    /// Wall-clock seconds of the evaluation.
     pub secs: f64,
 }
 

@@ -33,6 +33,7 @@ pub struct Context {
     pub acts: Vec<f32>,
     /// Index of the peak token in `tokens`.
     pub peak: usize,
+    /// The activation at the peak (the context's rank among the feature's contexts).
     pub max_act: f32,
 }
 
@@ -40,90 +41,135 @@ pub struct Context {
 /// "subsample intervals"); `count` is how many contexts fell in the interval during analysis.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct QuantileGroup {
+    /// The interval's lower bound (activation units).
     pub lo: f32,
+    /// Its upper bound.
     pub hi: f32,
+    /// Contexts whose peak fell in the interval during the analysis.
     pub count: u64,
+    /// A uniform sample of them.
     pub contexts: Vec<Context>,
 }
 
 /// Activation histogram over log-spaced bins: `counts[i]` activations fell in `[edges[i], edges[i+1])`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Histogram {
+    /// Bin edges in activation units, one more than `counts`.
     pub edges: Vec<f32>,
+    /// Activations per bin.
     pub counts: Vec<u64>,
 }
 
+/// One token of a feature's direct logit effect: what its decoder direction, through the final norm's
+/// gain and the unembedding, adds to that token's logit.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenLogit {
+    /// The token's text.
     pub token: String,
+    /// The token id.
     pub id: u32,
+    /// The logit change per unit of activation (positive: promoted, negative: suppressed).
     pub logit: f32,
 }
 
+/// A feature whose decoder direction is close to another's.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Neighbour {
+    /// The neighbour's id.
     pub id: u32,
+    /// Cosine similarity of the two decoder directions.
     pub cosine: f32,
 }
 
 /// Everything a feature page shows.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FeatureRecord {
+    /// The feature id (its row in the SAE's decoder).
     pub id: u32,
     /// Fraction of analysed tokens on which the feature is non-zero.
     pub density: f64,
+    /// Its highest activation on the analysed tokens.
     pub max_act: f32,
     /// Mean activation over the tokens where it fires.
     pub mean_act: f32,
     /// Number of analysed tokens on which it fired.
     pub n_fired: u64,
+    /// A one-line description: the template `analyze` writes ("fires on: ...; promotes: ..."), or one
+    /// a person wrote; the LLM explanations are in `explanations`.
     pub explanation: Option<String>,
     /// True when `explanation` was generated from the statistics (not written by a person or an LLM).
     pub explanation_auto: bool,
+    /// The highest-activating contexts, highest first (one per source context).
     pub top_contexts: Vec<Context>,
+    /// Contexts sampled from equal-width intervals of `[0, max_act]`.
     pub quantiles: Vec<QuantileGroup>,
+    /// Its activations over the analysed tokens, in log-spaced bins.
     pub histogram: Histogram,
+    /// The tokens whose logits its decoder direction raises most, most first.
     pub promoted: Vec<TokenLogit>,
+    /// The tokens whose logits it lowers most, most first.
     pub suppressed: Vec<TokenLogit>,
+    /// The features with the closest decoder directions, closest first.
     pub neighbours: Vec<Neighbour>,
-    /// Coordinates on the 2-D feature map.
+    /// The x coordinate on the 2-D feature map (in [-1, 1]).
     pub x: f32,
+    /// The y coordinate on the 2-D feature map (in [-1, 1]).
     pub y: f32,
     /// LLM explanations with their scores (`saekit explain`), best-scoring first.
     #[serde(default)]
     pub explanations: Vec<Explanation>,
 }
 
+/// A feature as a list or a search result shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FeatureSummary {
+    /// The feature id.
     pub id: u32,
+    /// Fraction of analysed tokens on which it is non-zero.
     pub density: f64,
+    /// Its highest activation.
     pub max_act: f32,
     /// The most frequent peak tokens of the top contexts.
     pub top_tokens: Vec<String>,
 }
 
+/// A feature's point on the 2-D map of decoder directions (`DbInfo::map_method` says how it was made).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MapPoint {
+    /// The feature id.
     pub id: u32,
+    /// The x coordinate, in [-1, 1].
     pub x: f32,
+    /// The y coordinate, in [-1, 1].
     pub y: f32,
+    /// Fraction of analysed tokens on which it is non-zero (the point's colour).
     pub density: f64,
+    /// Its highest activation.
     pub max_act: f32,
 }
 
+/// What a feature database describes and how it was made (`meta.info`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct DbInfo {
+    /// [`DB_FORMAT`]; the writer sets it.
     pub format: String,
+    /// [`DB_VERSION`] of the writer; the writer sets it.
     pub version: u32,
+    /// The model's name (`SmolLM2-135M-Instruct`).
     pub model: String,
+    /// The hook point the SAE reads (`blocks.6.hook_resid_post`).
     pub hook: String,
+    /// The SAE as it was given to `saekit analyze` (a path or hub name).
     pub sae_path: String,
+    /// Features in the SAE.
     pub d_sae: u32,
     /// Tokens the statistics were computed over (attention-sink rows excluded).
     pub n_tokens: u64,
+    /// Contexts the statistics were computed over.
     pub n_contexts: u64,
+    /// Tokens per context.
     pub context_len: u32,
+    /// The tokenized dataset and split read (`data/tokens (validation)`).
     pub dataset: String,
     /// Seconds since the Unix epoch.
     pub created: u64,
@@ -133,10 +179,14 @@ pub struct DbInfo {
     pub neighbour_method: String,
 }
 
+/// The order of [`FeatureDb::list`]; parsed from `density`, `max_act` (or `max`) and `id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SortBy {
+    /// By the fraction of tokens a feature fires on.
     Density,
+    /// By its highest activation.
     MaxAct,
+    /// By id.
     Id,
 }
 
@@ -159,48 +209,75 @@ pub struct StoredContext {
     pub ctx: u64,
     /// Position of the window's first token in the source context.
     pub start: u32,
+    /// The window's token ids (looked up in the `vocab` table when read).
     pub ids: Vec<u32>,
+    /// The feature's non-zero activations in the window: (offset in `ids`, activation).
     pub acts: Vec<(u16, f32)>,
+    /// Offset of the peak token in `ids`.
     pub peak: u16,
+    /// The activation at the peak.
     pub max_act: f32,
 }
 
+/// A [`QuantileGroup`] as stored: its contexts as token ids.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StoredGroup {
+    /// The interval's lower bound (activation units).
     pub lo: f32,
+    /// Its upper bound.
     pub hi: f32,
+    /// Contexts whose peak fell in the interval.
     pub count: u64,
+    /// A uniform sample of them.
     pub contexts: Vec<StoredContext>,
 }
 
 /// The per-feature blob in `feature_detail.data` (zstd-compressed JSON).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct StoredDetail {
+    /// The top-activating contexts, highest first.
     pub top: Vec<StoredContext>,
+    /// The activation intervals and their sampled contexts.
     pub quantiles: Vec<StoredGroup>,
     /// Index of the first histogram bin in `hist`; bins before it and after its end are zero.
     pub hist_first: u32,
+    /// Histogram counts from bin `hist_first` on (the bins of `meta.hist_edges`).
     pub hist: Vec<u64>,
+    /// (token id, logit change) of the most promoted tokens, most first.
     pub promoted: Vec<(u32, f32)>,
+    /// (token id, logit change) of the most suppressed tokens, most first.
     pub suppressed: Vec<(u32, f32)>,
+    /// (feature id, cosine) of the nearest decoder directions, nearest first.
     pub neighbours: Vec<(u32, f32)>,
 }
 
-/// One row for the writer.
+/// One feature for [`FeatureDbWriter::insert`]: the `features` row, its search text and its detail blob.
+/// The fields mean what [`FeatureRecord`]'s of the same name do.
 #[derive(Debug, Clone, Default)]
 pub struct FeatureRow {
+    /// The feature id.
     pub id: u32,
+    /// Fraction of analysed tokens on which it is non-zero.
     pub density: f64,
+    /// Its highest activation.
     pub max_act: f32,
+    /// Its mean activation over the tokens where it fires.
     pub mean_act: f32,
+    /// Analysed tokens on which it fired.
     pub n_fired: u64,
+    /// The most frequent peak tokens of its top contexts, most frequent first.
     pub top_tokens: Vec<String>,
+    /// Its one-line description, if any (indexed for search too).
     pub explanation: Option<String>,
+    /// Whether `explanation` was generated from the statistics.
     pub explanation_auto: bool,
+    /// The x coordinate on the feature map.
     pub x: f32,
+    /// The y coordinate on the feature map.
     pub y: f32,
     /// Free text indexed for search (peak tokens and their neighbourhood, promoted tokens).
     pub search_text: String,
+    /// Contexts, histogram, logit effects and neighbours: the zstd-compressed blob.
     pub detail: StoredDetail,
 }
 
@@ -238,6 +315,8 @@ pub struct FeatureDbWriter {
 }
 
 impl FeatureDbWriter {
+    /// Start a database at `path` (written to `path.tmp`) with its `meta` (`info`, the histogram's bin
+    /// edges) and `vocab` (token id `i` has text `vocab[i]`) tables.
     pub fn create(path: &Path, info: &DbInfo, hist_edges: &[f32], vocab: &[String]) -> AnalysisResult<Self> {
         let tmp = tmp_path(path);
         if tmp.exists() {
@@ -277,11 +356,12 @@ impl FeatureDbWriter {
         format!("writing feature database {}{os}", self.tmp.display())
     }
 
-    pub fn set_meta(&mut self, key: &str, value: &str) -> AnalysisResult<()> {
+    fn set_meta(&mut self, key: &str, value: &str) -> AnalysisResult<()> {
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])?;
         Ok(())
     }
 
+    /// Add one feature (its detail compressed here). Rows may come in any order; ids must be distinct.
     pub fn insert(&mut self, row: &FeatureRow) -> AnalysisResult<()> {
         let json = serde_json::to_vec(&row.detail)?;
         let blob = zstd::bulk::compress(&json, 3).context("compressing a feature record")?;
@@ -391,10 +471,12 @@ impl FeatureDb {
         Ok(FeatureDb { conn: Mutex::new(conn), path: path.to_path_buf(), info, hist_edges, vocab: OnceLock::new() })
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// What the database describes (read once at open).
     pub fn info(&self) -> AnalysisResult<DbInfo> {
         Ok(self.info.clone())
     }
@@ -568,6 +650,7 @@ impl FeatureDb {
         Ok(windows.with_context(|| format!("{}: held-out windows", self.path.display()))?)
     }
 
+    /// A page of features: `limit` of them from `offset` on, in `sort` order (ties by id).
     pub fn list(
         &self,
         sort: SortBy,
@@ -637,6 +720,7 @@ impl FeatureDb {
         Ok(out)
     }
 
+    /// Feature `id`'s summary (`None` when the database has no such feature).
     pub fn summary(&self, id: u32) -> AnalysisResult<Option<FeatureSummary>> {
         self.named(self.read_summary(id))
     }
@@ -658,6 +742,7 @@ impl FeatureDb {
         Ok(out)
     }
 
+    /// Every feature's point on the 2-D map, by id.
     pub fn map(&self) -> AnalysisResult<Vec<MapPoint>> {
         self.named(self.read_map())
     }
@@ -677,11 +762,13 @@ impl FeatureDb {
         rows.map(|r| r.map_err(Into::into)).collect()
     }
 
+    /// The number of features in the database.
     pub fn len(&self) -> AnalysisResult<u64> {
         let n = self.conn()?.query_row("SELECT COUNT(*) FROM features", [], |r| r.get::<_, i64>(0));
         Ok(self.named(n.map_err(Into::into))? as u64)
     }
 
+    /// Whether the database holds no feature.
     pub fn is_empty(&self) -> AnalysisResult<bool> {
         Ok(self.len()? == 0)
     }

@@ -80,7 +80,7 @@ fn unit_rows(w: &[f32], d: usize) -> Vec<f32> {
 
 /// Exact nearest features by decoder cosine similarity up to this many features; an IVF index
 /// (k-means cells, several probed) beyond.
-pub const EXACT_NEIGHBOURS_MAX: usize = 100_000;
+pub(crate) const EXACT_NEIGHBOURS_MAX: usize = 100_000;
 
 /// The `k` nearest features of each feature by decoder cosine, excluding itself, and a description
 /// of the method used.
@@ -214,7 +214,7 @@ fn nearest_cells(x: &[f32], d: usize, cent: &[f32], p: usize) -> Vec<Vec<u32>> {
 /// A 2-D map of the features: projection of the unit decoder directions on their two principal
 /// components (power iteration on the d x d covariance; deterministic). Coordinates are scaled to
 /// [-1, 1] on the larger axis.
-pub fn pca_map(w_dec: &[f32], d: usize) -> Vec<(f32, f32)> {
+pub(crate) fn pca_map(w_dec: &[f32], d: usize) -> Vec<(f32, f32)> {
     let n = w_dec.len() / d;
     if n == 0 {
         return Vec::new();

@@ -53,6 +53,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod analyze;
 pub mod autointerp_db;
 pub mod concepts;

@@ -23,8 +23,10 @@ use serde_json::{json, Value};
 use crate::{Context, FeatureDb, FeatureRecord};
 
 /// Features (and their explanations and activations) per batch file, as Neuronpedia's export.
-pub const BATCH: u32 = 1024;
+pub(crate) const BATCH: u32 = 1024;
 
+/// The ids Neuronpedia files a source under: they name the output folders and fill the `modelId`,
+/// and `layer` fields of every row.
 #[derive(Debug, Clone)]
 pub struct NeuronpediaIds {
     /// Neuronpedia's model id, e.g. `smollm2-135m-instruct`.
@@ -35,12 +37,18 @@ pub struct NeuronpediaIds {
     pub set_name: String,
 }
 
+/// What [`export`] wrote.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ExportReport {
+    /// The source's folder, `OUT/{modelId}/{sourceId}`.
     pub dir: PathBuf,
+    /// `Neuron` rows written (one per feature).
     pub features: u64,
+    /// `Explanation` rows written (every LLM explanation `saekit explain` stored).
     pub explanations: u64,
+    /// `Activation` rows written (top and quantile contexts).
     pub activations: u64,
+    /// Batch files per table (`batch-0` ..).
     pub batches: u32,
 }
 

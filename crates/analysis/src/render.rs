@@ -9,15 +9,20 @@ use saekit_model::tokenizer::escape_invalid_utf8;
 /// One piece of a rendered context: a whole character sequence and the tokens it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Piece {
+    /// The piece as text: whole characters, with bytes that complete none escaped as `\xNN`.
     pub text: String,
     /// The highest activation among the piece's tokens.
     pub act: f32,
-    /// The first token of the piece and how many tokens it spans.
+    /// The index of the piece's first token.
     pub first: usize,
+    /// How many tokens the piece spans (1 unless a character was split across tokens; at most 4).
     pub len: usize,
 }
 
-/// The bytes a token text stands for: `\xNN` escapes become the byte NN.
+/// The bytes a token text stands for: `\xNN` escapes become the byte NN, when they are escapes. Text typed
+/// with a backslash (`"\x41"`, or `"\xc3\xa9"` in a string literal) is read as written: the tokenizer's
+/// escaping ([`escape_invalid_utf8`]) only ever escapes bytes that are not UTF-8 where they stand, so a
+/// token whose decoded bytes would not escape back to its text was never escaped.
 fn token_bytes(t: &str) -> Vec<u8> {
     let b = t.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -36,6 +41,9 @@ fn token_bytes(t: &str) -> Vec<u8> {
         }
         out.push(b[i]);
         i += 1;
+    }
+    if out.len() < b.len() && escape_invalid_utf8(&out) != t {
+        return b.to_vec();
     }
     out
 }
@@ -106,5 +114,18 @@ mod tests {
         assert_eq!(context_text(&s(&["caf", "\\xc3", "\\xa9", "!"])), "café!");
         assert_eq!(piece_at(&s(&["caf", "\\xc3", "\\xa9", "!"]), 2).as_deref(), Some("é"));
         assert_eq!(piece_at(&s(&["a"]), 1), None);
+    }
+
+    #[test]
+    fn a_backslash_typed_in_the_text_is_text() {
+        // "\x41" and "\xc3\xa9" typed (in code, say) are not the byte 0x41 or the character é
+        let typed = s(&["print", "(\"", "\\x41", "\\xc3\\xa9", "\")"]);
+        assert_eq!(context_text(&typed), "print(\"\\x41\\xc3\\xa9\")");
+        let texts: Vec<String> = merge_tokens(&typed, &[0.0; 5]).into_iter().map(|p| p.text).collect();
+        assert_eq!(texts, typed, "each typed token is its own piece, as written");
+        // a real escape beside a typed one in the same token: the token is read as written, and both show
+        assert_eq!(context_text(&s(&["a\\x41\\xe3", "b"])), "a\\x41\\xe3b");
+        // real escapes still join, also after a typed backslash earlier in the context
+        assert_eq!(context_text(&s(&["\\x41", "caf", "\\xc3", "\\xa9"])), "\\x41café");
     }
 }

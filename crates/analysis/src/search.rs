@@ -88,18 +88,25 @@ pub fn text_features(
     out
 }
 
+/// One token of a searched text and the features that fire on it.
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenHits {
+    /// The token's text (dangling bytes of a split character escaped as `\xNN`).
     pub token: String,
+    /// The token id.
     pub id: u32,
     /// Strongest features on this token, (feature, activation), best first.
     pub features: Vec<(u32, f32)>,
 }
 
+/// One feature's activity over a whole searched text.
 #[derive(Debug, Clone, Serialize)]
 pub struct FeatureHit {
+    /// The feature id.
     pub id: u32,
+    /// Its highest activation on any token of the text.
     pub max_act: f32,
+    /// Its activations summed over the text's tokens (the overall ranking key).
     pub sum_act: f32,
     /// Tokens of the text it fired on.
     pub n_tokens: usize,
@@ -107,8 +114,10 @@ pub struct FeatureHit {
     pub frac_of_db_max: Option<f32>,
 }
 
+/// What [`search_text`] finds on a text: per token, and over the whole text.
 #[derive(Debug, Clone, Serialize)]
 pub struct TextSearch {
+    /// Every token of the text, in order, with its strongest features.
     pub tokens: Vec<TokenHits>,
     /// Features ranked by summed activation over the text.
     pub overall: Vec<FeatureHit>,
@@ -154,16 +163,23 @@ pub fn search_text(
     Ok(TextSearch { tokens, overall: hits })
 }
 
+/// How well one feature separates the positive texts from the negative ones in [`contrast`]; a text's
+/// value is the feature's max activation over its tokens (0 when it does not fire).
 #[derive(Debug, Clone, Serialize)]
 pub struct ContrastHit {
+    /// The feature id.
     pub id: u32,
     /// P(value on a positive text > value on a negative text), ties half.
     pub auroc: f64,
+    /// Fraction of the positive texts it fires on.
     pub freq_pos: f64,
+    /// Fraction of the negative texts it fires on.
     pub freq_neg: f64,
     /// Two-proportion z-score of freq_pos − freq_neg (pooled).
     pub z: f64,
+    /// Mean value over the positive texts (0 for those it does not fire on).
     pub mean_pos: f64,
+    /// Mean value over the negative texts.
     pub mean_neg: f64,
     /// The tie-breaker among equal AUROCs: the gap between the mean activation on positive and on
     /// negative texts relative to the feature's scale here (its largest value on any of them), in
@@ -244,19 +260,27 @@ pub fn contrast(pos: &[TextFeatures], neg: &[TextFeatures]) -> Vec<ContrastHit> 
     out
 }
 
+/// One label's single-feature probe from [`probe`]: the feature that best tells texts with the label
+/// from the rest, and how well it does on texts it was not chosen on.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeResult {
+    /// The label probed (one-vs-rest).
     pub label: String,
+    /// Texts with the label (train and test halves).
     pub n_pos: usize,
+    /// Texts without it.
     pub n_neg: usize,
     /// The single feature with the best train AUROC (one-vs-rest).
     pub feature: u32,
+    /// Its AUROC on the train half, oriented (`max(AUROC, 1 − AUROC)`).
     pub train_auroc: f64,
+    /// Its AUROC on the test half, in the orientation chosen on train.
     pub test_auroc: f64,
     /// Accuracy on the test half with the threshold that maximised train accuracy.
     pub test_accuracy: f64,
     /// Accuracy of always predicting the majority class on the test half.
     pub test_majority_baseline: f64,
+    /// The max-activation threshold chosen on the train half.
     pub threshold: f32,
     /// Whether the feature predicts the label by being above (true) or below the threshold.
     pub above: bool,

@@ -18,10 +18,13 @@ use crate::error::{bail, bail_corrupt, bail_input, AnalysisResult};
 use anyhow::{Context as _, Result};
 use rayon::prelude::*;
 
-/// Log-spaced histogram: bins per decade and range (absolute activation units).
+/// Log-spaced activation histogram: bins per decade.
 pub const HIST_PER_DECADE: usize = 8;
+/// The histogram's first edge, 10^-3 (activation units): smaller activations count in bin 0.
 pub const HIST_LOG10_MIN: i32 = -3;
+/// The histogram's last edge, 10^4: larger activations count in the last bin.
 pub const HIST_LOG10_MAX: i32 = 4;
+/// Bins of the activation histogram (56: 8 per decade over 10^-3 .. 10^4).
 pub const HIST_BINS: usize = HIST_PER_DECADE * (HIST_LOG10_MAX - HIST_LOG10_MIN) as usize;
 
 /// Bin edges; activations below the first edge count in bin 0, above the last in the last bin.
@@ -35,14 +38,20 @@ fn hist_bin(a: f32) -> usize {
     (l.max(0.0) as usize).min(HIST_BINS - 1)
 }
 
+/// What each feature keeps while streaming (recorded in the checkpoint: a resume must use the same).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsOptions {
+    /// Top-activating contexts kept per feature (one candidate per context: its peak token).
     pub top_k: usize,
+    /// Equal-width activation intervals of `[0, max]` sampled per feature.
     pub n_quantiles: usize,
+    /// Contexts kept per interval (reservoir sampled).
     pub per_quantile: usize,
-    /// Tokens kept before / after the peak in a stored window.
+    /// Tokens kept before the peak in a stored window.
     pub before: usize,
+    /// Tokens kept after the peak in a stored window.
     pub after: usize,
+    /// Seed of the reservoir sampling (a hash of seed, feature and count: thread-count independent).
     pub seed: u64,
 }
 
@@ -55,7 +64,9 @@ impl Default for StatsOptions {
 /// A stored context: where it is and the feature's activations in its window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
+    /// The feature's activation at the peak.
     pub act: f32,
+    /// Index of the source context in the analysed split.
     pub ctx: u64,
     /// Peak position in the source context.
     pub pos: u32,
@@ -65,28 +76,41 @@ pub struct Sample {
     pub window: Vec<(u16, f32)>,
 }
 
+/// One activation interval of a feature: how many contexts fell in it, and a reservoir of them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Bin {
+    /// Contexts whose peak fell in the interval (after re-binning, an estimate; see the module doc).
     pub seen: u64,
+    /// At most `per_quantile` of them, sampled uniformly.
     pub samples: Vec<Sample>,
 }
 
+/// The running statistics of one feature.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FeatureState {
+    /// Tokens it fired on (activation > 0).
     pub n: u64,
+    /// Sum of its activations over those tokens (the mean is `sum / n`).
     pub sum: f64,
+    /// Its highest activation so far.
     pub max: f32,
     /// Max used to define the intervals (the running max when the last sample was binned).
     pub bin_max: f32,
+    /// The `top_k` highest-activating contexts, highest first.
     pub top: Vec<Sample>,
+    /// `n_quantiles` intervals of `[0, bin_max]`, lowest first (empty until it first fires).
     pub bins: Vec<Bin>,
 }
 
 /// One batch of sparse codes, row-major over `n_ctx` contexts of `seq` tokens.
 pub struct BatchCodes<'a> {
+    /// CSR row pointers: row `r`'s entries are `idx[indptr[r]..indptr[r + 1]]` (`rows + 1` entries).
     pub indptr: &'a [usize],
+    /// Feature ids of the non-zero entries.
     pub idx: &'a [u32],
+    /// Their activations.
     pub val: &'a [f32],
+    /// Tokens per context.
     pub seq: usize,
     /// Global index of the batch's first context.
     pub first_ctx: u64,
@@ -97,20 +121,26 @@ pub struct BatchCodes<'a> {
 /// Features handled by one worker: contiguous ids `lo..lo + feats.len()`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shard {
+    /// The first feature id of the shard.
     pub lo: u32,
+    /// The state of features `lo..lo + feats.len()`.
     pub feats: Vec<FeatureState>,
     /// `[feats.len(), HIST_BINS]`
     pub hist: Vec<u32>,
 }
 
+/// The running state of `saekit analyze` over every feature (what a checkpoint holds).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureStats {
+    /// Features in the dictionary.
     pub d_sae: usize,
+    /// What each feature keeps.
     pub opts: StatsOptions,
     /// Tokens counted (skipped rows excluded).
     pub n_tokens: u64,
     /// Contexts consumed; the resume point.
     pub n_contexts: u64,
+    /// The features, in contiguous shards of 256 or more (updated in parallel).
     pub shards: Vec<Shard>,
 }
 
@@ -123,6 +153,7 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl FeatureStats {
+    /// An empty state for `d_sae` features.
     pub fn new(d_sae: usize, opts: StatsOptions) -> FeatureStats {
         let shard_size = 256usize.max(d_sae.div_ceil(4096));
         let shards = (0..d_sae)
@@ -135,6 +166,7 @@ impl FeatureStats {
         FeatureStats { d_sae, opts, n_tokens: 0, n_contexts: 0, shards }
     }
 
+    /// Feature `j`'s state and its histogram counts (`HIST_BINS` of them, edges from [`hist_edges`]).
     pub fn feature(&self, j: usize) -> (&FeatureState, &[u32]) {
         let s = &self.shards[self.shard_of(j)];
         let k = j - s.lo as usize;
@@ -530,7 +562,7 @@ fn checked_body(bytes: &[u8]) -> Result<&[u8]> {
 
 /// The run fingerprint a checkpoint records (checked against its CRC32), so a caller can say which
 /// input changed before refusing it.
-pub fn checkpoint_fingerprint(bytes: &[u8]) -> AnalysisResult<String> {
+pub(crate) fn checkpoint_fingerprint(bytes: &[u8]) -> AnalysisResult<String> {
     let fp = R(checked_body(bytes)?).bytes()?;
     Ok(String::from_utf8_lossy(&fp).into_owned())
 }

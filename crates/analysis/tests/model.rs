@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use saekit_analysis::analyze::sink_rows;
 use saekit_analysis::eval::{eval_model_on_tokens, spliced_forward};
-use saekit_analysis::{analyze, AnalyzeOptions, FeatureDb, ModelEvalOptions, SpliceMode};
+use saekit_analysis::{analyze, AnalyzeOptions, FeatureDb, HeldOutWindow, ModelEvalOptions, SpliceMode};
 use saekit_model::{HookPoint, Hooks, LoadOptions, Logits, Model};
 use saekit_sae::{Activation, Sae};
 use saekit_store::corpus::{Document, ReadStats};
@@ -192,6 +192,19 @@ fn splice_eval_and_analysis_on_the_real_model() {
     }
     assert!(fired > 10, "only {fired} features fired");
 
+    // --- the held-out windows (run in batches) are those of one context at a time through the model
+    let few = AnalyzeOptions { n_tokens: 2 * 16, heldout_contexts: 64, ..opts.clone() };
+    let held_db = dir.path().join("heldout.sqlite");
+    assert!(analyze(&model, &sae, "random-sae", &ds, &held_db, &few).unwrap().finished);
+    let stored = FeatureDb::open(&held_db).unwrap().heldout().unwrap();
+    let split = ds.split("validation").unwrap();
+    let window = few.stats.before + few.stats.after + 1;
+    let expected =
+        heldout_one_context_at_a_time(&model, &sae, hook, |c| split.context(c).to_vec(), 2..n_val.min(66), window);
+    // more held-out contexts than one batch holds
+    assert!(expected.iter().map(|w| w.ctx).max() >= Some(2 + few.batch_contexts as u64), "{n_val} contexts");
+    assert_eq!(stored, expected, "batched held-out windows differ from one context at a time");
+
     // --- inputs are identified by content: an SAE rebuilt at the same path is refused on resume
     let sae_dir = dir.path().join("sae").display().to_string();
     let three = dir.path().join("three.sqlite");
@@ -210,6 +223,49 @@ fn splice_eval_and_analysis_on_the_real_model() {
     // --restart starts over with the new inputs
     let restart = AnalyzeOptions { restart: true, ..opts.clone() };
     assert!(analyze(&model, &rebuilt, &sae_dir, &ds2, &three, &restart).unwrap().finished);
+}
+
+/// The held-out windows as `analyze` made them before it batched them: each context alone through the model,
+/// sinks by position and id and by 10x its own median row norm, windows of `window` tokens from position 1
+/// (a tail under half a window dropped), with the sorted features firing on a row that is not a sink.
+fn heldout_one_context_at_a_time(
+    model: &Model,
+    sae: &Sae,
+    hook: HookPoint,
+    context: impl Fn(u64) -> Vec<u32>,
+    held: std::ops::Range<u64>,
+    window: usize,
+) -> Vec<HeldOutWindow> {
+    let mut out = Vec::new();
+    for c in held {
+        let tokens = context(c);
+        let seq = tokens.len();
+        let x = model.run_with_cache(&tokens, 1, &[hook]).unwrap().take(&hook).unwrap();
+        let codes = sae.encode(&x);
+        let limit = 10.0 * saekit_sae::metrics::median_norm(&x, sae.d_in);
+        let mut sink = sink_rows(model, &tokens, seq);
+        for (s, row) in sink.iter_mut().zip(x.chunks(sae.d_in)) {
+            *s |= row.iter().map(|v| v * v).sum::<f32>() > limit * limit;
+        }
+        let mut start = 1;
+        while start < seq {
+            let end = (start + window).min(seq);
+            if 2 * (end - start) >= window {
+                let mut fired: Vec<u32> = (start..end)
+                    .filter(|&r| !sink[r])
+                    .flat_map(|r| {
+                        let (idx, val) = codes.row(r);
+                        idx.iter().zip(val).filter(|(_, v)| **v > 0.0).map(|(i, _)| *i).collect::<Vec<_>>()
+                    })
+                    .collect();
+                fired.sort_unstable();
+                fired.dedup();
+                out.push(HeldOutWindow { ctx: c, start: start as u32, ids: tokens[start..end].to_vec(), fired });
+            }
+            start += window;
+        }
+    }
+    out
 }
 
 /// A chat model's turn opener is not a sink by its id: SmolLM2's `<|im_start|>` (its nominal BOS) opens

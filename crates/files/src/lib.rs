@@ -3,8 +3,9 @@
 //! Owns: the one atomic-write helper (a `tempfile` in the target's folder, fsync, rename, fsync of the
 //! folder), folder sets (files written one by one, then a list of their sizes and CRC32s written
 //! last, so a reader can tell a complete set from a half-written one), content fingerprints (what a
-//! resume compares instead of a path), and the check that refuses to write into a folder that holds
-//! something else.
+//! resume compares instead of a path), the check that refuses to write into a folder that holds
+//! something else, and the [`Fault`] tags by which saekit-store and saekit-analysis carry whose fault an
+//! error is (bad input, a damaged file, the disk) through an `anyhow` chain to their typed errors.
 //! Must not touch: any saekit format (it moves bytes, it does not parse models, stores or SAEs).
 //!
 //! # Example
@@ -40,6 +41,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+mod fault;
+pub use fault::Fault;
+
+/// `anyhow`, for the error macros ([`bad_input!`] and the rest) to name from any crate.
+#[doc(hidden)]
+pub use anyhow as __anyhow;
 
 /// Suffix of every temporary file this crate creates; a leftover after a crash ends with it.
 pub const TMP_SUFFIX: &str = ".tmp";

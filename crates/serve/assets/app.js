@@ -82,19 +82,33 @@ function tokenSpan(t, a, max, extra = "") {
 
 // Byte-level BPE splits many characters (CJK, accents, emoji) across tokens, each stored with its dangling
 // bytes escaped as \xNN. Consecutive tokens whose bytes complete a character are shown as that character,
-// carrying their highest activation; the per-token view is in the hover.
+// carrying their highest activation; the per-token view is in the hover. A backslash typed in the text
+// ("\x41" in code) is text: saekit escapes only bytes that are not UTF-8 where they stand, so a token whose
+// decoded bytes would not escape back to it was written that way (as saekit_analysis::render reads it).
 const utf8 = new TextEncoder(), strictUtf8 = new TextDecoder("utf-8", { fatal: true });
 function tokenBytes(t) {
   const out = [];
+  let escapes = 0;
   for (let i = 0; i < t.length;) {
-    const m = /^\\x([0-9a-f]{2})/.exec(t.slice(i, i + 4));
-    if (m) { out.push(parseInt(m[1], 16)); i += 4; continue; }
+    const m = /^\\x([0-9a-fA-F]{2})/.exec(t.slice(i, i + 4));
+    if (m) { out.push(parseInt(m[1], 16)); i += 4; escapes++; continue; }
     const ch = String.fromCodePoint(t.codePointAt(i));
     out.push(...utf8.encode(ch)); i += ch.length;
   }
-  return out;
+  return escapes && escapeInvalid(out) !== t ? [...utf8.encode(t)] : out;
 }
 function decodeOrNull(bytes) { try { return strictUtf8.decode(new Uint8Array(bytes)); } catch { return null; } }
+// The bytes as saekit's tokenizer shows them: UTF-8 where it is, each other byte as \xNN.
+function escapeInvalid(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length;) {
+    let n = 1;
+    while (n <= 4 && i + n <= bytes.length && decodeOrNull(bytes.slice(i, i + n)) === null) n++;
+    if (n <= 4 && i + n <= bytes.length) { s += decodeOrNull(bytes.slice(i, i + n)); i += n; }
+    else { s += "\\x" + bytes[i].toString(16).padStart(2, "0"); i += 1; }
+  }
+  return s;
+}
 function mergeTokens(tokens, acts) {
   const out = [];
   let pend = [], first = 0, act = 0;

@@ -2,9 +2,11 @@
 //! folder or file that is missing or does not fit), a damaged file saekit wrote, the disk, or saekit.
 //!
 //! Inside the crate functions return `anyhow` and raise a known kind with `bad_input!` or `corrupt!`
-//! (or their `ensure_*` forms, or `Kind::mark` on an error from elsewhere); the kind survives any
-//! context added on the way out, and `From<anyhow::Error>` reads it off the chain at the boundary.
-//! Every message is kept whole.
+//! (or their `ensure_*` forms, or `Fault::mark` on an error from elsewhere: saekit-files' tagging,
+//! which saekit-analysis shares); the kind survives any context added on the way out, and
+//! `From<anyhow::Error>` reads it off the chain at the boundary. Every message is kept whole.
+
+use saekit_files::Fault;
 
 /// What went wrong in saekit-store; each kind holds the whole message chain (the file first).
 #[derive(Debug, thiserror::Error)]
@@ -25,89 +27,43 @@ pub enum StoreError {
     Other(anyhow::Error),
 }
 
-/// The kind an inner function raised, carried in an anyhow chain by [`Marked`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Kind {
-    BadInput,
-    Corrupt,
-}
-
-impl Kind {
-    /// `error` marked as of this kind, its message and causes unchanged.
-    pub(crate) fn mark(self, error: anyhow::Error) -> anyhow::Error {
-        anyhow::Error::new(Marked { kind: self, error })
-    }
-}
-
-/// An error whose kind is known; it reads exactly as the error it marks.
-#[derive(Debug)]
-pub(crate) struct Marked {
-    kind: Kind,
-    error: anyhow::Error,
-}
-
-impl std::fmt::Display for Marked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // the top message only: a `{:#}` of the chain reaches the causes through `source`
-        write!(f, "{}", self.error)
-    }
-}
-
-impl std::error::Error for Marked {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.error.source()
-    }
-}
-
 impl StoreError {
-    /// Whose fault: the first cause in the chain that tells wins (a kind raised inside the crate, a
-    /// `StoreError` or model error passed through); an I/O error is the disk's (or the caller's, for a
-    /// path that does not exist); a JSON error is a damaged file.
-    fn sort(e: anyhow::Error) -> StoreError {
-        let kind = e.chain().find_map(Self::kind_told_by).unwrap_or(StoreError::Other);
-        kind(e)
+    /// Whose fault this error is (its variant).
+    pub fn fault(&self) -> Fault {
+        match self {
+            StoreError::BadInput(_) => Fault::BadInput,
+            StoreError::Corrupt(_) => Fault::Corrupt,
+            StoreError::Io(_) => Fault::Io,
+            StoreError::Other(_) => Fault::Other,
+        }
     }
 
-    /// The variant `cause` says an error is, if it says.
-    fn kind_told_by(cause: &(dyn std::error::Error + 'static)) -> Option<fn(anyhow::Error) -> StoreError> {
-        use std::io::ErrorKind as Io;
-        if let Some(marked) = cause.downcast_ref::<Marked>() {
-            return Some(match marked.kind {
-                Kind::BadInput => StoreError::BadInput,
-                Kind::Corrupt => StoreError::Corrupt,
-            });
+    /// `e` as the variant of `fault`.
+    fn with_fault(fault: Fault, e: anyhow::Error) -> StoreError {
+        match fault {
+            Fault::BadInput => StoreError::BadInput(e),
+            Fault::Corrupt => StoreError::Corrupt(e),
+            Fault::Io => StoreError::Io(e),
+            Fault::Other => StoreError::Other(e),
         }
+    }
+
+    /// What the errors of this crate and the crates underneath say about whose fault they are: a
+    /// `StoreError` passed through keeps its variant, a model error is sorted by its own kind.
+    fn told_by(cause: &(dyn std::error::Error + 'static)) -> Option<Fault> {
         if let Some(typed) = cause.downcast_ref::<StoreError>() {
-            return Some(typed.variant());
+            return Some(typed.fault());
         }
         #[cfg(feature = "model")]
         if let Some(model) = cause.downcast_ref::<saekit_model::ModelError>() {
             use saekit_model::ModelError as M;
             return Some(match model {
-                M::BadInput(_) | M::BadFile(_) => StoreError::BadInput,
-                M::Io(_) => StoreError::Io,
-                M::Internal(_) => StoreError::Other,
+                M::BadInput(_) | M::BadFile(_) => Fault::BadInput,
+                M::Io(_) => Fault::Io,
+                M::Internal(_) => Fault::Other,
             });
         }
-        if cause.is::<serde_json::Error>() {
-            return Some(StoreError::Corrupt);
-        }
-        let io = cause.downcast_ref::<std::io::Error>()?;
-        Some(match io.kind() {
-            Io::NotFound => StoreError::BadInput,
-            Io::UnexpectedEof | Io::InvalidData => StoreError::Corrupt,
-            _ => StoreError::Io,
-        })
-    }
-
-    /// This error's variant, as a constructor.
-    fn variant(&self) -> fn(anyhow::Error) -> StoreError {
-        match self {
-            StoreError::BadInput(_) => StoreError::BadInput,
-            StoreError::Corrupt(_) => StoreError::Corrupt,
-            StoreError::Io(_) => StoreError::Io,
-            StoreError::Other(_) => StoreError::Other,
-        }
+        None
     }
 }
 
@@ -115,46 +71,14 @@ impl StoreError {
 /// anything unmarked is sorted by its cause.
 impl From<anyhow::Error> for StoreError {
     fn from(e: anyhow::Error) -> Self {
-        StoreError::sort(e)
+        StoreError::with_fault(Fault::of(&e, StoreError::told_by), e)
     }
 }
 
 /// `Result` with a [`StoreError`].
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
 
-/// Raise a bad-input error (the caller's fault) as anyhow: `return Err(bad_input!("..."))`.
-macro_rules! bad_input {
-    ($($arg:tt)*) => {
-        $crate::error::Kind::BadInput.mark(anyhow::anyhow!($($arg)*))
-    };
-}
-
-/// Raise a corrupt-file error (a file saekit wrote is damaged) as anyhow: `return Err(corrupt!("..."))`.
-macro_rules! corrupt {
-    ($($arg:tt)*) => {
-        $crate::error::Kind::Corrupt.mark(anyhow::anyhow!($($arg)*))
-    };
-}
-
-/// `ensure!` raising a bad-input error.
-macro_rules! ensure_input {
-    ($cond:expr, $($arg:tt)*) => {
-        if !$cond {
-            return Err($crate::error::bad_input!($($arg)*).into());
-        }
-    };
-}
-
-/// `ensure!` raising a corrupt-file error.
-macro_rules! ensure_intact {
-    ($cond:expr, $($arg:tt)*) => {
-        if !$cond {
-            return Err($crate::error::corrupt!($($arg)*).into());
-        }
-    };
-}
-
-pub(crate) use {bad_input, corrupt, ensure_input, ensure_intact};
+pub(crate) use saekit_files::{bad_input, corrupt, ensure_input, ensure_intact};
 
 #[cfg(test)]
 mod tests {

@@ -12,10 +12,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use saekit_model::{HookPoint, Model};
 
-use crate::error::{ensure_input, Kind, StoreResult};
+use crate::error::{ensure_input, StoreResult};
 use crate::parts::{self, Ranks};
 use crate::store::{ActivationWriter, Dtype, ModelInfo, SourceInfo, StoreConfig, StoreManifest};
 use crate::tokens::{TokenDataset, TokenizeOptions};
+use saekit_files::Fault;
 
 /// What to harvest and how: hook points, token budget, split, storage type.
 #[derive(Clone, Debug)]
@@ -96,7 +97,7 @@ pub fn tokenizer_fingerprint(model: &Model) -> String {
 /// Refuse a hook point a store cannot hold: stores keep `d_model`-wide rows, and the MLP's hidden points
 /// (`mlp.hook_pre`, `mlp.hook_post`) are `d_mlp` wide.
 pub(crate) fn check_store_hook(model: &Model, h: HookPoint) -> Result<()> {
-    h.check(model.config().n_layers).map_err(|e| Kind::BadInput.mark(e))?;
+    h.check(model.config().n_layers).map_err(|e| Fault::BadInput.mark(e))?;
     let (d, d_mlp) = (model.config().d_model, model.config().d_ff);
     ensure_input!(
         h.width(d, d_mlp) == d,

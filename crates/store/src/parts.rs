@@ -126,7 +126,8 @@ fn finished_store(out: &Path, rank: usize, size: usize) -> StoreResult<Option<St
     }
     // this layout's parts, and the shards and temporaries of a join that stopped part way
     let ours = |n: &str| is_part_dir_name(n) || n.starts_with("shard-") || saekit_files::is_temp_name(n);
-    saekit_files::ensure_only_owned(out, "activation store", ours).map_err(|e| crate::error::Kind::BadInput.mark(e))?;
+    saekit_files::ensure_only_owned(out, "activation store", ours)
+        .map_err(|e| saekit_files::Fault::BadInput.mark(e))?;
     Ok(None)
 }
 

@@ -23,7 +23,8 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{bad_input, corrupt, ensure_input, ensure_intact, Kind, StoreResult};
+use crate::error::{bad_input, corrupt, ensure_input, ensure_intact, StoreResult};
+use saekit_files::Fault;
 use saekit_files::{read_json, sync_dir, write_atomic_with, write_json_atomic};
 
 /// The manifest's file name inside a store folder.
@@ -566,7 +567,7 @@ impl ActivationWriter {
         if !mpath.exists() {
             // no manifest: nothing here is ours, and a store must not delete someone else's files
             saekit_files::ensure_only_owned(dir, "activation store", saekit_files::is_temp_name)
-                .map_err(|e| Kind::BadInput.mark(e))?;
+                .map_err(|e| Fault::BadInput.mark(e))?;
         }
         fs::create_dir_all(dir).with_context(|| format!("cannot create output directory {}", dir.display()))?;
         let manifest = if mpath.exists() {
@@ -1112,7 +1113,7 @@ pub fn remove_store(dir: &Path) -> StoreResult<()> {
         return Ok(());
     }
     saekit_files::ensure_only_owned(dir, "activation store (--overwrite)", is_store_file)
-        .map_err(|e| Kind::BadInput.mark(e))?;
+        .map_err(|e| Fault::BadInput.mark(e))?;
     for ent in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let ent = ent.with_context(|| format!("cannot list {}", dir.display()))?;
         let name = ent.file_name().to_string_lossy().into_owned();

@@ -24,7 +24,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Document, ReadStats, StopReading};
-use crate::error::{bad_input, ensure_input, ensure_intact, Kind, StoreResult};
+use crate::error::{bad_input, ensure_input, ensure_intact, StoreResult};
+use saekit_files::Fault;
 use saekit_files::{read_json, write_atomic_with, write_json_atomic};
 
 /// The manifest's `format`: what tells a tokenized dataset from other folders.
@@ -270,10 +271,10 @@ fn is_dataset_file(name: &str) -> bool {
 /// `tokenize -o DIR` may replace a tokenized dataset, never anything else: DIR must be missing,
 /// empty, or hold only a dataset's files with a tokenized-dataset manifest.
 fn ensure_replaceable_dataset(out: &Path) -> Result<()> {
-    saekit_files::ensure_only_owned(out, "tokenized dataset", is_dataset_file).map_err(|e| Kind::BadInput.mark(e))?;
+    saekit_files::ensure_only_owned(out, "tokenized dataset", is_dataset_file).map_err(|e| Fault::BadInput.mark(e))?;
     let m = out.join("manifest.json");
     if m.exists() {
-        let v: serde_json::Value = read_json(&m).map_err(|e| Kind::BadInput.mark(e))?;
+        let v: serde_json::Value = read_json(&m).map_err(|e| Fault::BadInput.mark(e))?;
         ensure_input!(
             v.get("format").and_then(|f| f.as_str()) == Some(TOKENS_FORMAT),
             "{}: refusing to replace it: not a tokenized-dataset manifest (choose an empty or new folder)",
