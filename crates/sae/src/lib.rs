@@ -78,8 +78,8 @@ pub use plan::{
     ArchSettings, BatchTopKSettings, JumpReluPenalty, JumpReluSettings, ReluSettings, TopKSettings, TrainPlan,
 };
 pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
-pub use source::{ActivationSource, NpySource, Provenance};
+pub use source::{ActivationSource, NpyPairSource, NpySource, Provenance};
 pub use step::{Collective, SingleProcess, StepStats};
 #[cfg(feature = "store")]
-pub use store_source::{LiveSource, StoreSource};
+pub use store_source::{LiveSource, StorePairSource, StoreSource};
 pub use train::{density_histogram, train, RunOptions, TrainOutcome};
