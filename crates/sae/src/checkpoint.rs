@@ -45,6 +45,8 @@ pub(crate) struct TrainState {
     pub max_norm_out: f32,
     /// BatchTopK's learned inference threshold.
     pub batchtopk_threshold: f32,
+    /// The source's position before the run's first row (null when unknown: an older checkpoint).
+    pub data_start: serde_json::Value,
 }
 
 /// `state.json`: the progress and what a resume must match.
@@ -56,6 +58,9 @@ pub(crate) struct CheckpointMeta {
     pub input_scale: f32,
     pub max_norm: f32,
     pub cursor: serde_json::Value,
+    /// The source's position before the run's first row (the final evaluation reads from there).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data_start: serde_json::Value,
     pub config: TrainConfig,
     /// The data source's keys (see [`ConfigFile::source`]).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
@@ -152,6 +157,7 @@ fn finish(
         input_scale: st.input_scale,
         max_norm: st.max_norm,
         cursor,
+        data_start: st.data_start.clone(),
         config: cfg.train.clone(),
         source: cfg.source.clone(),
         d_in: st.sae.d_in,
@@ -393,6 +399,7 @@ fn read_file(p: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainS
         max_norm: meta.max_norm,
         max_norm_out: meta.max_norm_out.unwrap_or(f32::INFINITY),
         batchtopk_threshold: meta.batchtopk_threshold,
+        data_start: meta.data_start.clone(),
     })
 }
 

@@ -356,6 +356,16 @@ impl Sae {
         out
     }
 
+    /// The reconstruction of rows `x` ([n, d_in]): decode(encode(x)), plus `x · W_skipᵀ` for a skip
+    /// transcoder; [n, d_out].
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = self.decode(&self.encode(x));
+        if !self.params.w_skip.is_empty() {
+            kernels::gemm_abt_add(x.len() / self.d_in, self.d_out(), self.d_in, x, &self.params.w_skip, &mut out);
+        }
+        out
+    }
+
     /// Dense codes [n, d_sae] (small inputs only: tests, interop checks).
     pub fn encode_dense(&self, x: &[f32]) -> Vec<f32> {
         let c = self.encode(x);

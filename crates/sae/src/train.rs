@@ -122,8 +122,10 @@ fn train_in_pool(
     let dead_frac = dead_fraction(&st, c, comm);
     drop(run); // release the [batch, d_sae] buffers before writing the output
     if !interrupted {
+        let first = first_rows(src, &st.data_start, &plan)?;
         on_whole_state(&mut st, comm, |whole| {
-            save_output(&out, whole, &plan, &opts.source_config, &last, tokens_per_s, dead_frac)
+            let done = Finished { last: &last, tokens_per_s, dead_frac, first_rows: first };
+            save_output(&out, whole, &plan, &opts.source_config, done)
         })?;
     }
     Ok(TrainOutcome {
@@ -174,6 +176,7 @@ fn start(
     src: &mut dyn ActivationSource,
     root: bool,
 ) -> Result<(TrainPlan, TrainState), SaeError> {
+    let data_start = src.cursor();
     let plan = TrainPlan::new(cfg, src.d_in(), src.d_out(), crate::config::memory_budget())?;
     plan.warn_short_run_lr();
     let c = &plan.config;
@@ -210,6 +213,7 @@ fn start(
         max_norm: prep.max_norm,
         max_norm_out: prep.max_norm_out,
         batchtopk_threshold: 0.0,
+        data_start,
     };
     Ok((plan, st))
 }
@@ -612,6 +616,65 @@ fn batchtopk_threshold_update(threshold: f32, min_selected: f32, lr: f32) -> f32
     }
 }
 
+/// Rows the final evaluation reads: the first ones of the run's data, at most this many.
+const FINAL_EVAL_ROWS: usize = 8192;
+
+/// The first `min(prepare_rows, FINAL_EVAL_ROWS)` raw rows of the run's data (inputs and a pair
+/// source's targets, no outlier excluded), read from `start` with the source then left where it
+/// was; `None` when the start is unknown (a run resumed from an older checkpoint).
+fn first_rows(
+    src: &mut dyn ActivationSource,
+    start: &serde_json::Value,
+    plan: &TrainPlan,
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    if start.is_null() {
+        return Ok(None);
+    }
+    let (d, o) = (plan.d_in, plan.d_out);
+    let n = plan.config.prepare_rows().min(FINAL_EVAL_ROWS);
+    let now = src.cursor();
+    src.seek(start)?;
+    let mut x = vec![0.0f32; n * d];
+    let mut y = vec![0.0f32; if plan.is_transcoder() { n * o } else { 0 }];
+    let got = if plan.is_transcoder() { src.next_pairs(&mut x, &mut y)? } else { src.next_batch(&mut x)? };
+    src.seek(&now)?;
+    x.truncate(got * d);
+    if !y.is_empty() {
+        y.truncate(got * o);
+    }
+    Ok(Some((x, y)))
+}
+
+/// What the step loop hands to the output: the last step's stats and the run's throughput, dead
+/// fraction and first rows (for the final evaluation).
+struct Finished<'a> {
+    last: &'a StepStats,
+    tokens_per_s: f64,
+    dead_frac: f64,
+    first_rows: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// FVU of the saved (raw-space) SAE or transcoder on raw rows `x` with targets `y` (`x` itself when
+/// empty): Σ‖y − ŷ‖² / Σ‖y − mean‖², in f64.
+fn final_fvu(sae: &Sae, x: &[f32], y: &[f32]) -> f64 {
+    let y = if y.is_empty() { x } else { y };
+    let o = sae.d_out();
+    let yhat = sae.forward(x);
+    let rows = y.len() / o;
+    let mut mean = vec![0.0f64; o];
+    for r in 0..rows {
+        for i in 0..o {
+            mean[i] += y[r * o + i] as f64 / rows as f64;
+        }
+    }
+    let (mut err, mut var) = (0.0f64, 0.0f64);
+    for q in 0..rows * o {
+        err += (y[q] as f64 - yhat[q] as f64).powi(2);
+        var += (y[q] as f64 - mean[q % o]).powi(2);
+    }
+    err / var.max(1e-30)
+}
+
 /// Write the SAELens folder: the SAE in raw activation space (input scale folded in, BatchTopK's
 /// threshold broadcast), the firing densities, the config and a summary.
 fn save_output(
@@ -619,10 +682,9 @@ fn save_output(
     st: &mut TrainState,
     plan: &TrainPlan,
     source_config: &toml::Table,
-    last: &StepStats,
-    tokens_per_s: f64,
-    dead_frac: f64,
+    done: Finished,
 ) -> Result<(), SaeError> {
+    let Finished { last, tokens_per_s, dead_frac, first_rows } = done;
     // training is over: fold the scale in place (a clone would double the peak memory at 1M latents)
     if let ArchSettings::BatchTopK(_) = plan.arch {
         st.sae.params.threshold = vec![st.batchtopk_threshold; st.sae.d_sae];
@@ -637,11 +699,22 @@ fn save_output(
         st.fire_count.iter().map(|&c| ((c as f64 / st.tokens.max(1) as f64) + 1e-10).log10() as f32).collect();
     let hist = density_histogram(&freq);
     tracing::info!("log10 feature density histogram (bucket lower edge: count): {hist:?}");
-    let summary = serde_json::json!({
+    // the saved weights on the run's first rows, raw: what a reader of the folder gets
+    let first = first_rows.map(|(x, y)| {
+        let fvu = final_fvu(&st.sae, &x, &y);
+        tracing::info!("final FVU on the first {} rows of the data: {fvu:.4}", x.len() / st.sae.d_in);
+        serde_json::json!({"rows": x.len() / st.sae.d_in, "fvu": fvu})
+    });
+    let mut summary = serde_json::json!({
         "steps": st.step, "tokens": st.tokens, "excluded_rows": st.excluded_rows, "input_scale": st.input_scale,
         "outlier_max_norm_raw": st.max_norm, "tokens_per_s": tokens_per_s, "last": last,
         "dead_frac": dead_frac, "log10_density_histogram": hist, "resolved": plan.schedule,
+        "final_on_first_rows": first,
     });
+    if plan.is_transcoder() {
+        summary["output_scale"] = serde_json::json!(st.output_scale);
+        summary["outlier_max_norm_out_raw"] = serde_json::json!(st.max_norm_out);
+    }
     let summary = serde_json::to_string_pretty(&summary).context("rendering training_summary.json")?;
     let toml = ConfigFile { train: plan.config.clone(), source: source_config.clone() }.to_toml();
     let extra: [(&str, &[u8]); 2] =
