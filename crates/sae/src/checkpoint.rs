@@ -365,7 +365,7 @@ fn read_file(p: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainS
     };
     // checkpoints from before skip transcoders hold no w_skip: an empty one
     let param = |name: &str| if name == "w_skip" && st.tensor(name).is_err() { Ok(Vec::new()) } else { f32s(name) };
-    let params = Params::try_from_names(|n| param(n))?;
+    let params = Params::try_from_names(&param)?;
     let d_sae = params.w_enc.len() / meta.d_in.max(1);
     let sae = Sae {
         d_in: meta.d_in,
