@@ -151,3 +151,25 @@ fn a_skip_transcoder_trained_on_real_rows_loads_reproduces_its_fvu_beats_ablatio
         assert!(read(&cut) == read(&tc), "{f}: the resumed transcoder differs from the uninterrupted one");
     }
 }
+
+/// A transcoder needs two hooks of one store: a `.npy`, `--live`, one hook twice or a hook the store
+/// lacks are refused in one line naming the problem, before any training.
+#[test]
+fn transcoder_flags_on_data_that_cannot_hold_pairs_are_refused_in_one_line() {
+    let t = tempfile::tempdir().unwrap();
+    let npy = t.path().join("x.npy");
+    saekit_sae::source::write_npy_f32(&npy, &vec![0.5f32; 64 * 8], 64, 8).unwrap();
+    let out = t.path().join("o");
+    let hooks = ["--input-hook", IN, "--target-hook", OUT];
+    let fail = |args: &[&str], want: &str| {
+        let o = saekit().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+        assert!(!o.status.success() && errors.len() == 1 && err.contains(want), "{args:?}: {err}");
+    };
+    let (npy_s, out_s) = (npy.to_str().unwrap(), out.to_str().unwrap());
+    fail(&[&["train", "--acts", npy_s, "--out", out_s][..], &hooks].concat(), "activation store");
+    fail(&[&["train", "--live", "--contexts", npy_s, "--out", out_s][..], &hooks].concat(), "--live");
+    fail(&["train", "--acts", npy_s, "--target-hook", OUT, "--out", out_s], "--input-hook");
+    fail(&["train", "--acts", npy_s, "--skip", "--out", out_s, "--force"], "skip");
+}
