@@ -297,12 +297,50 @@ impl ActivationSource for NpySource {
     }
 }
 
+/// The two single-row sources behind a pair source, read in step: row `i` of both is one token.
+pub(crate) struct Paired<S> {
+    pub input: S,
+    pub target: S,
+    /// The cursor's `kind`.
+    kind: &'static str,
+}
+
+impl<S: ActivationSource> Paired<S> {
+    pub fn new(input: S, target: S, kind: &'static str) -> Paired<S> {
+        Paired { input, target, kind }
+    }
+
+    /// Width of the targets.
+    pub fn d_out(&self) -> usize {
+        self.target.d_in()
+    }
+
+    /// The next inputs into `x` and as many targets into `y`; refuses a target count that differs.
+    pub fn read(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
+        let n = self.input.next_batch(x)?;
+        let m = self.target.next_batch(&mut y[..n * self.d_out()])?;
+        if n != m {
+            bail!("{}: read {n} inputs but {m} targets", self.target.describe());
+        }
+        Ok(n)
+    }
+
+    pub fn cursor(&self) -> serde_json::Value {
+        serde_json::json!({"kind": self.kind, "input": self.input.cursor(), "target": self.target.cursor()})
+    }
+
+    pub fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        let part = |k: &str| c.get(k).with_context(|| format!("not a {} position: {c}", self.kind));
+        self.input.seek(part("input")?)?;
+        self.target.seek(part("target")?)
+    }
+}
+
 /// (input, target) row pairs from two float32 `.npy` files with the same number of rows: row `i` of
 /// `target` is the target of row `i` of `input` (e.g. an MLP's input and output at the same
 /// tokens). Both are read in the same seeded order.
 pub struct NpyPairSource {
-    input: NpySource,
-    target: NpySource,
+    rows: Paired<NpySource>,
 }
 
 impl NpyPairSource {
@@ -318,41 +356,34 @@ impl NpyPairSource {
                 target.rows()
             );
         }
-        Ok(NpyPairSource { input, target })
+        Ok(NpyPairSource { rows: Paired::new(input, target, "npy_pair") })
     }
 }
 
 impl ActivationSource for NpyPairSource {
     fn d_in(&self) -> usize {
-        self.input.d_in
+        self.rows.input.d_in
     }
     fn d_out(&self) -> Option<usize> {
-        Some(self.target.d_in)
+        Some(self.rows.d_out())
     }
     fn next_batch(&mut self, _out: &mut [f32]) -> Result<usize> {
         bail!("{}: a pair source is read in pairs (next_pairs)", self.describe())
     }
     fn next_pairs(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
-        let n = self.input.next_batch(x)?;
-        let m = self.target.next_batch(&mut y[..n * self.target.d_in])?;
-        if n != m {
-            bail!("{}: read {n} inputs but {m} targets", self.describe());
-        }
-        Ok(n)
+        self.rows.read(x, y)
     }
     fn cursor(&self) -> serde_json::Value {
-        serde_json::json!({"kind": "npy_pair", "input": self.input.cursor(), "target": self.target.cursor()})
+        self.rows.cursor()
     }
     fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
-        let part = |k: &str| c.get(k).with_context(|| format!("not a .npy pair position: {c}"));
-        self.input.seek(part("input")?)?;
-        self.target.seek(part("target")?)
+        self.rows.seek(c)
     }
     fn describe(&self) -> String {
-        format!("inputs {} -> targets {}", self.input.describe(), self.target.describe())
+        format!("inputs {} -> targets {}", self.rows.input.describe(), self.rows.target.describe())
     }
     fn provenance(&self) -> Result<Provenance> {
-        let (a, b) = (self.input.provenance()?, self.target.provenance()?);
+        let (a, b) = (self.rows.input.provenance()?, self.rows.target.provenance()?);
         Ok(Provenance { data_fingerprint: format!("{}+{}", a.data_fingerprint, b.data_fingerprint), ..a })
     }
 }

@@ -1,6 +1,6 @@
 //! [`ActivationSource`]s over saekit-store: an activation store (`saekit harvest` output) and live model rows.
 
-use crate::source::{ActivationSource, Provenance};
+use crate::source::{ActivationSource, Paired, Provenance};
 use anyhow::{Context, Result};
 use saekit_store::{ActivationReader, ActivationStore, ReaderCursor, ReaderOptions};
 use std::path::Path;
@@ -58,8 +58,7 @@ impl StoreSource {
 /// writes both from the same forward pass): two readers with the same seed and options, so row `i`
 /// of both is the same token. Every batch checks that they read the same (shard, row)s.
 pub struct StorePairSource {
-    input: StoreSource,
-    target: StoreSource,
+    rows: Paired<StoreSource>,
 }
 
 impl StorePairSource {
@@ -92,17 +91,17 @@ impl StorePairSource {
                 target.rows_per_epoch()
             );
         }
-        Ok(StorePairSource { input, target })
+        Ok(StorePairSource { rows: Paired::new(input, target, "store_pair") })
     }
 }
 
 impl ActivationSource for StorePairSource {
     fn d_in(&self) -> usize {
-        self.input.d_in()
+        self.rows.input.d_in()
     }
 
     fn d_out(&self) -> Option<usize> {
-        Some(self.target.d_in())
+        Some(self.rows.d_out())
     }
 
     fn next_batch(&mut self, _out: &mut [f32]) -> Result<usize> {
@@ -110,35 +109,33 @@ impl ActivationSource for StorePairSource {
     }
 
     fn next_pairs(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
-        let n = self.input.next_batch(x)?;
-        let m = self.target.next_batch(&mut y[..n * self.target.d_in()])?;
-        if n != m || self.input.last_rows() != self.target.last_rows() {
+        let n = self.rows.read(x, y)?;
+        let (input, target) = (&self.rows.input, &self.rows.target);
+        if input.last_rows() != target.last_rows() {
             anyhow::bail!(
                 "{}: the readers of hooks {} and {} went out of step (different tokens in one batch)",
-                self.input.store.dir().display(),
-                self.input.hook(),
-                self.target.hook()
+                input.store.dir().display(),
+                input.hook(),
+                target.hook()
             );
         }
         Ok(n)
     }
 
     fn cursor(&self) -> serde_json::Value {
-        serde_json::json!({"kind": "store_pair", "input": self.input.cursor(), "target": self.target.cursor()})
+        self.rows.cursor()
     }
 
     fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
-        let part = |k: &str| c.get(k).with_context(|| format!("not a store pair position: {c}"));
-        self.input.seek(part("input")?)?;
-        self.target.seek(part("target")?)
+        self.rows.seek(c)
     }
 
     fn describe(&self) -> String {
-        format!("{} -> hook {}", self.input.describe(), self.target.hook())
+        format!("{} -> hook {}", self.rows.input.describe(), self.rows.target.hook())
     }
 
     fn provenance(&self) -> Result<Provenance> {
-        Ok(Provenance { hook_name_out: self.target.hook().to_string(), ..self.input.provenance()? })
+        Ok(Provenance { hook_name_out: self.rows.target.hook().to_string(), ..self.rows.input.provenance()? })
     }
 }
 
