@@ -40,8 +40,15 @@ impl Splice<'_> {
 
 /// Refuse a set that does not cover every block of `model` with an MLP-input -> MLP-output transcoder.
 pub fn check_set(model: &Model, set: &TranscoderSet) -> Result<()> {
+    check_layers(model, set, false)
+}
+
+/// As [`check_set`]; with `prefix_ok`, a set of the first blocks only (layers 0..n, n ≤ the model's)
+/// passes too: the replacement evaluation then replaces (and ablates) those MLPs and runs the others clean.
+fn check_layers(model: &Model, set: &TranscoderSet, prefix_ok: bool) -> Result<()> {
     let c = model.config();
-    if set.layers.len() != c.n_layers {
+    let fits = if prefix_ok { set.layers.len() <= c.n_layers } else { set.layers.len() == c.n_layers };
+    if !fits {
         bail!("the transcoder set has {} layers, the model {} has {}", set.layers.len(), c.name, c.n_layers);
     }
     for (l, t) in set.layers.iter().enumerate() {
@@ -177,7 +184,8 @@ struct Sums {
 }
 
 /// Evaluate the replacement model on `tokens` (`n` contexts of `seq` tokens), `batch` contexts per pass;
-/// `per_layer` adds one replaced and one ablated pass per layer.
+/// `per_layer` adds one replaced and one ablated pass per layer. A set of the first blocks only replaces
+/// (and ablates) those MLPs.
 pub fn evaluate_replacement(
     model: &Model,
     set: &TranscoderSet,
@@ -187,7 +195,7 @@ pub fn evaluate_replacement(
     per_layer: bool,
     progress: bool,
 ) -> Result<ReplacementEval> {
-    check_set(model, set)?;
+    check_layers(model, set, true)?;
     if seq < 2 || tokens.is_empty() || !tokens.len().is_multiple_of(seq) {
         bail!("replacement eval needs whole contexts of at least 2 tokens ({} tokens, context {seq})", tokens.len());
     }

@@ -6,7 +6,7 @@
 //!
 //! Two layouts on disk:
 //! - SAELens: a folder with `cfg.json` (`architecture` = `transcoder` | `skip_transcoder` |
-//!   `jumprelu_transcoder`, `d_in`, `d_sae`, `d_out`, `hook_name`, `hook_name_out`; the hooks also read from
+//!   `jumprelu_transcoder` | `jumprelu_skip_transcoder`, `d_in`, `d_sae`, `d_out`, `hook_name`, `hook_name_out`; the hooks also read from
 //!   `metadata`) and `sae_weights.safetensors` (`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_out]`, `b_enc`,
 //!   `b_dec`, `threshold`, `W_skip [d_out, d_in]`). saekit adds `topk_transcoder` with `k` in the cfg.
 //! - circuit-tracer: `transcoders.yaml` (or `config.yaml`, as on the hub) with `model_kind: transcoder_set`,
@@ -176,12 +176,14 @@ impl Transcoder {
         let t = Tensors::parse(&bytes, &weights_path)?;
         let activation = match arch {
             "transcoder" | "skip_transcoder" => TranscoderActivation::Relu,
-            "jumprelu_transcoder" => TranscoderActivation::JumpRelu(t.get("threshold", &[d_sae])?),
+            "jumprelu_transcoder" | "jumprelu_skip_transcoder" => {
+                TranscoderActivation::JumpRelu(t.get("threshold", &[d_sae])?)
+            }
             "topk_transcoder" => TranscoderActivation::TopK(dim("k")?),
-            other => bail!("{what}: architecture {other:?} is not a transcoder (transcoder, skip_transcoder, jumprelu_transcoder, topk_transcoder)"),
+            other => bail!("{what}: architecture {other:?} is not a transcoder (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder, topk_transcoder)"),
         };
         let w_skip = if t.has("W_skip") { Some(t.get("W_skip", &[d_out, d_in])?) } else { None };
-        if arch == "skip_transcoder" && w_skip.is_none() {
+        if arch.contains("skip_transcoder") && w_skip.is_none() {
             bail!("{}: a skip_transcoder without W_skip", weights_path.display());
         }
         let tc = Transcoder {

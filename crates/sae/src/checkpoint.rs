@@ -37,10 +37,16 @@ pub(crate) struct TrainState {
     pub excluded_rows: u64,
     /// The scalar the rows are multiplied by while training.
     pub input_scale: f32,
+    /// The scalar a transcoder's targets are multiplied by (`input_scale` for an SAE).
+    pub output_scale: f32,
     /// Rows with a larger (raw) norm are excluded as outliers.
     pub max_norm: f32,
+    /// Rows whose (raw) target has a larger norm are excluded (infinite for an SAE).
+    pub max_norm_out: f32,
     /// BatchTopK's learned inference threshold.
     pub batchtopk_threshold: f32,
+    /// The source's position before the run's first row (null when unknown: an older checkpoint).
+    pub data_start: serde_json::Value,
 }
 
 /// `state.json`: the progress and what a resume must match.
@@ -52,11 +58,21 @@ pub(crate) struct CheckpointMeta {
     pub input_scale: f32,
     pub max_norm: f32,
     pub cursor: serde_json::Value,
+    /// The source's position before the run's first row (the final evaluation reads from there).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data_start: serde_json::Value,
     pub config: TrainConfig,
     /// The data source's keys (see [`ConfigFile::source`]).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub source: toml::Table,
     pub d_in: usize,
+    /// A transcoder's target width, scale and outlier threshold (absent for an SAE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_out: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_scale: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_norm_out: Option<f32>,
     pub batchtopk_threshold: f32,
     /// Content fingerprint of the training data (empty in checkpoints from before it was recorded).
     #[serde(default)]
@@ -82,7 +98,7 @@ pub(crate) struct ShardFile {
 }
 
 /// Checkpoint tensor names of the two Adam moments, in [`Params::NAMES`] order after `m_` / `v_`.
-const MOMENT_NAMES: [&str; 5] = ["enc", "benc", "dec", "bdec", "thr"];
+const MOMENT_NAMES: [&str; 6] = ["enc", "benc", "dec", "bdec", "thr", "skip"];
 
 /// The folder holding a run's checkpoints.
 pub fn folder(out: &Path) -> PathBuf {
@@ -133,6 +149,7 @@ fn finish(
     let root = folder(out);
     let name = format!("step_{:09}", st.step);
     let (tmp, fin) = (root.join(format!("{name}.tmp")), root.join(&name));
+    let transcoder = st.sae.is_transcoder();
     let meta = CheckpointMeta {
         step: st.step,
         tokens: st.tokens,
@@ -140,9 +157,13 @@ fn finish(
         input_scale: st.input_scale,
         max_norm: st.max_norm,
         cursor,
+        data_start: st.data_start.clone(),
         config: cfg.train.clone(),
         source: cfg.source.clone(),
         d_in: st.sae.d_in,
+        d_out: transcoder.then(|| st.sae.d_out()),
+        output_scale: transcoder.then_some(st.output_scale),
+        max_norm_out: transcoder.then_some(st.max_norm_out),
         batchtopk_threshold: st.batchtopk_threshold,
         data_fingerprint: data_fingerprint.to_string(),
         state_bytes,
@@ -204,7 +225,7 @@ pub(crate) fn write_sharded(
 
 fn write_tensors(path: &Path, st: &TrainState) -> Result<(), SaeError> {
     let (s, o) = (&st.sae, &st.opt);
-    let shapes = s.params.shapes(s.d_in, s.d_sae);
+    let shapes = s.params.shapes(s.d_in, s.d_out(), s.d_sae);
     let mut names: Vec<String> = Vec::new();
     let mut data: Vec<(Vec<usize>, TensorSrc<'_>)> = Vec::new();
     for ((name, w), (_, shape)) in s.params.each().into_iter().zip(shapes.each()) {
@@ -342,20 +363,27 @@ fn read_file(p: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainS
     let u64s = |name: &str| -> Result<Vec<u64>, SaeError> {
         Ok(tensor(name)?.data().chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
     };
-    let params = Params::try_from_names(f32s)?;
+    // checkpoints from before skip transcoders hold no w_skip: an empty one
+    let param = |name: &str| if name == "w_skip" && st.tensor(name).is_err() { Ok(Vec::new()) } else { f32s(name) };
+    let params = Params::try_from_names(&param)?;
     let d_sae = params.w_enc.len() / meta.d_in.max(1);
     let sae = Sae {
         d_in: meta.d_in,
         d_sae,
         activation: plan.activation(),
         params,
-        apply_b_dec_to_input: true,
+        apply_b_dec_to_input: !plan.is_transcoder(),
         metadata: plan.metadata(),
     };
-    let opt = AdamState {
-        m: Params::try_from_names(|n| f32s(&moment_name("m_", n)))?,
-        v: Params::try_from_names(|n| f32s(&moment_name("v_", n)))?,
+    let moment = |prefix: &str, n: &str| {
+        if n == "w_skip" {
+            param(&moment_name(prefix, n))
+        } else {
+            f32s(&moment_name(prefix, n))
+        }
     };
+    let opt =
+        AdamState { m: Params::try_from_names(|n| moment("m_", n))?, v: Params::try_from_names(|n| moment("v_", n))? };
     Ok(TrainState {
         sae,
         opt,
@@ -367,8 +395,11 @@ fn read_file(p: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainS
         tokens: meta.tokens,
         excluded_rows: meta.excluded_rows,
         input_scale: meta.input_scale,
+        output_scale: meta.output_scale.unwrap_or(meta.input_scale),
         max_norm: meta.max_norm,
+        max_norm_out: meta.max_norm_out.unwrap_or(f32::INFINITY),
         batchtopk_threshold: meta.batchtopk_threshold,
+        data_start: meta.data_start.clone(),
     })
 }
 

@@ -110,6 +110,9 @@ pub struct TrainConfig {
     pub k: usize,
     /// Multi-TopK: extra reconstruction loss at 4k latents with weight 1/8 (topk only).
     pub multi_topk: bool,
+    /// A transcoder's learned linear skip connection `W_skip [d_out, d_in]` (SAELens'
+    /// `SkipTranscoder`; zero at the start). Transcoders only.
+    pub skip: bool,
     /// AuxK coefficient (topk/batchtopk); 0 disables.
     pub auxk_alpha: Option<f32>,
     /// Latents that fired on no token in this many tokens are dead (AuxK, dead %).
@@ -178,8 +181,12 @@ pub struct TrainConfig {
     // ---- metadata written to cfg.json ----
     /// The model the activations came from (from the data source).
     pub model_name: String,
-    /// The hook point they were read at (TransformerLens name).
+    /// The hook point they were read at (TransformerLens name); a transcoder's input.
     pub hook_name: String,
+    /// A transcoder's target: the hook point whose activation it reconstructs from `hook_name`'s
+    /// (e.g. `blocks.L.hook_mlp_out` from `blocks.L.ln2.hook_normalized`). Empty: an SAE, which
+    /// reconstructs its input.
+    pub hook_name_out: String,
     /// Tokens per context of the data.
     pub context_size: usize,
     /// Whether the contexts began with BOS.
@@ -207,6 +214,7 @@ impl Default for TrainConfig {
             d_sae: 16384,
             k: 32,
             multi_topk: false,
+            skip: false,
             auxk_alpha: None,
             dead_tokens: 10_000_000,
             unit_norm_decoder: None,
@@ -238,6 +246,7 @@ impl Default for TrainConfig {
             // unknown unless the data source names it (a bare .npy does not): never a guess
             model_name: String::new(),
             hook_name: "blocks.15.hook_resid_post".into(),
+            hook_name_out: String::new(),
             context_size: 128,
             prepend_bos: false,
             dataset_path: String::new(),
@@ -357,6 +366,7 @@ impl TrainConfig {
         };
         set(&mut self.model_name, &p.model_name);
         set(&mut self.hook_name, &p.hook_name);
+        set(&mut self.hook_name_out, &p.hook_name_out);
         set(&mut self.tokenizer_fingerprint, &p.tokenizer_fingerprint);
         set(&mut self.sink_rule, &p.sink_rule);
         if let Some(c) = p.context_size {

@@ -189,13 +189,13 @@ pub fn save_saelens_set(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     saekit_files::FileSet::begin(dir, FILE_LIST)?;
-    let (d_in, d_sae) = (sae.d_in, sae.d_sae);
+    let (d_in, d_sae, d_out) = (sae.d_in, sae.d_sae, sae.d_out());
     // SAELens W_enc is [d_in, d_sae]: stream the transpose of our latent-major encoder
     let mut tensors: Vec<(&str, Vec<usize>, TensorSrc<'_>)> = vec![
         ("W_enc", vec![d_in, d_sae], TensorSrc::F32Transposed { src: &sae.params.w_enc, rows: d_sae, cols: d_in }),
-        ("W_dec", vec![d_sae, d_in], TensorSrc::F32(&sae.params.w_dec)),
+        ("W_dec", vec![d_sae, d_out], TensorSrc::F32(&sae.params.w_dec)),
         ("b_enc", vec![d_sae], TensorSrc::F32(&sae.params.b_enc)),
-        ("b_dec", vec![d_in], TensorSrc::F32(&sae.params.b_dec)),
+        ("b_dec", vec![d_out], TensorSrc::F32(&sae.params.b_dec)),
     ];
     let mut cfg = json!({
         "d_in": d_in,
@@ -235,6 +235,12 @@ pub fn save_saelens_set(
             cfg["architecture"] = json!("standard");
         }
     }
+    if sae.is_transcoder() {
+        transcoder_cfg(&mut cfg, sae);
+        if !sae.params.w_skip.is_empty() {
+            tensors.push(("W_skip", vec![d_out, d_in], TensorSrc::F32(&sae.params.w_skip)));
+        }
+    }
     if let (Some(extra), Some(obj)) = (extra_cfg, cfg.as_object_mut()) {
         if let Some(e) = extra.as_object() {
             for (k, v) in e {
@@ -259,6 +265,33 @@ pub fn save_saelens_set(
     files.push(CFG);
     saekit_files::FileSet::commit(dir, FILE_LIST, &files)?;
     Ok(())
+}
+
+/// A transcoder's cfg.json as SAELens writes one (`sae_lens/saes/transcoder.py`): `d_out`, the
+/// architecture `transcoder` / `skip_transcoder` (ReLU), `jumprelu_transcoder` /
+/// `jumprelu_skip_transcoder`, or saekit's `topk_transcoder` (with `k`; SAELens has no TopK
+/// transcoder), and both hooks, in `metadata` and at the top as older SAELens and circuit-tracer
+/// read them.
+fn transcoder_cfg(cfg: &mut Value, sae: &Sae) {
+    let skip = !sae.params.w_skip.is_empty();
+    let arch = match (sae.activation, skip) {
+        (Activation::Relu, false) => "transcoder",
+        (Activation::Relu, true) => "skip_transcoder",
+        (Activation::JumpRelu, false) => "jumprelu_transcoder",
+        (Activation::JumpRelu, true) => "jumprelu_skip_transcoder",
+        (Activation::TopK { .. }, _) => "topk_transcoder",
+    };
+    let md = &sae.metadata;
+    let layer = |hook: &str| hook.strip_prefix("blocks.").and_then(|h| h.split('.').next()?.parse::<u64>().ok());
+    cfg["architecture"] = json!(arch);
+    cfg["d_out"] = json!(sae.d_out());
+    cfg["apply_b_dec_to_input"] = json!(false);
+    cfg["hook_name"] = json!(md.hook_name);
+    cfg["hook_name_out"] = json!(md.hook_name_out);
+    cfg["hook_layer"] = json!(layer(&md.hook_name));
+    cfg["hook_layer_out"] = json!(layer(&md.hook_name_out));
+    cfg["metadata"]["hook_name_out"] = json!(md.hook_name_out);
+    cfg["metadata"]["output_scale"] = json!(md.output_scale);
 }
 
 fn remove_if_present(p: &Path) -> Result<()> {
@@ -369,7 +402,7 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<Sae> {
     }
     if cfg.get("d_out").is_some() || arch.contains("transcoder") {
         bail!(
-            "{}: transcoders (architecture {arch:?}) are not SAEs over one activation; not supported",
+            "{}: a transcoder (architecture {arch:?}) maps one hook to another, it is not an SAE over one activation; load it as a transcoder (saekit eval-model / attribute --transcoders)",
             cfg_path.display()
         );
     }
@@ -450,12 +483,13 @@ fn load_saelens(dir: &Path, cfg: &Value) -> Result<Sae> {
         tokenizer_fingerprint: get_str(md, "tokenizer_fingerprint").unwrap_or("").into(),
         sink_rule: get_str(md, "sink_rule").unwrap_or("").into(),
         input_scale: md.get("input_scale").and_then(|v| v.as_f64()).map(|v| v as f32),
+        ..Default::default()
     };
     Ok(Sae {
         d_in,
         d_sae,
         activation,
-        params: Params { w_enc: transpose(&w_enc_t, d_in, d_sae), b_enc, w_dec, b_dec, threshold },
+        params: Params { w_enc: transpose(&w_enc_t, d_in, d_sae), b_enc, w_dec, b_dec, threshold, w_skip: Vec::new() },
         apply_b_dec_to_input: cfg.get("apply_b_dec_to_input").and_then(|v| v.as_bool()).unwrap_or(true),
         metadata,
     })
@@ -501,7 +535,7 @@ fn load_sparsify(dir: &Path, cfg: &Value) -> Result<Sae> {
         d_in,
         d_sae,
         activation: Activation::TopK { k },
-        params: Params { w_enc, b_enc, w_dec, b_dec, threshold: Vec::new() },
+        params: Params { w_enc, b_enc, w_dec, b_dec, threshold: Vec::new(), w_skip: Vec::new() },
         apply_b_dec_to_input: true,
         metadata: SaeMetadata {
             hook_name: dir.file_name().and_then(|s| s.to_str()).unwrap_or("").into(),
@@ -595,7 +629,7 @@ pub fn load_gemma_scope_npz(path: &Path) -> Result<Sae> {
         d_in,
         d_sae,
         activation: Activation::JumpRelu,
-        params: Params { w_enc: transpose(&w_enc_t, d_in, d_sae), b_enc, w_dec, b_dec, threshold },
+        params: Params { w_enc: transpose(&w_enc_t, d_in, d_sae), b_enc, w_dec, b_dec, threshold, w_skip: Vec::new() },
         apply_b_dec_to_input: false,
         metadata: SaeMetadata { context_size: 1024, prepend_bos: true, ..Default::default() },
     })

@@ -74,6 +74,24 @@ pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
     }
 }
 
+/// `c[m, n] += a[m, k] · bᵀ` where `b` is row-major `[n, k]`, all contiguous (a skip transcoder's
+/// `x · W_skipᵀ` added to its output).
+pub(crate) fn gemm_abt_add(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: bounds asserted above; the three buffers are distinct borrows.
+    unsafe {
+        gemm_strided(
+            (m, n, k),
+            (c.as_mut_ptr(), n as isize, true),
+            (a.as_ptr(), 1, k as isize),
+            (b.as_ptr(), k as isize, 1),
+        )
+    }
+}
+
 /// `c[m, n] = a[m, k] · b[k, n]`, all row-major and contiguous.
 pub(crate) fn gemm_ab(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], accumulate: bool) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
@@ -411,7 +429,7 @@ impl LatentMajor {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fused_sparse_backward(
     lm: &LatentMajor,
-    d: usize,
+    (d_in, d_out): (usize, usize),
     dy: &[&[f32]],
     xin: &[f32],
     w_dec: &[f32],
@@ -422,18 +440,18 @@ pub(crate) fn fused_sparse_backward(
 ) {
     let n = lm.touched.len();
     const BLK: usize = 16;
-    g_enc[..n * d]
-        .par_chunks_mut(d * BLK)
-        .zip(g_dec[..n * d].par_chunks_mut(d * BLK))
+    g_enc[..n * d_in]
+        .par_chunks_mut(d_in * BLK)
+        .zip(g_dec[..n * d_out].par_chunks_mut(d_out * BLK))
         .zip(g_benc[..n].par_chunks_mut(BLK))
         .enumerate()
         .for_each(|(bi, ((ge, gd), gb))| {
             for (uu, gbv) in gb.iter_mut().enumerate() {
                 let u = bi * BLK + uu;
                 let j = lm.touched[u] as usize;
-                let w = &w_dec[j * d..(j + 1) * d];
-                let ge = &mut ge[uu * d..(uu + 1) * d];
-                let gd = &mut gd[uu * d..(uu + 1) * d];
+                let w = &w_dec[j * d_out..(j + 1) * d_out];
+                let ge = &mut ge[uu * d_in..(uu + 1) * d_in];
+                let gd = &mut gd[uu * d_out..(uu + 1) * d_out];
                 ge.fill(0.0);
                 gd.fill(0.0);
                 // ReLU + λ·a‖W_dec,j‖: dL/dpre gains λ‖W_dec,j‖ on every active entry
@@ -441,9 +459,9 @@ pub(crate) fn fused_sparse_backward(
                 let (mut sb, mut sa) = (0.0f32, 0.0f32);
                 for e in &lm.entries[lm.offsets[u]..lm.offsets[u + 1]] {
                     let t = e.t as usize;
-                    let dyt = &dy[e.src as usize][t * d..(t + 1) * d];
+                    let dyt = &dy[e.src as usize][t * d_out..(t + 1) * d_out];
                     let ga = dot(dyt, w) + c;
-                    axpy(ga, &xin[t * d..(t + 1) * d], ge);
+                    axpy(ga, &xin[t * d_in..(t + 1) * d_in], ge);
                     sb += ga;
                     sa += e.a;
                     axpy(e.a, dyt, gd);

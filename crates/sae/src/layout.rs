@@ -12,11 +12,21 @@ use anyhow::Context;
 use std::ops::Range;
 use std::path::Path;
 
-/// Refuse a layout the step cannot run: a TopK shard must hold at least the candidates one row keeps.
+/// Refuse a layout the step cannot run: a TopK shard must hold at least the candidates one row keeps;
+/// transcoders train in one process (the slicing and gathering here know one width per latent row).
 pub(crate) fn check(plan: &TrainPlan, comm: &dyn Collective) -> Result<(), SaeError> {
     let c = &plan.config;
     if comm.shards() * comm.replicas() == 1 {
         return Ok(());
+    }
+    if plan.is_transcoder() {
+        return Err(SaeError::config(
+            "hook_name_out",
+            format!(
+                "transcoders train in one process; run without mpirun / --shards ({} processes here)",
+                comm.shards() * comm.replicas()
+            ),
+        ));
     }
     // TopK keeps k (Multi-TopK 4k) candidates per row; BatchTopK, ReLU and JumpReLU need one latent
     let kept = if c.arch == Arch::TopK { 4 * plan.loss_at(0).k } else { 1 };
@@ -125,7 +135,7 @@ pub(crate) fn dump_step(
     comm: &dyn Collective,
 ) -> Result<(), SaeError> {
     let (d, ds) = (st.sae.d_in, st.sae.d_sae);
-    let grads = ws.grads.dense(d, ds);
+    let grads = ws.grads.dense(d, st.sae.d_out(), ds);
     let active: Vec<Vec<u32>> = ws
         .active_latents(arch, rows.len(), ds)
         .into_iter()

@@ -1,6 +1,9 @@
 //! saekit-sae: sparse autoencoders on the CPU.
 //!
-//! Owns the SAE architectures (TopK, BatchTopK, JumpReLU, ReLU+L1), the training step (a dense
+//! Owns the SAE architectures (TopK, BatchTopK, JumpReLU, ReLU+L1) and their transcoders (an
+//! encoder on one hook, a decoder to another, an optional skip connection `W_skip`: trained on
+//! (input, target) row pairs from [`ActivationSource::next_pairs`], saved in SAELens' transcoder
+//! layout; loading and using them is saekit-circuits'), the training step (a dense
 //! encoder GEMM, everything else sparse over the active latents), the trainer (a validated
 //! [`TrainPlan`], checkpoints and bit-identical resume, metrics), training across processes (the
 //! [`Collective`] every reduction goes through; saekit-mpi implements it over MPI:
@@ -76,8 +79,8 @@ pub use plan::{
     ArchSettings, BatchTopKSettings, JumpReluPenalty, JumpReluSettings, ReluSettings, TopKSettings, TrainPlan,
 };
 pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
-pub use source::{ActivationSource, NpySource, Provenance};
+pub use source::{ActivationSource, NpyPairSource, NpySource, Provenance};
 pub use step::{Collective, SingleProcess, StepStats};
 #[cfg(feature = "store")]
-pub use store_source::{LiveSource, StoreSource};
+pub use store_source::{LiveSource, StorePairSource, StoreSource};
 pub use train::{density_histogram, train, RunOptions, TrainOutcome};

@@ -93,6 +93,8 @@ pub struct TrainPlan {
     pub config: TrainConfig,
     /// Width of the activations.
     pub d_in: usize,
+    /// Width of the targets: `d_in` for an SAE, the output hook's width for a transcoder.
+    pub d_out: usize,
     /// The architecture and its settings.
     pub arch: ArchSettings,
     /// Recipe defaults filled in: learning rate, schedules, clipping.
@@ -108,10 +110,17 @@ fn check(ok: bool, field: &'static str, message: impl FnOnce() -> String) -> Res
 }
 
 impl TrainPlan {
-    /// Check `config` for activations `d_in` wide against the memory `budget` (bytes; `None`:
+    /// Check `config` for activations `d_in` wide (and, for a transcoder, targets `d_out` wide:
+    /// `None` when the rows are their own targets) against the memory `budget` (bytes; `None`:
     /// unknown) and resolve it.
-    pub fn new(config: TrainConfig, d_in: usize, budget: Option<u64>) -> Result<TrainPlan, SaeError> {
+    pub fn new(
+        config: TrainConfig,
+        d_in: usize,
+        d_out: Option<usize>,
+        budget: Option<u64>,
+    ) -> Result<TrainPlan, SaeError> {
         let c = &config;
+        Self::check_target(c, d_out)?;
         if let Some(di) = c.d_in {
             check(di == d_in, "d_in", || format!("{di} but the activations have {d_in} columns"))?;
         }
@@ -125,7 +134,30 @@ impl TrainPlan {
         let schedule = c.resolved();
         let arch = Self::arch_settings(c, &schedule)?;
         c.check_memory(d_in, budget)?;
-        Ok(TrainPlan { schedule, config, d_in, arch })
+        Ok(TrainPlan { schedule, config, d_in, d_out: d_out.unwrap_or(d_in), arch })
+    }
+
+    /// A transcoder names the hook its targets come from, and only a transcoder has targets or a
+    /// skip connection.
+    fn check_target(c: &TrainConfig, d_out: Option<usize>) -> Result<(), SaeError> {
+        match (d_out, c.hook_name_out.is_empty()) {
+            (Some(_), true) => Err(SaeError::config(
+                "hook_name_out",
+                "the data are (input, target) pairs but no target hook is named: set it to the hook the targets were read at (e.g. blocks.0.hook_mlp_out)",
+            )),
+            (None, false) => Err(SaeError::config(
+                "hook_name_out",
+                format!("{:?} names a transcoder's target, but the data source yields single rows; give it (input, target) pairs (saekit train --input-hook ... --target-hook ...)", c.hook_name_out),
+            )),
+            (Some(0), _) => Err(SaeError::config("hook_name_out", "the targets have no columns")),
+            (None, true) if c.skip => Err(SaeError::config("skip", "a skip connection is for transcoders only (an SAE's would reconstruct its input by itself)")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether this run trains a transcoder (targets from another hook than the inputs).
+    pub fn is_transcoder(&self) -> bool {
+        !self.config.hook_name_out.is_empty()
     }
 
     fn arch_settings(c: &TrainConfig, r: &Resolved) -> Result<ArchSettings, SaeError> {
@@ -285,6 +317,8 @@ impl TrainPlan {
             tokenizer_fingerprint: c.tokenizer_fingerprint.clone(),
             sink_rule: c.sink_rule.clone(),
             input_scale: None,
+            hook_name_out: c.hook_name_out.clone(),
+            output_scale: None,
         }
     }
 }

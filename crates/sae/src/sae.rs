@@ -43,6 +43,14 @@ pub struct SaeMetadata {
     pub sink_rule: String,
     /// The scalar the inputs were multiplied by while training (folded into the saved weights).
     pub input_scale: Option<f32>,
+    /// A transcoder's output hook point, the activation it reconstructs (e.g. `blocks.L.hook_mlp_out`);
+    /// empty for an SAE, which reconstructs its input.
+    #[serde(default)]
+    pub hook_name_out: String,
+    /// The scalar a transcoder's targets were multiplied by while training (folded into the saved
+    /// weights); `None` for an SAE, whose target is its input.
+    #[serde(default)]
+    pub output_scale: Option<f32>,
 }
 
 impl Default for SaeMetadata {
@@ -56,16 +64,19 @@ impl Default for SaeMetadata {
             tokenizer_fingerprint: String::new(),
             sink_rule: String::new(),
             input_scale: None,
+            hook_name_out: String::new(),
+            output_scale: None,
         }
     }
 }
 
-/// A sparse autoencoder in raw activation space.
+/// A sparse autoencoder in raw activation space, or a transcoder (an encoder on one hook point, a
+/// decoder to another, [`Sae::is_transcoder`]).
 ///
-/// Layout: `w_enc` and `w_dec` are both row-major `[d_sae, d_in]` (latent-major, like sparsify's
-/// `encoder.weight` and SAELens' `W_dec`); SAELens' `W_enc` is `[d_in, d_sae]` and is transposed on
-/// save/load. Forward: `pre = (x - b_dec·apply_b_dec_to_input) · w_encᵀ + b_enc`,
-/// `x̂ = f · w_dec + b_dec`.
+/// Layout: `w_enc` is row-major `[d_sae, d_in]` and `w_dec` `[d_sae, d_out]` (latent-major, like
+/// sparsify's `encoder.weight` and SAELens' `W_dec`); SAELens' `W_enc` is `[d_in, d_sae]` and is
+/// transposed on save/load. Forward: `pre = (x - b_dec·apply_b_dec_to_input) · w_encᵀ + b_enc`,
+/// `ŷ = f · w_dec + b_dec (+ x · w_skipᵀ)`. An SAE has `d_out = d_in` and no skip connection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sae {
     /// Width of the activations it reads.
@@ -120,10 +131,23 @@ impl Sae {
     pub fn fingerprint(&self) -> String {
         let mut f = saekit_files::Fingerprinter::default();
         f.part(format!("{:?} {} {} {}", self.activation, self.d_in, self.d_sae, self.apply_b_dec_to_input).as_bytes());
-        for (_, t) in self.params.each() {
-            f.f32s(t);
+        // an SAE's fingerprint is the one it had before transcoders shared this struct
+        for (name, t) in self.params.each() {
+            if name != "w_skip" || !t.is_empty() {
+                f.f32s(t);
+            }
         }
         f.finish()
+    }
+
+    /// Width of the output: `d_in` for an SAE, the target's width for a transcoder.
+    pub fn d_out(&self) -> usize {
+        self.params.b_dec.len()
+    }
+
+    /// Whether this reconstructs another activation than its input (it names an output hook).
+    pub fn is_transcoder(&self) -> bool {
+        !self.metadata.hook_name_out.is_empty()
     }
 
     /// The hook this SAE reads on a model named `model_name` with residual width `d_model`, refusing
@@ -168,32 +192,51 @@ impl Sae {
     /// Random init: decoder rows are uniform random directions scaled to `dec_norm`, the encoder is
     /// the decoder transpose (OpenAI / Anthropic), biases zero.
     pub fn init(d_in: usize, d_sae: usize, activation: Activation, dec_norm: f32, seed: u64) -> Sae {
-        let mut w_dec = vec![0.0f32; d_sae * d_in];
-        // each block of rows gets its own stream: fast and independent of the thread count
-        w_dec.par_chunks_mut(d_in * 256).enumerate().for_each(|(b, blk)| {
-            let mut rng =
-                ChaCha8Rng::seed_from_u64(seed ^ 0x5ae0_0000_0000_0000 ^ (b as u64).wrapping_mul(0x9E37_79B9));
-            for row in blk.chunks_mut(d_in) {
-                for v in row.iter_mut() {
-                    // uniform in [-1, 1): kaiming-uniform up to scale; the row is normalised below
-                    *v = rng.gen::<f32>() * 2.0 - 1.0;
-                }
-                let n = kernels::dot(row, row).sqrt().max(1e-12);
-                for v in row.iter_mut() {
-                    *v *= dec_norm / n;
-                }
-            }
-        });
-        let threshold = match activation {
-            Activation::JumpRelu => vec![0.0; d_sae],
-            _ => Vec::new(),
-        };
+        let w_dec = random_rows(d_sae, d_in, dec_norm, seed ^ 0x5ae0_0000_0000_0000);
         Sae {
             d_in,
             d_sae,
             activation,
-            params: Params { w_enc: w_dec.clone(), b_enc: vec![0.0; d_sae], w_dec, b_dec: vec![0.0; d_in], threshold },
+            params: Params {
+                w_enc: w_dec.clone(),
+                b_enc: vec![0.0; d_sae],
+                w_dec,
+                b_dec: vec![0.0; d_in],
+                threshold: initial_threshold(activation, d_sae),
+                w_skip: Vec::new(),
+            },
             apply_b_dec_to_input: true,
+            metadata: SaeMetadata::default(),
+        }
+    }
+
+    /// Random init of a transcoder from `d_in` to `d_out` columns, with a zero skip connection when
+    /// `skip` (SAELens' `SkipTranscoder`). The encoder cannot be the decoder's transpose (the widths
+    /// differ, and so do the two spaces): its rows are random directions of norm `dec_norm` of their
+    /// own stream. The input is not shifted by `b_dec` (SAELens refuses `apply_b_dec_to_input` for
+    /// transcoders: b_dec lives in the output space).
+    pub fn init_transcoder(
+        d_in: usize,
+        d_out: usize,
+        d_sae: usize,
+        activation: Activation,
+        dec_norm: f32,
+        seed: u64,
+        skip: bool,
+    ) -> Sae {
+        Sae {
+            d_in,
+            d_sae,
+            activation,
+            params: Params {
+                w_enc: random_rows(d_sae, d_in, dec_norm, seed ^ 0x7c0d_0000_0000_0000),
+                b_enc: vec![0.0; d_sae],
+                w_dec: random_rows(d_sae, d_out, dec_norm, seed ^ 0x5ae0_0000_0000_0000),
+                b_dec: vec![0.0; d_out],
+                threshold: initial_threshold(activation, d_sae),
+                w_skip: if skip { vec![0.0; d_out * d_in] } else { Vec::new() },
+            },
+            apply_b_dec_to_input: false,
             metadata: SaeMetadata::default(),
         }
     }
@@ -297,9 +340,10 @@ impl Sae {
         codes
     }
 
-    /// Decode sparse codes to rows [n, d_in].
+    /// Decode sparse codes to rows [n, d_out] (a skip transcoder's `x · W_skipᵀ` is not included:
+    /// it needs the input).
     pub fn decode(&self, codes: &SparseCodes) -> Vec<f32> {
-        let d = self.d_in;
+        let d = self.d_out();
         let mut out = vec![0.0f32; codes.rows() * d];
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
             o.copy_from_slice(&self.params.b_dec);
@@ -309,6 +353,16 @@ impl Sae {
                 kernels::axpy(v, &self.params.w_dec[j * d..(j + 1) * d], o);
             }
         });
+        out
+    }
+
+    /// The reconstruction of rows `x` ([n, d_in]): decode(encode(x)), plus `x · W_skipᵀ` for a skip
+    /// transcoder; [n, d_out].
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let mut out = self.decode(&self.encode(x));
+        if !self.params.w_skip.is_empty() {
+            kernels::gemm_abt_add(x.len() / self.d_in, self.d_out(), self.d_in, x, &self.params.w_skip, &mut out);
+        }
         out
     }
 
@@ -327,18 +381,54 @@ impl Sae {
 
     /// Fold an input scale `s` (the SAE was trained on `s·x`) into the weights so the SAE works on raw x.
     pub fn fold_input_scale(&mut self, s: f32) {
-        if s == 1.0 {
+        self.fold_scales(s, s);
+    }
+
+    /// Fold the scales a transcoder was trained with (inputs `s_in·x`, targets `s_out·y`) into the
+    /// weights so that it maps raw x to raw y: `s_out·y ≈ f(s_in·x·W_encᵀ + b_enc)·W_dec + b_dec +
+    /// s_in·x·W_skipᵀ`, divided through by `s_out` (SAELens folds its norm scaling factor the same way).
+    pub fn fold_scales(&mut self, s_in: f32, s_out: f32) {
+        if s_in == 1.0 && s_out == 1.0 {
             return;
         }
-        self.params.w_enc.par_iter_mut().for_each(|w| *w *= s);
-        self.params.w_dec.par_iter_mut().for_each(|w| *w /= s);
+        self.params.w_enc.par_iter_mut().for_each(|w| *w *= s_in);
+        self.params.w_dec.par_iter_mut().for_each(|w| *w /= s_out);
         for b in self.params.b_dec.iter_mut() {
-            *b /= s;
+            *b /= s_out;
         }
+        self.params.w_skip.par_iter_mut().for_each(|w| *w = *w * s_in / s_out);
     }
 
     /// ‖W_dec,j‖ for every latent.
     pub fn decoder_row_norms(&self) -> Vec<f32> {
-        self.params.w_dec.par_chunks(self.d_in).map(|r| kernels::dot(r, r).sqrt()).collect()
+        self.params.w_dec.par_chunks(self.d_out()).map(|r| kernels::dot(r, r).sqrt()).collect()
     }
+}
+
+/// JumpReLU's per-latent thresholds (set by the trainer), empty for the other activations.
+fn initial_threshold(activation: Activation, d_sae: usize) -> Vec<f32> {
+    match activation {
+        Activation::JumpRelu => vec![0.0; d_sae],
+        _ => Vec::new(),
+    }
+}
+
+/// `rows` rows of `width` uniform random values scaled to norm `norm`; each block of 256 rows gets
+/// its own stream of `seed`, so the result is fast and independent of the thread count.
+fn random_rows(rows: usize, width: usize, norm: f32, seed: u64) -> Vec<f32> {
+    let mut w = vec![0.0f32; rows * width];
+    w.par_chunks_mut(width * 256).enumerate().for_each(|(b, blk)| {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (b as u64).wrapping_mul(0x9E37_79B9));
+        for row in blk.chunks_mut(width) {
+            for v in row.iter_mut() {
+                // uniform in [-1, 1): kaiming-uniform up to scale; the row is normalised below
+                *v = rng.gen::<f32>() * 2.0 - 1.0;
+            }
+            let n = kernels::dot(row, row).sqrt().max(1e-12);
+            for v in row.iter_mut() {
+                *v *= norm / n;
+            }
+        }
+    });
+    w
 }

@@ -9,16 +9,28 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// A stream of activation rows `[d_in]` in a reproducible order.
+/// A stream of activation rows `[d_in]` in a reproducible order, or of (input, target) row pairs
+/// (a transcoder's data: [`ActivationSource::d_out`] is `Some`).
 ///
 /// The trainer stores [`ActivationSource::cursor`] in every checkpoint and restores it with
 /// [`ActivationSource::seek`], so a resumed run reads exactly the rows the uninterrupted run reads.
 pub trait ActivationSource: Send {
-    /// Width of a row.
+    /// Width of a row (a pair's input).
     fn d_in(&self) -> usize;
+    /// Width of a pair's target when the source yields (input, target) pairs; `None` when each row
+    /// is its own target (an SAE's data).
+    fn d_out(&self) -> Option<usize> {
+        None
+    }
     /// Fill `out` (`[rows, d_in]`) with the next rows; returns how many rows were written (fewer
     /// only if the source is finite and ran out).
     fn next_batch(&mut self, out: &mut [f32]) -> Result<usize>;
+    /// A pair source's next pairs: inputs into `x` (`[rows, d_in]`) and their targets into `y`
+    /// (`[rows, d_out]`, row `i` the target of input row `i`); returns how many pairs were written.
+    fn next_pairs(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
+        let _ = (x, y);
+        bail!("{} yields single rows, not (input, target) pairs", self.describe())
+    }
     /// Serialisable position (JSON) for resume.
     fn cursor(&self) -> serde_json::Value;
     /// Go back (or forward) to a position [`ActivationSource::cursor`] returned.
@@ -37,8 +49,10 @@ pub trait ActivationSource: Send {
 pub struct Provenance {
     /// The model that made the rows.
     pub model_name: String,
-    /// The hook point they were read at.
+    /// The hook point they were read at (a pair source's inputs).
     pub hook_name: String,
+    /// A pair source's target hook point (empty: the rows are their own target).
+    pub hook_name_out: String,
     /// Tokens per context.
     pub context_size: Option<usize>,
     /// Fingerprint of the tokenizer's vocabulary.
@@ -280,5 +294,96 @@ impl ActivationSource for NpySource {
         // a bare array says nothing about its model or hook; its bytes are its identity
         let (bytes, crc) = saekit_files::file_crc32(&self.path)?;
         Ok(Provenance { data_fingerprint: format!("npy:{bytes}:{crc:08x}"), ..Default::default() })
+    }
+}
+
+/// The two single-row sources behind a pair source, read in step: row `i` of both is one token.
+pub(crate) struct Paired<S> {
+    pub input: S,
+    pub target: S,
+    /// The cursor's `kind`.
+    kind: &'static str,
+}
+
+impl<S: ActivationSource> Paired<S> {
+    pub fn new(input: S, target: S, kind: &'static str) -> Paired<S> {
+        Paired { input, target, kind }
+    }
+
+    /// Width of the targets.
+    pub fn d_out(&self) -> usize {
+        self.target.d_in()
+    }
+
+    /// The next inputs into `x` and as many targets into `y`; refuses a target count that differs.
+    pub fn read(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
+        let n = self.input.next_batch(x)?;
+        let m = self.target.next_batch(&mut y[..n * self.d_out()])?;
+        if n != m {
+            bail!("{}: read {n} inputs but {m} targets", self.target.describe());
+        }
+        Ok(n)
+    }
+
+    pub fn cursor(&self) -> serde_json::Value {
+        serde_json::json!({"kind": self.kind, "input": self.input.cursor(), "target": self.target.cursor()})
+    }
+
+    pub fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        let part = |k: &str| c.get(k).with_context(|| format!("not a {} position: {c}", self.kind));
+        self.input.seek(part("input")?)?;
+        self.target.seek(part("target")?)
+    }
+}
+
+/// (input, target) row pairs from two float32 `.npy` files with the same number of rows: row `i` of
+/// `target` is the target of row `i` of `input` (e.g. an MLP's input and output at the same
+/// tokens). Both are read in the same seeded order.
+pub struct NpyPairSource {
+    rows: Paired<NpySource>,
+}
+
+impl NpyPairSource {
+    /// Map both files; their row counts must agree.
+    pub fn open(input: impl AsRef<Path>, target: impl AsRef<Path>, seed: u64, shuffle: bool) -> Result<NpyPairSource> {
+        let (input, target) = (NpySource::open(input, seed, shuffle)?, NpySource::open(target, seed, shuffle)?);
+        if input.rows() != target.rows() {
+            bail!(
+                "{} has {} rows but {} has {}: a transcoder's inputs and targets must be the same tokens, row for row",
+                input.path.display(),
+                input.rows(),
+                target.path.display(),
+                target.rows()
+            );
+        }
+        Ok(NpyPairSource { rows: Paired::new(input, target, "npy_pair") })
+    }
+}
+
+impl ActivationSource for NpyPairSource {
+    fn d_in(&self) -> usize {
+        self.rows.input.d_in
+    }
+    fn d_out(&self) -> Option<usize> {
+        Some(self.rows.d_out())
+    }
+    fn next_batch(&mut self, _out: &mut [f32]) -> Result<usize> {
+        bail!("{}: a pair source is read in pairs (next_pairs)", self.describe())
+    }
+    fn next_pairs(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
+        self.rows.read(x, y)
+    }
+    fn cursor(&self) -> serde_json::Value {
+        self.rows.cursor()
+    }
+    fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        self.rows.seek(c)
+    }
+    fn describe(&self) -> String {
+        format!("inputs {} -> targets {}", self.rows.input.describe(), self.rows.target.describe())
+    }
+    fn provenance(&self) -> Result<Provenance> {
+        let (a, b) = (self.rows.input.provenance()?, self.rows.target.provenance()?);
+        Ok(Provenance { data_fingerprint: format!("{}+{}", a.data_fingerprint, b.data_fingerprint), ..a })
     }
 }

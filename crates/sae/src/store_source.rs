@@ -1,6 +1,6 @@
 //! [`ActivationSource`]s over saekit-store: an activation store (`saekit harvest` output) and live model rows.
 
-use crate::source::{ActivationSource, Provenance};
+use crate::source::{ActivationSource, Paired, Provenance};
 use anyhow::{Context, Result};
 use saekit_store::{ActivationReader, ActivationStore, ReaderCursor, ReaderOptions};
 use std::path::Path;
@@ -46,6 +46,96 @@ impl StoreSource {
     /// The hook being read.
     pub fn hook(&self) -> &str {
         self.reader.hook()
+    }
+
+    /// The (shard, row) of each row of the reader's last batch: which tokens they are.
+    fn last_rows(&self) -> &[(u32, u32)] {
+        self.reader.last_batch_rows()
+    }
+}
+
+/// (input, target) row pairs from two hooks of one activation store (`saekit harvest --hooks a,b`
+/// writes both from the same forward pass): two readers with the same seed and options, so row `i`
+/// of both is the same token. Every batch checks that they read the same (shard, row)s.
+pub struct StorePairSource {
+    rows: Paired<StoreSource>,
+}
+
+impl StorePairSource {
+    /// Read hook `input_hook` as inputs and `target_hook` as targets of the store in `dir`, shuffled
+    /// by `seed` or in store order, `batch_tokens` rows at a time.
+    pub fn open(
+        dir: &Path,
+        input_hook: &str,
+        target_hook: &str,
+        seed: u64,
+        shuffle: bool,
+        batch_tokens: usize,
+    ) -> Result<StorePairSource> {
+        let input = StoreSource::open(dir, input_hook, seed, shuffle, batch_tokens)?;
+        let target = StoreSource::open(dir, target_hook, seed, shuffle, batch_tokens)?;
+        if input.hook() == target.hook() {
+            anyhow::bail!(
+                "{}: the input and target hooks are both {}; a transcoder maps one hook to another",
+                dir.display(),
+                input.hook()
+            );
+        }
+        if input.rows_per_epoch() != target.rows_per_epoch() {
+            anyhow::bail!(
+                "{}: hook {} has {} rows but hook {} has {}; the pairs would not be the same tokens",
+                dir.display(),
+                input.hook(),
+                input.rows_per_epoch(),
+                target.hook(),
+                target.rows_per_epoch()
+            );
+        }
+        Ok(StorePairSource { rows: Paired::new(input, target, "store_pair") })
+    }
+}
+
+impl ActivationSource for StorePairSource {
+    fn d_in(&self) -> usize {
+        self.rows.input.d_in()
+    }
+
+    fn d_out(&self) -> Option<usize> {
+        Some(self.rows.d_out())
+    }
+
+    fn next_batch(&mut self, _out: &mut [f32]) -> Result<usize> {
+        anyhow::bail!("{}: a pair source is read in pairs (next_pairs)", self.describe())
+    }
+
+    fn next_pairs(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
+        let n = self.rows.read(x, y)?;
+        let (input, target) = (&self.rows.input, &self.rows.target);
+        if input.last_rows() != target.last_rows() {
+            anyhow::bail!(
+                "{}: the readers of hooks {} and {} went out of step (different tokens in one batch)",
+                input.store.dir().display(),
+                input.hook(),
+                target.hook()
+            );
+        }
+        Ok(n)
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        self.rows.cursor()
+    }
+
+    fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        self.rows.seek(c)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} -> hook {}", self.rows.input.describe(), self.rows.target.hook())
+    }
+
+    fn provenance(&self) -> Result<Provenance> {
+        Ok(Provenance { hook_name_out: self.rows.target.hook().to_string(), ..self.rows.input.provenance()? })
     }
 }
 
@@ -106,6 +196,7 @@ impl ActivationSource for StoreSource {
         Ok(Provenance {
             model_name: c.model.name.clone(),
             hook_name: self.reader.hook().to_string(),
+            hook_name_out: String::new(),
             context_size: Some(c.context),
             tokenizer_fingerprint: c.tokenizer_fingerprint.clone(),
             // the rule with what the harvest measured (median norms, share of rows marked)
@@ -164,6 +255,7 @@ impl ActivationSource for LiveSource<'_> {
         Ok(Provenance {
             model_name: self.live.model_name().to_string(),
             hook_name: self.live.hook().to_string(),
+            hook_name_out: String::new(),
             context_size: Some(self.live.context_len()),
             tokenizer_fingerprint: self.live.tokenizer_fingerprint().to_string(),
             sink_rule: self.live.sink_rule(),

@@ -55,6 +55,9 @@ pub struct TrainOutcome {
     pub excluded_rows: u64,
     /// The scalar the rows were multiplied by (folded into the saved weights).
     pub input_scale: f32,
+    /// The scalar a transcoder's targets were multiplied by (folded into the saved weights); an
+    /// SAE's targets are its inputs, so it equals `input_scale` there.
+    pub output_scale: f32,
     /// Raw norm above which rows were excluded.
     pub max_norm: f32,
     /// The last step's loss terms.
@@ -119,8 +122,10 @@ fn train_in_pool(
     let dead_frac = dead_fraction(&st, c, comm);
     drop(run); // release the [batch, d_sae] buffers before writing the output
     if !interrupted {
+        let first = first_rows(src, &st.data_start, &plan)?;
         on_whole_state(&mut st, comm, |whole| {
-            save_output(&out, whole, &plan, &opts.source_config, &last, tokens_per_s, dead_frac)
+            let done = Finished { last: &last, tokens_per_s, dead_frac, first_rows: first };
+            save_output(&out, whole, &plan, &opts.source_config, done)
         })?;
     }
     Ok(TrainOutcome {
@@ -129,6 +134,7 @@ fn train_in_pool(
         tokens: st.tokens,
         excluded_rows: st.excluded_rows,
         input_scale: st.input_scale,
+        output_scale: st.output_scale,
         max_norm: st.max_norm,
         last,
         tokens_per_s,
@@ -170,11 +176,18 @@ fn start(
     src: &mut dyn ActivationSource,
     root: bool,
 ) -> Result<(TrainPlan, TrainState), SaeError> {
-    let plan = TrainPlan::new(cfg, src.d_in(), crate::config::memory_budget())?;
+    let data_start = src.cursor();
+    let plan = TrainPlan::new(cfg, src.d_in(), src.d_out(), crate::config::memory_budget())?;
     plan.warn_short_run_lr();
     let c = &plan.config;
-    let prep = prepare(c, src, plan.d_in)?;
-    let mut sae = Sae::init(plan.d_in, c.d_sae, plan.activation(), plan.schedule.decoder_init_norm, c.seed);
+    let d_out = src.d_out();
+    let prep = prepare(c, src, plan.d_in, d_out)?;
+    let (act, norm) = (plan.activation(), plan.schedule.decoder_init_norm);
+    let mut sae = if plan.is_transcoder() {
+        Sae::init_transcoder(plan.d_in, plan.d_out, c.d_sae, act, norm, c.seed, c.skip)
+    } else {
+        Sae::init(plan.d_in, c.d_sae, act, norm, c.seed)
+    };
     sae.params.b_dec = prep.b_dec;
     if let ArchSettings::JumpRelu(s) = plan.arch {
         sae.params.threshold.fill(s.init_threshold);
@@ -196,8 +209,11 @@ fn start(
         tokens: 0,
         excluded_rows: 0,
         input_scale: prep.input_scale,
+        output_scale: prep.output_scale,
         max_norm: prep.max_norm,
+        max_norm_out: prep.max_norm_out,
         batchtopk_threshold: 0.0,
+        data_start,
     };
     Ok((plan, st))
 }
@@ -216,17 +232,20 @@ fn resume(
     })?;
     let meta = checkpoint::read_meta(last)?;
     let d = src.d_in();
-    if meta.d_in != d {
+    if meta.d_in != d || meta.d_out != src.d_out() {
+        let width = |o: Option<usize>| o.map_or(String::new(), |o| format!(" -> d_out {o}"));
         return Err(SaeError::BadInput(format!(
-            "--resume: checkpoint has d_in {} but the activations have {d}",
-            meta.d_in
+            "--resume: checkpoint has d_in {}{} but the activations have d_in {d}{}",
+            meta.d_in,
+            width(meta.d_out),
+            width(src.d_out())
         )));
     }
     check_resume_matches(last, &meta, requested, prov)?;
     let mut cfg = meta.config.clone();
     // the destination may have been moved; everything else comes from the checkpoint
     cfg.out = requested.out.clone();
-    let plan = TrainPlan::new(cfg, d, None)?;
+    let plan = TrainPlan::new(cfg, d, src.d_out(), None)?;
     let st = checkpoint::read(last, &meta, &plan)?;
     src.seek(&meta.cursor)
         .with_context(|| format!("--resume: restoring the data position recorded in {}/state.json", last.display()))?;
@@ -241,48 +260,111 @@ fn resume(
 struct Prepared {
     /// Rows with a larger raw norm are excluded.
     max_norm: f32,
+    /// Rows whose target has a larger raw norm are excluded (infinite for an SAE).
+    max_norm_out: f32,
     input_scale: f32,
+    /// A transcoder's target scale (`input_scale` for an SAE).
+    output_scale: f32,
     b_dec: Vec<f32>,
 }
 
-/// Read the first rows of the source (then seek back) to fix the outlier threshold, the input
-/// scale and the b_dec init.
-fn prepare(cfg: &TrainConfig, src: &mut dyn ActivationSource, d: usize) -> Result<Prepared> {
-    let start = src.cursor();
-    let n = cfg.prepare_rows();
-    let mut x = vec![0.0f32; n * d];
-    let got = src.next_batch(&mut x)?;
-    x.truncate(got * d);
-    src.seek(&start)?;
-    if got == 0 {
-        bail!("the activation source is empty");
-    }
-    if let Some(p) = x.iter().position(|v| !v.is_finite()) {
-        bail!("non-finite value in the input activations (row {} of the first {} rows read)", p / d, got);
-    }
+/// Read the first rows of the source (then seek back) to fix the outlier thresholds, the input
+/// (and target) scale and the b_dec init. `d_out` is the targets' width for a pair source.
+fn prepare(cfg: &TrainConfig, src: &mut dyn ActivationSource, d: usize, d_out: Option<usize>) -> Result<Prepared> {
+    let (mut x, mut y) = read_ahead(cfg, src, d, d_out)?;
+    let got = x.len() / d;
     let med = crate::metrics::median_norm(&x, d);
-    let max_norm = if cfg.outlier_norm_factor > 0.0 { cfg.outlier_norm_factor * med } else { f32::INFINITY };
-    let dropped = crate::metrics::drop_outliers(&mut x, d, max_norm);
-    let rows = x.len() / d;
-    let mean_sq = kernels::row_reduce(rows, |r| kernels::dot(&x[r * d..(r + 1) * d], &x[r * d..(r + 1) * d]) as f64)
-        / rows.max(1) as f64;
-    let input_scale = if cfg.normalize_inputs && mean_sq > 0.0 { (d as f64 / mean_sq).sqrt() as f32 } else { 1.0 };
-    for v in x.iter_mut() {
-        *v *= input_scale;
-    }
+    let threshold =
+        |med: f32| if cfg.outlier_norm_factor > 0.0 { cfg.outlier_norm_factor * med } else { f32::INFINITY };
+    let max_norm = threshold(med);
+    let (max_norm_out, dropped) = match d_out {
+        None => (f32::INFINITY, crate::metrics::drop_outliers(&mut x, d, max_norm)),
+        Some(o) => {
+            let m = threshold(crate::metrics::median_norm(&y, o));
+            (m, drop_pair_outliers((&mut x, d, max_norm), (&mut y, o, m)))
+        }
+    };
+    let input_scale = scale_to_unit_norm(cfg, &mut x, d);
+    let (target, dt, output_scale) = match d_out {
+        None => (&x, d, input_scale),
+        Some(o) => {
+            let s = scale_to_unit_norm(cfg, &mut y, o);
+            (&y, o, s)
+        }
+    };
+    let rows = target.len() / dt;
     let b_dec = match cfg.b_dec_init {
         BDecInit::Mean => {
-            let mut m = vec![0.0f32; d];
-            kernels::column_sum(&x, d, &mut m);
+            let mut m = vec![0.0f32; dt];
+            kernels::column_sum(target, dt, &mut m);
             m.iter().map(|v| v / rows as f32).collect()
         }
-        BDecInit::GeometricMedian => geometric_median(&x[..rows.min(8192) * d], d, 30),
-        BDecInit::Zeros => vec![0.0; d],
+        BDecInit::GeometricMedian => geometric_median(&target[..rows.min(8192) * dt], dt, 30),
+        BDecInit::Zeros => vec![0.0; dt],
     };
     tracing::info!(
         "prepared on {got} rows: median norm {med:.3}, excluding rows with norm > {max_norm:.3} ({dropped} of the first {got}), input scale {input_scale:.5}"
     );
-    Ok(Prepared { max_norm, input_scale, b_dec })
+    if d_out.is_some() {
+        tracing::info!("targets: excluding rows with target norm > {max_norm_out:.3}, target scale {output_scale:.5}");
+    }
+    Ok(Prepared { max_norm, max_norm_out, input_scale, output_scale, b_dec })
+}
+
+/// The first `prepare_rows` rows (and a pair source's targets, else an empty vector), the source
+/// left where it was; non-finite values refused.
+fn read_ahead(
+    cfg: &TrainConfig,
+    src: &mut dyn ActivationSource,
+    d: usize,
+    d_out: Option<usize>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let start = src.cursor();
+    let n = cfg.prepare_rows();
+    let mut x = vec![0.0f32; n * d];
+    let mut y = vec![0.0f32; n * d_out.unwrap_or(0)];
+    let got = if d_out.is_some() { src.next_pairs(&mut x, &mut y)? } else { src.next_batch(&mut x)? };
+    x.truncate(got * d);
+    y.truncate(got * d_out.unwrap_or(0));
+    src.seek(&start)?;
+    if got == 0 {
+        bail!("the activation source is empty");
+    }
+    for (what, m, w) in [("input", &x, d), ("target", &y, d_out.unwrap_or(1))] {
+        if let Some(p) = m.iter().position(|v| !v.is_finite()) {
+            bail!("non-finite value in the {what} activations (row {} of the first {} rows read)", p / w, got);
+        }
+    }
+    Ok((x, y))
+}
+
+/// Drop the pairs whose input or target norm exceeds its threshold, from both; returns how many.
+fn drop_pair_outliers((x, d, max_x): (&mut Vec<f32>, usize, f32), (y, o, max_y): (&mut Vec<f32>, usize, f32)) -> usize {
+    let rows = x.len() / d;
+    let mut w = 0usize;
+    for r in 0..rows {
+        let (xr, yr) = (&x[r * d..(r + 1) * d], &y[r * o..(r + 1) * o]);
+        if kernels::dot(xr, xr).sqrt() <= max_x && kernels::dot(yr, yr).sqrt() <= max_y {
+            x.copy_within(r * d..(r + 1) * d, w * d);
+            y.copy_within(r * o..(r + 1) * o, w * o);
+            w += 1;
+        }
+    }
+    x.truncate(w * d);
+    y.truncate(w * o);
+    rows - w
+}
+
+/// The scalar that makes E‖row‖² = d over `m`'s rows (1 without `normalize_inputs`), applied to `m`.
+fn scale_to_unit_norm(cfg: &TrainConfig, m: &mut [f32], d: usize) -> f32 {
+    let rows = m.len() / d;
+    let mean_sq = kernels::row_reduce(rows, |r| kernels::dot(&m[r * d..(r + 1) * d], &m[r * d..(r + 1) * d]) as f64)
+        / rows.max(1) as f64;
+    let scale = if cfg.normalize_inputs && mean_sq > 0.0 { (d as f64 / mean_sq).sqrt() as f32 } else { 1.0 };
+    for v in m.iter_mut() {
+        *v *= scale;
+    }
+    scale
 }
 
 /// The step loop's companions: the batch and step buffers, metrics.jsonl, the progress bar, timers.
@@ -290,7 +372,10 @@ struct Run<'a> {
     plan: &'a TrainPlan,
     out: &'a Path,
     comm: &'a dyn Collective,
+    /// `[batch, d_in]` inputs.
     batch: Vec<f32>,
+    /// `[batch, d_out]` a transcoder's targets; empty for an SAE, whose targets are `batch` itself.
+    target: Vec<f32>,
     ws: Workspace,
     metrics_path: PathBuf,
     /// Open on rank 0 only: one process writes the run's files.
@@ -325,6 +410,7 @@ impl<'a> Run<'a> {
             out,
             comm,
             batch: vec![0.0f32; b * plan.d_in],
+            target: vec![0.0f32; if plan.is_transcoder() { b * plan.d_out } else { 0 }],
             ws: Workspace::default(),
             metrics_path,
             metrics,
@@ -397,17 +483,25 @@ impl<'a> Run<'a> {
     /// One step: read a batch, forward and backward, update, count firings.
     fn step(&mut self, st: &mut TrainState, src: &mut dyn ActivationSource) -> Result<StepStats, SaeError> {
         let (plan, step) = (self.plan, st.step);
-        let (b, d) = (plan.config.batch_size, plan.d_in);
+        let (b, d, o) = (plan.config.batch_size, plan.d_in, plan.d_out);
         // every process reads the whole batch (the same rows in the same order) and trains on its
         // replica's share of it: disjoint, deterministic, and together the one-process batch
-        let excluded = fill_batch(src, &mut self.batch, d, st.max_norm, st.input_scale, step)?;
+        let input = Rows { m: &mut self.batch, d, max_norm: st.max_norm, scale: st.input_scale };
+        let target = (!self.target.is_empty()).then(|| Rows {
+            m: &mut self.target[..],
+            d: o,
+            max_norm: st.max_norm_out,
+            scale: st.output_scale,
+        });
+        let excluded = fill_batch(src, input, target, step)?;
         st.excluded_rows = st.excluded_rows.saturating_add(excluded);
         let mut lp = plan.loss_at(step);
         let latents = self.comm.latent_slice(plan.config.d_sae);
         lp.latent_offset = latents.start;
         let rows = self.comm.replica_rows(b);
         let x = &self.batch[rows.start * d..rows.end * d];
-        let mut stats = step::forward_backward(&st.sae, &mut self.ws, x, &st.since_fired, &lp, self.comm)?;
+        let y = if self.target.is_empty() { x } else { &self.target[rows.start * o..rows.end * o] };
+        let mut stats = step::forward_backward(&st.sae, &mut self.ws, x, y, &st.since_fired, &lp, self.comm)?;
         if step == 0 {
             if let Some(dir) = std::env::var_os("SAEKIT_DEBUG_DUMP_STEP") {
                 layout::dump_step(Path::new(&dir), &self.ws, st, plan.config.arch, latents, rows, self.comm)?;
@@ -522,6 +616,65 @@ fn batchtopk_threshold_update(threshold: f32, min_selected: f32, lr: f32) -> f32
     }
 }
 
+/// Rows the final evaluation reads: the first ones of the run's data, at most this many.
+const FINAL_EVAL_ROWS: usize = 8192;
+
+/// The first `min(prepare_rows, FINAL_EVAL_ROWS)` raw rows of the run's data (inputs and a pair
+/// source's targets, no outlier excluded), read from `start` with the source then left where it
+/// was; `None` when the start is unknown (a run resumed from an older checkpoint).
+fn first_rows(
+    src: &mut dyn ActivationSource,
+    start: &serde_json::Value,
+    plan: &TrainPlan,
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    if start.is_null() {
+        return Ok(None);
+    }
+    let (d, o) = (plan.d_in, plan.d_out);
+    let n = plan.config.prepare_rows().min(FINAL_EVAL_ROWS);
+    let now = src.cursor();
+    src.seek(start)?;
+    let mut x = vec![0.0f32; n * d];
+    let mut y = vec![0.0f32; if plan.is_transcoder() { n * o } else { 0 }];
+    let got = if plan.is_transcoder() { src.next_pairs(&mut x, &mut y)? } else { src.next_batch(&mut x)? };
+    src.seek(&now)?;
+    x.truncate(got * d);
+    if !y.is_empty() {
+        y.truncate(got * o);
+    }
+    Ok(Some((x, y)))
+}
+
+/// What the step loop hands to the output: the last step's stats and the run's throughput, dead
+/// fraction and first rows (for the final evaluation).
+struct Finished<'a> {
+    last: &'a StepStats,
+    tokens_per_s: f64,
+    dead_frac: f64,
+    first_rows: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// FVU of the saved (raw-space) SAE or transcoder on raw rows `x` with targets `y` (`x` itself when
+/// empty): Σ‖y − ŷ‖² / Σ‖y − mean‖², in f64.
+fn final_fvu(sae: &Sae, x: &[f32], y: &[f32]) -> f64 {
+    let y = if y.is_empty() { x } else { y };
+    let o = sae.d_out();
+    let yhat = sae.forward(x);
+    let rows = y.len() / o;
+    let mut mean = vec![0.0f64; o];
+    for r in 0..rows {
+        for i in 0..o {
+            mean[i] += y[r * o + i] as f64 / rows as f64;
+        }
+    }
+    let (mut err, mut var) = (0.0f64, 0.0f64);
+    for q in 0..rows * o {
+        err += (y[q] as f64 - yhat[q] as f64).powi(2);
+        var += (y[q] as f64 - mean[q % o]).powi(2);
+    }
+    err / var.max(1e-30)
+}
+
 /// Write the SAELens folder: the SAE in raw activation space (input scale folded in, BatchTopK's
 /// threshold broadcast), the firing densities, the config and a summary.
 fn save_output(
@@ -529,26 +682,39 @@ fn save_output(
     st: &mut TrainState,
     plan: &TrainPlan,
     source_config: &toml::Table,
-    last: &StepStats,
-    tokens_per_s: f64,
-    dead_frac: f64,
+    done: Finished,
 ) -> Result<(), SaeError> {
+    let Finished { last, tokens_per_s, dead_frac, first_rows } = done;
     // training is over: fold the scale in place (a clone would double the peak memory at 1M latents)
     if let ArchSettings::BatchTopK(_) = plan.arch {
         st.sae.params.threshold = vec![st.batchtopk_threshold; st.sae.d_sae];
     }
-    st.sae.fold_input_scale(st.input_scale);
+    st.sae.fold_scales(st.input_scale, st.output_scale);
     st.sae.metadata = plan.metadata();
     st.sae.metadata.input_scale = Some(st.input_scale);
+    if plan.is_transcoder() {
+        st.sae.metadata.output_scale = Some(st.output_scale);
+    }
     let freq: Vec<f32> =
         st.fire_count.iter().map(|&c| ((c as f64 / st.tokens.max(1) as f64) + 1e-10).log10() as f32).collect();
     let hist = density_histogram(&freq);
     tracing::info!("log10 feature density histogram (bucket lower edge: count): {hist:?}");
-    let summary = serde_json::json!({
+    // the saved weights on the run's first rows, raw: what a reader of the folder gets
+    let first = first_rows.map(|(x, y)| {
+        let fvu = final_fvu(&st.sae, &x, &y);
+        tracing::info!("final FVU on the first {} rows of the data: {fvu:.4}", x.len() / st.sae.d_in);
+        serde_json::json!({"rows": x.len() / st.sae.d_in, "fvu": fvu})
+    });
+    let mut summary = serde_json::json!({
         "steps": st.step, "tokens": st.tokens, "excluded_rows": st.excluded_rows, "input_scale": st.input_scale,
         "outlier_max_norm_raw": st.max_norm, "tokens_per_s": tokens_per_s, "last": last,
         "dead_frac": dead_frac, "log10_density_histogram": hist, "resolved": plan.schedule,
+        "final_on_first_rows": first,
     });
+    if plan.is_transcoder() {
+        summary["output_scale"] = serde_json::json!(st.output_scale);
+        summary["outlier_max_norm_out_raw"] = serde_json::json!(st.max_norm_out);
+    }
     let summary = serde_json::to_string_pretty(&summary).context("rendering training_summary.json")?;
     let toml = ConfigFile { train: plan.config.clone(), source: source_config.clone() }.to_toml();
     let extra: [(&str, &[u8]); 2] =
@@ -632,21 +798,28 @@ fn data_file_inside(out: &Path, data: &Path) -> Option<String> {
     (std::fs::canonicalize(out).ok()? == parent).then(|| data.file_name()?.to_str().map(str::to_owned)).flatten()
 }
 
-/// Fill `batch` with `rows` rows, skipping outliers, scaled; errors on non-finite input.
-fn fill_batch(
-    src: &mut dyn ActivationSource,
-    batch: &mut [f32],
+/// One side of a batch being filled: `m` holds `[rows, d]`; rows with a raw norm above `max_norm`
+/// are excluded, the rest multiplied by `scale`.
+struct Rows<'a> {
+    m: &'a mut [f32],
     d: usize,
     max_norm: f32,
     scale: f32,
-    step: u64,
-) -> Result<u64> {
+}
+
+/// Fill `input` (and a pair source's `target`, row for row) with whole batches, skipping the rows
+/// whose input or target is an outlier, scaled; errors on non-finite values. Returns the rows excluded.
+fn fill_batch(src: &mut dyn ActivationSource, input: Rows, mut target: Option<Rows>, step: u64) -> Result<u64> {
+    let (batch, d) = (input.m, input.d);
     let rows = batch.len() / d;
     let mut filled = 0usize;
     let mut excluded = 0u64;
     let mut empty_reads = 0;
     while filled < rows {
-        let got = src.next_batch(&mut batch[filled * d..])?;
+        let got = match &mut target {
+            None => src.next_batch(&mut batch[filled * d..])?,
+            Some(t) => src.next_pairs(&mut batch[filled * d..], &mut t.m[filled * t.d..])?,
+        };
         if got == 0 {
             empty_reads += 1;
             if empty_reads > 2 {
@@ -661,23 +834,43 @@ fn fill_batch(
                 bail!("step {step}: non-finite input activation ({} at row {} of the batch, column {i}); source position {}", row[i], r, src.cursor());
             }
             let nn = kernels::dot(row, row).sqrt();
-            if nn > max_norm {
+            let target_ok = target.as_ref().map_or(Ok(true), |t| target_row_ok(t, r, step, src))?;
+            if nn > input.max_norm || !target_ok {
                 excluded += 1;
                 continue;
             }
             if w != r {
                 batch.copy_within(r * d..(r + 1) * d, w * d);
+                if let Some(t) = &mut target {
+                    t.m.copy_within(r * t.d..(r + 1) * t.d, w * t.d);
+                }
             }
             w += 1;
         }
         filled = w;
     }
-    if scale != 1.0 {
-        for v in batch.iter_mut() {
-            *v *= scale;
+    for (m, scale) in std::iter::once((batch, input.scale)).chain(target.map(|t| (t.m, t.scale))) {
+        if scale != 1.0 {
+            for v in m.iter_mut() {
+                *v *= scale;
+            }
         }
     }
     Ok(excluded)
+}
+
+/// Whether target row `r` is within its norm limit; errors on a non-finite value.
+fn target_row_ok(t: &Rows, r: usize, step: u64, src: &dyn ActivationSource) -> Result<bool> {
+    let row = &t.m[r * t.d..(r + 1) * t.d];
+    if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "step {step}: non-finite target activation ({} at row {} of the batch, column {i}); source position {}",
+            row[i],
+            r,
+            src.cursor()
+        );
+    }
+    Ok(kernels::dot(row, row).sqrt() <= t.max_norm)
 }
 
 fn rewrite_metrics_upto(path: &Path, step: u64) -> Result<()> {

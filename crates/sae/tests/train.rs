@@ -205,3 +205,68 @@ fn every_architecture_trains_saves_and_loads() {
         assert_eq!(weights(&out), weights(&part), "{arch:?}: resume differs");
     }
 }
+
+/// (input, target) pairs: the target a fixed nonlinear map of the input to 12 columns, so a transcoder
+/// has something to learn and its skip connection a linear part.
+fn synth_pairs(dir: &Path, rows: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let x: Vec<f32> = (0..rows * D).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
+    let mix: Vec<f32> = (0..12 * D).map(|_| rng.gen::<f32>() - 0.5).collect();
+    let y: Vec<f32> = (0..rows * 12)
+        .map(|q| {
+            let (r, o) = (q / 12, q % 12);
+            let lin: f32 = (0..D).map(|i| mix[o * D + i] * x[r * D + i]).sum();
+            lin + 2.0 * lin.max(0.0) + 0.5
+        })
+        .collect();
+    let (xp, yp) = (dir.join("x.npy"), dir.join("y.npy"));
+    write_npy_f32(&xp, &x, rows, D).unwrap();
+    write_npy_f32(&yp, &y, rows, 12).unwrap();
+    (xp, yp)
+}
+
+#[test]
+fn a_skip_transcoder_resumes_bit_identically_and_refuses_what_it_cannot_train() {
+    let t = tempfile::tempdir().unwrap();
+    let (xp, yp) = synth_pairs(t.path(), 3000);
+    let tc_cfg = |out: &Path| TrainConfig {
+        hook_name: "blocks.0.ln2.hook_normalized".into(),
+        hook_name_out: "blocks.0.hook_mlp_out".into(),
+        skip: true,
+        ..cfg(out, &xp, 2)
+    };
+    let run_pairs = |c: &TrainConfig, opts: RunOptions| {
+        let mut src = saekit_sae::NpyPairSource::open(&xp, &yp, c.seed, true).unwrap();
+        train(c, &mut src, &opts).unwrap()
+    };
+    let full = t.path().join("full");
+    run_pairs(&tc_cfg(&full), RunOptions::default());
+    let m = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap();
+    let fvu: Vec<f64> =
+        m.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["fvu"].as_f64().unwrap()).collect();
+    assert!(fvu[fvu.len() - 1] < 0.8 * fvu[0], "the transcoder's FVU did not fall: {fvu:?}");
+    let part = t.path().join("part");
+    assert!(run_pairs(&tc_cfg(&part), RunOptions { stop_after_steps: Some(13), ..Default::default() }).interrupted);
+    run_pairs(&tc_cfg(&part), RunOptions { resume: true, ..Default::default() });
+    assert_eq!(weights(&full), weights(&part));
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("cfg.json")).unwrap()).unwrap();
+    assert_eq!((cfg_json["architecture"].as_str(), cfg_json["d_out"].as_u64()), (Some("topk_transcoder"), Some(12)));
+    let e = load_sae(&full).unwrap_err().to_string();
+    assert!(e.contains("transcoder"), "{e}");
+
+    // pairs without a target hook, a target hook without pairs, a skip on an SAE: each refused by name
+    let mut src = saekit_sae::NpyPairSource::open(&xp, &yp, 0, true).unwrap();
+    let no_hook = TrainConfig { hook_name_out: String::new(), ..tc_cfg(&t.path().join("a")) };
+    assert!(train(&no_hook, &mut src, &RunOptions::default()).unwrap_err().to_string().contains("hook_name_out"));
+    let mut single = NpySource::open(&xp, 0, true).unwrap();
+    let e = train(&tc_cfg(&t.path().join("b")), &mut single, &RunOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("hook_name_out"), "{e}");
+    let sae_skip = TrainConfig { skip: true, ..cfg(&t.path().join("c"), &xp, 1) };
+    let e = train(&sae_skip, &mut single, &RunOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("skip"), "{e}");
+    // inputs and targets of different lengths
+    let short = t.path().join("short.npy");
+    write_npy_f32(&short, &vec![0.5; 10 * 12], 10, 12).unwrap();
+    assert!(saekit_sae::NpyPairSource::open(&xp, &short, 0, true).is_err());
+}

@@ -25,7 +25,8 @@ pub struct EvalModelArgs {
     #[arg(required_unless_present = "transcoders")]
     pub sae: Option<String>,
     /// A transcoder set (circuit-tracer's transcoders.yaml folder, or SAELens transcoder folders) to
-    /// evaluate as the replacement model instead of an SAE.
+    /// evaluate as the replacement model instead of an SAE. A set of the first layers only (e.g. one
+    /// transcoder for layer 0) replaces those MLPs and runs the others clean.
     #[arg(long, conflicts_with_all = ["sae", "hook"])]
     pub transcoders: Option<PathBuf>,
     /// With --transcoders: only the all-at-once replacement (skips the two passes per layer).

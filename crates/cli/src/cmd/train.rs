@@ -23,8 +23,15 @@ use saekit_sae::{Arch, ConfigFile, NpySource, RunOptions, TrainConfig};
 /// `--outlier-norm-factor 0` to keep every row. Inputs are scaled by one scalar so that
 /// E||x||^2 = d_in while training; the scale is folded into the saved weights.
 ///
+/// Transcoders: `--input-hook` and `--target-hook` name two hooks of one activation store (harvest
+/// both in one pass: `saekit harvest --hooks blocks.L.ln2.hook_normalized,blocks.L.hook_mlp_out`);
+/// the transcoder reads the first and reconstructs the second (FVU is measured against it), and is
+/// saved in SAELens' transcoder layout (cfg.json with hook_name and hook_name_out, W_dec [d_sae, d_out],
+/// W_skip [d_out, d_in] with --skip), which `saekit eval-model --transcoders` and `attribute` load.
+///
 /// Examples:
 ///   saekit train --acts acts/ --d-sae 16384 --k 32 --tokens 20M --out sae/
+///   saekit train --acts acts/ --input-hook blocks.0.ln2.hook_normalized --target-hook blocks.0.hook_mlp_out --skip --out tc/
 ///   saekit train --arch relu --acts x.npy --lr 1e-3 --tokens 2M --out sae-relu/
 ///   saekit train --print-config --arch jumprelu > train.toml   # edit, then --config train.toml
 #[derive(Args, Debug)]
@@ -58,6 +65,15 @@ pub struct TrainArgs {
     /// Hook to read from a multi-hook store (default: its only hook).
     #[arg(long, default_value = "")]
     pub hook: String,
+    /// Train a transcoder: the store hook it reads (e.g. blocks.0.ln2.hook_normalized); needs --target-hook.
+    #[arg(long, requires = "target_hook", conflicts_with_all = ["hook", "hook_name"])]
+    pub input_hook: Option<String>,
+    /// Train a transcoder: the store hook it reconstructs from --input-hook's rows (e.g. blocks.0.hook_mlp_out).
+    #[arg(long, requires = "input_hook")]
+    pub target_hook: Option<String>,
+    /// A transcoder's learned linear skip connection W_skip [d_out, d_in] (SAELens' skip_transcoder).
+    #[arg(long)]
+    pub skip: bool,
     /// topk | batchtopk | jumprelu | relu
     #[arg(long)]
     pub arch: Option<String>,
@@ -218,6 +234,12 @@ fn apply_train_flags(a: &TrainArgs, mut c: TrainConfig) -> Result<TrainConfig> {
     if let Some(v) = &a.model_name {
         c.model_name = v.clone();
     }
+    if let (Some(i), Some(t)) = (&a.input_hook, &a.target_hook) {
+        (c.hook_name, c.hook_name_out) = (i.clone(), t.clone());
+    }
+    if a.skip {
+        c.skip = true;
+    }
     Ok(c)
 }
 
@@ -245,6 +267,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let c = setup.train;
     if setup.live.live {
+        if !c.hook_name_out.is_empty() {
+            bail!("train --live reads one hook; train a transcoder from an activation store holding both hooks (saekit harvest --hooks IN,OUT)");
+        }
         if distributed {
             bail!("train --live does not run across MPI processes yet; train from a stored activation folder");
         }
@@ -268,7 +293,16 @@ fn train_stored(a: &TrainArgs, c: &TrainConfig, resume: bool, opts: &RunOptions)
         let config = a.config.as_deref().map(|p| format!(", or set `acts` in {p}")).unwrap_or_default();
         bail!("no activations: pass --acts FILE.npy or STORE_DIR, or --live --contexts TOKENS_DIR{config}");
     };
-    Ok(if std::path::Path::new(&acts).is_dir() {
+    let store = std::path::Path::new(&acts);
+    if !c.hook_name_out.is_empty() {
+        if !store.is_dir() {
+            bail!("{acts}: a transcoder trains on an activation store holding its input and target hooks (saekit harvest --hooks IN,OUT); a .npy holds one");
+        }
+        let mut src =
+            saekit_sae::StorePairSource::open(store, &c.hook_name, &c.hook_name_out, c.seed, true, c.batch_size)?;
+        return Ok(saekit_sae::train(c, &mut src, opts)?);
+    }
+    Ok(if store.is_dir() {
         // a resumed run reads the hook its checkpoint recorded
         let hook = store_hook(a, resume.then_some(c.hook_name.as_str()))?;
         train_from_store(c, std::path::Path::new(&acts), &hook, opts)?

@@ -5,8 +5,8 @@
 
 use super::loss::{self, PenaltySums};
 use super::{
-    add_rows, count_fires, decode_selection, encoder_input_backward, encoder_input_forward, ensure, Collective, Grads,
-    LossParams, Prof, Selection, StepStats, Workspace,
+    add_rows, count_fires, decode_selection, encoder_input_backward, encoder_input_forward, ensure, skip_backward,
+    skip_forward, Collective, Grads, LossParams, Prof, Selection, StepStats, Workspace,
 };
 use crate::config::{Arch, JumpReluSparsity};
 use crate::kernels;
@@ -29,11 +29,14 @@ pub(super) struct Buffers {
 
 /// The per-batch facts both paths share.
 struct Batch<'a> {
+    /// The inputs `[rows, d_in]` (a skip connection reads them).
     x: &'a [f32],
+    /// The targets `[rows, d_out]` (`x` for an SAE).
+    y: &'a [f32],
     rows: usize,
     /// Rows of the whole batch (over every replica): the per-token means divide by it.
     all_rows: usize,
-    /// Σ‖x − mean‖² (FVU's denominator, reported only).
+    /// Σ‖y − mean‖² (FVU's denominator, reported only).
     total_variance: f64,
     /// ‖W_dec,j‖ per latent.
     dec_norm: Vec<f32>,
@@ -48,11 +51,12 @@ pub(super) fn forward_backward(
     sae: &Sae,
     ws: &mut Workspace,
     x: &[f32],
+    y: &[f32],
     since_fired: &[u64],
     lp: &LossParams,
     comm: &dyn Collective,
 ) -> Result<StepStats, SaeError> {
-    let (d, ds) = (sae.d_in, sae.d_sae);
+    let (d, d_out, ds) = (sae.d_in, sae.d_out(), sae.d_sae);
     let rows = x.len() / d;
     if rows as u128 * ds as u128 > 1_500_000_000 {
         return Err(SaeError::config(
@@ -64,7 +68,7 @@ pub(super) fn forward_backward(
         ));
     }
     let mut prof = Prof::new();
-    let total_variance = super::batch_total_variance(x, d, comm).max(1e-30);
+    let total_variance = super::batch_total_variance(y, d_out, comm).max(1e-30);
     encoder_input_forward(&mut ws.xin, x, sae);
     let b = &mut ws.dense;
     for buf in [&mut b.pre, &mut b.act, &mut b.dpre] {
@@ -79,15 +83,15 @@ pub(super) fn forward_backward(
     );
     prof.mark("encoder gemm");
     let act = &b.act[..rows * ds];
-    let dec_norm: Vec<f32> = sae.params.w_dec.par_chunks(d).map(|r| kernels::dot(r, r).sqrt()).collect();
+    let dec_norm: Vec<f32> = sae.params.w_dec.par_chunks(d_out).map(|r| kernels::dot(r, r).sqrt()).collect();
     // L0 of each row: the ReLU path choice, the sparse lists' width, the quadratic penalty, the stats
     let (row_l0, all_latents) = row_l0_over_shards(act, ds, comm);
     let mut nnz = [row_l0.iter().sum::<usize>() as f64];
     comm.sum_f64(&mut nnz);
     let (nnz, all_rows) = (nnz[0] as usize, comm.total_rows(rows));
-    let batch = Batch { x, rows, all_rows, total_variance, dec_norm, row_l0, nnz, comm };
-    ensure(&mut ws.xhat, rows * d);
-    ensure(&mut ws.dxhat, rows * d);
+    let batch = Batch { x, y, rows, all_rows, total_variance, dec_norm, row_l0, nnz, comm };
+    ensure(&mut ws.xhat, rows * d_out);
+    ensure(&mut ws.dxhat, rows * d_out);
     // every process takes the same path: the decision reads only reduced counts
     if lp.arch == Arch::Relu && (nnz as f64) < lp.relu_sparse_below as f64 * all_latents as f64 * all_rows as f64 {
         return Ok(sparse_relu(sae, ws, &batch, lp, prof));
@@ -144,19 +148,19 @@ fn encoder_backward(g: &mut Grads, dpre: &[f32], xin: &[f32], d: usize, ds: usiz
     kernels::column_sum(dpre, ds, &mut p.b_enc[..ds]);
 }
 
-// decoder: act [B, d_sae], w_dec [d_sae, d_in], b_dec [d_in] -> xhat [B, d_in] = act·w_dec + b_dec
+// decoder: act [B, d_sae], w_dec [d_sae, d_out], b_dec [d_out] -> xhat [B, d_out] = act·w_dec + b_dec
 // (sharded: the partial products of each shard's latents meet in one all-reduce before the bias)
 fn decoder_forward(xhat: &mut [f32], act: &[f32], sae: &Sae, comm: &dyn Collective) {
-    let (d, ds) = (sae.d_in, sae.d_sae);
+    let (d, ds) = (sae.d_out(), sae.d_sae);
     kernels::gemm_ab(act.len() / ds, d, ds, act, &sae.params.w_dec, xhat, false);
     comm.shard_sum_f32(xhat);
     add_rows(xhat, &sae.params.b_dec);
 }
 
-// decoder backward: dxhat [B, d_in], act [B, d_sae], w_dec [d_sae, d_in]
-//   -> dact [B, d_sae] = dxhat·w_decᵀ; g.w_dec [d_sae, d_in] = actᵀ·dxhat; g.b_dec [d_in] = Σ_t dxhat
+// decoder backward: dxhat [B, d_out], act [B, d_sae], w_dec [d_sae, d_out]
+//   -> dact [B, d_sae] = dxhat·w_decᵀ; g.w_dec [d_sae, d_out] = actᵀ·dxhat; g.b_dec [d_out] = Σ_t dxhat
 fn decoder_backward(dact: &mut [f32], g: &mut Grads, dxhat: &[f32], act: &[f32], sae: &Sae) {
-    let (d, ds) = (sae.d_in, sae.d_sae);
+    let (d, ds) = (sae.d_out(), sae.d_sae);
     let rows = dxhat.len() / d;
     kernels::gemm_abt(rows, ds, d, dxhat, d, &sae.params.w_dec, dact, ds);
     let p = &mut g.params;
@@ -175,13 +179,14 @@ fn dense(
     lp: &LossParams,
     mut prof: Prof,
 ) -> StepStats {
-    let (d, ds, rows) = (sae.d_in, sae.d_sae, batch.rows);
+    let (d, d_out, ds, rows) = (sae.d_in, sae.d_out(), sae.d_sae, batch.rows);
     let b = &mut ws.dense;
     let (pre, act, dpre) = (&b.pre[..rows * ds], &b.act[..rows * ds], &mut b.dpre[..rows * ds]);
-    let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
+    let (xhat, dxhat) = (&mut ws.xhat[..rows * d_out], &mut ws.dxhat[..rows * d_out]);
     decoder_forward(xhat, act, sae, batch.comm);
+    skip_forward(xhat, batch.x, sae);
     prof.mark("decoder gemm");
-    let sse = loss::reconstruction_sse(xhat, batch.x, d, 2.0 / batch.all_rows as f32, dxhat);
+    let sse = loss::reconstruction_sse(xhat, batch.y, d_out, 2.0 / batch.all_rows as f32, dxhat);
     let g = &mut ws.grads;
     decoder_backward(dpre, g, dxhat, act, sae);
     prof.mark("decoder backward gemms");
@@ -195,13 +200,14 @@ fn dense(
     prof.mark("encoder backward gemm");
     let p = &mut g.params;
     // penalties on ‖W_dec,j‖: ∂‖W_dec,j‖/∂W_dec,j = W_dec,j / ‖W_dec,j‖
-    p.w_dec[..ds * d].par_chunks_mut(d).enumerate().for_each(|(j, gr)| {
+    p.w_dec[..ds * d_out].par_chunks_mut(d_out).enumerate().for_each(|(j, gr)| {
         let (norm, dn) = (batch.dec_norm[j], sums.dnorm[j]);
         if norm > 0.0 && dn != 0.0 {
-            kernels::axpy(dn / norm, &sae.params.w_dec[j * d..(j + 1) * d], gr);
+            kernels::axpy(dn / norm, &sae.params.w_dec[j * d_out..(j + 1) * d_out], gr);
         }
     });
     p.threshold = sums.thr;
+    skip_backward(&mut p.w_skip, &[&dxhat[..]], batch.x, sae);
     encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae, batch.comm);
     ensure(&mut ws.fires, ds);
     ws.fires[..ds].fill(0);
@@ -341,7 +347,7 @@ fn jumprelu_row(
 /// Sparse ReLU: gather each row's active latents into padded lists and reuse the TopK path's
 /// decoder and fused backward; the L1 terms ride along in the fused backward.
 fn sparse_relu(sae: &Sae, ws: &mut Workspace, batch: &Batch, lp: &LossParams, mut prof: Prof) -> StepStats {
-    let (d, ds, rows) = (sae.d_in, sae.d_sae, batch.rows);
+    let (d, d_out, ds, rows) = (sae.d_in, sae.d_out(), sae.d_sae, batch.rows);
     let b = &mut ws.dense;
     let width = batch.row_l0.iter().copied().max().unwrap_or(0).max(1);
     b.active.set_shape(rows, width);
@@ -360,10 +366,11 @@ fn sparse_relu(sae: &Sae, ws: &mut Workspace, batch: &Batch, lp: &LossParams, mu
         }
     });
     let (sv, si) = (&*sv, &*si);
-    let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
+    let (xhat, dxhat) = (&mut ws.xhat[..rows * d_out], &mut ws.dxhat[..rows * d_out]);
     decode_selection(xhat, sv, si, width, sae, true, batch.comm);
+    skip_forward(xhat, batch.x, sae);
     prof.mark("sparse decode");
-    let sse = loss::reconstruction_sse(xhat, batch.x, d, 2.0 / batch.all_rows as f32, dxhat);
+    let sse = loss::reconstruction_sse(xhat, batch.y, d_out, 2.0 / batch.all_rows as f32, dxhat);
     let l1_sum = kernels::row_reduce(rows, |r| {
         (0..width)
             .filter(|&s| si[r * width + s] != u32::MAX)
@@ -376,13 +383,13 @@ fn sparse_relu(sae: &Sae, ws: &mut Workspace, batch: &Batch, lp: &LossParams, mu
     let n = g.touched.touched.len();
     let p = &mut g.params;
     ensure(&mut p.w_enc, n * d);
-    ensure(&mut p.w_dec, n * d);
+    ensure(&mut p.w_dec, n * d_out);
     ensure(&mut p.b_enc, n);
     let xin = &ws.xin[..rows * d];
     let l1 = Some((cb, &batch.dec_norm[..]));
     kernels::fused_sparse_backward(
         &g.touched,
-        d,
+        (d, d_out),
         &[&dxhat[..]],
         xin,
         &sae.params.w_dec,
@@ -393,9 +400,10 @@ fn sparse_relu(sae: &Sae, ws: &mut Workspace, batch: &Batch, lp: &LossParams, mu
     );
     prof.mark("fused backward");
     p.threshold.clear();
-    p.b_dec.resize(d, 0.0);
-    kernels::column_sum(dxhat, d, &mut p.b_dec);
+    p.b_dec.resize(d_out, 0.0);
+    kernels::column_sum(dxhat, d_out, &mut p.b_dec);
     encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae, batch.comm);
+    skip_backward(&mut p.w_skip, &[&dxhat[..]], batch.x, sae);
     count_fires(&mut ws.fires, ds, si, sv);
     prof.print("sparse relu forward_backward");
     let [sse, l1_sum, _] = loss_sums(batch.comm, sse, l1_sum, 0.0);

@@ -65,9 +65,10 @@ pub struct LossParams {
 pub struct StepStats {
     /// The total loss the gradients are of.
     pub loss: f64,
-    /// Σ‖x − x̂‖² / Σ‖x − mean‖² over the batch (the TopK reconstruction loss itself).
+    /// Σ‖y − ŷ‖² / Σ‖y − mean‖² over the batch (the TopK reconstruction loss itself); y is the
+    /// target: the input for an SAE, the output hook's activation for a transcoder.
     pub fvu: f64,
-    /// Mean over rows of ‖x − x̂‖² (the ReLU / JumpReLU reconstruction loss).
+    /// Mean over rows of ‖y − ŷ‖² (the ReLU / JumpReLU reconstruction loss).
     pub mse: f64,
     /// AuxK loss (before its coefficient).
     pub auxk_loss: f64,
@@ -158,8 +159,8 @@ impl Collective for SingleProcess {
 }
 
 /// Gradients: the same [`Params`] as the weights, with the two matrices and `b_enc` compact over
-/// the latents the step touched (row `u` belongs to latent `touched.touched[u]`), `b_dec` dense and
-/// `threshold` dense or empty (only JumpReLU has one).
+/// the latents the step touched (row `u` belongs to latent `touched.touched[u]`), `b_dec` dense,
+/// `threshold` dense or empty (only JumpReLU has one), `w_skip` dense or empty (skip transcoders).
 #[derive(Default)]
 pub struct Grads {
     pub(crate) touched: LatentMajor,
@@ -169,19 +170,20 @@ pub struct Grads {
 
 impl Grads {
     /// The gradients with every latent's row present (untouched latents' rows are zero).
-    pub fn dense(&self, d_in: usize, d_sae: usize) -> Params<Vec<f32>> {
-        let (p, d) = (&self.params, d_in);
+    pub fn dense(&self, d_in: usize, d_out: usize, d_sae: usize) -> Params<Vec<f32>> {
+        let p = &self.params;
         let mut out = Params {
-            w_enc: vec![0.0; d_sae * d],
+            w_enc: vec![0.0; d_sae * d_in],
             b_enc: vec![0.0; d_sae],
-            w_dec: vec![0.0; d_sae * d],
+            w_dec: vec![0.0; d_sae * d_out],
             b_dec: p.b_dec.clone(),
             threshold: p.threshold.clone(),
+            w_skip: p.w_skip.clone(),
         };
         for (u, &j) in self.touched.touched.iter().enumerate() {
             let j = j as usize;
-            out.w_enc[j * d..(j + 1) * d].copy_from_slice(&p.w_enc[u * d..(u + 1) * d]);
-            out.w_dec[j * d..(j + 1) * d].copy_from_slice(&p.w_dec[u * d..(u + 1) * d]);
+            out.w_enc[j * d_in..(j + 1) * d_in].copy_from_slice(&p.w_enc[u * d_in..(u + 1) * d_in]);
+            out.w_dec[j * d_out..(j + 1) * d_out].copy_from_slice(&p.w_dec[u * d_out..(u + 1) * d_out]);
             out.b_enc[j] = p.b_enc[u];
         }
         out
@@ -235,9 +237,9 @@ impl Selection {
 pub struct Workspace {
     /// `[B, d_in]` encoder input `x − b_dec`.
     xin: Vec<f32>,
-    /// `[B, d_in]` reconstruction x̂.
+    /// `[B, d_out]` reconstruction ŷ (x̂ for an SAE).
     xhat: Vec<f32>,
-    /// `[B, d_in]` dL/dx̂ of the main reconstruction.
+    /// `[B, d_out]` dL/dŷ of the main reconstruction.
     dxhat: Vec<f32>,
     topk: topk::Buffers,
     dense: dense::Buffers,
@@ -265,19 +267,22 @@ pub(crate) fn ensure<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     }
 }
 
-/// Forward and exact backward for a batch `x` (`[rows, d_in]`, already scaled and filtered).
-/// `since_fired[j]` counts the tokens since latent `j` last fired (the dead-latent mask).
+/// Forward and exact backward for a batch of inputs `x` (`[rows, d_in]`) and their targets `y`
+/// (`[rows, d_out]`: `x` itself for an SAE, the output hook's rows for a transcoder), already scaled
+/// and filtered. `since_fired[j]` counts the tokens since latent `j` last fired (the dead-latent mask).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     sae: &Sae,
     ws: &mut Workspace,
     x: &[f32],
+    y: &[f32],
     since_fired: &[u64],
     lp: &LossParams,
     comm: &dyn Collective,
 ) -> Result<StepStats, crate::SaeError> {
     let stats = match lp.arch {
-        Arch::TopK | Arch::BatchTopK => topk::forward_backward(sae, ws, x, since_fired, lp, comm),
-        Arch::Relu | Arch::JumpRelu => dense::forward_backward(sae, ws, x, since_fired, lp, comm)?,
+        Arch::TopK | Arch::BatchTopK => topk::forward_backward(sae, ws, x, y, since_fired, lp, comm),
+        Arch::Relu | Arch::JumpRelu => dense::forward_backward(sae, ws, x, y, since_fired, lp, comm)?,
     };
     comm.sum_u32(&mut ws.fires[..sae.d_sae]);
     if comm.replicas() > 1 {
@@ -290,7 +295,7 @@ pub fn forward_backward(
 /// batch), so the step's gradient is their sum. The replicas touched different latents: the
 /// compact rows are spread to dense ones first, which Adam treats exactly as the compact form.
 fn sum_grads_over_replicas(g: &mut Grads, sae: &Sae, comm: &dyn Collective) {
-    g.params = g.dense(sae.d_in, sae.d_sae);
+    g.params = g.dense(sae.d_in, sae.d_out(), sae.d_sae);
     g.touched.set_dense(sae.d_sae);
     for t in g.params.each_mut() {
         comm.sum_f32(t);
@@ -340,9 +345,9 @@ fn add_encoder_input_grad(g_bdec: &mut [f32], touched: &[u32], g_benc: &[f32], s
     }
 }
 
-/// x̂ = Σ_s val·W_dec[idx] over each row's `width` slots (+ b_dec with `with_bias`). Sharded, each
-/// shard decodes its own latents and the partial reconstructions meet in one all-reduce of
-/// [rows, d_in] before the (replicated) bias is added.
+/// ŷ = Σ_s val·W_dec[idx] over each row's `width` slots (+ b_dec with `with_bias`), `[rows, d_out]`.
+/// Sharded, each shard decodes its own latents and the partial reconstructions meet in one
+/// all-reduce of [rows, d_out] before the (replicated) bias is added.
 #[allow(clippy::too_many_arguments)]
 fn decode_selection(
     out: &mut [f32],
@@ -353,7 +358,7 @@ fn decode_selection(
     with_bias: bool,
     comm: &dyn Collective,
 ) {
-    let (d, w_dec) = (sae.d_in, &sae.params.w_dec);
+    let (d, w_dec) = (sae.d_out(), &sae.params.w_dec);
     let bias = with_bias.then_some(&sae.params.b_dec[..]);
     if comm.shards() == 1 {
         return kernels::sparse_decode(val, idx, width, w_dec, d, bias, out);
@@ -362,6 +367,28 @@ fn decode_selection(
     comm.shard_sum_f32(out);
     if let Some(b) = bias {
         add_rows(out, b);
+    }
+}
+
+// skip connection: x [B, d_in], w_skip [d_out, d_in] -> out [B, d_out] += x·w_skipᵀ
+// (nothing for an SAE or a transcoder without one)
+fn skip_forward(out: &mut [f32], x: &[f32], sae: &Sae) {
+    if !sae.params.w_skip.is_empty() {
+        kernels::gemm_abt_add(x.len() / sae.d_in, sae.d_out(), sae.d_in, x, &sae.params.w_skip, out);
+    }
+}
+
+// skip connection backward: dys (each [B, d_out], the gradients of the outputs that include the
+// skip term), x [B, d_in] -> g_skip [d_out, d_in] = Σ dyᵀ·x (emptied without a skip connection)
+fn skip_backward(g_skip: &mut Vec<f32>, dys: &[&[f32]], x: &[f32], sae: &Sae) {
+    if sae.params.w_skip.is_empty() {
+        g_skip.clear();
+        return;
+    }
+    let (d_in, d_out) = (sae.d_in, sae.d_out());
+    g_skip.resize(d_out * d_in, 0.0);
+    for (i, dy) in dys.iter().enumerate() {
+        kernels::gemm_atb(d_out, d_in, x.len() / d_in, dy, x, g_skip, i > 0);
     }
 }
 

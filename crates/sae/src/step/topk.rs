@@ -4,8 +4,8 @@
 //! scatter (race-free and independent of the thread count).
 
 use super::{
-    count_fires, decode_selection, encoder_input_backward, encoder_input_forward, ensure, loss, LossParams, Prof,
-    Selection, StepStats, Workspace,
+    count_fires, decode_selection, encoder_input_backward, encoder_input_forward, ensure, loss, skip_backward,
+    skip_forward, LossParams, Prof, Selection, StepStats, Workspace,
 };
 use crate::config::Arch;
 use crate::kernels;
@@ -24,9 +24,9 @@ pub(super) struct Buffers {
     main: Selection,
     /// Per row, the largest pre-activations among dead latents (AuxK).
     aux: Selection,
-    /// `[B, d_in]` AuxK's reconstruction of the residual, then its gradient.
+    /// `[B, d_out]` AuxK's reconstruction of the residual, then its gradient.
     daux: Vec<f32>,
-    /// `[B, d_in]` Multi-TopK's reconstruction, then its gradient.
+    /// `[B, d_out]` Multi-TopK's reconstruction, then its gradient.
     dmulti: Vec<f32>,
     /// Per latent: dead at this step.
     dead: Vec<bool>,
@@ -34,7 +34,7 @@ pub(super) struct Buffers {
 
 /// Which auxiliary losses run this step and their sizes.
 struct AuxPlan {
-    /// AuxK's k (0 = off): d_in/2, or fewer when fewer latents are dead.
+    /// AuxK's k (0 = off): d_out/2 (d_in/2 for an SAE), or fewer when fewer latents are dead.
     k_aux: usize,
     /// AuxK's scale: min(1, dead / k_aux).
     aux_scale: f64,
@@ -49,7 +49,7 @@ impl AuxPlan {
         lp: &LossParams,
         dead: &mut Vec<bool>,
         since_fired: &[u64],
-        d_in: usize,
+        d_out: usize,
         d_sae: usize,
         comm: &dyn Collective,
     ) -> AuxPlan {
@@ -62,7 +62,7 @@ impl AuxPlan {
         comm.shard_sum_f64(&mut n_dead);
         let n_dead = n_dead[0] as usize;
         let k = lp.k.min(d_sae);
-        let k_aux_full = d_in / 2;
+        let k_aux_full = d_out / 2;
         let use_aux = lp.auxk_alpha > 0.0 && n_dead > 0 && k_aux_full > 0;
         AuxPlan {
             k_aux: if use_aux { k_aux_full.min(n_dead) } else { 0 },
@@ -77,15 +77,16 @@ pub(super) fn forward_backward(
     sae: &Sae,
     ws: &mut Workspace,
     x: &[f32],
+    y: &[f32],
     since_fired: &[u64],
     lp: &LossParams,
     comm: &dyn Collective,
 ) -> StepStats {
-    let (d, ds) = (sae.d_in, sae.d_sae);
+    let (d, d_out, ds) = (sae.d_in, sae.d_out(), sae.d_sae);
     let rows = x.len() / d;
     let mut prof = Prof::new();
-    let tv = super::batch_total_variance(x, d, comm).max(1e-30);
-    let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d, ds, comm);
+    let tv = super::batch_total_variance(y, d_out, comm).max(1e-30);
+    let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d_out, ds, comm);
 
     encoder_input_forward(&mut ws.xin, x, sae);
     let xin = &ws.xin[..rows * d];
@@ -102,34 +103,36 @@ pub(super) fn forward_backward(
     ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp, comm);
     let b = &mut ws.topk;
 
-    ensure(&mut ws.xhat, rows * d);
-    ensure(&mut ws.dxhat, rows * d);
-    let (xhat, dxhat) = (&mut ws.xhat[..rows * d], &mut ws.dxhat[..rows * d]);
+    ensure(&mut ws.xhat, rows * d_out);
+    ensure(&mut ws.dxhat, rows * d_out);
+    let (xhat, dxhat) = (&mut ws.xhat[..rows * d_out], &mut ws.dxhat[..rows * d_out]);
     let (main_idx, main_val) = b.main.rows(rows);
     decode_selection(xhat, main_val, main_idx, b.main.width, sae, true, comm);
-    let mut sums = [loss::reconstruction_sse(xhat, x, d, (2.0 / tv) as f32, dxhat), 0.0, 0.0];
+    skip_forward(xhat, x, sae);
+    let mut sums = [loss::reconstruction_sse(xhat, y, d_out, (2.0 / tv) as f32, dxhat), 0.0, 0.0];
     prof.mark("decode + loss");
 
     if plan.k_aux > 0 {
-        ensure(&mut b.daux, rows * d);
+        ensure(&mut b.daux, rows * d_out);
         let (idx, val) = b.aux.rows(rows);
-        let daux = &mut b.daux[..rows * d];
+        let daux = &mut b.daux[..rows * d_out];
         decode_selection(daux, val, idx, plan.k_aux, sae, false, comm);
         let s = (2.0 * lp.auxk_alpha as f64 * plan.aux_scale / tv) as f32;
-        sums[1] = loss::auxk_sse(daux, xhat, x, d, s);
+        sums[1] = loss::auxk_sse(daux, xhat, y, d_out, s);
     }
     if lp.multi_topk {
-        ensure(&mut b.dmulti, rows * d);
+        ensure(&mut b.dmulti, rows * d_out);
         let (idx, val) = b.candidates.rows(rows);
-        let dm = &mut b.dmulti[..rows * d];
+        let dm = &mut b.dmulti[..rows * d_out];
         decode_selection(dm, val, idx, plan.kk, sae, true, comm);
-        sums[2] = loss::multi_topk_sse(dm, x, d, (2.0 / 8.0 / tv) as f32);
+        skip_forward(dm, x, sae);
+        sums[2] = loss::multi_topk_sse(dm, y, d_out, (2.0 / 8.0 / tv) as f32);
     }
     comm.sum_f64(&mut sums);
     let [sse, aux_sse, multi_sse] = sums;
     prof.mark("aux / multi");
 
-    sparse_backward(ws, sae, rows, lp, &plan, comm);
+    sparse_backward(ws, sae, x, rows, lp, &plan, comm);
     prof.mark("fused backward");
     let (main_idx, main_val) = ws.topk.main.rows(rows);
     let mut nnz = [count_fires(&mut ws.fires, ds, main_idx, main_val) as f64];
@@ -144,7 +147,7 @@ pub(super) fn forward_backward(
     StepStats {
         loss: fvu + lp.auxk_alpha as f64 * auxk_loss + multi_topk_fvu / 8.0,
         fvu,
-        mse: sse / (all_rows * d) as f64,
+        mse: sse / (all_rows * d_out) as f64,
         auxk_loss,
         multi_topk_fvu,
         l0: nnz[0] / all_rows as f64,
@@ -215,12 +218,22 @@ fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &Los
     0.0
 }
 
-// sparse backward: dxhat, daux, dmulti [B, d_in]; xin [B, d_in]; w_dec [d_sae, d_in]
-//   -> g.w_enc, g.w_dec [touched, d_in], g.b_enc [touched], g.b_dec [d_in]
+// sparse backward: dxhat, daux, dmulti [B, d_out]; xin [B, d_in]; w_dec [d_sae, d_out]
+//   -> g.w_enc [touched, d_in], g.w_dec [touched, d_out], g.b_enc [touched], g.b_dec [d_out],
+//      g.w_skip [d_out, d_in] (skip transcoders: from the main and Multi-TopK outputs, over x)
 // Each selected (row, latent) pair gets dL/dpre = <dy_row, W_dec[j]> (ReLU' = 1 where selected);
 // the weight gradients are accumulated latent-major over the three selections at once.
-fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, plan: &AuxPlan, comm: &dyn Collective) {
-    let d = sae.d_in;
+#[allow(clippy::too_many_arguments)]
+fn sparse_backward(
+    ws: &mut Workspace,
+    sae: &Sae,
+    x: &[f32],
+    rows: usize,
+    lp: &LossParams,
+    plan: &AuxPlan,
+    comm: &dyn Collective,
+) {
+    let (d, d_out) = (sae.d_in, sae.d_out());
     let b = &ws.topk;
     let mut lists: Vec<(&[u32], &[f32], usize, u8)> = Vec::with_capacity(3);
     let (idx, val) = b.main.rows(rows);
@@ -238,17 +251,17 @@ fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, 
     let n = g.touched.touched.len();
     let p = &mut g.params;
     ensure(&mut p.w_enc, n * d);
-    ensure(&mut p.w_dec, n * d);
+    ensure(&mut p.w_dec, n * d_out);
     ensure(&mut p.b_enc, n);
     let dys: [&[f32]; 3] = [
-        &ws.dxhat[..rows * d],
-        if plan.k_aux > 0 { &b.daux[..rows * d] } else { &[] },
-        if lp.multi_topk { &b.dmulti[..rows * d] } else { &[] },
+        &ws.dxhat[..rows * d_out],
+        if plan.k_aux > 0 { &b.daux[..rows * d_out] } else { &[] },
+        if lp.multi_topk { &b.dmulti[..rows * d_out] } else { &[] },
     ];
     let xin = &ws.xin[..rows * d];
     kernels::fused_sparse_backward(
         &g.touched,
-        d,
+        (d, d_out),
         &dys,
         xin,
         &sae.params.w_dec,
@@ -258,17 +271,20 @@ fn sparse_backward(ws: &mut Workspace, sae: &Sae, rows: usize, lp: &LossParams, 
         None,
     );
     // b_dec: the decoder bias of the main (and Multi-TopK) reconstruction, then its encoder-input path
-    p.b_dec.resize(d, 0.0);
-    kernels::column_sum(&ws.dxhat[..rows * d], d, &mut p.b_dec);
+    p.b_dec.resize(d_out, 0.0);
+    kernels::column_sum(&ws.dxhat[..rows * d_out], d_out, &mut p.b_dec);
     if lp.multi_topk {
-        let mut multi = vec![0.0f32; d];
-        kernels::column_sum(&b.dmulti[..rows * d], d, &mut multi);
+        let mut multi = vec![0.0f32; d_out];
+        kernels::column_sum(&b.dmulti[..rows * d_out], d_out, &mut multi);
         for (a, m) in p.b_dec.iter_mut().zip(multi) {
             *a += m;
         }
     }
     encoder_input_backward(&mut p.b_dec, &g.touched.touched, &p.b_enc, sae, comm);
     p.threshold.clear();
+    // AuxK's target y − ŷ is detached: only the main and Multi-TopK outputs reach W_skip
+    let outputs: Vec<&[f32]> = if lp.multi_topk { vec![dys[0], dys[2]] } else { vec![dys[0]] };
+    skip_backward(&mut p.w_skip, &outputs, x, sae);
 }
 
 /// Sharded: turn each shard's per-row top-`width` list (over its own latents) into the list one
