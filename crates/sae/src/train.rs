@@ -247,6 +247,12 @@ fn resume(
     cfg.out = requested.out.clone();
     let plan = TrainPlan::new(cfg, d, src.d_out(), None)?;
     let st = checkpoint::read(last, &meta, &plan)?;
+    // the run's first position (where its final FVU is measured) is read back at the end: check it now
+    if !st.data_start.is_null() {
+        src.seek(&st.data_start).with_context(|| {
+            format!("--resume: the run's first data position recorded in {}/state.json", last.display())
+        })?;
+    }
     src.seek(&meta.cursor)
         .with_context(|| format!("--resume: restoring the data position recorded in {}/state.json", last.display()))?;
     if root {
