@@ -13,7 +13,7 @@ use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Hooks, LoadOptions, 
 use saekit_steer::{EditSpec, FeatureEdit, Positions};
 
 use crate::arrays;
-use crate::db::PyFeatureDb;
+use crate::feature_db::PyFeatureDb;
 use crate::errors::{detached, existing, to_py};
 use crate::sae::PySae;
 
