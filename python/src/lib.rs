@@ -18,8 +18,8 @@
 //! `RuntimeError` too.
 
 mod arrays;
-mod feature_db;
 mod errors;
+mod feature_db;
 mod model;
 mod sae;
 mod train;
