@@ -18,8 +18,8 @@
 //! `RuntimeError` too.
 
 mod arrays;
-mod db;
 mod errors;
+mod feature_db;
 mod model;
 mod sae;
 mod train;
@@ -30,10 +30,10 @@ use pyo3::prelude::*;
 fn _saekit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::PyModel>()?;
     m.add_class::<sae::PySae>()?;
-    m.add_class::<db::PyFeatureDb>()?;
+    m.add_class::<feature_db::PyFeatureDb>()?;
     m.add_function(wrap_pyfunction!(train::train, m)?)?;
-    m.add_function(wrap_pyfunction!(db::search, m)?)?;
-    m.add_function(wrap_pyfunction!(db::search_contrast, m)?)?;
+    m.add_function(wrap_pyfunction!(feature_db::search, m)?)?;
+    m.add_function(wrap_pyfunction!(feature_db::search_contrast, m)?)?;
     m.add_function(wrap_pyfunction!(model::default_model_path, m)?)?;
     m.add("CorruptFileError", m.py().get_type::<errors::CorruptFileError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

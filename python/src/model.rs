@@ -13,8 +13,8 @@ use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Hooks, LoadOptions, 
 use saekit_steer::{EditSpec, FeatureEdit, Positions};
 
 use crate::arrays;
-use crate::db::PyFeatureDb;
 use crate::errors::{detached, existing, to_py};
+use crate::feature_db::PyFeatureDb;
 use crate::sae::PySae;
 
 /// A transformer language model (SmolLM2 by default) with TransformerLens hook names.

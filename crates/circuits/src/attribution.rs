@@ -22,11 +22,12 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use rayon::prelude::*;
 use saekit_model::linalg::{dot, matmul, matmul_transposed};
 use saekit_model::{HookPoint, Hooks, Logits, Model, RmsBlockWeights};
 
+use crate::error::{bail_input, CircuitsResult};
 use crate::intervention::top_tokens;
 use crate::replacement::check_set;
 use crate::transcoder::TranscoderSet;
@@ -301,12 +302,17 @@ struct MlpSources {
 }
 
 /// Attribute `tokens` (one prompt) through the replacement model of `set`.
-pub fn attribute(model: &Model, set: &TranscoderSet, tokens: &[u32], opts: &AttributeOptions) -> Result<Attribution> {
+pub fn attribute(
+    model: &Model,
+    set: &TranscoderSet,
+    tokens: &[u32],
+    opts: &AttributeOptions,
+) -> CircuitsResult<Attribution> {
     check_set(model, set)?;
     let c = model.config();
     let (n, d, seq) = (c.n_layers, c.d_model, tokens.len());
     if seq == 0 {
-        bail!("attribution needs a prompt of at least one token");
+        bail_input!("attribution needs a prompt of at least one token");
     }
     let cap = capture(model, set, tokens)?;
     let frozen = Frozen::new(model, set, &cap, seq)?;

@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+
+use crate::error::CircuitsResult;
 use serde_json::{json, Value};
 
 use crate::attribution::Attribution;
@@ -151,7 +153,7 @@ pub fn write_graph_files(
     out: &Path,
     node_threshold: f32,
     edge_threshold: f32,
-) -> Result<GraphFiles> {
+) -> CircuitsResult<GraphFiles> {
     let pruned = prune(g, node_threshold, edge_threshold)?;
     let small = graph_json(g, &pruned, false, meta);
     let stem = out.file_stem().map_or_else(|| "graph".into(), |s| s.to_string_lossy().into_owned());
@@ -179,7 +181,7 @@ pub const FULL_GRAPH_NODE_ORDER: &str = "features (active_features order), then 
 /// column = source, nodes in [`FULL_GRAPH_NODE_ORDER`]), `active_features` `[n_features, 3]` i64 (layer,
 /// position, feature), `activation_values` `[n_features]`, `input_tokens` `[n_pos]` i64, `logit_tokens`
 /// `[n_logits]` i64, `logit_probabilities` `[n_logits]`; the prompt, scan and node order as metadata.
-pub fn write_full_graph(g: &Attribution, meta: &GraphMeta, path: &Path) -> Result<()> {
+pub fn write_full_graph(g: &Attribution, meta: &GraphMeta, path: &Path) -> CircuitsResult<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let i64s = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -207,6 +209,6 @@ pub fn write_full_graph(g: &Attribution, meta: &GraphMeta, path: &Path) -> Resul
         ("n_layers".to_string(), g.n_layers.to_string()),
         ("node_order".to_string(), FULL_GRAPH_NODE_ORDER.to_string()),
     ]);
-    let data = safetensors::serialize(views, Some(info))?;
-    saekit_files::write_atomic(path, &data)
+    let data = safetensors::serialize(views, Some(info)).map_err(anyhow::Error::from)?;
+    Ok(saekit_files::write_atomic(path, &data)?)
 }

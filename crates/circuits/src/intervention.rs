@@ -9,9 +9,10 @@
 use std::str::FromStr;
 use std::sync::Mutex;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::anyhow;
 use saekit_model::{HookPoint, Hooks, Logits, Model};
 
+use crate::error::{bad_input, bail_input, CircuitsError, CircuitsResult};
 use crate::replacement::check_set;
 use crate::transcoder::TranscoderSet;
 
@@ -29,11 +30,11 @@ pub struct Intervention {
 }
 
 impl FromStr for Intervention {
-    type Err = anyhow::Error;
+    type Err = CircuitsError;
 
     /// `F@L:P` (ablate: value 0) or `F@L:P=V` (clamp).
-    fn from_str(s: &str) -> Result<Self> {
-        let bad = || anyhow!("intervention {s:?}: expected FEATURE@LAYER:POSITION or FEATURE@LAYER:POSITION=VALUE");
+    fn from_str(s: &str) -> CircuitsResult<Self> {
+        let bad = || bad_input!("intervention {s:?}: expected FEATURE@LAYER:POSITION or FEATURE@LAYER:POSITION=VALUE");
         let (node, value) = match s.split_once('=') {
             Some((n, v)) => (n, v.trim().parse::<f32>().map_err(|_| bad())?),
             None => (s, 0.0),
@@ -42,7 +43,7 @@ impl FromStr for Intervention {
         let (l, p) = rest.split_once(':').ok_or_else(bad)?;
         let num = |x: &str| x.trim().parse::<usize>().map_err(|_| bad());
         if !value.is_finite() {
-            bail!("intervention {s:?}: the value must be finite");
+            bail_input!("intervention {s:?}: the value must be finite");
         }
         Ok(Intervention { feature: num(f)?, layer: num(l)?, pos: num(p)?, value })
     }
@@ -58,13 +59,18 @@ pub fn top_tokens(last_logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 /// The last position's logits of the real model on `tokens` with `edits` applied.
-pub fn intervene(model: &Model, set: &TranscoderSet, tokens: &[u32], edits: &[Intervention]) -> Result<Vec<f32>> {
+pub fn intervene(
+    model: &Model,
+    set: &TranscoderSet,
+    tokens: &[u32],
+    edits: &[Intervention],
+) -> CircuitsResult<Vec<f32>> {
     check_set(model, set)?;
     let seq = tokens.len();
     for e in edits {
-        let t = set.layers.get(e.layer).with_context(|| format!("{e:?}: no transcoder at layer {}", e.layer))?;
+        let t = set.layers.get(e.layer).ok_or_else(|| bad_input!("{e:?}: no transcoder at layer {}", e.layer))?;
         if e.feature >= t.d_sae || e.pos >= seq {
-            bail!("{e:?}: the transcoder has {} features and the prompt {seq} positions", t.d_sae);
+            bail_input!("{e:?}: the transcoder has {} features and the prompt {seq} positions", t.d_sae);
         }
     }
     let inputs: Vec<Mutex<Vec<f32>>> = set.layers.iter().map(|_| Mutex::new(Vec::new())).collect();

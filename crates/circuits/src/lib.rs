@@ -16,6 +16,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod attribution;
+pub mod error;
 pub mod graph_json;
 pub mod intervention;
 pub mod prune;
@@ -23,6 +24,7 @@ pub mod replacement;
 pub mod transcoder;
 
 pub use attribution::{attribute, AttributeOptions, Attribution};
+pub use error::{CircuitsError, CircuitsResult};
 pub use intervention::{intervene, top_tokens, Intervention};
 pub use replacement::{evaluate_replacement, replacement_forward, ReplacementEval, Splice};
 pub use transcoder::{Transcoder, TranscoderActivation, TranscoderSet};

@@ -10,6 +10,7 @@
 use anyhow::{bail, Result};
 
 use crate::attribution::Attribution;
+use crate::error::{bail_input, CircuitsResult};
 
 /// Which nodes and edges survive, and each node's cumulative influence share (circuit-tracer's
 /// `cumulative_scores`: the share of total influence held by the nodes at least as influential).
@@ -89,9 +90,9 @@ fn find_threshold(scores: &[f32], threshold: f32) -> f32 {
 
 /// circuit-tracer's `prune_graph`: keep the most influential nodes up to `node_threshold` of the
 /// total influence on the logits and the edges up to `edge_threshold`, then the nodes left with edges.
-pub fn prune(g: &Attribution, node_threshold: f32, edge_threshold: f32) -> Result<Pruned> {
+pub fn prune(g: &Attribution, node_threshold: f32, edge_threshold: f32) -> CircuitsResult<Pruned> {
     if !(0.0..=1.0).contains(&node_threshold) || !(0.0..=1.0).contains(&edge_threshold) {
-        bail!("pruning thresholds must be in 0..=1 (got node {node_threshold}, edge {edge_threshold})");
+        bail_input!("pruning thresholds must be in 0..=1 (got node {node_threshold}, edge {edge_threshold})");
     }
     let n = g.n_nodes();
     let (n_logits, n_tokens, n_features) = (g.logits.len(), g.n_pos(), g.features.len());

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Result};
 use saekit_model::{HookPoint, Hooks, Logits, Model};
 use serde::Serialize;
 
+use crate::error::{bail_input, CircuitsResult};
 use crate::transcoder::TranscoderSet;
 
 /// What a replacement pass does to each MLP.
@@ -39,8 +40,8 @@ impl Splice<'_> {
 }
 
 /// Refuse a set that does not cover every block of `model` with an MLP-input -> MLP-output transcoder.
-pub fn check_set(model: &Model, set: &TranscoderSet) -> Result<()> {
-    check_layers(model, set, false)
+pub fn check_set(model: &Model, set: &TranscoderSet) -> CircuitsResult<()> {
+    Ok(check_layers(model, set, false)?)
 }
 
 /// As [`check_set`]; with `prefix_ok`, a set of the first blocks only (layers 0..n, n ≤ the model's)
@@ -49,21 +50,21 @@ fn check_layers(model: &Model, set: &TranscoderSet, prefix_ok: bool) -> Result<(
     let c = model.config();
     let fits = if prefix_ok { set.layers.len() <= c.n_layers } else { set.layers.len() == c.n_layers };
     if !fits {
-        bail!("the transcoder set has {} layers, the model {} has {}", set.layers.len(), c.name, c.n_layers);
+        bail_input!("the transcoder set has {} layers, the model {} has {}", set.layers.len(), c.name, c.n_layers);
     }
     for (l, t) in set.layers.iter().enumerate() {
         if !matches!(t.input_hook, HookPoint::Ln2Normalized(_) | HookPoint::ResidMid(_)) {
-            bail!(
+            bail_input!(
                 "transcoder {l} reads {}; a replacement MLP reads blocks.{l}.ln2.hook_normalized or hook_resid_mid",
                 t.input_hook
             );
         }
         if t.output_hook != HookPoint::MlpOut(l) {
-            bail!("transcoder {l} writes {}; a replacement MLP writes blocks.{l}.hook_mlp_out", t.output_hook);
+            bail_input!("transcoder {l} writes {}; a replacement MLP writes blocks.{l}.hook_mlp_out", t.output_hook);
         }
         model.check_hook_point(t.input_hook)?;
         if t.d_in != c.d_model || t.d_out != c.d_model {
-            bail!("transcoder {l} maps {} -> {} dims; the model's d_model is {}", t.d_in, t.d_out, c.d_model);
+            bail_input!("transcoder {l} maps {} -> {} dims; the model's d_model is {}", t.d_in, t.d_out, c.d_model);
         }
     }
     Ok(())
@@ -194,10 +195,13 @@ pub fn evaluate_replacement(
     batch: usize,
     per_layer: bool,
     progress: bool,
-) -> Result<ReplacementEval> {
+) -> CircuitsResult<ReplacementEval> {
     check_layers(model, set, true)?;
     if seq < 2 || tokens.is_empty() || !tokens.len().is_multiple_of(seq) {
-        bail!("replacement eval needs whole contexts of at least 2 tokens ({} tokens, context {seq})", tokens.len());
+        bail_input!(
+            "replacement eval needs whole contexts of at least 2 tokens ({} tokens, context {seq})",
+            tokens.len()
+        );
     }
     let n = set.layers.len();
     let vocab = model.config().vocab_size;

@@ -18,7 +18,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::error::{bad_input, bail_input, corrupt, CircuitsResult};
 use saekit_model::linalg::matmul;
 use saekit_model::HookPoint;
 use safetensors::tensor::{Dtype, TensorView};
@@ -138,20 +140,20 @@ impl Transcoder {
         ];
         for (name, got, want) in shapes {
             if got != want {
-                bail!("{what}: {name} has {got} values, expected {want} (d_in {i}, d_sae {s}, d_out {o})");
+                bail_input!("{what}: {name} has {got} values, expected {want} (d_in {i}, d_sae {s}, d_out {o})");
             }
         }
         match &self.activation {
             TranscoderActivation::JumpRelu(t) if t.len() != s => {
-                bail!("{what}: threshold has {} values, expected d_sae {s}", t.len())
+                bail_input!("{what}: threshold has {} values, expected d_sae {s}", t.len())
             }
-            TranscoderActivation::TopK(k) if *k == 0 || *k > s => bail!("{what}: k = {k} is not in 1..={s}"),
+            TranscoderActivation::TopK(k) if *k == 0 || *k > s => bail_input!("{what}: k = {k} is not in 1..={s}"),
             _ => Ok(()),
         }
     }
 
     /// Load a transcoder saved in SAELens' layout (`cfg.json` + `sae_weights.safetensors`).
-    pub fn load_saelens(dir: &Path) -> Result<Transcoder> {
+    pub fn load_saelens(dir: &Path) -> CircuitsResult<Transcoder> {
         let cfg_path = dir.join("cfg.json");
         let cfg: Value = serde_json::from_str(
             &std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?,
@@ -160,16 +162,16 @@ impl Transcoder {
         let what = cfg_path.display().to_string();
         let arch = cfg["architecture"].as_str().unwrap_or("transcoder");
         let dim = |k: &str| -> Result<usize> {
-            cfg[k].as_u64().map(|v| v as usize).ok_or_else(|| anyhow!("{what}: no integer `{k}`"))
+            cfg[k].as_u64().map(|v| v as usize).ok_or_else(|| bad_input!("{what}: no integer `{k}`"))
         };
         let (d_in, d_sae) = (dim("d_in")?, dim("d_sae")?);
         let d_out = cfg["d_out"].as_u64().map_or(d_in, |v| v as usize);
-        let hook_in = cfg_str(&cfg, "hook_name").ok_or_else(|| anyhow!("{what}: no `hook_name`"))?;
+        let hook_in = cfg_str(&cfg, "hook_name").ok_or_else(|| bad_input!("{what}: no `hook_name`"))?;
         let input_hook = parse_hook(&hook_in, None).with_context(|| what.clone())?;
         let output_hook = match cfg_str(&cfg, "hook_name_out") {
             Some(h) => parse_hook(&h, None).with_context(|| what.clone())?,
             // SAELens' newest config dropped the output hook; a transcoder over an MLP writes its output
-            None => HookPoint::MlpOut(input_hook.layer().ok_or_else(|| anyhow!("{what}: no `hook_name_out`"))?),
+            None => HookPoint::MlpOut(input_hook.layer().ok_or_else(|| bad_input!("{what}: no `hook_name_out`"))?),
         };
         let weights_path = dir.join("sae_weights.safetensors");
         let bytes = read_file(&weights_path)?;
@@ -180,11 +182,11 @@ impl Transcoder {
                 TranscoderActivation::JumpRelu(t.get("threshold", &[d_sae])?)
             }
             "topk_transcoder" => TranscoderActivation::TopK(dim("k")?),
-            other => bail!("{what}: architecture {other:?} is not a transcoder (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder, topk_transcoder)"),
+            other => bail_input!("{what}: architecture {other:?} is not a transcoder (transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder, topk_transcoder)"),
         };
         let w_skip = if t.has("W_skip") { Some(t.get("W_skip", &[d_out, d_in])?) } else { None };
         if arch.contains("skip_transcoder") && w_skip.is_none() {
-            bail!("{}: a skip_transcoder without W_skip", weights_path.display());
+            bail_input!("{}: a skip_transcoder without W_skip", weights_path.display());
         }
         let tc = Transcoder {
             d_in,
@@ -204,7 +206,7 @@ impl Transcoder {
     }
 
     /// Save in SAELens' transcoder layout.
-    pub fn save_saelens(&self, dir: &Path) -> Result<()> {
+    pub fn save_saelens(&self, dir: &Path) -> CircuitsResult<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let arch = match (&self.activation, &self.w_skip) {
             (TranscoderActivation::Relu, None) => "transcoder",
@@ -236,7 +238,7 @@ impl Transcoder {
             tensors.push(("W_skip", vec![self.d_out, self.d_in], w));
         }
         write_safetensors(&dir.join("sae_weights.safetensors"), &tensors)?;
-        saekit_files::write_json_atomic(&dir.join("cfg.json"), &cfg)
+        Ok(saekit_files::write_json_atomic(&dir.join("cfg.json"), &cfg)?)
     }
 
     /// Load one layer of a circuit-tracer transcoder set.
@@ -254,7 +256,7 @@ impl Transcoder {
         let enc_shape = t.shape("W_enc")?;
         let d_in = match enc_shape.as_slice() {
             [s, i] if *s == d_sae => *i,
-            other => bail!("{}: W_enc has shape {other:?}, expected [d_sae {d_sae}, d_in]", path.display()),
+            other => bail_input!("{}: W_enc has shape {other:?}, expected [d_sae {d_sae}, d_in]", path.display()),
         };
         let enc_t = t.get("W_enc", &[d_sae, d_in])?;
         let activation = match activation {
@@ -337,7 +339,7 @@ fn cfg_str(cfg: &Value, key: &str) -> Option<String> {
 /// A hook name as SAELens or circuit-tracer writes it. circuit-tracer's `mlp.hook_in` / `mlp.hook_out` are
 /// the MLP's input and output: `ln2.hook_normalized` and `hook_mlp_out` here. A name without `blocks.L.`
 /// is placed in `layer`.
-pub fn parse_hook(name: &str, layer: Option<usize>) -> Result<HookPoint> {
+pub fn parse_hook(name: &str, layer: Option<usize>) -> CircuitsResult<HookPoint> {
     let name = name.trim();
     let full = match (name.starts_with("blocks."), layer) {
         (true, _) => name.to_string(),
@@ -345,7 +347,8 @@ pub fn parse_hook(name: &str, layer: Option<usize>) -> Result<HookPoint> {
         (false, None) => name.to_string(),
     };
     let full = full.replace(".mlp.hook_in", ".ln2.hook_normalized").replace(".mlp.hook_out", ".hook_mlp_out");
-    full.parse()
+    // a hook name the model does not have is the caller's (a flag or a transcoder config)
+    full.parse().map_err(|e| saekit_files::Fault::BadInput.mark(e).into())
 }
 
 /// The per-layer name circuit-tracer's config uses for a hook point.
@@ -389,7 +392,7 @@ struct Tensors<'a> {
 impl<'a> Tensors<'a> {
     fn parse(bytes: &'a [u8], path: &'a Path) -> Result<Self> {
         let st =
-            SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+            SafeTensors::deserialize(bytes).map_err(|e| corrupt!("{}: not a safetensors file: {e}", path.display()))?;
         Ok(Self { st, path })
     }
 
@@ -398,7 +401,7 @@ impl<'a> Tensors<'a> {
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let t = self.st.tensor(name).map_err(|_| anyhow!("{}: no tensor `{name}`", self.path.display()))?;
+        let t = self.st.tensor(name).map_err(|_| bad_input!("{}: no tensor `{name}`", self.path.display()))?;
         Ok(t.shape().to_vec())
     }
 
@@ -409,16 +412,16 @@ impl<'a> Tensors<'a> {
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let p = self.path.display();
-        let t = self.st.tensor(name).map_err(|_| anyhow!("{p}: no tensor `{name}`"))?;
+        let t = self.st.tensor(name).map_err(|_| bad_input!("{p}: no tensor `{name}`"))?;
         if t.shape() != shape {
-            bail!("{p}: `{name}` has shape {:?}, expected {shape:?}", t.shape());
+            bail_input!("{p}: `{name}` has shape {:?}, expected {shape:?}", t.shape());
         }
         let d = t.data();
         Ok(match t.dtype() {
             Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            other => bail!("{p}: `{name}` is {other:?}; expected F32, BF16 or F16"),
+            other => bail_input!("{p}: `{name}` is {other:?}; expected F32, BF16 or F16"),
         })
     }
 }
@@ -435,9 +438,9 @@ pub struct TranscoderSet {
 impl TranscoderSet {
     /// Load `dir`: a circuit-tracer set (`transcoders.yaml` or `config.yaml`), or SAELens transcoder folders
     /// (each sub-folder with a `cfg.json`; or `dir` itself for a single transcoder).
-    pub fn load(dir: &Path) -> Result<TranscoderSet> {
+    pub fn load(dir: &Path) -> CircuitsResult<TranscoderSet> {
         if !dir.is_dir() {
-            bail!("{}: not a folder of transcoders", dir.display());
+            bail_input!("{}: not a folder of transcoders", dir.display());
         }
         let scan = dir.file_name().map_or_else(|| "transcoders".into(), |n| n.to_string_lossy().into_owned());
         let yaml = ["transcoders.yaml", "config.yaml"].iter().map(|n| dir.join(n)).find(|p| p.exists());
@@ -452,14 +455,14 @@ impl TranscoderSet {
 
     fn check_layers(&self, dir: &Path) -> Result<()> {
         if self.layers.is_empty() {
-            bail!(
+            bail_input!(
                 "{}: no transcoders found (expected transcoders.yaml, or SAELens folders with cfg.json)",
                 dir.display()
             );
         }
         for (i, t) in self.layers.iter().enumerate() {
             if t.layer() != Some(i) || t.input_hook.layer() != Some(i) {
-                bail!(
+                bail_input!(
                     "{}: transcoder {i} reads {} and writes {}; a set needs layers 0..{} each reading and writing its own block",
                     dir.display(),
                     t.input_hook,
@@ -472,7 +475,7 @@ impl TranscoderSet {
     }
 
     /// Save in circuit-tracer's layout: `layer_{i}.safetensors` and a `transcoders.yaml` listing them.
-    pub fn save_circuit_tracer(&self, dir: &Path) -> Result<()> {
+    pub fn save_circuit_tracer(&self, dir: &Path) -> CircuitsResult<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let first = self.layers.first().context("an empty transcoder set")?;
         let mut files = Vec::new();
@@ -496,8 +499,8 @@ impl TranscoderSet {
             TranscoderActivation::JumpRelu(_) => None,
         };
         put("transcoders", files.into_iter().map(serde_norway::Value::from).collect::<Vec<_>>().into());
-        let text = serde_norway::to_string(&cfg)?;
-        saekit_files::write_atomic(&dir.join("transcoders.yaml"), text.as_bytes())
+        let text = serde_norway::to_string(&cfg).map_err(anyhow::Error::from)?;
+        Ok(saekit_files::write_atomic(&dir.join("transcoders.yaml"), text.as_bytes())?)
     }
 }
 
@@ -505,33 +508,34 @@ fn load_circuit_tracer_set(dir: &Path, yaml: &Path) -> Result<Vec<Transcoder>> {
     let y = yaml.display();
     let cfg: HashMap<String, serde_norway::Value> =
         serde_norway::from_str(&std::fs::read_to_string(yaml).with_context(|| format!("{y}: cannot read"))?)
-            .with_context(|| format!("{y}: not a YAML mapping"))?;
+            .with_context(|| format!("{y}: not a YAML mapping"))
+            .map_err(|e| saekit_files::Fault::Corrupt.mark(e))?;
     let s = |k: &str| cfg.get(k).and_then(|v| v.as_str()).map(String::from);
     match s("model_kind").as_deref() {
         Some("transcoder_set") => {}
-        Some("cross_layer_transcoder") => bail!("{y}: cross-layer transcoders are not supported yet"),
-        other => bail!("{y}: model_kind {other:?}; expected transcoder_set"),
+        Some("cross_layer_transcoder") => bail_input!("{y}: cross-layer transcoders are not supported yet"),
+        other => bail_input!("{y}: model_kind {other:?}; expected transcoder_set"),
     }
-    let hin = s("feature_input_hook").ok_or_else(|| anyhow!("{y}: no feature_input_hook"))?;
-    let hout = s("feature_output_hook").ok_or_else(|| anyhow!("{y}: no feature_output_hook"))?;
+    let hin = s("feature_input_hook").ok_or_else(|| bad_input!("{y}: no feature_input_hook"))?;
+    let hout = s("feature_output_hook").ok_or_else(|| bad_input!("{y}: no feature_output_hook"))?;
     let activation = match s("activation").as_deref() {
         Some("relu") => Some(TranscoderActivation::Relu),
         Some("topk") => {
-            let k = cfg.get("k").and_then(|v| v.as_u64()).ok_or_else(|| anyhow!("{y}: activation topk needs k"))?;
+            let k = cfg.get("k").and_then(|v| v.as_u64()).ok_or_else(|| bad_input!("{y}: activation topk needs k"))?;
             Some(TranscoderActivation::TopK(k as usize))
         }
         None | Some("jumprelu") => None,
-        Some(other) => bail!("{y}: activation {other:?}; expected relu, topk or jumprelu"),
+        Some(other) => bail_input!("{y}: activation {other:?}; expected relu, topk or jumprelu"),
     };
     let files: Vec<PathBuf> = match cfg.get("transcoders") {
         Some(list) => list
             .as_sequence()
-            .ok_or_else(|| anyhow!("{y}: `transcoders` is not a list"))?
+            .ok_or_else(|| bad_input!("{y}: `transcoders` is not a list"))?
             .iter()
             .map(|v| {
-                let p = v.as_str().ok_or_else(|| anyhow!("{y}: a `transcoders` entry is not a path"))?;
+                let p = v.as_str().ok_or_else(|| bad_input!("{y}: a `transcoders` entry is not a path"))?;
                 if p.starts_with("hf://") {
-                    bail!("{y}: {p} is on the hub; download it and list the local file");
+                    bail_input!("{y}: {p} is on the hub; download it and list the local file");
                 }
                 Ok(dir.join(p))
             })

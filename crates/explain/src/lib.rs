@@ -15,10 +15,12 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod error;
 pub mod examples;
 pub mod prompts;
 pub mod run;
 pub mod score;
 
 pub use client::{ChatClient, ChatError, ChatReply, ClientOptions};
+pub use error::{ExplainError, ExplainResult};
 pub use run::{explain_features, ExplainOptions, ExplainSummary};

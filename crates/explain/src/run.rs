@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _, Result};
 use saekit_analysis::{AutointerpWriter, Explanation, FeatureDb, HeldOutWindow};
+use saekit_files::Fault;
 use serde::Serialize;
 
 use crate::client::{ChatClient, ChatError};
+use crate::error::{bail_input, ExplainResult};
 use crate::examples::{select, ExampleOptions};
 use crate::prompts::{explainer_messages, parse_explanation};
 use crate::score::{detection, fuzzing, Usage};
@@ -61,7 +62,7 @@ enum Outcome {
 }
 
 /// Explain and score `opts.features` of the database at `db_path` with `client`, storing each result.
-pub fn explain_features(db_path: &Path, client: &ChatClient, opts: &ExplainOptions) -> Result<ExplainSummary> {
+pub fn explain_features(db_path: &Path, client: &ChatClient, opts: &ExplainOptions) -> ExplainResult<ExplainSummary> {
     let db = FeatureDb::open(db_path)?;
     let heldout = db.heldout()?;
     if heldout.is_empty() {
@@ -114,7 +115,10 @@ pub fn explain_features(db_path: &Path, client: &ChatClient, opts: &ExplainOptio
                     summary.completion_tokens += e.completion_tokens;
                     summary.no_negatives += e.detection.is_none() as usize;
                     if let Err(err) = writer.put(id, &e) {
-                        fatal.get_or_insert(format!("{}: storing feature {id}: {err:#}", db_path.display()));
+                        fatal.get_or_insert((
+                            err.fault(),
+                            format!("{}: storing feature {id}: {err:#}", db_path.display()),
+                        ));
                         stop.store(true, Ordering::Relaxed);
                     }
                     summary.explained += 1;
@@ -122,7 +126,9 @@ pub fn explain_features(db_path: &Path, client: &ChatClient, opts: &ExplainOptio
                 Ok(Outcome::Dead) => summary.dead += 1,
                 Ok(Outcome::Failed(id, why)) => summary.failed.push((id, why)),
                 Err(e) => {
-                    fatal.get_or_insert(e.to_string());
+                    // a stop (bad key, URL or model) is the caller's to fix
+                    let fault = if matches!(e, ChatError::Fatal(_)) { Fault::BadInput } else { Fault::Other };
+                    fatal.get_or_insert((fault, e.to_string()));
                     stop.store(true, Ordering::Relaxed);
                 }
             }
@@ -137,12 +143,10 @@ pub fn explain_features(db_path: &Path, client: &ChatClient, opts: &ExplainOptio
     });
     pb.finish_and_clear();
     summary.seconds = t0.elapsed().as_secs_f64();
-    if let Some(msg) = fatal {
-        bail!(
-            "stopped after {} features ({} stored; a rerun resumes): {msg}",
-            summary.explained + summary.failed.len(),
-            summary.explained
-        );
+    if let Some((fault, msg)) = fatal {
+        let done = summary.explained + summary.failed.len();
+        let e = anyhow::anyhow!("stopped after {done} features ({} stored; a rerun resumes): {msg}", summary.explained);
+        return Err(fault.mark(e).into());
     }
     Ok(summary)
 }
@@ -214,22 +218,26 @@ fn explain_one(
 }
 
 /// `0-999`, `5,7,10-12`: feature ids, each below `n`.
-pub fn parse_feature_list(spec: &str, n: u32) -> Result<Vec<u32>> {
+pub fn parse_feature_list(spec: &str, n: u32) -> ExplainResult<Vec<u32>> {
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (a, b) = match part.split_once('-') {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        let a: u32 = a.parse().with_context(|| format!("--features: '{part}' is not an id or a range like 0-999"))?;
-        let b: u32 = b.parse().with_context(|| format!("--features: '{part}' is not an id or a range like 0-999"))?;
+        let not_id = |e: std::num::ParseIntError| {
+            let e = anyhow::Error::from(e).context(format!("--features: '{part}' is not an id or a range like 0-999"));
+            Fault::BadInput.mark(e)
+        };
+        let a: u32 = a.parse().map_err(not_id)?;
+        let b: u32 = b.parse().map_err(not_id)?;
         if a > b || b >= n {
-            bail!("--features: '{part}' is not within 0-{}", n.saturating_sub(1));
+            bail_input!("--features: '{part}' is not within 0-{}", n.saturating_sub(1));
         }
         out.extend(a..=b);
     }
     if out.is_empty() {
-        bail!("--features selects no feature");
+        bail_input!("--features selects no feature");
     }
     out.sort_unstable();
     out.dedup();

@@ -6,6 +6,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use saekit_analysis::AnalysisError;
+use saekit_circuits::CircuitsError;
 use saekit_model::ModelError;
 use saekit_steer::SteerError;
 
@@ -104,6 +105,19 @@ impl From<SteerError> for ServeError {
             SteerError::BadInput(m) => Self::Unprocessable(m),
             SteerError::Model(e) => e.into(),
             SteerError::Lookup(e) => Self::Internal(e),
+        }
+    }
+}
+
+/// The circuits crate's sorting: a transcoder set, prompt or node edit it refuses as bad input is the
+/// request's fault (422); a damaged transcoder file, a failed forward pass or a bug is the server's (500).
+impl From<CircuitsError> for ServeError {
+    fn from(e: CircuitsError) -> Self {
+        match e {
+            CircuitsError::BadInput(e) => Self::Unprocessable(format!("{e:#}")),
+            e @ (CircuitsError::Corrupt(_) | CircuitsError::Io(_) | CircuitsError::Other(_)) => {
+                Self::Internal(e.into())
+            }
         }
     }
 }

@@ -85,8 +85,8 @@ impl Engine {
         let tokens = self.graph_tokens(prompt, s.max_tokens)?;
         let opts = AttributeOptions { target_logits: s.target_logits, ..Default::default() };
         // the set was checked against the model at start: what fails here is the server's fault
-        let g = attribute(&self.model, set, &tokens, &opts).map_err(ServeError::Internal)?;
-        let pruned = prune(&g, s.node_threshold, s.edge_threshold).map_err(ServeError::Internal)?;
+        let g = attribute(&self.model, set, &tokens, &opts)?;
+        let pruned = prune(&g, s.node_threshold, s.edge_threshold)?;
         let meta = GraphMeta {
             slug: "serve".into(),
             scan: set.scan.clone(),
@@ -113,8 +113,8 @@ impl Engine {
         for e in edits {
             check_node(set, e, tokens.len())?;
         }
-        let before = intervene(&self.model, set, &tokens, &[]).map_err(ServeError::Internal)?;
-        let after = intervene(&self.model, set, &tokens, edits).map_err(ServeError::Internal)?;
+        let before = intervene(&self.model, set, &tokens, &[])?;
+        let after = intervene(&self.model, set, &tokens, edits)?;
         Ok(InterventionResult { before: self.top_probs(&before)?, after: self.top_probs(&after)? })
     }
 
