@@ -30,26 +30,6 @@ pub enum AnalysisError {
 }
 
 impl AnalysisError {
-    /// Whose fault this error is (its variant).
-    pub fn fault(&self) -> Fault {
-        match self {
-            AnalysisError::BadInput(_) => Fault::BadInput,
-            AnalysisError::Corrupt(_) => Fault::Corrupt,
-            AnalysisError::Io(_) => Fault::Io,
-            AnalysisError::Other(_) => Fault::Other,
-        }
-    }
-
-    /// `e` as the variant of `fault`.
-    fn with_fault(fault: Fault, e: anyhow::Error) -> AnalysisError {
-        match fault {
-            Fault::BadInput => AnalysisError::BadInput(e),
-            Fault::Corrupt => AnalysisError::Corrupt(e),
-            Fault::Io => AnalysisError::Io(e),
-            Fault::Other => AnalysisError::Other(e),
-        }
-    }
-
     /// What the errors of this crate, the crates underneath and SQLite say about whose fault they are:
     /// an `AnalysisError` or `StoreError` passed through keeps its variant, an SAE or model error is
     /// sorted by its own kind.
@@ -94,13 +74,7 @@ impl AnalysisError {
     }
 }
 
-/// An anyhow chain keeps the kind an inner function raised (or a `AnalysisError` it passed through);
-/// anything unmarked is sorted by its cause.
-impl From<anyhow::Error> for AnalysisError {
-    fn from(e: anyhow::Error) -> Self {
-        AnalysisError::with_fault(Fault::of(&e, AnalysisError::told_by), e)
-    }
-}
+saekit_files::fault_error!(AnalysisError, AnalysisError::told_by);
 
 /// The errors of the crates and libraries underneath convert as their anyhow form does, sorted.
 macro_rules! sorted_from {

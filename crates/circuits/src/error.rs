@@ -29,26 +29,6 @@ pub enum CircuitsError {
 }
 
 impl CircuitsError {
-    /// Whose fault this error is (its variant).
-    pub fn fault(&self) -> Fault {
-        match self {
-            CircuitsError::BadInput(_) => Fault::BadInput,
-            CircuitsError::Corrupt(_) => Fault::Corrupt,
-            CircuitsError::Io(_) => Fault::Io,
-            CircuitsError::Other(_) => Fault::Other,
-        }
-    }
-
-    /// `e` as the variant of `fault`.
-    fn with_fault(fault: Fault, e: anyhow::Error) -> CircuitsError {
-        match fault {
-            Fault::BadInput => CircuitsError::BadInput(e),
-            Fault::Corrupt => CircuitsError::Corrupt(e),
-            Fault::Io => CircuitsError::Io(e),
-            Fault::Other => CircuitsError::Other(e),
-        }
-    }
-
     /// What the errors of this crate and the model say about whose fault they are: a `CircuitsError`
     /// passed through keeps its variant, a model error is sorted by its own kind.
     fn told_by(cause: &(dyn std::error::Error + 'static)) -> Option<Fault> {
@@ -67,13 +47,7 @@ impl CircuitsError {
     }
 }
 
-/// An anyhow chain keeps the kind an inner function raised (or a `CircuitsError` it passed through);
-/// anything unmarked is sorted by its cause.
-impl From<anyhow::Error> for CircuitsError {
-    fn from(e: anyhow::Error) -> Self {
-        CircuitsError::with_fault(Fault::of(&e, CircuitsError::told_by), e)
-    }
-}
+saekit_files::fault_error!(CircuitsError, CircuitsError::told_by);
 
 /// A model error keeps the model's own sorting (a prompt past the context is bad input).
 impl From<saekit_model::ModelError> for CircuitsError {

@@ -32,26 +32,6 @@ pub enum ExplainError {
 }
 
 impl ExplainError {
-    /// Whose fault this error is (its variant).
-    pub fn fault(&self) -> Fault {
-        match self {
-            ExplainError::BadInput(_) => Fault::BadInput,
-            ExplainError::Corrupt(_) => Fault::Corrupt,
-            ExplainError::Io(_) => Fault::Io,
-            ExplainError::Other(_) => Fault::Other,
-        }
-    }
-
-    /// `e` as the variant of `fault`.
-    fn with_fault(fault: Fault, e: anyhow::Error) -> ExplainError {
-        match fault {
-            Fault::BadInput => ExplainError::BadInput(e),
-            Fault::Corrupt => ExplainError::Corrupt(e),
-            Fault::Io => ExplainError::Io(e),
-            Fault::Other => ExplainError::Other(e),
-        }
-    }
-
     /// What the errors of this crate, the feature database and the chat client say about whose fault
     /// they are: a stop (bad key, URL or model) is the caller's, a request that kept failing is not.
     fn told_by(cause: &(dyn std::error::Error + 'static)) -> Option<Fault> {
@@ -68,13 +48,7 @@ impl ExplainError {
     }
 }
 
-/// An anyhow chain keeps the kind an inner function raised (or an error it passed through); anything
-/// unmarked is sorted by its cause.
-impl From<anyhow::Error> for ExplainError {
-    fn from(e: anyhow::Error) -> Self {
-        ExplainError::with_fault(Fault::of(&e, ExplainError::told_by), e)
-    }
-}
+saekit_files::fault_error!(ExplainError, ExplainError::told_by);
 
 /// The feature database's error keeps its kind.
 impl From<saekit_analysis::AnalysisError> for ExplainError {

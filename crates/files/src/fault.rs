@@ -75,6 +75,45 @@ impl std::error::Error for Marked {
     }
 }
 
+/// The `Fault` plumbing of a crate's error enum with the variants `BadInput`, `Corrupt`, `Io` and
+/// `Other` (each holding an `anyhow::Error`): `fault()`, the variant of a fault, and
+/// `From<anyhow::Error>`, which reads the kind an inner function raised off the chain and sorts anything
+/// unmarked by its cause, asking the crate's own `told_by` first. The enum and its docs stay in the crate.
+#[macro_export]
+macro_rules! fault_error {
+    ($error:ident, $told_by:path) => {
+        impl $error {
+            /// Whose fault this error is (its variant).
+            pub fn fault(&self) -> $crate::Fault {
+                match self {
+                    $error::BadInput(_) => $crate::Fault::BadInput,
+                    $error::Corrupt(_) => $crate::Fault::Corrupt,
+                    $error::Io(_) => $crate::Fault::Io,
+                    $error::Other(_) => $crate::Fault::Other,
+                }
+            }
+
+            /// `e` as the variant of `fault`.
+            fn with_fault(fault: $crate::Fault, e: anyhow::Error) -> $error {
+                match fault {
+                    $crate::Fault::BadInput => $error::BadInput(e),
+                    $crate::Fault::Corrupt => $error::Corrupt(e),
+                    $crate::Fault::Io => $error::Io(e),
+                    $crate::Fault::Other => $error::Other(e),
+                }
+            }
+        }
+
+        /// An anyhow chain keeps the kind an inner function raised (or an error it passed through);
+        /// anything unmarked is sorted by its cause.
+        impl From<anyhow::Error> for $error {
+            fn from(e: anyhow::Error) -> Self {
+                $error::with_fault($crate::Fault::of(&e, $told_by), e)
+            }
+        }
+    };
+}
+
 /// A bad-input error (the caller's fault) as `anyhow::Error`, formatted as `anyhow!`:
 /// `return Err(bad_input!("{}: no hook {hook}", path.display()))`.
 #[macro_export]

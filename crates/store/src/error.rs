@@ -28,26 +28,6 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whose fault this error is (its variant).
-    pub fn fault(&self) -> Fault {
-        match self {
-            StoreError::BadInput(_) => Fault::BadInput,
-            StoreError::Corrupt(_) => Fault::Corrupt,
-            StoreError::Io(_) => Fault::Io,
-            StoreError::Other(_) => Fault::Other,
-        }
-    }
-
-    /// `e` as the variant of `fault`.
-    fn with_fault(fault: Fault, e: anyhow::Error) -> StoreError {
-        match fault {
-            Fault::BadInput => StoreError::BadInput(e),
-            Fault::Corrupt => StoreError::Corrupt(e),
-            Fault::Io => StoreError::Io(e),
-            Fault::Other => StoreError::Other(e),
-        }
-    }
-
     /// What the errors of this crate and the crates underneath say about whose fault they are: a
     /// `StoreError` passed through keeps its variant, a model error is sorted by its own kind.
     fn told_by(cause: &(dyn std::error::Error + 'static)) -> Option<Fault> {
@@ -67,13 +47,7 @@ impl StoreError {
     }
 }
 
-/// An anyhow chain keeps the kind an inner function raised (or a `StoreError` it passed through);
-/// anything unmarked is sorted by its cause.
-impl From<anyhow::Error> for StoreError {
-    fn from(e: anyhow::Error) -> Self {
-        StoreError::with_fault(Fault::of(&e, StoreError::told_by), e)
-    }
-}
+saekit_files::fault_error!(StoreError, StoreError::told_by);
 
 /// `Result` with a [`StoreError`].
 pub type StoreResult<T> = std::result::Result<T, StoreError>;
