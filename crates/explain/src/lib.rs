@@ -5,7 +5,8 @@
 //! of their replies ([`prompts`]), the detection and fuzzing scorers as balanced accuracy ([`score`]), the
 //! chat client with per-request timeout, retries with exponential backoff on 429/5xx and a clear stop on
 //! 401/403/404 ([`client`]), and the resumable, bounded-concurrency run over many features that stores each
-//! result beside the feature ([`run`]).
+//! result beside the feature ([`run`]), and the shuffled-explanation control that gives the scores their
+//! floor ([`control`]).
 //!
 //! Must not touch: the model, SAEs or the analysis itself. It reads the database through
 //! `saekit_analysis::FeatureDb` and writes only the explanation tables through
@@ -15,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod control;
 pub mod error;
 pub mod examples;
 pub mod prompts;
@@ -22,5 +24,6 @@ pub mod run;
 pub mod score;
 
 pub use client::{ChatClient, ChatError, ChatReply, ClientOptions};
+pub use control::{score_shuffled_control, ControlSummary};
 pub use error::{ExplainError, ExplainResult};
 pub use run::{explain_features, ExplainOptions, ExplainSummary};

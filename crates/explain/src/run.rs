@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use saekit_analysis::{AutointerpWriter, Explanation, FeatureDb, HeldOutWindow};
+use saekit_analysis::{AutointerpWriter, Explanation, FeatureDb, HeldOutWindow, Score};
 use saekit_files::Fault;
 use serde::Serialize;
 
 use crate::client::{ChatClient, ChatError};
 use crate::error::{bail_input, ExplainResult};
-use crate::examples::{select, ExampleOptions};
+use crate::examples::{select, ExampleOptions, FeatureExamples};
 use crate::prompts::{explainer_messages, parse_explanation};
 use crate::score::{detection, fuzzing, Usage};
 
@@ -84,62 +84,35 @@ pub fn explain_features(db_path: &Path, client: &ChatClient, opts: &ExplainOptio
             !skip
         })
         .collect();
-    let n = todo.len() as u64;
-    let queue = Mutex::new(todo);
-    let stop = AtomicBool::new(false);
-    let pb = progress_bar(opts.progress, n);
+    let pb = progress_bar(opts.progress, todo.len() as u64);
     let t0 = Instant::now();
-    let (tx, rx) = mpsc::channel::<Result<Outcome, ChatError>>();
     let mut fatal = None;
-    std::thread::scope(|s| {
-        for _ in 0..opts.concurrency.max(1) {
-            let tx = tx.clone();
-            let (db, heldout, queue, stop) = (&db, &heldout, &queue, &stop);
-            s.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Some(id) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
-                    let r = explain_one(db, heldout, client, id, opts);
-                    let is_fatal = matches!(r, Err(ChatError::Fatal(_)));
-                    if tx.send(r).is_err() || is_fatal {
-                        stop.store(true, Ordering::Relaxed);
-                        break;
-                    }
+    let work = |id| explain_one(&db, &heldout, client, id, opts);
+    in_parallel(todo, opts.concurrency, work, |r| {
+        match r {
+            Ok(Outcome::Done(id, e)) => {
+                summary.prompt_tokens += e.prompt_tokens;
+                summary.completion_tokens += e.completion_tokens;
+                summary.no_negatives += e.detection.is_none() as usize;
+                if let Err(err) = writer.put(id, &e) {
+                    fatal.get_or_insert((err.fault(), format!("{}: storing feature {id}: {err:#}", db_path.display())));
                 }
-            });
-        }
-        drop(tx);
-        for r in rx {
-            match r {
-                Ok(Outcome::Done(id, e)) => {
-                    summary.prompt_tokens += e.prompt_tokens;
-                    summary.completion_tokens += e.completion_tokens;
-                    summary.no_negatives += e.detection.is_none() as usize;
-                    if let Err(err) = writer.put(id, &e) {
-                        fatal.get_or_insert((
-                            err.fault(),
-                            format!("{}: storing feature {id}: {err:#}", db_path.display()),
-                        ));
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                    summary.explained += 1;
-                }
-                Ok(Outcome::Dead) => summary.dead += 1,
-                Ok(Outcome::Failed(id, why)) => summary.failed.push((id, why)),
-                Err(e) => {
-                    // a stop (bad key, URL or model) is the caller's to fix
-                    let fault = if matches!(e, ChatError::Fatal(_)) { Fault::BadInput } else { Fault::Other };
-                    fatal.get_or_insert((fault, e.to_string()));
-                    stop.store(true, Ordering::Relaxed);
-                }
+                summary.explained += 1;
             }
-            pb.inc(1);
-            let mins = t0.elapsed().as_secs_f64() / 60.0;
-            pb.set_message(format!(
-                "{:.1} features/min, {} tokens",
-                (summary.explained + summary.failed.len()) as f64 / mins.max(1e-9),
-                summary.prompt_tokens + summary.completion_tokens
-            ));
+            Ok(Outcome::Dead) => summary.dead += 1,
+            Ok(Outcome::Failed(id, why)) => summary.failed.push((id, why)),
+            Err(e) => {
+                fatal.get_or_insert(chat_stop(e));
+            }
         }
+        pb.inc(1);
+        let mins = t0.elapsed().as_secs_f64() / 60.0;
+        pb.set_message(format!(
+            "{:.1} features/min, {} tokens",
+            (summary.explained + summary.failed.len()) as f64 / mins.max(1e-9),
+            summary.prompt_tokens + summary.completion_tokens
+        ));
+        fatal.is_none()
     });
     pb.finish_and_clear();
     summary.seconds = t0.elapsed().as_secs_f64();
@@ -161,6 +134,50 @@ fn progress_bar(on: bool, n: u64) -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     pb
+}
+
+/// Run `work` on each of `items` from `concurrency` threads (so at most that many requests in flight),
+/// handing each result to `take` on the calling thread as it arrives. `take` returning false stops the
+/// run, as does a fatal chat error once `take` has seen it; items not yet started are left.
+pub(crate) fn in_parallel<T: Send, R: Send>(
+    items: VecDeque<T>,
+    concurrency: usize,
+    work: impl Fn(T) -> Result<R, ChatError> + Sync,
+    mut take: impl FnMut(Result<R, ChatError>) -> bool,
+) {
+    let queue = Mutex::new(items);
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel::<Result<R, ChatError>>();
+    std::thread::scope(|s| {
+        for _ in 0..concurrency.max(1) {
+            let tx = tx.clone();
+            let (queue, stop, work) = (&queue, &stop, &work);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(item) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
+                    let r = work(item);
+                    let is_fatal = matches!(r, Err(ChatError::Fatal(_)));
+                    if tx.send(r).is_err() || is_fatal {
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for r in rx {
+            let is_fatal = matches!(r, Err(ChatError::Fatal(_)));
+            if !take(r) || is_fatal {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+}
+
+/// Whose fault a chat error that ended a run is: a stop (bad key, URL or model) is the caller's to fix.
+pub(crate) fn chat_stop(e: ChatError) -> (Fault, String) {
+    let fault = if matches!(e, ChatError::Fatal(_)) { Fault::BadInput } else { Fault::Other };
+    (fault, e.to_string())
 }
 
 /// Explain one feature and score the explanation.
@@ -192,17 +209,7 @@ fn explain_one(
     let Some(explanation) = parse_explanation(&reply.text) else {
         return Ok(Outcome::Failed(id, "the explainer's reply was empty".into()));
     };
-    let seed = opts.examples.seed ^ id as u64;
-    let det = if ex.activating.len() >= 2 && ex.non_activating.len() >= 2 {
-        Some(detection(client, &explanation, &ex.activating, &ex.non_activating, opts.batch, seed, &mut usage)?)
-    } else {
-        None
-    };
-    let fuzz = if ex.activating.len() >= 2 {
-        Some(fuzzing(client, &explanation, &ex.activating, opts.batch, seed, &mut usage)?)
-    } else {
-        None
-    };
+    let (det, fuzz) = score_explanation(client, &explanation, &ex, id, opts, &mut usage)?;
     Ok(Outcome::Done(
         id,
         Explanation {
@@ -215,6 +222,31 @@ fn explain_one(
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         },
     ))
+}
+
+/// Detection and fuzzing of `explanation` on feature `id`'s test examples `ex`, seeded by the run's seed
+/// and the feature (so a rerun, or the shuffled control, scores on the same examples in the same order).
+/// A scorer without enough examples is not run.
+pub(crate) fn score_explanation(
+    client: &ChatClient,
+    explanation: &str,
+    ex: &FeatureExamples,
+    id: u32,
+    opts: &ExplainOptions,
+    usage: &mut Usage,
+) -> Result<(Option<Score>, Option<Score>), ChatError> {
+    let seed = opts.examples.seed ^ id as u64;
+    let det = if ex.activating.len() >= 2 && ex.non_activating.len() >= 2 {
+        Some(detection(client, explanation, &ex.activating, &ex.non_activating, opts.batch, seed, usage)?)
+    } else {
+        None
+    };
+    let fuzz = if ex.activating.len() >= 2 {
+        Some(fuzzing(client, explanation, &ex.activating, opts.batch, seed, usage)?)
+    } else {
+        None
+    };
+    Ok((det, fuzz))
 }
 
 /// `0-999`, `5,7,10-12`: feature ids, each below `n`.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use saekit_analysis::feature_db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use saekit_analysis::{AutointerpWriter, DbInfo, FeatureDb, FeatureDbWriter, HeldOutWindow};
 use saekit_explain::examples::ExampleOptions;
-use saekit_explain::{explain_features, ChatClient, ClientOptions, ExplainOptions};
+use saekit_explain::{explain_features, score_shuffled_control, ChatClient, ClientOptions, ExplainOptions};
 use serde_json::{json, Value};
 
 const VOCAB: [&str; 10] = ["The", " cat", " dog", " sat", " on", " the", " mat", " ran", " home", "."];
@@ -82,6 +82,9 @@ enum Mode {
     /// Explains like `Cats` but, as SmolLM2-135M does, answers every scorer request by copying the
     /// worked examples' three-item list, whatever the number of examples.
     Parrot,
+    /// Explains by what it is shown (cats or dogs) and scores by the animal its pattern names: an
+    /// explanation that fits another feature finds nothing.
+    Reads,
 }
 
 fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
@@ -98,8 +101,13 @@ fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
     let msgs = body["messages"].as_array().unwrap();
     let system = msgs[0]["content"].as_str().unwrap();
     let last = msgs.last().unwrap()["content"].as_str().unwrap();
-    let text = if system.contains("[EXPLANATION]") {
-        "Looking at these... [EXPLANATION]: Mentions of cats.".to_string()
+    // the explainer reads the marked tokens, a scorer the pattern (the first paragraph)
+    let explaining = system.contains("[EXPLANATION]");
+    let seen = if explaining { last } else { last.split("\n\n").next().unwrap_or("") };
+    let animal =
+        if mode == Mode::Reads && (seen.contains("<< dog>>") || seen.contains("dogs")) { "dog" } else { "cat" };
+    let text = if explaining {
+        format!("Looking at these... [EXPLANATION]: Mentions of {animal}s.")
     } else if mode == Mode::Parrot {
         "[1, 0, 1]".to_string()
     } else {
@@ -110,9 +118,9 @@ fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
             .map(|l| {
                 let marked: Vec<&str> = l.split("<<").skip(1).map(|s| s.split(">>").next().unwrap()).collect();
                 let yes = if fuzz {
-                    !marked.is_empty() && marked.iter().all(|m| m.contains("cat"))
+                    !marked.is_empty() && marked.iter().all(|m| m.contains(animal))
                 } else {
-                    l.contains("cat")
+                    l.contains(animal)
                 };
                 if yes {
                     "1"
@@ -275,4 +283,37 @@ fn a_scorer_that_answers_nothing_readable_measures_nothing() {
     }
     assert_eq!(parrot.score(), None);
     assert_eq!(got[0].score(), Some(0.5), "the dog feature explained as cats: chance on both scorers");
+}
+
+/// The shuffled control: each feature rescored with its own explanation and with the other's, on the same
+/// examples. Counted from how the database was built: with its own explanation each feature is found
+/// everywhere (1.0); with the other animal's, no activating example matches and every negative is
+/// rejected, chance on both scorers (0.5). Nothing is stored.
+#[test]
+fn the_shuffled_control_scores_each_feature_with_another_features_explanation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("features.sqlite");
+    build_db(&db_path);
+    let (url, _) = mock_server(Mode::Reads);
+    let c = client(&url);
+    let err = score_shuffled_control(&db_path, &c, &opts(vec![0, 1, 2])).unwrap_err().to_string();
+    assert!(err.contains("features.sqlite") && err.contains("saekit explain"), "nothing explained yet: {err}");
+    explain_features(&db_path, &c, &opts(vec![0, 1, 2])).unwrap();
+    let texts = |db: &FeatureDb| -> Vec<Vec<String>> {
+        (0..3).map(|f| db.feature(f).unwrap().unwrap().explanations.into_iter().map(|e| e.text).collect()).collect()
+    };
+    let stored = texts(&FeatureDb::open(&db_path).unwrap());
+    assert_eq!(stored, [vec!["Mentions of cats."], vec!["Mentions of dogs."], vec![]]);
+
+    let s = score_shuffled_control(&db_path, &c, &opts(vec![0, 1, 2])).unwrap();
+    assert_eq!(s.unexplained, 1, "the dead feature");
+    let got: Vec<(u32, u32)> = s.features.iter().map(|r| (r.feature, r.explanation_of)).collect();
+    assert_eq!(got, [(0, 1), (1, 0)]);
+    for r in &s.features {
+        assert_eq!((r.real.detection, r.real.fuzzing), (Some(1.0), Some(1.0)), "{r:?}");
+        assert_eq!((r.shuffled.detection, r.shuffled.fuzzing), (Some(0.5), Some(0.5)), "{r:?}");
+    }
+    assert_eq!((s.detection.real.mean, s.detection.shuffled.mean, s.detection.real_wins), (1.0, 0.5, 1.0));
+    assert_eq!(s.fuzzing.real_wins, 1.0);
+    assert_eq!(texts(&FeatureDb::open(&db_path).unwrap()), stored, "the control stores nothing");
 }

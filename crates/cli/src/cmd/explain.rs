@@ -12,7 +12,9 @@ use rand::SeedableRng;
 use saekit_analysis::FeatureDb;
 use saekit_explain::examples::ExampleOptions;
 use saekit_explain::run::parse_feature_list;
-use saekit_explain::{explain_features, ChatClient, ClientOptions, ExplainOptions};
+use saekit_explain::{
+    explain_features, score_shuffled_control, ChatClient, ClientOptions, ControlSummary, ExplainOptions,
+};
 
 use super::model_arg::ModelArgs;
 
@@ -43,6 +45,9 @@ Examples:
   # a local vLLM with its key in $MY_KEY, slower requests allowed, a few chosen features
   saekit explain --db run/features.sqlite --endpoint http://127.0.0.1:8000/v1 \\
       --model Qwen/Qwen2.5-7B-Instruct --api-key-env MY_KEY --timeout 300 --features 5,7,10-12
+
+  # the floor: rescore those features with each other's explanations (nothing is stored)
+  saekit explain --db run/features.sqlite --sae run/sae --sample 20 --shuffled-control
 
   # then read them
   saekit feature --db run/features.sqlite 42";
@@ -97,6 +102,11 @@ pub struct ExplainArgs {
     /// The language model of the local serve (default: SmolLM2-135M-Instruct from the cache).
     #[arg(long, env = "SAEKIT_MODEL")]
     pub lm: Option<String>,
+    /// Store nothing; instead score the features this model has already explained twice, each with its
+    /// own explanation and with another feature's (a seeded derangement), on the same examples: the
+    /// floor a real explanation must beat. Prints both score spreads (all rows with --json).
+    #[arg(long)]
+    pub shuffled_control: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -136,6 +146,9 @@ pub fn run(a: ExplainArgs) -> Result<()> {
         batch: a.batch.max(1),
         progress: !a.json,
     };
+    if a.shuffled_control {
+        return print_control(&score_shuffled_control(&a.db, &client, &opts)?, a.json);
+    }
     let s = explain_features(&a.db, &client, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -159,6 +172,32 @@ pub fn run(a: ExplainArgs) -> Result<()> {
     for (id, why) in s.failed.iter().take(10) {
         println!("  feature {id}: {why}");
     }
+    Ok(())
+}
+
+fn print_control(s: &ControlSummary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    println!(
+        "shuffled control with {}: {} features scored in {:.1} min ({} not explained by it, {} failed); balanced accuracy:",
+        s.model,
+        s.features.len(),
+        s.seconds / 60.0,
+        s.unexplained,
+        s.failed.len()
+    );
+    for (name, c) in [("detection", &s.detection), ("fuzzing", &s.fuzzing)] {
+        for (which, sp) in [("real", &c.real), ("shuffled", &c.shuffled)] {
+            println!(
+                "  {name:<9} {which:<8} n {:>4}  mean {:.3}  quartiles {:.3} / {:.3} / {:.3}",
+                sp.n, sp.mean, sp.q25, sp.median, sp.q75
+            );
+        }
+        println!("  {name:<9} real beats shuffled on {:.0}% of features", 100.0 * c.real_wins);
+    }
+    println!("tokens: {} prompt + {} completion", s.prompt_tokens, s.completion_tokens);
     Ok(())
 }
 
