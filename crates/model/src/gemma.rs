@@ -93,10 +93,10 @@ impl Names {
 }
 
 impl Gemma {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
-        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
         let det = &cfg.details;
         let rope_global = Rope::scaled(cfg.head_dim, cfg.rope_theta, cfg.max_positions, false, det.rope_linear_factor);
         let rope_local = det.rope_local_theta.map(|t| Rope::new(cfg.head_dim, t, cfg.max_positions, false));

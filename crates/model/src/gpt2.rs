@@ -33,7 +33,7 @@ pub(crate) struct Gpt2 {
 }
 
 impl Gpt2 {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
         let gguf = matches!(src, WeightSource::Gguf { .. });
         let (d, ff, v) = (cfg.d_model, cfg.d_ff, cfg.vocab_size);
         // HF checkpoints come with or without the `transformer.` prefix (GPT2LMHeadModel vs GPT2Model).
@@ -48,8 +48,8 @@ impl Gpt2 {
             }
         };
         let vec = |hf: &str, gg: &str, n: usize| src.get(&name(hf, gg), &[n]);
-        let mut blocks = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
+        let mut blocks = Vec::with_capacity(n_blocks);
+        for l in 0..n_blocks {
             let h = |s: &str| format!("h.{l}.{s}");
             let b = |s: &str| format!("blk.{l}.{s}");
             blocks.push(Block {

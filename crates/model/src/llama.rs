@@ -110,10 +110,10 @@ impl Names {
 }
 
 impl Llama {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
         let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
         let (d, v) = (cfg.d_model, cfg.vocab_size);
-        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
         let rot = cfg.details.rotary_dims;
         Ok(Self {
             cfg: cfg.clone(),

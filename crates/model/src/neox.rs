@@ -53,10 +53,10 @@ fn heads_to_qkv(rows: &[f32], n_heads: usize, hd: usize, width: usize) -> Vec<f3
 }
 
 impl GptNeox {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
-        let blocks = (0..cfg.n_layers).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             embed: src.get(names.top("embed"), &[v, d])?,

@@ -266,3 +266,38 @@ fn gemma3_gguf_with_llama_cpp_names_matches_transformers() {
 fn pythia_gguf_with_llama_cpp_names_matches_transformers() {
     check_gguf("pythia", Arch::GptNeox);
 }
+
+/// A model loaded with its first blocks only (`LoadOptions::blocks`, how a 2B model's middle layer is read
+/// in less memory) gives transformers' values at every hook point of those blocks, and refuses a deeper
+/// hook or logits with a message naming the model.
+#[test]
+fn a_partly_loaded_model_matches_transformers_up_to_its_last_block() {
+    for arch in ["gemma2", "pythia"] {
+        fixture_file(arch, "config.json");
+        let m = Model::load(&dir(arch), &LoadOptions { blocks: Some(1), ..Default::default() }).unwrap();
+        let ids = m.tokenizer().encode(meta(arch)["text"].as_str().unwrap(), true).unwrap();
+        for (name, want) in reference_hooks(arch) {
+            let p: HookPoint = name.parse().unwrap();
+            if p.layer().is_none_or(|l| l > 0) {
+                continue;
+            }
+            let got = m
+                .run_with_cache(&ids, 1, &[p])
+                .unwrap()
+                .get(&p)
+                .unwrap_or_else(|| panic!("{arch} {name}: not captured"))
+                .to_vec();
+            let e = rel_l2(&got, &want);
+            assert!(e < 1e-5, "{arch} {name}: relative L2 error {e:.3e}");
+        }
+        let deeper = m.run_with_cache(&ids, 1, &["blocks.1.hook_resid_post".parse().unwrap()]).unwrap_err().to_string();
+        assert!(deeper.contains("needs 2 blocks") && deeper.contains(arch), "{deeper}");
+        let mut cache = m.new_cache(1);
+        let logits = m.forward(&ids, 1, &mut cache, &mut Hooks::new(), Logits::Last).unwrap_err().to_string();
+        assert!(logits.contains("for logits") && logits.contains("first 1 only"), "{logits}");
+    }
+    // more blocks than the model has: all of them (a hook past the end is refused by its own check)
+    let all = Model::load(&dir("pythia"), &LoadOptions { blocks: Some(99), ..Default::default() }).unwrap();
+    let ids = all.tokenizer().encode("a b", true).unwrap();
+    all.forward(&ids, 1, &mut all.new_cache(1), &mut Hooks::new(), Logits::Last).unwrap();
+}

@@ -86,7 +86,8 @@ pub fn run(a: HarvestArgs) -> Result<()> {
         r.all_ok(true); // the other ranks wait for the old store to be gone
     }
     let path = a.model.path()?;
-    let model = a.model.load()?;
+    // only the blocks up to the deepest hook are held (a 2B model's middle layer in half the memory)
+    let model = a.model.load_blocks(HookPoint::blocks_for(&hooks))?;
     let opts = HarvestOptions {
         hooks,
         tokens: a.tokens,

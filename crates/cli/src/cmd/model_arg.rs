@@ -26,8 +26,14 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<Model> {
+        self.load_blocks(None)
+    }
+
+    /// Load only the first `blocks` blocks (all with `None`): enough for hooks up to block `blocks - 1`,
+    /// no logits, in less memory.
+    pub fn load_blocks(&self, blocks: Option<usize>) -> Result<Model> {
         let path = self.path()?;
-        Ok(Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone() })?)
+        Ok(Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone(), blocks })?)
     }
 }
 
