@@ -2,7 +2,7 @@
 # Gemma-2-2B-shaped random-weight model (google/gemma-2-2b's exact config, random weights, bf16 safetensors as
 # published), forward to layer 12 (Gemma Scope's favourite hook, blocks.12.hook_resid_post): saekit vs HF
 # transformers on the same weights, tokens/s and peak RSS, in one command. Run it on a quiet machine only.
-#   bash scripts/bench-gemma2-2b.sh [OUT_DIR]
+#   [SAEKIT_BIN=target/debug/saekit] bash scripts/bench-gemma2-2b.sh [OUT_DIR]   (default: a release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${SAEKIT_CACHE:-$HOME/.cache/saekit}/gemma-2-2b-random}
@@ -28,13 +28,19 @@ torch.manual_seed(0)
 Gemma2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
 PY
 fi
-/usr/bin/time -v cargo run --release -q -p saekit -- bench forward -m "$OUT" --layer 12 --batches 1,4 --seq 128 \
+# saekit loads only the 13 blocks layer 12 needs (LoadOptions::blocks); HF gets the same by
+# num_hidden_layers=13, as a user who knows transformers would do it.
+BIN=${SAEKIT_BIN:-}
+if [[ -z $BIN ]]; then cargo build --release --locked -q -p saekit; BIN=target/release/saekit; fi
+grep -m1 'model name' /proc/cpuinfo; grep -o 'avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+/usr/bin/time -v "$BIN" bench forward -m "$OUT" --layer 12 --batches 1,4 --seq 128 \
   2>&1 | grep -E "tok/s|tokens/s|Maximum resident"
 /usr/bin/time -v "$VENV/bin/python" - "$OUT" <<'PY' 2>&1 | grep -E "tok/s|Maximum resident"
 import sys, time, torch
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, attn_implementation="eager").eval()
-m.model.layers = m.model.layers[:13]  # stop after blocks.12
+from transformers import AutoConfig
+cfg = AutoConfig.from_pretrained(sys.argv[1], num_hidden_layers=13)  # stop after blocks.12, load no more
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
 for batch in (1, 4):
     ids = torch.randint(3, 400, (batch, 128))
     with torch.no_grad():
