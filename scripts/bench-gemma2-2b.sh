@@ -39,7 +39,10 @@ grep -m1 'model name' /proc/cpuinfo; grep -o 'avx512f\|avx512_bf16\|amx_bf16' /p
 import sys, time, torch
 from transformers import AutoModelForCausalLM
 from transformers import AutoConfig
-cfg = AutoConfig.from_pretrained(sys.argv[1], num_hidden_layers=13)  # stop after blocks.12, load no more
+cfg = AutoConfig.from_pretrained(sys.argv[1])
+cfg.num_hidden_layers = 13  # stop after blocks.12, load no more
+if getattr(cfg, "layer_types", None):
+    cfg.layer_types = cfg.layer_types[:13]
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
 for batch in (1, 4):
     ids = torch.randint(3, 400, (batch, 128))
