@@ -62,7 +62,7 @@ fn explain_with_the_local_model(dir: &Path) {
     assert!(!db.heldout().unwrap().is_empty(), "analyze keeps held-out windows for the detection scorer");
     drop(db);
     let spec = live.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    let explain = || {
+    let explain = |extra: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_saekit"))
             .arg("explain")
             .arg("--db")
@@ -70,6 +70,7 @@ fn explain_with_the_local_model(dir: &Path) {
             .arg("--sae")
             .arg(dir.join("sae"))
             .args(["--features", &spec, "--concurrency", "2", "--n-test", "4", "--batch", "4", "--json"])
+            .args(extra)
             .output()
             .expect("run saekit explain");
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -77,7 +78,7 @@ fn explain_with_the_local_model(dir: &Path) {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
         v
     };
-    let s = explain();
+    let s = explain(&[]);
     assert_eq!(s["explained"], 2, "{s}");
     assert!(s["prompt_tokens"].as_u64().unwrap() > 500 && s["completion_tokens"].as_u64().unwrap() > 0, "{s}");
 
@@ -108,8 +109,22 @@ fn explain_with_the_local_model(dir: &Path) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("LLM explanation:") && text.contains("detection"), "{text}");
 
-    let again = explain();
+    let again = explain(&[]);
     assert_eq!((again["explained"].as_u64(), again["already_done"].as_u64()), (Some(0), Some(2)), "{again}");
+
+    // the floor: each feature rescored with the other's explanation, nothing stored
+    let stored = |id| saekit_analysis::FeatureDb::open(&db_path).unwrap().feature(id).unwrap().unwrap().explanations;
+    let before = stored(live[0]);
+    let c = explain(&["--shuffled-control"]);
+    let rows = c["features"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{c}");
+    for r in rows {
+        let (f, of) = (r["feature"].as_u64().unwrap(), r["explanation_of"].as_u64().unwrap());
+        assert!(f != of && live.contains(&(f as u32)) && live.contains(&(of as u32)), "{r}");
+        let shuffled = r["shuffled"]["fuzzing"].as_f64();
+        assert!(shuffled.is_none_or(|x| (0.0..=1.0).contains(&x)), "{r}");
+    }
+    assert_eq!(stored(live[0]), before, "the control stores nothing");
 }
 
 /// The reduced demo's quality floors, sized to its budget (9 steps of 4096 rows, 512 features). Measured
