@@ -175,7 +175,7 @@ fn config_file(a: &TrainArgs, path: &str) -> Result<TrainSetup> {
 }
 
 /// Flags override `s` (the defaults, a --config file, or a resumed run's config).
-fn apply_flags(a: &TrainArgs, s: TrainSetup) -> Result<TrainSetup> {
+pub(super) fn apply_flags(a: &TrainArgs, s: TrainSetup) -> Result<TrainSetup> {
     Ok(TrainSetup { train: apply_train_flags(a, s.train)?, live: s.live.with_flags(a)? })
 }
 
