@@ -28,9 +28,12 @@ use super::train_live::LiveConfig;
 /// Ctrl-C checkpoints every layer; `--resume OUT` continues each layer where it stopped (a finished
 /// layer is skipped) and ends with the weights an uninterrupted run writes.
 ///
-/// Memory: every layer's trainer is held at once, and at most a few shuffle blocks of every hook
-/// (--live-block-tokens, default 8192 here; 30 layers x 2 hooks x 8192 rows x d_model 576 x 4 bytes =
-/// 1.1 GB a block).
+/// Memory: every layer's trainer is held at once, plus the shuffle blocks (--live-block-tokens,
+/// default 8192 here; 30 layers x 2 hooks x 8192 rows x d_model 576 x 4 bytes = 1.1 GB a block) that
+/// lie between the slowest and the fastest trainer, up to 4 GiB of rows behind the slowest. Each
+/// trainer first reads `norm_estimate_rows` rows ahead (default 65,536) and goes back; when that
+/// read-ahead of every layer does not fit in those 4 GiB (65,536 rows x 60 hooks is 9 GB), the blocks
+/// it spans are computed a second time; a config with `norm_estimate_rows = 16384` avoids it at 30 layers.
 ///
 /// Examples:
 ///   saekit tokenize corpus/ -o tokens/
@@ -54,7 +57,7 @@ const SUMMARY: &str = "summary.json";
 /// Shuffle block when none is given: smaller than `train --live`'s, since every layer's rows are held.
 const BLOCK_TOKENS: usize = 8192;
 /// Bytes of live rows kept behind the slowest trainer (and how far the others may run ahead).
-const KEEP_BYTES: usize = 1 << 30;
+const KEEP_BYTES: usize = 4 << 30;
 
 pub fn run(a: TrainTranscodersArgs) -> Result<()> {
     refuse_other_sources(&a.train)?;
