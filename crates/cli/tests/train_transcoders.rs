@@ -4,7 +4,8 @@
 //! on an `NpyPairSource` in file order; the weights must be equal bit for bit. A run stopped by SIGINT
 //! or SIGKILL and resumed ends with the bytes of the uninterrupted one; a finished layer is skipped on
 //! resume and a deleted one retrained alone to the same bytes; the set loads (circuit-tracer layout and
-//! SAELens folders agree) and `eval-model --transcoders` runs on it.
+//! SAELens folders agree) and `eval-model --transcoders` runs on it; `train --live --input-hook
+//! --target-hook` trains the same transcoder as its layer.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -142,6 +143,19 @@ fn every_layer_equals_its_separate_training_resumes_to_the_same_bytes_and_loads_
         }
     }
     drop(model);
+
+    // `train --live --input-hook --target-hook` (one layer, the same source): layer 1's tensors
+    let single = t.join("single");
+    let mut args = run_args(&tokens, &config, &single);
+    args.splice(
+        0..3,
+        ["train", "--live", "--input-hook", "blocks.1.ln2.hook_normalized", "--target-hook", "blocks.1.hook_mlp_out"]
+            .map(String::from),
+    );
+    ok(saekit().args(&args).output().unwrap(), "train --live with a target hook");
+    let (mine, theirs) =
+        (tensors(&full.join("layer_1/sae_weights.safetensors")), tensors(&single.join("sae_weights.safetensors")));
+    assert!(mine == theirs, "train --live --input-hook/--target-hook differs from train-transcoders' layer 1");
 
     // the summary has a row per layer
     let summary: serde_json::Value =

@@ -75,6 +75,26 @@ pub struct LiveCursor {
     pub block_contexts: u64,
 }
 
+impl LiveCursor {
+    /// A saved position `self` can be restored in a source now at `now`: same seed, hook(s), split and
+    /// blocks, and a block within the epoch's `blocks_per_epoch`.
+    pub(crate) fn check_same_run(&self, now: &LiveCursor, blocks_per_epoch: u64) -> StoreResult<()> {
+        let (c, mine) = (self, now);
+        ensure_input!(
+            c.seed == mine.seed
+                && c.hook == mine.hook
+                && c.split == mine.split
+                && c.n_contexts == mine.n_contexts
+                && c.block_contexts == mine.block_contexts,
+            "the live-data position was recorded for other data or options (saved: seed {}, hook {}, split {:?}, {} contexts, {} per block; now: seed {}, hook {}, split {:?}, {} contexts, {} per block)",
+            c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
+            mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
+        );
+        ensure_input!(c.block < blocks_per_epoch, "live cursor block {} is past the epoch", c.block);
+        Ok(())
+    }
+}
+
 struct Block {
     epoch: u64,
     block: u64,
@@ -211,18 +231,7 @@ impl<'m> LiveActivations<'m> {
 
     /// Continue from a saved cursor; refused when it was recorded for other data or options.
     pub fn seek(&mut self, c: &LiveCursor) -> StoreResult<()> {
-        let mine = self.cursor();
-        ensure_input!(
-            c.seed == mine.seed
-                && c.hook == mine.hook
-                && c.split == mine.split
-                && c.n_contexts == mine.n_contexts
-                && c.block_contexts == mine.block_contexts,
-            "the live-data position was recorded for other data or options (saved: seed {}, hook {}, split {:?}, {} contexts, {} per block; now: seed {}, hook {}, split {:?}, {} contexts, {} per block)",
-            c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
-            mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
-        );
-        ensure_input!(c.block < self.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
+        c.check_same_run(&self.cursor(), self.blocks_per_epoch())?;
         self.epoch = c.epoch;
         self.block = c.block;
         self.served = c.served;

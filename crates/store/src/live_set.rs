@@ -332,18 +332,7 @@ impl LivePairReader<'_, '_> {
 
     /// Continue from a saved cursor; refused when it was recorded for other data or options.
     pub fn seek(&mut self, c: &LiveCursor) -> StoreResult<()> {
-        let mine = self.cursor();
-        ensure_input!(
-            c.seed == mine.seed
-                && c.hook == mine.hook
-                && c.split == mine.split
-                && c.n_contexts == mine.n_contexts
-                && c.block_contexts == mine.block_contexts,
-            "the live-data position was recorded for other data or options (saved: seed {}, hooks {}, split {:?}, {} contexts, {} per block; now: seed {}, hooks {}, split {:?}, {} contexts, {} per block)",
-            c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
-            mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
-        );
-        ensure_input!(c.block < self.set.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
+        c.check_same_run(&self.cursor(), self.set.blocks_per_epoch())?;
         (self.epoch, self.block, self.served, self.rows) = (c.epoch, c.block, c.served, None);
         self.set.moved(self.id, c.epoch * self.set.blocks_per_epoch() + c.block);
         Ok(())
