@@ -44,6 +44,8 @@ enum Command {
     Harvest(cmd::harvest::HarvestArgs),
     // about / long about: TrainArgs' doc comment
     Train(Box<cmd::train::TrainArgs>),
+    // about / long about: TrainTranscodersArgs' doc comment
+    TrainTranscoders(Box<cmd::train_transcoders::TrainTranscodersArgs>),
     /// Reconstruction and sparsity metrics of an SAE on activations (table or --json).
     Eval(cmd::eval::EvalArgs),
     /// Splice the SAE into the model: CE / KL with the SAE and with zero-ablation, plus reconstruction metrics.
@@ -100,6 +102,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Harvest(a) => cmd::harvest::run(a),
         Command::Train(a) => cmd::train::run(*a),
+        Command::TrainTranscoders(a) => cmd::train_transcoders::run(*a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::EvalModel(a) => cmd::eval_model::run(a),
         Command::Attribute(a) => cmd::attribute::run(a),

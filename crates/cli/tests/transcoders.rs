@@ -152,8 +152,9 @@ fn a_skip_transcoder_trained_on_real_rows_loads_reproduces_its_fvu_beats_ablatio
     }
 }
 
-/// A transcoder needs two hooks of one store: a `.npy`, `--live`, one hook twice or a hook the store
-/// lacks are refused in one line naming the problem, before any training.
+/// A transcoder needs two hooks of one store (or of the model, `--live`): a `.npy`, a `.npy` given as
+/// live contexts, one hook twice or a hook the store lacks are refused in one line naming the problem,
+/// before any training.
 #[test]
 fn transcoder_flags_on_data_that_cannot_hold_pairs_are_refused_in_one_line() {
     let t = tempfile::tempdir().unwrap();
@@ -169,7 +170,8 @@ fn transcoder_flags_on_data_that_cannot_hold_pairs_are_refused_in_one_line() {
     };
     let (npy_s, out_s) = (npy.to_str().unwrap(), out.to_str().unwrap());
     fail(&[&["train", "--acts", npy_s, "--out", out_s][..], &hooks].concat(), "activation store");
-    fail(&[&["train", "--live", "--contexts", npy_s, "--out", out_s][..], &hooks].concat(), "--live");
+    // --live reads the pairs from the model: a .npy is no tokenized dataset
+    fail(&[&["train", "--live", "--contexts", npy_s, "--out", out_s][..], &hooks].concat(), npy_s);
     fail(&["train", "--acts", npy_s, "--target-hook", OUT, "--out", out_s], "--input-hook");
     fail(&["train", "--acts", npy_s, "--skip", "--out", out_s, "--force"], "skip");
 }

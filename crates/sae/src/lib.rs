@@ -82,5 +82,5 @@ pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
 pub use source::{ActivationSource, NpyPairSource, NpySource, Provenance};
 pub use step::{Collective, SingleProcess, StepStats};
 #[cfg(feature = "store")]
-pub use store_source::{LiveSource, StorePairSource, StoreSource};
+pub use store_source::{LiveLayerSource, LiveSource, StorePairSource, StoreSource};
 pub use train::{density_histogram, train, RunOptions, TrainOutcome};

@@ -263,3 +263,66 @@ impl ActivationSource for LiveSource<'_> {
         })
     }
 }
+
+/// One transcoder's (input, target) pairs from a forward pass shared with other trainers
+/// (`saekit train-transcoders`): a [`saekit_store::live_set::LivePairReader`] over a
+/// [`saekit_store::live_set::LiveHookSet`]. Its cursor is the reader's position, so `--resume`
+/// continues bit-identically; the rows are those two single-hook [`LiveSource`]s with the same options
+/// would serve.
+pub struct LiveLayerSource<'s, 'm> {
+    reader: saekit_store::live_set::LivePairReader<'s, 'm>,
+    desc: String,
+}
+
+impl<'s, 'm> LiveLayerSource<'s, 'm> {
+    /// Pairs from `reader`, described by `desc` in logs.
+    pub fn new(reader: saekit_store::live_set::LivePairReader<'s, 'm>, desc: String) -> LiveLayerSource<'s, 'm> {
+        LiveLayerSource { reader, desc }
+    }
+}
+
+impl ActivationSource for LiveLayerSource<'_, '_> {
+    fn d_in(&self) -> usize {
+        self.reader.set().d_model()
+    }
+
+    fn d_out(&self) -> Option<usize> {
+        Some(self.reader.set().d_model())
+    }
+
+    fn next_batch(&mut self, _out: &mut [f32]) -> Result<usize> {
+        anyhow::bail!("{}: a pair source is read in pairs (next_pairs)", self.desc)
+    }
+
+    fn next_pairs(&mut self, x: &mut [f32], y: &mut [f32]) -> Result<usize> {
+        self.reader.next_pairs(x, y)?;
+        Ok(x.len() / self.d_in())
+    }
+
+    fn cursor(&self) -> serde_json::Value {
+        serde_json::json!({"kind": "live_layer", "live": self.reader.cursor()})
+    }
+
+    fn seek(&mut self, c: &serde_json::Value) -> Result<()> {
+        let lc: saekit_store::live::LiveCursor = serde_json::from_value(c.get("live").cloned().unwrap_or_default())
+            .with_context(|| format!("not a live-data position: {c} (was this run trained by train-transcoders?)"))?;
+        Ok(self.reader.seek(&lc)?)
+    }
+
+    fn describe(&self) -> String {
+        self.desc.clone()
+    }
+
+    fn provenance(&self) -> Result<Provenance> {
+        let set = self.reader.set();
+        Ok(Provenance {
+            model_name: set.model_name().to_string(),
+            hook_name: self.reader.input_hook().to_string(),
+            hook_name_out: self.reader.target_hook().to_string(),
+            context_size: Some(set.context_len()),
+            tokenizer_fingerprint: set.tokenizer_fingerprint().to_string(),
+            sink_rule: set.sink_rule(),
+            data_fingerprint: set.data_fingerprint().to_string(),
+        })
+    }
+}

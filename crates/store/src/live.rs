@@ -75,6 +75,26 @@ pub struct LiveCursor {
     pub block_contexts: u64,
 }
 
+impl LiveCursor {
+    /// A saved position `self` can be restored in a source now at `now`: same seed, hook(s), split and
+    /// blocks, and a block within the epoch's `blocks_per_epoch`.
+    pub(crate) fn check_same_run(&self, now: &LiveCursor, blocks_per_epoch: u64) -> StoreResult<()> {
+        let (c, mine) = (self, now);
+        ensure_input!(
+            c.seed == mine.seed
+                && c.hook == mine.hook
+                && c.split == mine.split
+                && c.n_contexts == mine.n_contexts
+                && c.block_contexts == mine.block_contexts,
+            "the live-data position was recorded for other data or options (saved: seed {}, hook {}, split {:?}, {} contexts, {} per block; now: seed {}, hook {}, split {:?}, {} contexts, {} per block)",
+            c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
+            mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
+        );
+        ensure_input!(c.block < blocks_per_epoch, "live cursor block {} is past the epoch", c.block);
+        Ok(())
+    }
+}
+
 struct Block {
     epoch: u64,
     block: u64,
@@ -211,18 +231,7 @@ impl<'m> LiveActivations<'m> {
 
     /// Continue from a saved cursor; refused when it was recorded for other data or options.
     pub fn seek(&mut self, c: &LiveCursor) -> StoreResult<()> {
-        let mine = self.cursor();
-        ensure_input!(
-            c.seed == mine.seed
-                && c.hook == mine.hook
-                && c.split == mine.split
-                && c.n_contexts == mine.n_contexts
-                && c.block_contexts == mine.block_contexts,
-            "the live-data position was recorded for other data or options (saved: seed {}, hook {}, split {:?}, {} contexts, {} per block; now: seed {}, hook {}, split {:?}, {} contexts, {} per block)",
-            c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
-            mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
-        );
-        ensure_input!(c.block < self.blocks_per_epoch(), "live cursor block {} is past the epoch", c.block);
+        c.check_same_run(&self.cursor(), self.blocks_per_epoch())?;
         self.epoch = c.epoch;
         self.block = c.block;
         self.served = c.served;
@@ -284,52 +293,96 @@ impl<'m> LiveActivations<'m> {
 
     fn epoch_perm(&mut self, epoch: u64) -> &[u64] {
         if self.perm_epoch != Some(epoch) {
-            self.perm = (0..self.split.n_contexts()).collect();
-            let mut rng = ChaCha8Rng::seed_from_u64(mix(self.opts.seed, epoch, u64::MAX));
-            self.perm.shuffle(&mut rng);
+            self.perm = epoch_order(self.split.n_contexts(), self.opts.seed, epoch);
             self.perm_epoch = Some(epoch);
         }
         &self.perm
     }
 
     fn compute_block(&mut self, epoch: u64, block: u64) -> Result<Vec<f32>> {
-        let (d, ctx) = (self.d_model, self.split.context_len());
         let lo = (block * self.block_contexts) as usize;
         let hi = ((block + 1) * self.block_contexts).min(self.split.n_contexts()) as usize;
         let ids: Vec<u64> = self.epoch_perm(epoch)[lo..hi].to_vec();
         let t0 = Instant::now();
-        let hooks = [self.opts.hook];
-        let mut kept: Vec<f32> = Vec::with_capacity(ids.len() * ctx * d);
-        let mut toks: Vec<u32> = Vec::with_capacity(self.opts.batch * ctx);
-        for chunk in ids.chunks(self.opts.batch) {
-            toks.clear();
-            for &c in chunk {
-                toks.extend_from_slice(self.split.context(c));
-            }
-            let cache = self
-                .model
-                .run_with_cache(&toks, chunk.len(), &hooks)
-                .with_context(|| format!("forward pass for live activations (epoch {epoch}, block {block})"))?;
-            let acts = cache.get(&self.opts.hook).with_context(|| format!("the model did not return {}", hooks[0]))?;
+        let sinks = Sinks { bos: self.bos, eot: &self.eot };
+        let at = BlockAt { seed: self.opts.seed, epoch, block };
+        let mut rows = forward_block(self.model, &self.split, self.opts.batch, sinks, &[self.opts.hook], &ids, at)?;
+        self.forward_seconds += t0.elapsed().as_secs_f64();
+        self.forward_tokens += (ids.len() * self.split.context_len()) as u64;
+        Ok(rows.remove(0))
+    }
+}
+
+/// The order contexts are read in during `epoch`: a permutation drawn from (seed, epoch).
+pub(crate) fn epoch_order(n_contexts: u64, seed: u64, epoch: u64) -> Vec<u64> {
+    let mut perm: Vec<u64> = (0..n_contexts).collect();
+    perm.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(seed, epoch, u64::MAX)));
+    perm
+}
+
+/// The tokens whose rows are attention sinks (besides position 0).
+#[derive(Clone, Copy)]
+pub(crate) struct Sinks<'a> {
+    pub bos: Option<u32>,
+    pub eot: &'a [u32],
+}
+
+/// Which shuffle block: its rows are mixed by a seed drawn from all three.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockAt {
+    pub seed: u64,
+    pub epoch: u64,
+    pub block: u64,
+}
+
+/// One shuffle block: the contexts `ids` run through `model` `batch` at a time, each hook's rows less
+/// the sinks, all hooks shuffled by the same permutation (row `i` of every hook is one token).
+pub(crate) fn forward_block(
+    model: &Model,
+    split: &TokenSplit,
+    batch: usize,
+    sinks: Sinks,
+    hooks: &[HookPoint],
+    ids: &[u64],
+    at: BlockAt,
+) -> Result<Vec<Vec<f32>>> {
+    let (d, ctx) = (model.config().d_model, split.context_len());
+    let BlockAt { seed, epoch, block } = at;
+    let mut kept: Vec<Vec<f32>> = hooks.iter().map(|_| Vec::with_capacity(ids.len() * ctx * d)).collect();
+    let mut toks: Vec<u32> = Vec::with_capacity(batch * ctx);
+    for chunk in ids.chunks(batch) {
+        toks.clear();
+        for &c in chunk {
+            toks.extend_from_slice(split.context(c));
+        }
+        let cache = model
+            .run_with_cache(&toks, chunk.len(), hooks)
+            .with_context(|| format!("forward pass for live activations (epoch {epoch}, block {block})"))?;
+        for (h, kept) in hooks.iter().zip(kept.iter_mut()) {
+            let acts = cache.get(h).with_context(|| format!("the model did not return {h}"))?;
             for (i, &t) in toks.iter().enumerate() {
-                let sink = i % ctx == 0 || self.bos == Some(t) || self.eot.contains(&t);
+                let sink = i % ctx == 0 || sinks.bos == Some(t) || sinks.eot.contains(&t);
                 if !sink {
                     kept.extend_from_slice(&acts[i * d..(i + 1) * d]);
                 }
             }
         }
-        self.forward_seconds += t0.elapsed().as_secs_f64();
-        self.forward_tokens += (ids.len() * ctx) as u64;
-        let n = kept.len() / d;
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(self.opts.seed, epoch, block)));
-        let mut rows = vec![0f32; n * d];
-        for (dst, &src) in rows.chunks_exact_mut(d).zip(&order) {
-            dst.copy_from_slice(&kept[src as usize * d..(src as usize + 1) * d]);
-        }
-        tracing::debug!("live block {block} of epoch {epoch}: {} contexts, {n} rows", ids.len());
-        Ok(rows)
     }
+    let n = kept[0].len() / d;
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix(seed, epoch, block)));
+    let shuffled = kept
+        .iter()
+        .map(|kept| {
+            let mut rows = vec![0f32; n * d];
+            for (dst, &src) in rows.chunks_exact_mut(d).zip(&order) {
+                dst.copy_from_slice(&kept[src as usize * d..(src as usize + 1) * d]);
+            }
+            rows
+        })
+        .collect();
+    tracing::debug!("live block {block} of epoch {epoch}: {} contexts, {n} rows, {} hooks", ids.len(), hooks.len());
+    Ok(shuffled)
 }
 
 /// A seed for (run seed, epoch, block) that does not collide for nearby values.

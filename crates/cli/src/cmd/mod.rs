@@ -24,3 +24,4 @@ pub mod serve;
 pub mod tokenize;
 pub mod train;
 pub mod train_live;
+pub mod train_transcoders;

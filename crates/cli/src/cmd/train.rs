@@ -24,7 +24,8 @@ use saekit_sae::{Arch, ConfigFile, NpySource, RunOptions, TrainConfig};
 /// E||x||^2 = d_in while training; the scale is folded into the saved weights.
 ///
 /// Transcoders: `--input-hook` and `--target-hook` name two hooks of one activation store (harvest
-/// both in one pass: `saekit harvest --hooks blocks.L.ln2.hook_normalized,blocks.L.hook_mlp_out`);
+/// both in one pass: `saekit harvest --hooks blocks.L.ln2.hook_normalized,blocks.L.hook_mlp_out`), or
+/// with --live two hooks the model computes in one forward (`saekit train-transcoders` trains every layer);
 /// the transcoder reads the first and reconstructs the second (FVU is measured against it), and is
 /// saved in SAELens' transcoder layout (cfg.json with hook_name and hook_name_out, W_dec [d_sae, d_out],
 /// W_skip [d_out, d_in] with --skip), which `saekit eval-model --transcoders` and `attribute` load.
@@ -65,7 +66,7 @@ pub struct TrainArgs {
     /// Hook to read from a multi-hook store (default: its only hook).
     #[arg(long, default_value = "")]
     pub hook: String,
-    /// Train a transcoder: the store hook it reads (e.g. blocks.0.ln2.hook_normalized); needs --target-hook.
+    /// Train a transcoder: the hook it reads (e.g. blocks.0.ln2.hook_normalized), of a store or --live; needs --target-hook.
     #[arg(long, requires = "target_hook", conflicts_with_all = ["hook", "hook_name"])]
     pub input_hook: Option<String>,
     /// Train a transcoder: the store hook it reconstructs from --input-hook's rows (e.g. blocks.0.hook_mlp_out).
@@ -175,7 +176,7 @@ fn config_file(a: &TrainArgs, path: &str) -> Result<TrainSetup> {
 }
 
 /// Flags override `s` (the defaults, a --config file, or a resumed run's config).
-fn apply_flags(a: &TrainArgs, s: TrainSetup) -> Result<TrainSetup> {
+pub(super) fn apply_flags(a: &TrainArgs, s: TrainSetup) -> Result<TrainSetup> {
     Ok(TrainSetup { train: apply_train_flags(a, s.train)?, live: s.live.with_flags(a)? })
 }
 
@@ -267,9 +268,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let c = setup.train;
     if setup.live.live {
-        if !c.hook_name_out.is_empty() {
-            bail!("train --live reads one hook; train a transcoder from an activation store holding both hooks (saekit harvest --hooks IN,OUT)");
-        }
         if distributed {
             bail!("train --live does not run across MPI processes yet; train from a stored activation folder");
         }

@@ -119,10 +119,7 @@ pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<(
     let Some(contexts) = live.contexts.clone() else {
         bail!("--live needs a tokenized dataset: --contexts TOKENS_DIR (from `saekit tokenize`)");
     };
-    let hook: saekit_model::HookPoint = c
-        .hook_name
-        .parse()
-        .with_context(|| format!("--hook-name {:?}: not a hook point the model can run to", c.hook_name))?;
+    let hook = parse_hook(&c.hook_name, "--hook-name")?;
     let data = saekit_store::TokenDataset::open(std::path::Path::new(&contexts))?;
     let model_path = super::model_arg::resolve_model(live.model.as_deref())?;
     let model = saekit_model::Model::load(&model_path, &saekit_model::LoadOptions::default())?;
@@ -146,6 +143,9 @@ pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<(
         // what the trainer reads ahead before seeking back to the start
         keep_rows: c.prepare_rows(),
     };
+    if !c.hook_name_out.is_empty() {
+        return train_live_pairs(&c, (&model, &model_path), &data, lopts, opts);
+    }
     let rows = saekit_store::live::LiveActivations::new(&model, &data, lopts)?;
     let desc = format!(
         "live {} at {hook} over {contexts} split {} ({} contexts of {}, {} shuffle blocks per epoch, sinks skipped)",
@@ -166,5 +166,38 @@ pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<(
         100.0 * fs / wall.max(1e-9)
     );
     // end to end: the blocks computed while preparing count too
+    super::train::finish(&o, o.tokens_this_run as f64 / wall.max(1e-9))
+}
+
+fn parse_hook(name: &str, flag: &str) -> Result<saekit_model::HookPoint> {
+    name.parse().with_context(|| format!("{flag} {name:?}: not a hook point the model can run to"))
+}
+
+/// A transcoder trained live: `--input-hook` and `--target-hook` from one forward per block, read
+/// through the same shared-forward source as `saekit train-transcoders`.
+fn train_live_pairs(
+    c: &TrainConfig,
+    (model, model_path): (&saekit_model::Model, &std::path::Path),
+    data: &saekit_store::TokenDataset,
+    lopts: saekit_store::live::LiveOptions,
+    opts: &RunOptions,
+) -> Result<()> {
+    let (input, target) = (parse_hook(&c.hook_name, "--input-hook")?, parse_hook(&c.hook_name_out, "--target-hook")?);
+    let set = saekit_store::live_set::LiveHookSet::new(model, data, vec![input, target], lopts)?;
+    let desc = format!(
+        "live {} at {input} -> {target} over {} ({} contexts of {}, {} shuffle blocks per epoch, sinks skipped)",
+        model_path.display(),
+        data.dir().display(),
+        set.n_contexts(),
+        set.context_len(),
+        set.blocks_per_epoch()
+    );
+    let mut src = saekit_sae::LiveLayerSource::new(set.pair_reader(input, target)?, desc);
+    let t0 = std::time::Instant::now();
+    let o = saekit_sae::train(c, &mut src, opts)?;
+    drop(src);
+    let wall = t0.elapsed().as_secs_f64();
+    let (fs, ft) = set.forward_stats();
+    eprintln!("model forward: {ft} tokens in {fs:.1} s, {:.0}% of the {wall:.1} s run", 100.0 * fs / wall.max(1e-9));
     super::train::finish(&o, o.tokens_this_run as f64 / wall.max(1e-9))
 }
