@@ -8,6 +8,7 @@
 //! - The MPI meter (training_summary.json): bytes sent per step as the layout's shapes imply.
 //! - A short run: the SAE rank 0 gathers into one SAELens folder has its FVU on the whole data
 //!   (computed here by `saekit_sae::evaluate`) within 1% of the one-process run's.
+//! - `train --live` on 2 shards ends with the one-process live run's weights; live replicas are refused.
 //! - Harvest on the real model: 2 and 3 ranks write the one-process store, shard for shard and byte
 //!   for byte (the manifest's timing record aside); a rank killed mid-harvest ends the job, and the
 //!   same `mpirun` resumes it to those bytes.
@@ -395,6 +396,52 @@ fn tokens(dir: &Path) -> PathBuf {
     cmd.args(["--context", "64", "--validation-fraction", "0.25", "--max-tokens", "40k"]);
     succeeds(cmd);
     out
+}
+
+/// `train --live` with 2 latent shards: both ranks forward the same contexts, so the sharded run
+/// trains on the one-process live run's rows and ends with its weights (within f32 rounding of the
+/// sharded sums, compounded over the steps) and its final FVU. Two data replicas are refused with
+/// a message saying what to do.
+#[test]
+fn a_live_run_on_two_shards_ends_with_the_one_process_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens(tmp.path());
+    // the read-ahead that fixes the input scale has no flag: 512 rows, not 65,536, to forward
+    let config = tmp.path().join("live.toml");
+    std::fs::write(&config, "norm_estimate_rows = 512\n").unwrap();
+    let live = |ranks: usize, out: &Path, extra: &[&str]| {
+        let mut cmd = saekit_job(ranks);
+        cmd.args(["train", "--live", "--quiet", "--threads", "1", "--hook-name", "blocks.2.hook_resid_post"]);
+        cmd.args(["--live-batch", "4", "--live-block-tokens", "512", "--d-sae", "64", "--k", "4"]);
+        cmd.args(["--tokens", "2048", "--batch-size", "256", "--checkpoint-every", "0"]);
+        cmd.arg("--config").arg(&config).arg("--contexts").arg(&tokens).arg("--out").arg(out).args(extra);
+        cmd
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    succeeds(live(0, &one, &[]));
+    succeeds(live(2, &two, &[]));
+    let (a, b) = (saekit_sae::load_sae(&one).unwrap(), saekit_sae::load_sae(&two).unwrap());
+    assert_eq!(b.d_sae, 64);
+    for (name, x, y) in [("W_enc", &a.params.w_enc, &b.params.w_enc), ("W_dec", &a.params.w_dec, &b.params.w_dec)] {
+        let (x, y): (Vec<f64>, Vec<f64>) =
+            (x.iter().map(|&v| v as f64).collect(), y.iter().map(|&v| v as f64).collect());
+        let e = relative_error(&y, &x);
+        assert!(e < 1e-3, "{name} of the 2-shard live run is {e} (relative) from the one-process run's");
+    }
+    let fvu = |d: &Path| -> f64 {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("training_summary.json")).unwrap()).unwrap();
+        v["final_on_first_rows"]["fvu"].as_f64().unwrap()
+    };
+    let (f1, f2) = (fvu(&one), fvu(&two));
+    assert!((f1 - f2).abs() <= 0.01 * f1, "final FVU {f2} on 2 shards vs {f1} in one process");
+
+    let out = live(2, &tmp.path().join("replicas"), &["--shards", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("shards the latents only"),
+        "2 live replicas were not refused:\n{err}"
+    );
 }
 
 /// `harvest` of `hooks`, `n` tokens in shards of 7 contexts (of 64 tokens), under `ranks` ranks.
