@@ -227,7 +227,7 @@ fn the_mpi_meter_counts_the_bytes_the_layout_implies() {
         assert!(peaks.iter().all(|p| p.as_u64().unwrap() > 1 << 20), "2 {label}: {m}");
     }
     let w_dec = |label: &str| -> Vec<f64> {
-        let sae = saekit_sae::load_sae(&tmp.path().join(label)).expect("loading the SAE");
+        let sae = saekit_sae::load_sae(tmp.path().join(label)).expect("loading the SAE");
         sae.params.w_dec.iter().map(|&v| v as f64).collect()
     };
     let e = relative_error(&w_dec("shards"), &w_dec("one"));

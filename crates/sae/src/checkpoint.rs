@@ -361,7 +361,7 @@ pub(crate) fn read(
             ));
         }
         next = shard.latents[1];
-        let (l0, l1) = (shard.latents[0] as usize, shard.latents[1] as usize);
+        let [l0, l1] = shard.latents;
         if l1 <= latents.start || l0 >= latents.end {
             continue;
         }
