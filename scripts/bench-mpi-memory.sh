@@ -11,6 +11,11 @@
 # The trainer's up-front memory estimate is for the whole run and counts dense [batch, d_sae]
 # buffers that the TopK step does not hold (it encodes in chunks), so this script lifts it with
 # SAEKIT_MAX_MEMORY (override it to keep the check); what counts is the measured peak.
+# After the steps rank 0 evaluates the saved SAE on the first rows (norm_estimate_rows of them, set
+# here to one batch): at 1M latents that forward pass is ~1.2 TFLOP per 1,024 rows on rank 0's one
+# thread, part of the wall time but not of the steps' tokens/s. On a box shared with compilers
+# (load 8 on 2 cores) 4 steps of 1,024 took 9 minutes and the evaluation of 8,192 rows did not end
+# within 6 more; measure on a quiet box.
 #
 #   cargo build --workspace --bin saekit --features saekit/mpi
 #   SAEKIT_BIN=target/debug/saekit bash scripts/bench-mpi-memory.sh [D_SAE] [STEPS >= 3] [BATCH]
@@ -24,10 +29,11 @@ export SAEKIT_MAX_MEMORY=${SAEKIT_MAX_MEMORY:-1T}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 python3 "$(dirname "$0")/mpi-bench-data.py" "$WORK/acts.npy" 65536
+echo "norm_estimate_rows = $BATCH" > "$WORK/config.toml"
 # each rank's /usr/bin/time report goes to time.RANK
 mpirun -np 2 sh -c 'exec /usr/bin/time -v -o "$0.$OMPI_COMM_WORLD_RANK" "$@"' "$WORK/time" "$BIN" --threads 1 train \
   --acts "$WORK/acts.npy" --d-sae "$D_SAE" --k 32 --tokens $((STEPS * BATCH)) --batch-size "$BATCH" \
-  --shards 2 --quiet --checkpoint-every 0 --out "$WORK/out" >/dev/null
+  --shards 2 --quiet --checkpoint-every 0 --config "$WORK/config.toml" --out "$WORK/out" >/dev/null
 python3 - "$WORK" "$D_SAE" <<'PY'
 import glob, json, sys
 work, d_sae = sys.argv[1], int(sys.argv[2])
