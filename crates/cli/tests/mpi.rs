@@ -5,8 +5,10 @@
 //!   latents on every row as one process, and its gradients (assembled from each rank's slice)
 //!   are within 1e-6 relative of the one-process gradients, for every architecture that runs
 //!   across processes. Each process dumps its first step (`SAEKIT_DEBUG_DUMP_STEP`).
+//! - The MPI meter (training_summary.json): bytes sent per step as the layout's shapes imply.
 //! - A short run: the SAE rank 0 gathers into one SAELens folder has its FVU on the whole data
 //!   (computed here by `saekit_sae::evaluate`) within 1% of the one-process run's.
+//! - `train --live` on 2 shards ends with the one-process live run's weights; live replicas are refused.
 //! - Harvest on the real model: 2 and 3 ranks write the one-process store, shard for shard and byte
 //!   for byte (the manifest's timing record aside); a rank killed mid-harvest ends the job, and the
 //!   same `mpirun` resumes it to those bytes.
@@ -180,6 +182,58 @@ fn a_short_sharded_run_reaches_the_one_process_fvu() {
     }
 }
 
+/// The MPI meter in training_summary.json: the payload bytes each step hands to MPI are what the
+/// layout implies, counted here from the shapes: with 2 latent shards one all-reduce of the partial
+/// reconstructions (batch x d_in f32), one all-gather of each row's k candidates (index u32 + value
+/// f32, after the part's i32 length) and one all-reduce of b_dec's gradient (d_in f32); with 2
+/// replicas the dense gradient all-reduce (W_enc, W_dec, b_enc, b_dec), the firing counts (d_sae
+/// u32) and the batch mean (d_in f32). The rest are a few scalars (loss sums, row counts, the stop
+/// flag), under 128 bytes a step. One process writes no meter. The SAE is gathered to rank 0 in
+/// messages of 100 values (`SAEKIT_MPI_GATHER_CHUNK`: the path of a matrix over 2 GiB) and ends
+/// with the one-process weights.
+#[test]
+fn the_mpi_meter_counts_the_bytes_the_layout_implies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, _) = write_data(tmp.path());
+    let (batch, d_sae, k) = (256usize, 64usize, 4usize);
+    let base = ["--acts", &acts.display().to_string(), "--d-sae", "64", "--k", "4", "--tokens", "8192"]
+        .map(str::to_string)
+        .to_vec();
+    let summary = |label: &str, ranks: usize, extra: &[&str]| -> Value {
+        let out = tmp.path().join(label);
+        let args = [&base.iter().map(String::as_str).collect::<Vec<_>>()[..], extra].concat();
+        let flags = ["--batch-size", "256", "--checkpoint-every", "0", "--out", &out.display().to_string()];
+        let mut cmd = saekit_job(ranks);
+        cmd.args(["train", "--quiet", "--threads", "1"]).args(&args).args(flags);
+        cmd.env("SAEKIT_MPI_GATHER_CHUNK", "100");
+        succeeds(cmd);
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_summary.json")).unwrap()).unwrap()
+    };
+    assert!(summary("one", 0, &[]).get("mpi").is_none(), "one process wrote an MPI meter");
+    let shards = D_IN * batch * 4 + (4 + batch * k * 8) + D_IN * 4;
+    let replicas = (2 * d_sae * D_IN + d_sae + D_IN) * 4 + d_sae * 4 + D_IN * 4;
+    for (label, extra, want) in [("shards", &[][..], shards), ("replicas", &["--shards", "1"][..], replicas)] {
+        let m = &summary(label, 2, extra)["mpi"];
+        let got = m["bytes_sent_per_step"].as_f64().unwrap();
+        assert!(
+            got >= want as f64 && got <= (want + 128) as f64,
+            "2 {label}: {got} bytes sent per step, the layout implies {want} (+ < 128 of scalars): {m}"
+        );
+        let share = m["share_of_wall"].as_f64().unwrap();
+        assert!(share > 0.0 && share < 1.0, "2 {label}: share of wall time in MPI {share}: {m}");
+        assert!(m["calls_per_step"].as_f64().unwrap() >= 3.0, "2 {label}: {m}");
+        let peaks = m["peak_rss_bytes_per_rank"].as_array().unwrap();
+        assert_eq!(peaks.len(), 2, "2 {label}: one peak per rank: {m}");
+        assert!(peaks.iter().all(|p| p.as_u64().unwrap() > 1 << 20), "2 {label}: {m}");
+    }
+    let w_dec = |label: &str| -> Vec<f64> {
+        let sae = saekit_sae::load_sae(tmp.path().join(label)).expect("loading the SAE");
+        sae.params.w_dec.iter().map(|&v| v as f64).collect()
+    };
+    let e = relative_error(&w_dec("shards"), &w_dec("one"));
+    assert!(e < 1e-3, "W_dec gathered in chunks from 2 shards is {e} (relative) from the one-process W_dec");
+}
+
 #[test]
 fn a_checkpoint_resumes_on_another_layout() {
     let tmp = tempfile::tempdir().unwrap();
@@ -342,6 +396,52 @@ fn tokens(dir: &Path) -> PathBuf {
     cmd.args(["--context", "64", "--validation-fraction", "0.25", "--max-tokens", "40k"]);
     succeeds(cmd);
     out
+}
+
+/// `train --live` with 2 latent shards: both ranks forward the same contexts, so the sharded run
+/// trains on the one-process live run's rows and ends with its weights (within f32 rounding of the
+/// sharded sums, compounded over the steps) and its final FVU. Two data replicas are refused with
+/// a message saying what to do.
+#[test]
+fn a_live_run_on_two_shards_ends_with_the_one_process_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tokens = tokens(tmp.path());
+    // the read-ahead that fixes the input scale has no flag: 512 rows, not 65,536, to forward
+    let config = tmp.path().join("live.toml");
+    std::fs::write(&config, "norm_estimate_rows = 512\n").unwrap();
+    let live = |ranks: usize, out: &Path, extra: &[&str]| {
+        let mut cmd = saekit_job(ranks);
+        cmd.args(["train", "--live", "--quiet", "--threads", "1", "--hook-name", "blocks.2.hook_resid_post"]);
+        cmd.args(["--live-batch", "4", "--live-block-tokens", "512", "--d-sae", "64", "--k", "4"]);
+        cmd.args(["--tokens", "2048", "--batch-size", "256", "--checkpoint-every", "0"]);
+        cmd.arg("--config").arg(&config).arg("--contexts").arg(&tokens).arg("--out").arg(out).args(extra);
+        cmd
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    succeeds(live(0, &one, &[]));
+    succeeds(live(2, &two, &[]));
+    let (a, b) = (saekit_sae::load_sae(&one).unwrap(), saekit_sae::load_sae(&two).unwrap());
+    assert_eq!(b.d_sae, 64);
+    for (name, x, y) in [("W_enc", &a.params.w_enc, &b.params.w_enc), ("W_dec", &a.params.w_dec, &b.params.w_dec)] {
+        let (x, y): (Vec<f64>, Vec<f64>) =
+            (x.iter().map(|&v| v as f64).collect(), y.iter().map(|&v| v as f64).collect());
+        let e = relative_error(&y, &x);
+        assert!(e < 1e-3, "{name} of the 2-shard live run is {e} (relative) from the one-process run's");
+    }
+    let fvu = |d: &Path| -> f64 {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("training_summary.json")).unwrap()).unwrap();
+        v["final_on_first_rows"]["fvu"].as_f64().unwrap()
+    };
+    let (f1, f2) = (fvu(&one), fvu(&two));
+    assert!((f1 - f2).abs() <= 0.01 * f1, "final FVU {f2} on 2 shards vs {f1} in one process");
+
+    let out = live(2, &tmp.path().join("replicas"), &["--shards", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("shards the latents only"),
+        "2 live replicas were not refused:\n{err}"
+    );
 }
 
 /// `harvest` of `hooks`, `n` tokens in shards of 7 contexts (of 64 tokens), under `ranks` ranks.

@@ -15,6 +15,7 @@ use mpi::traits::*;
 use mpi::Threading;
 use saekit_sae::Collective;
 use saekit_sae::SaeError;
+use saekit_sae::Traffic;
 use saekit_store::Ranks;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +35,10 @@ pub struct MpiCollective {
     shard: usize,
     replica: usize,
     watchdog: Watchdog,
+    /// Time, bytes and calls spent in MPI so far (the benchmark's communication share).
+    traffic: Mutex<Traffic>,
+    /// Values per message of a gather to rank 0 ([`CHUNK`]; `SAEKIT_MPI_GATHER_CHUNK` in tests).
+    chunk: usize,
     /// Declared last: dropped (MPI_Finalize) after the communicators are freed.
     _universe: Universe,
 }
@@ -106,9 +111,20 @@ impl MpiCollective {
             shard,
             replica,
             watchdog: Watchdog::start(rank, collective_timeout()?),
+            traffic: Mutex::default(),
+            chunk: gather_chunk()?,
             _universe: universe,
         }))
     }
+}
+
+/// Values per message of a gather to rank 0: [`CHUNK`], or `SAEKIT_MPI_GATHER_CHUNK` (tests: small
+/// chunks exercise the path a matrix over 2 GiB takes).
+fn gather_chunk() -> Result<usize, SaeError> {
+    let Ok(v) = std::env::var("SAEKIT_MPI_GATHER_CHUNK") else { return Ok(CHUNK) };
+    v.trim().parse().ok().filter(|&n| n > 0 && n <= CHUNK).ok_or_else(|| {
+        SaeError::BadInput(format!("SAEKIT_MPI_GATHER_CHUNK={v:?} is not a count of values from 1 to {CHUNK}"))
+    })
 }
 
 /// End the whole MPI job with `code` (after a failure on this rank, so that no other rank waits
@@ -171,19 +187,73 @@ impl Watchdog {
 }
 
 impl MpiCollective {
+    /// Run `f` (`calls` MPI calls handing `bytes` to the library) under the watchdog, metered.
+    fn call<R>(&self, what: &'static str, bytes: usize, calls: u64, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = self.watchdog.watch(what, f);
+        let mut m = self.traffic.lock().unwrap_or_else(|e| e.into_inner());
+        m.seconds += t.elapsed().as_secs_f64();
+        m.bytes_sent += bytes as u64;
+        m.calls += calls;
+        r
+    }
+
     /// `values[i] ← Σ over the group`, unless the group is this process alone.
     fn all_sum<T: Equivalence + Copy>(&self, group: &SimpleCommunicator, values: &mut [T]) {
         if group.size() == 1 || values.is_empty() {
             return;
         }
         let send = values.to_vec();
-        self.watchdog.watch("an all-reduce", || group.all_reduce_into(&send[..], values, SystemOperation::sum()));
+        self.call("an all-reduce", size_of_val(values), 1, || {
+            group.all_reduce_into(&send[..], values, SystemOperation::sum())
+        });
     }
 
     /// Every rank's bytes of the group, concatenated in rank order (each may send a different count).
     fn all_gather(&self, group: &SimpleCommunicator, local: &[u8]) -> Vec<u8> {
-        self.watchdog.watch("an all-gather", || all_gather(group, local))
+        if group.size() == 1 {
+            return local.to_vec();
+        }
+        // the part's length (an i32), then the part
+        self.call("an all-gather", 4 + local.len(), 2, || all_gather(group, local))
     }
+
+    /// Rank 0 of the group gets every rank's bytes in rank order; the others get nothing.
+    fn gather_to_root<T: Equivalence + Copy + Default>(&self, group: &SimpleCommunicator, local: &[T]) -> Vec<T> {
+        if group.size() == 1 {
+            return local.to_vec();
+        }
+        let (bytes, calls) =
+            if group.rank() == 0 { (0, 0) } else { (8 + size_of_val(local), 1 + local.len().div_ceil(self.chunk)) };
+        self.call("a gather", bytes, calls as u64, || gather_to_root(group, local, self.chunk))
+    }
+}
+
+/// The most values one point-to-point call carries (MPI counts are i32; 1 GiB of f32).
+const CHUNK: usize = 1 << 28;
+
+/// Rank 0 receives each rank's part (its length, then messages of at most `chunk` values), in rank
+/// order, so neither a part nor the whole is limited to 2^31 values; the other ranks return nothing.
+fn gather_to_root<T: Equivalence + Copy + Default>(group: &SimpleCommunicator, local: &[T], chunk: usize) -> Vec<T> {
+    let root = group.process_at_rank(0);
+    if group.rank() != 0 {
+        root.send(&(local.len() as u64));
+        for part in local.chunks(chunk) {
+            root.send(part);
+        }
+        return Vec::new();
+    }
+    let lens: Vec<usize> = (1..group.size()).map(|r| group.process_at_rank(r).receive::<u64>().0 as usize).collect();
+    let mut all = Vec::with_capacity(local.len() + lens.iter().sum::<usize>());
+    all.extend_from_slice(local);
+    for (r, n) in (1..).zip(lens) {
+        let start = all.len();
+        all.resize(start + n, T::default());
+        for part in all[start..].chunks_mut(chunk) {
+            group.process_at_rank(r).receive_into(part);
+        }
+    }
+    all
 }
 
 /// Every rank's bytes of the group, concatenated in rank order (each may send a different count).
@@ -264,6 +334,15 @@ impl Collective for MpiCollective {
     fn rank(&self) -> usize {
         self.rank
     }
+    fn traffic(&self) -> Option<Traffic> {
+        Some(*self.traffic.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+    fn shard_gather_to_root(&self, local: &[u8]) -> Vec<u8> {
+        self.gather_to_root(&self.shard_group, local)
+    }
+    fn shard_gather_f32_to_root(&self, local: &[f32]) -> Vec<f32> {
+        self.gather_to_root(&self.shard_group, local)
+    }
 }
 
 /// A harvest's or an analysis's ranks are the whole job: each takes its share of the contexts.
@@ -280,8 +359,8 @@ impl Ranks for MpiCollective {
         failed[0] == 0
     }
     fn gather(&self, local: &[u8]) -> Vec<Vec<u8>> {
-        let lens = self.all_gather(&self.world, &(local.len() as u64).to_le_bytes());
-        let all = self.all_gather(&self.world, local);
+        let lens = self.gather_to_root(&self.world, &(local.len() as u64).to_le_bytes());
+        let all = self.gather_to_root(&self.world, local);
         let mut at = 0;
         lens.chunks_exact(8)
             .map(|n| {

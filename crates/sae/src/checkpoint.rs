@@ -18,6 +18,7 @@ use crate::SaeError;
 use anyhow::Context;
 use safetensors::tensor::SafeTensors;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// Everything a run carries from step to step besides the data.
@@ -327,29 +328,61 @@ fn check_progress(meta: &CheckpointMeta, path: &Path) -> Result<(), SaeError> {
 }
 
 /// Read the tensors of the checkpoint in `dir` (whose state.json is `meta`), checked against the
-/// size and CRC32 recorded there, into the state of a run planned by `plan`.
-pub(crate) fn read(dir: &Path, meta: &CheckpointMeta, plan: &TrainPlan) -> Result<TrainState, SaeError> {
+/// size and CRC32 recorded there, into the state of the `latents` of a run planned by `plan` (a
+/// process's slice; the checkpoint may have been cut into other slices, or be whole).
+pub(crate) fn read(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    plan: &TrainPlan,
+    latents: Range<usize>,
+) -> Result<TrainState, SaeError> {
     if meta.shards.is_empty() {
         let p = dir.join("state.safetensors");
         verify_checksum(meta, &p, dir)?;
-        return read_file(&p, meta, plan);
+        let mut st = read_file(&p, meta, plan)?;
+        if latents != (0..st.sae.d_sae) {
+            crate::layout::slice_state(&mut st, latents);
+        }
+        return Ok(st);
     }
-    let mut parts = Vec::with_capacity(meta.shards.len());
+    // only the shard files that hold some of `latents` are read (at 1M latents the whole state is
+    // 14 GB); every entry of the list is checked to follow the one before
+    let (mut parts, mut first) = (Vec::new(), None);
     let mut next = 0;
     for shard in &meta.shards {
         let p = dir.join(&shard.file);
-        let (bytes, crc) = saekit_files::file_crc32(&p)?;
-        if (bytes, crc) != (shard.bytes, shard.crc32) || shard.latents[0] != next {
+        if shard.latents[0] != next {
             return Err(SaeError::corrupt(
-                &p,
-                format!("{bytes} bytes, crc32 {crc:08x}, latents from {}, but state.json records {} bytes, crc32 {:08x}, latents from {next}: the checkpoint is corrupt", shard.latents[0], shard.bytes, shard.crc32),
+                dir.join("state.json"),
+                format!(
+                    "lists {} from latent {} where latent {next} was due: the checkpoint is corrupt",
+                    shard.file, shard.latents[0]
+                ),
             ));
         }
         next = shard.latents[1];
+        let [l0, l1] = shard.latents;
+        if l1 <= latents.start || l0 >= latents.end {
+            continue;
+        }
+        let (bytes, crc) = saekit_files::file_crc32(&p)?;
+        if (bytes, crc) != (shard.bytes, shard.crc32) {
+            return Err(SaeError::corrupt(
+                &p,
+                format!("{bytes} bytes, crc32 {crc:08x}, but state.json records {} bytes, crc32 {:08x}: the checkpoint is corrupt", shard.bytes, shard.crc32),
+            ));
+        }
+        first.get_or_insert(l0);
         parts.push(read_file(&p, meta, plan)?);
     }
-    crate::layout::join_states(parts)
-        .ok_or_else(|| SaeError::corrupt(dir.join("state.json"), "lists an empty set of shard files"))
+    let mut st = crate::layout::join_states(parts).ok_or_else(|| {
+        SaeError::corrupt(dir.join("state.json"), format!("lists no shard file holding latents {latents:?}"))
+    })?;
+    let first = first.unwrap_or(0);
+    if latents.len() != st.sae.d_sae {
+        crate::layout::slice_state(&mut st, latents.start - first..latents.end - first);
+    }
+    Ok(st)
 }
 
 /// The state in one safetensors file (a whole checkpoint, or one shard's slice).

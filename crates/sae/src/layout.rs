@@ -1,12 +1,13 @@
-//! The trainer's side of the 2-D layout (see [`Collective`]): cutting a run's state down to this
-//! process's latents, gathering it back whole for the files that rank 0 writes (checkpoints and
-//! the SAELens folder keep the one-process format, so a run moves between layouts), and the debug
+//! The trainer's side of the 2-D layout (see [`Collective`]): cutting a resumed run's state down to
+//! this process's latents, gathering the trained SAE back whole for the SAELens folder that rank 0
+//! writes, joining a sharded checkpoint's slices (they keep the one-process format, so a run moves
+//! between layouts), and the debug
 //! dump of one step that the MPI tests compare across layouts.
 
 use crate::checkpoint::TrainState;
 use crate::config::Arch;
 use crate::plan::TrainPlan;
-use crate::step::{Collective, Workspace};
+use crate::step::{AdamState, Collective, Workspace};
 use crate::SaeError;
 use anyhow::Context;
 use std::ops::Range;
@@ -69,26 +70,35 @@ fn slice_rows<T: Copy>(v: &mut Vec<T>, width: usize, r: &Range<usize>) {
     v.drain(..r.start * width);
 }
 
-/// The whole state, every shard's latents put back in order (every process gets it; rank 0
-/// writes it). With one shard, a copy.
-pub(crate) fn gather_state(st: &TrainState, comm: &dyn Collective) -> TrainState {
-    let mut all = st.clone();
-    if comm.shards() == 1 {
-        return all;
+/// The trained SAE and its firing counts whole on rank 0 (`None` on the others), every shard's
+/// latents put back in order: what the SAELens folder needs. The Adam moments are freed first and
+/// not gathered (the run is over), and each slice is freed once sent, so rank 0 holds the whole
+/// SAE and little else, and no other rank ever holds it. Every rank must call it.
+pub(crate) fn gather_output(st: &mut TrainState, comm: &dyn Collective) -> Option<TrainState> {
+    let empty = crate::params::Params::default();
+    st.opt = AdamState { m: empty.clone(), v: empty };
+    if comm.replica() != 0 {
+        return None; // the other replicas hold the same weights: replica 0's shards give them
     }
-    for (whole, part) in
-        [(&mut all.sae.params, &st.sae.params), (&mut all.opt.m, &st.opt.m), (&mut all.opt.v, &st.opt.v)]
-    {
-        whole.w_enc = gather_f32(&part.w_enc, comm);
-        whole.w_dec = gather_f32(&part.w_dec, comm);
-        whole.b_enc = gather_f32(&part.b_enc, comm);
-        whole.threshold = gather_f32(&part.threshold, comm);
+    let p = &mut st.sae.params;
+    let gather = |v: &mut Vec<f32>| comm.shard_gather_f32_to_root(&std::mem::take(v));
+    let (w_enc, w_dec, b_enc, threshold) =
+        (gather(&mut p.w_enc), gather(&mut p.w_dec), gather(&mut p.b_enc), gather(&mut p.threshold));
+    let bytes: Vec<u8> = st.fire_count.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let fire_count: Vec<u64> = comm
+        .shard_gather_to_root(&bytes)
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    if comm.rank() != 0 {
+        return None;
     }
-    all.since_fired = gather_u64(&st.since_fired, comm);
-    all.fire_count = gather_u64(&st.fire_count, comm);
-    all.window_fire = gather_u64(&st.window_fire, comm);
-    all.sae.d_sae = all.sae.params.b_enc.len();
-    all
+    let mut whole = st.clone();
+    whole.sae.params =
+        crate::params::Params { w_enc, w_dec, b_enc, threshold, ..std::mem::take(&mut whole.sae.params) };
+    whole.sae.d_sae = whole.sae.params.b_enc.len();
+    whole.fire_count = fire_count;
+    Some(whole)
 }
 
 /// The whole state from its slices in latent order (a sharded checkpoint's files).
@@ -110,16 +120,6 @@ pub(crate) fn join_states(parts: Vec<TrainState>) -> Option<TrainState> {
     }
     all.sae.d_sae = all.sae.params.b_enc.len();
     Some(all)
-}
-
-fn gather_f32(v: &[f32], comm: &dyn Collective) -> Vec<f32> {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    comm.shard_gather(&bytes).chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
-fn gather_u64(v: &[u64], comm: &dyn Collective) -> Vec<u64> {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    comm.shard_gather(&bytes).chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
 }
 
 /// `SAEKIT_DEBUG_DUMP_STEP=DIR` (tests only): after the first step's forward and backward, each

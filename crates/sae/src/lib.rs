@@ -80,7 +80,7 @@ pub use plan::{
 };
 pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
 pub use source::{ActivationSource, NpyPairSource, NpySource, Provenance};
-pub use step::{Collective, SingleProcess, StepStats};
+pub use step::{Collective, SingleProcess, StepStats, Traffic};
 #[cfg(feature = "store")]
 pub use store_source::{LiveLayerSource, LiveSource, StorePairSource, StoreSource};
 pub use train::{density_histogram, train, RunOptions, TrainOutcome};

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 
 /// How the inference activation is computed. Training-only architectures map onto these:
 /// BatchTopK is saved as `JumpRelu` with its learned global threshold broadcast (as SAELens does).
@@ -192,7 +193,20 @@ impl Sae {
     /// Random init: decoder rows are uniform random directions scaled to `dec_norm`, the encoder is
     /// the decoder transpose (OpenAI / Anthropic), biases zero.
     pub fn init(d_in: usize, d_sae: usize, activation: Activation, dec_norm: f32, seed: u64) -> Sae {
-        let w_dec = random_rows(d_sae, d_in, dec_norm, seed ^ 0x5ae0_0000_0000_0000);
+        Sae::init_latents(d_in, 0..d_sae, activation, dec_norm, seed)
+    }
+
+    /// The latents `latents` of [`Sae::init`]'s SAE (a shard's slice), bit for bit, without
+    /// making the others.
+    pub(crate) fn init_latents(
+        d_in: usize,
+        latents: Range<usize>,
+        activation: Activation,
+        dec_norm: f32,
+        seed: u64,
+    ) -> Sae {
+        let d_sae = latents.len();
+        let w_dec = random_rows(latents, d_in, dec_norm, seed ^ 0x5ae0_0000_0000_0000);
         Sae {
             d_in,
             d_sae,
@@ -224,14 +238,28 @@ impl Sae {
         seed: u64,
         skip: bool,
     ) -> Sae {
+        Sae::init_transcoder_latents(d_in, d_out, 0..d_sae, activation, dec_norm, seed, skip)
+    }
+
+    /// The latents `latents` of [`Sae::init_transcoder`]'s transcoder, bit for bit.
+    pub(crate) fn init_transcoder_latents(
+        d_in: usize,
+        d_out: usize,
+        latents: Range<usize>,
+        activation: Activation,
+        dec_norm: f32,
+        seed: u64,
+        skip: bool,
+    ) -> Sae {
+        let d_sae = latents.len();
         Sae {
             d_in,
             d_sae,
             activation,
             params: Params {
-                w_enc: random_rows(d_sae, d_in, dec_norm, seed ^ 0x7c0d_0000_0000_0000),
+                w_enc: random_rows(latents.clone(), d_in, dec_norm, seed ^ 0x7c0d_0000_0000_0000),
                 b_enc: vec![0.0; d_sae],
-                w_dec: random_rows(d_sae, d_out, dec_norm, seed ^ 0x5ae0_0000_0000_0000),
+                w_dec: random_rows(latents, d_out, dec_norm, seed ^ 0x5ae0_0000_0000_0000),
                 b_dec: vec![0.0; d_out],
                 threshold: initial_threshold(activation, d_sae),
                 w_skip: if skip { vec![0.0; d_out * d_in] } else { Vec::new() },
@@ -413,13 +441,29 @@ fn initial_threshold(activation: Activation, d_sae: usize) -> Vec<f32> {
     }
 }
 
-/// `rows` rows of `width` uniform random values scaled to norm `norm`; each block of 256 rows gets
-/// its own stream of `seed`, so the result is fast and independent of the thread count.
-fn random_rows(rows: usize, width: usize, norm: f32, seed: u64) -> Vec<f32> {
-    let mut w = vec![0.0f32; rows * width];
-    w.par_chunks_mut(width * 256).enumerate().for_each(|(b, blk)| {
+/// Rows `rows` of a matrix of `width` uniform random values per row, each row scaled to norm
+/// `norm`; each block of 256 rows gets its own stream of `seed`, so the result is fast, independent
+/// of the thread count, and a slice of rows is made without the rows before it (a block's stream is
+/// run through the rows of its block before the slice and those values dropped).
+fn random_rows(rows: Range<usize>, width: usize, norm: f32, seed: u64) -> Vec<f32> {
+    const BLOCK: usize = 256;
+    let mut w = vec![0.0f32; rows.len() * width];
+    // (block, rows of the block before the slice, the slice's rows of the block)
+    let mut pieces = Vec::new();
+    let (mut rest, mut r) = (&mut w[..], rows.start);
+    while r < rows.end {
+        let b = r / BLOCK;
+        let end = ((b + 1) * BLOCK).min(rows.end);
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut((end - r) * width);
+        pieces.push((b, r - b * BLOCK, piece));
+        (rest, r) = (tail, end);
+    }
+    pieces.into_par_iter().for_each(|(b, skipped, piece)| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (b as u64).wrapping_mul(0x9E37_79B9));
-        for row in blk.chunks_mut(width) {
+        for _ in 0..skipped * width {
+            rng.gen::<f32>();
+        }
+        for row in piece.chunks_mut(width) {
             for v in row.iter_mut() {
                 // uniform in [-1, 1): kaiming-uniform up to scale; the row is normalised below
                 *v = rng.gen::<f32>() * 2.0 - 1.0;
@@ -431,4 +475,28 @@ fn random_rows(rows: usize, width: usize, norm: f32, seed: u64) -> Vec<f32> {
         }
     });
     w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shard's init is the same slice of the whole init, for slices that start and end inside
+    /// the 256-row blocks of the random streams and across several of them.
+    #[test]
+    fn a_slice_of_latents_inits_as_in_the_whole_sae() {
+        let (d, n) = (7, 1000);
+        let whole = Sae::init(d, n, Activation::TopK { k: 3 }, 0.3, 5);
+        let coder = Sae::init_transcoder(d, 5, n, Activation::JumpRelu, 0.3, 5, true);
+        for r in [0..n, 0..1, 300..700, 255..257, 513..1000, 999..1000, 400..400] {
+            let part = Sae::init_latents(d, r.clone(), Activation::TopK { k: 3 }, 0.3, 5);
+            assert_eq!(part.d_sae, r.len());
+            assert_eq!(part.params.w_dec, whole.params.w_dec[r.start * d..r.end * d], "{r:?}");
+            assert_eq!(part.params.w_enc, whole.params.w_enc[r.start * d..r.end * d], "{r:?}");
+            let part = Sae::init_transcoder_latents(d, 5, r.clone(), Activation::JumpRelu, 0.3, 5, true);
+            assert_eq!(part.params.w_enc, coder.params.w_enc[r.start * d..r.end * d], "{r:?}");
+            assert_eq!(part.params.w_dec, coder.params.w_dec[r.start * 5..r.end * 5], "{r:?}");
+            assert_eq!(part.params.threshold.len(), r.len());
+        }
+    }
 }

@@ -11,7 +11,7 @@ use crate::layout;
 use crate::plan::{ArchSettings, TrainPlan};
 use crate::sae::Sae;
 use crate::source::{ActivationSource, Provenance};
-use crate::step::{self, AdamState, Collective, SingleProcess, StepStats, Workspace};
+use crate::step::{self, AdamState, Collective, SingleProcess, StepStats, Traffic, Workspace};
 use crate::SaeError;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -100,12 +100,13 @@ fn train_in_pool(
     std::fs::create_dir_all(&out).with_context(|| format!("creating output folder {}", out.display()))?;
     let prov = src.provenance()?;
     let requested = cfg.clone().with_provenance(&prov);
-    let (plan, mut st) =
-        if opts.resume { resume(&out, &requested, src, &prov, root)? } else { start(&out, requested, src, root)? };
+    let (plan, mut st) = if opts.resume {
+        resume(&out, &requested, src, &prov, root, comm)?
+    } else {
+        let latents = comm.latent_slice(requested.d_sae);
+        start(&out, requested, src, root, latents)?
+    };
     layout::check(&plan, comm)?;
-    if comm.shards() > 1 {
-        layout::slice_state(&mut st, comm.latent_slice(plan.config.d_sae));
-    }
     let c = &plan.config;
     tracing::info!(
         "training {} SAE {} -> {} on {}; {} steps of {}",
@@ -119,12 +120,17 @@ fn train_in_pool(
     let mut run = Run::new(&plan, &out, opts.progress && root, st.step, comm)?;
     let (last, steps_this_run, interrupted) = run.steps(&mut st, src, opts, &prov.data_fingerprint)?;
     let tokens_per_s = run.tokens_per_s(st.step, steps_this_run);
+    let mpi = run.mpi_meter(st.step);
     let dead_frac = dead_fraction(&st, c, comm);
     drop(run); // release the [batch, d_sae] buffers before writing the output
     if !interrupted {
         let first = first_rows(src, &st.data_start, &plan)?;
-        on_whole_state(&mut st, comm, |whole| {
-            let done = Finished { last: &last, tokens_per_s, dead_frac, first_rows: first };
+        on_whole_state(&mut st, comm, |whole, peaks| {
+            let mut mpi = mpi;
+            if let (Some(m), Some(p)) = (&mut mpi, peaks) {
+                m["peak_rss_bytes_per_rank"] = serde_json::json!(p);
+            }
+            let done = Finished { last: &last, tokens_per_s, dead_frac, first_rows: first, mpi };
             save_output(&out, whole, &plan, &opts.source_config, done)
         })?;
     }
@@ -144,21 +150,27 @@ fn train_in_pool(
     })
 }
 
-/// Run `write` on rank 0 with the whole state: this process's own when it holds every latent
-/// (no copy), else gathered from the shards (every process takes part in the gather).
+/// Run `write` on rank 0 with the whole trained SAE and its firing counts: this process's own
+/// state when it holds every latent (no copy), else gathered from the shards (every process takes
+/// part; the Adam moments are freed, not gathered: the run is over). Under MPI `write` also gets
+/// every rank's peak resident memory (bytes, in rank order) after the gather.
 fn on_whole_state(
     st: &mut TrainState,
     comm: &dyn Collective,
-    write: impl FnOnce(&mut TrainState) -> Result<(), SaeError>,
+    write: impl FnOnce(&mut TrainState, Option<Vec<u64>>) -> Result<(), SaeError>,
 ) -> Result<(), SaeError> {
-    if comm.shards() == 1 {
-        return if comm.rank() == 0 { write(st) } else { Ok(()) };
+    let whole = (comm.shards() > 1).then(|| layout::gather_output(st, comm));
+    let peaks = comm.traffic().map(|_| {
+        let mine = crate::bench::peak_rss_bytes().unwrap_or(0).to_le_bytes();
+        comm.gather_all(&mine).chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect()
+    });
+    if comm.rank() != 0 {
+        return Ok(());
     }
-    let mut whole = layout::gather_state(st, comm);
-    if comm.rank() == 0 {
-        write(&mut whole)?;
+    match whole.flatten() {
+        Some(mut whole) => write(&mut whole, peaks),
+        None => write(st, peaks),
     }
-    Ok(())
 }
 
 /// Fraction of the SAE's latents dead now (over every shard).
@@ -168,13 +180,15 @@ fn dead_fraction(st: &TrainState, c: &TrainConfig, comm: &dyn Collective) -> f64
     dead[0] / c.d_sae as f64
 }
 
-/// A fresh run: plan the config, read ahead to prepare the data, initialise the (whole) SAE; every
-/// process does the same, so their slices are those of the one-process run.
+/// A fresh run: plan the config, read ahead to prepare the data, initialise this process's
+/// `latents` of the SAE (all of them in one process), bit for bit the slice of the one-process
+/// init, without making the others (at 1M latents the whole SAE with its Adam state is 14 GB).
 fn start(
     out: &Path,
     cfg: TrainConfig,
     src: &mut dyn ActivationSource,
     root: bool,
+    latents: std::ops::Range<usize>,
 ) -> Result<(TrainPlan, TrainState), SaeError> {
     let data_start = src.cursor();
     let plan = TrainPlan::new(cfg, src.d_in(), src.d_out(), crate::config::memory_budget())?;
@@ -184,9 +198,9 @@ fn start(
     let prep = prepare(c, src, plan.d_in, d_out)?;
     let (act, norm) = (plan.activation(), plan.schedule.decoder_init_norm);
     let mut sae = if plan.is_transcoder() {
-        Sae::init_transcoder(plan.d_in, plan.d_out, c.d_sae, act, norm, c.seed, c.skip)
+        Sae::init_transcoder_latents(plan.d_in, plan.d_out, latents, act, norm, c.seed, c.skip)
     } else {
-        Sae::init(plan.d_in, c.d_sae, act, norm, c.seed)
+        Sae::init_latents(plan.d_in, latents, act, norm, c.seed)
     };
     sae.params.b_dec = prep.b_dec;
     if let ArchSettings::JumpRelu(s) = plan.arch {
@@ -194,7 +208,7 @@ fn start(
     }
     sae.metadata = plan.metadata();
     let opt = AdamState::zeros(&sae);
-    let n = c.d_sae;
+    let n = sae.d_sae;
     if root {
         std::fs::remove_file(out.join("metrics.jsonl")).ok();
     }
@@ -218,13 +232,15 @@ fn start(
     Ok((plan, st))
 }
 
-/// Continue the run in `out` from its newest checkpoint, which must match the requested config and data.
+/// Continue the run in `out` from its newest checkpoint, which must match the requested config and
+/// data; this process gets its own latents of it (all of them in one process).
 fn resume(
     out: &Path,
     requested: &TrainConfig,
     src: &mut dyn ActivationSource,
     prov: &Provenance,
     root: bool,
+    comm: &dyn Collective,
 ) -> Result<(TrainPlan, TrainState), SaeError> {
     let all = checkpoint::list(out)?;
     let last = all.last().ok_or_else(|| {
@@ -246,7 +262,8 @@ fn resume(
     // the destination may have been moved; everything else comes from the checkpoint
     cfg.out = requested.out.clone();
     let plan = TrainPlan::new(cfg, d, src.d_out(), None)?;
-    let st = checkpoint::read(last, &meta, &plan)?;
+    // this process's latents only (a sharded checkpoint's other files are not read)
+    let st = checkpoint::read(last, &meta, &plan, comm.latent_slice(plan.config.d_sae))?;
     // the run's first position (where its final FVU is measured) is read back at the end: check it now
     if !st.data_start.is_null() {
         src.seek(&st.data_start).with_context(|| {
@@ -392,6 +409,8 @@ struct Run<'a> {
     window_steps: u64,
     /// (time, step) after this process's second step: throughput excludes preparation and warm-up.
     steady_from: Option<(Instant, u64)>,
+    /// The exchanges with the other processes up to `steady_from` (`None` in one process).
+    steady_traffic: Option<Traffic>,
 }
 
 impl<'a> Run<'a> {
@@ -425,6 +444,7 @@ impl<'a> Run<'a> {
             window_started: Instant::now(),
             window_steps: 0,
             steady_from: None,
+            steady_traffic: None,
         })
     }
 
@@ -446,6 +466,7 @@ impl<'a> Run<'a> {
             steps_this_run += 1;
             if steps_this_run == 2 {
                 self.steady_from = Some((Instant::now(), st.step));
+                self.steady_traffic = self.comm.traffic();
             }
             self.log(st, &last)?;
             let is_last = st.step == total;
@@ -587,6 +608,25 @@ impl<'a> Run<'a> {
     }
 }
 
+impl Run<'_> {
+    /// Under MPI, what the steady steps (those `tokens_per_s` counts) spent exchanging, as this
+    /// process saw it: seconds inside MPI calls and their share of the wall time, payload bytes
+    /// handed to MPI and calls per step. `None` in one process, or with fewer than three steps.
+    fn mpi_meter(&self, step: u64) -> Option<serde_json::Value> {
+        let ((t0, s0), before, now) = (self.steady_from?, self.steady_traffic?, self.comm.traffic()?);
+        let steps = step.checked_sub(s0).filter(|&n| n > 0)? as f64;
+        let wall = t0.elapsed().as_secs_f64();
+        let seconds = now.seconds - before.seconds;
+        Some(serde_json::json!({
+            "rank": self.comm.rank(), "shards": self.comm.shards(), "replicas": self.comm.replicas(),
+            "steps": steps, "wall_seconds": wall, "seconds_in_calls": seconds,
+            "share_of_wall": seconds / wall.max(1e-9),
+            "bytes_sent_per_step": (now.bytes_sent - before.bytes_sent) as f64 / steps,
+            "calls_per_step": (now.calls - before.calls) as f64 / steps,
+        }))
+    }
+}
+
 fn progress_bar(len: u64, pos: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
@@ -658,6 +698,8 @@ struct Finished<'a> {
     tokens_per_s: f64,
     dead_frac: f64,
     first_rows: Option<(Vec<f32>, Vec<f32>)>,
+    /// Under MPI: the exchanges' cost ([`Run::mpi_meter`]) and each rank's peak memory.
+    mpi: Option<serde_json::Value>,
 }
 
 /// FVU of the saved (raw-space) SAE or transcoder on raw rows `x` with targets `y` (`x` itself when
@@ -690,7 +732,7 @@ fn save_output(
     source_config: &toml::Table,
     done: Finished,
 ) -> Result<(), SaeError> {
-    let Finished { last, tokens_per_s, dead_frac, first_rows } = done;
+    let Finished { last, tokens_per_s, dead_frac, first_rows, mpi } = done;
     // training is over: fold the scale in place (a clone would double the peak memory at 1M latents)
     if let ArchSettings::BatchTopK(_) = plan.arch {
         st.sae.params.threshold = vec![st.batchtopk_threshold; st.sae.d_sae];
@@ -717,6 +759,9 @@ fn save_output(
         "dead_frac": dead_frac, "log10_density_histogram": hist, "resolved": plan.schedule,
         "final_on_first_rows": first,
     });
+    if let Some(mpi) = mpi {
+        summary["mpi"] = mpi;
+    }
     if plan.is_transcoder() {
         summary["output_scale"] = serde_json::json!(st.output_scale);
         summary["outlier_max_norm_out_raw"] = serde_json::json!(st.max_norm_out);

@@ -32,7 +32,8 @@ pub trait Ranks: Send + Sync + std::fmt::Debug {
     /// Wait for every rank; true when every rank passed `ok = true`. Every rank must call it the
     /// same number of times, so a rank that fails reports it here instead of returning early.
     fn all_ok(&self, ok: bool) -> bool;
-    /// Every rank's `local` bytes, in rank order (every rank receives them all).
+    /// Rank 0 gets every rank's `local` bytes, in rank order; the other ranks get an empty list
+    /// (only rank 0 holds the whole, which may exceed 2 GiB).
     fn gather(&self, local: &[u8]) -> Vec<Vec<u8>>;
 }
 

@@ -268,10 +268,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let c = setup.train;
     if setup.live.live {
-        if distributed {
-            bail!("train --live does not run across MPI processes yet; train from a stored activation folder");
+        if let Some(m) = opts.collective.as_ref().filter(|m| m.replicas() > 1) {
+            bail!(
+                "train --live across MPI processes shards the latents only: {} data replicas would each forward the same contexts; pass --shards {} (all ranks) or train from a stored activation folder",
+                m.replicas(),
+                m.replicas() * m.shards()
+            );
         }
-        return super::train_live::run(c, &setup.live, &opts);
+        let trained = super::train_live::run(c, &setup.live, &opts);
+        if distributed {
+            super::mpi_job::fatal_across_ranks(trained.as_ref().err());
+        }
+        return trained;
     }
     let trained = train_stored(&a, &c, resume, &opts);
     if distributed {

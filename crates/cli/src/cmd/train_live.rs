@@ -112,6 +112,13 @@ impl LiveConfig {
 }
 
 /// Train on the rows `live` describes, with the trainer's config `c`.
+///
+/// Under `mpirun` the ranks split the latents (one replica): every rank runs the model over the same
+/// contexts, so the ranks of the shard group see the same rows with no exchange of them. The
+/// alternative, one rank forwarding and broadcasting each batch ([batch, d_in] f32 a step), leaves
+/// the other ranks idle while it forwards, so the step waits for one forward pass either way and
+/// the broadcast adds its traffic (reasoned, not measured). Data-parallel replicas, which would
+/// each forward a disjoint share of the contexts, are refused (see `train::run`).
 pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<()> {
     if c.acts.is_some() {
         bail!("--live reads activations from the model: drop --acts (or `acts` in the config), or drop --live");
@@ -158,6 +165,9 @@ pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<(
     let mut src = saekit_sae::LiveSource::new(rows, desc);
     let t0 = std::time::Instant::now();
     let o = saekit_sae::train(&c, &mut src, opts)?;
+    if opts.collective.as_ref().is_some_and(|m| m.rank() != 0) {
+        return Ok(()); // rank 0 reports
+    }
     let wall = t0.elapsed().as_secs_f64();
     let (fs, ft) = src.forward_stats();
     eprintln!(

@@ -143,6 +143,31 @@ pub trait Collective: Sync + Send + std::fmt::Debug {
     fn rank(&self) -> usize {
         0
     }
+    /// What this process's exchanges have cost so far (`None` in one process, which has none).
+    fn traffic(&self) -> Option<Traffic> {
+        None
+    }
+    /// Rank 0 gets every shard's bytes in shard order; the other ranks get nothing. Unlike
+    /// [`Collective::shard_gather`], no rank but the root holds the whole, and a part may exceed 2 GiB.
+    fn shard_gather_to_root(&self, local: &[u8]) -> Vec<u8> {
+        self.shard_gather(local)
+    }
+    /// As [`Collective::shard_gather_to_root`], for f32 values (no byte copies of a large matrix).
+    fn shard_gather_f32_to_root(&self, local: &[f32]) -> Vec<f32> {
+        local.to_vec()
+    }
+}
+
+/// A process's exchanges with the others so far: the benchmark's communication share and volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    /// Wall seconds spent inside the MPI library's calls (waiting for other ranks included).
+    pub seconds: f64,
+    /// Payload bytes this process handed to the library to send (each all-reduce's vector, each
+    /// all-gather's own part): the wire carries a multiple of it that depends on the algorithm.
+    pub bytes_sent: u64,
+    /// Calls into the library.
+    pub calls: u64,
 }
 
 /// The whole batch and every latent are in this process: every reduction is the identity.
