@@ -19,6 +19,10 @@ use crate::examples::{select, ExampleOptions, FeatureExamples};
 use crate::prompts::{explainer_messages, parse_explanation};
 use crate::score::{detection, fuzzing, Usage};
 
+/// Tokens the explainer may write: a short look at the examples and one line. Within what `saekit serve`
+/// allows by default (`--max-new-tokens 128`), so a plain serve can be the explainer.
+const EXPLAINER_MAX_TOKENS: u32 = 128;
+
 /// What `saekit explain` explains and how.
 #[derive(Debug, Clone)]
 pub struct ExplainOptions {
@@ -199,7 +203,7 @@ fn explain_one(
     let text = |t: u32| db.token_text(t).unwrap_or_else(|_| format!("<{t}>"));
     let ex = select(&rec, heldout, text, &opts.examples);
     let mut usage = Usage::default();
-    let reply = match client.chat(&explainer_messages(&ex.explain, rec.max_act), 200) {
+    let reply = match client.chat(&explainer_messages(&ex.explain, rec.max_act), EXPLAINER_MAX_TOKENS) {
         Ok(r) => r,
         Err(e @ ChatError::Fatal(_)) => return Err(e),
         Err(ChatError::Failed(m)) => return Ok(Outcome::Failed(id, m)),
