@@ -106,7 +106,7 @@ def search(bin_, sae, pos, neg, work):
         with open(p, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
         paths.append(p)
-    out = subprocess.run([bin_, "search", "--sae", sae, "--pos", paths[0], "--neg", paths[1], "--json"],
+    out = subprocess.run([bin_, "search", sae, "--pos", paths[0], "--neg", paths[1], "--json"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
