@@ -20,8 +20,7 @@ use serde::Serialize;
 
 use crate::client::{ChatClient, ChatError};
 use crate::error::{bail_input, ExplainResult};
-use crate::examples::select;
-use crate::run::{chat_stop, in_parallel, score_explanation, ExplainOptions};
+use crate::run::{chat_stop, examples_of, in_parallel, read_feature, score_explanation, ExplainOptions};
 use crate::score::Usage;
 
 /// One feature's balanced accuracies (`None`: the scorer did not run or read no answer).
@@ -239,13 +238,11 @@ fn score_pair(
     opts: &ExplainOptions,
 ) -> Result<Scored, ChatError> {
     let mut usage = Usage::default();
-    let rec = match db.feature(t.id) {
-        Ok(Some(r)) => r,
-        Ok(None) => return Ok((Err((t.id, "not in the database".into())), usage)),
-        Err(e) => return Ok((Err((t.id, format!("{e:#}"))), usage)),
+    let rec = match read_feature(db, t.id) {
+        Ok(r) => r,
+        Err(why) => return Ok((Err((t.id, why)), usage)),
     };
-    let text = |tok: u32| db.token_text(tok).unwrap_or_else(|_| format!("<{tok}>"));
-    let ex = select(&rec, heldout, text, &opts.examples);
+    let ex = examples_of(db, heldout, &rec, opts);
     let (d, f) = score_explanation(client, &t.own, &ex, t.id, opts, &mut usage)?;
     let (sd, sf) = score_explanation(client, &t.other_text, &ex, t.id, opts, &mut usage)?;
     let row = ControlRow {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use saekit_analysis::{AutointerpWriter, Explanation, FeatureDb, HeldOutWindow, Score};
+use saekit_analysis::{AutointerpWriter, Explanation, FeatureDb, FeatureRecord, HeldOutWindow, Score};
 use saekit_files::Fault;
 use serde::Serialize;
 
@@ -192,16 +192,14 @@ fn explain_one(
     id: u32,
     opts: &ExplainOptions,
 ) -> Result<Outcome, ChatError> {
-    let rec = match db.feature(id) {
-        Ok(Some(r)) => r,
-        Ok(None) => return Ok(Outcome::Failed(id, "not in the database".into())),
-        Err(e) => return Ok(Outcome::Failed(id, format!("{e:#}"))),
+    let rec = match read_feature(db, id) {
+        Ok(r) => r,
+        Err(why) => return Ok(Outcome::Failed(id, why)),
     };
     if rec.n_fired == 0 || rec.top_contexts.is_empty() {
         return Ok(Outcome::Dead);
     }
-    let text = |t: u32| db.token_text(t).unwrap_or_else(|_| format!("<{t}>"));
-    let ex = select(&rec, heldout, text, &opts.examples);
+    let ex = examples_of(db, heldout, &rec, opts);
     let mut usage = Usage::default();
     let reply = match client.chat(&explainer_messages(&ex.explain, rec.max_act), EXPLAINER_MAX_TOKENS) {
         Ok(r) => r,
@@ -226,6 +224,26 @@ fn explain_one(
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         },
     ))
+}
+
+/// Feature `id`'s record, or why it cannot be read (that feature fails; the run goes on).
+pub(crate) fn read_feature(db: &FeatureDb, id: u32) -> Result<FeatureRecord, String> {
+    match db.feature(id) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err("not in the database".into()),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// `rec`'s examples for the explainer and scorers, held-out windows rendered with the database's vocabulary.
+pub(crate) fn examples_of(
+    db: &FeatureDb,
+    heldout: &[HeldOutWindow],
+    rec: &FeatureRecord,
+    opts: &ExplainOptions,
+) -> FeatureExamples {
+    let text = |t: u32| db.token_text(t).unwrap_or_else(|_| format!("<{t}>"));
+    select(rec, heldout, text, &opts.examples)
 }
 
 /// Detection and fuzzing of `explanation` on feature `id`'s test examples `ex`, seeded by the run's seed
