@@ -3,6 +3,7 @@
 # published), forward to layer 12 (Gemma Scope's favourite hook, blocks.12.hook_resid_post): saekit vs HF
 # transformers on the same weights, tokens/s and peak RSS, in one command. Run it on a quiet machine only.
 #   [SAEKIT_BIN=target/debug/saekit] bash scripts/bench-gemma2-2b.sh [OUT_DIR]   (default: a release build)
+# Then harvests 4,096 tokens of blocks.12.hook_resid_post (tokens/s and peak RSS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${SAEKIT_CACHE:-$HOME/.cache/saekit}/gemma-2-2b-random}
@@ -11,11 +12,12 @@ VENV=${SAEKIT_FIXTURE_VENV:-$HOME/.cache/saekit-fixtures/venv}
 "$VENV/bin/python" -c 'import torch, transformers' 2>/dev/null || "$VENV/bin/pip" install -q torch transformers safetensors tokenizers numpy
 if [[ ! -f $OUT/config.json ]]; then
   "$VENV/bin/python" - "$OUT" <<'PY'
-import sys, torch
+import os, sys, torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 sys.path.insert(0, "scripts")
 from make_model_fixtures import ARCHS, make_tokenizer
 out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
 # google/gemma-2-2b config.json, verbatim in every size field; the vocabulary is the fixture tokenizer's,
 # padded to Gemma's 256000 rows so the embedding and unembedding cost what they cost in the real model.
 tok, _ = make_tokenizer(ARCHS["gemma2"], out)
@@ -32,9 +34,9 @@ fi
 # num_hidden_layers=13, as a user who knows transformers would do it.
 BIN=${SAEKIT_BIN:-}
 if [[ -z $BIN ]]; then cargo build --release --locked -q -p saekit; BIN=target/release/saekit; fi
-grep -m1 'model name' /proc/cpuinfo; grep -o 'avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+grep -m1 'model name' /proc/cpuinfo; { grep -o 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo || true; } | sort -u | tr '\n' ' '; echo
 /usr/bin/time -v "$BIN" bench forward -m "$OUT" --layer 12 --batches 1,4 --seq 128 \
-  2>&1 | grep -E "tok/s|tokens/s|Maximum resident"
+  2>&1 | grep -E "tokens_per_s|Maximum resident"
 /usr/bin/time -v "$VENV/bin/python" - "$OUT" <<'PY' 2>&1 | grep -E "tok/s|Maximum resident"
 import sys, time, torch
 from transformers import AutoModelForCausalLM
@@ -53,3 +55,9 @@ for batch in (1, 4):
             m.model(ids); n += batch * 128
     print(f"HF transformers f32 batch {batch}: {n / (time.time() - t0):.0f} tok/s")
 PY
+# harvest at Gemma Scope's hook: the repository's own documents as text, through the model's tokenizer
+H=$(mktemp -d)
+trap 'rm -rf "$H"' EXIT
+"$BIN" tokenize -m "$OUT" --context 128 --validation-fraction 0 --out "$H/tokens" README.md BENCHMARKS.md DEVELOPERS.md >/dev/null 2>&1
+/usr/bin/time -v "$BIN" harvest -m "$OUT" --contexts "$H/tokens" --hooks blocks.12.hook_resid_post --tokens 4096 \
+  --batch 4 "$H/acts" 2>&1 | grep -E "this run|Maximum resident"

@@ -4,7 +4,7 @@
 # dead % and tokens/s, the total time, the model's share of it and the peak RSS, and one JSON line.
 # Needs a quiet box (every trainer and the forward share the cores).
 # Usage: bash scripts/bench-train-transcoders.sh TOKENS_DIR [tokens per layer] [layers]
-#   env: SAEKIT_BIN (a built binary; default: build --release), D_SAE (default 4096), K (32), BATCH (4096), BLOCK_TOKENS (8192), THREADS (2), NORM_ROWS (16384)
+#   env: SAEKIT_BIN (a built binary; default: build --release), KEEP (a folder that keeps the trained set, for attribute), D_SAE (default 4096), K (32), BATCH (4096), BLOCK_TOKENS (8192), THREADS (2), NORM_ROWS (16384)
 #   TOKENS_DIR from `saekit tokenize`. Memory grows with the layers: each holds its trainer (d_sae x 576
 #   weights, Adam moments, [BATCH, D_SAE] step buffers) and a few blocks of its two hooks.
 set -euo pipefail
@@ -12,8 +12,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:?usage: bench-train-transcoders.sh TOKENS_DIR [tokens per layer] [layers]}
 TOKENS=${2:-400k}
 LAYERS=${3:-0-29}
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
+if [ -n "${KEEP:-}" ]; then OUT=$KEEP; mkdir -p "$OUT"; else OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
 if [ -z "${SAEKIT_BIN:-}" ]; then cargo build --release --locked -p saekit >/dev/null 2>&1; fi
 BIN=${SAEKIT_BIN:-./target/release/saekit}
 T=${THREADS:-2}

@@ -2,14 +2,23 @@
 //!
 //! Quantized GGUF blocks (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized once at load: on AVX2 CPUs
 //! without VNNI the f32 GEMM is both the fastest and the only exact path (see BENCHMARKS.md).
+//!
+//! Safetensors files are memory-mapped and each tensor is decoded straight from the mapping into
+//! its f32 copy, after which its pages are handed back to the kernel: a 2B model in bf16 is then
+//! held once (as f32), not three times (mapped bf16, a bf16 copy and the f32 result).
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
+use memmap2::{Mmap, UncheckedAdvice};
+use rayon::prelude::*;
+use safetensors::{Dtype, SafeTensors};
 
 /// candle attaches a multi-line backtrace to its errors when RUST_BACKTRACE is set; users need one line.
 pub(crate) fn candle_msg(e: candle_core::Error) -> String {
@@ -21,7 +30,15 @@ pub(crate) fn candle_msg(e: candle_core::Error) -> String {
 
 pub enum WeightSource {
     Gguf { file: PathBuf, content: gguf_file::Content },
-    Safetensors { files: Vec<PathBuf>, tensors: candle_core::safetensors::MmapedSafetensors },
+    Safetensors { files: Vec<PathBuf>, maps: Vec<Mmap>, tensors: HashMap<String, StoredTensor> },
+}
+
+/// Where one tensor of a safetensors folder lies: which mapped file, and its bytes in it.
+pub struct StoredTensor {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: std::ops::Range<usize>,
 }
 
 impl WeightSource {
@@ -78,11 +95,21 @@ impl WeightSource {
                 bail!("{}: shard listed in the index is missing", f.display());
             }
         }
-        // SAFETY: the files are mapped read-only; modifying them while saekit runs is not supported.
-        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
-            anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {}", files[0].display(), candle_msg(e))
-        })?;
-        Ok(Self::Safetensors { files, tensors })
+        let (mut maps, mut tensors) = (Vec::new(), HashMap::new());
+        for (i, f) in files.iter().enumerate() {
+            let map = map_file(f)?;
+            let (header, meta) = SafeTensors::read_metadata(&map)
+                .map_err(|e| anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", f.display()))?;
+            let data = 8 + header;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                let t =
+                    StoredTensor { file: i, dtype: info.dtype, shape: info.shape.clone(), bytes: data + a..data + b };
+                tensors.insert(name, t);
+            }
+            maps.push(map);
+        }
+        Ok(Self::Safetensors { files, maps, tensors })
     }
 
     pub fn describe(&self) -> String {
@@ -97,7 +124,7 @@ impl WeightSource {
     pub fn has(&self, name: &str) -> bool {
         match self {
             WeightSource::Gguf { content, .. } => content.tensor_infos.contains_key(name),
-            WeightSource::Safetensors { tensors, .. } => tensors.get(name).is_ok(),
+            WeightSource::Safetensors { tensors, .. } => tensors.contains_key(name),
         }
     }
 
@@ -105,7 +132,7 @@ impl WeightSource {
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
             WeightSource::Gguf { content, .. } => content.tensor_infos.get(name).map(|t| t.shape.dims().to_vec()),
-            WeightSource::Safetensors { tensors, .. } => tensors.get(name).ok().map(|v| v.shape().to_vec()),
+            WeightSource::Safetensors { tensors, .. } => tensors.get(name).map(|t| t.shape.clone()),
         }
     }
 
@@ -122,17 +149,27 @@ impl WeightSource {
                 let q = content
                     .tensor(&mut r, name, &Device::Cpu)
                     .map_err(|e| anyhow!("{}: tensor '{name}': {}", file.display(), candle_msg(e)))?;
-                q.dequantize(&Device::Cpu)
-                    .map_err(|e| anyhow!("{}: cannot dequantize '{name}': {}", file.display(), candle_msg(e)))?
+                let t = q
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| anyhow!("{}: cannot dequantize '{name}': {}", file.display(), candle_msg(e)))?;
+                t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(|e| {
+                    anyhow!("{}: tensor '{name}' cannot be read as f32: {}", self.describe(), candle_msg(e))
+                })?
             }
-            WeightSource::Safetensors { tensors, .. } => tensors
-                .load(name, &Device::Cpu)
-                .map_err(|e| anyhow!("{}: tensor '{name}': {}", self.describe(), candle_msg(e)))?,
+            WeightSource::Safetensors { files, maps, tensors } => {
+                let st = tensors.get(name).ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.describe()))?;
+                let map = &maps[st.file];
+                let t = decode_f32(&map[st.bytes.clone()], st.dtype).ok_or_else(|| {
+                    anyhow!("{}: tensor '{name}' cannot be read as f32: dtype {:?}", files[st.file].display(), st.dtype)
+                })?;
+                // SAFETY: the map is a read-only private file mapping, so dropped pages are read back
+                // from the file if touched again (a tied head reads the embedding twice); no reference
+                // into them outlives this call.
+                let _ =
+                    unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, st.bytes.start, st.bytes.len()) };
+                t
+            }
         };
-        let t =
-            t.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(|e| {
-                anyhow!("{}: tensor '{name}' cannot be read as f32: {}", self.describe(), candle_msg(e))
-            })?;
         if let Some(bad) = t.iter().position(|v| !v.is_finite()) {
             bail!("{}: tensor '{name}' holds a non-finite value at element {bad}", self.describe());
         }
@@ -154,6 +191,36 @@ impl WeightSource {
             _ => None,
         }
     }
+}
+
+/// Map `path` read-only.
+fn map_file(path: &Path) -> Result<Mmap> {
+    let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: mapped read-only; modifying the files while saekit runs is not supported.
+    unsafe { Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))
+}
+
+/// Little-endian f32 / f16 / bf16 / f64 bytes as f32 (in parallel: a 2B model is gigabytes of them);
+/// `None` for any other dtype.
+fn decode_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => decode::<4>(bytes, f32::from_le_bytes),
+        Dtype::BF16 => decode::<2>(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+        Dtype::F16 => decode::<2>(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
+        Dtype::F64 => decode::<8>(bytes, |b| f64::from_le_bytes(b) as f32),
+        _ => return None,
+    })
+}
+
+fn decode<const W: usize>(bytes: &[u8], value: impl Fn([u8; W]) -> f32 + Sync) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; bytes.len() / W];
+    out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * W)).for_each(|(o, b)| {
+        for (v, c) in o.iter_mut().zip(b.chunks_exact(W)) {
+            *v = value(c.try_into().expect("chunks_exact gives W bytes"));
+        }
+    });
+    out
 }
 
 /// The value of `general.alignment` as candle would read it (an integer key of any width; a
