@@ -8,7 +8,10 @@
 //! - The MPI meter (training_summary.json): bytes sent per step as the layout's shapes imply.
 //! - A short run: the SAE rank 0 gathers into one SAELens folder has its FVU on the whole data
 //!   (computed here by `saekit_sae::evaluate`) within 1% of the one-process run's.
-//! - `train --live` on 2 shards ends with the one-process live run's weights; live replicas are refused.
+//! - `train --live` on 2 shards ends with the one-process live run's weights; on 2 data replicas
+//!   (and 2 x 2) each replica forwards its own shuffle blocks, none twice, with the one-process
+//!   preparation and budget and its final FVU within 1%; a killed live replica run resumes to the
+//!   unkilled weights (one process refuses its checkpoint).
 //! - Harvest on the real model: 2 and 3 ranks write the one-process store, shard for shard and byte
 //!   for byte (the manifest's timing record aside); a rank killed mid-harvest ends the job, and the
 //!   same `mpirun` resumes it to those bytes.
@@ -24,6 +27,7 @@
 
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -275,16 +279,19 @@ fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
     let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
     train(2, &[&flags[..], &["--out", &straight.display().to_string()]].concat(), None);
 
-    let bin = env!("CARGO_BIN_EXE_saekit");
-    let mut job = Command::new("mpirun")
-        .args(["--oversubscribe", "-np", "2", bin, "train", "--quiet", "--threads", "1"])
-        .args(&flags)
-        .args(["--out", &killed.display().to_string()])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting mpirun");
+    let mut job = saekit_job(2);
+    job.args(["train", "--quiet", "--threads", "1"]).args(&flags).arg("--out").arg(&killed);
+    kill_a_rank_after_a_checkpoint(job, &killed);
+    train(2, &["--resume", &killed.display().to_string()], None);
+    let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+    assert!(weights(&killed) == weights(&straight), "the resumed run ended elsewhere than the unkilled one");
+}
+
+/// Start the mpirun `job` (under `timeout` or not), SIGKILL one of its ranks once `out` holds a
+/// finished checkpoint, and return the job's stderr, insisting that the job then ended (no hang),
+/// failed, said why, and wrote no SAE.
+fn kill_a_rank_after_a_checkpoint(mut job: Command, out: &Path) -> String {
+    let mut job = job.stderr(std::process::Stdio::piped()).spawn().expect("starting mpirun");
     let waited = |what: &str, done: &mut dyn FnMut() -> bool| {
         let t0 = std::time::Instant::now();
         while !done() {
@@ -292,9 +299,10 @@ fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
-    waited("checkpoint", &mut || std::fs::read_dir(killed.join("checkpoints")).is_ok_and(|mut d| d.next().is_some()));
-    let ranks = Command::new("pgrep").args(["-P", &job.id().to_string()]).output().unwrap();
-    let rank = String::from_utf8_lossy(&ranks.stdout).lines().last().expect("a rank of the job").to_string();
+    // a checkpoint folder is renamed into place once its state.json is written
+    let finished = |e: std::fs::DirEntry| !e.file_name().to_string_lossy().ends_with(".tmp");
+    waited("checkpoint", &mut || std::fs::read_dir(out.join("checkpoints")).is_ok_and(|d| d.flatten().any(finished)));
+    let rank = a_rank_of(job.id());
     assert!(Command::new("kill").args(["-9", &rank]).status().unwrap().success());
     let mut status = None;
     waited("end of the job after SIGKILL (a hang)", &mut || {
@@ -305,11 +313,21 @@ fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
     std::io::Read::read_to_string(&mut job.stderr.take().unwrap(), &mut log).unwrap();
     assert!(!status.unwrap().success(), "the job succeeded although a rank was killed");
     assert!(log.contains("signal 9"), "mpirun did not say why the job ended:\n{log}");
-    assert!(!killed.join("sae_weights.safetensors").exists(), "the rank was killed after the run ended");
+    assert!(!out.join("sae_weights.safetensors").exists(), "the rank was killed after the run ended");
+    log
+}
 
-    train(2, &["--resume", &killed.display().to_string()], None);
-    let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
-    assert!(weights(&killed) == weights(&straight), "the resumed run ended elsewhere than the unkilled one");
+/// A rank of the job started as process `pid`: the newest process at the bottom of its tree
+/// (`timeout` -> `mpirun` -> the ranks).
+fn a_rank_of(pid: u32) -> String {
+    let mut pid = pid.to_string();
+    loop {
+        let out = Command::new("pgrep").args(["-P", &pid]).output().unwrap();
+        match String::from_utf8_lossy(&out.stdout).lines().last() {
+            Some(child) => pid = child.to_string(),
+            None => return pid,
+        }
+    }
 }
 
 #[test]
@@ -368,22 +386,26 @@ fn topk_run(acts: &str, tokens: &str, every: &str) -> Vec<String> {
     flags.iter().chain(&["--checkpoint-every", every]).map(|f| f.to_string()).collect()
 }
 
-/// `saekit` under `mpirun -np ranks` (as root too), or alone when ranks is 0.
+/// `saekit` under `mpirun -np ranks` (as root too; each line of output tagged `[1,R]<stderr>:` with
+/// its rank R), or alone when ranks is 0; ended after 180 s (`SAEKIT_TEST_TIMEOUT` seconds on a
+/// slower or busy machine).
 fn saekit_job(ranks: usize) -> Command {
     let bin = env!("CARGO_BIN_EXE_saekit");
     let mut cmd = Command::new("timeout");
-    cmd.arg("180");
+    cmd.arg(std::env::var("SAEKIT_TEST_TIMEOUT").unwrap_or_else(|_| "180".into()));
     if ranks > 0 {
-        cmd.args(["mpirun", "--oversubscribe", "-np", &ranks.to_string()]);
+        cmd.args(["mpirun", "--oversubscribe", "--tag-output", "-np", &ranks.to_string()]);
     }
     cmd.arg(bin).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     cmd.env("RAYON_NUM_THREADS", "1").env_remove("RUST_LOG");
     cmd
 }
 
-fn succeeds(mut cmd: Command) {
+/// Run `cmd`, insist it succeeds, return its stderr.
+fn succeeds(mut cmd: Command) -> String {
     let out = cmd.output().expect("running saekit (is mpirun installed?)");
     assert!(out.status.success(), "{cmd:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Tokenized mini-corpus contexts of 64 tokens.
@@ -398,50 +420,153 @@ fn tokens(dir: &Path) -> PathBuf {
     out
 }
 
-/// `train --live` with 2 latent shards: both ranks forward the same contexts, so the sharded run
-/// trains on the one-process live run's rows and ends with its weights (within f32 rounding of the
-/// sharded sums, compounded over the steps) and its final FVU. Two data replicas are refused with
-/// a message saying what to do.
-#[test]
-fn a_live_run_on_two_shards_ends_with_the_one_process_weights() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tokens = tokens(tmp.path());
-    // the read-ahead that fixes the input scale has no flag: 512 rows, not 65,536, to forward
-    let config = tmp.path().join("live.toml");
+/// The mini corpus's tokens and a train config for `--live` runs: the read-ahead that fixes the
+/// input scale has no flag, and reads 512 rows instead of 65,536 to forward.
+fn live_inputs(dir: &Path) -> (PathBuf, PathBuf) {
+    let config = dir.join("live.toml");
     std::fs::write(&config, "norm_estimate_rows = 512\n").unwrap();
-    let live = |ranks: usize, out: &Path, extra: &[&str]| {
-        let mut cmd = saekit_job(ranks);
-        cmd.args(["train", "--live", "--quiet", "--threads", "1", "--hook-name", "blocks.2.hook_resid_post"]);
-        cmd.args(["--live-batch", "4", "--live-block-tokens", "512", "--d-sae", "64", "--k", "4"]);
-        cmd.args(["--tokens", "2048", "--batch-size", "256", "--checkpoint-every", "0"]);
-        cmd.arg("--config").arg(&config).arg("--contexts").arg(&tokens).arg("--out").arg(out).args(extra);
-        cmd
-    };
-    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
-    succeeds(live(0, &one, &[]));
-    succeeds(live(2, &two, &[]));
-    let (a, b) = (saekit_sae::load_sae(&one).unwrap(), saekit_sae::load_sae(&two).unwrap());
-    assert_eq!(b.d_sae, 64);
+    (tokens(dir), config)
+}
+
+/// `saekit train --live` at blocks.2 (64 latents, k 4, batches of 256, 4 contexts a forward) on the
+/// `(tokens, config)` of [`live_inputs`], under `ranks` ranks.
+fn live_train(ranks: usize, (tokens, config): (&Path, &Path), out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = saekit_job(ranks);
+    cmd.args(["train", "--live", "--quiet", "--threads", "1", "--hook-name", "blocks.2.hook_resid_post"]);
+    cmd.args(["--live-batch", "4", "--d-sae", "64", "--k", "4", "--batch-size", "256"]);
+    cmd.arg("--config").arg(config).arg("--contexts").arg(tokens).arg("--out").arg(out).args(extra);
+    cmd
+}
+
+/// W_enc and W_dec of the SAE in `b` are within `tol` (relative) of those in `a`.
+fn assert_weights_close(a: &Path, b: &Path, tol: f64, what: &str) {
+    let (a, b) = (saekit_sae::load_sae(a).unwrap(), saekit_sae::load_sae(b).unwrap());
+    assert_eq!(b.d_sae, a.d_sae);
     for (name, x, y) in [("W_enc", &a.params.w_enc, &b.params.w_enc), ("W_dec", &a.params.w_dec, &b.params.w_dec)] {
         let (x, y): (Vec<f64>, Vec<f64>) =
             (x.iter().map(|&v| v as f64).collect(), y.iter().map(|&v| v as f64).collect());
         let e = relative_error(&y, &x);
-        assert!(e < 1e-3, "{name} of the 2-shard live run is {e} (relative) from the one-process run's");
+        assert!(e < tol, "{name} of {what} is {e} (relative) from the other run's");
     }
-    let fvu = |d: &Path| -> f64 {
-        let v: Value =
-            serde_json::from_str(&std::fs::read_to_string(d.join("training_summary.json")).unwrap()).unwrap();
-        v["final_on_first_rows"]["fvu"].as_f64().unwrap()
-    };
+}
+
+fn summary(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("training_summary.json")).unwrap()).unwrap()
+}
+
+/// `train --live` with 2 latent shards: both ranks forward the same contexts, so the sharded run
+/// trains on the one-process live run's rows and ends with its weights (within f32 rounding of the
+/// sharded sums, compounded over the steps) and its final FVU.
+#[test]
+fn a_live_run_on_two_shards_ends_with_the_one_process_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tokens, config) = live_inputs(tmp.path());
+    let flags = ["--live-block-tokens", "512", "--tokens", "2048", "--checkpoint-every", "0"];
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    succeeds(live_train(0, (&tokens, &config), &one, &flags));
+    succeeds(live_train(2, (&tokens, &config), &two, &flags));
+    assert_weights_close(&one, &two, 1e-3, "the 2-shard live run");
+    let fvu = |d: &Path| summary(d)["final_on_first_rows"]["fvu"].as_f64().unwrap();
     let (f1, f2) = (fvu(&one), fvu(&two));
     assert!((f1 - f2).abs() <= 0.01 * f1, "final FVU {f2} on 2 shards vs {f1} in one process");
+}
 
-    let out = live(2, &tmp.path().join("replicas"), &["--shards", "1"]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+/// Epoch-0 shuffle blocks the live source of rank `rank` forwarded, from its debug log (mpirun's
+/// `[1,R]<stderr>:` tags; a line without one is the one process's).
+fn forwarded_blocks(log: &str, rank: usize) -> BTreeSet<u64> {
+    let parse = |line: &str| -> Option<(usize, u64, u64)> {
+        let who = match line.strip_prefix('[') {
+            Some(tag) => tag.split(']').next()?.split(',').nth(1)?.parse().ok()?,
+            None => 0,
+        };
+        let (block, rest) = line.split("live block ").nth(1)?.split_once(" of epoch ")?;
+        Some((who, block.parse().ok()?, rest.split(':').next()?.parse().ok()?))
+    };
+    log.lines().filter_map(parse).filter(|&(who, _, epoch)| who == rank && epoch == 0).map(|(_, b, _)| b).collect()
+}
+
+/// `train --live` on 2 data replicas (`--shards 1`) against one process on the same contexts and
+/// budget: each replica forwards its own shuffle blocks (mpirun's rank tags on the live source's
+/// log: no block twice, together blocks 0..n as many as one process forwards give or take one a
+/// replica), rank 0's preparation is the one-process one (both read it from block 0), the budget
+/// is spent exactly, and the final FVU is within 1%. On 2 shards x 2 replicas the ranks of a
+/// replica forward its blocks, so that run ends with the 2-replica run's weights.
+#[test]
+fn a_live_run_on_data_replicas_forwards_each_block_once_and_reaches_the_one_process_fvu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tokens, config) = live_inputs(tmp.path());
+    let flags = ["--live-block-tokens", "1024", "--tokens", "8192", "--checkpoint-every", "0"];
+    let run = |label: &str, ranks: usize, extra: &[&str]| -> (Value, String) {
+        let out = tmp.path().join(label);
+        let mut cmd = live_train(ranks, (&tokens, &config), &out, &[&flags[..], extra].concat());
+        cmd.env("RUST_LOG", "saekit=info,saekit_store::live=debug");
+        let log = succeeds(cmd);
+        (summary(&out), log)
+    };
+    let (one, one_log) = run("one", 0, &[]);
+    let (two, two_log) = run("replicas", 2, &["--shards", "1"]);
+    for (label, s) in [("one process", &one), ("2 replicas", &two)] {
+        assert_eq!((s["steps"].as_u64(), s["tokens"].as_u64()), (Some(32), Some(8192)), "{label}: {s}");
+    }
+    for key in ["input_scale", "outlier_max_norm_raw"] {
+        assert_eq!(two[key], one[key], "{key}: rank 0 prepared other values than one process");
+    }
+    let alone = forwarded_blocks(&one_log, 0);
+    let (r0, r1) = (forwarded_blocks(&two_log, 0), forwarded_blocks(&two_log, 1));
+    assert!(r0.iter().all(|b| b % 2 == 0) && r1.iter().all(|b| b % 2 == 1), "replica blocks {r0:?} / {r1:?}");
+    let both: BTreeSet<u64> = r0.union(&r1).copied().collect();
+    assert_eq!(both.len(), r0.len() + r1.len(), "a block forwarded by both replicas");
+    assert_eq!(both, (0..both.len() as u64).collect(), "the replicas' blocks leave gaps: {r0:?} / {r1:?}");
+    assert!(both.len().abs_diff(alone.len()) <= 2, "2 replicas forwarded {both:?}, one process {alone:?}");
+    let fvu = |s: &Value| s["final_on_first_rows"]["fvu"].as_f64().unwrap();
+    assert_eq!(one["final_on_first_rows"]["rows"], two["final_on_first_rows"]["rows"]);
+    let (f1, f2) = (fvu(&one), fvu(&two));
+    assert!((f2 - f1).abs() <= 0.01 * f1, "final FVU {f2} on 2 replicas vs {f1} in one process");
+
+    let (grid, grid_log) = run("2x2", 4, &["--shards", "2"]);
+    for (rank, want) in [(0, &r0), (1, &r0), (2, &r1), (3, &r1)] {
+        assert_eq!(&forwarded_blocks(&grid_log, rank), want, "2x2: rank {rank} forwarded other blocks");
+    }
+    let f4 = fvu(&grid);
+    assert!((f4 - f1).abs() <= 0.01 * f1, "final FVU {f4} on 2 shards x 2 replicas vs {f1} in one process");
+    assert_weights_close(&tmp.path().join("replicas"), &tmp.path().join("2x2"), 1e-3, "the 2x2 live run");
+}
+
+/// A live run on 2 data replicas, killed after a checkpoint, resumes under the same layout to the
+/// unkilled run's weights byte for byte: each replica continues its own blocks from its own position,
+/// all recorded in the checkpoint. One process, which cannot replay two replicas' streams, refuses it.
+#[test]
+fn a_killed_live_run_on_data_replicas_resumes_to_the_unkilled_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tokens, config) = live_inputs(tmp.path());
+    let flags = ["--live-block-tokens", "1024", "--tokens", "8192", "--checkpoint-every", "4", "--shards", "1"];
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    succeeds(live_train(2, (&tokens, &config), &straight, &flags));
+    kill_a_rank_after_a_checkpoint(live_train(2, (&tokens, &config), &killed, &flags), &killed);
+    let newest = saekit_files_in(&killed.join("checkpoints")).into_iter().rfind(|n| !n.ends_with(".tmp")).unwrap();
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(killed.join("checkpoints").join(newest).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let replicas = state["replicas"].as_array().expect("each replica's position in state.json");
+    let block = |r: &Value| r["cursor"]["live"]["block"].as_u64().unwrap();
+    assert_eq!((replicas.len(), block(&replicas[0]) % 2, block(&replicas[1]) % 2), (2, 0, 1), "{state}");
+    assert_eq!(replicas[0]["cursor"], state["cursor"]);
+
+    let resume = |ranks: usize| {
+        let mut cmd = saekit_job(ranks);
+        cmd.args(["train", "--quiet", "--threads", "1", "--shards", "1", "--resume"]).arg(&killed);
+        cmd
+    };
+    let alone = resume(0).output().unwrap();
+    let err = String::from_utf8_lossy(&alone.stderr);
     assert!(
-        !out.status.success() && err.contains("shards the latents only"),
-        "2 live replicas were not refused:\n{err}"
+        !alone.status.success() && err.contains("2 data replicas that each forward"),
+        "one process resumed:\n{err}"
     );
+    succeeds(resume(2));
+    let weights = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+    assert!(weights(&killed) == weights(&straight), "the resumed live run ended elsewhere than the unkilled one");
 }
 
 /// `harvest` of `hooks`, `n` tokens in shards of 7 contexts (of 64 tokens), under `ranks` ranks.
@@ -515,13 +640,7 @@ fn a_killed_harvest_rank_ends_the_job_and_the_same_mpirun_resumes_it() {
         assert!(t0.elapsed().as_secs() < 90, "rank 1 wrote no shard within 90 s");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // timeout -> mpirun -> the ranks
-    let children = |pid: &str| {
-        let out = Command::new("pgrep").args(["-P", pid]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect::<Vec<_>>()
-    };
-    let mpirun = children(&job.id().to_string()).pop().expect("mpirun under timeout");
-    let rank = children(&mpirun).pop().expect("a rank of the job");
+    let rank = a_rank_of(job.id());
     assert!(Command::new("kill").args(["-9", &rank]).status().unwrap().success());
     let status = job.wait().unwrap();
     let mut log = String::new();

@@ -74,7 +74,7 @@ fn train_one_layer_separately(model: &Model, data: &TokenDataset, l: usize, out:
     let rows = TOKENS as usize + 4096; // what the run reads, with room for excluded outliers
     let read = |hook: HookPoint| {
         let opts =
-            LiveOptions { hook, split: "train".into(), batch: 8, block_tokens: BLOCK_TOKENS, seed: 0, keep_rows: 0 };
+            LiveOptions { hook, batch: 8, block_tokens: BLOCK_TOKENS, seed: 0, keep_rows: 0, ..Default::default() };
         let mut live = LiveActivations::new(model, data, opts).unwrap();
         let mut m = vec![0f32; rows * live.d_model()];
         live.next_rows(&mut m).unwrap();

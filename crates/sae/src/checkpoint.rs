@@ -7,6 +7,10 @@
 //! per shard (its slice, the same tensor names; `NNNNNNNNN` is its first latent) and rank 0 writes
 //! `state.json` last, listing them with their sizes and CRC32s. A reader joins the slices into the
 //! whole state, so any layout (one process too) resumes any checkpoint.
+//!
+//! A run whose data-parallel replicas each read their own share of the data (`train --live` under
+//! mpirun) records every replica's position in `state.json` (`replicas`); such a checkpoint resumes
+//! with the same number of replicas only (each continues its own stream).
 
 use crate::config::{ConfigFile, TrainConfig};
 use crate::format::{self, TensorSrc};
@@ -86,6 +90,30 @@ pub(crate) struct CheckpointMeta {
     /// A sharded checkpoint's slice files, in latent order (empty: one `state.safetensors`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shards: Vec<ShardFile>,
+    /// A run whose replicas each read their own share of the data: every replica's position, in
+    /// replica order (`cursor` and `data_start` are replica 0's). Empty: the replicas read one stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaPosition>,
+}
+
+/// Where one data replica stands in its own share of the data.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub(crate) struct ReplicaPosition {
+    /// Its source's position now.
+    pub cursor: serde_json::Value,
+    /// Its source's position before the run's first row.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data_start: serde_json::Value,
+}
+
+/// The data side of a checkpoint: where the source stands and what it holds.
+pub(crate) struct DataAt<'a> {
+    /// The source's position (replica 0's when the replicas read their own shares).
+    pub cursor: serde_json::Value,
+    /// Every replica's position when each reads its own share, else empty.
+    pub replicas: Vec<ReplicaPosition>,
+    /// Content fingerprint of the data.
+    pub fingerprint: &'a str,
 }
 
 /// One shard's slice of a sharded checkpoint.
@@ -112,17 +140,11 @@ fn moment_name(prefix: &str, param: &str) -> String {
 }
 
 /// Write step `st.step`'s checkpoint atomically and drop all but the last two.
-pub(crate) fn write(
-    out: &Path,
-    st: &TrainState,
-    cfg: &ConfigFile,
-    cursor: serde_json::Value,
-    data_fingerprint: &str,
-) -> Result<(), SaeError> {
+pub(crate) fn write(out: &Path, st: &TrainState, cfg: &ConfigFile, data: DataAt) -> Result<(), SaeError> {
     let tmp = fresh_temp_folder(out, st.step)?;
     write_tensors(&tmp.join("state.safetensors"), st)?;
     let (state_bytes, crc) = saekit_files::file_crc32(&tmp.join("state.safetensors"))?;
-    finish(out, st, cfg, cursor, data_fingerprint, (state_bytes, Some(crc)), Vec::new())
+    finish(out, st, cfg, data, (state_bytes, Some(crc)), Vec::new())
 }
 
 /// The empty temporary folder of step `step`'s checkpoint (an interrupted write's leftovers removed).
@@ -142,8 +164,7 @@ fn finish(
     out: &Path,
     st: &TrainState,
     cfg: &ConfigFile,
-    cursor: serde_json::Value,
-    data_fingerprint: &str,
+    data: DataAt,
     (state_bytes, crc): (u64, Option<u32>),
     shards: Vec<ShardFile>,
 ) -> Result<(), SaeError> {
@@ -157,7 +178,7 @@ fn finish(
         excluded_rows: st.excluded_rows,
         input_scale: st.input_scale,
         max_norm: st.max_norm,
-        cursor,
+        cursor: data.cursor,
         data_start: st.data_start.clone(),
         config: cfg.train.clone(),
         source: cfg.source.clone(),
@@ -166,10 +187,11 @@ fn finish(
         output_scale: transcoder.then_some(st.output_scale),
         max_norm_out: transcoder.then_some(st.max_norm_out),
         batchtopk_threshold: st.batchtopk_threshold,
-        data_fingerprint: data_fingerprint.to_string(),
+        data_fingerprint: data.fingerprint.to_string(),
         state_bytes,
         state_crc32: crc,
         shards,
+        replicas: data.replicas,
     };
     let json = serde_json::to_string_pretty(&meta).context("rendering state.json")?;
     format::atomic_write(&tmp.join("state.json"), json.as_bytes())?;
@@ -191,8 +213,7 @@ pub(crate) fn write_sharded(
     out: &Path,
     st: &TrainState,
     cfg: &ConfigFile,
-    cursor: serde_json::Value,
-    data_fingerprint: &str,
+    data: DataAt,
     comm: &dyn Collective,
 ) -> Result<(), SaeError> {
     let root_rank = comm.rank() == 0;
@@ -221,7 +242,7 @@ pub(crate) fn write_sharded(
         .collect::<Result<_, _>>()
         .context("reading the shards' entries")?;
     shards.sort_by_key(|s| s.latents[0]);
-    finish(out, st, cfg, cursor, data_fingerprint, (0, None), shards)
+    finish(out, st, cfg, data, (0, None), shards)
 }
 
 fn write_tensors(path: &Path, st: &TrainState) -> Result<(), SaeError> {

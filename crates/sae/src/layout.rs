@@ -1,10 +1,10 @@
 //! The trainer's side of the 2-D layout (see [`Collective`]): cutting a resumed run's state down to
 //! this process's latents, gathering the trained SAE back whole for the SAELens folder that rank 0
 //! writes, joining a sharded checkpoint's slices (they keep the one-process format, so a run moves
-//! between layouts), and the debug
-//! dump of one step that the MPI tests compare across layouts.
+//! between layouts), collecting the replicas' data positions when each reads its own share, and
+//! the debug dump of one step that the MPI tests compare across layouts.
 
-use crate::checkpoint::TrainState;
+use crate::checkpoint::{ReplicaPosition, TrainState};
 use crate::config::Arch;
 use crate::plan::TrainPlan;
 use crate::step::{AdamState, Collective, Workspace};
@@ -120,6 +120,32 @@ pub(crate) fn join_states(parts: Vec<TrainState>) -> Option<TrainState> {
     }
     all.sae.d_sae = all.sae.params.b_enc.len();
     Some(all)
+}
+
+/// Every replica's data position, in replica order, on every process, when each replica reads its
+/// own share of the data (a checkpoint records them all). The ranks of one replica read the same
+/// rows, so they must stand at one position. Every process calls it.
+pub(crate) fn replica_positions(
+    mine: &ReplicaPosition,
+    comm: &dyn Collective,
+) -> Result<Vec<ReplicaPosition>, SaeError> {
+    let mut line = serde_json::to_vec(mine).context("rendering a data position")?;
+    line.push(b'\n');
+    let all = comm.gather_all(&line);
+    let per_rank: Vec<ReplicaPosition> = String::from_utf8_lossy(&all)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("reading the replicas' data positions")?;
+    // rank = replica · shards + shard
+    let shards = comm.shards();
+    if let Some(rank) = (0..per_rank.len()).find(|&r| per_rank[r] != per_rank[r - r % shards]) {
+        return Err(SaeError::BadInput(format!(
+            "rank {rank} reads other rows than rank {} of its replica: the ranks of a replica must forward the same contexts",
+            rank - rank % shards
+        )));
+    }
+    Ok(per_rank.into_iter().step_by(shards).collect())
 }
 
 /// `SAEKIT_DEBUG_DUMP_STEP=DIR` (tests only): after the first step's forward and backward, each

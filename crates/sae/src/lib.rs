@@ -7,7 +7,9 @@
 //! encoder GEMM, everything else sparse over the active latents), the trainer (a validated
 //! [`TrainPlan`], checkpoints and bit-identical resume, metrics), training across processes (the
 //! [`Collective`] every reduction goes through; saekit-mpi implements it over MPI:
-//! latents sharded within a replica, rows split across replicas), the core evaluation metrics, and
+//! latents sharded within a replica, rows split across replicas, or, for a source that serves each
+//! replica its own share such as live rows, read by each replica from its own share), the core
+//! evaluation metrics, and
 //! the SAE file formats (SAELens v6 / legacy, sparsify, Gemma Scope). It must not start processes
 //! or choose a layout: the launcher (`mpirun`) and the CLI's `--shards` do. It reads activations through
 //! [`ActivationSource`] (a .npy, an activation store, or saekit-store's live model rows) and must

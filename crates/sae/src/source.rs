@@ -42,6 +42,13 @@ pub trait ActivationSource: Send {
     fn provenance(&self) -> Result<Provenance> {
         Ok(Provenance::default())
     }
+    /// `(replica, replicas)` when this source serves one data-parallel replica's own share of the
+    /// data (`train --live` under mpirun: each replica forwards its own contexts), so that the replica
+    /// reads only its rows of each batch; `None` when every replica reads the whole stream and
+    /// trains on its rows of each batch.
+    fn replica_share(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 /// Facts about a source's rows, as recorded with the SAE trained on them; empty fields are unknown.

@@ -209,7 +209,8 @@ impl ActivationSource for StoreSource {
 
 /// [`ActivationSource`] over the model itself (`saekit train --live`): rows computed block by block
 /// by [`saekit_store::live::LiveActivations`], nothing written to disk. Its cursor is the live
-/// position, so `--resume` recomputes the current block and continues bit-identically.
+/// position, so `--resume` recomputes the current block and continues bit-identically. Built with a
+/// [`saekit_store::live::BlockShare`] of several replicas it serves that replica's own blocks.
 pub struct LiveSource<'m> {
     live: saekit_store::live::LiveActivations<'m>,
     desc: String,
@@ -261,6 +262,11 @@ impl ActivationSource for LiveSource<'_> {
             sink_rule: self.live.sink_rule(),
             data_fingerprint: self.live.data_fingerprint().to_string(),
         })
+    }
+
+    fn replica_share(&self) -> Option<(usize, usize)> {
+        let s = self.live.share();
+        (!s.is_whole()).then_some((s.index as usize, s.count as usize))
     }
 }
 

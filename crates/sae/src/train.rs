@@ -3,7 +3,7 @@
 //!
 //! `train` = plan (validate the config once) → start or resume → [`Run::steps`] → save.
 
-use crate::checkpoint::{self, CheckpointMeta, TrainState};
+use crate::checkpoint::{self, CheckpointMeta, DataAt, ReplicaPosition, TrainState};
 use crate::config::{BDecInit, ConfigFile, TrainConfig};
 use crate::format::{self, atomic_write};
 use crate::kernels;
@@ -100,11 +100,11 @@ fn train_in_pool(
     std::fs::create_dir_all(&out).with_context(|| format!("creating output folder {}", out.display()))?;
     let prov = src.provenance()?;
     let requested = cfg.clone().with_provenance(&prov);
+    let own_share = reads_own_share(src, comm)?;
     let (plan, mut st) = if opts.resume {
-        resume(&out, &requested, src, &prov, root, comm)?
+        resume(&out, &requested, (src, own_share), &prov, comm)?
     } else {
-        let latents = comm.latent_slice(requested.d_sae);
-        start(&out, requested, src, root, latents)?
+        start(&out, requested, (src, own_share), comm)?
     };
     layout::check(&plan, comm)?;
     let c = &plan.config;
@@ -117,14 +117,15 @@ fn train_in_pool(
         plan.total_steps(),
         c.batch_size
     );
-    let mut run = Run::new(&plan, &out, opts.progress && root, st.step, comm)?;
+    let mut run = Run::new(&plan, &out, opts.progress && root, st.step, (comm, own_share))?;
     let (last, steps_this_run, interrupted) = run.steps(&mut st, src, opts, &prov.data_fingerprint)?;
     let tokens_per_s = run.tokens_per_s(st.step, steps_this_run);
     let mpi = run.mpi_meter(st.step);
     let dead_frac = dead_fraction(&st, c, comm);
     drop(run); // release the [batch, d_sae] buffers before writing the output
     if !interrupted {
-        let first = first_rows(src, &st.data_start, &plan)?;
+        // rank 0 writes the output (the others would read rows for nothing: a forward pass when live)
+        let first = if root { first_rows(src, &st.data_start, &plan)? } else { None };
         on_whole_state(&mut st, comm, |whole, peaks| {
             let mut mpi = mpi;
             if let (Some(m), Some(p)) = (&mut mpi, peaks) {
@@ -173,6 +174,21 @@ fn on_whole_state(
     }
 }
 
+/// Whether each replica reads its own share of the data (`src` serves this process's replica of
+/// `comm`'s); refused when the source was opened for another replica.
+fn reads_own_share(src: &dyn ActivationSource, comm: &dyn Collective) -> Result<bool, SaeError> {
+    match src.replica_share() {
+        None => Ok(false),
+        Some((r, n)) if (r, n) == (comm.replica(), comm.replicas()) => Ok(n > 1),
+        Some((r, n)) => Err(SaeError::BadInput(format!(
+            "{}: opened for data replica {r} of {n}, but this process is replica {} of {}",
+            src.describe(),
+            comm.replica(),
+            comm.replicas()
+        ))),
+    }
+}
+
 /// Fraction of the SAE's latents dead now (over every shard).
 fn dead_fraction(st: &TrainState, c: &TrainConfig, comm: &dyn Collective) -> f64 {
     let mut dead = [st.since_fired.iter().filter(|&&s| s >= c.dead_tokens).count() as f64];
@@ -181,21 +197,26 @@ fn dead_fraction(st: &TrainState, c: &TrainConfig, comm: &dyn Collective) -> f64
 }
 
 /// A fresh run: plan the config, read ahead to prepare the data, initialise this process's
-/// `latents` of the SAE (all of them in one process), bit for bit the slice of the one-process
+/// latents of the SAE (all of them in one process), bit for bit the slice of the one-process
 /// init, without making the others (at 1M latents the whole SAE with its Adam state is 14 GB).
+/// `own_share`: each replica reads its own share of the data, and takes rank 0's preparation.
 fn start(
     out: &Path,
     cfg: TrainConfig,
-    src: &mut dyn ActivationSource,
-    root: bool,
-    latents: std::ops::Range<usize>,
+    (src, own_share): (&mut dyn ActivationSource, bool),
+    comm: &dyn Collective,
 ) -> Result<(TrainPlan, TrainState), SaeError> {
+    let (root, latents) = (comm.rank() == 0, comm.latent_slice(cfg.d_sae));
     let data_start = src.cursor();
     let plan = TrainPlan::new(cfg, src.d_in(), src.d_out(), crate::config::memory_budget())?;
     plan.warn_short_run_lr();
     let c = &plan.config;
     let d_out = src.d_out();
-    let prep = prepare(c, src, plan.d_in, d_out)?;
+    let prep = if own_share {
+        prepare_on_rank0(c, src, (plan.d_in, d_out), comm)?
+    } else {
+        prepare(c, src, plan.d_in, d_out)?
+    };
     let (act, norm) = (plan.activation(), plan.schedule.decoder_init_norm);
     let mut sae = if plan.is_transcoder() {
         Sae::init_transcoder_latents(plan.d_in, plan.d_out, latents, act, norm, c.seed, c.skip)
@@ -237,9 +258,8 @@ fn start(
 fn resume(
     out: &Path,
     requested: &TrainConfig,
-    src: &mut dyn ActivationSource,
+    (src, own_share): (&mut dyn ActivationSource, bool),
     prov: &Provenance,
-    root: bool,
     comm: &dyn Collective,
 ) -> Result<(TrainPlan, TrainState), SaeError> {
     let all = checkpoint::list(out)?;
@@ -258,25 +278,59 @@ fn resume(
         )));
     }
     check_resume_matches(last, &meta, requested, prov)?;
+    let ReplicaPosition { cursor, data_start } = data_position(last, &meta, own_share, comm)?;
     let mut cfg = meta.config.clone();
     // the destination may have been moved; everything else comes from the checkpoint
     cfg.out = requested.out.clone();
     let plan = TrainPlan::new(cfg, d, src.d_out(), None)?;
     // this process's latents only (a sharded checkpoint's other files are not read)
-    let st = checkpoint::read(last, &meta, &plan, comm.latent_slice(plan.config.d_sae))?;
+    let mut st = checkpoint::read(last, &meta, &plan, comm.latent_slice(plan.config.d_sae))?;
+    st.data_start = data_start;
     // the run's first position (where its final FVU is measured) is read back at the end: check it now
     if !st.data_start.is_null() {
         src.seek(&st.data_start).with_context(|| {
             format!("--resume: the run's first data position recorded in {}/state.json", last.display())
         })?;
     }
-    src.seek(&meta.cursor)
+    src.seek(&cursor)
         .with_context(|| format!("--resume: restoring the data position recorded in {}/state.json", last.display()))?;
-    if root {
+    if comm.rank() == 0 {
         rewrite_metrics_upto(&out.join("metrics.jsonl"), meta.step)?;
     }
     tracing::info!("resuming from {} (step {})", last.display(), meta.step);
     Ok((plan, st))
+}
+
+/// Where this process's data continues: the checkpoint's position, or, when each replica reads its
+/// own share, its replica's. Such a checkpoint resumes with as many replicas (each continues its own
+/// stream; one process cannot replay several), and a checkpoint of one stream with one replica.
+fn data_position(
+    ckpt: &Path,
+    meta: &CheckpointMeta,
+    own_share: bool,
+    comm: &dyn Collective,
+) -> Result<ReplicaPosition, SaeError> {
+    let (had, now) = (meta.replicas.len(), if own_share { comm.replicas() } else { 0 });
+    if had != now {
+        let layout = |n: usize| match n {
+            0 => "one stream of rows read by every replica".to_string(),
+            n => format!("{n} data replicas that each forward their own contexts"),
+        };
+        let how = match had {
+            0 => "in one process, or under mpirun with --shards equal to the ranks".to_string(),
+            n => format!("under mpirun with {n} replicas (ranks = {n} x --shards)"),
+        };
+        return Err(SaeError::BadInput(format!(
+            "--resume: {} was trained by {}, this run has {}; resume it {how}",
+            ckpt.display(),
+            layout(had),
+            layout(now)
+        )));
+    }
+    Ok(match meta.replicas.get(comm.replica()) {
+        Some(mine) if own_share => mine.clone(),
+        _ => ReplicaPosition { cursor: meta.cursor.clone(), data_start: meta.data_start.clone() },
+    })
 }
 
 /// What the read-ahead fixes before the first step.
@@ -289,6 +343,38 @@ struct Prepared {
     /// A transcoder's target scale (`input_scale` for an SAE).
     output_scale: f32,
     b_dec: Vec<f32>,
+}
+
+impl Prepared {
+    /// Every value as little-endian f32 bytes, b_dec last (what rank 0 sends the other replicas).
+    fn to_bytes(&self) -> Vec<u8> {
+        let head = [self.max_norm, self.max_norm_out, self.input_scale, self.output_scale];
+        head.iter().chain(&self.b_dec).flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Prepared> {
+        let v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let (head, b_dec) = (v.get(..4)?, v.get(4..)?);
+        let [max_norm, max_norm_out, input_scale, output_scale] = head.try_into().ok()?;
+        Some(Prepared { max_norm, max_norm_out, input_scale, output_scale, b_dec: b_dec.to_vec() })
+    }
+}
+
+/// [`prepare`] when each replica reads its own share of the data: rank 0 prepares on its first rows
+/// and every process takes its values, so that the replicas train one model with one scale, one
+/// outlier threshold and one b_dec (OpenAI's sparse_autoencoder broadcasts its data-dependent init
+/// from rank 0 likewise; a mean over the replicas would not extend to the median norm or the
+/// geometric median). The others read nothing ahead. Every process calls it.
+fn prepare_on_rank0(
+    cfg: &TrainConfig,
+    src: &mut dyn ActivationSource,
+    (d, d_out): (usize, Option<usize>),
+    comm: &dyn Collective,
+) -> Result<Prepared> {
+    // a failure on rank 0 ends the job (the caller's abort) while the others wait here
+    let mine = if comm.rank() == 0 { prepare(cfg, src, d, d_out)?.to_bytes() } else { Vec::new() };
+    let prep = Prepared::from_bytes(&comm.gather_all(&mine));
+    prep.filter(|p| p.b_dec.len() == d_out.unwrap_or(d)).context("the preparation from rank 0 arrived cut short")
 }
 
 /// Read the first rows of the source (then seek back) to fix the outlier thresholds, the input
@@ -395,6 +481,8 @@ struct Run<'a> {
     plan: &'a TrainPlan,
     out: &'a Path,
     comm: &'a dyn Collective,
+    /// Each replica reads its own share of the data: only its rows of a batch, its own position.
+    own_share: bool,
     /// `[batch, d_in]` inputs.
     batch: Vec<f32>,
     /// `[batch, d_out]` a transcoder's targets; empty for an SAE, whose targets are `batch` itself.
@@ -419,7 +507,7 @@ impl<'a> Run<'a> {
         out: &'a Path,
         progress: bool,
         step: u64,
-        comm: &'a dyn Collective,
+        (comm, own_share): (&'a dyn Collective, bool),
     ) -> Result<Run<'a>, SaeError> {
         let b = plan.config.batch_size;
         let metrics_path = out.join("metrics.jsonl");
@@ -434,6 +522,7 @@ impl<'a> Run<'a> {
             plan,
             out,
             comm,
+            own_share,
             batch: vec![0.0f32; b * plan.d_in],
             target: vec![0.0f32; if plan.is_transcoder() { b * plan.d_out } else { 0 }],
             ws: Workspace::default(),
@@ -489,7 +578,8 @@ impl<'a> Run<'a> {
         Ok((last, steps_this_run, interrupted))
     }
 
-    /// One checkpoint: by rank 0 alone when it holds every latent, else one slice per shard.
+    /// One checkpoint: by rank 0 alone when it holds every latent, else one slice per shard; with
+    /// every replica's position when each reads its own share.
     fn checkpoint(
         &self,
         st: &TrainState,
@@ -498,11 +588,18 @@ impl<'a> Run<'a> {
         source: &toml::Table,
     ) -> Result<(), SaeError> {
         let cfg = &ConfigFile { train: self.plan.config.clone(), source: source.clone() };
+        let replicas = if self.own_share {
+            let mine = ReplicaPosition { cursor: cursor.clone(), data_start: st.data_start.clone() };
+            layout::replica_positions(&mine, self.comm)?
+        } else {
+            Vec::new()
+        };
+        let data = DataAt { cursor, replicas, fingerprint: data_fingerprint };
         if self.comm.shards() > 1 {
-            return checkpoint::write_sharded(self.out, st, cfg, cursor, data_fingerprint, self.comm);
+            return checkpoint::write_sharded(self.out, st, cfg, data, self.comm);
         }
         if self.comm.rank() == 0 {
-            checkpoint::write(self.out, st, cfg, cursor, data_fingerprint)?;
+            checkpoint::write(self.out, st, cfg, data)?;
         }
         Ok(())
     }
@@ -512,22 +609,27 @@ impl<'a> Run<'a> {
         let (plan, step) = (self.plan, st.step);
         let (b, d, o) = (plan.config.batch_size, plan.d_in, plan.d_out);
         // every process reads the whole batch (the same rows in the same order) and trains on its
-        // replica's share of it: disjoint, deterministic, and together the one-process batch
-        let input = Rows { m: &mut self.batch, d, max_norm: st.max_norm, scale: st.input_scale };
+        // replica's share of it: disjoint, deterministic, and together the one-process batch; or,
+        // when each replica reads its own share of the data, it reads just its rows
+        let rows = self.comm.replica_rows(b);
+        let (read, mine) = if self.own_share { (rows.len(), 0..rows.len()) } else { (b, rows.clone()) };
+        let input = Rows { m: &mut self.batch[..read * d], d, max_norm: st.max_norm, scale: st.input_scale };
         let target = (!self.target.is_empty()).then(|| Rows {
-            m: &mut self.target[..],
+            m: &mut self.target[..read * o],
             d: o,
             max_norm: st.max_norm_out,
             scale: st.output_scale,
         });
-        let excluded = fill_batch(src, input, target, step)?;
-        st.excluded_rows = st.excluded_rows.saturating_add(excluded);
+        let mut excluded = [fill_batch(src, input, target, step)? as f64];
+        if self.own_share {
+            self.comm.sum_f64(&mut excluded); // each replica excluded rows of its own
+        }
+        st.excluded_rows = st.excluded_rows.saturating_add(excluded[0] as u64);
         let mut lp = plan.loss_at(step);
         let latents = self.comm.latent_slice(plan.config.d_sae);
         lp.latent_offset = latents.start;
-        let rows = self.comm.replica_rows(b);
-        let x = &self.batch[rows.start * d..rows.end * d];
-        let y = if self.target.is_empty() { x } else { &self.target[rows.start * o..rows.end * o] };
+        let x = &self.batch[mine.start * d..mine.end * d];
+        let y = if self.target.is_empty() { x } else { &self.target[mine.start * o..mine.end * o] };
         let mut stats = step::forward_backward(&st.sae, &mut self.ws, x, y, &st.since_fired, &lp, self.comm)?;
         if step == 0 {
             if let Some(dir) = std::env::var_os("SAEKIT_DEBUG_DUMP_STEP") {

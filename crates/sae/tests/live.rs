@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use saekit_model::{HookPoint, LoadOptions, Model};
 use saekit_sae::{train, LiveSource, RunOptions, TrainConfig};
 use saekit_store::harvest::tokenize_options_for;
-use saekit_store::live::{LiveActivations, LiveOptions};
+use saekit_store::live::{BlockShare, LiveActivations, LiveOptions};
 use saekit_store::{read_corpus, tokenize_corpus, CorpusOptions, TokenDataset};
 
 const CTX: usize = 32;
@@ -141,4 +141,56 @@ fn live_training_resumes_bit_identically() {
     assert_eq!(o.steps, 24);
     let w = |dir: &Path| std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
     assert_eq!(w(&full), w(&part), "resumed live run differs from the uninterrupted one");
+}
+
+/// Every row an epoch of `live` serves, grouped by the shuffle block it came from (read one row at a
+/// time, so each row's block is the cursor's before it).
+fn rows_by_block(live: &mut LiveActivations) -> std::collections::BTreeMap<u64, Vec<f32>> {
+    let mut blocks = std::collections::BTreeMap::<u64, Vec<f32>>::new();
+    let mut row = vec![0f32; live.d_model()];
+    while live.cursor().epoch == 0 {
+        let block = live.cursor().block;
+        live.next_rows(&mut row).unwrap();
+        blocks.entry(block).or_default().extend_from_slice(&row);
+    }
+    blocks
+}
+
+#[test]
+fn data_replicas_forward_disjoint_blocks_that_together_are_the_one_process_epoch() {
+    let model = model();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(&model, tmp.path());
+    let whole = rows_by_block(&mut LiveActivations::new(&model, &data, live_opts()).unwrap());
+    assert!(whole.len() >= 4, "{} blocks: too few to share", whole.len());
+    let share = |index: u64, count: u64| LiveOptions { share: BlockShare { index, count }, ..live_opts() };
+    let mut seen = std::collections::BTreeMap::new();
+    for r in 0..2 {
+        let mut live = LiveActivations::new(&model, &data, share(r, 2)).unwrap();
+        assert_eq!(live.cursor().block, r, "replica {r} starts at its first block");
+        for (block, rows) in rows_by_block(&mut live) {
+            assert_eq!(block % 2, r, "replica {r} of 2 served block {block}");
+            assert!(rows == whole[&block], "replica {r}: block {block} is not the one-process block's rows");
+            assert!(seen.insert(block, r).is_none(), "block {block} served twice");
+        }
+        // the next epoch starts again at its own first block
+        assert_eq!(live.cursor().block, r);
+    }
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), whole.keys().copied().collect::<Vec<_>>());
+
+    // a replica's position is its own: another replica, or one process, cannot continue it
+    let mut live = LiveActivations::new(&model, &data, share(1, 2)).unwrap();
+    live.next_rows(&mut vec![0f32; 10 * live.d_model()]).unwrap();
+    let pos = live.cursor();
+    for other in [share(0, 2), live_opts()] {
+        let err = LiveActivations::new(&model, &data, other).unwrap().seek(&pos).unwrap_err().to_string();
+        assert!(err.contains("recorded by data replica 1 of 2"), "{err}");
+    }
+    let mut again = LiveActivations::new(&model, &data, share(1, 2)).unwrap();
+    again.seek(&pos).unwrap();
+    assert_eq!(again.cursor(), pos);
+    // every replica needs a block of each epoch
+    let n = whole.len() as u64;
+    let err = LiveActivations::new(&model, &data, share(0, n + 1)).err().unwrap().to_string();
+    assert!(err.contains(&format!("fewer than the {} data replicas", n + 1)), "{err}");
 }

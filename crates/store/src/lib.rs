@@ -3,7 +3,8 @@
 //! Owns: corpus readers (text, JSONL(.gz/.zst), Parquet), tokenized context shards (`tokenize`), the
 //! on-disk [`ActivationStore`] with its crash-safe [`ActivationWriter`], the shuffled
 //! [`ActivationReader`], the harvest loop that runs the model into a store, live activations (the
-//! model's rows served straight to training, no disk) and one forward shared by many trainers (`live_set`).
+//! model's rows served straight to training, no disk; under mpirun each data replica forwards its own
+//! shuffle blocks) and one forward shared by many trainers (`live_set`).
 //! Must not touch: model internals (it only calls `saekit_model`'s public API), SAE training (saekit-sae
 //! reads stores through [`ActivationReader`]), or the CLI.
 //!

@@ -7,6 +7,10 @@
 //! shuffled with a seed derived from (seed, epoch, block) and served in that order. A position is
 //! therefore (epoch, block, rows served), and seeking recomputes the block, so a resumed run sees the
 //! same rows in the same order as an uninterrupted one (the forward pass is deterministic).
+//!
+//! Data-parallel replicas (`train --live` under mpirun) each serve a [`BlockShare`] of every epoch:
+//! replica r of R forwards blocks r, r + R, ..., so together they forward the one-process epoch's
+//! blocks, each block once and by one replica, and a replica's position is its own cursor.
 
 use std::time::Instant;
 
@@ -38,6 +42,31 @@ pub struct LiveOptions {
     /// Rows of recent blocks kept for seeks back (the trainer reads its first 65,536 rows to fix the
     /// input scale, then seeks back to the start): a seek within them costs no forward pass.
     pub keep_rows: usize,
+    /// Which of every epoch's shuffle blocks this source serves (all of them by default).
+    pub share: BlockShare,
+}
+
+/// A data-parallel replica's share of the shuffle blocks: blocks `index`, `index + count`, ... of
+/// every epoch (the harvest's rule for shards, see [`crate::parts`]). `count` 1 is every block.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockShare {
+    /// This replica, `0..count`.
+    pub index: u64,
+    /// Replicas sharing the blocks.
+    pub count: u64,
+}
+
+impl Default for BlockShare {
+    fn default() -> Self {
+        BlockShare { index: 0, count: 1 }
+    }
+}
+
+impl BlockShare {
+    /// Every block: the one-process stream (a cursor records no share then).
+    pub fn is_whole(&self) -> bool {
+        self.count == 1
+    }
 }
 
 impl Default for LiveOptions {
@@ -49,6 +78,7 @@ impl Default for LiveOptions {
             block_tokens: 1 << 16,
             seed: 0,
             keep_rows: 1 << 17,
+            share: BlockShare::default(),
         }
     }
 }
@@ -73,6 +103,9 @@ pub struct LiveCursor {
     pub n_contexts: u64,
     /// Contexts per shuffle block.
     pub block_contexts: u64,
+    /// The blocks this source serves (absent: every block).
+    #[serde(default, skip_serializing_if = "BlockShare::is_whole")]
+    pub share: BlockShare,
 }
 
 impl LiveCursor {
@@ -90,7 +123,19 @@ impl LiveCursor {
             c.seed, c.hook, c.split, c.n_contexts, c.block_contexts,
             mine.seed, mine.hook, mine.split, mine.n_contexts, mine.block_contexts
         );
+        ensure_input!(
+            c.share == mine.share,
+            "the live-data position was recorded by data replica {} of {} (each reads its own blocks), this source reads replica {} of {}'s: resume with the same number of replicas",
+            c.share.index, c.share.count, mine.share.index, mine.share.count
+        );
         ensure_input!(c.block < blocks_per_epoch, "live cursor block {} is past the epoch", c.block);
+        ensure_input!(
+            c.block % c.share.count == c.share.index,
+            "live cursor block {} is not one of data replica {} of {}'s blocks",
+            c.block,
+            c.share.index,
+            c.share.count
+        );
         Ok(())
     }
 }
@@ -144,6 +189,8 @@ impl<'m> LiveActivations<'m> {
         check_tokenizer(model, &cfg.name, data)?;
         let ctx = split.context_len();
         let block_contexts = opts.block_tokens.div_ceil(ctx).max(1) as u64;
+        let share = opts.share;
+        check_share(share, split.n_contexts().div_ceil(block_contexts), block_contexts, &opts.split)?;
         let (bos, eot) = sink_tokens(model, data);
         // the rows are the model's on these tokens: the dataset's content, the model, the split
         let data_fingerprint = format!("live:{}:{}:{}", data.fingerprint(), cfg.name, opts.split);
@@ -156,7 +203,7 @@ impl<'m> LiveActivations<'m> {
             eot,
             opts,
             epoch: 0,
-            block: 0,
+            block: share.index,
             served: 0,
             perm_epoch: None,
             perm: vec![],
@@ -205,7 +252,12 @@ impl<'m> LiveActivations<'m> {
         self.split.context_len()
     }
 
-    /// Shuffle blocks per pass over the split.
+    /// The shuffle blocks this source serves.
+    pub fn share(&self) -> BlockShare {
+        self.opts.share
+    }
+
+    /// Shuffle blocks per pass over the split (over every replica's share).
     pub fn blocks_per_epoch(&self) -> u64 {
         self.split.n_contexts().div_ceil(self.block_contexts)
     }
@@ -226,6 +278,7 @@ impl<'m> LiveActivations<'m> {
             split: self.opts.split.clone(),
             n_contexts: self.split.n_contexts(),
             block_contexts: self.block_contexts,
+            share: self.opts.share,
         }
     }
 
@@ -261,11 +314,12 @@ impl<'m> LiveActivations<'m> {
         Ok(())
     }
 
+    /// On to this source's next block: the share's next one, or its first of the next epoch.
     fn advance(&mut self) {
         self.served = 0;
-        self.block += 1;
-        if self.block == self.blocks_per_epoch() {
-            self.block = 0;
+        self.block += self.opts.share.count;
+        if self.block >= self.blocks_per_epoch() {
+            self.block = self.opts.share.index;
             self.epoch += 1;
         }
     }
@@ -311,6 +365,17 @@ impl<'m> LiveActivations<'m> {
         self.forward_tokens += (ids.len() * self.split.context_len()) as u64;
         Ok(rows.remove(0))
     }
+}
+
+/// A share must name one of `count` replicas, and each replica needs a block of every epoch.
+fn check_share(share: BlockShare, blocks: u64, block_contexts: u64, split: &str) -> StoreResult<()> {
+    let BlockShare { index, count } = share;
+    ensure_input!(count >= 1 && index < count, "data replica {index} of {count} does not exist");
+    ensure_input!(
+        blocks >= count,
+        "split {split:?} has {blocks} shuffle blocks of {block_contexts} contexts, fewer than the {count} data replicas that each forward their own: lower --live-block-tokens or use fewer replicas"
+    );
+    Ok(())
 }
 
 /// The order contexts are read in during `epoch`: a permutation drawn from (seed, epoch).

@@ -19,7 +19,7 @@ use saekit_model::{HookPoint, Model};
 
 use crate::error::{bad_input, ensure_input, StoreResult};
 use crate::harvest::{check_store_hook, check_tokenizer, sink_tokens, tokenizer_fingerprint};
-use crate::live::{epoch_order, forward_block, BlockAt, LiveCursor, LiveOptions, Sinks};
+use crate::live::{epoch_order, forward_block, BlockAt, BlockShare, LiveCursor, LiveOptions, Sinks};
 use crate::tokens::{TokenDataset, TokenSplit};
 
 /// Every hook's rows of one shuffle block, in [`LiveHookSet::hooks`] order.
@@ -72,6 +72,8 @@ impl<'m> LiveHookSet<'m> {
             check_store_hook(model, h)?;
         }
         ensure_input!(opts.batch > 0, "the forward batch must be at least one context");
+        // its readers (one per trainer in this process) read every block
+        ensure_input!(opts.share.is_whole(), "a shared forward serves every block, not a data replica's share");
         let split = data.split(&opts.split)?;
         ensure_input!(split.n_contexts() > 0, "split {:?} of {} has no contexts", opts.split, data.dir().display());
         let vocab = model.config().vocab_size as u32;
@@ -327,6 +329,7 @@ impl LivePairReader<'_, '_> {
             split: self.set.opts.split.clone(),
             n_contexts: self.set.split.n_contexts(),
             block_contexts: self.set.block_contexts,
+            share: BlockShare::default(),
         }
     }
 

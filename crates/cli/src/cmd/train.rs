@@ -144,7 +144,8 @@ pub struct TrainArgs {
     pub quiet: bool,
     /// Under `mpirun -np N` (a build with `--features mpi`): ranks per replica that split the
     /// latents between them (model parallel); the N / S replicas split each batch's rows (data
-    /// parallel). Default: all N ranks shard the latents.
+    /// parallel; with --live each replica forwards its own shuffle blocks of the contexts, and
+    /// `--resume` needs the same number of replicas). Default: all N ranks shard the latents.
     #[arg(long, value_name = "S")]
     pub shards: Option<usize>,
 }
@@ -268,13 +269,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let c = setup.train;
     if setup.live.live {
-        if let Some(m) = opts.collective.as_ref().filter(|m| m.replicas() > 1) {
-            bail!(
-                "train --live across MPI processes shards the latents only: {} data replicas would each forward the same contexts; pass --shards {} (all ranks) or train from a stored activation folder",
-                m.replicas(),
-                m.replicas() * m.shards()
-            );
-        }
         let trained = super::train_live::run(c, &setup.live, &opts);
         if distributed {
             super::mpi_job::fatal_across_ranks(trained.as_ref().err());

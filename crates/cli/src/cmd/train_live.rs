@@ -113,12 +113,14 @@ impl LiveConfig {
 
 /// Train on the rows `live` describes, with the trainer's config `c`.
 ///
-/// Under `mpirun` the ranks split the latents (one replica): every rank runs the model over the same
-/// contexts, so the ranks of the shard group see the same rows with no exchange of them. The
-/// alternative, one rank forwarding and broadcasting each batch ([batch, d_in] f32 a step), leaves
-/// the other ranks idle while it forwards, so the step waits for one forward pass either way and
-/// the broadcast adds its traffic (reasoned, not measured). Data-parallel replicas, which would
-/// each forward a disjoint share of the contexts, are refused (see `train::run`).
+/// Under `mpirun` each data-parallel replica forwards its own shuffle blocks (replica r of R: blocks
+/// r, r + R, ... of every epoch, see `saekit_store::live::BlockShare`) and trains on its share of
+/// each batch from them, so the R replicas forward the one-process run's blocks once between them.
+/// The ranks of one replica (its latent shards) all run the model over the replica's contexts, so
+/// they see the same rows with no exchange of them. The alternative, one rank forwarding and
+/// broadcasting each batch ([batch, d_in] f32 a step), leaves the other ranks idle while it
+/// forwards, so the step waits for one forward pass either way and the broadcast adds its traffic
+/// (reasoned, not measured).
 pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<()> {
     if c.acts.is_some() {
         bail!("--live reads activations from the model: drop --acts (or `acts` in the config), or drop --live");
@@ -149,18 +151,27 @@ pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<(
         seed: c.seed,
         // what the trainer reads ahead before seeking back to the start
         keep_rows: c.prepare_rows(),
+        share: Default::default(),
     };
     if !c.hook_name_out.is_empty() {
         return train_live_pairs(&c, (&model, &model_path), &data, lopts, opts);
     }
-    let rows = saekit_store::live::LiveActivations::new(&model, &data, lopts)?;
+    let share = replica_share(opts);
+    let rows =
+        saekit_store::live::LiveActivations::new(&model, &data, saekit_store::live::LiveOptions { share, ..lopts })?;
     let desc = format!(
-        "live {} at {hook} over {contexts} split {} ({} contexts of {}, {} shuffle blocks per epoch, sinks skipped)",
+        "live {} at {hook} over {contexts} split {} ({} contexts of {}, {} shuffle blocks per epoch{}, sinks skipped)",
         model_path.display(),
         live.split,
         rows.n_contexts(),
         rows.context_len(),
-        rows.blocks_per_epoch()
+        rows.blocks_per_epoch(),
+        if share.is_whole() {
+            String::new()
+        } else {
+            let (r, n) = (share.index, share.count);
+            format!(" of which replica {r} of {n} forwards blocks {r}, {}, ...", r + n)
+        }
     );
     let mut src = saekit_sae::LiveSource::new(rows, desc);
     let t0 = std::time::Instant::now();
@@ -170,13 +181,23 @@ pub fn run(mut c: TrainConfig, live: &LiveConfig, opts: &RunOptions) -> Result<(
     }
     let wall = t0.elapsed().as_secs_f64();
     let (fs, ft) = src.forward_stats();
+    let whose = if share.is_whole() { String::new() } else { format!(" (replica 0 of {})", share.count) };
     eprintln!(
-        "model forward: {ft} tokens in {fs:.1} s ({:.0} tokens/s), {:.0}% of the {wall:.1} s run",
+        "model forward{whose}: {ft} tokens in {fs:.1} s ({:.0} tokens/s), {:.0}% of the {wall:.1} s run",
         ft as f64 / fs.max(1e-9),
         100.0 * fs / wall.max(1e-9)
     );
     // end to end: the blocks computed while preparing count too
     super::train::finish(&o, o.tokens_this_run as f64 / wall.max(1e-9))
+}
+
+/// This process's data-parallel replica under `mpirun`: its own shuffle blocks (every block in one
+/// process, or when all ranks shard the latents).
+fn replica_share(opts: &RunOptions) -> saekit_store::live::BlockShare {
+    opts.collective.as_ref().map_or_else(Default::default, |m| saekit_store::live::BlockShare {
+        index: m.replica() as u64,
+        count: m.replicas() as u64,
+    })
 }
 
 fn parse_hook(name: &str, flag: &str) -> Result<saekit_model::HookPoint> {

@@ -99,6 +99,7 @@ pub fn run(a: TrainTranscodersArgs) -> Result<()> {
             block_tokens: live.live_block_tokens,
             seed: c.seed,
             keep_rows: keep_rows(pending.len(), model.config().d_model, &c),
+            share: Default::default(),
         };
         let hooks = pending.iter().flat_map(|&l| [HookPoint::Ln2Normalized(l), HookPoint::MlpOut(l)]).collect();
         let set = saekit_store::live_set::LiveHookSet::new(&model, &data, hooks, opts)?;
