@@ -35,16 +35,18 @@ impl Concept {
 }
 
 /// The concepts of the demo corpus, in the order they are looked for (a document counts for the first
-/// concept it fits).
+/// concept it fits). Languages are named both ways the corpus sources do: ISO 639-1 (`de`, manual pages)
+/// and ISO 639-3 (`deu`, the UDHR translations); with one spelling only, a German UDHR text would be
+/// among the texts German is set against.
 pub const CONCEPTS: &[Concept] = &[
     Concept { name: "Python code", kinds: &["code"], langs: &["python"] },
     Concept { name: "base64", kinds: &["base64", "base64-pem"], langs: &[] },
     Concept { name: "DNA / protein (GenBank)", kinds: &["bio-genbank", "bio"], langs: &[] },
     Concept { name: "LaTeX math", kinds: &["latex"], langs: &[] },
-    Concept { name: "Chinese", kinds: &[], langs: &["zh", "lzh"] },
-    Concept { name: "Japanese", kinds: &[], langs: &["ja"] },
-    Concept { name: "German", kinds: &[], langs: &["de"] },
-    Concept { name: "Arabic", kinds: &[], langs: &["ar"] },
+    Concept { name: "Chinese", kinds: &[], langs: &["zh", "zh_CN", "lzh", "cmn"] },
+    Concept { name: "Japanese", kinds: &[], langs: &["ja", "jpn"] },
+    Concept { name: "German", kinds: &[], langs: &["de", "deu"] },
+    Concept { name: "Arabic", kinds: &[], langs: &["ar", "arb"] },
 ];
 
 /// The texts that fit no concept, each set against all the others.
@@ -74,8 +76,11 @@ const MIN_TEXT_CHARS: usize = 40;
 
 /// Up to `per` documents of each concept (their first 700 characters), plus up to `per` documents from each
 /// file that fit no concept, under [`OTHER`]: a feature only counts as a concept's if it separates the
-/// concept from all of those, not just from English. `corpus` is a `.jsonl` file or a folder of them; lines
-/// that are not JSON objects with a `text` are skipped.
+/// concept from all of those, not just from English. A file's other documents are taken in turn from each
+/// of its (kind, lang) groups: a file sorted by language (the manual pages: German, English, Spanish,
+/// Japanese, Russian) would otherwise give only its first language, and "German" would be found as a
+/// feature of translated manual pages that fires on Russian ones too. `corpus` is a `.jsonl` file or a
+/// folder of them; lines that are not JSON objects with a `text` are skipped.
 pub(crate) fn labelled_texts(corpus: &Path, per: usize) -> AnalysisResult<BTreeMap<String, Vec<String>>> {
     let mut files: Vec<PathBuf> = if corpus.is_dir() {
         let entries = std::fs::read_dir(corpus).with_context(|| format!("{}: cannot list", corpus.display()))?;
@@ -87,27 +92,60 @@ pub(crate) fn labelled_texts(corpus: &Path, per: usize) -> AnalysisResult<BTreeM
     files.sort();
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for f in files {
-        let mut others_here = 0;
+        // this file's documents of no concept, by (kind, lang) in the order the groups first appear
+        let mut others: Vec<((String, String), Vec<String>)> = Vec::new();
         let file = std::fs::File::open(&f).with_context(|| format!("{}: cannot open", f.display()))?;
         for line in std::io::BufReader::new(file).lines() {
             let line = line.with_context(|| format!("{}: cannot read", f.display()))?;
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
             let Some(text) = v.get("text").and_then(|t| t.as_str()) else { continue };
-            let field = |k: &str| v.get(k).and_then(|t| t.as_str()).unwrap_or("").to_string();
-            let (name, room) = match CONCEPTS.iter().find(|c| c.holds(&field("kind"), &field("lang"))) {
-                Some(c) => (c.name, out.get(c.name).is_none_or(|v| v.len() < per)),
-                None => {
-                    others_here += 1;
-                    (OTHER, others_here <= per)
-                }
-            };
             let t: String = text.chars().skip_while(|c| c.is_whitespace()).take(TEXT_CHARS).collect();
-            if room && t.chars().count() > MIN_TEXT_CHARS {
-                out.entry(name.to_string()).or_default().push(t);
+            if t.chars().count() <= MIN_TEXT_CHARS {
+                continue;
             }
+            let field = |k: &str| v.get(k).and_then(|t| t.as_str()).unwrap_or("").to_string();
+            let (kind, lang) = (field("kind"), field("lang"));
+            if let Some(c) = CONCEPTS.iter().find(|c| c.holds(&kind, &lang)) {
+                let texts = out.entry(c.name.to_string()).or_default();
+                if texts.len() < per {
+                    texts.push(t);
+                }
+                continue;
+            }
+            let key = (kind, lang);
+            let at = others.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
+                others.push((key, Vec::new()));
+                others.len() - 1
+            });
+            if others[at].1.len() < per {
+                others[at].1.push(t);
+            }
+        }
+        let taken = take_in_turn(others.into_iter().map(|(_, v)| v).collect(), per);
+        if !taken.is_empty() {
+            out.entry(OTHER.to_string()).or_default().extend(taken);
         }
     }
     Ok(out)
+}
+
+/// Up to `n` items, one from each list in turn (the first of each, then the second of each, ...).
+fn take_in_turn(lists: Vec<Vec<String>>, n: usize) -> Vec<String> {
+    let mut iters: Vec<_> = lists.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let before = out.len();
+        for it in &mut iters {
+            if out.len() == n {
+                break;
+            }
+            out.extend(it.next());
+        }
+        if out.len() == before {
+            break;
+        }
+    }
+    out
 }
 
 /// For each concept with at least 3 texts, the feature that best separates them from every other group's
@@ -182,6 +220,36 @@ mod tests {
         assert!(got["Python code"][0].starts_with("def f()"));
         assert_eq!(got[OTHER].len(), 1, "the Rust text fits no concept");
         assert_eq!(got["Python code"][0].chars().count(), TEXT_CHARS.min(long("def f(): pass ").chars().count()));
+    }
+
+    /// A file sorted by language gives the other texts of every language, not only its first; a language
+    /// named in ISO 639-3 (the UDHR's `deu`) belongs to its concept, not to the texts it is set against.
+    #[test]
+    fn other_texts_come_from_every_language_of_a_file_and_both_language_codes_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = Vec::new();
+        for (lang, word) in
+            [("de", "Beschreibung "), ("en", "description "), ("es", "descripción "), ("ru", "описание ")]
+        {
+            for i in 0..5 {
+                lines.push(
+                    serde_json::json!({"text": format!("{i} {}", word.repeat(10)), "kind": "manpage", "lang": lang}),
+                );
+            }
+        }
+        lines.push(serde_json::json!({"text": "Die Allgemeine Erklärung der Menschenrechte ...", "kind": "legal", "lang": "deu"}));
+        let body: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        std::fs::write(dir.path().join("man.jsonl"), body.join("\n")).unwrap();
+        let got = labelled_texts(dir.path(), 4).unwrap();
+        assert_eq!(got["German"].len(), 4, "capped at `per`: {:?}", got["German"]);
+        let got = labelled_texts(dir.path(), 6).unwrap();
+        assert_eq!(got["German"].len(), 6, "5 manual pages and the UDHR text (deu)");
+        let others = &got[OTHER];
+        assert_eq!(others.len(), 6, "capped at `per` for the file");
+        for word in ["description", "descripción", "описание"] {
+            assert_eq!(others.iter().filter(|t| t.contains(word)).count(), 2, "{word} in turn: {others:?}");
+        }
+        assert!(others[0].starts_with("0 description") && others[1].starts_with("0 descripción"), "{others:?}");
     }
 
     #[test]

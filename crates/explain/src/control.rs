@@ -23,19 +23,66 @@ use crate::error::{bail_input, ExplainResult};
 use crate::run::{chat_stop, examples_of, in_parallel, read_feature, score_explanation, ExplainOptions};
 use crate::score::Usage;
 
-/// One feature's balanced accuracies (`None`: the scorer did not run or read no answer).
+/// How a scorer's examples were answered: the denominators behind a balanced accuracy.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Answers {
+    /// Examples with a readable answer.
+    pub answered: u32,
+    /// Examples whose answer could not be read (or whose request failed).
+    pub unanswered: u32,
+    /// Answered examples the scorer said yes to (matches / marked right): all of them is a scorer that
+    /// cannot tell, whatever the explanation.
+    pub yes: u32,
+}
+
+impl Answers {
+    fn of(s: Option<Score>) -> Answers {
+        s.map_or_else(Answers::default, |s| Answers {
+            answered: s.answered(),
+            unanswered: s.unparsed,
+            yes: s.tp + s.fp,
+        })
+    }
+    fn add(self, o: Answers) -> Answers {
+        Answers {
+            answered: self.answered + o.answered,
+            unanswered: self.unanswered + o.unanswered,
+            yes: self.yes + o.yes,
+        }
+    }
+}
+
+/// One feature's balanced accuracies (`None`: the scorer did not run or read no answer), with the
+/// answer counts behind them.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
 pub struct Accuracies {
     /// Detection's balanced accuracy.
     pub detection: Option<f64>,
     /// Fuzzing's balanced accuracy.
     pub fuzzing: Option<f64>,
+    /// Detection's answer counts.
+    pub detection_answers: Answers,
+    /// Fuzzing's answer counts.
+    pub fuzzing_answers: Answers,
 }
 
 impl Accuracies {
     fn of(detection: Option<Score>, fuzzing: Option<Score>) -> Accuracies {
         let answered = |s: Option<Score>| s.filter(|s| s.answered() > 0).map(|s| s.balanced_accuracy);
-        Accuracies { detection: answered(detection), fuzzing: answered(fuzzing) }
+        Accuracies {
+            detection: answered(detection),
+            fuzzing: answered(fuzzing),
+            detection_answers: Answers::of(detection),
+            fuzzing_answers: Answers::of(fuzzing),
+        }
+    }
+    /// One scorer's accuracy and answers.
+    fn scorer(&self, fuzzing: bool) -> (Option<f64>, Answers) {
+        if fuzzing {
+            (self.fuzzing, self.fuzzing_answers)
+        } else {
+            (self.detection, self.detection_answers)
+        }
     }
 }
 
@@ -99,10 +146,18 @@ pub struct Comparison {
     pub shuffled: Spread,
     /// Share of features with both scores where the real one is higher.
     pub real_wins: f64,
+    /// The real explanations' answers, summed over the features.
+    pub real_answers: Answers,
+    /// The shuffled explanations' answers, summed over the features.
+    pub shuffled_answers: Answers,
 }
 
 impl Comparison {
-    fn of(rows: &[ControlRow], pick: impl Fn(&Accuracies) -> Option<f64>) -> Comparison {
+    fn of(rows: &[ControlRow], fuzzing: bool) -> Comparison {
+        let pick = |a: &Accuracies| a.scorer(fuzzing).0;
+        let sum = |a: fn(&ControlRow) -> &Accuracies| {
+            rows.iter().fold(Answers::default(), |t, r| t.add(a(r).scorer(fuzzing).1))
+        };
         let pairs: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((pick(&r.real)?, pick(&r.shuffled)?))).collect();
         let wins: f64 = pairs
             .iter()
@@ -120,6 +175,8 @@ impl Comparison {
             real: Spread::of(rows.iter().filter_map(|r| pick(&r.real))),
             shuffled: Spread::of(rows.iter().filter_map(|r| pick(&r.shuffled))),
             real_wins: if pairs.is_empty() { 0.0 } else { wins / pairs.len() as f64 },
+            real_answers: sum(|r| &r.real),
+            shuffled_answers: sum(|r| &r.shuffled),
         }
     }
 }
@@ -222,8 +279,8 @@ pub fn score_shuffled_control(
         return Err(fault.mark(anyhow::anyhow!("the shuffled control stopped: {msg}")).into());
     }
     summary.features.sort_by_key(|r| r.feature);
-    summary.detection = Comparison::of(&summary.features, |a| a.detection);
-    summary.fuzzing = Comparison::of(&summary.features, |a| a.fuzzing);
+    summary.detection = Comparison::of(&summary.features, false);
+    summary.fuzzing = Comparison::of(&summary.features, true);
     Ok(summary)
 }
 
@@ -287,15 +344,15 @@ mod tests {
 
     #[test]
     fn wins_are_counted_per_feature_with_ties_half() {
-        let row = |r: f64, s: Option<f64>| ControlRow {
-            feature: 0,
-            explanation_of: 1,
-            real: Accuracies { detection: Some(r), fuzzing: None },
-            shuffled: Accuracies { detection: s, fuzzing: None },
-        };
+        let answers = Answers { answered: 3, unanswered: 1, yes: 2 };
+        let acc = |d| Accuracies { detection: d, detection_answers: answers, ..Default::default() };
+        let row =
+            |r: f64, s: Option<f64>| ControlRow { feature: 0, explanation_of: 1, real: acc(Some(r)), shuffled: acc(s) };
         let rows = [row(0.9, Some(0.5)), row(0.5, Some(0.5)), row(0.4, Some(0.6)), row(0.8, None)];
-        let c = Comparison::of(&rows, |a| a.detection);
+        let c = Comparison::of(&rows, false);
         assert_eq!(c.real_wins, 1.5 / 3.0, "the row without a shuffled score is left out of the pairs");
         assert_eq!((c.real.n, c.shuffled.n), (4, 3));
+        assert_eq!(c.real_answers, Answers { answered: 12, unanswered: 4, yes: 8 }, "summed over every row");
+        assert_eq!(Comparison::of(&rows, true).real_answers, Answers::default(), "fuzzing was not scored");
     }
 }

@@ -5,7 +5,10 @@
 //! between `<<` and `>>`, followed by `Activations: ("token", n), ...` with `n` the activation scaled to
 //! 0-10 of the feature's maximum; the reply's last line is `[EXPLANATION]: ...`. Detection: the
 //! explanation and unmarked examples; fuzzing: the explanation and marked examples. Both scorers answer
-//! with a list of 1/0, one per example. Contexts are rendered with [`saekit_analysis::render`], so a
+//! with a list of 1/0, one per example. With one example per prompt (delphi's `n_examples_shown=1`) the
+//! scorer is instead asked one yes/no question about one text, in the same shape (system message, worked
+//! examples, the question), and its first word is read: a small model that cannot write a list of the
+//! right length can still say yes or no. Contexts are rendered with [`saekit_analysis::render`], so a
 //! character split across tokens reaches the model as that character.
 
 use saekit_analysis::render::merge_tokens;
@@ -99,6 +102,48 @@ const FUZZING_SHOTS: [(&str, &str); 2] = [
     ),
 ];
 
+const DETECTION_ONE_SYSTEM: &str = "You are a careful linguistics researcher. You will be given the description \
+of a pattern in text, such as \"male pronouns\" or \"text with negative sentiment\", and one text example. Decide \
+whether the example contains the pattern.
+
+Answer with one word: yes if the example contains the pattern, no if it does not.";
+
+// One example each, answers alternating so the last worked answer does not lean either way.
+const DETECTION_ONE_SHOTS: [(&str, &str); 4] = [
+    (
+        "Pattern: Units of measurement for cooking ingredients.\n\nText: stir in three tablespoons of butter until",
+        "yes",
+    ),
+    ("Pattern: Units of measurement for cooking ingredients.\n\nText: the train left the station at noon and", "no"),
+    ("Pattern: The word \"river\" and names of rivers.\n\nText: the committee approved the budget on", "no"),
+    ("Pattern: The word \"river\" and names of rivers.\n\nText: a boat drifted down the Thames past the", "yes"),
+];
+
+const FUZZING_ONE_SYSTEM: &str = "You are a careful linguistics researcher. You will be given the description of \
+a pattern in text and one text example in which some tokens are marked between << and >>. The marks may be right \
+or wrong: they are right only if every marked token is an instance of the described pattern.
+
+Answer with one word: yes if the marks are right, no if they are not.";
+
+const FUZZING_ONE_SHOTS: [(&str, &str); 4] = [
+    (
+        "Pattern: Units of measurement for cooking ingredients.\n\nText: stir in three <<tablespoons>> of butter until",
+        "yes",
+    ),
+    ("Pattern: Units of measurement for cooking ingredients.\n\nText: weigh out 250 grams <<of>> sugar before", "no"),
+    ("Pattern: Negating prefixes at the start of adjectives.\n\nText: a very <<kind>> gesture from her", "no"),
+    ("Pattern: Negating prefixes at the start of adjectives.\n\nText: it seemed <<im>>possible at first", "yes"),
+];
+
+/// The question of a one-example scorer prompt (detection or fuzzing).
+fn one_question(fuzzing: bool) -> &'static str {
+    if fuzzing {
+        "Are the marks right? Answer yes or no."
+    } else {
+        "Does the text contain the pattern? Answer yes or no."
+    }
+}
+
 /// The example as one line with marked runs: `marks[i]` says whether token `i` is marked. Characters split
 /// across tokens are joined first (a piece is marked if any of its tokens is).
 pub fn marked_text(e: &Example, marks: &[bool]) -> String {
@@ -172,6 +217,21 @@ pub fn scorer_messages(fuzzing: bool, explanation: &str, lines: &[String]) -> Ve
     m
 }
 
+/// A one-example scorer's messages: the explanation, one example (already marked for fuzzing) and a
+/// yes/no question. The worked examples end with the same question, so the model sees the answer's form.
+pub fn single_scorer_messages(fuzzing: bool, explanation: &str, line: &str) -> Vec<Message> {
+    let (system, shots) =
+        if fuzzing { (FUZZING_ONE_SYSTEM, &FUZZING_ONE_SHOTS) } else { (DETECTION_ONE_SYSTEM, &DETECTION_ONE_SHOTS) };
+    let q = one_question(fuzzing);
+    let mut m = vec![Message::system(system)];
+    for (u, a) in shots {
+        m.push(Message::user(format!("{u}\n\n{q}")));
+        m.push(Message::assistant(*a));
+    }
+    m.push(Message::user(format!("Pattern: {explanation}\n\nText: {line}\n\n{q}")));
+    m
+}
+
 /// The explanation in a reply: what follows the last `[EXPLANATION]:`, else (a small model that ignores
 /// the format) the reply's last non-empty line. `None` when the reply is empty.
 pub fn parse_explanation(reply: &str) -> Option<String> {
@@ -197,6 +257,23 @@ pub fn parse_answers(reply: &str, n: usize) -> Option<Vec<bool>> {
         })
         .collect();
     items.filter(|v| v.len() == n)
+}
+
+/// A one-example scorer's answer: the reply's first word, stripped of quotes, brackets, markup and
+/// punctuation, if it is yes/no/true/false/1/0 (any case). A reply that opens a list is read as a list of
+/// exactly one answer (delphi's `[1]`), so a copied multi-item list is not taken for its first item.
+/// Anything else is no answer: never guessed.
+pub fn parse_yes_no(reply: &str) -> Option<bool> {
+    let reply = reply.trim_start();
+    if reply.starts_with('[') {
+        return parse_answers(reply, 1).map(|a| a[0]);
+    }
+    let word = reply.split_whitespace().next()?.trim_matches(|c: char| !c.is_alphanumeric());
+    match word.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "1" => Some(true),
+        "no" | "false" | "0" => Some(false),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -233,5 +310,51 @@ mod tests {
         assert_eq!(parse_answers("[1, 0]", 3), None);
         assert_eq!(parse_answers("[1, maybe, 0]", 3), None);
         assert_eq!(parse_answers("no list", 1), None);
+    }
+
+    #[test]
+    fn one_word_answers_are_read_from_the_first_word_only() {
+        for (reply, want) in [
+            ("yes", Some(true)),
+            ("Yes.", Some(true)),
+            ("  YES, it does", Some(true)),
+            ("**No**", Some(false)),
+            ("\"no\" - the marks are wrong", Some(false)),
+            ("True", Some(true)),
+            ("false!", Some(false)),
+            ("1", Some(true)),
+            ("0\n", Some(false)),
+            ("[1]", Some(true)),
+            ("[0]", Some(false)),
+            ("[1, 0, 1]", None),
+            ("The answer is yes", None),
+            ("Maybe", None),
+            ("yesterday", None),
+            ("nope", None),
+            ("10", None),
+            ("", None),
+            ("   ", None),
+        ] {
+            assert_eq!(parse_yes_no(reply), want, "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn a_one_example_prompt_asks_one_question_about_one_text() {
+        for fuzzing in [false, true] {
+            let m = single_scorer_messages(fuzzing, "Mentions of cats.", "The <<cat>> sat");
+            assert_eq!(m.len(), 1 + 2 * 4 + 1, "system + 4 worked examples + the question");
+            assert!(m[0].role == "system" && m[0].content.contains("one word"));
+            let answers: Vec<&str> =
+                m[1..].iter().filter(|x| x.role == "assistant").map(|x| x.content.as_str()).collect();
+            assert_eq!(answers.iter().filter(|a| **a == "yes").count(), 2, "balanced worked answers: {answers:?}");
+            assert!(answers.iter().all(|a| parse_yes_no(a).is_some()));
+            let last = &m.last().unwrap().content;
+            assert_eq!(last.matches("Text: ").count(), 1, "{last}");
+            assert!(
+                last.starts_with("Pattern: Mentions of cats.\n\nText: The <<cat>> sat\n\n")
+                    && last.ends_with("yes or no.")
+            );
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! their real marks, and the same contexts with the same number of marks moved to tokens where the feature
 //! is 0 (delphi's "active" fuzzing: the texts are alike, only the marks differ); the scorer says which
 //! are marked correctly. Examples are shuffled (seeded) and sent in batches; each is scored as balanced
-//! accuracy with its counts.
+//! accuracy with its counts. A batch of one asks a yes/no question per example instead of a list
+//! ([`crate::prompts::single_scorer_messages`]); an answer that cannot be read counts as unparsed.
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -14,7 +15,9 @@ use saekit_analysis::Score;
 
 use crate::client::{ChatClient, ChatError};
 use crate::examples::Example;
-use crate::prompts::{activation_marks, marked_text, parse_answers, scorer_messages};
+use crate::prompts::{
+    activation_marks, marked_text, parse_answers, parse_yes_no, scorer_messages, single_scorer_messages,
+};
 
 /// One scored example: the line shown and whether it is a positive.
 struct Item {
@@ -31,8 +34,13 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-/// Send `items` in shuffled batches of `batch` and count the answers. A request that fails (after the
-/// client's retries) leaves its examples unparsed; a fatal error stops at once.
+/// Tokens a one-example scorer may write: its answer is the first word, a few more show what it wrote
+/// when it did not answer.
+const ONE_WORD_TOKENS: u32 = 8;
+
+/// Send `items` in shuffled batches of `batch` and count the answers (with a batch of one, each example
+/// is asked as a yes/no question). A request that fails (after the client's retries) leaves its examples
+/// unparsed; a fatal error stops at once.
 fn run_scorer(
     client: &ChatClient,
     fuzzing: bool,
@@ -46,29 +54,44 @@ fn run_scorer(
     let mut judged: Vec<(bool, Option<bool>)> = Vec::with_capacity(items.len());
     for chunk in items.chunks(batch.max(1)) {
         let lines: Vec<String> = chunk.iter().map(|i| i.line.clone()).collect();
-        let messages = scorer_messages(fuzzing, explanation, &lines);
-        let answers = match client.chat(&messages, 16 + 4 * chunk.len() as u32) {
-            Ok(r) => {
-                usage.prompt_tokens += r.prompt_tokens;
-                usage.completion_tokens += r.completion_tokens;
-                let a = parse_answers(&r.text, chunk.len());
-                if a.is_none() {
-                    tracing::debug!(reply = %r.text, "a scorer reply without a list of {} answers", chunk.len());
-                }
-                a
-            }
-            Err(e @ ChatError::Fatal(_)) => return Err(e),
-            Err(ChatError::Failed(msg)) => {
-                tracing::warn!("a scorer request failed: {msg}");
-                None
-            }
-        };
-        match answers {
+        match ask(client, fuzzing, explanation, &lines, batch <= 1, usage)? {
             Some(a) => judged.extend(chunk.iter().zip(a).map(|(item, said)| (item.positive, Some(said)))),
             None => judged.extend(chunk.iter().map(|item| (item.positive, None))),
         }
     }
     Ok(tally(&judged))
+}
+
+/// One scorer request: a list of answers for `lines`, or (`one_by_one`) a yes/no for the single line.
+/// `None` when the reply cannot be read or the request failed; `Err` only for a fatal error.
+fn ask(
+    client: &ChatClient,
+    fuzzing: bool,
+    explanation: &str,
+    lines: &[String],
+    one_by_one: bool,
+    usage: &mut Usage,
+) -> Result<Option<Vec<bool>>, ChatError> {
+    let (messages, max_tokens) = if one_by_one {
+        (single_scorer_messages(fuzzing, explanation, &lines[0]), ONE_WORD_TOKENS)
+    } else {
+        (scorer_messages(fuzzing, explanation, lines), 16 + 4 * lines.len() as u32)
+    };
+    let r = match client.chat(&messages, max_tokens) {
+        Ok(r) => r,
+        Err(e @ ChatError::Fatal(_)) => return Err(e),
+        Err(ChatError::Failed(msg)) => {
+            tracing::warn!("a scorer request failed: {msg}");
+            return Ok(None);
+        }
+    };
+    usage.prompt_tokens += r.prompt_tokens;
+    usage.completion_tokens += r.completion_tokens;
+    let answers = if one_by_one { parse_yes_no(&r.text).map(|a| vec![a]) } else { parse_answers(&r.text, lines.len()) };
+    if answers.is_none() {
+        tracing::debug!(reply = %r.text, "a scorer reply without {} readable answer(s)", lines.len());
+    }
+    Ok(answers)
 }
 
 /// The counts and metrics of `(is the example a positive, what the scorer said)` pairs, as delphi's

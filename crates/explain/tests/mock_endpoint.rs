@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use saekit_analysis::feature_db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
@@ -85,7 +85,24 @@ enum Mode {
     /// Explains by what it is shown (cats or dogs) and scores by the animal its pattern names: an
     /// explanation that fits another feature finds nothing.
     Reads,
+    /// Explains like `Reads`; answers one-example scorer prompts with one of [`ONE_WORD_REPLIES`],
+    /// picked by the request's number, right or wrong by the text it sees ([`one_word_reply`]).
+    OneWord,
 }
+
+/// The scripted one-word replies and what each says (`None`: nothing a reader may take as an answer).
+const ONE_WORD_REPLIES: [(&str, Option<bool>); 10] = [
+    ("Yes.", Some(true)),
+    ("no", Some(false)),
+    ("TRUE, it does", Some(true)),
+    ("0", Some(false)),
+    ("The answer is yes", None),
+    ("**Yes**", Some(true)),
+    ("[0]", Some(false)),
+    ("Maybe", None),
+    ("[1, 0, 1]", None),
+    ("false", Some(false)),
+];
 
 fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
     if mode == Mode::Unauthorized {
@@ -104,10 +121,12 @@ fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
     // the explainer reads the marked tokens, a scorer the pattern (the first paragraph)
     let explaining = system.contains("[EXPLANATION]");
     let seen = if explaining { last } else { last.split("\n\n").next().unwrap_or("") };
-    let animal =
-        if mode == Mode::Reads && (seen.contains("<< dog>>") || seen.contains("dogs")) { "dog" } else { "cat" };
+    let reads = matches!(mode, Mode::Reads | Mode::OneWord);
+    let animal = if reads && (seen.contains("<< dog>>") || seen.contains("dogs")) { "dog" } else { "cat" };
     let text = if explaining {
         format!("Looking at these... [EXPLANATION]: Mentions of {animal}s.")
+    } else if mode == Mode::OneWord {
+        one_word_reply(n, system.contains("marks are right"), animal, last)
     } else if mode == Mode::Parrot {
         "[1, 0, 1]".to_string()
     } else {
@@ -116,12 +135,7 @@ fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
             .lines()
             .filter(|l| l.starts_with("Example "))
             .map(|l| {
-                let marked: Vec<&str> = l.split("<<").skip(1).map(|s| s.split(">>").next().unwrap()).collect();
-                let yes = if fuzz {
-                    !marked.is_empty() && marked.iter().all(|m| m.contains(animal))
-                } else {
-                    l.contains(animal)
-                };
+                let yes = if fuzz { marks_all_contain(l, animal) } else { l.contains(animal) };
                 if yes {
                     "1"
                 } else {
@@ -137,16 +151,46 @@ fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
     )
 }
 
+/// The `OneWord` scorer: a reply from [`ONE_WORD_REPLIES`] chosen by the request number `n`, whose
+/// meaning is flipped when it would contradict the text it sees (the pattern's animal in the text, or in
+/// every mark for fuzzing), so that the readable replies are right except for every third request.
+fn one_word_reply(n: usize, fuzzing: bool, animal: &str, last: &str) -> String {
+    let text = last.split("Text: ").nth(1).unwrap().split("\n\n").next().unwrap();
+    let fits = if fuzzing { marks_all_contain(text, animal) } else { text.contains(animal) };
+    let wanted = fits != (n % 3 == 0);
+    let (reply, says) = ONE_WORD_REPLIES[n % ONE_WORD_REPLIES.len()];
+    match says {
+        Some(s) if s != wanted => ONE_WORD_REPLIES.iter().find(|r| r.1 == Some(wanted)).unwrap().0.to_string(),
+        _ => reply.to_string(),
+    }
+}
+
+/// Whether `line` has marks and every one of them contains `animal`.
+fn marks_all_contain(line: &str, animal: &str) -> bool {
+    let marked: Vec<&str> = line.split("<<").skip(1).map(|s| s.split(">>").next().unwrap()).collect();
+    !marked.is_empty() && marked.iter().all(|m| m.contains(animal))
+}
+
+/// Each answered request's body and the reply's text, in the order they were answered.
+type Log = Arc<Mutex<Vec<(Value, String)>>>;
+
 /// Serve until the test ends; one thread per connection, `Connection: close`.
 fn mock_server(mode: Mode) -> (String, Arc<AtomicUsize>) {
+    let (url, count, _) = logged_mock_server(mode);
+    (url, count)
+}
+
+/// [`mock_server`], also keeping every request answered with 200 and its reply.
+fn logged_mock_server(mode: Mode) -> (String, Arc<AtomicUsize>, Log) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
+    let log: Log = Arc::default();
+    let (c, l) = (count.clone(), log.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let c = c.clone();
+            let (c, l) = (c.clone(), l.clone());
             std::thread::spawn(move || {
                 let mut r = BufReader::new(stream.try_clone().unwrap());
                 let mut len = 0usize;
@@ -166,7 +210,12 @@ fn mock_server(mode: Mode) -> (String, Arc<AtomicUsize>) {
                 r.read_exact(&mut body).unwrap();
                 assert!(first.starts_with("POST /v1/chat/completions "), "{first}");
                 let n = c.fetch_add(1, Ordering::SeqCst);
-                let (status, v) = reply(mode, n, &serde_json::from_slice(&body).unwrap());
+                let body: Value = serde_json::from_slice(&body).unwrap();
+                let (status, v) = reply(mode, n, &body);
+                if status == 200 {
+                    let said = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+                    l.lock().unwrap().push((body, said));
+                }
                 let text = v.to_string();
                 let mut s = stream;
                 let _ = write!(
@@ -177,7 +226,7 @@ fn mock_server(mode: Mode) -> (String, Arc<AtomicUsize>) {
             });
         }
     });
-    (url, count)
+    (url, count, log)
 }
 
 fn client(url: &str) -> ChatClient {
@@ -316,4 +365,85 @@ fn the_shuffled_control_scores_each_feature_with_another_features_explanation() 
     assert_eq!((s.detection.real.mean, s.detection.shuffled.mean, s.detection.real_wins), (1.0, 0.5, 1.0));
     assert_eq!(s.fuzzing.real_wins, 1.0);
     assert_eq!(texts(&FeatureDb::open(&db_path).unwrap()), stored, "the control stores nothing");
+}
+
+/// One scorer request of the log: (fuzzing?, the pattern's animal, the text shown, what the reply says).
+fn scorer_requests(log: &Log) -> Vec<(bool, &'static str, String, Option<bool>)> {
+    let meaning = |r: &str| ONE_WORD_REPLIES.iter().find(|x| x.0 == r).unwrap_or_else(|| panic!("{r}")).1;
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(body, said)| {
+            let msgs = body["messages"].as_array().unwrap();
+            let system = msgs[0]["content"].as_str().unwrap();
+            if system.contains("[EXPLANATION]") {
+                return None;
+            }
+            let last = msgs.last().unwrap()["content"].as_str().unwrap();
+            assert_eq!(last.matches("Text: ").count(), 1, "one example per prompt: {last}");
+            let text = last.split("Text: ").nth(1).unwrap().split("\n\n").next().unwrap().to_string();
+            let animal = if last.starts_with("Pattern: Mentions of dogs.") { "dog" } else { "cat" };
+            Some((system.contains("marks are right"), animal, text, meaning(said)))
+        })
+        .collect()
+}
+
+/// `--scorer-batch 1`: one yes/no question per example, the first word of each reply read. The counts of
+/// each stored score against ones made from the requests the scripted scorer saw: which examples are
+/// positives follows from how the database was built (feature 0's activating contexts hold " cat", 1's
+/// " dog", their held-out negatives neither; a correct fuzzing mark is on the animal, a moved one never
+/// is), what each reply says from the test's own table of the replies. Unreadable replies are unanswered.
+#[test]
+fn one_example_per_prompt_reads_one_word_answers_and_counts_the_rest_as_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("features.sqlite");
+    build_db(&db_path);
+    let (url, count, log) = logged_mock_server(Mode::OneWord);
+    let c = client(&url);
+    let one = ExplainOptions { batch: 1, ..opts(vec![0, 1]) };
+    let s = explain_features(&db_path, &c, &one).unwrap();
+    assert_eq!((s.explained, s.failed.len()), (2, 0), "{s:?}");
+    // 2 features x (1 explainer + 12 detection + 12 fuzzing requests) + the two retried failures
+    assert_eq!(count.load(Ordering::SeqCst), 2 * 25 + 2);
+
+    let db = FeatureDb::open(&db_path).unwrap();
+    let requests = scorer_requests(&log);
+    let (mut wrong, mut unanswered) = (0, 0);
+    for (id, animal) in [(0u32, "cat"), (1, "dog")] {
+        let e = &db.feature(id).unwrap().unwrap().explanations[0];
+        assert_eq!(e.text, format!("Mentions of {animal}s."));
+        for (fuzzing, got) in [(false, e.detection.unwrap()), (true, e.fuzzing.unwrap())] {
+            let (mut tp, mut fn_, mut tn, mut fp, mut none) = (0, 0, 0, 0, 0);
+            for (_, _, text, said) in requests.iter().filter(|r| r.0 == fuzzing && r.1 == animal) {
+                let positive = if fuzzing { text.contains(&format!("<< {animal}>>")) } else { text.contains(animal) };
+                match (positive, said) {
+                    (_, None) => none += 1,
+                    (true, Some(true)) => tp += 1,
+                    (true, Some(false)) => fn_ += 1,
+                    (false, Some(false)) => tn += 1,
+                    (false, Some(true)) => fp += 1,
+                }
+            }
+            assert_eq!(tp + fn_ + tn + fp + none, 12, "feature {id}: 6 positives and 6 negatives asked once each");
+            assert_eq!((got.tp, got.fn_, got.tn, got.fp, got.unparsed), (tp, fn_, tn, fp, none), "feature {id}");
+            let ba = (tp as f64 / (tp + fn_) as f64 + tn as f64 / (tn + fp) as f64) / 2.0;
+            assert!((got.balanced_accuracy - ba).abs() < 1e-12, "{got:?} vs {ba}");
+            (wrong, unanswered) = (wrong + fn_ + fp, unanswered + none);
+        }
+    }
+    assert!(unanswered >= 4 && wrong >= 4, "the script mixes wrong and unreadable answers in: {wrong}, {unanswered}");
+    drop(db);
+
+    // the control's answer counts are the replies it got: every example once per explanation
+    log.lock().unwrap().clear();
+    let ctl = score_shuffled_control(&db_path, &c, &one).unwrap();
+    let requests = scorer_requests(&log);
+    for (fuzzing, cmp) in [(false, &ctl.detection), (true, &ctl.fuzzing)] {
+        let mine: Vec<&Option<bool>> = requests.iter().filter(|r| r.0 == fuzzing).map(|r| &r.3).collect();
+        let (a, b) = (cmp.real_answers, cmp.shuffled_answers);
+        assert_eq!(a.answered + a.unanswered + b.answered + b.unanswered, mine.len() as u32);
+        assert_eq!(mine.len(), 2 * 2 * 12, "2 features x (own + shuffled) x 12 examples");
+        assert_eq!(a.unanswered + b.unanswered, mine.iter().filter(|s| s.is_none()).count() as u32);
+        assert_eq!(a.yes + b.yes, mine.iter().filter(|s| **s == &Some(true)).count() as u32);
+    }
 }

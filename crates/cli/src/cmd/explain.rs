@@ -27,8 +27,9 @@ What it does, per feature (delphi's autointerp loop):
              where the feature is 0 (kept by `saekit analyze`): which match the description?
   fuzzing    the same activating contexts, once with the real marks and once with the marks
              moved to tokens where the feature is 0: which are marked correctly?
-Each scorer is stored as balanced accuracy (0.5 is chance) with its counts; replies that cannot
-be read count as unparsed, and a scorer that read none is shown as unmeasured, not as 0. Results
+--scorer-batch 1 asks the scorers one yes/no question per example instead of a list (for a
+small model; the reply's first word is read). Each scorer is stored as balanced accuracy (0.5
+is chance) with its counts; replies that cannot be read count as unparsed, and a scorer that read none is shown as unmeasured, not as 0. Results
 go into --db beside the feature, one explanation per explainer model; `saekit feature` and
 `saekit serve` show the best-scoring one. A rerun skips features this model already explained,
 so an interrupted run resumes. 401/403/404 stop the run at once; 429, 5xx and timeouts are
@@ -48,6 +49,7 @@ Examples:
 
   # the floor: rescore those features with each other's explanations (nothing is stored)
   saekit explain --db run/features.sqlite --sae run/sae --sample 20 --shuffled-control
+  saekit explain --db run/features.sqlite --sae run/sae --sample 20 --shuffled-control --scorer-batch 1
 
   # then read them
   saekit feature --db run/features.sqlite 42";
@@ -89,9 +91,11 @@ pub struct ExplainArgs {
     /// Activating test contexts per scorer (and as many held-out ones for detection).
     #[arg(long, default_value_t = 10)]
     pub n_test: usize,
-    /// Examples per scorer request.
-    #[arg(long, default_value_t = 5)]
-    pub batch: usize,
+    /// Examples per scorer request (delphi's num_examples_per_scorer_prompt, default 5: the scorer
+    /// answers with a list). 1 asks one yes/no question per example and reads the reply's first word
+    /// (yes/no/true/false/1/0): for a small scorer that cannot write a list of the right length.
+    #[arg(long, visible_alias = "batch", default_value_t = 5)]
+    pub scorer_batch: usize,
     /// Seed of --sample, of which held-out windows detection uses, of the order of the scorers' examples
     /// and of the fuzzing marks.
     #[arg(long, default_value_t = 0)]
@@ -143,7 +147,7 @@ pub fn run(a: ExplainArgs) -> Result<()> {
         features,
         concurrency: a.concurrency.max(1),
         examples: ExampleOptions { n_top: a.n_explain, n_test: a.n_test, seed: a.seed },
-        batch: a.batch.max(1),
+        batch: a.scorer_batch.max(1),
         progress: !a.json,
     };
     if a.shuffled_control {
@@ -195,7 +199,13 @@ fn print_control(s: &ControlSummary, json: bool) -> Result<()> {
                 sp.n, sp.mean, sp.q25, sp.median, sp.q75
             );
         }
-        println!("  {name:<9} real beats shuffled on {:.0}% of features", 100.0 * c.real_wins);
+        for (which, n) in [("real", &c.real_answers), ("shuffled", &c.shuffled_answers)] {
+            println!(
+                "  {name:<9} {which:<8} examples answered {} (said yes to {}), unanswered {}",
+                n.answered, n.yes, n.unanswered
+            );
+        }
+        println!("  {name:<9} real beats shuffled on {:.0}% of features (ties half)", 100.0 * c.real_wins);
     }
     println!("tokens: {} prompt + {} completion", s.prompt_tokens, s.completion_tokens);
     Ok(())
