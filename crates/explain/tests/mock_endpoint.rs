@@ -157,7 +157,7 @@ fn reply(mode: Mode, n: usize, body: &Value) -> (u16, Value) {
 fn one_word_reply(n: usize, fuzzing: bool, animal: &str, last: &str) -> String {
     let text = last.split("Text: ").nth(1).unwrap().split("\n\n").next().unwrap();
     let fits = if fuzzing { marks_all_contain(text, animal) } else { text.contains(animal) };
-    let wanted = fits != (n % 3 == 0);
+    let wanted = fits != n.is_multiple_of(3);
     let (reply, says) = ONE_WORD_REPLIES[n % ONE_WORD_REPLIES.len()];
     match says {
         Some(s) if s != wanted => ONE_WORD_REPLIES.iter().find(|r| r.1 == Some(wanted)).unwrap().0.to_string(),
