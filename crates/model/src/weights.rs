@@ -7,11 +7,10 @@
 //! its f32 copy, after which its pages are handed back to the kernel: a 2B model in bf16 is then
 //! held once (as f32), not three times (mapped bf16, a bf16 copy and the f32 result).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-
-use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
