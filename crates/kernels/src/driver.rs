@@ -1,0 +1,150 @@
+//! Splits `C` into jobs for rayon and hands each 32x32 block to the chosen path's kernel.
+
+use crate::pack::{PackedA, PackedB, BLOCK};
+use std::ops::Range;
+use crate::{amx, avx512, reference, Bf16Path};
+use rayon::prelude::*;
+
+/// Rows of `C` in one job: their bf16 `A` rows (256 x k) stay in L2 while the job walks its columns.
+const JOB_ROWS: usize = 256;
+/// Columns of `C` in one job: their packed strips (256 x k) stay in L2 while the job walks its rows.
+const JOB_COLS: usize = 256;
+
+/// `c[m, n] = a[m, k] · B` (or `c += a · B` when `accumulate`), with `B` packed in bf16 and `a`
+/// rounded to bf16 here; every product is accumulated in f32. `a` has row stride `lda`, `c` row stride
+/// `ldc`, both unit column stride.
+///
+/// # Panics
+/// If `path` is not available on this CPU, or a slice is too short for its shape and stride.
+#[allow(clippy::too_many_arguments)] // BLAS's sgemm shape: A with its stride, B, C with its stride
+pub fn gemm_bf16(
+    path: Bf16Path,
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let a = PackedA::new(a, m, b.k, lda);
+    gemm_bf16_packed(path, &a, b, 0..b.n, c, ldc, accumulate);
+}
+
+/// `c[m, cols.len()] (+)= a · B[:, cols]`: [`gemm_bf16`] on rows packed once and a range of the
+/// weight's columns (one latent chunk of an encoder). `cols.start` must be a multiple of 32.
+///
+/// # Panics
+/// If `path` is not available, the shapes disagree, `cols` is out of range or misaligned, or `c` is
+/// too short.
+pub fn gemm_bf16_packed(
+    path: Bf16Path,
+    a: &PackedA,
+    b: &PackedB,
+    cols: Range<usize>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (m, n) = (a.m, cols.len());
+    assert!(path.available(), "{} is not available on this CPU", path.name());
+    assert!(a.k == b.k, "gemm_bf16: rows of width {} against a weight of width {}", a.k, b.k);
+    assert!(cols.end <= b.n && cols.start % BLOCK == 0, "gemm_bf16: columns {cols:?} of {}", b.n);
+    assert!(ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n), "gemm_bf16: c is too short for {m}x{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if b.k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    let job = Job { path, a: &a.data, b, m, first_pair: cols.start / BLOCK, n, c: SendPtr(c.as_mut_ptr()), ldc, accumulate };
+    let (row_jobs, col_jobs) = (m.div_ceil(JOB_ROWS), n.div_ceil(JOB_COLS));
+    (0..row_jobs * col_jobs).into_par_iter().for_each(|j| job.run(j / col_jobs, j % col_jobs));
+}
+
+/// `*mut f32` that rayon may share: each job writes a disjoint block of `C`.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: jobs write disjoint rows x columns of C (see Job::run), so no element is shared.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+struct Job<'a> {
+    path: Bf16Path,
+    a: &'a [u16],
+    b: &'a PackedB,
+    m: usize,
+    /// The strip pair of `B` that column 0 of `C` starts at.
+    first_pair: usize,
+    /// Columns of `C`.
+    n: usize,
+    c: SendPtr,
+    ldc: usize,
+    accumulate: bool,
+}
+
+impl Job<'_> {
+    /// The block of `C` at job row `rj`, job column `cj`.
+    fn run(&self, rj: usize, cj: usize) {
+        let rows = rj * JOB_ROWS..(self.m).min((rj + 1) * JOB_ROWS);
+        let pairs = cj * JOB_COLS / BLOCK..self.n.div_ceil(BLOCK).min((cj + 1) * JOB_COLS / BLOCK);
+        let _tiles = (self.path == Bf16Path::Amx).then(amx::Tiles::configure);
+        for q in pairs {
+            for i0 in rows.clone().step_by(BLOCK) {
+                self.block(i0, q);
+            }
+        }
+    }
+
+    /// One 32x32 block of `C`: rows `i0..i0 + 32`, columns `32q..32q + 32`. Blocks that overhang `C`
+    /// go through a scratch block so the kernels only ever see whole blocks.
+    fn block(&self, i0: usize, q: usize) {
+        let (b, k_pad) = (self.b, self.b.k_pad);
+        let j0 = q * BLOCK;
+        let (rows, cols) = ((self.m - i0).min(BLOCK), (self.n - j0).min(BLOCK));
+        // SAFETY: i0 < m and first_pair + q < n_pad / 32, so both offsets are inside the packed
+        // buffers, which hold whole blocks (rows padded to 32, k to k_pad, columns to n_pad).
+        let (a, bp) =
+            unsafe { (self.a.as_ptr().add(i0 * k_pad), b.data.as_ptr().add((self.first_pair + q) * b.pair_len())) };
+        let kt = k_pad / BLOCK;
+        if rows == BLOCK && cols == BLOCK {
+            // SAFETY: the block lies inside C (checked by gemm_bf16's asserts and rows/cols above).
+            unsafe { self.kernel(a, bp, kt, self.c.0.add(i0 * self.ldc + j0), self.ldc, self.accumulate) };
+            return;
+        }
+        let mut scratch = [0f32; BLOCK * BLOCK];
+        for r in 0..rows {
+            // SAFETY: row i0 + r < m and columns j0..j0 + cols < n lie inside C.
+            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((i0 + r) * self.ldc + j0), cols) };
+            if self.accumulate {
+                scratch[r * BLOCK..r * BLOCK + cols].copy_from_slice(c_row);
+            }
+        }
+        // SAFETY: scratch is one whole 32x32 block.
+        unsafe { self.kernel(a, bp, kt, scratch.as_mut_ptr(), BLOCK, self.accumulate) };
+        for r in 0..rows {
+            // SAFETY: as above.
+            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((i0 + r) * self.ldc + j0), cols) };
+            c_row.copy_from_slice(&scratch[r * BLOCK..r * BLOCK + cols]);
+        }
+    }
+
+    /// # Safety
+    /// `a` must hold 32 rows of `k_pad` values, `b` one strip pair of `kt` tiles, `c` a 32x32 block
+    /// with row stride `ldc`.
+    unsafe fn kernel(&self, a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
+        let lda = self.b.k_pad;
+        // SAFETY: forwarded from the caller; the path was checked available by gemm_bf16.
+        unsafe {
+            match self.path {
+                Bf16Path::Amx => amx::block_32x32(a, lda, b, kt, c, ldc, load_c),
+                Bf16Path::Avx512Bf16 => avx512::block_32x32(a, lda, b, kt, c, ldc, load_c),
+                Bf16Path::Reference => reference::block_32x32(a, lda, b, kt, c, ldc, load_c),
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Which precision the big products run in: what the user asked for (`--precision`) turned into
+//! what this CPU will do, once.
+
+use crate::{gemm_bf16, Bf16Path, PackedB};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// `--precision`: what the user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrecisionChoice {
+    /// bf16 where this CPU runs it at least [`AUTO_MIN_SPEEDUP`] times faster than f32, else f32.
+    #[default]
+    Auto,
+    /// bf16 products with f32 accumulation; an error on a CPU without AMX or AVX512-BF16.
+    Bf16,
+    /// f32 throughout (bit for bit what every parity test checks).
+    F32,
+}
+
+impl std::str::FromStr for PrecisionChoice {
+    type Err = PrecisionError;
+    fn from_str(s: &str) -> Result<Self, PrecisionError> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "bf16" => Ok(Self::Bf16),
+            "f32" => Ok(Self::F32),
+            other => Err(PrecisionError::Unknown(other.to_string())),
+        }
+    }
+}
+
+/// The precision products run in on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 GEMMs (the gemm crate).
+    F32,
+    /// bf16 GEMMs on this path, accumulating in f32.
+    Bf16(Bf16Path),
+}
+
+/// `auto` takes bf16 only where it is at least this much faster than f32 on this CPU.
+pub const AUTO_MIN_SPEEDUP: f64 = 1.3;
+
+/// A `--precision` that cannot be honoured.
+#[derive(Debug, thiserror::Error)]
+pub enum PrecisionError {
+    /// Not one of the three names.
+    #[error("unknown precision '{0}': expected auto, bf16 or f32")]
+    Unknown(String),
+    /// bf16 asked for on a CPU that cannot run it fast.
+    #[error("--precision bf16: this CPU has neither AMX-BF16 nor AVX512-BF16 (`saekit bench gemm` lists what it has); use f32 or auto")]
+    NoBf16Hardware,
+}
+
+impl Precision {
+    /// Resolve a choice on this CPU; `Auto` measures once per process ([`auto_precision`]).
+    pub fn resolve(choice: PrecisionChoice) -> Result<Precision, PrecisionError> {
+        match choice {
+            PrecisionChoice::F32 => Ok(Precision::F32),
+            PrecisionChoice::Bf16 => Bf16Path::fastest().map(Precision::Bf16).ok_or(PrecisionError::NoBf16Hardware),
+            PrecisionChoice::Auto => Ok(auto_precision().0),
+        }
+    }
+
+    /// `"f32"` or `"bf16"`: what outputs record.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16(_) => "bf16",
+        }
+    }
+
+    /// The bf16 path, if any.
+    pub fn bf16_path(self) -> Option<Bf16Path> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16(p) => Some(p),
+        }
+    }
+}
+
+/// What `auto` picks on this CPU and the measured bf16 / f32 speed ratio behind it (1.0 where no
+/// bf16 path exists). Measured once per process on an SAE-encoder-like product (512 x 576 x 4096),
+/// best of three runs each, about 50 ms.
+pub fn auto_precision() -> (Precision, f64) {
+    static PICK: OnceLock<(Precision, f64)> = OnceLock::new();
+    *PICK.get_or_init(|| {
+        let Some(path) = Bf16Path::fastest() else { return (Precision::F32, 1.0) };
+        let speedup = probe_speedup(path);
+        let pick = if speedup >= AUTO_MIN_SPEEDUP { Precision::Bf16(path) } else { Precision::F32 };
+        tracing::debug!(path = path.name(), speedup, pick = pick.name(), "precision auto");
+        (pick, speedup)
+    })
+}
+
+fn probe_speedup(path: Bf16Path) -> f64 {
+    let (m, k, n) = (512, 576, 4096);
+    let a: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
+    let packed = PackedB::from_nk(&w, n, k);
+    let mut c = vec![0f32; m * n];
+    let f32_time = best_of_three(|| f32_gemm_abt(&a, m, k, &w, n, &mut c));
+    let bf16_time = best_of_three(|| gemm_bf16(path, &a, m, k, &packed, &mut c, n, false));
+    f32_time / bf16_time
+}
+
+fn best_of_three(mut run: impl FnMut()) -> f64 {
+    run();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            run();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// `c = a · wᵀ` with the gemm crate: the f32 path the model and the SAE encoder run.
+fn f32_gemm_abt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32]) {
+    assert!(a.len() >= m * k && w.len() >= n * k && c.len() >= m * n);
+    // SAFETY: the assert bounds every access these strides make.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
