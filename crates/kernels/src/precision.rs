@@ -15,6 +15,8 @@ pub enum PrecisionChoice {
     Bf16,
     /// f32 throughout (bit for bit what every parity test checks).
     F32,
+    /// bf16 numerics on the portable scalar path: slow, for checking bf16 results on any CPU.
+    Bf16Reference,
 }
 
 impl std::str::FromStr for PrecisionChoice {
@@ -24,6 +26,7 @@ impl std::str::FromStr for PrecisionChoice {
             "auto" => Ok(Self::Auto),
             "bf16" => Ok(Self::Bf16),
             "f32" => Ok(Self::F32),
+            "bf16-reference" => Ok(Self::Bf16Reference),
             other => Err(PrecisionError::Unknown(other.to_string())),
         }
     }
@@ -45,7 +48,7 @@ pub const AUTO_MIN_SPEEDUP: f64 = 1.3;
 #[derive(Debug, thiserror::Error)]
 pub enum PrecisionError {
     /// Not one of the three names.
-    #[error("unknown precision '{0}': expected auto, bf16 or f32")]
+    #[error("unknown precision '{0}': expected auto, bf16, f32 or bf16-reference")]
     Unknown(String),
     /// bf16 asked for on a CPU that cannot run it fast.
     #[error("--precision bf16: this CPU has neither AMX-BF16 nor AVX512-BF16 (`saekit bench gemm` lists what it has); use f32 or auto")]
@@ -59,6 +62,7 @@ impl Precision {
             PrecisionChoice::F32 => Ok(Precision::F32),
             PrecisionChoice::Bf16 => Bf16Path::fastest().map(Precision::Bf16).ok_or(PrecisionError::NoBf16Hardware),
             PrecisionChoice::Auto => Ok(auto_precision().0),
+            PrecisionChoice::Bf16Reference => Ok(Precision::Bf16(Bf16Path::Reference)),
         }
     }
 

@@ -6,6 +6,8 @@
 
 use gemm::Parallelism;
 use rayon::prelude::*;
+use saekit_kernels::{gemm_bf16_packed, Bf16Path, PackedA, PackedB, Precision};
+use std::ops::Range;
 
 pub(crate) fn parallelism() -> Parallelism {
     let n = rayon::current_num_threads();
@@ -71,6 +73,66 @@ pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
             (a.as_ptr(), 1, lda as isize),
             (b.as_ptr(), k as isize, 1),
         )
+    }
+}
+
+/// `w_enc` ([d_sae, d_in]) in bf16 for [`EncoderProduct`], packed into `slot` (reused between steps,
+/// since the weights change every step); `slot` is emptied in f32.
+pub(crate) fn pack_encoder(precision: Precision, w_enc: &[f32], d_sae: usize, d_in: usize, slot: &mut Option<PackedB>) {
+    if precision.bf16_path().is_none() {
+        *slot = None;
+        return;
+    }
+    match slot {
+        Some(p) if p.n == d_sae && p.k == d_in => p.repack_nk(w_enc),
+        _ => *slot = Some(PackedB::from_nk(w_enc, d_sae, d_in)),
+    }
+}
+
+/// The encoder product `xin · W_encᵀ` one latent chunk at a time, in the step's precision: f32 on the
+/// gemm crate, or bf16 with f32 accumulation on rows rounded once for all chunks.
+pub(crate) enum EncoderProduct<'a> {
+    F32 { w_enc: &'a [f32], d_in: usize },
+    Bf16 { path: Bf16Path, w_enc: &'a PackedB, rows: PackedA },
+}
+
+impl<'a> EncoderProduct<'a> {
+    /// For the `rows` rows of `xin`; `packed` is [`pack_encoder`]'s slot for the same weights.
+    pub(crate) fn new(
+        precision: Precision,
+        w_enc: &'a [f32],
+        packed: &'a Option<PackedB>,
+        xin: &[f32],
+        rows: usize,
+        d_in: usize,
+    ) -> Self {
+        match (precision.bf16_path(), packed) {
+            (Some(path), Some(w_enc)) => EncoderProduct::Bf16 { path, w_enc, rows: PackedA::new(xin, rows, d_in, d_in) },
+            (Some(_), None) => unreachable!("pack_encoder fills the slot for bf16"),
+            (None, _) => EncoderProduct::F32 { w_enc, d_in },
+        }
+    }
+
+    /// Latents per chunk: bf16 chunks start on the packed weight's 32-column blocks.
+    pub(crate) fn chunk_width(&self, chunk: usize) -> usize {
+        match self {
+            EncoderProduct::F32 { .. } => chunk,
+            EncoderProduct::Bf16 { .. } => (chunk / 32 * 32).max(32),
+        }
+    }
+
+    /// `pre[rows, latents.len()] = xin · W_enc[latents]ᵀ`.
+    pub(crate) fn chunk(&self, xin: &[f32], rows: usize, latents: Range<usize>, pre: &mut [f32]) {
+        let w = latents.len();
+        match self {
+            EncoderProduct::F32 { w_enc, d_in: d } => {
+                gemm_abt(rows, w, *d, xin, *d, &w_enc[latents.start * d..latents.end * d], pre, w)
+            }
+            EncoderProduct::Bf16 { path, w_enc, rows: packed_rows } => {
+                debug_assert_eq!(packed_rows.rows(), rows);
+                gemm_bf16_packed(*path, packed_rows, w_enc, latents, pre, w, false)
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use crate::config::{Arch, BDecInit, JumpReluSparsity, Resolved, TrainConfig};
 use crate::sae::{Activation, SaeMetadata};
 use crate::step::{LossParams, UpdateParams};
 use crate::{adam::AdamHyper, SaeError};
+use saekit_kernels::{Precision, PrecisionChoice, PrecisionError};
 
 /// TopK's settings (Gao et al. 2024).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,6 +100,8 @@ pub struct TrainPlan {
     pub arch: ArchSettings,
     /// Recipe defaults filled in: learning rate, schedules, clipping.
     pub schedule: Resolved,
+    /// The encoder GEMM's precision on this CPU (`config.precision` resolved).
+    pub precision: Precision,
 }
 
 fn check(ok: bool, field: &'static str, message: impl FnOnce() -> String) -> Result<(), SaeError> {
@@ -134,7 +137,15 @@ impl TrainPlan {
         let schedule = c.resolved();
         let arch = Self::arch_settings(c, &schedule)?;
         c.check_memory(d_in, budget)?;
-        Ok(TrainPlan { schedule, config, d_in, d_out: d_out.unwrap_or(d_in), arch })
+        let precision = Self::resolve_precision(&config)?;
+        Ok(TrainPlan { schedule, config, d_in, d_out: d_out.unwrap_or(d_in), arch, precision })
+    }
+
+    /// `precision` on this CPU: unset is f32; `auto` measures once per process.
+    fn resolve_precision(c: &TrainConfig) -> Result<Precision, SaeError> {
+        let Some(choice) = c.precision.as_deref() else { return Ok(Precision::F32) };
+        let choice: PrecisionChoice = choice.parse().map_err(|e: PrecisionError| SaeError::config("precision", e.to_string()))?;
+        Precision::resolve(choice).map_err(|e| SaeError::config("precision", e.to_string()))
     }
 
     /// A transcoder names the hook its targets come from, and only a transcoder has targets or a
@@ -253,6 +264,7 @@ impl TrainPlan {
             dead_tokens: c.dead_tokens,
             relu_sparse_below: c.relu_sparse_below,
             latent_offset: 0,
+            precision: self.precision,
         };
         match self.arch {
             ArchSettings::TopK(s) => (lp.k, lp.auxk_alpha, lp.multi_topk) = (s.k, s.auxk_alpha, s.multi_topk),

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+use saekit_kernels::Precision;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -287,7 +288,15 @@ impl Sae {
 
     /// Encode rows `x` ([n, d_in]) to sparse codes.
     pub fn encode(&self, x: &[f32]) -> SparseCodes {
+        self.encode_with(x, Precision::F32)
+    }
+
+    /// [`Sae::encode`] with the encoder GEMM in `precision` (bf16: the weights are rounded once per
+    /// call, the products accumulated in f32, everything after the GEMM in f32).
+    pub fn encode_with(&self, x: &[f32], precision: Precision) -> SparseCodes {
         let d = self.d_in;
+        let mut w_enc_bf16 = None;
+        kernels::pack_encoder(precision, &self.params.w_enc, self.d_sae, d, &mut w_enc_bf16);
         let n = x.len() / d;
         let mut codes = SparseCodes { indptr: vec![0], ..Default::default() };
         // process in row blocks to bound memory
@@ -312,9 +321,11 @@ impl Sae {
                     let mut sv = vec![0.0f32; rows * k];
                     let mut si = vec![0u32; rows * k];
                     kernels::reset_selection(&mut sv, &mut si);
+                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, &w_enc_bf16, xi, rows, d);
+                    let chunk = encoder.chunk_width(chunk);
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);
-                        kernels::gemm_abt(rows, w, d, xi, d, &self.params.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
+                        encoder.chunk(xi, rows, j0..j0 + w, &mut pre);
                         kernels::select_topk_chunk(&pre, w, rows, j0, w, &self.params.b_enc, k, &mut sv, &mut si, None);
                     }
                     for r in 0..rows {
@@ -332,9 +343,11 @@ impl Sae {
                 }
                 Activation::JumpRelu | Activation::Relu => {
                     let mut rows_out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); rows];
+                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, &w_enc_bf16, xi, rows, d);
+                    let chunk = encoder.chunk_width(chunk);
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);
-                        kernels::gemm_abt(rows, w, d, xi, d, &self.params.w_enc[j0 * d..(j0 + w) * d], &mut pre, w);
+                        encoder.chunk(xi, rows, j0..j0 + w, &mut pre);
                         let thr = if self.activation == Activation::JumpRelu {
                             Some(&self.params.threshold[..])
                         } else {

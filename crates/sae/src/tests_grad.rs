@@ -217,6 +217,7 @@ fn lp(arch: Arch, k: usize) -> LossParams {
         dead_tokens: 100,
         relu_sparse_below: 0.0,
         latent_offset: 0,
+        precision: saekit_kernels::Precision::F32,
     }
 }
 

@@ -109,13 +109,15 @@ fn train_in_pool(
     layout::check(&plan, comm)?;
     let c = &plan.config;
     tracing::info!(
-        "training {} SAE {} -> {} on {}; {} steps of {}",
+        "training {} SAE {} -> {} on {}; {} steps of {}; encoder GEMM in {}{}",
         c.arch.name(),
         plan.d_in,
         c.d_sae,
         src.describe(),
         plan.total_steps(),
-        c.batch_size
+        c.batch_size,
+        plan.precision.name(),
+        plan.precision.bf16_path().map(|p| format!(" ({})", p.name())).unwrap_or_default()
     );
     let mut run = Run::new(&plan, &out, opts.progress && root, st.step, (comm, own_share))?;
     let (last, steps_this_run, interrupted) = run.steps(&mut st, src, opts, &prov.data_fingerprint)?;
@@ -860,6 +862,8 @@ fn save_output(
         "outlier_max_norm_raw": st.max_norm, "tokens_per_s": tokens_per_s, "last": last,
         "dead_frac": dead_frac, "log10_density_histogram": hist, "resolved": plan.schedule,
         "final_on_first_rows": first,
+        "precision": plan.precision.name(),
+        "bf16_path": plan.precision.bf16_path().map(|p| p.name()),
     });
     if let Some(mpi) = mpi {
         summary["mpi"] = mpi;

@@ -24,6 +24,7 @@ use crate::kernels::{self, LatentMajor};
 use crate::params::Params;
 use crate::sae::Sae;
 use rayon::prelude::*;
+use saekit_kernels::Precision;
 
 /// Hyper-parameters of the loss at one step (the sparsity coefficient warms up).
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +59,8 @@ pub struct LossParams {
     /// The SAE's first latent in this process (0 unless the latents are sharded, see
     /// [`Collective::latent_slice`]): selections exchanged between shards use global latent ids.
     pub latent_offset: usize,
+    /// The encoder GEMM's precision (the rest of the step is f32).
+    pub precision: Precision,
 }
 
 /// Loss terms and diagnostics of one step (computed on the batch before the update).

@@ -30,6 +30,8 @@ pub(super) struct Buffers {
     dmulti: Vec<f32>,
     /// Per latent: dead at this step.
     dead: Vec<bool>,
+    /// The encoder in bf16, repacked every step (empty in f32).
+    w_enc_bf16: Option<saekit_kernels::PackedB>,
 }
 
 /// Which auxiliary losses run this step and their sizes.
@@ -90,7 +92,7 @@ pub(super) fn forward_backward(
 
     encoder_input_forward(&mut ws.xin, x, sae);
     let xin = &ws.xin[..rows * d];
-    select_forward(&mut ws.topk, xin, sae, rows, &plan);
+    select_forward(&mut ws.topk, xin, sae, rows, &plan, lp);
     let local = lp.latent_offset..lp.latent_offset + ds;
     if lp.arch != Arch::BatchTopK {
         // BatchTopK's selection works on each process's own candidates (batch_topk_across)
@@ -159,9 +161,11 @@ pub(super) fn forward_backward(
 // encoder + selection: xin [B, d_in], w_enc [d_sae, d_in], b_enc [d_sae]
 //   -> candidates: per row the top kk of relu(xin·w_encᵀ + b_enc); aux: the top k_aux among dead latents
 // One GEMM per latent chunk, so the [B, chunk] pre-activations stay cache-sized whatever d_sae is.
-fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &AuxPlan) {
+fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &AuxPlan, lp: &LossParams) {
     let (d, ds) = (sae.d_in, sae.d_sae);
-    let chunk = Sae::latent_chunk(ds, rows);
+    kernels::pack_encoder(lp.precision, &sae.params.w_enc, ds, d, &mut b.w_enc_bf16);
+    let encoder = kernels::EncoderProduct::new(lp.precision, &sae.params.w_enc, &b.w_enc_bf16, xin, rows, d);
+    let chunk = encoder.chunk_width(Sae::latent_chunk(ds, rows));
     ensure(&mut b.pre, rows * chunk);
     b.candidates.reset(rows, plan.kk);
     if plan.k_aux > 0 {
@@ -169,7 +173,7 @@ fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &A
     }
     for j0 in (0..ds).step_by(chunk) {
         let w = chunk.min(ds - j0);
-        kernels::gemm_abt(rows, w, d, xin, d, &sae.params.w_enc[j0 * d..(j0 + w) * d], &mut b.pre, w);
+        encoder.chunk(xin, rows, j0..j0 + w, &mut b.pre);
         let aux = (plan.k_aux > 0).then(|| kernels::DeadSelection {
             dead: &b.dead[..],
             k: plan.k_aux,
