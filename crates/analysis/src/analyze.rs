@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use rayon::prelude::*;
 use saekit_model::{HookPoint, Model};
-use saekit_sae::Sae;
+use saekit_kernels::Precision;
+use saekit_sae::{Encoder, Sae};
 use saekit_store::TokenDataset;
 
 use crate::feature_db::{DbInfo, FeatureDbWriter, FeatureRow, StoredContext, StoredDetail, StoredGroup};
@@ -37,6 +38,9 @@ pub struct AnalyzeOptions {
     pub sink_norm_factor: f32,
     /// Hook to read (default: the SAE's `metadata.hook_name`).
     pub hook: Option<HookPoint>,
+    /// Precision of the SAE's encoder GEMM (the model's is set on the model). Part of the run's
+    /// identity: a checkpoint resumes only in the precision it started in.
+    pub precision: Precision,
     /// Tokens kept per feature at each end of its direct logit effect (promoted and suppressed).
     pub n_logits: usize,
     /// Nearest features kept per feature, by cosine of the decoder directions.
@@ -69,6 +73,7 @@ impl Default for AnalyzeOptions {
             skip_sinks: true,
             sink_norm_factor: SINK_NORM_FACTOR,
             hook: None,
+            precision: Precision::F32,
             n_logits: 10,
             n_neighbours: 10,
             progress: true,
@@ -253,6 +258,7 @@ pub fn analyze(
         ("sinks", opts.skip_sinks.to_string()),
         ("norm", opts.sink_norm_factor.to_string()),
         ("opts", serde_json::to_string(&opts.stats)?),
+        ("precision", opts.precision.name().to_string()),
     ]);
     // the statistics of the whole run; a rank's checkpoint also names its share
     let run_fingerprint = identity.fingerprint();
@@ -293,6 +299,7 @@ pub fn analyze(
     };
     let resumed_from = stats.n_contexts;
     let pb = progress_bar(opts.progress, n_share, stats.n_contexts);
+    let encoder = sae.encoder(opts.precision);
     let t_pass = Instant::now();
     let mut fwd = Duration::ZERO;
     let mut last_ckpt = Instant::now();
@@ -308,7 +315,7 @@ pub fn analyze(
         let n = b.min(share.end - c0);
         let tokens = batch_tokens(|c| split.context(c), c0..c0 + n);
         let t = Instant::now();
-        let (x, codes) = forward_encode(model, sae, hook, &tokens, n as usize)?;
+        let (x, codes) = forward_encode(model, &encoder, hook, &tokens, n as usize)?;
         fwd += t.elapsed();
         let skip = if opts.skip_sinks {
             sink_mask(model, &tokens, seq, &x, sae.d_in, opts.sink_norm_factor)
@@ -386,7 +393,7 @@ pub fn analyze(
     let path = write_db(&stats, sae, &weights, info, &vocab, |c| split.context(c).to_vec(), out)?;
     let held = total..(total + opts.heldout_contexts).min(split.n_contexts());
     let window = stats.opts.before + stats.opts.after + 1;
-    let windows = heldout_windows(model, sae, hook, |c| split.context(c), held, window, opts)?;
+    let windows = heldout_windows(model, &encoder, hook, |c| split.context(c), held, window, opts)?;
     crate::AutointerpWriter::open(&path)?.set_heldout(&windows)?;
     if let Some(r) = ranks {
         r.all_ok(true); // the other ranks may drop their shares
@@ -459,14 +466,14 @@ fn batch_tokens<'a>(context: impl Fn(u64) -> &'a [u32], range: std::ops::Range<u
 /// (`[rows, d_in]`) and the codes of every row.
 fn forward_encode(
     model: &Model,
-    sae: &Sae,
+    encoder: &Encoder,
     hook: HookPoint,
     tokens: &[u32],
     n: usize,
 ) -> Result<(Vec<f32>, saekit_sae::SparseCodes)> {
     let mut cache = model.run_with_cache(tokens, n, &[hook])?;
     let x = cache.take(&hook).context("internal: hook not captured")?;
-    let codes = sae.encode(&x);
+    let codes = encoder.encode(&x);
     Ok((x, codes))
 }
 
@@ -476,7 +483,7 @@ fn forward_encode(
 /// sinks still takes each context's own median, so the windows are those of one context at a time.
 fn heldout_windows<'a>(
     model: &Model,
-    sae: &Sae,
+    encoder: &Encoder,
     hook: HookPoint,
     context: impl Fn(u64) -> &'a [u32] + Copy,
     held: std::ops::Range<u64>,
@@ -488,9 +495,9 @@ fn heldout_windows<'a>(
     for c0 in held.clone().step_by(b as usize) {
         let n = b.min(held.end - c0);
         let tokens = batch_tokens(context, c0..c0 + n);
-        let (x, codes) = forward_encode(model, sae, hook, &tokens, n as usize)?;
+        let (x, codes) = forward_encode(model, encoder, hook, &tokens, n as usize)?;
         let seq = tokens.len() / n as usize;
-        let d = sae.d_in;
+        let d = encoder.sae().d_in;
         for k in 0..n as usize {
             let rows = k * seq..(k + 1) * seq;
             let skip = if opts.skip_sinks {

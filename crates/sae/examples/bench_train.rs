@@ -3,10 +3,12 @@
 //!
 //! cargo run --release -p saekit-sae --example bench_train -- \
 //!     --acts train.npy [--eval eval.npy] --d-sae 16384 --k 32 --batch 4096 --threads 2 --tokens 245760
-//! `--gemm-only` measures just the encoder GEMM.
+//! `--gemm-only` measures just the encoder GEMM. `--precision bf16|f32|auto` (default f32) picks the
+//! encoder GEMM's precision for both.
 
 use anyhow::{Context, Result};
 use saekit_sae::{config::parse_count, evaluate, train, ActivationSource, NpySource, RunOptions, TrainConfig};
+use saekit_kernels::Precision;
 use saekit_sae::{encoder_gemm_gflops, peak_rss_bytes};
 
 fn main() -> Result<()> {
@@ -22,9 +24,15 @@ fn main() -> Result<()> {
     let out = get("--out").unwrap_or("/tmp/saekit-bench-out".into());
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
     let d_in_guess = 576;
-    let (g_best, g_mean) = pool.install(|| encoder_gemm_gflops(batch, d_in_guess, d_sae.min(16384), 3));
+    let choice = get("--precision").unwrap_or("f32".into());
+    let precision = Precision::resolve(choice.parse()?)?;
+    let (g_best, g_mean) = pool.install(|| encoder_gemm_gflops(batch, d_in_guess, d_sae.min(16384), 3, precision));
     if has("--gemm-only") {
-        println!("{}", serde_json::json!({"gemm_gflops_best": g_best, "gemm_gflops_mean": g_mean, "threads": threads}));
+        println!(
+            "{}",
+            serde_json::json!({"gemm_gflops_best": g_best, "gemm_gflops_mean": g_mean, "threads": threads,
+                "precision": precision.name()})
+        );
         return Ok(());
     }
     let acts = get("--acts").context("--acts FILE.npy is required")?;
@@ -41,6 +49,7 @@ fn main() -> Result<()> {
         log_every: 10,
         checkpoint_every: get("--checkpoint-every").map(|s| s.parse()).transpose()?.unwrap_or(0),
         lr: get("--lr").map(|s| s.parse()).transpose()?,
+        precision: Some(choice.clone()),
         ..Default::default()
     };
     let t = std::time::Instant::now();
@@ -49,7 +58,7 @@ fn main() -> Result<()> {
     let flop_per_token = 2.0 * src.d_in() as f64 * d_sae as f64;
     let step_gflops = o.tokens_per_s * flop_per_token / 1e9;
     let mut res = serde_json::json!({
-        "impl": "saekit", "arch": arch, "d_sae": d_sae, "k": k, "batch": batch, "threads": threads,
+        "impl": "saekit", "precision": precision.name(), "arch": arch, "d_sae": d_sae, "k": k, "batch": batch, "threads": threads,
         "tokens_trained": o.tokens, "tokens_per_s": o.tokens_per_s, "train_wall_s": wall,
         "encoder_gemm_gflops_best": g_best, "encoder_gemm_gflops_mean": g_mean,
         "step_encoder_gflops": step_gflops, "fraction_of_gemm_best": step_gflops / g_best,

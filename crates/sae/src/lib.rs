@@ -80,7 +80,7 @@ pub use params::Params;
 pub use plan::{
     ArchSettings, BatchTopKSettings, JumpReluPenalty, JumpReluSettings, ReluSettings, TopKSettings, TrainPlan,
 };
-pub use sae::{Activation, Sae, SaeMetadata, SparseCodes};
+pub use sae::{Activation, Encoder, Sae, SaeMetadata, SparseCodes};
 pub use source::{ActivationSource, NpyPairSource, NpySource, Provenance};
 pub use step::{Collective, SingleProcess, StepStats, Traffic};
 #[cfg(feature = "store")]

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use saekit_kernels::Precision;
+use saekit_kernels::{PackedB, Precision};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -93,6 +93,30 @@ pub struct Sae {
     pub apply_b_dec_to_input: bool,
     /// What it was made from (SAELens cfg.json `metadata`).
     pub metadata: SaeMetadata,
+}
+
+/// An SAE's encoder in one precision ([`Sae::encoder`]): for bf16, the weights packed once.
+pub struct Encoder<'a> {
+    sae: &'a Sae,
+    precision: Precision,
+    w_enc_bf16: Option<PackedB>,
+}
+
+impl Encoder<'_> {
+    /// Encode rows `x` ([n, d_in]) to sparse codes, as [`Sae::encode`] does in this precision.
+    pub fn encode(&self, x: &[f32]) -> SparseCodes {
+        self.sae.encode_rows(x, self.precision, &self.w_enc_bf16)
+    }
+
+    /// The precision its GEMM runs in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The SAE it encodes for.
+    pub fn sae(&self) -> &Sae {
+        self.sae
+    }
 }
 
 /// Sparse codes in CSR form: row `r` holds `idx[indptr[r]..indptr[r+1]]` / `val[..]`.
@@ -288,15 +312,27 @@ impl Sae {
 
     /// Encode rows `x` ([n, d_in]) to sparse codes.
     pub fn encode(&self, x: &[f32]) -> SparseCodes {
-        self.encode_with(x, Precision::F32)
+        self.encode_rows(x, Precision::F32, &None)
     }
 
-    /// [`Sae::encode`] with the encoder GEMM in `precision` (bf16: the weights are rounded once per
-    /// call, the products accumulated in f32, everything after the GEMM in f32).
+    /// [`Sae::encode`] with the encoder GEMM in `precision`; for many calls, [`Sae::encoder`] packs
+    /// the bf16 weights once.
     pub fn encode_with(&self, x: &[f32], precision: Precision) -> SparseCodes {
-        let d = self.d_in;
+        self.encoder(precision).encode(x)
+    }
+
+    /// The encoder in `precision`, ready for many [`Encoder::encode`] calls: in bf16 the weights are
+    /// rounded and packed here, once; the borrow keeps the SAE from changing under the packed copy.
+    pub fn encoder(&self, precision: Precision) -> Encoder<'_> {
         let mut w_enc_bf16 = None;
-        kernels::pack_encoder(precision, &self.params.w_enc, self.d_sae, d, &mut w_enc_bf16);
+        kernels::pack_encoder(precision, &self.params.w_enc, self.d_sae, self.d_in, &mut w_enc_bf16);
+        Encoder { sae: self, precision, w_enc_bf16 }
+    }
+
+    /// `x` through the encoder GEMM in `precision` (`w_enc_bf16`: the packed weights for bf16), then
+    /// the activation, in row blocks.
+    fn encode_rows(&self, x: &[f32], precision: Precision, w_enc_bf16: &Option<PackedB>) -> SparseCodes {
+        let d = self.d_in;
         let n = x.len() / d;
         let mut codes = SparseCodes { indptr: vec![0], ..Default::default() };
         // process in row blocks to bound memory
@@ -321,7 +357,7 @@ impl Sae {
                     let mut sv = vec![0.0f32; rows * k];
                     let mut si = vec![0u32; rows * k];
                     kernels::reset_selection(&mut sv, &mut si);
-                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, &w_enc_bf16, xi, rows, d);
+                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, w_enc_bf16, xi, rows, d);
                     let chunk = encoder.chunk_width(chunk);
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);
@@ -343,7 +379,7 @@ impl Sae {
                 }
                 Activation::JumpRelu | Activation::Relu => {
                     let mut rows_out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); rows];
-                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, &w_enc_bf16, xi, rows, d);
+                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, w_enc_bf16, xi, rows, d);
                     let chunk = encoder.chunk_width(chunk);
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);

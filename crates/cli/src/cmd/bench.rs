@@ -1,6 +1,7 @@
 //! `saekit bench`: throughput measurements reported in BENCHMARKS.md. Each prints one JSON line per
 //! configuration so a script can put it beside the Python baseline measured in the same command.
 
+use saekit_kernels::{gemm_bf16, Bf16Path, PackedB};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -13,7 +14,9 @@ use super::model_arg::ModelArgs;
 pub enum BenchCommand {
     /// Forward pass to a layer's resid_post on random token ids (what harvesting costs).
     Forward(ForwardArgs),
-    /// f32 GEMM rate of the `gemm` crate for the shapes the forward pass and SAE training use.
+    /// GEMM rate for the shapes the forward pass and SAE training use, on every path this CPU has:
+    /// f32 (the `gemm` crate) and bf16 with f32 accumulation (AMX tiles, AVX512-BF16), the weight
+    /// packed once as in training and harvest, the input rounded per call; JSON lines.
     Gemm(GemmArgs),
     /// Greedy generation with and without a steering hook (one clamped SAE feature).
     Steer(SteerArgs),
@@ -56,6 +59,9 @@ pub struct GemmArgs {
     pub shapes: String,
     #[arg(long, default_value_t = 3.0)]
     pub min_time: f64,
+    /// Also time the portable scalar bf16 path (slow: for checking it runs, not for speed).
+    #[arg(long)]
+    pub reference: bool,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -169,11 +175,26 @@ fn gemm_rate(a: GemmArgs) -> Result<()> {
             saekit_model::linalg::matmul(&x, m, k, &w, n, &mut y, false);
             Ok(())
         })?;
-        println!(
-            "{}",
-            serde_json::json!({"impl": "saekit-gemm", "m": m, "k": k, "n": n, "threads": rayon::current_num_threads(),
-                "ms": sec * 1e3, "gflops": 2.0 * (m * k * n) as f64 / sec / 1e9})
-        );
+        print_gemm_rate("f32-gemm", (m, k, n), sec);
+        let packed = PackedB::from_kn(&w, k, n);
+        for path in Bf16Path::available_paths() {
+            if path == Bf16Path::Reference && !a.reference {
+                continue;
+            }
+            let (sec, _) = time_median(a.min_time, || {
+                gemm_bf16(path, &x, m, k, &packed, &mut y, n, false);
+                Ok(())
+            })?;
+            print_gemm_rate(path.name(), (m, k, n), sec);
+        }
     }
     Ok(())
+}
+
+fn print_gemm_rate(path: &str, (m, k, n): (usize, usize, usize), sec: f64) {
+    println!(
+        "{}",
+        serde_json::json!({"impl": "saekit", "path": path, "m": m, "k": k, "n": n, "threads": rayon::current_num_threads(),
+            "ms": sec * 1e3, "gflops": 2.0 * (m * k * n) as f64 / sec / 1e9})
+    );
 }

@@ -25,6 +25,8 @@ pub(super) struct Buffers {
     dpre: Vec<f32>,
     /// Sparse ReLU: each row's active latents.
     active: Selection,
+    /// The encoder in bf16, repacked every step (empty in f32).
+    w_enc_bf16: Option<saekit_kernels::PackedB>,
 }
 
 /// The per-batch facts both paths share.
@@ -74,13 +76,10 @@ pub(super) fn forward_backward(
     for buf in [&mut b.pre, &mut b.act, &mut b.dpre] {
         ensure(buf, rows * ds);
     }
-    encoder_forward(
-        &mut b.pre[..rows * ds],
-        &mut b.act[..rows * ds],
-        &ws.xin[..rows * d],
-        sae,
-        lp.arch == Arch::JumpRelu,
-    );
+    kernels::pack_encoder(lp.precision, &sae.params.w_enc, ds, d, &mut b.w_enc_bf16);
+    let xin = &ws.xin[..rows * d];
+    let encoder = kernels::EncoderProduct::new(lp.precision, &sae.params.w_enc, &b.w_enc_bf16, xin, rows, d);
+    encoder_forward(&mut b.pre[..rows * ds], &mut b.act[..rows * ds], (xin, &encoder), sae, lp.arch == Arch::JumpRelu);
     prof.mark("encoder gemm");
     let act = &b.act[..rows * ds];
     let dec_norm: Vec<f32> = sae.params.w_dec.par_chunks(d_out).map(|r| kernels::dot(r, r).sqrt()).collect();
@@ -116,10 +115,16 @@ fn row_l0_over_shards(act: &[f32], ds: usize, comm: &dyn Collective) -> (Vec<usi
 
 // encoder: xin [B, d_in], w_enc [d_sae, d_in], b_enc [d_sae], θ [d_sae]
 //   -> pre [B, d_sae] = xin·w_encᵀ + b_enc; act = relu(pre), or JumpReLU's pre·(pre > θ)
-fn encoder_forward(pre: &mut [f32], act: &mut [f32], xin: &[f32], sae: &Sae, jump: bool) {
+fn encoder_forward(
+    pre: &mut [f32],
+    act: &mut [f32],
+    (xin, encoder): (&[f32], &kernels::EncoderProduct),
+    sae: &Sae,
+    jump: bool,
+) {
     let (d, ds) = (sae.d_in, sae.d_sae);
     let rows = xin.len() / d;
-    kernels::gemm_abt(rows, ds, d, xin, d, &sae.params.w_enc, pre, ds);
+    encoder.chunk(xin, rows, 0..ds, pre);
     let (b_enc, thr) = (&sae.params.b_enc, &sae.params.threshold);
     pre.par_chunks_mut(ds).zip(act.par_chunks_mut(ds)).for_each(|(p, a)| {
         for j in 0..ds {
