@@ -74,6 +74,16 @@ impl Precision {
         }
     }
 
+    /// The `--precision` that resolves to this precision on this CPU: `f32`, `bf16`, or
+    /// `bf16-reference` for the portable path.
+    pub fn choice_name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16(Bf16Path::Reference) => "bf16-reference",
+            Precision::Bf16(_) => "bf16",
+        }
+    }
+
     /// The bf16 path, if any.
     pub fn bf16_path(self) -> Option<Bf16Path> {
         match self {

@@ -138,6 +138,12 @@ impl TrainPlan {
         let arch = Self::arch_settings(c, &schedule)?;
         c.check_memory(d_in, budget)?;
         let precision = Self::resolve_precision(&config)?;
+        // `auto` is a measurement: the checkpoints keep what it picked, so a resumed run (maybe on a
+        // busier box) computes in the same precision and stays bit-identical
+        let mut config = config;
+        if config.precision.is_some() {
+            config.precision = Some(precision.choice_name().into());
+        }
         Ok(TrainPlan { schedule, config, d_in, d_out: d_out.unwrap_or(d_in), arch, precision })
     }
 
