@@ -5,9 +5,11 @@ use std::ops::Range;
 use crate::{amx, avx512, reference, Bf16Path};
 use rayon::prelude::*;
 
-/// Rows of `C` in one job: their bf16 `A` rows (256 x k) stay in L2 while the job walks its columns.
-const JOB_ROWS: usize = 256;
-/// Columns of `C` in one job: their packed strips (256 x k) stay in L2 while the job walks its rows.
+/// Rows of `C` in one job. Small: a job's bf16 `A` rows (64 x k) stay in L1 while it walks its
+/// columns, and the many jobs balance the two cores; 64 beat 256 on every shape of
+/// `scripts/bench-gemm-bf16.sh` (BENCHMARKS.md, "bf16 on the CPU").
+const JOB_ROWS: usize = 64;
+/// Columns of `C` in one job: its packed strips (256 x k) stay in L2 while it walks its rows.
 const JOB_COLS: usize = 256;
 
 /// `c[m, n] = a[m, k] · B` (or `c += a · B` when `accumulate`), with `B` packed in bf16 and `a`
