@@ -137,7 +137,7 @@ impl PackedB {
 
 /// Rows `a[m, k]` rounded to bf16 for [`crate::gemm_bf16_packed`]: rows padded to a multiple of 32 and
 /// `k` to the packed weight's padding, with zeros. Packing once lets one input feed several weights.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PackedA {
     pub(crate) m: usize,
     pub(crate) k: usize,
@@ -150,7 +150,10 @@ impl PackedA {
         assert!(lda >= k, "PackedA::new: lda {lda} < k {k}");
         assert!(m == 0 || a.len() >= (m - 1) * lda + k, "PackedA::new: {} values for {m}x{k} rows", a.len());
         let k_pad = round_up(k, BLOCK);
-        let mut data = vec![0u16; round_up(m, BLOCK) * k_pad];
+        // the last call's buffer: a fresh one costs more in page faults than the conversion itself
+        let mut data = SPARE_ROWS.with(|spare| std::mem::take(&mut *spare.borrow_mut()));
+        data.clear();
+        data.resize(round_up(m, BLOCK) * k_pad, 0);
         if k_pad > 0 {
             data.par_chunks_mut(k_pad).take(m).enumerate().for_each(|(i, row)| {
                 for (o, &x) in row.iter_mut().zip(&a[i * lda..i * lda + k]) {
@@ -164,5 +167,23 @@ impl PackedA {
     /// Rows.
     pub fn rows(&self) -> usize {
         self.m
+    }
+}
+
+thread_local! {
+    /// One [`PackedA`] buffer per thread, reused by the next `PackedA::new` on it.
+    static SPARE_ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Drop for PackedA {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        // keep the larger buffer; `try_with` because a thread's locals may already be gone at its exit
+        let _ = SPARE_ROWS.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if data.capacity() > spare.capacity() {
+                *spare = data;
+            }
+        });
     }
 }
