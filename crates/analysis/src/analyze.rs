@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use rayon::prelude::*;
-use saekit_model::{HookPoint, Model};
 use saekit_kernels::Precision;
+use saekit_model::{HookPoint, Model};
 use saekit_sae::{Encoder, Sae};
 use saekit_store::TokenDataset;
 

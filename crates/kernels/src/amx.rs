@@ -57,13 +57,7 @@ struct TileConfig {
 impl Tiles {
     /// Every one of the eight tiles: 16 rows of 64 bytes.
     pub(crate) fn configure() -> Tiles {
-        let mut cfg = TileConfig {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            bytes_per_row: [0; 16],
-            rows: [0; 16],
-        };
+        let mut cfg = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
         cfg.bytes_per_row[..8].fill(64);
         cfg.rows[..8].fill(16);
         #[cfg(target_arch = "x86_64")]

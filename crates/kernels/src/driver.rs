@@ -1,9 +1,9 @@
 //! Splits `C` into jobs for rayon and hands each 32x32 block to the chosen path's kernel.
 
 use crate::pack::{PackedA, PackedB, BLOCK};
-use std::ops::Range;
 use crate::{amx, avx512, reference, Bf16Path};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Rows of `C` in one job. Small: a job's bf16 `A` rows (64 x k) stay in L1 while it walks its
 /// columns, and the many jobs balance the two cores; 64 beat 256 on every shape of
@@ -51,7 +51,7 @@ pub fn gemm_bf16_packed(
     let (m, n) = (a.m, cols.len());
     assert!(path.available(), "{} is not available on this CPU", path.name());
     assert!(a.k == b.k, "gemm_bf16: rows of width {} against a weight of width {}", a.k, b.k);
-    assert!(cols.end <= b.n && cols.start % BLOCK == 0, "gemm_bf16: columns {cols:?} of {}", b.n);
+    assert!(cols.end <= b.n && cols.start.is_multiple_of(BLOCK), "gemm_bf16: columns {cols:?} of {}", b.n);
     assert!(ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n), "gemm_bf16: c is too short for {m}x{n}");
     if m == 0 || n == 0 {
         return;
@@ -62,7 +62,8 @@ pub fn gemm_bf16_packed(
         }
         return;
     }
-    let job = Job { path, a: &a.data, b, m, first_pair: cols.start / BLOCK, n, c: SendPtr(c.as_mut_ptr()), ldc, accumulate };
+    let job =
+        Job { path, a: &a.data, b, m, first_pair: cols.start / BLOCK, n, c: SendPtr(c.as_mut_ptr()), ldc, accumulate };
     let (row_jobs, col_jobs) = (m.div_ceil(JOB_ROWS), n.div_ceil(JOB_COLS));
     (0..row_jobs * col_jobs).into_par_iter().for_each(|j| job.run(j / col_jobs, j % col_jobs));
 }

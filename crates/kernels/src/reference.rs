@@ -28,7 +28,10 @@ pub(crate) unsafe fn block_32x32(
                     for e in 0..2 {
                         // SAFETY: k = 32 kb + 2 r + e < 32 kt <= lda; the tile index is < 2 kt.
                         let (x, w) = unsafe {
-                            (*a.add(i * lda + kb * BLOCK + 2 * r + e), *b.add((kb * 2 + h) * TILE + r * 32 + col * 2 + e))
+                            (
+                                *a.add(i * lda + kb * BLOCK + 2 * r + e),
+                                *b.add((kb * 2 + h) * TILE + r * 32 + col * 2 + e),
+                            )
                         };
                         acc += bf16_to_f32(x) * bf16_to_f32(w);
                     }

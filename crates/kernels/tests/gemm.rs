@@ -47,7 +47,11 @@ fn check(path: Bf16Path, m: usize, k: usize, n: usize) {
                 );
                 // each input off by <= 2^-9 relative: the product sum by <= 2 * 2^-9 * sum|a||w|
                 let bound = 2.0 * 2f64.powi(-9) * k as f64 + acc_tol;
-                assert!((got - exact[i * n + j]).abs() <= bound, "{}: {m}x{k}x{n} c[{i},{j}] off f32 input", path.name());
+                assert!(
+                    (got - exact[i * n + j]).abs() <= bound,
+                    "{}: {m}x{k}x{n} c[{i},{j}] off f32 input",
+                    path.name()
+                );
             }
             // columns past n are untouched
             for j in n..ldc.min(c.len() - i * ldc) {
@@ -134,7 +138,12 @@ fn a_column_range_is_that_slice_of_the_full_product() {
         let mut part = vec![0f32; m * cols.len()];
         saekit_kernels::gemm_bf16_packed(path, &rows, &packed, cols.clone(), &mut part, cols.len(), false);
         for i in 0..m {
-            assert_eq!(&part[i * cols.len()..(i + 1) * cols.len()], &full[i * n + cols.start..i * n + cols.end], "{}", path.name());
+            assert_eq!(
+                &part[i * cols.len()..(i + 1) * cols.len()],
+                &full[i * n + cols.start..i * n + cols.end],
+                "{}",
+                path.name()
+            );
         }
     }
 }

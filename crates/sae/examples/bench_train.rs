@@ -7,8 +7,8 @@
 //! encoder GEMM's precision for both.
 
 use anyhow::{Context, Result};
-use saekit_sae::{config::parse_count, evaluate, train, ActivationSource, NpySource, RunOptions, TrainConfig};
 use saekit_kernels::Precision;
+use saekit_sae::{config::parse_count, evaluate, train, ActivationSource, NpySource, RunOptions, TrainConfig};
 use saekit_sae::{encoder_gemm_gflops, peak_rss_bytes};
 
 fn main() -> Result<()> {

@@ -107,7 +107,9 @@ impl<'a> EncoderProduct<'a> {
         d_in: usize,
     ) -> Self {
         match (precision.bf16_path(), packed) {
-            (Some(path), Some(w_enc)) => EncoderProduct::Bf16 { path, w_enc, rows: PackedA::new(xin, rows, d_in, d_in) },
+            (Some(path), Some(w_enc)) => {
+                EncoderProduct::Bf16 { path, w_enc, rows: PackedA::new(xin, rows, d_in, d_in) }
+            }
             (Some(_), None) => unreachable!("pack_encoder fills the slot for bf16"),
             (None, _) => EncoderProduct::F32 { w_enc, d_in },
         }
