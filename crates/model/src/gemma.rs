@@ -13,10 +13,11 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_tanh, linear, rms_norm, Matrix, Rope};
+use crate::linalg::{add_assign, gelu_tanh, linear, rms_norm, Bf16Weight, Matrix, Rope};
 use crate::llama::{lin, norm_qk_heads};
 use crate::weights::WeightSource;
 use crate::Logits;
+use crate::Precision;
 
 /// Norm gains are stored as `1 + w`, the factor Gemma's RMSNorm multiplies by.
 struct Block {
@@ -45,6 +46,8 @@ pub(crate) struct Gemma {
     rope_global: Rope,
     /// Gemma 3's sliding-window layers rotate with their own base.
     rope_local: Option<Rope>,
+    /// The unembedding in bf16 (`Model::set_precision`).
+    unembed_bf16: Option<Bf16Weight>,
 }
 
 /// Tensor names as transformers (`model.layers.L.self_attn.q_proj`) or llama.cpp's converter
@@ -109,7 +112,18 @@ impl Gemma {
             final_norm: names.gain(src, names.top("model.norm.weight"), d)?,
             rope_global,
             rope_local,
+            unembed_bf16: None,
         })
+    }
+
+    /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
+    pub(crate) fn set_precision(&mut self, precision: Precision) {
+        for b in &mut self.blocks {
+            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
+                w.set_precision(precision);
+            }
+        }
+        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), &self.embed, precision);
     }
 
     pub(crate) fn unembedding(&self) -> &[f32] {
@@ -193,7 +207,8 @@ impl Gemma {
         }
         rms_norm(&x, &self.final_norm, c.norm_eps, &mut h);
         hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
-        let mut out = crate::project_logits(&h, batch, seq, d, &self.embed, c.vocab_size, logits);
+        let mut out =
+            crate::project_logits(&h, batch, seq, d, (&self.embed, self.unembed_bf16.as_ref()), c.vocab_size, logits);
         if let Some(cap) = c.details.final_softcap {
             out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }

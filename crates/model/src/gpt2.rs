@@ -6,9 +6,10 @@ use anyhow::Result;
 use crate::attention::{attend, AttnShape, KvCache};
 use crate::config::ModelConfig;
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_tanh, layer_norm, linear, Matrix};
+use crate::linalg::{add_assign, gelu_tanh, layer_norm, linear, Bf16Weight, Matrix};
 use crate::weights::WeightSource;
 use crate::Logits;
+use crate::Precision;
 
 struct Block {
     ln1: (Vec<f32>, Vec<f32>),
@@ -30,6 +31,8 @@ pub(crate) struct Gpt2 {
     lm_head: Option<Vec<f32>>,
     blocks: Vec<Block>,
     ln_f: (Vec<f32>, Vec<f32>),
+    /// The unembedding in bf16 (`Model::set_precision`).
+    unembed_bf16: Option<Bf16Weight>,
 }
 
 impl Gpt2 {
@@ -76,7 +79,18 @@ impl Gpt2 {
             lm_head: src.get_opt(&head_name, &[v, d])?,
             blocks,
             ln_f: (vec("ln_f.weight", "output_norm.weight", d)?, vec("ln_f.bias", "output_norm.bias", d)?),
+            unembed_bf16: None,
         })
+    }
+
+    /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
+    pub(crate) fn set_precision(&mut self, precision: Precision) {
+        for b in &mut self.blocks {
+            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_fc, &mut b.w_proj] {
+                w.set_precision(precision);
+            }
+        }
+        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), self.unembedding(), precision);
     }
 
     pub(crate) fn unembedding(&self) -> &[f32] {
@@ -142,6 +156,14 @@ impl Gpt2 {
         }
         layer_norm(&x, &self.ln_f.0, &self.ln_f.1, c.norm_eps, &mut h);
         hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
-        Ok(crate::project_logits(&h, batch, seq, d, self.unembedding(), c.vocab_size, logits))
+        Ok(crate::project_logits(
+            &h,
+            batch,
+            seq,
+            d,
+            (self.unembedding(), self.unembed_bf16.as_ref()),
+            c.vocab_size,
+            logits,
+        ))
     }
 }

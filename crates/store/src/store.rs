@@ -189,7 +189,7 @@ pub struct SourceInfo {
 }
 
 /// Model facts recorded in the manifest.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
     /// The model's name.
     pub name: String,
@@ -201,6 +201,22 @@ pub struct ModelInfo {
     pub d_model: usize,
     /// The model's vocabulary size.
     pub vocab_size: usize,
+    /// What the forward pass's products ran in, `"f32"` or `"bf16"` (`saekit harvest --precision`);
+    /// stores from before the choice existed were f32. Part of the config, so a resumed harvest does
+    /// not mix the two.
+    #[serde(default = "f32_precision")]
+    pub precision: String,
+}
+
+fn f32_precision() -> String {
+    "f32".into()
+}
+
+impl Default for ModelInfo {
+    fn default() -> Self {
+        let precision = f32_precision();
+        ModelInfo { name: String::new(), path: String::new(), n_layers: 0, d_model: 0, vocab_size: 0, precision }
+    }
 }
 
 /// Everything that defines a store; a resumed harvest must present the same config.

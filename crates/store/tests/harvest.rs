@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use saekit_model::{HookPoint, LoadOptions, Model};
+use saekit_model::{Bf16Path, HookPoint, LoadOptions, Model, Precision};
 use saekit_store::harvest::{harvest, tokenize_options_for, HarvestOptions};
 use saekit_store::*;
 
@@ -255,4 +255,41 @@ fn sink_rows_are_decided_by_measured_norms() {
     let outliers = m.shards[0].n_outliers;
     assert!(rule.contains(&format!("norm > {factor}x")) && rule.contains(&format!("{outliers} rows")), "{rule}");
     assert!(rule.contains(&format!("{:.3} at blocks.15.hook_resid_post", m.shards[0].median_norms[1])), "{rule}");
+}
+
+/// The manifest says what the forward pass's products ran in: a store begun in f32 refuses rows computed in
+/// bf16 (and the reverse), and a manifest from before the field existed reads as f32.
+#[test]
+fn harvest_records_its_precision_and_refuses_to_mix_them() {
+    let path = model_path();
+    let mut model = Model::load(&path, &LoadOptions { blocks: Some(2), ..Default::default() }).unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let opts = TokenizeOptions { context: 24, validation_fraction: 0.0, ..tokenize_options_for(&model) };
+    tokenize_texts(&model, &["The quick brown fox jumps over the lazy dog. ".repeat(12)], &opts, data_dir.path())
+        .unwrap();
+    let data = TokenDataset::open(data_dir.path()).unwrap();
+    // two contexts per pass: 48 rows, enough for the bf16 products to run (BF16_MIN_ROWS)
+    let hopts = HarvestOptions {
+        hooks: vec![HookPoint::ResidPost(1)],
+        tokens: 2 * 24,
+        batch: 2,
+        contexts_per_shard: 2,
+        progress: false,
+        ..Default::default()
+    };
+    let f32_store = tempfile::tempdir().unwrap();
+    assert_eq!(harvest(&model, &path, &data, f32_store.path(), &hopts).unwrap().config.model.precision, "f32");
+
+    model.set_precision(Precision::Bf16(Bf16Path::fastest().unwrap_or(Bf16Path::Reference)));
+    let more = HarvestOptions { tokens: 4 * 24, ..hopts.clone() };
+    let e = format!("{:#}", harvest(&model, &path, &data, f32_store.path(), &more).unwrap_err());
+    assert!(e.contains("different configuration") && e.contains(r#""precision":"bf16""#), "{e}");
+    let bf16_store = tempfile::tempdir().unwrap();
+    assert_eq!(harvest(&model, &path, &data, bf16_store.path(), &hopts).unwrap().config.model.precision, "bf16");
+
+    let manifest = f32_store.path().join("manifest.json");
+    let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    old["model"].as_object_mut().unwrap().remove("precision").unwrap();
+    std::fs::write(&manifest, old.to_string()).unwrap();
+    assert_eq!(ActivationStore::open(f32_store.path()).unwrap().manifest().config.model.precision, "f32");
 }

@@ -7,10 +7,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 use saekit_analysis::{eval_model, ModelEvalOptions};
 use saekit_circuits::{evaluate_replacement, TranscoderSet};
+use saekit_model::{Model, Precision};
 use saekit_sae::load_sae;
 use saekit_store::TokenDataset;
 
-use super::model_arg::ModelArgs;
+use super::model_arg::{ModelArgs, PrecisionArgs};
 
 /// Model-level faithfulness of an SAE on held-out contexts, SAELens evals.py definitions: CE loss
 /// clean / with SAE / with zero-ablation, CE loss score, delta LM loss, KL(clean || spliced) and KL
@@ -44,6 +45,8 @@ pub struct EvalModelArgs {
     pub batch: usize,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     #[arg(long)]
     pub hook: Option<String>,
     /// Rows above this multiple of the batch's median norm are left clean too (0 = only position 0
@@ -65,7 +68,7 @@ pub fn run(a: EvalModelArgs) -> Result<()> {
     let sae_path = a.sae.as_deref().context("an SAE folder or --transcoders is needed")?;
     let sae = load_sae(sae_path)?;
     let dataset = TokenDataset::open(&a.contexts)?;
-    let model = a.model.load()?;
+    let (model, precision) = load_model(&a)?;
     let opts = ModelEvalOptions {
         n_tokens,
         split: a.split.clone(),
@@ -77,29 +80,52 @@ pub fn run(a: EvalModelArgs) -> Result<()> {
     };
     let r = eval_model(&model, &sae, &dataset, &opts)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        println!("{}", serde_json::to_string_pretty(&with_precision(&r, precision)?)?);
     } else {
         println!("{:<30} {}", "sae", sae_path);
+        println!("{:<30} {}", "precision", precision.name());
         print!("{}", r.table());
     }
     Ok(())
+}
+
+fn load_model(a: &EvalModelArgs) -> Result<(Model, Precision)> {
+    let mut model = a.model.load()?;
+    let precision = PrecisionArgs::apply(a.precision.precision, &mut model)?;
+    Ok((model, precision))
+}
+
+/// The report as JSON with the precision the model ran at: the scores of a bf16 pass are not an f32
+/// pass's, and a result should say which it is.
+fn with_precision(report: &impl serde::Serialize, precision: Precision) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(report)?;
+    if let Some(fields) = v.as_object_mut() {
+        fields.insert("precision".into(), precision.name().into());
+    }
+    Ok(v)
 }
 
 fn run_transcoders(a: &EvalModelArgs, dir: &Path) -> Result<()> {
     let n_tokens = super::analyze::parse_count(&a.tokens)?;
     let set = TranscoderSet::load(dir)?;
     let dataset = TokenDataset::open(&a.contexts)?;
-    let model = a.model.load()?;
+    let (model, precision) = load_model(a)?;
     let split = dataset.split(&a.split)?;
     let seq = split.context_len();
     let n = n_tokens.div_ceil(seq as u64).max(1).min(split.n_contexts());
     let tokens: Vec<u32> = (0..n).flat_map(|c| split.context(c).to_vec()).collect();
     let r = evaluate_replacement(&model, &set, &tokens, seq, a.batch, !a.no_per_layer, !a.json)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        println!("{}", serde_json::to_string_pretty(&with_precision(&r, precision)?)?);
         return Ok(());
     }
-    println!("transcoders {}  contexts {}  predicted tokens {}", dir.display(), r.n_contexts, r.n_predicted);
+    println!(
+        "transcoders {}  contexts {}  predicted tokens {}  precision {}",
+        dir.display(),
+        r.n_contexts,
+        r.n_predicted,
+        precision.name()
+    );
     println!("ce_loss_clean {:.4}", r.ce_loss_clean);
     println!(
         "{:<6} {:>12} {:>12} {:>9} {:>10} {:>10} {:>7}",

@@ -3,16 +3,18 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use saekit_model::{HookPoint, Model};
+use saekit_model::{Bf16Path, HookPoint, Model, PrecisionChoice};
 use saekit_store::harvest::{harvest, HarvestOptions};
-use saekit_store::{remove_store, Dtype, TokenDataset};
+use saekit_store::{remove_store, Dtype, StoreManifest, TokenDataset};
 
-use super::model_arg::ModelArgs;
+use super::model_arg::{ModelArgs, PrecisionArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct HarvestArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Comma-separated TransformerLens hook names; one forward pass serves them all and stops after the
     /// deepest block.
     #[arg(long, default_value = "blocks.15.hook_resid_post", value_delimiter = ',')]
@@ -87,7 +89,8 @@ pub fn run(a: HarvestArgs) -> Result<()> {
     }
     let path = a.model.path()?;
     // only the blocks up to the deepest hook are held (a 2B model's middle layer in half the memory)
-    let model = a.model.load_blocks(HookPoint::blocks_for(&hooks))?;
+    let mut model = a.model.load_blocks(HookPoint::blocks_for(&hooks))?;
+    PrecisionArgs::apply(precision_choice(a.precision.precision, &a.out)?, &mut model)?;
     let opts = HarvestOptions {
         hooks,
         tokens: a.tokens,
@@ -108,6 +111,31 @@ pub fn run(a: HarvestArgs) -> Result<()> {
     harvested
 }
 
+/// `auto` resuming a store keeps the precision the store was begun with: auto's measurement may come out
+/// the other way on a rerun, and a store of mixed bf16 and f32 rows would be refused as another harvest.
+/// (`--overwrite` has removed the store by now, so a fresh one measures.)
+fn precision_choice(asked: PrecisionChoice, out: &Path) -> Result<PrecisionChoice> {
+    let manifest = out.join(saekit_store::store::MANIFEST);
+    if asked != PrecisionChoice::Auto || !manifest.exists() {
+        return Ok(asked);
+    }
+    // an unreadable manifest is reported by the harvest itself, naming the file
+    let recorded = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|text| serde_json::from_str::<StoreManifest>(&text).ok())
+        .and_then(|m| m.config.model.precision.parse::<PrecisionChoice>().ok());
+    let Some(p) = recorded else { return Ok(asked) };
+    if p == PrecisionChoice::Bf16 && Bf16Path::fastest().is_none() {
+        bail!(
+            "{}: this store was begun in bf16, and this CPU has neither AMX-BF16 nor AVX512-BF16; \
+             resume it on a CPU that has, or start again with --overwrite",
+            out.display()
+        );
+    }
+    tracing::info!("{}: resuming at the store's precision, {p:?}", out.display());
+    Ok(p)
+}
+
 /// Harvest `data` through `model` into the store `out` (resuming one that is there), then report it;
 /// a signal exits 130 with the contexts done kept on disk.
 pub fn harvest_with(model: &Model, path: &Path, data: &TokenDataset, out: &Path, opts: &HarvestOptions) -> Result<()> {
@@ -122,14 +150,15 @@ pub fn harvest_with(model: &Model, path: &Path, data: &TokenDataset, out: &Path,
         return Ok(()); // rank 0 reports
     }
     eprintln!(
-        "{}: {} tokens ({} contexts, {} marked rows) x {} hook(s), {} shards, dtype {}",
+        "{}: {} tokens ({} contexts, {} marked rows) x {} hook(s), {} shards, dtype {}, computed in {}",
         out.display(),
         m.n_tokens,
         m.n_contexts,
         m.n_marked,
         m.config.hooks.len(),
         m.shards.len(),
-        m.config.dtype
+        m.config.dtype,
+        m.config.model.precision
     );
     for (h, s) in &m.stats {
         eprintln!(

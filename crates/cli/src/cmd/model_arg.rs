@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use saekit_model::{LoadOptions, Model};
+use saekit_model::{LoadOptions, Model, Precision, PrecisionChoice};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -34,6 +34,34 @@ impl ModelArgs {
     pub fn load_blocks(&self, blocks: Option<usize>) -> Result<Model> {
         let path = self.path()?;
         Ok(Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone(), blocks })?)
+    }
+}
+
+/// `--precision`, for the subcommands that run the forward pass over many tokens (harvest, eval-model).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrecisionArgs {
+    /// What the model's linear layers and logits multiply in: auto = bf16 where this CPU runs it at
+    /// least 1.3x faster than f32 (`saekit bench gemm` shows both rates), else f32.
+    ///
+    /// bf16: weights and inputs rounded to bf16, products summed in f32, on Intel AMX or AVX512-BF16 (an
+    /// error on a CPU with neither); norms, attention and the residual stream stay f32. SmolLM2's layer
+    /// 15 then moves by 0.4% (relative L2), 2.6x what storing it in bf16 moves it.
+    ///
+    /// f32: the forward pass the parity tests check, bit for bit.
+    ///
+    /// auto measures both once at start-up. The pick is logged and recorded in the output.
+    #[arg(long, default_value = "auto", value_name = "auto|bf16|f32")]
+    pub precision: PrecisionChoice,
+}
+
+impl PrecisionArgs {
+    /// Resolve `choice` on this CPU and run `model` at it.
+    pub fn apply(choice: PrecisionChoice, model: &mut Model) -> Result<Precision> {
+        let p = Precision::resolve(choice)?;
+        let path = p.bf16_path().map_or("f32 gemm", |b| b.name());
+        tracing::info!(asked = ?choice, precision = p.name(), path, "precision");
+        model.set_precision(p);
+        Ok(p)
     }
 }
 
