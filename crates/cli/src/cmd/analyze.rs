@@ -1,6 +1,5 @@
 //! `saekit analyze`: describe every feature of an SAE in a SQLite feature database.
 
-use saekit_kernels::Precision;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use saekit_model::Model;
 use saekit_sae::{load_sae, Sae};
 use saekit_store::TokenDataset;
 
-use super::model_arg::ModelArgs;
+use super::model_arg::{ModelArgs, PrecisionArgs};
 
 /// One streaming pass of model + SAE over held-out contexts; for every feature: top contexts,
 /// quantile-sampled contexts, log-spaced activation histogram, density, direct logit effects,
@@ -70,11 +69,10 @@ pub struct AnalyzeArgs {
     /// Print the run report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Precision of the SAE's encoder GEMM: `bf16` (AMX or AVX512-BF16, f32 accumulation), `f32`, or
-    /// `auto` (bf16 where this CPU runs it at least 1.3x faster than f32; `saekit bench gemm`). A
-    /// checkpoint resumes only in the precision it started in.
-    #[arg(long, default_value = "auto", value_name = "auto|bf16|f32")]
-    pub precision: String,
+    /// The model's linear layers and the SAE's encoder GEMM run in this precision; a checkpoint
+    /// resumes only in the precision it started in.
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 /// `10M`, `500k`, `1.5G`, `2e6`, `12345`.
@@ -97,7 +95,8 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
     let n_tokens = parse_count(&a.tokens)?;
     let sae = load_sae(&a.sae)?;
     let dataset = TokenDataset::open(&a.contexts)?;
-    let model = a.model.load()?;
+    let mut model = a.model.load()?;
+    let precision = PrecisionArgs::apply(a.precision.precision, &mut model)?;
     let ranks = super::mpi_job::join(None)?.map(|job| job.harvest);
     let first = ranks.as_ref().is_none_or(|r| r.rank() == 0);
     let opts = AnalyzeOptions {
@@ -119,10 +118,9 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         progress: first,
         stop: Some(super::interrupt::stop_flag()?),
         ranks: ranks.clone(),
-        precision: Precision::resolve(a.precision.parse()?)?,
+        precision,
         ..Default::default()
     };
-    tracing::info!("SAE encoder GEMM in {}", opts.precision.name());
     let analysed = analyze_with(&model, &sae, &a.sae, &dataset, &a.out, &opts, a.json);
     if ranks.is_some() {
         super::mpi_job::fatal_across_ranks(analysed.as_ref().err());
