@@ -9,12 +9,11 @@
 use rayon::prelude::*;
 use saekit_kernels::{gemm_bf16, Bf16Path, PackedB, Precision};
 
-/// Rows below which a weight with a bf16 copy is still multiplied in f32. Chosen, not measured: the
-/// bf16 kernels compute whole 32x32 blocks of the output, so fewer rows pay for a full block (a decoding
-/// step of one sequence uses 1 of its 32 rows) plus converting the rows to bf16 on each call, and such
-/// calls (generation steps, last-position logits) are a small share of the passes where the speed of
-/// bf16 matters (harvest, eval-model, prompt prefill).
-pub const BF16_MIN_ROWS: usize = 32;
+/// Rows below which a weight with a bf16 copy is still multiplied in f32: 1, i.e. never. A model set to
+/// bf16 computes every product in bf16, so what a harvest records as bf16 is bf16 in every row, even a
+/// last batch of a few short contexts (the kernels pad such a call to a 32-row block; generation, where
+/// one-row calls are the rule, runs its model at f32).
+pub const BF16_MIN_ROWS: usize = 1;
 
 /// A weight packed in bf16 and the path its products run on.
 #[derive(Debug, Clone)]
@@ -427,7 +426,7 @@ mod tests {
     }
 
     #[test]
-    fn few_rows_and_f32_precision_keep_the_f32_gemm_bit_for_bit() {
+    fn every_row_count_runs_bf16_and_f32_precision_is_the_f32_gemm_bit_for_bit() {
         let (x, w_nk, bias, _, k, n) = case(13);
         let f32_w = Matrix::from_out_in(&w_nk, n, k);
         let mut w = f32_w.clone();
@@ -437,8 +436,7 @@ mod tests {
             linear(&x, m, w, Some(&bias), &mut y);
             y
         };
-        let few = BF16_MIN_ROWS - 1;
-        assert_eq!(run(&w, few), run(&f32_w, few), "{few} rows must stay on the f32 GEMM");
+        assert_ne!(run(&w, 1), run(&f32_w, 1), "one row runs in bf16 too");
         w.set_precision(Precision::F32);
         assert_eq!(w.precision(), Precision::F32);
         assert_eq!(run(&w, 40), run(&f32_w, 40), "back at f32, linear is the f32 GEMM again");

@@ -268,7 +268,7 @@ fn harvest_records_its_precision_and_refuses_to_mix_them() {
     tokenize_texts(&model, &["The quick brown fox jumps over the lazy dog. ".repeat(12)], &opts, data_dir.path())
         .unwrap();
     let data = TokenDataset::open(data_dir.path()).unwrap();
-    // two contexts per pass: 48 rows, enough for the bf16 products to run (BF16_MIN_ROWS)
+    // two contexts per pass: 48 rows
     let hopts = HarvestOptions {
         hooks: vec![HookPoint::ResidPost(1)],
         tokens: 2 * 24,
