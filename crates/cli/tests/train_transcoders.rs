@@ -52,6 +52,8 @@ fn run_args(tokens: &Path, config: &Path, out: &Path) -> Vec<String> {
         ["--d-sae", &D_SAE.to_string(), "--k", &K.to_string(), "--batch-size", &BATCH.to_string()].map(String::from),
     );
     v.extend(["--tokens".into(), TOKENS.to_string(), "--live-block-tokens".into(), BLOCK_TOKENS.to_string()]);
+    // the separate training below is the library's default, f32; `auto` would pick bf16 on an AMX box
+    v.extend(["--precision".into(), "f32".into()]);
     v
 }
 
