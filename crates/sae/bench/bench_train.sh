@@ -15,18 +15,7 @@ TOKENS=${TOKENS:-245760}
 export PYREF_MAX_WAIT=${PYREF_MAX_WAIT:-60}
 mkdir -p "$OUT"
 if [[ ! -f $OUT/train.npy ]]; then
-  $PY - "$REF/acts" "$OUT" <<'PYEOF'
-import json, sys, numpy as np
-src, out = sys.argv[1], sys.argv[2]
-a = np.load(src + "/acts_L15_f32.npy", mmap_mode="r")
-man = json.load(open(src + "/manifest.json"))
-n_train_win = int(round(man["n_windows"] * 0.9))
-wp = np.load(src + "/acts_L15_window_pos_i32.npy")
-split = int(np.searchsorted(wp[:, 0], n_train_win))
-np.save(out + "/train.npy", np.ascontiguousarray(a[:split]))
-np.save(out + "/eval.npy", np.ascontiguousarray(a[split:]))
-print("train rows", split, "eval rows", a.shape[0] - split)
-PYEOF
+  $PY "$ROOT/crates/sae/bench/split_acts.py" "$REF/acts" "$OUT"
 fi
 (cd "$ROOT" && cargo build --release -p saekit-sae --example bench_train)
 BIN=$ROOT/target/release/examples/bench_train
