@@ -77,6 +77,8 @@ def cli_sae(work, cli_acts):
         "train", "--acts", cli_acts[2], "--out", out, "--quiet",
         "--d-sae", TRAIN["d_sae"], "--k", TRAIN["k"], "--tokens", TRAIN["tokens"],
         "--batch-size", TRAIN["batch_size"], "--seed", TRAIN["seed"],
+        # saekit.train is the library's f32; the CLI's default `auto` is bf16 on an AMX CPU
+        "--precision", "f32",
     )
     return out
 

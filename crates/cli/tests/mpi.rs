@@ -138,6 +138,7 @@ const LAYOUTS: [(&str, usize, &[&str]); 3] =
 
 #[test]
 fn one_step_on_any_layout_equals_the_one_process_step() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (acts, _) = write_data(tmp.path());
     let acts = acts.display().to_string();
@@ -165,6 +166,7 @@ fn one_step_on_any_layout_equals_the_one_process_step() {
 
 #[test]
 fn a_short_sharded_run_reaches_the_one_process_fvu() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (acts, x) = write_data(tmp.path());
     let acts = acts.display().to_string();
@@ -197,6 +199,7 @@ fn a_short_sharded_run_reaches_the_one_process_fvu() {
 /// with the one-process weights.
 #[test]
 fn the_mpi_meter_counts_the_bytes_the_layout_implies() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (acts, _) = write_data(tmp.path());
     let (batch, d_sae, k) = (256usize, 64usize, 4usize);
@@ -240,6 +243,7 @@ fn the_mpi_meter_counts_the_bytes_the_layout_implies() {
 
 #[test]
 fn a_checkpoint_resumes_on_another_layout() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (acts, x) = write_data(tmp.path());
     let acts = acts.display().to_string();
@@ -271,6 +275,7 @@ fn a_checkpoint_resumes_on_another_layout() {
 
 #[test]
 fn a_killed_rank_ends_the_job_and_resume_reaches_the_unkilled_end() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (acts, _) = write_data(tmp.path());
     let acts = acts.display().to_string();
@@ -332,6 +337,7 @@ fn a_rank_of(pid: u32) -> String {
 
 #[test]
 fn a_stopped_rank_ends_the_job_after_the_collective_timeout() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (acts, _) = write_data(tmp.path());
     let flags = topk_run(&acts.display().to_string(), "4194304", "1000000");
@@ -459,6 +465,7 @@ fn summary(dir: &Path) -> Value {
 /// sharded sums, compounded over the steps) and its final FVU.
 #[test]
 fn a_live_run_on_two_shards_ends_with_the_one_process_weights() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (tokens, config) = live_inputs(tmp.path());
     let flags = ["--live-block-tokens", "512", "--tokens", "2048", "--checkpoint-every", "0"];
@@ -493,6 +500,7 @@ fn forwarded_blocks(log: &str, rank: usize) -> BTreeSet<u64> {
 /// replica forward its blocks, so that run ends with the 2-replica run's weights.
 #[test]
 fn a_live_run_on_data_replicas_forwards_each_block_once_and_reaches_the_one_process_fvu() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (tokens, config) = live_inputs(tmp.path());
     let flags = ["--live-block-tokens", "1024", "--tokens", "8192", "--checkpoint-every", "0"];
@@ -537,6 +545,7 @@ fn a_live_run_on_data_replicas_forwards_each_block_once_and_reaches_the_one_proc
 /// all recorded in the checkpoint. One process, which cannot replay two replicas' streams, refuses it.
 #[test]
 fn a_killed_live_run_on_data_replicas_resumes_to_the_unkilled_weights() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let (tokens, config) = live_inputs(tmp.path());
     let flags = ["--live-block-tokens", "1024", "--tokens", "8192", "--checkpoint-every", "4", "--shards", "1"];
@@ -602,6 +611,7 @@ fn store_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn a_harvest_across_ranks_writes_the_one_process_store() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens(tmp.path());
     let alone = tmp.path().join("alone");
@@ -624,6 +634,7 @@ fn a_harvest_across_ranks_writes_the_one_process_store() {
 
 #[test]
 fn a_killed_harvest_rank_ends_the_job_and_the_same_mpirun_resumes_it() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens(tmp.path());
     let alone = tmp.path().join("alone");
@@ -727,6 +738,7 @@ impl Drop for TwoHosts {
 
 #[test]
 fn two_hosts_over_tcp_train_and_harvest_as_one_host_does() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let Some(hosts) = TwoHosts::new(tmp.path()) else { return };
     let (acts, _) = write_data(tmp.path());
@@ -758,6 +770,7 @@ fn two_hosts_over_tcp_train_and_harvest_as_one_host_does() {
 
 #[test]
 fn an_analysis_across_ranks_finds_the_one_process_statistics() {
+    pin_f32();
     let tmp = tempfile::tempdir().unwrap();
     let tokens = tokens(tmp.path());
     let acts = tmp.path().join("acts");
@@ -795,4 +808,10 @@ fn an_analysis_across_ranks_finds_the_one_process_statistics() {
         let left: Vec<String> = saekit_files_in(tmp.path()).into_iter().filter(|n| n.contains(".ckpt")).collect();
         assert!(left.is_empty(), "checkpoints left after {ranks} ranks: {left:?}");
     }
+}
+
+/// Every run here is checked bit for bit against one process in f32; the CLI's `auto` would pick bf16 on
+/// an AMX box. `mpirun` passes the environment to its local ranks.
+fn pin_f32() {
+    std::env::set_var("SAEKIT_PRECISION", "f32");
 }

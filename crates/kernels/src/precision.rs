@@ -93,13 +93,19 @@ impl Precision {
     }
 }
 
-/// What `auto` picks on this CPU and the measured bf16 / f32 speed ratio behind it (1.0 where no
-/// bf16 path exists). Measured once per process on an SAE-encoder-like product (512 x 576 x 4096),
-/// best of three runs each, about 50 ms.
+/// What `auto` picks on this CPU and the bf16 / f32 speed ratio behind it (1.0 where no bf16 path
+/// exists). AMX is taken without measuring: it ran 3.0-3.7x the f32 GEMM on every benchmark shape
+/// (BENCHMARKS.md), and a pick that cannot flip keeps every rank of an MPI job and every resume on the
+/// same numerics (the ratio reported is then `f64::INFINITY`). AVX512-BF16 alone, whose `vdpbf16ps`
+/// runs at full rate on some CPUs and at a third on others, is measured once per process on an
+/// SAE-encoder-like product (512 x 576 x 4096), best of three runs each, about 50 ms.
 pub fn auto_precision() -> (Precision, f64) {
     static PICK: OnceLock<(Precision, f64)> = OnceLock::new();
     *PICK.get_or_init(|| {
         let Some(path) = Bf16Path::fastest() else { return (Precision::F32, 1.0) };
+        if path == Bf16Path::Amx {
+            return (Precision::Bf16(path), f64::INFINITY);
+        }
         let speedup = probe_speedup(path);
         let pick = if speedup >= AUTO_MIN_SPEEDUP { Precision::Bf16(path) } else { Precision::F32 };
         tracing::debug!(path = path.name(), speedup, pick = pick.name(), "precision auto");

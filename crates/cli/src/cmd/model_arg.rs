@@ -50,7 +50,7 @@ pub struct PrecisionArgs {
     /// f32: the forward pass the parity tests check, bit for bit.
     ///
     /// auto measures both once at start-up. The pick is logged and recorded in the output.
-    #[arg(long, default_value = "auto", value_name = "auto|bf16|f32")]
+    #[arg(long, default_value = "auto", value_name = "auto|bf16|f32", env = "SAEKIT_PRECISION")]
     pub precision: PrecisionChoice,
 }
 

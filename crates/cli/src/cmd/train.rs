@@ -153,7 +153,7 @@ pub struct TrainArgs {
     /// keeps every product in f32; `auto` takes bf16 where this CPU runs it at least 1.3x faster than
     /// f32 (`saekit bench gemm` shows both). A resumed run keeps the precision it started with unless
     /// this flag is given. [default: auto]
-    #[arg(long, value_name = "auto|bf16|f32")]
+    #[arg(long, value_name = "auto|bf16|f32", env = "SAEKIT_PRECISION")]
     pub precision: Option<String>,
 }
 
