@@ -83,13 +83,12 @@ impl Drop for Tiles {
 /// `c[32, 32] (+)= a[32, 32 kt] · B` for one strip pair of `B`, on the configured tiles.
 ///
 /// # Safety
-/// AMX must be available and a [`Tiles`] alive on this thread; `a` holds 32 rows of `lda >= 32 kt`
-/// values, `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`; `kt >= 1`.
+/// AMX must be available and a [`Tiles`] alive on this thread; `a` holds a 32-row block of
+/// [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`; `kt >= 1`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(
     a: *const u16,
-    lda: usize,
     b: *const u16,
     kt: usize,
     c: *mut f32,
@@ -112,16 +111,15 @@ pub(crate) unsafe fn block_32x32(
             "tilezero tmm2",
             "tilezero tmm3",
             "4:",
-            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm4, [{a} + {s64}*1]",
             "tileloadd tmm6, [{b} + {s64}*1]",
             "tileloadd tmm7, [{b} + {s64}*1 + 1024]",
             "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm5, [{a} + {s64}*1 + 1024]",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
+            "add {a}, 2048",
             "add {b}, 2048",
             "dec {kt}",
             "jnz 4b",
@@ -133,9 +131,7 @@ pub(crate) unsafe fn block_32x32(
             c0 = in(reg) c,
             c1 = in(reg) c.add(16 * ldc),
             ldc = in(reg) ldc * 4,
-            a0 = inout(reg) a => _,
-            a1 = inout(reg) a.add(16 * lda) => _,
-            lda = in(reg) lda * 2,
+            a = inout(reg) a => _,
             b = inout(reg) b => _,
             s64 = in(reg) 64usize,
             kt = inout(reg) kt => _,
@@ -146,6 +142,6 @@ pub(crate) unsafe fn block_32x32(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block_32x32(_: *const u16, _: usize, _: *const u16, _: usize, _: *mut f32, _: usize, _: bool) {
+pub(crate) unsafe fn block_32x32(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("AMX is never available off x86_64")
 }

@@ -18,13 +18,12 @@ pub(crate) fn available() -> bool {
 /// `c[32, 32] (+)= a[32, 32 kt] · B` for one strip pair of `B`.
 ///
 /// # Safety
-/// AVX512-BF16 must be available; `a` holds 32 rows of `lda >= 32 kt` values, `b` `2 kt` tiles, `c` a
+/// AVX512-BF16 must be available; `a` holds a 32-row block of [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a
 /// 32x32 block of row stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(
     a: *const u16,
-    lda: usize,
     b: *const u16,
     kt: usize,
     c: *mut f32,
@@ -33,7 +32,7 @@ pub(crate) unsafe fn block_32x32(
 ) {
     for i0 in (0..32).step_by(ROWS) {
         // SAFETY: rows i0..i0 + 8 lie in the caller's block.
-        unsafe { rows_8x32(a.add(i0 * lda), lda, b, kt, c.add(i0 * ldc), ldc, load_c) };
+        unsafe { rows_8x32(a.add(i0 * 32), b, kt, c.add(i0 * ldc), ldc, load_c) };
     }
 }
 
@@ -42,7 +41,7 @@ const ROWS: usize = 8;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows_8x32(a: *const u16, lda: usize, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
+unsafe fn rows_8x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
     // SAFETY (this block and the loops below): every address lies in the caller's a rows, b tiles and
@@ -60,7 +59,7 @@ unsafe fn rows_8x32(a: *const u16, lda: usize, b: *const u16, kt: usize, c: *mut
                 let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(tiles.add(r * 32).cast()));
                 let w1: __m512bh = std::mem::transmute(_mm512_loadu_si512(tiles.add(512 + r * 32).cast()));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let pair = a.add(i * lda + kb * 32 + 2 * r).cast::<i32>().read_unaligned();
+                    let pair = a.add(kb * 1024 + i * 32 + 2 * r).cast::<i32>().read_unaligned();
                     let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
                     row[0] = _mm512_dpbf16_ps(row[0], x, w0);
                     row[1] = _mm512_dpbf16_ps(row[1], x, w1);
@@ -76,6 +75,6 @@ unsafe fn rows_8x32(a: *const u16, lda: usize, b: *const u16, kt: usize, c: *mut
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block_32x32(_: *const u16, _: usize, _: *const u16, _: usize, _: *mut f32, _: usize, _: bool) {
+pub(crate) unsafe fn block_32x32(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("AVX512-BF16 is never available off x86_64")
 }

@@ -42,6 +42,53 @@ pub(crate) fn round_up(x: usize, to: usize) -> usize {
     x.div_ceil(to) * to
 }
 
+/// 32 bf16 values on one 64-byte cache line.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(64))]
+struct CacheLine([u16; 32]);
+
+/// A zero-initialised `[u16]` that starts on a cache line. A tile load whose 64-byte rows straddle two
+/// lines runs ~4x slower (measured: 1.45 TFLOP/s per core aligned, 0.31 at a 16-byte offset), and
+/// `Vec<u16>` only promises 2-byte alignment.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct AlignedBuf {
+    lines: Vec<CacheLine>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zeros.
+    fn zeros(len: usize) -> Self {
+        let mut buf = Self::default();
+        buf.reset(len);
+        buf
+    }
+
+    /// Become `len` zeros, keeping the allocation when it is large enough.
+    fn reset(&mut self, len: usize) {
+        self.lines.clear();
+        self.lines.resize(len.div_ceil(32), CacheLine::default());
+        self.len = len;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.lines.capacity() * 32
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const u16 {
+        self.lines.as_ptr().cast()
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u16] {
+        // SAFETY: the lines are `len.div_ceil(32)` initialised, padding-free arrays of 32 `u16`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
+
 /// A weight matrix `B[k, n]` in bf16, packed for [`crate::gemm_bf16`].
 #[derive(Debug, Clone)]
 pub struct PackedB {
@@ -50,7 +97,7 @@ pub struct PackedB {
     /// Output columns.
     pub n: usize,
     pub(crate) k_pad: usize,
-    pub(crate) data: Vec<u16>,
+    pub(crate) data: AlignedBuf,
 }
 
 impl PackedB {
@@ -78,7 +125,7 @@ impl PackedB {
             return;
         }
         // One row of w (a column of B) at a time: 32 contiguous k values go to 16 tile rows, two each.
-        self.data.par_chunks_mut(pair_len).enumerate().for_each(|(q, pair)| {
+        self.data.as_mut_slice().par_chunks_mut(pair_len).enumerate().for_each(|(q, pair)| {
             for (col, nn) in (q * BLOCK..(q * BLOCK + BLOCK).min(n)).enumerate() {
                 let (h, c) = (col / 16, col % 16);
                 let row = &w[nn * k..(nn + 1) * k];
@@ -96,7 +143,7 @@ impl PackedB {
 
     fn zeros(k: usize, n: usize) -> Self {
         let (k_pad, n_pad) = (round_up(k, BLOCK), round_up(n, BLOCK));
-        Self { k, n, k_pad, data: vec![0; k_pad * n_pad] }
+        Self { k, n, k_pad, data: AlignedBuf::zeros(k_pad * n_pad) }
     }
 
     /// Bytes of packed data (what the bf16 copy of a weight costs in memory).
@@ -115,7 +162,7 @@ impl PackedB {
         if pair_len == 0 {
             return;
         }
-        self.data.par_chunks_mut(pair_len).enumerate().for_each(|(q, pair)| {
+        self.data.as_mut_slice().par_chunks_mut(pair_len).enumerate().for_each(|(q, pair)| {
             for kb in 0..kt {
                 for h in 0..2 {
                     let tile = &mut pair[(kb * 2 + h) * TILE..][..TILE];
@@ -135,13 +182,19 @@ impl PackedB {
     }
 }
 
-/// Rows `a[m, k]` rounded to bf16 for [`crate::gemm_bf16_packed`]: rows padded to a multiple of 32 and
-/// `k` to the packed weight's padding, with zeros. Packing once lets one input feed several weights.
+/// Rows `a[m, k]` rounded to bf16 for [`crate::gemm_bf16_packed`], in the layout of AMX `A` tiles: each
+/// block of 32 rows is stored k tile by k tile, 32 rows of 32 values each (two 1 KiB tiles), so a tile
+/// load reads 1 KiB of consecutive bytes and a block's rows stay together in L1 while it meets every
+/// strip of `B`. Rows are padded to a multiple of 32 and `k` to the packed weight's padding, with zeros:
+///
+/// `data[((ib * kt + kb) * 32 + r) * 32 + e]` holds `a[32 ib + r, 32 kb + e]`.
+///
+/// Packing once lets one input feed several weights.
 #[derive(Debug)]
 pub struct PackedA {
     pub(crate) m: usize,
     pub(crate) k: usize,
-    pub(crate) data: Vec<u16>,
+    pub(crate) data: AlignedBuf,
 }
 
 impl PackedA {
@@ -152,12 +205,17 @@ impl PackedA {
         let k_pad = round_up(k, BLOCK);
         // the last call's buffer: a fresh one costs more in page faults than the conversion itself
         let mut data = SPARE_ROWS.with(|spare| std::mem::take(&mut *spare.borrow_mut()));
-        data.clear();
-        data.resize(round_up(m, BLOCK) * k_pad, 0);
+        data.reset(round_up(m, BLOCK) * k_pad);
         if k_pad > 0 {
-            data.par_chunks_mut(k_pad).take(m).enumerate().for_each(|(i, row)| {
-                for (o, &x) in row.iter_mut().zip(&a[i * lda..i * lda + k]) {
-                    *o = bf16_bits(x);
+            data.as_mut_slice().par_chunks_mut(BLOCK * k_pad).enumerate().for_each(|(ib, block)| {
+                for r in 0..BLOCK.min(m - ib * BLOCK) {
+                    let row = &a[(ib * BLOCK + r) * lda..][..k];
+                    for (kb, ks) in row.chunks(BLOCK).enumerate() {
+                        let out = &mut block[(kb * BLOCK + r) * BLOCK..][..ks.len()];
+                        for (o, &x) in out.iter_mut().zip(ks) {
+                            *o = bf16_bits(x);
+                        }
+                    }
                 }
             });
         }
@@ -172,7 +230,7 @@ impl PackedA {
 
 thread_local! {
     /// One [`PackedA`] buffer per thread, reused by the next `PackedA::new` on it.
-    static SPARE_ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_ROWS: std::cell::RefCell<AlignedBuf> = const { std::cell::RefCell::new(AlignedBuf { lines: Vec::new(), len: 0 }) };
 }
 
 impl Drop for PackedA {
@@ -185,5 +243,20 @@ impl Drop for PackedA {
                 *spare = data;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_buffers_start_on_a_cache_line_whatever_their_size() {
+        for (m, k, n) in [(1, 1, 1), (33, 70, 65), (300, 576, 1000)] {
+            let b = PackedB::from_kn(&vec![0.5; k * n], k, n);
+            let a = PackedA::new(&vec![0.25; m * k], m, k, k);
+            assert_eq!(b.data.as_ptr() as usize % 64, 0, "B of {k}x{n}");
+            assert_eq!(a.data.as_ptr() as usize % 64, 0, "A of {m}x{k}");
+        }
     }
 }

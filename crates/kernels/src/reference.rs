@@ -6,11 +6,10 @@ use crate::pack::{bf16_to_f32, BLOCK, TILE};
 /// `c[32, 32] (+)= a[32, 32 kt] · B` for one strip pair of `B`.
 ///
 /// # Safety
-/// `a` holds 32 rows of `lda >= 32 kt` values, `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`.
+/// `a` holds a 32-row block of [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(
     a: *const u16,
-    lda: usize,
     b: *const u16,
     kt: usize,
     c: *mut f32,
@@ -26,10 +25,10 @@ pub(crate) unsafe fn block_32x32(
             for kb in 0..kt {
                 for r in 0..16 {
                     for e in 0..2 {
-                        // SAFETY: k = 32 kb + 2 r + e < 32 kt <= lda; the tile index is < 2 kt.
+                        // SAFETY: kb < kt and the tile index is < 2 kt.
                         let (x, w) = unsafe {
                             (
-                                *a.add(i * lda + kb * BLOCK + 2 * r + e),
+                                *a.add((kb * BLOCK + i) * BLOCK + 2 * r + e),
                                 *b.add((kb * 2 + h) * TILE + r * 32 + col * 2 + e),
                             )
                         };

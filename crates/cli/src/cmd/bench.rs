@@ -50,6 +50,8 @@ pub struct ForwardArgs {
     /// Minimum seconds timed per configuration.
     #[arg(long, default_value_t = 8.0)]
     pub min_time: f64,
+    #[command(flatten)]
+    pub precision: super::model_arg::PrecisionArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -122,7 +124,8 @@ fn time_median(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64,
 
 fn forward(a: ForwardArgs) -> Result<()> {
     // to a layer, only the blocks up to it are loaded, as harvest does
-    let model = a.model.load_blocks((a.layer >= 0).then_some(a.layer as usize + 1))?;
+    let mut model = a.model.load_blocks((a.layer >= 0).then_some(a.layer as usize + 1))?;
+    let precision = super::model_arg::PrecisionArgs::apply(a.precision.precision, &mut model)?;
     let cfg = model.config().clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     for b in a.batches.split(',') {
@@ -152,7 +155,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
             serde_json::json!({
                 "impl": "saekit", "mode": if a.layer < 0 { "full".to_string() } else { format!("L{}", a.layer) },
                 "batch": batch, "seq": a.seq, "threads": rayon::current_num_threads(),
-                "sec_per_batch_median": sec, "iters": iters, "tokens_per_s": tokens / sec,
+                "precision": precision.name(), "sec_per_batch_median": sec, "iters": iters, "tokens_per_s": tokens / sec,
                 "linear_gflops": flops / sec / 1e9,
             })
         );
