@@ -10,6 +10,8 @@
 //! - [`Bf16Path::Reference`]: portable scalar code over the same packed data, for checking the
 //!   packing on any CPU; never picked for speed.
 //!
+//! [`vmath`] holds the forward pass's elementwise hot loops (`exp`, SiLU, softmax) over slices.
+//!
 //! This crate owns the bf16 conversion, the packed layout and the kernels. It must not know what
 //! the matrices mean: callers (the model's linear layers, the SAE encoder) decide when bf16 is
 //! good enough and keep their f32 paths.
@@ -33,6 +35,7 @@ mod driver;
 mod pack;
 mod precision;
 mod reference;
+pub mod vmath;
 
 pub use driver::{gemm_bf16, gemm_bf16_packed};
 pub use pack::{bf16_bits, bf16_to_f32, round_to_bf16, PackedA, PackedB};

@@ -243,10 +243,6 @@ pub(crate) fn add_assign(x: &mut [f32], y: &[f32], d: usize) {
     x.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(a, b)| *a += b));
 }
 
-pub(crate) fn silu(v: f32) -> f32 {
-    v / (1.0 + (-v).exp())
-}
-
 /// GPT-2's tanh approximation of GELU ("gelu_new").
 pub fn gelu_tanh(v: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
@@ -258,17 +254,7 @@ pub fn gelu_erf(v: f32) -> f32 {
     0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// In-place softmax of one row.
-pub fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|v| *v *= inv);
-}
+pub use saekit_kernels::vmath::softmax;
 
 /// Dot product of two equal-length vectors.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, silu, Bf16Weight, Matrix, Rope};
+use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, Bf16Weight, Matrix, Rope};
 use crate::weights::WeightSource;
 use crate::Logits;
 use crate::Precision;
@@ -300,8 +300,6 @@ fn swiglu(gu: &[f32], d_ff: usize, out: &mut [f32]) {
     use rayon::prelude::*;
     out.par_chunks_mut(d_ff).zip(gu.par_chunks(2 * d_ff)).for_each(|(o, gu)| {
         let (g, u) = gu.split_at(d_ff);
-        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = silu(*g) * u;
-        }
+        saekit_kernels::vmath::silu_mul(g, u, o);
     });
 }
