@@ -29,6 +29,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod simd;
 mod amx;
 mod avx512;
 mod driver;

@@ -19,11 +19,9 @@ pub(crate) const TILE: usize = 512;
 #[inline(always)]
 pub fn bf16_bits(x: f32) -> u16 {
     let bits = x.to_bits();
-    if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
-    }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    // a select, not a branch, so a loop of conversions vectorises
+    (if x.is_nan() { (bits >> 16) | 0x40 } else { rounded }) as u16
 }
 
 /// The f32 value of a bf16 given by its bits (exact).
@@ -67,6 +65,12 @@ impl AlignedBuf {
     /// Become `len` zeros, keeping the allocation when it is large enough.
     fn reset(&mut self, len: usize) {
         self.lines.clear();
+        self.resize_for_overwrite(len);
+    }
+
+    /// Become `len` values, keeping the allocation and whatever it held: for a caller that writes
+    /// every value (zeroing first would cost as much as the conversion).
+    fn resize_for_overwrite(&mut self, len: usize) {
         self.lines.resize(len.div_ceil(32), CacheLine::default());
         self.len = len;
     }
@@ -205,18 +209,12 @@ impl PackedA {
         let k_pad = round_up(k, BLOCK);
         // the last call's buffer: a fresh one costs more in page faults than the conversion itself
         let mut data = SPARE_ROWS.with(|spare| std::mem::take(&mut *spare.borrow_mut()));
-        data.reset(round_up(m, BLOCK) * k_pad);
+        data.resize_for_overwrite(round_up(m, BLOCK) * k_pad);
         if k_pad > 0 {
             data.as_mut_slice().par_chunks_mut(BLOCK * k_pad).enumerate().for_each(|(ib, block)| {
-                for r in 0..BLOCK.min(m - ib * BLOCK) {
-                    let row = &a[(ib * BLOCK + r) * lda..][..k];
-                    for (kb, ks) in row.chunks(BLOCK).enumerate() {
-                        let out = &mut block[(kb * BLOCK + r) * BLOCK..][..ks.len()];
-                        for (o, &x) in out.iter_mut().zip(ks) {
-                            *o = bf16_bits(x);
-                        }
-                    }
-                }
+                let rows = &a[ib * BLOCK * lda..];
+                let n_rows = BLOCK.min(m - ib * BLOCK);
+                crate::dispatch_simd!(round_block(rows, lda, n_rows, k, block))
             });
         }
         Self { m, k, data }
@@ -225,6 +223,27 @@ impl PackedA {
     /// Rows.
     pub fn rows(&self) -> usize {
         self.m
+    }
+}
+
+/// One 32-row block of [`PackedA`] from `n_rows` rows of width `k` (row stride `lda`): every value
+/// written, padding rows and columns as zeros.
+#[inline(always)]
+fn round_block(rows: &[f32], lda: usize, n_rows: usize, k: usize, block: &mut [u16]) {
+    // row by row: each row of `a` is read once, in order; the block (32 x k bf16) sits in L1
+    for r in 0..BLOCK {
+        for (kb, tile) in block.chunks_exact_mut(BLOCK * BLOCK).enumerate() {
+            let out = &mut tile[r * BLOCK..][..BLOCK];
+            if r < n_rows {
+                let (k0, width) = (kb * BLOCK, BLOCK.min(k - kb * BLOCK));
+                for (o, &x) in out.iter_mut().zip(&rows[r * lda + k0..][..width]) {
+                    *o = bf16_bits(x);
+                }
+                out[width..].fill(0);
+            } else {
+                out.fill(0);
+            }
+        }
     }
 }
 

@@ -54,16 +54,38 @@ pub fn silu(x: f32) -> f32 {
 /// If the three slices differ in length.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len(), "silu_mul: lengths differ");
-    dispatch!(silu_mul_body(gate, up, out))
+    crate::dispatch_simd!(silu_mul_body(gate, up, out))
 }
 
-/// In-place softmax of one row: `e^(v - max) / sum`, summed in f32 from the left.
+/// In-place softmax of one row: `e^(v - max) / sum`, the sum taken in 16 lanes and then across them
+/// (the same order on every path).
 pub fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    dispatch!(exp_shifted_body(row, max));
-    let sum: f32 = row.iter().sum();
-    let inv = 1.0 / sum;
+    crate::dispatch_simd!(softmax_body(row))
+}
+
+#[inline(always)]
+fn softmax_body(row: &mut [f32]) {
+    let max = lanes(row, f32::NEG_INFINITY, |a, v| if v > a { v } else { a });
+    for v in row.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let inv = 1.0 / lanes(row, 0.0, |a, v| a + v);
     row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `row` folded by `f` in 16 interleaved lanes, the lanes then folded in order (vectorises, unlike a
+/// left-to-right fold, and gives one answer on every path).
+#[inline(always)]
+fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 16];
+    let chunks = row.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = f(*a, v);
+        }
+    }
+    acc.into_iter().chain(rest.iter().copied()).fold(init, &f)
 }
 
 #[inline(always)]
@@ -73,39 +95,7 @@ fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-#[inline(always)]
-fn exp_shifted_body(row: &mut [f32], max: f32) {
-    for v in row.iter_mut() {
-        *v = exp(*v - max);
-    }
-}
 
-/// Run `$f($args)` compiled for AVX-512 or AVX2 when the CPU has it, else as plain code.
-macro_rules! dispatch {
-    ($f:ident($($arg:expr),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R { f() }
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R { f() }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked above).
-                unsafe { avx512(|| $f($($arg),*)) }
-            } else if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2 (checked above).
-                unsafe { avx2(|| $f($($arg),*)) }
-            } else {
-                $f($($arg),*)
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $f($($arg),*)
-        }
-    }};
-}
-use dispatch;
 
 #[cfg(test)]
 mod tests {

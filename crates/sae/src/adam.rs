@@ -29,7 +29,7 @@ impl AdamHyper {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn adam_elem(w: &mut f32, m: &mut f32, v: &mut f32, g: f32, c: (f32, f32, f32, f32, f32)) {
     let (b1, b2, step, bc2s, eps) = c;
     *m = b1 * *m + (1.0 - b1) * g;
@@ -38,15 +38,29 @@ fn adam_elem(w: &mut f32, m: &mut f32, v: &mut f32, g: f32, c: (f32, f32, f32, f
     *w -= step * *m / denom;
 }
 
+/// [`adam_elem`] along a row (vectorised by `dispatch_simd!`: the same IEEE operations per element).
+#[inline(always)]
+fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: (f32, f32, f32, f32, f32)) {
+    for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        adam_elem(w, m, v, g, c);
+    }
+}
+
+/// [`adam_row`] with a zero gradient (a latent no row selected this step).
+#[inline(always)]
+fn adam_row_no_grad(w: &mut [f32], m: &mut [f32], v: &mut [f32], c: (f32, f32, f32, f32, f32)) {
+    for ((w, m), v) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()) {
+        adam_elem(w, m, v, 0.0, c);
+    }
+}
+
 /// Dense Adam on a flat parameter.
 pub fn adam_dense(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: AdamHyper) {
     let c = h.consts();
     const CH: usize = 1 << 14;
     w.par_chunks_mut(CH).zip(m.par_chunks_mut(CH)).zip(v.par_chunks_mut(CH)).zip(g.par_chunks(CH)).for_each(
         |(((w, m), v), g)| {
-            for i in 0..w.len() {
-                adam_elem(&mut w[i], &mut m[i], &mut v[i], g[i], c);
-            }
+            saekit_kernels::dispatch_simd!(adam_row(w, m, v, g, c));
         },
     );
 }
@@ -75,14 +89,10 @@ pub fn adam_rows(
                 let (w, m, v) = (&mut w[r * d..(r + 1) * d], &mut m[r * d..(r + 1) * d], &mut v[r * d..(r + 1) * d]);
                 let s = slot[j];
                 if s == u32::MAX {
-                    for i in 0..d {
-                        adam_elem(&mut w[i], &mut m[i], &mut v[i], 0.0, c);
-                    }
+                    saekit_kernels::dispatch_simd!(adam_row_no_grad(w, m, v, c));
                 } else {
                     let g = &g[s as usize * d..(s as usize + 1) * d];
-                    for i in 0..d {
-                        adam_elem(&mut w[i], &mut m[i], &mut v[i], g[i], c);
-                    }
+                    saekit_kernels::dispatch_simd!(adam_row(w, m, v, g, c));
                 }
                 if renorm {
                     let n = crate::kernels::dot(w, w).sqrt();
@@ -102,6 +112,23 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn vectorised_rows_equal_one_element_at_a_time_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let n = 1000;
+        let mut r = |s: f32| (0..n).map(|_| (rng.gen::<f32>() - 0.5) * s).collect::<Vec<f32>>();
+        let (w0, m0, v0, g) = (r(1.0), r(0.1), r(0.01).iter().map(|x| x.abs()).collect::<Vec<_>>(), r(2.0));
+        let h = AdamHyper { lr: 3e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, t: 7 };
+        let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
+        adam_dense(&mut w, &mut m, &mut v, &g, h);
+        let c = h.consts();
+        for i in 0..n {
+            let (mut we, mut me, mut ve) = (w0[i], m0[i], v0[i]);
+            adam_elem(&mut we, &mut me, &mut ve, g[i], c);
+            assert_eq!((w[i].to_bits(), m[i].to_bits(), v[i].to_bits()), (we.to_bits(), me.to_bits(), ve.to_bits()));
+        }
+    }
 
     #[test]
     fn compact_adam_equals_dense_adam() {

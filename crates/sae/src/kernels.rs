@@ -283,6 +283,32 @@ pub(crate) fn topk_insert(vals: &mut [f32], idx: &mut [u32], v: f32, j: u32) {
     idx[p] = j;
 }
 
+/// The running top-k of one row of a chunk: blocks of 32 whose (vectorised, branch-free) maximum is
+/// at most the current k-th value are skipped whole.
+#[inline(always)]
+fn select_row(row: &[f32], b: &[f32], j0: usize, vals: &mut [f32], idx: &mut [u32]) {
+    let k = vals.len();
+    let mut thr = vals[k - 1];
+    const BW: usize = 32;
+    for (bi, (pb, bbk)) in row.chunks(BW).zip(b.chunks(BW)).enumerate() {
+        let mut mx = f32::NEG_INFINITY;
+        for (&p, &bb) in pb.iter().zip(bbk) {
+            let v = p + bb;
+            mx = if v > mx { v } else { mx };
+        }
+        if mx <= thr {
+            continue;
+        }
+        for (jj, (&p, &bb)) in pb.iter().zip(bbk).enumerate() {
+            let v = p + bb;
+            if v > thr {
+                topk_insert(vals, idx, v, (j0 + bi * BW + jj) as u32);
+                thr = vals[k - 1];
+            }
+        }
+    }
+}
+
 /// Reset selection state: value 0 with index u32::MAX means an empty slot (ReLU: only strictly
 /// positive pre-activations can be selected).
 pub(crate) fn reset_selection(vals: &mut [f32], idx: &mut [u32]) {
@@ -320,26 +346,7 @@ pub(crate) fn select_topk_chunk(
             sel_val[..rows * k].par_chunks_mut(k).zip(sel_idx[..rows * k].par_chunks_mut(k)).enumerate().for_each(
                 |(r, (vals, idx))| {
                     let row = &pre[r * ld..r * ld + width];
-                    let mut thr = vals[k - 1];
-                    // blocks of 32: a branch-free max (vectorised) rejects most blocks at once
-                    const BW: usize = 32;
-                    for (bi, (pb, bbk)) in row.chunks(BW).zip(b.chunks(BW)).enumerate() {
-                        let mut mx = f32::NEG_INFINITY;
-                        for (&p, &bb) in pb.iter().zip(bbk) {
-                            let v = p + bb;
-                            mx = if v > mx { v } else { mx };
-                        }
-                        if mx <= thr {
-                            continue;
-                        }
-                        for (jj, (&p, &bb)) in pb.iter().zip(bbk).enumerate() {
-                            let v = p + bb;
-                            if v > thr {
-                                topk_insert(vals, idx, v, (j0 + bi * BW + jj) as u32);
-                                thr = vals[k - 1];
-                            }
-                        }
-                    }
+                    saekit_kernels::dispatch_simd!(select_row(row, b, j0, vals, idx))
                 },
             );
         }
