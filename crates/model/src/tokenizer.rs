@@ -1,9 +1,15 @@
 //! Text <-> token ids, special tokens, and the chat template.
 //!
-//! A Hugging Face `tokenizer.json` is used as is. A GGUF file carries its vocabulary and merges in the
-//! metadata; we build the byte-level BPE from them ourselves because candle's GGUF tokenizer falls back to
-//! `add_prefix_space = true` for unknown pre-tokenizer names, which turns `<|im_start|>user` into
-//! `<|im_start|> user` for SmolLM2 and silently corrupts every chat prompt.
+//! A Hugging Face `tokenizer.json` is used as is. A GGUF file carries its vocabulary in the metadata, and we
+//! build the tokenizer from it ourselves, for the two kinds llama.cpp writes:
+//! - byte-level BPE (`tokenizer.ggml.model = "gpt2"`: SmolLM, Llama 3, Qwen), from the merges. Not through
+//!   candle's GGUF tokenizer: it falls back to `add_prefix_space = true` for unknown pre-tokenizer names, which
+//!   turns `<|im_start|>user` into `<|im_start|> user` for SmolLM2 and silently corrupts every chat prompt.
+//! - SentencePiece BPE (`"llama"`: Llama 2, Mistral, Gemma), from the pieces' scores, encoding as llama.cpp's
+//!   `llm_tokenizer_spm` and sentencepiece do (checked against sentencepiece by tests/spm_gguf.rs).
+//!
+//! Other `tokenizer.ggml.model` values (T5's unigram `t5`, BERT's `bert`, RWKV) are refused with an error
+//! naming the file; their `tokenizer.json` can be passed instead.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -11,11 +17,20 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use serde::Serialize;
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::NormalizerWrapper;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 /// One message of a chat, as chat templates expect it.
@@ -47,6 +62,7 @@ pub struct Tokenizer {
     add_bos: bool,
     chat_template: Option<String>,
     special_ids: HashSet<u32>,
+    pieces: PieceStyle,
 }
 
 impl Tokenizer {
@@ -77,10 +93,14 @@ impl Tokenizer {
             return self.inner.id_to_token(id).unwrap_or_default();
         }
         let Some(piece) = self.inner.id_to_token(id) else { return format!("<{id}>") };
-        let Some(bytes) = byte_level_bytes(&piece) else {
-            return self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"));
+        let bytes = match self.pieces {
+            PieceStyle::ByteLevel => byte_level_bytes(&piece),
+            PieceStyle::SentencePiece => Some(sentencepiece_bytes(&piece)),
         };
-        escape_invalid_utf8(&bytes)
+        match bytes {
+            Some(bytes) => escape_invalid_utf8(&bytes),
+            None => self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")),
+        }
     }
 
     /// The id of a token given by its vocabulary entry (`<|im_end|>`), if the vocabulary has it.
@@ -194,6 +214,7 @@ impl Tokenizer {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
         };
+        let pieces = piece_style(&inner);
         Ok(Self {
             bos_token_id: token_field("bos_token"),
             eos_token_id,
@@ -202,67 +223,36 @@ impl Tokenizer {
             chat_template,
             special_ids,
             inner,
+            pieces,
         })
     }
 
-    /// Build the byte-level BPE stored in a GGUF file's metadata.
+    /// Build the tokenizer stored in a GGUF file's metadata: byte-level BPE (`tokenizer.ggml.model` =
+    /// `gpt2`) or SentencePiece BPE (`llama`, Llama 2 and Gemma).
     pub fn from_gguf(ct: &gguf_file::Content, file: &Path) -> Result<Self> {
         let meta = |key: &str| ct.metadata.get(key);
         let err = |what: &str| anyhow!("{}: GGUF tokenizer metadata: {what}", file.display());
         let model = meta("tokenizer.ggml.model")
             .and_then(|v| v.to_string().ok())
             .ok_or_else(|| err("missing tokenizer.ggml.model"))?;
-        if model != "gpt2" {
-            bail!(
-                "{}: GGUF tokenizer model '{model}' is not supported (only byte-level BPE, 'gpt2'); \
-                 pass the model's tokenizer.json with --tokenizer",
-                file.display()
-            );
-        }
-        let tokens: Vec<String> = meta("tokenizer.ggml.tokens")
-            .and_then(|v| v.to_vec().ok())
-            .ok_or_else(|| err("missing tokenizer.ggml.tokens"))?
-            .iter()
-            .map(|v| v.to_string().cloned())
-            .collect::<candle_core::Result<_>>()
-            .map_err(|_| err("tokenizer.ggml.tokens is not a string array"))?;
-        let merges: Vec<(String, String)> = meta("tokenizer.ggml.merges")
-            .and_then(|v| v.to_vec().ok())
-            .ok_or_else(|| err("missing tokenizer.ggml.merges"))?
-            .iter()
-            .map(|v| {
-                let s = v.to_string().map_err(|_| err("merge is not a string"))?;
-                s.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(&format!("invalid merge entry '{s}'")))
-            })
-            .collect::<Result<_>>()?;
-        let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(&format!("cannot build BPE: {e}")))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = meta("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_else(|| "gpt2".into());
-        inner.with_pre_tokenizer(Some(pre_tokenizer_for(&pre)?));
-        inner.with_decoder(Some(ByteLevel::default()));
-
+        let tokens = gguf_strings(ct, "tokenizer.ggml.tokens", &err)?;
+        let types = gguf_token_types(ct, tokens.len());
         let id_of = |key: &str| meta(key).and_then(|v| v.to_u32().ok());
-        let mut special_ids = HashSet::new();
-        if let Some(types) = meta("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
-            // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-            let mut specials = Vec::new();
-            for (id, ty) in types.iter().enumerate() {
-                let ty = ty.to_i32().or_else(|_| ty.to_u32().map(|t| t as i32)).unwrap_or(1);
-                if matches!(ty, 2..=5) {
-                    if let Some(t) = tokens.get(id) {
-                        specials.push(AddedToken::from(t.clone(), true));
-                        special_ids.insert(id as u32);
-                    }
-                }
+        let (inner, special_ids, pieces) = match model.as_str() {
+            "gpt2" => {
+                let (inner, special_ids) = byte_level_bpe(ct, &tokens, &types, &err)?;
+                (inner, special_ids, PieceStyle::ByteLevel)
             }
-            inner.add_special_tokens(specials).map_err(|e| err(&format!("cannot register special tokens: {e}")))?;
-        }
+            "llama" => {
+                let (inner, special_ids) = sentencepiece_bpe(ct, &tokens, &types, &err)?;
+                (inner, special_ids, PieceStyle::SentencePiece)
+            }
+            _ => bail!(
+                "{}: GGUF tokenizer model '{model}' is not supported (only 'gpt2' byte-level BPE and 'llama' \
+                 SentencePiece); pass the model's tokenizer.json with --tokenizer",
+                file.display()
+            ),
+        };
         let eos_token_id = id_of("tokenizer.ggml.eos_token_id").ok_or_else(|| err("missing eos_token_id"))?;
         let end_of_text_id = tokens.iter().position(|t| t == "<|endoftext|>").map(|i| i as u32);
         Ok(Self {
@@ -273,7 +263,229 @@ impl Tokenizer {
             add_bos: meta("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false),
             chat_template: meta("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
             special_ids,
+            pieces,
         })
+    }
+}
+
+/// How vocabulary entries spell text, for [`Tokenizer::token_text`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceStyle {
+    /// GPT-2's byte-to-unicode mapping (`Ġ` for a space).
+    ByteLevel,
+    /// SentencePiece: `▁` for a space, `<0xNN>` for a byte of a character the vocabulary lacks.
+    SentencePiece,
+}
+
+/// llama.cpp token types (`tokenizer.ggml.token_type`).
+mod token_type {
+    pub const NORMAL: i32 = 1;
+    pub const UNKNOWN: i32 = 2;
+    pub const CONTROL: i32 = 3;
+    pub const USER_DEFINED: i32 = 4;
+    pub const UNUSED: i32 = 5;
+}
+
+/// The string array under `key`.
+fn gguf_strings(ct: &gguf_file::Content, key: &str, err: &dyn Fn(&str) -> anyhow::Error) -> Result<Vec<String>> {
+    ct.metadata
+        .get(key)
+        .and_then(|v| v.to_vec().ok())
+        .ok_or_else(|| err(&format!("missing {key}")))?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<candle_core::Result<_>>()
+        .map_err(|_| err(&format!("{key} is not a string array")))
+}
+
+/// Each token's llama.cpp type; normal where the file gives none.
+fn gguf_token_types(ct: &gguf_file::Content, n: usize) -> Vec<i32> {
+    let mut types = vec![token_type::NORMAL; n];
+    if let Some(stored) = ct.metadata.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+        for (slot, ty) in types.iter_mut().zip(stored) {
+            *slot = ty.to_i32().or_else(|_| ty.to_u32().map(|t| t as i32)).unwrap_or(token_type::NORMAL);
+        }
+    }
+    types
+}
+
+/// Register the tokens of the given types as added tokens, matched in raw text before the model runs (as
+/// llama.cpp's special-token partition does); those `special` says are special are returned.
+fn add_tokens(
+    inner: &mut tokenizers::Tokenizer,
+    tokens: &[String],
+    types: &[i32],
+    special: impl Fn(i32) -> Option<bool>,
+    err: &dyn Fn(&str) -> anyhow::Error,
+) -> Result<HashSet<u32>> {
+    let mut special_ids = HashSet::new();
+    let (mut specials, mut plain) = (Vec::new(), Vec::new());
+    for (id, (t, &ty)) in tokens.iter().zip(types).enumerate() {
+        match special(ty) {
+            Some(true) => {
+                specials.push(AddedToken::from(t.clone(), true).normalized(false));
+                special_ids.insert(id as u32);
+            }
+            Some(false) => plain.push(AddedToken::from(t.clone(), false).normalized(false)),
+            None => {}
+        }
+    }
+    let fail = |e: tokenizers::Error| err(&format!("cannot register added tokens: {e}"));
+    inner.add_special_tokens(specials).map_err(fail)?;
+    inner.add_tokens(plain).map_err(fail)?;
+    Ok(special_ids)
+}
+
+/// GPT-2-style byte-level BPE from the vocabulary and `tokenizer.ggml.merges`.
+fn byte_level_bpe(
+    ct: &gguf_file::Content,
+    tokens: &[String],
+    types: &[i32],
+    err: &dyn Fn(&str) -> anyhow::Error,
+) -> Result<(tokenizers::Tokenizer, HashSet<u32>)> {
+    let merges: Vec<(String, String)> = gguf_strings(ct, "tokenizer.ggml.merges", err)?
+        .into_iter()
+        .map(|s| {
+            s.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| err(&format!("invalid merge entry '{s}'")))
+        })
+        .collect::<Result<_>>()?;
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let bpe =
+        BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| err(&format!("cannot build BPE: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre = ct
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "gpt2".into());
+    inner.with_pre_tokenizer(Some(pre_tokenizer_for(&pre)?));
+    inner.with_decoder(Some(ByteLevel::default()));
+    // unknown, control, user-defined and unused tokens are all special here
+    let special_ids = add_tokens(&mut inner, tokens, types, |ty| (2..=5).contains(&ty).then_some(true), err)?;
+    Ok((inner, special_ids))
+}
+
+/// SentencePiece BPE as llama.cpp's `llm_tokenizer_spm` runs it, built the way transformers converts a
+/// SentencePiece model (`SpmConverter`, `LlamaConverter`, `GemmaConverter`): merges ranked by the score of
+/// the piece they make, byte fallback to `<0xNN>`, spaces written as `▁`, and a `▁` before every run of text
+/// between special tokens when `tokenizer.ggml.add_space_prefix` holds (llama.cpp's default; Gemma's GGUFs
+/// write false). Control and unknown tokens are special, user-defined ones plain text matched whole.
+fn sentencepiece_bpe(
+    ct: &gguf_file::Content,
+    tokens: &[String],
+    types: &[i32],
+    err: &dyn Fn(&str) -> anyhow::Error,
+) -> Result<(tokenizers::Tokenizer, HashSet<u32>)> {
+    let scores: Vec<f32> = ct
+        .metadata
+        .get("tokenizer.ggml.scores")
+        .and_then(|v| v.to_vec().ok())
+        .ok_or_else(|| err("missing tokenizer.ggml.scores"))?
+        .iter()
+        .map(|v| v.to_f32())
+        .collect::<candle_core::Result<_>>()
+        .map_err(|_| err("tokenizer.ggml.scores is not an f32 array"))?;
+    if scores.len() != tokens.len() {
+        return Err(err(&format!("{} scores for {} tokens", scores.len(), tokens.len())));
+    }
+    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut builder =
+        BPE::builder().vocab_and_merges(vocab, spm_merges(tokens, types, &scores)).byte_fallback(true).fuse_unk(true);
+    let unk = ct.metadata.get("tokenizer.ggml.unknown_token_id").and_then(|v| v.to_u32().ok());
+    if let Some(unk) = unk.and_then(|i| tokens.get(i as usize)) {
+        builder = builder.unk_token(unk.clone());
+    }
+    let bpe = builder.build().map_err(|e| err(&format!("cannot build BPE: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let add_space_prefix =
+        ct.metadata.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.to_bool().ok()).unwrap_or(true);
+    inner.with_normalizer(Some(spm_normalizer(add_space_prefix)?)).map_err(|e| err(&e.to_string()))?;
+    inner.with_decoder(Some(spm_decoder(add_space_prefix)?));
+    let special_ids = add_tokens(
+        &mut inner,
+        tokens,
+        types,
+        |ty| match ty {
+            token_type::UNKNOWN | token_type::CONTROL => Some(true),
+            token_type::USER_DEFINED => Some(false),
+            _ => None,
+        },
+        err,
+    )?;
+    let unused = types.iter().enumerate().filter(|(_, &ty)| ty == token_type::UNUSED).map(|(i, _)| i as u32);
+    Ok((inner, special_ids.into_iter().chain(unused).collect()))
+}
+
+/// BPE merges of a SentencePiece vocabulary: every split of a normal piece into two normal pieces, ranked
+/// by the merged piece's score (highest first), then by its id, as transformers' `SpmConverter` ranks them.
+/// SentencePiece and llama.cpp merge the adjacent pair whose union scores best, which is this order.
+fn spm_merges(tokens: &[String], types: &[i32], scores: &[f32]) -> Vec<(String, String)> {
+    let normal: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, &ty))| ty == token_type::NORMAL)
+        .map(|(i, (t, _))| (t.as_str(), i))
+        .collect();
+    let mut ranked: Vec<(f32, usize, &str, &str)> = Vec::new();
+    for (&piece, &id) in &normal {
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(cut);
+            if normal.contains_key(left) && normal.contains_key(right) {
+                ranked.push((scores[id], id, left, right));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(b.2)).then(a.3.cmp(b.3)));
+    ranked.into_iter().map(|(_, _, l, r)| (l.to_string(), r.to_string())).collect()
+}
+
+/// Spaces become `▁`, with one more in front of the text when the model adds a space prefix. `Prepend`
+/// runs on each run of text between added tokens, which is where llama.cpp adds the prefix; unlike
+/// `Metaspace` it also adds it to text that already starts with a space, as SentencePiece does.
+fn spm_normalizer(add_space_prefix: bool) -> Result<NormalizerWrapper> {
+    let replace = Replace::new(" ", "\u{2581}").map_err(|e| anyhow!("SentencePiece normalizer: {e}"))?;
+    let mut steps: Vec<NormalizerWrapper> = Vec::new();
+    if add_space_prefix {
+        steps.push(Prepend::new("\u{2581}".into()).into());
+    }
+    steps.push(replace.into());
+    Ok(NormalizerSequence::new(steps).into())
+}
+
+/// `▁` back to a space, `<0xNN>` tokens back to their bytes, and the space prefix off the front.
+fn spm_decoder(add_space_prefix: bool) -> Result<DecoderWrapper> {
+    let replace = Replace::new("\u{2581}", " ").map_err(|e| anyhow!("SentencePiece decoder: {e}"))?;
+    let mut steps: Vec<DecoderWrapper> = vec![replace.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if add_space_prefix {
+        // after Fuse, so only the start of the whole text loses a space
+        steps.push(Strip::new(' ', 1, 0).into());
+    }
+    Ok(DecoderSequence::new(steps).into())
+}
+
+/// How a `tokenizer.json`'s pieces spell text, told by its decoder: byte-level BPE decodes with
+/// `ByteLevel`, SentencePiece conversions with `ByteFallback` or `Metaspace`.
+fn piece_style(inner: &tokenizers::Tokenizer) -> PieceStyle {
+    let decoder = inner.get_decoder().and_then(|d| serde_json::to_string(d).ok()).unwrap_or_default();
+    let spm = !decoder.contains("\"ByteLevel\"")
+        && (decoder.contains("\"ByteFallback\"") || decoder.contains("\"Metaspace\""));
+    if spm {
+        PieceStyle::SentencePiece
+    } else {
+        PieceStyle::ByteLevel
+    }
+}
+
+/// The bytes a SentencePiece piece stands for: `<0xNN>` is one byte, `▁` a space.
+fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
+    let byte = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).filter(|h| h.len() == 2);
+    match byte.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+        Some(b) => vec![b],
+        None => piece.replace('\u{2581}', " ").into_bytes(),
     }
 }
 
