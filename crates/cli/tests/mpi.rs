@@ -849,18 +849,22 @@ fn ranks_asked_for_different_precisions_train_in_rank_0s() {
         succeeds(cmd);
         out
     };
-    let (bf16, f32) = (run("one-bf16", "bf16-reference"), run("one-f32", "f32"));
+    let (one_bf16, one_f32) = (run("one-bf16", "bf16-reference"), run("one-f32", "f32"));
     let mixed = tmp.path().join("mixed");
     let out = mixed.display().to_string();
-    let rank = |precision| [&["train"][..], &base, &["--precision", precision, "--out", &out]].concat();
-    succeeds(mpmd_job(&[rank("bf16-reference"), rank("f32")]));
+    // rank 0 asks for bf16-reference, rank 1 for f32
+    let ranks: Vec<Vec<&str>> = ["bf16-reference", "f32"]
+        .iter()
+        .map(|&p| [&["train"][..], &base[..], &["--precision", p, "--out", out.as_str()]].concat())
+        .collect();
+    succeeds(mpmd_job(&ranks));
     assert_eq!(summary(&mixed)["precision"], "bf16", "the job's recorded precision");
     assert_eq!(summary(&mixed)["bf16_path"], "bf16-reference", "the job's recorded bf16 path");
     let w_enc = |dir: &Path| -> Vec<f64> {
         saekit_sae::load_sae(dir).expect("loading the SAE").params.w_enc.iter().map(|&v| v as f64).collect()
     };
     let (to_bf16, f32_to_bf16) =
-        (relative_error(&w_enc(&mixed), &w_enc(&bf16)), relative_error(&w_enc(&f32), &w_enc(&bf16)));
+        (relative_error(&w_enc(&mixed), &w_enc(&one_bf16)), relative_error(&w_enc(&one_f32), &w_enc(&one_bf16)));
     eprintln!("W_enc from the one-process bf16 run: 2-rank job {to_bf16:e}, one-process f32 run {f32_to_bf16:e}");
     assert!(
         to_bf16 < f32_to_bf16 / 20.0,
