@@ -121,10 +121,10 @@ impl<'a> EncoderWeights<'a> {
     /// for all its chunks.
     pub(crate) fn product(&self, xin: &[f32], rows: usize) -> EncoderProduct<'_> {
         match self {
-            EncoderWeights::F32 { w_enc, d_in } => EncoderProduct::F32 { w_enc: *w_enc, d_in: *d_in },
+            EncoderWeights::F32 { w_enc, d_in } => EncoderProduct::F32 { w_enc, d_in: *d_in },
             EncoderWeights::Bf16 { path, w_enc } => {
                 let d_in = w_enc.k;
-                EncoderProduct::Bf16 { path: *path, w_enc: &**w_enc, rows: PackedA::new(xin, rows, d_in, d_in) }
+                EncoderProduct::Bf16 { path: *path, w_enc, rows: PackedA::new(xin, rows, d_in, d_in) }
             }
         }
     }
