@@ -396,14 +396,34 @@ fn topk_run(acts: &str, tokens: &str, every: &str) -> Vec<String> {
 /// its rank R), or alone when ranks is 0; ended after 180 s (`SAEKIT_TEST_TIMEOUT` seconds on a
 /// slower or busy machine).
 fn saekit_job(ranks: usize) -> Command {
-    let bin = env!("CARGO_BIN_EXE_saekit");
-    let mut cmd = Command::new("timeout");
-    cmd.arg(std::env::var("SAEKIT_TEST_TIMEOUT").unwrap_or_else(|_| "180".into()));
+    let mut cmd = timed_job();
     if ranks > 0 {
         cmd.args(["mpirun", "--oversubscribe", "--tag-output", "-np", &ranks.to_string()]);
     }
-    cmd.arg(bin).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd.arg(env!("CARGO_BIN_EXE_saekit"));
+    cmd
+}
+
+/// `timeout` (180 s, or `SAEKIT_TEST_TIMEOUT`) with the environment every job here runs in.
+fn timed_job() -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg(std::env::var("SAEKIT_TEST_TIMEOUT").unwrap_or_else(|_| "180".into()));
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     cmd.env("RAYON_NUM_THREADS", "1").env_remove("RUST_LOG");
+    cmd
+}
+
+/// `mpirun` with one rank per entry of `ranks`, each running `saekit` with its own arguments (an
+/// MPMD job: `-np 1 saekit ARGS : -np 1 saekit ARGS ...`), as [`saekit_job`] runs it otherwise.
+fn mpmd_job(ranks: &[Vec<&str>]) -> Command {
+    let mut cmd = timed_job();
+    cmd.args(["mpirun", "--oversubscribe", "--tag-output"]);
+    for (i, args) in ranks.iter().enumerate() {
+        if i > 0 {
+            cmd.arg(":");
+        }
+        cmd.args(["-np", "1", env!("CARGO_BIN_EXE_saekit")]).args(args);
+    }
     cmd
 }
 
@@ -808,6 +828,48 @@ fn an_analysis_across_ranks_finds_the_one_process_statistics() {
         let left: Vec<String> = saekit_files_in(tmp.path()).into_iter().filter(|n| n.contains(".ckpt")).collect();
         assert!(left.is_empty(), "checkpoints left after {ranks} ranks: {left:?}");
     }
+}
+
+/// Ranks asked for different precisions (an MPMD job: rank 0 `bf16-reference`, the portable bf16
+/// path any CPU runs, rank 1 `f32`; as two `auto` ranks may measure differently) train in rank 0's:
+/// the summary says bf16, and the 2-shard weights are those of the one-process bf16 run within the
+/// shards' f32 rounding, far closer to it than the one-process f32 run's are (which the old
+/// per-rank precision would have mixed in).
+#[test]
+fn ranks_asked_for_different_precisions_train_in_rank_0s() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (acts, _) = write_data(tmp.path());
+    let acts = acts.display().to_string();
+    let base = ["--acts", &acts, "--arch", "topk", "--d-sae", "64", "--k", "4", "--tokens", "16384"];
+    let base = [&base[..], &["--batch-size", "256", "--checkpoint-every", "0", "--quiet", "--threads", "1"]].concat();
+    let run = |label: &str, precision: &str| -> PathBuf {
+        let out = tmp.path().join(label);
+        let mut cmd = saekit_job(0);
+        cmd.arg("train").args(&base).args(["--precision", precision]).arg("--out").arg(&out);
+        succeeds(cmd);
+        out
+    };
+    let (one_bf16, one_f32) = (run("one-bf16", "bf16-reference"), run("one-f32", "f32"));
+    let mixed = tmp.path().join("mixed");
+    let out = mixed.display().to_string();
+    // rank 0 asks for bf16-reference, rank 1 for f32
+    let ranks: Vec<Vec<&str>> = ["bf16-reference", "f32"]
+        .iter()
+        .map(|&p| [&["train"][..], &base[..], &["--precision", p, "--out", out.as_str()]].concat())
+        .collect();
+    succeeds(mpmd_job(&ranks));
+    assert_eq!(summary(&mixed)["precision"], "bf16", "the job's recorded precision");
+    assert_eq!(summary(&mixed)["bf16_path"], "bf16-reference", "the job's recorded bf16 path");
+    let w_enc = |dir: &Path| -> Vec<f64> {
+        saekit_sae::load_sae(dir).expect("loading the SAE").params.w_enc.iter().map(|&v| v as f64).collect()
+    };
+    let (to_bf16, f32_to_bf16) =
+        (relative_error(&w_enc(&mixed), &w_enc(&one_bf16)), relative_error(&w_enc(&one_f32), &w_enc(&one_bf16)));
+    eprintln!("W_enc from the one-process bf16 run: 2-rank job {to_bf16:e}, one-process f32 run {f32_to_bf16:e}");
+    assert!(
+        to_bf16 < f32_to_bf16 / 20.0,
+        "the 2-rank job is {to_bf16:e} from the bf16 run (the f32 run: {f32_to_bf16:e})"
+    );
 }
 
 /// Every run here is checked bit for bit against one process in f32; the CLI's `auto` would pick bf16 on

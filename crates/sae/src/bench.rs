@@ -12,12 +12,8 @@ pub fn encoder_gemm_gflops(rows: usize, d_in: usize, d_sae: usize, reps: usize, 
     let b: Vec<f32> = (0..d_sae * d_in).map(|i| ((i % 89) as f32 - 44.0) * 0.01).collect();
     let mut c = vec![0.0f32; rows * d_sae];
     let flop = 2.0 * rows as f64 * d_in as f64 * d_sae as f64;
-    let mut packed = None;
-    kernels::pack_encoder(precision, &b, d_sae, d_in, &mut packed);
-    let gemm = |c: &mut [f32]| {
-        let encoder = kernels::EncoderProduct::new(precision, &b, &packed, &a, rows, d_in);
-        encoder.chunk(&a, rows, 0..d_sae, c);
-    };
+    let weights = kernels::EncoderWeights::packed(precision, &b, (d_sae, d_in));
+    let gemm = |c: &mut [f32]| weights.product(&a, rows).chunk(&a, rows, 0..d_sae, c);
     gemm(&mut c);
     let mut best = 0.0f64;
     let mut sum = 0.0;

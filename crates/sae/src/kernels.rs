@@ -7,6 +7,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 use saekit_kernels::{gemm_bf16_packed, Bf16Path, PackedA, PackedB, Precision};
+use std::borrow::Cow;
 use std::ops::Range;
 
 pub(crate) fn parallelism() -> Parallelism {
@@ -76,45 +77,68 @@ pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
     }
 }
 
-/// `w_enc` ([d_sae, d_in]) in bf16 for [`EncoderProduct`], packed into `slot` (reused between steps,
-/// since the weights change every step); `slot` is emptied in f32.
-pub(crate) fn pack_encoder(precision: Precision, w_enc: &[f32], d_sae: usize, d_in: usize, slot: &mut Option<PackedB>) {
-    if precision.bf16_path().is_none() {
-        *slot = None;
-        return;
+/// The encoder weights `w_enc` ([d_sae, d_in]) in one precision, ready for products with any rows:
+/// as stored in f32, or rounded to bf16 and packed. Only [`EncoderWeights::prepare`] and
+/// [`EncoderWeights::packed`] make one, so a bf16 product always has its packed weights.
+pub(crate) enum EncoderWeights<'a> {
+    F32 { w_enc: &'a [f32], d_in: usize },
+    Bf16 { path: Bf16Path, w_enc: Cow<'a, PackedB> },
+}
+
+impl<'a> EncoderWeights<'a> {
+    /// `w_enc` in `precision`, packed for bf16 into `slot`, whose buffer is reused from step to step
+    /// (the weights change every step, their shape does not); f32 empties the slot.
+    pub(crate) fn prepare(
+        precision: Precision,
+        w_enc: &'a [f32],
+        (d_sae, d_in): (usize, usize),
+        slot: &'a mut Option<PackedB>,
+    ) -> Self {
+        let Some(path) = precision.bf16_path() else {
+            *slot = None;
+            return EncoderWeights::F32 { w_enc, d_in };
+        };
+        let packed = match slot.take() {
+            Some(mut p) if p.n == d_sae && p.k == d_in => {
+                p.repack_nk(w_enc);
+                p
+            }
+            _ => PackedB::from_nk(w_enc, d_sae, d_in),
+        };
+        EncoderWeights::Bf16 { path, w_enc: Cow::Borrowed(slot.insert(packed)) }
     }
-    match slot {
-        Some(p) if p.n == d_sae && p.k == d_in => p.repack_nk(w_enc),
-        _ => *slot = Some(PackedB::from_nk(w_enc, d_sae, d_in)),
+
+    /// `w_enc` in `precision`, packed for bf16 into a copy of its own (weights encoded many times
+    /// without changing: [`crate::Sae::encoder`]).
+    pub(crate) fn packed(precision: Precision, w_enc: &'a [f32], (d_sae, d_in): (usize, usize)) -> Self {
+        match precision.bf16_path() {
+            None => EncoderWeights::F32 { w_enc, d_in },
+            Some(path) => EncoderWeights::Bf16 { path, w_enc: Cow::Owned(PackedB::from_nk(w_enc, d_sae, d_in)) },
+        }
+    }
+
+    /// The product with the `rows` rows of `xin` ([rows, d_in]); bf16 rounds the rows here, once
+    /// for all its chunks.
+    pub(crate) fn product(&self, xin: &[f32], rows: usize) -> EncoderProduct<'_> {
+        match self {
+            EncoderWeights::F32 { w_enc, d_in } => EncoderProduct::F32 { w_enc, d_in: *d_in },
+            EncoderWeights::Bf16 { path, w_enc } => {
+                let d_in = w_enc.k;
+                EncoderProduct::Bf16 { path: *path, w_enc, rows: PackedA::new(xin, rows, d_in, d_in) }
+            }
+        }
     }
 }
 
-/// The encoder product `xin · W_encᵀ` one latent chunk at a time, in the step's precision: f32 on the
-/// gemm crate, or bf16 with f32 accumulation on rows rounded once for all chunks.
+/// The encoder product `xin · W_encᵀ` one latent chunk at a time, in the weights' precision: f32 on
+/// the gemm crate, or bf16 with f32 accumulation on rows rounded once for all chunks. Made by
+/// [`EncoderWeights::product`].
 pub(crate) enum EncoderProduct<'a> {
     F32 { w_enc: &'a [f32], d_in: usize },
     Bf16 { path: Bf16Path, w_enc: &'a PackedB, rows: PackedA },
 }
 
-impl<'a> EncoderProduct<'a> {
-    /// For the `rows` rows of `xin`; `packed` is [`pack_encoder`]'s slot for the same weights.
-    pub(crate) fn new(
-        precision: Precision,
-        w_enc: &'a [f32],
-        packed: &'a Option<PackedB>,
-        xin: &[f32],
-        rows: usize,
-        d_in: usize,
-    ) -> Self {
-        match (precision.bf16_path(), packed) {
-            (Some(path), Some(w_enc)) => {
-                EncoderProduct::Bf16 { path, w_enc, rows: PackedA::new(xin, rows, d_in, d_in) }
-            }
-            (Some(_), None) => unreachable!("pack_encoder fills the slot for bf16"),
-            (None, _) => EncoderProduct::F32 { w_enc, d_in },
-        }
-    }
-
+impl EncoderProduct<'_> {
     /// Latents per chunk: bf16 chunks start on the packed weight's 32-column blocks.
     pub(crate) fn chunk_width(&self, chunk: usize) -> usize {
         match self {

@@ -148,7 +148,7 @@ impl TrainPlan {
     }
 
     /// `precision` on this CPU: unset is f32; `auto` measures once per process.
-    fn resolve_precision(c: &TrainConfig) -> Result<Precision, SaeError> {
+    pub(crate) fn resolve_precision(c: &TrainConfig) -> Result<Precision, SaeError> {
         let Some(choice) = c.precision.as_deref() else { return Ok(Precision::F32) };
         let choice: PrecisionChoice =
             choice.parse().map_err(|e: PrecisionError| SaeError::config("precision", e.to_string()))?;

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use saekit_kernels::{PackedB, Precision};
+use saekit_kernels::Precision;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
@@ -99,13 +99,13 @@ pub struct Sae {
 pub struct Encoder<'a> {
     sae: &'a Sae,
     precision: Precision,
-    w_enc_bf16: Option<PackedB>,
+    weights: kernels::EncoderWeights<'a>,
 }
 
 impl Encoder<'_> {
     /// Encode rows `x` ([n, d_in]) to sparse codes, as [`Sae::encode`] does in this precision.
     pub fn encode(&self, x: &[f32]) -> SparseCodes {
-        self.sae.encode_rows(x, self.precision, &self.w_enc_bf16)
+        self.sae.encode_rows(x, &self.weights)
     }
 
     /// The precision its GEMM runs in.
@@ -312,7 +312,7 @@ impl Sae {
 
     /// Encode rows `x` ([n, d_in]) to sparse codes.
     pub fn encode(&self, x: &[f32]) -> SparseCodes {
-        self.encode_rows(x, Precision::F32, &None)
+        self.encoder(Precision::F32).encode(x)
     }
 
     /// [`Sae::encode`] with the encoder GEMM in `precision`; for many calls, [`Sae::encoder`] packs
@@ -324,14 +324,13 @@ impl Sae {
     /// The encoder in `precision`, ready for many [`Encoder::encode`] calls: in bf16 the weights are
     /// rounded and packed here, once; the borrow keeps the SAE from changing under the packed copy.
     pub fn encoder(&self, precision: Precision) -> Encoder<'_> {
-        let mut w_enc_bf16 = None;
-        kernels::pack_encoder(precision, &self.params.w_enc, self.d_sae, self.d_in, &mut w_enc_bf16);
-        Encoder { sae: self, precision, w_enc_bf16 }
+        let weights = kernels::EncoderWeights::packed(precision, &self.params.w_enc, (self.d_sae, self.d_in));
+        Encoder { sae: self, precision, weights }
     }
 
-    /// `x` through the encoder GEMM in `precision` (`w_enc_bf16`: the packed weights for bf16), then
-    /// the activation, in row blocks.
-    fn encode_rows(&self, x: &[f32], precision: Precision, w_enc_bf16: &Option<PackedB>) -> SparseCodes {
+    /// `x` through the encoder GEMM with `weights` (this SAE's, in their precision), then the
+    /// activation, in row blocks.
+    fn encode_rows(&self, x: &[f32], weights: &kernels::EncoderWeights) -> SparseCodes {
         let d = self.d_in;
         let n = x.len() / d;
         let mut codes = SparseCodes { indptr: vec![0], ..Default::default() };
@@ -357,7 +356,7 @@ impl Sae {
                     let mut sv = vec![0.0f32; rows * k];
                     let mut si = vec![0u32; rows * k];
                     kernels::reset_selection(&mut sv, &mut si);
-                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, w_enc_bf16, xi, rows, d);
+                    let encoder = weights.product(xi, rows);
                     let chunk = encoder.chunk_width(chunk);
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);
@@ -379,7 +378,7 @@ impl Sae {
                 }
                 Activation::JumpRelu | Activation::Relu => {
                     let mut rows_out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); rows];
-                    let encoder = kernels::EncoderProduct::new(precision, &self.params.w_enc, w_enc_bf16, xi, rows, d);
+                    let encoder = weights.product(xi, rows);
                     let chunk = encoder.chunk_width(chunk);
                     for j0 in (0..self.d_sae).step_by(chunk) {
                         let w = chunk.min(self.d_sae - j0);

@@ -201,7 +201,7 @@ pub(crate) fn tiny(act: Activation, seed: u64) -> (Sae, Vec<f32>) {
     (s, x)
 }
 
-fn lp(arch: Arch, k: usize) -> LossParams {
+pub(crate) fn lp(arch: Arch, k: usize) -> LossParams {
     LossParams {
         arch,
         k,

@@ -210,6 +210,7 @@ fn start(
 ) -> Result<(TrainPlan, TrainState), SaeError> {
     let (root, latents) = (comm.rank() == 0, comm.latent_slice(cfg.d_sae));
     let data_start = src.cursor();
+    let cfg = with_rank0_precision(cfg, comm)?;
     let plan = TrainPlan::new(cfg, src.d_in(), src.d_out(), crate::config::memory_budget())?;
     plan.warn_short_run_lr();
     let c = &plan.config;
@@ -255,6 +256,27 @@ fn start(
     Ok((plan, st))
 }
 
+/// `cfg` with rank 0's precision resolved on rank 0 (its `--precision` turned into `f32`, `bf16` or
+/// `bf16-reference`), on every process: `auto` measures on each CPU and may come out differently on
+/// two ranks (an AVX512-BF16 CPU without AMX, busy or not), and shards and replicas that multiply
+/// in different precisions would train no one-process SAE. Unset stays unset (f32).
+fn with_rank0_precision(mut cfg: TrainConfig, comm: &dyn Collective) -> Result<TrainConfig, SaeError> {
+    if comm.shards() * comm.replicas() == 1 {
+        return Ok(cfg);
+    }
+    // rank 0 alone sends; a failure there ends the job (the caller's abort) while the others wait
+    let mine = match (comm.rank(), &cfg.precision) {
+        (0, Some(_)) => TrainPlan::resolve_precision(&cfg)?.choice_name().as_bytes().to_vec(),
+        _ => Vec::new(),
+    };
+    let root = String::from_utf8(comm.gather_all(&mine)).context("the precision from rank 0 arrived garbled")?;
+    if cfg.precision.as_deref() != Some(root.as_str()) && comm.rank() != 0 {
+        tracing::info!("precision {:?} asked here; every rank trains in rank 0's {root:?}", cfg.precision);
+    }
+    cfg.precision = (!root.is_empty()).then_some(root);
+    Ok(cfg)
+}
+
 /// Continue the run in `out` from its newest checkpoint, which must match the requested config and
 /// data; this process gets its own latents of it (all of them in one process).
 fn resume(
@@ -284,7 +306,9 @@ fn resume(
     let mut cfg = meta.config.clone();
     // the destination may have been moved; everything else comes from the checkpoint
     cfg.out = requested.out.clone();
-    let plan = TrainPlan::new(cfg, d, src.d_out(), None)?;
+    // the checkpoint names a resolved precision, but one written before `auto` was recorded resolved
+    // still says `auto`
+    let plan = TrainPlan::new(with_rank0_precision(cfg, comm)?, d, src.d_out(), None)?;
     // this process's latents only (a sharded checkpoint's other files are not read)
     let mut st = checkpoint::read(last, &meta, &plan, comm.latent_slice(plan.config.d_sae))?;
     st.data_start = data_start;

@@ -25,8 +25,6 @@ pub(super) struct Buffers {
     dpre: Vec<f32>,
     /// Sparse ReLU: each row's active latents.
     active: Selection,
-    /// The encoder in bf16, repacked every step (empty in f32).
-    w_enc_bf16: Option<saekit_kernels::PackedB>,
 }
 
 /// The per-batch facts both paths share.
@@ -76,9 +74,9 @@ pub(super) fn forward_backward(
     for buf in [&mut b.pre, &mut b.act, &mut b.dpre] {
         ensure(buf, rows * ds);
     }
-    kernels::pack_encoder(lp.precision, &sae.params.w_enc, ds, d, &mut b.w_enc_bf16);
+    let weights = kernels::EncoderWeights::prepare(lp.precision, &sae.params.w_enc, (ds, d), &mut ws.w_enc_bf16);
     let xin = &ws.xin[..rows * d];
-    let encoder = kernels::EncoderProduct::new(lp.precision, &sae.params.w_enc, &b.w_enc_bf16, xin, rows, d);
+    let encoder = weights.product(xin, rows);
     encoder_forward(&mut b.pre[..rows * ds], &mut b.act[..rows * ds], (xin, &encoder), sae, lp.arch == Arch::JumpRelu);
     prof.mark("encoder gemm");
     let act = &b.act[..rows * ds];

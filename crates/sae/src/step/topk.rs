@@ -30,8 +30,6 @@ pub(super) struct Buffers {
     dmulti: Vec<f32>,
     /// Per latent: dead at this step.
     dead: Vec<bool>,
-    /// The encoder in bf16, repacked every step (empty in f32).
-    w_enc_bf16: Option<saekit_kernels::PackedB>,
 }
 
 /// Which auxiliary losses run this step and their sizes.
@@ -91,8 +89,9 @@ pub(super) fn forward_backward(
     let plan = AuxPlan::new(lp, &mut ws.topk.dead, since_fired, d_out, ds, comm);
 
     encoder_input_forward(&mut ws.xin, x, sae);
-    let xin = &ws.xin[..rows * d];
-    select_forward(&mut ws.topk, xin, sae, rows, &plan, lp);
+    let weights = kernels::EncoderWeights::prepare(lp.precision, &sae.params.w_enc, (ds, d), &mut ws.w_enc_bf16);
+    let input = (&ws.xin[..rows * d], &weights);
+    select_forward(&mut ws.topk, input, sae, rows, &plan);
     let local = lp.latent_offset..lp.latent_offset + ds;
     if lp.arch != Arch::BatchTopK {
         // BatchTopK's selection works on each process's own candidates (batch_topk_across)
@@ -102,7 +101,7 @@ pub(super) fn forward_backward(
         merge_shard_candidates(&mut ws.topk.aux, rows, &local, comm);
     }
     prof.mark("encoder gemm + select");
-    ws.batch_min_selected = main_selection(&mut ws.topk, xin, sae, rows, lp, comm);
+    ws.batch_min_selected = main_selection(&mut ws.topk, input, sae, rows, lp, comm);
     let b = &mut ws.topk;
 
     ensure(&mut ws.xhat, rows * d_out);
@@ -158,13 +157,16 @@ pub(super) fn forward_backward(
     }
 }
 
+/// The encoder input `x − b_dec` ([B, d_in]) and the step's encoder weights in its precision:
+/// the selection and the rows recomputed for it multiply in one precision.
+type Input<'a> = (&'a [f32], &'a kernels::EncoderWeights<'a>);
+
 // encoder + selection: xin [B, d_in], w_enc [d_sae, d_in], b_enc [d_sae]
 //   -> candidates: per row the top kk of relu(xin·w_encᵀ + b_enc); aux: the top k_aux among dead latents
 // One GEMM per latent chunk, so the [B, chunk] pre-activations stay cache-sized whatever d_sae is.
-fn select_forward(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, plan: &AuxPlan, lp: &LossParams) {
-    let (d, ds) = (sae.d_in, sae.d_sae);
-    kernels::pack_encoder(lp.precision, &sae.params.w_enc, ds, d, &mut b.w_enc_bf16);
-    let encoder = kernels::EncoderProduct::new(lp.precision, &sae.params.w_enc, &b.w_enc_bf16, xin, rows, d);
+fn select_forward(b: &mut Buffers, (xin, weights): Input, sae: &Sae, rows: usize, plan: &AuxPlan) {
+    let ds = sae.d_sae;
+    let encoder = weights.product(xin, rows);
     let chunk = encoder.chunk_width(Sae::latent_chunk(ds, rows));
     ensure(&mut b.pre, rows * chunk);
     b.candidates.reset(rows, plan.kk);
@@ -201,16 +203,23 @@ pub(super) fn active_latents(b: &Buffers, rows: usize) -> Vec<Vec<u32>> {
 
 /// Fill `b.main`: TopK keeps each row's first k candidates (they are sorted); BatchTopK the top
 /// k·rows over the whole batch. Returns BatchTopK's smallest selected value (0 for TopK).
-fn main_selection(b: &mut Buffers, xin: &[f32], sae: &Sae, rows: usize, lp: &LossParams, comm: &dyn Collective) -> f32 {
+fn main_selection(
+    b: &mut Buffers,
+    input: Input,
+    sae: &Sae,
+    rows: usize,
+    lp: &LossParams,
+    comm: &dyn Collective,
+) -> f32 {
     let k = lp.k.min(sae.d_sae);
     let kk = b.candidates.width;
     if lp.arch == Arch::BatchTopK && comm.shards() * comm.replicas() > 1 {
-        return batch_topk_across(b, xin, sae, rows, lp, comm);
+        return batch_topk_across(b, input, sae, rows, lp, comm);
     }
     if lp.arch == Arch::BatchTopK {
         let (idx, val) = b.candidates.rows(rows);
         let (width, min_selected) =
-            batch_topk_select(sae, xin, rows, val, idx, kk, k * rows, &mut b.main.val, &mut b.main.idx);
+            batch_topk_select(sae, input, rows, val, idx, kk, k * rows, &mut b.main.val, &mut b.main.idx);
         b.main.width = width;
         return min_selected;
     }
@@ -338,7 +347,7 @@ fn merge_shard_candidates(sel: &mut Selection, rows: usize, local: &std::ops::Ra
 #[allow(clippy::too_many_arguments)]
 fn batch_topk_select(
     sae: &Sae,
-    xin: &[f32],
+    input: Input,
     rows: usize,
     cand_val: &[f32],
     cand_idx: &[u32],
@@ -350,7 +359,7 @@ fn batch_topk_select(
     let mut per_row = positive_candidates(rows, cand_val, cand_idx, cap);
     let mut all: Vec<f32> = cand_val.iter().copied().filter(|v| *v > 0.0).collect();
     let mut theta = kth_largest(&mut all, total);
-    if cap < sae.d_sae && recompute_saturated(sae, xin, &mut per_row, cap, theta) {
+    if cap < sae.d_sae && recompute_saturated(sae, input, &mut per_row, cap, theta) {
         let mut all: Vec<f32> = per_row.iter().flatten().map(|p| p.1).collect();
         theta = kth_largest(&mut all, total);
     }
@@ -402,7 +411,13 @@ fn positive_candidates(rows: usize, cand_val: &[f32], cand_idx: &[u32], cap: usi
 /// Rows whose `cap` candidates all clear `theta` may hold more values above it: replace their
 /// lists by every positive pre-activation of the row (this process's latents, ascending). Returns
 /// whether any row was recomputed.
-fn recompute_saturated(sae: &Sae, xin: &[f32], per_row: &mut [Vec<(u32, f32)>], cap: usize, theta: f32) -> bool {
+fn recompute_saturated(
+    sae: &Sae,
+    (xin, weights): Input,
+    per_row: &mut [Vec<(u32, f32)>],
+    cap: usize,
+    theta: f32,
+) -> bool {
     let (d, ds) = (sae.d_in, sae.d_sae);
     let sat: Vec<usize> =
         (0..per_row.len()).filter(|&r| per_row[r].len() == cap && per_row[r][cap - 1].1 >= theta).collect();
@@ -414,7 +429,9 @@ fn recompute_saturated(sae: &Sae, xin: &[f32], per_row: &mut [Vec<(u32, f32)>], 
         xs[i * d..(i + 1) * d].copy_from_slice(&xin[r * d..(r + 1) * d]);
     }
     let mut pre = vec![0.0f32; sat.len() * ds];
-    kernels::gemm_abt(sat.len(), ds, d, &xs, d, &sae.params.w_enc, &mut pre, ds);
+    // in the selection's precision: a bf16 selection with f32 values for some rows would rank
+    // values of two precisions against one threshold
+    weights.product(&xs, sat.len()).chunk(&xs, sat.len(), 0..ds, &mut pre);
     let b_enc = &sae.params.b_enc;
     for (i, &r) in sat.iter().enumerate() {
         per_row[r] = (0..ds).map(|j| (j as u32, pre[i * ds + j] + b_enc[j])).filter(|p| p.1 > 0.0).collect();
@@ -447,7 +464,7 @@ fn write_padded(keep: &[Vec<(u32, f32)>], out_val: &mut Vec<f32>, out_idx: &mut 
 /// exact, and the ties at it are ranked over all processes. Returns the smallest selected value.
 fn batch_topk_across(
     b: &mut Buffers,
-    xin: &[f32],
+    input: Input,
     sae: &Sae,
     rows: usize,
     lp: &LossParams,
@@ -459,7 +476,7 @@ fn batch_topk_across(
     let (idx, val) = b.candidates.rows(rows);
     let mut per_row = positive_candidates(rows, val, idx, cap);
     let mut theta = kth_over_all(&per_row, total, comm);
-    let recomputed = cap < sae.d_sae && recompute_saturated(sae, xin, &mut per_row, cap, theta);
+    let recomputed = cap < sae.d_sae && recompute_saturated(sae, input, &mut per_row, cap, theta);
     if comm.any(recomputed) {
         theta = kth_over_all(&per_row, total, comm);
     }
@@ -526,4 +543,90 @@ fn ties_taken(
     ties.sort_unstable();
     ties.truncate(total.saturating_sub(above[0] as usize));
     ties
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Arch;
+    use crate::sae::{Activation, Sae};
+    use crate::step::{forward_backward, SingleProcess, Workspace};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use saekit_kernels::{gemm_bf16, Bf16Path, PackedB, Precision};
+
+    const D: usize = 16;
+    const ROWS: usize = 8;
+
+    /// An SAE of 64 latents whose every encoder row leans on the first input column, and a batch
+    /// whose row 0 is large along it: all 64 of row 0's pre-activations are positive and above
+    /// every other row's, so its 4k candidates all clear the provisional threshold and BatchTopK
+    /// recomputes the row in full. b_dec is 0, so the encoder's input is `x` itself.
+    fn saturating_batch() -> (Sae, Vec<f32>) {
+        let mut s = Sae::init(D, 64, Activation::JumpRelu, 1.0, 5);
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        for (q, w) in s.params.w_enc.iter_mut().enumerate() {
+            *w = if q % D == 0 { 1.0 + rng.gen::<f32>() * 0.2 } else { (rng.gen::<f32>() - 0.5) * 0.6 };
+        }
+        s.params.b_enc.iter_mut().for_each(|b| *b = (rng.gen::<f32>() - 0.5) * 0.1);
+        s.params.b_dec.fill(0.0);
+        let mut x: Vec<f32> = (0..ROWS * D).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
+        (1..ROWS).for_each(|r| x[r * D] = 0.0);
+        x[0] = 4.0;
+        (s, x)
+    }
+
+    /// BatchTopK's selection straight from the bf16 product of the whole batch: the k·rows largest
+    /// positive `x · W_encᵀ + b_enc`, ties in (row, latent) order; per row, (latent, value) ascending.
+    fn selected_from_the_bf16_product(s: &Sae, x: &[f32], path: Bf16Path, k: usize) -> Vec<Vec<(u32, f32)>> {
+        let n = s.d_sae;
+        let mut pre = vec![0.0f32; ROWS * n];
+        gemm_bf16(path, x, ROWS, D, &PackedB::from_nk(&s.params.w_enc, n, D), &mut pre, n, false);
+        let mut all: Vec<(usize, u32, f32)> = (0..ROWS * n)
+            .map(|q| (q / n, (q % n) as u32, pre[q] + s.params.b_enc[q % n]))
+            .filter(|e| e.2 > 0.0)
+            .collect();
+        all.sort_by(|a, b| b.2.total_cmp(&a.2).then((a.0, a.1).cmp(&(b.0, b.1))));
+        all.truncate(k * ROWS);
+        let mut rows = vec![Vec::new(); ROWS];
+        all.into_iter().for_each(|(r, j, v)| rows[r].push((j, v)));
+        rows.iter_mut().for_each(|r| r.sort_by_key(|e| e.0));
+        rows
+    }
+
+    /// The (latent, value) pairs the step selected on each row, latent ascending.
+    fn selected_by_the_step(ws: &Workspace) -> Vec<Vec<(u32, f32)>> {
+        let (idx, val) = ws.topk.main.rows(ROWS);
+        let w = ws.topk.main.width;
+        (0..ROWS)
+            .map(|r| {
+                let mut row: Vec<(u32, f32)> = (r * w..(r + 1) * w)
+                    .filter(|&s| idx[s] != u32::MAX && val[s] != 0.0)
+                    .map(|s| (idx[s], val[s]))
+                    .collect();
+                row.sort_by_key(|e| e.0);
+                row
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batchtopk_recomputes_a_saturated_row_in_the_selections_bf16() {
+        let (s, x) = saturating_batch();
+        let k = 2;
+        for path in std::iter::once(Bf16Path::Reference).chain(Bf16Path::fastest()) {
+            let mut lp = crate::tests_grad::lp(Arch::BatchTopK, k);
+            lp.precision = Precision::Bf16(path);
+            let mut ws = Workspace::default();
+            forward_backward(&s, &mut ws, &x, &x, &[0; 64], &lp, &SingleProcess).unwrap();
+            let (got, want) = (selected_by_the_step(&ws), selected_from_the_bf16_product(&s, &x, path, k));
+            assert!(want[0].len() > 4 * k, "row 0 holds {} selections, not more than its 4k candidates", want[0].len());
+            assert_eq!(got, want, "{}: the step's selection vs the bf16 product's", path.name());
+            // the check tells the precisions apart: some value of row 0 is not its f32 value
+            let f32_value = |j: u32| {
+                let w = &s.params.w_enc[j as usize * D..(j as usize + 1) * D];
+                x[..D].iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + s.params.b_enc[j as usize]
+            };
+            assert!(want[0].iter().any(|&(j, v)| (v - f32_value(j)).abs() > 1e-5 * v.abs()), "bf16 and f32 agree here");
+        }
+    }
 }
