@@ -87,14 +87,7 @@ impl Drop for Tiles {
 /// [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`; `kt >= 1`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block_32x32(
-    a: *const u16,
-    b: *const u16,
-    kt: usize,
-    c: *mut f32,
-    ldc: usize,
-    load_c: bool,
-) {
+pub(crate) unsafe fn block_32x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     // SAFETY: the caller vouches for every address these registers reach.
     unsafe {
         std::arch::asm!(

@@ -22,14 +22,7 @@ pub(crate) fn available() -> bool {
 /// 32x32 block of row stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block_32x32(
-    a: *const u16,
-    b: *const u16,
-    kt: usize,
-    c: *mut f32,
-    ldc: usize,
-    load_c: bool,
-) {
+pub(crate) unsafe fn block_32x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     for i0 in (0..32).step_by(ROWS) {
         // SAFETY: rows i0..i0 + 8 lie in the caller's block.
         unsafe { rows_8x32(a.add(i0 * 32), b, kt, c.add(i0 * ldc), ldc, load_c) };

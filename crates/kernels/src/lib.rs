@@ -29,13 +29,13 @@
 //! ```
 #![deny(missing_docs)]
 
-mod simd;
 mod amx;
 mod avx512;
 mod driver;
 mod pack;
 mod precision;
 mod reference;
+mod simd;
 pub mod vmath;
 
 pub use driver::{gemm_bf16, gemm_bf16_packed};

@@ -8,14 +8,7 @@ use crate::pack::{bf16_to_f32, BLOCK, TILE};
 /// # Safety
 /// `a` holds a 32-row block of [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn block_32x32(
-    a: *const u16,
-    b: *const u16,
-    kt: usize,
-    c: *mut f32,
-    ldc: usize,
-    load_c: bool,
-) {
+pub(crate) unsafe fn block_32x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     for i in 0..BLOCK {
         for j in 0..BLOCK {
             let (h, col) = (j / 16, j % 16);

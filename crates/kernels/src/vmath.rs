@@ -95,8 +95,6 @@ fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-
-
 #[cfg(test)]
 mod tests {
     use super::*;
