@@ -86,7 +86,6 @@ impl Drop for Tiles {
 /// AMX must be available and a [`Tiles`] alive on this thread; `a` holds a 32-row block of
 /// [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`; `kt >= 1`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     // SAFETY: the caller vouches for every address these registers reach.
     unsafe {
@@ -134,7 +133,6 @@ pub(crate) unsafe fn block_32x32(a: *const u16, b: *const u16, kt: usize, c: *mu
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("AMX is never available off x86_64")
 }

@@ -18,10 +18,9 @@ pub(crate) fn available() -> bool {
 /// `c[32, 32] (+)= a[32, 32 kt] · B` for one strip pair of `B`.
 ///
 /// # Safety
-/// AVX512-BF16 must be available; `a` holds a 32-row block of [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a
-/// 32x32 block of row stride `ldc`.
+/// AVX512-BF16 must be available; `a` holds a 32-row block of [`crate::PackedA`] (`kt` k tiles), `b`
+/// `2 kt` tiles, `c` a 32x32 block of row stride `ldc`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     for i0 in (0..32).step_by(ROWS) {
         // SAFETY: rows i0..i0 + 8 lie in the caller's block.
@@ -33,7 +32,6 @@ const ROWS: usize = 8;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows_8x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
@@ -67,7 +65,6 @@ unsafe fn rows_8x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: u
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn block_32x32(_: *const u16, _: *const u16, _: usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("AVX512-BF16 is never available off x86_64")
 }

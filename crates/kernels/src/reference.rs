@@ -6,8 +6,8 @@ use crate::pack::{bf16_to_f32, BLOCK, TILE};
 /// `c[32, 32] (+)= a[32, 32 kt] · B` for one strip pair of `B`.
 ///
 /// # Safety
-/// `a` holds a 32-row block of [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a 32x32 block of row stride `ldc`.
-#[allow(clippy::too_many_arguments)]
+/// `a` holds a 32-row block of [`crate::PackedA`] (`kt` k tiles), `b` `2 kt` tiles, `c` a 32x32 block
+/// of row stride `ldc`.
 pub(crate) unsafe fn block_32x32(a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
     for i in 0..BLOCK {
         for j in 0..BLOCK {

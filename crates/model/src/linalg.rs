@@ -9,12 +9,6 @@
 use rayon::prelude::*;
 use saekit_kernels::{gemm_bf16, Bf16Path, PackedB, Precision};
 
-/// Rows below which a weight with a bf16 copy is still multiplied in f32: 1, i.e. never. A model set to
-/// bf16 computes every product in bf16, so what a harvest records as bf16 is bf16 in every row, even a
-/// last batch of a few short contexts (the kernels pad such a call to a 32-row block; generation, where
-/// one-row calls are the rule, runs its model at f32).
-pub const BF16_MIN_ROWS: usize = 1;
-
 /// A weight packed in bf16 and the path its products run on.
 #[derive(Debug, Clone)]
 pub(crate) struct Bf16Weight {
@@ -28,14 +22,12 @@ impl Bf16Weight {
         precision.bf16_path().map(|path| Self { packed: PackedB::from_nk(w, n, k), path })
     }
 
-    /// `y[m, n] = x[m, k] · B`, when there are enough rows for bf16 to pay (else `false`, `y` untouched).
-    fn run(&self, x: &[f32], m: usize, y: &mut [f32]) -> bool {
-        if m < BF16_MIN_ROWS {
-            return false;
-        }
+    /// `y[m, n] = x[m, k] · B`, for any number of rows: a model set to bf16 multiplies every call in
+    /// bf16, so what a harvest records as bf16 is bf16 in every row (the kernels pad a short call to a
+    /// 32-row block; generation, where one-row calls are the rule, runs its model at f32).
+    fn run(&self, x: &[f32], m: usize, y: &mut [f32]) {
         let (k, n) = (self.packed.k, self.packed.n);
         gemm_bf16(self.path, x, m, k, &self.packed, y, n, false);
-        true
     }
 }
 
@@ -112,10 +104,11 @@ fn threads() -> gemm::Parallelism {
 }
 
 /// `y[m, w.cols] = x[m, w.rows] · w` (+ `bias`), overwriting `y`: in bf16 with f32 accumulation when
-/// the weight carries a bf16 copy and `m >= BF16_MIN_ROWS`, else the f32 GEMM.
+/// the weight carries a bf16 copy, else the f32 GEMM.
 pub fn linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
-    if !w.bf16.as_ref().is_some_and(|b| b.run(x, m, y)) {
-        matmul(x, m, w.rows, &w.data, w.cols, y, false);
+    match &w.bf16 {
+        Some(b) => b.run(x, m, y),
+        None => matmul(x, m, w.rows, &w.data, w.cols, y, false),
     }
     if let Some(b) = bias {
         y.par_chunks_mut(w.cols).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
@@ -186,7 +179,7 @@ pub fn matmul_transposed(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, y: 
     }
 }
 
-/// [`matmul_transposed`] through `bf16` (the packed `w`) when given and `m >= BF16_MIN_ROWS`.
+/// [`matmul_transposed`], or through `bf16` (the packed `w`) when given.
 pub(crate) fn matmul_transposed_at(
     x: &[f32],
     m: usize,
@@ -196,8 +189,9 @@ pub(crate) fn matmul_transposed_at(
     y: &mut [f32],
     bf16: Option<&Bf16Weight>,
 ) {
-    if !bf16.is_some_and(|b| b.run(x, m, y)) {
-        matmul_transposed(x, m, k, w, n, y);
+    match bf16 {
+        Some(b) => b.run(x, m, y),
+        None => matmul_transposed(x, m, k, w, n, y),
     }
 }
 

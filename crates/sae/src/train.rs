@@ -264,12 +264,11 @@ fn with_rank0_precision(mut cfg: TrainConfig, comm: &dyn Collective) -> Result<T
     if comm.shards() * comm.replicas() == 1 {
         return Ok(cfg);
     }
-    // rank 0 alone sends; a failure there ends the job (the caller's abort) while the others wait
-    let mine = match (comm.rank(), &cfg.precision) {
-        (0, Some(_)) => TrainPlan::resolve_precision(&cfg)?.choice_name().as_bytes().to_vec(),
-        _ => Vec::new(),
-    };
-    let root = String::from_utf8(comm.gather_all(&mine)).context("the precision from rank 0 arrived garbled")?;
+    let sent = from_rank0(comm, || match &cfg.precision {
+        Some(_) => TrainPlan::resolve_precision(&cfg).map(|p| p.choice_name().as_bytes().to_vec()),
+        None => Ok(Vec::new()),
+    })?;
+    let root = String::from_utf8(sent).context("the precision from rank 0 arrived garbled")?;
     if cfg.precision.as_deref() != Some(root.as_str()) && comm.rank() != 0 {
         tracing::info!("precision {:?} asked here; every rank trains in rank 0's {root:?}", cfg.precision);
     }
@@ -397,10 +396,17 @@ fn prepare_on_rank0(
     (d, d_out): (usize, Option<usize>),
     comm: &dyn Collective,
 ) -> Result<Prepared> {
-    // a failure on rank 0 ends the job (the caller's abort) while the others wait here
-    let mine = if comm.rank() == 0 { prepare(cfg, src, d, d_out)?.to_bytes() } else { Vec::new() };
-    let prep = Prepared::from_bytes(&comm.gather_all(&mine));
+    let sent = from_rank0(comm, || prepare(cfg, src, d, d_out).map(|p| p.to_bytes()))?;
+    let prep = Prepared::from_bytes(&sent);
     prep.filter(|p| p.b_dec.len() == d_out.unwrap_or(d)).context("the preparation from rank 0 arrived cut short")
+}
+
+/// The bytes `make` gives on rank 0, on every process (the others send nothing, so the gather is
+/// rank 0's bytes alone). A failure of `make` ends the job (the caller's abort) while the others wait
+/// in the gather.
+fn from_rank0<E>(comm: &dyn Collective, make: impl FnOnce() -> Result<Vec<u8>, E>) -> Result<Vec<u8>, E> {
+    let mine = if comm.rank() == 0 { make()? } else { Vec::new() };
+    Ok(comm.gather_all(&mine))
 }
 
 /// Read the first rows of the source (then seek back) to fix the outlier thresholds, the input
