@@ -4,9 +4,13 @@
 # transformers on the same weights, tokens/s and peak RSS, in one command. Run it on a quiet machine only.
 #   [SAEKIT_BIN=target/debug/saekit] bash scripts/bench-gemma2-2b.sh [OUT_DIR]   (default: a release build)
 # Then harvests 4,096 tokens of blocks.12.hook_resid_post (tokens/s and peak RSS).
+# saekit runs at each of $PRECISIONS (default "f32 bf16"; bf16 needs AVX512-BF16 or AMX, see `saekit bench
+# gemm`), HF transformers at each of $HF_DTYPES (default "float32 bfloat16", the weights' own dtype).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${SAEKIT_CACHE:-$HOME/.cache/saekit}/gemma-2-2b-random}
+PRECISIONS=${PRECISIONS:-f32 bf16}
+HF_DTYPES=${HF_DTYPES:-float32 bfloat16}
 VENV=${SAEKIT_FIXTURE_VENV:-$HOME/.cache/saekit-fixtures/venv}
 [[ -x $VENV/bin/python ]] || python3 -m venv "$VENV"
 "$VENV/bin/python" -c 'import torch, transformers' 2>/dev/null || "$VENV/bin/pip" install -q torch transformers safetensors tokenizers numpy
@@ -35,9 +39,13 @@ fi
 BIN=${SAEKIT_BIN:-}
 if [[ -z $BIN ]]; then cargo build --release --locked -q -p saekit; BIN=target/release/saekit; fi
 grep -m1 'model name' /proc/cpuinfo; { grep -o 'avx2\|avx512f\|avx512_bf16\|amx_bf16' /proc/cpuinfo || true; } | sort -u | tr '\n' ' '; echo
-/usr/bin/time -v "$BIN" bench forward -m "$OUT" --layer 12 --batches 1,4 --seq 128 \
-  2>&1 | grep -E "tokens_per_s|Maximum resident"
-/usr/bin/time -v "$VENV/bin/python" - "$OUT" <<'PY' 2>&1 | grep -E "tok/s|Maximum resident"
+for p in $PRECISIONS; do
+  echo "saekit --precision $p"
+  /usr/bin/time -v "$BIN" bench forward -m "$OUT" --layer 12 --batches 1,4 --seq 128 --precision "$p" \
+    2>&1 | grep -E "tokens_per_s|Maximum resident"
+done
+for dtype in $HF_DTYPES; do
+/usr/bin/time -v "$VENV/bin/python" - "$OUT" "$dtype" <<'PY' 2>&1 | grep -E "tok/s|Maximum resident"
 import sys, time, torch
 from transformers import AutoModelForCausalLM
 from transformers import AutoConfig
@@ -45,7 +53,8 @@ cfg = AutoConfig.from_pretrained(sys.argv[1])
 cfg.num_hidden_layers = 13  # stop after blocks.12, load no more
 if getattr(cfg, "layer_types", None):
     cfg.layer_types = cfg.layer_types[:13]
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], config=cfg, dtype=torch.float32, attn_implementation="eager").eval()
+dtype = getattr(torch, sys.argv[2])
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], config=cfg, dtype=dtype, attn_implementation="eager").eval()
 for batch in (1, 4):
     ids = torch.randint(3, 400, (batch, 128))
     with torch.no_grad():
@@ -53,11 +62,15 @@ for batch in (1, 4):
         t0, n = time.time(), 0
         while time.time() - t0 < 8:
             m.model(ids); n += batch * 128
-    print(f"HF transformers f32 batch {batch}: {n / (time.time() - t0):.0f} tok/s")
+    print(f"HF transformers {sys.argv[2]} batch {batch}: {n / (time.time() - t0):.0f} tok/s")
 PY
+done
 # harvest at Gemma Scope's hook: the repository's own documents as text, through the model's tokenizer
 H=$(mktemp -d)
 trap 'rm -rf "$H"' EXIT
 "$BIN" tokenize -m "$OUT" --context 128 --validation-fraction 0 --out "$H/tokens" README.md BENCHMARKS.md DEVELOPERS.md >/dev/null 2>&1
-/usr/bin/time -v "$BIN" harvest -m "$OUT" --contexts "$H/tokens" --hooks blocks.12.hook_resid_post --tokens 4096 \
-  --batch 4 "$H/acts" 2>&1 | grep -E "this run|Maximum resident"
+for p in $PRECISIONS; do
+  echo "saekit harvest --precision $p"
+  /usr/bin/time -v "$BIN" harvest -m "$OUT" --contexts "$H/tokens" --hooks blocks.12.hook_resid_post --tokens 4096 \
+    --batch 4 --precision "$p" "$H/acts-$p" 2>&1 | grep -E "this run|Maximum resident"
+done

@@ -383,8 +383,9 @@ pub fn analyze(
         ..Default::default()
     };
     let vocab: Vec<String> = (0..model.config().vocab_size as u32).map(|t| model.tokenizer().token_text(t)).collect();
+    let unembed = model.unembedding();
     let weights = WeightInputs {
-        unembed: model.unembedding(),
+        unembed: &unembed,
         vocab: model.config().vocab_size,
         gain: model.final_norm_gain(),
         n_logits: opts.n_logits,

@@ -135,6 +135,9 @@ struct Frozen<'m> {
     blocks: Vec<RmsBlockWeights<'m>>,
     /// `[d_model, kv_dim]` per layer: the V projection, contiguous.
     wv: Vec<Vec<f32>>,
+    /// `[q_dim, d_model]` per layer: the output projection (borrowed, unless the model holds it in bf16
+    /// alone).
+    wo: Vec<std::borrow::Cow<'m, [f32]>>,
     /// `Σ_h b_V[h] · W_O[h]` per layer (rows of a pattern sum to one), when V has a bias.
     attn_bias: Vec<Option<Vec<f32>>>,
     /// `[n_heads, seq, seq]` per layer.
@@ -196,20 +199,22 @@ impl<'m> Frozen<'m> {
         let wv = blocks
             .iter()
             .map(|b| {
-                let w = b.wqkv;
-                (0..d).flat_map(|r| w.data[r * w.cols + q_dim + kv_dim..][..kv_dim].iter().copied()).collect()
+                let (w, cols) = (b.wqkv.values(), b.wqkv.cols);
+                (0..d).flat_map(|r| w[r * cols + q_dim + kv_dim..][..kv_dim].iter().copied()).collect()
             })
             .collect();
+        let wo: Vec<_> = blocks.iter().map(|b| b.wo.values()).collect();
         let attn_bias = blocks
             .iter()
-            .map(|b| {
+            .zip(&wo)
+            .map(|(b, wo)| {
                 b.bqkv.map(|bias| {
                     let bv = &bias[q_dim + kv_dim..];
                     let group = c.n_heads / c.n_kv_heads;
                     let z: Vec<f32> =
                         (0..c.n_heads).flat_map(|h| bv[(h / group) * hd..][..hd].iter().copied()).collect();
                     let mut out = vec![0f32; d];
-                    matmul(&z, 1, q_dim, &b.wo.data, d, &mut out, false);
+                    matmul(&z, 1, q_dim, wo, d, &mut out, false);
                     out
                 })
             })
@@ -224,6 +229,7 @@ impl<'m> Frozen<'m> {
             kv_dim,
             blocks,
             wv,
+            wo,
             attn_bias,
             patterns: cap.patterns.clone(),
             s1: (0..n).map(|l| Ok(inv_rms(get(HookPoint::ResidPre(l))?, d, eps))).collect::<Result<_>>()?,
@@ -238,7 +244,7 @@ impl<'m> Frozen<'m> {
     fn attention_backward(&self, l: usize, g: &mut [f32], t: usize) {
         let (seq, d, q_dim, kv_dim, hd) = (self.seq, self.d, self.q_dim, self.kv_dim, self.hd);
         let mut gz = vec![0f32; t * seq * q_dim];
-        matmul_transposed(g, t * seq, d, &self.blocks[l].wo.data, q_dim, &mut gz);
+        matmul_transposed(g, t * seq, d, &self.wo[l], q_dim, &mut gz);
         let mut gv = vec![0f32; t * seq * kv_dim];
         let pat = &self.patterns[l];
         gv.par_chunks_mut(seq * kv_dim).zip(gz.par_chunks(seq * q_dim)).for_each(|(gv, gz)| {

@@ -257,14 +257,15 @@ fn frozen_forward(m: &Model, set: &TranscoderSet, c: &CleanPass, g: &Attribution
     }
     for l in 0..n {
         let b = m.rms_block_weights(l).unwrap();
+        let (wqkv, wo) = (b.wqkv.values(), b.wo.values());
         let mut v = vec![0f32; seq * kv_dim];
         for p in 0..seq {
             let s = inv(&c.resid_pre[l], p);
             let h: Vec<f32> = (0..d).map(|i| x[p * d + i] * s * b.ln1_gain[i]).collect();
             for j in 0..kv_dim {
                 let col = q_dim + kv_dim + j;
-                v[p * kv_dim + j] = (0..d).map(|i| h[i] * b.wqkv.data[i * b.wqkv.cols + col]).sum::<f32>()
-                    + b.bqkv.map_or(0.0, |bb| bb[col]);
+                v[p * kv_dim + j] =
+                    (0..d).map(|i| h[i] * wqkv[i * b.wqkv.cols + col]).sum::<f32>() + b.bqkv.map_or(0.0, |bb| bb[col]);
             }
         }
         let pat = &c.patterns[l];
@@ -280,7 +281,7 @@ fn frozen_forward(m: &Model, set: &TranscoderSet, c: &CleanPass, g: &Attribution
                 }
             }
             for j in 0..d {
-                mid[q * d + j] += (0..q_dim).map(|i| z[i] * b.wo.data[i * d + j]).sum::<f32>();
+                mid[q * d + j] += (0..q_dim).map(|i| z[i] * wo[i * d + j]).sum::<f32>();
             }
         }
         let t = &set.layers[l];

@@ -87,6 +87,11 @@ impl AlignedBuf {
         self.lines.as_ptr().cast()
     }
 
+    fn as_slice(&self) -> &[u16] {
+        // SAFETY: as in `as_mut_slice`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+
     fn as_mut_slice(&mut self) -> &mut [u16] {
         // SAFETY: the lines are `len.div_ceil(32)` initialised, padding-free arrays of 32 `u16`.
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
@@ -143,6 +148,28 @@ impl PackedB {
                 debug_assert!(row.len().div_ceil(BLOCK) <= kt);
             }
         });
+    }
+
+    /// `B` back as `w[k, n]` in f32: exactly the packed values (a weight whose values were already
+    /// bf16, as published models store them, comes back bit for bit).
+    pub fn to_kn(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut w = vec![0f32; k * n];
+        let data = self.data.as_slice();
+        w.par_chunks_mut(n.max(1)).enumerate().for_each(|(kk, row)| {
+            for (nn, v) in row.iter_mut().enumerate() {
+                *v = bf16_to_f32(data[self.index(kk, nn)]);
+            }
+        });
+        w
+    }
+
+    /// Where `B[kk, nn]` lies in `data`: strip pair `nn / 32`, k tile `kk / 32`, then the VNNI order
+    /// [`PackedB::fill`] writes (two consecutive k per 32-bit lane).
+    fn index(&self, kk: usize, nn: usize) -> usize {
+        let (q, h, c) = (nn / BLOCK, (nn % BLOCK) / 16, nn % 16);
+        let (kb, r, e) = (kk / BLOCK, (kk % BLOCK) / 2, kk % 2);
+        q * self.pair_len() + (kb * 2 + h) * TILE + r * 32 + c * 2 + e
     }
 
     fn zeros(k: usize, n: usize) -> Self {
@@ -276,6 +303,18 @@ mod tests {
             let a = PackedA::new(&vec![0.25; m * k], m, k, k);
             assert_eq!(b.data.as_ptr() as usize % 64, 0, "B of {k}x{n}");
             assert_eq!(a.data.as_ptr() as usize % 64, 0, "A of {m}x{k}");
+        }
+    }
+
+    #[test]
+    fn a_packed_weight_unpacks_to_its_bf16_values() {
+        // Odd sizes cross every padding edge: k and n not multiples of 32 or 16.
+        for (k, n) in [(1, 1), (33, 70), (70, 33), (64, 96)] {
+            let w: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.731).sin() * 3.0).collect();
+            let want: Vec<f32> = w.iter().map(|&v| round_to_bf16(v)).collect();
+            assert_eq!(PackedB::from_kn(&w, k, n).to_kn(), want, "{k}x{n} from k-major");
+            let w_nk: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            assert_eq!(PackedB::from_nk(&w_nk, n, k).to_kn(), want, "{k}x{n} from n-major");
         }
     }
 }

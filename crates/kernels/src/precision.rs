@@ -33,9 +33,10 @@ impl std::str::FromStr for PrecisionChoice {
 }
 
 /// The precision products run in on this machine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// f32 GEMMs (the gemm crate).
+    /// f32 GEMMs (the gemm crate), the default.
+    #[default]
     F32,
     /// bf16 GEMMs on this path, accumulating in f32.
     Bf16(Bf16Path),

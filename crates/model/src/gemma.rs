@@ -8,14 +8,16 @@
 //! embedding, `hook_attn_out` / `hook_mlp_out` are taken after the post-norms, i.e. what is added to the
 //! residual stream.
 
+use std::borrow::Cow;
+
 use anyhow::Result;
 
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_tanh, linear, rms_norm, Bf16Weight, Matrix, Rope};
+use crate::linalg::{add_assign, linear, rms_norm, Bf16Weight, Matrix, Rope};
 use crate::llama::{lin, norm_qk_heads};
-use crate::weights::WeightSource;
+use crate::weights::{Table, WeightSource};
 use crate::Logits;
 use crate::Precision;
 
@@ -39,7 +41,7 @@ struct Block {
 pub(crate) struct Gemma {
     cfg: ModelConfig,
     /// `[vocab, d_model]`, unscaled: also the unembedding.
-    embed: Vec<f32>,
+    embed: Table,
     embed_scale: f32,
     blocks: Vec<Block>,
     final_norm: Vec<f32>,
@@ -96,16 +98,19 @@ impl Names {
 }
 
 impl Gemma {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize, precision: Precision) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
-        let blocks = (0..n_blocks).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks)
+            .map(|l| load_block(cfg, src, &names, l).map(|b| b.at(precision)))
+            .collect::<Result<Vec<_>>>()?;
         let det = &cfg.details;
         let rope_global = Rope::scaled(cfg.head_dim, cfg.rope_theta, cfg.max_positions, false, det.rope_linear_factor);
         let rope_local = det.rope_local_theta.map(|t| Rope::new(cfg.head_dim, t, cfg.max_positions, false));
         Ok(Self {
             cfg: cfg.clone(),
-            embed: src.get(names.top("model.embed_tokens.weight"), &[v, d])?,
+            // without the head the embedding is only looked up: it stays in the file
+            embed: src.table(names.top("model.embed_tokens.weight"), &[v, d], n_blocks < cfg.n_layers)?,
             // transformers rounds sqrt(d_model) to the activation dtype before multiplying.
             embed_scale: (d as f64).sqrt() as f32,
             blocks,
@@ -118,16 +123,12 @@ impl Gemma {
 
     /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
     pub(crate) fn set_precision(&mut self, precision: Precision) {
-        for b in &mut self.blocks {
-            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
-                w.set_precision(precision);
-            }
-        }
-        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), &self.embed, precision);
+        self.blocks.iter_mut().for_each(|b| b.set_precision(precision));
+        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), || self.embed.values(), precision);
     }
 
-    pub(crate) fn unembedding(&self) -> &[f32] {
-        &self.embed
+    pub(crate) fn unembedding(&self) -> Cow<'_, [f32]> {
+        self.embed.values()
     }
 
     /// The final norm's effective gain, `1 + w`.
@@ -153,9 +154,8 @@ impl Gemma {
 
         let mut x = vec![0f32; rows * d];
         for (row, &t) in x.chunks_mut(d).zip(tokens) {
-            for (o, e) in row.iter_mut().zip(&self.embed[t as usize * d..][..d]) {
-                *o = e * self.embed_scale;
-            }
+            self.embed.row_into(t as usize, row);
+            row.iter_mut().for_each(|v| *v *= self.embed_scale);
         }
         hooks.run(&ctx(HookPoint::Embed), &mut x)?;
 
@@ -207,8 +207,15 @@ impl Gemma {
         }
         rms_norm(&x, &self.final_norm, c.norm_eps, &mut h);
         hooks.run(&ctx(HookPoint::FinalNorm), &mut h)?;
-        let mut out =
-            crate::project_logits(&h, batch, seq, d, (&self.embed, self.unembed_bf16.as_ref()), c.vocab_size, logits);
+        let mut out = crate::project_logits(
+            &h,
+            batch,
+            seq,
+            d,
+            (&self.embed.values(), self.unembed_bf16.as_ref()),
+            c.vocab_size,
+            logits,
+        );
         if let Some(cap) = c.details.final_softcap {
             out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }
@@ -244,13 +251,25 @@ fn load_block(cfg: &ModelConfig, src: &WeightSource, names: &Names, l: usize) ->
     })
 }
 
+impl Block {
+    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
+    fn at(mut self, precision: Precision) -> Self {
+        self.set_precision(precision);
+        self
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_gate_up, &mut self.w_down] {
+            w.set_precision(precision);
+        }
+    }
+}
+
 /// `gelu_tanh(gate) * up` for rows laid out `[gate | up]`.
 fn geglu(gu: &[f32], d_ff: usize, out: &mut [f32]) {
     use rayon::prelude::*;
     out.par_chunks_mut(d_ff).zip(gu.par_chunks(2 * d_ff)).for_each(|(o, gu)| {
         let (g, u) = gu.split_at(d_ff);
-        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-            *o = gelu_tanh(*g) * u;
-        }
+        saekit_kernels::vmath::gelu_tanh_mul(g, u, o);
     });
 }

@@ -1,12 +1,14 @@
 //! GPT-2: learned position embeddings, pre-LayerNorm blocks, fused QKV attention, GELU (tanh) MLP.
 //! Hook points as in TransformerLens (`hook_embed` includes the position embedding here).
 
+use std::borrow::Cow;
+
 use anyhow::Result;
 
 use crate::attention::{attend, AttnShape, KvCache};
 use crate::config::ModelConfig;
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_tanh, layer_norm, linear, Bf16Weight, Matrix};
+use crate::linalg::{add_assign, gelu_in_place, layer_norm, linear, Bf16Weight, Matrix};
 use crate::weights::WeightSource;
 use crate::Logits;
 use crate::Precision;
@@ -24,6 +26,20 @@ struct Block {
     b_proj: Vec<f32>,
 }
 
+impl Block {
+    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
+    fn at(mut self, precision: Precision) -> Self {
+        self.set_precision(precision);
+        self
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_fc, &mut self.w_proj] {
+            w.set_precision(precision);
+        }
+    }
+}
+
 pub(crate) struct Gpt2 {
     cfg: ModelConfig,
     wte: Vec<f32>,
@@ -36,7 +52,7 @@ pub(crate) struct Gpt2 {
 }
 
 impl Gpt2 {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize, precision: Precision) -> Result<Self> {
         let gguf = matches!(src, WeightSource::Gguf { .. });
         let (d, ff, v) = (cfg.d_model, cfg.d_ff, cfg.vocab_size);
         // HF checkpoints come with or without the `transformer.` prefix (GPT2LMHeadModel vs GPT2Model).
@@ -55,21 +71,27 @@ impl Gpt2 {
         for l in 0..n_blocks {
             let h = |s: &str| format!("h.{l}.{s}");
             let b = |s: &str| format!("blk.{l}.{s}");
-            blocks.push(Block {
-                ln1: (
-                    vec(&h("ln_1.weight"), &b("attn_norm.weight"), d)?,
-                    vec(&h("ln_1.bias"), &b("attn_norm.bias"), d)?,
-                ),
-                wqkv: lin(&h("attn.c_attn"), &b("attn_qkv"), d, 3 * d)?,
-                bqkv: vec(&h("attn.c_attn.bias"), &b("attn_qkv.bias"), 3 * d)?,
-                wo: lin(&h("attn.c_proj"), &b("attn_output"), d, d)?,
-                bo: vec(&h("attn.c_proj.bias"), &b("attn_output.bias"), d)?,
-                ln2: (vec(&h("ln_2.weight"), &b("ffn_norm.weight"), d)?, vec(&h("ln_2.bias"), &b("ffn_norm.bias"), d)?),
-                w_fc: lin(&h("mlp.c_fc"), &b("ffn_up"), d, ff)?,
-                b_fc: vec(&h("mlp.c_fc.bias"), &b("ffn_up.bias"), ff)?,
-                w_proj: lin(&h("mlp.c_proj"), &b("ffn_down"), ff, d)?,
-                b_proj: vec(&h("mlp.c_proj.bias"), &b("ffn_down.bias"), d)?,
-            });
+            blocks.push(
+                Block {
+                    ln1: (
+                        vec(&h("ln_1.weight"), &b("attn_norm.weight"), d)?,
+                        vec(&h("ln_1.bias"), &b("attn_norm.bias"), d)?,
+                    ),
+                    wqkv: lin(&h("attn.c_attn"), &b("attn_qkv"), d, 3 * d)?,
+                    bqkv: vec(&h("attn.c_attn.bias"), &b("attn_qkv.bias"), 3 * d)?,
+                    wo: lin(&h("attn.c_proj"), &b("attn_output"), d, d)?,
+                    bo: vec(&h("attn.c_proj.bias"), &b("attn_output.bias"), d)?,
+                    ln2: (
+                        vec(&h("ln_2.weight"), &b("ffn_norm.weight"), d)?,
+                        vec(&h("ln_2.bias"), &b("ffn_norm.bias"), d)?,
+                    ),
+                    w_fc: lin(&h("mlp.c_fc"), &b("ffn_up"), d, ff)?,
+                    b_fc: vec(&h("mlp.c_fc.bias"), &b("ffn_up.bias"), ff)?,
+                    w_proj: lin(&h("mlp.c_proj"), &b("ffn_down"), ff, d)?,
+                    b_proj: vec(&h("mlp.c_proj.bias"), &b("ffn_down.bias"), d)?,
+                }
+                .at(precision),
+            );
         }
         let head_name = if gguf { "output.weight".to_string() } else { "lm_head.weight".to_string() };
         Ok(Self {
@@ -85,16 +107,12 @@ impl Gpt2 {
 
     /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
     pub(crate) fn set_precision(&mut self, precision: Precision) {
-        for b in &mut self.blocks {
-            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_fc, &mut b.w_proj] {
-                w.set_precision(precision);
-            }
-        }
-        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), self.unembedding(), precision);
+        self.blocks.iter_mut().for_each(|b| b.set_precision(precision));
+        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), || self.unembedding(), precision);
     }
 
-    pub(crate) fn unembedding(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.wte)
+    pub(crate) fn unembedding(&self) -> Cow<'_, [f32]> {
+        Cow::Borrowed(self.lm_head.as_deref().unwrap_or(&self.wte))
     }
 
     pub(crate) fn forward(
@@ -143,7 +161,7 @@ impl Gpt2 {
             hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.w_fc, Some(&blk.b_fc), &mut fc);
             hooks.run(&ctx(HookPoint::MlpPre(l)), &mut fc)?;
-            fc.iter_mut().for_each(|v| *v = gelu_tanh(*v));
+            gelu_in_place(&mut fc, false);
             hooks.run(&ctx(HookPoint::MlpPost(l)), &mut fc)?;
             linear(&fc, rows, &blk.w_proj, Some(&blk.b_proj), &mut delta);
             hooks.run(&ctx(HookPoint::MlpOut(l)), &mut delta)?;
@@ -161,7 +179,7 @@ impl Gpt2 {
             batch,
             seq,
             d,
-            (self.unembedding(), self.unembed_bf16.as_ref()),
+            (&self.unembedding(), self.unembed_bf16.as_ref()),
             c.vocab_size,
             logits,
         ))

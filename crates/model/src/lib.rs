@@ -50,6 +50,7 @@ mod weights;
 #[cfg(test)]
 mod hf_roundtrip_test;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -84,6 +85,9 @@ pub struct LoadOptions {
     /// N - 1 and produces no logits: reading Gemma-2-2B's layer 12 then holds 13 of its 26 blocks in
     /// memory. Hook names and `config().n_layers` stay the whole model's.
     pub blocks: Option<usize>,
+    /// What the forward pass multiplies in ([`Model::set_precision`]), applied block by block as the
+    /// weights load: at bf16 a model published in bf16 is then never held in f32, even for a moment.
+    pub precision: Precision,
 }
 
 enum Net {
@@ -161,12 +165,12 @@ impl Model {
             };
             (config, src, tokenizer)
         };
-        let n = opts.blocks.map_or(config.n_layers, |b| b.min(config.n_layers));
+        let (n, p) = (opts.blocks.map_or(config.n_layers, |b| b.min(config.n_layers)), opts.precision);
         let net = match config.arch {
-            Arch::Llama | Arch::Qwen3 | Arch::Phi3 => Net::Llama(llama::Llama::load(&config, &src, n)?),
-            Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(&config, &src, n)?),
-            Arch::Gemma2 | Arch::Gemma3 => Net::Gemma(gemma::Gemma::load(&config, &src, n)?),
-            Arch::GptNeox => Net::Neox(neox::GptNeox::load(&config, &src, n)?),
+            Arch::Llama | Arch::Qwen3 | Arch::Phi3 => Net::Llama(llama::Llama::load(&config, &src, n, p)?),
+            Arch::Gpt2 => Net::Gpt2(gpt2::Gpt2::load(&config, &src, n, p)?),
+            Arch::Gemma2 | Arch::Gemma3 => Net::Gemma(gemma::Gemma::load(&config, &src, n, p)?),
+            Arch::GptNeox => Net::Neox(neox::GptNeox::load(&config, &src, n, p)?),
         };
         tracing::info!(
             model = %config.name,
@@ -176,7 +180,9 @@ impl Model {
             secs = t0.elapsed().as_secs_f32(),
             "loaded model"
         );
-        Ok(Self { config, tokenizer, net, source: path.to_path_buf(), loaded_blocks: n, precision: Precision::F32 })
+        let mut model = Self { config, tokenizer, net, source: path.to_path_buf(), loaded_blocks: n, precision: p };
+        model.set_precision(p); // the blocks are already packed; this packs the unembedding
+        Ok(model)
     }
 
     /// Run the forward pass's big products at `precision`: at bf16, every block's linear layers and the
@@ -322,12 +328,14 @@ impl Model {
         let (d, v) = (self.config.d_model, self.config.vocab_size);
         let rows = normalized.len() / d;
         let mut out = vec![0f32; rows * v];
-        linalg::matmul_transposed(normalized, rows, d, self.unembedding(), v, &mut out);
+        linalg::matmul_transposed(normalized, rows, d, &self.unembedding(), v, &mut out);
         out
     }
 
-    /// The unembedding matrix `[vocab, d_model]` (the tied embedding for SmolLM2 and Gemma).
-    pub fn unembedding(&self) -> &[f32] {
+    /// The unembedding matrix `[vocab, d_model]` (the tied embedding for SmolLM2 and Gemma): borrowed,
+    /// or decoded from the weights file for a model loaded without its head, which keeps its embedding
+    /// there ([`LoadOptions::blocks`]).
+    pub fn unembedding(&self) -> Cow<'_, [f32]> {
         match &self.net {
             Net::Llama(m) => m.unembedding(),
             Net::Gpt2(m) => m.unembedding(),
@@ -416,13 +424,16 @@ pub(crate) fn project_logits(
 }
 
 /// The bf16 copy of a `[vocab, d_model]` unembedding for a model of `blocks` loaded blocks, or none: at
-/// f32, and for a model loaded without all its blocks, which never produces logits.
-pub(crate) fn pack_unembedding(
+/// f32, and for a model loaded without all its blocks, which never produces logits (and so never reads
+/// `unembed`).
+pub(crate) fn pack_unembedding<'a>(
     cfg: &ModelConfig,
     blocks: usize,
-    unembed: &[f32],
+    unembed: impl FnOnce() -> Cow<'a, [f32]>,
     precision: Precision,
 ) -> Option<linalg::Bf16Weight> {
-    let precision = if blocks == cfg.n_layers { precision } else { Precision::F32 };
-    linalg::Bf16Weight::pack_nk(unembed, cfg.vocab_size, cfg.d_model, precision)
+    if blocks < cfg.n_layers || precision.bf16_path().is_none() {
+        return None;
+    }
+    linalg::Bf16Weight::pack_nk(&unembed(), cfg.vocab_size, cfg.d_model, precision)
 }

@@ -6,6 +6,8 @@
 //! A weight may also carry a bf16 copy ([`Matrix::set_precision`]); [`linear`] then runs it through
 //! saekit-kernels (bf16 products, f32 accumulation) instead of the f32 GEMM.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 use saekit_kernels::{gemm_bf16, Bf16Path, PackedB, Precision};
 
@@ -38,11 +40,10 @@ pub struct Matrix {
     pub rows: usize,
     /// Output width (`d_out`).
     pub cols: usize,
-    /// `rows * cols` values, row-major.
-    pub data: Vec<f32>,
-    /// The same weight in bf16, when [`Matrix::set_precision`] asked for it; `data` stays the f32
-    /// original (readers such as circuit tracing use it, and f32 can be restored without reloading).
-    /// Whoever changes `data` calls `set_precision` again.
+    /// `rows * cols` values, row-major; empty while the weight is held in bf16 alone (see
+    /// [`Matrix::set_precision`]).
+    data: Vec<f32>,
+    /// The same weight in bf16, when [`Matrix::set_precision`] asked for it.
     bf16: Option<Bf16Weight>,
 }
 
@@ -74,28 +75,59 @@ impl Matrix {
     pub fn concat_cols(parts: &[Matrix]) -> Self {
         let rows = parts[0].rows;
         let cols: usize = parts.iter().map(|p| p.cols).sum();
+        let values: Vec<Cow<'_, [f32]>> = parts.iter().map(Matrix::values).collect();
         let mut data = vec![0f32; rows * cols];
         for r in 0..rows {
             let mut off = r * cols;
-            for p in parts {
-                data[off..off + p.cols].copy_from_slice(&p.data[r * p.cols..(r + 1) * p.cols]);
+            for (p, v) in parts.iter().zip(&values) {
+                data[off..off + p.cols].copy_from_slice(&v[r * p.cols..(r + 1) * p.cols]);
                 off += p.cols;
             }
         }
         Self { rows, cols, data, bf16: None }
     }
 
-    /// Run [`linear`] on this weight at `precision`: bf16 packs a copy (kept beside the f32 data), f32
-    /// drops it, so `linear` is again bit for bit the f32 GEMM.
+    /// The values, `[rows, cols]` row-major: borrowed, or unpacked from the bf16 copy when that is
+    /// all the weight holds (exactly the same numbers, see [`Matrix::set_precision`]).
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match &self.bf16 {
+            Some(b) if self.data.is_empty() && self.rows * self.cols > 0 => Cow::Owned(b.packed.to_kn()),
+            _ => Cow::Borrowed(&self.data),
+        }
+    }
+
+    /// Run [`linear`] on this weight at `precision`. bf16 packs a copy; when every value is already a
+    /// bf16 number (weights published in bf16, as most are) the f32 values are dropped, since the copy
+    /// holds them exactly: a bf16 model is then held once, at half the f32 size. f32 restores the f32
+    /// values and drops the copy, so `linear` is again bit for bit the f32 GEMM.
     pub fn set_precision(&mut self, precision: Precision) {
-        self.bf16 = precision
-            .bf16_path()
-            .map(|path| Bf16Weight { packed: PackedB::from_kn(&self.data, self.rows, self.cols), path });
+        if self.precision() == precision {
+            return;
+        }
+        let Some(path) = precision.bf16_path() else {
+            if self.data.is_empty() {
+                self.data = self.values().into_owned();
+            }
+            self.bf16 = None;
+            return;
+        };
+        self.bf16 = Some(match self.bf16.take() {
+            Some(b) if self.data.is_empty() => Bf16Weight { packed: b.packed, path },
+            _ => Bf16Weight { packed: PackedB::from_kn(&self.data, self.rows, self.cols), path },
+        });
+        if self.data.iter().all(|&v| saekit_kernels::round_to_bf16(v).to_bits() == v.to_bits()) {
+            self.data = Vec::new();
+        }
     }
 
     /// The precision [`linear`] runs this weight at.
     pub fn precision(&self) -> Precision {
         self.bf16.as_ref().map_or(Precision::F32, |b| Precision::Bf16(b.path))
+    }
+
+    /// Bytes this weight holds in memory (f32 values and bf16 copy).
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4 + self.bf16.as_ref().map_or(0, |b| b.packed.bytes())
     }
 }
 
@@ -237,16 +269,28 @@ pub(crate) fn add_assign(x: &mut [f32], y: &[f32], d: usize) {
     x.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(a, b)| *a += b));
 }
 
-/// GPT-2's tanh approximation of GELU ("gelu_new").
-pub fn gelu_tanh(v: f32) -> f32 {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
-}
+pub use saekit_kernels::vmath::gelu_tanh;
 
 /// The exact GELU, `x * Phi(x)` (PyTorch's default `gelu`, GPT-NeoX/Pythia).
 pub fn gelu_erf(v: f32) -> f32 {
     0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))
 }
+
+/// GELU in place, in parallel: the exact erf form (PyTorch's default, Pythia) or the tanh approximation
+/// (GPT-2's `gelu_new`, vectorised).
+pub(crate) fn gelu_in_place(v: &mut [f32], exact: bool) {
+    v.par_chunks_mut(ELEMENTWISE_CHUNK).for_each(|c| {
+        if exact {
+            c.iter_mut().for_each(|v| *v = gelu_erf(*v));
+        } else {
+            saekit_kernels::vmath::gelu_tanh_in_place(c);
+        }
+    });
+}
+
+/// Values per parallel task of an elementwise pass: big enough to amortise the task, small enough to
+/// split one row of a wide MLP between the threads.
+const ELEMENTWISE_CHUNK: usize = 4096;
 
 pub use saekit_kernels::vmath::softmax;
 

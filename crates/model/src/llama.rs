@@ -3,13 +3,15 @@
 //! Q/K/V and gate/up fused (the layout this file fuses them into anyway). Hook points sit exactly where
 //! TransformerLens puts them.
 
+use std::borrow::Cow;
+
 use anyhow::Result;
 
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
 use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, Bf16Weight, Matrix, Rope};
-use crate::weights::WeightSource;
+use crate::weights::{Table, WeightSource};
 use crate::Logits;
 use crate::Precision;
 
@@ -27,10 +29,24 @@ struct Block {
     w_down: Matrix,
 }
 
+impl Block {
+    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
+    fn at(mut self, precision: Precision) -> Self {
+        self.set_precision(precision);
+        self
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_gate_up, &mut self.w_down] {
+            w.set_precision(precision);
+        }
+    }
+}
+
 pub(crate) struct Llama {
     cfg: ModelConfig,
     /// `[vocab, d_model]`, also the unembedding when the head is tied.
-    embed: Vec<f32>,
+    embed: Table,
     /// `[vocab, d_model]` when the model has its own LM head.
     lm_head: Option<Vec<f32>>,
     blocks: Vec<Block>,
@@ -113,14 +129,17 @@ impl Names {
 }
 
 impl Llama {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize, precision: Precision) -> Result<Self> {
         let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
         let (d, v) = (cfg.d_model, cfg.vocab_size);
-        let blocks = (0..n_blocks).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks)
+            .map(|l| load_block(cfg, src, &names, l).map(|b| b.at(precision)))
+            .collect::<Result<Vec<_>>>()?;
         let rot = cfg.details.rotary_dims;
         Ok(Self {
             cfg: cfg.clone(),
-            embed: src.get(names.embed(), &[v, d])?,
+            // without the head the embedding is only looked up: it stays in the file
+            embed: src.table(names.embed(), &[v, d], n_blocks < cfg.n_layers)?,
             lm_head: src.get_opt(names.head(), &[v, d])?,
             blocks,
             final_norm: src.get(names.final_norm(), &[d])?,
@@ -137,16 +156,12 @@ impl Llama {
 
     /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
     pub(crate) fn set_precision(&mut self, precision: Precision) {
-        for b in &mut self.blocks {
-            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
-                w.set_precision(precision);
-            }
-        }
-        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), self.unembedding(), precision);
+        self.blocks.iter_mut().for_each(|b| b.set_precision(precision));
+        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), || self.unembedding(), precision);
     }
 
-    pub(crate) fn unembedding(&self) -> &[f32] {
-        self.lm_head.as_deref().unwrap_or(&self.embed)
+    pub(crate) fn unembedding(&self) -> Cow<'_, [f32]> {
+        self.lm_head.as_deref().map_or_else(|| self.embed.values(), Cow::Borrowed)
     }
 
     pub(crate) fn block_weights(&self, l: usize) -> Option<crate::RmsBlockWeights<'_>> {
@@ -184,7 +199,7 @@ impl Llama {
 
         let mut x = vec![0f32; rows * d];
         for (row, &t) in x.chunks_mut(d).zip(tokens) {
-            row.copy_from_slice(&self.embed[t as usize * d..][..d]);
+            self.embed.row_into(t as usize, row);
         }
         hooks.run(&ctx(HookPoint::Embed), &mut x)?;
 
@@ -235,7 +250,7 @@ impl Llama {
             batch,
             seq,
             d,
-            (self.unembedding(), self.unembed_bf16.as_ref()),
+            (&self.unembedding(), self.unembed_bf16.as_ref()),
             c.vocab_size,
             logits,
         ))

@@ -3,14 +3,16 @@
 //! `use_parallel_residual` (every Pythia) attention and MLP both read the block's input and their outputs
 //! are added together, so the block has no `hook_resid_mid`, as in TransformerLens.
 
+use std::borrow::Cow;
+
 use anyhow::Result;
 
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::ModelConfig;
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_erf, gelu_tanh, layer_norm, linear, Bf16Weight, Matrix, Rope};
+use crate::linalg::{add_assign, gelu_in_place, layer_norm, linear, Bf16Weight, Matrix, Rope};
 use crate::llama::lin;
-use crate::weights::WeightSource;
+use crate::weights::{Table, WeightSource};
 use crate::Logits;
 use crate::Precision;
 
@@ -28,9 +30,23 @@ struct Block {
     b_down: Vec<f32>,
 }
 
+impl Block {
+    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
+    fn at(mut self, precision: Precision) -> Self {
+        self.set_precision(precision);
+        self
+    }
+
+    fn set_precision(&mut self, precision: Precision) {
+        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_up, &mut self.w_down] {
+            w.set_precision(precision);
+        }
+    }
+}
+
 pub(crate) struct GptNeox {
     cfg: ModelConfig,
-    embed: Vec<f32>,
+    embed: Table,
     /// `[vocab, d_model]`.
     unembed: Vec<f32>,
     blocks: Vec<Block>,
@@ -56,13 +72,16 @@ fn heads_to_qkv(rows: &[f32], n_heads: usize, hd: usize, width: usize) -> Vec<f3
 }
 
 impl GptNeox {
-    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize) -> Result<Self> {
+    pub(crate) fn load(cfg: &ModelConfig, src: &WeightSource, n_blocks: usize, precision: Precision) -> Result<Self> {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let names = Names { gguf: matches!(src, WeightSource::Gguf { .. }) };
-        let blocks = (0..n_blocks).map(|l| load_block(cfg, src, &names, l)).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..n_blocks)
+            .map(|l| load_block(cfg, src, &names, l).map(|b| b.at(precision)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
-            embed: src.get(names.top("embed"), &[v, d])?,
+            // without the head the embedding is only looked up: it stays in the file
+            embed: src.table(names.top("embed"), &[v, d], n_blocks < cfg.n_layers)?,
             unembed: src.get(names.top("unembed"), &[v, d])?,
             blocks,
             ln_f: layer_norm_params(src, names.top("final_norm"), d)?,
@@ -73,16 +92,13 @@ impl GptNeox {
 
     /// Pack (bf16) or drop (f32) the bf16 copies of every linear weight and of the unembedding.
     pub(crate) fn set_precision(&mut self, precision: Precision) {
-        for b in &mut self.blocks {
-            for w in [&mut b.wqkv, &mut b.wo, &mut b.w_up, &mut b.w_down] {
-                w.set_precision(precision);
-            }
-        }
-        self.unembed_bf16 = crate::pack_unembedding(&self.cfg, self.blocks.len(), &self.unembed, precision);
+        self.blocks.iter_mut().for_each(|b| b.set_precision(precision));
+        self.unembed_bf16 =
+            crate::pack_unembedding(&self.cfg, self.blocks.len(), || Cow::Borrowed(&self.unembed), precision);
     }
 
-    pub(crate) fn unembedding(&self) -> &[f32] {
-        &self.unembed
+    pub(crate) fn unembedding(&self) -> Cow<'_, [f32]> {
+        Cow::Borrowed(&self.unembed)
     }
 
     pub(crate) fn forward(
@@ -103,7 +119,7 @@ impl GptNeox {
 
         let mut x = vec![0f32; rows * d];
         for (row, &t) in x.chunks_mut(d).zip(tokens) {
-            row.copy_from_slice(&self.embed[t as usize * d..][..d]);
+            self.embed.row_into(t as usize, row);
         }
         hooks.run(&ctx(HookPoint::Embed), &mut x)?;
 
@@ -114,7 +130,6 @@ impl GptNeox {
         let mut mlp_out = vec![0f32; rows * d];
         let mut up = vec![0f32; rows * c.d_ff];
         let shape = AttnShape::causal(batch, seq, pos_offset, c.n_heads, c.n_heads, c.head_dim);
-        let gelu: fn(f32) -> f32 = if c.details.gelu_exact { gelu_erf } else { gelu_tanh };
         let parallel = c.details.parallel_residual;
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
@@ -134,7 +149,7 @@ impl GptNeox {
             hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
             linear(&h, rows, &blk.w_up, Some(&blk.b_up), &mut up);
             hooks.run(&ctx(HookPoint::MlpPre(l)), &mut up)?;
-            up.iter_mut().for_each(|v| *v = gelu(*v));
+            gelu_in_place(&mut up, c.details.gelu_exact);
             hooks.run(&ctx(HookPoint::MlpPost(l)), &mut up)?;
             linear(&up, rows, &blk.w_down, Some(&blk.b_down), &mut mlp_out);
             hooks.run(&ctx(HookPoint::MlpOut(l)), &mut mlp_out)?;

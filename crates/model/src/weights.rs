@@ -5,12 +5,17 @@
 //!
 //! Safetensors files are memory-mapped and each tensor is decoded straight from the mapping into
 //! its f32 copy, after which its pages are handed back to the kernel: a 2B model in bf16 is then
-//! held once (as f32), not three times (mapped bf16, a bf16 copy and the f32 result).
+//! held once, not three times (mapped bf16, a bf16 copy and the f32 result). A token embedding can
+//! also stay in the mapping ([`Table::Mapped`]): a model loaded without its head only looks rows up,
+//! and only the rows looked up are then read.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -29,7 +34,7 @@ pub(crate) fn candle_msg(e: candle_core::Error) -> String {
 
 pub enum WeightSource {
     Gguf { file: PathBuf, content: gguf_file::Content },
-    Safetensors { files: Vec<PathBuf>, maps: Vec<Mmap>, tensors: HashMap<String, StoredTensor> },
+    Safetensors { files: Vec<PathBuf>, maps: Vec<Arc<Mmap>>, tensors: HashMap<String, StoredTensor> },
 }
 
 /// Where one tensor of a safetensors folder lies: which mapped file, and its bytes in it.
@@ -37,7 +42,7 @@ pub struct StoredTensor {
     file: usize,
     dtype: Dtype,
     shape: Vec<usize>,
-    bytes: std::ops::Range<usize>,
+    bytes: Range<usize>,
 }
 
 impl WeightSource {
@@ -106,7 +111,7 @@ impl WeightSource {
                     StoredTensor { file: i, dtype: info.dtype, shape: info.shape.clone(), bytes: data + a..data + b };
                 tensors.insert(name, t);
             }
-            maps.push(map);
+            maps.push(Arc::new(map));
         }
         Ok(Self::Safetensors { files, maps, tensors })
     }
@@ -175,6 +180,34 @@ impl WeightSource {
         Ok(t)
     }
 
+    /// A `[rows, width]` table (a token embedding), checked like [`get`](Self::get). With `mapped`, a
+    /// safetensors tensor stored as f32, bf16 or f16 stays in the file's mapping and is decoded a row at
+    /// a time; anything else is decoded now.
+    pub fn table(&self, name: &str, expected: &[usize], mapped: bool) -> Result<Table> {
+        let width = expected.last().copied().unwrap_or(1);
+        let WeightSource::Safetensors { files, maps, tensors } = self else {
+            return Ok(Table::Owned(self.get(name, expected)?));
+        };
+        match tensors.get(name) {
+            Some(st) if mapped && width > 0 && matches!(st.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) => {
+                let shape = &st.shape;
+                if shape != expected {
+                    bail!(
+                        "{}: tensor '{name}' has shape {shape:?} but the model config implies {expected:?}",
+                        self.describe()
+                    );
+                }
+                let table =
+                    Table::Mapped { map: maps[st.file].clone(), bytes: st.bytes.clone(), dtype: st.dtype, width };
+                if let Some(bad) = table.first_non_finite() {
+                    bail!("{}: tensor '{name}' holds a non-finite value at element {bad}", files[st.file].display());
+                }
+                Ok(table)
+            }
+            _ => Ok(Table::Owned(self.get(name, expected)?)),
+        }
+    }
+
     /// Like [`get`](Self::get) but `None` when the tensor is absent (optional biases, untied heads).
     pub fn get_opt(&self, name: &str, expected: &[usize]) -> Result<Option<Vec<f32>>> {
         if self.has(name) {
@@ -189,6 +222,64 @@ impl WeightSource {
             WeightSource::Gguf { content, .. } => Some(content),
             _ => None,
         }
+    }
+}
+
+/// A `[rows, width]` table read a row at a time: a token embedding.
+pub enum Table {
+    /// Decoded to f32, row-major.
+    Owned(Vec<f32>),
+    /// Still in a safetensors file's read-only mapping (`bytes` of it, little-endian `dtype`): a row is
+    /// decoded when looked up, and only the pages of rows looked up are ever read.
+    Mapped { map: Arc<Mmap>, bytes: Range<usize>, dtype: Dtype, width: usize },
+}
+
+impl Table {
+    /// Row `r` as f32 into `out` (one row's width of values).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Table::Owned(v) => out.copy_from_slice(&v[r * out.len()..][..out.len()]),
+            Table::Mapped { map, bytes, dtype, width } => {
+                let w = dtype.bitsize() / 8;
+                let row = &map[bytes.start + r * width * w..][..width * w];
+                match dtype {
+                    Dtype::BF16 => decode_into::<2>(row, out, |b| half::bf16::from_le_bytes(b).to_f32()),
+                    Dtype::F16 => decode_into::<2>(row, out, |b| half::f16::from_le_bytes(b).to_f32()),
+                    _ => decode_into::<4>(row, out, f32::from_le_bytes),
+                }
+            }
+        }
+    }
+
+    /// The whole table as f32: borrowed, or decoded from the mapping (a full copy).
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match self {
+            Table::Owned(v) => Cow::Borrowed(v),
+            Table::Mapped { map, bytes, dtype, .. } => {
+                Cow::Owned(decode_f32(&map[bytes.clone()], *dtype).expect("mapped tables are f32, bf16 or f16"))
+            }
+        }
+    }
+
+    /// The first non-finite element of a mapped table, read a slice at a time, each slice's pages
+    /// handed back once read: checking does not leave the table resident.
+    fn first_non_finite(&self) -> Option<usize> {
+        let Table::Mapped { map, bytes, dtype, .. } = self else { return None };
+        const SLICE: usize = 1 << 20;
+        let w = dtype.bitsize() / 8;
+        (bytes.start..bytes.end).step_by(SLICE * w).enumerate().find_map(|(i, at)| {
+            let len = (SLICE * w).min(bytes.end - at);
+            let found = decode_f32(&map[at..at + len], *dtype)?.iter().position(|v| !v.is_finite());
+            // SAFETY: as in `WeightSource::get`: a read-only private mapping, no reference kept.
+            let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, at, len) };
+            found.map(|p| i * SLICE + p)
+        })
+    }
+}
+
+fn decode_into<const W: usize>(bytes: &[u8], out: &mut [f32], value: impl Fn([u8; W]) -> f32) {
+    for (v, c) in out.iter_mut().zip(bytes.chunks_exact(W)) {
+        *v = value(c.try_into().expect("chunks_exact gives W bytes"));
     }
 }
 

@@ -137,3 +137,73 @@ fn smollm2_bf16_layer15_stays_within_4x_of_bf16_storage_rounding() {
     assert!(compute <= 4.0 * storage, "bf16 compute moved layer 15 by {compute:.3e}, storage by {storage:.3e}");
     assert!(agree * 100 >= n * 95, "next-token argmax agrees on {agree} of {n} positions");
 }
+
+/// `fixture(arch)` with every float tensor rewritten in bf16, as most models are published, in `dir`.
+fn bf16_copy(arch: &str, dir: &Path) {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    for e in std::fs::read_dir(fixture(arch)).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap();
+        if p.is_file() && p.extension().is_none_or(|x| x != "safetensors") {
+            std::fs::copy(&p, dir.join(name)).unwrap();
+        }
+    }
+    let bytes = std::fs::read(fixture(arch).join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), Dtype::F32, "{arch}: {name} is not f32");
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| half::bf16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes());
+            (name, t.shape().to_vec(), data.collect())
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = converted
+        .iter()
+        .map(|(n, shape, data)| (n.clone(), TensorView::new(Dtype::BF16, shape.clone(), data).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// A model published in bf16 and loaded at bf16 is packed block by block as it loads and keeps no f32
+/// copy of its linear weights (a first-blocks model keeps its embedding in the file, too); it must run
+/// exactly as the same model loaded at f32 and switched to bf16 afterwards, whose weights went through
+/// the f32 copies, and return to that model's f32 pass bit for bit.
+#[test]
+fn a_bf16_model_loaded_at_bf16_holds_no_f32_copy_and_runs_as_one_switched_after_loading() {
+    for arch in ["llama", "gemma2", "pythia"] {
+        let dir = tempfile::tempdir().unwrap();
+        bf16_copy(arch, dir.path());
+        let at_bf16 = LoadOptions { precision: bf16_here(), ..Default::default() };
+        let mut direct = Model::load(dir.path(), &at_bf16).unwrap();
+        let plain = Model::load(dir.path(), &LoadOptions::default()).unwrap();
+        let mut switched = Model::load(dir.path(), &LoadOptions::default()).unwrap();
+        let (ids, last) =
+            (spread_tokens(direct.config().vocab_size), HookPoint::ResidPost(direct.config().n_layers - 1));
+        let f32_pass = run(&plain, &ids, last);
+        switched.set_precision(bf16_here());
+        assert_eq!(direct.precision(), bf16_here());
+        assert!(run(&direct, &ids, last) == run(&switched, &ids, last), "{arch}: bf16 passes differ");
+        if arch == "llama" {
+            let (w16, w32) = (direct.rms_block_weights(0).unwrap().wqkv, plain.rms_block_weights(0).unwrap().wqkv);
+            assert_eq!(w32.bytes(), 4 * w32.rows * w32.cols);
+            assert!(w16.bytes() < 4 * w16.rows * w16.cols, "{arch}: the bf16-loaded model holds an f32 copy");
+            assert_eq!(w16.values(), w32.values(), "{arch}: the packed weight does not unpack to its values");
+        }
+
+        let first = LoadOptions { blocks: Some(1), ..at_bf16.clone() };
+        let head_less = Model::load(dir.path(), &first).unwrap();
+        let point = [HookPoint::ResidPost(0)];
+        let got = head_less.run_with_cache(&ids, 1, &point).unwrap().take(&point[0]);
+        let want = switched.run_with_cache(&ids, 1, &point).unwrap().take(&point[0]);
+        assert!(got.is_some() && got == want, "{arch}: the first block from the mapped embedding differs");
+        assert_eq!(head_less.unembedding(), plain.unembedding(), "{arch}: mapped embedding decodes differently");
+
+        direct.set_precision(Precision::F32);
+        assert!(run(&direct, &ids, last) == f32_pass, "{arch}: back at f32 the pass differs");
+    }
+}

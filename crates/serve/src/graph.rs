@@ -142,7 +142,7 @@ impl Engine {
         }
         let (unembed, vocab) = (self.model.unembedding(), self.model.config().vocab_size);
         let gain = self.model.final_norm_gain();
-        let effects = saekit_analysis::geometry::direct_logit_effects(&rows, d, unembed, vocab, gain, HOVER_TOKENS);
+        let effects = saekit_analysis::geometry::direct_logit_effects(&rows, d, &unembed, vocab, gain, HOVER_TOKENS);
         for (i, (promoted, _)) in which.into_iter().zip(effects) {
             let texts = promoted.iter().map(|&(t, _)| Ok(display_token(&self.token_text(t)?)));
             nodes[i]["top_tokens"] = json!(texts.collect::<ServeResult<Vec<String>>>()?);

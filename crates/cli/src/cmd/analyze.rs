@@ -95,8 +95,8 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
     let n_tokens = parse_count(&a.tokens)?;
     let sae = load_sae(&a.sae)?;
     let dataset = TokenDataset::open(&a.contexts)?;
-    let mut model = a.model.load()?;
-    let precision = PrecisionArgs::apply(a.precision.precision, &mut model)?;
+    let precision = PrecisionArgs::resolve(a.precision.precision)?;
+    let model = a.model.load_at(None, precision)?;
     let ranks = super::mpi_job::join(None)?.map(|job| job.harvest);
     let first = ranks.as_ref().is_none_or(|r| r.rank() == 0);
     let opts = AnalyzeOptions {

@@ -124,8 +124,8 @@ fn time_median(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<(f64,
 
 fn forward(a: ForwardArgs) -> Result<()> {
     // to a layer, only the blocks up to it are loaded, as harvest does
-    let mut model = a.model.load_blocks((a.layer >= 0).then_some(a.layer as usize + 1))?;
-    let precision = super::model_arg::PrecisionArgs::apply(a.precision.precision, &mut model)?;
+    let precision = super::model_arg::PrecisionArgs::resolve(a.precision.precision)?;
+    let model = a.model.load_at((a.layer >= 0).then_some(a.layer as usize + 1), precision)?;
     let cfg = model.config().clone();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     for b in a.batches.split(',') {

@@ -90,9 +90,8 @@ pub fn run(a: EvalModelArgs) -> Result<()> {
 }
 
 fn load_model(a: &EvalModelArgs) -> Result<(Model, Precision)> {
-    let mut model = a.model.load()?;
-    let precision = PrecisionArgs::apply(a.precision.precision, &mut model)?;
-    Ok((model, precision))
+    let precision = PrecisionArgs::resolve(a.precision.precision)?;
+    Ok((a.model.load_at(None, precision)?, precision))
 }
 
 /// The report as JSON with the precision the model ran at: the scores of a bf16 pass are not an f32

@@ -89,8 +89,8 @@ pub fn run(a: HarvestArgs) -> Result<()> {
     }
     let path = a.model.path()?;
     // only the blocks up to the deepest hook are held (a 2B model's middle layer in half the memory)
-    let mut model = a.model.load_blocks(HookPoint::blocks_for(&hooks))?;
-    PrecisionArgs::apply(precision_choice(a.precision.precision, &a.out)?, &mut model)?;
+    let precision = PrecisionArgs::resolve(precision_choice(a.precision.precision, &a.out)?)?;
+    let model = a.model.load_at(HookPoint::blocks_for(&hooks), precision)?;
     let opts = HarvestOptions {
         hooks,
         tokens: a.tokens,

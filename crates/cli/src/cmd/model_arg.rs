@@ -25,15 +25,17 @@ impl ModelArgs {
         resolve_model(self.model.as_deref())
     }
 
+    /// The whole model, at f32.
     pub fn load(&self) -> Result<Model> {
-        self.load_blocks(None)
+        self.load_at(None, Precision::F32)
     }
 
-    /// Load only the first `blocks` blocks (all with `None`): enough for hooks up to block `blocks - 1`,
-    /// no logits, in less memory.
-    pub fn load_blocks(&self, blocks: Option<usize>) -> Result<Model> {
+    /// Load only the first `blocks` blocks (all with `None`: enough for hooks up to block `blocks - 1`,
+    /// no logits, in less memory), running at `precision` from the start (a bf16 model is never
+    /// widened to f32 on the way).
+    pub fn load_at(&self, blocks: Option<usize>, precision: Precision) -> Result<Model> {
         let path = self.path()?;
-        Ok(Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone(), blocks })?)
+        Ok(Model::load(&path, &LoadOptions { tokenizer: self.tokenizer.clone(), blocks, precision })?)
     }
 }
 
@@ -55,12 +57,11 @@ pub struct PrecisionArgs {
 }
 
 impl PrecisionArgs {
-    /// Resolve `choice` on this CPU and run `model` at it.
-    pub fn apply(choice: PrecisionChoice, model: &mut Model) -> Result<Precision> {
+    /// Resolve `choice` on this CPU (what [`ModelArgs::load_at`] then loads the model at).
+    pub fn resolve(choice: PrecisionChoice) -> Result<Precision> {
         let p = Precision::resolve(choice)?;
         let path = p.bf16_path().map_or("f32 gemm", |b| b.name());
         tracing::info!(asked = ?choice, precision = p.name(), path, "precision");
-        model.set_precision(p);
         Ok(p)
     }
 }
