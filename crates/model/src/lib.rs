@@ -186,9 +186,12 @@ impl Model {
     }
 
     /// Run the forward pass's big products at `precision`: at bf16, every block's linear layers and the
-    /// logits projection get a bf16 copy of their weights (about half the f32 model's size again) and
-    /// multiply in bf16 with f32 accumulation, every call whatever its rows; norms, attention and the
-    /// residual stream stay f32. `Precision::F32` (the default) drops the copies: the pass is then bit for bit the f32 one. [`Model::unembed`] always runs in f32.
+    /// logits projection get a bf16 copy of their weights and multiply in bf16 with f32 accumulation,
+    /// every call whatever its rows; norms, attention and the residual stream stay f32. A weight whose
+    /// values are all bf16 numbers (a model published in bf16) then keeps the copy alone, half its f32
+    /// size; others keep both (about 1.5x). `Precision::F32` (the default) drops the copies: the pass
+    /// is then bit for bit the f32 one. [`Model::unembed`] always runs in f32. Loading at a precision
+    /// ([`LoadOptions::precision`]) avoids holding the whole model in f32 first.
     pub fn set_precision(&mut self, precision: Precision) {
         match &mut self.net {
             Net::Llama(m) => m.set_precision(precision),
