@@ -1,5 +1,5 @@
-//! Elementwise functions of the forward pass over whole slices: `exp` (softmax), SiLU (SwiGLU) and
-//! tanh-GELU (GeGLU, GPT-2, Pythia's `gelu_new`).
+//! Elementwise functions of the forward pass over whole slices: `exp` (softmax), SiLU (SwiGLU),
+//! tanh-GELU (GeGLU, GPT-2's `gelu_new`) and the exact erf GELU (Pythia).
 //!
 //! libm's `expf` is one call per value; over a forward pass it was 11% of the time (SiLU on every
 //! MLP activation, softmax on every attention score), and libm's `tanhf` 22% of a Gemma-2-2B forward. These loops are branch-free, so the compiler
@@ -68,6 +68,68 @@ pub fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + exp(-2.0 * u))
 }
 
+/// The exact GELU, `x · Φ(x) = x (1 + erf(x/√2)) / 2` (PyTorch's default `gelu`), branch-free: for
+/// `|x/√2| < 1` Cephes' `erff` polynomial; beyond, Cephes' `erfcf` (`e^-z² / z · P(1/z²)`, one
+/// polynomial below 2 and another above), so the left tail `x · erfc(|z|) / 2` keeps its relative
+/// accuracy where `1 + erf` would cancel.
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    const ERF: [f32; 7] = [
+        7.853_861_4e-5,
+        -8.010_193_6e-4,
+        5.188_327_7e-3,
+        -2.685_381_2e-2,
+        1.128_358_5e-1,
+        -3.761_262_6e-1,
+        std::f32::consts::FRAC_2_SQRT_PI, // Cephes: 1.128379165726710
+    ];
+    const ERFC_1_2: [f32; 9] = [
+        2.326_82e-2,
+        -1.387_039_4e-1,
+        3.687_424_7e-1,
+        -5.824_733e-1,
+        6.210_004_6e-1,
+        -4.944_515_3e-1,
+        3.404_88e-1,
+        -2.741_127e-1,
+        5.638_259_4e-1,
+    ];
+    const ERFC_2_UP: [f32; 8] = [
+        -1.047_766_4e1,
+        1.297_72e1,
+        -7.495_518_7,
+        2.921_019,
+        -1.015_265_3,
+        4.218_463_4e-1,
+        -2.820_767_4e-1,
+        5.641_895e-1,
+    ];
+    let z = x * std::f32::consts::FRAC_1_SQRT_2;
+    let a = z.abs();
+    let near = 1.0 + z * horner(&ERF, z * z);
+    let (q, y) = (1.0 / a, 1.0 / (a * a));
+    // Every branch computed, then selected: the loop stays branch-free, so it vectorises.
+    let (below_2, above_2) = (horner(&ERFC_1_2, y), horner(&ERFC_2_UP, y));
+    let erfc = exp(-(a * a)) * q * if a < 2.0 { below_2 } else { above_2 };
+    let far = if z > 0.0 { 2.0 - erfc } else { erfc };
+    0.5 * x * if a < 1.0 { near } else { far }
+}
+
+/// `c[0] y^(N-1) + ... + c[N-1]`.
+#[inline(always)]
+fn horner<const N: usize>(c: &[f32; N], y: f32) -> f32 {
+    let mut p = c[0];
+    for &c in &c[1..] {
+        p = p * y + c;
+    }
+    p
+}
+
+/// `v[i] = gelu_erf(v[i])`, in place.
+pub fn gelu_erf_in_place(v: &mut [f32]) {
+    crate::dispatch_simd!(gelu_erf_body(v))
+}
+
 /// `v[i] = gelu_tanh(v[i])`, in place.
 pub fn gelu_tanh_in_place(v: &mut [f32]) {
     crate::dispatch_simd!(gelu_tanh_body(v))
@@ -121,8 +183,19 @@ fn silu_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 #[inline(always)]
+fn gelu_erf_body(v: &mut [f32]) {
+    // A plain loop, not `for_each`: a closure this large is not inlined, and the loop would then be
+    // compiled outside the `#[target_feature]` function, unvectorised.
+    for v in v.iter_mut() {
+        *v = gelu_erf(*v);
+    }
+}
+
+#[inline(always)]
 fn gelu_tanh_body(v: &mut [f32]) {
-    v.iter_mut().for_each(|v| *v = gelu_tanh(*v));
+    for v in v.iter_mut() {
+        *v = gelu_tanh(*v);
+    }
 }
 
 #[inline(always)]
@@ -206,6 +279,34 @@ mod tests {
         assert_eq!(gelu_tanh(f32::INFINITY), f32::INFINITY);
         assert_eq!(gelu_tanh(-1e30), 0.0);
         assert!(gelu_tanh(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn gelu_erf_matches_f64() {
+        let mut x = -30f32;
+        let mut worst = 0f64;
+        while x < 30.0 {
+            let z = x as f64 * std::f64::consts::FRAC_1_SQRT_2;
+            // erfc of -z, not 1 + erf(z): the reference must not cancel in the left tail either.
+            let want = 0.5 * x as f64 * libm::erfc(-z);
+            let err = (gelu_erf(x) as f64 - want).abs();
+            // `z²` rounded to f32 moves e^-z² by up to z² ulp relative: the function's own conditioning.
+            // Below x = -13 the tail flushes to 0 (e^-z² leaves f32's normal range); the value is < 1e-37.
+            let tol = (8.0 + 2.0 * z * z) * f32::EPSILON as f64 * want.abs() + 1e-37;
+            assert!(err <= tol, "gelu_erf({x}) = {} vs {want}", gelu_erf(x));
+            if want.abs() > 1e-30 {
+                worst = worst.max(err / want.abs() / f32::EPSILON as f64);
+            }
+            x += 0.000_41;
+        }
+        eprintln!("gelu_erf: worst relative error {worst:.1} eps");
+        assert_eq!(gelu_erf(0.0), 0.0);
+        assert_eq!(gelu_erf(f32::INFINITY), f32::INFINITY);
+        assert!(gelu_erf(f32::NAN).is_nan());
+        let mut v = vec![-3.0f32, -0.5, 0.0, 0.7, 1.5, 2.5, 9.0];
+        let want: Vec<u32> = v.iter().map(|&x| gelu_erf(x).to_bits()).collect();
+        gelu_erf_in_place(&mut v);
+        assert_eq!(v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want);
     }
 
     #[test]

@@ -271,19 +271,14 @@ pub(crate) fn add_assign(x: &mut [f32], y: &[f32], d: usize) {
     x.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(a, b)| *a += b));
 }
 
-pub use saekit_kernels::vmath::gelu_tanh;
+pub use saekit_kernels::vmath::{gelu_erf, gelu_tanh};
 
-/// The exact GELU, `x * Phi(x)` (PyTorch's default `gelu`, GPT-NeoX/Pythia).
-pub fn gelu_erf(v: f32) -> f32 {
-    0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-/// GELU in place, in parallel: the exact erf form (PyTorch's default, Pythia) or the tanh approximation
-/// (GPT-2's `gelu_new`, vectorised).
+/// GELU in place, in parallel and vectorised: the exact erf form (PyTorch's default, Pythia) or the
+/// tanh approximation (GPT-2's `gelu_new`).
 pub(crate) fn gelu_in_place(v: &mut [f32], exact: bool) {
     v.par_chunks_mut(ELEMENTWISE_CHUNK).for_each(|c| {
         if exact {
-            c.iter_mut().for_each(|v| *v = gelu_erf(*v));
+            saekit_kernels::vmath::gelu_erf_in_place(c);
         } else {
             saekit_kernels::vmath::gelu_tanh_in_place(c);
         }

@@ -307,20 +307,20 @@ pub(crate) fn topk_insert(vals: &mut [f32], idx: &mut [u32], v: f32, j: u32) {
     idx[p] = j;
 }
 
-/// The running top-k of one row of a chunk: blocks of 32 whose (vectorised, branch-free) maximum is
-/// at most the current k-th value are skipped whole.
+/// The running top-k of one row of a chunk: blocks of 32 in which no value beats the current k-th
+/// are skipped whole. The test is an OR of comparisons, which vectorises; a running maximum would not
+/// (a float max folded in order is a chain LLVM must keep), and it skips exactly the same blocks.
 #[inline(always)]
 fn select_row(row: &[f32], b: &[f32], j0: usize, vals: &mut [f32], idx: &mut [u32]) {
     let k = vals.len();
     let mut thr = vals[k - 1];
     const BW: usize = 32;
     for (bi, (pb, bbk)) in row.chunks(BW).zip(b.chunks(BW)).enumerate() {
-        let mut mx = f32::NEG_INFINITY;
+        let mut any_above = false;
         for (&p, &bb) in pb.iter().zip(bbk) {
-            let v = p + bb;
-            mx = if v > mx { v } else { mx };
+            any_above |= p + bb > thr;
         }
-        if mx <= thr {
+        if !any_above {
             continue;
         }
         for (jj, (&p, &bb)) in pb.iter().zip(bbk).enumerate() {
