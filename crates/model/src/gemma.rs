@@ -15,7 +15,7 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, linear, rms_norm, Bf16Weight, Matrix, Rope};
+use crate::linalg::{add_assign, linear, rms_norm, Bf16Weight, Linears, Matrix, Rope};
 use crate::llama::{lin, norm_qk_heads};
 use crate::weights::{Table, WeightSource};
 use crate::Logits;
@@ -251,17 +251,9 @@ fn load_block(cfg: &ModelConfig, src: &WeightSource, names: &Names, l: usize) ->
     })
 }
 
-impl Block {
-    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
-    fn at(mut self, precision: Precision) -> Self {
-        self.set_precision(precision);
-        self
-    }
-
-    fn set_precision(&mut self, precision: Precision) {
-        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_gate_up, &mut self.w_down] {
-            w.set_precision(precision);
-        }
+impl Linears for Block {
+    fn linears(&mut self) -> [&mut Matrix; 4] {
+        [&mut self.wqkv, &mut self.wo, &mut self.w_gate_up, &mut self.w_down]
     }
 }
 

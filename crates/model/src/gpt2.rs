@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::attention::{attend, AttnShape, KvCache};
 use crate::config::ModelConfig;
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_in_place, layer_norm, linear, Bf16Weight, Matrix};
+use crate::linalg::{add_assign, gelu_in_place, layer_norm, linear, Bf16Weight, Linears, Matrix};
 use crate::weights::WeightSource;
 use crate::Logits;
 use crate::Precision;
@@ -26,17 +26,9 @@ struct Block {
     b_proj: Vec<f32>,
 }
 
-impl Block {
-    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
-    fn at(mut self, precision: Precision) -> Self {
-        self.set_precision(precision);
-        self
-    }
-
-    fn set_precision(&mut self, precision: Precision) {
-        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_fc, &mut self.w_proj] {
-            w.set_precision(precision);
-        }
+impl Linears for Block {
+    fn linears(&mut self) -> [&mut Matrix; 4] {
+        [&mut self.wqkv, &mut self.wo, &mut self.w_fc, &mut self.w_proj]
     }
 }
 

@@ -133,6 +133,23 @@ impl Matrix {
     }
 }
 
+/// A block's four linear weights, so every architecture loads and switches precision the same way.
+pub(crate) trait Linears: Sized {
+    /// The weights `linear` multiplies by (attention in and out, MLP in and out).
+    fn linears(&mut self) -> [&mut Matrix; 4];
+
+    /// Every linear weight at `precision` ([`Matrix::set_precision`]).
+    fn set_precision(&mut self, precision: Precision) {
+        self.linears().into_iter().for_each(|w| w.set_precision(precision));
+    }
+
+    /// This block at `precision`, as it is loaded.
+    fn at(mut self, precision: Precision) -> Self {
+        self.set_precision(precision);
+        self
+    }
+}
+
 fn threads() -> gemm::Parallelism {
     gemm::Parallelism::Rayon(rayon::current_num_threads())
 }

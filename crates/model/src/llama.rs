@@ -10,7 +10,7 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, Bf16Weight, Matrix, Rope};
+use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, Bf16Weight, Linears, Matrix, Rope};
 use crate::weights::{Table, WeightSource};
 use crate::Logits;
 use crate::Precision;
@@ -29,17 +29,9 @@ struct Block {
     w_down: Matrix,
 }
 
-impl Block {
-    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
-    fn at(mut self, precision: Precision) -> Self {
-        self.set_precision(precision);
-        self
-    }
-
-    fn set_precision(&mut self, precision: Precision) {
-        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_gate_up, &mut self.w_down] {
-            w.set_precision(precision);
-        }
+impl Linears for Block {
+    fn linears(&mut self) -> [&mut Matrix; 4] {
+        [&mut self.wqkv, &mut self.wo, &mut self.w_gate_up, &mut self.w_down]
     }
 }
 

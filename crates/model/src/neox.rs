@@ -10,7 +10,7 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::ModelConfig;
 use crate::hooks::{HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, gelu_in_place, layer_norm, linear, Bf16Weight, Matrix, Rope};
+use crate::linalg::{add_assign, gelu_in_place, layer_norm, linear, Bf16Weight, Linears, Matrix, Rope};
 use crate::llama::lin;
 use crate::weights::{Table, WeightSource};
 use crate::Logits;
@@ -30,17 +30,9 @@ struct Block {
     b_down: Vec<f32>,
 }
 
-impl Block {
-    /// This block with its linear weights at `precision` ([`Matrix::set_precision`]).
-    fn at(mut self, precision: Precision) -> Self {
-        self.set_precision(precision);
-        self
-    }
-
-    fn set_precision(&mut self, precision: Precision) {
-        for w in [&mut self.wqkv, &mut self.wo, &mut self.w_up, &mut self.w_down] {
-            w.set_precision(precision);
-        }
+impl Linears for Block {
+    fn linears(&mut self) -> [&mut Matrix; 4] {
+        [&mut self.wqkv, &mut self.wo, &mut self.w_up, &mut self.w_down]
     }
 }
 
