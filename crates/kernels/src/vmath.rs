@@ -2,8 +2,9 @@
 //! tanh-GELU (GeGLU, GPT-2's `gelu_new`) and the exact erf GELU (Pythia).
 //!
 //! libm's `expf` is one call per value; over a forward pass it was 11% of the time (SiLU on every
-//! MLP activation, softmax on every attention score), and libm's `tanhf` 22% of a Gemma-2-2B forward. These loops are branch-free, so the compiler
-//! turns them into AVX-512 or AVX2 code, picked at run time. Every path does the same additions and
+//! MLP activation, softmax on every attention score), and libm's `tanhf` 22% of a Gemma-2-2B forward.
+//! These loops are branch-free, so the compiler turns them into AVX-512 or AVX2 code, picked at run
+//! time. Every path does the same additions and
 //! multiplications in the same order (no fused multiply-add), so a result does not depend on which
 //! one ran.
 
@@ -209,6 +210,14 @@ fn gelu_tanh_mul_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// `len` gate values spread over [-12, 12] and `len` up values in [-1, 1]: every path length of
+    /// the vector loops, with values far out in both tails.
+    fn gate_and_up(len: usize) -> (Vec<f32>, Vec<f32>) {
+        let gate = (0..len).map(|i| (i as f32 * 0.37).sin() * 12.0).collect();
+        let up = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+        (gate, up)
+    }
+
     fn ulps(a: f32, b: f64) -> f64 {
         let b32 = b as f32;
         let ulp = (f32::from_bits(b32.abs().to_bits() + 1) - b32.abs()) as f64;
@@ -239,8 +248,7 @@ mod tests {
     #[test]
     fn silu_mul_matches_f64_on_every_path_length() {
         for len in [0, 1, 7, 16, 33, 1000] {
-            let gate: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 12.0).collect();
-            let up: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let (gate, up) = gate_and_up(len);
             let mut out = vec![0f32; len];
             silu_mul(&gate, &up, &mut out);
             for ((&o, &g), &u) in out.iter().zip(&gate).zip(&up) {
@@ -312,8 +320,7 @@ mod tests {
     #[test]
     fn gelu_tanh_slices_match_the_scalar_on_every_path_length() {
         for len in [0, 1, 7, 16, 33, 1000] {
-            let gate: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 12.0).collect();
-            let up: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let (gate, up) = gate_and_up(len);
             let mut out = vec![0f32; len];
             gelu_tanh_mul(&gate, &up, &mut out);
             let mut inplace = gate.clone();

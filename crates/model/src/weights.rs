@@ -240,13 +240,8 @@ impl Table {
         match self {
             Table::Owned(v) => out.copy_from_slice(&v[r * out.len()..][..out.len()]),
             Table::Mapped { map, bytes, dtype, width } => {
-                let w = dtype.bitsize() / 8;
-                let row = &map[bytes.start + r * width * w..][..width * w];
-                match dtype {
-                    Dtype::BF16 => decode_into::<2>(row, out, |b| half::bf16::from_le_bytes(b).to_f32()),
-                    Dtype::F16 => decode_into::<2>(row, out, |b| half::f16::from_le_bytes(b).to_f32()),
-                    _ => decode_into::<4>(row, out, f32::from_le_bytes),
-                }
+                let w = byte_width(*dtype).expect("mapped tables are f32, bf16 or f16");
+                decode_f32_into(&map[bytes.start + r * width * w..][..width * w], *dtype, out);
             }
         }
     }
@@ -266,7 +261,7 @@ impl Table {
     fn first_non_finite(&self) -> Option<usize> {
         let Table::Mapped { map, bytes, dtype, .. } = self else { return None };
         const SLICE: usize = 1 << 20;
-        let w = dtype.bitsize() / 8;
+        let w = byte_width(*dtype)?;
         (bytes.start..bytes.end).step_by(SLICE * w).enumerate().find_map(|(i, at)| {
             let len = (SLICE * w).min(bytes.end - at);
             let found = decode_f32(&map[at..at + len], *dtype)?.iter().position(|v| !v.is_finite());
@@ -277,12 +272,6 @@ impl Table {
     }
 }
 
-fn decode_into<const W: usize>(bytes: &[u8], out: &mut [f32], value: impl Fn([u8; W]) -> f32) {
-    for (v, c) in out.iter_mut().zip(bytes.chunks_exact(W)) {
-        *v = value(c.try_into().expect("chunks_exact gives W bytes"));
-    }
-}
-
 /// Map `path` read-only.
 fn map_file(path: &Path) -> Result<Mmap> {
     let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
@@ -290,27 +279,47 @@ fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&f) }.with_context(|| format!("{}: cannot map", path.display()))
 }
 
-/// Little-endian f32 / f16 / bf16 / f64 bytes as f32 (in parallel: a 2B model is gigabytes of them);
-/// `None` for any other dtype.
-fn decode_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => decode::<4>(bytes, f32::from_le_bytes),
-        Dtype::BF16 => decode::<2>(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
-        Dtype::F16 => decode::<2>(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
-        Dtype::F64 => decode::<8>(bytes, |b| f64::from_le_bytes(b) as f32),
-        _ => return None,
-    })
+/// Bytes per element of the dtypes [`decode_f32_into`] reads; `None` for any other.
+fn byte_width(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::BF16 | Dtype::F16 => Some(2),
+        Dtype::F64 => Some(8),
+        _ => None,
+    }
 }
 
-fn decode<const W: usize>(bytes: &[u8], value: impl Fn([u8; W]) -> f32 + Sync) -> Vec<f32> {
+/// Little-endian f32 / f16 / bf16 / f64 bytes as a new f32 vector; `None` for any other dtype.
+fn decode_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    let mut out = vec![0f32; bytes.len() / byte_width(dtype)?];
+    decode_f32_into(bytes, dtype, &mut out);
+    Some(out)
+}
+
+/// Little-endian f32 / f16 / bf16 / f64 bytes as f32 into `out`, one value per element (in parallel:
+/// a 2B model is gigabytes of them); other dtypes leave `out` as it is ([`byte_width`] says which).
+fn decode_f32_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => decode::<4>(bytes, out, f32::from_le_bytes),
+        Dtype::BF16 => decode::<2>(bytes, out, |b| half::bf16::from_le_bytes(b).to_f32()),
+        Dtype::F16 => decode::<2>(bytes, out, |b| half::f16::from_le_bytes(b).to_f32()),
+        Dtype::F64 => decode::<8>(bytes, out, |b| f64::from_le_bytes(b) as f32),
+        _ => {}
+    }
+}
+
+fn decode<const W: usize>(bytes: &[u8], out: &mut [f32], value: impl Fn([u8; W]) -> f32 + Sync) {
     const CHUNK: usize = 1 << 16;
-    let mut out = vec![0f32; bytes.len() / W];
-    out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * W)).for_each(|(o, b)| {
+    let run = |o: &mut [f32], b: &[u8]| {
         for (v, c) in o.iter_mut().zip(b.chunks_exact(W)) {
             *v = value(c.try_into().expect("chunks_exact gives W bytes"));
         }
-    });
-    out
+    };
+    if out.len() <= CHUNK {
+        run(out, bytes); // one embedding row per looked-up token: no hand-off to the thread pool
+    } else {
+        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * W)).for_each(|(o, b)| run(o, b));
+    }
 }
 
 /// The value of `general.alignment` as candle would read it (an integer key of any width; a
