@@ -4,7 +4,8 @@
 # dead % and tokens/s, the total time, the model's share of it and the peak RSS, and one JSON line.
 # Needs a quiet box (every trainer and the forward share the cores).
 # Usage: bash scripts/bench-train-transcoders.sh TOKENS_DIR [tokens per layer] [layers]
-#   env: SAEKIT_BIN (a built binary; default: build --release), KEEP (a folder that keeps the trained set, for attribute), D_SAE (default 4096), K (32), BATCH (4096), BLOCK_TOKENS (8192), THREADS (2), NORM_ROWS (16384)
+#   env: SAEKIT_BIN (a built binary; default: build --release), KEEP (a folder that keeps the trained set, for attribute), D_SAE (default 4096), K (32), BATCH (4096), LR (the trainer's default), BLOCK_TOKENS (8192), THREADS (2), NORM_ROWS (16384),
+#     EVAL_TOKENS (8k: the replacement model's CE score, all 30 layers spliced and each alone, 32 forwards a batch)
 #   TOKENS_DIR from `saekit tokenize`. Memory grows with the layers: each holds its trainer (d_sae x 576
 #   weights, Adam moments, [BATCH, D_SAE] step buffers) and a few blocks of its two hooks.
 set -euo pipefail
@@ -20,13 +21,13 @@ T=${THREADS:-2}
 echo "norm_estimate_rows = ${NORM_ROWS:-16384}" > "$OUT/train.toml"
 t0=$EPOCHREALTIME
 $BIN --threads "$T" train-transcoders --layers "$LAYERS" --contexts "$DATA" --skip --config "$OUT/train.toml" \
-  --d-sae "${D_SAE:-4096}" --k "${K:-32}" --batch-size "${BATCH:-4096}" --tokens "$TOKENS" \
+  --d-sae "${D_SAE:-4096}" --k "${K:-32}" --batch-size "${BATCH:-4096}" ${LR:+--lr "$LR"} --tokens "$TOKENS" \
   --live-block-tokens "${BLOCK_TOKENS:-8192}" --checkpoint-every 0 --quiet --out "$OUT/tcs" >/dev/null 2>"$OUT/log" \
   || { cat "$OUT/log" >&2; exit 1; }
 train_s=$(python3 -c "print($EPOCHREALTIME - $t0)")
 # the replacement model (every MLP replaced) needs the whole set: only when all layers were trained
 if [ "$LAYERS" = "0-29" ]; then
-  $BIN --threads "$T" eval-model --transcoders "$OUT/tcs" --contexts "$DATA" --tokens 64k --json > "$OUT/eval.json" 2>>"$OUT/log"
+  $BIN --threads "$T" eval-model --transcoders "$OUT/tcs" --contexts "$DATA" --tokens "${EVAL_TOKENS:-8k}" --json > "$OUT/eval.json" 2>>"$OUT/log"
 else
   echo '{}' > "$OUT/eval.json"
 fi

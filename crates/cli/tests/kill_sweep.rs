@@ -15,7 +15,9 @@ use rand_chacha::ChaCha8Rng;
 
 fn saekit() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_saekit"));
-    c.env("RAYON_NUM_THREADS", "2").env_remove("RUST_LOG");
+    // f32, not `auto`: every run is compared byte for byte with a reference run, and each process would
+    // measure its own pick (on AVX512-BF16 without AMX it sits near the threshold and flips under load)
+    c.env("RAYON_NUM_THREADS", "2").env("SAEKIT_PRECISION", "f32").env_remove("RUST_LOG");
     c
 }
 

@@ -17,8 +17,11 @@ use saekit_store::{ActivationReader, ActivationStore, ReaderOptions};
 const IN: &str = "blocks.0.ln2.hook_normalized";
 const OUT: &str = "blocks.0.hook_mlp_out";
 
+/// In f32, not `auto`: runs are compared byte for byte, and each process would measure its own pick.
 fn saekit() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_saekit"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_saekit"));
+    c.env("SAEKIT_PRECISION", "f32");
+    c
 }
 
 fn ok(o: Output, what: &str) -> String {

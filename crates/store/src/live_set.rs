@@ -54,6 +54,8 @@ struct Shared {
     perm: Option<(u64, Arc<Vec<u64>>)>,
     forward_seconds: f64,
     forward_tokens: u64,
+    /// The most blocks held at once so far.
+    peak_blocks: usize,
 }
 
 impl<'m> LiveHookSet<'m> {
@@ -117,6 +119,34 @@ impl<'m> LiveHookSet<'m> {
         s.next_reader += 1;
         s.positions.insert(id, 0);
         Ok(LivePairReader { set: self, id, hooks: (i, t), epoch: 0, block: 0, served: 0, rows: None })
+    }
+
+    /// Hold at most `bytes` of rows (every hook's) at once, but never fewer than three blocks: the
+    /// block the slowest reader stands in and one each side of it. The window behind the slowest reader
+    /// and the distance a reader may run ahead of it shrink to fit; a seek further back than the window
+    /// recomputes blocks. Many readers (one per layer) would otherwise hold `2 * keep_blocks + 1`
+    /// blocks of every hook.
+    pub fn holding_at_most(mut self, bytes: usize) -> Self {
+        let blocks = bytes / self.block_bytes().max(1);
+        self.keep_blocks = self.keep_blocks.min((blocks.saturating_sub(1) / 2).max(1) as u64);
+        self
+    }
+
+    /// Bytes of one shuffle block at worst: every hook's rows of its contexts.
+    pub fn block_bytes(&self) -> usize {
+        let rows = self.block_contexts as usize * self.split.context_len().saturating_sub(1);
+        rows * self.hooks.len() * self.d_model() * std::mem::size_of::<f32>()
+    }
+
+    /// Blocks held at most while no reader seeks back: the window behind the slowest reader, its
+    /// block and the distance ahead. A reader seeking behind the window adds its own blocks meanwhile.
+    pub fn max_blocks_held(&self) -> u64 {
+        2 * self.keep_blocks + 1
+    }
+
+    /// The most blocks held at once so far.
+    pub fn peak_blocks_held(&self) -> usize {
+        self.lock().map(|s| s.peak_blocks).unwrap_or(0)
     }
 
     /// Name of the model the rows come from.
@@ -187,7 +217,9 @@ impl<'m> LiveHookSet<'m> {
             let rows = Arc::new(rows?);
             s.forward_seconds += t0.elapsed().as_secs_f64();
             s.forward_tokens += (ids.len() * self.split.context_len()) as u64;
+            self.forget_passed(&mut s);
             s.blocks.insert(index, rows);
+            s.peak_blocks = s.peak_blocks.max(s.blocks.len());
         }
     }
 

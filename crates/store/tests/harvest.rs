@@ -3,36 +3,12 @@
 
 #![cfg(feature = "model")]
 
-use std::path::{Path, PathBuf};
-
 use saekit_model::{Bf16Path, HookPoint, LoadOptions, Model, Precision};
 use saekit_store::harvest::{harvest, tokenize_options_for, HarvestOptions};
 use saekit_store::*;
 
-fn model_path() -> PathBuf {
-    let p = std::env::var_os("SAEKIT_MODEL").map(PathBuf::from).unwrap_or_else(saekit_model::default_model_path);
-    assert!(p.exists(), "real-model test: {} is missing; run scripts/fetch-model.sh or set SAEKIT_MODEL", p.display());
-    p
-}
-
-fn tokenize_texts(model: &Model, texts: &[String], opts: &TokenizeOptions, out: &Path) -> anyhow::Result<()> {
-    let encode = |t: &str| model.tokenizer().encode(t, false);
-    tokenize_corpus(
-        |sink| {
-            for (i, t) in texts.iter().enumerate() {
-                sink(Document { text: t.clone(), source: format!("t{i}"), kind: None, lang: None })?;
-            }
-            Ok(ReadStats::default())
-        },
-        &encode,
-        opts,
-        out,
-        "test",
-        &[],
-        None,
-    )?;
-    Ok(())
-}
+mod common;
+use common::{model_path, tokenize_texts};
 
 #[test]
 fn harvest_refuses_other_tokenizers_and_rebuilt_tokens() {

@@ -15,11 +15,19 @@ use super::model_arg::ModelArgs;
 /// circuit-tracer's / Neuronpedia's JSON: `--out` the pruned graph; `<stem>.full.safetensors` the full one
 /// (circuit-tracer's `Graph` tensors: the adjacency matrix, active features, tokens and logits).
 /// Llama-family models only.
+///
+/// Examples:
+///   saekit train-transcoders --layers 0-29 --contexts tokens/ --skip --d-sae 4096 --tokens 600k --out tc/
+///   saekit attribute --transcoders tc/ --prompt "The capital of France is" --out graph.json
+///   saekit attribute --transcoders tc/ --prompt "The capital of France is" --out graph.json --ablate 1234@12:4
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct AttributeArgs {
     /// A transcoder set: circuit-tracer's transcoders.yaml folder, or SAELens transcoder folders.
     #[arg(long)]
     pub transcoders: PathBuf,
+    /// The text to trace, tokenized as the model does (with its BOS when it has one); the graph explains
+    /// the logits at its last token.
     #[arg(long)]
     pub prompt: String,
     /// Logit targets: the most likely next tokens.
@@ -37,6 +45,8 @@ pub struct AttributeArgs {
     /// The graph's name in its metadata (default: the output file's stem).
     #[arg(long)]
     pub slug: Option<String>,
+    /// The pruned graph's JSON (Neuronpedia's viewer and `saekit serve` read it); the full graph goes
+    /// beside it as `<stem>.full.safetensors`.
     #[arg(long)]
     pub out: PathBuf,
     /// Ablate a feature node, `FEATURE@LAYER:POSITION` (repeatable): the real model re-runs with it at 0

@@ -28,12 +28,14 @@ use super::train_live::LiveConfig;
 /// Ctrl-C checkpoints every layer; `--resume OUT` continues each layer where it stopped (a finished
 /// layer is skipped) and ends with the weights an uninterrupted run writes.
 ///
-/// Memory: every layer's trainer is held at once, plus the shuffle blocks (--live-block-tokens,
-/// default 8192 here; 30 layers x 2 hooks x 8192 rows x d_model 576 x 4 bytes = 1.1 GB a block) that
-/// lie between the slowest and the fastest trainer, up to 4 GiB of rows behind the slowest. Each
-/// trainer first reads `norm_estimate_rows` rows ahead (default 65,536) and goes back; when that
-/// read-ahead of every layer does not fit in those 4 GiB (65,536 rows x 60 hooks is 9 GB), the blocks
-/// it spans are computed a second time; a config with `norm_estimate_rows = 16384` avoids it at 30 layers.
+/// Memory: every layer's trainer is held at once (its weights, Adam moments and step buffers), plus
+/// at most 4 GiB of shuffle blocks (--live-block-tokens, default 8192 here; 30 layers x 2 hooks x
+/// 8192 rows x d_model 576 x 4 bytes = 1.1 GB a block): the block the slowest trainer reads, a window
+/// behind it for seeks back and as far ahead as the others may run, never fewer than one each side.
+/// Each trainer first reads `norm_estimate_rows` rows ahead (default 65,536) and goes back; blocks of
+/// that read-ahead that left the window are computed a second time (`norm_estimate_rows = 16384`
+/// keeps it to one block at 30 layers). All 30 layers of SmolLM2 at --d-sae 4096 peak at 9.8 GB
+/// resident with --batch-size 2048 and 11.1 GB with 4096 (BENCHMARKS.md).
 ///
 /// Examples:
 ///   saekit tokenize corpus/ -o tokens/
@@ -56,11 +58,12 @@ const RUN_CONFIG: &str = "train_transcoders.toml";
 const SUMMARY: &str = "summary.json";
 /// Shuffle block when none is given: smaller than `train --live`'s, since every layer's rows are held.
 const BLOCK_TOKENS: usize = 8192;
-/// Bytes of live rows kept behind the slowest trainer (and how far the others may run ahead).
+/// Bytes of live rows held at once: behind the slowest trainer, its block and ahead of it.
 const KEEP_BYTES: usize = 4 << 30;
 
 pub fn run(a: TrainTranscodersArgs) -> Result<()> {
     refuse_other_sources(&a.train)?;
+    return_freed_blocks_to_the_system();
     let (dir, layers_text, mut c, live) = run_config(&a)?;
     let Some(contexts) = live.contexts.clone() else {
         bail!("train-transcoders reads the model's rows live: pass --contexts TOKENS_DIR (from `saekit tokenize`)");
@@ -102,7 +105,7 @@ pub fn run(a: TrainTranscodersArgs) -> Result<()> {
             share: Default::default(),
         };
         let hooks = pending.iter().flat_map(|&l| [HookPoint::Ln2Normalized(l), HookPoint::MlpOut(l)]).collect();
-        let set = saekit_store::live_set::LiveHookSet::new(&model, &data, hooks, opts)?;
+        let set = saekit_store::live_set::LiveHookSet::new(&model, &data, hooks, opts)?.holding_at_most(KEEP_BYTES);
         eprintln!(
             "training {} transcoders (layers {}) on {} ({} contexts of {}, {} shuffle blocks per epoch); {} already done",
             pending.len(),
@@ -129,6 +132,19 @@ pub fn run(a: TrainTranscodersArgs) -> Result<()> {
     report(&summary);
     println!("{}", dir.display());
     Ok(())
+}
+
+/// glibc's malloc raises its mmap threshold each time it frees a large mapping, then serves blocks of
+/// that size from per-thread arenas, which keep freed pages. With a trainer thread per layer and every
+/// shuffle block's rows (60 hooks x ~19 MB at 30 layers) allocated and freed by whichever thread ran the
+/// forward, resident memory grew past 20 GB while 11 GB was live. A fixed threshold maps every
+/// allocation over 1 MiB on its own and unmaps it when freed.
+fn return_freed_blocks_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes a malloc tunable; no allocation is in flight on another thread yet
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
 }
 
 /// The layers trained in this process and the shared forward's cost.
@@ -202,7 +218,8 @@ fn has_checkpoint(out: &Path) -> bool {
     saekit_sae::checkpoint::list(out).is_ok_and(|l| !l.is_empty())
 }
 
-/// Rows of every hook kept behind the slowest trainer: its read-ahead when that fits `KEEP_BYTES`.
+/// Rows of every hook kept behind the slowest trainer: its read-ahead when that fits `KEEP_BYTES` (the
+/// set then shrinks its window to hold at most `KEEP_BYTES` in all).
 fn keep_rows(layers: usize, d_model: usize, c: &TrainConfig) -> usize {
     let row_bytes = 2 * layers * d_model * 4;
     c.prepare_rows().min(KEEP_BYTES / row_bytes.max(1)).max(1)
