@@ -26,5 +26,5 @@ pub mod transcoder;
 pub use attribution::{attribute, AttributeOptions, Attribution};
 pub use error::{CircuitsError, CircuitsResult};
 pub use intervention::{intervene, top_tokens, Intervention};
-pub use replacement::{evaluate_replacement, replacement_forward, ReplacementEval, Splice};
+pub use replacement::{evaluate_replacement, replacement_forward, ReplacementEval, ReplacementEvalOptions, Splice};
 pub use transcoder::{Transcoder, TranscoderActivation, TranscoderSet};

@@ -6,6 +6,12 @@
 //! MLPs' outputs, KL is `mean over positions of KL(clean ‖ spliced)`. "All" replaces every MLP at once
 //! (each transcoder reads the replacement model's own residual stream); "per layer" replaces one MLP.
 //! FVU is the transcoder's on the clean pass, against its target (the MLP's output).
+//!
+//! Attention sinks (position 0, BOS / end-of-text / EOS, and rows whose MLP output is above 10x the
+//! median norm) keep the real MLP's output in every pass, replaced or ablated, and are left out of the FVU,
+//! as `saekit eval` leaves an SAE's sinks clean: their outputs are orders of magnitude larger than the
+//! rest (99.98% of the variance of SmolLM2's layer-11 MLP output on 0.8% of rows) and the trainer leaves
+//! them out of training.
 
 use std::sync::Mutex;
 
@@ -25,12 +31,15 @@ pub struct Splice<'a> {
     pub ablate: Vec<bool>,
     /// Frozen error terms `[layer][rows * d_model]` added to replaced MLPs' outputs (from [`error_terms`]).
     pub errors: Option<&'a [Vec<f32>]>,
+    /// `keep[l][row]`: that row of block `l`'s MLP output stays the real MLP's, replaced or ablated
+    /// (the attention sinks: [`sink_masks`]).
+    pub keep: Option<&'a [Vec<bool>]>,
 }
 
 impl Splice<'_> {
     /// Nothing replaced or ablated: the real model.
     pub fn clean(n_layers: usize) -> Self {
-        Splice { replace: vec![false; n_layers], ablate: vec![false; n_layers], errors: None }
+        Splice { replace: vec![false; n_layers], ablate: vec![false; n_layers], errors: None, keep: None }
     }
 
     /// Every MLP replaced by its transcoder (no error terms).
@@ -84,6 +93,7 @@ pub fn replacement_forward(
     let mut hooks = Hooks::new();
     for (l, tc) in set.layers.iter().enumerate() {
         let inp = &inputs[l];
+        let keep = splice.keep.map(|k| k[l].as_slice());
         if splice.replace.get(l) == Some(&true) {
             hooks.add(tc.input_hook, move |_, x| {
                 *inp.lock().map_err(|_| anyhow!("hook lock poisoned"))? = x.to_vec();
@@ -92,23 +102,65 @@ pub fn replacement_forward(
             let err = splice.errors.map(|e| &e[l]);
             hooks.add(HookPoint::MlpOut(l), move |_, out| {
                 let x = inp.lock().map_err(|_| anyhow!("hook lock poisoned"))?;
-                out.copy_from_slice(&tc.forward(&x));
-                if let Some(e) = err {
-                    if e.len() != out.len() {
-                        bail!("error term of layer {l} has {} values, the pass {}", e.len(), out.len());
+                let replaced = tc.forward(&x);
+                if let Some(e) = err.filter(|e| e.len() != out.len()) {
+                    bail!("error term of layer {l} has {} values, the pass {}", e.len(), out.len());
+                }
+                let d = tc.d_out;
+                for (row, (o, r)) in out.chunks_mut(d).zip(replaced.chunks(d)).enumerate() {
+                    if !kept(keep, row) {
+                        o.copy_from_slice(r);
+                        if let Some(e) = err {
+                            o.iter_mut().zip(&e[row * d..(row + 1) * d]).for_each(|(o, e)| *o += e);
+                        }
                     }
-                    out.iter_mut().zip(e).for_each(|(o, e)| *o += e);
                 }
                 Ok(())
             });
         } else if splice.ablate.get(l) == Some(&true) {
-            hooks.add(HookPoint::MlpOut(l), |_, out| {
-                out.fill(0.0);
+            let d = tc.d_out;
+            hooks.add(HookPoint::MlpOut(l), move |_, out| {
+                out.chunks_mut(d).enumerate().filter(|(row, _)| !kept(keep, *row)).for_each(|(_, o)| o.fill(0.0));
                 Ok(())
             });
         }
     }
     Ok(model.forward(tokens, batch, &mut model.new_cache(batch), &mut hooks, logits)?)
+}
+
+/// Whether `row` keeps the real MLP's output.
+fn kept(keep: Option<&[bool]>, row: usize) -> bool {
+    keep.is_some_and(|k| k.get(row) == Some(&true))
+}
+
+/// The rows each MLP leaves to the real model, `[layer][rows]`, for a block of whole contexts of `seq`
+/// tokens: position 0 and the tokenizer's sink tokens in every layer, then in each layer the rows whose
+/// clean MLP output (`mlp_out[l]`, `[rows * d_model]`) is above `norm_factor` x that layer's median norm
+/// in the block (0: none), the rule the trainer leaves rows out of training by. The tokens are those
+/// `saekit eval` keeps clean for an SAE: EOS, end of text, and BOS when the model adds one.
+pub fn sink_masks(model: &Model, tokens: &[u32], seq: usize, mlp_out: &[Vec<f32>], norm_factor: f32) -> Vec<Vec<bool>> {
+    let tok = model.tokenizer();
+    let sink_ids = [Some(tok.eos_token_id()), tok.end_of_text_id(), tok.bos_token_id().filter(|_| tok.add_bos())];
+    let by_token: Vec<bool> =
+        tokens.iter().enumerate().map(|(i, &t)| i % seq == 0 || sink_ids.contains(&Some(t))).collect();
+    let d = model.config().d_model;
+    mlp_out
+        .iter()
+        .map(|y| {
+            let norms: Vec<f32> = y.chunks(d).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+            let limit = norm_factor * median(&norms);
+            by_token.iter().zip(&norms).map(|(&sink, &n)| sink || (norm_factor > 0.0 && n > limit)).collect()
+        })
+        .collect()
+}
+
+fn median(v: &[f32]) -> f32 {
+    let mut v = v.to_vec();
+    let mid = v.len() / 2;
+    if v.is_empty() {
+        return 0.0;
+    }
+    *v.select_nth_unstable_by(mid, f32::total_cmp).1
 }
 
 /// Per layer, one activation `[rows * width]`.
@@ -175,6 +227,31 @@ pub struct ReplacementEval {
     pub all: SpliceScore,
     /// One MLP replaced at a time.
     pub per_layer: Vec<SpliceScore>,
+    /// Rows (tokens) evaluated.
+    pub n_rows: u64,
+    /// Per layer, the rows whose MLP output stayed the real MLP's (the sinks; 0 with `keep_sinks` off).
+    pub sink_rows: Vec<u64>,
+}
+
+/// How [`evaluate_replacement`] runs.
+#[derive(Debug, Clone)]
+pub struct ReplacementEvalOptions {
+    /// Contexts per forward pass.
+    pub batch: usize,
+    /// Also replace, then ablate, each MLP alone: two more passes per layer.
+    pub per_layer: bool,
+    /// Leave the attention sinks to the real MLPs ([`sink_masks`]); false replaces every row.
+    pub keep_sinks: bool,
+    /// With `keep_sinks`: rows above this multiple of a layer's median MLP-output norm are sinks too.
+    pub sink_norm_factor: f32,
+    /// Draw a progress bar.
+    pub progress: bool,
+}
+
+impl Default for ReplacementEvalOptions {
+    fn default() -> Self {
+        ReplacementEvalOptions { batch: 4, per_layer: true, keep_sinks: true, sink_norm_factor: 10.0, progress: false }
+    }
 }
 
 /// CE and KL sums of one spliced pass against the clean log-probabilities.
@@ -184,17 +261,14 @@ struct Sums {
     kl: f64,
 }
 
-/// Evaluate the replacement model on `tokens` (`n` contexts of `seq` tokens), `batch` contexts per pass;
-/// `per_layer` adds one replaced and one ablated pass per layer. A set of the first blocks only replaces
-/// (and ablates) those MLPs.
+/// Evaluate the replacement model on `tokens` (`n` contexts of `seq` tokens). A set of the first blocks
+/// only replaces (and ablates) those MLPs.
 pub fn evaluate_replacement(
     model: &Model,
     set: &TranscoderSet,
     tokens: &[u32],
     seq: usize,
-    batch: usize,
-    per_layer: bool,
-    progress: bool,
+    opts: &ReplacementEvalOptions,
 ) -> CircuitsResult<ReplacementEval> {
     check_layers(model, set, true)?;
     if seq < 2 || tokens.is_empty() || !tokens.len().is_multiple_of(seq) {
@@ -206,37 +280,40 @@ pub fn evaluate_replacement(
     let n = set.layers.len();
     let vocab = model.config().vocab_size;
     let n_ctx = tokens.len() / seq;
-    let b = batch.max(1);
-    let pb = if progress { indicatif::ProgressBar::new(n_ctx as u64) } else { indicatif::ProgressBar::hidden() };
+    let b = opts.batch.max(1);
+    let pb = if opts.progress { indicatif::ProgressBar::new(n_ctx as u64) } else { indicatif::ProgressBar::hidden() };
     let (mut ce_clean, mut all_r, mut all_a) = (0f64, Sums::default(), Sums::default());
     let mut layer_r = vec![Sums::default(); n];
     let mut layer_a = vec![Sums::default(); n];
     let mut fvu = vec![(0f64, 0f64); n];
+    let mut sink_rows = vec![0u64; n];
     for c0 in (0..n_ctx).step_by(b) {
         let nb = b.min(n_ctx - c0);
         let tk = &tokens[c0 * seq..(c0 + nb) * seq];
+        let (ins, outs) = clean_mlp_io(model, set, tk, nb)?;
+        let keep = opts.keep_sinks.then(|| sink_masks(model, tk, seq, &outs, opts.sink_norm_factor));
+        let base = Splice { keep: keep.as_deref(), ..Splice::clean(n) };
         let run = |s: &Splice| -> Result<Vec<f32>> {
             let mut l = replacement_forward(model, set, tk, nb, s, Logits::All)?;
             log_softmax_rows(&mut l, vocab);
             Ok(l)
         };
-        let clean = run(&Splice::clean(n))?;
+        let clean = run(&base)?;
         ce_clean += ce_and_kl(&clean, &clean, tk, seq, vocab).ce;
-        add(&mut all_r, ce_and_kl(&clean, &run(&Splice::replace_all(n))?, tk, seq, vocab));
-        let ablate_all = Splice { ablate: vec![true; n], ..Splice::clean(n) };
-        add(&mut all_a, ce_and_kl(&clean, &run(&ablate_all)?, tk, seq, vocab));
-        if per_layer {
-            for l in 0..n {
-                let mut one = Splice::clean(n);
+        add(&mut all_r, ce_and_kl(&clean, &run(&Splice { replace: vec![true; n], ..base.clone() })?, tk, seq, vocab));
+        add(&mut all_a, ce_and_kl(&clean, &run(&Splice { ablate: vec![true; n], ..base.clone() })?, tk, seq, vocab));
+        for l in 0..n {
+            let keep_l = keep.as_ref().map(|k| k[l].as_slice());
+            sink_rows[l] += keep_l.map_or(0, |k| k.iter().filter(|&&s| s).count() as u64);
+            if opts.per_layer {
+                let mut one = base.clone();
                 one.replace[l] = true;
                 add(&mut layer_r[l], ce_and_kl(&clean, &run(&one)?, tk, seq, vocab));
-                let mut one = Splice::clean(n);
+                let mut one = base.clone();
                 one.ablate[l] = true;
                 add(&mut layer_a[l], ce_and_kl(&clean, &run(&one)?, tk, seq, vocab));
-            }
-            let (ins, outs) = clean_mlp_io(model, set, tk, nb)?;
-            for (l, t) in set.layers.iter().enumerate() {
-                let (sse, var) = residual_and_variance(&outs[l], &t.forward(&ins[l]), t.d_out);
+                let t = &set.layers[l];
+                let (sse, var) = residual_and_variance(&outs[l], &t.forward(&ins[l]), t.d_out, keep_l);
                 fvu[l].0 += sse;
                 fvu[l].1 += var;
             }
@@ -259,7 +336,7 @@ pub fn evaluate_replacement(
             fvu,
         }
     };
-    let per_layer = if per_layer {
+    let per_layer = if opts.per_layer {
         (0..n).map(|l| score(l.to_string(), layer_r[l], layer_a[l], Some(fvu[l].0 / fvu[l].1))).collect()
     } else {
         Vec::new()
@@ -270,6 +347,8 @@ pub fn evaluate_replacement(
         ce_loss_clean: ce_clean,
         all: score("all".into(), all_r, all_a, None),
         per_layer,
+        n_rows: tokens.len() as u64,
+        sink_rows,
     })
 }
 
@@ -278,15 +357,16 @@ fn add(acc: &mut Sums, s: Sums) {
     acc.kl += s.kl;
 }
 
-/// `(Σ‖y − ŷ‖², Σ‖y − mean(y)‖²)` over the rows of one batch.
-fn residual_and_variance(y: &[f32], yhat: &[f32], d: usize) -> (f64, f64) {
-    let rows = (y.len() / d).max(1);
+/// `(Σ‖y − ŷ‖², Σ‖y − mean(y)‖²)` over the rows of one batch that are not kept (the sinks).
+fn residual_and_variance(y: &[f32], yhat: &[f32], d: usize, keep: Option<&[bool]>) -> (f64, f64) {
+    let rows = || y.chunks(d).zip(yhat.chunks(d)).enumerate().filter(|(i, _)| !kept(keep, *i)).map(|(_, r)| r);
+    let n = rows().count().max(1) as f64;
     let mut mean = vec![0f64; d];
-    for r in y.chunks(d) {
-        mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / rows as f64);
+    for (r, _) in rows() {
+        mean.iter_mut().zip(r).for_each(|(m, v)| *m += *v as f64 / n);
     }
-    let sse = y.iter().zip(yhat).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let var = y.chunks(d).flat_map(|r| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2))).sum();
+    let sse = rows().flat_map(|(a, b)| a.iter().zip(b)).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let var = rows().flat_map(|(r, _)| r.iter().zip(&mean).map(|(v, m)| (*v as f64 - m).powi(2))).sum();
     (sse, var)
 }
 

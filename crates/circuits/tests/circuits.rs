@@ -17,7 +17,8 @@ use saekit_circuits::graph_json::{graph_json, write_graph_files, GraphMeta};
 use saekit_circuits::prune::prune;
 use saekit_circuits::replacement::{error_terms, replacement_forward, Splice};
 use saekit_circuits::{
-    attribute, evaluate_replacement, AttributeOptions, Attribution, Transcoder, TranscoderActivation, TranscoderSet,
+    attribute, evaluate_replacement, AttributeOptions, Attribution, ReplacementEvalOptions, Transcoder,
+    TranscoderActivation, TranscoderSet,
 };
 use saekit_model::linalg::dot;
 use saekit_model::{HookPoint, Hooks, LoadOptions, Logits, Model};
@@ -164,17 +165,46 @@ fn replacement_model_with_error_terms_is_the_real_model() {
 }
 
 #[test]
+fn kept_rows_keep_the_real_mlp_output() {
+    let m = model();
+    let ids = prompt_ids();
+    let set = random_set(&m, 96, false, TranscoderActivation::Relu, 5);
+    let n = set.layers.len();
+    let v = m.config().vocab_size;
+    // position 0 kept in every layer: it attends only to itself, so its logits are the real model's
+    let keep: Vec<Vec<bool>> = (0..n).map(|_| (0..ids.len()).map(|i| i == 0).collect()).collect();
+    let forward = |s: &Splice| replacement_forward(&m, &set, &ids, 1, s, Logits::All).unwrap();
+    let clean = forward(&Splice::clean(n));
+    let kept = forward(&Splice { keep: Some(&keep), ..Splice::replace_all(n) });
+    let bare = forward(&Splice::replace_all(n));
+    assert!(rel_l2(&kept[..v], &clean[..v]) < 1e-6, "position 0 kept: {:.2e}", rel_l2(&kept[..v], &clean[..v]));
+    assert!(rel_l2(&bare[..v], &clean[..v]) > 1e-2);
+    // the next position is replaced: the mask is per row, not per pass
+    assert!(rel_l2(&kept[v..2 * v], &clean[v..2 * v]) > 1e-2);
+    let ablated = forward(&Splice { keep: Some(&keep), ablate: vec![true; n], ..Splice::clean(n) });
+    assert!(rel_l2(&ablated[..v], &clean[..v]) < 1e-6);
+    assert!(rel_l2(&ablated[v..2 * v], &clean[v..2 * v]) > 1e-2);
+}
+
+#[test]
 fn replacement_eval_reports_every_layer() {
     let m = model();
     let ids = prompt_ids();
     let seq = 21;
     let tokens = &ids[..2 * seq];
     let set = random_set(&m, 96, false, TranscoderActivation::Relu, 5);
-    let r = evaluate_replacement(&m, &set, tokens, seq, 2, true, false).unwrap();
+    let opts = ReplacementEvalOptions { batch: 2, ..Default::default() };
+    let r = evaluate_replacement(&m, &set, tokens, seq, &opts).unwrap();
     assert_eq!(r.per_layer.len(), set.layers.len());
     assert_eq!(r.n_predicted, 2 * (seq as u64 - 1));
     assert!(r.ce_loss_clean.is_finite() && r.ce_loss_clean > 0.0);
     assert!(r.all.kl_div_replaced > 0.0 && r.all.ce_loss_replaced.is_finite());
+    // position 0 of both contexts at least, in every layer
+    assert!(r.sink_rows.iter().all(|&s| s >= 2), "{:?}", r.sink_rows);
+    let every_row =
+        evaluate_replacement(&m, &set, tokens, seq, &ReplacementEvalOptions { keep_sinks: false, ..opts }).unwrap();
+    assert!(every_row.sink_rows.iter().all(|&s| s == 0));
+    assert!(every_row.all.kl_div_replaced > r.all.kl_div_replaced, "replacing the sinks too costs more");
     for s in &r.per_layer {
         let fvu = s.fvu.unwrap();
         assert!(fvu.is_finite() && fvu > 0.0, "{s:?}");

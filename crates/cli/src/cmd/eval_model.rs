@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use saekit_analysis::{eval_model, ModelEvalOptions};
-use saekit_circuits::{evaluate_replacement, TranscoderSet};
+use saekit_circuits::{evaluate_replacement, ReplacementEvalOptions, TranscoderSet};
 use saekit_model::{Model, Precision};
 use saekit_sae::load_sae;
 use saekit_store::TokenDataset;
@@ -19,7 +19,8 @@ use super::model_arg::{ModelArgs, PrecisionArgs};
 /// and special tokens (attention sinks) keep their clean activation in the splice and are excluded
 /// from the reconstruction metrics. With `--transcoders DIR`: the replacement model, every MLP replaced by its
 /// transcoder at once and one at a time, CE loss score and KL(clean || replaced) against zero-ablating the
-/// same MLPs, and each transcoder's FVU.
+/// same MLPs, and each transcoder's FVU; the sinks' rows (as above, by each MLP's output norm) keep the
+/// real MLP's output there too, unless --splice-sinks.
 #[derive(Args, Debug)]
 pub struct EvalModelArgs {
     /// SAE folder or params.npz.
@@ -113,7 +114,14 @@ fn run_transcoders(a: &EvalModelArgs, dir: &Path) -> Result<()> {
     let seq = split.context_len();
     let n = n_tokens.div_ceil(seq as u64).max(1).min(split.n_contexts());
     let tokens: Vec<u32> = (0..n).flat_map(|c| split.context(c).to_vec()).collect();
-    let r = evaluate_replacement(&model, &set, &tokens, seq, a.batch, !a.no_per_layer, !a.json)?;
+    let opts = ReplacementEvalOptions {
+        batch: a.batch,
+        per_layer: !a.no_per_layer,
+        keep_sinks: !a.splice_sinks,
+        sink_norm_factor: a.sink_norm_factor,
+        progress: !a.json,
+    };
+    let r = evaluate_replacement(&model, &set, &tokens, seq, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&with_precision(&r, precision)?)?);
         return Ok(());
@@ -126,6 +134,8 @@ fn run_transcoders(a: &EvalModelArgs, dir: &Path) -> Result<()> {
         precision.name()
     );
     println!("ce_loss_clean {:.4}", r.ce_loss_clean);
+    let sinks = r.sink_rows.iter().sum::<u64>() as f64 / r.sink_rows.len().max(1) as f64;
+    println!("sink rows left to the real MLPs: {sinks:.1} of {} per layer", r.n_rows);
     println!(
         "{:<6} {:>12} {:>12} {:>9} {:>10} {:>10} {:>7}",
         "layers", "ce_replaced", "ce_ablated", "ce_score", "kl_repl", "kl_abl", "fvu"
