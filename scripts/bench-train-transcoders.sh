@@ -5,7 +5,7 @@
 # Needs a quiet box (every trainer and the forward share the cores).
 # Usage: bash scripts/bench-train-transcoders.sh TOKENS_DIR [tokens per layer] [layers]
 #   env: SAEKIT_BIN (a built binary; default: build --release), KEEP (a folder that keeps the trained set, for attribute), D_SAE (default 4096), K (32), BATCH (4096), LR (the trainer's default), BLOCK_TOKENS (8192), THREADS (2), NORM_ROWS (16384),
-#     EVAL_TOKENS (8k: the replacement model's CE score, all 30 layers spliced and each alone, 32 forwards a batch)
+#     EVAL_TOKENS (8k: the replacement model's CE score, all 30 layers spliced and each alone, 64 forwards a batch of 4 contexts)
 #   TOKENS_DIR from `saekit tokenize`. Memory grows with the layers: each holds its trainer (d_sae x 576
 #   weights, Adam moments, [BATCH, D_SAE] step buffers) and a few blocks of its two hooks.
 set -euo pipefail
