@@ -124,11 +124,7 @@ pub fn sae_hook(model: &Model, sae: &Sae, sae_label: &str, hook: Option<HookPoin
 /// of its rows are ordinary (measured in saekit-store's `tests/harvest.rs`).
 pub fn sink_rows(model: &Model, tokens: &[u32], seq: usize) -> Vec<bool> {
     let tok = model.tokenizer();
-    let bos = tok.bos_token_id().filter(|_| tok.add_bos());
-    let eos = tok.eos_token_id();
-    let is_sink =
-        |i: usize, t: u32| i.is_multiple_of(seq) || t == eos || Some(t) == tok.end_of_text_id() || Some(t) == bos;
-    tokens.iter().enumerate().map(|(i, &t)| is_sink(i, t)).collect()
+    tokens.iter().enumerate().map(|(i, &t)| i.is_multiple_of(seq) || tok.is_sink_token(t)).collect()
 }
 
 /// Rows whose L2 norm exceeds this multiple of the block's median norm are treated as sinks too

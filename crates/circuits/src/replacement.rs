@@ -137,12 +137,11 @@ fn kept(keep: Option<&[bool]>, row: usize) -> bool {
 /// tokens: position 0 and the tokenizer's sink tokens in every layer, then in each layer the rows whose
 /// clean MLP output (`mlp_out[l]`, `[rows * d_model]`) is above `norm_factor` x that layer's median norm
 /// in the block (0: none), the rule the trainer leaves rows out of training by. The tokens are those
-/// `saekit eval` keeps clean for an SAE: EOS, end of text, and BOS when the model adds one.
+/// `saekit eval` keeps clean for an SAE ([`saekit_model::Tokenizer::is_sink_token`]).
 pub fn sink_masks(model: &Model, tokens: &[u32], seq: usize, mlp_out: &[Vec<f32>], norm_factor: f32) -> Vec<Vec<bool>> {
     let tok = model.tokenizer();
-    let sink_ids = [Some(tok.eos_token_id()), tok.end_of_text_id(), tok.bos_token_id().filter(|_| tok.add_bos())];
     let by_token: Vec<bool> =
-        tokens.iter().enumerate().map(|(i, &t)| i % seq == 0 || sink_ids.contains(&Some(t))).collect();
+        tokens.iter().enumerate().map(|(i, &t)| i.is_multiple_of(seq) || tok.is_sink_token(t)).collect();
     let d = model.config().d_model;
     mlp_out
         .iter()

@@ -133,6 +133,13 @@ impl Tokenizer {
         self.add_bos
     }
 
+    /// Whether attention sinks form on `id` wherever it stands: EOS, end of text, and BOS when the
+    /// model adds one. (A chat model's nominal BOS that opens every turn is not: most of its rows are
+    /// ordinary.)
+    pub fn is_sink_token(&self, id: u32) -> bool {
+        id == self.eos_token_id || Some(id) == self.end_of_text_id || (self.add_bos && Some(id) == self.bos_token_id)
+    }
+
     /// Whether `id` is a special or control token (a chat marker, BOS, end of text).
     pub fn is_special(&self, id: u32) -> bool {
         self.special_ids.contains(&id)
