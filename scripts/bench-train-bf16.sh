@@ -23,6 +23,7 @@ for P in f32 bf16; do
   "$BIN" --gemm-only --threads 2 --d-sae 16384 --batch 4096 --precision $P
 done
 for P in f32 bf16; do
+  rm -rf "$OUT/saekit_topk_$P"   # an earlier run's output: the trainer refuses to overwrite it
   "$BIN" --acts "$OUT/train.npy" --eval "$OUT/eval.npy" --d-sae 16384 --k 32 --batch 4096 --threads 2 \
     --tokens $TOKENS --precision $P --out "$OUT/saekit_topk_$P" | grep RESULT
   echo "== $(date -u) $(uptime)"

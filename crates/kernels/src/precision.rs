@@ -2,6 +2,7 @@
 //! what this CPU will do, once.
 
 use crate::{gemm_bf16, Bf16Path, PackedB};
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -98,8 +99,12 @@ impl Precision {
 /// exists). AMX is taken without measuring: it ran 3.0-3.7x the f32 GEMM on every benchmark shape
 /// (BENCHMARKS.md), and a pick that cannot flip keeps every rank of an MPI job and every resume on the
 /// same numerics (the ratio reported is then `f64::INFINITY`). AVX512-BF16 alone, whose `vdpbf16ps`
-/// runs at full rate on some CPUs and at a third on others, is measured once per process on an
-/// SAE-encoder-like product (512 x 576 x 4096), best of three runs each, about 50 ms.
+/// runs at full rate on some CPUs (2.1x f32 on AMD Zen 5) and at a third on others (Intel Sapphire
+/// Rapids), is measured on an SAE-encoder-like product (512 x 576 x 4096), best of three runs each,
+/// about 50 ms, once per machine: the ratio is kept in [`auto_cache_file`], so two runs of the same
+/// command on one machine pick the same precision even when the machine is busy during one of them
+/// (a fresh measurement per process flipped near the threshold under load). Delete the file to
+/// measure again.
 pub fn auto_precision() -> (Precision, f64) {
     static PICK: OnceLock<(Precision, f64)> = OnceLock::new();
     *PICK.get_or_init(|| {
@@ -107,11 +112,72 @@ pub fn auto_precision() -> (Precision, f64) {
         if path == Bf16Path::Amx {
             return (Precision::Bf16(path), f64::INFINITY);
         }
-        let speedup = probe_speedup(path);
+        let file = auto_cache_file(path);
+        let speedup = match file.as_deref().and_then(read_speedup) {
+            Some(kept) => kept,
+            None => {
+                let measured = probe_speedup(path);
+                if let Some(f) = &file {
+                    write_speedup(f, measured);
+                }
+                measured
+            }
+        };
         let pick = if speedup >= AUTO_MIN_SPEEDUP { Precision::Bf16(path) } else { Precision::F32 };
-        tracing::debug!(path = path.name(), speedup, pick = pick.name(), "precision auto");
+        tracing::debug!(path = path.name(), speedup, pick = pick.name(), file = ?file, "precision auto");
         (pick, speedup)
     })
+}
+
+/// Where `auto` keeps this machine's measured bf16 / f32 ratio for `path`:
+/// `$SAEKIT_CACHE/precision-auto-HASH.txt` (else `~/.cache/saekit/...`), the hash over the CPU's model
+/// name and flags, the path and this crate's version, so another CPU or another kernel measures anew.
+/// `None` without a home directory.
+pub fn auto_cache_file(path: Bf16Path) -> Option<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let dir = match std::env::var_os("SAEKIT_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache").join("saekit"),
+    };
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_line = |key: &str| cpuinfo.lines().find(|l| l.starts_with(key)).unwrap_or_default().to_string();
+    // FNV-1a: a hash that stays the same across Rust releases, unlike std's DefaultHasher
+    let mut h = Fnv1a(0xcbf2_9ce4_8422_2325);
+    (cpu_line("model name"), cpu_line("flags"), path.name(), env!("CARGO_PKG_VERSION")).hash(&mut h);
+    Some(dir.join(format!("precision-auto-{:016x}.txt", h.finish())))
+}
+
+struct Fnv1a(u64);
+
+impl std::hash::Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// The ratio kept in `file`, if it holds one (a missing or damaged file is measured again).
+fn read_speedup(file: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().next()?.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s > 0.0)
+}
+
+/// Keep `speedup` in `file`, written whole or not at all (a temporary file renamed over it); a
+/// cache that cannot be written costs only a measurement next time.
+fn write_speedup(file: &Path, speedup: f64) {
+    let Some(dir) = file.parent() else { return };
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let text = format!("{speedup}\nbf16 / f32 GEMM time ratio measured by saekit's `--precision auto` on this machine; delete to measure again\n");
+    let kept =
+        std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&tmp, text)).and_then(|_| std::fs::rename(&tmp, file));
+    if let Err(e) = kept {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!(file = %file.display(), error = %e, "precision auto: ratio not kept");
+    }
 }
 
 fn probe_speedup(path: Bf16Path) -> f64 {
@@ -162,5 +228,35 @@ fn f32_gemm_abt(a: &[f32], m: usize, k: usize, w: &[f32], n: usize, c: &mut [f32
             false,
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_ratio_reads_back_and_a_damaged_one_is_measured_again() {
+        let dir = std::env::temp_dir().join(format!("saekit-precision-test-{}", std::process::id()));
+        let file = dir.join("nested").join("precision-auto-test.txt");
+        assert_eq!(read_speedup(&file), None, "no file yet");
+        write_speedup(&file, 1.2875);
+        assert_eq!(read_speedup(&file), Some(1.2875));
+        for damaged in ["", "fast\n", "-1\n", "NaN\n", "inf\n"] {
+            std::fs::write(&file, damaged).unwrap();
+            assert_eq!(read_speedup(&file), None, "{damaged:?}");
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(file.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "the temporary file was renamed, not left behind");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn each_path_has_its_own_cache_file_and_the_name_is_stable() {
+        let (a, b) = (auto_cache_file(Bf16Path::Avx512Bf16), auto_cache_file(Bf16Path::Reference));
+        if let (Some(a), Some(b)) = (a, b) {
+            assert_ne!(a, b);
+            assert_eq!(Some(a), auto_cache_file(Bf16Path::Avx512Bf16));
+        }
     }
 }

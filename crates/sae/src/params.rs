@@ -2,6 +2,8 @@
 //! both Adam moments (llm.c's `ParameterTensors`): the names and shapes are spelled out here once,
 //! and the checkpoint writer and reader walk them.
 
+use rayon::prelude::*;
+
 /// One value per trainable tensor of an SAE or a transcoder.
 ///
 /// Shapes (row-major, latent-major like sparsify's `encoder.weight`):
@@ -75,10 +77,22 @@ impl<T> Params<T> {
     }
 }
 
+/// `n` zeros, each page written once (in parallel) before anyone reads it.
+fn written_zeros(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
+    // SAFETY: the loop above initialised all `n` values.
+    unsafe { v.set_len(n) };
+    v
+}
+
 impl Params<Vec<f32>> {
-    /// Zeros of the same shapes (a fresh Adam moment).
+    /// Zeros of the same shapes (a fresh Adam moment), written now rather than left to the
+    /// allocator: `vec![0.0; n]` maps the kernel's shared zero page, so Adam's first step, which reads
+    /// then writes every moment, paid a copy-on-write fault and a TLB shootdown per 4 KiB page (6% of
+    /// a 20-step training run's time on a 2-vCPU VM, `perf record`).
     pub fn zeros_like(&self) -> Params<Vec<f32>> {
-        self.map(|t| vec![0.0; t.len()])
+        self.map(|t| written_zeros(t.len()))
     }
 
     /// The shape of each tensor for `d_sae` latents reading `d_in` columns and writing `d_out`.

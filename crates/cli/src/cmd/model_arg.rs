@@ -43,7 +43,8 @@ impl ModelArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrecisionArgs {
     /// What the model's linear layers and logits multiply in: auto = bf16 where this CPU runs it at
-    /// least 1.3x faster than f32 (`saekit bench gemm` shows both rates), else f32.
+    /// least 1.3x faster than f32 (measured once per machine and kept in
+    /// ~/.cache/saekit/precision-auto-*.txt; `saekit bench gemm` shows both rates), else f32.
     ///
     /// bf16: weights and inputs rounded to bf16, products summed in f32, on Intel AMX or AVX512-BF16 (an
     /// error on a CPU with neither); norms, attention and the residual stream stay f32. SmolLM2's layer

@@ -151,7 +151,8 @@ pub struct TrainArgs {
     /// Precision of the encoder GEMM, the step's biggest product: `bf16` runs it on AMX tiles or
     /// AVX512-BF16 with f32 accumulation (Adam, the decoder and every reduction stay f32); `f32`
     /// keeps every product in f32; `auto` takes bf16 where this CPU runs it at least 1.3x faster than
-    /// f32 (`saekit bench gemm` shows both). A resumed run keeps the precision it started with unless
+    /// f32 (measured once per machine and kept in ~/.cache/saekit/precision-auto-*.txt; `saekit bench
+    /// gemm` shows both rates). A resumed run keeps the precision it started with unless
     /// this flag is given. [default: auto]
     #[arg(long, value_name = "auto|bf16|f32", env = "SAEKIT_PRECISION")]
     pub precision: Option<String>,
