@@ -171,7 +171,7 @@ fn read_speedup(file: &Path) -> Option<f64> {
 fn write_speedup(file: &Path, speedup: f64) {
     let Some(dir) = file.parent() else { return };
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    let text = format!("{speedup}\nbf16 / f32 GEMM time ratio measured by saekit's `--precision auto` on this machine; delete to measure again\n");
+    let text = format!("{speedup}\nbf16's speed-up over f32 (f32 GEMM time / bf16 GEMM time), measured by saekit's `--precision auto` on this machine; delete to measure again\n");
     let kept =
         std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&tmp, text)).and_then(|_| std::fs::rename(&tmp, file));
     if let Err(e) = kept {
