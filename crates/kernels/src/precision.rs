@@ -99,8 +99,8 @@ impl Precision {
 /// exists). AMX is taken without measuring: it ran 3.0-3.7x the f32 GEMM on every benchmark shape
 /// (BENCHMARKS.md), and a pick that cannot flip keeps every rank of an MPI job and every resume on the
 /// same numerics (the ratio reported is then `f64::INFINITY`). AVX512-BF16 alone, whose `vdpbf16ps`
-/// runs at full rate on some CPUs (2.1x f32 on AMD Zen 5) and at a third on others (Intel Sapphire
-/// Rapids), is measured on an SAE-encoder-like product (512 x 576 x 4096), best of three runs each,
+/// runs at full rate on some CPUs and slower than f32 on others (2.0x and 0.5x f32 on the AMD Zen 5
+/// and Intel AMX boxes of BENCHMARKS.md), is measured on an SAE-encoder-like product (512 x 576 x 4096), best of three runs each,
 /// about 50 ms, once per machine: the ratio is kept in [`auto_cache_file`], so two runs of the same
 /// command on one machine pick the same precision even when the machine is busy during one of them
 /// (a fresh measurement per process flipped near the threshold under load). Delete the file to

@@ -294,11 +294,11 @@ fn dot_rows<const N: usize>(rows: [&[f32]; N], w: &[f32]) -> [f32; N] {
         unsafe fn avx2<const N: usize>(rows: [&[f32]; N], w: &[f32]) -> [f32; N] {
             dot_rows_body::<N, true>(rows, w)
         }
-        if has_fma() && std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (and FMA, which the lane-wise FMAs need).
-            return unsafe { dot_rows_avx512(rows, w) };
-        }
         if has_fma() {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (and FMA, which the lane-wise FMAs need).
+                return unsafe { dot_rows_avx512(rows, w) };
+            }
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { avx2(rows, w) };
         }
