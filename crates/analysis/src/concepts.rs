@@ -1,5 +1,7 @@
 //! Concept features: for each kind of text a labelled corpus holds (Python code, base64, Chinese, ...), the
-//! feature that best separates it from every other kind, by the AUROC of [`crate::search::contrast`].
+//! features ranked by how well they separate it from every other kind (the AUROC of
+//! [`crate::search::contrast`]), the tokens steering toward it should raise, and a detector that judges
+//! whether a text reads like it ([`train_concept_detectors`]).
 //!
 //! A labelled corpus is JSONL with `text`, `kind` and `lang` fields, as `saekit corpus fetch` writes it;
 //! [`CONCEPTS`] says which kinds and languages make each concept. `saekit demo` prints what this finds.
@@ -14,7 +16,8 @@ use saekit_model::{HookPoint, Model};
 use saekit_sae::Sae;
 use serde::Serialize;
 
-use crate::search::{contrast, text_features, TextFeatures};
+use crate::detector::ConceptDetector;
+use crate::search::{contrast, text_features, token_share_difference, ContrastHit, TextFeatures};
 
 /// A concept: the corpus documents whose `kind` is one of `kinds` and whose `lang` is one of `langs` (an
 /// empty list accepts any).
@@ -71,6 +74,8 @@ pub struct ConceptFeature {
 
 /// Texts longer than this many characters are cut: a concept shows in a document's opening.
 const TEXT_CHARS: usize = 700;
+/// Tokens of each text run through the model.
+pub const TEXT_TOKENS: usize = 128;
 /// Texts shorter than this are skipped: too few tokens to say anything.
 const MIN_TEXT_CHARS: usize = 40;
 
@@ -148,37 +153,65 @@ fn take_in_turn(lists: Vec<Vec<String>>, n: usize) -> Vec<String> {
     out
 }
 
-/// For each concept with at least 3 texts, the feature that best separates them from every other group's
-/// texts (`features` holds each group's per-text feature values, as [`text_features`] gives them).
-pub(crate) fn best_concept_features(features: &BTreeMap<String, Vec<TextFeatures>>) -> Vec<ConceptFeature> {
+/// Every feature that fires on a concept's texts or the others', ranked by how well it separates them
+/// (best first, as [`contrast`] ranks).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConceptRanking {
+    /// The concept's name ([`Concept::name`]).
+    pub concept: String,
+    /// The concept's texts the ranking was made on.
+    pub n_pos: usize,
+    /// The features, best first.
+    pub hits: Vec<ContrastHit>,
+    /// Each vocabulary token's share of the concept's text tokens minus its share of the other texts'
+    /// (what steering toward the concept should raise; empty where no model was at hand).
+    #[serde(skip)]
+    pub token_weights: Vec<f64>,
+}
+
+impl ConceptRanking {
+    /// The best feature, as the demo reports it.
+    pub fn best(&self) -> Option<ConceptFeature> {
+        self.hits.first().map(|h| ConceptFeature {
+            concept: self.concept.clone(),
+            feature: h.id,
+            auroc: h.auroc,
+            freq_pos: h.freq_pos,
+            freq_neg: h.freq_neg,
+            n_pos: self.n_pos,
+        })
+    }
+}
+
+/// For each concept with at least 3 texts, every feature ranked by how well it separates them from every
+/// other group's texts (`features` holds each group's per-text feature values, as [`text_features`] gives
+/// them).
+pub(crate) fn rank_concepts(features: &BTreeMap<String, Vec<TextFeatures>>) -> Vec<ConceptRanking> {
     let mut out = Vec::new();
     for c in CONCEPTS {
         let Some(pos) = features.get(c.name).filter(|p| p.len() >= 3) else { continue };
         let neg: Vec<TextFeatures> =
             features.iter().filter(|(n, _)| n.as_str() != c.name).flat_map(|(_, v)| v.iter().cloned()).collect();
-        if let Some(h) = contrast(pos, &neg).first() {
-            out.push(ConceptFeature {
-                concept: c.name.into(),
-                feature: h.id,
-                auroc: h.auroc,
-                freq_pos: h.freq_pos,
-                freq_neg: h.freq_neg,
-                n_pos: pos.len(),
-            });
-        }
+        out.push(ConceptRanking {
+            concept: c.name.into(),
+            n_pos: pos.len(),
+            hits: contrast(pos, &neg),
+            token_weights: Vec::new(),
+        });
     }
     out
 }
 
-/// The concept features of `sae` at `hook`, from up to `per` documents of each concept in the labelled
-/// `corpus` (each run through the model, at most 128 tokens).
-pub fn find_concept_features(
+/// Every feature of `sae` at `hook` ranked for each concept, from up to `per` documents of each concept in
+/// the labelled `corpus` (each run through the model, at most [`TEXT_TOKENS`] tokens), with the concept's
+/// [`ConceptRanking::token_weights`].
+pub fn rank_concept_features(
     model: &Model,
     sae: &Sae,
     hook: HookPoint,
     corpus: &Path,
     per: usize,
-) -> AnalysisResult<Vec<ConceptFeature>> {
+) -> AnalysisResult<Vec<ConceptRanking>> {
     let texts = labelled_texts(corpus, per)?;
     if texts.len() < 2 {
         bail_input!(
@@ -187,10 +220,51 @@ pub fn find_concept_features(
         );
     }
     let features = texts
-        .into_iter()
-        .map(|(name, t)| Ok((name, text_features(model, sae, hook, &t, 128)?)))
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), text_features(model, sae, hook, t, TEXT_TOKENS)?)))
         .collect::<Result<BTreeMap<_, _>>>()?;
-    Ok(best_concept_features(&features))
+    let mut rankings = rank_concepts(&features);
+    for r in &mut rankings {
+        let pos = &texts[&r.concept];
+        let neg: Vec<String> = texts.iter().filter(|(n, _)| **n != r.concept).flat_map(|(_, t)| t.clone()).collect();
+        r.token_weights = token_share_difference(model, pos, &neg, TEXT_TOKENS)?;
+    }
+    Ok(rankings)
+}
+
+/// A concept's [`ConceptDetector`] and how well it tells apart corpus texts it was not trained on.
+#[derive(Debug, Clone)]
+pub struct TrainedDetector {
+    /// The concept's name ([`Concept::name`]).
+    pub concept: String,
+    /// Trained on the even-numbered texts of each group.
+    pub detector: ConceptDetector,
+    /// Balanced accuracy on the odd-numbered texts (the concept's against all others).
+    pub held_out_accuracy: f64,
+    /// The concept's texts it was trained on.
+    pub n_train: usize,
+}
+
+/// A detector for each concept with at least 4 texts among up to `per` documents of each group in the
+/// labelled `corpus`, trained on half of them (every other text) and tested on the rest.
+pub fn train_concept_detectors(corpus: &Path, per: usize) -> AnalysisResult<Vec<TrainedDetector>> {
+    let texts = labelled_texts(corpus, per)?;
+    let half = |v: &[String], parity: usize| -> Vec<String> { v.iter().skip(parity).step_by(2).cloned().collect() };
+    let mut out = Vec::new();
+    for c in CONCEPTS {
+        let Some(pos) = texts.get(c.name).filter(|p| p.len() >= 4) else { continue };
+        let others = || texts.iter().filter(|(n, _)| n.as_str() != c.name).map(|(_, v)| v.as_slice());
+        let neg_train: Vec<String> = others().flat_map(|v| half(v, 0)).collect();
+        let neg_test: Vec<String> = others().flat_map(|v| half(v, 1)).collect();
+        let (pos_train, pos_test) = (half(pos, 0), half(pos, 1));
+        let detector = ConceptDetector::train(&pos_train, &neg_train);
+        let rate = |v: &[String], want: bool| {
+            v.iter().filter(|t| detector.detects(t) == want).count() as f64 / v.len().max(1) as f64
+        };
+        let held_out_accuracy = (rate(&pos_test, true) + rate(&neg_test, false)) / 2.0;
+        out.push(TrainedDetector { concept: c.name.into(), n_train: pos_train.len(), detector, held_out_accuracy });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -252,6 +326,44 @@ mod tests {
         assert!(others[0].starts_with("0 description") && others[1].starts_with("0 descripción"), "{others:?}");
     }
 
+    /// The detector is tested on the texts it did not learn from: every other one of each group.
+    #[test]
+    fn detectors_learn_from_half_the_texts_and_are_scored_on_the_other_half() {
+        let dir = tempfile::tempdir().unwrap();
+        let zh = [
+            "我们今天去公园散步，天气很好。",
+            "这本书非常有意思，我读了两遍。",
+            "他在大学学习数学和物理。",
+            "明天我们去学校学习新的课程。",
+            "妈妈在厨房里做饭，很香。",
+            "火车站离这里不远，走路十分钟。",
+        ];
+        let en = [
+            "We walked in the park today and the weather was fine.",
+            "This book is very interesting, I read it twice.",
+            "He studies mathematics and physics at the university.",
+            "Tomorrow we go to school to learn new lessons.",
+            "Mother is cooking in the kitchen and it smells good.",
+            "The station is not far from here, ten minutes on foot.",
+        ];
+        let lines: Vec<String> = zh.iter().map(|t| serde_json::json!({"text": t.repeat(4), "kind": "prose", "lang": "zh"}))
+            .chain(en.iter().map(|t| serde_json::json!({"text": t, "kind": "prose", "lang": "en"})))
+            .chain([serde_json::json!({"text": "Die Katze schläft auf dem Sofa, den ganzen Tag.", "kind": "prose", "lang": "de"})])
+            .map(|v| v.to_string()).collect();
+        std::fs::write(dir.path().join("a.jsonl"), lines.join("\n")).unwrap();
+        let got = train_concept_detectors(dir.path(), 100).unwrap();
+        assert_eq!(
+            got.len(),
+            1,
+            "German has 1 text, fewer than 4: {:?}",
+            got.iter().map(|d| &d.concept).collect::<Vec<_>>()
+        );
+        let zh_det = &got[0];
+        assert_eq!((zh_det.concept.as_str(), zh_det.n_train), ("Chinese", 3));
+        assert_eq!(zh_det.held_out_accuracy, 1.0);
+        assert!(zh_det.detector.detects(&zh[1].repeat(4)) && !zh_det.detector.detects(en[1]));
+    }
+
     #[test]
     fn the_best_feature_is_the_one_firing_on_the_concept_only() {
         // feature 7 fires on every Chinese text and no other; feature 1 fires everywhere
@@ -263,7 +375,7 @@ mod tests {
             (OTHER.to_string(), other),
             ("German".to_string(), few_german),
         ]);
-        let found = best_concept_features(&groups);
+        let found: Vec<ConceptFeature> = rank_concepts(&groups).iter().filter_map(ConceptRanking::best).collect();
         assert_eq!(found.len(), 1, "German has fewer than 3 texts: {found:?}");
         let c = &found[0];
         assert_eq!((c.concept.as_str(), c.feature, c.n_pos), ("Chinese", 7, 4));

@@ -6,7 +6,8 @@
 //! ([`FeatureDb`], schema in `crates/analysis/docs/feature-db.md`; the autointerp tables, held-out
 //! windows and scored explanations, in [`autointerp_db`]), and finding features by concept
 //! ([`search`]: per-text activations, contrastive pos/neg ranking, single-feature sparse probing; [`concepts`]:
-//! the feature of each kind of text in a labelled corpus), the
+//! the feature of each kind of text in a labelled corpus; [`detector`]: a character n-gram judge of
+//! whether a text reads like a concept, for steering checks), the
 //! export in Neuronpedia's layout ([`neuronpedia`]) and contexts rendered as readable text ([`render`]).
 //!
 //! Must not touch: model internals (only `saekit_model`'s public forward/hook API), SAE training or
@@ -58,6 +59,7 @@
 pub mod analyze;
 pub mod autointerp_db;
 pub mod concepts;
+pub mod detector;
 mod error;
 pub mod eval;
 pub mod feature_db;

@@ -260,6 +260,39 @@ pub fn contrast(pos: &[TextFeatures], neg: &[TextFeatures]) -> Vec<ContrastHit> 
     out
 }
 
+/// Each vocabulary token's share of the `pos` texts' tokens minus its share of the `neg` texts' (the
+/// first `max_tokens` tokens of each text, special tokens left out): the tokens steering toward `pos`
+/// should raise, as weights for `saekit_steer::LiftProbe`.
+pub fn token_share_difference(
+    model: &Model,
+    pos: &[String],
+    neg: &[String],
+    max_tokens: usize,
+) -> AnalysisResult<Vec<f64>> {
+    let shares = |texts: &[String]| -> AnalysisResult<Vec<f64>> {
+        let counts = token_counts(model, texts, max_tokens)?;
+        let total = counts.iter().sum::<f64>().max(1.0);
+        Ok(counts.into_iter().map(|c| c / total).collect())
+    };
+    Ok(shares(pos)?.into_iter().zip(shares(neg)?).map(|(p, n)| p - n).collect())
+}
+
+/// How often each token id occurs in `texts` (their first `max_tokens` tokens, special tokens left out).
+fn token_counts(model: &Model, texts: &[String], max_tokens: usize) -> AnalysisResult<Vec<f64>> {
+    let tok = model.tokenizer();
+    let mut counts = vec![0f64; model.config().vocab_size];
+    for t in texts {
+        let mut ids = tok.encode(t, false)?;
+        ids.truncate(max_tokens);
+        for id in ids.into_iter().filter(|&id| !tok.is_special(id)) {
+            if let Some(c) = counts.get_mut(id as usize) {
+                *c += 1.0;
+            }
+        }
+    }
+    Ok(counts)
+}
+
 /// One label's single-feature probe from [`probe`]: the feature that best tells texts with the label
 /// from the rest, and how well it does on texts it was not chosen on.
 #[derive(Debug, Clone, Serialize)]

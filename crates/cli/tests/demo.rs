@@ -41,6 +41,15 @@ fn reduced_demo_runs_end_to_end() {
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("summary.json")).unwrap()).unwrap();
     assert_quality_floors(&summary);
     assert!(summary["concepts"].as_array().unwrap().len() >= 4);
+    // each concept's feature to steer with, measured: a lift per pick, the picks best first by it
+    let picks = summary["steering_features"].as_array().unwrap();
+    assert!(!picks.is_empty(), "{summary}");
+    for p in picks {
+        assert!(
+            p["pick"]["lift"].as_f64().is_some_and(f64::is_finite) && p["pick"]["max_act"].as_f64() > Some(0.0),
+            "{p}"
+        );
+    }
     assert!(tmp.path().join("features.sqlite").exists() && tmp.path().join("sae/cfg.json").exists());
 
     // A rerun reuses every stage instead of recomputing it.
@@ -49,7 +58,49 @@ fn reduced_demo_runs_end_to_end() {
     assert!(again.status.success(), "rerun failed:\n{stdout}\n{}", String::from_utf8_lossy(&again.stderr));
     assert!(stdout.contains("reusing"), "{stdout}");
 
+    search_for_steering(tmp.path());
     explain_with_the_local_model(tmp.path());
+}
+
+/// `saekit search --pos/--neg --steer N`: the N best features by AUROC, each measured, listed by lift.
+fn search_for_steering(dir: &Path) {
+    let pos = dir.join("pos.txt");
+    let neg = dir.join("neg.txt");
+    std::fs::write(
+        &pos,
+        "def main():\n    return 0\nimport os\nfor i in range(10):\n    print(i)\nclass A:\n    pass\n",
+    )
+    .unwrap();
+    std::fs::write(&neg, "The cat sleeps.\nWe walked home.\nIt rained all day.\nShe read a book.\nThe sea was calm.\n")
+        .unwrap();
+    let search = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_saekit"))
+            .arg("search")
+            .arg(dir.join("sae"))
+            .arg("--pos")
+            .arg(&pos)
+            .arg("--neg")
+            .arg(&neg)
+            .args(extra)
+            .output()
+            .expect("run saekit search")
+    };
+    let db = dir.join("features.sqlite");
+    let out = search(&["--db", db.to_str().unwrap(), "--steer", "4", "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "search --steer failed:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let (contrast, picks) = (v["contrast"].as_array().unwrap(), v["steering"].as_array().unwrap());
+    assert_eq!(picks.len(), 4, "{v}");
+    let lifts: Vec<f64> = picks.iter().map(|p| p["lift"].as_f64().unwrap()).collect();
+    assert!(lifts.windows(2).all(|w| w[0] >= w[1]), "best first: {lifts:?}");
+    // the candidates are the best by AUROC (skipping features that never fired in the analysis)
+    let first_ids: Vec<u64> = contrast.iter().take(16).map(|h| h["id"].as_u64().unwrap()).collect();
+    for p in picks {
+        assert!(first_ids.contains(&p["hit"]["id"].as_u64().unwrap()) && p["max_act"].as_f64() > Some(0.0), "{p}");
+    }
+    let out = search(&["--steer", "4"]);
+    assert!(!out.status.success(), "--steer needs --db for the clamp (a multiple of the max activation)");
 }
 
 /// `saekit explain` with no endpoint: it starts `saekit serve` on the demo's database and SAE and talks to

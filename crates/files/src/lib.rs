@@ -3,7 +3,7 @@
 //! Owns: the one atomic-write helper (a `tempfile` in the target's folder, fsync, rename, fsync of the
 //! folder), folder sets (files written one by one, then a list of their sizes and CRC32s written
 //! last, so a reader can tell a complete set from a half-written one), content fingerprints (what a
-//! resume compares instead of a path), the check that refuses to write into a folder that holds
+//! resume compares instead of a path), the cache folder ([`cache_dir`]), the check that refuses to write into a folder that holds
 //! something else, and the [`Fault`] tags by which saekit-store and saekit-analysis carry whose fault an
 //! error is (bad input, a damaged file, the disk) through an `anyhow` chain to their typed errors.
 //! Must not touch: any saekit format (it moves bytes, it does not parse models, stores or SAEs).
@@ -291,6 +291,16 @@ impl Fingerprinter {
     pub fn finish(self) -> String {
         fingerprint_hex(&self.0.finalize())
     }
+}
+
+/// Where saekit keeps what it fetches or measures once per machine (models, corpora, the `auto`
+/// precision's ratio): `$SAEKIT_CACHE`, else `~/.cache/saekit`, else `./.cache/saekit` without a home.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("SAEKIT_CACHE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".cache").join("saekit")
 }
 
 /// SHA-256 of `parts` (each length-prefixed), as 32 hex digits.

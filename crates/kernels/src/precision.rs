@@ -113,16 +113,11 @@ pub fn auto_precision() -> (Precision, f64) {
             return (Precision::Bf16(path), f64::INFINITY);
         }
         let file = auto_cache_file(path);
-        let speedup = match file.as_deref().and_then(read_speedup) {
-            Some(kept) => kept,
-            None => {
-                let measured = probe_speedup(path);
-                if let Some(f) = &file {
-                    write_speedup(f, measured);
-                }
-                measured
-            }
-        };
+        let speedup = read_speedup(&file).unwrap_or_else(|| {
+            let measured = probe_speedup(path);
+            write_speedup(&file, measured);
+            measured
+        });
         let pick = if speedup >= AUTO_MIN_SPEEDUP { Precision::Bf16(path) } else { Precision::F32 };
         tracing::debug!(path = path.name(), speedup, pick = pick.name(), file = ?file, "precision auto");
         (pick, speedup)
@@ -130,34 +125,14 @@ pub fn auto_precision() -> (Precision, f64) {
 }
 
 /// Where `auto` keeps this machine's measured bf16 / f32 ratio for `path`:
-/// `$SAEKIT_CACHE/precision-auto-HASH.txt` (else `~/.cache/saekit/...`), the hash over the CPU's model
-/// name and flags, the path and this crate's version, so another CPU or another kernel measures anew.
-/// `None` without a home directory.
-pub fn auto_cache_file(path: Bf16Path) -> Option<PathBuf> {
-    use std::hash::{Hash, Hasher};
-    let dir = match std::env::var_os("SAEKIT_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache").join("saekit"),
-    };
+/// `precision-auto-HASH.txt` in [`saekit_files::cache_dir`], the hash over the CPU's model name and flags,
+/// the path and this crate's version, so another CPU or another kernel measures anew.
+pub fn auto_cache_file(path: Bf16Path) -> PathBuf {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_line = |key: &str| cpuinfo.lines().find(|l| l.starts_with(key)).unwrap_or_default().to_string();
-    // FNV-1a: a hash that stays the same across Rust releases, unlike std's DefaultHasher
-    let mut h = Fnv1a(0xcbf2_9ce4_8422_2325);
-    (cpu_line("model name"), cpu_line("flags"), path.name(), env!("CARGO_PKG_VERSION")).hash(&mut h);
-    Some(dir.join(format!("precision-auto-{:016x}.txt", h.finish())))
-}
-
-struct Fnv1a(u64);
-
-impl std::hash::Hasher for Fnv1a {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    let cpu_line = |key: &str| cpuinfo.lines().find(|l| l.starts_with(key)).unwrap_or_default();
+    let parts = [cpu_line("model name"), cpu_line("flags"), path.name(), env!("CARGO_PKG_VERSION")];
+    let hash = saekit_files::fingerprint_bytes(parts.map(str::as_bytes));
+    saekit_files::cache_dir().join(format!("precision-auto-{hash}.txt"))
 }
 
 /// The ratio kept in `file`, if it holds one (a missing or damaged file is measured again).
@@ -166,16 +141,13 @@ fn read_speedup(file: &Path) -> Option<f64> {
     text.lines().next()?.trim().parse::<f64>().ok().filter(|s| s.is_finite() && *s > 0.0)
 }
 
-/// Keep `speedup` in `file`, written whole or not at all (a temporary file renamed over it); a
-/// cache that cannot be written costs only a measurement next time.
+/// Keep `speedup` in `file`, written whole or not at all; a cache that cannot be written costs only a
+/// measurement next time.
 fn write_speedup(file: &Path, speedup: f64) {
-    let Some(dir) = file.parent() else { return };
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     let text = format!("{speedup}\nbf16's speed-up over f32 (f32 GEMM time / bf16 GEMM time), measured by saekit's `--precision auto` on this machine; delete to measure again\n");
-    let kept =
-        std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&tmp, text)).and_then(|_| std::fs::rename(&tmp, file));
+    let dir_made = file.parent().map_or(Ok(()), std::fs::create_dir_all).map_err(|e| e.to_string());
+    let kept = dir_made.and_then(|()| saekit_files::write_atomic(file, text.as_bytes()).map_err(|e| format!("{e:#}")));
     if let Err(e) = kept {
-        let _ = std::fs::remove_file(&tmp);
         tracing::debug!(file = %file.display(), error = %e, "precision auto: ratio not kept");
     }
 }
@@ -254,9 +226,8 @@ mod tests {
     #[test]
     fn each_path_has_its_own_cache_file_and_the_name_is_stable() {
         let (a, b) = (auto_cache_file(Bf16Path::Avx512Bf16), auto_cache_file(Bf16Path::Reference));
-        if let (Some(a), Some(b)) = (a, b) {
-            assert_ne!(a, b);
-            assert_eq!(Some(a), auto_cache_file(Bf16Path::Avx512Bf16));
-        }
+        assert_ne!(a, b);
+        assert_eq!(a, auto_cache_file(Bf16Path::Avx512Bf16));
+        assert_eq!(a.parent(), Some(saekit_files::cache_dir().as_path()));
     }
 }

@@ -118,14 +118,7 @@ pub fn default_model_path() -> PathBuf {
     cache_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-/// `$SAEKIT_CACHE`, else `~/.cache/saekit`.
-pub fn cache_dir() -> PathBuf {
-    if let Ok(p) = std::env::var("SAEKIT_CACHE") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
-    PathBuf::from(home).join(".cache").join("saekit")
-}
+pub use saekit_files::cache_dir;
 
 impl Model {
     /// Load a `.gguf` file, or a Hugging Face folder holding `config.json`, `*.safetensors` and

@@ -4,7 +4,7 @@
 
 use saekit_model::{GenerateOptions, HookPoint, Hooks, LoadOptions, Logits, Model};
 use saekit_sae::{Activation, Sae};
-use saekit_steer::{add_steering_hook, compare, direct_logit_effect, FeatureEdit, Positions};
+use saekit_steer::{add_steering_hook, compare, direct_logit_effect, FeatureEdit, LiftProbe, Positions};
 
 const HOOK: HookPoint = HookPoint::ResidPost(15);
 
@@ -154,4 +154,42 @@ fn steering_behaves() {
     assert_ne!(c.baseline.generated_ids, c.steered.generated_ids);
     assert!(compare(&m, &sae, HOOK, &[FeatureEdit::Add { feature: 99_999, coeff: 1.0 }], Positions::All, &ids, &opts)
         .is_err());
+}
+
+/// The probe's lift against log-probabilities taken here from the model's every-position logits, with and
+/// without the clamp, weighted and averaged in this test; and its sign follows the clamp's.
+#[test]
+fn a_lift_probe_measures_the_weighted_log_probability_change() {
+    let m = model();
+    let sae = Sae::init(m.config().d_model, 512, Activation::TopK { k: 24 }, 1.0, 5);
+    let ids = m.tokenizer().encode("The weather today is sunny and warm, so we walk", true).unwrap();
+    let f = 9u32;
+    let promoted = direct_logit_effect(&m, &sae, f).unwrap();
+    let top = (0..promoted.len()).max_by(|&a, &b| promoted[a].total_cmp(&promoted[b])).unwrap();
+    let vocab = m.config().vocab_size;
+    // weight the promoted token up and a spread of others down, summing to 0.3 (not 0: the softmax's
+    // normaliser must be handled)
+    let mut weights = vec![0.0f64; vocab];
+    weights[top] = 1.0;
+    (100..107).for_each(|t| weights[t] = -0.1);
+    let from = 4;
+    let probe = LiftProbe::new(&m, vec![(ids.clone(), from)], weights.clone()).unwrap();
+    let all_logp = |edits: &[FeatureEdit]| -> Vec<Vec<f64>> {
+        let mut hooks = Hooks::new();
+        add_steering_hook(&mut hooks, &sae, HOOK, edits, Positions::SkipFirst);
+        let z = m.forward(&ids, 1, &mut m.new_cache(1), &mut hooks, Logits::All).unwrap();
+        z.chunks(vocab).map(log_softmax).collect()
+    };
+    let base = all_logp(&[]);
+    for value in [8.0f32, -8.0] {
+        let edits = [FeatureEdit::Clamp { feature: f, value }];
+        let edited = all_logp(&edits);
+        let want: f64 = (from..ids.len())
+            .map(|p| (0..vocab).map(|t| weights[t] * (edited[p][t] - base[p][t])).sum::<f64>())
+            .sum::<f64>()
+            / (ids.len() - from) as f64;
+        let got = probe.lift(&m, &sae, HOOK, &edits).unwrap();
+        assert!((got - want).abs() < 1e-6 * want.abs().max(1.0), "clamp {value}: {got} vs {want}");
+        assert_eq!(got > 0.0, value > 0.0, "clamp {value}: lift {got}");
+    }
 }

@@ -20,6 +20,10 @@ pub enum BenchCommand {
     Gemm(GemmArgs),
     /// Greedy generation with and without a steering hook (one clamped SAE feature).
     Steer(SteerArgs),
+    /// Whether the feature concept search ranks first steers toward its concept more often than the
+    /// tenth: each concept's ranked features clamped while the model answers neutral prompts, every answer
+    /// judged by a character n-gram detector trained on the corpus; JSON lines.
+    ConceptSteering(super::concept_steering::ConceptSteeringArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -71,6 +75,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Gemm(a) => gemm_rate(a),
         BenchCommand::Steer(a) => steer(a),
+        BenchCommand::ConceptSteering(a) => super::concept_steering::run(a),
     }
 }
 

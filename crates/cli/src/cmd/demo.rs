@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use saekit_analysis::concepts::ConceptFeature;
+use saekit_analysis::concepts::{ConceptFeature, ConceptRanking};
 use saekit_analysis::{render, AnalyzeOptions, FeatureDb, ModelEvalOptions};
 use saekit_model::{GenerateOptions, HookPoint};
 use saekit_sae::{RunOptions, TrainConfig};
@@ -16,6 +16,7 @@ use saekit_steer::{FeatureEdit, Positions};
 use saekit_store::harvest::HarvestOptions;
 use saekit_store::{TokenDataset, TokenizeOptions};
 
+use super::concept_steering::{probe_sequences, Choice, SteerPick};
 use super::model_arg::ModelArgs;
 
 /// Run every stage on SmolLM2-135M-Instruct layer 15: fetch the model and the demo corpus, tokenize,
@@ -176,8 +177,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let db = FeatureDb::open(&db_path)?;
     done(t);
 
-    let t = stage("concepts: which feature separates each kind of text from the rest (AUROC)");
-    let concepts = saekit_analysis::concepts::find_concept_features(&model, &sae, point, &corpus, a.concept_docs)?;
+    let t = stage("concepts: which feature separates each kind of text from the rest (AUROC), which steers toward it");
+    let rankings = saekit_analysis::concepts::rank_concept_features(&model, &sae, point, &corpus, a.concept_docs)?;
+    let concepts: Vec<ConceptFeature> = rankings.iter().filter_map(ConceptRanking::best).collect();
+    let steering = steering_features(&model, &sae, point, &db, &rankings)?;
     done(t);
 
     let sparsity = saekit_sae::format::load_sparsity(&sae_dir)?;
@@ -217,13 +220,23 @@ pub fn run(a: DemoArgs) -> Result<()> {
         println!("  {:<24}         context: {:?}", "", truncate(&context, 90));
     }
 
+    println!(
+        "\nfeatures to steer with: of each concept's {STEER_CANDIDATES} best by AUROC, the one whose clamp at \
+         {STEER_TIMES_MAX}x max most raises the log-probability of the concept's tokens (lift) on four chat prompts:"
+    );
+    for (concept, p) in &steering {
+        println!("  {concept:<24} #{:<6} lift {:+.3}  AUROC {:.3}", p.hit.id, p.lift.unwrap_or(0.0), p.hit.auroc);
+    }
+
     let t = stage("steer: clamp a concept feature at 3x its max activation (error term kept)");
-    let steer_json = steer_demo(&model, &sae, point, &db, &concepts)?;
+    let steer_json = steer_demo(&model, &sae, point, &steering)?;
     done(t);
 
     let summary = serde_json::json!({
         "sae": sae_dir, "hook": a.hook, "d_sae": sae.d_sae, "k": a.k,
-        "eval": report, "dead_frac_training": dead, "concepts": concepts, "steering": steer_json,
+        "eval": report, "dead_frac_training": dead, "concepts": concepts,
+        "steering_features": steering.iter().map(|(c, p)| serde_json::json!({"concept": c, "pick": p})).collect::<Vec<_>>(),
+        "steering": steer_json,
         "seconds": total.elapsed().as_secs_f64(),
     });
     saekit_files::write_json_atomic(&dir.join("summary.json"), &summary)?;
@@ -331,45 +344,66 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
-/// Clamp a concept feature at 3x its max activation while the model answers a neutral prompt. Chinese,
-/// then LaTeX, are tried first: their effect (the answer switches script, or fills with markup) is the
-/// easiest to see in a short answer. 10x, the paper's Golden Gate setting, drives a 135M model to
-/// repeating one token.
-fn steer_demo(
+/// Features by AUROC measured for steering toward each concept.
+const STEER_CANDIDATES: usize = 16;
+
+/// For each concept, the feature to steer with: of its best [`STEER_CANDIDATES`] by AUROC, the one whose
+/// clamp most raises the log-probability of the concept's tokens (see [`Choice::steering_order`]).
+fn steering_features(
     model: &saekit_model::Model,
     sae: &saekit_sae::Sae,
     hook: HookPoint,
     db: &FeatureDb,
-    concepts: &[ConceptFeature],
+    rankings: &[ConceptRanking],
+) -> Result<Vec<(String, SteerPick)>> {
+    let choice = Choice { model, sae, hook, times: STEER_TIMES_MAX, candidates: STEER_CANDIDATES };
+    let probes = probe_sequences(model, 24)?;
+    let max_act = |f: u32| -> Result<f32> { Ok(db.feature(f)?.map_or(0.0, |r| r.max_act)) };
+    let mut out = Vec::new();
+    for r in rankings {
+        let picks = choice.steering_order(&r.hits, &r.token_weights, &probes, &max_act)?;
+        if let Some(best) = picks.into_iter().next() {
+            out.push((r.concept.clone(), best));
+        }
+    }
+    Ok(out)
+}
+
+/// Clamp a concept's steering feature at 3x its max activation while the model answers a neutral prompt.
+/// Chinese, then LaTeX, are tried first: their effect (the answer switches script, or fills with markup)
+/// is the easiest to see in a short answer (when their feature lifts their tokens at all); else the
+/// concept whose feature lifts its tokens most. 10x,
+/// the paper's Golden Gate setting, drives a 135M model to repeating one token.
+fn steer_demo(
+    model: &saekit_model::Model,
+    sae: &saekit_sae::Sae,
+    hook: HookPoint,
+    steering: &[(String, SteerPick)],
 ) -> Result<serde_json::Value> {
+    let lift = |p: &SteerPick| p.lift.unwrap_or(0.0);
     let preferred =
-        ["Chinese", "LaTeX math"].iter().find_map(|name| concepts.iter().find(|c| c.concept == *name && c.auroc > 0.9));
-    let Some(best) = preferred.or_else(|| concepts.iter().max_by(|a, b| a.auroc.total_cmp(&b.auroc))) else {
-        println!("   no concept feature found; skipping");
+        ["Chinese", "LaTeX math"].iter().find_map(|name| steering.iter().find(|(c, p)| c == name && lift(p) > 0.0));
+    let Some((concept, pick)) = preferred.or_else(|| steering.iter().max_by(|a, b| lift(&a.1).total_cmp(&lift(&b.1))))
+    else {
+        println!("   no concept feature fired in the analysis; skipping");
         return Ok(serde_json::Value::Null);
     };
-    let max_act = db.feature(best.feature)?.map(|r| r.max_act).unwrap_or(0.0);
-    if max_act <= 0.0 {
-        println!("   feature {} never fired in the analysis; skipping", best.feature);
-        return Ok(serde_json::Value::Null);
-    }
     let prompt = "Tell me about your weekend.";
     let ids = super::generate::prompt_ids(model, prompt, true, None)?;
-    let edits = [FeatureEdit::Clamp { feature: best.feature, value: STEER_TIMES_MAX * max_act }];
+    let edits = [FeatureEdit::Clamp { feature: pick.hit.id, value: STEER_TIMES_MAX * pick.max_act }];
     let opts = GenerateOptions { max_new_tokens: 40, ..Default::default() };
     let c = saekit_steer::compare(model, sae, hook, &edits, Positions::SkipFirst, &ids, &opts)?;
     println!("prompt> {prompt}");
     println!("unsteered> {}", truncate(c.baseline.text.trim_end_matches("<|im_end|>"), 300));
     println!(
-        "steered ({} #{} = {STEER_TIMES_MAX} x {:.1})> {}",
-        best.concept,
-        best.feature,
-        max_act,
+        "steered ({concept} #{} = {STEER_TIMES_MAX} x {:.1})> {}",
+        pick.hit.id,
+        pick.max_act,
         truncate(c.steered.text.trim_end_matches("<|im_end|>"), 300)
     );
     println!(
         "   (same with the CLI: saekit generate --chat -p {prompt:?} --sae SAE --db DB --steer {}={STEER_TIMES_MAX}x --compare)",
-        best.feature
+        pick.hit.id
     );
     Ok(serde_json::to_value(&c)?)
 }

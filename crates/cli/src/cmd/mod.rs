@@ -4,6 +4,7 @@ pub mod activations;
 pub mod analyze;
 pub mod attribute;
 pub mod bench;
+pub mod concept_steering;
 pub mod corpus;
 pub mod demo;
 pub mod eval;

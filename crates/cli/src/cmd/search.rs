@@ -5,17 +5,18 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use saekit_analysis::analyze::sae_hook;
-use saekit_analysis::search::{contrast, read_texts, search_text, text_features};
+use saekit_analysis::search::{contrast, read_texts, search_text, text_features, token_share_difference};
 use saekit_analysis::FeatureDb;
 use saekit_sae::load_sae;
 
+use super::concept_steering::{probe_sequences, Choice};
 use super::model_arg::ModelArgs;
 
 /// `--text "..."`: the features that fire on a text, per token and overall (with their strongest
 /// context from `--db`). `--pos FILE --neg FILE` (one text per line, or JSONL with a `text` field):
 /// features ranked by AUROC of their per-text max activation between the two sets (ties broken by the
 /// effect size: the mean gap relative to the feature's scale), with firing frequency in each set and a
-/// two-proportion z-score.
+/// two-proportion z-score; with `--steer N` also the N best measured for steering toward the positive set.
 #[derive(Args, Debug)]
 pub struct SearchArgs {
     /// SAE folder or params.npz.
@@ -42,6 +43,13 @@ pub struct SearchArgs {
     /// Tokens per text for --pos/--neg.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// With --pos/--neg and --db: also measure the N best features by AUROC for steering toward the
+    /// positive texts, and list them by that measure. Each is clamped at 3x its max activation while the
+    /// model reads four chat prompts and its own answers. The measure is the mean gain in log-probability
+    /// of the positive texts' tokens over the negative texts'. `saekit demo` chooses its steering feature
+    /// this way. A feature that separates the texts often does not steer toward them.
+    #[arg(long, requires_all = ["pos", "db"], value_name = "N")]
+    pub steer: Option<usize>,
     #[arg(long)]
     pub json: bool,
 }
@@ -102,8 +110,22 @@ pub fn run(a: SearchArgs) -> Result<()> {
     let pf = text_features(&model, &sae, hook, &pt, a.max_tokens)?;
     let nf = text_features(&model, &sae, hook, &nt, a.max_tokens)?;
     let hits = contrast(&pf, &nf);
+    let steering = match (a.steer, &db) {
+        (Some(n), Some(db)) => {
+            let weights = token_share_difference(&model, &pt, &nt, a.max_tokens)?;
+            let choice = Choice { model: &model, sae: &sae, hook, times: 3.0, candidates: n };
+            let max_act = |f: u32| -> Result<f32> { Ok(db.feature(f)?.map_or(0.0, |r| r.max_act)) };
+            Some(choice.steering_order(&hits, &weights, &probe_sequences(&model, 32)?, &max_act)?)
+        }
+        _ => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&hits)?);
+        match &steering {
+            Some(s) => {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"contrast": hits, "steering": s}))?)
+            }
+            None => println!("{}", serde_json::to_string_pretty(&hits)?),
+        }
         return Ok(());
     }
     println!(
@@ -130,5 +152,21 @@ pub fn run(a: SearchArgs) -> Result<()> {
     hits.iter().take(a.top).for_each(line);
     println!("\nfeatures of the negative set");
     hits.iter().rev().take(a.top).for_each(line);
+    if let Some(picks) = steering {
+        println!(
+            "\nfor steering toward the positive set: the {} best by AUROC, by the log-probability they add to its \
+             tokens (over the negative set's) when clamped at 3x max on four chat prompts",
+            picks.len()
+        );
+        for p in picks.iter().take(a.top) {
+            println!(
+                "  #{:<7} lift {:>+7.4}  auroc {:.3}{}",
+                p.hit.id,
+                p.lift.unwrap_or(0.0),
+                p.hit.auroc,
+                describe(p.hit.id)
+            );
+        }
+    }
     Ok(())
 }
