@@ -69,6 +69,14 @@ def run(base):
     assert u.prompt_tokens > 5 and 1 <= u.completion_tokens <= 16 and u.total_tokens == u.prompt_tokens + u.completion_tokens, u
     assert plain.choices[0].finish_reason in ("stop", "length")
 
+    # log-probabilities, read by the client's own types: greedy takes the likeliest token each time
+    lp = client.chat.completions.create(model=model, messages=msgs, temperature=0, max_tokens=16, logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert lp.choices[0].message.content == text and "".join(t.token for t in content) == text, content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.logprob <= 0, t
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob, t
+
     # streamed: the same text in pieces, usage at the end
     pieces, usage, finish = [], None, None
     stream = client.chat.completions.create(

@@ -40,6 +40,11 @@ pub struct Score {
     pub fp: u32,
     /// Examples whose answer could not be read from the reply (not in the counts above).
     pub unparsed: u32,
+    /// With answers read from log-probabilities: the AUROC of the scorer's P(yes) between the positive
+    /// and the negative examples (ties half). It needs no threshold, so a scorer that leans to one answer
+    /// on every example still shows whether it ranks them (delphi's `log_prob` scoring).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auroc: Option<f64>,
 }
 
 impl Score {
@@ -59,6 +64,7 @@ impl Score {
             tn,
             fp,
             unparsed,
+            auroc: None,
         }
     }
 

@@ -59,6 +59,9 @@ pub struct ChatReply {
     pub prompt_tokens: u64,
     /// Completion tokens, as the API reports them.
     pub completion_tokens: u64,
+    /// The first token's likeliest alternatives and their log-probabilities, when they were asked for
+    /// ([`ChatClient::first_token_logprobs`]).
+    pub top_logprobs: Vec<(String, f64)>,
 }
 
 /// Why a chat request gave no reply.
@@ -126,8 +129,26 @@ impl ChatClient {
             "temperature": 0,
             "max_tokens": max_tokens,
             "seed": 0,
-        })
-        .to_string();
+        });
+        self.send(body.to_string())
+    }
+
+    /// One token at temperature 0 with the `top` likeliest first tokens and their log-probabilities
+    /// (`logprobs: true`, `top_logprobs`; delphi's `log_prob` scoring), retried as [`ChatClient::chat`].
+    pub fn first_token_logprobs(&self, messages: &[Message], top: u32) -> Result<ChatReply, ChatError> {
+        let body = json!({
+            "model": self.opts.model,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": 1,
+            "seed": 0,
+            "logprobs": true,
+            "top_logprobs": top,
+        });
+        self.send(body.to_string())
+    }
+
+    fn send(&self, body: String) -> Result<ChatReply, ChatError> {
         let mut wait = self.opts.backoff;
         let mut last = String::new();
         for attempt in 0..=self.opts.retries {
@@ -205,16 +226,32 @@ fn parse_reply(text: &str) -> Result<ChatReply, String> {
         format!("the reply has no choices[0].message.content: {}", text.chars().take(200).collect::<String>())
     })?;
     let n = |k: &str| v["usage"][k].as_u64().unwrap_or(0);
+    let top = v["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().cloned().unwrap_or_default();
+    let top_logprobs =
+        top.iter().filter_map(|t| Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?))).collect();
     Ok(ChatReply {
         text: content.to_string(),
         prompt_tokens: n("prompt_tokens"),
         completion_tokens: n("completion_tokens"),
+        top_logprobs,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first token's alternatives as OpenAI's chat API returns them (`logprobs.content[0].top_logprobs`).
+    #[test]
+    fn first_token_alternatives_are_read_from_openais_shape() {
+        let reply = r#"{"choices":[{"message":{"content":" Yes"},"logprobs":{"content":[{"token":" Yes","logprob":-0.3,
+            "bytes":[32,89,101,115],"top_logprobs":[{"token":" Yes","logprob":-0.3,"bytes":[32,89,101,115]},
+            {"token":" No","logprob":-1.5,"bytes":[32,78,111]}]}]}}],"usage":{"prompt_tokens":9,"completion_tokens":1}}"#;
+        let r = parse_reply(reply).unwrap();
+        assert_eq!(r.top_logprobs, [(" Yes".to_string(), -0.3), (" No".to_string(), -1.5)]);
+        let plain = r#"{"choices":[{"message":{"content":"hi"},"logprobs":null}]}"#;
+        assert!(parse_reply(plain).unwrap().top_logprobs.is_empty());
+    }
 
     #[test]
     fn statuses_map_to_retry_or_stop() {

@@ -64,6 +64,12 @@ pub struct Accuracies {
     pub detection_answers: Answers,
     /// Fuzzing's answer counts.
     pub fuzzing_answers: Answers,
+    /// Detection's AUROC of P(yes), when the answers were read from log-probabilities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detection_auroc: Option<f64>,
+    /// Fuzzing's AUROC of P(yes), likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fuzzing_auroc: Option<f64>,
 }
 
 impl Accuracies {
@@ -74,6 +80,8 @@ impl Accuracies {
             fuzzing: answered(fuzzing),
             detection_answers: Answers::of(detection),
             fuzzing_answers: Answers::of(fuzzing),
+            detection_auroc: detection.and_then(|s| s.auroc),
+            fuzzing_auroc: fuzzing.and_then(|s| s.auroc),
         }
     }
     /// One scorer's accuracy and answers.
@@ -82,6 +90,14 @@ impl Accuracies {
             (self.fuzzing, self.fuzzing_answers)
         } else {
             (self.detection, self.detection_answers)
+        }
+    }
+    /// One scorer's AUROC of P(yes).
+    fn auroc(&self, fuzzing: bool) -> Option<f64> {
+        if fuzzing {
+            self.fuzzing_auroc
+        } else {
+            self.detection_auroc
         }
     }
 }
@@ -150,33 +166,62 @@ pub struct Comparison {
     pub real_answers: Answers,
     /// The shuffled explanations' answers, summed over the features.
     pub shuffled_answers: Answers,
+    /// The same comparison on the AUROC of P(yes), when the answers were read from log-probabilities.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auroc: Option<AurocComparison>,
+}
+
+/// Real against shuffled on the AUROC of P(yes).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct AurocComparison {
+    /// Spread of the real explanations' AUROCs.
+    pub real: Spread,
+    /// Spread of the shuffled explanations' AUROCs.
+    pub shuffled: Spread,
+    /// Share of features with both where the real one is higher (ties half).
+    pub real_wins: f64,
+}
+
+/// Real and shuffled spreads of one metric, and the share of features where the real one is higher.
+fn compare(rows: &[ControlRow], pick: impl Fn(&Accuracies) -> Option<f64>) -> (Spread, Spread, f64) {
+    let pairs: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((pick(&r.real)?, pick(&r.shuffled)?))).collect();
+    let wins: f64 = pairs
+        .iter()
+        .map(|(r, s)| {
+            if r > s {
+                1.0
+            } else if r == s {
+                0.5
+            } else {
+                0.0
+            }
+        })
+        .sum();
+    (
+        Spread::of(rows.iter().filter_map(|r| pick(&r.real))),
+        Spread::of(rows.iter().filter_map(|r| pick(&r.shuffled))),
+        if pairs.is_empty() { 0.0 } else { wins / pairs.len() as f64 },
+    )
 }
 
 impl Comparison {
     fn of(rows: &[ControlRow], fuzzing: bool) -> Comparison {
-        let pick = |a: &Accuracies| a.scorer(fuzzing).0;
         let sum = |a: fn(&ControlRow) -> &Accuracies| {
             rows.iter().fold(Answers::default(), |t, r| t.add(a(r).scorer(fuzzing).1))
         };
-        let pairs: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((pick(&r.real)?, pick(&r.shuffled)?))).collect();
-        let wins: f64 = pairs
-            .iter()
-            .map(|(r, s)| {
-                if r > s {
-                    1.0
-                } else if r == s {
-                    0.5
-                } else {
-                    0.0
-                }
-            })
-            .sum();
+        let (real, shuffled, real_wins) = compare(rows, |a| a.scorer(fuzzing).0);
+        let (real_auroc, shuffled_auroc, auroc_wins) = compare(rows, |a| a.auroc(fuzzing));
         Comparison {
-            real: Spread::of(rows.iter().filter_map(|r| pick(&r.real))),
-            shuffled: Spread::of(rows.iter().filter_map(|r| pick(&r.shuffled))),
-            real_wins: if pairs.is_empty() { 0.0 } else { wins / pairs.len() as f64 },
+            real,
+            shuffled,
+            real_wins,
             real_answers: sum(|r| &r.real),
             shuffled_answers: sum(|r| &r.shuffled),
+            auroc: (real_auroc.n > 0).then_some(AurocComparison {
+                real: real_auroc,
+                shuffled: shuffled_auroc,
+                real_wins: auroc_wins,
+            }),
         }
     }
 }

@@ -27,3 +27,4 @@ pub use client::{ChatClient, ChatError, ChatReply, ClientOptions};
 pub use control::{score_shuffled_control, ControlSummary};
 pub use error::{ExplainError, ExplainResult};
 pub use run::{explain_features, ExplainOptions, ExplainSummary};
+pub use score::Scoring;

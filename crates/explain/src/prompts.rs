@@ -276,6 +276,22 @@ pub fn parse_yes_no(reply: &str) -> Option<bool> {
     }
 }
 
+/// A one-example scorer's answer read from its first token's log-probabilities: P(yes) / (P(yes) + P(no)),
+/// summing the tokens that are a yes (yes/true/1, any case, spaces and punctuation aside) and those that
+/// are a no. `None` when neither is among `top`. A small model that does not write the answer first still
+/// ranks the two (delphi's `log_prob` scoring reads the same probabilities).
+pub fn yes_no_from_logprobs(top: &[(String, f64)]) -> Option<f64> {
+    let (mut yes, mut no) = (0.0, 0.0);
+    for (token, logprob) in top {
+        match token.trim_matches(|c: char| !c.is_alphanumeric()).to_ascii_lowercase().as_str() {
+            "yes" | "true" | "1" => yes += logprob.exp(),
+            "no" | "false" | "0" => no += logprob.exp(),
+            _ => {}
+        }
+    }
+    (yes + no > 0.0).then(|| yes / (yes + no))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +326,19 @@ mod tests {
         assert_eq!(parse_answers("[1, 0]", 3), None);
         assert_eq!(parse_answers("[1, maybe, 0]", 3), None);
         assert_eq!(parse_answers("no list", 1), None);
+    }
+
+    #[test]
+    fn log_probability_answers_sum_every_spelling() {
+        let top = |v: &[(&str, f64)]| v.iter().map(|(t, l)| (t.to_string(), *l)).collect::<Vec<_>>();
+        // " No" alone is likelier than " Yes", but "yes" in two spellings is likelier still
+        let lp = |p: f64| p.ln();
+        let p = yes_no_from_logprobs(&top(&[(" No", lp(0.4)), (" Yes", lp(0.3)), ("yes", lp(0.2))])).unwrap();
+        assert!((p - 0.5 / 0.9).abs() < 1e-12, "{p}");
+        let p = yes_no_from_logprobs(&top(&[("The", lp(0.5)), ("0", lp(0.1)), (" true", lp(0.05))])).unwrap();
+        assert!((p - 0.05 / 0.15).abs() < 1e-12, "{p}");
+        assert_eq!(yes_no_from_logprobs(&top(&[("The", lp(0.9)), ("Maybe", lp(0.05))])), None);
+        assert_eq!(yes_no_from_logprobs(&[]), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::client::{ChatClient, ChatError};
 use crate::error::{bail_input, ExplainResult};
 use crate::examples::{select, ExampleOptions, FeatureExamples};
 use crate::prompts::{explainer_messages, parse_explanation};
-use crate::score::{detection, fuzzing, Usage};
+use crate::score::{detection, fuzzing, Scoring, Usage};
 
 /// Tokens the explainer may write: a short look at the examples and one line. Within what `saekit serve`
 /// allows by default (`--max-new-tokens 128`), so a plain serve can be the explainer.
@@ -32,8 +32,8 @@ pub struct ExplainOptions {
     pub concurrency: usize,
     /// How many examples each prompt shows.
     pub examples: ExampleOptions,
-    /// Examples per scorer request.
-    pub batch: usize,
+    /// How the scorers ask.
+    pub scoring: Scoring,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -259,12 +259,12 @@ pub(crate) fn score_explanation(
 ) -> Result<(Option<Score>, Option<Score>), ChatError> {
     let seed = opts.examples.seed ^ id as u64;
     let det = if ex.activating.len() >= 2 && ex.non_activating.len() >= 2 {
-        Some(detection(client, explanation, &ex.activating, &ex.non_activating, opts.batch, seed, usage)?)
+        Some(detection(client, explanation, &ex.activating, &ex.non_activating, opts.scoring, seed, usage)?)
     } else {
         None
     };
     let fuzz = if ex.activating.len() >= 2 {
-        Some(fuzzing(client, explanation, &ex.activating, opts.batch, seed, usage)?)
+        Some(fuzzing(client, explanation, &ex.activating, opts.scoring, seed, usage)?)
     } else {
         None
     };

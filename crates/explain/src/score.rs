@@ -17,7 +17,23 @@ use crate::client::{ChatClient, ChatError};
 use crate::examples::Example;
 use crate::prompts::{
     activation_marks, marked_text, parse_answers, parse_yes_no, scorer_messages, single_scorer_messages,
+    yes_no_from_logprobs,
 };
+
+/// How the scorers ask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// Examples per request: a list of answers, or with 1 a yes/no question per example.
+    pub batch: usize,
+    /// With a batch of 1: read the answer from the first token's log-probabilities instead of the text.
+    pub logprobs: bool,
+}
+
+/// One example's answer: yes or no, and P(yes) / (P(yes) + P(no)) when read from log-probabilities.
+type Answer = (bool, Option<f64>);
+
+/// Alternatives asked for when the answer is read from log-probabilities (OpenAI's most).
+const TOP_LOGPROBS: u32 = 20;
 
 /// One scored example: the line shown and whether it is a positive.
 struct Item {
@@ -46,38 +62,69 @@ fn run_scorer(
     fuzzing: bool,
     explanation: &str,
     mut items: Vec<Item>,
-    batch: usize,
+    scoring: Scoring,
     rng: &mut ChaCha8Rng,
     usage: &mut Usage,
 ) -> Result<Score, ChatError> {
     items.shuffle(rng);
     let mut judged: Vec<(bool, Option<bool>)> = Vec::with_capacity(items.len());
-    for chunk in items.chunks(batch.max(1)) {
+    let mut p_yes: Vec<(bool, f64)> = Vec::new();
+    for chunk in items.chunks(scoring.batch.max(1)) {
         let lines: Vec<String> = chunk.iter().map(|i| i.line.clone()).collect();
-        match ask(client, fuzzing, explanation, &lines, batch <= 1, usage)? {
-            Some(a) => judged.extend(chunk.iter().zip(a).map(|(item, said)| (item.positive, Some(said)))),
+        match ask(client, fuzzing, explanation, &lines, scoring, usage)? {
+            Some(a) => {
+                for (item, (said, p)) in chunk.iter().zip(a) {
+                    judged.push((item.positive, Some(said)));
+                    p_yes.extend(p.map(|p| (item.positive, p)));
+                }
+            }
             None => judged.extend(chunk.iter().map(|item| (item.positive, None))),
         }
     }
-    Ok(tally(&judged))
+    let mut score = tally(&judged);
+    if scoring.logprobs {
+        score.auroc = auroc(&p_yes);
+    }
+    Ok(score)
 }
 
-/// One scorer request: a list of answers for `lines`, or (`one_by_one`) a yes/no for the single line.
+/// P(the scorer's P(yes) on a positive > on a negative), ties half; `None` without both kinds.
+pub fn auroc(p_yes: &[(bool, f64)]) -> Option<f64> {
+    let (pos, neg): (Vec<_>, Vec<_>) = p_yes.iter().partition(|(positive, _)| *positive);
+    if pos.is_empty() || neg.is_empty() {
+        return None;
+    }
+    let win = |p: f64, n: f64| match p.total_cmp(&n) {
+        std::cmp::Ordering::Greater => 1.0,
+        std::cmp::Ordering::Equal => 0.5,
+        std::cmp::Ordering::Less => 0.0,
+    };
+    let wins: f64 = pos.iter().flat_map(|(_, p)| neg.iter().map(move |(_, n)| win(*p, *n))).sum();
+    Some(wins / (pos.len() * neg.len()) as f64)
+}
+
+/// One scorer request: a list of answers for `lines`, or (a batch of one) a yes/no for the single line,
+/// read from the text or from the first token's log-probabilities (then with P(yes) against P(no)).
 /// `None` when the reply cannot be read or the request failed; `Err` only for a fatal error.
 fn ask(
     client: &ChatClient,
     fuzzing: bool,
     explanation: &str,
     lines: &[String],
-    one_by_one: bool,
+    scoring: Scoring,
     usage: &mut Usage,
-) -> Result<Option<Vec<bool>>, ChatError> {
-    let (messages, max_tokens) = if one_by_one {
-        (single_scorer_messages(fuzzing, explanation, &lines[0]), ONE_WORD_TOKENS)
+) -> Result<Option<Vec<Answer>>, ChatError> {
+    let one_by_one = scoring.batch <= 1;
+    let reply = if one_by_one {
+        let messages = single_scorer_messages(fuzzing, explanation, &lines[0]);
+        match scoring.logprobs {
+            true => client.first_token_logprobs(&messages, TOP_LOGPROBS),
+            false => client.chat(&messages, ONE_WORD_TOKENS),
+        }
     } else {
-        (scorer_messages(fuzzing, explanation, lines), 16 + 4 * lines.len() as u32)
+        client.chat(&scorer_messages(fuzzing, explanation, lines), 16 + 4 * lines.len() as u32)
     };
-    let r = match client.chat(&messages, max_tokens) {
+    let r = match reply {
         Ok(r) => r,
         Err(e @ ChatError::Fatal(_)) => return Err(e),
         Err(ChatError::Failed(msg)) => {
@@ -87,7 +134,11 @@ fn ask(
     };
     usage.prompt_tokens += r.prompt_tokens;
     usage.completion_tokens += r.completion_tokens;
-    let answers = if one_by_one { parse_yes_no(&r.text).map(|a| vec![a]) } else { parse_answers(&r.text, lines.len()) };
+    let answers = match (one_by_one, scoring.logprobs) {
+        (true, true) => yes_no_from_logprobs(&r.top_logprobs).map(|p| vec![(p > 0.5, Some(p))]),
+        (true, false) => parse_yes_no(&r.text).map(|a| vec![(a, None)]),
+        (false, _) => parse_answers(&r.text, lines.len()).map(|a| a.into_iter().map(|x| (x, None)).collect()),
+    };
     if answers.is_none() {
         tracing::debug!(reply = %r.text, "a scorer reply without {} readable answer(s)", lines.len());
     }
@@ -116,7 +167,7 @@ pub fn detection(
     explanation: &str,
     activating: &[Example],
     non_activating: &[Example],
-    batch: usize,
+    scoring: Scoring,
     seed: u64,
     usage: &mut Usage,
 ) -> Result<Score, ChatError> {
@@ -126,7 +177,7 @@ pub fn detection(
         .map(|e| Item { line: no_marks(e), positive: true })
         .chain(non_activating.iter().map(|e| Item { line: no_marks(e), positive: false }))
         .collect();
-    run_scorer(client, false, explanation, items, batch, &mut ChaCha8Rng::seed_from_u64(seed), usage)
+    run_scorer(client, false, explanation, items, scoring, &mut ChaCha8Rng::seed_from_u64(seed), usage)
 }
 
 /// The same number of marks as `e`'s real ones, on tokens where the feature is 0; `None` when the
@@ -151,7 +202,7 @@ pub fn fuzzing(
     client: &ChatClient,
     explanation: &str,
     activating: &[Example],
-    batch: usize,
+    scoring: Scoring,
     seed: u64,
     usage: &mut Usage,
 ) -> Result<Score, ChatError> {
@@ -163,7 +214,7 @@ pub fn fuzzing(
             items.push(Item { line: marked_text(e, &wrong), positive: false });
         }
     }
-    run_scorer(client, true, explanation, items, batch, &mut rng, usage)
+    run_scorer(client, true, explanation, items, scoring, &mut rng, usage)
 }
 
 #[cfg(test)]
@@ -227,6 +278,27 @@ mod tests {
             .collect::<Vec<_>>();
         let s = tally(&fixed);
         assert!((s.balanced_accuracy - 0.583_333_333_333).abs() < 1e-9 && (s.f1 - 4.0 / 7.0).abs() < 1e-12, "{s:?}");
+    }
+
+    /// Against the Mann-Whitney U from midranks over the pooled values, computed independently in f64.
+    #[test]
+    fn auroc_is_the_rank_sum_statistic_with_ties_half() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let p: Vec<(bool, f64)> = (0..60)
+            .map(|i| (i % 3 == 0, (rng.gen_range(0..8) as f64) / 8.0 + if i % 3 == 0 { 0.1 } else { 0.0 }))
+            .collect();
+        let mut sorted: Vec<f64> = p.iter().map(|x| x.1).collect();
+        sorted.sort_by(f64::total_cmp);
+        let midrank = |v: f64| {
+            let below = sorted.iter().filter(|&&x| x < v).count() as f64;
+            let equal = sorted.iter().filter(|&&x| x == v).count() as f64;
+            below + (equal + 1.0) / 2.0
+        };
+        let (n_pos, n_neg) = (p.iter().filter(|x| x.0).count() as f64, p.iter().filter(|x| !x.0).count() as f64);
+        let rank_sum: f64 = p.iter().filter(|x| x.0).map(|x| midrank(x.1)).sum();
+        let want = (rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg);
+        assert!((auroc(&p).unwrap() - want).abs() < 1e-12, "{:?} vs {want}", auroc(&p));
+        assert_eq!(auroc(&p[..1]), None, "one class only");
     }
 
     #[test]

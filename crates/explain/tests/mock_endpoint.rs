@@ -12,7 +12,7 @@ use std::time::Duration;
 use saekit_analysis::feature_db::{FeatureRow, StoredContext, StoredDetail, StoredGroup};
 use saekit_analysis::{AutointerpWriter, DbInfo, FeatureDb, FeatureDbWriter, HeldOutWindow};
 use saekit_explain::examples::ExampleOptions;
-use saekit_explain::{explain_features, score_shuffled_control, ChatClient, ClientOptions, ExplainOptions};
+use saekit_explain::{explain_features, score_shuffled_control, ChatClient, ClientOptions, ExplainOptions, Scoring};
 use serde_json::{json, Value};
 
 const VOCAB: [&str; 10] = ["The", " cat", " dog", " sat", " on", " the", " mat", " ran", " home", "."];
@@ -250,7 +250,7 @@ fn opts(features: Vec<u32>) -> ExplainOptions {
         features,
         concurrency: 3,
         examples: ExampleOptions { n_top: 2, n_test: 6, seed: 5 },
-        batch: 4,
+        scoring: Scoring { batch: 4, logprobs: false },
         progress: false,
     }
 }
@@ -400,7 +400,7 @@ fn one_example_per_prompt_reads_one_word_answers_and_counts_the_rest_as_unanswer
     build_db(&db_path);
     let (url, count, log) = logged_mock_server(Mode::OneWord);
     let c = client(&url);
-    let one = ExplainOptions { batch: 1, ..opts(vec![0, 1]) };
+    let one = ExplainOptions { scoring: Scoring { batch: 1, logprobs: false }, ..opts(vec![0, 1]) };
     let s = explain_features(&db_path, &c, &one).unwrap();
     assert_eq!((s.explained, s.failed.len()), (2, 0), "{s:?}");
     // 2 features x (1 explainer + 12 detection + 12 fuzzing requests) + the two retried failures

@@ -56,18 +56,18 @@ pub struct Generation {
 impl Model {
     /// Continue `prompt_ids` (one sequence). `hooks` run on the prompt and on every generated token.
     pub fn generate(&self, prompt_ids: &[u32], opts: &GenerateOptions, hooks: &mut Hooks) -> ModelResult<Generation> {
-        self.generate_streaming(prompt_ids, opts, hooks, |_| true)
+        self.generate_streaming(prompt_ids, opts, hooks, |_, _| true)
     }
 
-    /// [`Model::generate`], calling `on_token` with each new token as it is sampled; generation stops after
-    /// a token for which it returns `false` (a stop string was seen, the client went away). Same tokens as
-    /// `generate` for the same seed: both are this loop.
+    /// [`Model::generate`], calling `on_token` with each new token as it is sampled and the logits it was
+    /// sampled from; generation stops after a token for which it returns `false` (a stop string was seen,
+    /// the client went away). Same tokens as `generate` for the same seed: both are this loop.
     pub fn generate_streaming(
         &self,
         prompt_ids: &[u32],
         opts: &GenerateOptions,
         hooks: &mut Hooks,
-        mut on_token: impl FnMut(u32) -> bool,
+        mut on_token: impl FnMut(u32, &[f32]) -> bool,
     ) -> ModelResult<Generation> {
         if prompt_ids.is_empty() {
             return Err(ModelError::bad_input("generate: the prompt is empty"));
@@ -90,10 +90,10 @@ impl Model {
             out.push(next);
             if opts.stop_at_eos && next == eos {
                 stopped = true;
-                on_token(next);
+                on_token(next, &logits);
                 break;
             }
-            if !on_token(next) || cache.len() + 1 > self.config().max_positions {
+            if !on_token(next, &logits) || cache.len() + 1 > self.config().max_positions {
                 break;
             }
             logits = self.forward(&[next], 1, &mut cache, hooks, Logits::Last)?;

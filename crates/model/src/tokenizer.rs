@@ -92,15 +92,21 @@ impl Tokenizer {
         if self.special_ids.contains(&id) {
             return self.inner.id_to_token(id).unwrap_or_default();
         }
-        let Some(piece) = self.inner.id_to_token(id) else { return format!("<{id}>") };
+        escape_invalid_utf8(&self.token_bytes(id))
+    }
+
+    /// The bytes the token adds to decoded text (a special token: its vocabulary entry), which may be part
+    /// of a character (the `bytes` of OpenAI's log-probabilities).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else { return format!("<{id}>").into_bytes() };
+        if self.special_ids.contains(&id) {
+            return piece.into_bytes();
+        }
         let bytes = match self.pieces {
             PieceStyle::ByteLevel => byte_level_bytes(&piece),
             PieceStyle::SentencePiece => Some(sentencepiece_bytes(&piece)),
         };
-        match bytes {
-            Some(bytes) => escape_invalid_utf8(&bytes),
-            None => self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")),
-        }
+        bytes.unwrap_or_else(|| self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")).into_bytes())
     }
 
     /// The id of a token given by its vocabulary entry (`<|im_end|>`), if the vocabulary has it.

@@ -248,13 +248,14 @@ impl Engine {
     }
 
     /// Generate with `edits` applied (position 0 left alone, as everywhere in serve and by default in
-    /// `saekit generate`), calling `on_token` with each new token; see [`Model::generate_streaming`].
+    /// `saekit generate`), calling `on_token` with each new token and its logits; see
+    /// [`Model::generate_streaming`].
     pub fn generate_streaming(
         &self,
         ids: &[u32],
         edits: &[FeatureEdit],
         opts: &GenerateOptions,
-        on_token: impl FnMut(u32) -> bool,
+        on_token: impl FnMut(u32, &[f32]) -> bool,
     ) -> ServeResult<saekit_model::Generation> {
         saekit_steer::validate(&self.model, &self.sae, self.hook, edits)?;
         let mut hooks = saekit_model::Hooks::new();

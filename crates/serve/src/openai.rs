@@ -124,6 +124,7 @@ struct GenParams {
 struct ChatRequest {
     messages: Vec<RequestMessage>,
     logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
     tools: Option<Value>,
     #[serde(flatten)]
     gen: GenParams,
@@ -200,7 +201,12 @@ struct ChatJob {
     opts: GenerateOptions,
     stops: Vec<String>,
     edits: Vec<FeatureEdit>,
+    /// With `logprobs: true`: how many of the likeliest tokens to list beside each chosen one.
+    top_logprobs: Option<usize>,
 }
+
+/// Most alternatives per token OpenAI's API lists (`top_logprobs`).
+const MAX_TOP_LOGPROBS: u32 = 20;
 
 fn parse_request<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
@@ -254,13 +260,23 @@ fn messages_of(req: &[RequestMessage]) -> Result<Vec<ChatMessage>, OaiError> {
 
 async fn check_chat(s: &Arc<AppState>, req: &ChatRequest) -> Result<ChatJob, OaiError> {
     let messages = messages_of(&req.messages)?;
-    if req.logprobs == Some(true) {
-        return Err(OaiError::invalid("logprobs", "logprobs are not supported"));
-    }
+    let top_logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, Some(_)) => return Err(OaiError::invalid("top_logprobs", "top_logprobs needs logprobs: true")),
+        (_, Some(n)) if n > MAX_TOP_LOGPROBS => {
+            return Err(OaiError::invalid("top_logprobs", format!("top_logprobs is at most {MAX_TOP_LOGPROBS}")))
+        }
+        (true, _) if req.gen.stream == Some(true) => {
+            return Err(OaiError::invalid("logprobs", "logprobs are not supported with stream: true"))
+        }
+        (true, n) => Some(n.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
     if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(OaiError::invalid("tools", "tools are not supported"));
     }
-    check_params(s, &req.gen, Prompt::Chat(messages)).await
+    let mut job = check_params(s, &req.gen, Prompt::Chat(messages)).await?;
+    job.top_logprobs = top_logprobs;
+    Ok(job)
 }
 
 async fn check_completion(s: &Arc<AppState>, req: &CompletionRequest) -> Result<ChatJob, OaiError> {
@@ -348,7 +364,7 @@ async fn check_params(s: &Arc<AppState>, req: &GenParams, prompt: Prompt) -> Res
     })?;
     let sampling = if temperature == 0.0 { Sampling::Greedy } else { Sampling::TopP { temperature, top_p } };
     let opts = GenerateOptions { max_new_tokens: max_new_tokens as usize, sampling, seed, stop_at_eos: true };
-    Ok(ChatJob { prompt, opts, stops, edits })
+    Ok(ChatJob { prompt, opts, stops, edits, top_logprobs: None })
 }
 
 /// What the model worker reports, in order: `Rejected`, or `Started`, `Delta`s, then `Done` or `Failed`.
@@ -356,7 +372,7 @@ enum ChatEvent {
     Rejected(OaiError),
     Started { prompt_tokens: usize },
     Delta(String),
-    Done { finish_reason: &'static str, completion_tokens: usize },
+    Done { finish_reason: &'static str, completion_tokens: usize, logprobs: Option<Vec<Value>> },
     Failed(ServeError),
 }
 
@@ -446,7 +462,13 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
     let mut text = TextStream::new(job.stops);
     let mut finish_reason = "length";
     let mut failure = None;
-    let generated = e.generate_streaming(&ids, &job.edits, &job.opts, |id| {
+    let mut logprobs = job.top_logprobs.map(|_| Vec::new());
+    let generated = e.generate_streaming(&ids, &job.edits, &job.opts, |id, logits| {
+        if let (Some(lp), Some(top)) = (logprobs.as_mut(), job.top_logprobs) {
+            if id != tok.eos_token_id() {
+                lp.push(token_logprobs(tok, id, logits, top));
+            }
+        }
         let step = match text.push(tok, id) {
             Ok(step) => step,
             Err(err) => {
@@ -476,10 +498,33 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
                     }
                 }
             }
-            ChatEvent::Done { finish_reason, completion_tokens: g.generated_ids.len() }
+            ChatEvent::Done { finish_reason, completion_tokens: g.generated_ids.len(), logprobs }
         }
     };
     let _ = tx.send(event);
+}
+
+/// One chosen token in OpenAI's `logprobs.content` shape: its text, bytes and log-probability under the
+/// model's distribution (before temperature and top-p), and the `top` likeliest tokens the same way.
+fn token_logprobs(tok: &Tokenizer, id: u32, logits: &[f32], top: usize) -> Value {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
+    let log_z = max + logits.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln();
+    let entry = |t: u32| {
+        let bytes = tok.token_bytes(t);
+        json!({ "token": String::from_utf8_lossy(&bytes), "bytes": bytes, "logprob": logits[t as usize] as f64 - log_z })
+    };
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let top = top.min(order.len());
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b))
+        });
+    }
+    order.truncate(top);
+    order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    let mut chosen = entry(id);
+    chosen["top_logprobs"] = Value::Array(order.into_iter().map(entry).collect());
+    chosen
 }
 
 async fn chat_completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -604,8 +649,12 @@ async fn whole_reply(reply: Reply, mut rx: UnboundedReceiver<ChatEvent>) -> Resu
     while let Some(ev) = rx.recv().await {
         match ev {
             ChatEvent::Delta(d) => content.push_str(&d),
-            ChatEvent::Done { finish_reason, completion_tokens } => {
-                return Ok(Json(reply.whole(content, finish_reason, completion_tokens)).into_response());
+            ChatEvent::Done { finish_reason, completion_tokens, logprobs } => {
+                let mut whole = reply.whole(content, finish_reason, completion_tokens);
+                if let Some(lp) = logprobs {
+                    whole["choices"][0]["logprobs"] = json!({ "content": lp, "refusal": null });
+                }
+                return Ok(Json(whole).into_response());
             }
             ChatEvent::Failed(err) => return Err(err.into()),
             ChatEvent::Started { .. } | ChatEvent::Rejected(_) => {}
@@ -647,7 +696,7 @@ impl StreamState {
                 Some(ChatEvent::Delta(d)) => {
                     self.queued.push_back(self.reply.chunk(self.reply.stream_choice(Some(d), None), None))
                 }
-                Some(ChatEvent::Done { finish_reason, completion_tokens }) => {
+                Some(ChatEvent::Done { finish_reason, completion_tokens, .. }) => {
                     let last = self.reply.stream_choice(None, Some(finish_reason));
                     self.queued.push_back(self.reply.chunk(last, None));
                     if self.include_usage {

@@ -180,6 +180,24 @@ async fn bad_requests_get_openai_errors() {
         (json!({"model": "smol", "messages": msgs, "n": 2}), StatusCode::BAD_REQUEST, "n = 1", None),
         (json!({"model": "smol", "messages": msgs, "seed": -1}), StatusCode::BAD_REQUEST, "seed", None),
         (
+            json!({"model": "smol", "messages": msgs, "top_logprobs": 2}),
+            StatusCode::BAD_REQUEST,
+            "logprobs: true",
+            None,
+        ),
+        (
+            json!({"model": "smol", "messages": msgs, "logprobs": true, "top_logprobs": 21}),
+            StatusCode::BAD_REQUEST,
+            "at most 20",
+            None,
+        ),
+        (
+            json!({"model": "smol", "messages": msgs, "logprobs": true, "stream": true}),
+            StatusCode::BAD_REQUEST,
+            "stream",
+            None,
+        ),
+        (
             json!({"model": "smol", "messages": [{"role": "tool", "content": "x"}]}),
             StatusCode::BAD_REQUEST,
             "tool",
@@ -278,4 +296,48 @@ async fn text_completions_continue_the_prompt_like_the_steer_api() {
     let (s, v) = call("/v1/completions", steer).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), steered);
+}
+
+/// `logprobs: true`: each chosen token's log-probability and its `top_logprobs`, in OpenAI's shape. The
+/// first token's numbers are checked against the model's own last-position logits, log-softmaxed here in
+/// f64; greedy decoding must choose the likeliest token every time.
+#[tokio::test]
+async fn logprobs_are_the_model_distribution() {
+    let prompt = "Name a colour.";
+    let body = json!({"model": "smol", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                      "max_tokens": 4, "logprobs": true, "top_logprobs": 5});
+    let (s, v) = call("/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let tokens = v["choices"][0]["logprobs"]["content"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert!(!tokens.is_empty() && tokens.len() <= 4, "{v}");
+    let joined: String = tokens.iter().map(|t| t["token"].as_str().unwrap()).collect();
+    assert_eq!(joined, content(&v), "the tokens spell the reply");
+    for t in tokens {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 5, "{t}");
+        assert_eq!(top[0]["token"], t["token"], "greedy picks the likeliest: {t}");
+        let lps: Vec<f64> = top.iter().map(|x| x["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-9, "{t}");
+        let bytes: Vec<u8> = t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), t["token"].as_str().unwrap());
+    }
+
+    let model = saekit_model::Model::load(&saekit_model::default_model_path(), &Default::default()).unwrap();
+    let tok = model.tokenizer();
+    let text = tok.apply_chat_template(&[saekit_model::ChatMessage::user(prompt)]).unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    let logits = model
+        .forward(&ids, 1, &mut model.new_cache(1), &mut saekit_model::Hooks::new(), saekit_model::Logits::Last)
+        .unwrap();
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &z| m.max(z as f64));
+    let log_z = max + logits.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln();
+    let first = &tokens[0]["top_logprobs"];
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    for (rank, &id) in order.iter().take(5).enumerate() {
+        let want = logits[id] as f64 - log_z;
+        let got = first[rank]["logprob"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-4, "rank {rank}: {got} vs {want}");
+        assert_eq!(first[rank]["token"].as_str().unwrap(), String::from_utf8_lossy(&tok.token_bytes(id as u32)));
+    }
 }

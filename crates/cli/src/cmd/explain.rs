@@ -13,7 +13,7 @@ use saekit_analysis::FeatureDb;
 use saekit_explain::examples::ExampleOptions;
 use saekit_explain::run::parse_feature_list;
 use saekit_explain::{
-    explain_features, score_shuffled_control, ChatClient, ClientOptions, ControlSummary, ExplainOptions,
+    explain_features, score_shuffled_control, ChatClient, ClientOptions, ControlSummary, ExplainOptions, Scoring,
 };
 
 use super::model_arg::ModelArgs;
@@ -28,7 +28,8 @@ What it does, per feature (delphi's autointerp loop):
   fuzzing    the same activating contexts, once with the real marks and once with the marks
              moved to tokens where the feature is 0: which are marked correctly?
 --scorer-batch 1 asks the scorers one yes/no question per example instead of a list (for a
-small model; the reply's first word is read). Each scorer is stored as balanced accuracy (0.5
+small model; the reply's first word is read, or with --scorer-logprobs the first token's
+log-probabilities of yes against no). Each scorer is stored as balanced accuracy (0.5
 is chance) with its counts; replies that cannot be read count as unparsed, and a scorer that read none is shown as unmeasured, not as 0. Results
 go into --db beside the feature, one explanation per explainer model; `saekit feature` and
 `saekit serve` show the best-scoring one. A rerun skips features this model already explained,
@@ -50,6 +51,7 @@ Examples:
   # the floor: rescore those features with each other's explanations (nothing is stored)
   saekit explain --db run/features.sqlite --sae run/sae --sample 20 --shuffled-control
   saekit explain --db run/features.sqlite --sae run/sae --sample 20 --shuffled-control --scorer-batch 1
+  saekit explain --db run/features.sqlite --sae run/sae --sample 20 --scorer-batch 1 --scorer-logprobs
 
   # then read them
   saekit feature --db run/features.sqlite 42";
@@ -96,6 +98,12 @@ pub struct ExplainArgs {
     /// (yes/no/true/false/1/0): for a small scorer that cannot write a list of the right length.
     #[arg(long, visible_alias = "batch", default_value_t = 5)]
     pub scorer_batch: usize,
+    /// With --scorer-batch 1: read each answer from the first token's log-probabilities (the
+    /// probability of yes/true/1 against no/false/0 among the 20 likeliest) instead of from the text,
+    /// as delphi's log_prob scoring does. A small scorer that does not begin its reply with the answer
+    /// still ranks the two. Needs an endpoint that returns logprobs (OpenAI, vLLM, saekit serve).
+    #[arg(long)]
+    pub scorer_logprobs: bool,
     /// Seed of --sample, of which held-out windows detection uses, of the order of the scorers' examples
     /// and of the fuzzing marks.
     #[arg(long, default_value_t = 0)]
@@ -143,11 +151,14 @@ pub fn run(a: ExplainArgs) -> Result<()> {
         retries: a.retries,
         backoff: Duration::from_secs(1),
     })?;
+    if a.scorer_logprobs && a.scorer_batch != 1 {
+        bail!("--scorer-logprobs reads one yes/no answer per request: give --scorer-batch 1");
+    }
     let opts = ExplainOptions {
         features,
         concurrency: a.concurrency.max(1),
         examples: ExampleOptions { n_top: a.n_explain, n_test: a.n_test, seed: a.seed },
-        batch: a.scorer_batch.max(1),
+        scoring: Scoring { batch: a.scorer_batch.max(1), logprobs: a.scorer_logprobs },
         progress: !a.json,
     };
     if a.shuffled_control {
@@ -206,6 +217,15 @@ fn print_control(s: &ControlSummary, json: bool) -> Result<()> {
             );
         }
         println!("  {name:<9} real beats shuffled on {:.0}% of features (ties half)", 100.0 * c.real_wins);
+        if let Some(a) = &c.auroc {
+            for (which, sp) in [("real", &a.real), ("shuffled", &a.shuffled)] {
+                println!(
+                    "  {name:<9} {which:<8} AUROC of P(yes): n {:>4}  mean {:.3}  quartiles {:.3} / {:.3} / {:.3}",
+                    sp.n, sp.mean, sp.q25, sp.median, sp.q75
+                );
+            }
+            println!("  {name:<9} real beats shuffled on AUROC on {:.0}% of features (ties half)", 100.0 * a.real_wins);
+        }
     }
     println!("tokens: {} prompt + {} completion", s.prompt_tokens, s.completion_tokens);
     Ok(())

@@ -91,8 +91,9 @@ fn score_line(name: &str, s: Option<saekit_analysis::Score>) -> String {
         None => format!("{name}: not scored"),
         Some(s) if s.answered() == 0 => format!("{name}: no answer could be read ({} unparsed)", s.unparsed),
         Some(s) => format!(
-            "{name} {:.2} balanced accuracy (tp {} fn {} tn {} fp {}{})",
+            "{name} {:.2} balanced accuracy{} (tp {} fn {} tn {} fp {}{})",
             s.balanced_accuracy,
+            s.auroc.map(|a| format!(", AUROC {a:.2}")).unwrap_or_default(),
             s.tp,
             s.fn_,
             s.tn,
