@@ -19,7 +19,7 @@ use saekit_model::{GenerateOptions, Generation, HookPoint, Hooks, Model, ModelEr
 use saekit_sae::Sae;
 use serde::Serialize;
 
-pub use lift::LiftProbe;
+pub use lift::{answered_chats, LiftProbe, PROBE_PROMPTS};
 
 /// What went wrong while steering.
 #[derive(Debug, thiserror::Error)]

@@ -7,10 +7,35 @@
 //! that steers"). [`LiftProbe`] runs the edited model instead, on the kind of text steering produces: a
 //! prompt followed by the model's own unsteered answer.
 
-use saekit_model::{HookPoint, Hooks, Logits, Model};
+use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Hooks, Logits, Model, ModelError};
 use saekit_sae::Sae;
 
 use crate::{add_steering_hook, validate, FeatureEdit, Positions, Result};
+
+/// Neutral chat prompts to measure steering on (none names a concept of the demo corpus).
+pub const PROBE_PROMPTS: [&str; 4] = [
+    "What did you have for breakfast?",
+    "Tell me about your home town.",
+    "How do you spend a rainy day?",
+    "What is your favourite season?",
+];
+
+/// `prompts` as chat prompts (the model's chat template) followed by the model's own greedy answer of up to
+/// `tokens` tokens, each scored from the prompt's last position on: the sequences [`LiftProbe::new`] takes.
+pub fn answered_chats(model: &Model, prompts: &[&str], tokens: usize) -> Result<Vec<(Vec<u32>, usize)>> {
+    let tok = model.tokenizer();
+    let opts = GenerateOptions { max_new_tokens: tokens, ..Default::default() };
+    prompts
+        .iter()
+        .map(|p| {
+            let chat = tok.apply_chat_template(&[ChatMessage::user(*p)]).map_err(ModelError::from)?;
+            let prompt = tok.encode(&chat, false).map_err(ModelError::from)?;
+            let answer = model.generate(&prompt, &opts, &mut Hooks::new())?;
+            let from = prompt.len().saturating_sub(1);
+            Ok(([prompt, answer.generated_ids].concat(), from))
+        })
+        .collect()
+}
 
 /// Token sequences, the positions scored in each, and a weight per vocabulary token.
 #[derive(Debug, Clone)]
@@ -40,6 +65,24 @@ impl LiftProbe {
         validate(model, sae, hook, edits)?;
         let edited = self.score(model, |hooks| add_steering_hook(hooks, sae, hook, edits, Positions::SkipFirst))?;
         Ok(edited - self.base)
+    }
+
+    /// Each `(feature, value)` clamped alone, with its [`LiftProbe::lift`], best first.
+    pub fn rank_clamps(
+        &self,
+        model: &Model,
+        sae: &Sae,
+        hook: HookPoint,
+        clamps: &[(u32, f32)],
+    ) -> Result<Vec<(u32, f64)>> {
+        let mut lifts = clamps
+            .iter()
+            .map(|&(feature, value)| {
+                Ok((feature, self.lift(model, sae, hook, &[FeatureEdit::Clamp { feature, value }])?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        lifts.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(lifts)
     }
 
     /// The mean over scored positions of `Σ_t weights[t] · log_softmax(logits)[t]`.

@@ -15,7 +15,7 @@ use saekit_analysis::search::ContrastHit;
 use saekit_analysis::FeatureDb;
 use saekit_model::{GenerateOptions, HookPoint, Hooks, Model};
 use saekit_sae::Sae;
-use saekit_steer::{generate_steered, FeatureEdit, LiftProbe, Positions};
+use saekit_steer::{answered_chats, generate_steered, FeatureEdit, LiftProbe, Positions, PROBE_PROMPTS};
 use serde_json::json;
 
 use super::model_arg::ModelArgs;
@@ -69,16 +69,8 @@ pub enum Order {
     Steer,
 }
 
-/// Chat prompts on which features are chosen for steering: none of them is among [`PROMPTS`], on which
-/// the choice is judged.
-const PROBE_PROMPTS: [&str; 4] = [
-    "What did you have for breakfast?",
-    "Tell me about your home town.",
-    "How do you spend a rainy day?",
-    "What is your favourite season?",
-];
-
-/// Chat prompts with no concept of the demo corpus in them.
+/// Chat prompts with no concept of the demo corpus in them, none of them among the
+/// [`saekit_steer::PROBE_PROMPTS`] on which the steering order is chosen.
 const PROMPTS: [&str; 16] = [
     "Tell me about your weekend.",
     "What is your favourite food?",
@@ -250,38 +242,30 @@ impl Choice<'_> {
         probes: &[(Vec<u32>, usize)],
         max_act: &dyn Fn(u32) -> Result<f32>,
     ) -> Result<Vec<SteerPick>> {
-        let probe = LiftProbe::new(self.model, probes.to_vec(), weights.to_vec())?;
-        let mut picks = Vec::new();
+        let mut candidates = Vec::new();
         for hit in hits {
-            if picks.len() == self.candidates {
+            if candidates.len() == self.candidates {
                 break;
             }
             let m = max_act(hit.id)?;
-            if m <= 0.0 {
-                continue;
+            if m > 0.0 {
+                candidates.push((hit, m));
             }
-            let edit = [FeatureEdit::Clamp { feature: hit.id, value: self.times * m }];
-            let lift = probe.lift(self.model, self.sae, self.hook, &edit)?;
-            picks.push(SteerPick { hit: hit.clone(), max_act: m, lift: Some(lift) });
         }
-        picks.sort_by(|a, b| b.lift.unwrap_or(0.0).total_cmp(&a.lift.unwrap_or(0.0)));
-        Ok(picks)
+        let clamps: Vec<(u32, f32)> = candidates.iter().map(|(h, m)| (h.id, self.times * m)).collect();
+        let probe = LiftProbe::new(self.model, probes.to_vec(), weights.to_vec())?;
+        let lifts = probe.rank_clamps(self.model, self.sae, self.hook, &clamps)?;
+        let pick = |(id, lift): (u32, f64)| {
+            let (hit, m) = candidates.iter().find(|(h, _)| h.id == id)?;
+            Some(SteerPick { hit: (*hit).clone(), max_act: *m, lift: Some(lift) })
+        };
+        Ok(lifts.into_iter().filter_map(pick).collect())
     }
 }
 
-/// [`PROBE_PROMPTS`] as chat prompts followed by the model's own greedy answer of up to `tokens` tokens,
-/// each scored from the prompt's last position on.
+/// [`saekit_steer::PROBE_PROMPTS`] followed by the model's own greedy answers of up to `tokens` tokens.
 pub fn probe_sequences(model: &Model, tokens: usize) -> Result<Vec<(Vec<u32>, usize)>> {
-    let opts = GenerateOptions { max_new_tokens: tokens, ..Default::default() };
-    PROBE_PROMPTS
-        .iter()
-        .map(|p| {
-            let prompt = super::generate::prompt_ids(model, p, true, None)?;
-            let answer = model.generate(&prompt, &opts, &mut Hooks::new())?;
-            let from = prompt.len() - 1;
-            Ok(([prompt, answer.generated_ids].concat(), from))
-        })
-        .collect()
+    Ok(answered_chats(model, &PROBE_PROMPTS, tokens)?)
 }
 
 /// The ranks asked for: 1-based, at least one.
