@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::client::{ChatClient, ChatError};
 use crate::error::{bail_input, ExplainResult};
 use crate::run::{chat_stop, examples_of, in_parallel, read_feature, score_explanation, ExplainOptions};
-use crate::score::Usage;
+use crate::score::{win, Usage};
 
 /// How a scorer's examples were answered: the denominators behind a balanced accuracy.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
@@ -185,18 +185,7 @@ pub struct AurocComparison {
 /// Real and shuffled spreads of one metric, and the share of features where the real one is higher.
 fn compare(rows: &[ControlRow], pick: impl Fn(&Accuracies) -> Option<f64>) -> (Spread, Spread, f64) {
     let pairs: Vec<(f64, f64)> = rows.iter().filter_map(|r| Some((pick(&r.real)?, pick(&r.shuffled)?))).collect();
-    let wins: f64 = pairs
-        .iter()
-        .map(|(r, s)| {
-            if r > s {
-                1.0
-            } else if r == s {
-                0.5
-            } else {
-                0.0
-            }
-        })
-        .sum();
+    let wins: f64 = pairs.iter().map(|&(r, s)| win(r, s)).sum();
     (
         Spread::of(rows.iter().filter_map(|r| pick(&r.real))),
         Spread::of(rows.iter().filter_map(|r| pick(&r.shuffled))),

@@ -94,13 +94,17 @@ pub fn auroc(p_yes: &[(bool, f64)]) -> Option<f64> {
     if pos.is_empty() || neg.is_empty() {
         return None;
     }
-    let win = |p: f64, n: f64| match p.total_cmp(&n) {
+    let wins: f64 = pos.iter().flat_map(|(_, p)| neg.iter().map(move |(_, n)| win(*p, *n))).sum();
+    Some(wins / (pos.len() * neg.len()) as f64)
+}
+
+/// 1 when `a` beats `b`, 1/2 on a tie, else 0: one pair's share of an AUROC or of a win rate.
+pub(crate) fn win(a: f64, b: f64) -> f64 {
+    match a.total_cmp(&b) {
         std::cmp::Ordering::Greater => 1.0,
         std::cmp::Ordering::Equal => 0.5,
         std::cmp::Ordering::Less => 0.0,
-    };
-    let wins: f64 = pos.iter().flat_map(|(_, p)| neg.iter().map(move |(_, n)| win(*p, *n))).sum();
-    Some(wins / (pos.len() * neg.len()) as f64)
+    }
 }
 
 /// One scorer request: a list of answers for `lines`, or (a batch of one) a yes/no for the single line,

@@ -107,6 +107,12 @@ impl Model {
     }
 }
 
+/// `ln Σ exp(z)` over one row of logits, in f64: `z − log_sum_exp(row)` is a token's log-probability.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
+    max + row.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln()
+}
+
 /// Pick the next token from one row of logits.
 pub fn sample(logits: &[f32], sampling: Sampling, rng: &mut impl Rng) -> Result<u32> {
     if logits.iter().any(|v| v.is_nan()) {

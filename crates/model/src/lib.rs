@@ -60,7 +60,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub use attention::KvCache;
 pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, ModelResult};
-pub use generate::{GenerateOptions, Generation, Sampling};
+pub use generate::{log_sum_exp, GenerateOptions, Generation, Sampling};
 pub use hooks::{ActivationCache, HookContext, HookPoint, Hooks};
 pub use saekit_kernels::{Bf16Path, Precision, PrecisionChoice};
 pub use tokenizer::{ChatMessage, Tokenizer};

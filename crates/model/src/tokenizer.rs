@@ -109,6 +109,12 @@ impl Tokenizer {
         bytes.unwrap_or_else(|| self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")).into_bytes())
     }
 
+    /// `messages` rendered with the chat template and tokenised as they stand (the template writes its own
+    /// BOS-like markers): the prompt `saekit generate --chat` and the steering probes give the model.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template(messages)?, false)
+    }
+
     /// The id of a token given by its vocabulary entry (`<|im_end|>`), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

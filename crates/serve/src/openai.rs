@@ -507,8 +507,7 @@ fn run_chat(e: &Engine, job: ChatJob, tx: UnboundedSender<ChatEvent>) {
 /// One chosen token in OpenAI's `logprobs.content` shape: its text, bytes and log-probability under the
 /// model's distribution (before temperature and top-p), and the `top` likeliest tokens the same way.
 fn token_logprobs(tok: &Tokenizer, id: u32, logits: &[f32], top: usize) -> Value {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
-    let log_z = max + logits.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln();
+    let log_z = saekit_model::log_sum_exp(logits);
     let entry = |t: u32| {
         let bytes = tok.token_bytes(t);
         json!({ "token": String::from_utf8_lossy(&bytes), "bytes": bytes, "logprob": logits[t as usize] as f64 - log_z })

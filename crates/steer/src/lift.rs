@@ -7,7 +7,7 @@
 //! that steers"). [`LiftProbe`] runs the edited model instead, on the kind of text steering produces: a
 //! prompt followed by the model's own unsteered answer.
 
-use saekit_model::{ChatMessage, GenerateOptions, HookPoint, Hooks, Logits, Model, ModelError};
+use saekit_model::{log_sum_exp, ChatMessage, GenerateOptions, HookPoint, Hooks, Logits, Model, ModelError};
 use saekit_sae::Sae;
 
 use crate::{add_steering_hook, validate, FeatureEdit, Positions, Result};
@@ -28,8 +28,7 @@ pub fn answered_chats(model: &Model, prompts: &[&str], tokens: usize) -> Result<
     prompts
         .iter()
         .map(|p| {
-            let chat = tok.apply_chat_template(&[ChatMessage::user(*p)]).map_err(ModelError::from)?;
-            let prompt = tok.encode(&chat, false).map_err(ModelError::from)?;
+            let prompt = tok.encode_chat(&[ChatMessage::user(*p)]).map_err(ModelError::from)?;
             let answer = model.generate(&prompt, &opts, &mut Hooks::new())?;
             let from = prompt.len().saturating_sub(1);
             Ok(([prompt, answer.generated_ids].concat(), from))
@@ -103,9 +102,4 @@ impl LiftProbe {
         }
         Ok(if n == 0 { 0.0 } else { total / n as f64 })
     }
-}
-
-fn log_sum_exp(row: &[f32]) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
-    max + row.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln()
 }

@@ -104,8 +104,8 @@ pub fn run(a: ConceptSteeringArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let unsteered = answers(&prompts, |ids| Ok(model.generate(ids, &opts, &mut Hooks::new())?))?;
     let steer = Steerer { model: &model, sae: &sae, hook, opts: &opts, prompts: &prompts };
-    let max_act = |f: u32| -> Result<f32> { Ok(db.feature(f)?.map_or(0.0, |r| r.max_act)) };
-    let probes = probe_sequences(&model, a.tokens)?;
+    let max_act = max_activation(&db);
+    let probes = answered_chats(&model, &PROBE_PROMPTS, a.tokens)?;
     let choice = Choice { model: &model, sae: &sae, hook, times: a.times, candidates: a.candidates };
     let mut tally = Tally::default();
     for ranking in &rankings {
@@ -115,6 +115,7 @@ pub fn run(a: ConceptSteeringArgs) -> Result<()> {
             Order::Auroc => ranking
                 .hits
                 .iter()
+                .take(ranks.iter().copied().max().unwrap_or(1))
                 .map(|h| Ok(SteerPick { hit: h.clone(), max_act: max_act(h.id)?, lift: None }))
                 .collect::<Result<Vec<_>>>()?,
         };
@@ -263,9 +264,10 @@ impl Choice<'_> {
     }
 }
 
-/// [`saekit_steer::PROBE_PROMPTS`] followed by the model's own greedy answers of up to `tokens` tokens.
-pub fn probe_sequences(model: &Model, tokens: usize) -> Result<Vec<(Vec<u32>, usize)>> {
-    Ok(answered_chats(model, &PROBE_PROMPTS, tokens)?)
+/// Each feature's max activation in `db`, read from its summary row (0 for a feature it does not hold):
+/// what a clamp at a multiple of the max needs.
+pub fn max_activation(db: &FeatureDb) -> impl Fn(u32) -> Result<f32> + '_ {
+    |f| Ok(db.summary(f)?.map_or(0.0, |s| s.max_act))
 }
 
 /// The ranks asked for: 1-based, at least one.

@@ -16,7 +16,7 @@ use saekit_steer::{FeatureEdit, Positions};
 use saekit_store::harvest::HarvestOptions;
 use saekit_store::{TokenDataset, TokenizeOptions};
 
-use super::concept_steering::{probe_sequences, Choice, SteerPick};
+use super::concept_steering::{max_activation, Choice, SteerPick};
 use super::model_arg::ModelArgs;
 
 /// Run every stage on SmolLM2-135M-Instruct layer 15: fetch the model and the demo corpus, tokenize,
@@ -357,8 +357,8 @@ fn steering_features(
     rankings: &[ConceptRanking],
 ) -> Result<Vec<(String, SteerPick)>> {
     let choice = Choice { model, sae, hook, times: STEER_TIMES_MAX, candidates: STEER_CANDIDATES };
-    let probes = probe_sequences(model, 24)?;
-    let max_act = |f: u32| -> Result<f32> { Ok(db.feature(f)?.map_or(0.0, |r| r.max_act)) };
+    let probes = saekit_steer::answered_chats(model, &saekit_steer::PROBE_PROMPTS, 24)?;
+    let max_act = max_activation(db);
     let mut out = Vec::new();
     for r in rankings {
         let picks = choice.steering_order(&r.hits, &r.token_weights, &probes, &max_act)?;

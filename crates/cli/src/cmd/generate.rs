@@ -89,7 +89,7 @@ pub fn prompt_ids(model: &saekit_model::Model, prompt: &str, chat: bool, system:
             msgs.push(ChatMessage::system(s));
         }
         msgs.push(ChatMessage::user(prompt));
-        tok.encode(&tok.apply_chat_template(&msgs)?, false)
+        tok.encode_chat(&msgs)
     } else {
         tok.encode(prompt, true)
     }

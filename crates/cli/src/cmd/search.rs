@@ -9,7 +9,7 @@ use saekit_analysis::search::{contrast, read_texts, search_text, text_features, 
 use saekit_analysis::FeatureDb;
 use saekit_sae::load_sae;
 
-use super::concept_steering::{probe_sequences, Choice};
+use super::concept_steering::{max_activation, Choice};
 use super::model_arg::ModelArgs;
 
 /// `--text "..."`: the features that fire on a text, per token and overall (with their strongest
@@ -114,8 +114,8 @@ pub fn run(a: SearchArgs) -> Result<()> {
         (Some(n), Some(db)) => {
             let weights = token_share_difference(&model, &pt, &nt, a.max_tokens)?;
             let choice = Choice { model: &model, sae: &sae, hook, times: 3.0, candidates: n };
-            let max_act = |f: u32| -> Result<f32> { Ok(db.feature(f)?.map_or(0.0, |r| r.max_act)) };
-            Some(choice.steering_order(&hits, &weights, &probe_sequences(&model, 32)?, &max_act)?)
+            let probes = saekit_steer::answered_chats(&model, &saekit_steer::PROBE_PROMPTS, 32)?;
+            Some(choice.steering_order(&hits, &weights, &probes, &max_activation(db))?)
         }
         _ => None,
     };
