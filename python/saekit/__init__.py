@@ -27,6 +27,7 @@ from ._saekit import (
     default_model_path,
     search,
     search_contrast,
+    steering_features,
     train,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "train",
     "search",
     "search_contrast",
+    "steering_features",
     "default_model_path",
     "CorruptFileError",
     "__version__",

@@ -110,8 +110,11 @@ class FeatureDb:
 
     def __init__(self, path: _Path) -> None: ...
     def feature(self, id: int) -> Dict[str, Any]:
-        """The record: density, max_act, mean_act, explanation, top_contexts [{tokens, acts, peak, max_act}],
-        quantiles, histogram, promoted, suppressed, neighbours. ValueError for an unknown id."""
+        """The record: density, max_act, mean_act, explanation, top_contexts [{tokens, acts, peak, max_act,
+        text, pieces}], quantiles (their contexts likewise), histogram, promoted, suppressed, neighbours.
+        `text` is the window as text and `pieces` [{text, act, first, len}] its tokens with characters split
+        across tokens joined (act: the highest of theirs); `tokens` shows such bytes as \xNN. ValueError for
+        an unknown id."""
     def features(
         self, sort: str = "density", limit: int = 50, offset: int = 0, descending: bool = True
     ) -> List[Dict[str, Any]]:
@@ -162,3 +165,20 @@ def search_contrast(
 ) -> List[Dict[str, Any]]:
     """Features ranked by AUROC of their per-text max activation between pos and neg (best for pos
     first): [{id, auroc, freq_pos, freq_neg, z, mean_pos, mean_neg}]."""
+
+def steering_features(
+    model: Model,
+    sae: Union[SAE, _Path],
+    pos: Sequence[str],
+    neg: Sequence[str],
+    db: Union[FeatureDb, _Path],
+    candidates: int = 16,
+    times: float = 3.0,
+    max_tokens: int = 256,
+    hook: Optional[str] = None,
+) -> List[Dict[str, Any]]:
+    """Features to steer toward pos, as `saekit search --pos --neg --db DB --steer N`: the `candidates`
+    best by AUROC that fired in db, each clamped at `times` x its max activation while the model reads
+    four neutral chat prompts and its own answers, ordered by `lift`, the mean log-probability the clamp
+    adds to pos's tokens over neg's: search_contrast's fields plus {lift, max_act}, best first. Clamp
+    the first with model.generate(..., sae=sae, db=db, steer={id: f"{times}x"})."""

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use saekit_analysis::feature_db::SortBy;
-use saekit_analysis::search::{contrast, search_text, text_features};
+use saekit_analysis::feature_db::{Context, FeatureRecord, SortBy};
+use saekit_analysis::render::merge_tokens;
+use saekit_analysis::search::{contrast, search_text, text_features, token_share_difference};
 use saekit_analysis::FeatureDb;
 
 use crate::errors::{detached, existing, to_py, to_pyobject};
@@ -26,12 +27,13 @@ impl PyFeatureDb {
         Ok(PyFeatureDb { db: detached(py, || Ok(FeatureDb::open(&path)?))? })
     }
 
-    /// One feature's record as a dict: density, max_act, explanation, top_contexts (tokens, acts, peak),
-    /// quantiles, histogram, promoted/suppressed tokens, neighbours. `ValueError` for an unknown id.
+    /// One feature's record as a dict: density, max_act, explanation, top_contexts (tokens, acts, peak,
+    /// and the window as readable `text` and `pieces`), quantiles (their contexts likewise), histogram,
+    /// promoted/suppressed tokens, neighbours. `ValueError` for an unknown id.
     fn feature<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyAny>> {
         let db = &self.db;
         match detached(py, || Ok(db.feature(id)?))? {
-            Some(rec) => to_pyobject(py, &rec),
+            Some(rec) => to_pyobject(py, &with_readable_contexts(&rec).map_err(to_py)?),
             None => Err(PyValueError::new_err(format!("feature {id} is not in {}", db.path().display()))),
         }
     }
@@ -73,6 +75,31 @@ impl PyFeatureDb {
     }
 }
 
+/// `rec` as JSON with each context's window also as text: `pieces` ([`merge_tokens`]: tokens that
+/// complete a character joined, each piece with the highest activation among its tokens, its first token
+/// and token count) and `text`, the pieces joined. Byte-level BPE splits CJK and accented characters
+/// across tokens, which `tokens` shows as `\xNN` escapes.
+fn with_readable_contexts(rec: &FeatureRecord) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(rec)?;
+    add_text(&mut v["top_contexts"], &rec.top_contexts)?;
+    if let Some(groups) = v["quantiles"].as_array_mut() {
+        for (g, q) in groups.iter_mut().zip(&rec.quantiles) {
+            add_text(&mut g["contexts"], &q.contexts)?;
+        }
+    }
+    Ok(v)
+}
+
+/// Set `text` and `pieces` on each of `slots` (a JSON array of `contexts`, in order).
+fn add_text(slots: &mut serde_json::Value, contexts: &[Context]) -> anyhow::Result<()> {
+    for (slot, c) in slots.as_array_mut().into_iter().flatten().zip(contexts) {
+        let pieces = merge_tokens(&c.tokens, &c.acts);
+        slot["text"] = pieces.iter().map(|p| p.text.as_str()).collect::<String>().into();
+        slot["pieces"] = serde_json::to_value(&pieces)?;
+    }
+    Ok(())
+}
+
 impl PyFeatureDb {
     /// A `FeatureDb` as given, or one opened from a path.
     pub fn from_arg<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyFeatureDb>> {
@@ -106,6 +133,9 @@ pub fn search<'py>(
     let point = sae_hook(m, s, hook)?;
     let db_ref = db.as_ref().map(|d| &d.get().db);
     let r = detached(py, || {
+        if let Some(d) = db_ref {
+            d.check_made_for(s)?;
+        }
         let max_of = |id: u32| db_ref.and_then(|d| d.summary(id).ok().flatten()).map(|s| s.max_act);
         Ok(search_text(m, s, point, text, per_token, top, db_ref.map(|_| &max_of as &dyn Fn(u32) -> Option<f32>))?)
     })?;
@@ -137,4 +167,55 @@ pub fn search_contrast<'py>(
         Ok(contrast(&pf, &nf))
     })?;
     to_pyobject(py, &hits)
+}
+
+/// Features to steer toward the texts `pos` (as `saekit search --pos --neg --db DB --steer N`): the
+/// `candidates` best by AUROC (as [`search_contrast`]) that fired in `db`, each clamped alone at `times` x
+/// its max activation there while the model reads four neutral chat prompts and its own answers, ordered
+/// by the mean log-probability the clamp adds to the tokens of `pos` over those of `neg`. A list of dicts:
+/// `search_contrast`'s fields plus `lift` and `max_act`, best first.
+#[pyfunction]
+#[pyo3(signature = (model, sae, pos, neg, db, candidates=16, times=3.0, max_tokens=256, hook=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn steering_features<'py>(
+    py: Python<'py>,
+    model: &Bound<'py, PyModel>,
+    sae: &Bound<'py, PyAny>,
+    pos: Vec<String>,
+    neg: Vec<String>,
+    db: &Bound<'py, PyAny>,
+    candidates: usize,
+    times: f32,
+    max_tokens: usize,
+    hook: Option<&str>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if pos.is_empty() || neg.is_empty() {
+        return Err(PyValueError::new_err("pos and neg each need at least one text"));
+    }
+    if !(times.is_finite() && times > 0.0) || candidates == 0 {
+        return Err(PyValueError::new_err(format!(
+            "times must be a positive multiple of the max activation (got {times}) and candidates at least 1"
+        )));
+    }
+    let (sae, db) = (PySae::from_arg(sae)?, PyFeatureDb::from_arg(db)?);
+    let (m, s, d) = (&model.get().model, &sae.get().sae, &db.get().db);
+    let point = sae_hook(m, s, hook)?;
+    let picks = detached(py, || {
+        d.check_made_for(s)?;
+        let hits = contrast(&text_features(m, s, point, &pos, max_tokens)?, &text_features(m, s, point, &neg, max_tokens)?);
+        let weights = token_share_difference(m, &pos, &neg, max_tokens)?;
+        let probes = saekit_steer::answered_chats(m, &saekit_steer::PROBE_PROMPTS, 32)?;
+        let choice = saekit_steer::SteeringChoice { model: m, sae: s, hook: point, times, candidates };
+        let max_act = |f: u32| Ok(d.summary(f)?.map_or(0.0, |s| s.max_act));
+        let measured = choice.order(hits.iter().map(|h| h.id), &weights, &probes, &max_act)?;
+        let row = |c: &saekit_steer::ClampLift| -> anyhow::Result<serde_json::Value> {
+            let hit = hits.iter().find(|h| h.id == c.feature).expect("a measured feature is one of the hits");
+            let mut v = serde_json::to_value(hit)?;
+            v["lift"] = c.lift.into();
+            v["max_act"] = f64::from(c.max_act).into();
+            Ok(v)
+        };
+        measured.iter().map(row).collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    to_pyobject(py, &picks)
 }

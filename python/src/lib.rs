@@ -34,6 +34,7 @@ fn _saekit(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(train::train, m)?)?;
     m.add_function(wrap_pyfunction!(feature_db::search, m)?)?;
     m.add_function(wrap_pyfunction!(feature_db::search_contrast, m)?)?;
+    m.add_function(wrap_pyfunction!(feature_db::steering_features, m)?)?;
     m.add_function(wrap_pyfunction!(model::default_model_path, m)?)?;
     m.add("CorruptFileError", m.py().get_type::<errors::CorruptFileError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

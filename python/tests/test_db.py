@@ -1,6 +1,7 @@
 """saekit.FeatureDb and saekit.search / search_contrast against the CLI's JSON on the same inputs."""
 
 import json
+import re
 import shutil
 import sqlite3
 
@@ -17,6 +18,8 @@ def feature_db(work, cli_sae):
     corpus.mkdir()
     for i, part in enumerate(TEXT.split(". ")):
         (corpus / f"doc{i}.txt").write_text((part + ". ") * 4)
+    # byte-level BPE splits these characters across tokens: the readable-text test needs them
+    (corpus / "doc_ja.txt").write_text("東京は日本の首都です。富士山は日本で一番高い山です。" * 4)
     tokens = work / "tokens"
     cli("tokenize", corpus, "-o", tokens, "--context", "32")
     db = work / "features.sqlite"
@@ -43,6 +46,36 @@ def test_feature_db_matches_cli(feature_db):
         db.features(sort="nonsense")
     with pytest.raises(FileNotFoundError):
         saekit.FeatureDb(feature_db.parent / "missing.sqlite")
+
+
+def token_bytes(t: str) -> bytes:
+    """A token text's bytes: the tokenizer writes a byte that is no whole character as a \\xNN escape."""
+    out, i = bytearray(), 0
+    while i < len(t):
+        if re.match(r"\\x[0-9a-f]{2}", t[i : i + 4]):
+            out.append(int(t[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            out += t[i].encode()
+            i += 1
+    return bytes(out)
+
+
+def test_contexts_read_as_text(feature_db):
+    """Each context's `text` is its tokens' bytes decoded (Python's own UTF-8 decoder, escaping what never
+    completes a character as \\xNN too), and each piece carries the highest activation of its tokens."""
+    db = saekit.FeatureDb(feature_db)
+    split = 0
+    for f in db.features(sort="max_act", limit=200):
+        rec = db.feature(f["id"])
+        for c in rec["top_contexts"] + [c for q in rec["quantiles"] for c in q["contexts"]]:
+            whole = b"".join(token_bytes(t) for t in c["tokens"])
+            assert c["text"] == whole.decode("utf-8", errors="backslashreplace"), c
+            assert sum(p["len"] for p in c["pieces"]) == len(c["tokens"])
+            for p in c["pieces"]:
+                assert p["act"] == max(c["acts"][p["first"] : p["first"] + p["len"]])
+                split += p["len"] > 1
+    assert split > 0, "no context had a character split across tokens"
 
 
 def test_errors_are_raised_by_their_kind(feature_db, tmp_path):
@@ -82,3 +115,45 @@ def test_search_contrast_equals_cli(model, cli_sae, tmp_path):
     ours = saekit.search_contrast(model, cli_sae, pos_lines, neg)
     theirs = json.loads(cli("search", cli_sae, "--pos", tmp_path / "pos.txt", "--neg", tmp_path / "neg.txt", "--json"))
     assert ours == theirs
+
+
+def test_steering_features_equal_cli(model, cli_sae, feature_db, tmp_path):
+    """steering_features is `saekit search --steer N`: the same features, lifts and order as the CLI's JSON."""
+    pos = ["def f(x): return x + 1", "for i in range(3): print(i)"]
+    neg = ["The weather is lovely today.", "She walked to the market."]
+    (tmp_path / "pos.txt").write_text("\n".join(pos))
+    (tmp_path / "neg.txt").write_text("\n".join(neg))
+    ours = saekit.steering_features(model, cli_sae, pos, neg, feature_db, candidates=3)
+    theirs = json.loads(cli("search", cli_sae, "--pos", tmp_path / "pos.txt", "--neg", tmp_path / "neg.txt",
+                            "--db", feature_db, "--steer", "3", "--json"))["steering"]
+    assert ours and len(ours) <= 3
+    assert ours == [{**t["hit"], "lift": t["lift"], "max_act": t["max_act"]} for t in theirs]
+    assert [o["lift"] for o in ours] == sorted((o["lift"] for o in ours), reverse=True)
+    # the candidates: the first 3 by AUROC that fired in the database, each with its max activation there
+    db = saekit.FeatureDb(feature_db)
+
+    def max_act(i):
+        try:
+            return db.feature(i)["max_act"]
+        except ValueError:  # never fired in the analysis
+            return 0.0
+
+    by_auroc = [h["id"] for h in saekit.search_contrast(model, cli_sae, pos, neg)]
+    assert {o["id"] for o in ours} == set([i for i in by_auroc if max_act(i) > 0][:3])
+    assert all(o["max_act"] == pytest.approx(max_act(o["id"])) for o in ours)
+
+
+def test_steering_features_refuse_another_saes_db(model, cli_sae, feature_db, tmp_path):
+    """A database analysed for another SAE would give other features' max activations: refused, named."""
+    other = tmp_path / "other.sqlite"
+    shutil.copy(feature_db, other)
+    with sqlite3.connect(other) as c:
+        info = json.loads(c.execute("SELECT value FROM meta WHERE key = 'info'").fetchone()[0])
+        info["d_sae"] *= 2
+        c.execute("UPDATE meta SET value = ? WHERE key = 'info'", (json.dumps(info),))
+    with pytest.raises(ValueError, match="other.sqlite.*analysed 512 features"):
+        saekit.steering_features(model, cli_sae, ["a b"], ["c d"], other)
+    with pytest.raises(ValueError, match="other.sqlite"):
+        saekit.search(model, cli_sae, "a b", db=other)
+    with pytest.raises(ValueError, match="times"):
+        saekit.steering_features(model, cli_sae, ["a b"], ["c d"], feature_db, times=0.0)

@@ -481,6 +481,23 @@ impl FeatureDb {
         Ok(self.info.clone())
     }
 
+    /// Refuse an SAE this database was not made from (another width or hook): its feature ids would
+    /// name other features, and every description and max activation read from here would be wrong.
+    pub fn check_made_for(&self, sae: &saekit_sae::Sae) -> AnalysisResult<()> {
+        let hook = &sae.metadata.hook_name;
+        if self.info.d_sae as usize != sae.d_sae || &self.info.hook != hook {
+            bail_input!(
+                "{}: analysed {} features at {}, but the SAE has {} at {} (analyse this SAE with `saekit analyze`)",
+                self.path.display(),
+                self.info.d_sae,
+                self.info.hook,
+                sae.d_sae,
+                hook
+            );
+        }
+        Ok(())
+    }
+
     /// Errors of a query name the database: SQLite's own say only what broke ("database disk image is
     /// malformed"), not where.
     fn named<T>(&self, r: Result<T>) -> AnalysisResult<T> {

@@ -7,7 +7,7 @@
 use saekit_model::tokenizer::escape_invalid_utf8;
 
 /// One piece of a rendered context: a whole character sequence and the tokens it came from.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Piece {
     /// The piece as text: whole characters, with bytes that complete none escaped as `\xNN`.
     pub text: String,

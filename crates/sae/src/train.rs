@@ -11,7 +11,7 @@ use crate::layout;
 use crate::plan::{ArchSettings, TrainPlan};
 use crate::sae::Sae;
 use crate::source::{ActivationSource, Provenance};
-use crate::step::{self, AdamState, Collective, SingleProcess, StepStats, Traffic, Workspace};
+use crate::step::{self, AdamState, Collective, Prof, SingleProcess, StepStats, Traffic, Workspace};
 use crate::SaeError;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -640,6 +640,7 @@ impl<'a> Run<'a> {
     fn step(&mut self, st: &mut TrainState, src: &mut dyn ActivationSource) -> Result<StepStats, SaeError> {
         let (plan, step) = (self.plan, st.step);
         let (b, d, o) = (plan.config.batch_size, plan.d_in, plan.d_out);
+        let mut prof = Prof::new();
         // every process reads the whole batch (the same rows in the same order) and trains on its
         // replica's share of it: disjoint, deterministic, and together the one-process batch; or,
         // when each replica reads its own share of the data, it reads just its rows
@@ -657,12 +658,14 @@ impl<'a> Run<'a> {
             self.comm.sum_f64(&mut excluded); // each replica excluded rows of its own
         }
         st.excluded_rows = st.excluded_rows.saturating_add(excluded[0] as u64);
+        prof.mark("read batch");
         let mut lp = plan.loss_at(step);
         let latents = self.comm.latent_slice(plan.config.d_sae);
         lp.latent_offset = latents.start;
         let x = &self.batch[mine.start * d..mine.end * d];
         let y = if self.target.is_empty() { x } else { &self.target[mine.start * o..mine.end * o] };
         let mut stats = step::forward_backward(&st.sae, &mut self.ws, x, y, &st.since_fired, &lp, self.comm)?;
+        prof.mark("forward + backward");
         if step == 0 {
             if let Some(dir) = std::env::var_os("SAEKIT_DEBUG_DUMP_STEP") {
                 layout::dump_step(Path::new(&dir), &self.ws, st, plan.config.arch, latents, rows, self.comm)?;
@@ -680,6 +683,7 @@ impl<'a> Run<'a> {
         let up = plan
             .update_at(step, (step + 1).is_multiple_of(plan.config.log_every.max(1)) || step + 1 == plan.total_steps());
         stats.grad_norm = step::apply_update(&mut st.sae, &mut st.opt, &mut self.ws.grads, &up, self.comm);
+        prof.mark("update");
         if stats.grad_norm.is_infinite() || (stats.grad_norm.is_nan() && (up.grad_clip > 0.0 || up.need_norm)) {
             return Err(SaeError::BadInput(format!(
                 "step {step}: gradient norm is {}; stopping. The last good checkpoint is kept in {}",
@@ -692,6 +696,8 @@ impl<'a> Run<'a> {
                 batchtopk_threshold_update(st.batchtopk_threshold, self.ws.batch_min_selected, s.threshold_lr);
         }
         count_firings(st, &self.ws.fires, b as u64);
+        prof.mark("count firings");
+        prof.print("train step");
         st.step += 1;
         st.tokens += b as u64;
         self.window_steps += 1;

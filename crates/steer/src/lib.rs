@@ -4,7 +4,8 @@
 //! generated token, and side-by-side generation. Clamping follows *Scaling Monosemanticity*: the SAE error
 //! term is kept, so the residual stream becomes `x + Σᵢ (f'ᵢ − fᵢ(x)) · W_dec[i]` and only the edited
 //! features move it. Additive steering adds `c · W_dec[i]` (the SAELens and Neuronpedia convention).
-//! [`LiftProbe`] measures how far edits move the model's predictions toward a set of tokens.
+//! [`LiftProbe`] measures how far edits move the model's predictions toward a set of tokens, and
+//! [`SteeringChoice`] orders candidate features by it.
 //!
 //! Must not touch: model internals (only `saekit_model`'s hooks), SAE training, the feature database
 //! (multiples of a feature's max activation are resolved by the caller, see [`parse_edit`]).
@@ -19,7 +20,7 @@ use saekit_model::{GenerateOptions, Generation, HookPoint, Hooks, Model, ModelEr
 use saekit_sae::Sae;
 use serde::Serialize;
 
-pub use lift::{answered_chats, LiftProbe, PROBE_PROMPTS};
+pub use lift::{answered_chats, ClampLift, LiftProbe, SteeringChoice, PROBE_PROMPTS};
 
 /// What went wrong while steering.
 #[derive(Debug, thiserror::Error)]

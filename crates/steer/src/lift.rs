@@ -10,7 +10,7 @@
 use saekit_model::{log_sum_exp, ChatMessage, GenerateOptions, HookPoint, Hooks, Logits, Model, ModelError};
 use saekit_sae::Sae;
 
-use crate::{add_steering_hook, validate, FeatureEdit, Positions, Result};
+use crate::{add_steering_hook, validate, FeatureEdit, Positions, Result, SteerError};
 
 /// Neutral chat prompts to measure steering on (none names a concept of the demo corpus).
 pub const PROBE_PROMPTS: [&str; 4] = [
@@ -101,5 +101,67 @@ impl LiftProbe {
             }
         }
         Ok(if n == 0 { 0.0 } else { total / n as f64 })
+    }
+}
+
+/// A feature measured for steering: its max activation (the clamp was a multiple of it) and the clamp's
+/// [`LiftProbe::lift`].
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ClampLift {
+    /// The feature clamped.
+    pub feature: u32,
+    /// Its max activation, as the caller's lookup gave it.
+    pub max_act: f32,
+    /// How far the clamp moved the model toward the probe's tokens.
+    pub lift: f64,
+}
+
+/// How features are chosen for steering toward a set of tokens: each of the first `candidates` features
+/// of another ranking (concept search's AUROC, say) is clamped alone at `times` x its max activation, and
+/// they are reordered by the lift measured. A feature that separates texts often does not steer toward
+/// them; this measures the clamp itself.
+#[derive(Clone, Copy)]
+pub struct SteeringChoice<'a> {
+    /// The model steered.
+    pub model: &'a Model,
+    /// The SAE whose features are clamped.
+    pub sae: &'a Sae,
+    /// Where the SAE reads and the clamp writes.
+    pub hook: HookPoint,
+    /// The clamp, as a multiple of each feature's max activation.
+    pub times: f32,
+    /// How many features of the ranking are measured.
+    pub candidates: usize,
+}
+
+impl SteeringChoice<'_> {
+    /// The first [`SteeringChoice::candidates`] of `ranked` (feature ids, best first) whose max activation
+    /// (`max_act`, e.g. from the feature database) is positive, by lift toward the tokens `weights` favours
+    /// on `probes` (see [`LiftProbe::new`] and [`answered_chats`]), best first.
+    pub fn order(
+        &self,
+        ranked: impl IntoIterator<Item = u32>,
+        weights: &[f64],
+        probes: &[(Vec<u32>, usize)],
+        max_act: &dyn Fn(u32) -> anyhow::Result<f32>,
+    ) -> Result<Vec<ClampLift>> {
+        let mut candidates = Vec::new();
+        for feature in ranked.into_iter() {
+            if candidates.len() == self.candidates {
+                break;
+            }
+            let m = max_act(feature).map_err(SteerError::Lookup)?;
+            if m > 0.0 {
+                candidates.push((feature, m));
+            }
+        }
+        let clamps: Vec<(u32, f32)> = candidates.iter().map(|&(f, m)| (f, self.times * m)).collect();
+        let probe = LiftProbe::new(self.model, probes.to_vec(), weights.to_vec())?;
+        let lifts = probe.rank_clamps(self.model, self.sae, self.hook, &clamps)?;
+        let with_max = |(feature, lift): (u32, f64)| {
+            let &(_, max_act) = candidates.iter().find(|(f, _)| *f == feature)?;
+            Some(ClampLift { feature, max_act, lift })
+        };
+        Ok(lifts.into_iter().filter_map(with_max).collect())
     }
 }

@@ -15,7 +15,9 @@ use saekit_analysis::search::ContrastHit;
 use saekit_analysis::FeatureDb;
 use saekit_model::{GenerateOptions, HookPoint, Hooks, Model};
 use saekit_sae::Sae;
-use saekit_steer::{answered_chats, generate_steered, FeatureEdit, LiftProbe, Positions, PROBE_PROMPTS};
+use saekit_steer::{
+    answered_chats, generate_steered, ClampLift, FeatureEdit, Positions, SteeringChoice, PROBE_PROMPTS,
+};
 use serde_json::json;
 
 use super::model_arg::ModelArgs;
@@ -106,12 +108,12 @@ pub fn run(a: ConceptSteeringArgs) -> Result<()> {
     let steer = Steerer { model: &model, sae: &sae, hook, opts: &opts, prompts: &prompts };
     let max_act = max_activation(&db);
     let probes = answered_chats(&model, &PROBE_PROMPTS, a.tokens)?;
-    let choice = Choice { model: &model, sae: &sae, hook, times: a.times, candidates: a.candidates };
+    let choice = SteeringChoice { model: &model, sae: &sae, hook, times: a.times, candidates: a.candidates };
     let mut tally = Tally::default();
     for ranking in &rankings {
         let Some(det) = detectors.iter().find(|d| d.concept == ranking.concept) else { continue };
         let picks = match a.order {
-            Order::Steer => choice.steering_order(&ranking.hits, &ranking.token_weights, &probes, &max_act)?,
+            Order::Steer => steering_order(&choice, &ranking.hits, &ranking.token_weights, &probes, &max_act)?,
             Order::Auroc => ranking
                 .hits
                 .iter()
@@ -157,18 +159,7 @@ fn open_sae_and_db(sae_path: &Path, db_path: &Path) -> Result<(Sae, HookPoint, F
     let hook: HookPoint =
         sae.metadata.hook_name.parse().with_context(|| format!("{}: the SAE names no hook", sae_path.display()))?;
     let db = FeatureDb::open(db_path)?;
-    let info = db.info()?;
-    if info.d_sae as usize != sae.d_sae || info.hook != sae.metadata.hook_name {
-        bail!(
-            "{}: analysed {} features at {}, but the SAE {} has {} at {}",
-            db_path.display(),
-            info.d_sae,
-            info.hook,
-            sae_path.display(),
-            sae.d_sae,
-            sae.metadata.hook_name
-        );
-    }
+    db.check_made_for(&sae).with_context(|| format!("SAE {}", sae_path.display()))?;
     Ok((sae, hook, db))
 }
 
@@ -222,46 +213,22 @@ pub struct SteerPick {
     pub lift: Option<f64>,
 }
 
-/// What choosing concept features for steering needs: the clamp (a multiple of each feature's max
-/// activation) and how many of the best features by AUROC are measured.
-pub struct Choice<'a> {
-    pub model: &'a Model,
-    pub sae: &'a Sae,
-    pub hook: HookPoint,
-    pub times: f32,
-    pub candidates: usize,
-}
-
-impl Choice<'_> {
-    /// The first `candidates` of `hits` (best first by AUROC) that fired in the database analysis,
-    /// reordered by how far clamping each moves the model toward the tokens `weights` favours on `probes`
-    /// ([`LiftProbe`]), best first.
-    pub fn steering_order(
-        &self,
-        hits: &[ContrastHit],
-        weights: &[f64],
-        probes: &[(Vec<u32>, usize)],
-        max_act: &dyn Fn(u32) -> Result<f32>,
-    ) -> Result<Vec<SteerPick>> {
-        let mut candidates = Vec::new();
-        for hit in hits {
-            if candidates.len() == self.candidates {
-                break;
-            }
-            let m = max_act(hit.id)?;
-            if m > 0.0 {
-                candidates.push((hit, m));
-            }
-        }
-        let clamps: Vec<(u32, f32)> = candidates.iter().map(|(h, m)| (h.id, self.times * m)).collect();
-        let probe = LiftProbe::new(self.model, probes.to_vec(), weights.to_vec())?;
-        let lifts = probe.rank_clamps(self.model, self.sae, self.hook, &clamps)?;
-        let pick = |(id, lift): (u32, f64)| {
-            let (hit, m) = candidates.iter().find(|(h, _)| h.id == id)?;
-            Some(SteerPick { hit: (*hit).clone(), max_act: *m, lift: Some(lift) })
-        };
-        Ok(lifts.into_iter().filter_map(pick).collect())
-    }
+/// The first `choice.candidates` of `hits` (best first by AUROC) that fired in the database analysis,
+/// reordered by how far clamping each moves the model toward the tokens `weights` favours on `probes`
+/// ([`SteeringChoice::order`]), best first.
+pub fn steering_order(
+    choice: &SteeringChoice,
+    hits: &[ContrastHit],
+    weights: &[f64],
+    probes: &[(Vec<u32>, usize)],
+    max_act: &dyn Fn(u32) -> Result<f32>,
+) -> Result<Vec<SteerPick>> {
+    let measured = choice.order(hits.iter().map(|h| h.id), weights, probes, max_act)?;
+    let pick = |m: ClampLift| {
+        let hit = hits.iter().find(|h| h.id == m.feature)?.clone();
+        Some(SteerPick { hit, max_act: m.max_act, lift: Some(m.lift) })
+    };
+    Ok(measured.into_iter().filter_map(pick).collect())
 }
 
 /// Each feature's max activation in `db`, read from its summary row (0 for a feature it does not hold):

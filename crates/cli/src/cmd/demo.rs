@@ -16,7 +16,7 @@ use saekit_steer::{FeatureEdit, Positions};
 use saekit_store::harvest::HarvestOptions;
 use saekit_store::{TokenDataset, TokenizeOptions};
 
-use super::concept_steering::{max_activation, Choice, SteerPick};
+use super::concept_steering::{max_activation, steering_order, SteerPick};
 use super::model_arg::ModelArgs;
 
 /// Run every stage on SmolLM2-135M-Instruct layer 15: fetch the model and the demo corpus, tokenize,
@@ -348,7 +348,7 @@ fn truncate(s: &str, n: usize) -> String {
 const STEER_CANDIDATES: usize = 16;
 
 /// For each concept, the feature to steer with: of its best [`STEER_CANDIDATES`] by AUROC, the one whose
-/// clamp most raises the log-probability of the concept's tokens (see [`Choice::steering_order`]).
+/// clamp most raises the log-probability of the concept's tokens (see [`steering_order`]).
 fn steering_features(
     model: &saekit_model::Model,
     sae: &saekit_sae::Sae,
@@ -356,12 +356,12 @@ fn steering_features(
     db: &FeatureDb,
     rankings: &[ConceptRanking],
 ) -> Result<Vec<(String, SteerPick)>> {
-    let choice = Choice { model, sae, hook, times: STEER_TIMES_MAX, candidates: STEER_CANDIDATES };
+    let choice = saekit_steer::SteeringChoice { model, sae, hook, times: STEER_TIMES_MAX, candidates: STEER_CANDIDATES };
     let probes = saekit_steer::answered_chats(model, &saekit_steer::PROBE_PROMPTS, 24)?;
     let max_act = max_activation(db);
     let mut out = Vec::new();
     for r in rankings {
-        let picks = choice.steering_order(&r.hits, &r.token_weights, &probes, &max_act)?;
+        let picks = steering_order(&choice, &r.hits, &r.token_weights, &probes, &max_act)?;
         if let Some(best) = picks.into_iter().next() {
             out.push((r.concept.clone(), best));
         }

@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use saekit_analysis::analyze::sae_hook;
 use saekit_analysis::search::{contrast, read_texts, search_text, text_features, token_share_difference};
 use saekit_analysis::FeatureDb;
 use saekit_sae::load_sae;
 
-use super::concept_steering::{max_activation, Choice};
+use super::concept_steering::{max_activation, steering_order};
 use super::model_arg::ModelArgs;
 
 /// `--text "..."`: the features that fire on a text, per token and overall (with their strongest
@@ -59,6 +59,9 @@ pub fn run(a: SearchArgs) -> Result<()> {
     let model = a.model.load()?;
     let hook = sae_hook(&model, &sae, &a.sae, a.hook.as_deref().map(str::parse).transpose()?)?;
     let db = a.db.as_deref().map(FeatureDb::open).transpose()?;
+    if let Some(db) = &db {
+        db.check_made_for(&sae).with_context(|| format!("SAE {}", a.sae))?;
+    }
     let describe = |id: u32| -> String {
         let Some(db) = &db else { return String::new() };
         match db.feature(id) {
@@ -113,9 +116,9 @@ pub fn run(a: SearchArgs) -> Result<()> {
     let steering = match (a.steer, &db) {
         (Some(n), Some(db)) => {
             let weights = token_share_difference(&model, &pt, &nt, a.max_tokens)?;
-            let choice = Choice { model: &model, sae: &sae, hook, times: 3.0, candidates: n };
+            let choice = saekit_steer::SteeringChoice { model: &model, sae: &sae, hook, times: 3.0, candidates: n };
             let probes = saekit_steer::answered_chats(&model, &saekit_steer::PROBE_PROMPTS, 32)?;
-            Some(choice.steering_order(&hits, &weights, &probes, &max_activation(db))?)
+            Some(steering_order(&choice, &hits, &weights, &probes, &max_activation(db))?)
         }
         _ => None,
     };
