@@ -202,7 +202,8 @@ pub fn steering_features<'py>(
     let point = sae_hook(m, s, hook)?;
     let picks = detached(py, || {
         d.check_made_for(s)?;
-        let hits = contrast(&text_features(m, s, point, &pos, max_tokens)?, &text_features(m, s, point, &neg, max_tokens)?);
+        let hits =
+            contrast(&text_features(m, s, point, &pos, max_tokens)?, &text_features(m, s, point, &neg, max_tokens)?);
         let weights = token_share_difference(m, &pos, &neg, max_tokens)?;
         let probes = saekit_steer::answered_chats(m, &saekit_steer::PROBE_PROMPTS, 32)?;
         let choice = saekit_steer::SteeringChoice { model: m, sae: s, hook: point, times, candidates };

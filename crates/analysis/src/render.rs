@@ -87,6 +87,20 @@ pub fn piece_at(tokens: &[String], i: usize) -> Option<String> {
     merge_tokens(tokens, &[]).into_iter().find(|p| (p.first..p.first + p.len).contains(&i)).map(|p| p.text)
 }
 
+/// A short view of a context: up to `before` pieces, the piece holding token `peak` in [brackets], up to
+/// `after` pieces, with newlines shown as `\n` (one line for a terminal).
+pub fn peak_snippet(tokens: &[String], peak: usize, before: usize, after: usize) -> String {
+    let pieces = merge_tokens(tokens, &[]);
+    let Some(at) = pieces.iter().position(|p| (p.first..p.first + p.len).contains(&peak)) else {
+        return String::new();
+    };
+    let text = |ps: &[Piece]| ps.iter().map(|p| p.text.as_str()).collect::<String>();
+    let end = (at + 1 + after).min(pieces.len());
+    let s =
+        format!("{}[{}]{}", text(&pieces[at.saturating_sub(before)..at]), pieces[at].text, text(&pieces[at + 1..end]));
+    s.replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +141,14 @@ mod tests {
         assert_eq!(context_text(&s(&["a\\x41\\xe3", "b"])), "a\\x41\\xe3b");
         // real escapes still join, also after a typed backslash earlier in the context
         assert_eq!(context_text(&s(&["\\x41", "caf", "\\xc3", "\\xa9"])), "\\x41café");
+    }
+
+    #[test]
+    fn peak_snippet_brackets_the_whole_character() {
+        // 東京 split as e6 9d b1 | e4 ba ac over four tokens; the peak on the third token
+        let toks = s(&["a", "\\xe6\\x9d", "\\xb1", "\\xe4\\xba", "\\xac", "\n", "b", "c"]);
+        assert_eq!(peak_snippet(&toks, 3, 1, 2), "東[京]\\nb");
+        assert_eq!(peak_snippet(&toks, 0, 3, 0), "[a]");
+        assert_eq!(peak_snippet(&toks, 9, 1, 1), "");
     }
 }

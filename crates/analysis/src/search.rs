@@ -237,10 +237,10 @@ pub fn contrast(pos: &[TextFeatures], neg: &[TextFeatures]) -> Vec<ContrastHit> 
             let fneg = n.len() as f64 / nn.max(1) as f64;
             let pooled = (p.len() + n.len()) as f64 / (np + nn).max(1) as f64;
             let se = (pooled * (1.0 - pooled) * (1.0 / np.max(1) as f64 + 1.0 / nn.max(1) as f64)).sqrt();
-            let mean_pos = p.iter().map(|&x| x as f64).sum::<f64>() / np.max(1) as f64;
-            let mean_neg = n.iter().map(|&x| x as f64).sum::<f64>() / nn.max(1) as f64;
+            // `+ 0.0` turns a negative zero into zero (an empty f64 sum is -0.0): it must never print as -0.0
+            let mean_pos = p.iter().map(|&x| x as f64).sum::<f64>() / np.max(1) as f64 + 0.0;
+            let mean_neg = n.iter().map(|&x| x as f64).sum::<f64>() / nn.max(1) as f64 + 0.0;
             let scale = p.iter().chain(&n).fold(0f32, |m, &x| m.max(x.abs())) as f64;
-            // `+ 0.0` turns a negative zero into zero: it must never print as -0.0
             let effect = if scale > 0.0 { (mean_pos - mean_neg) / scale + 0.0 } else { 0.0 };
             ContrastHit {
                 id,
@@ -506,5 +506,7 @@ mod tests {
         let h = &contrast(&same, &same)[0];
         assert!(h.effect.is_sign_positive() && h.z.is_sign_positive() && h.effect == 0.0, "{h:?}");
         assert_eq!(format!("{:.2}", h.z), "0.00");
+        // feature 2 never fires on a negative text: its negative mean is 0, printed as 0.000
+        assert_eq!(format!("{:.3}", hits[0].mean_neg), "0.000", "{:?}", hits[0]);
     }
 }

@@ -356,7 +356,8 @@ fn steering_features(
     db: &FeatureDb,
     rankings: &[ConceptRanking],
 ) -> Result<Vec<(String, SteerPick)>> {
-    let choice = saekit_steer::SteeringChoice { model, sae, hook, times: STEER_TIMES_MAX, candidates: STEER_CANDIDATES };
+    let choice =
+        saekit_steer::SteeringChoice { model, sae, hook, times: STEER_TIMES_MAX, candidates: STEER_CANDIDATES };
     let probes = saekit_steer::answered_chats(model, &saekit_steer::PROBE_PROMPTS, 24)?;
     let max_act = max_activation(db);
     let mut out = Vec::new();

@@ -69,15 +69,9 @@ pub fn run(a: SearchArgs) -> Result<()> {
                 let ctx = f
                     .top_contexts
                     .first()
-                    .map(|c| {
-                        let lo = c.peak.saturating_sub(6);
-                        let mut s: String = c.tokens[lo..c.peak].concat();
-                        s.push_str(&format!("[{}]", c.tokens[c.peak]));
-                        s.push_str(&c.tokens[c.peak + 1..(c.peak + 3).min(c.tokens.len())].concat());
-                        s.replace('\n', "\\n")
-                    })
+                    .map(|c| saekit_analysis::render::peak_snippet(&c.tokens, c.peak, 6, 2))
                     .unwrap_or_default();
-                format!("  {:?}  e.g. {ctx}", f.explanation.unwrap_or_default())
+                format!("  \"{}\"  e.g. {ctx}", f.explanation.unwrap_or_default())
             }
             _ => String::new(),
         }
