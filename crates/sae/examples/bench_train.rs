@@ -3,7 +3,8 @@
 //!
 //! cargo run --release -p saekit-sae --example bench_train -- \
 //!     --acts train.npy [--eval eval.npy] --d-sae 16384 --k 32 --batch 4096 --threads 2 --tokens 245760
-//! `--gemm-only` measures just the encoder GEMM. `--precision bf16|f32|auto` (default f32) picks the
+//! `--gemm-only` measures just the encoder GEMM. `--dead-tokens N` (default 10M) makes latents dead, and
+//! AuxK active, within a short run. `--precision bf16|f32|auto` (default f32) picks the
 //! encoder GEMM's precision for both.
 
 use anyhow::{Context, Result};
@@ -49,6 +50,7 @@ fn main() -> Result<()> {
         log_every: 10,
         checkpoint_every: get("--checkpoint-every").map(|s| s.parse()).transpose()?.unwrap_or(0),
         lr: get("--lr").map(|s| s.parse()).transpose()?,
+        dead_tokens: get("--dead-tokens").map(|s| parse_count(&s)).transpose()?.unwrap_or(10_000_000),
         precision: Some(choice.clone()),
         ..Default::default()
     };

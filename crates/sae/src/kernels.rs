@@ -599,7 +599,8 @@ pub(crate) fn select_topk_chunk(
             );
         }
         Some(DeadSelection { dead, k: ka, val: aval, idx: aidx }) => {
-            let dead = &dead[j0..j0 + width];
+            // the dead latents are few once training settles: visit only them, in latent order
+            let dead_ids: Vec<usize> = (0..width).filter(|&jj| dead[j0 + jj]).collect();
             sel_val[..rows * k]
                 .par_chunks_mut(k)
                 .zip(sel_idx[..rows * k].par_chunks_mut(k))
@@ -607,20 +608,25 @@ pub(crate) fn select_topk_chunk(
                 .enumerate()
                 .for_each(|(r, ((vals, idx), (av, ai)))| {
                     let row = &pre[r * ld..r * ld + width];
-                    let mut thr = vals[k - 1];
-                    let mut athr = av[ka - 1];
-                    for (jj, (&p, &bb)) in row.iter().zip(b).enumerate() {
-                        let v = p + bb;
-                        if v > thr {
-                            topk_insert(vals, idx, v, (j0 + jj) as u32);
-                            thr = vals[k - 1];
-                        }
-                        if dead[jj] && v > athr {
-                            topk_insert(av, ai, v, (j0 + jj) as u32);
-                            athr = av[ka - 1];
-                        }
-                    }
+                    BLOCK_MAXIMA.with_borrow_mut(|scratch| {
+                        saekit_kernels::dispatch_simd!(select_row(row, b, j0, vals, idx, scratch))
+                    });
+                    select_among(row, b, j0, &dead_ids, av, ai);
                 });
+        }
+    }
+}
+
+/// The running top-`k` (`k = vals.len()`) of `row + b` over the latents `among` (offsets into the chunk,
+/// ascending), strictly positive values only, ties to the lower latent ([`topk_insert`]'s rule).
+fn select_among(row: &[f32], b: &[f32], j0: usize, among: &[usize], vals: &mut [f32], idx: &mut [u32]) {
+    let k = vals.len();
+    let mut thr = vals[k - 1];
+    for &jj in among {
+        let v = row[jj] + b[jj];
+        if v > thr {
+            topk_insert(vals, idx, v, (j0 + jj) as u32);
+            thr = vals[k - 1];
         }
     }
 }
@@ -868,12 +874,24 @@ mod tests {
     /// Per row, the top `k` of `pre + b` above 0 by value, ties to the lower latent, padded with empty
     /// slots: sorted outright, no running threshold, no blocks.
     fn sorted_top_k(pre: &[f32], b: &[f32], width: usize, k: usize) -> (Vec<f32>, Vec<u32>) {
+        sorted_top_k_among(pre, b, width, k, |_| true)
+    }
+
+    /// [`sorted_top_k`] over the latents `keep` accepts.
+    fn sorted_top_k_among(
+        pre: &[f32],
+        b: &[f32],
+        width: usize,
+        k: usize,
+        keep: impl Fn(usize) -> bool,
+    ) -> (Vec<f32>, Vec<u32>) {
         let (mut vals, mut idx) = (Vec::new(), Vec::new());
         for row in pre.chunks(width) {
             let mut all: Vec<(f32, u32)> = row
                 .iter()
                 .zip(b)
                 .enumerate()
+                .filter(|&(j, _)| keep(j))
                 .map(|(j, (&p, &bb))| (p + bb, j as u32))
                 .filter(|&(v, _)| v > 0.0)
                 .collect();
@@ -887,7 +905,7 @@ mod tests {
     }
 
     #[test]
-    fn chunked_selection_equals_a_full_sort_with_ties_nans_and_sparse_rows() {
+    fn chunked_selection_equals_a_full_sort_with_ties_nans_sparse_rows_and_dead_latents() {
         let (rows, width) = (7, 5000);
         // values on a coarse grid (many ties), a NaN every 97th, and row 3 almost all negative
         let pre: Vec<f32> = (0..rows * width)
@@ -904,21 +922,33 @@ mod tests {
             })
             .collect();
         let b: Vec<f32> = (0..width).map(|j| ((j % 13) as f32 - 6.0) / 8.0).collect();
-        for k in [1, 5, 32, 200] {
+        // AuxK's dead latents: a scattered few, and a run at the start of the second 700-wide chunk
+        let dead: Vec<bool> = (0..width).map(|j| j % 37 == 3 || (700..760).contains(&j)).collect();
+        for (k, ka) in [(1, 1), (5, 64), (32, 7), (200, 30)] {
             let (want_v, want_i) = sorted_top_k(&pre, &b, width, k);
+            let (want_av, want_ai) = sorted_top_k_among(&pre, &b, width, ka, |j| dead[j]);
             for chunk in [width, 700, 64] {
-                let (mut vals, mut idx) = (vec![0.0; rows * k], vec![0u32; rows * k]);
-                reset_selection(&mut vals, &mut idx);
-                let mut buf = vec![0.0; rows * chunk];
-                for j0 in (0..width).step_by(chunk) {
-                    let w = chunk.min(width - j0);
-                    for r in 0..rows {
-                        buf[r * w..(r + 1) * w].copy_from_slice(&pre[r * width + j0..][..w]);
+                for with_aux in [false, true] {
+                    let (mut vals, mut idx) = (vec![0.0; rows * k], vec![0u32; rows * k]);
+                    let (mut av, mut ai) = (vec![0.0; rows * ka], vec![0u32; rows * ka]);
+                    reset_selection(&mut vals, &mut idx);
+                    reset_selection(&mut av, &mut ai);
+                    let mut buf = vec![0.0; rows * chunk];
+                    for j0 in (0..width).step_by(chunk) {
+                        let w = chunk.min(width - j0);
+                        for r in 0..rows {
+                            buf[r * w..(r + 1) * w].copy_from_slice(&pre[r * width + j0..][..w]);
+                        }
+                        let aux = with_aux.then(|| DeadSelection { dead: &dead, k: ka, val: &mut av, idx: &mut ai });
+                        select_topk_chunk(&buf, w, rows, j0, w, &b, k, &mut vals, &mut idx, aux);
                     }
-                    select_topk_chunk(&buf, w, rows, j0, w, &b, k, &mut vals, &mut idx, None);
+                    assert_eq!(idx, want_i, "k {k}, chunks of {chunk}, aux {with_aux}");
+                    assert_eq!(vals, want_v, "k {k}, chunks of {chunk}, aux {with_aux}");
+                    if with_aux {
+                        assert_eq!(ai, want_ai, "k_aux {ka}, chunks of {chunk}");
+                        assert_eq!(av, want_av, "k_aux {ka}, chunks of {chunk}");
+                    }
                 }
-                assert_eq!(idx, want_i, "k {k}, chunks of {chunk}");
-                assert_eq!(vals, want_v, "k {k}, chunks of {chunk}");
             }
         }
     }

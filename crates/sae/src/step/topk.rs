@@ -260,7 +260,9 @@ fn sparse_backward(
         lists.push((idx, val, plan.kk, 2));
     }
     let g = &mut ws.grads;
+    let mut prof = Prof::new();
     g.touched.build(sae.d_sae, &lists);
+    prof.mark("latent-major lists");
     let n = g.touched.touched.len();
     let p = &mut g.params;
     ensure(&mut p.w_enc, n * d);
@@ -283,6 +285,7 @@ fn sparse_backward(
         &mut p.b_enc,
         None,
     );
+    prof.mark("per-latent gradients");
     // b_dec: the decoder bias of the main (and Multi-TopK) reconstruction, then its encoder-input path
     p.b_dec.resize(d_out, 0.0);
     kernels::column_sum(&ws.dxhat[..rows * d_out], d_out, &mut p.b_dec);
@@ -298,6 +301,8 @@ fn sparse_backward(
     // AuxK's target y − ŷ is detached: only the main and Multi-TopK outputs reach W_skip
     let outputs: Vec<&[f32]> = if lp.multi_topk { vec![dys[0], dys[2]] } else { vec![dys[0]] };
     skip_backward(&mut p.w_skip, &outputs, x, sae);
+    prof.mark("b_dec, skip");
+    prof.print("backward");
 }
 
 /// Sharded: turn each shard's per-row top-`width` list (over its own latents) into the list one
