@@ -318,38 +318,6 @@ fn has_fma() -> bool {
     }
 }
 
-/// Calls the `#[inline(always)]` function `$body` compiled for AVX-512 or AVX2 (both with FMA),
-/// whichever the CPU has; callers check [`has_fma`] first. The arithmetic is the same at any width
-/// (lane-wise FMAs in a fixed order), so only the speed depends on the CPU. Named functions, not
-/// closures: a closure the compiler declines to inline keeps the caller's baseline features, and
-/// its `mul_add` becomes a call to libm's `fmaf`.
-macro_rules! with_fma {
-    ($body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn avx512($($arg: $ty),*) -> $ret {
-                $body($($arg),*)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($arg: $ty),*) -> $ret {
-                $body($($arg),*)
-            }
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, and FMA (checked by the caller's has_fma).
-                unsafe { avx512($($arg),*) }
-            } else {
-                // SAFETY: the caller checked AVX2 and FMA (has_fma).
-                unsafe { avx2($($arg),*) }
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body($($arg),*)
-        }
-    }};
-}
-
 /// Dot product (FMA when the CPU has it; the choice is per machine, so results are reproducible on
 /// one machine whatever the thread count).
 #[inline]
@@ -371,7 +339,7 @@ pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         axpy_body::<true>(alpha, x, y)
     }
     if has_fma() {
-        return with_fma!(fused(alpha: f32, x: &[f32], y: &mut [f32]) -> ());
+        return saekit_kernels::dispatch_simd!(fma: fused(alpha, x, y));
     }
     axpy_body::<false>(alpha, x, y)
 }
@@ -381,7 +349,7 @@ pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// once per term.
 pub(crate) fn add_scaled(terms: &[(f32, &[f32])], y: &mut [f32]) {
     if has_fma() {
-        return with_fma!(add_scaled_fused(terms: &[(f32, &[f32])], y: &mut [f32]) -> ());
+        return saekit_kernels::dispatch_simd!(fma: add_scaled_fused(terms, y));
     }
     for &(a, x) in terms {
         axpy_body::<false>(a, x, y);
