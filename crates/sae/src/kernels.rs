@@ -625,7 +625,7 @@ pub(crate) fn sparse_decode(
     });
 }
 
-/// One active (token, latent) pair, ordered by latent then token in [`LatentMajor`].
+/// One active (token, latent) pair, ordered by latent, then source, then token in [`LatentMajor`].
 #[derive(Clone, Copy, Default, Debug)]
 pub(crate) struct Entry {
     pub t: u32,
@@ -665,7 +665,11 @@ impl LatentMajor {
         self.entries.clear();
     }
 
+    /// The active pairs of `lists`, each `(latent ids, values, slots per row, source)` over rows in order
+    /// with `u32::MAX` for an empty slot, given in ascending source order: each latent's entries then run
+    /// by source, then token (what [`fused_sparse_backward`]'s grouped walk relies on).
     pub fn build(&mut self, d_sae: usize, lists: &[(&[u32], &[f32], usize, u8)]) {
+        debug_assert!(lists.windows(2).all(|w| w[0].3 < w[1].3), "lists out of source order");
         if self.counts.len() != d_sae {
             self.counts = vec![0; d_sae];
             self.slot = vec![u32::MAX; d_sae];
@@ -712,13 +716,24 @@ impl LatentMajor {
     }
 }
 
-/// The whole sparse backward of the touched latents, latent-major, in one pass per latent:
+/// Latents with at least this many entries in a step take [`heavy_group_backward`]'s row-major walk:
+/// AuxK's dead latents enter nearly every row of a batch, and so do ReLU latents early in training.
+const HEAVY_ENTRIES: usize = 256;
+/// How many heavy latents one walk serves: their gradient and decoder rows (3 x 32 rows of `d` floats)
+/// stay in L2 while each batch row they share is read from the last-level cache once for all of them.
+/// 32 cut the backward of AuxK's dead latents by a third on SmolLM2's width (8 and 16 by less; BENCHMARKS.md).
+const HEAVY_GROUP: usize = 32;
+
+/// The whole sparse backward of the touched latents, per latent:
 /// `ga = <dy_src[t], W_dec[j]>` (ReLU' = 1 on selected latents), then
-/// `g_enc[u] = Σ ga · xin[t]`, `g_benc[u] = Σ ga`, `g_dec[u] = Σ a · dy_src[t]`.
+/// `g_enc[u] = Σ ga · xin[t]`, `g_benc[u] = Σ ga`, `g_dec[u] = Σ a · dy_src[t]`, each sum in the
+/// order of the latent's entries.
 /// `l1 = (λ/B, ‖W_dec‖)` adds ReLU+L1's terms: λ/B·‖W_dec,j‖ to each `ga`, and
 /// λ/B·(Σ_t a_tj)·W_dec,j/‖W_dec,j‖ to `g_dec[u]`.
-/// The decoder row stays in L1 while its tokens stream by; the dy / xin rows it reads
-/// ([batch, d_in] each) fit in the last-level cache, unlike the [d_sae, d_in] decoder.
+/// A latent with few entries is done in one pass over them, its decoder row in L1 while its tokens'
+/// rows stream by. Latents with many entries ([`HEAVY_ENTRIES`]) are walked [`HEAVY_GROUP`] at a time in
+/// token order instead, so that a batch row is read once for the group rather than once per latent;
+/// every sum is the same FMAs in the same order either way.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fused_sparse_backward(
     lm: &LatentMajor,
@@ -731,53 +746,162 @@ pub(crate) fn fused_sparse_backward(
     g_benc: &mut [f32],
     l1: Option<(f32, &[f32])>,
 ) {
-    let n = lm.touched.len();
-    const BLK: usize = 16;
-    g_enc[..n * d_in]
-        .par_chunks_mut(d_in * BLK)
-        .zip(g_dec[..n * d_out].par_chunks_mut(d_out * BLK))
-        .zip(g_benc[..n].par_chunks_mut(BLK))
-        .enumerate()
-        .for_each(|(bi, ((ge, gd), gb))| {
-            let (mut ga, mut enc_terms, mut dec_terms) = (Vec::new(), Vec::new(), Vec::new());
-            for (uu, gbv) in gb.iter_mut().enumerate() {
-                let u = bi * BLK + uu;
-                let j = lm.touched[u] as usize;
-                let w = &w_dec[j * d_out..(j + 1) * d_out];
-                let entries = &lm.entries[lm.offsets[u]..lm.offsets[u + 1]];
-                let dy_of = |e: &Entry| &dy[e.src as usize][e.t as usize * d_out..][..d_out];
-                let x_of = |e: &Entry| &xin[e.t as usize * d_in..][..d_in];
-                // ReLU + λ·a‖W_dec,j‖: dL/dpre gains λ‖W_dec,j‖ on every active entry
-                let (c, norm) = l1.map_or((0.0, 0.0), |(cb, n)| (cb * n[j], n[j]));
-                if u + 1 < n {
-                    // the next latent's rows are scattered over the batch: start fetching them now
-                    for e in &lm.entries[lm.offsets[u + 1]..lm.offsets[u + 2]] {
-                        prefetch(dy_of(e));
-                        prefetch(x_of(e));
-                    }
-                }
-                entry_dots(entries, dy_of, w, &mut ga);
-                ga.iter_mut().for_each(|g| *g += c);
-                enc_terms.clear();
-                enc_terms.extend(ga.iter().zip(entries).map(|(&g, e)| (g, x_of(e))));
-                let ge = &mut ge[uu * d_in..(uu + 1) * d_in];
-                ge.fill(0.0);
-                add_scaled(&enc_terms, ge);
-                dec_terms.clear();
-                dec_terms.extend(entries.iter().map(|e| (e.a, dy_of(e))));
-                let gd = &mut gd[uu * d_out..(uu + 1) * d_out];
-                gd.fill(0.0);
-                add_scaled(&dec_terms, gd);
-                let (sb, sa) = ga.iter().zip(entries).fold((0.0f32, 0.0f32), |(sb, sa), (&g, e)| (sb + g, sa + e.a));
-                if let Some((cb, _)) = l1 {
-                    if norm > 0.0 {
-                        // ∂/∂W_dec,j of λ·Σ_t a_tj‖W_dec,j‖
-                        axpy(cb * sa / norm, w, gd);
-                    }
-                }
-                *gbv = sb;
+    let inputs = BackwardInputs { lm, d_in, d_out, dy, xin, w_dec, l1 };
+    backward_by_weight(&inputs, g_enc, g_dec, g_benc, HEAVY_ENTRIES);
+}
+
+/// What every latent's backward reads.
+struct BackwardInputs<'a> {
+    lm: &'a LatentMajor,
+    d_in: usize,
+    d_out: usize,
+    /// The output gradient of each entry source (main, AuxK, Multi-TopK), [rows, d_out] each.
+    dy: &'a [&'a [f32]],
+    xin: &'a [f32],
+    w_dec: &'a [f32],
+    l1: Option<(f32, &'a [f32])>,
+}
+
+impl<'a> BackwardInputs<'a> {
+    fn entries(&self, u: usize) -> &'a [Entry] {
+        &self.lm.entries[self.lm.offsets[u]..self.lm.offsets[u + 1]]
+    }
+
+    fn dy_row(&self, src: u8, t: u32) -> &'a [f32] {
+        &self.dy[src as usize][t as usize * self.d_out..][..self.d_out]
+    }
+
+    fn x_row(&self, t: u32) -> &'a [f32] {
+        &self.xin[t as usize * self.d_in..][..self.d_in]
+    }
+
+    fn w_dec_row(&self, u: usize) -> &'a [f32] {
+        let j = self.lm.touched[u] as usize;
+        &self.w_dec[j * self.d_out..][..self.d_out]
+    }
+
+    /// ReLU+L1's `λ/B · ‖W_dec,j‖`, which every entry's `ga` gains (0 without L1).
+    fn l1_ga(&self, u: usize) -> f32 {
+        self.l1.map_or(0.0, |(cb, norms)| cb * norms[self.lm.touched[u] as usize])
+    }
+
+    /// The last of a latent's gradients once its entries are summed (`sums` = (Σ ga, Σ a)): L1's decoder
+    /// term into `gd`; returns `g_benc`.
+    fn finish(&self, u: usize, (sum_ga, sum_a): (f32, f32), gd: &mut [f32]) -> f32 {
+        if let Some((cb, norms)) = self.l1 {
+            let norm = norms[self.lm.touched[u] as usize];
+            if norm > 0.0 {
+                // ∂/∂W_dec,j of λ·Σ_t a_tj‖W_dec,j‖
+                axpy(cb * sum_a / norm, self.w_dec_row(u), gd);
             }
-        });
+        }
+        sum_ga
+    }
+}
+
+/// One touched latent's gradient rows.
+struct LatentGrads<'g> {
+    enc: &'g mut [f32],
+    dec: &'g mut [f32],
+    b_enc: &'g mut f32,
+}
+
+/// [`fused_sparse_backward`] with latents of at least `heavy_from` entries walked in groups.
+fn backward_by_weight(
+    inputs: &BackwardInputs<'_>,
+    g_enc: &mut [f32],
+    g_dec: &mut [f32],
+    g_benc: &mut [f32],
+    heavy_from: usize,
+) {
+    const BLK: usize = 16;
+    let n = inputs.lm.touched.len();
+    let (mut light, mut heavy) = (Vec::with_capacity(n), Vec::new());
+    let rows = g_enc[..n * inputs.d_in].chunks_mut(inputs.d_in).zip(g_dec[..n * inputs.d_out].chunks_mut(inputs.d_out));
+    for (u, ((enc, dec), b_enc)) in rows.zip(&mut g_benc[..n]).enumerate() {
+        let side = if inputs.entries(u).len() >= heavy_from { &mut heavy } else { &mut light };
+        side.push((u, LatentGrads { enc, dec, b_enc }));
+    }
+    rayon::join(
+        || light.par_chunks_mut(BLK).for_each(|block| light_block_backward(inputs, block)),
+        || heavy.par_chunks_mut(HEAVY_GROUP).for_each(|group| heavy_group_backward(inputs, group)),
+    );
+}
+
+/// Latent after latent, each in one pass over its entries: the decoder row stays in L1 while the dy / xin
+/// rows of its tokens ([batch, d] each, in the last-level cache) stream by.
+fn light_block_backward<'a>(inputs: &BackwardInputs<'a>, block: &mut [(usize, LatentGrads<'_>)]) {
+    let mut ga = Vec::new();
+    let mut terms: Vec<(f32, &'a [f32])> = Vec::new();
+    for i in 0..block.len() {
+        if let Some(&(next, _)) = block.get(i + 1) {
+            // the next latent's rows are scattered over the batch: start fetching them now
+            for e in inputs.entries(next) {
+                prefetch(inputs.dy_row(e.src, e.t));
+                prefetch(inputs.x_row(e.t));
+            }
+        }
+        let (u, g) = &mut block[i];
+        let entries = inputs.entries(*u);
+        entry_dots(entries, |e| inputs.dy_row(e.src, e.t), inputs.w_dec_row(*u), &mut ga);
+        let c = inputs.l1_ga(*u);
+        ga.iter_mut().for_each(|g| *g += c);
+        terms.clear();
+        terms.extend(ga.iter().zip(entries).map(|(&g, e)| (g, inputs.x_row(e.t))));
+        g.enc.fill(0.0);
+        add_scaled(&terms, g.enc);
+        terms.clear();
+        terms.extend(entries.iter().map(|e| (e.a, inputs.dy_row(e.src, e.t))));
+        g.dec.fill(0.0);
+        add_scaled(&terms, g.dec);
+        let sums = ga.iter().zip(entries).fold((0.0f32, 0.0f32), |(sb, sa), (&g, e)| (sb + g, sa + e.a));
+        *g.b_enc = inputs.finish(*u, sums, g.dec);
+    }
+}
+
+/// Up to [`HEAVY_GROUP`] latents at once, in token order: each batch row any of them selected is read
+/// once, dotted with their decoder rows (four at a time, each bit for bit [`dot`]) and added into
+/// their gradient rows (each bit for bit [`add_scaled`]'s FMA for that term). A latent's entries are
+/// ordered by source, then token ([`LatentMajor::build`]), so walking source by source, token by token
+/// visits each latent's entries in their order.
+fn heavy_group_backward(inputs: &BackwardInputs<'_>, group: &mut [(usize, LatentGrads<'_>)]) {
+    let m = group.len();
+    let entries: Vec<&[Entry]> = group.iter().map(|(u, _)| inputs.entries(*u)).collect();
+    let w: Vec<&[f32]> = group.iter().map(|(u, _)| inputs.w_dec_row(*u)).collect();
+    let l1_ga: Vec<f32> = group.iter().map(|(u, _)| inputs.l1_ga(*u)).collect();
+    let (mut next, mut sums) = (vec![0usize; m], vec![(0.0f32, 0.0f32); m]);
+    for (_, g) in group.iter_mut() {
+        g.enc.fill(0.0);
+        g.dec.fill(0.0);
+    }
+    let at = |next: &[usize], i: usize, src: u8| entries[i].get(next[i]).filter(|e| e.src == src).map(|e| e.t);
+    let mut members = Vec::with_capacity(m);
+    for src in 0..inputs.dy.len() as u8 {
+        while let Some(t) = (0..m).filter_map(|i| at(&next, i, src)).min() {
+            members.clear();
+            members.extend((0..m).filter(|&i| at(&next, i, src) == Some(t)));
+            let (dy, x) = (inputs.dy_row(src, t), inputs.x_row(t));
+            let mut ga = [0.0f32; HEAVY_GROUP];
+            for (quad, out) in members.chunks(4).zip(ga.chunks_mut(4)) {
+                if let [a, b, c, d] = *quad {
+                    out.copy_from_slice(&dot4([w[a], w[b], w[c], w[d]], dy));
+                } else {
+                    out.iter_mut().zip(quad).for_each(|(o, &i)| *o = dot(w[i], dy));
+                }
+            }
+            for (&i, &g) in members.iter().zip(&ga) {
+                let (e, g) = (entries[i][next[i]], g + l1_ga[i]);
+                axpy(g, x, group[i].1.enc);
+                axpy(e.a, dy, group[i].1.dec);
+                sums[i] = (sums[i].0 + g, sums[i].1 + e.a);
+                next[i] += 1;
+            }
+        }
+    }
+    for (i, (u, g)) in group.iter_mut().enumerate() {
+        debug_assert_eq!(next[i], entries[i].len(), "entries not in (source, token) order");
+        *g.b_enc = inputs.finish(*u, sums[i], g.dec);
+    }
 }
 
 /// Ask the CPU to bring every cache line of `row` into L1 (a hint: no effect on results).
@@ -917,6 +1041,73 @@ mod tests {
                         assert_eq!(av, want_av, "k_aux {ka}, chunks of {chunk}");
                     }
                 }
+            }
+        }
+    }
+
+    /// A pseudo-random f32 in [-1, 1) from a counter (no RNG crate in this crate's tests).
+    fn hash_unit(i: u64) -> f32 {
+        let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    #[test]
+    fn grouped_walk_of_heavy_latents_equals_the_per_latent_pass_bit_for_bit() {
+        // widths off the 16- and 64-lane blocks; three sources as TopK + AuxK + Multi-TopK give them
+        let (rows, d_in, d_out, d_sae) = (300, 70, 83, 40);
+        let rnd = |n: usize, seed: u64| (0..n).map(|i| hash_unit(seed * 1_000_003 + i as u64)).collect::<Vec<f32>>();
+        let (xin, w_dec, norms) = (rnd(rows * d_in, 1), rnd(d_sae * d_out, 2), rnd(d_sae, 3));
+        let dys = [rnd(rows * d_out, 4), rnd(rows * d_out, 5), rnd(rows * d_out, 6)];
+        // per row: latents 0-5 (heavy: nearly every row in the aux list), a few scattered light ones,
+        // some empty slots and zero values (both skipped)
+        let list = |k: usize, seed: u64, heavy: bool| {
+            let (mut idx, mut val) = (Vec::new(), Vec::new());
+            for r in 0..rows {
+                for s in 0..k {
+                    let h = hash_unit(seed * 7919 + (r * k + s) as u64);
+                    let j = if heavy && s < 6 && h > -0.9 { s as u32 } else { ((h + 1.0) * 17.0) as u32 + 6 };
+                    let empty = h > 0.95 || (s > 0 && idx[r * k..].contains(&j));
+                    idx.push(if empty { u32::MAX } else { j });
+                    val.push(if (h * 100.0) as i32 == 3 { 0.0 } else { h.abs() + 0.1 });
+                }
+            }
+            (idx, val)
+        };
+        let (main, aux, multi) = (list(4, 7, false), list(8, 8, true), list(5, 9, true));
+        let mut lm = LatentMajor::default();
+        lm.build(d_sae, &[(&main.0, &main.1, 4, 0), (&aux.0, &aux.1, 8, 1), (&multi.0, &multi.1, 5, 2)]);
+        let n = lm.touched.len();
+        let heavy = (0..n).filter(|&u| lm.offsets[u + 1] - lm.offsets[u] >= 200).count();
+        assert!(heavy >= 5 && heavy < n, "{heavy} heavy of {n}");
+        let dy: Vec<&[f32]> = dys.iter().map(|d| &d[..]).collect();
+        for l1 in [None, Some((0.01f32, &norms[..]))] {
+            let inputs = BackwardInputs { lm: &lm, d_in, d_out, dy: &dy, xin: &xin, w_dec: &w_dec, l1 };
+            let run = |heavy_from: usize| {
+                let (mut ge, mut gd, mut gb) = (vec![f32::NAN; n * d_in], vec![f32::NAN; n * d_out], vec![f32::NAN; n]);
+                backward_by_weight(&inputs, &mut ge, &mut gd, &mut gb, heavy_from);
+                [ge, gd, gb].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            };
+            let per_latent = run(usize::MAX);
+            for heavy_from in [1, 200] {
+                assert_eq!(run(heavy_from), per_latent, "heavy from {heavy_from} entries, l1 {}", l1.is_some());
+            }
+            // and the per-latent pass itself against a plain f64 sum of one heavy latent's encoder gradient
+            let u = (0..n).find(|&u| lm.offsets[u + 1] - lm.offsets[u] >= 200).expect("a heavy latent");
+            let c = l1.map_or(0.0, |(cb, nr)| (cb * nr[lm.touched[u] as usize]) as f64);
+            let w = &w_dec[lm.touched[u] as usize * d_out..][..d_out];
+            for col in [0, 37, d_in - 1] {
+                let want: f64 = lm.entries[lm.offsets[u]..lm.offsets[u + 1]]
+                    .iter()
+                    .map(|e| {
+                        let dyr = &dys[e.src as usize][e.t as usize * d_out..][..d_out];
+                        let ga = dyr.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() + c;
+                        ga * xin[e.t as usize * d_in + col] as f64
+                    })
+                    .sum();
+                let got = f32::from_bits(per_latent[0][u * d_in + col]) as f64;
+                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "col {col}: {got} vs {want}");
             }
         }
     }
