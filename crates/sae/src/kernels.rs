@@ -717,7 +717,7 @@ impl LatentMajor {
 }
 
 /// Latents with at least this many entries in a step take [`heavy_group_backward`]'s row-major walk:
-/// AuxK's dead latents enter nearly every row of a batch, and so do ReLU latents early in training.
+/// AuxK's dead latents enter about half the rows of a batch, and a frequent latent of any kind can.
 const HEAVY_ENTRIES: usize = 256;
 /// How many heavy latents one walk serves: their gradient and decoder rows (3 x 32 rows of `d` floats)
 /// stay in L2 while each batch row they share is read from the last-level cache once for all of them.
