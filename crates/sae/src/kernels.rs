@@ -1045,28 +1045,22 @@ mod tests {
         }
     }
 
-    /// A pseudo-random f32 in [-1, 1) from a counter (no RNG crate in this crate's tests).
-    fn hash_unit(i: u64) -> f32 {
-        let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
     #[test]
     fn grouped_walk_of_heavy_latents_equals_the_per_latent_pass_bit_for_bit() {
         // widths off the 16- and 64-lane blocks; three sources as TopK + AuxK + Multi-TopK give them
         let (rows, d_in, d_out, d_sae) = (300, 70, 83, 40);
-        let rnd = |n: usize, seed: u64| (0..n).map(|i| hash_unit(seed * 1_000_003 + i as u64)).collect::<Vec<f32>>();
-        let (xin, w_dec, norms) = (rnd(rows * d_in, 1), rnd(d_sae * d_out, 2), rnd(d_sae, 3));
-        let dys = [rnd(rows * d_out, 4), rnd(rows * d_out, 5), rnd(rows * d_out, 6)];
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut rnd = |n: usize| (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<f32>>();
+        let (xin, w_dec, norms) = (rnd(rows * d_in), rnd(d_sae * d_out), rnd(d_sae));
+        let dys = [rnd(rows * d_out), rnd(rows * d_out), rnd(rows * d_out)];
         // per row: latents 0-5 (heavy: nearly every row in the aux list), a few scattered light ones,
         // some empty slots and zero values (both skipped)
-        let list = |k: usize, seed: u64, heavy: bool| {
+        let mut list = |k: usize, heavy: bool| {
             let (mut idx, mut val) = (Vec::new(), Vec::new());
             for r in 0..rows {
                 for s in 0..k {
-                    let h = hash_unit(seed * 7919 + (r * k + s) as u64);
+                    let h = rng.gen_range(-1.0f32..1.0);
                     let j = if heavy && s < 6 && h > -0.9 { s as u32 } else { ((h + 1.0) * 17.0) as u32 + 6 };
                     let empty = h > 0.95 || (s > 0 && idx[r * k..].contains(&j));
                     idx.push(if empty { u32::MAX } else { j });
@@ -1075,7 +1069,7 @@ mod tests {
             }
             (idx, val)
         };
-        let (main, aux, multi) = (list(4, 7, false), list(8, 8, true), list(5, 9, true));
+        let (main, aux, multi) = (list(4, false), list(8, true), list(5, true));
         let mut lm = LatentMajor::default();
         lm.build(d_sae, &[(&main.0, &main.1, 4, 0), (&aux.0, &aux.1, 8, 1), (&multi.0, &multi.1, 5, 2)]);
         let n = lm.touched.len();
