@@ -366,14 +366,20 @@ fn encoder_input_backward(g_bdec: &mut [f32], touched: &[u32], g_benc: &[f32], s
     }
 }
 
+/// A pass over every touched encoder row (the whole `W_enc`, tens of MB): the columns are split
+/// across threads, each summing its columns over the latents in the one fixed order (bit for bit
+/// one `axpy` per latent).
 fn add_encoder_input_grad(g_bdec: &mut [f32], touched: &[u32], g_benc: &[f32], sae: &Sae) {
+    const COLUMNS: usize = 64;
     let d = sae.d_in;
-    for (&j, &gb) in touched.iter().zip(g_benc) {
-        if gb != 0.0 {
-            let j = j as usize;
-            kernels::axpy(-gb, &sae.params.w_enc[j * d..(j + 1) * d], g_bdec);
-        }
-    }
+    g_bdec[..d].par_chunks_mut(COLUMNS).enumerate().for_each(|(c, g)| {
+        let cols = c * COLUMNS..c * COLUMNS + g.len();
+        let terms: Vec<(f32, &[f32])> = (touched.iter().zip(g_benc))
+            .filter(|&(_, &gb)| gb != 0.0)
+            .map(|(&j, &gb)| (-gb, &sae.params.w_enc[j as usize * d..][cols.clone()]))
+            .collect();
+        kernels::add_scaled(&terms, g);
+    });
 }
 
 /// ŷ = Σ_s val·W_dec[idx] over each row's `width` slots (+ b_dec with `with_bias`), `[rows, d_out]`.
@@ -486,5 +492,38 @@ impl Prof {
             let s: Vec<String> = self.parts.iter().map(|(n, ms)| format!("{n} {ms:.1}")).collect();
             eprintln!("[profile {what} ms] {}", s.join(", "));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::add_encoder_input_grad;
+    use crate::kernels;
+    use crate::sae::{Activation, Sae};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn column_split_encoder_input_gradient_equals_one_axpy_per_latent_bit_for_bit() {
+        // 150 columns: two whole column blocks and a partial one
+        let (d, d_sae) = (150, 300);
+        let sae = Sae::init(d, d_sae, Activation::Relu, 1.0, 3);
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let touched: Vec<u32> = (0..d_sae as u32).filter(|_| rng.gen::<f32>() < 0.6).collect();
+        let g_benc: Vec<f32> =
+            touched.iter().map(|_| if rng.gen::<f32>() < 0.2 { 0.0 } else { rng.gen::<f32>() - 0.5 }).collect();
+        let start: Vec<f32> = (0..d).map(|_| rng.gen::<f32>()).collect();
+        let mut want = start.clone();
+        for (&j, &gb) in touched.iter().zip(&g_benc) {
+            if gb != 0.0 {
+                kernels::axpy(-gb, &sae.params.w_enc[j as usize * d..(j as usize + 1) * d], &mut want);
+            }
+        }
+        let mut got = start;
+        add_encoder_input_grad(&mut got, &touched, &g_benc, &sae);
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }

@@ -173,9 +173,11 @@ fn select_forward(b: &mut Buffers, (xin, weights): Input, sae: &Sae, rows: usize
     if plan.k_aux > 0 {
         b.aux.reset(rows, plan.k_aux);
     }
+    let mut prof = Prof::new();
     for j0 in (0..ds).step_by(chunk) {
         let w = chunk.min(ds - j0);
         encoder.chunk(xin, rows, j0..j0 + w, &mut b.pre);
+        prof.mark("encoder gemm");
         let aux = (plan.k_aux > 0).then(|| kernels::DeadSelection {
             dead: &b.dead[..],
             k: plan.k_aux,
@@ -184,7 +186,9 @@ fn select_forward(b: &mut Buffers, (xin, weights): Input, sae: &Sae, rows: usize
         });
         let c = &mut b.candidates;
         kernels::select_topk_chunk(&b.pre, w, rows, j0, w, &sae.params.b_enc, plan.kk, &mut c.val, &mut c.idx, aux);
+        prof.mark("select");
     }
+    prof.print("encoder, per latent chunk");
 }
 
 /// Per row, the latents of the main reconstruction in the last step (ids local to this process), ascending.
