@@ -3,6 +3,8 @@
 //!
 //! cargo run --release -p saekit-sae --example bench_train -- \
 //!     --acts train.npy [--eval eval.npy] --d-sae 16384 --k 32 --batch 4096 --threads 2 --tokens 245760
+//! `fraction_of_gemm_best` holds the training's encoder FLOP rate against the best of the encoder
+//! GEMM alone, measured before and after the training.
 //! `--gemm-only` measures just the encoder GEMM. `--dead-tokens N` (default 10M) makes latents dead, and
 //! AuxK active, within a short run. `--precision bf16|f32|auto` (default f32) picks the
 //! encoder GEMM's precision for both.
@@ -27,7 +29,8 @@ fn main() -> Result<()> {
     let d_in_guess = 576;
     let choice = get("--precision").unwrap_or("f32".into());
     let precision = Precision::resolve(choice.parse()?)?;
-    let (g_best, g_mean) = pool.install(|| encoder_gemm_gflops(batch, d_in_guess, d_sae.min(16384), 3, precision));
+    let gemm_rate = || pool.install(|| encoder_gemm_gflops(batch, d_in_guess, d_sae.min(16384), 3, precision));
+    let (g_best, g_mean) = gemm_rate();
     if has("--gemm-only") {
         println!(
             "{}",
@@ -57,13 +60,18 @@ fn main() -> Result<()> {
     let t = std::time::Instant::now();
     let o = train(&cfg, &mut src, &RunOptions { progress: has("--progress"), ..Default::default() })?;
     let wall = t.elapsed().as_secs_f64();
+    // this VM's speed drifts by up to 2x between minutes: the GEMM is measured on both sides of the
+    // training and the faster of the two is the rate the steps are held to
+    let (g_best_after, _) = gemm_rate();
+    let g_best_both = g_best.max(g_best_after);
     let flop_per_token = 2.0 * src.d_in() as f64 * d_sae as f64;
     let step_gflops = o.tokens_per_s * flop_per_token / 1e9;
     let mut res = serde_json::json!({
         "impl": "saekit", "precision": precision.name(), "arch": arch, "d_sae": d_sae, "k": k, "batch": batch, "threads": threads,
         "tokens_trained": o.tokens, "tokens_per_s": o.tokens_per_s, "train_wall_s": wall,
-        "encoder_gemm_gflops_best": g_best, "encoder_gemm_gflops_mean": g_mean,
-        "step_encoder_gflops": step_gflops, "fraction_of_gemm_best": step_gflops / g_best,
+        "encoder_gemm_gflops_best": g_best_both, "encoder_gemm_gflops_best_before": g_best,
+        "encoder_gemm_gflops_best_after": g_best_after, "encoder_gemm_gflops_mean_before": g_mean,
+        "step_encoder_gflops": step_gflops, "fraction_of_gemm_best": step_gflops / g_best_both,
         "excluded_rows": o.excluded_rows, "last_batch_fvu": o.last.fvu, "last_l0": o.last.l0,
         "peak_rss_bytes": peak_rss_bytes(),
     });
