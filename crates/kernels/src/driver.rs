@@ -16,6 +16,16 @@ const JOB_COLS: usize = 256;
 /// once per 64 rows. Smaller weights stay in L2 either way and go row job by row job. Measured best of
 /// five on `saekit bench gemm`: 1.5x at 1024x576x3072 and 4096x576x16384, a loss at 1024x1536x576.
 const PANEL_ORDER_BYTES: usize = 2 << 20;
+/// k tiles of 32 in one pass of the AVX512-BF16 kernel over a job whose k is longer than
+/// [`AVX512_ONE_PASS_TILES`]: 288 values, at which a 32-row block of `A` and a strip pair of `B`
+/// (18 KiB each) fit in L1 together. Unsplit, a 32-row block at k = 9,216 (Gemma-2-2B's down
+/// projection) is 576 KiB and streams from L3 once per 8 rows. Measured on Zen 5 (`saekit bench
+/// gemm`, three alternating rounds): 512x9216x2304 went from 293-503 to 560-661 GFLOP/s; passes of 6,
+/// 12 and 18 tiles did no better.
+const AVX512_PASS_TILES: usize = 9;
+/// The longest k (in tiles of 32: 2,304 values) that goes in one pass. At k = 2,304 passes lost
+/// 3-10% on 128-row products (Gemma-2-2B's q/k/v and gate/up at batch 1) and gained nothing at 512.
+const AVX512_ONE_PASS_TILES: usize = 72;
 
 /// `c[m, n] = a[m, k] · B` (or `c += a · B` when `accumulate`), with `B` packed in bf16 and `a`
 /// rounded to bf16 here; every product is accumulated in f32. `a` has row stride `lda`, `c` row stride
@@ -107,40 +117,63 @@ impl Job<'_> {
         let pairs = cj * JOB_COLS / BLOCK..self.n.div_ceil(BLOCK).min((cj + 1) * JOB_COLS / BLOCK);
         let _tiles = (self.path == Bf16Path::Amx).then(amx::Tiles::configure);
         // A block of rows (32 x k in bf16: 36 KiB at k = 576) stays in L1 while it meets every strip
-        // pair of the job, which stream from L2.
-        for i0 in rows.step_by(BLOCK) {
-            for q in pairs.clone() {
-                self.block(i0, q);
+        // pair of the job, which stream from L2; a much longer k goes in passes that keep it so
+        let kt = self.b.k_pad / BLOCK;
+        let pass = self.k_tiles_per_pass(kt);
+        for k0 in (0..kt).step_by(pass) {
+            let tiles = k0..(k0 + pass).min(kt);
+            for i0 in rows.clone().step_by(BLOCK) {
+                for q in pairs.clone() {
+                    self.block(i0, q, tiles.clone());
+                }
             }
         }
     }
 
-    /// One 32x32 block of `C`: rows `i0..i0 + 32`, columns `32q..32q + 32`. Blocks that overhang `C`
-    /// go through a scratch block so the kernels only ever see whole blocks.
-    fn block(&self, i0: usize, q: usize) {
+    /// k tiles per pass over a job: all of them, unless the AVX512-BF16 kernel, which reads a 32-row
+    /// block of `A` and a strip pair of `B` once per 8 rows, would find them far out of L1.
+    fn k_tiles_per_pass(&self, kt: usize) -> usize {
+        if self.path == Bf16Path::Avx512Bf16 && kt > AVX512_ONE_PASS_TILES {
+            AVX512_PASS_TILES
+        } else {
+            kt.max(1)
+        }
+    }
+
+    /// k tiles `tiles` of one 32x32 block of `C`: rows `i0..i0 + 32`, columns `32q..32q + 32`, added
+    /// to what `C` holds after the first pass (f32 partial sums stored and reloaded exactly, so the
+    /// passes give the bits of one). Blocks that overhang `C` go through a scratch block so the
+    /// kernels only ever see whole blocks.
+    fn block(&self, i0: usize, q: usize, tiles: Range<usize>) {
         let (b, k_pad) = (self.b, self.b.k_pad);
         let j0 = q * BLOCK;
         let (rows, cols) = ((self.m - i0).min(BLOCK), (self.n - j0).min(BLOCK));
-        // SAFETY: i0 < m and first_pair + q < n_pad / 32, so both offsets are inside the packed
-        // buffers, which hold whole blocks (rows padded to 32, k to k_pad, columns to n_pad).
-        let (a, bp) =
-            unsafe { (self.a.as_ptr().add(i0 * k_pad), b.data.as_ptr().add((self.first_pair + q) * b.pair_len())) };
-        let kt = k_pad / BLOCK;
+        let tile_len = BLOCK * BLOCK;
+        // SAFETY: i0 < m, first_pair + q < n_pad / 32 and tiles.end <= k_pad / 32, so both offsets
+        // are inside the packed buffers, which hold whole blocks (rows padded to 32, k to k_pad,
+        // columns to n_pad) with each 32-row block and strip pair laid out k tile by k tile.
+        let (a, bp) = unsafe {
+            (
+                self.a.as_ptr().add(i0 * k_pad + tiles.start * tile_len),
+                b.data.as_ptr().add((self.first_pair + q) * b.pair_len() + tiles.start * tile_len),
+            )
+        };
+        let (kt, load_c) = (tiles.len(), self.accumulate || tiles.start > 0);
         if rows == BLOCK && cols == BLOCK {
             // SAFETY: the block lies inside C (checked by gemm_bf16's asserts and rows/cols above).
-            unsafe { self.kernel(a, bp, kt, self.c.0.add(i0 * self.ldc + j0), self.ldc, self.accumulate) };
+            unsafe { self.kernel(a, bp, kt, self.c.0.add(i0 * self.ldc + j0), self.ldc, load_c) };
             return;
         }
         let mut scratch = [0f32; BLOCK * BLOCK];
         for r in 0..rows {
             // SAFETY: row i0 + r < m and columns j0..j0 + cols < n lie inside C.
             let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((i0 + r) * self.ldc + j0), cols) };
-            if self.accumulate {
+            if load_c {
                 scratch[r * BLOCK..r * BLOCK + cols].copy_from_slice(c_row);
             }
         }
         // SAFETY: scratch is one whole 32x32 block.
-        unsafe { self.kernel(a, bp, kt, scratch.as_mut_ptr(), BLOCK, self.accumulate) };
+        unsafe { self.kernel(a, bp, kt, scratch.as_mut_ptr(), BLOCK, load_c) };
         for r in 0..rows {
             // SAFETY: as above.
             let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((i0 + r) * self.ldc + j0), cols) };
@@ -160,5 +193,41 @@ impl Job<'_> {
                 Bf16Path::Reference => reference::block_32x32(a, b, kt, c, ldc, load_c),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_over_a_long_k_give_the_bits_of_one_pass() {
+        if !Bf16Path::Avx512Bf16.available() {
+            eprintln!("no AVX512-BF16 on this CPU: nothing to compare");
+            return;
+        }
+        let (m, k, n) = (32, 3000, 32);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 32.0).collect();
+        let (pa, pb) = (PackedA::new(&a, m, k, k), PackedB::from_nk(&w, n, k));
+        let kt = pb.k_pad / BLOCK;
+        let job = Job {
+            path: Bf16Path::Avx512Bf16,
+            a: &pa.data,
+            b: &pb,
+            m,
+            first_pair: 0,
+            n,
+            c: SendPtr(std::ptr::null_mut()),
+            ldc: n,
+            accumulate: false,
+        };
+        assert!(job.k_tiles_per_pass(kt) < kt, "k = {k} should go in passes");
+        let mut passes = vec![0f32; m * n];
+        gemm_bf16_packed(Bf16Path::Avx512Bf16, &pa, &pb, 0..n, &mut passes, n, false);
+        let mut one = vec![0f32; m * n];
+        // SAFETY: AVX512-BF16 is available; one whole 32-row block and strip pair, a whole 32x32 C.
+        unsafe { avx512::block_32x32(pa.data.as_ptr(), pb.data.as_ptr(), kt, one.as_mut_ptr(), n, false) };
+        assert!(one.iter().zip(&passes).all(|(x, y)| x.to_bits() == y.to_bits()), "the passes changed some sum");
     }
 }
