@@ -88,6 +88,16 @@ pub fn gemm_bf16_packed(
     }
 }
 
+/// k tiles per pass over a job of `kt` tiles: all of them, unless the AVX512-BF16 kernel, which reads
+/// a 32-row block of `A` and a strip pair of `B` once per 8 rows, would find them far out of L1.
+fn k_tiles_per_pass(path: Bf16Path, kt: usize) -> usize {
+    if path == Bf16Path::Avx512Bf16 && kt > AVX512_ONE_PASS_TILES {
+        AVX512_PASS_TILES
+    } else {
+        kt.max(1)
+    }
+}
+
 /// `*mut f32` that rayon may share: each job writes a disjoint block of `C`.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -119,7 +129,7 @@ impl Job<'_> {
         // A block of rows (32 x k in bf16: 36 KiB at k = 576) stays in L1 while it meets every strip
         // pair of the job, which stream from L2; a much longer k goes in passes that keep it so
         let kt = self.b.k_pad / BLOCK;
-        let pass = self.k_tiles_per_pass(kt);
+        let pass = k_tiles_per_pass(self.path, kt);
         for k0 in (0..kt).step_by(pass) {
             let tiles = k0..(k0 + pass).min(kt);
             for i0 in rows.clone().step_by(BLOCK) {
@@ -127,16 +137,6 @@ impl Job<'_> {
                     self.block(i0, q, tiles.clone());
                 }
             }
-        }
-    }
-
-    /// k tiles per pass over a job: all of them, unless the AVX512-BF16 kernel, which reads a 32-row
-    /// block of `A` and a strip pair of `B` once per 8 rows, would find them far out of L1.
-    fn k_tiles_per_pass(&self, kt: usize) -> usize {
-        if self.path == Bf16Path::Avx512Bf16 && kt > AVX512_ONE_PASS_TILES {
-            AVX512_PASS_TILES
-        } else {
-            kt.max(1)
         }
     }
 
@@ -211,18 +211,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 32.0).collect();
         let (pa, pb) = (PackedA::new(&a, m, k, k), PackedB::from_nk(&w, n, k));
         let kt = pb.k_pad / BLOCK;
-        let job = Job {
-            path: Bf16Path::Avx512Bf16,
-            a: &pa.data,
-            b: &pb,
-            m,
-            first_pair: 0,
-            n,
-            c: SendPtr(std::ptr::null_mut()),
-            ldc: n,
-            accumulate: false,
-        };
-        assert!(job.k_tiles_per_pass(kt) < kt, "k = {k} should go in passes");
+        assert!(k_tiles_per_pass(Bf16Path::Avx512Bf16, kt) < kt, "k = {k} should go in passes");
         let mut passes = vec![0f32; m * n];
         gemm_bf16_packed(Bf16Path::Avx512Bf16, &pa, &pb, 0..n, &mut passes, n, false);
         let mut one = vec![0f32; m * n];
