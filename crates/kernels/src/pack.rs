@@ -41,14 +41,14 @@ pub(crate) fn round_up(x: usize, to: usize) -> usize {
 }
 
 /// 32 bf16 values on one 64-byte cache line.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[repr(C, align(64))]
 struct CacheLine([u16; 32]);
 
 /// A zero-initialised `[u16]` that starts on a cache line. A tile load whose 64-byte rows straddle two
 /// lines runs ~4x slower (measured: 1.45 TFLOP/s per core aligned, 0.31 at a 16-byte offset), and
 /// `Vec<u16>` only promises 2-byte alignment.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct AlignedBuf {
     lines: Vec<CacheLine>,
     len: usize,
@@ -99,7 +99,7 @@ impl AlignedBuf {
 }
 
 /// A weight matrix `B[k, n]` in bf16, packed for [`crate::gemm_bf16`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PackedB {
     /// Inner dimension (the input width).
     pub k: usize,
@@ -110,6 +110,9 @@ pub struct PackedB {
 }
 
 impl PackedB {
+    /// Columns of `B` in one strip pair (rows of a latent-major `w[n, k]`): see [`PackedB::pairs_mut`].
+    pub const PAIR_COLUMNS: usize = BLOCK;
+
     /// Pack `w[n, k]` (row-major, an `nn.Linear` weight or a latent-major encoder) as `B = wᵀ`.
     pub fn from_nk(w: &[f32], n: usize, k: usize) -> Self {
         let mut packed = Self::zeros(k, n);
@@ -129,25 +132,15 @@ impl PackedB {
     pub fn repack_nk(&mut self, w: &[f32]) {
         let (k, n) = (self.k, self.n);
         assert!(w.len() >= n * k, "PackedB::repack_nk: {} values for a {n}x{k} matrix", w.len());
-        let (kt, pair_len) = (self.k_pad / BLOCK, self.pair_len());
-        if pair_len == 0 {
-            return;
-        }
-        // One row of w (a column of B) at a time: 32 contiguous k values go to 16 tile rows, two each.
-        self.data.as_mut_slice().par_chunks_mut(pair_len).enumerate().for_each(|(q, pair)| {
-            for (col, nn) in (q * BLOCK..(q * BLOCK + BLOCK).min(n)).enumerate() {
-                let (h, c) = (col / 16, col % 16);
-                let row = &w[nn * k..(nn + 1) * k];
-                for (kb, ks) in row.chunks(BLOCK).enumerate() {
-                    let tile = &mut pair[(kb * 2 + h) * TILE..][..TILE];
-                    for (p, two) in ks.chunks(2).enumerate() {
-                        tile[p * 32 + c * 2] = bf16_bits(two[0]);
-                        tile[p * 32 + c * 2 + 1] = two.get(1).map_or(0, |&x| bf16_bits(x));
-                    }
-                }
-                debug_assert!(row.len().div_ceil(BLOCK) <= kt);
-            }
-        });
+        self.pairs_mut().for_each(|(q, mut pair)| pair.pack_nk(&w[q * BLOCK * k..((q + 1) * BLOCK).min(n) * k]));
+    }
+
+    /// Each strip pair (32 columns of `B`, 32 rows of a latent-major `w[n, k]`), in order, to be
+    /// packed in parallel: by [`PackedB::repack_nk`], or row block by row block in the same pass
+    /// that writes the rows (an optimizer step).
+    pub fn pairs_mut(&mut self) -> impl IndexedParallelIterator<Item = (usize, StripPair<'_>)> {
+        let (k, pair_len) = (self.k, self.pair_len().max(1));
+        self.data.as_mut_slice().par_chunks_mut(pair_len).map(move |data| StripPair { data, k }).enumerate()
     }
 
     /// `B` back as `w[k, n]` in f32: exactly the packed values (a weight whose values were already
@@ -210,6 +203,42 @@ impl PackedB {
                 }
             }
         });
+    }
+}
+
+/// One strip pair of a [`PackedB`]: 32 columns of `B` over all of (padded) `k`.
+pub struct StripPair<'a> {
+    data: &'a mut [u16],
+    k: usize,
+}
+
+impl StripPair<'_> {
+    /// Pack the pair's columns from `rows` (`w[n, k]`'s rows `32q ..`, at most 32, row-major):
+    /// each row's bf16 values go two by two (VNNI order) down a 16-row tile column. Columns past
+    /// `rows` and values past `k` keep the zeros the packing was made with.
+    pub fn pack_nk(&mut self, rows: &[f32]) {
+        crate::dispatch_simd!(pack_pair_nk(rows, self.k, self.data))
+    }
+}
+
+/// [`StripPair::pack_nk`]: a row's 32-value tile segment is rounded in one (vectorised) pass, then
+/// written as 16 pairs down its tile column.
+#[inline(always)]
+fn pack_pair_nk(rows: &[f32], k: usize, pair: &mut [u16]) {
+    if k == 0 {
+        return;
+    }
+    debug_assert!(rows.len() <= BLOCK * k);
+    for (col, row) in rows.chunks_exact(k).enumerate() {
+        let (h, c) = (col / 16, col % 16);
+        for (kb, ks) in row.chunks(BLOCK).enumerate() {
+            let mut v = [0u16; BLOCK];
+            v.iter_mut().zip(ks).for_each(|(o, &x)| *o = bf16_bits(x));
+            let tile = &mut pair[(kb * 2 + h) * TILE..][..TILE];
+            for (r, two) in v.chunks_exact(2).enumerate() {
+                tile[r * 32 + c * 2..][..2].copy_from_slice(two);
+            }
+        }
     }
 }
 
@@ -315,6 +344,21 @@ mod tests {
             assert_eq!(PackedB::from_kn(&w, k, n).to_kn(), want, "{k}x{n} from k-major");
             let w_nk: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
             assert_eq!(PackedB::from_nk(&w_nk, n, k).to_kn(), want, "{k}x{n} from n-major");
+        }
+    }
+
+    #[test]
+    fn repacking_rows_in_place_gives_every_bit_of_a_fresh_element_by_element_packing() {
+        // The pair packer (rows rounded a tile segment at a time) against `fill` (one value at a
+        // time from its index), padding included, after the weights change in place.
+        for (k, n) in [(1, 1), (33, 70), (70, 33), (576, 100)] {
+            let w = |s: f32| (0..n * k).map(|i| (i as f32 * s).sin() * 3.0).collect::<Vec<f32>>();
+            let mut packed = PackedB::from_nk(&w(0.731), n, k);
+            let changed = w(0.377);
+            packed.repack_nk(&changed);
+            let mut by_index = PackedB::zeros(k, n);
+            by_index.fill(|kk, nn| changed[nn * k + kk]);
+            assert_eq!(packed.data.as_slice(), by_index.data.as_slice(), "{n}x{k}");
         }
     }
 }

@@ -8,6 +8,10 @@
 //! read/write of (w, m, v), about 5% of a d_sae=16384 step.
 
 use rayon::prelude::*;
+use saekit_kernels::PackedB;
+
+/// Adam's per-step constants: (β1, β2, lr / (1 − β1ᵗ), √(1 − β2ᵗ), ε).
+type Consts = (f32, f32, f32, f32, f32);
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamHyper {
@@ -20,7 +24,7 @@ pub struct AdamHyper {
 }
 
 impl AdamHyper {
-    fn consts(&self) -> (f32, f32, f32, f32, f32) {
+    fn consts(&self) -> Consts {
         let bc1 = 1.0 - (self.beta1 as f64).powi(self.t as i32);
         let bc2 = 1.0 - (self.beta2 as f64).powi(self.t as i32);
         let step_size = (self.lr as f64 / bc1) as f32;
@@ -30,7 +34,7 @@ impl AdamHyper {
 }
 
 #[inline(always)]
-fn adam_elem(w: &mut f32, m: &mut f32, v: &mut f32, g: f32, c: (f32, f32, f32, f32, f32)) {
+fn adam_elem(w: &mut f32, m: &mut f32, v: &mut f32, g: f32, c: Consts) {
     let (b1, b2, step, bc2s, eps) = c;
     *m = b1 * *m + (1.0 - b1) * g;
     *v = b2 * *v + (1.0 - b2) * g * g;
@@ -40,7 +44,7 @@ fn adam_elem(w: &mut f32, m: &mut f32, v: &mut f32, g: f32, c: (f32, f32, f32, f
 
 /// [`adam_elem`] along a row (vectorised by `dispatch_simd!`: the same IEEE operations per element).
 #[inline(always)]
-fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: (f32, f32, f32, f32, f32)) {
+fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: Consts) {
     for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
         adam_elem(w, m, v, g, c);
     }
@@ -48,7 +52,7 @@ fn adam_row(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: (f32, f32
 
 /// [`adam_row`] with a zero gradient (a latent no row selected this step).
 #[inline(always)]
-fn adam_row_no_grad(w: &mut [f32], m: &mut [f32], v: &mut [f32], c: (f32, f32, f32, f32, f32)) {
+fn adam_row_no_grad(w: &mut [f32], m: &mut [f32], v: &mut [f32], c: Consts) {
     for ((w, m), v) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()) {
         adam_elem(w, m, v, 0.0, c);
     }
@@ -81,30 +85,64 @@ pub fn adam_rows(
 ) {
     let c = h.consts();
     const RB: usize = 64;
-    w.par_chunks_mut(RB * d).zip(m.par_chunks_mut(RB * d)).zip(v.par_chunks_mut(RB * d)).enumerate().for_each(
-        |(b, ((w, m), v))| {
-            let rows = w.len() / d;
-            for r in 0..rows {
-                let j = b * RB + r;
-                let (w, m, v) = (&mut w[r * d..(r + 1) * d], &mut m[r * d..(r + 1) * d], &mut v[r * d..(r + 1) * d]);
-                let s = slot[j];
-                if s == u32::MAX {
-                    saekit_kernels::dispatch_simd!(adam_row_no_grad(w, m, v, c));
-                } else {
-                    let g = &g[s as usize * d..(s as usize + 1) * d];
-                    saekit_kernels::dispatch_simd!(adam_row(w, m, v, g, c));
-                }
-                if renorm {
-                    let n = crate::kernels::dot(w, w).sqrt();
-                    if n > 0.0 {
-                        for x in w.iter_mut() {
-                            *x /= n;
-                        }
-                    }
+    w.par_chunks_mut(RB * d)
+        .zip(m.par_chunks_mut(RB * d))
+        .zip(v.par_chunks_mut(RB * d))
+        .enumerate()
+        .for_each(|(b, ((w, m), v))| adam_block(w, m, v, d, &slot[b * RB..], g, c, renorm));
+}
+
+/// [`adam_rows`] on the encoder of a bf16 step (no renormalisation), writing its bf16 copy in the same
+/// pass: each strip pair's rows are packed as soon as they are updated, while they are in cache, so the
+/// next forward reads `packed` without a pass of its own over the weights.
+#[allow(clippy::too_many_arguments)]
+pub fn adam_rows_packing(
+    w: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    d: usize,
+    slot: &[u32],
+    g: &[f32],
+    h: AdamHyper,
+    packed: &mut PackedB,
+) {
+    assert!(
+        packed.k == d && packed.n * d == w.len(),
+        "adam_rows_packing: a {}x{} copy of {} values",
+        packed.n,
+        packed.k,
+        w.len()
+    );
+    let c = h.consts();
+    let rb = PackedB::PAIR_COLUMNS;
+    let blocks = w.par_chunks_mut(rb * d).zip(m.par_chunks_mut(rb * d)).zip(v.par_chunks_mut(rb * d));
+    blocks.zip(packed.pairs_mut()).for_each(|(((w, m), v), (q, mut pair))| {
+        adam_block(w, m, v, d, &slot[q * rb..], g, c, false);
+        pair.pack_nk(w);
+    });
+}
+
+/// [`adam_rows`] over one block of rows; `slot` starts at the block's first row.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn adam_block(w: &mut [f32], m: &mut [f32], v: &mut [f32], d: usize, slot: &[u32], g: &[f32], c: Consts, renorm: bool) {
+    for (r, ((w, m), v)) in w.chunks_mut(d).zip(m.chunks_mut(d)).zip(v.chunks_mut(d)).enumerate() {
+        match slot[r] {
+            u32::MAX => saekit_kernels::dispatch_simd!(adam_row_no_grad(w, m, v, c)),
+            s => {
+                let g = &g[s as usize * d..(s as usize + 1) * d];
+                saekit_kernels::dispatch_simd!(adam_row(w, m, v, g, c));
+            }
+        }
+        if renorm {
+            let n = crate::kernels::dot(w, w).sqrt();
+            if n > 0.0 {
+                for x in w.iter_mut() {
+                    *x /= n;
                 }
             }
-        },
-    );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -159,6 +197,25 @@ mod tests {
         assert_eq!(wa, wb);
         assert_eq!(ma, mb);
         assert_eq!(va, vb);
+    }
+
+    #[test]
+    fn the_packing_pass_updates_as_the_plain_one_and_packs_what_it_wrote() {
+        // 100 rows: three whole strip pairs and a partial one; every other row has a gradient
+        let (rows, d) = (100, 70);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut r = |s: f32| (0..rows * d).map(|_| (rng.gen::<f32>() - 0.5) * s).collect::<Vec<f32>>();
+        let (w0, m0, v0) = (r(1.0), r(0.1), r(0.01).iter().map(|x| x.abs()).collect::<Vec<_>>());
+        let g = r(2.0);
+        let slot: Vec<u32> = (0..rows as u32).map(|j| if j % 2 == 0 { j / 2 } else { u32::MAX }).collect();
+        let h = AdamHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, t: 3 };
+        let (mut wa, mut ma, mut va) = (w0.clone(), m0.clone(), v0.clone());
+        adam_rows(&mut wa, &mut ma, &mut va, d, &slot, &g, h, false);
+        let (mut wb, mut mb, mut vb) = (w0.clone(), m0, v0);
+        let mut packed = PackedB::from_nk(&w0, rows, d);
+        adam_rows_packing(&mut wb, &mut mb, &mut vb, d, &slot, &g, h, &mut packed);
+        assert_eq!((wa.clone(), ma, va), (wb, mb, vb));
+        assert!(packed == PackedB::from_nk(&wa, rows, d), "the copy is not the updated encoder's");
     }
 
     #[test]

@@ -77,6 +77,33 @@ pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
     }
 }
 
+/// The encoder's bf16 copy, kept from step to step (its shape does not change, its values do).
+///
+/// A bf16 step's forward packs it from `W_enc`, unless the optimizer step that last wrote `W_enc`
+/// also wrote the copy, in the same pass (`adam_rows_packing`): then `current` is set and the
+/// forward reads the copy as it is, once. Anything else that changes `W_enc` between an update and
+/// the next forward must leave `current` unset; debug builds check that the copy they trust equals
+/// a fresh packing.
+#[derive(Debug, Default)]
+pub(crate) struct EncoderCopy {
+    packed: Option<PackedB>,
+    current: bool,
+}
+
+impl EncoderCopy {
+    /// The copy for an update to write as it writes `W_enc` (`None` when the step ran in f32);
+    /// call [`EncoderCopy::written`] once it has.
+    pub(crate) fn for_update(&mut self) -> Option<&mut PackedB> {
+        self.current = false;
+        self.packed.as_mut()
+    }
+
+    /// The update wrote the copy along with `W_enc`: the next forward may use it as it is.
+    pub(crate) fn written(&mut self) {
+        self.current = self.packed.is_some();
+    }
+}
+
 /// The encoder weights `w_enc` ([d_sae, d_in]) in one precision, ready for products with any rows:
 /// as stored in f32, or rounded to bf16 and packed. Only [`EncoderWeights::prepare`] and
 /// [`EncoderWeights::packed`] make one, so a bf16 product always has its packed weights.
@@ -86,26 +113,31 @@ pub(crate) enum EncoderWeights<'a> {
 }
 
 impl<'a> EncoderWeights<'a> {
-    /// `w_enc` in `precision`, packed for bf16 into `slot`, whose buffer is reused from step to step
-    /// (the weights change every step, their shape does not); f32 empties the slot.
+    /// `w_enc` in `precision`; for bf16 the copy in `copy`, packed here unless the last update
+    /// wrote it ([`EncoderCopy`]); f32 drops the copy.
     pub(crate) fn prepare(
         precision: Precision,
         w_enc: &'a [f32],
         (d_sae, d_in): (usize, usize),
-        slot: &'a mut Option<PackedB>,
+        copy: &'a mut EncoderCopy,
     ) -> Self {
         let Some(path) = precision.bf16_path() else {
-            *slot = None;
+            *copy = EncoderCopy::default();
             return EncoderWeights::F32 { w_enc, d_in };
         };
-        let packed = match slot.take() {
+        let current = std::mem::take(&mut copy.current);
+        let packed = match copy.packed.take() {
             Some(mut p) if p.n == d_sae && p.k == d_in => {
-                p.repack_nk(w_enc);
+                if current {
+                    debug_assert!(p == PackedB::from_nk(w_enc, d_sae, d_in), "the update's bf16 copy is stale");
+                } else {
+                    p.repack_nk(w_enc);
+                }
                 p
             }
             _ => PackedB::from_nk(w_enc, d_sae, d_in),
         };
-        EncoderWeights::Bf16 { path, w_enc: Cow::Borrowed(slot.insert(packed)) }
+        EncoderWeights::Bf16 { path, w_enc: Cow::Borrowed(copy.packed.insert(packed)) }
     }
 
     /// `w_enc` in `precision`, packed for bf16 into a copy of its own (weights encoded many times

@@ -682,7 +682,7 @@ impl<'a> Run<'a> {
         }
         let up = plan
             .update_at(step, (step + 1).is_multiple_of(plan.config.log_every.max(1)) || step + 1 == plan.total_steps());
-        stats.grad_norm = step::apply_update(&mut st.sae, &mut st.opt, &mut self.ws.grads, &up, self.comm);
+        stats.grad_norm = step::apply_update(&mut st.sae, &mut st.opt, &mut self.ws, &up, self.comm);
         prof.mark("update");
         if stats.grad_norm.is_infinite() || (stats.grad_norm.is_nan() && (up.grad_clip > 0.0 || up.need_norm)) {
             return Err(SaeError::BadInput(format!(

@@ -271,9 +271,9 @@ pub struct Workspace {
     dxhat: Vec<f32>,
     topk: topk::Buffers,
     dense: dense::Buffers,
-    /// The encoder in bf16, repacked every step (empty in f32); outside the paths' buffers so the
-    /// step can read it while it fills them.
-    w_enc_bf16: Option<saekit_kernels::PackedB>,
+    /// The encoder in bf16 (empty in f32), written by each update; outside the paths' buffers so
+    /// the step can read it while it fills them.
+    w_enc_bf16: kernels::EncoderCopy,
     /// The step's gradients (read by [`apply_update`]).
     pub grads: Grads,
     /// Per latent, the rows of the last batch on which it fired (non-zero activation).

@@ -1,9 +1,9 @@
 //! The optimiser step: remove the decoder-gradient component parallel to the decoder rows, clip the
 //! global gradient norm, Adam (PyTorch semantics, compact over the touched latents), renormalise.
 
-use super::{AdamState, Collective, Grads, Prof};
-use crate::adam::{adam_dense, adam_rows, AdamHyper};
-use crate::kernels;
+use super::{AdamState, Collective, Grads, Prof, Workspace};
+use crate::adam::{adam_dense, adam_rows, adam_rows_packing, AdamHyper};
+use crate::kernels::{self, EncoderCopy};
 use crate::sae::Sae;
 use rayon::prelude::*;
 
@@ -20,15 +20,17 @@ pub struct UpdateParams {
     pub need_norm: bool,
 }
 
-/// Clip, Adam, renormalise. Returns the pre-clip gradient norm (NaN when neither clipping nor
-/// `need_norm` asked for it); sharded, the norm is the whole SAE's.
+/// Clip, Adam, renormalise, with the gradients of the last [`super::forward_backward`] in `ws` (a bf16
+/// step's encoder copy is written there too). Returns the pre-clip gradient norm (NaN when neither
+/// clipping nor `need_norm` asked for it); sharded, the norm is the whole SAE's.
 pub fn apply_update(
     sae: &mut Sae,
     opt: &mut AdamState,
-    g: &mut Grads,
+    ws: &mut Workspace,
     up: &UpdateParams,
     comm: &dyn Collective,
 ) -> f64 {
+    let (g, w_enc_bf16) = (&mut ws.grads, &mut ws.w_enc_bf16);
     let mut prof = Prof::new();
     if up.unit_norm_decoder {
         remove_parallel_decoder_grad(sae, g);
@@ -38,20 +40,28 @@ pub fn apply_update(
     if up.grad_clip > 0.0 && norm > up.grad_clip as f64 {
         scale_grads(g, (sae.d_in, sae.d_out()), (up.grad_clip as f64 / (norm + 1e-6)) as f32);
     }
-    adam_step(sae, opt, g, up);
+    adam_step(sae, opt, g, up, w_enc_bf16);
     prof.mark("adam");
     prof.print("update");
     norm
 }
 
 /// Adam on every parameter: the compact matrices and `b_enc` row by row (untouched rows still move
-/// through their first moment, as torch.optim.Adam moves them), the rest dense.
-fn adam_step(sae: &mut Sae, opt: &mut AdamState, g: &Grads, up: &UpdateParams) {
+/// through their first moment, as torch.optim.Adam moves them), the rest dense. A bf16 step's
+/// encoder copy is packed in the encoder's pass.
+fn adam_step(sae: &mut Sae, opt: &mut AdamState, g: &Grads, up: &UpdateParams, w_enc_bf16: &mut EncoderCopy) {
     let (d, d_out, h) = (sae.d_in, sae.d_out(), up.adam);
     let n = g.touched.touched.len();
     let slot = &g.touched.slot;
     let (w, m, v, gp) = (&mut sae.params, &mut opt.m, &mut opt.v, &g.params);
-    adam_rows(&mut w.w_enc, &mut m.w_enc, &mut v.w_enc, d, slot, &gp.w_enc[..n * d], h, false);
+    let g_enc = &gp.w_enc[..n * d];
+    match w_enc_bf16.for_update() {
+        Some(packed) => {
+            adam_rows_packing(&mut w.w_enc, &mut m.w_enc, &mut v.w_enc, d, slot, g_enc, h, packed);
+            w_enc_bf16.written();
+        }
+        None => adam_rows(&mut w.w_enc, &mut m.w_enc, &mut v.w_enc, d, slot, g_enc, h, false),
+    }
     adam_rows(&mut w.w_dec, &mut m.w_dec, &mut v.w_dec, d_out, slot, &gp.w_dec[..n * d_out], h, up.unit_norm_decoder);
     adam_rows(&mut w.b_enc, &mut m.b_enc, &mut v.b_enc, 1, slot, &gp.b_enc[..n], h, false);
     adam_dense(&mut w.b_dec, &mut m.b_dec, &mut v.b_dec, &gp.b_dec, h);
