@@ -69,9 +69,19 @@ pub fn adam_dense(w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], h: Ada
     );
 }
 
+/// What [`adam_rows`] does to each block of rows right after updating it, while the block is in cache.
+pub enum AfterUpdate<'a> {
+    /// Nothing more.
+    Nothing,
+    /// Rescale each row to unit L2 norm (a unit-norm decoder).
+    Renormalise,
+    /// Write the rows' bf16 copy (the encoder of a bf16 step, `[rows, d]` packed as `B = wᵀ`): the
+    /// next forward then reads it without a pass of its own over the weights.
+    Pack(&'a mut PackedB),
+}
+
 /// Adam on a [rows, d] matrix whose gradient is given compactly: row `j` has gradient
-/// `g[slot[j]*d ..]` when `slot[j] != u32::MAX`, and zero otherwise. With `renorm`, each row is
-/// rescaled to unit L2 norm right after its update (unit-norm decoder), while it is in cache.
+/// `g[slot[j]*d ..]` when `slot[j] != u32::MAX`, and zero otherwise; then `after` on each block.
 #[allow(clippy::too_many_arguments)]
 pub fn adam_rows(
     w: &mut [f32],
@@ -81,45 +91,28 @@ pub fn adam_rows(
     slot: &[u32],
     g: &[f32],
     h: AdamHyper,
-    renorm: bool,
+    after: AfterUpdate,
 ) {
+    if let AfterUpdate::Pack(packed) = &after {
+        let (n, k) = (packed.n, packed.k);
+        assert!(k == d && n * d == w.len(), "adam_rows: a {n}x{k} bf16 copy of {} values", w.len());
+    }
     let c = h.consts();
-    const RB: usize = 64;
-    w.par_chunks_mut(RB * d)
-        .zip(m.par_chunks_mut(RB * d))
-        .zip(v.par_chunks_mut(RB * d))
-        .enumerate()
-        .for_each(|(b, ((w, m), v))| adam_block(w, m, v, d, &slot[b * RB..], g, c, renorm));
-}
-
-/// [`adam_rows`] on the encoder of a bf16 step (no renormalisation), writing its bf16 copy in the same
-/// pass: each strip pair's rows are packed as soon as they are updated, while they are in cache, so the
-/// next forward reads `packed` without a pass of its own over the weights.
-#[allow(clippy::too_many_arguments)]
-pub fn adam_rows_packing(
-    w: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    d: usize,
-    slot: &[u32],
-    g: &[f32],
-    h: AdamHyper,
-    packed: &mut PackedB,
-) {
-    assert!(
-        packed.k == d && packed.n * d == w.len(),
-        "adam_rows_packing: a {}x{} copy of {} values",
-        packed.n,
-        packed.k,
-        w.len()
-    );
-    let c = h.consts();
-    let rb = PackedB::PAIR_COLUMNS;
+    // a block is one strip pair of the copy when packing, else 64 rows
+    let rb = if matches!(after, AfterUpdate::Pack(_)) { PackedB::PAIR_COLUMNS } else { 64 };
     let blocks = w.par_chunks_mut(rb * d).zip(m.par_chunks_mut(rb * d)).zip(v.par_chunks_mut(rb * d));
-    blocks.zip(packed.pairs_mut()).for_each(|(((w, m), v), (q, mut pair))| {
-        adam_block(w, m, v, d, &slot[q * rb..], g, c, false);
-        pair.pack_nk(w);
-    });
+    match after {
+        AfterUpdate::Pack(packed) => {
+            blocks.zip(packed.pairs_mut()).for_each(|(((w, m), v), (q, mut pair))| {
+                adam_block(w, m, v, d, &slot[q * rb..], g, c, false);
+                pair.pack_nk(w);
+            });
+        }
+        AfterUpdate::Nothing | AfterUpdate::Renormalise => {
+            let renorm = matches!(after, AfterUpdate::Renormalise);
+            blocks.enumerate().for_each(|(b, ((w, m), v))| adam_block(w, m, v, d, &slot[b * rb..], g, c, renorm));
+        }
+    }
 }
 
 /// [`adam_rows`] over one block of rows; `slot` starts at the block's first row.
@@ -190,7 +183,7 @@ mod tests {
                 }
             }
             let h = AdamHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, t };
-            adam_rows(&mut wa, &mut ma, &mut va, d, &slot, &gc, h, false);
+            adam_rows(&mut wa, &mut ma, &mut va, d, &slot, &gc, h, AfterUpdate::Nothing);
             adam_dense(&mut wb, &mut mb, &mut vb, &gd, h);
             // and against a straightforward f64 transcription of torch.optim.Adam
         }
@@ -210,10 +203,10 @@ mod tests {
         let slot: Vec<u32> = (0..rows as u32).map(|j| if j % 2 == 0 { j / 2 } else { u32::MAX }).collect();
         let h = AdamHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, t: 3 };
         let (mut wa, mut ma, mut va) = (w0.clone(), m0.clone(), v0.clone());
-        adam_rows(&mut wa, &mut ma, &mut va, d, &slot, &g, h, false);
+        adam_rows(&mut wa, &mut ma, &mut va, d, &slot, &g, h, AfterUpdate::Nothing);
         let (mut wb, mut mb, mut vb) = (w0.clone(), m0, v0);
         let mut packed = PackedB::from_nk(&w0, rows, d);
-        adam_rows_packing(&mut wb, &mut mb, &mut vb, d, &slot, &g, h, &mut packed);
+        adam_rows(&mut wb, &mut mb, &mut vb, d, &slot, &g, h, AfterUpdate::Pack(&mut packed));
         assert_eq!((wa.clone(), ma, va), (wb, mb, vb));
         assert!(packed == PackedB::from_nk(&wa, rows, d), "the copy is not the updated encoder's");
     }

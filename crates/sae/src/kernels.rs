@@ -80,7 +80,7 @@ pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
 /// The encoder's bf16 copy, kept from step to step (its shape does not change, its values do).
 ///
 /// A bf16 step's forward packs it from `W_enc`, unless the optimizer step that last wrote `W_enc`
-/// also wrote the copy, in the same pass (`adam_rows_packing`): then `current` is set and the
+/// also wrote the copy, in the same pass (`AfterUpdate::Pack`): then `current` is set and the
 /// forward reads the copy as it is, once. Anything else that changes `W_enc` between an update and
 /// the next forward must leave `current` unset; debug builds check that the copy they trust equals
 /// a fresh packing.
@@ -98,7 +98,8 @@ impl EncoderCopy {
         self.packed.as_mut()
     }
 
-    /// The update wrote the copy along with `W_enc`: the next forward may use it as it is.
+    /// The update wrote `W_enc`, and the copy along with it if there is one: the next forward may
+    /// use the copy as it is.
     pub(crate) fn written(&mut self) {
         self.current = self.packed.is_some();
     }

@@ -2,7 +2,7 @@
 //! global gradient norm, Adam (PyTorch semantics, compact over the touched latents), renormalise.
 
 use super::{AdamState, Collective, Grads, Prof, Workspace};
-use crate::adam::{adam_dense, adam_rows, adam_rows_packing, AdamHyper};
+use crate::adam::{adam_dense, adam_rows, AdamHyper, AfterUpdate};
 use crate::kernels::{self, EncoderCopy};
 use crate::sae::Sae;
 use rayon::prelude::*;
@@ -55,15 +55,12 @@ fn adam_step(sae: &mut Sae, opt: &mut AdamState, g: &Grads, up: &UpdateParams, w
     let slot = &g.touched.slot;
     let (w, m, v, gp) = (&mut sae.params, &mut opt.m, &mut opt.v, &g.params);
     let g_enc = &gp.w_enc[..n * d];
-    match w_enc_bf16.for_update() {
-        Some(packed) => {
-            adam_rows_packing(&mut w.w_enc, &mut m.w_enc, &mut v.w_enc, d, slot, g_enc, h, packed);
-            w_enc_bf16.written();
-        }
-        None => adam_rows(&mut w.w_enc, &mut m.w_enc, &mut v.w_enc, d, slot, g_enc, h, false),
-    }
-    adam_rows(&mut w.w_dec, &mut m.w_dec, &mut v.w_dec, d_out, slot, &gp.w_dec[..n * d_out], h, up.unit_norm_decoder);
-    adam_rows(&mut w.b_enc, &mut m.b_enc, &mut v.b_enc, 1, slot, &gp.b_enc[..n], h, false);
+    let pack = w_enc_bf16.for_update().map_or(AfterUpdate::Nothing, AfterUpdate::Pack);
+    adam_rows(&mut w.w_enc, &mut m.w_enc, &mut v.w_enc, d, slot, g_enc, h, pack);
+    w_enc_bf16.written();
+    let renorm = if up.unit_norm_decoder { AfterUpdate::Renormalise } else { AfterUpdate::Nothing };
+    adam_rows(&mut w.w_dec, &mut m.w_dec, &mut v.w_dec, d_out, slot, &gp.w_dec[..n * d_out], h, renorm);
+    adam_rows(&mut w.b_enc, &mut m.b_enc, &mut v.b_enc, 1, slot, &gp.b_enc[..n], h, AfterUpdate::Nothing);
     adam_dense(&mut w.b_dec, &mut m.b_dec, &mut v.b_dec, &gp.b_dec, h);
     if !gp.w_skip.is_empty() && !w.w_skip.is_empty() {
         adam_dense(&mut w.w_skip, &mut m.w_skip, &mut v.w_skip, &gp.w_skip, h);
