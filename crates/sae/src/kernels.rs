@@ -80,28 +80,51 @@ pub(crate) fn gemm_abt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &
 /// The encoder's bf16 copy, kept from step to step (its shape does not change, its values do).
 ///
 /// A bf16 step's forward packs it from `W_enc`, unless the optimizer step that last wrote `W_enc`
-/// also wrote the copy, in the same pass (`AfterUpdate::Pack`): then `current` is set and the
-/// forward reads the copy as it is, once. Anything else that changes `W_enc` between an update and
-/// the next forward must leave `current` unset; debug builds check that the copy they trust equals
-/// a fresh packing.
+/// also wrote the copy, in the same pass (`AfterUpdate::Pack`): then the forward reads the copy as
+/// it is, once, if `W_enc` still matches the [`Sample`] taken when the update finished. Debug builds
+/// also check that each copy they trust equals a fresh packing.
 #[derive(Debug, Default)]
 pub(crate) struct EncoderCopy {
     packed: Option<PackedB>,
-    current: bool,
+    /// `W_enc` as the update that wrote the copy left it.
+    written_for: Option<Sample>,
 }
 
 impl EncoderCopy {
     /// The copy for an update to write as it writes `W_enc` (`None` when the step ran in f32);
     /// call [`EncoderCopy::written`] once it has.
     pub(crate) fn for_update(&mut self) -> Option<&mut PackedB> {
-        self.current = false;
+        self.written_for = None;
         self.packed.as_mut()
     }
 
-    /// The update wrote `W_enc`, and the copy along with it if there is one: the next forward may
-    /// use the copy as it is.
-    pub(crate) fn written(&mut self) {
-        self.current = self.packed.is_some();
+    /// The update wrote `w_enc`, and the copy along with it if there is one: the next forward may
+    /// use the copy as it is, if `w_enc` is still what it was here.
+    pub(crate) fn written(&mut self, w_enc: &[f32]) {
+        self.written_for = self.packed.is_some().then(|| Sample::of(w_enc));
+    }
+}
+
+/// Where a matrix lives, its length and 64 of its values spread over it: what a forward checks
+/// before it trusts the update's copy of `W_enc`. It does not prove the matrix unchanged (a change
+/// to a few rows can pass), but moving, resizing, reloading or rescaling it fails the check, and
+/// taking it costs no pass over the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sample {
+    addr: usize,
+    len: usize,
+    bits: [u32; 64],
+}
+
+impl Sample {
+    fn of(w: &[f32]) -> Sample {
+        let mut bits = [0u32; 64];
+        if !w.is_empty() {
+            for (i, b) in bits.iter_mut().enumerate() {
+                *b = w[i * w.len() / 64 + w.len() / 128].to_bits();
+            }
+        }
+        Sample { addr: w.as_ptr() as usize, len: w.len(), bits }
     }
 }
 
@@ -126,7 +149,7 @@ impl<'a> EncoderWeights<'a> {
             *copy = EncoderCopy::default();
             return EncoderWeights::F32 { w_enc, d_in };
         };
-        let current = std::mem::take(&mut copy.current);
+        let current = copy.written_for.take() == Some(Sample::of(w_enc));
         let packed = match copy.packed.take() {
             Some(mut p) if p.n == d_sae && p.k == d_in => {
                 if current {
@@ -1005,6 +1028,30 @@ pub(crate) fn row_reduce<F: Fn(usize) -> f64 + Sync>(rows: usize, f: F) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_the_update_wrote_is_packed_again_when_the_encoder_changed_since() {
+        let (n, k) = (40, 24);
+        let mut w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let precision = Precision::Bf16(Bf16Path::Reference);
+        let mut copy = EncoderCopy::default();
+        EncoderWeights::prepare(precision, &w, (n, k), &mut copy);
+        let packed = copy.for_update().expect("a bf16 forward keeps its copy");
+        *packed = PackedB::from_nk(&w, n, k);
+        copy.written(&w);
+        // rescaled after the update (as folding a scale into the weights does): trusting the
+        // update's copy would encode with the old weights (and trip the debug check)
+        w.iter_mut().for_each(|v| *v *= 2.0);
+        EncoderWeights::prepare(precision, &w, (n, k), &mut copy);
+        assert!(copy.packed == Some(PackedB::from_nk(&w, n, k)), "the stale copy was used");
+        // untouched since the update: the copy is used as it is
+        let packed = copy.for_update().unwrap();
+        *packed = PackedB::from_nk(&w, n, k);
+        copy.written(&w);
+        assert!(copy.written_for.is_some());
+        EncoderWeights::prepare(precision, &w, (n, k), &mut copy);
+        assert!(copy.written_for.is_none(), "a copy is trusted once");
+    }
 
     /// Per row, the top `k` of `pre + b` above 0 by value, ties to the lower latent, padded with empty
     /// slots: sorted outright, no running threshold, no blocks.

@@ -57,7 +57,7 @@ fn adam_step(sae: &mut Sae, opt: &mut AdamState, g: &Grads, up: &UpdateParams, w
     let g_enc = &gp.w_enc[..n * d];
     let pack = w_enc_bf16.for_update().map_or(AfterUpdate::Nothing, AfterUpdate::Pack);
     adam_rows(&mut w.w_enc, &mut m.w_enc, &mut v.w_enc, d, slot, g_enc, h, pack);
-    w_enc_bf16.written();
+    w_enc_bf16.written(&w.w_enc);
     let renorm = if up.unit_norm_decoder { AfterUpdate::Renormalise } else { AfterUpdate::Nothing };
     adam_rows(&mut w.w_dec, &mut m.w_dec, &mut v.w_dec, d_out, slot, &gp.w_dec[..n * d_out], h, renorm);
     adam_rows(&mut w.b_enc, &mut m.b_enc, &mut v.b_enc, 1, slot, &gp.b_enc[..n], h, AfterUpdate::Nothing);
