@@ -178,7 +178,12 @@ fn run_interruptible(
                 pending.get_or_insert(e);
             }
             if progress {
-                printed = print_new_lines(py, &metrics, printed, cfg.total_steps());
+                let interrupt;
+                (printed, interrupt) = print_new_lines(py, &metrics, printed, cfg.total_steps());
+                if let Some(e) = interrupt {
+                    stop.store(true, Ordering::Relaxed);
+                    pending.get_or_insert(e);
+                }
             }
         }
         worker.join()
@@ -204,9 +209,11 @@ fn wait_for<T>(worker: &std::thread::ScopedJoinHandle<'_, T>, total: Duration) {
     }
 }
 
-/// Print metrics.jsonl lines past the first `printed` as one short line each; returns the new count.
-fn print_new_lines(py: Python<'_>, metrics: &Path, printed: usize, total_steps: u64) -> usize {
-    let Ok(text) = std::fs::read_to_string(metrics) else { return printed };
+/// Print metrics.jsonl lines past the first `printed` as one short line each; returns the new count,
+/// and the `KeyboardInterrupt` that Python raised inside `print` if it did: the interpreter runs a
+/// pending Ctrl-C's handler there too, so dropping print's error would lose the user's Ctrl-C.
+fn print_new_lines(py: Python<'_>, metrics: &Path, printed: usize, total_steps: u64) -> (usize, Option<PyErr>) {
+    let Ok(text) = std::fs::read_to_string(metrics) else { return (printed, None) };
     let lines: Vec<&str> = text.lines().collect();
     // a resumed run rewrites the file up to its checkpoint
     let start = if lines.len() < printed { 0 } else { printed };
@@ -226,11 +233,11 @@ fn print_new_lines(py: Python<'_>, metrics: &Path, printed: usize, total_steps: 
         let shown = kwargs
             .set_item("flush", true)
             .and_then(|_| py.import("builtins")?.getattr("print")?.call((msg,), Some(&kwargs)).map(|_| ()));
-        if shown.is_err() {
-            break;
+        if let Err(e) = shown {
+            return (lines.len(), e.is_instance_of::<PyKeyboardInterrupt>(py).then_some(e));
         }
     }
-    lines.len()
+    (lines.len(), None)
 }
 
 /// A checkpoint's trainer config; a run the CLI trains live from the model (`saekit train --live`) is

@@ -1,6 +1,7 @@
 """saekit.train: an array trains the same SAE as the CLI on the same .npy; Ctrl-C checkpoints, resume
 finishes bit-identically; bad configs raise."""
 
+import builtins
 import os
 import signal
 import threading
@@ -53,6 +54,23 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_identical(cli_acts, tmp_path, caps
     m = saekit.train(resume=out, progress=False)
     assert m["steps"] == 6000
     assert (out / "sae_weights.safetensors").read_bytes() == (full / "sae_weights.safetensors").read_bytes()
+
+
+def test_a_ctrl_c_that_lands_inside_a_progress_line_still_stops_the_run(cli_acts, tmp_path, monkeypatch):
+    # Python runs a pending Ctrl-C's handler at its next bytecode, wherever that is: here, inside the
+    # `print` the binding calls for a progress line, which must not swallow it
+    real_print, sent = builtins.print, []
+
+    def print_then_ctrl_c(*args, **kwargs):
+        real_print(*args, **kwargs)
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(builtins, "print", print_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="resume"):
+        saekit.train(cli_acts[0], tmp_path / "cut", progress=True, **dict(TRAIN, tokens=256 * 6000))
+    assert sent
 
 
 def test_bad_train_arguments(cli_acts, tmp_path):
