@@ -28,7 +28,16 @@ def test_train_from_array_equals_cli(cli_acts, cli_sae, tmp_path):
     ).read_bytes()
 
 
-def test_ctrl_c_checkpoints_and_resume_is_bit_identical(cli_acts, tmp_path, capsys):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler: a test runner started in the background (`cmd &` in a shell without job
+    control) inherits SIGINT ignored, and Python then installs none, so the signal would do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_checkpoints_and_resume_is_bit_identical(cli_acts, tmp_path, capsys, ctrl_c_raises):
     x = cli_acts[0]
     # long enough that the Ctrl-C lands mid-run on a fast, quiet box (the binding polls every 200 ms)
     cfg = dict(TRAIN, tokens=256 * 6000, checkpoint_every=500)
@@ -56,7 +65,7 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_identical(cli_acts, tmp_path, caps
     assert (out / "sae_weights.safetensors").read_bytes() == (full / "sae_weights.safetensors").read_bytes()
 
 
-def test_a_ctrl_c_that_lands_inside_a_progress_line_still_stops_the_run(cli_acts, tmp_path, monkeypatch):
+def test_a_ctrl_c_inside_a_progress_line_still_stops_the_run(cli_acts, tmp_path, monkeypatch, ctrl_c_raises):
     # Python runs a pending Ctrl-C's handler at its next bytecode, wherever that is: here, inside the
     # `print` the binding calls for a progress line, which must not swallow it
     real_print, sent = builtins.print, []
