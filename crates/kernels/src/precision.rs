@@ -100,8 +100,10 @@ impl Precision {
 /// (BENCHMARKS.md), and a pick that cannot flip keeps every rank of an MPI job and every resume on the
 /// same numerics (the ratio reported is then `f64::INFINITY`). AVX512-BF16 alone, whose `vdpbf16ps`
 /// runs at full rate on some CPUs and slower than f32 on others (2.0x and 0.5x f32 on the AMD Zen 5
-/// and Intel AMX boxes of BENCHMARKS.md), is measured on an SAE-encoder-like product (512 x 576 x 4096), best of three runs each,
-/// about 50 ms, once per machine: the ratio is kept in [`auto_cache_file`], so two runs of the same
+/// and Intel AMX boxes of BENCHMARKS.md), is measured on an SAE-encoder-like product (512 x 576 x 4096):
+/// the median ratio of seven back-to-back pairs, about 0.2 s, once per machine (pairs, because a machine
+/// busy during part of the probe slows both sides of a pair alike). The ratio is kept in
+/// [`auto_cache_file`], so two runs of the same
 /// command on one machine pick the same precision even when the machine is busy during one of them
 /// (a fresh measurement per process flipped near the threshold under load). Delete the file to
 /// measure again.
@@ -126,11 +128,11 @@ pub fn auto_precision() -> (Precision, f64) {
 
 /// Where `auto` keeps this machine's measured bf16 / f32 ratio for `path`:
 /// `precision-auto-HASH.txt` in [`saekit_files::cache_dir`], the hash over the CPU's model name and flags,
-/// the path and this crate's version, so another CPU or another kernel measures anew.
+/// the path, the probe and this crate's version, so another CPU, kernel or probe measures anew.
 pub fn auto_cache_file(path: Bf16Path) -> PathBuf {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_line = |key: &str| cpuinfo.lines().find(|l| l.starts_with(key)).unwrap_or_default();
-    let parts = [cpu_line("model name"), cpu_line("flags"), path.name(), env!("CARGO_PKG_VERSION")];
+    let parts = [cpu_line("model name"), cpu_line("flags"), path.name(), PROBE, env!("CARGO_PKG_VERSION")];
     let hash = saekit_files::fingerprint_bytes(parts.map(str::as_bytes));
     saekit_files::cache_dir().join(format!("precision-auto-{hash}.txt"))
 }
@@ -157,21 +159,40 @@ fn probe_speedup(path: Bf16Path) -> f64 {
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
     let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let packed = PackedB::from_nk(&w, n, k);
-    let mut c = vec![0f32; m * n];
-    let f32_time = best_of_three(|| f32_gemm_abt(&a, m, k, &w, n, &mut c));
-    let bf16_time = best_of_three(|| gemm_bf16(path, &a, m, k, &packed, &mut c, n, false));
-    f32_time / bf16_time
+    let (mut c_f32, mut c_bf16) = (vec![0f32; m * n], vec![0f32; m * n]);
+    let mut f32_gemm = || timed(|| f32_gemm_abt(&a, m, k, &w, n, &mut c_f32));
+    let mut bf16_gemm = || timed(|| gemm_bf16(path, &a, m, k, &packed, &mut c_bf16, n, false));
+    // warm-up
+    f32_gemm();
+    bf16_gemm();
+    // back-to-back pairs, the order alternating: a pair sees one load, so a machine that is busy for
+    // part of the probe slows both sides of a pair alike instead of one side of the whole measurement
+    let mut ratios: Vec<f64> = (0..PROBE_PAIRS)
+        .map(|i| {
+            let (f, b) = if i % 2 == 0 {
+                (f32_gemm(), bf16_gemm())
+            } else {
+                let b = bf16_gemm();
+                (f32_gemm(), b)
+            };
+            f / b
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios[PROBE_PAIRS / 2]
 }
 
-fn best_of_three(mut run: impl FnMut()) -> f64 {
+/// (f32, bf16) pairs [`probe_speedup`] times; the ratio kept is their median.
+const PROBE_PAIRS: usize = 7;
+
+/// How the kept ratio was measured: a ratio measured another way is measured again.
+const PROBE: &str = "512x576x4096, median of 7 alternating pairs";
+
+/// Seconds `run` takes once.
+fn timed(run: impl FnOnce()) -> f64 {
+    let t = Instant::now();
     run();
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            run();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
+    t.elapsed().as_secs_f64()
 }
 
 /// `c = a · wᵀ` with the gemm crate: the f32 path the model and the SAE encoder run.
