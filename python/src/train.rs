@@ -173,17 +173,15 @@ fn run_interruptible(
         let worker = s.spawn(|| saekit_sae::train(cfg, src, opts));
         while !worker.is_finished() {
             py.detach(|| wait_for(&worker, Duration::from_millis(200)));
-            if let Err(e) = py.check_signals() {
+            let mut interrupt = py.check_signals().err();
+            if progress {
+                let in_print;
+                (printed, in_print) = print_new_lines(py, &metrics, printed, cfg.total_steps());
+                interrupt = interrupt.or(in_print);
+            }
+            if let Some(e) = interrupt {
                 stop.store(true, Ordering::Relaxed);
                 pending.get_or_insert(e);
-            }
-            if progress {
-                let interrupt;
-                (printed, interrupt) = print_new_lines(py, &metrics, printed, cfg.total_steps());
-                if let Some(e) = interrupt {
-                    stop.store(true, Ordering::Relaxed);
-                    pending.get_or_insert(e);
-                }
             }
         }
         worker.join()

@@ -132,7 +132,9 @@ pub fn auto_precision() -> (Precision, f64) {
 pub fn auto_cache_file(path: Bf16Path) -> PathBuf {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_line = |key: &str| cpuinfo.lines().find(|l| l.starts_with(key)).unwrap_or_default();
-    let parts = [cpu_line("model name"), cpu_line("flags"), path.name(), PROBE, env!("CARGO_PKG_VERSION")];
+    let (m, k, n) = PROBE_SHAPE;
+    let probe = format!("{m}x{k}x{n}, median of {PROBE_PAIRS} alternating pairs");
+    let parts = [cpu_line("model name"), cpu_line("flags"), path.name(), &probe, env!("CARGO_PKG_VERSION")];
     let hash = saekit_files::fingerprint_bytes(parts.map(str::as_bytes));
     saekit_files::cache_dir().join(format!("precision-auto-{hash}.txt"))
 }
@@ -155,7 +157,7 @@ fn write_speedup(file: &Path, speedup: f64) {
 }
 
 fn probe_speedup(path: Bf16Path) -> f64 {
-    let (m, k, n) = (512, 576, 4096);
+    let (m, k, n) = PROBE_SHAPE;
     let a: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
     let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
     let packed = PackedB::from_nk(&w, n, k);
@@ -185,8 +187,9 @@ fn probe_speedup(path: Bf16Path) -> f64 {
 /// (f32, bf16) pairs [`probe_speedup`] times; the ratio kept is their median.
 const PROBE_PAIRS: usize = 7;
 
-/// How the kept ratio was measured: a ratio measured another way is measured again.
-const PROBE: &str = "512x576x4096, median of 7 alternating pairs";
+/// The (m, k, n) of the product [`probe_speedup`] times: SAE-encoder-like. With [`PROBE_PAIRS`] it is part
+/// of the cache key, so a ratio measured another way is measured again.
+const PROBE_SHAPE: (usize, usize, usize) = (512, 576, 4096);
 
 /// Seconds `run` takes once.
 fn timed(run: impl FnOnce()) -> f64 {

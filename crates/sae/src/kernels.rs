@@ -1044,7 +1044,7 @@ mod tests {
         w.iter_mut().for_each(|v| *v *= 2.0);
         EncoderWeights::prepare(precision, &w, (n, k), &mut copy);
         assert!(copy.packed == Some(PackedB::from_nk(&w, n, k)), "the stale copy was used");
-        // untouched since the update: the copy is used as it is
+        // untouched since the update: trusted, and only once
         let packed = copy.for_update().unwrap();
         *packed = PackedB::from_nk(&w, n, k);
         copy.written(&w);
