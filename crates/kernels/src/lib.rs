@@ -38,7 +38,7 @@ mod reference;
 mod simd;
 pub mod vmath;
 
-pub use driver::{gemm_bf16, gemm_bf16_packed};
+pub use driver::{gemm_bf16, gemm_bf16_glu, gemm_bf16_packed, GluFn};
 pub use pack::{bf16_bits, bf16_to_f32, round_to_bf16, PackedA, PackedB, StripPair};
 pub use precision::{auto_cache_file, auto_precision, Precision, PrecisionChoice, PrecisionError, AUTO_MIN_SPEEDUP};
 

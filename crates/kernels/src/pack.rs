@@ -87,7 +87,11 @@ impl AlignedBuf {
         self.lines.as_ptr().cast()
     }
 
-    fn as_slice(&self) -> &[u16] {
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u16 {
+        self.lines.as_mut_ptr().cast()
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u16] {
         // SAFETY: as in `as_mut_slice`.
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
     }
@@ -262,10 +266,8 @@ impl PackedA {
     pub fn new(a: &[f32], m: usize, k: usize, lda: usize) -> Self {
         assert!(lda >= k, "PackedA::new: lda {lda} < k {k}");
         assert!(m == 0 || a.len() >= (m - 1) * lda + k, "PackedA::new: {} values for {m}x{k} rows", a.len());
-        let k_pad = round_up(k, BLOCK);
-        // the last call's buffer: a fresh one costs more in page faults than the conversion itself
-        let mut data = SPARE_ROWS.with(|spare| std::mem::take(&mut *spare.borrow_mut()));
-        data.resize_for_overwrite(round_up(m, BLOCK) * k_pad);
+        let mut packed = Self::for_overwrite(m, k);
+        let (data, k_pad) = (&mut packed.data, round_up(k, BLOCK));
         if k_pad > 0 {
             data.as_mut_slice().par_chunks_mut(BLOCK * k_pad).enumerate().for_each(|(ib, block)| {
                 let rows = &a[ib * BLOCK * lda..];
@@ -273,6 +275,40 @@ impl PackedA {
                 crate::dispatch_simd!(round_block(rows, lda, n_rows, k, block))
             });
         }
+        packed
+    }
+
+    /// Rows `0..m` of width `k` that `row(i, out)` writes in f32, rounded to bf16 as [`PackedA::new`]
+    /// rounds them: each 32-row block is made in a scratch that stays in cache, so a row-wise op
+    /// feeding a product (a norm) never writes its f32 result to memory.
+    pub fn from_fn(m: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Self {
+        let mut packed = Self::for_overwrite(m, k);
+        let k_pad = round_up(k, BLOCK);
+        if k_pad > 0 {
+            packed.data.as_mut_slice().par_chunks_mut(BLOCK * k_pad).enumerate().for_each(|(ib, block)| {
+                let n_rows = BLOCK.min(m - ib * BLOCK);
+                let mut rows = vec![0f32; n_rows * k];
+                for (r, out) in rows.chunks_mut(k).enumerate() {
+                    row(ib * BLOCK + r, out);
+                }
+                crate::dispatch_simd!(round_block(&rows, k, n_rows, k, block))
+            });
+        }
+        packed
+    }
+
+    /// `m` rows of width `k` whose every value (padding included) the caller will write: an earlier
+    /// call's buffer when one is spare, since a fresh one costs more in page faults than the values.
+    pub(crate) fn for_overwrite(m: usize, k: usize) -> Self {
+        let len = round_up(m, BLOCK) * round_up(k, BLOCK);
+        let mut data = SPARE_ROWS.with(|spares| {
+            let mut spares = spares.borrow_mut();
+            // the smallest spare that holds `len`, else the largest (to grow)
+            let fits = (0..spares.len()).filter(|&i| spares[i].capacity() >= len).min_by_key(|&i| spares[i].capacity());
+            let pick = fits.or_else(|| (0..spares.len()).max_by_key(|&i| spares[i].capacity()));
+            pick.map(|i| spares.swap_remove(i)).unwrap_or_default()
+        });
+        data.resize_for_overwrite(len);
         Self { m, k, data }
     }
 
@@ -303,19 +339,25 @@ fn round_block(rows: &[f32], lda: usize, n_rows: usize, k: usize, block: &mut [u
     }
 }
 
+/// Buffers a thread keeps for its next [`PackedA`]s: a layer's forward holds two at once (its input
+/// rows and the gated MLP's activations), of different widths.
+const SPARE_BUFFERS: usize = 4;
+
 thread_local! {
-    /// One [`PackedA`] buffer per thread, reused by the next `PackedA::new` on it.
-    static SPARE_ROWS: std::cell::RefCell<AlignedBuf> = const { std::cell::RefCell::new(AlignedBuf { lines: Vec::new(), len: 0 }) };
+    /// Dropped [`PackedA`] buffers of this thread, reused by the next ones made on it.
+    static SPARE_ROWS: std::cell::RefCell<Vec<AlignedBuf>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Drop for PackedA {
     fn drop(&mut self) {
         let data = std::mem::take(&mut self.data);
-        // keep the larger buffer; `try_with` because a thread's locals may already be gone at its exit
-        let _ = SPARE_ROWS.try_with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if data.capacity() > spare.capacity() {
-                *spare = data;
+        // keep the largest few; `try_with` because a thread's locals may already be gone at its exit
+        let _ = SPARE_ROWS.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            spares.push(data);
+            if spares.len() > SPARE_BUFFERS {
+                let smallest = (0..spares.len()).min_by_key(|&i| spares[i].capacity()).unwrap_or(0);
+                spares.swap_remove(smallest);
             }
         });
     }
@@ -324,6 +366,19 @@ impl Drop for PackedA {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_made_in_place_are_packed_as_rows_given() {
+        let (m, k) = (45, 70);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 89) as f32 - 44.0) / 16.0).collect();
+        let made = PackedA::from_fn(m, k, |i, out| out.copy_from_slice(&a[i * k..][..k]));
+        // a differently shaped buffer first: the spare taken must be overwritten everywhere
+        drop(PackedA::new(&vec![7.0; 64 * 96], 64, 96, 96));
+        let given = PackedA::new(&a, m, k, k);
+        assert!(made.data == given.data && (made.m, made.k) == (m, k));
+        let again = PackedA::from_fn(m, k, |i, out| out.copy_from_slice(&a[i * k..][..k]));
+        assert!(again.data == given.data, "a reused buffer kept old values");
+    }
 
     #[test]
     fn packed_buffers_start_on_a_cache_line_whatever_their_size() {

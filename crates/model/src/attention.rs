@@ -93,6 +93,11 @@ pub(crate) struct AttnShape {
 }
 
 impl AttnShape {
+    /// Width of a `[q | k | v]` row.
+    fn qkv_width(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+
     /// Plain causal attention over every earlier position, scaled by `head_dim^-1/2`.
     pub fn causal(batch: usize, seq: usize, pos_offset: usize, n_heads: usize, n_kv_heads: usize, hd: usize) -> Self {
         let scale = 1.0 / (hd as f32).sqrt();
@@ -100,72 +105,81 @@ impl AttnShape {
     }
 }
 
+/// Query rows whose scores one product computes: each block's keys end where its last row's causal
+/// view does, so a prefill multiplies ~60% of the full `seq x seq` scores at 128 positions, not all.
+const QUERY_BLOCK: usize = 32;
+
 /// Append this chunk's keys and values (already rotated) to the cache of `layer`, then attend.
 /// `qkv` rows are `[q (n_heads*hd) | k (n_kv*hd) | v (n_kv*hd)]`; `out` is `[rows, n_heads*hd]`.
 pub(crate) fn attend(cache: &mut KvCache, layer: usize, qkv: &[f32], s: &AttnShape, out: &mut [f32]) {
-    let hd = s.head_dim;
-    let q_dim = s.n_heads * hd;
-    let kv_dim = s.n_kv_heads * hd;
-    let width = q_dim + 2 * kv_dim;
-    let lkv = &mut cache.layers[layer];
-    for b in 0..s.batch {
-        for h in 0..s.n_kv_heads {
-            let (kbuf, vbuf) = (&mut lkv.k[b * s.n_kv_heads + h], &mut lkv.v[b * s.n_kv_heads + h]);
-            debug_assert_eq!(kbuf.len(), s.pos_offset * hd, "KV cache out of step");
-            for t in 0..s.seq {
-                let row = &qkv[(b * s.seq + t) * width..][..width];
-                kbuf.extend_from_slice(&row[q_dim + h * hd..][..hd]);
-                vbuf.extend_from_slice(&row[q_dim + kv_dim + h * hd..][..hd]);
-            }
-        }
-    }
+    let (hd, q_dim) = (s.head_dim, s.n_heads * s.head_dim);
+    append_kv(&mut cache.layers[layer], qkv, s);
     let lkv = &cache.layers[layer];
     let group = s.n_heads / s.n_kv_heads;
-    let n_ctx = s.pos_offset + s.seq;
-    // One (sequence, head) pair per task: scores = Q·Kᵀ and out = P·V as two small GEMMs. Rows past the
-    // causal limit are masked after the GEMM; computing them costs less than a hand loop over the rest.
     let record = cache.record_patterns;
-    let heads: Vec<(usize, Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_heads)
+    // One (sequence, head) pair per task: scores = Q·Kᵀ and out = P·V as small GEMMs, query block by
+    // query block. Positions a block's earlier rows cannot see yet are masked after the GEMM.
+    let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..s.batch * s.n_heads)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / s.n_heads, bh % s.n_heads);
             let kvh = b * s.n_kv_heads + h / group;
-            let (k, v) = (&lkv.k[kvh], &lkv.v[kvh]);
-            let mut q = vec![0f32; s.seq * hd];
-            for t in 0..s.seq {
-                q[t * hd..][..hd].copy_from_slice(&qkv[(b * s.seq + t) * width + h * hd..][..hd]);
-            }
-            let mut scores = vec![0f32; s.seq * n_ctx];
-            small_gemm(s.seq, n_ctx, hd, &q, 1, hd, k, hd, 1, &mut scores, s.scale);
-            for (t, row) in scores.chunks_mut(n_ctx).enumerate() {
-                let visible = s.pos_offset + t + 1;
-                let first = s.window.map_or(0, |w| visible.saturating_sub(w));
-                if let Some(cap) = s.softcap {
-                    row[first..visible].iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
-                }
-                softmax(&mut row[first..visible]);
-                row[..first].fill(0.0);
-                row[visible..].fill(0.0);
-            }
-            let mut o = vec![0f32; s.seq * hd];
-            small_gemm(s.seq, hd, n_ctx, &scores, 1, n_ctx, v, 1, hd, &mut o, 1.0);
-            (bh, o, if record { scores } else { Vec::new() })
+            head_attention(&qkv[b * s.seq * s.qkv_width() + h * hd..], &lkv.k[kvh], &lkv.v[kvh], s, record)
         })
         .collect();
     if record {
-        let per_head = s.seq * n_ctx;
-        let mut all = vec![0f32; s.batch * s.n_heads * per_head];
-        for (bh, _, p) in &heads {
-            all[bh * per_head..][..per_head].copy_from_slice(p);
-        }
-        cache.patterns[layer] = all;
+        cache.patterns[layer] = heads.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     }
-    for (bh, o, _) in heads {
-        let (b, h) = (bh / s.n_heads, bh % s.n_heads);
-        for t in 0..s.seq {
-            out[(b * s.seq + t) * q_dim + h * hd..][..hd].copy_from_slice(&o[t * hd..][..hd]);
+    out.par_chunks_mut(q_dim).enumerate().for_each(|(row, out)| {
+        let (b, t) = (row / s.seq, row % s.seq);
+        for (h, out) in out.chunks_mut(hd).enumerate() {
+            out.copy_from_slice(&heads[b * s.n_heads + h].0[t * hd..][..hd]);
         }
+    });
+}
+
+/// Add this chunk's keys and values to the cache, one (sequence, kv head) buffer per task.
+fn append_kv(lkv: &mut LayerKv, qkv: &[f32], s: &AttnShape) {
+    let (hd, width) = (s.head_dim, s.qkv_width());
+    let (k_at, v_at) = (s.n_heads * hd, (s.n_heads + s.n_kv_heads) * hd);
+    lkv.k.par_iter_mut().zip(lkv.v.par_iter_mut()).enumerate().for_each(|(i, (kbuf, vbuf))| {
+        let (b, h) = (i / s.n_kv_heads, i % s.n_kv_heads);
+        debug_assert_eq!(kbuf.len(), s.pos_offset * hd, "KV cache out of step");
+        for row in qkv[b * s.seq * width..].chunks(width).take(s.seq) {
+            kbuf.extend_from_slice(&row[k_at + h * hd..][..hd]);
+            vbuf.extend_from_slice(&row[v_at + h * hd..][..hd]);
+        }
+    });
+}
+
+/// One head of one sequence: its output `[seq, hd]` and, when `record`, its pattern `[seq, n_ctx]`.
+/// `q` starts at the head's first query (rows `s.qkv_width()` apart); `k` and `v` are the cache's.
+fn head_attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, record: bool) -> (Vec<f32>, Vec<f32>) {
+    let (hd, width, n_ctx) = (s.head_dim, s.qkv_width(), s.pos_offset + s.seq);
+    let mut o = vec![0f32; s.seq * hd];
+    let mut pattern = if record { vec![0f32; s.seq * n_ctx] } else { Vec::new() };
+    let mut scores = Vec::new();
+    for t0 in (0..s.seq).step_by(QUERY_BLOCK) {
+        let rows = QUERY_BLOCK.min(s.seq - t0);
+        let n_vis = s.pos_offset + t0 + rows; // the keys the block's last row sees
+        scores.resize(rows * n_vis, 0.0);
+        small_gemm(rows, n_vis, hd, &q[t0 * width..], 1, width, k, hd, 1, &mut scores, s.scale);
+        for (r, row) in scores.chunks_mut(n_vis).enumerate() {
+            let visible = s.pos_offset + t0 + r + 1;
+            let first = s.window.map_or(0, |w| visible.saturating_sub(w));
+            if let Some(cap) = s.softcap {
+                row[first..visible].iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            }
+            softmax(&mut row[first..visible]);
+            row[..first].fill(0.0);
+            row[visible..].fill(0.0);
+            if record {
+                pattern[(t0 + r) * n_ctx..][..n_vis].copy_from_slice(row);
+            }
+        }
+        small_gemm(rows, hd, n_vis, &scores, 1, n_vis, v, 1, hd, &mut o[t0 * hd..], 1.0);
     }
+    (o, pattern)
 }
 
 /// Rotate the query and key heads of every `[q | k | v]` row in place (the first `rotary_dims` of each head).

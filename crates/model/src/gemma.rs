@@ -14,12 +14,14 @@ use anyhow::Result;
 
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
-use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, linear, rms_norm, Bf16Weight, Linears, Matrix, Rope};
-use crate::llama::{lin, norm_qk_heads};
+use crate::hooks::{HookContext, HookPoint, Hooks};
+use crate::linalg::{add_assign, linear, linear_rows, rms_norm, Bf16Weight, Linears, Matrix, Rope, Rows};
+use crate::llama::{gated_mlp_act, lin, norm_qk_heads, normed};
 use crate::weights::{Table, WeightSource};
 use crate::Logits;
 use crate::Precision;
+use saekit_kernels::vmath::gelu_tanh_mul;
+use saekit_kernels::GluFn;
 
 /// Norm gains are stored as `1 + w`, the factor Gemma's RMSNorm multiplies by.
 struct Block {
@@ -172,9 +174,9 @@ impl Gemma {
         shape.softcap = c.details.attn_softcap;
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
-            rms_norm(&x, &blk.attn_norm, c.norm_eps, &mut h);
-            hooks.run(&ctx(HookPoint::Ln1Normalized(l)), &mut h)?;
-            linear(&h, rows, &blk.wqkv, None, &mut qkv);
+            let ln1 =
+                normed(hooks, &ctx(HookPoint::Ln1Normalized(l)), (&x, &blk.attn_norm, c.norm_eps), &blk.wqkv, &mut h)?;
+            linear_rows(ln1.rows(&h), &blk.wqkv, None, &mut qkv);
             if let Some((qn, kn)) = &blk.qk_norm {
                 norm_qk_heads(&mut qkv, qd, kvd, qn, kn, c.norm_eps);
             }
@@ -189,13 +191,17 @@ impl Gemma {
             add_assign(&mut x, &delta, d);
             hooks.run(&ctx(HookPoint::ResidMid(l)), &mut x)?;
 
-            rms_norm(&x, &blk.pre_mlp_norm, c.norm_eps, &mut h);
-            hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
-            linear(&h, rows, &blk.w_gate_up, None, &mut gu);
-            run_on_columns(hooks, &ctx(HookPoint::MlpPre(l)), &mut gu, 2 * c.d_ff)?;
-            geglu(&gu, c.d_ff, &mut act);
-            hooks.run(&ctx(HookPoint::MlpPost(l)), &mut act)?;
-            linear(&act, rows, &blk.w_down, None, &mut raw);
+            let ln2 = normed(
+                hooks,
+                &ctx(HookPoint::Ln2Normalized(l)),
+                (&x, &blk.pre_mlp_norm, c.norm_eps),
+                &blk.w_gate_up,
+                &mut h,
+            )?;
+            let (pre, post) = (ctx(HookPoint::MlpPre(l)), ctx(HookPoint::MlpPost(l)));
+            let mlp = (&blk.w_gate_up, &blk.w_down, gelu_tanh_mul as GluFn);
+            let act_bf16 = gated_mlp_act(hooks, (&pre, &post), ln2.rows(&h), mlp, &mut gu, &mut act)?;
+            linear_rows(act_bf16.as_ref().map_or(Rows::F32(&act, rows), Rows::Bf16), &blk.w_down, None, &mut raw);
             rms_norm(&raw, &blk.post_mlp_norm, c.norm_eps, &mut delta);
             hooks.run(&ctx(HookPoint::MlpOut(l)), &mut delta)?;
             add_assign(&mut x, &delta, d);
@@ -255,13 +261,4 @@ impl Linears for Block {
     fn linears(&mut self) -> [&mut Matrix; 4] {
         [&mut self.wqkv, &mut self.wo, &mut self.w_gate_up, &mut self.w_down]
     }
-}
-
-/// `gelu_tanh(gate) * up` for rows laid out `[gate | up]`.
-fn geglu(gu: &[f32], d_ff: usize, out: &mut [f32]) {
-    use rayon::prelude::*;
-    out.par_chunks_mut(d_ff).zip(gu.par_chunks(2 * d_ff)).for_each(|(o, gu)| {
-        let (g, u) = gu.split_at(d_ff);
-        saekit_kernels::vmath::gelu_tanh_mul(g, u, o);
-    });
 }

@@ -9,7 +9,8 @@
 use std::borrow::Cow;
 
 use rayon::prelude::*;
-use saekit_kernels::{gemm_bf16, Bf16Path, PackedB, Precision};
+use saekit_kernels::vmath::sum_squares;
+use saekit_kernels::{gemm_bf16, gemm_bf16_glu, gemm_bf16_packed, Bf16Path, GluFn, PackedA, PackedB, Precision};
 
 /// A weight packed in bf16 and the path its products run on.
 #[derive(Debug, Clone)]
@@ -27,9 +28,15 @@ impl Bf16Weight {
     /// `y[m, n] = x[m, k] · B`, for any number of rows: a model set to bf16 multiplies every call in
     /// bf16, so what a harvest records as bf16 is bf16 in every row (the kernels pad a short call to a
     /// 32-row block; generation, where one-row calls are the rule, runs its model at f32).
-    fn run(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    fn run(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
         let (k, n) = (self.packed.k, self.packed.n);
-        gemm_bf16(self.path, x, m, k, &self.packed, y, n, false);
+        gemm_bf16(self.path, x, m, k, &self.packed, y, n, accumulate);
+    }
+
+    /// `y (+)= a · B` for rows already in bf16.
+    fn run_packed(&self, a: &PackedA, y: &mut [f32], accumulate: bool) {
+        let n = self.packed.n;
+        gemm_bf16_packed(self.path, a, &self.packed, 0..n, y, n, accumulate);
     }
 }
 
@@ -48,6 +55,14 @@ pub struct Matrix {
 }
 
 impl Matrix {
+    /// The bf16 copy that rows packed for it ([`Rows::Bf16`]) must meet.
+    ///
+    /// # Panics
+    /// If the weight has none: such rows come only from [`glu_bf16`], which checks.
+    fn bf16_of_packed(&self) -> &Bf16Weight {
+        self.bf16.as_ref().expect("rows packed in bf16 for a weight held in f32")
+    }
+
     /// Take a `[d_out, d_in]` weight (PyTorch `nn.Linear` and GGUF layout) and store it transposed.
     pub fn from_out_in(out_in: &[f32], d_out: usize, d_in: usize) -> Self {
         let mut data = vec![0f32; d_out * d_in];
@@ -158,12 +173,73 @@ fn threads() -> gemm::Parallelism {
 /// the weight carries a bf16 copy, else the f32 GEMM.
 pub fn linear(x: &[f32], m: usize, w: &Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
     match &w.bf16 {
-        Some(b) => b.run(x, m, y),
+        Some(b) => b.run(x, m, y, false),
         None => matmul(x, m, w.rows, &w.data, w.cols, y, false),
     }
     if let Some(b) = bias {
-        y.par_chunks_mut(w.cols).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+        add_bias(y, b);
     }
+}
+
+/// `y[i, :] += b` for every row `i`.
+fn add_bias(y: &mut [f32], b: &[f32]) {
+    y.par_chunks_mut(b.len()).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+}
+
+/// The input of a linear layer: `m` rows of f32, or rows already in bf16 for the layer's bf16 weight
+/// (made by [`rms_norm_bf16`] or [`glu_bf16`] in the pass that computed them).
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32], usize),
+    Bf16(&'a PackedA),
+}
+
+/// `y[m, w.cols] = x · w` (+ `bias`), as [`linear`].
+pub(crate) fn linear_rows(x: Rows, w: &Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
+    match x {
+        Rows::F32(x, m) => linear(x, m, w, bias, y),
+        Rows::Bf16(a) => {
+            w.bf16_of_packed().run_packed(a, y, false);
+            if let Some(b) = bias {
+                add_bias(y, b);
+            }
+        }
+    }
+}
+
+/// `resid[m, w.cols] += x · w` (a block's output added to the residual stream). A bf16 weight's
+/// kernel adds its products to `resid` as it goes, so the output never makes its own trip through
+/// memory, which at 1,024 rows is most of what the add costs. An f32 weight goes through `scratch`
+/// and [`add_assign`], bit for bit what [`linear`] then an add give.
+pub(crate) fn linear_add(x: Rows, w: &Matrix, resid: &mut [f32], scratch: &mut [f32]) {
+    match (x, &w.bf16) {
+        (Rows::Bf16(a), _) => w.bf16_of_packed().run_packed(a, resid, true),
+        (Rows::F32(x, m), Some(b)) => b.run(x, m, resid, true),
+        (Rows::F32(x, m), None) => {
+            matmul(x, m, w.rows, &w.data, w.cols, scratch, false);
+            add_assign(resid, scratch, w.cols);
+        }
+    }
+}
+
+/// A gated MLP's activations `glu(h · W_gate, h · W_up)` in bf16, ready for `down`, in one pass of
+/// the kernel over `gate_up` (both halves side by side) that keeps the f32 product and activations
+/// out of memory ([`gemm_bf16_glu`]); the same bits as [`linear`], the activation, then rounding.
+/// `None` unless both weights run in bf16 on one path and each half is whole 32-column strips.
+pub(crate) fn glu_bf16(h: Rows, gate_up: &Matrix, down: &Matrix, glu: GluFn) -> Option<PackedA> {
+    let (gu, dn) = (gate_up.bf16.as_ref()?, down.bf16.as_ref()?);
+    if gu.path != dn.path || !gate_up.cols.is_multiple_of(64) || down.rows * 2 != gate_up.cols {
+        return None;
+    }
+    let rounded;
+    let rows = match h {
+        Rows::F32(h, m) => {
+            rounded = PackedA::new(h, m, gate_up.rows, gate_up.rows);
+            &rounded
+        }
+        Rows::Bf16(a) => a,
+    };
+    Some(gemm_bf16_glu(gu.path, rows, &gu.packed, glu))
 }
 
 /// `y[m, n] (+)= x[m, k] · w[k, n]`, all row-major; `accumulate` adds to `y` instead of overwriting.
@@ -241,28 +317,37 @@ pub(crate) fn matmul_transposed_at(
     bf16: Option<&Bf16Weight>,
 ) {
     match bf16 {
-        Some(b) => b.run(x, m, y),
+        Some(b) => b.run(x, m, y, false),
         None => matmul_transposed(x, m, k, w, n, y),
     }
 }
 
 /// RMSNorm as Llama computes it, in f32: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    out.par_chunks_mut(w.len()).zip(x.par_chunks(w.len())).for_each(|(o, x)| rms_norm_row(x, w, eps, o));
+}
+
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = sum_squares(x) / w.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+        *o = x * inv * w;
+    }
+}
+
+/// [`rms_norm`] of `x` rounded to bf16 rows for `next` in the same pass, so the f32 norm never goes to
+/// memory; `None` unless `next` runs in bf16. The bits of [`rms_norm`] then [`linear`]'s rounding.
+pub(crate) fn rms_norm_bf16(x: &[f32], w: &[f32], eps: f32, next: &Matrix) -> Option<PackedA> {
+    next.bf16.as_ref()?;
     let d = w.len();
-    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-            *o = x * inv * w;
-        }
-    });
+    Some(PackedA::from_fn(x.len() / d, d, |i, out| rms_norm_row(&x[i * d..][..d], w, eps, out)))
 }
 
 /// RMSNorm of each `w.len()`-wide piece of `x`, in place (the per-head q/k norms of Qwen3 and Gemma 3).
 pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     let d = w.len();
     for x in x.chunks_mut(d) {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let ms = sum_squares(x) / d as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for (x, w) in x.iter_mut().zip(w) {
             *x = *x * inv * w;
@@ -449,6 +534,43 @@ mod tests {
             moved = moved.max(d);
         }
         assert!(moved > 0.0, "the bf16 weight gave the f32 result bit for bit: its copy was not used");
+    }
+
+    /// `glu_bf16` runs wherever both weights are bf16 and the halves are whole strips, and gives the
+    /// bits of `linear`, SwiGLU over each row and rounding; `linear_add` adds a product into its target.
+    #[test]
+    fn bf16_gated_mlp_in_one_pass_matches_its_parts_and_adds_into_the_residual() {
+        let (m, d, ff) = (40, 72, 64);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut draw = |len: usize| (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>();
+        let (h, gate_up_nk, down_nk, resid) = (draw(m * d), draw(2 * ff * d), draw(d * ff), draw(m * d));
+        let (mut gate_up, mut down) =
+            (Matrix::from_out_in(&gate_up_nk, 2 * ff, d), Matrix::from_out_in(&down_nk, d, ff));
+        let silu = saekit_kernels::vmath::silu_mul;
+        assert!(glu_bf16(Rows::F32(&h, m), &gate_up, &down, silu).is_none(), "f32 weights have no bf16 pass");
+        gate_up.set_precision(bf16_here());
+        down.set_precision(bf16_here());
+        let fused = glu_bf16(Rows::F32(&h, m), &gate_up, &down, silu).expect("bf16 weights of whole strips run fused");
+
+        let mut gu = vec![0f32; m * 2 * ff];
+        linear(&h, m, &gate_up, None, &mut gu);
+        let mut act = vec![0f32; m * ff];
+        for (row, out) in gu.chunks(2 * ff).zip(act.chunks_mut(ff)) {
+            silu(&row[..ff], &row[ff..], out);
+        }
+        let (mut from_fused, mut from_parts) = (vec![0f32; m * d], vec![0f32; m * d]);
+        linear_rows(Rows::Bf16(&fused), &down, None, &mut from_fused);
+        linear(&act, m, &down, None, &mut from_parts);
+        assert_eq!(from_fused, from_parts, "the fused activations differ from their parts'");
+
+        let (mut added, mut scratch) = (resid.clone(), vec![0f32; m * d]);
+        linear_add(Rows::Bf16(&fused), &down, &mut added, &mut scratch);
+        let scales = reference(&act, &down_nk, m, ff, d, round_to_bf16);
+        for (idx, &(_, abs)) in scales.iter().enumerate() {
+            let (a, r, p) = (added[idx], resid[idx], from_parts[idx]);
+            // the f32 sums in another order: far below 1e-5 of the terms' absolute sum
+            assert!(((a - (r + p)) as f64).abs() <= 1e-5 * (r.abs() as f64 + abs), "{a} != {r} + {p}");
+        }
     }
 
     #[test]

@@ -10,10 +10,15 @@ use anyhow::Result;
 use crate::attention::{attend, rotate_qk, AttnShape, KvCache};
 use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
-use crate::linalg::{add_assign, linear, rms_norm, rms_norm_in_place, Bf16Weight, Linears, Matrix, Rope};
+use crate::linalg::{
+    add_assign, glu_bf16, linear_add, linear_rows, rms_norm, rms_norm_bf16, rms_norm_in_place, Bf16Weight, Linears,
+    Matrix, Rope, Rows,
+};
 use crate::weights::{Table, WeightSource};
 use crate::Logits;
 use crate::Precision;
+use saekit_kernels::vmath::silu_mul;
+use saekit_kernels::{GluFn, PackedA};
 
 struct Block {
     attn_norm: Vec<f32>,
@@ -207,28 +212,29 @@ impl Llama {
         shape.window = c.details.sliding_window.filter(|_| c.details.sliding_layers.iter().any(|&s| s));
         for (l, blk) in self.blocks.iter().enumerate().take(n_blocks) {
             hooks.run(&ctx(HookPoint::ResidPre(l)), &mut x)?;
-            rms_norm(&x, &blk.attn_norm, c.norm_eps, &mut h);
-            hooks.run(&ctx(HookPoint::Ln1Normalized(l)), &mut h)?;
-            linear(&h, rows, &blk.wqkv, blk.bqkv.as_deref(), &mut qkv);
+            let ln1 =
+                normed(hooks, &ctx(HookPoint::Ln1Normalized(l)), (&x, &blk.attn_norm, c.norm_eps), &blk.wqkv, &mut h)?;
+            linear_rows(ln1.rows(&h), &blk.wqkv, blk.bqkv.as_deref(), &mut qkv);
             if let Some((qn, kn)) = &blk.qk_norm {
                 norm_qk_heads(&mut qkv, qd, kvd, qn, kn, c.norm_eps);
             }
             rotate_qk(&mut qkv, &self.rope, c, seq, pos_offset);
             attend(cache, l, &qkv, &shape, &mut attn);
-            linear(&attn, rows, &blk.wo, None, &mut delta);
-            hooks.run(&ctx(HookPoint::AttnOut(l)), &mut delta)?;
-            add_assign(&mut x, &delta, d);
+            add_block_output(hooks, &ctx(HookPoint::AttnOut(l)), Rows::F32(&attn, rows), &blk.wo, &mut x, &mut delta)?;
             hooks.run(&ctx(HookPoint::ResidMid(l)), &mut x)?;
 
-            rms_norm(&x, &blk.mlp_norm, c.norm_eps, &mut h);
-            hooks.run(&ctx(HookPoint::Ln2Normalized(l)), &mut h)?;
-            linear(&h, rows, &blk.w_gate_up, None, &mut gu);
-            run_on_columns(hooks, &ctx(HookPoint::MlpPre(l)), &mut gu, 2 * c.d_ff)?;
-            swiglu(&gu, c.d_ff, &mut act);
-            hooks.run(&ctx(HookPoint::MlpPost(l)), &mut act)?;
-            linear(&act, rows, &blk.w_down, None, &mut delta);
-            hooks.run(&ctx(HookPoint::MlpOut(l)), &mut delta)?;
-            add_assign(&mut x, &delta, d);
+            let ln2 = normed(
+                hooks,
+                &ctx(HookPoint::Ln2Normalized(l)),
+                (&x, &blk.mlp_norm, c.norm_eps),
+                &blk.w_gate_up,
+                &mut h,
+            )?;
+            let (pre, post) = (ctx(HookPoint::MlpPre(l)), ctx(HookPoint::MlpPost(l)));
+            let mlp = (&blk.w_gate_up, &blk.w_down, silu_mul as GluFn);
+            let act_bf16 = gated_mlp_act(hooks, (&pre, &post), ln2.rows(&h), mlp, &mut gu, &mut act)?;
+            let act_rows = act_bf16.as_ref().map_or(Rows::F32(&act, rows), Rows::Bf16);
+            add_block_output(hooks, &ctx(HookPoint::MlpOut(l)), act_rows, &blk.w_down, &mut x, &mut delta)?;
             hooks.run(&ctx(HookPoint::ResidPost(l)), &mut x)?;
         }
         cache.advance(seq, n_blocks == c.n_layers);
@@ -247,6 +253,27 @@ impl Llama {
             logits,
         ))
     }
+}
+
+/// `x += input · w`, the attention's or the MLP's output added to the residual stream. A hook at its
+/// output point (`ctx`) sees and may edit the output first, in `delta`; without one the output goes
+/// straight into `x` ([`linear_add`]).
+fn add_block_output(
+    hooks: &mut Hooks,
+    ctx: &HookContext,
+    input: Rows,
+    w: &Matrix,
+    x: &mut [f32],
+    delta: &mut [f32],
+) -> Result<()> {
+    if hooks.has(ctx.point) {
+        linear_rows(input, w, None, delta);
+        hooks.run(ctx, delta)?;
+        add_assign(x, delta, w.cols);
+    } else {
+        linear_add(input, w, x, delta);
+    }
+    Ok(())
 }
 
 /// Load block `l`: Q/K/V and gate/up fused into one matrix each, whether the checkpoint stores them apart
@@ -303,10 +330,71 @@ pub(crate) fn norm_qk_heads(qkv: &mut [f32], qd: usize, kvd: usize, qn: &[f32], 
     });
 }
 
-fn swiglu(gu: &[f32], d_ff: usize, out: &mut [f32]) {
+/// The RMSNorm of the residual stream `x` (`(x, weight, eps)`) as the input of `next`: computed and
+/// rounded to bf16 in one pass when `next` runs in bf16 and nothing hooks the normalised rows (`ctx`),
+/// else written to `h` in f32 and run through the hook.
+pub(crate) fn normed(
+    hooks: &mut Hooks,
+    ctx: &HookContext,
+    norm: (&[f32], &[f32], f32),
+    next: &Matrix,
+    h: &mut [f32],
+) -> Result<Normed> {
+    let (x, w, eps) = norm;
+    if !hooks.has(ctx.point) {
+        if let Some(packed) = rms_norm_bf16(x, w, eps, next) {
+            return Ok(Normed::Bf16(packed));
+        }
+    }
+    rms_norm(x, w, eps, h);
+    hooks.run(ctx, h)?;
+    Ok(Normed::InH(x.len() / w.len()))
+}
+
+/// Where [`normed`] put the normalised rows.
+pub(crate) enum Normed {
+    /// In bf16, for the next weight.
+    Bf16(PackedA),
+    /// In f32, in the `h` buffer given (this many rows).
+    InH(usize),
+}
+
+impl Normed {
+    /// The rows, reading `h` for [`Normed::InH`].
+    pub(crate) fn rows<'a>(&'a self, h: &'a [f32]) -> Rows<'a> {
+        match self {
+            Normed::Bf16(packed) => Rows::Bf16(packed),
+            Normed::InH(m) => Rows::F32(h, *m),
+        }
+    }
+}
+
+/// A gated MLP's activations on `h`, ready for its down projection: rows in bf16 from one kernel pass
+/// ([`glu_bf16`]) when nothing hooks `mlp.hook_pre` or `mlp.hook_post` (`hook_at`) and the weights
+/// (`(gate_up, down, glu)`) run in bf16; else `None`, and `act` holds them, from the product, its
+/// hooks and `glu` one by one.
+pub(crate) fn gated_mlp_act(
+    hooks: &mut Hooks,
+    hook_at: (&HookContext, &HookContext),
+    h: Rows,
+    mlp: (&Matrix, &Matrix, GluFn),
+    gu: &mut [f32],
+    act: &mut [f32],
+) -> Result<Option<PackedA>> {
     use rayon::prelude::*;
-    out.par_chunks_mut(d_ff).zip(gu.par_chunks(2 * d_ff)).for_each(|(o, gu)| {
+    let ((pre, post), (w_gate_up, w_down, glu)) = (hook_at, mlp);
+    if !hooks.has(pre.point) && !hooks.has(post.point) {
+        if let Some(packed) = glu_bf16(h, w_gate_up, w_down, glu) {
+            return Ok(Some(packed));
+        }
+    }
+    let d_ff = w_down.rows;
+    linear_rows(h, w_gate_up, None, gu);
+    run_on_columns(hooks, pre, gu, 2 * d_ff)?;
+    act.par_chunks_mut(d_ff).zip(gu.par_chunks(2 * d_ff)).for_each(|(o, gu)| {
         let (g, u) = gu.split_at(d_ff);
-        saekit_kernels::vmath::silu_mul(g, u, o);
+        glu(g, u, o);
     });
+    hooks.run(post, act)?;
+    Ok(None)
 }

@@ -74,6 +74,50 @@ fn every_architecture_runs_bf16_close_to_f32_and_returns_to_f32_bit_for_bit() {
     }
 }
 
+/// A bf16 pass with `no_op` hooks that only look at these points (so each runs unfused there), as it
+/// leaves the last block's resid_post.
+fn run_looking_at(m: &Model, ids: &[u32], no_op: &[HookPoint]) -> Vec<f32> {
+    let got = Mutex::new(Vec::new());
+    let mut hooks = Hooks::new();
+    for &point in no_op {
+        hooks.add(point, |_, _| Ok(()));
+    }
+    hooks.add(HookPoint::ResidPost(m.config().n_layers - 1), |_, x| {
+        *got.lock().unwrap() = x.to_vec();
+        Ok(())
+    });
+    m.forward(ids, 1, &mut m.new_cache(1), &mut hooks, Logits::None).unwrap();
+    drop(hooks);
+    got.into_inner().unwrap()
+}
+
+/// With no hook on the normalised rows, inside the MLP or on a block's output, a bf16 pass fuses: each
+/// RMSNorm is rounded to bf16 as it is computed, gate/up, the activation and the rounding are one
+/// kernel pass, and each block's output is added into the residual stream by the kernel. Hooks that
+/// only look at `ln1/ln2.hook_normalized` or at `mlp.hook_post` make it run those parts one by one:
+/// the same bits. Hooks at `attn_out` and `mlp_out` make it add the outputs once they are whole: f32
+/// sums in another order, whose last-bit differences can flip a later bf16 rounding, so those agree to
+/// well within bf16's 2^-9 rather than bit for bit.
+#[test]
+fn the_fused_bf16_passes_give_the_unfused_values() {
+    for arch in ["llama", "qwen3", "phi3", "gemma2"] {
+        let mut m = Model::load(&fixture(arch), &LoadOptions::default()).unwrap();
+        m.set_precision(bf16_here());
+        let ids = spread_tokens(m.config().vocab_size);
+        let layers = 0..m.config().n_layers;
+        let at = |points: fn(usize) -> [HookPoint; 2]| layers.clone().flat_map(points).collect::<Vec<_>>();
+        let fused = run_looking_at(&m, &ids, &[]);
+        let norms_apart = run_looking_at(&m, &ids, &at(|l| [HookPoint::Ln1Normalized(l), HookPoint::Ln2Normalized(l)]));
+        assert!(fused == norms_apart, "{arch}: the norms rounded in one pass differ from their parts");
+        let mlp_apart = run_looking_at(&m, &ids, &at(|l| [HookPoint::MlpPre(l), HookPoint::MlpPost(l)]));
+        assert!(fused == mlp_apart, "{arch}: the fused bf16 MLP differs from its parts");
+        let added_after = run_looking_at(&m, &ids, &at(|l| [HookPoint::AttnOut(l), HookPoint::MlpOut(l)]));
+        let err = rel_l2(&fused, &added_after, m.config().d_model, 0);
+        println!("{arch}: outputs added in the kernel vs after, last resid_post {err:.2e}");
+        assert!(err < 2e-3, "{arch}: adding in the kernel moved resid_post by {err:.2e}");
+    }
+}
+
 #[test]
 fn a_model_of_its_first_blocks_only_runs_bf16() {
     let opts = LoadOptions { blocks: Some(1), ..Default::default() };
