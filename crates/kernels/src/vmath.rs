@@ -362,14 +362,16 @@ mod tests {
     }
 
     #[test]
-    fn softmax_matches_f64() {
-        let mut row: Vec<f32> = (0..77).map(|i| (i as f32 * 0.7).sin() * 9.0).collect();
-        let max = row.iter().copied().fold(f64::NEG_INFINITY, |m, v| m.max(v as f64));
-        let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
-        let sum: f64 = e.iter().sum();
-        softmax(&mut row);
-        for (&p, &e) in row.iter().zip(&e) {
-            assert!((p as f64 - e / sum).abs() <= 3e-6 * (e / sum), "{p} vs {}", e / sum);
+    fn softmax_matches_f64_at_every_tail_length() {
+        for len in [1, 5, 16, 31, 77] {
+            let mut row: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).sin() * 9.0).collect();
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, |m, v| m.max(v as f64));
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            softmax(&mut row);
+            for (&p, &e) in row.iter().zip(&e) {
+                assert!((p as f64 - e / sum).abs() <= 3e-6 * (e / sum), "len {len}: {p} vs {}", e / sum);
+            }
         }
     }
 }
