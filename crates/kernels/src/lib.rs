@@ -10,6 +10,10 @@
 //! - [`Bf16Path::Reference`]: portable scalar code over the same packed data, for checking the
 //!   packing on any CPU; never picked for speed.
 //!
+//! Where an f32 intermediate would only feed the next product, it is made in bf16 directly, in cache:
+//! [`PackedA::from_fn`] rounds rows as a row-wise op (a norm) writes them, and [`gemm_bf16_glu`] runs a
+//! gated MLP's first product, its activation and the rounding for the down projection as one pass.
+//!
 //! [`vmath`] holds the forward pass's elementwise hot loops (`exp`, SiLU, softmax) over slices.
 //!
 //! This crate owns the bf16 conversion, the packed layout and the kernels. It must not know what
