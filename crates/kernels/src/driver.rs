@@ -1,6 +1,6 @@
 //! Splits `C` into jobs for rayon and hands each 32x32 block to the chosen path's kernel.
 
-use crate::pack::{bf16_bits, AlignedBuf, PackedA, PackedB, BLOCK};
+use crate::pack::{round_block, AlignedBuf, PackedA, PackedB, BLOCK};
 use crate::{amx, avx512, reference, Bf16Path};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -118,7 +118,7 @@ pub fn gemm_bf16_glu(path: Bf16Path, a: &PackedA, b: &PackedB, glu: GluFn) -> Pa
     if blocks == 0 || out_tiles == 0 {
         return out;
     }
-    let dst = SendPtr16(out.data.as_mut_ptr());
+    let dst = SendPtr(out.data.as_mut_ptr());
     // a job: JOB_ROWS rows and as many output columns as make JOB_COLS columns of B (both halves)
     let (job_blocks, job_tiles) = (JOB_ROWS / BLOCK, JOB_COLS / BLOCK / 2);
     let run = |rj: usize, cj: usize| {
@@ -128,53 +128,26 @@ pub fn gemm_bf16_glu(path: Bf16Path, a: &PackedA, b: &PackedB, glu: GluFn) -> Pa
         let mut joined = [0f32; BLOCK * BLOCK];
         for ib in rj * job_blocks..blocks.min((rj + 1) * job_blocks) {
             for q in cj * job_tiles..out_tiles.min((cj + 1) * job_tiles) {
-                // SAFETY: ib < the padded row blocks of `a`, q and q + out_tiles < b's strip pairs, each
-                // scratch one whole 32x32 block, and (ib, q) a block of `out` that no other job writes.
-                unsafe {
+                // SAFETY: the path was checked available above and this job holds the tiles; ib < the padded
+                // row blocks of `a`, q and q + out_tiles < b's strip pairs, each scratch one whole 32x32
+                // block, and (ib, q) a block of `out` that no other job writes.
+                let tile = unsafe {
                     let rows = a.data.as_ptr().add(ib * BLOCK * b.k_pad);
                     let (g, u) =
                         (b.data.as_ptr().add(q * b.pair_len()), b.data.as_ptr().add((q + out_tiles) * b.pair_len()));
                     kernel(path, rows, g, kt, gate.as_mut_ptr(), BLOCK, false);
                     kernel(path, rows, u, kt, up.as_mut_ptr(), BLOCK, false);
-                    glu(&gate, &up, &mut joined);
-                    let tile =
-                        std::slice::from_raw_parts_mut(dst.at((ib * out_tiles + q) * BLOCK * BLOCK), BLOCK * BLOCK);
-                    round_into(&joined, tile);
-                }
+                    std::slice::from_raw_parts_mut(dst.at((ib * out_tiles + q) * BLOCK * BLOCK), BLOCK * BLOCK)
+                };
+                glu(&gate, &up, &mut joined);
+                // one 32x32 block of `out` is one k tile of its row block: its 32 rows of 32, in order
+                crate::dispatch_simd!(round_block(&joined, BLOCK, BLOCK, BLOCK, tile));
             }
         }
     };
     for_each_job(blocks.div_ceil(job_blocks), out_tiles.div_ceil(job_tiles), b.bytes(), run);
     out
 }
-
-/// `dst[i] = bf16(src[i])`.
-fn round_into(src: &[f32], dst: &mut [u16]) {
-    #[inline(always)]
-    fn body(src: &[f32], dst: &mut [u16]) {
-        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = bf16_bits(s));
-    }
-    crate::dispatch_simd!(body(src, dst))
-}
-
-/// `*mut u16` that rayon may share: each job writes disjoint blocks of a [`PackedA`].
-#[derive(Clone, Copy)]
-struct SendPtr16(*mut u16);
-
-impl SendPtr16 {
-    /// The pointer `offset` values on (a method, so closures capture the wrapper, not the raw field).
-    ///
-    /// # Safety
-    /// As [`pointer::add`].
-    unsafe fn at(self, offset: usize) -> *mut u16 {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.0.add(offset) }
-    }
-}
-// SAFETY: jobs write disjoint blocks (see gemm_bf16_glu).
-unsafe impl Send for SendPtr16 {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr16 {}
 
 /// k tiles per pass over a job of `kt` tiles: all of them, unless the AVX512-BF16 kernel, which reads
 /// a 32-row block of `A` and a strip pair of `B` once per 8 rows, would find them far out of L1.
@@ -186,13 +159,25 @@ fn k_tiles_per_pass(path: Bf16Path, kt: usize) -> usize {
     }
 }
 
-/// `*mut f32` that rayon may share: each job writes a disjoint block of `C`.
+/// A raw pointer that rayon may share: each job writes disjoint blocks of `C` (see [`Job::run`]) or of a
+/// [`PackedA`] (see [`gemm_bf16_glu`]).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: jobs write disjoint rows x columns of C (see Job::run), so no element is shared.
-unsafe impl Send for SendPtr {}
+struct SendPtr<T>(*mut T);
+
+impl<T> SendPtr<T> {
+    /// The pointer `offset` values on (a method, so closures capture the wrapper, not the raw field).
+    ///
+    /// # Safety
+    /// As [`pointer::add`].
+    unsafe fn at(self, offset: usize) -> *mut T {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+// SAFETY: no two jobs write the same element (see the users above).
+unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SendPtr {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 struct Job<'a> {
     path: Bf16Path,
@@ -203,7 +188,7 @@ struct Job<'a> {
     first_pair: usize,
     /// Columns of `C`.
     n: usize,
-    c: SendPtr,
+    c: SendPtr<f32>,
     ldc: usize,
     accumulate: bool,
 }
@@ -248,32 +233,26 @@ impl Job<'_> {
         };
         let (kt, load_c) = (tiles.len(), self.accumulate || tiles.start > 0);
         if rows == BLOCK && cols == BLOCK {
-            // SAFETY: the block lies inside C (checked by gemm_bf16's asserts and rows/cols above).
-            unsafe { self.kernel(a, bp, kt, self.c.0.add(i0 * self.ldc + j0), self.ldc, load_c) };
+            // SAFETY: the path was checked available by gemm_bf16 and `run` holds the tiles; the block lies
+            // inside C (checked by gemm_bf16's asserts and rows/cols above).
+            unsafe { kernel(self.path, a, bp, kt, self.c.at(i0 * self.ldc + j0), self.ldc, load_c) };
             return;
         }
         let mut scratch = [0f32; BLOCK * BLOCK];
         for r in 0..rows {
             // SAFETY: row i0 + r < m and columns j0..j0 + cols < n lie inside C.
-            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((i0 + r) * self.ldc + j0), cols) };
+            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.at((i0 + r) * self.ldc + j0), cols) };
             if load_c {
                 scratch[r * BLOCK..r * BLOCK + cols].copy_from_slice(c_row);
             }
         }
-        // SAFETY: scratch is one whole 32x32 block.
-        unsafe { self.kernel(a, bp, kt, scratch.as_mut_ptr(), BLOCK, load_c) };
+        // SAFETY: as above, and scratch is one whole 32x32 block.
+        unsafe { kernel(self.path, a, bp, kt, scratch.as_mut_ptr(), BLOCK, load_c) };
         for r in 0..rows {
             // SAFETY: as above.
-            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.0.add((i0 + r) * self.ldc + j0), cols) };
+            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.at((i0 + r) * self.ldc + j0), cols) };
             c_row.copy_from_slice(&scratch[r * BLOCK..r * BLOCK + cols]);
         }
-    }
-
-    /// # Safety
-    /// As [`kernel`].
-    unsafe fn kernel(&self, a: *const u16, b: *const u16, kt: usize, c: *mut f32, ldc: usize, load_c: bool) {
-        // SAFETY: forwarded from the caller.
-        unsafe { kernel(self.path, a, b, kt, c, ldc, load_c) }
     }
 }
 

@@ -321,7 +321,7 @@ impl PackedA {
 /// One 32-row block of [`PackedA`] from `n_rows` rows of width `k` (row stride `lda`): every value
 /// written, padding rows and columns as zeros.
 #[inline(always)]
-fn round_block(rows: &[f32], lda: usize, n_rows: usize, k: usize, block: &mut [u16]) {
+pub(crate) fn round_block(rows: &[f32], lda: usize, n_rows: usize, k: usize, block: &mut [u16]) {
     // row by row: each row of `a` is read once, in order; the block (32 x k bf16) sits in L1
     for r in 0..BLOCK {
         for (kb, tile) in block.chunks_exact_mut(BLOCK * BLOCK).enumerate() {

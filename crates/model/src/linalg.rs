@@ -194,6 +194,35 @@ pub(crate) enum Rows<'a> {
     Bf16(&'a PackedA),
 }
 
+impl Rows<'_> {
+    /// How many rows.
+    pub(crate) fn count(&self) -> usize {
+        match self {
+            Rows::F32(_, m) => *m,
+            Rows::Bf16(a) => a.rows(),
+        }
+    }
+}
+
+/// Where a step that may run fused put its output rows: in bf16 for the next weight, or in the f32
+/// buffer its caller gave (when a hook had to see them, or a weight is f32).
+pub(crate) enum Produced {
+    /// In bf16, made in the pass that computed them.
+    Bf16(PackedA),
+    /// In f32, this many rows at the start of the caller's buffer.
+    InBuffer(usize),
+}
+
+impl Produced {
+    /// The rows, reading `buffer` for [`Produced::InBuffer`].
+    pub(crate) fn rows<'a>(&'a self, buffer: &'a [f32]) -> Rows<'a> {
+        match self {
+            Produced::Bf16(packed) => Rows::Bf16(packed),
+            Produced::InBuffer(m) => Rows::F32(buffer, *m),
+        }
+    }
+}
+
 /// `y[m, w.cols] = x · w` (+ `bias`), as [`linear`].
 pub(crate) fn linear_rows(x: Rows, w: &Matrix, bias: Option<&[f32]>, y: &mut [f32]) {
     match x {

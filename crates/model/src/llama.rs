@@ -12,13 +12,13 @@ use crate::config::{Arch, ModelConfig};
 use crate::hooks::{run_on_columns, HookContext, HookPoint, Hooks};
 use crate::linalg::{
     add_assign, glu_bf16, linear_add, linear_rows, rms_norm, rms_norm_bf16, rms_norm_in_place, Bf16Weight, Linears,
-    Matrix, Rope, Rows,
+    Matrix, Produced, Rope, Rows,
 };
 use crate::weights::{Table, WeightSource};
 use crate::Logits;
 use crate::Precision;
 use saekit_kernels::vmath::silu_mul;
-use saekit_kernels::{GluFn, PackedA};
+use saekit_kernels::GluFn;
 
 struct Block {
     attn_norm: Vec<f32>,
@@ -232,9 +232,8 @@ impl Llama {
             )?;
             let (pre, post) = (ctx(HookPoint::MlpPre(l)), ctx(HookPoint::MlpPost(l)));
             let mlp = (&blk.w_gate_up, &blk.w_down, silu_mul as GluFn);
-            let act_bf16 = gated_mlp_act(hooks, (&pre, &post), ln2.rows(&h), mlp, &mut gu, &mut act)?;
-            let act_rows = act_bf16.as_ref().map_or(Rows::F32(&act, rows), Rows::Bf16);
-            add_block_output(hooks, &ctx(HookPoint::MlpOut(l)), act_rows, &blk.w_down, &mut x, &mut delta)?;
+            let mlp_act = gated_mlp_act(hooks, (&pre, &post), ln2.rows(&h), mlp, &mut gu, &mut act)?;
+            add_block_output(hooks, &ctx(HookPoint::MlpOut(l)), mlp_act.rows(&act), &blk.w_down, &mut x, &mut delta)?;
             hooks.run(&ctx(HookPoint::ResidPost(l)), &mut x)?;
         }
         cache.advance(seq, n_blocks == c.n_layers);
@@ -339,40 +338,21 @@ pub(crate) fn normed(
     norm: (&[f32], &[f32], f32),
     next: &Matrix,
     h: &mut [f32],
-) -> Result<Normed> {
+) -> Result<Produced> {
     let (x, w, eps) = norm;
     if !hooks.has(ctx.point) {
         if let Some(packed) = rms_norm_bf16(x, w, eps, next) {
-            return Ok(Normed::Bf16(packed));
+            return Ok(Produced::Bf16(packed));
         }
     }
     rms_norm(x, w, eps, h);
     hooks.run(ctx, h)?;
-    Ok(Normed::InH(x.len() / w.len()))
-}
-
-/// Where [`normed`] put the normalised rows.
-pub(crate) enum Normed {
-    /// In bf16, for the next weight.
-    Bf16(PackedA),
-    /// In f32, in the `h` buffer given (this many rows).
-    InH(usize),
-}
-
-impl Normed {
-    /// The rows, reading `h` for [`Normed::InH`].
-    pub(crate) fn rows<'a>(&'a self, h: &'a [f32]) -> Rows<'a> {
-        match self {
-            Normed::Bf16(packed) => Rows::Bf16(packed),
-            Normed::InH(m) => Rows::F32(h, *m),
-        }
-    }
+    Ok(Produced::InBuffer(x.len() / w.len()))
 }
 
 /// A gated MLP's activations on `h`, ready for its down projection: rows in bf16 from one kernel pass
 /// ([`glu_bf16`]) when nothing hooks `mlp.hook_pre` or `mlp.hook_post` (`hook_at`) and the weights
-/// (`(gate_up, down, glu)`) run in bf16; else `None`, and `act` holds them, from the product, its
-/// hooks and `glu` one by one.
+/// (`(gate_up, down, glu)`) run in bf16; else in `act`, from the product, its hooks and `glu` one by one.
 pub(crate) fn gated_mlp_act(
     hooks: &mut Hooks,
     hook_at: (&HookContext, &HookContext),
@@ -380,12 +360,12 @@ pub(crate) fn gated_mlp_act(
     mlp: (&Matrix, &Matrix, GluFn),
     gu: &mut [f32],
     act: &mut [f32],
-) -> Result<Option<PackedA>> {
+) -> Result<Produced> {
     use rayon::prelude::*;
     let ((pre, post), (w_gate_up, w_down, glu)) = (hook_at, mlp);
     if !hooks.has(pre.point) && !hooks.has(post.point) {
         if let Some(packed) = glu_bf16(h, w_gate_up, w_down, glu) {
-            return Ok(Some(packed));
+            return Ok(Produced::Bf16(packed));
         }
     }
     let d_ff = w_down.rows;
@@ -396,5 +376,5 @@ pub(crate) fn gated_mlp_act(
         glu(g, u, o);
     });
     hooks.run(post, act)?;
-    Ok(None)
+    Ok(Produced::InBuffer(h.count()))
 }
