@@ -77,10 +77,67 @@ pub fn gemm_bf16_packed(
         }
         return;
     }
-    let job =
-        Job { path, a: &a.data, b, m, first_pair: cols.start / BLOCK, n, c: SendPtr(c.as_mut_ptr()), ldc, accumulate };
+    let c = SendPtr(c.as_mut_ptr());
+    let job = Job { path, a: &a.data, b, m, first_pair: cols.start / BLOCK, n, c, c_row0: 0, ldc, accumulate };
     let panel_bytes = n.div_ceil(BLOCK) * b.pair_len() * 2;
     for_each_job(m.div_ceil(JOB_ROWS), n.div_ceil(JOB_COLS), panel_bytes, |rj, cj| job.run(rj, cj));
+}
+
+/// Rows of `A` one job of [`gemm_bf16_rows`] owns: its bf16 rows (256 x k: 288 KiB at k = 576) stay
+/// in L2 while the whole weight streams past once, from L3, per job.
+const ROWS_JOB: usize = 256;
+/// Columns of one panel of [`gemm_bf16_rows`]: the job's `256 x 256` f32 products (256 KiB) and the
+/// panel's strips stay in L2 for the caller to read back.
+const ROWS_PANEL: usize = 256;
+
+/// `a · B[:, cols]` handed to `visit` row by row instead of stored: for each row `i` and each panel of
+/// columns (ascending, the last one shorter), `visit(&mut states[i], values, col)` gets the row's
+/// values in columns `col..col + values.len()` of `B`. A row's panels all go to one thread, in order.
+///
+/// The values are [`gemm_bf16_packed`]'s, bit for bit. What a caller does with every value of a
+/// product (TopK's selection over an SAE's latents) then reads it from L2 just after it is made: stored
+/// whole, `4096 x 16384` f32 values are 256 MiB written to memory and read back.
+///
+/// # Panics
+/// As [`gemm_bf16_packed`], or if `states` does not hold one state per row of `a`.
+pub fn gemm_bf16_rows<S: Send>(
+    path: Bf16Path,
+    a: &PackedA,
+    b: &PackedB,
+    cols: Range<usize>,
+    states: &mut [S],
+    visit: impl Fn(&mut S, &[f32], usize) + Sync,
+) {
+    assert!(path.available(), "{} is not available on this CPU", path.name());
+    assert!(a.k == b.k, "gemm_bf16_rows: rows of width {} against a weight of width {}", a.k, b.k);
+    assert!(cols.end <= b.n && cols.start.is_multiple_of(BLOCK), "gemm_bf16_rows: columns {cols:?} of {}", b.n);
+    assert!(states.len() == a.m, "gemm_bf16_rows: {} states for {} rows", states.len(), a.m);
+    let n = cols.len();
+    states.par_chunks_mut(ROWS_JOB).enumerate().for_each(|(rj, states)| {
+        let rows = rj * ROWS_JOB..rj * ROWS_JOB + states.len();
+        let _tiles = (path == Bf16Path::Amx).then(amx::Tiles::configure);
+        let mut panel = vec![0f32; states.len() * ROWS_PANEL.min(n)];
+        for p0 in (0..n).step_by(ROWS_PANEL) {
+            let width = ROWS_PANEL.min(n - p0);
+            let (first_pair, c) = ((cols.start + p0) / BLOCK, SendPtr(panel.as_mut_ptr()));
+            let job = Job {
+                path,
+                a: &a.data,
+                b,
+                m: a.m,
+                first_pair,
+                n: width,
+                c,
+                c_row0: rows.start,
+                ldc: width,
+                accumulate: false,
+            };
+            job.run_block(rows.clone(), 0..width.div_ceil(BLOCK));
+            for (state, values) in states.iter_mut().zip(panel.chunks(width)) {
+                visit(state, values, cols.start + p0);
+            }
+        }
+    });
 }
 
 /// Runs `job(row_job, column_job)` for every job, in parallel: column panel by column panel when the
@@ -189,6 +246,8 @@ struct Job<'a> {
     /// Columns of `C`.
     n: usize,
     c: SendPtr<f32>,
+    /// The row of `C` that `c` points at.
+    c_row0: usize,
     ldc: usize,
     accumulate: bool,
 }
@@ -199,6 +258,12 @@ impl Job<'_> {
         let rows = rj * JOB_ROWS..(self.m).min((rj + 1) * JOB_ROWS);
         let pairs = cj * JOB_COLS / BLOCK..self.n.div_ceil(BLOCK).min((cj + 1) * JOB_COLS / BLOCK);
         let _tiles = (self.path == Bf16Path::Amx).then(amx::Tiles::configure);
+        self.run_block(rows, pairs);
+    }
+
+    /// Rows `rows` (from a multiple of 32) and strip pairs `pairs` of `C`, on a thread that holds the
+    /// path's tiles.
+    fn run_block(&self, rows: Range<usize>, pairs: Range<usize>) {
         // A block of rows (32 x k in bf16: 36 KiB at k = 576) stays in L1 while it meets every strip
         // pair of the job, which stream from L2; a much longer k goes in passes that keep it so
         let kt = self.b.k_pad / BLOCK;
@@ -235,13 +300,14 @@ impl Job<'_> {
         if rows == BLOCK && cols == BLOCK {
             // SAFETY: the path was checked available by gemm_bf16 and `run` holds the tiles; the block lies
             // inside C (checked by gemm_bf16's asserts and rows/cols above).
-            unsafe { kernel(self.path, a, bp, kt, self.c.at(i0 * self.ldc + j0), self.ldc, load_c) };
+            unsafe { kernel(self.path, a, bp, kt, self.c.at((i0 - self.c_row0) * self.ldc + j0), self.ldc, load_c) };
             return;
         }
         let mut scratch = [0f32; BLOCK * BLOCK];
         for r in 0..rows {
             // SAFETY: row i0 + r < m and columns j0..j0 + cols < n lie inside C.
-            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.at((i0 + r) * self.ldc + j0), cols) };
+            let c_row =
+                unsafe { std::slice::from_raw_parts_mut(self.c.at((i0 + r - self.c_row0) * self.ldc + j0), cols) };
             if load_c {
                 scratch[r * BLOCK..r * BLOCK + cols].copy_from_slice(c_row);
             }
@@ -250,7 +316,8 @@ impl Job<'_> {
         unsafe { kernel(self.path, a, bp, kt, scratch.as_mut_ptr(), BLOCK, load_c) };
         for r in 0..rows {
             // SAFETY: as above.
-            let c_row = unsafe { std::slice::from_raw_parts_mut(self.c.at((i0 + r) * self.ldc + j0), cols) };
+            let c_row =
+                unsafe { std::slice::from_raw_parts_mut(self.c.at((i0 + r - self.c_row0) * self.ldc + j0), cols) };
             c_row.copy_from_slice(&scratch[r * BLOCK..r * BLOCK + cols]);
         }
     }
@@ -299,6 +366,34 @@ mod tests {
                 assert!(got.data == want.data, "{}: the fused pass differs", path.name());
                 assert!(got.data.as_slice().iter().any(|&v| v != 0), "nothing was computed");
             }
+        }
+    }
+
+    /// Row by row against the stored product: rows past one job and off a 32-row block, columns
+    /// starting at a later strip pair and ending inside a panel, on every path this CPU has.
+    #[test]
+    fn rows_visited_panel_by_panel_get_the_stored_products_bits() {
+        let (m, k, n) = (ROWS_JOB + 45, 100, 32 + ROWS_PANEL + 70);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 128.0).collect();
+        let (pa, pb) = (PackedA::new(&a, m, k, k), PackedB::from_nk(&w, n, k));
+        let cols = 32..n;
+        for path in Bf16Path::available_paths() {
+            let mut want = vec![0f32; m * cols.len()];
+            gemm_bf16_packed(path, &pa, &pb, cols.clone(), &mut want, cols.len(), false);
+            // each row's (column, value) pairs in the order they were visited
+            let mut got: Vec<Vec<(usize, f32)>> = vec![Vec::new(); m];
+            gemm_bf16_rows(path, &pa, &pb, cols.clone(), &mut got, |row, values, col| {
+                row.extend(values.iter().enumerate().map(|(i, &v)| (col + i, v)))
+            });
+            for (r, row) in got.iter().enumerate() {
+                let columns: Vec<usize> = row.iter().map(|p| p.0).collect();
+                assert_eq!(columns, cols.clone().collect::<Vec<_>>(), "{}: row {r}'s columns", path.name());
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let values: Vec<f32> = row.iter().map(|p| p.1).collect();
+                assert_eq!(bits(&values), bits(&want[r * cols.len()..][..cols.len()]), "{}: row {r}", path.name());
+            }
+            assert!(want.iter().any(|&v| v != 0.0), "nothing was computed");
         }
     }
 

@@ -13,6 +13,8 @@
 //! Where an f32 intermediate would only feed the next product, it is made in bf16 directly, in cache:
 //! [`PackedA::from_fn`] rounds rows as a row-wise op (a norm) writes them, and [`gemm_bf16_glu`] runs a
 //! gated MLP's first product, its activation and the rounding for the down projection as one pass.
+//! A product read once, value by value, need not be stored at all: [`gemm_bf16_rows`] hands each row's
+//! values to the caller panel by panel, from L2 (an SAE encoder's TopK selection).
 //!
 //! [`vmath`] holds the forward pass's elementwise hot loops (`exp`, SiLU, softmax) over slices.
 //!
@@ -42,7 +44,7 @@ mod reference;
 mod simd;
 pub mod vmath;
 
-pub use driver::{gemm_bf16, gemm_bf16_glu, gemm_bf16_packed, GluFn};
+pub use driver::{gemm_bf16, gemm_bf16_glu, gemm_bf16_packed, gemm_bf16_rows, GluFn};
 pub use pack::{bf16_bits, bf16_to_f32, round_to_bf16, PackedA, PackedB, StripPair};
 pub use precision::{auto_cache_file, auto_precision, Precision, PrecisionChoice, PrecisionError, AUTO_MIN_SPEEDUP};
 

@@ -195,14 +195,6 @@ pub(crate) enum EncoderProduct<'a> {
 }
 
 impl EncoderProduct<'_> {
-    /// Latents per chunk: bf16 chunks start on the packed weight's 32-column blocks.
-    pub(crate) fn chunk_width(&self, chunk: usize) -> usize {
-        match self {
-            EncoderProduct::F32 { .. } => chunk,
-            EncoderProduct::Bf16 { .. } => (chunk / 32 * 32).max(32),
-        }
-    }
-
     /// `pre[rows, latents.len()] = xin · W_enc[latents]ᵀ`.
     pub(crate) fn chunk(&self, xin: &[f32], rows: usize, latents: Range<usize>, pre: &mut [f32]) {
         let w = latents.len();
@@ -214,6 +206,38 @@ impl EncoderProduct<'_> {
                 debug_assert_eq!(packed_rows.rows(), rows);
                 gemm_bf16_packed(*path, packed_rows, w_enc, latents, pre, w, false)
             }
+        }
+    }
+
+    /// `visit(&mut states[r], values, j0)` for every row `r` and latent panel, `values` being the row's
+    /// pre-activations `xin_r · W_enc[j]ᵀ` over latents `j0..j0 + values.len()`: panels in ascending
+    /// order cover `latents`, and a row's panels all go to one thread (a running selection per row
+    /// needs no lock and meets the latents in order).
+    ///
+    /// bf16 hands over each panel from L2 as the kernel makes it ([`saekit_kernels::gemm_bf16_rows`]).
+    /// f32 multiplies chunks of [`crate::Sae::latent_chunk`] latents into `pre` first: there the
+    /// product is bound by the FMAs, not by the pre-activations' trip through memory.
+    pub(crate) fn for_each_row<S: Send>(
+        &self,
+        xin: &[f32],
+        latents: Range<usize>,
+        pre: &mut Vec<f32>,
+        states: &mut [S],
+        visit: impl Fn(&mut S, &[f32], usize) + Sync,
+    ) {
+        let rows = states.len();
+        if let EncoderProduct::Bf16 { path, w_enc, rows: packed_rows } = self {
+            debug_assert_eq!(packed_rows.rows(), rows);
+            return saekit_kernels::gemm_bf16_rows(*path, packed_rows, w_enc, latents, states, visit);
+        }
+        let chunk = crate::Sae::latent_chunk(latents.len(), rows).max(1);
+        if pre.len() < rows * chunk {
+            pre.resize(rows * chunk, 0.0);
+        }
+        for j0 in latents.clone().step_by(chunk) {
+            let w = chunk.min(latents.end - j0);
+            self.chunk(xin, rows, j0..j0 + w, pre);
+            states.par_iter_mut().zip(pre.par_chunks(w)).for_each(|(state, values)| visit(state, values, j0));
         }
     }
 }
@@ -483,6 +507,27 @@ fn select_row(row: &[f32], b: &[f32], j0: usize, vals: &mut [f32], idx: &mut [u3
     }
 }
 
+/// [`select_row`] over a panel of fewer than k blocks, where no block maximum bounds the k-th
+/// value: one pass that compares each block against the running k-th and inserts what beats it.
+/// The row's first panels insert most of what they hold; from there on few values pass.
+#[inline(always)]
+fn select_row_narrow(row: &[f32], b: &[f32], j0: usize, vals: &mut [f32], idx: &mut [u32]) {
+    let k = vals.len();
+    let mut thr = vals[k - 1];
+    for (bi, (pb, bbk)) in row.chunks(BW).zip(b.chunks(BW)).enumerate() {
+        let mut mask = candidates(pb, bbk, thr, f32::NEG_INFINITY);
+        while mask != 0 {
+            let jj = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let v = pb[jj] + bbk[jj];
+            if v > thr {
+                topk_insert(vals, idx, v, (j0 + bi * BW + jj) as u32);
+                thr = vals[k - 1];
+            }
+        }
+    }
+}
+
 /// Values per block of [`select_row`].
 const BW: usize = 32;
 
@@ -567,12 +612,39 @@ fn block_max(pb: &[f32], bbk: &[f32]) -> f32 {
 /// Bit `i` set where value `i` of the block is above `thr` and at least `floor`.
 #[inline(always)]
 fn candidates(pb: &[f32], bbk: &[f32], thr: f32, floor: f32) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if let (Ok(p), Ok(b), true) =
+        (<&[f32; BW]>::try_from(pb), <&[f32; BW]>::try_from(bbk), std::arch::is_x86_feature_detected!("avx512f"))
+    {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { candidates_avx512(p, b, thr, floor) };
+    }
     let mut mask = 0u32;
     for (i, (&p, &bb)) in pb.iter().zip(bbk).enumerate() {
         let v = p + bb;
         mask |= ((v > thr && v >= floor) as u32) << i;
     }
     mask
+}
+
+/// [`candidates`] of a whole block: two compares into mask registers, where the portable loop came
+/// out as lane shifts and a horizontal OR.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn candidates_avx512(p: &[f32; BW], b: &[f32; BW], thr: f32, floor: f32) -> u32 {
+    use std::arch::x86_64::*;
+    let (thr, floor) = (_mm512_set1_ps(thr), _mm512_set1_ps(floor));
+    let half = |o: usize| {
+        // SAFETY: o + 16 <= BW values lie at p and b.
+        let v = unsafe { _mm512_add_ps(_mm512_loadu_ps(p.as_ptr().add(o)), _mm512_loadu_ps(b.as_ptr().add(o))) };
+        // ordered compares: false for NaN, as `v > thr && v >= floor` is
+        let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, thr);
+        _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(above, v, floor) as u32
+    };
+    half(0) | half(16) << 16
 }
 
 /// The `k`-th largest of `maxima` (reordering them), or -inf when there are fewer than `k`.
@@ -596,70 +668,63 @@ pub(crate) fn reset_selection(vals: &mut [f32], idx: &mut [u32]) {
     idx.fill(u32::MAX);
 }
 
-/// AuxK's running selection: per row the top `k` pre-activations among the latents flagged dead.
-pub(crate) struct DeadSelection<'a> {
-    pub dead: &'a [bool],
-    pub k: usize,
+/// One row's running selections over the latents, panel after panel: the top `val.len()` of
+/// `pre + b_enc` (strictly positive, ties to the lower latent) and, for AuxK, the top `aux.0.len()`
+/// among the dead latents.
+pub(crate) struct RowSelection<'a> {
     pub val: &'a mut [f32],
     pub idx: &'a mut [u32],
+    pub aux: Option<(&'a mut [f32], &'a mut [u32])>,
 }
 
-/// Fused bias + ReLU + running top-k over one latent chunk `[j0, j0+width)` of the pre-activation
-/// buffer (`pre` has row stride `ld`). `sel_*` has `k` slots per row. If `aux` is given, also keeps
-/// the top `k_aux` pre-activations among latents flagged dead.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn select_topk_chunk(
-    pre: &[f32],
-    ld: usize,
-    rows: usize,
-    j0: usize,
-    width: usize,
-    b_enc: &[f32],
-    k: usize,
-    sel_val: &mut [f32],
-    sel_idx: &mut [u32],
-    aux: Option<DeadSelection<'_>>,
-) {
-    let b = &b_enc[j0..j0 + width];
-    match aux {
-        None => {
-            sel_val[..rows * k].par_chunks_mut(k).zip(sel_idx[..rows * k].par_chunks_mut(k)).enumerate().for_each(
-                |(r, (vals, idx))| {
-                    let row = &pre[r * ld..r * ld + width];
-                    BLOCK_MAXIMA.with_borrow_mut(|scratch| {
-                        saekit_kernels::dispatch_simd!(select_row(row, b, j0, vals, idx, scratch))
-                    })
-                },
-            );
+impl RowSelection<'_> {
+    /// Fused bias + ReLU + running top-k over one panel: `values` are the row's pre-activations of
+    /// latents `j0..j0 + values.len()`; `dead` lists AuxK's dead latents, ascending.
+    pub(crate) fn add_panel(&mut self, values: &[f32], j0: usize, b_enc: &[f32], dead: &[u32]) {
+        let b = &b_enc[j0..j0 + values.len()];
+        if values.len() >= self.val.len() * BW {
+            BLOCK_MAXIMA.with_borrow_mut(|scratch| {
+                saekit_kernels::dispatch_simd!(select_row(values, b, j0, self.val, self.idx, scratch))
+            });
+        } else {
+            saekit_kernels::dispatch_simd!(select_row_narrow(values, b, j0, self.val, self.idx));
         }
-        Some(DeadSelection { dead, k: ka, val: aval, idx: aidx }) => {
-            // the dead latents are few once training settles: visit only them, in latent order
-            let dead_ids: Vec<usize> = (0..width).filter(|&jj| dead[j0 + jj]).collect();
-            sel_val[..rows * k]
-                .par_chunks_mut(k)
-                .zip(sel_idx[..rows * k].par_chunks_mut(k))
-                .zip(aval[..rows * ka].par_chunks_mut(ka).zip(aidx[..rows * ka].par_chunks_mut(ka)))
-                .enumerate()
-                .for_each(|(r, ((vals, idx), (av, ai)))| {
-                    let row = &pre[r * ld..r * ld + width];
-                    BLOCK_MAXIMA.with_borrow_mut(|scratch| {
-                        saekit_kernels::dispatch_simd!(select_row(row, b, j0, vals, idx, scratch))
-                    });
-                    select_among(row, b, j0, &dead_ids, av, ai);
-                });
+        if let Some((val, idx)) = &mut self.aux {
+            let from = dead.partition_point(|&j| (j as usize) < j0);
+            let to = dead.partition_point(|&j| (j as usize) < j0 + values.len());
+            select_among(values, b, j0, &dead[from..to], val, idx);
         }
     }
 }
 
-/// The running top-`k` (`k = vals.len()`) of `row + b` over the latents `among` (offsets into the chunk,
-/// ascending), strictly positive values only, ties to the lower latent ([`topk_insert`]'s rule).
-fn select_among(row: &[f32], b: &[f32], j0: usize, among: &[usize], vals: &mut [f32], idx: &mut [u32]) {
+/// Each row's [`RowSelection`] over `rows` rows of `k` slots (and `aux`'s `k_aux` slots).
+pub(crate) fn row_selections<'a>(
+    (val, idx): (&'a mut [f32], &'a mut [u32]),
+    k: usize,
+    aux: Option<(&'a mut [f32], &'a mut [u32], usize)>,
+    rows: usize,
+) -> Vec<RowSelection<'a>> {
+    let main = val[..rows * k].chunks_mut(k).zip(idx[..rows * k].chunks_mut(k));
+    match aux {
+        None => main.map(|(val, idx)| RowSelection { val, idx, aux: None }).collect(),
+        Some((av, ai, ka)) => main
+            .zip(av[..rows * ka].chunks_mut(ka).zip(ai[..rows * ka].chunks_mut(ka)))
+            .map(|((val, idx), aux)| RowSelection { val, idx, aux: Some(aux) })
+            .collect(),
+    }
+}
+
+/// The running top-`k` (`k = vals.len()`) of `row + b` over the latents `among` (ids in the panel
+/// `j0..j0 + row.len()`, ascending), strictly positive values only, ties to the lower latent
+/// ([`topk_insert`]'s rule).
+fn select_among(row: &[f32], b: &[f32], j0: usize, among: &[u32], vals: &mut [f32], idx: &mut [u32]) {
     let k = vals.len();
     let mut thr = vals[k - 1];
-    for &jj in among {
+    for &j in among {
+        let jj = j as usize - j0;
         let v = row[jj] + b[jj];
         if v > thr {
-            topk_insert(vals, idx, v, (j0 + jj) as u32);
+            topk_insert(vals, idx, v, j);
             thr = vals[k - 1];
         }
     }
@@ -1087,7 +1152,7 @@ mod tests {
     }
 
     #[test]
-    fn chunked_selection_equals_a_full_sort_with_ties_nans_sparse_rows_and_dead_latents() {
+    fn selection_panel_by_panel_equals_a_full_sort_with_ties_nans_sparse_rows_and_dead_latents() {
         let (rows, width) = (7, 5000);
         // values on a coarse grid (many ties), a NaN every 97th, and row 3 almost all negative
         let pre: Vec<f32> = (0..rows * width)
@@ -1115,15 +1180,16 @@ mod tests {
                     let (mut av, mut ai) = (vec![0.0; rows * ka], vec![0u32; rows * ka]);
                     reset_selection(&mut vals, &mut idx);
                     reset_selection(&mut av, &mut ai);
-                    let mut buf = vec![0.0; rows * chunk];
+                    let dead_ids: Vec<u32> = (0..width as u32).filter(|&j| dead[j as usize]).collect();
+                    let aux = with_aux.then_some((&mut av[..], &mut ai[..], ka));
+                    let mut rows_sel = row_selections((&mut vals, &mut idx), k, aux, rows);
                     for j0 in (0..width).step_by(chunk) {
                         let w = chunk.min(width - j0);
-                        for r in 0..rows {
-                            buf[r * w..(r + 1) * w].copy_from_slice(&pre[r * width + j0..][..w]);
+                        for (r, sel) in rows_sel.iter_mut().enumerate() {
+                            sel.add_panel(&pre[r * width + j0..][..w], j0, &b, &dead_ids);
                         }
-                        let aux = with_aux.then(|| DeadSelection { dead: &dead, k: ka, val: &mut av, idx: &mut ai });
-                        select_topk_chunk(&buf, w, rows, j0, w, &b, k, &mut vals, &mut idx, aux);
                     }
+                    drop(rows_sel);
                     assert_eq!(idx, want_i, "k {k}, chunks of {chunk}, aux {with_aux}");
                     assert_eq!(vals, want_v, "k {k}, chunks of {chunk}, aux {with_aux}");
                     if with_aux {

@@ -17,7 +17,7 @@
 //!
 //! Where things are: `step/` holds the training step (`topk.rs` and `dense.rs` as forward /
 //! backward pairs, `loss.rs` the loss terms, `update.rs` Adam), `kernels.rs` the hand-written
-//! kernels (the fused TopK selection is `select_topk_chunk`), `plan.rs` the config's validation,
+//! kernels (the TopK selection is `RowSelection`, fed row by row by `EncoderProduct::for_each_row`), `plan.rs` the config's validation,
 //! `checkpoint.rs` the only code that reads or writes checkpoints, `train.rs` the loop, `layout.rs`
 //! the trainer's slicing and gathering of a sharded state.
 //!

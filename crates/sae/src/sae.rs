@@ -337,13 +337,11 @@ impl Sae {
         // process in row blocks to bound memory
         let rb = 1024usize;
         let mut xin = vec![0.0f32; rb.min(n.max(1)) * d];
-        let chunk = Self::latent_chunk(self.d_sae, rb);
-        let mut pre = vec![0.0f32; rb.min(n.max(1)) * chunk];
+        let mut pre = Vec::new();
         for r0 in (0..n).step_by(rb) {
             let rows = rb.min(n - r0);
-            let xs = &x[r0 * d..(r0 + rows) * d];
             let xi = &mut xin[..rows * d];
-            xi.copy_from_slice(xs);
+            xi.copy_from_slice(&x[r0 * d..(r0 + rows) * d]);
             if self.apply_b_dec_to_input {
                 xi.par_chunks_mut(d).for_each(|r| {
                     for (v, b) in r.iter_mut().zip(&self.params.b_dec) {
@@ -351,69 +349,51 @@ impl Sae {
                     }
                 });
             }
-            match self.activation {
+            let encoder = weights.product(xi, rows);
+            let rows_out = match self.activation {
                 Activation::TopK { k } => {
-                    let mut sv = vec![0.0f32; rows * k];
-                    let mut si = vec![0u32; rows * k];
+                    let (mut sv, mut si) = (vec![0.0f32; rows * k], vec![0u32; rows * k]);
                     kernels::reset_selection(&mut sv, &mut si);
-                    let encoder = weights.product(xi, rows);
-                    let chunk = encoder.chunk_width(chunk);
-                    for j0 in (0..self.d_sae).step_by(chunk) {
-                        let w = chunk.min(self.d_sae - j0);
-                        encoder.chunk(xi, rows, j0..j0 + w, &mut pre);
-                        kernels::select_topk_chunk(&pre, w, rows, j0, w, &self.params.b_enc, k, &mut sv, &mut si, None);
-                    }
-                    for r in 0..rows {
-                        let mut pairs: Vec<(u32, f32)> = (0..k)
-                            .map(|s| (si[r * k + s], sv[r * k + s]))
-                            .filter(|&(j, v)| j != u32::MAX && v > 0.0)
-                            .collect();
-                        pairs.sort_unstable_by_key(|p| p.0);
-                        for (j, v) in pairs {
-                            codes.idx.push(j);
-                            codes.val.push(v);
-                        }
-                        codes.indptr.push(codes.idx.len());
-                    }
+                    let mut selections = kernels::row_selections((&mut sv, &mut si), k, None, rows);
+                    encoder.for_each_row(xi, 0..self.d_sae, &mut pre, &mut selections, |sel, values, j0| {
+                        sel.add_panel(values, j0, &self.params.b_enc, &[])
+                    });
+                    let pairs = sv.chunks(k).zip(si.chunks(k));
+                    pairs.map(|(v, i)| i.iter().copied().zip(v.iter().copied()).collect()).collect()
                 }
                 Activation::JumpRelu | Activation::Relu => {
                     let mut rows_out: Vec<Vec<(u32, f32)>> = vec![Vec::new(); rows];
-                    let encoder = weights.product(xi, rows);
-                    let chunk = encoder.chunk_width(chunk);
-                    for j0 in (0..self.d_sae).step_by(chunk) {
-                        let w = chunk.min(self.d_sae - j0);
-                        encoder.chunk(xi, rows, j0..j0 + w, &mut pre);
-                        let thr = if self.activation == Activation::JumpRelu {
-                            Some(&self.params.threshold[..])
-                        } else {
-                            None
-                        };
-                        let b_enc = &self.params.b_enc;
-                        rows_out.par_iter_mut().enumerate().for_each(|(r, out)| {
-                            for jj in 0..w {
-                                let j = j0 + jj;
-                                let v = pre[r * w + jj] + b_enc[j];
-                                let keep = match thr {
-                                    Some(t) => v > t[j] && v > 0.0,
-                                    None => v > 0.0,
-                                };
-                                if keep {
-                                    out.push((j as u32, v));
-                                }
-                            }
-                        });
-                    }
-                    for out in rows_out {
-                        for (j, v) in out {
-                            codes.idx.push(j);
-                            codes.val.push(v);
-                        }
-                        codes.indptr.push(codes.idx.len());
-                    }
+                    encoder.for_each_row(xi, 0..self.d_sae, &mut pre, &mut rows_out, |out, values, j0| {
+                        self.keep_active(values, j0, out)
+                    });
+                    rows_out
                 }
+            };
+            for mut row in rows_out {
+                row.retain(|&(j, v)| j != u32::MAX && v > 0.0);
+                row.sort_unstable_by_key(|p| p.0);
+                codes.idx.extend(row.iter().map(|p| p.0));
+                codes.val.extend(row.iter().map(|p| p.1));
+                codes.indptr.push(codes.idx.len());
             }
         }
         codes
+    }
+
+    /// JumpReLU's and ReLU's activation of one row's pre-activations of latents `j0..j0 +
+    /// values.len()`: the (latent, value) pairs above 0 (and above the latent's threshold), in order.
+    fn keep_active(&self, values: &[f32], j0: usize, out: &mut Vec<(u32, f32)>) {
+        let b_enc = &self.params.b_enc[j0..j0 + values.len()];
+        for (jj, (&p, &b)) in values.iter().zip(b_enc).enumerate() {
+            let (j, v) = (j0 + jj, p + b);
+            let keep = match self.activation {
+                Activation::JumpRelu => v > self.params.threshold[j] && v > 0.0,
+                _ => v > 0.0,
+            };
+            if keep {
+                out.push((j as u32, v));
+            }
+        }
     }
 
     /// Decode sparse codes to rows [n, d_out] (a skip transcoder's `x · W_skipᵀ` is not included:

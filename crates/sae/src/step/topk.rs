@@ -16,7 +16,7 @@ use rayon::prelude::*;
 /// The TopK path's buffers.
 #[derive(Default)]
 pub(super) struct Buffers {
-    /// `[B, chunk]` pre-activations of one latent chunk.
+    /// `[B, chunk]` pre-activations of one latent chunk (f32 products; bf16 hands them over from L2).
     pre: Vec<f32>,
     /// Per row, the largest `kk` pre-activations (k, or 4k for Multi-TopK and BatchTopK).
     candidates: Selection,
@@ -163,32 +163,20 @@ type Input<'a> = (&'a [f32], &'a kernels::EncoderWeights<'a>);
 
 // encoder + selection: xin [B, d_in], w_enc [d_sae, d_in], b_enc [d_sae]
 //   -> candidates: per row the top kk of relu(xin·w_encᵀ + b_enc); aux: the top k_aux among dead latents
-// One GEMM per latent chunk, so the [B, chunk] pre-activations stay cache-sized whatever d_sae is.
+// Each row's pre-activations are selected from as the product hands them over, panel by panel.
 fn select_forward(b: &mut Buffers, (xin, weights): Input, sae: &Sae, rows: usize, plan: &AuxPlan) {
     let ds = sae.d_sae;
-    let encoder = weights.product(xin, rows);
-    let chunk = encoder.chunk_width(Sae::latent_chunk(ds, rows));
-    ensure(&mut b.pre, rows * chunk);
     b.candidates.reset(rows, plan.kk);
     if plan.k_aux > 0 {
         b.aux.reset(rows, plan.k_aux);
     }
-    let mut prof = Prof::new();
-    for j0 in (0..ds).step_by(chunk) {
-        let w = chunk.min(ds - j0);
-        encoder.chunk(xin, rows, j0..j0 + w, &mut b.pre);
-        prof.mark("encoder gemm");
-        let aux = (plan.k_aux > 0).then(|| kernels::DeadSelection {
-            dead: &b.dead[..],
-            k: plan.k_aux,
-            val: &mut b.aux.val[..],
-            idx: &mut b.aux.idx[..],
-        });
-        let c = &mut b.candidates;
-        kernels::select_topk_chunk(&b.pre, w, rows, j0, w, &sae.params.b_enc, plan.kk, &mut c.val, &mut c.idx, aux);
-        prof.mark("select");
-    }
-    prof.print("encoder, per latent chunk");
+    let dead: Vec<u32> = (0..ds as u32).filter(|&j| b.dead[j as usize]).collect();
+    let aux = (plan.k_aux > 0).then_some((&mut b.aux.val[..], &mut b.aux.idx[..], plan.k_aux));
+    let mut selections = kernels::row_selections((&mut b.candidates.val, &mut b.candidates.idx), plan.kk, aux, rows);
+    let b_enc = &sae.params.b_enc;
+    weights.product(xin, rows).for_each_row(xin, 0..ds, &mut b.pre, &mut selections, |sel, values, j0| {
+        sel.add_panel(values, j0, b_enc, &dead)
+    });
 }
 
 /// Per row, the latents of the main reconstruction in the last step (ids local to this process), ascending.
