@@ -294,10 +294,77 @@ pub(crate) fn gemm_atb(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &m
     }
 }
 
+/// An element of a row the sparse kernels read: f32, or bf16 bits ([`Bf16`]) widened to f32 exactly
+/// as they are read. A kernel over bf16 rows is then the f32 kernel over the rounded rows, bit for
+/// bit, with half the bytes to fetch.
+pub(crate) trait RowElem: Copy + Default + Send + Sync + 'static {
+    /// Whether the element is bf16 bits (picks the vector load).
+    const BF16: bool;
+    /// The value as f32 (exact).
+    fn widen(self) -> f32;
+}
+
+impl RowElem for f32 {
+    const BF16: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+/// A bf16 value's bits (round to nearest even from f32: [`Bf16::round`]).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub(crate) struct Bf16(pub u16);
+
+impl Bf16 {
+    /// `x` rounded to bf16.
+    #[inline]
+    pub(crate) fn round(x: f32) -> Bf16 {
+        Bf16(saekit_kernels::bf16_bits(x))
+    }
+}
+
+impl RowElem for Bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+}
+
+/// `rows` rounded to bf16 into `out` (resized to fit), in parallel.
+pub(crate) fn round_rows(rows: &[f32], out: &mut Vec<Bf16>) {
+    out.resize(rows.len(), Bf16::default());
+    out.par_chunks_mut(4096).zip(rows.par_chunks(4096)).for_each(|(o, r)| {
+        o.iter_mut().zip(r).for_each(|(o, &x)| *o = Bf16::round(x));
+    });
+}
+
+/// 16 values at `p` as f32 lanes.
+///
+/// # Safety
+/// The CPU must have AVX-512F; 16 elements must lie at `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load16<E: RowElem>(p: *const E) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if E::BF16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()))))
+        } else {
+            _mm512_loadu_ps(p.cast())
+        }
+    }
+}
+
 #[inline(always)]
-fn axpy_body<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
+fn axpy_body<const FMA: bool, E: RowElem>(alpha: f32, x: &[E], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = if FMA { alpha.mul_add(*xi, *yi) } else { *yi + alpha * xi };
+        let xi = xi.widen();
+        *yi = if FMA { alpha.mul_add(xi, *yi) } else { *yi + alpha * xi };
     }
 }
 
@@ -306,14 +373,15 @@ fn axpy_body<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// any vector width. `N` rows at once give `N` independent chains to hide the FMA latency and load
 /// `w` once for all of them, without changing any row's result.
 #[inline(always)]
-fn dot_rows_body<const N: usize, const FMA: bool>(rows: [&[f32]; N], w: &[f32]) -> [f32; N] {
+fn dot_rows_body<const N: usize, const FMA: bool, R: RowElem, W: RowElem>(rows: [&[R]; N], w: &[W]) -> [f32; N] {
     let n = rows.iter().map(|r| r.len()).fold(w.len(), usize::min);
     let full = n / 16 * 16;
     let mut acc = [[0.0f32; 16]; N];
     for c in (0..full).step_by(16) {
         for (a, r) in acc.iter_mut().zip(&rows) {
             for l in 0..16 {
-                a[l] = if FMA { r[c + l].mul_add(w[c + l], a[l]) } else { a[l] + r[c + l] * w[c + l] };
+                let (x, y) = (r[c + l].widen(), w[c + l].widen());
+                a[l] = if FMA { x.mul_add(y, a[l]) } else { a[l] + x * y };
             }
         }
     }
@@ -327,17 +395,17 @@ fn dot_rows_body<const N: usize, const FMA: bool>(rows: [&[f32]; N], w: &[f32]) 
 /// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_rows_avx512<const N: usize>(rows: [&[f32]; N], w: &[f32]) -> [f32; N] {
+unsafe fn dot_rows_avx512<const N: usize, R: RowElem, W: RowElem>(rows: [&[R]; N], w: &[W]) -> [f32; N] {
     use std::arch::x86_64::*;
     let n = rows.iter().map(|r| r.len()).fold(w.len(), usize::min);
     let full = n / 16 * 16;
     let mut acc = [_mm512_setzero_ps(); N];
     for c in (0..full).step_by(16) {
         // SAFETY: c + 16 <= n, within w and every row.
-        let wc = unsafe { _mm512_loadu_ps(w.as_ptr().add(c)) };
+        let wc = unsafe { load16(w.as_ptr().add(c)) };
         for (a, r) in acc.iter_mut().zip(&rows) {
             // SAFETY: as above.
-            *a = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(r.as_ptr().add(c)) }, wc, *a);
+            *a = _mm512_fmadd_ps(unsafe { load16(r.as_ptr().add(c)) }, wc, *a);
         }
     }
     let lanes = acc.map(|a| {
@@ -351,14 +419,20 @@ unsafe fn dot_rows_avx512<const N: usize>(rows: [&[f32]; N], w: &[f32]) -> [f32;
 
 /// The 16 lanes of each row summed in a fixed order, plus the tail past `full`.
 #[inline(always)]
-fn finish_dots<const N: usize>(acc: [[f32; 16]; N], rows: [&[f32]; N], w: &[f32], full: usize, n: usize) -> [f32; N] {
+fn finish_dots<const N: usize, R: RowElem, W: RowElem>(
+    acc: [[f32; 16]; N],
+    rows: [&[R]; N],
+    w: &[W],
+    full: usize,
+    n: usize,
+) -> [f32; N] {
     std::array::from_fn(|i| {
         let mut s = 0.0f32;
         for l in 0..8 {
             s += acc[i][l] + acc[i][l + 8];
         }
         for (x, y) in rows[i][full..n].iter().zip(&w[full..n]) {
-            s += x * y;
+            s += x.widen() * y.widen();
         }
         s
     })
@@ -367,12 +441,12 @@ fn finish_dots<const N: usize>(acc: [[f32; 16]; N], rows: [&[f32]; N], w: &[f32]
 /// `[dot(rows[0], w), ..]`, bit for bit: AVX-512 where the CPU has it, else the portable loop
 /// compiled for AVX2 + FMA, else unfused.
 #[inline]
-fn dot_rows<const N: usize>(rows: [&[f32]; N], w: &[f32]) -> [f32; N] {
+fn dot_rows<const N: usize, R: RowElem, W: RowElem>(rows: [&[R]; N], w: &[W]) -> [f32; N] {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<const N: usize>(rows: [&[f32]; N], w: &[f32]) -> [f32; N] {
-            dot_rows_body::<N, true>(rows, w)
+        unsafe fn avx2<const N: usize, R: RowElem, W: RowElem>(rows: [&[R]; N], w: &[W]) -> [f32; N] {
+            dot_rows_body::<N, true, R, W>(rows, w)
         }
         if has_fma() {
             if std::is_x86_feature_detected!("avx512f") {
@@ -383,7 +457,7 @@ fn dot_rows<const N: usize>(rows: [&[f32]; N], w: &[f32]) -> [f32; N] {
             return unsafe { avx2(rows, w) };
         }
     }
-    dot_rows_body::<N, false>(rows, w)
+    dot_rows_body::<N, false, R, W>(rows, w)
 }
 
 #[inline]
@@ -401,57 +475,57 @@ fn has_fma() -> bool {
 /// Dot product (FMA when the CPU has it; the choice is per machine, so results are reproducible on
 /// one machine whatever the thread count).
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot<R: RowElem, W: RowElem>(a: &[R], b: &[W]) -> f32 {
     dot_rows([a], b)[0]
 }
 
 /// `[dot(rows[0], w), ..]` for four rows, bit for bit, faster than one at a time.
 #[inline]
-pub(crate) fn dot4(rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+pub(crate) fn dot4<R: RowElem, W: RowElem>(rows: [&[R]; 4], w: &[W]) -> [f32; 4] {
     dot_rows(rows, w)
 }
 
 /// `y += alpha · x`.
 #[inline]
-pub(crate) fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+pub(crate) fn axpy<E: RowElem>(alpha: f32, x: &[E], y: &mut [f32]) {
     #[inline(always)]
-    fn fused(alpha: f32, x: &[f32], y: &mut [f32]) {
-        axpy_body::<true>(alpha, x, y)
+    fn fused<E: RowElem>(alpha: f32, x: &[E], y: &mut [f32]) {
+        axpy_body::<true, E>(alpha, x, y)
     }
     if has_fma() {
         return saekit_kernels::dispatch_simd!(fma: fused(alpha, x, y));
     }
-    axpy_body::<false>(alpha, x, y)
+    axpy_body::<false, E>(alpha, x, y)
 }
 
 /// `y += Σ_i alpha[i] · x[i]`, the terms added in order, each with one FMA: bit for bit [`axpy`]
 /// term by term, but with `y` held in registers 64 columns at a time instead of loaded and stored
 /// once per term.
-pub(crate) fn add_scaled(terms: &[(f32, &[f32])], y: &mut [f32]) {
+pub(crate) fn add_scaled<E: RowElem>(terms: &[(f32, &[E])], y: &mut [f32]) {
     if has_fma() {
         return saekit_kernels::dispatch_simd!(fma: add_scaled_fused(terms, y));
     }
     for &(a, x) in terms {
-        axpy_body::<false>(a, x, y);
+        axpy_body::<false, E>(a, x, y);
     }
 }
 
 #[inline(always)]
-fn add_scaled_fused(terms: &[(f32, &[f32])], y: &mut [f32]) {
+fn add_scaled_fused<E: RowElem>(terms: &[(f32, &[E])], y: &mut [f32]) {
     const W: usize = 64;
     for (c, yc) in y.chunks_mut(W).enumerate() {
         if let Ok(yc) = <&mut [f32; W]>::try_from(&mut *yc) {
             let mut acc = *yc;
             for &(a, x) in terms {
-                let xc: &[f32; W] = x[c * W..][..W].try_into().expect("a full chunk");
+                let xc: &[E; W] = x[c * W..][..W].try_into().expect("a full chunk");
                 for i in 0..W {
-                    acc[i] = a.mul_add(xc[i], acc[i]);
+                    acc[i] = a.mul_add(xc[i].widen(), acc[i]);
                 }
             }
             *yc = acc;
         } else {
             for &(a, x) in terms {
-                axpy_body::<true>(a, &x[c * W..], yc);
+                axpy_body::<true, E>(a, &x[c * W..], yc);
             }
         }
     }
@@ -866,11 +940,11 @@ const HEAVY_GROUP: usize = 32;
 /// token order instead, so that a batch row is read once for the group rather than once per latent;
 /// every sum is the same FMAs in the same order either way.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn fused_sparse_backward(
+pub(crate) fn fused_sparse_backward<E: RowElem>(
     lm: &LatentMajor,
     (d_in, d_out): (usize, usize),
-    dy: &[&[f32]],
-    xin: &[f32],
+    dy: &[&[E]],
+    xin: &[E],
     w_dec: &[f32],
     g_enc: &mut [f32],
     g_dec: &mut [f32],
@@ -882,27 +956,27 @@ pub(crate) fn fused_sparse_backward(
 }
 
 /// What every latent's backward reads.
-struct BackwardInputs<'a> {
+struct BackwardInputs<'a, E> {
     lm: &'a LatentMajor,
     d_in: usize,
     d_out: usize,
     /// The output gradient of each entry source (main, AuxK, Multi-TopK), [rows, d_out] each.
-    dy: &'a [&'a [f32]],
-    xin: &'a [f32],
+    dy: &'a [&'a [E]],
+    xin: &'a [E],
     w_dec: &'a [f32],
     l1: Option<(f32, &'a [f32])>,
 }
 
-impl<'a> BackwardInputs<'a> {
+impl<'a, E: RowElem> BackwardInputs<'a, E> {
     fn entries(&self, u: usize) -> &'a [Entry] {
         &self.lm.entries[self.lm.offsets[u]..self.lm.offsets[u + 1]]
     }
 
-    fn dy_row(&self, src: u8, t: u32) -> &'a [f32] {
+    fn dy_row(&self, src: u8, t: u32) -> &'a [E] {
         &self.dy[src as usize][t as usize * self.d_out..][..self.d_out]
     }
 
-    fn x_row(&self, t: u32) -> &'a [f32] {
+    fn x_row(&self, t: u32) -> &'a [E] {
         &self.xin[t as usize * self.d_in..][..self.d_in]
     }
 
@@ -938,8 +1012,8 @@ struct LatentGrads<'g> {
 }
 
 /// [`fused_sparse_backward`] with latents of at least `heavy_from` entries walked in groups.
-fn backward_by_weight(
-    inputs: &BackwardInputs<'_>,
+fn backward_by_weight<E: RowElem>(
+    inputs: &BackwardInputs<'_, E>,
     g_enc: &mut [f32],
     g_dec: &mut [f32],
     g_benc: &mut [f32],
@@ -961,9 +1035,9 @@ fn backward_by_weight(
 
 /// Latent after latent, each in one pass over its entries: the decoder row stays in L1 while the dy / xin
 /// rows of its tokens ([batch, d] each, in the last-level cache) stream by.
-fn light_block_backward<'a>(inputs: &BackwardInputs<'a>, block: &mut [(usize, LatentGrads<'_>)]) {
+fn light_block_backward<'a, E: RowElem>(inputs: &BackwardInputs<'a, E>, block: &mut [(usize, LatentGrads<'_>)]) {
     let mut ga = Vec::new();
-    let mut terms: Vec<(f32, &'a [f32])> = Vec::new();
+    let mut terms: Vec<(f32, &'a [E])> = Vec::new();
     for i in 0..block.len() {
         if let Some(&(next, _)) = block.get(i + 1) {
             // the next latent's rows are scattered over the batch: start fetching them now
@@ -995,7 +1069,7 @@ fn light_block_backward<'a>(inputs: &BackwardInputs<'a>, block: &mut [(usize, La
 /// their gradient rows (each bit for bit [`add_scaled`]'s FMA for that term). A latent's entries are
 /// ordered by source, then token ([`LatentMajor::build`]), so walking source by source, token by token
 /// visits each latent's entries in their order.
-fn heavy_group_backward(inputs: &BackwardInputs<'_>, group: &mut [(usize, LatentGrads<'_>)]) {
+fn heavy_group_backward<E: RowElem>(inputs: &BackwardInputs<'_, E>, group: &mut [(usize, LatentGrads<'_>)]) {
     let m = group.len();
     let entries: Vec<&[Entry]> = group.iter().map(|(u, _)| inputs.entries(*u)).collect();
     let w: Vec<&[f32]> = group.iter().map(|(u, _)| inputs.w_dec_row(*u)).collect();
@@ -1037,16 +1111,16 @@ fn heavy_group_backward(inputs: &BackwardInputs<'_>, group: &mut [(usize, Latent
 
 /// Ask the CPU to bring every cache line of `row` into L1 (a hint: no effect on results).
 #[inline(always)]
-fn prefetch(row: &[f32]) {
+fn prefetch<E>(row: &[E]) {
     #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
+    for line in row.chunks(64 / std::mem::size_of::<E>()) {
         // SAFETY: a prefetch reads nothing architecturally; the address is inside `row`.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
     }
 }
 
 /// `ga[i] = <dy of entries[i], w>`, four entries at a time (each bit for bit [`dot`]).
-fn entry_dots<'a>(entries: &[Entry], dy_of: impl Fn(&Entry) -> &'a [f32], w: &[f32], ga: &mut Vec<f32>) {
+fn entry_dots<'a, E: RowElem>(entries: &[Entry], dy_of: impl Fn(&Entry) -> &'a [E], w: &[f32], ga: &mut Vec<f32>) {
     ga.clear();
     let mut quads = entries.chunks_exact(4);
     for q in &mut quads {
@@ -1201,8 +1275,16 @@ mod tests {
         }
     }
 
+    /// The bits of the gradients [`backward_by_weight`] writes for `n` touched latents.
+    fn grads_bits<E: RowElem>(inputs: &BackwardInputs<'_, E>, n: usize, heavy_from: usize) -> [Vec<u32>; 3] {
+        let (d_in, d_out) = (inputs.d_in, inputs.d_out);
+        let (mut ge, mut gd, mut gb) = (vec![f32::NAN; n * d_in], vec![f32::NAN; n * d_out], vec![f32::NAN; n]);
+        backward_by_weight(inputs, &mut ge, &mut gd, &mut gb, heavy_from);
+        [ge, gd, gb].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+    }
+
     #[test]
-    fn grouped_walk_of_heavy_latents_equals_the_per_latent_pass_bit_for_bit() {
+    fn grouped_walk_of_heavy_latents_equals_the_per_latent_pass_bit_for_bit_in_f32_and_bf16_rows() {
         // widths off the 16- and 64-lane blocks; three sources as TopK + AuxK + Multi-TopK give them
         let (rows, d_in, d_out, d_sae) = (300, 70, 83, 40);
         use rand::{Rng, SeedableRng};
@@ -1232,16 +1314,27 @@ mod tests {
         let heavy = (0..n).filter(|&u| lm.offsets[u + 1] - lm.offsets[u] >= 200).count();
         assert!(heavy >= 5 && heavy < n, "{heavy} heavy of {n}");
         let dy: Vec<&[f32]> = dys.iter().map(|d| &d[..]).collect();
+        // the same rows rounded to bf16, as bf16 bits and widened back to f32
+        let round = |v: &[f32]| v.iter().map(|&x| Bf16::round(x)).collect::<Vec<_>>();
+        let widen = |v: &[Bf16]| v.iter().map(|b| b.widen()).collect::<Vec<_>>();
+        let (x16, dys16) = (round(&xin), dys.each_ref().map(|d| round(d)));
+        let (x16_f32, dys16_f32) = (widen(&x16), dys16.each_ref().map(|d| widen(d)));
+        let dy16: Vec<&[Bf16]> = dys16.iter().map(|d| &d[..]).collect();
+        let dy16_f32: Vec<&[f32]> = dys16_f32.iter().map(|d| &d[..]).collect();
+        assert!(x16_f32 != xin, "the rounding changed nothing");
         for l1 in [None, Some((0.01f32, &norms[..]))] {
             let inputs = BackwardInputs { lm: &lm, d_in, d_out, dy: &dy, xin: &xin, w_dec: &w_dec, l1 };
-            let run = |heavy_from: usize| {
-                let (mut ge, mut gd, mut gb) = (vec![f32::NAN; n * d_in], vec![f32::NAN; n * d_out], vec![f32::NAN; n]);
-                backward_by_weight(&inputs, &mut ge, &mut gd, &mut gb, heavy_from);
-                [ge, gd, gb].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
-            };
+            let run = |heavy_from: usize| grads_bits(&inputs, n, heavy_from);
             let per_latent = run(usize::MAX);
             for heavy_from in [1, 200] {
                 assert_eq!(run(heavy_from), per_latent, "heavy from {heavy_from} entries, l1 {}", l1.is_some());
+            }
+            // bf16 rows: both walks give the f32 pass over the rounded rows, bit for bit
+            let bf16 = BackwardInputs { lm: &lm, d_in, d_out, dy: &dy16, xin: &x16, w_dec: &w_dec, l1 };
+            let rounded = BackwardInputs { lm: &lm, d_in, d_out, dy: &dy16_f32, xin: &x16_f32, w_dec: &w_dec, l1 };
+            let want = grads_bits(&rounded, n, usize::MAX);
+            for heavy_from in [usize::MAX, 1, 200] {
+                assert_eq!(grads_bits(&bf16, n, heavy_from), want, "bf16 rows, heavy from {heavy_from}");
             }
             // and the per-latent pass itself against a plain f64 sum of one heavy latent's encoder gradient
             let u = (0..n).find(|&u| lm.offsets[u + 1] - lm.offsets[u] >= 200).expect("a heavy latent");

@@ -59,7 +59,8 @@ pub struct LossParams {
     /// The SAE's first latent in this process (0 unless the latents are sharded, see
     /// [`Collective::latent_slice`]): selections exchanged between shards use global latent ids.
     pub latent_offset: usize,
-    /// The encoder GEMM's precision (the rest of the step is f32).
+    /// The precision of the encoder GEMM and, for TopK and BatchTopK, of the row operands of the
+    /// backward's products; every sum, the loss and the optimiser stay f32.
     pub precision: Precision,
 }
 
@@ -274,6 +275,8 @@ pub struct Workspace {
     /// The encoder in bf16 (empty in f32), written by each update; outside the paths' buffers so
     /// the step can read it while it fills them.
     w_enc_bf16: kernels::EncoderCopy,
+    /// A bf16 TopK step's backward operands: `xin`, then the output gradient of each entry source.
+    rows_bf16: [Vec<kernels::Bf16>; 4],
     /// The step's gradients (read by [`apply_update`]).
     pub grads: Grads,
     /// Per latent, the rows of the last batch on which it fired (non-zero activation).

@@ -8,7 +8,7 @@ use super::{
     skip_forward, LossParams, Prof, Selection, StepStats, Workspace,
 };
 use crate::config::Arch;
-use crate::kernels;
+use crate::kernels::{self, Bf16};
 use crate::sae::Sae;
 use crate::step::Collective;
 use rayon::prelude::*;
@@ -266,17 +266,18 @@ fn sparse_backward(
         if lp.multi_topk { &b.dmulti[..rows * d_out] } else { &[] },
     ];
     let xin = &ws.xin[..rows * d];
-    kernels::fused_sparse_backward(
-        &g.touched,
-        (d, d_out),
-        &dys,
-        xin,
-        &sae.params.w_dec,
-        &mut p.w_enc,
-        &mut p.w_dec,
-        &mut p.b_enc,
-        None,
-    );
+    let (lm, w_dec, dims) = (&g.touched, &sae.params.w_dec, (d, d_out));
+    if lp.precision.bf16_path().is_some() {
+        // the products' row operands in bf16, as autocast's backward matmuls take them (sums in f32):
+        // half the bytes for a pass that streams a row per (row, latent) pair
+        let [x16, dy16 @ ..] = &mut ws.rows_bf16;
+        kernels::round_rows(xin, x16);
+        dy16.iter_mut().zip(dys).for_each(|(out, dy)| kernels::round_rows(dy, out));
+        let dy16: Vec<&[Bf16]> = dy16.iter().map(|v| &v[..]).collect();
+        kernels::fused_sparse_backward(lm, dims, &dy16, x16, w_dec, &mut p.w_enc, &mut p.w_dec, &mut p.b_enc, None);
+    } else {
+        kernels::fused_sparse_backward(lm, dims, &dys, xin, w_dec, &mut p.w_enc, &mut p.w_dec, &mut p.b_enc, None);
+    }
     prof.mark("per-latent gradients");
     // b_dec: the decoder bias of the main (and Multi-TopK) reconstruction, then its encoder-input path
     p.b_dec.resize(d_out, 0.0);
