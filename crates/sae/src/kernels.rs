@@ -554,13 +554,20 @@ pub(crate) fn topk_insert(vals: &mut [f32], idx: &mut [u32], v: f32, j: u32) {
 /// selection's time, `perf annotate`); the result is the same top k, ties to the lower latent, since
 /// every value skipped is below the final k-th.
 #[inline(always)]
-fn select_row(row: &[f32], b: &[f32], j0: usize, vals: &mut [f32], idx: &mut [u32], scratch: &mut [Vec<f32>; 2]) {
+fn select_row(
+    row: &[f32],
+    b: &[f32],
+    j0: usize,
+    (vals, idx): (&mut [f32], &mut [u32]),
+    scratch: &mut [Vec<f32>; 2],
+    hint: f32,
+) {
     let k = vals.len();
     let [maxima, sorted] = scratch;
     maxima.resize(row.len().div_ceil(BW), 0.0);
     block_maxima(row, b, maxima);
     sorted.clone_from(maxima);
-    let floor = kth_largest_or_min(sorted, k);
+    let floor = kth_largest_or_min(sorted, k).max(hint);
     let mut thr = vals[k - 1];
     for (bi, (pb, bbk)) in row.chunks(BW).zip(b.chunks(BW)).enumerate() {
         let m = maxima[bi];
@@ -585,11 +592,11 @@ fn select_row(row: &[f32], b: &[f32], j0: usize, vals: &mut [f32], idx: &mut [u3
 /// value: one pass that compares each block against the running k-th and inserts what beats it.
 /// The row's first panels insert most of what they hold; from there on few values pass.
 #[inline(always)]
-fn select_row_narrow(row: &[f32], b: &[f32], j0: usize, vals: &mut [f32], idx: &mut [u32]) {
+fn select_row_narrow(row: &[f32], b: &[f32], j0: usize, (vals, idx): (&mut [f32], &mut [u32]), floor: f32) {
     let k = vals.len();
     let mut thr = vals[k - 1];
     for (bi, (pb, bbk)) in row.chunks(BW).zip(b.chunks(BW)).enumerate() {
-        let mut mask = candidates(pb, bbk, thr, f32::NEG_INFINITY);
+        let mut mask = candidates(pb, bbk, thr, floor);
         while mask != 0 {
             let jj = mask.trailing_zeros() as usize;
             mask &= mask - 1;
@@ -745,10 +752,14 @@ pub(crate) fn reset_selection(vals: &mut [f32], idx: &mut [u32]) {
 /// One row's running selections over the latents, panel after panel: the top `val.len()` of
 /// `pre + b_enc` (strictly positive, ties to the lower latent) and, for AuxK, the top `aux.0.len()`
 /// among the dead latents.
+///
+/// `floor` (a [`SelectionFloor`]) skips every value below it without a look: the selection is then
+/// exact if it fills all its slots, and must be made again without the floor if not.
 pub(crate) struct RowSelection<'a> {
     pub val: &'a mut [f32],
     pub idx: &'a mut [u32],
     pub aux: Option<(&'a mut [f32], &'a mut [u32])>,
+    pub floor: f32,
 }
 
 impl RowSelection<'_> {
@@ -756,12 +767,13 @@ impl RowSelection<'_> {
     /// latents `j0..j0 + values.len()`; `dead` lists AuxK's dead latents, ascending.
     pub(crate) fn add_panel(&mut self, values: &[f32], j0: usize, b_enc: &[f32], dead: &[u32]) {
         let b = &b_enc[j0..j0 + values.len()];
-        if values.len() >= self.val.len() * BW {
+        let (sel, floor) = ((&mut *self.val, &mut *self.idx), self.floor);
+        if values.len() >= sel.0.len() * BW {
             BLOCK_MAXIMA.with_borrow_mut(|scratch| {
-                saekit_kernels::dispatch_simd!(select_row(values, b, j0, self.val, self.idx, scratch))
+                saekit_kernels::dispatch_simd!(select_row(values, b, j0, sel, scratch, floor))
             });
         } else {
-            saekit_kernels::dispatch_simd!(select_row_narrow(values, b, j0, self.val, self.idx));
+            saekit_kernels::dispatch_simd!(select_row_narrow(values, b, j0, sel, floor));
         }
         if let Some((val, idx)) = &mut self.aux {
             let from = dead.partition_point(|&j| (j as usize) < j0);
@@ -771,7 +783,7 @@ impl RowSelection<'_> {
     }
 }
 
-/// Each row's [`RowSelection`] over `rows` rows of `k` slots (and `aux`'s `k_aux` slots).
+/// Each row's [`RowSelection`] over `rows` rows of `k` slots (and `aux`'s `k_aux` slots), with no floor.
 pub(crate) fn row_selections<'a>(
     (val, idx): (&'a mut [f32], &'a mut [u32]),
     k: usize,
@@ -779,12 +791,40 @@ pub(crate) fn row_selections<'a>(
     rows: usize,
 ) -> Vec<RowSelection<'a>> {
     let main = val[..rows * k].chunks_mut(k).zip(idx[..rows * k].chunks_mut(k));
+    let floor = f32::NEG_INFINITY;
     match aux {
-        None => main.map(|(val, idx)| RowSelection { val, idx, aux: None }).collect(),
+        None => main.map(|(val, idx)| RowSelection { val, idx, aux: None, floor }).collect(),
         Some((av, ai, ka)) => main
             .zip(av[..rows * ka].chunks_mut(ka).zip(ai[..rows * ka].chunks_mut(ka)))
-            .map(|((val, idx), aux)| RowSelection { val, idx, aux: Some(aux) })
+            .map(|((val, idx), aux)| RowSelection { val, idx, aux: Some(aux), floor })
             .collect(),
+    }
+}
+
+/// A floor for the next batch's selections, from this batch's: most rows' k-th value lies above
+/// the 1st percentile of this batch's k-th values, so a selection that skips everything below it
+/// inserts a few dozen values per row where one from zero inserts a few hundred, and about one row
+/// in a hundred must be selected again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SelectionFloor(pub f32);
+
+impl Default for SelectionFloor {
+    fn default() -> Self {
+        SelectionFloor(f32::NEG_INFINITY)
+    }
+}
+
+impl SelectionFloor {
+    /// From the k-th (last) slot of each row's selection of width `k` (0 where a row has fewer
+    /// than k values: its floor is then none).
+    pub(crate) fn from_selection(val: &[f32], k: usize) -> SelectionFloor {
+        let mut kth: Vec<f32> = val.chunks_exact(k).map(|row| row[k - 1]).collect();
+        if kth.is_empty() {
+            return SelectionFloor::default();
+        }
+        let at = kth.len() / 100;
+        let (_, v, _) = kth.select_nth_unstable_by(at, f32::total_cmp);
+        SelectionFloor(if *v > 0.0 { *v } else { f32::NEG_INFINITY })
     }
 }
 

@@ -30,6 +30,8 @@ pub(super) struct Buffers {
     dmulti: Vec<f32>,
     /// Per latent: dead at this step.
     dead: Vec<bool>,
+    /// Where the next batch's candidate selections may start looking (from this batch's).
+    floor: kernels::SelectionFloor,
 }
 
 /// Which auxiliary losses run this step and their sizes.
@@ -164,7 +166,7 @@ type Input<'a> = (&'a [f32], &'a kernels::EncoderWeights<'a>);
 // encoder + selection: xin [B, d_in], w_enc [d_sae, d_in], b_enc [d_sae]
 //   -> candidates: per row the top kk of relu(xin·w_encᵀ + b_enc); aux: the top k_aux among dead latents
 // Each row's pre-activations are selected from as the product hands them over, panel by panel.
-fn select_forward(b: &mut Buffers, (xin, weights): Input, sae: &Sae, rows: usize, plan: &AuxPlan) {
+fn select_forward(b: &mut Buffers, input: Input, sae: &Sae, rows: usize, plan: &AuxPlan) {
     let ds = sae.d_sae;
     b.candidates.reset(rows, plan.kk);
     if plan.k_aux > 0 {
@@ -173,10 +175,38 @@ fn select_forward(b: &mut Buffers, (xin, weights): Input, sae: &Sae, rows: usize
     let dead: Vec<u32> = (0..ds as u32).filter(|&j| b.dead[j as usize]).collect();
     let aux = (plan.k_aux > 0).then_some((&mut b.aux.val[..], &mut b.aux.idx[..], plan.k_aux));
     let mut selections = kernels::row_selections((&mut b.candidates.val, &mut b.candidates.idx), plan.kk, aux, rows);
+    selections.iter_mut().for_each(|sel| sel.floor = b.floor.0);
     let b_enc = &sae.params.b_enc;
+    let (xin, weights) = input;
     weights.product(xin, rows).for_each_row(xin, 0..ds, &mut b.pre, &mut selections, |sel, values, j0| {
         sel.add_panel(values, j0, b_enc, &dead)
     });
+    if b.floor.0 > f32::NEG_INFINITY {
+        reselect_unfilled(&mut b.candidates, input, sae, rows, &mut b.pre);
+    }
+    b.floor = kernels::SelectionFloor::from_selection(&b.candidates.val[..rows * plan.kk], plan.kk);
+}
+
+/// Rows whose candidate selection a floor left with empty slots: the floor may have skipped values
+/// they needed, so they are selected again from their full product, without one.
+fn reselect_unfilled(c: &mut Selection, (xin, weights): Input, sae: &Sae, rows: usize, pre: &mut Vec<f32>) {
+    let (d, kk) = (sae.d_in, c.width);
+    let unfilled: Vec<usize> = (0..rows).filter(|&r| c.idx[r * kk + kk - 1] == u32::MAX).collect();
+    if unfilled.is_empty() {
+        return;
+    }
+    let xs: Vec<f32> = unfilled.iter().flat_map(|&r| xin[r * d..(r + 1) * d].iter().copied()).collect();
+    let mut again = Selection::default();
+    again.reset(unfilled.len(), kk);
+    let mut selections = kernels::row_selections((&mut again.val, &mut again.idx), kk, None, unfilled.len());
+    let b_enc = &sae.params.b_enc;
+    weights
+        .product(&xs, unfilled.len())
+        .for_each_row(&xs, 0..sae.d_sae, pre, &mut selections, |sel, values, j0| sel.add_panel(values, j0, b_enc, &[]));
+    for (i, &r) in unfilled.iter().enumerate() {
+        c.val[r * kk..(r + 1) * kk].copy_from_slice(&again.val[i * kk..(i + 1) * kk]);
+        c.idx[r * kk..(r + 1) * kk].copy_from_slice(&again.idx[i * kk..(i + 1) * kk]);
+    }
 }
 
 /// Per row, the latents of the main reconstruction in the last step (ids local to this process), ascending.
@@ -605,6 +635,42 @@ mod tests {
                 row
             })
             .collect()
+    }
+
+    /// A floor from an earlier batch skips values without a look; rows it leaves short are selected
+    /// again. Whatever the floor (none, one that cuts some rows short, one above every value), the
+    /// step selects the same latents and computes the same gradients, bit for bit.
+    #[test]
+    fn a_selection_floor_changes_nothing_the_step_computes() {
+        let mut s = Sae::init(D, 64, Activation::TopK { k: 3 }, 1.0, 11);
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        s.params.b_enc.iter_mut().for_each(|b| *b = (rng.gen::<f32>() - 0.5) * 0.2);
+        let x: Vec<f32> = (0..64 * D).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
+        for arch in [Arch::TopK, Arch::BatchTopK] {
+            let lp = crate::tests_grad::lp(arch, 3);
+            let step = |floor: f32| {
+                let mut ws = Workspace::default();
+                ws.topk.floor = crate::kernels::SelectionFloor(floor);
+                forward_backward(&s, &mut ws, &x, &x, &[0; 64], &lp, &SingleProcess).unwrap();
+                let g = &ws.grads.params;
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let rows = x.len() / D;
+                let n = rows * ws.topk.candidates.width;
+                let c = &ws.topk.candidates;
+                (bits(&c.val[..n]), c.idx[..n].to_vec(), bits(&g.w_enc), bits(&g.w_dec))
+            };
+            let none = step(f32::NEG_INFINITY);
+            let kth: Vec<f32> = none.0.chunks(none.0.len() / 64).map(|r| f32::from_bits(r[r.len() - 1])).collect();
+            let mut sorted = kth.clone();
+            sorted.sort_by(f32::total_cmp);
+            for floor in [sorted[32], f32::MAX] {
+                let got = step(floor);
+                assert!(kth.iter().any(|&v| v < floor), "{arch:?}: the floor {floor} cuts no row short");
+                assert_eq!(got.0, none.0, "{arch:?}: candidate values, floor {floor}");
+                assert_eq!(got.1, none.1, "{arch:?}: candidate latents, floor {floor}");
+                assert_eq!((got.2, got.3), (none.2.clone(), none.3.clone()), "{arch:?}: gradients, floor {floor}");
+            }
+        }
     }
 
     #[test]
