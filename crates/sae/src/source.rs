@@ -5,6 +5,7 @@ use memmap2::Mmap;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -254,17 +255,18 @@ impl ActivationSource for NpySource {
     }
     fn next_batch(&mut self, out: &mut [f32]) -> Result<usize> {
         let n = out.len() / self.d_in;
-        for i in 0..n {
+        let mut picked = Vec::with_capacity(n);
+        for _ in 0..n {
             if self.pos >= self.rows {
                 self.epoch += 1;
                 self.pos = 0;
                 self.make_perm();
             }
-            let r = self.perm[self.pos] as usize;
+            picked.push(self.perm[self.pos] as usize);
             self.pos += 1;
-            let d = self.d_in;
-            self.row(r, &mut out[i * d..(i + 1) * d]);
         }
+        // the rows are scattered over the file: copied in parallel, each read waits on its own pages
+        out[..n * self.d_in].par_chunks_mut(self.d_in).zip(picked).for_each(|(o, r)| self.row(r, o));
         Ok(n)
     }
     fn cursor(&self) -> serde_json::Value {

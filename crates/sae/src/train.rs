@@ -14,6 +14,7 @@ use crate::source::{ActivationSource, Provenance};
 use crate::step::{self, AdamState, Collective, Prof, SingleProcess, StepStats, Traffic, Workspace};
 use crate::SaeError;
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1020,13 +1021,16 @@ fn fill_batch(src: &mut dyn ActivationSource, input: Rows, mut target: Option<Ro
             }
             continue;
         }
+        let norms = row_norms(&batch[filled * d..(filled + got) * d], d);
         let mut w = filled;
         for r in filled..filled + got {
-            let row = &batch[r * d..(r + 1) * d];
-            if let Some(i) = row.iter().position(|v| !v.is_finite()) {
-                bail!("step {step}: non-finite input activation ({} at row {} of the batch, column {i}); source position {}", row[i], r, src.cursor());
-            }
-            let nn = kernels::dot(row, row).sqrt();
+            let nn = match norms[r - filled] {
+                Ok(nn) => nn,
+                Err(i) => {
+                    let v = batch[r * d + i];
+                    bail!("step {step}: non-finite input activation ({v} at row {r} of the batch, column {i}); source position {}", src.cursor())
+                }
+            };
             let target_ok = target.as_ref().map_or(Ok(true), |t| target_row_ok(t, r, step, src))?;
             if nn > input.max_norm || !target_ok {
                 excluded += 1;
@@ -1044,12 +1048,20 @@ fn fill_batch(src: &mut dyn ActivationSource, input: Rows, mut target: Option<Ro
     }
     for (m, scale) in std::iter::once((batch, input.scale)).chain(target.map(|t| (t.m, t.scale))) {
         if scale != 1.0 {
-            for v in m.iter_mut() {
-                *v *= scale;
-            }
+            m.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v *= scale));
         }
     }
     Ok(excluded)
+}
+
+/// Each row's L2 norm, or the column of its first non-finite value; in parallel.
+fn row_norms(rows: &[f32], d: usize) -> Vec<Result<f32, usize>> {
+    rows.par_chunks(d)
+        .map(|row| match row.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(i),
+            None => Ok(kernels::dot(row, row).sqrt()),
+        })
+        .collect()
 }
 
 /// Whether target row `r` is within its norm limit; errors on a non-finite value.

@@ -113,7 +113,7 @@ fn nan_input_stops_with_the_step_and_keeps_the_checkpoint() {
     let c = TrainConfig { norm_estimate_rows: 256, outlier_norm_factor: 0.0, ..cfg(&t.path().join("o"), &acts, 1) };
     let mut src = NpySource::open(&acts, 0, false).unwrap();
     let err = train(&c, &mut src, &RunOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("step 12") && err.contains("non-finite"), "{err}");
+    assert!(err.contains("step 12") && err.contains("non-finite") && err.contains("at row 5 of the batch"), "{err}");
     let cks = saekit_sae::checkpoint::list(&t.path().join("o")).unwrap();
     assert!(cks.last().unwrap().ends_with("step_000000010"));
 }
