@@ -575,15 +575,29 @@ fn select_row(
             continue;
         }
         // candidates against the k-th as the block starts; each is checked again as it rises
-        let mut mask = candidates(pb, bbk, thr, floor);
-        while mask != 0 {
-            let jj = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let v = pb[jj] + bbk[jj];
-            if v > thr {
-                topk_insert(vals, idx, v, (j0 + bi * BW + jj) as u32);
-                thr = vals[k - 1];
-            }
+        let mask = candidates(pb, bbk, thr, floor);
+        insert_candidates((pb, bbk), mask, j0 + bi * BW, (&mut *vals, &mut *idx), &mut thr);
+    }
+}
+
+/// Insert the values `p[i] + b[i]` at the set bits `i` of `mask` (latents `first + i`) that beat the
+/// running k-th `thr`, each checked against it as it rises.
+#[inline(always)]
+fn insert_candidates(
+    (p, b): (&[f32], &[f32]),
+    mut mask: u32,
+    first: usize,
+    (vals, idx): (&mut [f32], &mut [u32]),
+    thr: &mut f32,
+) {
+    let k = vals.len();
+    while mask != 0 {
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        let v = p[i] + b[i];
+        if v > *thr {
+            topk_insert(vals, idx, v, (first + i) as u32);
+            *thr = vals[k - 1];
         }
     }
 }
@@ -593,19 +607,10 @@ fn select_row(
 /// The row's first panels insert most of what they hold; from there on few values pass.
 #[inline(always)]
 fn select_row_narrow(row: &[f32], b: &[f32], j0: usize, (vals, idx): (&mut [f32], &mut [u32]), floor: f32) {
-    let k = vals.len();
-    let mut thr = vals[k - 1];
+    let mut thr = vals[vals.len() - 1];
     for (bi, (pb, bbk)) in row.chunks(BW).zip(b.chunks(BW)).enumerate() {
-        let mut mask = candidates(pb, bbk, thr, floor);
-        while mask != 0 {
-            let jj = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let v = pb[jj] + bbk[jj];
-            if v > thr {
-                topk_insert(vals, idx, v, (j0 + bi * BW + jj) as u32);
-                thr = vals[k - 1];
-            }
-        }
+        let mask = candidates(pb, bbk, thr, floor);
+        insert_candidates((pb, bbk), mask, j0 + bi * BW, (&mut *vals, &mut *idx), &mut thr);
     }
 }
 
@@ -637,20 +642,9 @@ unsafe fn select_row_narrow_avx512(
     floor: f32,
 ) {
     use std::arch::x86_64::*;
-    let (k, n) = (vals.len(), row.len().min(b.len()));
-    let mut thr = vals[k - 1];
+    let n = row.len().min(b.len());
+    let mut thr = vals[vals.len() - 1];
     let mut limit = _mm512_set1_ps(thr.next_up().max(floor));
-    let mut insert_from = |c: usize, mut mask: u32, thr: &mut f32| {
-        while mask != 0 {
-            let jj = c + mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let v = row[jj] + b[jj];
-            if v > *thr && v >= floor {
-                topk_insert(vals, idx, v, (j0 + jj) as u32);
-                *thr = vals[k - 1];
-            }
-        }
-    };
     let mut c = 0;
     while c + 32 <= n {
         // SAFETY: c + 32 <= n values lie at both pointers.
@@ -665,13 +659,14 @@ unsafe fn select_row_narrow_avx512(
         let mask = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(lo, limit) as u32
             | (_mm512_cmp_ps_mask::<_CMP_GE_OQ>(hi, limit) as u32) << 16;
         if mask != 0 {
-            insert_from(c, mask, &mut thr);
+            // every set bit is at least the floor (the limit is); each is checked against the k-th as it rises
+            insert_candidates((&row[c..], &b[c..]), mask, j0 + c, (&mut *vals, &mut *idx), &mut thr);
             limit = _mm512_set1_ps(thr.next_up().max(floor));
         }
         c += 32;
     }
-    let tail = (c..n).fold(0u32, |m, j| m | (((row[j] + b[j] > thr) as u32) << (j - c)));
-    insert_from(c, tail, &mut thr);
+    let tail = candidates(&row[c..n], &b[c..n], thr, floor);
+    insert_candidates((&row[c..], &b[c..]), tail, j0 + c, (vals, idx), &mut thr);
 }
 
 /// Values per block of [`select_row`].
