@@ -164,6 +164,13 @@ impl<'a> EncoderWeights<'a> {
         EncoderWeights::Bf16 { path, w_enc: Cow::Borrowed(copy.packed.insert(packed)) }
     }
 
+    /// Whether a row's products have the same bits whatever other rows are multiplied with it: true
+    /// of the bf16 kernels (fixed 32x32 blocks, k in a fixed order), not of the gemm crate, which picks
+    /// its kernel and blocking by shape (a row multiplied alone or among 4,096 can differ in the last bit).
+    pub(crate) fn rows_independent(&self) -> bool {
+        matches!(self, EncoderWeights::Bf16 { .. })
+    }
+
     /// `w_enc` in `precision`, packed for bf16 into a copy of its own (weights encoded many times
     /// without changing: [`crate::Sae::encoder`]).
     pub(crate) fn packed(precision: Precision, w_enc: &'a [f32], (d_sae, d_in): (usize, usize)) -> Self {

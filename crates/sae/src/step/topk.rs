@@ -175,16 +175,22 @@ fn select_forward(b: &mut Buffers, input: Input, sae: &Sae, rows: usize, plan: &
     let dead: Vec<u32> = (0..ds as u32).filter(|&j| b.dead[j as usize]).collect();
     let aux = (plan.k_aux > 0).then_some((&mut b.aux.val[..], &mut b.aux.idx[..], plan.k_aux));
     let mut selections = kernels::row_selections((&mut b.candidates.val, &mut b.candidates.idx), plan.kk, aux, rows);
+    // a floor is only safe where the rows selected again get the bits the whole batch's product gave them
+    let (xin, weights) = input;
+    if !weights.rows_independent() {
+        b.floor = kernels::SelectionFloor::default();
+    }
     selections.iter_mut().for_each(|sel| sel.floor = b.floor.0);
     let b_enc = &sae.params.b_enc;
-    let (xin, weights) = input;
     weights.product(xin, rows).for_each_row(xin, 0..ds, &mut b.pre, &mut selections, |sel, values, j0| {
         sel.add_panel(values, j0, b_enc, &dead)
     });
     if b.floor.0 > f32::NEG_INFINITY {
         reselect_unfilled(&mut b.candidates, input, sae, rows, &mut b.pre);
     }
-    b.floor = kernels::SelectionFloor::from_selection(&b.candidates.val[..rows * plan.kk], plan.kk);
+    if weights.rows_independent() {
+        b.floor = kernels::SelectionFloor::from_selection(&b.candidates.val[..rows * plan.kk], plan.kk);
+    }
 }
 
 /// Rows whose candidate selection a floor left with empty slots: the floor may have skipped values
@@ -638,7 +644,7 @@ mod tests {
     }
 
     /// A floor from an earlier batch skips values without a look; rows it leaves short are selected
-    /// again. Whatever the floor (none, one that cuts some rows short, one above every value), the
+    /// again (bf16 steps, with and without AuxK). Whatever the floor (none, one that cuts some rows short, one above every value), the
     /// step selects the same latents and computes the same gradients, bit for bit.
     #[test]
     fn a_selection_floor_changes_nothing_the_step_computes() {
@@ -646,12 +652,18 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
         s.params.b_enc.iter_mut().for_each(|b| *b = (rng.gen::<f32>() - 0.5) * 0.2);
         let x: Vec<f32> = (0..64 * D).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect();
-        for arch in [Arch::TopK, Arch::BatchTopK] {
-            let lp = crate::tests_grad::lp(arch, 3);
+        let half_dead: Vec<u64> = (0..64).map(|j| if j % 2 == 0 { 1000 } else { 0 }).collect();
+        // bf16 only: in f32 the step takes no floor (EncoderWeights::rows_independent)
+        let paths = std::iter::once(Bf16Path::Reference).chain(Bf16Path::fastest()).map(Precision::Bf16);
+        let cases = [Arch::TopK, Arch::BatchTopK].into_iter().flat_map(|a| [(a, 0.0), (a, 1.0 / 32.0)]);
+        for ((arch, auxk), precision) in cases.flat_map(|c| paths.clone().map(move |p| (c, p))) {
+            let mut lp = crate::tests_grad::lp(arch, 3);
+            (lp.auxk_alpha, lp.precision) = (auxk, precision);
+            let since = if auxk > 0.0 { &half_dead[..] } else { &[0; 64][..] };
             let step = |floor: f32| {
                 let mut ws = Workspace::default();
                 ws.topk.floor = crate::kernels::SelectionFloor(floor);
-                forward_backward(&s, &mut ws, &x, &x, &[0; 64], &lp, &SingleProcess).unwrap();
+                forward_backward(&s, &mut ws, &x, &x, since, &lp, &SingleProcess).unwrap();
                 let g = &ws.grads.params;
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let rows = x.len() / D;
@@ -665,10 +677,11 @@ mod tests {
             sorted.sort_by(f32::total_cmp);
             for floor in [sorted[32], f32::MAX] {
                 let got = step(floor);
-                assert!(kth.iter().any(|&v| v < floor), "{arch:?}: the floor {floor} cuts no row short");
-                assert_eq!(got.0, none.0, "{arch:?}: candidate values, floor {floor}");
-                assert_eq!(got.1, none.1, "{arch:?}: candidate latents, floor {floor}");
-                assert_eq!((got.2, got.3), (none.2.clone(), none.3.clone()), "{arch:?}: gradients, floor {floor}");
+                let case = format!("{arch:?}, auxk {auxk}, {}, floor {floor}", precision.name());
+                assert!(kth.iter().any(|&v| v < floor), "{case}: the floor cuts no row short");
+                assert_eq!(got.0, none.0, "{case}: candidate values");
+                assert_eq!(got.1, none.1, "{case}: candidate latents");
+                assert_eq!((got.2, got.3), (none.2.clone(), none.3.clone()), "{case}: gradients");
             }
         }
     }
