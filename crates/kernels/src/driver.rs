@@ -64,9 +64,7 @@ pub fn gemm_bf16_packed(
     accumulate: bool,
 ) {
     let (m, n) = (a.m, cols.len());
-    assert!(path.available(), "{} is not available on this CPU", path.name());
-    assert!(a.k == b.k, "gemm_bf16: rows of width {} against a weight of width {}", a.k, b.k);
-    assert!(cols.end <= b.n && cols.start.is_multiple_of(BLOCK), "gemm_bf16: columns {cols:?} of {}", b.n);
+    check_operands("gemm_bf16", path, a, b, &cols);
     assert!(ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n), "gemm_bf16: c is too short for {m}x{n}");
     if m == 0 || n == 0 {
         return;
@@ -108,9 +106,7 @@ pub fn gemm_bf16_rows<S: Send>(
     states: &mut [S],
     visit: impl Fn(&mut S, &[f32], usize) + Sync,
 ) {
-    assert!(path.available(), "{} is not available on this CPU", path.name());
-    assert!(a.k == b.k, "gemm_bf16_rows: rows of width {} against a weight of width {}", a.k, b.k);
-    assert!(cols.end <= b.n && cols.start.is_multiple_of(BLOCK), "gemm_bf16_rows: columns {cols:?} of {}", b.n);
+    check_operands("gemm_bf16_rows", path, a, b, &cols);
     assert!(states.len() == a.m, "gemm_bf16_rows: {} states for {} rows", states.len(), a.m);
     let n = cols.len();
     states.par_chunks_mut(ROWS_JOB).enumerate().for_each(|(rj, states)| {
@@ -140,6 +136,14 @@ pub fn gemm_bf16_rows<S: Send>(
     });
 }
 
+/// What every product checks first: `path` runs on this CPU, `a`'s rows are as wide as `b`'s, and
+/// `cols` lies in `b` from the start of a strip pair. Panics naming `product` otherwise.
+fn check_operands(product: &str, path: Bf16Path, a: &PackedA, b: &PackedB, cols: &Range<usize>) {
+    assert!(path.available(), "{} is not available on this CPU", path.name());
+    assert!(a.k == b.k, "{product}: rows of width {} against a weight of width {}", a.k, b.k);
+    assert!(cols.end <= b.n && cols.start.is_multiple_of(BLOCK), "{product}: columns {cols:?} of {}", b.n);
+}
+
 /// Runs `job(row_job, column_job)` for every job, in parallel: column panel by column panel when the
 /// weight's `panel_bytes` would not stay in L2, else row job by row job.
 fn for_each_job(row_jobs: usize, col_jobs: usize, panel_bytes: usize, job: impl Fn(usize, usize) + Sync) {
@@ -166,8 +170,7 @@ pub type GluFn = fn(gate: &[f32], up: &[f32], out: &mut [f32]);
 /// # Panics
 /// If `path` is not available, the widths disagree, or `B`'s columns are not two halves of a multiple of 32.
 pub fn gemm_bf16_glu(path: Bf16Path, a: &PackedA, b: &PackedB, glu: GluFn) -> PackedA {
-    assert!(path.available(), "{} is not available on this CPU", path.name());
-    assert!(a.k == b.k, "gemm_bf16_glu: rows of width {} against a weight of width {}", a.k, b.k);
+    check_operands("gemm_bf16_glu", path, a, b, &(0..b.n));
     let ff = b.n / 2;
     assert!(b.n == 2 * ff && ff.is_multiple_of(BLOCK), "gemm_bf16_glu: {} columns are not two halves of 32s", b.n);
     let mut out = PackedA::for_overwrite(a.m, ff);

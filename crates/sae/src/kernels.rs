@@ -850,15 +850,16 @@ impl RowSelection<'_> {
     }
 }
 
-/// Each row's [`RowSelection`] over `rows` rows of `k` slots (and `aux`'s `k_aux` slots), with no floor.
+/// Each row's [`RowSelection`] over `rows` rows of `k` slots (and `aux`'s `k_aux` slots), all from `floor`.
 pub(crate) fn row_selections<'a>(
     (val, idx): (&'a mut [f32], &'a mut [u32]),
     k: usize,
     aux: Option<(&'a mut [f32], &'a mut [u32], usize)>,
     rows: usize,
+    floor: SelectionFloor,
 ) -> Vec<RowSelection<'a>> {
     let main = val[..rows * k].chunks_mut(k).zip(idx[..rows * k].chunks_mut(k));
-    let floor = f32::NEG_INFINITY;
+    let floor = floor.0;
     match aux {
         None => main.map(|(val, idx)| RowSelection { val, idx, aux: None, floor }).collect(),
         Some((av, ai, ka)) => main
@@ -1262,11 +1263,14 @@ pub(crate) fn column_sum(m: &[f32], d: usize, out: &mut [f32]) {
     }
 }
 
+/// Rows per block of [`row_reduce`]: each block is summed in row order, then the blocks in order.
+pub(crate) const REDUCE_ROWS: usize = 64;
+
 /// Σ f(row) over rows in fixed blocks, f64 accumulation.
 pub(crate) fn row_reduce<F: Fn(usize) -> f64 + Sync>(rows: usize, f: F) -> f64 {
-    let parts: Vec<f64> = (0..rows.div_ceil(64))
+    let parts: Vec<f64> = (0..rows.div_ceil(REDUCE_ROWS))
         .into_par_iter()
-        .map(|b| (b * 64..((b + 1) * 64).min(rows)).map(&f).sum::<f64>())
+        .map(|b| (b * REDUCE_ROWS..((b + 1) * REDUCE_ROWS).min(rows)).map(&f).sum::<f64>())
         .collect();
     parts.iter().sum()
 }
@@ -1363,7 +1367,7 @@ mod tests {
                     reset_selection(&mut av, &mut ai);
                     let dead_ids: Vec<u32> = (0..width as u32).filter(|&j| dead[j as usize]).collect();
                     let aux = with_aux.then_some((&mut av[..], &mut ai[..], ka));
-                    let mut rows_sel = row_selections((&mut vals, &mut idx), k, aux, rows);
+                    let mut rows_sel = row_selections((&mut vals, &mut idx), k, aux, rows, SelectionFloor::default());
                     for j0 in (0..width).step_by(chunk) {
                         let w = chunk.min(width - j0);
                         for (r, sel) in rows_sel.iter_mut().enumerate() {

@@ -354,7 +354,8 @@ impl Sae {
                 Activation::TopK { k } => {
                     let (mut sv, mut si) = (vec![0.0f32; rows * k], vec![0u32; rows * k]);
                     kernels::reset_selection(&mut sv, &mut si);
-                    let mut selections = kernels::row_selections((&mut sv, &mut si), k, None, rows);
+                    let none = kernels::SelectionFloor::default();
+                    let mut selections = kernels::row_selections((&mut sv, &mut si), k, None, rows, none);
                     encoder.for_each_row(xi, 0..self.d_sae, &mut pre, &mut selections, |sel, values, j0| {
                         sel.add_panel(values, j0, &self.params.b_enc, &[])
                     });

@@ -1022,16 +1022,16 @@ fn fill_batch(src: &mut dyn ActivationSource, input: Rows, mut target: Option<Ro
             continue;
         }
         let norms = row_norms(&batch[filled * d..(filled + got) * d], d);
+        let target_norms = target.as_ref().map(|t| row_norms(&t.m[filled * t.d..(filled + got) * t.d], t.d));
         let mut w = filled;
         for r in filled..filled + got {
-            let nn = match norms[r - filled] {
-                Ok(nn) => nn,
-                Err(i) => {
-                    let v = batch[r * d + i];
-                    bail!("step {step}: non-finite input activation ({v} at row {r} of the batch, column {i}); source position {}", src.cursor())
+            let nn = finite_norm(norms[r - filled], &batch[r * d..], ("input", r, step), src)?;
+            let target_ok = match (&target, &target_norms) {
+                (Some(t), Some(tn)) => {
+                    finite_norm(tn[r - filled], &t.m[r * t.d..], ("target", r, step), src)? <= t.max_norm
                 }
+                _ => true,
             };
-            let target_ok = target.as_ref().map_or(Ok(true), |t| target_row_ok(t, r, step, src))?;
             if nn > input.max_norm || !target_ok {
                 excluded += 1;
                 continue;
@@ -1064,18 +1064,22 @@ fn row_norms(rows: &[f32], d: usize) -> Vec<Result<f32, usize>> {
         .collect()
 }
 
-/// Whether target row `r` is within its norm limit; errors on a non-finite value.
-fn target_row_ok(t: &Rows, r: usize, step: u64, src: &dyn ActivationSource) -> Result<bool> {
-    let row = &t.m[r * t.d..(r + 1) * t.d];
-    if let Some(i) = row.iter().position(|v| !v.is_finite()) {
+/// A row's norm from [`row_norms`], or the error naming its first non-finite value (`row` starts at
+/// the row; `at` is the hook's role, the row in the batch and the step).
+fn finite_norm(
+    norm: Result<f32, usize>,
+    row: &[f32],
+    at: (&str, usize, u64),
+    src: &dyn ActivationSource,
+) -> Result<f32> {
+    let (what, r, step) = at;
+    norm.or_else(|i| {
         bail!(
-            "step {step}: non-finite target activation ({} at row {} of the batch, column {i}); source position {}",
+            "step {step}: non-finite {what} activation ({} at row {r} of the batch, column {i}); source position {}",
             row[i],
-            r,
             src.cursor()
-        );
-    }
-    Ok(kernels::dot(row, row).sqrt() <= t.max_norm)
+        )
+    })
 }
 
 fn rewrite_metrics_upto(path: &Path, step: u64) -> Result<()> {

@@ -270,3 +270,23 @@ fn a_skip_transcoder_resumes_bit_identically_and_refuses_what_it_cannot_train() 
     write_npy_f32(&short, &vec![0.5; 10 * 12], 10, 12).unwrap();
     assert!(saekit_sae::NpyPairSource::open(&xp, &short, 0, true).is_err());
 }
+
+#[test]
+fn a_nan_target_stops_the_step_naming_its_row_and_column() {
+    let t = tempfile::tempdir().unwrap();
+    let (xp, yp) = synth_pairs(t.path(), 3000);
+    // row 64*12+5 of the targets, read unshuffled in step 12, gets a NaN in column 3
+    let mut y = saekit_sae::NpySource::open(&yp, 0, false).unwrap().read_all();
+    y[(64 * 12 + 5) * 12 + 3] = f32::NAN;
+    write_npy_f32(&yp, &y, 3000, 12).unwrap();
+    let c = TrainConfig {
+        hook_name: "blocks.0.ln2.hook_normalized".into(),
+        hook_name_out: "blocks.0.hook_mlp_out".into(),
+        norm_estimate_rows: 256,
+        outlier_norm_factor: 0.0,
+        ..cfg(&t.path().join("o"), &xp, 1)
+    };
+    let mut src = saekit_sae::NpyPairSource::open(&xp, &yp, 0, false).unwrap();
+    let err = train(&c, &mut src, &RunOptions::default()).unwrap_err().to_string();
+    assert!(err.contains("step 12: non-finite target activation (NaN at row 5 of the batch, column 3)"), "{err}");
+}

@@ -10,10 +10,11 @@ use rayon::prelude::*;
 /// ReLU and JumpReLU on the per-token MSE (scale = 2/B).
 pub(super) fn reconstruction_sse(xhat: &[f32], x: &[f32], d: usize, scale: f32, dxhat: &mut [f32]) -> f64 {
     let rows = x.len() / d;
-    // one pass per 64-row block (kernels::row_reduce's blocks, summed in the same order)
+    // one pass per block of kernels::row_reduce's rows, the blocks summed in the same order
+    let block = kernels::REDUCE_ROWS * d;
     let blocks: Vec<f64> = dxhat[..rows * d]
-        .par_chunks_mut(64 * d)
-        .zip(xhat[..rows * d].par_chunks(64 * d).zip(x[..rows * d].par_chunks(64 * d)))
+        .par_chunks_mut(block)
+        .zip(xhat[..rows * d].par_chunks(block).zip(x[..rows * d].par_chunks(block)))
         .map(|(g, (xh, xr))| {
             for ((g, xh), xr) in g.iter_mut().zip(xh).zip(xr) {
                 *g = scale * (xh - xr);

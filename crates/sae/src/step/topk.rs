@@ -174,18 +174,16 @@ fn select_forward(b: &mut Buffers, input: Input, sae: &Sae, rows: usize, plan: &
     }
     let dead: Vec<u32> = (0..ds as u32).filter(|&j| b.dead[j as usize]).collect();
     let aux = (plan.k_aux > 0).then_some((&mut b.aux.val[..], &mut b.aux.idx[..], plan.k_aux));
-    let mut selections = kernels::row_selections((&mut b.candidates.val, &mut b.candidates.idx), plan.kk, aux, rows);
     // a floor is only safe where the rows selected again get the bits the whole batch's product gave them
     let (xin, weights) = input;
-    if !weights.rows_independent() {
-        b.floor = kernels::SelectionFloor::default();
-    }
-    selections.iter_mut().for_each(|sel| sel.floor = b.floor.0);
+    let floor = if weights.rows_independent() { b.floor } else { kernels::SelectionFloor::default() };
+    let candidates = (&mut b.candidates.val[..], &mut b.candidates.idx[..]);
+    let mut selections = kernels::row_selections(candidates, plan.kk, aux, rows, floor);
     let b_enc = &sae.params.b_enc;
     weights.product(xin, rows).for_each_row(xin, 0..ds, &mut b.pre, &mut selections, |sel, values, j0| {
         sel.add_panel(values, j0, b_enc, &dead)
     });
-    if b.floor.0 > f32::NEG_INFINITY {
+    if floor.0 > f32::NEG_INFINITY {
         reselect_unfilled(&mut b.candidates, input, sae, rows, &mut b.pre);
     }
     if weights.rows_independent() {
@@ -204,7 +202,8 @@ fn reselect_unfilled(c: &mut Selection, (xin, weights): Input, sae: &Sae, rows: 
     let xs: Vec<f32> = unfilled.iter().flat_map(|&r| xin[r * d..(r + 1) * d].iter().copied()).collect();
     let mut again = Selection::default();
     again.reset(unfilled.len(), kk);
-    let mut selections = kernels::row_selections((&mut again.val, &mut again.idx), kk, None, unfilled.len());
+    let none = kernels::SelectionFloor::default();
+    let mut selections = kernels::row_selections((&mut again.val, &mut again.idx), kk, None, unfilled.len(), none);
     let b_enc = &sae.params.b_enc;
     weights
         .product(&xs, unfilled.len())
